@@ -1,0 +1,3 @@
+from qcall.cli import main
+
+raise SystemExit(main())

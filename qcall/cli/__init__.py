@@ -1,0 +1,68 @@
+"""The ``qcall`` command line.
+
+Each subcommand lives in its own module under :mod:`qcall.cli` and exposes
+``register(subparsers)``, which adds its parser and sets ``func`` to a
+callable ``(args) -> int``. Heavy imports stay inside those functions so
+``qcall --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from qcall import __version__
+from qcall.exceptions import QCallError
+
+__all__ = ["main"]
+
+#: Subcommand modules, in the order ``--help`` lists them.
+COMMANDS = ("demo", "identity", "contacts", "qkd", "pki", "network")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qcall",
+        description="Quantum-secured voice calls: QKD + ML-KEM hybrid keys, ML-DSA identities.",
+    )
+    parser.add_argument("--version", action="version", version=f"qcall {__version__}")
+    parser.add_argument(
+        "--home",
+        metavar="DIR",
+        help="qcall home directory (default: $QCALL_HOME, else $XDG_CONFIG_HOME/qcall)",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"qcall.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"qcall.cli.{name}":
+                continue  # command not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the process exit code (0 ok, 1 error, 2 usage)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except QCallError as exc:
+        print(f"qcall: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("qcall: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,350 @@
+"""The one exception tree of qcall.
+
+Every error that qcall raises on purpose is a :class:`QCallError`. Catch the
+narrowest class that you can act on::
+
+    QCallError
+    ├── ConfigError                  bad CLI flag, config file, topology or path
+    ├── CryptoError
+    │   ├── UnsupportedAlgorithmError   OpenSSL lacks ML-KEM / ML-DSA
+    │   ├── BackendUnavailableError     a requested backend (liboqs) is absent
+    │   └── InvalidKeyError             malformed key bytes or key file
+    ├── IdentityError
+    │   ├── IdentityNotFoundError       no identity in the qcall home yet
+    │   ├── UnknownIdentityError        peer not in contacts and pinning refused
+    │   └── IdentityChangedError        a pinned contact presents another key
+    ├── HandshakeError               (``code`` goes on the wire, details do not)
+    │   ├── InvalidMessageError         malformed or oversized message or field
+    │   ├── UnsupportedVersionError     protocol version we do not speak
+    │   ├── BadSignatureError           ML-DSA signature does not verify
+    │   ├── ReplayError                 nonce seen before or timestamp out of window
+    │   ├── DowngradeError              policy differs from what was offered/allowed
+    │   ├── KeyConfirmationError        peers derived different keys
+    │   ├── QKDKeyMismatchError         (a KeyConfirmationError) QKD key differs
+    │   ├── HandshakeStateError         input not valid in the current state
+    │   └── HandshakeTimeoutError       the peer did not answer in time
+    ├── QKDError
+    │   ├── KMEError                    an ETSI GS QKD 014 KME answered an error
+    │   │   ├── KMEBadRequestError         HTTP 400 (spec ``message`` / ``details``)
+    │   │   ├── KMEUnauthorizedError       HTTP 401
+    │   │   └── KMEUnavailableError        HTTP 503 (e.g. key pool empty)
+    │   ├── KMEConnectionError          refused, TLS failure, timeout
+    │   ├── KMEResponseError            malformed JSON, wrong key size, bad key_IDs
+    │   ├── KeyNotFoundError            no such key_ID (or already consumed)
+    │   ├── KeyExhaustedError           no key material left
+    │   ├── LinkAlarmError              QBER above threshold: eavesdropper suspected
+    │   ├── PostProcessingError         BB84 post-processing failed (EC, verification)
+    │   ├── RelayError                  trusted-node relay failed (names the hop)
+    │   └── TopologyError               bad topology file
+    ├── SignalingError               (``code`` goes on the wire)
+    │   ├── SignalingProtocolError      malformed frame, unknown type, missing field
+    │   ├── SignalingAuthError          registration challenge failed
+    │   ├── SignalingRateLimitError     too many messages
+    │   └── PeerUnavailableError        callee offline or busy
+    └── CallError
+        ├── CallRejectedError           the callee declined or was busy
+        ├── MediaError                  audio device or file problem
+        └── SecurityPolicyError         policy not allowed (never a silent downgrade)
+
+Messages are written for the person at the keyboard. They never contain key
+bytes: only key IDs, fingerprints and short hashes.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendUnavailableError",
+    "BadSignatureError",
+    "CallError",
+    "CallRejectedError",
+    "ConfigError",
+    "CryptoError",
+    "DowngradeError",
+    "HandshakeError",
+    "HandshakeStateError",
+    "HandshakeTimeoutError",
+    "IdentityChangedError",
+    "IdentityError",
+    "IdentityNotFoundError",
+    "InvalidKeyError",
+    "InvalidMessageError",
+    "KMEBadRequestError",
+    "KMEConnectionError",
+    "KMEError",
+    "KMEResponseError",
+    "KMEUnauthorizedError",
+    "KMEUnavailableError",
+    "KeyConfirmationError",
+    "KeyExhaustedError",
+    "KeyNotFoundError",
+    "LinkAlarmError",
+    "MediaError",
+    "PeerUnavailableError",
+    "PostProcessingError",
+    "QCallError",
+    "QKDError",
+    "QKDKeyMismatchError",
+    "RelayError",
+    "ReplayError",
+    "SecurityPolicyError",
+    "SignalingAuthError",
+    "SignalingError",
+    "SignalingProtocolError",
+    "SignalingRateLimitError",
+    "TopologyError",
+    "UnknownIdentityError",
+    "UnsupportedAlgorithmError",
+    "UnsupportedVersionError",
+]
+
+
+class QCallError(Exception):
+    """Base class of every error qcall raises on purpose."""
+
+
+class ConfigError(QCallError):
+    """A command-line flag, config file, topology file or path is invalid."""
+
+
+# --- cryptography -----------------------------------------------------------
+
+
+class CryptoError(QCallError):
+    """A cryptographic primitive or backend cannot be used."""
+
+
+class UnsupportedAlgorithmError(CryptoError):
+    """The installed cryptography/OpenSSL lacks an algorithm qcall needs."""
+
+
+class BackendUnavailableError(CryptoError):
+    """A backend that was asked for explicitly is not installed."""
+
+
+class InvalidKeyError(CryptoError):
+    """Key bytes or a key file are malformed (the key itself is never shown)."""
+
+
+# --- identities ---------------------------------------------------------------
+
+
+class IdentityError(QCallError):
+    """Problem with a long-term ML-DSA identity or a contact."""
+
+
+class IdentityNotFoundError(IdentityError):
+    """No identity exists yet in the qcall home directory."""
+
+
+class UnknownIdentityError(IdentityError):
+    """A peer is not in the contacts store and may not be pinned now."""
+
+
+class IdentityChangedError(IdentityError):
+    """A pinned contact presented a different identity key.
+
+    This is what a man-in-the-middle looks like. It is also what a contact who
+    reinstalled looks like: compare the SAS by voice before trusting again.
+    """
+
+
+# --- handshake -------------------------------------------------------------------
+
+
+class HandshakeError(QCallError):
+    """The hybrid handshake failed.
+
+    ``code`` is the short, stable string sent to the peer; the message with
+    the details stays local.
+    """
+
+    code: str = "handshake_failed"
+
+
+class InvalidMessageError(HandshakeError):
+    """A handshake message or one of its fields is malformed or oversized."""
+
+    code = "invalid_message"
+
+
+class UnsupportedVersionError(HandshakeError):
+    """The peer speaks a protocol version this build does not."""
+
+    code = "unsupported_version"
+
+
+class BadSignatureError(HandshakeError):
+    """An ML-DSA signature over the transcript does not verify."""
+
+    code = "bad_signature"
+
+
+class ReplayError(HandshakeError):
+    """An offer was replayed: nonce already seen or timestamp outside the window."""
+
+    code = "replay"
+
+
+class DowngradeError(HandshakeError):
+    """The security policy differs from what was offered or what is allowed."""
+
+    code = "downgrade"
+
+
+class KeyConfirmationError(HandshakeError):
+    """Key confirmation failed: the two parties derived different keys."""
+
+    code = "key_confirmation_failed"
+
+
+class QKDKeyMismatchError(KeyConfirmationError):
+    """Key confirmation failed and the QKD key is the likely culprit."""
+
+    code = "qkd_key_mismatch"
+
+
+class HandshakeStateError(HandshakeError):
+    """An input arrived that is not valid in the handshake's current state."""
+
+    code = "unexpected_message"
+
+
+class HandshakeTimeoutError(HandshakeError):
+    """The peer did not complete the handshake in time."""
+
+    code = "timeout"
+
+
+# --- quantum key distribution ------------------------------------------------------
+
+
+class QKDError(QCallError):
+    """Quantum key material could not be obtained or used."""
+
+
+class KMEError(QKDError):
+    """An ETSI GS QKD 014 key management entity answered with an error.
+
+    Attributes:
+        status: the HTTP status code.
+        message: the ``message`` field of the spec's Error object, if any.
+        details: the ``details`` list of the Error object, if any.
+    """
+
+    def __init__(
+        self,
+        text: str,
+        *,
+        status: int | None = None,
+        message: str | None = None,
+        details: list[object] | None = None,
+    ) -> None:
+        super().__init__(text)
+        self.status = status
+        self.message = message
+        self.details = details or []
+
+
+class KMEBadRequestError(KMEError):
+    """HTTP 400 from a KME: the request was wrong (see ``message``/``details``)."""
+
+
+class KMEUnauthorizedError(KMEError):
+    """HTTP 401 from a KME: our SAE certificate is not accepted."""
+
+
+class KMEUnavailableError(KMEError):
+    """HTTP 503 from a KME: it cannot serve now (for example, no key left)."""
+
+
+class KMEConnectionError(QKDError):
+    """The KME could not be reached: refused, TLS failure or timeout."""
+
+
+class KMEResponseError(QKDError):
+    """A KME answer broke the spec: malformed JSON, wrong size, bad key_IDs."""
+
+
+class KeyNotFoundError(QKDError):
+    """No key with this key_ID exists (or it was already consumed)."""
+
+
+class KeyExhaustedError(QKDError):
+    """No key material is left in a pool, key file or link."""
+
+
+class LinkAlarmError(QKDError):
+    """A QKD link measured a QBER above its abort threshold (eavesdropper?)."""
+
+    def __init__(self, text: str, *, link: str | None = None, qber: float | None = None):
+        super().__init__(text)
+        self.link = link
+        self.qber = qber
+
+
+class PostProcessingError(QKDError):
+    """BB84 post-processing failed (error correction or verification)."""
+
+
+class RelayError(QKDError):
+    """A trusted-node relay could not deliver a key; ``hop`` names the failed link."""
+
+    def __init__(self, text: str, *, hop: str | None = None) -> None:
+        super().__init__(text)
+        self.hop = hop
+
+
+class TopologyError(QKDError, ConfigError):
+    """A topology file is invalid."""
+
+
+# --- signaling ----------------------------------------------------------------------
+
+
+class SignalingError(QCallError):
+    """Signaling failed. ``code`` is the documented wire error code."""
+
+    code: str = "error"
+
+
+class SignalingProtocolError(SignalingError):
+    """A malformed frame, unknown message type or missing field."""
+
+    code = "bad_message"
+
+
+class SignalingAuthError(SignalingError):
+    """Registration failed or a request needs registration first."""
+
+    code = "auth_failed"
+
+
+class SignalingRateLimitError(SignalingError):
+    """Too many messages on one connection."""
+
+    code = "rate_limited"
+
+
+class PeerUnavailableError(SignalingError):
+    """The callee is offline or busy."""
+
+    code = "unavailable"
+
+
+# --- calls ----------------------------------------------------------------------------
+
+
+class CallError(QCallError):
+    """A call could not be placed or ended abnormally."""
+
+
+class CallRejectedError(CallError):
+    """The callee declined the call or was busy."""
+
+
+class MediaError(CallError):
+    """An audio device or file could not be used."""
+
+
+class SecurityPolicyError(CallError):
+    """The call would need a policy the user did not allow."""

@@ -1,0 +1,16 @@
+"""Shared pytest configuration.
+
+Timeouts in tests scale with ``QCALL_TESTS_TIMEOUT_FACTOR`` (see :mod:`tests.utils`).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+def qcall_home(tmp_path, monkeypatch):
+    """An empty qcall home directory, also exported as ``QCALL_HOME``."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("QCALL_HOME", str(home))
+    return home

@@ -1,0 +1,21 @@
+"""Test helpers shared by the test modules."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+#: Multiply every timeout by this on slow machines.
+TIMEOUT_FACTOR = float(os.environ.get("QCALL_TESTS_TIMEOUT_FACTOR", "1"))
+
+#: One "unit" of waiting in tests, in seconds.
+MS = 0.001 * TIMEOUT_FACTOR
+
+VECTORS = Path(__file__).parent / "vectors"
+
+
+def load_vectors(name: str) -> Any:
+    """Load ``tests/vectors/NAME`` (JSON); each file names its source."""
+    return json.loads((VECTORS / name).read_text())
