@@ -42,10 +42,14 @@ apt_install() {  # apt_install PKG...: install missing Debian packages if we can
   [ ${#missing[@]} -eq 0 ] && return 0
   command -v apt-get >/dev/null 2>&1 || { say "not Debian: please install ${missing[*]} yourself"; return 1; }
   say "installing Debian packages: ${missing[*]}"
-  if as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null &&
-     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; then
-    return 0
+  local log
+  log=$(mktemp)
+  if as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >"$log" 2>&1 &&
+     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >>"$log" 2>&1; then
+    rm -f "$log"; return 0
   fi
+  [ -s "$log" ] && tail -n 5 "$log" >&2
+  rm -f "$log"
   say "could not install ${missing[*]} (need root or passwordless sudo): run"
   say "    sudo apt-get install ${missing[*]}"
   return 1
