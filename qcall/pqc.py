@@ -189,11 +189,11 @@ def _pyca_classes() -> tuple[_ClassMap, _SigClassMap]:
             "the installed 'cryptography' has no ML-KEM/ML-DSA; "
             "install cryptography>=48 (pip install -U 'cryptography>=48')"
         ) from exc
-    kems = {
+    kems: _ClassMap = {
         KEM.ML_KEM_768: (mlkem.MLKEM768PrivateKey, mlkem.MLKEM768PublicKey),
         KEM.ML_KEM_1024: (mlkem.MLKEM1024PrivateKey, mlkem.MLKEM1024PublicKey),
     }
-    sigs = {
+    sigs: _SigClassMap = {
         SignatureScheme.ML_DSA_44: (mldsa.MLDSA44PrivateKey, mldsa.MLDSA44PublicKey),
         SignatureScheme.ML_DSA_65: (mldsa.MLDSA65PrivateKey, mldsa.MLDSA65PublicKey),
         SignatureScheme.ML_DSA_87: (mldsa.MLDSA87PrivateKey, mldsa.MLDSA87PublicKey),
@@ -233,6 +233,9 @@ class _PycaSigningKey:
         return bytes(self._key.private_bytes_raw())  # type: ignore[attr-defined]
 
     def sign(self, data: bytes, context: bytes = b"") -> bytes:
+        # FIPS 204 algorithm 2 (ML-DSA.Sign, hedged): |ctx| ≤ 255 bytes.
+        if len(context) > 255:
+            raise ValueError("ML-DSA context must be at most 255 bytes")
         return bytes(self._key.sign(bytes(data), bytes(context) or None))  # type: ignore[attr-defined]
 
     def __repr__(self) -> str:
@@ -283,7 +286,8 @@ class PycaBackend:
         from cryptography.exceptions import InvalidSignature
 
         _check_length("ML-DSA public key", public_key, algorithm.sizes.public_key)
-        if len(signature) != algorithm.sizes.signature:
+        # FIPS 204 algorithm 3 (ML-DSA.Verify) rejects |ctx| > 255: never valid.
+        if len(signature) != algorithm.sizes.signature or len(context) > 255:
             return False
         try:
             pub = self._sigs[algorithm][1].from_public_bytes(bytes(public_key))  # type: ignore[attr-defined]
