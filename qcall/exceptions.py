@@ -34,6 +34,7 @@ narrowest class that you can act on::
     │   ├── KeyExhaustedError           no key material left
     │   ├── LinkAlarmError              QBER above threshold: eavesdropper suspected
     │   ├── PostProcessingError         BB84 post-processing failed (EC, verification)
+    │   │   └── ChannelAuthenticationError  a classical-channel message failed its MAC
     │   ├── RelayError                  trusted-node relay failed (names the hop)
     │   └── TopologyError               bad topology file
     ├── SignalingError               (``code`` goes on the wire)
@@ -57,6 +58,7 @@ __all__ = [
     "BadSignatureError",
     "CallError",
     "CallRejectedError",
+    "ChannelAuthenticationError",
     "ConfigError",
     "CryptoError",
     "DowngradeError",
@@ -284,6 +286,10 @@ class LinkAlarmError(QKDError):
 
 class PostProcessingError(QKDError):
     """BB84 post-processing failed (error correction or verification)."""
+
+
+class ChannelAuthenticationError(PostProcessingError):
+    """A message on a link's authenticated classical channel failed verification."""
 
 
 class RelayError(QKDError):
