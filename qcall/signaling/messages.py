@@ -1,0 +1,664 @@
+"""Signaling wire messages: frozen dataclasses shared by the server and the client.
+
+Every message is one JSON object in one WebSocket text frame, with a ``type``
+member naming it (see ``docs/signaling.md`` for the full specification).
+Each class checks itself in ``__post_init__`` and raises :class:`ValueError`
+naming the offending field; :func:`parse_client_message`,
+:func:`parse_server_message` and every ``Message.parse(text)`` wrap that as
+:class:`~qcall.exceptions.SignalingProtocolError` (code ``bad_message``).
+Nothing else escapes a parser, whatever the input.
+
+Direction matters: a client sends ``register`` and call messages; the server
+sends ``challenge``, ``registered``, ``presence``, ``error`` and relays call
+messages with ``peer`` (the sender's registered name) and ``fingerprint``
+(SHA-384 of the sender's ML-DSA-65 public key) filled in by the server.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any, ClassVar, TypeVar
+
+from qcall import pqc
+from qcall.exceptions import (
+    PeerUnavailableError,
+    SignalingAuthError,
+    SignalingError,
+    SignalingProtocolError,
+    SignalingRateLimitError,
+)
+
+__all__ = [
+    "ALGORITHM",
+    "CALL_MESSAGES",
+    "CLIENT_MESSAGES",
+    "ERROR_CODES",
+    "MAX_MESSAGE_SIZE",
+    "MAX_PAYLOAD_SIZE",
+    "NONCE_SIZE",
+    "PROTOCOL_VERSION",
+    "SERVER_MESSAGES",
+    "Accept",
+    "Answer",
+    "Busy",
+    "CallMessage",
+    "Cancel",
+    "Challenge",
+    "ClientMessage",
+    "ErrorMessage",
+    "Hangup",
+    "ICECandidate",
+    "Invite",
+    "Message",
+    "Offer",
+    "OnlinePeer",
+    "PayloadMessage",
+    "Presence",
+    "Register",
+    "Registered",
+    "Reject",
+    "Ringing",
+    "ServerMessage",
+    "error_for",
+    "fingerprint",
+    "parse_client_message",
+    "parse_server_message",
+    "registration_data",
+]
+
+#: Version announced in ``challenge``; bumped on incompatible changes.
+PROTOCOL_VERSION = 1
+
+#: Largest text frame the server processes, in UTF-8 bytes (error ``too_big`` above).
+MAX_MESSAGE_SIZE = 64 * 1024
+
+#: Largest opaque ``payload`` of ``offer``/``answer``/``ice``, in UTF-8 bytes.
+MAX_PAYLOAD_SIZE = 48 * 1024
+
+#: Size of the registration challenge nonce in bytes.
+NONCE_SIZE = 32
+
+#: The only identity algorithm accepted for registration (FIPS 204, ML-DSA-65).
+ALGORITHM = "ML-DSA-65"
+
+#: Domain-separation label of the signed registration data (see :func:`registration_data`).
+REGISTRATION_LABEL = b"qcall-signaling-register-v1"
+
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")
+_CALL_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
+_CODE_RE = re.compile(r"[a-z][a-z_]{0,31}")
+_FINGERPRINT_RE = re.compile(r"[0-9a-f]{96}")
+_PRINTABLE_RE = re.compile(r"[\x20-\x7e]*")
+_MAX_SERVER_ID = 128
+_MAX_REASON = 128
+_MAX_ERROR_TEXT = 256
+_MAX_ONLINE = 10_000
+_MAX_CALLS = 64
+
+
+# --- shared helpers -------------------------------------------------------------------
+
+
+def fingerprint(public_key: bytes) -> str:
+    """Return the fingerprint of an ML-DSA public key: SHA-384, lowercase hex (96 digits)."""
+    return pqc.sha384(public_key).hex()
+
+
+def registration_data(nonce: bytes, name: str, server_id: str) -> bytes:
+    """Return the bytes a client signs to register (docs/signaling.md, "Registration").
+
+    The encoding is domain-separated and unambiguous: the label
+    ``qcall-signaling-register-v1``, then nonce, UTF-8 name and UTF-8 server id,
+    each preceded by its length as a 2-byte big-endian integer.
+    """
+    parts = [REGISTRATION_LABEL, nonce, name.encode(), server_id.encode()]
+    return b"".join(len(p).to_bytes(2, "big") + p for p in parts)
+
+
+#: Wire error codes: code -> (exception class raised by the client, meaning).
+ERROR_CODES: dict[str, tuple[type[SignalingError], str]] = {
+    "bad_message": (SignalingProtocolError, "malformed JSON, unknown type, bad or missing field"),
+    "too_big": (SignalingProtocolError, "message larger than the server's maximum size"),
+    "bad_state": (SignalingProtocolError, "message not valid in the current call/session state"),
+    "unknown_call": (SignalingProtocolError, "no such call, or you are not a party to it"),
+    "auth_required": (SignalingAuthError, "register first"),
+    "auth_failed": (SignalingAuthError, "registration signature, nonce or key invalid"),
+    "auth_timeout": (SignalingAuthError, "no valid registration in time; connection closed"),
+    "name_taken": (SignalingAuthError, "this name is pinned to another public key"),
+    "replaced": (SignalingAuthError, "the same identity registered on another connection"),
+    "rate_limited": (SignalingRateLimitError, "too many messages; this one was dropped"),
+    "unavailable": (PeerUnavailableError, "the peer is offline"),
+    "server_full": (SignalingError, "the server holds too many connections or identities"),
+    "server_error": (SignalingError, "internal server error"),
+}
+
+
+def error_for(code: str, text: str) -> SignalingError:
+    """Return the exception matching a wire error ``code`` (its ``code`` set to it)."""
+    cls = ERROR_CODES.get(code, (SignalingError, ""))[0]
+    exc = cls(f"signaling server: {text} ({code})")
+    exc.code = code
+    return exc
+
+
+def _check_str(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"field {name!r} must be a string")
+    return value
+
+
+def _check_re(name: str, value: object, pattern: re.Pattern[str], what: str) -> None:
+    if not pattern.fullmatch(_check_str(name, value)):
+        raise ValueError(f"field {name!r} must be {what}")
+
+
+def _check_name(name: str, value: object) -> None:
+    _check_re(name, value, _NAME_RE, "1-32 of a-z 0-9 . _ - starting with a letter or digit")
+
+
+def _check_fingerprint(name: str, value: object) -> None:
+    _check_re(name, value, _FINGERPRINT_RE, "96 lowercase hex digits (SHA-384)")
+
+
+def _check_printable(name: str, value: object, limit: int, *, empty: bool = True) -> None:
+    text = _check_str(name, value)
+    if len(text) > limit or (not empty and not text):
+        raise ValueError(f"field {name!r} must be {0 if empty else 1}-{limit} characters")
+    if not _PRINTABLE_RE.fullmatch(text):
+        raise ValueError(f"field {name!r} must be printable ASCII")
+
+
+def _check_b64(name: str, value: object, size: int) -> None:
+    if len(_b64decode(name, value)) != size:
+        raise ValueError(f"field {name!r} must encode {size} bytes")
+
+
+def _b64decode(name: str, value: object) -> bytes:
+    text = _check_str(name, value)
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error) as exc:
+        raise ValueError(f"field {name!r} must be standard base64") from exc
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"field {name!r} must be an integer in {low}..{high}")
+
+
+def _check_optional(name: str, value: object, check: Any, *args: Any) -> None:
+    if value is not None:
+        check(name, value, *args)
+
+
+# --- base class ---------------------------------------------------------------------------
+
+M = TypeVar("M", bound="Message")
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of every signaling message. ``TYPE`` is its JSON ``type`` member."""
+
+    TYPE: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON object of this message (``None`` fields left out)."""
+        out: dict[str, Any] = {"type": self.TYPE}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[f.name] = _to_json(value)
+        return out
+
+    def serialize(self) -> str:
+        """Return the compact JSON text of this message, ready for one text frame."""
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls: type[M], obj: Mapping[str, Any]) -> M:
+        """Build a message from a decoded JSON object (``type`` is not checked here).
+
+        Unknown members are ignored (forward compatibility); missing required
+        ones raise :class:`ValueError` naming the field.
+        """
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in obj:
+                kwargs[f.name] = _from_json(cls, f.name, obj[f.name])
+            elif _required(f):
+                raise ValueError(f"field {f.name!r} is missing")
+        return cls(**kwargs)
+
+    @classmethod
+    def parse(cls: type[M], text: str | bytes) -> M:
+        """Parse one frame that must hold a message of this class.
+
+        Raises:
+            SignalingProtocolError: malformed JSON, another type, bad or missing field.
+        """
+        obj = _decode(text)
+        if obj.get("type") != cls.TYPE:
+            raise SignalingProtocolError(f"expected a {cls.TYPE!r} message")
+        try:
+            return cls.from_dict(obj)
+        except (ValueError, TypeError) as exc:
+            raise SignalingProtocolError(f"invalid {cls.TYPE!r} message: {exc}") from exc
+
+
+def _required(f: Field[Any]) -> bool:
+    if f.metadata.get("required"):
+        return True
+    return f.default is MISSING and f.default_factory is MISSING
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return _b64(value)
+    if isinstance(value, tuple):
+        return [_to_json(v) for v in value]
+    if isinstance(value, OnlinePeer):
+        return {"name": value.name, "fingerprint": value.fingerprint}
+    return value
+
+
+#: Members holding base64 bytes, decoded by :meth:`Message.from_dict`.
+_BYTES_FIELDS = {"nonce", "public_key", "signature"}
+
+
+def _from_json(cls: type[Message], name: str, value: Any) -> Any:
+    if name in _BYTES_FIELDS:
+        return _b64decode(name, value)
+    if name == "online" and cls is Registered:
+        if not isinstance(value, list) or len(value) > _MAX_ONLINE:
+            raise ValueError(f"field {name!r} must be a list of at most {_MAX_ONLINE} peers")
+        peers = []
+        for item in value:
+            if not isinstance(item, dict):
+                raise ValueError(f"field {name!r} must hold objects")
+            if "name" not in item or "fingerprint" not in item:
+                raise ValueError(f"field {name!r} entries need 'name' and 'fingerprint'")
+            peers.append(OnlinePeer(item["name"], item["fingerprint"]))
+        return tuple(peers)
+    if name == "calls":
+        if not isinstance(value, list) or len(value) > _MAX_CALLS:
+            raise ValueError(f"field {name!r} must be a list of at most {_MAX_CALLS} call ids")
+        return tuple(value)
+    return value
+
+
+def _decode(text: str | bytes) -> dict[str, Any]:
+    if not isinstance(text, str):
+        raise SignalingProtocolError("binary frames are not supported: send JSON text")
+    if len(text) > MAX_MESSAGE_SIZE:
+        raise SignalingProtocolError(f"message larger than {MAX_MESSAGE_SIZE} bytes")
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise SignalingProtocolError("message is not valid JSON") from exc
+    if not isinstance(obj, dict):
+        raise SignalingProtocolError("message must be a JSON object")
+    if not isinstance(obj.get("type"), str):
+        raise SignalingProtocolError("field 'type' is missing or not a string")
+    return obj
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+# --- registration -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OnlinePeer:
+    """One entry of a ``registered`` message's ``online`` list."""
+
+    name: str
+    fingerprint: str
+
+    def __post_init__(self) -> None:
+        _check_name("online.name", self.name)
+        _check_fingerprint("online.fingerprint", self.fingerprint)
+
+
+@dataclass(frozen=True)
+class Challenge(Message):
+    """Server → client, first message on every connection.
+
+    Attributes:
+        nonce: 32 fresh random bytes, valid for one registration on this connection.
+        server_id: the server's identity, bound into the signature.
+        time: server wall-clock time, Unix seconds (informational).
+        version: :data:`PROTOCOL_VERSION`.
+    """
+
+    TYPE: ClassVar[str] = "challenge"
+
+    nonce: bytes
+    server_id: str
+    time: int
+    version: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.nonce, bytes) or len(self.nonce) != NONCE_SIZE:
+            raise ValueError(f"field 'nonce' must be {NONCE_SIZE} bytes")
+        _check_printable("server_id", self.server_id, _MAX_SERVER_ID, empty=False)
+        _check_int("time", self.time, 0, 2**53)
+        _check_int("version", self.version, 1, 2**16)
+
+
+@dataclass(frozen=True)
+class Register(Message):
+    """Client → server: register ``name`` with an ML-DSA-65 identity (FIPS 204).
+
+    ``signature`` is ML-DSA-65 over :func:`registration_data` (nonce, name, server_id).
+    """
+
+    TYPE: ClassVar[str] = "register"
+
+    name: str
+    public_key: bytes
+    signature: bytes
+    algorithm: str = ALGORITHM
+
+    def __post_init__(self) -> None:
+        _check_name("name", self.name)
+        if self.algorithm != ALGORITHM:
+            raise ValueError(f"field 'algorithm' must be {ALGORITHM!r}")
+        sizes = pqc.SignatureScheme.ML_DSA_65.sizes
+        if not isinstance(self.public_key, bytes) or len(self.public_key) != sizes.public_key:
+            raise ValueError(f"field 'public_key' must be {sizes.public_key} bytes")
+        if not isinstance(self.signature, bytes) or len(self.signature) != sizes.signature:
+            raise ValueError(f"field 'signature' must be {sizes.signature} bytes")
+
+    def __repr__(self) -> str:
+        return f"Register(name={self.name!r}, fingerprint={fingerprint(self.public_key)[:16]}…)"
+
+    @classmethod
+    def create(cls, key: pqc.SigningKey, name: str, challenge: Challenge) -> Register:
+        """Sign ``challenge`` with ``key`` and return the ``register`` message."""
+        data = registration_data(challenge.nonce, name, challenge.server_id)
+        return cls(name=name, public_key=key.public_bytes(), signature=key.sign(data))
+
+
+@dataclass(frozen=True)
+class Registered(Message):
+    """Server → client: registration accepted.
+
+    Attributes:
+        name: the registered name.
+        fingerprint: the identity fingerprint the server pinned for it.
+        online: every other registered peer (presence snapshot).
+        calls: ids of calls of this name the server still holds (after a reconnect).
+    """
+
+    TYPE: ClassVar[str] = "registered"
+
+    name: str
+    fingerprint: str
+    online: tuple[OnlinePeer, ...] = ()
+    calls: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_name("name", self.name)
+        _check_fingerprint("fingerprint", self.fingerprint)
+        if not isinstance(self.online, tuple) or len(self.online) > _MAX_ONLINE:
+            raise ValueError("field 'online' must be a list of peers")
+        for peer in self.online:
+            if not isinstance(peer, OnlinePeer):
+                raise ValueError("field 'online' must hold peers")
+        if not isinstance(self.calls, tuple) or len(self.calls) > _MAX_CALLS:
+            raise ValueError("field 'calls' must be a list of call ids")
+        for call_id in self.calls:
+            _check_re("calls", call_id, _CALL_ID_RE, "8-64 of A-Z a-z 0-9 _ -")
+
+
+@dataclass(frozen=True)
+class Presence(Message):
+    """Server → client: ``name`` came online or went offline."""
+
+    TYPE: ClassVar[str] = "presence"
+
+    name: str
+    fingerprint: str
+    online: bool
+
+    def __post_init__(self) -> None:
+        _check_name("name", self.name)
+        _check_fingerprint("fingerprint", self.fingerprint)
+        if not isinstance(self.online, bool):
+            raise ValueError("field 'online' must be a boolean")
+
+
+@dataclass(frozen=True)
+class ErrorMessage(Message):
+    """Server → client: a request failed. ``code`` is in :data:`ERROR_CODES`.
+
+    ``call_id`` names the call concerned, ``ref`` the type of the failed message.
+    """
+
+    TYPE: ClassVar[str] = "error"
+
+    code: str
+    message: str = ""
+    call_id: str | None = None
+    ref: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_re("code", self.code, _CODE_RE, "1-32 of a-z _")
+        _check_printable("message", self.message, _MAX_ERROR_TEXT)
+        _check_optional("call_id", self.call_id, _check_re, _CALL_ID_RE, "a call id")
+        _check_optional("ref", self.ref, _check_re, _CODE_RE, "a message type")
+
+    def exception(self) -> SignalingError:
+        """Return the matching :class:`~qcall.exceptions.SignalingError`."""
+        return error_for(self.code, self.message)
+
+
+# --- calls -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CallMessage(Message):
+    """A call message: base of ``invite`` … ``hangup``, ``offer``, ``answer``, ``ice``.
+
+    Client → server: ``peer`` names the callee in ``invite`` and is ignored
+    otherwise (the server knows the call's parties); ``fingerprint`` is absent.
+    Server → client: ``peer`` is the sender's registered name and ``fingerprint``
+    its identity fingerprint, both asserted by the server.
+
+    Attributes:
+        call_id: chosen by the caller: 8-64 of ``A-Z a-z 0-9 _ -`` (e.g. 16 random bytes,
+            base64url); unique among the server's live calls.
+        reason: optional short printable text (``reject``, ``busy``, ``cancel``, ``hangup``).
+    """
+
+    call_id: str
+    peer: str | None = None
+    fingerprint: str | None = None
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_re("call_id", self.call_id, _CALL_ID_RE, "8-64 of A-Z a-z 0-9 _ -")
+        _check_optional("peer", self.peer, _check_name)
+        _check_optional("fingerprint", self.fingerprint, _check_fingerprint)
+        _check_optional("reason", self.reason, _check_printable, _MAX_REASON)
+
+
+@dataclass(frozen=True)
+class Invite(CallMessage):
+    """Caller → callee: place a call. The server answers ``unavailable`` or relays it."""
+
+    TYPE: ClassVar[str] = "invite"
+
+
+@dataclass(frozen=True)
+class Ringing(CallMessage):
+    """Callee → caller: the callee's client is alerting its user."""
+
+    TYPE: ClassVar[str] = "ringing"
+
+
+@dataclass(frozen=True)
+class Accept(CallMessage):
+    """Callee → caller: the callee picked up; offer/answer/ice may flow."""
+
+    TYPE: ClassVar[str] = "accept"
+
+
+@dataclass(frozen=True)
+class Reject(CallMessage):
+    """Callee → caller: the callee declined. Ends the call."""
+
+    TYPE: ClassVar[str] = "reject"
+
+
+@dataclass(frozen=True)
+class Busy(CallMessage):
+    """Callee → caller (or the server for a callee already in a call). Ends the call."""
+
+    TYPE: ClassVar[str] = "busy"
+
+
+@dataclass(frozen=True)
+class Cancel(CallMessage):
+    """Caller → callee: the caller gave up before the call was accepted. Ends the call."""
+
+    TYPE: ClassVar[str] = "cancel"
+
+
+@dataclass(frozen=True)
+class Hangup(CallMessage):
+    """Either party (or the server when a party is gone): end the call in any state."""
+
+    TYPE: ClassVar[str] = "hangup"
+
+
+@dataclass(frozen=True)
+class PayloadMessage(CallMessage):
+    """A call message with an opaque ``payload`` the server relays verbatim.
+
+    The payload is a string of at most :data:`MAX_PAYLOAD_SIZE` UTF-8 bytes; the
+    hybrid handshake rides inside it, signed end to end by the parties.
+    """
+
+    payload: str = field(default="", metadata={"required": True})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        text = _check_str("payload", self.payload)
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            raise ValueError("field 'payload' must be valid Unicode text") from exc
+        if size > MAX_PAYLOAD_SIZE:
+            raise ValueError(f"field 'payload' must be at most {MAX_PAYLOAD_SIZE} bytes")
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(call_id={self.call_id!r}, peer={self.peer!r}, "
+            f"payload=<{len(self.payload)} chars>)"
+        )
+
+
+@dataclass(frozen=True)
+class Offer(PayloadMessage):
+    """Relay an SDP offer (and the signed handshake offer) to the other party."""
+
+    TYPE: ClassVar[str] = "offer"
+
+
+@dataclass(frozen=True)
+class Answer(PayloadMessage):
+    """Relay an SDP answer (and the signed handshake answer) to the other party."""
+
+    TYPE: ClassVar[str] = "answer"
+
+
+@dataclass(frozen=True)
+class ICECandidate(PayloadMessage):
+    """Relay an ICE candidate (trickle ICE) to the other party."""
+
+    TYPE: ClassVar[str] = "ice"
+
+
+# --- dispatch -------------------------------------------------------------------------------
+
+ClientMessage = Register | CallMessage
+ServerMessage = Challenge | Registered | Presence | ErrorMessage | CallMessage
+
+#: Call message classes by ``type``.
+CALL_MESSAGES: dict[str, type[CallMessage]] = {
+    cls.TYPE: cls
+    for cls in (Invite, Ringing, Accept, Reject, Busy, Cancel, Hangup, Offer, Answer, ICECandidate)
+}
+
+#: What a client may send, by ``type``.
+CLIENT_MESSAGES: dict[str, type[Message]] = {Register.TYPE: Register, **CALL_MESSAGES}
+
+#: What a server may send, by ``type``.
+SERVER_MESSAGES: dict[str, type[Message]] = {
+    Challenge.TYPE: Challenge,
+    Registered.TYPE: Registered,
+    Presence.TYPE: Presence,
+    ErrorMessage.TYPE: ErrorMessage,
+    **CALL_MESSAGES,
+}
+
+
+def _parse(text: str | bytes, table: Mapping[str, type[Message]]) -> Message:
+    obj = _decode(text)
+    kind = obj["type"]
+    cls = table.get(kind)
+    if cls is None:
+        raise SignalingProtocolError(f"unknown message type {kind[:32]!r}")
+    try:
+        return cls.from_dict(obj)
+    except (ValueError, TypeError) as exc:
+        raise SignalingProtocolError(f"invalid {kind!r} message: {exc}") from exc
+
+
+def parse_client_message(text: str | bytes) -> ClientMessage:
+    """Parse a frame a client sent (server side).
+
+    A call message must not carry ``fingerprint`` (only the server asserts it),
+    and an ``invite`` must name its ``peer``.
+
+    Raises:
+        SignalingProtocolError: anything malformed; the message names the field.
+    """
+    msg = _parse(text, CLIENT_MESSAGES)
+    if isinstance(msg, CallMessage):
+        if msg.fingerprint is not None:
+            raise SignalingProtocolError("field 'fingerprint' is set by the server only")
+        if isinstance(msg, Invite) and msg.peer is None:
+            raise SignalingProtocolError("invalid 'invite' message: field 'peer' is missing")
+    assert isinstance(msg, Register | CallMessage)
+    return msg
+
+
+def parse_server_message(text: str | bytes) -> ServerMessage:
+    """Parse a frame the server sent (client side).
+
+    Relayed call messages must carry the sender's ``peer`` and ``fingerprint``.
+
+    Raises:
+        SignalingProtocolError: anything malformed; the message names the field.
+    """
+    msg = _parse(text, SERVER_MESSAGES)
+    if isinstance(msg, CallMessage) and (msg.peer is None or msg.fingerprint is None):
+        raise SignalingProtocolError(
+            f"invalid {msg.TYPE!r} message: fields 'peer' and 'fingerprint' are required"
+        )
+    assert isinstance(msg, Challenge | Registered | Presence | ErrorMessage | CallMessage)
+    return msg

@@ -1,0 +1,142 @@
+"""Command line of the signaling server: ``python -m signaling`` / ``qcall-signaling``.
+
+Examples::
+
+    qcall-signaling --host 127.0.0.1 --port 8765
+    qcall-signaling --host 0.0.0.0 --port 8443 --tls-cert cert.pem --tls-key key.pem
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import ssl
+import sys
+from collections.abc import Sequence
+
+from qcall import __version__
+from qcall.exceptions import ConfigError, QCallError
+from qcall.signaling.protocol import ServerConfig
+from signaling.server import SignalingServer
+
+__all__ = ["main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qcall-signaling",
+        description="qcall signaling server: ML-DSA registration, presence, call set-up relay.",
+    )
+    parser.add_argument("--version", action="version", version=f"qcall-signaling {__version__}")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0: any)")
+    parser.add_argument("--tls-cert", metavar="PEM", help="certificate chain: serve wss://")
+    parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    defaults = ServerConfig()
+    parser.add_argument(
+        "--server-id",
+        default=f"qcall-signaling@{socket.gethostname()}",
+        help="identity bound into registration signatures (default qcall-signaling@HOST)",
+    )
+    parser.add_argument(
+        "--auth-timeout",
+        type=float,
+        default=defaults.auth_timeout,
+        help=f"seconds to register (default {defaults.auth_timeout:g})",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=defaults.rate,
+        help=f"messages/s per connection (default {defaults.rate:g})",
+    )
+    parser.add_argument(
+        "--burst",
+        type=float,
+        default=defaults.burst,
+        help=f"message burst per connection (default {defaults.burst:g})",
+    )
+    parser.add_argument(
+        "--call-grace",
+        type=float,
+        default=defaults.call_grace,
+        help=f"seconds a call waits for a dropped party (default {defaults.call_grace:g})",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
+    )
+    return parser
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """Return a server TLS context for ``cert``/``key`` (PEM files).
+
+    Raises:
+        ConfigError: a file is missing or does not hold a matching cert and key.
+    """
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load --tls-cert {cert} / --tls-key {key}: {exc}") from exc
+    return context
+
+
+def _set_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+async def _serve(args: argparse.Namespace, tls: ssl.SSLContext | None) -> None:
+    config = ServerConfig(
+        server_id=args.server_id,
+        auth_timeout=args.auth_timeout,
+        rate=args.rate,
+        burst=args.burst,
+        call_grace=args.call_grace,
+    )
+    loop = asyncio.get_running_loop()
+    stop: asyncio.Future[None] = loop.create_future()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signum, _set_once, stop)
+    async with SignalingServer(config) as server:
+        await server.start(args.host, args.port, ssl=tls)
+        scheme = "wss" if tls else "ws"
+        print(f"qcall-signaling listening on {scheme}://{args.host}:{server.port}", flush=True)
+        await stop
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the server until SIGINT/SIGTERM; return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if not 0 <= args.port <= 65535:
+        parser.error("--port must be 0..65535")
+    if args.auth_timeout <= 0 or args.rate <= 0 or args.burst < 1 or args.call_grace < 0:
+        parser.error("--auth-timeout and --rate must be > 0, --burst >= 1, --call-grace >= 0")
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        tls = tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+        asyncio.run(_serve(args, tls))
+    except QCallError as exc:
+        print(f"qcall-signaling: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"qcall-signaling: error: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

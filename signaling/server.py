@@ -1,0 +1,236 @@
+"""The signaling server: a thin websockets shell around :class:`SignalingProtocol`.
+
+All decisions are taken by the Sans-I/O core in :mod:`qcall.signaling.protocol`;
+this module only moves frames: one ``async for message in websocket`` loop per
+connection, one writer task per connection draining a bounded outbox (a client
+that does not read is disconnected instead of slowing everyone down), and one
+timer task running :meth:`SignalingProtocol.handle_timer`.
+
+``GET /healthz`` on the same port answers 200 with a small JSON document
+(``status``, ``connections``, ``registered``, ``calls``, ``version``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl as ssl_module
+from collections.abc import Coroutine
+from types import TracebackType
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from qcall import __version__
+from qcall.signaling.messages import ErrorMessage
+from qcall.signaling.protocol import (
+    CloseConnection,
+    ConnectionId,
+    Output,
+    ServerConfig,
+    SignalingProtocol,
+)
+
+__all__ = ["SignalingServer"]
+
+logger = logging.getLogger(__name__)
+
+#: Frames above this many times ``max_message_size`` are refused by websockets
+#: itself (close code 1009) without being read into memory; frames between the
+#: two limits are read and answered with the ``too_big`` error.
+HARD_LIMIT_FACTOR = 2
+
+_Item = str | CloseConnection
+
+
+class SignalingServer:
+    """A running signaling server.
+
+    Usage::
+
+        async with SignalingServer(ServerConfig(server_id="example")) as server:
+            await server.start("127.0.0.1", 0)
+            print(server.port)
+            await server.serve_forever()
+
+    Args:
+        config: limits and timeouts of the protocol.
+        protocol: a prepared protocol (tests); default: a new one from ``config``.
+        outbox_size: messages queued per connection before it is dropped as too slow.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig | None = None,
+        *,
+        protocol: SignalingProtocol | None = None,
+        outbox_size: int = 256,
+    ) -> None:
+        self.protocol = protocol or SignalingProtocol(config)
+        self.config = self.protocol.config
+        self._outbox_size = outbox_size
+        self._outboxes: dict[ConnectionId, tuple[ServerConnection, asyncio.Queue[_Item]]] = {}
+        self._server: Server | None = None
+        self._timer_task: asyncio.Task[None] | None = None
+        self._timer_changed = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def start(
+        self, host: str | None, port: int, *, ssl: ssl_module.SSLContext | None = None
+    ) -> None:
+        """Listen on ``host:port`` (port 0: any free port, see :attr:`port`)."""
+        self._server = await serve(
+            self._handler,
+            host,
+            port,
+            ssl=ssl,
+            process_request=self._process_request,
+            max_size=self.config.max_message_size * HARD_LIMIT_FACTOR,
+            server_header=f"qcall-signaling/{__version__}",
+        )
+        self._timer_task = asyncio.create_task(self._run_timers())
+        scheme = "wss" if ssl else "ws"
+        logger.info("= listening on %s://%s:%d", scheme, host or "*", self.port)
+
+    @property
+    def port(self) -> int:
+        """The TCP port the server listens on."""
+        if self._server is None:
+            raise RuntimeError("server not started")
+        return int(next(iter(self._server.sockets)).getsockname()[1])
+
+    async def serve_forever(self) -> None:
+        """Serve until cancelled."""
+        if self._server is None:
+            raise RuntimeError("server not started")
+        await self._server.serve_forever()
+
+    async def close(self) -> None:
+        """Close every connection (code 1001) and stop listening."""
+        if self._timer_task is not None:
+            self._timer_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._timer_task
+            self._timer_task = None
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def __aenter__(self) -> SignalingServer:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # --- HTTP: /healthz ----------------------------------------------------------------
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.path.split("?", 1)[0] != "/healthz":
+            return None  # go on with the WebSocket handshake
+        body = json.dumps(
+            {
+                "status": "ok",
+                "connections": self.protocol.connections,
+                "registered": self.protocol.registered,
+                "calls": self.protocol.calls,
+                "version": __version__,
+            }
+        )
+        response = connection.respond(200, body + "\n")
+        del response.headers["Content-Type"]
+        response.headers["Content-Type"] = "application/json"
+        return response
+
+    # --- WebSocket: the shell loop --------------------------------------------------------
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        loop = asyncio.get_running_loop()
+        cid, out = self.protocol.connect(loop.time())
+        outbox: asyncio.Queue[_Item] = asyncio.Queue(self._outbox_size)
+        self._outboxes[cid] = (ws, outbox)
+        writer = asyncio.create_task(self._writer(ws, outbox))
+        self._dispatch(out)
+        self._timer_changed.set()
+        try:
+            async for message in ws:
+                try:
+                    out = self.protocol.receive(cid, message, loop.time())
+                except Exception:  # a bug, never bad input: keep serving everyone else
+                    logger.exception("! protocol failed on connection %d", cid)
+                    out = [(cid, ErrorMessage("server_error", "internal error"))]
+                self._dispatch(out)
+        except ConnectionClosed:
+            pass
+        finally:
+            del self._outboxes[cid]
+            self._dispatch(self.protocol.disconnect(cid, loop.time()))
+            self._timer_changed.set()
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+
+    def _dispatch(self, out: list[Output]) -> None:
+        """Queue each output on its connection's outbox (no waiting)."""
+        texts: dict[int, str] = {}  # a broadcast message is serialized once
+        for cid, msg in out:
+            entry = self._outboxes.get(cid)
+            if entry is None:
+                continue  # gone meanwhile
+            ws, outbox = entry
+            item: _Item
+            if isinstance(msg, CloseConnection):
+                item = msg
+            else:
+                text = texts.get(id(msg))
+                if text is None:
+                    text = texts[id(msg)] = msg.serialize()
+                item = text
+            try:
+                outbox.put_nowait(item)
+            except asyncio.QueueFull:
+                logger.warning("! connection %d does not read its messages: closing it", cid)
+                self._spawn(ws.close(1008, "too slow"))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _writer(ws: ServerConnection, outbox: asyncio.Queue[_Item]) -> None:
+        try:
+            while True:
+                item = await outbox.get()
+                if isinstance(item, CloseConnection):
+                    await ws.close(item.code, item.reason)
+                    return
+                await ws.send(item)
+        except ConnectionClosed:
+            pass
+
+    async def _run_timers(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            deadline = self.protocol.get_timer()
+            self._timer_changed.clear()
+            timeout = None if deadline is None else max(0.0, deadline - loop.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._timer_changed.wait(), timeout)
+            try:
+                out = self.protocol.handle_timer(loop.time())
+            except Exception:
+                logger.exception("! protocol timer failed")
+                continue
+            self._dispatch(out)
