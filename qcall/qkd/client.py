@@ -1,0 +1,439 @@
+"""Pluggable QKD key sources: the :class:`KeySource` interface, its registry, ETSI 014.
+
+Every source of QKD keys (an ETSI GS QKD 014 KME, a pre-loaded key file, …)
+implements :class:`KeySource`; callers pick one by configuration::
+
+    async with open_key_source({"url": "https://kme-a:8443", "cert": "alice.pem",
+                                "key": "alice.key", "ca": "ca.pem"}) as source:
+        key = await source.get_key("bob")             # master side: new key
+    async with open_key_source("keyfile:/path/keys.json") as source:
+        key = await source.get_key_by_id("alice", key_id)   # slave side
+
+A new device type is one new class: subclass :class:`KeySource`, implement
+``from_config``, the three key methods and ``close``, and decorate it with
+:func:`register_key_source` naming its ``type`` and URL schemes.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import logging
+import ssl
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, ClassVar, Final, TypeVar
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+
+from qcall.exceptions import (
+    ConfigError,
+    KMEBadRequestError,
+    KMEConnectionError,
+    KMEError,
+    KMEResponseError,
+    KMEUnauthorizedError,
+    KMEUnavailableError,
+)
+from qcall.qkd.etsi014 import (
+    API_PREFIX,
+    KeyRequest,
+    KeyStatus,
+    QKDKey,
+    key_ids_json,
+    parse_error,
+    parse_key_container,
+    parse_status,
+    validate_key_id,
+    validate_sae_id,
+)
+
+__all__ = [
+    "ETSI014Client",
+    "KeySource",
+    "key_source_types",
+    "open_key_source",
+    "register_key_source",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Largest KME answer read, in bytes.
+MAX_RESPONSE: Final = 4 * 1024 * 1024
+
+
+class KeySource(abc.ABC):
+    """A source of QKD keys shared with peer SAEs (the one interface, DESIGN "quantum layer").
+
+    The two ends of a key use it in ETSI GS QKD 014 roles: the *master* calls
+    :meth:`get_key` (``enc_keys``) and sends the key_ID to the peer; the
+    *slave* calls :meth:`get_key_by_id` (``dec_keys``) with it. A key is
+    delivered once to each side. Use it as an async context manager or call
+    :meth:`close`.
+
+    Class attributes:
+        type_name: the configuration ``type`` naming this source.
+        schemes: URL schemes that select this source in :func:`open_key_source`.
+    """
+
+    type_name: ClassVar[str] = ""
+    schemes: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, config: Mapping[str, Any]) -> KeySource:
+        """Build the source from a configuration mapping (``type``/``url`` + options).
+
+        Raises:
+            ConfigError: a required option is missing or invalid.
+        """
+
+    @abc.abstractmethod
+    async def get_keys(
+        self, peer_sae: str, number: int = 1, size_bits: int | None = None
+    ) -> list[QKDKey]:
+        """Get ``number`` new keys shared with ``peer_sae`` (ETSI 014 ``enc_keys``).
+
+        Args:
+            peer_sae: the slave SAE that will fetch the keys by key_ID.
+            number: how many keys.
+            size_bits: key size; ``None`` means the source's default.
+
+        Raises:
+            QKDError: a subclass saying what failed (no key left, KME error, …).
+        """
+
+    @abc.abstractmethod
+    async def get_keys_by_id(self, peer_sae: str, key_ids: Sequence[str]) -> list[QKDKey]:
+        """Get the keys that ``peer_sae`` obtained with :meth:`get_keys` (``dec_keys``).
+
+        Returns the keys in the order of ``key_ids``.
+
+        Raises:
+            KeyNotFoundError | KMEBadRequestError: a key_ID is unknown or consumed.
+            QKDError: any other failure.
+        """
+
+    @abc.abstractmethod
+    async def status(self, peer_sae: str) -> KeyStatus:
+        """Report the key supply shared with ``peer_sae`` (ETSI 014 Status, 6.1)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections and files. Safe to call twice."""
+
+    async def get_key(self, peer_sae: str, size_bits: int | None = None) -> QKDKey:
+        """Get one new key shared with ``peer_sae``; see :meth:`get_keys`."""
+        (key,) = await self.get_keys(peer_sae, 1, size_bits)
+        return key
+
+    async def get_key_by_id(self, peer_sae: str, key_id: str) -> QKDKey:
+        """Get the key ``key_id`` that ``peer_sae`` obtained; see :meth:`get_keys_by_id`."""
+        (key,) = await self.get_keys_by_id(peer_sae, [key_id])
+        return key
+
+    async def __aenter__(self: _S) -> _S:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+_S = TypeVar("_S", bound=KeySource)
+_T = TypeVar("_T", bound=type[KeySource])
+
+_TYPES: dict[str, type[KeySource]] = {}
+_SCHEMES: dict[str, type[KeySource]] = {}
+
+
+def register_key_source(cls: _T) -> _T:
+    """Class decorator: make ``cls`` selectable by its ``type`` and ``schemes``."""
+    if not cls.type_name:
+        raise ValueError(f"{cls.__name__} has no type")
+    _TYPES[cls.type_name] = cls
+    for scheme in cls.schemes:
+        _SCHEMES[scheme] = cls
+    return cls
+
+
+def key_source_types() -> dict[str, type[KeySource]]:
+    """Return the registered key source classes by ``type``."""
+    _load_builtin()
+    return dict(_TYPES)
+
+
+def _load_builtin() -> None:
+    # The key file source registers itself on import; keep the import lazy
+    # so that importing this module stays cheap and cycle-free.
+    import qcall.qkd.keyfile  # noqa: F401
+
+
+def open_key_source(config: Mapping[str, Any] | str, **options: Any) -> KeySource:
+    """Create the key source that ``config`` names.
+
+    Args:
+        config: a URL (``https://kme:8443`` → ETSI 014, ``keyfile:PATH`` → key
+            file) or a mapping with ``type`` (``"etsi014"``, ``"keyfile"``) or
+            ``url``, plus the source's options (see each ``from_config``).
+        options: extra options merged over a mapping or given with a URL.
+
+    Raises:
+        ConfigError: unknown type or scheme, or invalid options.
+    """
+    _load_builtin()
+    conf: dict[str, Any] = {"url": config} if isinstance(config, str) else dict(config)
+    conf.update(options)
+    kind = conf.get("type")
+    if kind is not None:
+        cls = _TYPES.get(str(kind))
+        if cls is None:
+            raise ConfigError(f"unknown key source type {kind!r}; known: {sorted(_TYPES)}")
+        return cls.from_config(conf)
+    url = conf.get("url")
+    if not isinstance(url, str) or ":" not in url:
+        raise ConfigError("key source config needs a 'type' or a 'url' with a scheme")
+    scheme = url.split(":", 1)[0].lower()
+    cls = _SCHEMES.get(scheme)
+    if cls is None:
+        raise ConfigError(f"no key source for URL scheme {scheme!r}; known: {sorted(_SCHEMES)}")
+    return cls.from_config(conf)
+
+
+# --- ETSI GS QKD 014 ---------------------------------------------------------------
+
+
+def _check_count(number: int, what: str = "number") -> None:
+    if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+        raise ValueError(f"{what} must be a positive integer")
+
+
+@register_key_source
+class ETSI014Client(KeySource):
+    """An SAE's client of an ETSI GS QKD 014 V1.1.1 KME (HTTPS with mutual TLS).
+
+    Args:
+        url: the KME base URL, ``https://host:port`` (a path prefix is kept).
+        ssl_context: client context with our SAE certificate and the CA
+            (:func:`qcall.qkd.pki.client_ssl_context`); ``None`` only for a
+            plain-HTTP URL (tests, benchmarks).
+        server_name: the name to verify the KME certificate against
+            (default: the URL host).
+        timeout: seconds for each whole request.
+        method: ``"POST"`` (default) or ``"GET"`` for ``enc_keys``/``dec_keys``.
+        headers: extra HTTP headers (e.g. for a plain-HTTP benchmark).
+
+    Errors (all :class:`~qcall.exceptions.QKDError`): 400 →
+    :class:`KMEBadRequestError` (with the spec's ``message``/``details``),
+    401 → :class:`KMEUnauthorizedError`, 503 → :class:`KMEUnavailableError`,
+    other statuses → :class:`KMEError`; refused, TLS failure, timeout →
+    :class:`KMEConnectionError`; malformed JSON, wrong count or size, bad,
+    duplicate or missing key_IDs → :class:`KMEResponseError`.
+    """
+
+    type_name = "etsi014"
+    schemes = ("https", "http")
+
+    def __init__(
+        self,
+        url: str,
+        ssl_context: ssl.SSLContext | None = None,
+        *,
+        server_name: str | None = None,
+        timeout: float = 10.0,
+        method: str = "POST",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ConfigError(f"KME URL must be https://HOST[:PORT], not {url!r}")
+        if parts.scheme == "https" and ssl_context is None:
+            raise ConfigError("an https KME needs a client certificate, key and CA")
+        if method not in ("POST", "GET"):
+            raise ConfigError("method must be POST or GET")
+        self.url = url.rstrip("/")
+        self._base = self.url + API_PREFIX
+        self._ssl: ssl.SSLContext | bool = False
+        if parts.scheme == "https" and ssl_context is not None:
+            self._ssl = ssl_context
+        self.server_name = server_name
+        self.timeout = timeout
+        self.method = method
+        self._headers = dict(headers or {})
+        self._session: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:
+        return f"ETSI014Client({self.url!r})"
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ETSI014Client:
+        """Options: ``url`` (required), ``cert``, ``key``, ``ca`` (required for
+        https), ``server_name``, ``timeout``, ``method``."""
+        url = config.get("url")
+        if not isinstance(url, str):
+            raise ConfigError("etsi014 key source needs 'url'")
+        ctx = None
+        if url.lower().startswith("https:"):
+            missing = [k for k in ("cert", "key", "ca") if not config.get(k)]
+            if missing:
+                raise ConfigError(f"etsi014 key source needs {', '.join(missing)}")
+            from qcall.qkd.pki import client_ssl_context
+
+            ctx = client_ssl_context(config["cert"], config["key"], config["ca"])
+        try:
+            timeout = float(config.get("timeout", 10.0))
+        except (TypeError, ValueError):
+            raise ConfigError("timeout must be a number of seconds") from None
+        return cls(
+            url,
+            ctx,
+            server_name=config.get("server_name"),
+            timeout=timeout,
+            method=str(config.get("method", "POST")).upper(),
+        )
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(ssl=self._ssl, limit=16, keepalive_timeout=30)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                headers=self._headers,
+                json_serialize=json.dumps,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _request(
+        self,
+        http_method: str,
+        sae: str,
+        endpoint: str,
+        *,
+        body: Any = None,
+        params: Sequence[tuple[str, str]] | None = None,
+    ) -> Any:
+        try:
+            sae_id = validate_sae_id(sae)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        url = f"{self._base}/{quote(sae_id, safe='')}/{endpoint}"
+        kwargs: dict[str, Any] = {}
+        if body is not None:
+            kwargs["data"] = json.dumps(body)
+            kwargs["headers"] = {"Content-Type": "application/json"}
+        if params:
+            kwargs["params"] = list(params)
+        if self.server_name:
+            kwargs["server_hostname"] = self.server_name
+        where = f"KME {self.url}"
+        try:
+            async with self._get_session().request(http_method, url, **kwargs) as resp:
+                raw = await resp.content.read(MAX_RESPONSE + 1)
+                status = resp.status
+        except TimeoutError:
+            raise KMEConnectionError(f"{where} did not answer within {self.timeout:g} s") from None
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise KMEConnectionError(
+                f"{where}: TLS certificate check failed: {exc.certificate_error}"
+            ) from None
+        except aiohttp.ClientConnectorSSLError as exc:
+            raise KMEConnectionError(f"{where}: TLS handshake failed: {exc.os_error}") from None
+        except aiohttp.ClientConnectorError as exc:
+            reason = exc.os_error.strerror or str(exc.os_error)
+            raise KMEConnectionError(f"cannot connect to {where}: {reason}") from None
+        except aiohttp.ClientError as exc:
+            raise KMEConnectionError(f"{where}: {type(exc).__name__}: {exc}") from None
+        except ssl.SSLError as exc:
+            raise KMEConnectionError(f"{where}: TLS error: {exc.reason}") from None
+        except OSError as exc:
+            raise KMEConnectionError(f"{where}: {exc.strerror or exc}") from None
+        if len(raw) > MAX_RESPONSE:
+            raise KMEResponseError(f"{where} sent an answer larger than {MAX_RESPONSE} bytes")
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError):
+            data = _NOT_JSON
+        if status == 200:
+            if data is _NOT_JSON:
+                raise KMEResponseError(f"{where} sent malformed JSON to {endpoint}")
+            return data
+        message, details = parse_error(data) if data is not _NOT_JSON else (None, [])
+        text = f"{where} answered {status} to {endpoint}" + (f": {message}" if message else "")
+        error_cls: type[KMEError] = {
+            400: KMEBadRequestError,
+            401: KMEUnauthorizedError,
+            503: KMEUnavailableError,
+        }.get(status, KMEError)
+        raise error_cls(text, status=status, message=message, details=details)
+
+    async def get_status(self, slave_sae: str) -> KeyStatus:
+        """5.1 Get status: ``GET /api/v1/keys/{slave_SAE_ID}/status``."""
+        return parse_status(await self._request("GET", slave_sae, "status"))
+
+    async def status(self, peer_sae: str) -> KeyStatus:
+        return await self.get_status(peer_sae)
+
+    async def enc_keys(self, slave_sae: str, request: KeyRequest) -> list[QKDKey]:
+        """5.2 Get key: ``enc_keys`` with a full Key request (6.2).
+
+        The answer must hold exactly ``request.number`` keys of
+        ``request.size`` bits (if given) with distinct UUID key_IDs.
+        """
+        _check_count(request.number)
+        if self.method == "GET" and (
+            request.additional_slave_sae_ids
+            or request.extension_mandatory
+            or request.extension_optional
+        ):
+            raise ConfigError("enc_keys with SAE IDs or extensions needs POST")
+        if self.method == "POST":
+            data = await self._request("POST", slave_sae, "enc_keys", body=request.to_json())
+        else:
+            params = [("number", str(request.number))]
+            if request.size is not None:
+                params.append(("size", str(request.size)))
+            data = await self._request("GET", slave_sae, "enc_keys", params=params)
+        container = parse_key_container(
+            data, expected_number=request.number, expected_size=request.size
+        )
+        return list(container.keys)
+
+    async def get_keys(
+        self, peer_sae: str, number: int = 1, size_bits: int | None = None
+    ) -> list[QKDKey]:
+        _check_count(number)
+        keys = await self.enc_keys(peer_sae, KeyRequest(number=number, size=size_bits))
+        logger.debug("< enc_keys %s %s", peer_sae, [k.key_id for k in keys])
+        return keys
+
+    async def get_keys_by_id(self, peer_sae: str, key_ids: Sequence[str]) -> list[QKDKey]:
+        """5.3 Get key with key IDs: ``dec_keys``; answer must hold exactly ``key_ids``."""
+        if not key_ids:
+            raise ValueError("key_ids is empty")
+        try:
+            ids = [validate_key_id(k) for k in key_ids]
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if len(set(ids)) != len(ids):
+            raise ConfigError("duplicate key_ID in request")
+        if self.method == "POST":
+            data = await self._request("POST", peer_sae, "dec_keys", body=key_ids_json(ids))
+        else:
+            params = [("key_ID", k) for k in ids]
+            data = await self._request("GET", peer_sae, "dec_keys", params=params)
+        keys = list(parse_key_container(data, expected_ids=ids).keys)
+        logger.debug("< dec_keys %s %s", peer_sae, [k.key_id for k in keys])
+        return keys
+
+
+_NOT_JSON: Final = object()

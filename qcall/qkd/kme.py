@@ -1,0 +1,436 @@
+"""A key management entity (KME): ETSI GS QKD 014 key pools, as a pure state machine.
+
+:class:`KME` holds the keys one site's KME can deliver to its SAEs, in one
+pool per *ordered* pair (master SAE, slave SAE). It does no I/O and reads no
+clock: time is passed in as ``now`` (seconds, any monotonic origin). The
+aiohttp server in :mod:`qcall.qkd.server` is a thin shell around it.
+
+Two KMEs, one pair (the normal case of a QKD network)::
+
+    kme_a = KME("KME_A")          # hosts SAE "alice"
+    kme_b = KME("KME_B")          # hosts SAE "bob"
+    keys = random_keys(10, 256)   # in reality: relayed QKD keys
+    kme_a.supply("alice", "bob", keys, role="master", peer_kme_id="KME_B")
+    kme_b.supply("alice", "bob", keys, role="slave", peer_kme_id="KME_A")
+
+A key in a ``master`` pool is delivered once, by ``enc_keys`` to the master
+SAE, then erased; a key in a ``slave`` pool once, by ``dec_keys`` to the slave
+SAE, then erased. In a ``local`` pool (one KME hosting both SAEs) a key is
+first delivered by ``enc_keys`` to the master, then waits for the slave's
+``dec_keys``, then is erased.
+
+Key sizes: every pool key has the KME's ``key_size`` (default 256 bits), so
+``min_key_size == max_key_size == key_size`` in Status and a request for any
+other ``size`` is answered with HTTP 400. Serving other sizes would need both
+KMEs to cut or join keys identically; fixed sizes keep that trivially true.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from qcall.exceptions import KMEUnauthorizedError, KMEUnavailableError
+from qcall.qkd.etsi014 import (
+    KeyContainer,
+    KeyRequest,
+    KeyStatus,
+    QKDKey,
+    bad_request,
+    validate_key_id,
+    validate_sae_id,
+)
+from qcall.typing import KeyId, SAEId
+
+__all__ = ["KME", "PoolRole", "random_keys"]
+
+#: Default key size of pool keys, in bits.
+DEFAULT_KEY_SIZE: Final = 256
+
+
+class PoolRole(enum.Enum):
+    """Which side(s) of a pair a KME serves."""
+
+    #: The master SAE is attached here: keys go out through ``enc_keys``.
+    MASTER = "master"
+    #: The slave SAE is attached here: keys go out through ``dec_keys``.
+    SLAVE = "slave"
+    #: Both SAEs are attached here: ``enc_keys`` first, then ``dec_keys``.
+    LOCAL = "local"
+
+
+def random_keys(count: int, size_bits: int = DEFAULT_KEY_SIZE) -> list[tuple[KeyId, bytes]]:
+    """Return ``count`` fresh ``(key_ID, key)`` pairs from ``os.urandom``.
+
+    For tests, benchmarks and a stand-alone KME: these are *not* QKD keys.
+    """
+    if size_bits <= 0 or size_bits % 8:
+        raise ValueError("size_bits must be a positive multiple of 8")
+    return [(KeyId(str(uuid.uuid4())), os.urandom(size_bits // 8)) for _ in range(count)]
+
+
+@dataclass(slots=True)
+class _Pool:
+    master: SAEId
+    slave: SAEId
+    role: PoolRole
+    peer_kme_id: str
+    #: Keys waiting for ``enc_keys`` (master side), oldest first: key_ID → (key, added).
+    enc: OrderedDict[KeyId, tuple[bytearray, float]] = field(default_factory=OrderedDict)
+    #: Keys waiting for ``dec_keys`` (slave side): key_ID → (key, added).
+    dec: dict[KeyId, tuple[bytearray, float]] = field(default_factory=dict)
+    alarm: str | None = None
+    qber: float | None = None
+
+    def stored(self) -> int:
+        return len(self.dec) if self.role is PoolRole.SLAVE else len(self.enc)
+
+    def held(self) -> int:
+        return len(self.enc) + len(self.dec)
+
+
+def _take(buf: bytearray) -> bytes:
+    """Copy a key out of the pool and overwrite the pool's copy."""
+    key = bytes(buf)
+    buf[:] = bytes(len(buf))
+    return key
+
+
+class KME:
+    """Key pools per ordered (master SAE, slave SAE) pair; ETSI GS QKD 014 semantics.
+
+    Args:
+        kme_id: this KME's ID (``source_KME_ID``/``target_KME_ID`` in Status).
+        key_size: size of every pool key, in bits (a positive multiple of 8).
+        max_key_count: most keys a pool holds (Status ``max_key_count``).
+        max_key_per_request: most keys per ``enc_keys``/``dec_keys`` call.
+        key_lifetime: seconds after which :meth:`expire` erases an
+            undelivered key (``None``: never).
+
+    The request methods (:meth:`status`, :meth:`enc_keys`, :meth:`dec_keys`)
+    take the *authenticated* caller SAE ID and raise :class:`KMEBadRequestError`
+    (400), :class:`KMEUnauthorizedError` (401) or :class:`KMEUnavailableError`
+    (503), whose ``message`` is the spec's Error ``message``. They are
+    all-or-nothing: a failed request consumes no key.
+    """
+
+    def __init__(
+        self,
+        kme_id: str,
+        *,
+        key_size: int = DEFAULT_KEY_SIZE,
+        max_key_count: int = 100_000,
+        max_key_per_request: int = 128,
+        key_lifetime: float | None = None,
+    ) -> None:
+        self.kme_id = validate_sae_id(kme_id, "KME ID")
+        if key_size <= 0 or key_size % 8:
+            raise ValueError("key_size must be a positive multiple of 8")
+        if max_key_count < 1 or max_key_per_request < 1:
+            raise ValueError("max_key_count and max_key_per_request must be positive")
+        self.key_size = key_size
+        self.max_key_count = max_key_count
+        self.max_key_per_request = max_key_per_request
+        self.key_lifetime = key_lifetime
+        self._pools: dict[tuple[SAEId, SAEId], _Pool] = {}
+        self._saes: set[SAEId] = set()
+
+    def __repr__(self) -> str:
+        return f"KME({self.kme_id!r}, pools={len(self._pools)}, saes={len(self._saes)})"
+
+    # --- administration (called by the relay / network, never over the API) --------
+
+    @property
+    def saes(self) -> frozenset[SAEId]:
+        """SAE IDs attached to this KME (allowed to call it)."""
+        return frozenset(self._saes)
+
+    def add_sae(self, sae_id: str) -> None:
+        """Attach an SAE to this KME, so that it may call the API."""
+        self._saes.add(validate_sae_id(sae_id))
+
+    def add_pair(
+        self,
+        master: str,
+        slave: str,
+        role: PoolRole | str = PoolRole.LOCAL,
+        *,
+        peer_kme_id: str | None = None,
+    ) -> None:
+        """Create the (empty) pool for ``master`` → ``slave``; attach the local SAE(s).
+
+        Args:
+            master: the master SAE ID (the one that calls ``enc_keys``).
+            slave: the slave SAE ID (the one that calls ``dec_keys``).
+            role: which side(s) this KME serves (:class:`PoolRole` or its value).
+            peer_kme_id: the KME hosting the other SAE (default: this KME).
+
+        Raises:
+            ValueError: bad IDs, ``master == slave``, or the pair exists with
+                another role.
+        """
+        m, s = validate_sae_id(master, "master_SAE_ID"), validate_sae_id(slave, "slave_SAE_ID")
+        if m == s:
+            raise ValueError("master and slave SAE must differ")
+        role = PoolRole(role)
+        existing = self._pools.get((m, s))
+        if existing is not None:
+            if existing.role is not role:
+                raise ValueError(f"pair {m}->{s} already has role {existing.role.value}")
+            return
+        peer = self.kme_id if peer_kme_id is None else validate_sae_id(peer_kme_id, "KME ID")
+        self._pools[(m, s)] = _Pool(m, s, role, peer)
+        if role is not PoolRole.SLAVE:
+            self._saes.add(m)
+        if role is not PoolRole.MASTER:
+            self._saes.add(s)
+
+    def supply(
+        self,
+        master: str,
+        slave: str,
+        keys: Iterable[tuple[str, bytes]],
+        *,
+        role: PoolRole | str = PoolRole.LOCAL,
+        peer_kme_id: str | None = None,
+        now: float = 0.0,
+    ) -> int:
+        """Add keys to the pool of ``master`` → ``slave`` (created if needed).
+
+        Keys beyond the pool's free room (``max_key_count``) are not stored;
+        check :meth:`free` first to supply both KMEs of a pair identically.
+
+        Args:
+            master, slave, role, peer_kme_id: as for :meth:`add_pair`.
+            keys: ``(key_ID, key)`` pairs; key_IDs are UUIDs, every key is
+                exactly ``key_size`` bits.
+            now: the current time, for :meth:`expire`.
+
+        Returns:
+            The number of keys stored (a prefix of ``keys``).
+
+        Raises:
+            ValueError: a bad key_ID, a key of the wrong size, or a key_ID
+                already in this pool (nothing is stored then).
+        """
+        self.add_pair(master, slave, role, peer_kme_id=peer_kme_id)
+        pool = self._pools[(SAEId(master), SAEId(slave))]
+        room = self.max_key_count - pool.held()
+        staged: dict[KeyId, bytearray] = {}
+        nbytes = self.key_size // 8
+        for key_id, key in keys:
+            kid = validate_key_id(key_id)
+            if len(key) != nbytes:
+                raise ValueError(f"key {kid} has {len(key) * 8} bits, pool needs {self.key_size}")
+            if kid in staged or kid in pool.enc or kid in pool.dec:
+                raise ValueError(f"key_ID {kid} is already in pool {master}->{slave}")
+            staged[kid] = bytearray(key)
+        target = pool.dec if pool.role is PoolRole.SLAVE else pool.enc
+        stored = 0
+        for kid, buf in staged.items():
+            if stored >= room:
+                buf[:] = bytes(len(buf))
+                continue
+            target[kid] = (buf, now)
+            stored += 1
+        return stored
+
+    def free(self, master: str, slave: str) -> int:
+        """Return how many more keys the pool ``master`` → ``slave`` can take."""
+        pool = self._pools.get((SAEId(master), SAEId(slave)))
+        return self.max_key_count - (pool.held() if pool else 0)
+
+    def stored_key_count(self, master: str, slave: str) -> int:
+        """Return Status ``stored_key_count`` of the pool (0 if it does not exist)."""
+        pool = self._pools.get((SAEId(master), SAEId(slave)))
+        return pool.stored() if pool else 0
+
+    def pairs(self) -> list[tuple[SAEId, SAEId, PoolRole]]:
+        """Return every pool as ``(master, slave, role)``."""
+        return [(p.master, p.slave, p.role) for p in self._pools.values()]
+
+    def set_alarm(
+        self, master: str, slave: str, alarm: str | None, *, qber: float | None = None
+    ) -> None:
+        """Set (or with ``alarm=None`` clear) the link alarm shown in Status.
+
+        The relay calls this when a link on the route of ``master`` → ``slave``
+        raises its eavesdropper alarm. Status then carries
+        ``status_extension: {"alarm": alarm, "qber": qber}``. Keys already in
+        the pool stay deliverable (they were distilled before the alarm).
+
+        Raises:
+            ValueError: the pair does not exist.
+        """
+        pool = self._pools.get((SAEId(master), SAEId(slave)))
+        if pool is None:
+            raise ValueError(f"no pool {master}->{slave}")
+        pool.alarm = alarm
+        pool.qber = qber if alarm is not None else None
+
+    def expire(self, now: float) -> int:
+        """Erase undelivered keys older than ``key_lifetime``; return how many."""
+        if self.key_lifetime is None:
+            return 0
+        limit = now - self.key_lifetime
+        erased = 0
+        for pool in self._pools.values():
+            for store in (pool.enc, pool.dec):
+                old = [k for k, (_, added) in store.items() if added < limit]
+                for k in old:
+                    _take(store.pop(k)[0])
+                erased += len(old)
+        return erased
+
+    # --- the ETSI GS QKD 014 methods (clause 5) -------------------------------------
+
+    def _check_caller(self, caller: SAEId) -> None:
+        if caller not in self._saes:
+            raise KMEUnauthorizedError(
+                "SAE is not registered at this KME",
+                status=401,
+                message="SAE is not registered at this KME",
+            )
+
+    def _peer(self, value: str, name: str) -> SAEId:
+        try:
+            return validate_sae_id(value, name)
+        except ValueError as exc:
+            raise bad_request(str(exc)) from None
+
+    def status(self, caller: SAEId, slave: str) -> KeyStatus:
+        """5.1 Get status: ``GET /api/v1/keys/{slave_SAE_ID}/status``.
+
+        Answers for the pool ``caller`` → ``slave``; if there is none, for
+        ``slave`` → ``caller`` (so a slave SAE can see its incoming pool).
+
+        Raises:
+            KMEUnauthorizedError: ``caller`` is not attached here.
+            KMEBadRequestError: ``slave`` is not a known peer of ``caller``.
+        """
+        self._check_caller(caller)
+        peer = self._peer(slave, "slave_SAE_ID")
+        pool = self._pools.get((caller, peer)) or self._pools.get((peer, caller))
+        if pool is None:
+            raise bad_request(f"slave_SAE_ID {peer} is not known to this KME")
+        source: str
+        target: str
+        if pool.role is PoolRole.SLAVE:
+            source, target = pool.peer_kme_id, self.kme_id
+        else:
+            source, target = self.kme_id, pool.peer_kme_id
+        extension: dict[str, Any] | None = None
+        if pool.alarm is not None:
+            extension = {"alarm": pool.alarm}
+            if pool.qber is not None:
+                extension["qber"] = pool.qber
+        return KeyStatus(
+            source_kme_id=source,
+            target_kme_id=target,
+            master_sae_id=pool.master,
+            slave_sae_id=pool.slave,
+            key_size=self.key_size,
+            stored_key_count=pool.stored(),
+            max_key_count=self.max_key_count,
+            max_key_per_request=self.max_key_per_request,
+            max_key_size=self.key_size,
+            min_key_size=self.key_size,
+            max_sae_id_count=0,
+            status_extension=extension,
+        )
+
+    def enc_keys(
+        self, caller: SAEId, slave: str, request: KeyRequest, now: float = 0.0
+    ) -> KeyContainer:
+        """5.2 Get key: ``POST|GET /api/v1/keys/{slave_SAE_ID}/enc_keys``.
+
+        Delivers ``request.number`` keys of the pool ``caller`` → ``slave``
+        (oldest first) and erases them here (a ``local`` pool keeps them for
+        the slave's ``dec_keys``).
+
+        Raises:
+            KMEUnauthorizedError: ``caller`` is not attached here.
+            KMEBadRequestError: unknown ``slave``; ``number`` above
+                ``max_key_per_request``; ``size`` not a multiple of 8 or not
+                ``key_size``; ``additional_slave_SAE_IDs`` (``max_SAE_ID_count``
+                is 0); any ``extension_mandatory``.
+            KMEUnavailableError: fewer than ``number`` keys stored (503).
+        """
+        self._check_caller(caller)
+        peer = self._peer(slave, "slave_SAE_ID")
+        pool = self._pools.get((caller, peer))
+        if pool is None or pool.role is PoolRole.SLAVE:
+            raise bad_request(f"slave_SAE_ID {peer} is not known to this KME")
+        if request.extension_mandatory:
+            names = sorted({name for ext in request.extension_mandatory for name in ext})
+            raise bad_request(
+                "not all extension_mandatory parameters are supported",
+                [{"extension_mandatory_unsupported": names}],
+            )
+        if request.additional_slave_sae_ids:
+            raise bad_request(
+                "additional_slave_SAE_IDs is not supported (max_SAE_ID_count is 0)"
+            )
+        number = request.number
+        if number < 1 or number > self.max_key_per_request:
+            raise bad_request(
+                f"number {number} is not in 1..{self.max_key_per_request} (max_key_per_request)"
+            )
+        size = self.key_size if request.size is None else request.size
+        if size % 8:
+            raise bad_request(f"size {size} is not a multiple of 8")
+        if size != self.key_size:
+            raise bad_request(
+                f"size {size} is not supported: min_key_size = max_key_size = {self.key_size}"
+            )
+        if len(pool.enc) < number:
+            text = f"not enough keys: {len(pool.enc)} stored, {number} requested"
+            raise KMEUnavailableError(text, status=503, message=text)
+        keys: list[QKDKey] = []
+        local = pool.role is PoolRole.LOCAL
+        for _ in range(number):
+            kid, (buf, _added) = pool.enc.popitem(last=False)
+            if local:
+                pool.dec[kid] = (buf, now)
+                keys.append(QKDKey(kid, bytes(buf)))
+            else:
+                keys.append(QKDKey(kid, _take(buf)))
+        return KeyContainer(tuple(keys))
+
+    def dec_keys(
+        self, caller: SAEId, master: str, key_ids: Sequence[KeyId], now: float = 0.0
+    ) -> KeyContainer:
+        """5.3 Get key with key IDs: ``POST|GET /api/v1/keys/{master_SAE_ID}/dec_keys``.
+
+        Delivers the keys with ``key_ids`` of the pool ``master`` → ``caller``
+        and erases them. Only the slave SAE the keys were issued for can get
+        them; to anyone else they do not exist.
+
+        Raises:
+            KMEUnauthorizedError: ``caller`` is not attached here.
+            KMEBadRequestError: unknown ``master``; too many key_IDs; a key_ID
+                that is not (or no longer) in the pool (``details`` lists them).
+        """
+        self._check_caller(caller)
+        peer = self._peer(master, "master_SAE_ID")
+        pool = self._pools.get((peer, caller))
+        if pool is None or pool.role is PoolRole.MASTER:
+            raise bad_request(f"master_SAE_ID {peer} is not known to this KME")
+        if not key_ids:
+            raise bad_request("key_IDs is empty")
+        if len(key_ids) > self.max_key_per_request:
+            raise bad_request(
+                f"{len(key_ids)} key_IDs requested, max_key_per_request is "
+                f"{self.max_key_per_request}"
+            )
+        if len(set(key_ids)) != len(key_ids):
+            raise bad_request("duplicate key_ID")
+        missing = [k for k in key_ids if k not in pool.dec]
+        if missing:
+            raise bad_request("key_ID not found", [{"key_ID": k} for k in missing[:20]])
+        return KeyContainer(tuple(QKDKey(k, _take(pool.dec.pop(k)[0])) for k in key_ids))

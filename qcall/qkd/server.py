@@ -1,0 +1,290 @@
+"""An ETSI GS QKD 014 KME server: the aiohttp shell around :class:`qcall.qkd.kme.KME`.
+
+Usage::
+
+    kme = KME("KME_A")
+    kme.supply("alice", "bob", random_keys(100), role="local")
+    ctx = server_ssl_context("kme/KME_A.pem", "kme/KME_A.key", "ca.pem")
+    async with KMEServer(kme, "127.0.0.1", 0, ctx) as server:
+        print(server.url)            # https://127.0.0.1:PORT
+        ...
+
+The calling SAE is identified by its TLS client certificate (mutual TLS,
+ETSI GS QKD 014 clause 4.3): SAN URI ``urn:qcall:sae:<ID>``, else the subject
+CN (:func:`qcall.qkd.pki.peer_identity`). A connection without a valid
+certificate is refused in the TLS handshake; a valid certificate of an SAE
+that is not attached to the KME gets HTTP 401.
+
+Every answer is JSON. Errors carry the spec's Error object (6.5): 400 for a
+bad request (malformed JSON included), 401, and 503 for an empty pool or any
+unexpected server-side failure; the server keeps serving other clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Final
+
+from aiohttp import web
+
+from qcall.exceptions import KMEError
+from qcall.qkd.etsi014 import (
+    API_PREFIX,
+    KeyRequest,
+    error_body,
+    parse_key_ids,
+    parse_key_request,
+    validate_key_id,
+)
+from qcall.qkd.kme import KME
+from qcall.qkd.pki import peer_identity
+from qcall.typing import KeyId, SAEId
+
+__all__ = ["KMEServer"]
+
+logger = logging.getLogger(__name__)
+
+#: Largest request body accepted, in bytes.
+MAX_BODY: Final = 64 * 1024
+
+#: ``identify(request)`` returns the authenticated SAE ID of the caller, or None.
+Identify = Callable[[web.Request], SAEId | None]
+
+
+def identify_by_certificate(request: web.Request) -> SAEId | None:
+    """Return the SAE ID of the caller's verified TLS client certificate."""
+    transport = request.transport
+    if transport is None:
+        return None
+    return peer_identity(transport.get_extra_info("peercert"))
+
+
+def _json_response(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=json.dumps(obj, separators=(",", ":")).encode(),
+        status=status,
+        content_type="application/json",
+    )
+
+
+def _error(status: int, message: str, details: list[object] | None = None) -> web.Response:
+    return _json_response(error_body(message, details), status)
+
+
+class KMEServer:
+    """Serve a :class:`KME` over HTTPS (ETSI GS QKD 014 clause 5).
+
+    Args:
+        kme: the pure KME state.
+        host: address to listen on.
+        port: TCP port; 0 picks a free one (see :attr:`port`, :attr:`url`).
+        ssl_context: a server context requiring client certificates
+            (:func:`qcall.qkd.pki.server_ssl_context`); ``None`` serves plain
+            HTTP, which only makes sense with ``identify`` in benchmarks.
+        identify: how to find the caller's SAE ID (default: client certificate).
+        clock: the time source passed to the KME as ``now``.
+        expire_interval: seconds between calls to :meth:`KME.expire`
+            (only when the KME has a ``key_lifetime``).
+    """
+
+    def __init__(
+        self,
+        kme: KME,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+        *,
+        identify: Identify | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        expire_interval: float = 1.0,
+    ) -> None:
+        self.kme = kme
+        self.host = host
+        self._port = port
+        self.ssl_context = ssl_context
+        self._identify = identify or identify_by_certificate
+        self._clock = clock
+        self._expire_interval = expire_interval
+        self._runner: web.AppRunner | None = None
+        self._expirer: asyncio.Task[None] | None = None
+        self.app = web.Application(client_max_size=MAX_BODY)
+        p = API_PREFIX
+        self.app.router.add_get(p + "/{sae}/status", self._status)
+        self.app.router.add_post(p + "/{sae}/enc_keys", self._enc_keys_post)
+        self.app.router.add_get(p + "/{sae}/enc_keys", self._enc_keys_get)
+        self.app.router.add_post(p + "/{sae}/dec_keys", self._dec_keys_post)
+        self.app.router.add_get(p + "/{sae}/dec_keys", self._dec_keys_get)
+
+    def __repr__(self) -> str:
+        return f"KMEServer({self.kme.kme_id!r}, url={self.url if self._runner else None!r})"
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start listening. After this, :attr:`port` and :attr:`url` are set."""
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self._port, ssl_context=self.ssl_context)
+        try:
+            await site.start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        for address in runner.addresses:
+            if isinstance(address, tuple):
+                self._port = int(address[1])
+                break
+        if self.kme.key_lifetime is not None:
+            self._expirer = asyncio.create_task(self._expire_loop())
+        logger.info("= KME %s serving %s", self.kme.kme_id, self.url)
+
+    async def close(self) -> None:
+        """Stop listening and close open connections."""
+        if self._expirer is not None:
+            self._expirer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expirer
+            self._expirer = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> KMEServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def port(self) -> int:
+        """The TCP port (the real one once started with port 0)."""
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """Base URL of the KME, e.g. ``https://127.0.0.1:8443``."""
+        scheme = "https" if self.ssl_context is not None else "http"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self._port}"
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._expire_interval)
+            erased = self.kme.expire(self._clock())
+            if erased:
+                logger.info("= KME %s erased %d expired keys", self.kme.kme_id, erased)
+
+    # --- handlers -------------------------------------------------------------------
+
+    async def _call(
+        self, request: web.Request, method: str, body: Callable[[], Any]
+    ) -> web.Response:
+        caller = self._identify(request)
+        if caller is None:
+            return _error(401, "no valid SAE certificate")
+        sae = request.match_info["sae"]
+        try:
+            kme = self.kme
+            if method == "status":
+                return _json_response(kme.status(caller, sae).to_json())
+            now = self._clock()
+            if method == "enc_keys":
+                container = kme.enc_keys(caller, sae, body(), now)
+            else:
+                container = kme.dec_keys(caller, sae, body(), now)
+            logger.debug(
+                "> %s %s %s->%s %s",
+                self.kme.kme_id,
+                method,
+                caller,
+                sae,
+                [k.key_id for k in container.keys],
+            )
+            return _json_response(container.to_json())
+        except KMEError as exc:
+            logger.debug("! %s %s from %s: %s", self.kme.kme_id, method, caller, exc)
+            return _error(exc.status or 400, exc.message or str(exc), exc.details or None)
+        except Exception:  # never let one request take the server down
+            logger.exception("! %s %s from %s failed", self.kme.kme_id, method, caller)
+            return _error(503, "internal KME error")
+
+    async def _read_json(self, request: web.Request) -> Any:
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise
+        try:
+            return json.loads(raw) if raw else {}
+        except (ValueError, RecursionError):
+            return _BAD_JSON
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return await self._call(request, "status", lambda: None)
+
+    async def _enc_keys_post(self, request: web.Request) -> web.Response:
+        data = await self._read_json(request)
+        if data is _BAD_JSON:
+            return _error(400, "request body is not valid JSON")
+        return await self._call(request, "enc_keys", lambda: parse_key_request(data))
+
+    async def _enc_keys_get(self, request: web.Request) -> web.Response:
+        query = request.query
+        for name in query:
+            if name not in ("number", "size"):
+                return _error(400, f"unknown query parameter {name[:40]!r}")
+        fields: dict[str, int] = {}
+        for name in ("number", "size"):
+            values = query.getall(name, [])
+            if len(values) > 1:
+                return _error(400, f"{name} given more than once")
+            if values:
+                value = values[0]
+                if not (value.isascii() and value.isdigit() and len(value) < 10):
+                    return _error(400, f"invalid Key request: {name} must be an integer")
+                fields[name] = int(value)
+        return await self._call(request, "enc_keys", lambda: _key_request(fields))
+
+    async def _dec_keys_post(self, request: web.Request) -> web.Response:
+        data = await self._read_json(request)
+        if data is _BAD_JSON:
+            return _error(400, "request body is not valid JSON")
+        return await self._call(request, "dec_keys", lambda: parse_key_ids(data))
+
+    async def _dec_keys_get(self, request: web.Request) -> web.Response:
+        query = request.query
+        for name in query:
+            if name != "key_ID":
+                return _error(400, f"unknown query parameter {name[:40]!r}")
+        values = query.getall("key_ID", [])
+        if not values:
+            return _error(400, "key_ID is missing")
+        ids: list[KeyId] = []
+        for i, value in enumerate(values[:1024]):
+            try:
+                ids.append(validate_key_id(value, f"key_ID[{i}]"))
+            except ValueError as exc:
+                return _error(400, f"invalid Key IDs: {exc}")
+        if len(set(ids)) != len(ids):
+            return _error(400, "invalid Key IDs: duplicate key_ID")
+        return await self._call(request, "dec_keys", lambda: ids)
+
+
+_BAD_JSON: Final = object()
+
+
+def _key_request(fields: dict[str, int]) -> KeyRequest:
+    return parse_key_request(fields)
