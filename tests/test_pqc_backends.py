@@ -223,7 +223,7 @@ def test_oqs_probe_rejects_foreign_library(no_liboqs: Path) -> None:
 
 def test_importing_qcall_never_imports_oqs() -> None:
     code = (
-        "import sys, qcall.pqc, qcall._oqs;"
+        "import sys, qcall.pqc, qcall._oqs, qcall.identity, qcall.contacts;"
         "qcall.pqc.available_backends(); print('oqs' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
