@@ -1,0 +1,1 @@
+"""Calls: aiortc shell, media tracks, hybrid SRTP hook."""

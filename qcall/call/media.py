@@ -1,0 +1,1052 @@
+"""Call audio: sources and sinks for aiortc, and the sound devices behind them.
+
+Sources are :class:`aiortc.MediaStreamTrack` s of kind ``"audio"`` that produce
+``av.AudioFrame`` s in the shape aiortc's Opus encoder wants: signed 16-bit,
+mono, 48 kHz (Opus always codes at 48 kHz, RFC 7587 section 4), 20 ms per frame,
+``pts`` counting samples with ``time_base = 1/48000``.
+
+* :class:`ToneTrack` — a sine tone, with marker chirps for latency measurement.
+* :class:`FileTrack` — any file PyAV (FFmpeg) decodes, resampled to 48 kHz.
+* :class:`MicrophoneTrack` — a PortAudio input device through pyaudio.
+
+Sinks consume a (remote) track: ``addTrack(track)``, ``await start()``,
+``await stop()``, like aiortc's ``MediaRecorder``.
+
+* :class:`WavRecorder` — writes a mono 48 kHz 16-bit WAV and notes when each
+  frame arrived, for :func:`qcall.call.audio_analysis.one_way_latencies`.
+* :class:`SpeakerSink` — a PortAudio output device through pyaudio.
+
+:func:`open_source` and :func:`open_sink` turn the call command's flags
+(:func:`add_media_arguments`) into one of these. pyaudio is optional
+(``pip install 'qcall[audio]'``) and imported only when a device is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import fractions
+import logging
+import os
+import threading
+import time
+import wave
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from qcall.call.audio_analysis import (
+    SAMPLE_RATE,
+    FrameArrival,
+    Int16Array,
+    ToneGenerator,
+)
+from qcall.exceptions import ConfigError, MediaError
+
+__all__ = [
+    "NO_DEVICE_MESSAGE",
+    "PTIME",
+    "PYAUDIO_MISSING_MESSAGE",
+    "SAMPLES_PER_FRAME",
+    "AudioDevice",
+    "FileTrack",
+    "MicrophoneTrack",
+    "SpeakerSink",
+    "ToneTrack",
+    "TrackSink",
+    "WavRecorder",
+    "add_media_arguments",
+    "list_devices",
+    "open_sink",
+    "open_source",
+    "read_wav",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Packetization time: 20 ms, the Opus default (RFC 7587 section 4.2).
+PTIME = 0.020
+SAMPLES_PER_FRAME = round(SAMPLE_RATE * PTIME)
+TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
+
+#: Longest run of lost audio a recorder fills with silence (larger pts jumps
+#: are taken as a new timeline rather than allocating minutes of zeros).
+MAX_CONCEALED_GAP = 5 * SAMPLE_RATE
+
+#: Frames a sink still takes from its track on stop when they are ready at once.
+_MAX_DRAIN_FRAMES = 256
+
+PYAUDIO_MISSING_MESSAGE = (
+    "sound devices need pyaudio, which is not installed: run "
+    "`apt-get install portaudio19-dev` then `pip install 'qcall[audio]'`; "
+    "or use a file (--input FILE, --output FILE.wav) or a test tone (--tone HZ)"
+)
+
+NO_DEVICE_MESSAGE = (
+    "no sound devices found. Use a file or a test tone instead: "
+    "--input FILE (anything FFmpeg reads) or --tone HZ for the microphone, "
+    "--output FILE.wav for the speaker"
+)
+
+
+# --- devices (pyaudio / PortAudio) ------------------------------------------------
+
+
+def _import_pyaudio() -> Any:
+    """Import pyaudio lazily; raise :class:`MediaError` with install help if absent."""
+    try:
+        import pyaudio
+    except ImportError as exc:  # ModuleNotFoundError, or libportaudio missing
+        raise MediaError(PYAUDIO_MISSING_MESSAGE) from exc
+    return pyaudio
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 while PortAudio probes ALSA/JACK.
+
+    PortAudio's host APIs print dozens of ``ALSA lib …`` lines straight to the
+    C-level stderr when no card exists; qcall reports the outcome itself.
+    """
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 at all
+        yield
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 2)
+        finally:
+            os.close(devnull)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _open_pyaudio() -> tuple[Any, Any]:
+    """Return ``(pyaudio_module, PyAudio())``; the caller must ``terminate()`` it."""
+    pyaudio = _import_pyaudio()
+    try:
+        with _quiet_stderr():
+            pa = pyaudio.PyAudio()
+    except OSError as exc:
+        raise MediaError(f"cannot initialise PortAudio: {exc}") from exc
+    return pyaudio, pa
+
+
+def _terminate(pa: Any) -> None:
+    with _quiet_stderr():
+        pa.terminate()
+
+
+@dataclass(frozen=True)
+class AudioDevice:
+    """A PortAudio device, as ``qcall devices`` lists it.
+
+    Attributes:
+        index: the number to pass to ``--input-device`` / ``--output-device``.
+        name: the device name.
+        host_api: the host API (ALSA, PulseAudio, CoreAudio, WASAPI …).
+        max_input_channels: 0 for an output-only device.
+        max_output_channels: 0 for an input-only device.
+        default_sample_rate: the device's preferred rate in Hz.
+        is_default_input: the system's default input.
+        is_default_output: the system's default output.
+    """
+
+    index: int
+    name: str
+    host_api: str
+    max_input_channels: int
+    max_output_channels: int
+    default_sample_rate: float
+    is_default_input: bool = False
+    is_default_output: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _default_index(pa: Any, kind: str) -> int | None:
+    getter = pa.get_default_input_device_info if kind == "input" else (
+        pa.get_default_output_device_info
+    )
+    try:
+        return int(getter()["index"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def list_devices() -> list[AudioDevice]:
+    """Return the sound devices PortAudio sees (an empty list when none).
+
+    Raises:
+        MediaError: pyaudio/PortAudio is not installed (the message says how
+            to install it).
+    """
+    _, pa = _open_pyaudio()
+    try:
+        default_in = _default_index(pa, "input")
+        default_out = _default_index(pa, "output")
+        devices = []
+        for i in range(pa.get_device_count()):
+            info = pa.get_device_info_by_index(i)
+            try:
+                host_api = str(pa.get_host_api_info_by_index(info["hostApi"])["name"])
+            except (OSError, KeyError):
+                host_api = "?"
+            devices.append(
+                AudioDevice(
+                    index=i,
+                    name=str(info.get("name", "?")),
+                    host_api=host_api,
+                    max_input_channels=int(info.get("maxInputChannels", 0)),
+                    max_output_channels=int(info.get("maxOutputChannels", 0)),
+                    default_sample_rate=float(info.get("defaultSampleRate", 0.0)),
+                    is_default_input=i == default_in,
+                    is_default_output=i == default_out,
+                )
+            )
+        return devices
+    finally:
+        _terminate(pa)
+
+
+def _pick_device(pa: Any, index: int | None, kind: str) -> dict[str, Any]:
+    """Return PortAudio's info for device ``index`` (default device if None).
+
+    Raises:
+        MediaError: there is no such device, or it has no ``kind`` channels.
+    """
+    channels_key = "maxInputChannels" if kind == "input" else "maxOutputChannels"
+    if index is None:
+        default = _default_index(pa, kind)
+        if default is None:
+            if pa.get_device_count() == 0:
+                raise MediaError(NO_DEVICE_MESSAGE)
+            raise MediaError(
+                f"no default {kind} device; pick one with --{kind}-device N "
+                "(`qcall devices` lists them)"
+            )
+        index = default
+    if not isinstance(index, int) or index < 0 or index >= pa.get_device_count():
+        if pa.get_device_count() == 0:
+            raise MediaError(f"--{kind}-device {index}: {NO_DEVICE_MESSAGE}")
+        raise MediaError(f"--{kind}-device {index}: no such device (`qcall devices` lists them)")
+    info: dict[str, Any] = pa.get_device_info_by_index(index)
+    if int(info.get(channels_key, 0)) < 1:
+        raise MediaError(
+            f"--{kind}-device {index} ({info.get('name', '?')}) has no {kind} channels "
+            "(`qcall devices` lists them)"
+        )
+    return info
+
+
+def _device_rate(pa: Any, pyaudio: Any, info: dict[str, Any], kind: str) -> int:
+    """Return 48000 if the device takes it for mono s16, else its default rate."""
+    key = "input_device" if kind == "input" else "output_device"
+    channels = f"{kind}_channels"
+    try:
+        with _quiet_stderr():
+            pa.is_format_supported(
+                SAMPLE_RATE, **{key: info["index"], channels: 1, f"{kind}_format": pyaudio.paInt16}
+            )
+        return SAMPLE_RATE
+    except ValueError:
+        return round(float(info.get("defaultSampleRate", SAMPLE_RATE)))
+
+
+# --- frames -------------------------------------------------------------------------
+
+
+def _make_frame(samples: Int16Array, pts: int, rate: int = SAMPLE_RATE) -> av.AudioFrame:
+    frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+    frame.sample_rate = rate
+    frame.pts = pts
+    frame.time_base = fractions.Fraction(1, rate)
+    return frame
+
+
+def _resampler(frame_size: int | None = None) -> av.AudioResampler:
+    return av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE, frame_size=frame_size)
+
+
+class _Pacer:
+    """Real-time pacing: sample ``pts`` is due ``pts / rate`` s after the first frame."""
+
+    def __init__(self, clock: Callable[[], float], rate: int = SAMPLE_RATE) -> None:
+        self.clock = clock
+        self.rate = rate
+        self.start: float | None = None
+
+    async def wait(self, pts: int) -> None:
+        if self.start is None:
+            self.start = self.clock() - pts / self.rate
+            return
+        delay = self.start + pts / self.rate - self.clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+# --- sources ------------------------------------------------------------------------
+
+
+class ToneTrack(MediaStreamTrack):
+    """A sine tone with optional marker chirps, at real-time pace.
+
+    Frame ``k`` holds samples ``[k·N, (k+1)·N)`` (``N = ptime · sample_rate``)
+    and is returned ``k · ptime`` seconds after the first one. When a frame
+    holding the start of a chirp is returned, the chirp's send time — the
+    clock reading at that moment plus the chirp's offset inside the frame — is
+    appended to :attr:`chirp_send_times`.
+
+    Args:
+        freq_hz: tone frequency in Hz (0: silence between chirps).
+        sample_rate: output rate; keep 48000 for Opus.
+        ptime: frame duration in seconds (Opus: 2.5 … 120 ms; 20 ms default).
+        amplitude: peak amplitude as a fraction of full scale, in (0, 1].
+        duration: stop after this many seconds (``None``: run until stopped).
+        chirp_at: times in seconds from the first sample at which to insert the
+            marker chirp (:func:`~qcall.call.audio_analysis.chirp_template`).
+        realtime: pace frames in real time (``False``: as fast as asked).
+        clock: the clock for pacing and send times (``time.monotonic``).
+
+    Attributes:
+        chirp_offsets: sample offsets of the chirps.
+        chirp_send_times: send time of each chirp sent so far.
+        generator: the Sans-I/O :class:`~qcall.call.audio_analysis.ToneGenerator`.
+
+    Raises:
+        ValueError: a parameter is out of range (the message names it).
+    """
+
+    kind = "audio"
+
+    def __init__(
+        self,
+        freq_hz: float,
+        *,
+        sample_rate: int = SAMPLE_RATE,
+        ptime: float = PTIME,
+        amplitude: float = 0.3,
+        duration: float | None = None,
+        chirp_at: Sequence[float] | None = None,
+        realtime: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        if not 0.0025 <= ptime <= 0.120:
+            raise ValueError(f"ptime: {ptime!r} s is outside [0.0025, 0.120] s")
+        samples = ptime * sample_rate
+        if abs(samples - round(samples)) > 1e-6:
+            raise ValueError(f"ptime: {ptime!r} s is not a whole number of samples")
+        if duration is not None and duration <= 0:
+            raise ValueError(f"duration: {duration!r} s must be positive")
+        if chirp_at and any(t < 0 for t in chirp_at):
+            raise ValueError("chirp_at: times must not be negative")
+        self.chirp_offsets = sorted(round(t * sample_rate) for t in chirp_at or ())
+        self.generator = ToneGenerator(
+            freq_hz,
+            sample_rate=sample_rate,
+            amplitude=amplitude,
+            chirp_offsets=self.chirp_offsets,
+        )
+        self.sample_rate = sample_rate
+        self.samples_per_frame = round(samples)
+        self.total_samples = None if duration is None else round(duration * sample_rate)
+        self.chirp_send_times: list[float] = []
+        self._clock = clock
+        self._pacer = _Pacer(clock, sample_rate) if realtime else None
+        self._pts = 0
+
+    @property
+    def chirp(self) -> Any:
+        """The chirp template (float samples in [-1, 1]) to search for."""
+        return self.generator.chirp
+
+    async def recv(self) -> av.AudioFrame:
+        """Return the next frame; raise ``MediaStreamError`` once stopped or done."""
+        if self.readyState != "live":
+            raise MediaStreamError
+        pts = self._pts
+        count = self.samples_per_frame
+        if self.total_samples is not None:
+            count = min(count, self.total_samples - pts)
+            if count <= 0:
+                self.stop()
+                raise MediaStreamError
+        if self._pacer is not None:
+            await self._pacer.wait(pts)
+        frame = _make_frame(self.generator.render(pts, count), pts, self.sample_rate)
+        self._pts = pts + count
+        now = self._clock()
+        for offset in self.generator.chirps_in(pts, count):
+            self.chirp_send_times.append(now + (offset - pts) / self.sample_rate)
+        return frame
+
+
+class FileTrack(MediaStreamTrack):
+    """Audio from any file FFmpeg decodes, resampled to mono 48 kHz s16, 20 ms frames.
+
+    The file is opened, and its first audio frame decoded, in the constructor,
+    so a missing or unreadable file fails at once with :class:`MediaError`.
+    A decoding error later ends the track (logged as a warning).
+
+    Args:
+        path: a local file (WAV, FLAC, Ogg/Opus, MP3, M4A, …).
+        loop: start again from the beginning at the end of the file.
+        realtime: pace frames in real time (``False``: as fast as asked).
+        clock: the clock for pacing.
+
+    Raises:
+        MediaError: the file does not exist, is not media, or has no audio.
+    """
+
+    kind = "audio"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        loop: bool = False,
+        realtime: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.path = Path(path)
+        if not self.path.exists():
+            raise MediaError(f"--input {self.path}: no such file")
+        if self.path.is_dir():
+            raise MediaError(f"--input {self.path}: is a directory")
+        try:
+            self._container: Any = av.open(str(self.path), mode="r")
+        except (OSError, av.FFmpegError) as exc:
+            raise MediaError(f"--input {self.path}: cannot read it as media ({exc})") from exc
+        if not self._container.streams.audio:
+            self._container.close()
+            raise MediaError(f"--input {self.path}: the file has no audio stream")
+        self._stream = self._container.streams.audio[0]
+        self._looping = loop
+        self._pacer = _Pacer(clock) if realtime else None
+        self._pending: collections.deque[av.AudioFrame] = collections.deque()
+        self._eof = False
+        self._pts = 0
+        self._samples_decoded = 0
+        self._start_decoding()
+        try:
+            self._fill()
+        except MediaError:
+            self._container.close()
+            raise
+        if not self._pending:
+            self._container.close()
+            raise MediaError(f"--input {self.path}: the audio stream holds no samples")
+
+    def _start_decoding(self) -> None:
+        self._decoder = self._container.decode(self._stream)
+        self._resampler = _resampler(SAMPLES_PER_FRAME)
+
+    def _fill(self) -> None:
+        """Decode until a 48 kHz frame is pending or the file ends."""
+        while not self._pending and not self._eof:
+            try:
+                frame = next(self._decoder)
+            except StopIteration:
+                self._pending.extend(self._resampler.resample(None))
+                if self._looping and self._samples_decoded > 0:
+                    self._container.seek(0)
+                    self._start_decoding()
+                    continue
+                self._eof = True
+                return
+            except (av.FFmpegError, ValueError) as exc:
+                raise MediaError(f"--input {self.path}: decoding failed ({exc})") from exc
+            self._samples_decoded += frame.samples
+            self._pending.extend(self._resampler.resample(frame))
+
+    async def recv(self) -> av.AudioFrame:
+        """Return the next frame; raise ``MediaStreamError`` at the end of the file."""
+        if self.readyState != "live":
+            raise MediaStreamError
+        try:
+            self._fill()
+        except MediaError as exc:
+            logger.warning("! %s; ending the input track", exc)
+            self.stop()
+            raise MediaStreamError from exc
+        if not self._pending:
+            self.stop()
+            raise MediaStreamError
+        frame = self._pending.popleft()
+        if self._pacer is not None:
+            await self._pacer.wait(self._pts)
+        frame.pts = self._pts
+        frame.time_base = TIME_BASE
+        self._pts += frame.samples
+        return frame
+
+    def stop(self) -> None:
+        super().stop()
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+
+
+class MicrophoneTrack(MediaStreamTrack):
+    """Audio from a PortAudio input device, through pyaudio.
+
+    PortAudio calls back from its own thread with 20 ms blocks; the blocks
+    cross into the event loop with ``call_soon_threadsafe`` and wait in a
+    bounded queue (1 s; the oldest block is dropped if the call falls
+    behind). Devices that refuse 48 kHz are opened at their default rate and
+    resampled.
+
+    Args:
+        device_index: PortAudio device index (``None``: the default input).
+
+    Raises:
+        MediaError: pyaudio is missing, there is no such input device, or it
+            cannot be opened.
+    """
+
+    kind = "audio"
+    _QUEUE_BLOCKS = 50
+
+    def __init__(self, device_index: int | None = None) -> None:
+        super().__init__()
+        pyaudio, pa = _open_pyaudio()
+        self._pa: Any = pa
+        self._paContinue = pyaudio.paContinue
+        self._paComplete = pyaudio.paComplete
+        try:
+            info = _pick_device(pa, device_index, "input")
+            self.device_index = int(info["index"])
+            self.device_name = str(info.get("name", "?"))
+            self.capture_rate = _device_rate(pa, pyaudio, info, "input")
+            with _quiet_stderr():
+                self._stream: Any = pa.open(
+                    format=pyaudio.paInt16,
+                    channels=1,
+                    rate=self.capture_rate,
+                    input=True,
+                    input_device_index=self.device_index,
+                    frames_per_buffer=round(self.capture_rate * PTIME),
+                    stream_callback=self._callback,
+                    start=False,
+                )
+        except (OSError, ValueError) as exc:
+            _terminate(pa)
+            raise MediaError(f"--input-device {device_index}: cannot open it ({exc})") from exc
+        except BaseException:
+            _terminate(pa)
+            raise
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+        self._resampler = _resampler(SAMPLES_PER_FRAME)
+        self._pending: collections.deque[av.AudioFrame] = collections.deque()
+        self._pts = 0
+        self.dropped_blocks = 0
+
+    def _callback(
+        self, in_data: bytes | None, frame_count: int, time_info: Any, status: int
+    ) -> tuple[None, int]:
+        # PortAudio thread: hand the block to the event loop, nothing else.
+        loop = self._event_loop
+        if loop is None or loop.is_closed() or in_data is None:
+            return None, self._paComplete
+        try:
+            loop.call_soon_threadsafe(self._enqueue, in_data)
+        except RuntimeError:  # loop closed meanwhile
+            return None, self._paComplete
+        return None, self._paContinue
+
+    def _enqueue(self, data: bytes | None) -> None:
+        if data is not None and self._queue.qsize() >= self._QUEUE_BLOCKS:
+            self._queue.get_nowait()
+            self.dropped_blocks += 1
+        self._queue.put_nowait(data)
+
+    async def recv(self) -> av.AudioFrame:
+        """Return the next captured 20 ms frame."""
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._event_loop is None:
+            self._event_loop = asyncio.get_running_loop()
+            try:
+                with _quiet_stderr():
+                    self._stream.start_stream()
+            except OSError as exc:
+                logger.error("! cannot start input device %s: %s", self.device_name, exc)
+                self.stop()
+                raise MediaStreamError from exc
+        while not self._pending:
+            data = await self._queue.get()
+            if data is None or self.readyState != "live":
+                raise MediaStreamError
+            block = np.frombuffer(data, dtype=np.int16)
+            self._pending.extend(self._resampler.resample(_make_frame(block, 0, self.capture_rate)))
+        frame = self._pending.popleft()
+        frame.pts = self._pts
+        frame.time_base = TIME_BASE
+        self._pts += frame.samples
+        return frame
+
+    def stop(self) -> None:
+        if self.readyState == "live":
+            super().stop()
+            with contextlib.suppress(OSError), _quiet_stderr():
+                self._stream.stop_stream()
+                self._stream.close()
+            _terminate(self._pa)
+            self._queue.put_nowait(None)  # wake a pending recv()
+
+
+# --- sinks --------------------------------------------------------------------------
+
+
+class TrackSink:
+    """Base of the sinks: consumes one audio track in a task.
+
+    Subclasses implement :meth:`_write` (called with each 48 kHz mono s16
+    frame, in order) and :meth:`_close`.
+
+    Args:
+        clock: the clock for arrival times (``time.monotonic``).
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._track: MediaStreamTrack | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._resampler: av.AudioResampler | None = None
+        self._closed = False
+        self.frames_received = 0
+        #: The error that stopped the sink early (for example, a full disk).
+        self.error: MediaError | None = None
+
+    def addTrack(self, track: MediaStreamTrack) -> None:  # noqa: N802 (aiortc's name)
+        """Set the audio track to consume (one per sink)."""
+        if track.kind != "audio":
+            raise MediaError(f"a {type(self).__name__} takes audio tracks, not {track.kind!r}")
+        if self._track is not None and self._track is not track:
+            raise MediaError(f"a {type(self).__name__} takes a single track")
+        self._track = track
+
+    async def start(self) -> None:
+        """Start consuming the track (in a task)."""
+        if self._closed:
+            raise MediaError(f"this {type(self).__name__} is already stopped")
+        if self._track is not None and self._task is None:
+            self._task = asyncio.ensure_future(self._run(self._track))
+
+    async def join(self) -> None:
+        """Wait until the track ends (it never does for a live remote track)."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def stop(self) -> None:
+        """Stop consuming and finish the output; nothing already received is lost.
+
+        Frames the track already holds are taken without waiting, the
+        resampler is flushed, and the output is closed. Idempotent.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._task is not None:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+                if self._track is not None and self.error is None:
+                    await self._drain(self._track)
+            if self._resampler is not None and self.error is None:
+                for frame in self._resampler.resample(None):
+                    self._write(frame, None, self._clock())
+        finally:
+            await self._close()
+
+    async def _run(self, track: MediaStreamTrack) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            try:
+                self._handle(frame, self._clock())
+            except MediaError as exc:
+                self.error = exc
+                logger.error("! %s", exc)
+                return
+
+    async def _drain(self, track: MediaStreamTrack) -> None:
+        for _ in range(_MAX_DRAIN_FRAMES):
+            if track.readyState != "live":
+                return
+            pending = asyncio.ensure_future(track.recv())
+            await asyncio.sleep(0)
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, MediaStreamError):
+                    await pending
+                return
+            try:
+                frame = pending.result()
+            except MediaStreamError:
+                return
+            self._handle(frame, self._clock())
+
+    def _handle(self, frame: Any, arrival: float) -> None:
+        if not isinstance(frame, av.AudioFrame):
+            return
+        self.frames_received += 1
+        pts = frame.pts
+        seconds = None
+        if pts is not None and frame.time_base is not None:
+            seconds = fractions.Fraction(pts) * fractions.Fraction(
+                frame.time_base.numerator, frame.time_base.denominator
+            )
+        if self._resampler is None:
+            self._resampler = _resampler()
+        try:
+            converted = self._resampler.resample(frame)
+        except ValueError:  # the input format changed mid-stream: start afresh
+            flushed = self._resampler.resample(None)
+            for out in flushed:
+                self._write(out, None, arrival)
+            self._resampler = _resampler()
+            converted = self._resampler.resample(frame)
+        self._timeline(seconds, frame.samples / frame.sample_rate)
+        for out in converted:
+            self._write(out, pts, arrival)
+
+    def _timeline(self, seconds: fractions.Fraction | None, duration: float) -> None:
+        """Hook: called with each frame's pts in seconds before it is written."""
+
+    def _write(self, frame: av.AudioFrame, pts: int | None, arrival: float) -> None:
+        raise NotImplementedError
+
+    async def _close(self) -> None:
+        raise NotImplementedError
+
+
+class WavRecorder(TrackSink):
+    """Write a received audio track to a WAV file (mono, 48 kHz, 16-bit).
+
+    The file is created (mode 0600: it holds a private conversation) in the
+    constructor. Each frame is written when it arrives; the header is kept
+    valid as it goes, so even a crash leaves a playable file. When the
+    frame timestamps jump forward (packets lost), the gap is filled with
+    silence, up to :data:`MAX_CONCEALED_GAP`, so the recording keeps the
+    sender's timeline.
+
+    Args:
+        path: the WAV file to write (replaced if it exists).
+        clock: the clock for arrival times (``time.monotonic``).
+
+    Attributes:
+        arrivals: a :class:`~qcall.call.audio_analysis.FrameArrival` for each
+            frame written, in order, for latency analysis.
+        samples_written: samples in the file so far (including concealment).
+        concealed_samples: silence inserted for lost packets.
+
+    Raises:
+        MediaError: the file cannot be created.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__(clock=clock)
+        self.path = Path(path)
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError as exc:
+            raise MediaError(f"--output {self.path}: cannot create it ({exc.strerror})") from exc
+        self._file = os.fdopen(fd, "wb")
+        self._wav = wave.open(self._file, "wb")
+        self._wav.setnchannels(1)
+        self._wav.setsampwidth(2)
+        self._wav.setframerate(SAMPLE_RATE)
+        self._wav.writeframes(b"")  # header now, so the file is valid from the start
+        self.arrivals: list[FrameArrival] = []
+        self.samples_written = 0
+        self.concealed_samples = 0
+        self._next_seconds: fractions.Fraction | None = None
+
+    @property
+    def duration(self) -> float:
+        """Seconds of audio in the file so far."""
+        return self.samples_written / SAMPLE_RATE
+
+    def _timeline(self, seconds: fractions.Fraction | None, duration: float) -> None:
+        if seconds is None:
+            return
+        if self._next_seconds is not None:
+            gap = round((seconds - self._next_seconds) * SAMPLE_RATE)
+            if 0 < gap <= MAX_CONCEALED_GAP:
+                self._wav.writeframes(bytes(2 * gap))
+                self.samples_written += gap
+                self.concealed_samples += gap
+        self._next_seconds = seconds + fractions.Fraction(duration)
+
+    def _write(self, frame: av.AudioFrame, pts: int | None, arrival: float) -> None:
+        data = frame.to_ndarray().astype("<i2", copy=False).tobytes()
+        samples = len(data) // 2
+        if samples == 0:
+            return
+        try:
+            self._wav.writeframes(data)
+        except OSError as exc:
+            raise MediaError(f"--output {self.path}: write failed ({exc.strerror})") from exc
+        self.arrivals.append(FrameArrival(pts, self.samples_written, samples, arrival))
+        self.samples_written += samples
+
+    async def _close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wav.close()
+        self._file.close()
+        logger.info(
+            "= recorded %.2f s to %s (%d frames, %d samples concealed)",
+            self.duration,
+            self.path,
+            self.frames_received,
+            self.concealed_samples,
+        )
+
+
+class SpeakerSink(TrackSink):
+    """Play a received audio track on a PortAudio output device, through pyaudio.
+
+    Frames go into a byte buffer that PortAudio's callback thread reads; the
+    buffer holds at most 200 ms (older audio is dropped, so a stall does not
+    become permanent delay) and underruns play silence. :meth:`stop` lets
+    what is buffered play out (at most 200 ms), then closes the device.
+
+    Args:
+        device_index: PortAudio device index (``None``: the default output).
+
+    Raises:
+        MediaError: pyaudio is missing, there is no such output device, or it
+            cannot be opened.
+    """
+
+    MAX_BUFFER = SAMPLE_RATE * 2 // 5  # bytes: 200 ms of mono s16
+
+    def __init__(self, device_index: int | None = None) -> None:
+        super().__init__()
+        pyaudio, pa = _open_pyaudio()
+        self._pa: Any = pa
+        self._paContinue = pyaudio.paContinue
+        self._buffer = bytearray()
+        self._lock = threading.Lock()
+        self.underruns = 0
+        try:
+            info = _pick_device(pa, device_index, "output")
+            self.device_index = int(info["index"])
+            self.device_name = str(info.get("name", "?"))
+            rate = _device_rate(pa, pyaudio, info, "output")
+            if rate != SAMPLE_RATE:
+                raise MediaError(
+                    f"--output-device {self.device_index} ({self.device_name}) does not "
+                    f"play 48 kHz mono; use another device or --output FILE.wav"
+                )
+            with _quiet_stderr():
+                self._stream: Any = pa.open(
+                    format=pyaudio.paInt16,
+                    channels=1,
+                    rate=SAMPLE_RATE,
+                    output=True,
+                    output_device_index=self.device_index,
+                    frames_per_buffer=SAMPLES_PER_FRAME,
+                    stream_callback=self._callback,
+                )
+        except (OSError, ValueError) as exc:
+            _terminate(pa)
+            raise MediaError(f"--output-device {device_index}: cannot open it ({exc})") from exc
+        except BaseException:
+            _terminate(pa)
+            raise
+
+    def _callback(
+        self, in_data: Any, frame_count: int, time_info: Any, status: int
+    ) -> tuple[bytes, int]:
+        wanted = 2 * frame_count
+        with self._lock:
+            chunk = bytes(self._buffer[:wanted])
+            del self._buffer[:wanted]
+        if len(chunk) < wanted:
+            self.underruns += 1
+            chunk += bytes(wanted - len(chunk))
+        return chunk, self._paContinue
+
+    def _write(self, frame: av.AudioFrame, pts: int | None, arrival: float) -> None:
+        data = frame.to_ndarray().astype("<i2", copy=False).tobytes()
+        with self._lock:
+            self._buffer += data
+            excess = len(self._buffer) - self.MAX_BUFFER
+            if excess > 0:
+                del self._buffer[:excess]
+
+    async def _close(self) -> None:
+        deadline = time.monotonic() + 0.25
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._buffer:
+                    break
+            await asyncio.sleep(0.01)
+        with contextlib.suppress(OSError), _quiet_stderr():
+            self._stream.stop_stream()
+            self._stream.close()
+        _terminate(self._pa)
+
+
+# --- files --------------------------------------------------------------------------
+
+
+def read_wav(path: str | os.PathLike[str]) -> tuple[Int16Array, int]:
+    """Read a 16-bit PCM WAV file; return ``(mono int16 samples, sample rate)``.
+
+    Multi-channel files are averaged to mono.
+
+    Raises:
+        MediaError: the file is missing, not WAV, or not 16-bit PCM.
+    """
+    try:
+        with wave.open(str(path), "rb") as wav:
+            if wav.getsampwidth() != 2:
+                raise MediaError(f"{path}: sample width {wav.getsampwidth()} bytes, expected 2")
+            channels = wav.getnchannels()
+            rate = wav.getframerate()
+            data = wav.readframes(wav.getnframes())
+    except (OSError, EOFError, wave.Error) as exc:
+        raise MediaError(f"{path}: not a readable WAV file ({exc})") from exc
+    samples = np.frombuffer(data, dtype="<i2")
+    if channels > 1:
+        usable = samples[: samples.size - samples.size % channels]
+        mixed = usable.reshape(-1, channels).astype(np.int32).mean(axis=1)
+        return np.round(mixed).astype(np.int16), rate
+    return samples.astype(np.int16), rate
+
+
+# --- command-line glue --------------------------------------------------------------
+
+
+def _tone_hz(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a frequency: {text!r}") from None
+    if not 0 < value < SAMPLE_RATE / 2:
+        raise argparse.ArgumentTypeError(f"{text} Hz is outside (0, 24000) Hz")
+    return value
+
+
+def _device_index(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a device index: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"device index {value} is negative")
+    return value
+
+
+def add_media_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--input``, ``--tone``, ``--input-device``, ``--output``, ``--output-device``."""
+    group = parser.add_argument_group("audio (default: the default microphone and speaker)")
+    source = group.add_mutually_exclusive_group()
+    source.add_argument("--input", metavar="FILE", help="send this file (anything FFmpeg reads)")
+    source.add_argument("--tone", metavar="HZ", type=_tone_hz, help="send a test tone")
+    source.add_argument(
+        "--input-device", metavar="N", type=_device_index, help="microphone (`qcall devices`)"
+    )
+    sink = group.add_mutually_exclusive_group()
+    sink.add_argument("--output", metavar="FILE.wav", help="record what you hear to a WAV file")
+    sink.add_argument(
+        "--output-device", metavar="N", type=_device_index, help="speaker (`qcall devices`)"
+    )
+
+
+def _pick(args: object | None, name: str, value: Any) -> Any:
+    if value is not None:
+        return value
+    return getattr(args, name, None) if args is not None else None
+
+
+def open_source(
+    args: object | None = None,
+    *,
+    tone: float | None = None,
+    input: str | os.PathLike[str] | None = None,
+    input_device: int | None = None,
+    chirp_at: Sequence[float] | None = None,
+) -> MediaStreamTrack:
+    """Open the audio source the flags ask for (default: the default microphone).
+
+    Args:
+        args: an object with ``tone``, ``input``, ``input_device`` attributes
+            (an ``argparse.Namespace``); keywords given here take precedence.
+        tone: test tone frequency in Hz.
+        input: a media file.
+        input_device: a PortAudio input device index.
+        chirp_at: for a tone, marker chirp times (see :class:`ToneTrack`).
+
+    Raises:
+        ConfigError: more than one source was asked for, or a bad tone.
+        MediaError: the file or device cannot be used (the message says what
+            to do instead, for example when this machine has no sound device).
+    """
+    tone = _pick(args, "tone", tone)
+    path = _pick(args, "input", input)
+    device = _pick(args, "input_device", input_device)
+    flags = (("--tone", tone), ("--input", path), ("--input-device", device))
+    chosen = [flag for flag, value in flags if value is not None]
+    if len(chosen) > 1:
+        raise ConfigError(f"choose one audio source, not {' and '.join(chosen)}")
+    if tone is not None:
+        try:
+            return ToneTrack(float(tone), chirp_at=chirp_at)
+        except ValueError as exc:
+            raise ConfigError(f"--tone {tone}: {exc}") from exc
+    if path is not None:
+        return FileTrack(path)
+    return MicrophoneTrack(device)
+
+
+def open_sink(
+    args: object | None = None,
+    *,
+    output: str | os.PathLike[str] | None = None,
+    output_device: int | None = None,
+) -> TrackSink:
+    """Open the audio sink the flags ask for (default: the default speaker).
+
+    Args:
+        args: an object with ``output`` and ``output_device`` attributes;
+            keywords given here take precedence.
+        output: a WAV file to record to (must end in ``.wav``).
+        output_device: a PortAudio output device index.
+
+    Raises:
+        ConfigError: both were given, or ``output`` does not end in ``.wav``.
+        MediaError: the file or device cannot be used.
+    """
+    path = _pick(args, "output", output)
+    device = _pick(args, "output_device", output_device)
+    if path is not None and device is not None:
+        raise ConfigError("choose one audio sink, not --output and --output-device")
+    if path is not None:
+        if Path(path).suffix.lower() != ".wav":
+            raise ConfigError(f"--output {path}: only WAV is written; name the file *.wav")
+        return WavRecorder(path)
+    return SpeakerSink(device)
