@@ -20,7 +20,7 @@ from qcall.exceptions import QCallError
 __all__ = ["main"]
 
 #: Subcommand modules, in the order ``--help`` lists them.
-COMMANDS = ("demo", "identity", "contacts", "qkd", "pki", "network")
+COMMANDS = ("demo", "identity", "contacts", "qkd", "pki", "network", "devices")
 
 
 def build_parser() -> argparse.ArgumentParser:
