@@ -1,0 +1,232 @@
+"""The called side of the hybrid handshake (``docs/handshake.md`` §5.3).
+
+Sans-I/O: see :mod:`qcall.handshake.protocol` for the common machinery and the
+error policy. The callee never talks to its KME: it emits ``QKDKeysNeeded``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from qcall import pqc
+from qcall.exceptions import (
+    DowngradeError,
+    HandshakeError,
+    HandshakeStateError,
+    IdentityError,
+    InvalidKeyError,
+    InvalidMessageError,
+)
+from qcall.handshake.events import OfferReceived, QKDKeysNeeded
+from qcall.handshake.keyschedule import SRTPProfile, transcript_hash
+from qcall.handshake.messages import (
+    KEM_ALGORITHMS,
+    Answer,
+    Confirm,
+    Message,
+    Offer,
+    Rekey,
+    RekeyAck,
+)
+from qcall.handshake.protocol import (
+    ANSWER_CONTEXT,
+    OFFER_CONTEXT,
+    TRANSCRIPT_DOMAIN,
+    CheckPeer,
+    HandshakeProtocol,
+    QKDRoute,
+    Role,
+    State,
+    _fingerprint,
+    _PendingRekey,
+    logger,
+    random_bytes,
+)
+from qcall.handshake.replay import ReplayCache
+
+__all__ = ["CalleeHandshake"]
+
+
+class CalleeHandshake(HandshakeProtocol):
+    """The called side: verifies the offer, asks for QKD keys, answers.
+
+    Args:
+        replay_cache: shared by all the callee sessions of this client
+            (default: a private one, ±60 s window).
+        accepted_policies: policies this user accepts (default: only ``policy``,
+            so a ``hybrid`` callee refuses a ``pqc`` offer with DowngradeError).
+
+    The other arguments are those of :class:`HandshakeProtocol`.
+    """
+
+    role = Role.CALLEE
+
+    def __init__(
+        self,
+        identity: pqc.SigningKey,
+        name: str,
+        *,
+        check_peer: CheckPeer,
+        replay_cache: ReplayCache | None = None,
+        accepted_policies: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(identity, name, check_peer=check_peer, **kwargs)
+        self.replay_cache = replay_cache if replay_cache is not None else ReplayCache()
+        self.accepted_policies = tuple(accepted_policies or (self.policy,))
+        self._offer: Offer | None = None
+        self._kem_ct = b""
+
+    def send_answer(self, sdp: str, now: float) -> None:
+        """Build, sign and queue the ANSWER (``docs/handshake.md`` §3.3).
+
+        Raises:
+            HandshakeStateError: no accepted offer is waiting for an answer.
+
+        After calling this method: call :meth:`data_to_send` and :meth:`events_received`.
+        """
+        if self.state is not State.CALLEE_EXPECT_ANSWER_SDP:
+            raise HandshakeStateError(f"send_answer() not valid in state {self.state.name}")
+        assert self._offer is not None and self.profile is not None
+        self._now = now
+        answer = Answer(
+            policy=self._offer.policy,
+            timestamp_ms=int(now * 1000),
+            nonce=random_bytes(32),
+            offer_nonce=self._offer.nonce,
+            sender=self.name,
+            sig_alg=self.identity.algorithm.value,
+            public_key=self.identity.public_bytes(),
+            kem_ct=self._kem_ct,
+            srtp_profile=self.profile.value,
+            sdp=sdp,
+            signature=b"",
+        )
+        self._answer_bytes = self._sign(answer, ANSWER_CONTEXT, self._offer_bytes)
+        self._transcript = transcript_hash(TRANSCRIPT_DOMAIN, self._offer_bytes, self._answer_bytes)
+        self._send(self._answer_bytes, f"ANSWER {self.policy} {self.profile.value}")
+        self.state = State.EXPECT_KEY_MATERIAL
+        try:
+            self._try_derive()
+        except (HandshakeError, IdentityError) as exc:
+            self._fail(exc)
+
+    def _dispatch(self, message: Message, data: bytes, now: float) -> None:
+        if isinstance(message, Offer) and self.state is State.CALLEE_EXPECT_OFFER:
+            self._receive_offer(message, data, now)
+        elif isinstance(message, Confirm) and self.state in (
+            State.CALLEE_EXPECT_ANSWER_SDP,
+            State.EXPECT_KEY_MATERIAL,
+            State.EXPECT_CONFIRM,
+            State.ESTABLISHED,
+        ):
+            if self.state is State.CALLEE_EXPECT_ANSWER_SDP:
+                raise HandshakeStateError("CONFIRM before our answer")
+            self._receive_confirm(message)
+        elif isinstance(message, Rekey) and self.state is State.ESTABLISHED:
+            self._receive_rekey(message, data, now)
+        else:
+            raise HandshakeStateError(
+                f"unexpected {type(message).__name__.upper()} in state {self.state.name}"
+            )
+
+    def _receive_offer(self, offer: Offer, data: bytes, now: float) -> None:
+        if offer.recipient != self.name:
+            raise InvalidMessageError(
+                f"field 'recipient' is {offer.recipient!r}, but this is {self.name!r}"
+            )
+        if offer.policy not in self.accepted_policies:
+            raise DowngradeError(
+                f"the offer's policy {offer.policy!r} is not accepted "
+                f"(accepted: {', '.join(self.accepted_policies)})"
+            )
+        if offer.kem_alg != self.kem.algorithm.value:
+            raise InvalidMessageError(f"field 'kem_alg' {offer.kem_alg!r} is not supported")
+        ours = [p.value for p in self.srtp_profiles]
+        common = [p for p in offer.srtp_profiles if p in ours]
+        if not common:
+            raise InvalidMessageError("field 'srtp_profiles' has no profile in common with us")
+        timestamp = offer.timestamp_ms / 1000
+        self.replay_cache.check(offer.nonce, timestamp, now)
+        self._verify(offer, data, OFFER_CONTEXT)
+        # Remember the nonce only once the offer is authenticated (no cache poisoning).
+        self.replay_cache.add(offer.nonce, timestamp, now)
+        try:
+            self._k_kem, self._kem_ct = self.kem.encapsulate(offer.kem_ek)
+        except (InvalidKeyError, ValueError):
+            raise InvalidMessageError("field 'kem_ek' is not a valid ML-KEM key") from None
+        self._offer = offer
+        self._offer_bytes = data
+        self.policy = offer.policy
+        self.profile = SRTPProfile(common[0])
+        self.qkd_key_ids = offer.qkd_key_ids
+        self._qkd_key_size = offer.qkd_key_size
+        self.qkd_route = QKDRoute(offer.kme_id, offer.master_sae_id, offer.slave_sae_id)
+        self._k_qkd = None if offer.policy == "hybrid" else b""
+        self._events.append(
+            OfferReceived(
+                peer_name=offer.sender,
+                peer_fingerprint=_fingerprint(offer.public_key),
+                policy=offer.policy,
+                sdp=offer.sdp,
+                srtp_profiles=offer.srtp_profiles,
+                qkd_key_ids=offer.qkd_key_ids,
+            )
+        )
+        if offer.policy == "hybrid":
+            self._events.append(self._qkd_keys_needed(0, offer.qkd_key_ids, offer.qkd_key_size))
+        self.state = State.CALLEE_EXPECT_ANSWER_SDP
+        self._deadline = now + self.timeout
+
+    def _qkd_keys_needed(self, epoch: int, key_ids: tuple[str, ...], size: int) -> QKDKeysNeeded:
+        assert self.qkd_route is not None
+        if self.debug:
+            logger.debug("= epoch %d needs QKD keys %s", epoch, ",".join(key_ids))
+        return QKDKeysNeeded(
+            epoch=epoch,
+            key_ids=key_ids,
+            key_size=size,
+            kme_id=self.qkd_route.kme_id,
+            master_sae_id=self.qkd_route.master_sae_id,
+            slave_sae_id=self.qkd_route.slave_sae_id,
+        )
+
+    def _receive_rekey(self, message: Rekey, data: bytes, now: float) -> None:
+        if self._rekey is not None or message.epoch != self.epoch + 1:
+            raise HandshakeStateError(f"REKEY for epoch {message.epoch}, expected {self.epoch + 1}")
+        if self.policy == "hybrid" and not message.qkd_key_ids:
+            raise DowngradeError("a rekey under policy hybrid must bring a fresh QKD key")
+        if self.policy == "pqc" and message.qkd_key_ids:
+            raise DowngradeError("a rekey under policy pqc cannot carry QKD keys")
+        rekey = _PendingRekey(
+            epoch=message.epoch,
+            message=data,
+            key_ids=message.qkd_key_ids,
+            key_size=message.qkd_key_size,
+            k_qkd=None if message.qkd_key_ids else b"",
+        )
+        if message.kem_ek:
+            ek_len = KEM_ALGORITHMS[self.kem.algorithm.value][0]
+            if len(message.kem_ek) != ek_len:
+                raise InvalidMessageError(f"field 'kem_ek' must be {ek_len} bytes")
+            try:
+                rekey.k_kem, rekey.kem_ct = self.kem.encapsulate(message.kem_ek)
+            except (InvalidKeyError, ValueError):
+                raise InvalidMessageError("field 'kem_ek' is not a valid ML-KEM key") from None
+        self._rekey = rekey
+        self._deadline = now + self.timeout
+        if message.qkd_key_ids:
+            self._events.append(
+                self._qkd_keys_needed(message.epoch, message.qkd_key_ids, message.qkd_key_size)
+            )
+        else:
+            self._callee_finish_rekey()
+
+    def _callee_finish_rekey(self) -> None:
+        rekey = self._rekey
+        assert rekey is not None
+        ack = RekeyAck(epoch=rekey.epoch, kem_ct=rekey.kem_ct).serialize()
+        self._send(ack, f"REKEY_ACK epoch={rekey.epoch}")
+        k_kem, rekey.k_kem = rekey.k_kem, b""
+        self._derive_rekey(rekey, ack, k_kem)
