@@ -481,9 +481,7 @@ class SignalingProtocol:
             logger.debug("! %d %s: %s", conn.id, code, text)
         return conn.id, ErrorMessage(code, _safe_text(text), call_id, ref)
 
-    def _close(
-        self, conn: _Connection, reason: str, code: int = CLOSE_POLICY_VIOLATION
-    ) -> Output:
+    def _close(self, conn: _Connection, reason: str, code: int = CLOSE_POLICY_VIOLATION) -> Output:
         conn.closed = True
         return conn.id, CloseConnection(code, reason)
 

@@ -1,0 +1,381 @@
+"""Asyncio client of the signaling server, with automatic reconnection.
+
+:class:`SignalingClient` registers an ML-DSA-65 identity under a name by
+signing the server's challenge (docs/signaling.md, "Registration"), keeps the
+presence list, sends call messages and delivers everything the server sends
+as events. When the connection drops (the server restarts, the network
+blinks) it reconnects with exponential backoff and registers again by itself;
+the application sees :class:`Disconnected` then a fresh
+:class:`~qcall.signaling.messages.Registered`.
+
+Typical use::
+
+    async with SignalingClient("ws://127.0.0.1:8765", key, "alice") as client:
+        call_id = await client.invite("bob")
+        async for event in client:
+            if isinstance(event, Accept) and event.call_id == call_id:
+                await client.send_offer(call_id, offer_payload)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+import ssl as ssl_module
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from types import TracebackType
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from qcall import __version__, pqc
+from qcall.exceptions import SignalingAuthError, SignalingError, SignalingProtocolError
+from qcall.signaling.messages import (
+    Accept,
+    Answer,
+    Busy,
+    CallMessage,
+    Cancel,
+    Challenge,
+    ErrorMessage,
+    Hangup,
+    ICECandidate,
+    Invite,
+    Message,
+    Offer,
+    Presence,
+    Register,
+    Registered,
+    Reject,
+    Ringing,
+    ServerMessage,
+    fingerprint,
+    parse_server_message,
+)
+
+__all__ = ["Disconnected", "Event", "SignalingClient", "new_call_id"]
+
+logger = logging.getLogger(__name__)
+
+#: Error codes after which reconnecting cannot help.
+FATAL_CODES = frozenset({"auth_failed", "name_taken", "replaced"})
+
+#: Largest frame accepted from the server (a ``registered`` snapshot can be big).
+CLIENT_MAX_SIZE = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    """Client event: the connection to the server was lost.
+
+    Attributes:
+        reason: what happened (close code and reason, or the fatal error).
+        final: ``True`` if the client will not reconnect (closed, fatal error,
+            or reconnection disabled); the event iterator ends after it.
+    """
+
+    reason: str
+    final: bool = False
+
+
+#: What iterating a :class:`SignalingClient` yields.
+Event = ServerMessage | Disconnected
+
+
+def new_call_id() -> str:
+    """Return a fresh random call id (16 random bytes, base64url: 22 characters)."""
+    return secrets.token_urlsafe(16)
+
+
+class SignalingClient:
+    """Connect to a signaling server as ``name`` and exchange call messages.
+
+    Args:
+        url: ``ws://host:port`` or ``wss://host:port``.
+        identity_signing_key: the user's long-term ML-DSA-65 key (FIPS 204).
+        name: the name to register (docs/signaling.md, "Names").
+        ssl: TLS context for ``wss://`` (default: the system's trust store).
+        reconnect: reconnect and re-register automatically after a drop.
+        backoff_min: first reconnection delay in seconds; doubled after each failure...
+        backoff_max: ...up to this (with ±50 % jitter).
+        timeout: seconds allowed for opening the connection and registering.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        identity_signing_key: pqc.SigningKey,
+        name: str,
+        ssl: ssl_module.SSLContext | None = None,
+        *,
+        reconnect: bool = True,
+        backoff_min: float = 0.1,
+        backoff_max: float = 5.0,
+        timeout: float = 10.0,
+    ) -> None:
+        if identity_signing_key.algorithm is not pqc.SignatureScheme.ML_DSA_65:
+            raise SignalingAuthError("the signaling server accepts ML-DSA-65 identities only")
+        self.url = url
+        self.name = name
+        self.fingerprint = fingerprint(identity_signing_key.public_bytes())
+        self._key = identity_signing_key
+        self._ssl = ssl
+        self.reconnect = reconnect
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self.timeout = timeout
+        #: Registered peers other than us: name -> identity fingerprint (server-asserted).
+        self.online: dict[str, str] = {}
+        #: The ``server_id`` of the last challenge.
+        self.server_id: str | None = None
+        #: Number of successful registrations (1 after :meth:`connect`, +1 per reconnection).
+        self.registrations = 0
+        self._ws: ClientConnection | None = None
+        self._events: asyncio.Queue[Event | None] = asyncio.Queue()
+        self._run_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._fatal: str | None = None
+        self._registered = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<SignalingClient {self.name} {self.fingerprint[:16]}… {self.url}>"
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """``True`` while connected and registered."""
+        return self._ws is not None and self._registered.is_set()
+
+    async def connect(self) -> Registered:
+        """Connect and register once; then keep the connection (and reconnect) in the background.
+
+        Returns:
+            the server's ``registered`` message (also queued as the first event).
+
+        Raises:
+            SignalingAuthError: the server refused the registration (``code`` says why).
+            SignalingError: the server could not be reached or spoke nonsense.
+        """
+        if self._run_task is not None:
+            raise SignalingError("already connected")
+        self._closing = False
+        ws, registered = await self._open()
+        self._run_task = asyncio.create_task(self._run(ws))
+        return registered
+
+    async def close(self) -> None:
+        """Close the connection and stop reconnecting; the event iterator then ends."""
+        self._closing = True
+        ws = self._ws
+        if ws is not None:
+            await ws.close()
+        task, self._run_task = self._run_task, None
+        if task is not None:
+            if ws is None:  # sleeping between reconnection attempts
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if task is None or task.cancelled():
+            self._events.put_nowait(Disconnected("closed", final=True))
+            self._events.put_nowait(None)
+
+    async def __aenter__(self) -> SignalingClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def wait_registered(self, timeout: float | None = None) -> None:
+        """Wait until the client is registered (again, after a reconnection).
+
+        Raises:
+            TimeoutError: not registered within ``timeout`` seconds.
+        """
+        await asyncio.wait_for(self._registered.wait(), timeout)
+
+    # --- events -------------------------------------------------------------------------
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Event]:
+        while True:
+            event = await self._events.get()
+            if event is None:
+                self._events.put_nowait(None)  # later iterators end too
+                return
+            yield event
+
+    async def next_event(self, timeout: float | None = None) -> Event:
+        """Return the next event.
+
+        Raises:
+            TimeoutError: nothing arrived within ``timeout`` seconds.
+            SignalingError: the client is closed and every event was consumed.
+        """
+        event = await asyncio.wait_for(self._events.get(), timeout)
+        if event is None:
+            self._events.put_nowait(None)
+            raise SignalingError("the signaling client is closed")
+        return event
+
+    # --- calls ------------------------------------------------------------------------------
+
+    async def invite(self, peer: str, call_id: str | None = None) -> str:
+        """Invite ``peer`` to a call; return the call id (fresh unless given)."""
+        call_id = call_id or new_call_id()
+        await self.send(Invite(call_id, peer=peer))
+        return call_id
+
+    async def ringing(self, call_id: str) -> None:
+        """Tell the caller that the user is being alerted."""
+        await self.send(Ringing(call_id))
+
+    async def accept(self, call_id: str) -> None:
+        """Accept an incoming call."""
+        await self.send(Accept(call_id))
+
+    async def reject(self, call_id: str, reason: str | None = None) -> None:
+        """Decline an incoming call."""
+        await self.send(Reject(call_id, reason=reason))
+
+    async def busy(self, call_id: str, reason: str | None = None) -> None:
+        """Decline an incoming call because the user is busy."""
+        await self.send(Busy(call_id, reason=reason))
+
+    async def cancel(self, call_id: str, reason: str | None = None) -> None:
+        """Withdraw an invitation that was not accepted yet."""
+        await self.send(Cancel(call_id, reason=reason))
+
+    async def hangup(self, call_id: str, reason: str | None = None) -> None:
+        """End a call, in any state."""
+        await self.send(Hangup(call_id, reason=reason))
+
+    async def send_offer(self, call_id: str, payload: str) -> None:
+        """Send an offer (opaque payload, relayed verbatim) to the other party."""
+        await self.send(Offer(call_id, payload=payload))
+
+    async def send_answer(self, call_id: str, payload: str) -> None:
+        """Send an answer (opaque payload, relayed verbatim) to the other party."""
+        await self.send(Answer(call_id, payload=payload))
+
+    async def send_ice(self, call_id: str, payload: str) -> None:
+        """Send an ICE candidate (opaque payload, relayed verbatim) to the other party."""
+        await self.send(ICECandidate(call_id, payload=payload))
+
+    async def send(self, message: Message) -> None:
+        """Send any client message.
+
+        Raises:
+            SignalingError: not connected (for example while reconnecting).
+        """
+        ws = self._ws
+        if ws is None or not self._registered.is_set():
+            raise SignalingError("not connected to the signaling server")
+        try:
+            await ws.send(message.serialize())
+        except ConnectionClosed as exc:
+            raise SignalingError("the signaling connection was lost") from exc
+
+    # --- internals ----------------------------------------------------------------------------
+
+    async def _open(self) -> tuple[ClientConnection, Registered]:
+        """Connect, answer the challenge, return the socket and ``registered``."""
+        try:
+            ws = await connect(
+                self.url,
+                ssl=self._ssl,
+                open_timeout=self.timeout,
+                max_size=CLIENT_MAX_SIZE,
+                user_agent_header=f"qcall/{__version__}",
+            )
+        except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+            raise SignalingError(f"cannot connect to {self.url}: {exc}") from exc
+        try:
+            async with asyncio.timeout(self.timeout):
+                challenge = parse_server_message(await ws.recv())
+                if not isinstance(challenge, Challenge):
+                    raise SignalingProtocolError(f"expected a challenge, got {challenge.TYPE!r}")
+                self.server_id = challenge.server_id
+                await ws.send(Register.create(self._key, self.name, challenge).serialize())
+                answer = parse_server_message(await ws.recv())
+        except BaseException as exc:
+            await ws.close()
+            if isinstance(exc, ConnectionClosed | TimeoutError):
+                raise SignalingError(f"registration with {self.url} failed: {exc}") from exc
+            raise
+        if isinstance(answer, ErrorMessage):
+            await ws.close()
+            raise answer.exception()
+        if not isinstance(answer, Registered) or answer.fingerprint != self.fingerprint:
+            await ws.close()
+            raise SignalingProtocolError("the server did not confirm our registration")
+        self._ws = ws
+        self._registered.set()
+        self.registrations += 1
+        self.online = {peer.name: peer.fingerprint for peer in answer.online}
+        self._events.put_nowait(answer)
+        logger.info("= registered as %s on %s", self.name, self.url)
+        return ws, answer
+
+    async def _run(self, ws: ClientConnection | None) -> None:
+        while ws is not None:
+            try:
+                async for text in ws:
+                    self._handle(text)
+            except ConnectionClosed:
+                pass
+            self._ws = None
+            self._registered.clear()
+            reason = f"connection closed ({ws.close_code} {ws.close_reason or ''})".strip()
+            if self._closing or self._fatal or not self.reconnect:
+                break
+            logger.info("! %s; reconnecting", reason)
+            self._events.put_nowait(Disconnected(reason))
+            ws = await self._reconnect()
+        reason = "closed" if self._closing else self._fatal or "connection lost"
+        self._events.put_nowait(Disconnected(reason, final=True))
+        self._events.put_nowait(None)
+
+    async def _reconnect(self) -> ClientConnection | None:
+        delay = self.backoff_min
+        while not self._closing:
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            try:
+                ws, _ = await self._open()
+                return ws
+            except SignalingError as exc:
+                if exc.code in FATAL_CODES:
+                    self._fatal = str(exc)
+                    return None
+                logger.debug("! reconnection failed: %s", exc)
+            delay = min(delay * 2, self.backoff_max)
+        return None
+
+    def _handle(self, text: str | bytes) -> None:
+        try:
+            msg = parse_server_message(text)
+        except SignalingProtocolError as exc:
+            logger.warning("! ignored a malformed message from the server: %s", exc)
+            return
+        if isinstance(msg, Presence):
+            if msg.online:
+                self.online[msg.name] = msg.fingerprint
+            else:
+                self.online.pop(msg.name, None)
+        elif isinstance(msg, ErrorMessage) and msg.code in FATAL_CODES:
+            self._fatal = str(msg.exception())
+        elif isinstance(msg, CallMessage) and logger.isEnabledFor(logging.DEBUG):
+            logger.debug("< %r", msg)
+        self._events.put_nowait(msg)
