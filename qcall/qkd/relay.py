@@ -298,6 +298,21 @@ class TrustedNodeRelay:
         """The fewest-hop route ignoring key levels and alarms (shortest fibre on ties)."""
         return self._dijkstra(source, target, lambda link: 1.0 + link.length_km * 1e-6)
 
+    def live_route(self, source: str, target: str) -> list[str]:
+        """The fewest-hop route that avoids alarmed links, ignoring key levels.
+
+        Raises:
+            RelayError: every route crosses an alarmed link (``hop`` names one).
+        """
+        path = self._dijkstra(
+            source,
+            target,
+            lambda link: None if self.buffers[link.name].alarmed else 1.0 + link.length_km * 1e-6,
+        )
+        if path is None:
+            raise self._explain(source, target, 8, set())
+        return path
+
     def route(
         self, source: str, target: str, bits: int, *, exclude: Iterable[str] = ()
     ) -> list[str]:

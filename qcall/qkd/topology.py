@@ -41,8 +41,8 @@ __all__ = [
 
 #: Node names: letters, digits and ``_`` (they appear in link names ``A-B``).
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
-#: SAE IDs: ETSI GS QKD 014 leaves them free-form; we keep them URL-safe.
-_SAE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+#: SAE IDs: ETSI GS QKD 014 leaves them free-form; like :mod:`qcall.qkd.etsi014`, URL-safe.
+_SAE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:@\-]{0,63}$")
 #: Link names: like node names, plus ``-``.
 _LINK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,130}$")
 

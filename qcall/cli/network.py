@@ -1,0 +1,285 @@
+"""``qcall network``: run a simulated QKD network (links, relay, ETSI 014 KMEs) locally.
+
+Example::
+
+    qcall network --topology beijing-hefei --state /tmp/qnet
+    qcall network --topology hefei-metro --state /tmp/metro --eve Gaoxin-Shushan --eve-delay 10
+
+Clients find the KMEs and their SAE credentials in ``STATE/network.json``
+(see ``docs/relay.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from qcall.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from qcall.qkd.network import SimulatedNetwork
+
+__all__ = ["register"]
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``network`` subcommand."""
+    parser = subparsers.add_parser(
+        "network",
+        help="run a simulated QKD network (BB84 links, trusted-node relay, ETSI 014 KMEs)",
+        description=(
+            "Run the simulated QKD network of a topology on this machine: every link runs "
+            "BB84 blocks, the trusted-node relay keeps each SAE pair's KME pools topped up, "
+            "and each KME serves ETSI GS QKD 014 over mutual TLS. Writes STATE/network.json."
+        ),
+    )
+    parser.add_argument(
+        "--topology",
+        default="beijing-hefei",
+        metavar="NAME|FILE",
+        help="bundled topology (beijing-hefei, hefei-metro) or a .toml/.json file",
+    )
+    parser.add_argument(
+        "--state",
+        metavar="DIR",
+        help="directory for the PKI and network.json (default: HOME/network/TOPOLOGY)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="KME listen address")
+    parser.add_argument(
+        "--speedup",
+        type=float,
+        default=1.0,
+        metavar="X",
+        help="multiply the model's key rate by X (default 1: device speed)",
+    )
+    parser.add_argument(
+        "--eve",
+        action="append",
+        default=[],
+        metavar="LINK[=FRACTION]",
+        help="put an intercept-resend eavesdropper on LINK (fraction of pulses, default 1)",
+    )
+    parser.add_argument(
+        "--eve-delay",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="switch the --eve eavesdroppers on after S seconds",
+    )
+    parser.add_argument(
+        "--duration", type=float, metavar="S", help="run S seconds, then exit cleanly"
+    )
+    parser.add_argument("--pool", type=int, default=32, help="keys kept per SAE pair (32)")
+    parser.add_argument("--key-size", type=int, default=256, help="bits per key (256)")
+    parser.add_argument("--seed", type=int, help="seed the link simulators (reproducible runs)")
+    parser.add_argument(
+        "--block-pulses", type=int, metavar="N", help="pulses per BB84 block (default: model's)"
+    )
+    out = parser.add_mutually_exclusive_group()
+    out.add_argument("--quiet", action="store_true", help="no live view")
+    out.add_argument(
+        "--json-status", action="store_true", help="print one JSON status line per second"
+    )
+    parser.set_defaults(func=run)
+
+
+def parse_eve(spec: str) -> tuple[str, float]:
+    """Parse ``LINK[=FRACTION]`` (fraction in [0, 1], default 1).
+
+    Raises:
+        ConfigError: malformed fraction.
+    """
+    link, _, value = spec.partition("=")
+    if not link:
+        raise ConfigError(f"--eve {spec!r}: missing link name")
+    if not value:
+        return link, 1.0
+    try:
+        fraction = float(value)
+    except ValueError:
+        raise ConfigError(f"--eve {spec!r}: fraction must be a number") from None
+    if not 0.0 <= fraction <= 1.0:
+        raise ConfigError(f"--eve {spec!r}: fraction must be in [0, 1]")
+    return link, fraction
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``qcall network``."""
+    from qcall.config import qcall_home
+    from qcall.qkd.topology import load_topology
+
+    topology = load_topology(args.topology)
+    eves = [parse_eve(spec) for spec in args.eve]
+    for link, _ in eves:
+        topology.link(link)  # unknown link: TopologyError before anything starts
+    if args.duration is not None and args.duration <= 0:
+        raise ConfigError("--duration must be positive")
+    state = args.state or str(qcall_home(args.home) / "network" / topology.name)
+    return asyncio.run(_serve(args, topology, state, eves))
+
+
+async def _serve(args: argparse.Namespace, topology: Any, state: str, eves: list[Any]) -> int:
+    from qcall.qkd.network import SimulatedNetwork, default_link_factory
+
+    overrides: dict[str, Any] = {}
+    if args.block_pulses:
+        overrides["block_pulses"] = args.block_pulses
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    async with SimulatedNetwork.start(
+        topology,
+        state,
+        host=args.host,
+        speedup=args.speedup,
+        key_size=args.key_size,
+        pool_target=args.pool,
+        seed=args.seed,
+        link_factory=default_link_factory(**overrides),
+    ) as net:
+        if not args.json_status:
+            _print_intro(net)
+        eve_at = time.monotonic() + args.eve_delay
+        deadline = None if args.duration is None else time.monotonic() + args.duration
+        pending = list(eves)
+        live = None if args.quiet or args.json_status else _start_live(net)
+        try:
+            while not stop.is_set():
+                now = time.monotonic()
+                if pending and now >= eve_at:
+                    for link, fraction in pending:
+                        net.set_eavesdropper(link, fraction)
+                    pending = []
+                if deadline is not None and now >= deadline:
+                    break
+                if args.json_status:
+                    print(json.dumps(net.status(), separators=(",", ":")), flush=True)
+                elif live is not None:
+                    live.update(render(net))
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0 if args.json_status else 0.25):
+                        await stop.wait()
+        finally:
+            if live is not None:
+                live.update(render(net))
+                live.stop()
+        if not args.json_status:
+            _print_summary(net)
+    return 0
+
+
+def _print_intro(net: SimulatedNetwork) -> None:
+    topo = net.topology
+    print(
+        f"qcall network {topo.name}: {len(topo.nodes)} nodes, {len(topo.links)} links, "
+        f"{topo.total_length_km:.0f} km; speed-up ×{net.speedup:g}",
+        file=sys.stderr,
+    )
+    for node in topo.kme_nodes:
+        saes = ", ".join(topo.nodes[node].saes)
+        print(f"  KME at {node}: {net.kme_url(node)}  (SAEs: {saes})", file=sys.stderr)
+    print(f"  clients: {net.network_file}", file=sys.stderr)
+
+
+def _print_summary(net: SimulatedNetwork) -> None:
+    status = net.status()
+    for pair in status["pairs"]:
+        line = f"  {pair['master']} -> {pair['slave']}: {pair['delivered']} keys relayed"
+        if pair["alarm"] or pair["error"]:
+            line += f"  ({pair['alarm'] or pair['error']})"
+        print(line, file=sys.stderr)
+
+
+def _start_live(net: SimulatedNetwork) -> Any:
+    from rich.live import Live
+
+    live = Live(render(net), refresh_per_second=4, transient=False)
+    live.start()
+    return live
+
+
+def _rate(bits_per_s: float) -> str:
+    for unit, scale in (("Mb/s", 1e6), ("kb/s", 1e3)):
+        if bits_per_s >= scale:
+            return f"{bits_per_s / scale:.1f} {unit}"
+    return f"{bits_per_s:.0f} b/s"
+
+
+def _bits(bits: int) -> str:
+    return f"{bits / 8192:.1f} KiB" if bits >= 8192 else f"{bits} b"
+
+
+def render(net: SimulatedNetwork) -> Any:
+    """Build the rich renderable of the live view (links, then SAE pairs)."""
+    from rich.console import Group
+    from rich.table import Table
+
+    status = net.status()
+    links = Table(
+        title=f"{net.topology.name} · up {status['uptime_s']:.0f} s · speed-up ×{net.speedup:g}",
+        title_justify="left",
+    )
+    for name, justify in (
+        ("link", "left"),
+        ("km", "right"),
+        ("state", "left"),
+        ("QBER", "right"),
+        ("model×speedup", "right"),
+        ("measured", "right"),
+        ("pool", "right"),
+        ("used", "right"),
+        ("blocks", "right"),
+    ):
+        links.add_column(name, justify=justify)  # type: ignore[arg-type]
+    idle = 0
+    for name, link in status["links"].items():
+        if not link["active"]:
+            idle += 1
+            continue
+        if link["state"] == "LINK_ALARM":
+            state = "[bold red]ALARM[/]"
+        elif link["eve_fraction"]:
+            state = "[yellow]eve on[/]"
+        else:
+            state = "[green]up[/]"
+        qber = "–" if link["qber"] is None else f"{link['qber']:.2%}"
+        links.add_row(
+            name,
+            f"{link['length_km']:.1f}",
+            state,
+            qber,
+            _rate(link["target_rate_bps"]),
+            _rate(link["rate_bps"]),
+            _bits(link["available_bits"]),
+            _bits(link["consumed_bits"]),
+            str(link["blocks"]),
+        )
+    if idle:
+        links.caption = f"{idle} links serve no SAE route and stay idle"
+    pairs = Table(title="SAE pairs (master → slave)", title_justify="left")
+    for column in ("pair", "KME pool", "relayed", "hops", "status"):
+        pairs.add_column(column)
+    for pair in status["pairs"]:
+        route = pair["route"]
+        if pair["error"]:
+            note = f"[bold red]{pair['alarm'] or pair['error']}[/]"
+        elif pair["alarm"]:
+            note = f"[yellow]{pair['alarm']}[/]"
+        else:
+            note = "[green]ok[/]"
+        pairs.add_row(
+            f"{pair['master']} → {pair['slave']}",
+            str(pair["stored_keys"]),
+            str(pair["delivered"]),
+            "–" if not route else str(len(route) - 1),
+            note,
+        )
+    return Group(links, pairs)
