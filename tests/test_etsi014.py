@@ -227,18 +227,33 @@ def test_key_status_to_json_omits_empty_extension() -> None:
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=12), children, max_size=5),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=5)
+    ),
     max_leaves=20,
 )
 FIELD = st.sampled_from(
-    ["keys", "key_ID", "key", "key_IDs", "number", "size", "key_size", "additional_slave_SAE_IDs",
-     "extension_mandatory", "status_extension", "message", "details"]
+    [
+        "keys",
+        "key_ID",
+        "key",
+        "key_IDs",
+        "number",
+        "size",
+        "key_size",
+        "additional_slave_SAE_IDs",
+        "extension_mandatory",
+        "status_extension",
+        "message",
+        "details",
+    ]
 )
 SPECISH = st.recursive(
     JSON,
-    lambda children: st.dictionaries(FIELD, children, max_size=5)
-    | st.lists(st.dictionaries(FIELD, children, max_size=3), max_size=3),
+    lambda children: (
+        st.dictionaries(FIELD, children, max_size=5)
+        | st.lists(st.dictionaries(FIELD, children, max_size=3), max_size=3)
+    ),
     max_leaves=30,
 )
 
@@ -260,8 +275,10 @@ def test_parsers_raise_only_qcall_errors(data: object) -> None:
         st.fixed_dictionaries(
             {
                 "key_ID": st.one_of(st.uuids().map(str), st.text(max_size=40)),
-                "key": st.one_of(st.binary(max_size=40).map(lambda b: base64.b64encode(b).decode()),
-                                 st.text(max_size=40)),
+                "key": st.one_of(
+                    st.binary(max_size=40).map(lambda b: base64.b64encode(b).decode()),
+                    st.text(max_size=40),
+                ),
             }
         ),
         max_size=5,

@@ -52,9 +52,7 @@ def register(subparsers: Any) -> None:
     p = sub.add_parser(
         "get-by-id", parents=[common], help="get keys that --peer obtained (dec_keys)"
     )
-    p.add_argument(
-        "--key-id", action="append", required=True, metavar="UUID", dest="key_ids"
-    )
+    p.add_argument("--key-id", action="append", required=True, metavar="UUID", dest="key_ids")
     p.set_defaults(func=_run, action="get-by-id")
 
     p = sub.add_parser("serve", help="run a stand-alone ETSI 014 KME with random test keys")

@@ -373,9 +373,7 @@ class KME:
                 [{"extension_mandatory_unsupported": names}],
             )
         if request.additional_slave_sae_ids:
-            raise bad_request(
-                "additional_slave_SAE_IDs is not supported (max_SAE_ID_count is 0)"
-            )
+            raise bad_request("additional_slave_SAE_IDs is not supported (max_SAE_ID_count is 0)")
         number = request.number
         if number < 1 or number > self.max_key_per_request:
             raise bad_request(
