@@ -59,6 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        # Fail early and clearly if OpenSSL lacks ML-KEM/ML-DSA (--help never gets here).
+        # Commands that use no post-quantum crypto opt out: set_defaults(needs_crypto=False).
+        if getattr(args, "needs_crypto", True):
+            from qcall import pqc
+
+            pqc.check_support()
         return int(args.func(args) or 0)
     except QCallError as exc:
         print(f"qcall: error: {exc}", file=sys.stderr)
