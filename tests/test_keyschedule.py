@@ -1,0 +1,220 @@
+"""Key schedule: vectors, an independent re-implementation of docs/key-schedule.md, properties."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from typing import Any
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from qcall.handshake.keyschedule import (
+    KeySchedule,
+    SRTPProfile,
+    expand_label,
+    format_sas,
+    transcript_hash,
+)
+from tests.utils import load_vectors
+
+VECTORS = load_vectors("key_schedule.json")
+CASES = VECTORS["cases"]
+
+
+# --- an independent implementation, written from docs/key-schedule.md only ----------
+
+
+def _hmac(key: bytes, msg: bytes) -> bytes:
+    return hmac.new(key, msg, hashlib.sha384).digest()
+
+
+def _extract(salt: bytes, ikm: bytes) -> bytes:
+    return _hmac(salt or b"\0" * 48, ikm)
+
+
+def _expand(prk: bytes, info: bytes, length: int) -> bytes:
+    out, block, i = b"", b"", 1
+    while len(out) < length:
+        block = _hmac(prk, block + info + bytes([i]))
+        out += block
+        i += 1
+    return out[:length]
+
+
+def _label(secret: bytes, label: str, context: bytes, length: int) -> bytes:
+    full = b"qcall1 " + label.encode()
+    info = struct.pack(">H", length) + bytes([len(full)]) + full + bytes([len(context)]) + context
+    return _expand(secret, info, length)
+
+
+def _independent_epoch(profile: str, secret: bytes, th: bytes, k_qkd: bytes) -> dict[str, str]:
+    key_len, salt_len = {"AEAD_AES_256_GCM": (32, 12), "AES128_CM_HMAC_SHA1_80": (16, 14)}[profile]
+    out = {"secret": secret.hex()}
+    for d in ("c2s", "s2c"):
+        out[f"{d}_key"] = _label(secret, f"{d} srtp key", th, key_len).hex()
+        out[f"{d}_salt"] = _label(secret, f"{d} srtp salt", th, salt_len).hex()
+    for role in ("caller", "callee"):
+        fk = _label(secret, f"{role} finished", b"", 48)
+        out[f"{role}_finished"] = _hmac(fk, th).hex()
+        if k_qkd:
+            q = _extract(th, k_qkd)
+            out[f"{role}_qkd_check"] = _label(q, f"qkd check {role}", th, 16).hex()
+        else:
+            out[f"{role}_qkd_check"] = ""
+    digits = f"{int.from_bytes(_label(secret, 'sas', th, 8), 'big') % 1_000_000:06d}"
+    out["sas"] = f"{digits[:3]} {digits[3:]}"
+    return out
+
+
+def _independent_case(case: dict[str, Any]) -> list[dict[str, str]]:
+    results = []
+    secret = b""
+    for epoch in case["epochs"]:
+        inp = {k: bytes.fromhex(v) for k, v in epoch["inputs"].items()}
+        if epoch["epoch"] == 0:
+            secret = _extract(inp["transcript_hash"], inp["k_qkd"] + inp["k_kem"] + inp["k_dtls"])
+        else:
+            secret = _extract(secret, inp["k_qkd"] + inp["k_kem"])
+        results.append(
+            _independent_epoch(case["profile"], secret, inp["transcript_hash"], inp["k_qkd"])
+        )
+    return results
+
+
+# --- the vectors ------------------------------------------------------------------------
+
+
+def test_vector_file_shape() -> None:
+    assert "scripts/gen_key_schedule_vectors.py" in VECTORS["source"]
+    assert len(CASES) >= 8
+    assert {c["policy"] for c in CASES} == {"hybrid", "pqc"}
+    assert {c["profile"] for c in CASES} == {p.value for p in SRTPProfile}
+    assert max(len(c["epochs"]) for c in CASES) >= 4  # several rekey steps
+    for case in CASES:
+        qkd0 = case["epochs"][0]["inputs"]["k_qkd"]
+        assert bool(qkd0) == (case["policy"] == "hybrid")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_vectors_match_implementation(case: dict[str, Any]) -> None:
+    profile = SRTPProfile(case["profile"])
+    schedule: KeySchedule | None = None
+    for epoch in case["epochs"]:
+        inp = {k: bytes.fromhex(v) for k, v in epoch["inputs"].items()}
+        if schedule is None:
+            schedule = KeySchedule(
+                profile, inp["transcript_hash"], inp["k_qkd"], inp["k_kem"], inp["k_dtls"]
+            )
+            keys = schedule.current
+        else:
+            keys = schedule.ratchet(inp["transcript_hash"], inp["k_qkd"], inp["k_kem"])
+        out = epoch["outputs"]
+        assert keys.epoch == epoch["epoch"]
+        assert keys.secret.hex() == out["secret"]
+        assert keys.caller_to_callee.key.hex() == out["c2s_key"]
+        assert keys.caller_to_callee.salt.hex() == out["c2s_salt"]
+        assert keys.callee_to_caller.key.hex() == out["s2c_key"]
+        assert keys.callee_to_caller.salt.hex() == out["s2c_salt"]
+        assert keys.caller_finished.hex() == out["caller_finished"]
+        assert keys.callee_finished.hex() == out["callee_finished"]
+        assert keys.caller_qkd_check.hex() == out["caller_qkd_check"]
+        assert keys.callee_qkd_check.hex() == out["callee_qkd_check"]
+        assert keys.sas == out["sas"]
+        assert len(keys.caller_to_callee.key) == profile.key_len
+        assert len(keys.caller_to_callee.salt) == profile.salt_len
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_vectors_match_independent_implementation(case: dict[str, Any]) -> None:
+    assert _independent_case(case) == [e["outputs"] for e in case["epochs"]]
+
+
+def test_vector_file_is_reproducible(tmp_path: Any) -> None:
+    from scripts.gen_key_schedule_vectors import build
+
+    assert build() == VECTORS
+
+
+# --- properties and edges ----------------------------------------------------------------
+
+
+def test_expand_label_matches_rfc8446_layout() -> None:
+    # info for L=12, label "qcall1 sas", empty context.
+    info = b"\x00\x0c\x0aqcall1 sas\x00"
+    assert expand_label(b"k" * 48, b"sas", b"", 12) == _expand(b"k" * 48, info, 12)
+
+
+def test_transcript_hash_is_length_prefixed() -> None:
+    assert transcript_hash(b"d", b"ab", b"c") != transcript_hash(b"d", b"a", b"bc")
+    assert transcript_hash(b"d", b"ab") == hashlib.sha384(
+        b"\0\0\0\x01d\0\0\0\x02ab"
+    ).digest()
+
+
+def test_format_sas() -> None:
+    assert format_sas((42).to_bytes(8, "big")) == "000 042"
+    assert format_sas((1_000_000 + 123_456).to_bytes(8, "big")) == "123 456"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    th=st.binary(min_size=48, max_size=48),
+    k_qkd=st.binary(max_size=64),
+    k_kem=st.binary(min_size=32, max_size=32),
+    k_dtls=st.binary(min_size=32, max_size=100),
+    flip=st.sampled_from(["th", "qkd", "kem", "dtls"]),
+)
+def test_every_input_changes_every_output(
+    th: bytes, k_qkd: bytes, k_kem: bytes, k_dtls: bytes, flip: str
+) -> None:
+    base = KeySchedule(SRTPProfile.AEAD_AES_256_GCM, th, k_qkd, k_kem, k_dtls).current
+    args = {"th": th, "qkd": k_qkd, "kem": k_kem, "dtls": k_dtls}
+    value = args[flip] or b"\0"
+    args[flip] = bytes([value[0] ^ 0x80]) + value[1:]
+    other = KeySchedule(
+        SRTPProfile.AEAD_AES_256_GCM, args["th"], args["qkd"], args["kem"], args["dtls"]
+    ).current
+    assert other.caller_to_callee.key != base.caller_to_callee.key
+    assert other.callee_to_caller.key != base.callee_to_caller.key
+    assert other.caller_finished != base.caller_finished
+
+
+def test_directions_and_roles_are_distinct() -> None:
+    keys = KeySchedule(SRTPProfile.AEAD_AES_256_GCM, b"t" * 48, b"q" * 32, b"k" * 32, b"d" * 88)
+    c = keys.current
+    assert c.caller_to_callee.key != c.callee_to_caller.key
+    assert c.caller_finished != c.callee_finished
+    assert c.caller_qkd_check != c.callee_qkd_check
+
+
+def test_ratchet_is_one_way_and_counts() -> None:
+    ks = KeySchedule(SRTPProfile.AES128_CM_HMAC_SHA1_80, b"t" * 48, b"", b"k" * 32, b"d" * 60)
+    first = ks.current
+    second = ks.ratchet(b"u" * 48, b"", b"")
+    assert ks.epoch == 1 and second.secret != first.secret
+    assert ks.ratchet(b"u" * 48).epoch == 2
+
+
+@pytest.mark.parametrize(
+    ("th", "qkd", "kem", "dtls", "field"),
+    [
+        (b"t" * 47, b"", b"k" * 32, b"d" * 60, "transcript_hash"),
+        (b"t" * 48, b"q" * 1025, b"k" * 32, b"d" * 60, "k_qkd"),
+        (b"t" * 48, b"", b"k" * 31, b"d" * 60, "k_kem"),
+        (b"t" * 48, b"", b"k" * 32, b"d" * 31, "k_dtls"),
+        (b"t" * 48, b"", b"k" * 32, b"d" * 256, "k_dtls"),
+    ],
+)
+def test_bad_input_lengths(th: bytes, qkd: bytes, kem: bytes, dtls: bytes, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        KeySchedule(SRTPProfile.AEAD_AES_256_GCM, th, qkd, kem, dtls)
+
+
+def test_reprs_hide_secrets() -> None:
+    ks = KeySchedule(SRTPProfile.AEAD_AES_256_GCM, b"t" * 48, b"q" * 32, b"k" * 32, b"d" * 88)
+    c = ks.current
+    text = repr(ks) + repr(c) + repr(c.caller_to_callee)
+    for secret in (c.secret, c.caller_to_callee.key, c.caller_to_callee.salt):
+        assert secret.hex() not in text
