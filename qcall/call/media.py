@@ -628,6 +628,7 @@ class TrackSink:
         self._track: MediaStreamTrack | None = None
         self._task: asyncio.Task[None] | None = None
         self._resampler: av.AudioResampler | None = None
+        self._input_shape: tuple[str, str, int] | None = None
         self._closed = False
         self.frames_received = 0
         #: The error that stopped the sink early (for example, a full disk).
@@ -715,16 +716,18 @@ class TrackSink:
             seconds = fractions.Fraction(pts) * fractions.Fraction(
                 frame.time_base.numerator, frame.time_base.denominator
             )
+        # A resampler is bound to its first input's format (PyAV even passes
+        # later frames through untouched when the first needed no work), so
+        # a new input format gets a new resampler, after flushing the old one.
+        shape = (frame.format.name, frame.layout.name, frame.sample_rate)
+        if self._resampler is not None and shape != self._input_shape:
+            for out in self._resampler.resample(None):
+                self._write(out, None, arrival)
+            self._resampler = None
         if self._resampler is None:
             self._resampler = _resampler()
-        try:
-            converted = self._resampler.resample(frame)
-        except ValueError:  # the input format changed mid-stream: start afresh
-            flushed = self._resampler.resample(None)
-            for out in flushed:
-                self._write(out, None, arrival)
-            self._resampler = _resampler()
-            converted = self._resampler.resample(frame)
+            self._input_shape = shape
+        converted = self._resampler.resample(frame)
         self._timeline(seconds, frame.samples / frame.sample_rate)
         for out in converted:
             self._write(out, pts, arrival)
