@@ -347,7 +347,7 @@ def test_file_track_rejects_bad_files(tmp_path):
         FileTrack(text)
     truncated = tmp_path / "empty.wav"
     write_wav(truncated, np.zeros(0, np.int16), RATE)
-    with pytest.raises(MediaError, match="empty.wav"):
+    with pytest.raises(MediaError, match=r"empty\.wav"):
         FileTrack(truncated)
 
 
