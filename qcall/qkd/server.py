@@ -223,22 +223,23 @@ class KMEServer:
             return _error(503, "internal KME error")
 
     async def _read_json(self, request: web.Request) -> Any:
+        """Return the decoded body, or an error Response for a bad one."""
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise
+            return _error(400, f"request body is larger than {MAX_BODY} bytes")
         try:
             return json.loads(raw) if raw else {}
         except (ValueError, RecursionError):
-            return _BAD_JSON
+            return _error(400, "request body is not valid JSON")
 
     async def _status(self, request: web.Request) -> web.Response:
         return await self._call(request, "status", lambda: None)
 
     async def _enc_keys_post(self, request: web.Request) -> web.Response:
         data = await self._read_json(request)
-        if data is _BAD_JSON:
-            return _error(400, "request body is not valid JSON")
+        if isinstance(data, web.Response):
+            return data
         return await self._call(request, "enc_keys", lambda: parse_key_request(data))
 
     async def _enc_keys_get(self, request: web.Request) -> web.Response:
@@ -260,8 +261,8 @@ class KMEServer:
 
     async def _dec_keys_post(self, request: web.Request) -> web.Response:
         data = await self._read_json(request)
-        if data is _BAD_JSON:
-            return _error(400, "request body is not valid JSON")
+        if isinstance(data, web.Response):
+            return data
         return await self._call(request, "dec_keys", lambda: parse_key_ids(data))
 
     async def _dec_keys_get(self, request: web.Request) -> web.Response:
@@ -281,9 +282,6 @@ class KMEServer:
         if len(set(ids)) != len(ids):
             return _error(400, "invalid Key IDs: duplicate key_ID")
         return await self._call(request, "dec_keys", lambda: ids)
-
-
-_BAD_JSON: Final = object()
 
 
 def _key_request(fields: dict[str, int]) -> KeyRequest:

@@ -1,0 +1,398 @@
+"""ETSI GS QKD 014 conformance of the KME server, and our client against it.
+
+Everything runs over real HTTPS with mutual TLS on loopback.
+"""
+
+from __future__ import annotations
+
+import base64
+import ssl
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from qcall.exceptions import (
+    KMEBadRequestError,
+    KMEConnectionError,
+    KMEUnauthorizedError,
+    KMEUnavailableError,
+)
+from qcall.qkd.client import ETSI014Client, open_key_source
+from qcall.qkd.kme import KME, random_keys
+from qcall.qkd.pki import PKIPaths, client_ssl_context, create_pki, server_ssl_context
+from qcall.qkd.server import KMEServer
+
+STATUS_FIELDS = {
+    "source_KME_ID",
+    "target_KME_ID",
+    "master_SAE_ID",
+    "slave_SAE_ID",
+    "key_size",
+    "stored_key_count",
+    "max_key_count",
+    "max_key_per_request",
+    "max_key_size",
+    "min_key_size",
+    "max_SAE_ID_count",
+}
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKIPaths:
+    return create_pki(
+        tmp_path_factory.mktemp("pki"), ["kme-a", "kme-b"], ["alice", "bob", "carol", "eve"]
+    )
+
+
+@pytest.fixture(scope="module")
+def other_pki(tmp_path_factory: pytest.TempPathFactory) -> PKIPaths:
+    return create_pki(tmp_path_factory.mktemp("other"), ["kme-x"], ["alice"], ca_name="rogue")
+
+
+def sae_ctx(pki: PKIPaths, sae: str) -> ssl.SSLContext:
+    return client_ssl_context(pki.saes[sae].cert, pki.saes[sae].key, pki.ca_cert)
+
+
+def kme_ctx(pki: PKIPaths, kme_id: str) -> ssl.SSLContext:
+    return server_ssl_context(pki.kmes[kme_id].cert, pki.kmes[kme_id].key, pki.ca_cert)
+
+
+@pytest.fixture
+async def server(pki: PKIPaths) -> AsyncIterator[KMEServer]:
+    kme = KME("kme-a", max_key_per_request=8, max_key_count=1000)
+    kme.supply("alice", "bob", random_keys(20), role="local")
+    kme.add_sae("eve")  # attached, but shares no pool with alice or bob
+    async with KMEServer(kme, "127.0.0.1", 0, kme_ctx(pki, "kme-a")) as srv:
+        yield srv
+
+
+@pytest.fixture
+async def sessions(pki: PKIPaths) -> AsyncIterator[dict[str, aiohttp.ClientSession]]:
+    """Raw HTTP sessions per SAE, to check the wire format exactly."""
+    out = {
+        sae: aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=sae_ctx(pki, sae)))
+        for sae in ("alice", "bob", "carol", "eve")
+    }
+    yield out
+    for s in out.values():
+        await s.close()
+
+
+async def call(
+    session: aiohttp.ClientSession, method: str, url: str, **kwargs: Any
+) -> tuple[int, Any]:
+    async with session.request(method, url, **kwargs) as resp:
+        assert resp.content_type == "application/json"
+        return resp.status, await resp.json()
+
+
+def api(server: KMEServer, sae: str, endpoint: str) -> str:
+    return f"{server.url}/api/v1/keys/{sae}/{endpoint}"
+
+
+# --- 5.1 Get status ------------------------------------------------------------------
+
+
+async def test_status(server: KMEServer, sessions: dict[str, aiohttp.ClientSession]) -> None:
+    status, body = await call(sessions["alice"], "GET", api(server, "bob", "status"))
+    assert status == 200
+    assert set(body) == STATUS_FIELDS
+    assert body["source_KME_ID"] == body["target_KME_ID"] == "kme-a"
+    assert (body["master_SAE_ID"], body["slave_SAE_ID"]) == ("alice", "bob")
+    assert body["stored_key_count"] == 20 and body["key_size"] == 256
+    assert body["max_key_per_request"] == 8 and body["max_key_count"] == 1000
+    assert body["min_key_size"] == body["max_key_size"] == 256
+
+
+async def test_status_alarm(server: KMEServer, pki: PKIPaths) -> None:
+    server.kme.set_alarm("alice", "bob", "QBER above threshold on link L3", qber=0.31)
+    async with ETSI014Client(server.url, sae_ctx(pki, "alice")) as client:
+        status = await client.status("bob")
+    assert status.alarm == "QBER above threshold on link L3" and status.qber == 0.31
+
+
+# --- 5.2 Get key / 5.3 Get key with key IDs ------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["POST", "GET"])
+async def test_enc_then_dec_keys(
+    server: KMEServer, sessions: dict[str, aiohttp.ClientSession], method: str
+) -> None:
+    if method == "POST":
+        kw: dict[str, Any] = {"json": {"number": 3, "size": 256}}
+    else:
+        kw = {"params": {"number": "3", "size": "256"}}
+    status, body = await call(sessions["alice"], method, api(server, "bob", "enc_keys"), **kw)
+    assert status == 200
+    assert len(body["keys"]) == 3
+    for item in body["keys"]:
+        assert set(item) == {"key_ID", "key"}
+        assert str(uuid.UUID(item["key_ID"])) == item["key_ID"]
+        assert len(base64.b64decode(item["key"], validate=True)) == 32
+    ids = [k["key_ID"] for k in body["keys"]]
+    if method == "POST":
+        kw = {"json": {"key_IDs": [{"key_ID": i} for i in ids]}}
+    else:
+        kw = {"params": [("key_ID", i) for i in ids]}
+    status, dec = await call(sessions["bob"], method, api(server, "alice", "dec_keys"), **kw)
+    assert status == 200
+    assert dec["keys"] == body["keys"]
+    # each key is delivered once to each side, then erased
+    status, again = await call(sessions["bob"], method, api(server, "alice", "dec_keys"), **kw)
+    assert status == 400
+    assert again["message"] == "key_ID not found"
+    assert {d["key_ID"] for d in again["details"]} == set(ids)
+
+
+async def test_default_number_is_one(
+    server: KMEServer, sessions: dict[str, aiohttp.ClientSession]
+) -> None:
+    status, body = await call(sessions["alice"], "POST", api(server, "bob", "enc_keys"), json={})
+    assert status == 200 and len(body["keys"]) == 1
+    status, body = await call(sessions["alice"], "GET", api(server, "bob", "enc_keys"))
+    assert status == 200 and len(body["keys"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("method", "endpoint", "kwargs", "message"),
+    [
+        ("POST", "enc_keys", {"json": {"size": 128}}, "size 128 is not supported"),
+        ("POST", "enc_keys", {"json": {"size": 260}}, "size 260 is not a multiple of 8"),
+        ("POST", "enc_keys", {"json": {"number": 9}}, "number 9 is not in 1..8"),
+        ("POST", "enc_keys", {"json": {"number": 0}}, "number must be at least 1"),
+        ("POST", "enc_keys", {"json": {"number": "1"}}, "number must be an integer"),
+        ("POST", "enc_keys", {"json": [1]}, "Key request must be a JSON object"),
+        ("POST", "enc_keys", {"data": b"{nope"}, "request body is not valid JSON"),
+        ("POST", "enc_keys", {"data": b"\xff\xfe"}, "request body is not valid JSON"),
+        ("POST", "enc_keys", {"data": b"[" * 60_000}, "request body is not valid JSON"),
+        (
+            "POST",
+            "enc_keys",
+            {"json": {"additional_slave_SAE_IDs": ["carol"]}},
+            "additional_slave_SAE_IDs is not supported (max_SAE_ID_count is 0)",
+        ),
+        (
+            "POST",
+            "enc_keys",
+            {"json": {"extension_mandatory": [{"abc_route_type": "direct"}]}},
+            "not all extension_mandatory parameters are supported",
+        ),
+        ("GET", "enc_keys", {"params": {"number": "x"}}, "number must be an integer"),
+        ("GET", "enc_keys", {"params": {"size": "-8"}}, "size must be an integer"),
+        ("GET", "enc_keys", {"params": {"colour": "red"}}, "unknown query parameter"),
+        ("GET", "enc_keys", {"params": [("number", "1"), ("number", "2")]}, "more than once"),
+    ],
+)
+async def test_enc_keys_errors(
+    server: KMEServer,
+    sessions: dict[str, aiohttp.ClientSession],
+    method: str,
+    endpoint: str,
+    kwargs: dict[str, Any],
+    message: str,
+) -> None:
+    status, body = await call(sessions["alice"], method, api(server, "bob", endpoint), **kwargs)
+    assert status == 400
+    assert message in body["message"]
+    assert server.kme.stored_key_count("alice", "bob") == 20  # nothing consumed
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs", "message"),
+    [
+        ("POST", {"json": {}}, "key_IDs is missing"),
+        ("POST", {"json": {"key_IDs": []}}, "key_IDs is empty"),
+        ("POST", {"json": {"key_IDs": [{"key_ID": "123"}]}}, "not a UUID"),
+        ("POST", {"data": b"]"}, "request body is not valid JSON"),
+        ("GET", {}, "key_ID is missing"),
+        ("GET", {"params": {"key_ID": "zz"}}, "not a UUID"),
+        ("GET", {"params": {"key_IDs": "zz"}}, "unknown query parameter"),
+        ("POST", {"json": {"key_IDs": [{"key_ID": str(uuid.uuid4())}]}}, "key_ID not found"),
+    ],
+)
+async def test_dec_keys_errors(
+    server: KMEServer,
+    sessions: dict[str, aiohttp.ClientSession],
+    method: str,
+    kwargs: dict[str, Any],
+    message: str,
+) -> None:
+    status, body = await call(sessions["bob"], method, api(server, "alice", "dec_keys"), **kwargs)
+    assert status == 400
+    assert message in body["message"]
+
+
+async def test_duplicate_key_ids(
+    server: KMEServer, sessions: dict[str, aiohttp.ClientSession]
+) -> None:
+    kid = str(uuid.uuid4())
+    for kw in (
+        {"json": {"key_IDs": [{"key_ID": kid}, {"key_ID": kid}]}},
+        {"params": [("key_ID", kid), ("key_ID", kid)]},
+    ):
+        method = "POST" if "json" in kw else "GET"
+        status, body = await call(sessions["bob"], method, api(server, "alice", "dec_keys"), **kw)
+        assert status == 400 and "duplicate key_ID" in body["message"]
+
+
+async def test_empty_pool_is_503(
+    server: KMEServer, sessions: dict[str, aiohttp.ClientSession]
+) -> None:
+    for _ in range(20 // 5):
+        status, _ = await call(
+            sessions["alice"], "POST", api(server, "bob", "enc_keys"), json={"number": 5}
+        )
+        assert status == 200
+    status, body = await call(sessions["alice"], "POST", api(server, "bob", "enc_keys"), json={})
+    assert status == 503
+    assert body["message"] == "not enough keys: 0 stored, 1 requested"
+
+
+async def test_unknown_sae_is_400_and_unattached_sae_is_401(
+    server: KMEServer, sessions: dict[str, aiohttp.ClientSession]
+) -> None:
+    status, body = await call(sessions["alice"], "GET", api(server, "nobody", "status"))
+    assert status == 400 and body["message"] == "slave_SAE_ID nobody is not known to this KME"
+    status, body = await call(sessions["eve"], "POST", api(server, "bob", "enc_keys"), json={})
+    assert status == 400  # eve is attached but has no pool with bob
+    status, body = await call(sessions["carol"], "GET", api(server, "bob", "status"))
+    assert status == 401 and body["message"] == "SAE is not registered at this KME"
+
+
+async def test_only_the_slave_can_dec_keys(
+    server: KMEServer, sessions: dict[str, aiohttp.ClientSession]
+) -> None:
+    _, body = await call(sessions["alice"], "POST", api(server, "bob", "enc_keys"), json={})
+    kid = body["keys"][0]["key_ID"]
+    req = {"json": {"key_IDs": [{"key_ID": kid}]}}
+    for sae, master in (("eve", "alice"), ("alice", "bob"), ("alice", "alice")):
+        status, _ = await call(sessions[sae], "POST", api(server, master, "dec_keys"), **req)
+        assert status == 400, sae
+    status, dec = await call(sessions["bob"], "POST", api(server, "alice", "dec_keys"), **req)
+    assert status == 200 and dec["keys"] == body["keys"]
+
+
+async def test_wrong_paths_and_methods(
+    server: KMEServer, sessions: dict[str, aiohttp.ClientSession]
+) -> None:
+    async with sessions["alice"].get(server.url + "/api/v1/keys/bob/other") as resp:
+        assert resp.status == 404
+    async with sessions["alice"].post(api(server, "bob", "status")) as resp:
+        assert resp.status == 405
+    async with sessions["alice"].post(api(server, "bob", "enc_keys"), data=b"x" * 100_000) as resp:
+        assert resp.status == 400
+        assert "larger than" in (await resp.json())["message"]
+
+
+async def test_keeps_serving_after_garbage(server: KMEServer, pki: PKIPaths) -> None:
+    import asyncio
+
+    # raw garbage on a TLS connection, then a half-sent request that is dropped
+    ctx = sae_ctx(pki, "alice")
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=ctx)
+    writer.write(b"\x00\x01GARBAGE\r\n\r\n")
+    await writer.drain()
+    await reader.read(1000)
+    writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=ctx)
+    writer.write(b"POST /api/v1/keys/bob/enc_keys HTTP/1.1\r\nContent-Length: 50\r\n\r\n{")
+    await writer.drain()
+    writer.close()
+    async with ETSI014Client(server.url, ctx) as client:
+        assert len(await client.get_keys("bob", 2)) == 2
+
+
+# --- mutual TLS --------------------------------------------------------------------
+
+
+async def test_missing_client_certificate_refused(server: KMEServer, pki: PKIPaths) -> None:
+    ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+    async with ETSI014Client(server.url, ctx, timeout=5) as client:
+        with pytest.raises(KMEConnectionError):
+            await client.status("bob")
+
+
+async def test_foreign_client_certificate_refused(
+    server: KMEServer, pki: PKIPaths, other_pki: PKIPaths
+) -> None:
+    # a certificate for "alice" from another CA, trusting the right server CA
+    ctx = client_ssl_context(other_pki.saes["alice"].cert, other_pki.saes["alice"].key, pki.ca_cert)
+    async with ETSI014Client(server.url, ctx, timeout=5) as client:
+        with pytest.raises(KMEConnectionError):
+            await client.get_key("bob")
+    assert server.kme.stored_key_count("alice", "bob") == 20
+
+
+async def test_server_verified_by_client(
+    server: KMEServer, pki: PKIPaths, other_pki: PKIPaths
+) -> None:
+    ctx = client_ssl_context(pki.saes["alice"].cert, pki.saes["alice"].key, other_pki.ca_cert)
+    async with ETSI014Client(server.url, ctx, timeout=5) as client:
+        with pytest.raises(KMEConnectionError, match="certificate"):
+            await client.status("bob")
+    good = sae_ctx(pki, "alice")
+    async with ETSI014Client(server.url, good, server_name="kme-a") as client:
+        assert (await client.status("bob")).source_kme_id == "kme-a"
+    async with ETSI014Client(server.url, good, server_name="kme-b", timeout=5) as client:
+        with pytest.raises(KMEConnectionError, match="certificate"):
+            await client.status("bob")
+
+
+# --- the client against the server ----------------------------------------------------
+
+
+async def test_client_error_mapping_against_server(server: KMEServer, pki: PKIPaths) -> None:
+    async with ETSI014Client(server.url, sae_ctx(pki, "alice")) as alice:
+        with pytest.raises(KMEBadRequestError, match="size 128 is not supported") as info:
+            await alice.get_key("bob", 128)
+        assert info.value.status == 400 and info.value.message
+        with pytest.raises(KMEBadRequestError, match="not known"):
+            await alice.get_key("nobody")
+        await alice.get_keys("bob", 8)
+        await alice.get_keys("bob", 8)
+        with pytest.raises(KMEUnavailableError):
+            await alice.get_keys("bob", 8)
+    async with ETSI014Client(server.url, sae_ctx(pki, "carol")) as carol:
+        with pytest.raises(KMEUnauthorizedError):
+            await carol.status("bob")
+
+
+@pytest.mark.parametrize("method", ["POST", "GET"])
+async def test_two_kmes(pki: PKIPaths, method: str) -> None:
+    kme_a, kme_b = KME("kme-a"), KME("kme-b")
+    keys = random_keys(10)
+    kme_a.supply("alice", "bob", keys, role="master", peer_kme_id="kme-b")
+    kme_b.supply("alice", "bob", keys, role="slave", peer_kme_id="kme-a")
+    async with (
+        KMEServer(kme_a, "127.0.0.1", 0, kme_ctx(pki, "kme-a")) as srv_a,
+        KMEServer(kme_b, "127.0.0.1", 0, kme_ctx(pki, "kme-b")) as srv_b,
+        ETSI014Client(srv_a.url, sae_ctx(pki, "alice"), method=method) as alice,
+        ETSI014Client(srv_b.url, sae_ctx(pki, "bob"), method=method) as bob,
+    ):
+        status = await bob.status("alice")
+        assert (status.source_kme_id, status.target_kme_id) == ("kme-a", "kme-b")
+        got = await alice.get_keys("bob", 3)
+        back = await bob.get_keys_by_id("alice", [k.key_id for k in reversed(got)])
+        assert [k.key for k in back] == [k.key for k in reversed(got)]
+        with pytest.raises(KMEBadRequestError):
+            await bob.get_key_by_id("alice", got[0].key_id)
+        assert (await alice.status("bob")).stored_key_count == 7
+
+
+async def test_open_key_source_etsi014(server: KMEServer, pki: PKIPaths) -> None:
+    paths = pki.saes["alice"]
+    config = {"url": server.url, "cert": paths.cert, "key": paths.key, "ca": pki.ca_cert}
+    async with open_key_source(config) as source:
+        assert isinstance(source, ETSI014Client)
+        key = await source.get_key("bob")
+        assert key.size_bits == 256
+    async with open_key_source({**config, "type": "etsi014", "method": "get"}) as source:
+        assert (await source.status("bob")).stored_key_count == 19
+
+
+def test_sae_cert_paths_exist(pki: PKIPaths) -> None:
+    assert all(Path(p.cert).exists() for p in pki.saes.values())
