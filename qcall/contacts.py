@@ -194,6 +194,7 @@ class ContactStore:
         self.path = Path(path)
         self.strict = strict
         self._clock = clock
+        self._cache: tuple[tuple[int, int, int, int], dict[str, Contact]] | None = None
 
     @classmethod
     def in_home(cls, home: str | os.PathLike[str], *, strict: bool = False) -> ContactStore:
@@ -206,14 +207,25 @@ class ContactStore:
     # --- file access -------------------------------------------------------------------------
 
     def _read(self) -> dict[str, Contact]:
+        """Current contacts; re-parsed only when the file changed.
+
+        Every write replaces the file by rename, so (inode, mtime, size) of the
+        open file identifies its content.
+        """
         try:
             with self.path.open("rb") as f:
+                st = os.fstat(f.fileno())
+                key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+                if self._cache is not None and self._cache[0] == key:
+                    return dict(self._cache[1])
                 data = f.read(MAX_FILE_SIZE + 1)
         except FileNotFoundError:
             return {}
         except OSError as exc:
             raise ConfigError(f"cannot read {self.path}: {exc.strerror}") from exc
-        return parse_contacts(data, str(self.path))
+        contacts = parse_contacts(data, str(self.path))
+        self._cache = (key, contacts)
+        return dict(contacts)
 
     def _write(self, contacts: dict[str, Contact]) -> None:
         obj = {

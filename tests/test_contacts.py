@@ -249,3 +249,16 @@ def test_mutated_store_only_qcall_errors(
         return
     for contact in contacts:  # whatever still parses is self-consistent
         assert contact.fingerprint == fingerprint(contact.public_key)
+
+
+def test_other_writers_are_seen(tmp_path: Path) -> None:
+    """The parsed-file cache follows writes by other instances (or processes)."""
+    one, two = ContactStore(tmp_path / CONTACTS_FILE), ContactStore(tmp_path / CONTACTS_FILE)
+    one.check_peer("bob", BOB)
+    assert two.get("bob") is not None and one.get("carol") is None
+    two.pin("carol", CAROL)
+    assert one.get("carol") is not None
+    two.remove("bob")
+    assert one.get("bob") is None
+    one.check_peer("bob", BOB2)  # forgotten elsewhere: pinned afresh here
+    assert two.get("bob") is not None and two.get("bob").public_key == BOB2  # type: ignore[union-attr]
