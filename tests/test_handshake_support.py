@@ -63,22 +63,19 @@ def make_pair(
     caller_kwargs: dict[str, Any] | None = None,
     callee_kwargs: dict[str, Any] | None = None,
 ) -> Pair:
-    caller = CallerHandshake(
-        ALICE,
-        "alice",
-        "bob",
-        check_peer=Pins(bob=BOB.public_bytes()),
-        policy=policy,
-        qkd_route=ROUTE if policy == "hybrid" else None,
+    caller_args: dict[str, Any] = {
+        "check_peer": Pins(bob=BOB.public_bytes()),
+        "policy": policy,
+        "qkd_route": ROUTE if policy == "hybrid" else None,
         **(caller_kwargs or {}),
-    )
-    callee = CalleeHandshake(
-        BOB,
-        "bob",
-        check_peer=Pins(alice=ALICE.public_bytes()),
-        policy=policy,
+    }
+    callee_args: dict[str, Any] = {
+        "check_peer": Pins(alice=ALICE.public_bytes()),
+        "policy": policy,
         **(callee_kwargs or {}),
-    )
+    }
+    caller = CallerHandshake(ALICE, "alice", "bob", **caller_args)
+    callee = CalleeHandshake(BOB, "bob", **callee_args)
     return Pair(caller, callee)
 
 
@@ -150,3 +147,18 @@ def run_handshake(
 
 def events_of(events: list[Event], cls: type) -> list[Any]:
     return [e for e in events if isinstance(e, cls)]
+
+
+def resign(
+    data: bytes, key: pqc.SigningKey, context: bytes, *prefix: bytes, **changes: Any
+) -> bytes:
+    """Re-sign a (modified) offer/answer with `key`: a misbehaving but authentic peer."""
+    from dataclasses import replace
+
+    from qcall.handshake.keyschedule import transcript_hash
+    from qcall.handshake.messages import parse_message
+    from qcall.handshake.protocol import TRANSCRIPT_DOMAIN
+
+    msg = replace(parse_message(data), signature=b"", **changes)  # type: ignore[type-var]
+    running = transcript_hash(TRANSCRIPT_DOMAIN, *prefix, msg.signed_part())
+    return replace(msg, signature=key.sign(running, context)).serialize()

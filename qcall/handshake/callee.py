@@ -35,11 +35,11 @@ from qcall.handshake.protocol import (
     TRANSCRIPT_DOMAIN,
     CheckPeer,
     HandshakeProtocol,
+    PendingRekey,
     QKDRoute,
     Role,
     State,
-    _fingerprint,
-    _PendingRekey,
+    key_fingerprint,
     logger,
     random_bytes,
 )
@@ -167,7 +167,7 @@ class CalleeHandshake(HandshakeProtocol):
         self._events.append(
             OfferReceived(
                 peer_name=offer.sender,
-                peer_fingerprint=_fingerprint(offer.public_key),
+                peer_fingerprint=key_fingerprint(offer.public_key),
                 policy=offer.policy,
                 sdp=offer.sdp,
                 srtp_profiles=offer.srtp_profiles,
@@ -199,7 +199,7 @@ class CalleeHandshake(HandshakeProtocol):
             raise DowngradeError("a rekey under policy hybrid must bring a fresh QKD key")
         if self.policy == "pqc" and message.qkd_key_ids:
             raise DowngradeError("a rekey under policy pqc cannot carry QKD keys")
-        rekey = _PendingRekey(
+        rekey = PendingRekey(
             epoch=message.epoch,
             message=data,
             key_ids=message.qkd_key_ids,

@@ -35,12 +35,12 @@ from qcall.handshake.protocol import (
     TRANSCRIPT_DOMAIN,
     CheckPeer,
     HandshakeProtocol,
+    PendingRekey,
     QKDKeyLike,
     QKDRoute,
     Role,
     State,
-    _fingerprint,
-    _PendingRekey,
+    key_fingerprint,
     random_bytes,
 )
 
@@ -157,7 +157,7 @@ class CallerHandshake(HandshakeProtocol):
             qkd_key_size=len(k_qkd),
             kem_ek=kem_key.public_bytes() if kem_key else b"",
         ).serialize()
-        self._rekey = _PendingRekey(
+        self._rekey = PendingRekey(
             epoch=self.epoch + 1,
             message=message,
             key_ids=tuple(k.key_id for k in qkd_keys),
@@ -218,7 +218,7 @@ class CallerHandshake(HandshakeProtocol):
         self._events.append(
             AnswerReceived(
                 peer_name=answer.sender,
-                peer_fingerprint=_fingerprint(answer.public_key),
+                peer_fingerprint=key_fingerprint(answer.public_key),
                 policy=answer.policy,
                 sdp=answer.sdp,
                 srtp_profile=answer.srtp_profile,

@@ -84,11 +84,15 @@ __all__ = [
     "TRANSCRIPT_DOMAIN",
     "CheckPeer",
     "HandshakeProtocol",
+    "PendingRekey",
     "QKDKey",
     "QKDKeyLike",
     "QKDRoute",
     "Role",
     "State",
+    "key_fingerprint",
+    "random_bytes",
+    "wire_code",
 ]
 
 #: Domain of the handshake transcript hash (``docs/handshake.md`` §4.1).
@@ -156,7 +160,9 @@ class QKDRoute:
 
 
 @dataclass
-class _PendingRekey:
+class PendingRekey:
+    """State of a rekey in progress (internal to the caller/callee classes)."""
+
     epoch: int  # the epoch being created
     message: bytes  # REKEY as sent/received
     key_ids: tuple[str, ...]
@@ -167,7 +173,8 @@ class _PendingRekey:
     kem_ct: bytes = b""
 
 
-def _fingerprint(public_key: bytes) -> str:
+def key_fingerprint(public_key: bytes) -> str:
+    """First 16 hex digits of SHA-256 of an ML-DSA public key (for logs and events)."""
     return hashlib.sha256(public_key).hexdigest()[:16]
 
 
@@ -188,7 +195,8 @@ def _remote_error_class(code: str) -> type[HandshakeError]:
     return _REMOTE_ERRORS.get(code, HandshakeError)
 
 
-def _wire_code(error: QCallError) -> str:
+def wire_code(error: QCallError) -> str:
+    """The short code sent to the peer for ``error`` (``docs/handshake.md`` §3.6)."""
     if isinstance(error, HandshakeError):
         return error.code
     if isinstance(error, IdentityError):
@@ -270,7 +278,7 @@ class HandshakeProtocol:
         self._schedule: KeySchedule | None = None
         self._confirmed_epoch = -1
         self._peer_confirm: Confirm | None = None
-        self._rekey: _PendingRekey | None = None
+        self._rekey: PendingRekey | None = None
         self._sas: str | None = None
 
     # --- outputs -------------------------------------------------------------
@@ -319,13 +327,11 @@ class HandshakeProtocol:
             if self.debug:
                 logger.debug("< %s (%d bytes)", type(message).__name__.upper(), len(data))
             if isinstance(message, Error):
-                self._fail(
-                    _remote_error_class(message.code)(
-                        f"the peer reported an error: {message.code}"
-                    ),
-                    notify=False,
-                    remote=True,
+                error = _remote_error_class(message.code)(
+                    f"the peer reported an error: {message.code}"
                 )
+                error.code = message.code  # e.g. identity_rejected, qkd_unavailable
+                self._fail(error, notify=False, remote=True)
                 return
             self._dispatch(message, bytes(data), now)
         except (HandshakeError, IdentityError) as exc:
@@ -440,7 +446,7 @@ class HandshakeProtocol:
         self._rekey = None
         self._events.append(HandshakeFailed(error=error, remote=remote))
         if notify:
-            self._send(Error(code=_wire_code(error)).serialize(), "ERROR")
+            self._send(Error(code=wire_code(error)).serialize(), "ERROR")
 
     def _send(self, data: bytes, what: str) -> None:
         if self.debug:
@@ -477,7 +483,7 @@ class HandshakeProtocol:
         if not ok:
             raise BadSignatureError(
                 f"the {type(message).__name__.lower()} signature of {message.sender!r} "
-                f"(key {_fingerprint(message.public_key)}) does not verify"
+                f"(key {key_fingerprint(message.public_key)}) does not verify"
             )
         self.check_peer(message.sender, message.public_key)
         self.peer_name = message.sender
@@ -593,7 +599,7 @@ class HandshakeProtocol:
     def _callee_finish_rekey(self) -> None:
         raise HandshakeStateError("only the callee answers a rekey")
 
-    def _derive_rekey(self, rekey: _PendingRekey, ack: bytes, k_kem: bytes) -> None:
+    def _derive_rekey(self, rekey: PendingRekey, ack: bytes, k_kem: bytes) -> None:
         assert self._schedule is not None and rekey.k_qkd is not None
         th = transcript_hash(
             REKEY_DOMAIN, self._schedule.current.transcript_hash, rekey.message, ack
