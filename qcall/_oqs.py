@@ -261,6 +261,14 @@ class OQSBackend:
     def __init__(self) -> None:
         self._oqs = _import_oqs()
         self.library_version: str = str(self._oqs.oqs_version())
+        if not (
+            hasattr(self._oqs.KeyEncapsulation, "generate_keypair_seed")
+            and hasattr(self._oqs.Signature, "sign_with_ctx_str")
+        ):
+            raise BackendUnavailableError(
+                "the installed liboqs-python is too old for qcall's 'oqs' backend: "
+                "pip install -U 'liboqs-python>=0.14' (with the matching liboqs)"
+            )
 
     def _kem(self, algorithm: KEM) -> Any:
         if algorithm.value not in self._oqs.get_enabled_kem_mechanisms():
