@@ -338,8 +338,8 @@ class ETSI014Client(KeySource):
         where = f"KME {self.url}"
         try:
             async with self._get_session().request(http_method, url, **kwargs) as resp:
-                raw = await resp.content.read(MAX_RESPONSE + 1)
                 status = resp.status
+                raw = await _read_limited(resp, where)
         except TimeoutError:
             raise KMEConnectionError(f"{where} did not answer within {self.timeout:g} s") from None
         except aiohttp.ClientConnectorCertificateError as exc:
@@ -357,8 +357,6 @@ class ETSI014Client(KeySource):
             raise KMEConnectionError(f"{where}: TLS error: {exc.reason}") from None
         except OSError as exc:
             raise KMEConnectionError(f"{where}: {exc.strerror or exc}") from None
-        if len(raw) > MAX_RESPONSE:
-            raise KMEResponseError(f"{where} sent an answer larger than {MAX_RESPONSE} bytes")
         try:
             data = json.loads(raw)
         except (ValueError, RecursionError):
@@ -437,3 +435,18 @@ class ETSI014Client(KeySource):
 
 
 _NOT_JSON: Final = object()
+
+
+async def _read_limited(resp: aiohttp.ClientResponse, where: str) -> bytes:
+    """Read the body; refuse one larger than :data:`MAX_RESPONSE` (hostile KME)."""
+    too_large = KMEResponseError(f"{where} sent an answer larger than {MAX_RESPONSE} bytes")
+    if resp.content_length is not None and resp.content_length > MAX_RESPONSE:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await resp.content.read(MAX_RESPONSE + 1 - size):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_RESPONSE:
+            raise too_large
+    return b"".join(chunks)
