@@ -295,6 +295,9 @@ async def test_hybrid_keys_on_the_wire_and_audio_arrives() -> None:
         # delivered it, so even A's very first packet reached B's receiver.
         assert b.hook.stats.tx_dropped_pending > 0 and b.hook.stats.rx_queued_pending > 0
         assert b.rx_seqs[0] == int.from_bytes(a.srtp_sent()[0][2:4], "big")
+        # A's provider answered synchronously: not one packet was held back.
+        assert a.hook.stats.tx_dropped_pending == 0
+        assert a.rx_seqs[0] == int.from_bytes(b.srtp_sent()[0][2:4], "big")
         assert repr(a.hook).startswith("<HybridSRTP ACTIVE")
         assert get_srtp_hook(a.dtls) is a.hook
 

@@ -47,11 +47,11 @@ from typing import Any, Final, Literal, cast
 
 import aiortc
 import pylibsrtp
-from aiortc import RTCPeerConnection
+from aiortc import RTCPeerConnection, clock as aiortc_clock
 from aiortc.rtcdtlstransport import RTCDtlsTransport, State as DTLSState
 from pylibsrtp import Policy, Session
 
-from qcall.exceptions import CallError, InvalidKeyError
+from qcall.exceptions import CallError, InvalidKeyError, QCallError
 
 __all__ = [
     "AIORTC_CHECKED_VERSIONS",
@@ -644,33 +644,46 @@ class HybridSRTP:
         except Exception as exc:
             self._fail_now(exc)
             return
-        self._task = asyncio.ensure_future(self._await_keys(result))
-
-    async def _await_keys(self, result: SRTPKeys | Awaitable[SRTPKeys]) -> None:
+        if inspect.isawaitable(result):
+            self._task = asyncio.ensure_future(self._await_keys(result))
+            return
         try:
-            if inspect.isawaitable(result):
-                keys = await asyncio.wait_for(result, self._timeout)
-            else:
-                keys = result
-            if not isinstance(keys, SRTPKeys):
-                raise CallError(f"key provider returned {type(keys).__name__}, not SRTPKeys")
+            self._install_initial(result)
+        except CallError as exc:
+            self._fail_now(exc)
+            return
+        self._set_active()
+
+    async def _await_keys(self, result: Awaitable[SRTPKeys]) -> None:
+        try:
+            keys = await asyncio.wait_for(result, self._timeout)
+            self._install_initial(keys)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             await self._fail_later(exc)
             return
+        # Replay what arrived early, in order; packets arriving meanwhile join the queue.
+        while self._pending_rx and self.state is HookState.WAITING_FOR_KEYS:
+            data, rtcp, arrival_ms = self._pending_rx.popleft()
+            await self._deliver(data, rtcp, arrival_ms)
+        if self.state is HookState.WAITING_FOR_KEYS:
+            self._set_active()
+
+    def _install_initial(self, keys: object) -> None:
+        if not isinstance(keys, SRTPKeys):
+            raise CallError(f"key provider returned {type(keys).__name__}, not SRTPKeys")
         if self.state is not HookState.WAITING_FOR_KEYS:
-            return
+            raise CallError(f"hybrid SRTP is {self.state.name}")
         self._keyring.install(0, keys.remote_master, keys.profile)
         self._outbound.install(0, _session(keys.local_master, keys.profile, inbound=False))
         self._activated = 0
         logger.debug("= hybrid SRTP keys installed: %r", keys)
-        # Replay what arrived early, in order; packets arriving meanwhile join the queue.
-        while self._pending_rx:
-            data, rtcp, arrival_ms = self._pending_rx.popleft()
-            await self._deliver(data, rtcp, arrival_ms)
+
+    def _set_active(self) -> None:
         self.state = HookState.ACTIVE
         self._ready.set_result(None)
+        logger.debug("= media enabled under hybrid SRTP keys")
 
     async def _deliver(self, data: bytes, rtcp: bool, arrival_ms: int) -> None:
         try:
@@ -688,7 +701,7 @@ class HybridSRTP:
             if self.state is HookState.WAITING_FOR_KEYS and len(self._pending_rx) < (
                 self._max_pending
             ):
-                self._pending_rx.append((data, rtcp, int(self._clock() * 1000)))
+                self._pending_rx.append((data, rtcp, aiortc_clock.current_ms()))
                 self.stats.rx_queued_pending += 1
                 raise pylibsrtp.Error("hybrid keys pending: packet queued")
             self.stats.rx_dropped_pending += 1
@@ -722,7 +735,7 @@ class HybridSRTP:
     def _record_failure(self, exc: BaseException) -> None:
         if isinstance(exc, asyncio.TimeoutError):
             message = f"hybrid SRTP keys not ready within {self._timeout} s"
-        elif isinstance(exc, CallError):
+        elif isinstance(exc, QCallError):  # qcall messages never hold key bytes
             message = f"hybrid SRTP key provider failed: {exc}"
         else:
             message = f"hybrid SRTP key provider failed: {type(exc).__name__}"
