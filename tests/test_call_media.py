@@ -516,14 +516,106 @@ def test_cli_devices_says_no_devices(capsys):
     assert document == {"inputs": [], "outputs": [], "message": NO_DEVICE_MESSAGE}
 
 
-@pytest.mark.skipif(not HAVE_DEVICES, reason="no sound devices here")
-def test_cli_devices_lists_devices(capsys):  # pragma: no cover - needs a sound card
-    assert main(["devices"]) == 0
-    assert "Input devices" in capsys.readouterr().out
-
-
 def test_cli_devices_without_pyaudio(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "pyaudio", None)  # import pyaudio → ImportError
     assert main(["devices"]) == 1
     err = capsys.readouterr().err
     assert "apt-get install portaudio19-dev" in err and "pip install 'qcall[audio]'" in err
+
+
+# --- real PortAudio I/O on ALSA plugins (no sound card needed) ---------------------------
+
+ALSA_CONF = Path("/usr/share/alsa/alsa.conf")
+
+
+@pytest.fixture
+def alsa_devices(tmp_path, monkeypatch):
+    """Make PortAudio see two ALSA plugin devices instead of sound cards.
+
+    ``qcallnull`` (the default) is a ``null`` PCM: output is discarded, input is
+    whatever its buffer holds. ``qcallfile`` is a ``file`` PCM over it: capture
+    reads ``mic.raw`` (a 700 Hz tone) and playback is written to ``played.raw``,
+    both mono s16le at 48 kHz. Neither paces in real time, so tests stay short.
+    """
+    if not ALSA_CONF.exists():
+        pytest.skip("no ALSA configuration to extend")
+    mic = tmp_path / "mic.raw"
+    mic.write_bytes(sine(700, 5.0, RATE, amplitude=0.4).astype("<i2").tobytes())
+    played = tmp_path / "played.raw"
+    conf = tmp_path / "asound.conf"
+    conf.write_text(
+        'pcm.qcallnull { type null hint { show on description "qcall null" } }\n'
+        f'pcm.qcallfile {{ type file slave.pcm "qcallnull" file "{played}" '
+        f'infile "{mic}" format "raw" hint {{ show on description "qcall file" }} }}\n'
+    )
+    monkeypatch.setenv("ALSA_CONFIG_PATH", f"{ALSA_CONF}:{conf}")
+    devices = {d.name: d for d in list_devices()}
+    if sorted(devices) != ["qcallfile", "qcallnull"]:
+        pytest.skip(f"PortAudio did not expose the ALSA plugins: {devices}")
+    return devices, played
+
+
+def test_cli_devices_lists_devices_with_indexes(alsa_devices, capsys):
+    devices, _ = alsa_devices
+    assert main(["devices"]) == 0
+    out = capsys.readouterr().out
+    assert "Input devices (--input-device N):" in out
+    assert "Output devices (--output-device N):" in out
+    assert f"*{devices['qcallnull'].index:3d}  qcallnull  [ALSA" in out
+    assert f" {devices['qcallfile'].index:3d}  qcallfile  [ALSA" in out
+    assert main(["devices", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["message"] is None
+    assert sorted(d["name"] for d in document["outputs"]) == ["qcallfile", "qcallnull"]
+    defaults = [d["name"] for d in document["inputs"] if d["is_default_input"]]
+    assert defaults == ["qcallnull"]
+
+
+async def test_microphone_track_captures_device_audio(alsa_devices):
+    devices, _ = alsa_devices
+    default = open_source()
+    assert isinstance(default, MicrophoneTrack) and default.device_name == "qcallnull"
+    default.stop()
+
+    track = open_source(input_device=devices["qcallfile"].index)
+    assert isinstance(track, MicrophoneTrack) and track.device_name == "qcallfile"
+    frames = [await asyncio.wait_for(track.recv(), 5 * TIMEOUT_FACTOR) for _ in range(10)]
+    track.stop()
+    track.stop()  # idempotent
+    assert [f.pts for f in frames] == [960 * k for k in range(10)]
+    assert all(
+        (f.format.name, f.layout.name, f.sample_rate, f.samples) == ("s16", "mono", RATE, 960)
+        for f in frames
+    )
+    captured = samples_of(frames)
+    assert peak_frequency(captured, RATE) == pytest.approx(700, abs=2)
+    with pytest.raises(MediaStreamError):
+        await track.recv()
+    with pytest.raises(MediaError, match="--input-device 7: no such device"):
+        MicrophoneTrack(7)
+
+
+async def test_speaker_sink_plays_to_device(alsa_devices):
+    devices, played = alsa_devices
+    sink = open_sink(output_device=devices["qcallfile"].index)
+    assert isinstance(sink, SpeakerSink) and sink.device_name == "qcallfile"
+    # Not paced: all 150 ms fit in the sink's 200 ms buffer, and the device
+    # (which consumes far faster than real time) is open only briefly.
+    source = ToneTrack(440, duration=0.15, realtime=False)
+    sink.addTrack(source)
+    await sink.start()
+    await asyncio.wait_for(sink.join(), 5 * TIMEOUT_FACTOR)
+    await sink.stop()
+    assert sink.frames_received == 8
+    out = np.frombuffer(played.read_bytes(), dtype="<i2")
+    expected = source.generator.render(0, 7200)
+    # Every sample reached the device, in order, between stretches of silence
+    # (underruns); zero samples are left out as silence and tone cannot be
+    # told apart there.
+    assert np.count_nonzero(expected) > 7100
+    assert np.array_equal(out[out != 0], expected[expected != 0])
+    default = open_sink()
+    assert isinstance(default, SpeakerSink) and default.device_name == "qcallnull"
+    await default.stop()
+    with pytest.raises(MediaError, match="--output-device 4: no such device"):
+        SpeakerSink(4)
