@@ -149,10 +149,10 @@ class OpticalLayer:
         sent = rng.multinomial(n_pulses, p.probabilities).astype(np.int64)
         probs = self._class_probabilities()
         counts = []
-        for k in range(3):
-            flat = probs[k].ravel()
+        for cls in range(3):
+            flat = probs[cls].ravel()
             full = np.append(flat, max(0.0, 1.0 - flat.sum()))
-            counts.append(rng.multinomial(int(sent[k]), full / full.sum())[:-1])
+            counts.append(rng.multinomial(int(sent[cls]), full / full.sum())[:-1])
         count = np.concatenate(counts)  # over flattened (k, a, b, d, o)
         labels = rng.permutation(np.repeat(np.arange(count.size), count))
         k, a, b, d, o = np.unravel_index(labels, probs.shape)
@@ -189,4 +189,5 @@ def _distinct_sorted(rng: np.random.Generator, n: int, k: int) -> I64:
     gaps = rng.standard_exponential(k + 1)
     u = np.cumsum(gaps)[:-1] / gaps.sum()
     base = np.minimum(np.floor(u * (n - k + 1)).astype(np.int64), n - k)
-    return base + np.arange(k, dtype=np.int64)
+    out: I64 = base + np.arange(k, dtype=np.int64)
+    return out

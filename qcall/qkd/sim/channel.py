@@ -2,19 +2,23 @@
 
 QKD needs an authenticated (not secret) classical channel. Each end holds a
 copy of a pre-shared secret: a 32-byte MAC key and a pool of one-time-pad
-bits. Every frame carries a Wegman-Carter style tag (Wegman & Carter, "New
-hash functions and their use in authentication and set equality", JCSS 22
-(1981)): ``tag = HMAC-SHA-256(k_mac, header || payload)[:16] XOR r`` where
-``r`` is 128 fresh bits from the pad pool, used once. (HMAC stands in for an
-information-theoretic almost-strongly-universal hash; the one-time pad and
-its consumption are real.) The link refills the pool from each block's final
-key, so authentication costs ``128 bits x messages`` of key per block, which
-:class:`~qcall.qkd.sim.link.SimulatedLink` reports and deducts.
+bits. Two layers of authentication:
+
+* **Every frame** carries ``HMAC-SHA-256(k_mac, header || payload)[:16]``,
+  so a tampered, replayed, reordered or reflected frame is rejected at once
+  (:class:`~qcall.exceptions.ChannelAuthenticationError`), before it is parsed.
+* **Every block** ends with a Wegman-Carter style tag in each direction
+  (Wegman & Carter, "New hash functions and their use in authentication and
+  set equality", JCSS 22 (1981)): ``HMAC(k_mac, direction || H(transcript))[:16]
+  XOR r`` with ``r`` 128 fresh pad bits used once. (HMAC stands in for an
+  almost-strongly-universal hash; the pad and its consumption are real.) A
+  block's key is released only after both tags verify. This costs 256 bits of
+  key per block, which :class:`~qcall.qkd.sim.link.SimulatedLink` reports and
+  pays back from the block's key into the pad pool.
 
 Frame: ``version (1) | direction (1) | seq (u32) | length (u32) | payload | tag (16)``.
-Both ends consume pad bits in the same order because the protocol strictly
-alternates; a frame that fails verification still consumes its pad so the
-ends stay in step for the next block.
+Both ends see the same transcript (the protocol strictly alternates), so
+they consume pad bits in the same order.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ class ChannelEnd:
         self.send_seq = 0
         self.recv_seq = 0
         self.pad_bits_consumed = 0
+        self._transcript = hashlib.sha256()
 
     def __repr__(self) -> str:
         return (f"ChannelEnd(party={'Alice' if self.party == ALICE else 'Bob'}, "
@@ -92,16 +97,36 @@ class ChannelEnd:
         self.pad_bits_consumed += TAG_BITS
         return r
 
-    def _tag(self, body: bytes, pad: bytes) -> bytes:
-        mac = hmac.new(self._mac_key, body, hashlib.sha256).digest()[:TAG_BYTES]
-        return bytes(a ^ b for a, b in zip(mac, pad, strict=True))
+    def _tag(self, body: bytes) -> bytes:
+        return hmac.new(self._mac_key, body, hashlib.sha256).digest()[:TAG_BYTES]
 
     def seal(self, msg: Message) -> bytes:
         """Encode and authenticate one message; returns the frame to transmit."""
         payload = encode(msg)
         body = _HEADER.pack(VERSION, self.party, self.send_seq, len(payload)) + payload
         self.send_seq += 1
-        return body + self._tag(body, self._next_pad())
+        frame = body + self._tag(body)
+        self._transcript.update(frame)
+        return frame
+
+    def reset_transcript(self) -> None:
+        """Start a new block transcript without tagging the current one."""
+        self._transcript = hashlib.sha256()
+
+    def block_tags(self) -> tuple[bytes, bytes]:
+        """Wegman-Carter tags over this block's transcript: (Alice's, Bob's).
+
+        Consumes 2 x 128 pad bits (Alice's tag first, at both ends) and starts
+        a new transcript.
+        """
+        digest = self._transcript.digest()
+        self._transcript = hashlib.sha256()
+        tags = []
+        for party in (ALICE, BOB):
+            mac = hmac.new(self._mac_key, bytes([party]) + digest, hashlib.sha256).digest()
+            tags.append(bytes(a ^ b for a, b in zip(mac[:TAG_BYTES], self._next_pad(),
+                                                    strict=True)))
+        return tags[0], tags[1]
 
     def open(self, frame: bytes) -> Message:
         """Verify and decode a frame from the other end.
@@ -110,13 +135,13 @@ class ChannelEnd:
             ChannelAuthenticationError: bad tag, version, direction or sequence number.
             PostProcessingError: the authenticated payload is malformed.
         """
-        pad = self._next_pad()
         seq = self.recv_seq
         self.recv_seq += 1
+        self._transcript.update(frame)
         if len(frame) < _HEADER.size + TAG_BYTES:
             raise ChannelAuthenticationError(f"frame #{seq}: too short ({len(frame)} bytes)")
         body, tag = frame[:-TAG_BYTES], frame[-TAG_BYTES:]
-        if not hmac.compare_digest(self._tag(body, pad), tag):
+        if not hmac.compare_digest(self._tag(body), tag):
             raise ChannelAuthenticationError(f"frame #{seq}: authentication tag does not verify")
         version, sender, fseq, length = _HEADER.unpack_from(body)
         if version != VERSION:
@@ -163,9 +188,29 @@ class AuthenticatedChannel:
 
     @property
     def auth_bits_consumed(self) -> int:
-        """One-time-pad bits spent on tags (counted once per frame, at the sender)."""
-        # Both ends consume the same pad bits for every frame (seal / open).
+        """One-time-pad bits spent on block tags (both ends spend the same bits)."""
         return self.ends[ALICE].pad_bits_consumed
+
+    def discard_block(self) -> None:
+        """Forget the current block's transcript at both ends (after an aborted block)."""
+        for end in self.ends:
+            end.reset_transcript()
+
+    def authenticate_block(self) -> None:
+        """Exchange and check the end-of-block Wegman-Carter tags (both directions).
+
+        Raises:
+            ChannelAuthenticationError: the two ends saw different transcripts.
+        """
+        alice_a, alice_b = self.ends[ALICE].block_tags()
+        bob_a, bob_b = self.ends[BOB].block_tags()
+        for sender, sent, expected in ((ALICE, alice_a, bob_a), (BOB, bob_b, alice_b)):
+            self.messages[sender] += 1
+            self.bytes_sent[sender] += TAG_BYTES
+            received = sent if self.tamper is None else self.tamper(sender, sent)
+            if not hmac.compare_digest(received, expected):
+                raise ChannelAuthenticationError(
+                    f"block tag from {'Alice' if sender == ALICE else 'Bob'} does not verify")
 
     def transfer(self, sender: int, msg: Message) -> Message:
         """Seal ``msg`` at ``sender``'s end, carry it, and open it at the other end."""

@@ -58,7 +58,9 @@ U64: TypeAlias = npt.NDArray[np.uint64]
 #: Upper bound on any array length in a message (2**28 elements / bits).
 MAX_ELEMENTS = 1 << 28
 
-_DTYPES = {"U8": np.dtype("<u1"), "U32": np.dtype("<u4"), "U64": np.dtype("<u8")}
+_DTYPES: dict[str, np.dtype[Any]] = {
+    "U8": np.dtype("<u1"), "U32": np.dtype("<u4"), "U64": np.dtype("<u8"),
+}
 
 
 class Message:

@@ -149,7 +149,8 @@ class LinkParams:
     @property
     def transmittance(self) -> float:
         """Overall transmittance eta (fibre loss times detector efficiency)."""
-        return 10.0 ** (-self.loss_db_per_km * self.length_km / 10.0) * self.detector_efficiency
+        loss_db = self.loss_db_per_km * self.length_km
+        return float(10.0 ** (-loss_db / 10.0) * self.detector_efficiency)
 
     def replace(self, **changes: object) -> LinkParams:
         """Return a copy with some fields changed (validated again)."""

@@ -83,4 +83,5 @@ def toeplitz_hash_reference(bits: Bits, seed: Bits, m: int) -> Bits:
     i = np.arange(m)[:, None]
     j = np.arange(n)[None, :]
     t = seed[i - j + n - 1].astype(np.int64)
-    return ((t @ bits.astype(np.int64)) & 1).astype(np.uint8)
+    out: Bits = ((t @ bits.astype(np.int64)) & 1).astype(np.uint8)
+    return out
