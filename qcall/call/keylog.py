@@ -18,7 +18,7 @@ Format (one line, fields separated by one space, hex in lower case)::
 
 ``call_id`` and each key ID are 1-128 characters of ``[A-Za-z0-9._:@-]``;
 ``key_ids`` is a comma-separated list (ETSI GS QKD 014 key_IDs) or ``-``;
-``profile`` is an :class:`~qcall.call.srtp.SRTPProfile` name; ``local`` is
+``profile`` is an :class:`~qcall.call.srtpcore.SRTPProfile` name; ``local`` is
 what the writing side sends. Lines starting with ``#`` are comments.
 """
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from qcall.call.srtp import SRTPKeys, SRTPProfile
+from qcall.call.srtpcore import SRTPKeys, SRTPProfile
 from qcall.exceptions import CallError, ConfigError, InvalidKeyError
 
 __all__ = [
