@@ -419,6 +419,54 @@ def test_wav_recorder_and_read_wav_errors(tmp_path):
         recorder.addTrack(VideoTrack())
 
 
+class DelayLine(MediaStreamTrack):
+    """Hands out each frame of ``source`` exactly ``delay`` seconds after it was produced."""
+
+    kind = "audio"
+
+    def __init__(self, source: MediaStreamTrack, delay: float) -> None:
+        super().__init__()
+        self.source = source
+        self.delay = delay
+        self.line: asyncio.Queue[tuple[float, av.AudioFrame]] = asyncio.Queue()
+        self.pump = asyncio.ensure_future(self._pump())
+
+    async def _pump(self) -> None:
+        while True:
+            frame = await self.source.recv()
+            self.line.put_nowait((time.monotonic() + self.delay, frame))
+
+    async def recv(self) -> av.AudioFrame:
+        due, frame = await self.line.get()
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        return frame
+
+    def stop(self) -> None:
+        super().stop()
+        self.pump.cancel()
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.050])
+async def test_latency_method_measures_a_known_delay(tmp_path, delay):
+    tone = ToneTrack(800, chirp_at=[0.05, 0.15, 0.25])
+    line = DelayLine(tone, delay)
+    recorder = WavRecorder(tmp_path / "d.wav")
+    recorder.addTrack(line)
+    await recorder.start()
+    while len(tone.chirp_send_times) < 3 or recorder.duration < 0.3:
+        await asyncio.sleep(0.02)
+    await recorder.stop()
+    line.stop()
+    samples, rate = read_wav(tmp_path / "d.wav")
+    found = find_chirps(samples, rate, tone.chirp)
+    assert found == tone.chirp_offsets  # no codec: found to the sample
+    latencies = one_way_latencies(tone.chirp_send_times, recorder.arrivals, found, rate)
+    assert len(latencies) == 3
+    print(f"\ndelay {delay * 1000:.0f} ms measured {[round(x * 1000, 3) for x in latencies]} ms")
+    for latency in latencies:  # asyncio timers fire late, never early
+        assert delay - 0.001 <= latency < delay + 0.010 * TIMEOUT_FACTOR
+
+
 # --- end to end through aiortc: ToneTrack → Opus → SRTP → WavRecorder -------------------
 
 

@@ -44,6 +44,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from qcall.call.audio_analysis import (
     SAMPLE_RATE,
+    FloatArray,
     FrameArrival,
     Int16Array,
     ToneGenerator,
@@ -369,7 +370,7 @@ class ToneTrack(MediaStreamTrack):
         self._pts = 0
 
     @property
-    def chirp(self) -> Any:
+    def chirp(self) -> FloatArray:
         """The chirp template (float samples in [-1, 1]) to search for."""
         return self.generator.chirp
 
@@ -554,6 +555,7 @@ class MicrophoneTrack(MediaStreamTrack):
         self._resampler = _resampler(SAMPLES_PER_FRAME)
         self._pending: collections.deque[av.AudioFrame] = collections.deque()
         self._pts = 0
+        self._captured = 0  # samples at the capture rate
         self.dropped_blocks = 0
 
     def _callback(
@@ -593,7 +595,9 @@ class MicrophoneTrack(MediaStreamTrack):
             if data is None or self.readyState != "live":
                 raise MediaStreamError
             block = np.frombuffer(data, dtype=np.int16)
-            self._pending.extend(self._resampler.resample(_make_frame(block, 0, self.capture_rate)))
+            frame = _make_frame(block, self._captured, self.capture_rate)
+            self._captured += block.size
+            self._pending.extend(self._resampler.resample(frame))
         frame = self._pending.popleft()
         frame.pts = self._pts
         frame.time_base = TIME_BASE
