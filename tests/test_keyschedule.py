@@ -148,9 +148,7 @@ def test_expand_label_matches_rfc8446_layout() -> None:
 
 def test_transcript_hash_is_length_prefixed() -> None:
     assert transcript_hash(b"d", b"ab", b"c") != transcript_hash(b"d", b"a", b"bc")
-    assert transcript_hash(b"d", b"ab") == hashlib.sha384(
-        b"\0\0\0\x01d\0\0\0\x02ab"
-    ).digest()
+    assert transcript_hash(b"d", b"ab") == hashlib.sha384(b"\0\0\0\x01d\0\0\0\x02ab").digest()
 
 
 def test_format_sas() -> None:
@@ -218,3 +216,22 @@ def test_reprs_hide_secrets() -> None:
     text = repr(ks) + repr(c) + repr(c.caller_to_callee)
     for secret in (c.secret, c.caller_to_callee.key, c.caller_to_callee.salt):
         assert secret.hex() not in text
+
+
+@pytest.mark.parametrize("length", [1, 12, 16, 32, 48, 49, 96, 200])
+def test_fast_expander_equals_pqc_hkdf_expand(length: int) -> None:
+    from qcall import pqc
+    from qcall.handshake.keyschedule import _Expander
+
+    prk = hashlib.sha384(b"prk").digest()
+    info = b"info" * length
+    assert _Expander(prk).expand(info, length) == pqc.hkdf_expand(prk, info, length)
+    assert _Expander(prk).label(b"sas", b"ctx", length) == expand_label(prk, b"sas", b"ctx", length)
+
+
+def test_running_transcript_equals_transcript_hash() -> None:
+    from qcall.handshake.keyschedule import Transcript
+
+    t = Transcript(b"dom").add(b"offer")
+    assert t.hash_with(b"answer") == transcript_hash(b"dom", b"offer", b"answer")
+    assert t.hash_with() == transcript_hash(b"dom", b"offer")  # hash_with does not consume

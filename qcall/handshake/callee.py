@@ -19,7 +19,7 @@ from qcall.exceptions import (
     InvalidMessageError,
 )
 from qcall.handshake.events import OfferReceived, QKDKeysNeeded
-from qcall.handshake.keyschedule import SRTPProfile, transcript_hash
+from qcall.handshake.keyschedule import SRTPProfile, Transcript
 from qcall.handshake.messages import (
     KEM_ALGORITHMS,
     Answer,
@@ -103,8 +103,8 @@ class CalleeHandshake(HandshakeProtocol):
             sdp=sdp,
             signature=b"",
         )
-        self._answer_bytes = self._sign(answer, ANSWER_CONTEXT, self._offer_bytes)
-        self._transcript = transcript_hash(TRANSCRIPT_DOMAIN, self._offer_bytes, self._answer_bytes)
+        self._answer_bytes = self._sign(answer, ANSWER_CONTEXT, self._offer_transcript)
+        self._transcript = self._offer_transcript.hash_with(self._answer_bytes)
         self._send(self._answer_bytes, f"ANSWER {self.policy} {self.profile.value}")
         self.state = State.EXPECT_KEY_MATERIAL
         try:
@@ -149,7 +149,7 @@ class CalleeHandshake(HandshakeProtocol):
             raise InvalidMessageError("field 'srtp_profiles' has no profile in common with us")
         timestamp = offer.timestamp_ms / 1000
         self.replay_cache.check(offer.nonce, timestamp, now)
-        self._verify(offer, data, OFFER_CONTEXT)
+        self._verify(offer, data, OFFER_CONTEXT, Transcript(TRANSCRIPT_DOMAIN))
         # Remember the nonce only once the offer is authenticated (no cache poisoning).
         self.replay_cache.add(offer.nonce, timestamp, now)
         try:
@@ -158,6 +158,7 @@ class CalleeHandshake(HandshakeProtocol):
             raise InvalidMessageError("field 'kem_ek' is not a valid ML-KEM key") from None
         self._offer = offer
         self._offer_bytes = data
+        self._offer_transcript.add(data)
         self.policy = offer.policy
         self.profile = SRTPProfile(common[0])
         self.qkd_key_ids = offer.qkd_key_ids

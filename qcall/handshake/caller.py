@@ -19,7 +19,7 @@ from qcall.exceptions import (
 )
 from qcall.handshake.events import AnswerReceived
 from qcall.handshake.kem import KEMDecapsulationKey
-from qcall.handshake.keyschedule import SRTPProfile, transcript_hash
+from qcall.handshake.keyschedule import SRTPProfile, Transcript
 from qcall.handshake.messages import (
     KEM_ALGORITHMS,
     Answer,
@@ -125,7 +125,8 @@ class CallerHandshake(HandshakeProtocol):
             sdp=sdp,
             signature=b"",
         )
-        self._offer_bytes = self._sign(offer, OFFER_CONTEXT)
+        self._offer_bytes = self._sign(offer, OFFER_CONTEXT, Transcript(TRANSCRIPT_DOMAIN))
+        self._offer_transcript.add(self._offer_bytes)
         self._offer = offer
         self._send(self._offer_bytes, f"OFFER {self.policy} key_ids={','.join(self.qkd_key_ids)}")
         self.state = State.CALLER_EXPECT_ANSWER
@@ -208,12 +209,12 @@ class CallerHandshake(HandshakeProtocol):
             raise UnknownIdentityError(
                 f"the answer comes from {answer.sender!r}, not from {self.peer_name!r}"
             )
-        self._verify(answer, data, ANSWER_CONTEXT, self._offer_bytes)
+        self._verify(answer, data, ANSWER_CONTEXT, self._offer_transcript)
         # FIPS 203 §7.3: implicit rejection, a bad ciphertext gives a wrong secret.
         self._k_kem = self._kem_key.decapsulate(answer.kem_ct)
         self._kem_key = None
         self._answer_bytes = data
-        self._transcript = transcript_hash(TRANSCRIPT_DOMAIN, self._offer_bytes, data)
+        self._transcript = self._offer_transcript.hash_with(data)
         self.profile = SRTPProfile(answer.srtp_profile)
         self._events.append(
             AnswerReceived(

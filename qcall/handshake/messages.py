@@ -164,6 +164,13 @@ class Message:
             raise InvalidMessageError(f"message is too long ({len(data)} bytes)")
         return data
 
+    def with_signature(self, signed_part: bytes, signature: bytes) -> bytes:
+        """Append the signature field to :meth:`signed_part` output: the wire encoding."""
+        data = signed_part + _encode("signature", self.SCHEMA["signature"], signature)
+        if len(data) > MAX_MESSAGE_SIZE:
+            raise InvalidMessageError(f"message is too long ({len(data)} bytes)")
+        return data
+
     def signed_part(self) -> bytes:
         """The bytes covered by the transcript hash (the encoding minus the signature)."""
         return self._encode_fields(with_signature=False)

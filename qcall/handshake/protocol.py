@@ -33,7 +33,7 @@ import hashlib
 import logging
 import secrets
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 from qcall import pqc
@@ -66,6 +66,7 @@ from qcall.handshake.keyschedule import (
     EpochKeys,
     KeySchedule,
     SRTPProfile,
+    Transcript,
     transcript_hash,
 )
 from qcall.handshake.messages import (
@@ -269,6 +270,7 @@ class HandshakeProtocol:
         self._now = 0.0
 
         self._offer_bytes = b""
+        self._offer_transcript = Transcript(TRANSCRIPT_DOMAIN)  # + the offer, once known
         self._answer_bytes = b""
         self._transcript: bytes | None = None  # TH_0 once the answer exists
         self._qkd_key_size = 0
@@ -469,10 +471,15 @@ class HandshakeProtocol:
             )
         return material
 
-    def _verify(self, message: Offer | Answer, data: bytes, context: bytes, *prefix: bytes) -> None:
-        """Check the ML-DSA signature (FIPS 204 §5.3) over the running transcript hash."""
+    def _verify(
+        self, message: Offer | Answer, data: bytes, context: bytes, transcript: Transcript
+    ) -> None:
+        """Check the ML-DSA signature (FIPS 204 §5.3) over the running transcript hash.
+
+        Then, and only then, ask ``check_peer`` about the (authenticated) identity.
+        """
         body = data[: len(data) - 3 - len(message.signature)]
-        running = transcript_hash(TRANSCRIPT_DOMAIN, *prefix, body)
+        running = transcript.hash_with(body)
         algorithm = pqc.SignatureScheme(message.sig_alg)
         try:
             ok = self.backend.verify(
@@ -489,10 +496,10 @@ class HandshakeProtocol:
         self.peer_name = message.sender
         self.peer_public_key = message.public_key
 
-    def _sign(self, message: Offer | Answer, context: bytes, *prefix: bytes) -> bytes:
-        running = transcript_hash(TRANSCRIPT_DOMAIN, *prefix, message.signed_part())
-        signed = replace(message, signature=self.identity.sign(running, context))
-        return signed.serialize()
+    def _sign(self, message: Offer | Answer, context: bytes, transcript: Transcript) -> bytes:
+        body = message.signed_part()
+        signature = self.identity.sign(transcript.hash_with(body), context)
+        return message.with_signature(body, signature)
 
     def _try_derive(self) -> None:
         if (

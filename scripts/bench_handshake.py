@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""CPU cost of the hybrid handshake: each step, the whole handshake, and the primitives.
+
+Both parties run in this process; no network, no KME (the QKD key is handed over
+in memory). Prints medians over ``--runs`` runs and the ratio of the whole
+handshake to the sum of the raw primitive costs it must pay, measured in the
+same run::
+
+    keygen + encaps + decaps (ML-KEM-768) + 2 × sign + 2 × verify (ML-DSA-65)
+
+Usage: ``python scripts/bench_handshake.py [--runs 200] [--json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from qcall import pqc
+from qcall.handshake import (
+    CalleeHandshake,
+    CallerHandshake,
+    KeySchedule,
+    QKDKey,
+    QKDRoute,
+    SRTPProfile,
+    State,
+)
+
+SDP = "v=0\r\na=fingerprint:sha-256 " + ":".join(["AB"] * 32) + "\r\n"
+
+
+def median_us(fn: Callable[[], object], runs: int) -> float:
+    samples = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples) * 1e6
+
+
+def bench(runs: int, policy: str) -> dict[str, Any]:
+    backend = pqc.get_backend("cryptography")
+    alice = backend.signing_generate(pqc.SignatureScheme.ML_DSA_65)
+    bob = backend.signing_generate(pqc.SignatureScheme.ML_DSA_65)
+    pins = {"alice": alice.public_bytes(), "bob": bob.public_bytes()}
+
+    def check_peer(name: str, public_key: bytes) -> None:
+        assert pins[name] == public_key
+
+    # --- raw primitives -------------------------------------------------------------
+    kem_alg = pqc.KEM.ML_KEM_768
+    kem_key = backend.kem_generate(kem_alg)
+    ek = kem_key.public_bytes()
+    _, ct = backend.kem_encapsulate(kem_alg, ek)
+    msg = os.urandom(48)
+    sig = alice.sign(msg, b"ctx")
+    prims = {
+        "ML-KEM-768 keygen": median_us(lambda: backend.kem_generate(kem_alg), runs),
+        "ML-KEM-768 encaps": median_us(lambda: backend.kem_encapsulate(kem_alg, ek), runs),
+        "ML-KEM-768 decaps": median_us(lambda: kem_key.decapsulate(ct), runs),
+        "ML-DSA-65 sign": median_us(lambda: alice.sign(msg, b"ctx"), runs),
+        "ML-DSA-65 verify": median_us(
+            lambda: backend.verify(
+                pqc.SignatureScheme.ML_DSA_65, alice.public_bytes(), sig, msg, b"ctx"
+            ),
+            runs,
+        ),
+        "key schedule (epoch 0)": median_us(
+            lambda: KeySchedule(SRTPProfile.AEAD_AES_256_GCM, msg, b"q" * 32, b"k" * 32, b"d" * 88),
+            runs,
+        ),
+    }
+    primitive_sum = (
+        prims["ML-KEM-768 keygen"]
+        + prims["ML-KEM-768 encaps"]
+        + prims["ML-KEM-768 decaps"]
+        + 2 * prims["ML-DSA-65 sign"]
+        + 2 * prims["ML-DSA-65 verify"]
+    )
+
+    # --- the handshake, step by step -----------------------------------------------------
+    steps: dict[str, list[float]] = {}
+    totals: list[float] = []
+    route = QKDRoute("KME-Beijing", "SAE-alice", "SAE-bob")
+    for i in range(runs):
+        now = 1_780_000_000.0 + i
+        qkd = QKDKey(str(uuid.uuid4()), os.urandom(32)) if policy == "hybrid" else None
+        exporter = os.urandom(88)
+        timings: dict[str, float] = {}
+
+        def step(name: str, fn: Callable[[], object], timings: dict[str, float] = timings) -> None:
+            t0 = time.perf_counter()
+            fn()
+            timings[name] = time.perf_counter() - t0
+
+        def construct() -> tuple[CallerHandshake, CalleeHandshake]:
+            return (
+                CallerHandshake(
+                    alice, "alice", "bob", check_peer=check_peer, policy=policy,
+                    qkd_route=route if qkd else None, backend=backend,
+                ),
+                CalleeHandshake(bob, "bob", check_peer=check_peer, policy=policy, backend=backend),
+            )  # fmt: skip
+
+        t0 = time.perf_counter()
+        caller, callee = construct()
+        timings["0 both: construct protocol objects"] = time.perf_counter() - t0
+
+        step(
+            "1 caller: send_offer (keygen+sign)",
+            lambda: caller.send_offer(SDP, now, [qkd] if qkd else []),
+        )
+        offer = caller.data_to_send()[0]
+        step("2 callee: receive offer (verify+encaps)", lambda: callee.receive_data(offer, now))
+        callee.events_received()
+        if qkd:
+            step("3 callee: receive_qkd_keys", lambda: callee.receive_qkd_keys([qkd]))
+        step("4 callee: send_answer (sign)", lambda: callee.send_answer(SDP, now))
+        answer = callee.data_to_send()[0]
+        step("5 caller: receive answer (verify+decaps)", lambda: caller.receive_data(answer, now))
+        step("6 caller: exporter → keys + confirm", lambda: caller.receive_dtls_exporter(exporter))
+        step("7 callee: exporter → keys + confirm", lambda: callee.receive_dtls_exporter(exporter))
+        c1, c2 = caller.data_to_send()[0], callee.data_to_send()[0]
+        step("8 callee: verify confirm", lambda: callee.receive_data(c1, now))
+        step("9 caller: verify confirm", lambda: caller.receive_data(c2, now))
+        assert caller.state is State.ESTABLISHED and callee.state is State.ESTABLISHED
+        assert caller.sas == callee.sas
+        for name, value in timings.items():
+            steps.setdefault(name, []).append(value * 1e6)
+        totals.append(sum(timings.values()) * 1e6)
+
+    whole = statistics.median(totals)
+    return {
+        "runs": runs,
+        "policy": policy,
+        "backend": backend.name,
+        "primitives_us": {k: round(v, 1) for k, v in prims.items()},
+        "steps_us": {k: round(statistics.median(v), 1) for k, v in sorted(steps.items())},
+        "handshake_us": round(whole, 1),
+        "primitive_sum_us": round(primitive_sum, 1),
+        "ratio_to_primitives": round(whole / primitive_sum, 3),
+        "target_us": 2000,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--policy", choices=["hybrid", "pqc"], default="hybrid")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    result = bench(args.runs, args.policy)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"qcall handshake benchmark: {args.runs} runs, policy {args.policy}, medians")
+    print("primitives:")
+    for name, us in result["primitives_us"].items():
+        print(f"  {name:40s} {us:9.1f} µs")
+    print("handshake steps:")
+    for name, us in result["steps_us"].items():
+        print(f"  {name:40s} {us:9.1f} µs")
+    print(
+        f"whole handshake (both parties)             {result['handshake_us']:9.1f} µs"
+        f"  (target ≤ {result['target_us']} µs)"
+    )
+    print(f"sum of primitives (kg+enc+dec+2·sign+2·vfy) {result['primitive_sum_us']:9.1f} µs")
+    print(f"ratio handshake / primitives               {result['ratio_to_primitives']:9.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
