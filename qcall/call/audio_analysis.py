@@ -249,6 +249,26 @@ def peak_frequency(samples: npt.ArrayLike, rate: int) -> float:
     return float((k + delta) * rate / x.size)
 
 
+def _correlate_valid(x: FloatArray, t: FloatArray, block: int = 1 << 15) -> FloatArray:
+    """Return ``r[k] = Σ_j x[k + j] t[j]`` for ``k in [0, len(x) - len(t)]``.
+
+    Overlap-save: blocks of ``n_fft`` input samples give ``n_fft - len(t) + 1``
+    outputs each, so memory stays bounded and the FFTs stay in cache however
+    long the recording is.
+    """
+    length = t.size
+    n_out = x.size - length + 1
+    n_fft = max(block, 1 << (2 * length).bit_length())
+    step = n_fft - length + 1
+    template = np.conj(np.fft.rfft(t, n_fft))
+    out = np.empty(n_out)
+    for start in range(0, n_out, step):
+        count = min(step, n_out - start)
+        segment = np.fft.irfft(np.fft.rfft(x[start : start + n_fft], n_fft) * template, n_fft)
+        out[start : start + count] = segment[:count]
+    return out
+
+
 def find_chirps(
     samples: npt.ArrayLike,
     rate: int,
@@ -260,7 +280,7 @@ def find_chirps(
     """Find the start offsets of a chirp in ``samples`` by normalized cross-correlation.
 
     The cross-correlation ``r[k] = Σ_j x[k + j] t[j]`` is computed with the FFT
-    (O(n log n)) and normalized by the energy of the template and of the
+    (overlap-save, O(n log L)) and normalized by the energy of the template and of the
     window ``x[k : k + L]``, which gives a coefficient in [-1, 1] that does not
     depend on the level of the received signal. Local maxima above
     ``threshold`` are kept, strongest first, at least ``min_distance`` apart.
@@ -290,8 +310,7 @@ def find_chirps(
     if x.size < length:
         return []
     n_out = x.size - length + 1
-    n_fft = 1 << (x.size + length - 1).bit_length()
-    corr = np.fft.irfft(np.fft.rfft(x, n_fft) * np.conj(np.fft.rfft(t, n_fft)), n_fft)[:n_out]
+    corr = _correlate_valid(x, t)
     cumulative = np.concatenate(([0.0], np.cumsum(x * x)))
     window_energy = np.maximum(cumulative[length:] - cumulative[:n_out], 0.0)
     template_norm = float(np.sqrt(np.dot(t, t)))
