@@ -119,6 +119,8 @@ class ChannelEnd:
         Consumes 2 x 128 pad bits (Alice's tag first, at both ends) and starts
         a new transcript.
         """
+        if self.pad_available < 2 * TAG_BYTES:
+            raise KeyExhaustedError("classical channel: authentication key pool is empty")
         digest = self._transcript.digest()
         self._transcript = hashlib.sha256()
         tags = []

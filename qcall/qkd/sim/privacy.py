@@ -57,14 +57,14 @@ def toeplitz_hash(bits: Bits, seed: Bits, m: int) -> Bits:
     Args:
         bits: the reconciled key, ``n`` values in {0, 1} (``uint8``).
         seed: ``n + m - 1`` random bits defining the Toeplitz matrix.
-        m: output length, ``0 <= m <= n``.
+        m: output length (``m <= n`` for privacy amplification).
 
     Raises:
         ValueError: inconsistent lengths.
     """
     n = int(bits.size)
-    if not 0 <= m <= n:
-        raise ValueError(f"toeplitz_hash: output length m={m} must be in [0, {n}]")
+    if m < 0:
+        raise ValueError(f"toeplitz_hash: output length m={m} must be >= 0")
     if seed.size != n + m - 1 and m > 0:
         raise ValueError(f"toeplitz_hash: seed has {seed.size} bits, need {n + m - 1}")
     if m == 0:
