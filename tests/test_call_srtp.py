@@ -586,6 +586,25 @@ def test_keyring_counts_failures_replays_and_retires() -> None:
     assert (plain, generation) == (rtcp, 1)
 
 
+def test_keyring_generation_cap_and_retirement_keep_a_usable_preference() -> None:
+    profile = SRTPProfile.AEAD_AES_256_GCM
+    stats = SRTPStats()
+    ring = InboundKeyring(stats, grace=2.0)
+    keys = [random_keys() for _ in range(4)]
+    txs = [sender(k.local_master, profile) for k in keys]
+    ring.install(0, keys[0].local_master, profile)
+    ring.unprotect(txs[0].protect(rtp_packet(10)), now=0.0)
+    for g in (1, 2, 3):
+        ring.install(g, keys[g].local_master, profile)
+    assert ring.generations == (1, 2, 3)  # the preferred generation 0 was capped away
+    assert ring.unprotect(txs[1].protect(rtp_packet(11)), now=0.1)[1] == 1
+    assert ring.unprotect(txs[3].protect(rtp_packet(12)), now=5.0)[1] == 3
+    assert ring.generations == (1, 2, 3)  # 3 authenticated just now: grace starts
+    assert ring.unprotect(txs[3].protect(rtp_packet(13)), now=7.5)[1] == 3
+    assert ring.generations == (3,)
+    assert stats.decrypt_failures == 0 and stats.rx_trial_decrypts >= 2
+
+
 # --- QCALL_KEYLOG -----------------------------------------------------------------------
 
 

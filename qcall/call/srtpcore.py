@@ -18,6 +18,7 @@ import collections
 import enum
 import hashlib
 import logging
+import struct
 from dataclasses import dataclass, field
 from typing import Final, cast
 
@@ -40,6 +41,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+_SEQ_SSRC = struct.Struct("!H4xI")  # RTP header (RFC 3550 §5.1) from byte 2
 
 #: Inbound generations kept at once: previous (grace), current and next.
 MAX_GENERATIONS: Final = 3
@@ -229,7 +232,7 @@ class InboundKeyring:
         self._sessions: dict[int, Session] = {}
         self._preferred: int | None = None
         self._newest_seen: int | None = None
-        self._newest_seen_at = 0.0
+        self._retire_at: float | None = None
 
     @property
     def generations(self) -> tuple[int, ...]:
@@ -272,19 +275,31 @@ class InboundKeyring:
         return self._unprotect(data, now, rtcp=True)
 
     def _unprotect(self, data: bytes, now: float, *, rtcp: bool) -> tuple[bytes, int]:
-        self._retire(now)
-        order = sorted(self._sessions, reverse=True)
-        if self._preferred in self._sessions:
-            order.remove(self._preferred)
-            order.insert(0, self._preferred)
+        if self._retire_at is not None and now >= self._retire_at:
+            self._retire()
+        # Fast path: the generation that authenticated the previous packet.
+        preferred = self._preferred
         replay = False
-        for attempt, generation in enumerate(order):
+        session = self._sessions.get(preferred) if preferred is not None else None
+        if session is not None:
+            assert preferred is not None
+            try:
+                plain = session.unprotect_rtcp(data) if rtcp else session.unprotect(data)
+            except pylibsrtp.Error as exc:
+                replay = str(exc).startswith("replay")
+            except (ValueError, TypeError):
+                self._stats.rx_malformed += 1
+                raise pylibsrtp.Error("malformed SRTP packet") from None
+            else:
+                self._accept(preferred, now, 0)
+                return plain, preferred
+        # Trial decryption with the other generations, newest first. A packet that
+        # fails to authenticate leaves a libsrtp session's state untouched.
+        others = sorted((g for g in self._sessions if g != preferred), reverse=True)
+        for attempt, generation in enumerate(others, 1):
             session = self._sessions[generation]
             try:
-                if rtcp:
-                    plain = session.unprotect_rtcp(data)
-                else:
-                    plain = session.unprotect(data)
+                plain = session.unprotect_rtcp(data) if rtcp else session.unprotect(data)
             except pylibsrtp.Error as exc:
                 replay = replay or str(exc).startswith("replay")
                 continue
@@ -297,27 +312,31 @@ class InboundKeyring:
             self._stats.rx_replay_drops += 1
             raise pylibsrtp.Error("replayed SRTP packet")
         self._stats.rx_auth_failures += 1
-        raise pylibsrtp.Error(f"no installed key authenticates it (generations {order})")
+        raise pylibsrtp.Error(f"no installed key authenticates it (generations {self.generations})")
 
     def _accept(self, generation: int, now: float, attempt: int) -> None:
         stats = self._stats
         stats.rx_packets += 1
-        stats.rx_trial_decrypts += attempt
         stats.rx_by_generation[generation] += 1
-        self._preferred = generation
-        if self._newest_seen is None or generation > self._newest_seen:
+        if attempt:
+            stats.rx_trial_decrypts += attempt
+            self._preferred = generation
+        newest = self._newest_seen
+        if newest is None or generation > newest:
             self._newest_seen = generation
-            self._newest_seen_at = now
-        elif generation < self._newest_seen:
+            if len(self._sessions) > 1:
+                self._retire_at = now + self._grace
+        elif generation < newest:
             stats.rx_older_generation += 1
 
-    def _retire(self, now: float) -> None:
+    def _retire(self) -> None:
+        self._retire_at = None
         newest = self._newest_seen
-        if newest is None or now - self._newest_seen_at < self._grace:
-            return
-        for generation in [g for g in self._sessions if g < newest]:
+        for generation in [g for g in self._sessions if newest is not None and g < newest]:
             del self._sessions[generation]
             logger.debug("= inbound generation %d retired", generation)
+        if self._preferred not in self._sessions:
+            self._preferred = max(self._sessions, default=None)
 
 
 class OutboundSession:
@@ -372,7 +391,8 @@ class OutboundSession:
     def protect(self, data: bytes) -> bytes:
         """Protect one RTP packet (RFC 3711 §3.3)."""
         if len(data) >= 12:
-            self._last_seq[int.from_bytes(data[8:12], "big")] = int.from_bytes(data[2:4], "big")
+            seq, ssrc = _SEQ_SSRC.unpack_from(data, 2)
+            self._last_seq[ssrc] = seq
         if self._next is not None:
             self._maybe_switch()
         assert self.session is not None  # the shell only delegates once keys are installed
