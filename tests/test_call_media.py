@@ -183,6 +183,17 @@ def test_find_chirps_in_noise_within_one_ms():
         assert abs(got - want) <= 1  # in fact, to the sample
 
 
+def test_overlap_save_correlation_matches_direct():
+    from qcall.call.audio_analysis import _correlate_valid
+
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=1000)
+    t = rng.normal(size=37)
+    direct = np.correlate(x, t, mode="valid")
+    for block in (64, 100, 1 << 15):  # blocks much shorter than x, and one longer
+        assert np.allclose(_correlate_valid(x, t, block), direct)
+
+
 def test_find_chirps_no_false_positives():
     rng = np.random.default_rng(3)
     template = chirp_template(RATE)

@@ -4,14 +4,14 @@ Nothing here does I/O or touches the clock: every function takes sample arrays
 (``numpy`` int16 or float) and plain numbers, so the same code serves the live
 tracks in :mod:`qcall.call.media`, the tests and the latency harness.
 
-One-way latency is measured the way a loop-back test on real hardware is
-(ITU-T P.501 uses chirp-like test signals for the same reason): the sender
-replaces its test tone by a short, windowed linear sweep (a *chirp*) at known
-sample offsets and notes the clock time at which each chirp left the track; the
-receiver notes the arrival time of every decoded frame; a matched filter
-(cross-correlation with the chirp, computed with the FFT) finds each chirp in
-the received audio to the sample; the arrival time of the frame holding it,
-plus its offset inside that frame, minus the send time, is the latency.
+One-way latency is measured the way a loop-back test on real hardware is:
+the sender replaces its test tone by a short, windowed linear sweep (a
+*chirp*) at known sample offsets and notes the clock time at which each chirp
+left the track; the receiver notes the arrival time of every decoded frame; a
+matched filter (cross-correlation with the chirp, computed with the FFT) finds
+each chirp in the received audio to the sample; the arrival time of the frame
+holding it, plus its offset inside that frame, minus the send time, is the
+latency.
 docs/audio.md describes the method and its accuracy.
 """
 
