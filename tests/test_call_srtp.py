@@ -269,12 +269,19 @@ async def test_hybrid_keys_on_the_wire_and_audio_arrives() -> None:
         frames_b = await collect_frames(b, 25)
         frames_a = await collect_frames(a, 25)
 
-        # Both sides got the same RFC 5705 secret, in opposite DTLS roles.
+        # Both sides got the same RFC 5705 secret, in opposite DTLS roles: K_dtls of
+        # docs/key-schedule.md, the RFC 5764 bytes of the profile DTLS negotiated.
         [(secret_a, role_a)] = a.secrets
         [(secret_b, role_b)] = b.secrets
         assert len(secret_a) == EXPORTER_LENGTH and secret_a == secret_b
         assert {role_a, role_b} == {"client", "server"}
         assert secret_a == export_exporter_secret(a.dtls) == a.hook.exporter_secret
+        stock_a = dtls_srtp_keys(a.dtls)
+        assert stock_a.local_key in secret_a and stock_a.remote_salt in secret_a
+        label = b"EXPERIMENTAL-qcall-test"  # a private label: equal on both sides too
+        private = export_exporter_secret(a.dtls, label=label, length=48)
+        assert private == export_exporter_secret(b.dtls, label=label, length=48)
+        assert private[:32] not in secret_a
 
         for side, role, secret in ((a, role_a, secret_a), (b, role_b, secret_b)):
             keys = derive_keys(secret, role)

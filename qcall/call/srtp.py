@@ -11,8 +11,9 @@ after the DTLS handshake and the fingerprint check: it exports RFC 5764 §4.2
 :func:`install_srtp_hook` replaces, on one transport *instance* (never on the
 class, so a ``plain`` baseline call in the same process is untouched):
 
-* ``_setup_srtp``: exports a qcall secret (RFC 5705, :data:`EXPORTER_LABEL`,
-  :data:`EXPORTER_LENGTH` bytes), hands it to the caller's ``key_provider`` and
+* ``_setup_srtp``: exports the DTLS secret the key schedule takes as ``K_dtls``
+  (RFC 5705 label :data:`EXPORTER_LABEL`, 2·(key+salt) bytes of the profile DTLS
+  negotiated: docs/key-schedule.md), hands it to the caller's ``key_provider`` and
   puts qcall session objects in ``_rx_srtp``/``_tx_srtp``. The DTLS-SRTP keys
   are never derived, so media can never flow under DTLS-only keys.
 * ``_send_rtp``: drops outbound RTP/RTCP until the hybrid keys are installed
@@ -84,6 +85,7 @@ __all__ = [
     "export_exporter_secret",
     "get_srtp_hook",
     "install_srtp_hook",
+    "negotiated_profile",
     "swap_srtp_keys",
 ]
 
@@ -96,16 +98,16 @@ AIORTC_CHECKED_VERSIONS: Final = ("1.13.0", "1.14.0", "1.15.0", "1.16.0")
 #: Supported aiortc range, ``(lowest, first unsupported)``: ``>=1.13,<1.17``.
 AIORTC_SUPPORTED: Final = ((1, 13), (1, 17))
 
-#: RFC 5705 §4 exporter label; "EXPERIMENTAL" labels need no IANA registration.
-EXPORTER_LABEL: Final = b"EXPERIMENTAL-qcall-hybrid-srtp-v1"
+#: RFC 5705 label of ``K_dtls`` (docs/key-schedule.md): RFC 5764 §4.2's own label, so
+#: the exporter is the very 2·(key+salt) bytes aiortc would have cut its SRTP keys from.
+EXPORTER_LABEL: Final = b"EXTRACTOR-dtls_srtp"
 
-#: Length in bytes of the exported secret (384 bits, the HKDF-SHA-384 hash size).
-EXPORTER_LENGTH: Final = 48
+#: ``K_dtls`` length for the profile aiortc's DTLS negotiates first (AEAD_AES_256_GCM).
+EXPORTER_LENGTH: Final = 2 * (32 + 12)
 
 #: The DTLS role a transport took ("client" or "server", RFC 5764 §4.1).
 DTLSRole = Literal["client", "server"]
 
-_RFC5764_LABEL: Final = b"EXTRACTOR-dtls_srtp"
 _HOOK_ATTRIBUTE: Final = "_qcall_srtp_hook"
 
 
@@ -161,7 +163,7 @@ class HybridSRTP:
         max_pending: int = 256,
         clock: Callable[[], float] = time.monotonic,
         exporter_label: bytes = EXPORTER_LABEL,
-        exporter_length: int = EXPORTER_LENGTH,
+        exporter_length: int | None = None,
     ) -> None:
         self.transport = transport
         self.state = HookState.WAITING_FOR_DTLS
@@ -198,7 +200,7 @@ class HybridSRTP:
 
     @property
     def exporter_secret(self) -> bytes:
-        """The RFC 5705 secret given to the key provider (:data:`EXPORTER_LABEL`).
+        """The RFC 5705 secret given to the key provider (``K_dtls``, :data:`EXPORTER_LABEL`).
 
         Raises:
             CallError: DTLS has not completed yet.
@@ -486,7 +488,7 @@ def install_srtp_hook(
     grace: float = 2.0,
     auto_activate: bool = True,
     exporter_label: bytes = EXPORTER_LABEL,
-    exporter_length: int = EXPORTER_LENGTH,
+    exporter_length: int | None = None,
 ) -> HybridSRTP:
     """Make aiortc key SRTP with the caller's keys instead of DTLS-SRTP (RFC 5764).
 
@@ -494,8 +496,8 @@ def install_srtp_hook(
     completes: the caller after ``setRemoteDescription(answer)`` (or earlier,
     after ``addTrack``), the callee after ``setRemoteDescription(offer)``. When
     DTLS completes, ``key_provider(exporter_secret, role)`` is called with the
-    RFC 5705 secret (:data:`EXPORTER_LABEL`, :data:`EXPORTER_LENGTH` bytes, equal on
-    both sides) and the DTLS role; it returns :class:`SRTPKeys` or an awaitable of
+    RFC 5705 secret ``K_dtls`` (:func:`export_exporter_secret`: equal on both
+    sides) and the DTLS role; it returns :class:`SRTPKeys` or an awaitable of
     them. Until they are installed no media is sent and inbound SRTP is queued.
 
     Why this is safe: the hook replaces two methods on this one instance; aiortc
@@ -513,8 +515,9 @@ def install_srtp_hook(
         auto_activate: switch the outbound key as soon as a packet from the peer
             authenticates under a prepared generation (proof it prepared it too).
         exporter_label: RFC 5705 label of the secret given to ``key_provider``
-            (``b"EXTRACTOR-dtls_srtp"`` gives aiortc's own RFC 5764 bytes).
-        exporter_length: its length in bytes.
+            (a private one must start with ``EXPERIMENTAL``, RFC 5705 §4).
+        exporter_length: its length in bytes; ``None``: 2·(key+salt) of the SRTP
+            profile DTLS negotiated (RFC 5764 §4.2).
 
     Returns:
         The :class:`HybridSRTP` handle (also :func:`get_srtp_hook` of the transport).
@@ -582,23 +585,47 @@ def export_exporter_secret(
     transport: RTCDtlsTransport,
     *,
     label: bytes = EXPORTER_LABEL,
-    length: int = EXPORTER_LENGTH,
+    length: int | None = None,
 ) -> bytes:
     """Export keying material from a completed DTLS handshake (RFC 5705 §4, no context).
 
     Both peers obtain the same bytes; they are bound to this DTLS session and so
-    to the fingerprints signed into the qcall transcript.
+    to the certificate fingerprints signed into the qcall transcript. With the
+    defaults this is ``K_dtls`` of docs/key-schedule.md: the RFC 5764 §4.2 keying
+    material, 2·(key+salt) bytes of the negotiated profile (88 for AES-256-GCM).
+
+    Args:
+        transport: an ``RTCDtlsTransport`` whose handshake has completed.
+        label: the RFC 5705 label.
+        length: bytes to export; ``None`` for the RFC 5764 length described above.
 
     Raises:
-        CallError: the DTLS handshake has not completed.
+        CallError: DTLS has not completed, or negotiated no SRTP profile qcall knows.
     """
     ssl = getattr(transport, "_ssl", None)
     if ssl is None or not getattr(transport, "encrypted", False):
         raise CallError("DTLS has not completed: no keying material to export")
+    if length is None:
+        profile = negotiated_profile(transport)
+        length = 2 * (profile.key_length + profile.salt_length)
     try:
         return bytes(ssl.export_keying_material(label, length))
     except Exception as exc:  # pyOpenSSL raises its own SSL.Error
         raise CallError(f"DTLS keying material export failed: {type(exc).__name__}") from exc
+
+
+def negotiated_profile(transport: RTCDtlsTransport) -> SRTPProfile:
+    """The SRTP profile the DTLS use_srtp extension negotiated (RFC 5764 §4.1.2).
+
+    Raises:
+        CallError: DTLS has not completed or negotiated no profile qcall knows.
+    """
+    ssl = getattr(transport, "_ssl", None)
+    name = ssl.get_selected_srtp_profile() if ssl is not None else b""
+    try:
+        return SRTPProfile.from_name(bytes(name or b"").decode("ascii", "replace"))
+    except ValueError as exc:
+        raise CallError(f"DTLS negotiated no usable SRTP profile ({exc})") from None
 
 
 def dtls_srtp_keys(transport: RTCDtlsTransport) -> SRTPKeys:
@@ -610,14 +637,9 @@ def dtls_srtp_keys(transport: RTCDtlsTransport) -> SRTPKeys:
     Raises:
         CallError: DTLS has not completed or negotiated no profile qcall knows.
     """
-    ssl = getattr(transport, "_ssl", None)
-    name = ssl.get_selected_srtp_profile() if ssl is not None else b""
-    try:
-        profile = SRTPProfile.from_name(name.decode("ascii", "replace"))
-    except ValueError as exc:
-        raise CallError(f"DTLS negotiated no usable SRTP profile ({exc})") from None
+    profile = negotiated_profile(transport)
     k, s = profile.key_length, profile.salt_length
-    view = export_exporter_secret(transport, label=_RFC5764_LABEL, length=2 * (k + s))
+    view = export_exporter_secret(transport, label=b"EXTRACTOR-dtls_srtp", length=2 * (k + s))
     client = (view[:k], view[2 * k : 2 * k + s])
     server = (view[k : 2 * k], view[2 * k + s :])
     local, remote = (client, server) if transport._role == "client" else (server, client)
