@@ -277,8 +277,8 @@ def _make_frame(samples: Int16Array, pts: int, rate: int = SAMPLE_RATE) -> av.Au
     return frame
 
 
-def _resampler(frame_size: int | None = None) -> av.AudioResampler:
-    return av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE, frame_size=frame_size)
+def _resampler(frame_size: int | None = None, rate: int = SAMPLE_RATE) -> av.AudioResampler:
+    return av.AudioResampler(format="s16", layout="mono", rate=rate, frame_size=frame_size)
 
 
 class _Pacer:
@@ -620,8 +620,9 @@ class MicrophoneTrack(MediaStreamTrack):
 class TrackSink:
     """Base of the sinks: consumes one audio track in a task.
 
-    Subclasses implement :meth:`_write` (called with each 48 kHz mono s16
-    frame, in order) and :meth:`_close`.
+    Subclasses implement :meth:`_write` (called with each mono s16 frame at
+    ``output_rate``, 48 kHz unless a subclass changes it, in order) and
+    :meth:`_close`.
 
     Args:
         clock: the clock for arrival times (``time.monotonic``).
@@ -633,6 +634,7 @@ class TrackSink:
         self._task: asyncio.Task[None] | None = None
         self._resampler: av.AudioResampler | None = None
         self._input_shape: tuple[str, str, int] | None = None
+        self.output_rate = SAMPLE_RATE
         self._closed = False
         self.frames_received = 0
         #: The error that stopped the sink early (for example, a full disk).
@@ -729,15 +731,15 @@ class TrackSink:
                 self._write(out, None, arrival)
             self._resampler = None
         if self._resampler is None:
-            self._resampler = _resampler()
+            self._resampler = _resampler(rate=self.output_rate)
             self._input_shape = shape
         converted = self._resampler.resample(frame)
-        self._timeline(seconds, frame.samples / frame.sample_rate)
+        self._timeline(seconds, fractions.Fraction(frame.samples, frame.sample_rate))
         for out in converted:
             self._write(out, pts, arrival)
 
-    def _timeline(self, seconds: fractions.Fraction | None, duration: float) -> None:
-        """Hook: called with each frame's pts in seconds before it is written."""
+    def _timeline(self, seconds: fractions.Fraction | None, duration: fractions.Fraction) -> None:
+        """Hook: called with each frame's pts and duration in seconds before it is written."""
 
     def _write(self, frame: av.AudioFrame, pts: int | None, arrival: float) -> None:
         raise NotImplementedError
@@ -795,26 +797,29 @@ class WavRecorder(TrackSink):
         """Seconds of audio in the file so far."""
         return self.samples_written / SAMPLE_RATE
 
-    def _timeline(self, seconds: fractions.Fraction | None, duration: float) -> None:
+    def _timeline(self, seconds: fractions.Fraction | None, duration: fractions.Fraction) -> None:
         if seconds is None:
             return
         if self._next_seconds is not None:
             gap = round((seconds - self._next_seconds) * SAMPLE_RATE)
             if 0 < gap <= MAX_CONCEALED_GAP:
-                self._wav.writeframes(bytes(2 * gap))
+                self._write_bytes(bytes(2 * gap))
                 self.samples_written += gap
                 self.concealed_samples += gap
-        self._next_seconds = seconds + fractions.Fraction(duration)
+        self._next_seconds = seconds + duration
+
+    def _write_bytes(self, data: bytes) -> None:
+        try:
+            self._wav.writeframes(data)
+        except OSError as exc:
+            raise MediaError(f"--output {self.path}: write failed ({exc.strerror})") from exc
 
     def _write(self, frame: av.AudioFrame, pts: int | None, arrival: float) -> None:
         data = frame.to_ndarray().astype("<i2", copy=False).tobytes()
         samples = len(data) // 2
         if samples == 0:
             return
-        try:
-            self._wav.writeframes(data)
-        except OSError as exc:
-            raise MediaError(f"--output {self.path}: write failed ({exc.strerror})") from exc
+        self._write_bytes(data)
         self.arrivals.append(FrameArrival(pts, self.samples_written, samples, arrival))
         self.samples_written += samples
 
@@ -834,10 +839,12 @@ class WavRecorder(TrackSink):
 class SpeakerSink(TrackSink):
     """Play a received audio track on a PortAudio output device, through pyaudio.
 
-    Frames go into a byte buffer that PortAudio's callback thread reads; the
-    buffer holds at most 200 ms (older audio is dropped, so a stall does not
-    become permanent delay) and underruns play silence. :meth:`stop` lets
-    what is buffered play out (at most 200 ms), then closes the device.
+    Frames are converted to mono s16 at 48 kHz, or at the device's default
+    rate if it refuses 48 kHz, and go into a byte buffer that PortAudio's
+    callback thread reads. The buffer holds at most 200 ms (older audio is
+    dropped, so a stall does not become permanent delay) and underruns play
+    silence. :meth:`stop` lets what is buffered play out (at most 200 ms),
+    then closes the device.
 
     Args:
         device_index: PortAudio device index (``None``: the default output).
@@ -846,8 +853,6 @@ class SpeakerSink(TrackSink):
         MediaError: pyaudio is missing, there is no such output device, or it
             cannot be opened.
     """
-
-    MAX_BUFFER = SAMPLE_RATE * 2 // 5  # bytes: 200 ms of mono s16
 
     def __init__(self, device_index: int | None = None) -> None:
         super().__init__()
@@ -861,20 +866,16 @@ class SpeakerSink(TrackSink):
             info = _pick_device(pa, device_index, "output")
             self.device_index = int(info["index"])
             self.device_name = str(info.get("name", "?"))
-            rate = _device_rate(pa, pyaudio, info, "output")
-            if rate != SAMPLE_RATE:
-                raise MediaError(
-                    f"--output-device {self.device_index} ({self.device_name}) does not "
-                    f"play 48 kHz mono; use another device or --output FILE.wav"
-                )
+            self.output_rate = _device_rate(pa, pyaudio, info, "output")
+            self.max_buffer = 2 * self.output_rate // 5  # bytes: 200 ms of mono s16
             with _quiet_stderr():
                 self._stream: Any = pa.open(
                     format=pyaudio.paInt16,
                     channels=1,
-                    rate=SAMPLE_RATE,
+                    rate=self.output_rate,
                     output=True,
                     output_device_index=self.device_index,
-                    frames_per_buffer=SAMPLES_PER_FRAME,
+                    frames_per_buffer=round(self.output_rate * PTIME),
                     stream_callback=self._callback,
                 )
         except (OSError, ValueError) as exc:
@@ -900,7 +901,7 @@ class SpeakerSink(TrackSink):
         data = frame.to_ndarray().astype("<i2", copy=False).tobytes()
         with self._lock:
             self._buffer += data
-            excess = len(self._buffer) - self.MAX_BUFFER
+            excess = len(self._buffer) - self.max_buffer
             if excess > 0:
                 del self._buffer[:excess]
 
