@@ -248,8 +248,10 @@ async def test_bad_arguments(client: ETSI014Client) -> None:
         await client.status("a/b")
     with pytest.raises(ConfigError):
         await client.get_key_by_id("A", "not-a-uuid")
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         await client.get_keys("B", 0)
+    with pytest.raises(ConfigError):
+        await client.get_keys_by_id("A", [])
     for url in ("ftp://x", "https://", "nope"):
         with pytest.raises(ConfigError):
             ETSI014Client(url)

@@ -5,9 +5,15 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
-from qcall.exceptions import KMEBadRequestError, KMEUnauthorizedError, KMEUnavailableError
-from qcall.qkd.etsi014 import KeyRequest
+from qcall.exceptions import (
+    KMEBadRequestError,
+    KMEUnauthorizedError,
+    KMEUnavailableError,
+    QCallError,
+)
+from qcall.qkd.etsi014 import KeyRequest, parse_key_request
 from qcall.qkd.kme import KME, PoolRole, random_keys
 from qcall.typing import KeyId, SAEId
 
@@ -241,3 +247,31 @@ def test_constructor_checks() -> None:
     with pytest.raises(ValueError):
         random_keys(1, 7)
     assert "KME_A" in repr(KME("KME_A"))
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 300) | st.text(max_size=10),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(["number", "size", "additional_slave_SAE_IDs", "extension_mandatory"]),
+            children,
+            max_size=4,
+        )
+    ),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON, st.sampled_from([ALICE, BOB, EVE]), st.sampled_from(["bob", "alice", "x/y", ""]))
+def test_hostile_enc_keys_requests(data: object, caller: SAEId, slave: str) -> None:
+    kme, _ = local_kme(40, max_key_per_request=16)
+    before = kme.stored_key_count(ALICE, BOB)
+    try:
+        got = kme.enc_keys(caller, slave, parse_key_request(data))
+    except QCallError:
+        assert kme.stored_key_count(ALICE, BOB) == before  # failed requests consume nothing
+        return
+    assert (caller, slave) == (ALICE, "bob")
+    assert kme.stored_key_count(ALICE, BOB) == before - len(got.keys)

@@ -261,6 +261,15 @@ async def test_unknown_sae_is_400_and_unattached_sae_is_401(
     assert status == 400  # eve is attached but has no pool with bob
     status, body = await call(sessions["carol"], "GET", api(server, "bob", "status"))
     assert status == 401 and body["message"] == "SAE is not registered at this KME"
+    # authorization comes before the body is even looked at
+    for method, endpoint, kw in (
+        ("POST", "enc_keys", {"data": b"{bad"}),
+        ("GET", "enc_keys", {"params": {"number": "x"}}),
+        ("POST", "dec_keys", {"json": {}}),
+        ("GET", "dec_keys", {}),
+    ):
+        status, body = await call(sessions["carol"], method, api(server, "alice", endpoint), **kw)
+        assert status == 401, (method, endpoint)
 
 
 async def test_only_the_slave_can_dec_keys(
@@ -396,3 +405,22 @@ async def test_open_key_source_etsi014(server: KMEServer, pki: PKIPaths) -> None
 
 def test_sae_cert_paths_exist(pki: PKIPaths) -> None:
     assert all(Path(p.cert).exists() for p in pki.saes.values())
+
+
+async def test_random_garbage_bodies(
+    server: KMEServer, sessions: dict[str, aiohttp.ClientSession]
+) -> None:
+    import random
+
+    rng = random.Random(1)
+    bodies = [rng.randbytes(rng.randrange(0, 200)) for _ in range(30)]
+    bodies += [b'{"number": 1e999}', b'{"number": null}', b'{"key_IDs": [null]}', b'"x"']
+    for body in bodies:
+        for sae, peer, endpoint in (("alice", "bob", "enc_keys"), ("bob", "alice", "dec_keys")):
+            status, answer = await call(
+                sessions[sae], "POST", api(server, peer, endpoint), data=body
+            )
+            assert status in (200, 400), body
+            assert status == 200 or answer["message"]
+    async with sessions["alice"].get(api(server, "bob", "status")) as resp:
+        assert resp.status == 200

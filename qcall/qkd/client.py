@@ -210,7 +210,7 @@ def open_key_source(config: Mapping[str, Any] | str, **options: Any) -> KeySourc
 
 def _check_count(number: int, what: str = "number") -> None:
     if isinstance(number, bool) or not isinstance(number, int) or number < 1:
-        raise ValueError(f"{what} must be a positive integer")
+        raise ConfigError(f"{what} must be a positive integer")
 
 
 @register_key_source
@@ -417,7 +417,7 @@ class ETSI014Client(KeySource):
     async def get_keys_by_id(self, peer_sae: str, key_ids: Sequence[str]) -> list[QKDKey]:
         """5.3 Get key with key IDs: ``dec_keys``; answer must hold exactly ``key_ids``."""
         if not key_ids:
-            raise ValueError("key_ids is empty")
+            raise ConfigError("key_ids is empty")
         try:
             ids = [validate_key_id(k) for k in key_ids]
         except ValueError as exc:

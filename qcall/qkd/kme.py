@@ -117,6 +117,8 @@ class KME:
     (400), :class:`KMEUnauthorizedError` (401) or :class:`KMEUnavailableError`
     (503), whose ``message`` is the spec's Error ``message``. They are
     all-or-nothing: a failed request consumes no key.
+
+    Not thread-safe: drive it from one thread (the event loop of its server).
     """
 
     def __init__(
@@ -149,6 +151,10 @@ class KME:
     def saes(self) -> frozenset[SAEId]:
         """SAE IDs attached to this KME (allowed to call it)."""
         return frozenset(self._saes)
+
+    def is_attached(self, sae_id: str) -> bool:
+        """Return whether ``sae_id`` is attached to this KME (may call the API)."""
+        return sae_id in self._saes
 
     def add_sae(self, sae_id: str) -> None:
         """Attach an SAE to this KME, so that it may call the API."""

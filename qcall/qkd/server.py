@@ -37,7 +37,6 @@ from aiohttp import web
 from qcall.exceptions import KMEError
 from qcall.qkd.etsi014 import (
     API_PREFIX,
-    KeyRequest,
     error_body,
     parse_key_ids,
     parse_key_request,
@@ -92,6 +91,8 @@ class KMEServer:
         clock: the time source passed to the KME as ``now``.
         expire_interval: seconds between calls to :meth:`KME.expire`
             (only when the KME has a ``key_lifetime``).
+        debug: log every request at DEBUG level (key IDs only); default:
+            whether this module's logger has DEBUG enabled at construction.
     """
 
     def __init__(
@@ -104,6 +105,7 @@ class KMEServer:
         identify: Identify | None = None,
         clock: Callable[[], float] = time.monotonic,
         expire_interval: float = 1.0,
+        debug: bool | None = None,
     ) -> None:
         self.kme = kme
         self.host = host
@@ -112,6 +114,7 @@ class KMEServer:
         self._identify = identify or identify_by_certificate
         self._clock = clock
         self._expire_interval = expire_interval
+        self.debug = logger.isEnabledFor(logging.DEBUG) if debug is None else debug
         self._runner: web.AppRunner | None = None
         self._expirer: asyncio.Task[None] | None = None
         self.app = web.Application(client_max_size=MAX_BODY)
@@ -190,37 +193,37 @@ class KMEServer:
 
     # --- handlers -------------------------------------------------------------------
 
-    async def _call(
-        self, request: web.Request, method: str, body: Callable[[], Any]
-    ) -> web.Response:
+    def _authorize(self, request: web.Request) -> SAEId | web.Response:
+        """Return the caller's SAE ID, or the 401 answer (checked before the body)."""
         caller = self._identify(request)
         if caller is None:
             return _error(401, "no valid SAE certificate")
+        if not self.kme.is_attached(caller):
+            return _error(401, "SAE is not registered at this KME")
+        return caller
+
+    def _dispatch(self, request: web.Request, caller: SAEId, method: str, arg: Any) -> web.Response:
+        """Run one KME method; map qcall errors to the spec's Error answers."""
         sae = request.match_info["sae"]
+        kme = self.kme
         try:
-            kme = self.kme
             if method == "status":
                 return _json_response(kme.status(caller, sae).to_json())
-            now = self._clock()
             if method == "enc_keys":
-                container = kme.enc_keys(caller, sae, body(), now)
+                container = kme.enc_keys(caller, sae, parse_key_request(arg), self._clock())
             else:
-                container = kme.dec_keys(caller, sae, body(), now)
-            logger.debug(
-                "> %s %s %s->%s %s",
-                self.kme.kme_id,
-                method,
-                caller,
-                sae,
-                [k.key_id for k in container.keys],
-            )
-            return _json_response(container.to_json())
+                container = kme.dec_keys(caller, sae, arg, self._clock())
         except KMEError as exc:
-            logger.debug("! %s %s from %s: %s", self.kme.kme_id, method, caller, exc)
+            if self.debug:
+                logger.debug("! %s %s from %s: %s", kme.kme_id, method, caller, exc)
             return _error(exc.status or 400, exc.message or str(exc), exc.details or None)
         except Exception:  # never let one request take the server down
-            logger.exception("! %s %s from %s failed", self.kme.kme_id, method, caller)
+            logger.exception("! %s %s from %s failed", kme.kme_id, method, caller)
             return _error(503, "internal KME error")
+        if self.debug:
+            ids = [k.key_id for k in container.keys]
+            logger.debug("> %s %s %s->%s %s", kme.kme_id, method, caller, sae, ids)
+        return _json_response(container.to_json())
 
     async def _read_json(self, request: web.Request) -> Any:
         """Return the decoded body, or an error Response for a bad one."""
@@ -234,15 +237,24 @@ class KMEServer:
             return _error(400, "request body is not valid JSON")
 
     async def _status(self, request: web.Request) -> web.Response:
-        return await self._call(request, "status", lambda: None)
+        caller = self._authorize(request)
+        if isinstance(caller, web.Response):
+            return caller
+        return self._dispatch(request, caller, "status", None)
 
     async def _enc_keys_post(self, request: web.Request) -> web.Response:
+        caller = self._authorize(request)
+        if isinstance(caller, web.Response):
+            return caller
         data = await self._read_json(request)
         if isinstance(data, web.Response):
             return data
-        return await self._call(request, "enc_keys", lambda: parse_key_request(data))
+        return self._dispatch(request, caller, "enc_keys", data)
 
     async def _enc_keys_get(self, request: web.Request) -> web.Response:
+        caller = self._authorize(request)
+        if isinstance(caller, web.Response):
+            return caller
         query = request.query
         for name in query:
             if name not in ("number", "size"):
@@ -257,15 +269,25 @@ class KMEServer:
                 if not (value.isascii() and value.isdigit() and len(value) < 10):
                     return _error(400, f"invalid Key request: {name} must be an integer")
                 fields[name] = int(value)
-        return await self._call(request, "enc_keys", lambda: _key_request(fields))
+        return self._dispatch(request, caller, "enc_keys", fields)
 
     async def _dec_keys_post(self, request: web.Request) -> web.Response:
+        caller = self._authorize(request)
+        if isinstance(caller, web.Response):
+            return caller
         data = await self._read_json(request)
         if isinstance(data, web.Response):
             return data
-        return await self._call(request, "dec_keys", lambda: parse_key_ids(data))
+        try:
+            ids = parse_key_ids(data)
+        except KMEError as exc:
+            return _error(400, exc.message or str(exc), exc.details or None)
+        return self._dispatch(request, caller, "dec_keys", ids)
 
     async def _dec_keys_get(self, request: web.Request) -> web.Response:
+        caller = self._authorize(request)
+        if isinstance(caller, web.Response):
+            return caller
         query = request.query
         for name in query:
             if name != "key_ID":
@@ -281,8 +303,4 @@ class KMEServer:
                 return _error(400, f"invalid Key IDs: {exc}")
         if len(set(ids)) != len(ids):
             return _error(400, "invalid Key IDs: duplicate key_ID")
-        return await self._call(request, "dec_keys", lambda: ids)
-
-
-def _key_request(fields: dict[str, int]) -> KeyRequest:
-    return parse_key_request(fields)
+        return self._dispatch(request, caller, "dec_keys", ids)
