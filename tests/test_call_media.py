@@ -678,3 +678,16 @@ async def test_speaker_sink_plays_to_device(alsa_devices):
     await default.stop()
     with pytest.raises(MediaError, match="--output-device 4: no such device"):
         SpeakerSink(4)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+async def test_wav_recorder_full_disk_is_reported_and_track_drained():
+    recorder = WavRecorder("/dev/full")  # every write fails with ENOSPC
+    source = ToneTrack(440, duration=1.0, realtime=False)
+    recorder.addTrack(source)
+    await recorder.start()
+    await asyncio.wait_for(recorder.join(), 5 * TIMEOUT_FACTOR)
+    await recorder.stop()  # does not raise
+    assert isinstance(recorder.error, MediaError)
+    assert "/dev/full: write failed" in str(recorder.error)
+    assert source.readyState == "ended"  # consumed to the end, not abandoned

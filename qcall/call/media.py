@@ -637,7 +637,8 @@ class TrackSink:
         self.output_rate = SAMPLE_RATE
         self._closed = False
         self.frames_received = 0
-        #: The error that stopped the sink early (for example, a full disk).
+        #: The error that stopped the output (for example, a full disk); the
+        #: track is still drained so that it does not pile up frames.
         self.error: MediaError | None = None
 
     def addTrack(self, track: MediaStreamTrack) -> None:  # noqa: N802 (aiortc's name)
@@ -688,12 +689,13 @@ class TrackSink:
                 frame = await track.recv()
             except MediaStreamError:
                 return
+            if self.error is not None:
+                continue  # keep draining, so a remote track's queue cannot grow
             try:
                 self._handle(frame, self._clock())
             except MediaError as exc:
                 self.error = exc
-                logger.error("! %s", exc)
-                return
+                logger.error("! %s; discarding the rest of the call audio", exc)
 
     async def _drain(self, track: MediaStreamTrack) -> None:
         for _ in range(_MAX_DRAIN_FRAMES):
@@ -824,9 +826,15 @@ class WavRecorder(TrackSink):
         self.samples_written += samples
 
     async def _close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._wav.close()
-        self._file.close()
+        try:
+            try:
+                self._wav.close()
+            finally:
+                self._file.close()
+        except OSError as exc:
+            if self.error is None:
+                self.error = MediaError(f"--output {self.path}: write failed ({exc.strerror})")
+                logger.error("! %s", self.error)
         logger.info(
             "= recorded %.2f s to %s (%d frames, %d samples concealed)",
             self.duration,
