@@ -49,6 +49,7 @@ from qcall.call.srtp import (
     swap_srtp_keys,
 )
 from qcall.exceptions import CallError, ConfigError, InvalidKeyError
+from qcall.handshake.keyschedule import SRTPKeyMaterial, SRTPProfile as KeyScheduleProfile
 from tests.utils import TIMEOUT_FACTOR
 
 T = TIMEOUT_FACTOR
@@ -481,6 +482,14 @@ def test_srtp_keys_validate_and_hide_bytes() -> None:
     with pytest.raises(InvalidKeyError, match="local_key: must be bytes"):
         SRTPKeys(SRTPProfile.AES128_CM_HMAC_SHA1_80, "x" * 16, bytes(14), bytes(16), bytes(14))  # type: ignore[arg-type]
     assert SRTPProfile.from_name("SRTP_AES128_CM_SHA1_80") is SRTPProfile.AES128_CM_HMAC_SHA1_80
+
+    # The key schedule's own types (qcall.handshake.keyschedule) convert directly.
+    local = SRTPKeyMaterial(key=keys.local_key, salt=keys.local_salt)
+    remote = SRTPKeyMaterial(key=keys.remote_key, salt=keys.remote_salt)
+    assert SRTPKeys.from_material(KeyScheduleProfile.AEAD_AES_256_GCM, local, remote) == keys
+    assert SRTPKeys.from_material("AEAD_AES_256_GCM", local, remote) == keys
+    with pytest.raises(InvalidKeyError, match="profile"):
+        SRTPKeys.from_material("NULL", local, remote)
     with pytest.raises(ValueError, match="profile"):
         SRTPProfile.from_name("SRTP_NULL")
 

@@ -20,7 +20,7 @@ import hashlib
 import logging
 import struct
 from dataclasses import dataclass, field
-from typing import Final, cast
+from typing import Final, Protocol, cast
 
 import pylibsrtp
 from pylibsrtp import Policy, Session
@@ -32,6 +32,7 @@ __all__ = [
     "MAX_GENERATIONS",
     "WRAP_GUARD",
     "InboundKeyring",
+    "KeyAndSalt",
     "OutboundSession",
     "SRTPKeys",
     "SRTPProfile",
@@ -101,6 +102,16 @@ class SRTPProfile(enum.Enum):
 DEFAULT_PROFILE: Final = SRTPProfile.AEAD_AES_256_GCM
 
 
+class KeyAndSalt(Protocol):
+    """Anything with a master ``key`` and ``salt`` (one direction's material)."""
+
+    @property
+    def key(self) -> bytes: ...
+
+    @property
+    def salt(self) -> bytes: ...
+
+
 @dataclass(frozen=True, repr=False)
 class SRTPKeys:
     """SRTP master keys and salts for both directions of one call, one side's view.
@@ -141,6 +152,29 @@ class SRTPKeys:
     def remote_master(self) -> bytes:
         """Inbound master key ‖ master salt, as libsrtp takes it."""
         return self.remote_key + self.remote_salt
+
+    @classmethod
+    def from_material(
+        cls, profile: SRTPProfile | str | enum.Enum, local: KeyAndSalt, remote: KeyAndSalt
+    ) -> SRTPKeys:
+        """Build keys from two ``(key, salt)`` objects, such as the key schedule's
+        ``KeysDerived.local_keys`` / ``remote_keys`` (docs/key-schedule.md).
+
+        Args:
+            profile: an :class:`SRTPProfile`, or a profile enum or name to look up.
+            local: protects what this side sends.
+            remote: unprotects what the peer sends.
+
+        Raises:
+            InvalidKeyError: unknown profile, or a key or salt of the wrong length.
+        """
+        if not isinstance(profile, SRTPProfile):
+            name = profile.value if isinstance(profile, enum.Enum) else profile
+            try:
+                profile = SRTPProfile.from_name(str(name))
+            except ValueError as exc:
+                raise InvalidKeyError(str(exc)) from None
+        return cls(profile, local.key, local.salt, remote.key, remote.salt)
 
     def peer_view(self) -> SRTPKeys:
         """Return the same keys as the peer sees them (local and remote swapped)."""
