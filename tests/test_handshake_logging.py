@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from qcall.handshake import KeysDerived, QKDKey
+from qcall.handshake import BackendKEM, KeysDerived, QKDKey
 from tests.test_handshake_support import (
     ALICE_SEED,
     BOB_SEED,
@@ -20,6 +20,19 @@ from tests.test_handshake_support import (
     serve_qkd,
     transfer,
 )
+
+
+class RecordingKEM(BackendKEM):
+    """The default ML-KEM, remembering every shared secret it produces (to search for)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: list[bytes] = []
+
+    def encapsulate(self, public_key: bytes) -> tuple[bytes, bytes]:
+        shared, ct = super().encapsulate(public_key)
+        self.secrets.append(shared)
+        return shared, ct
 
 
 def _forms(secret: bytes) -> list[str]:
@@ -39,8 +52,11 @@ def test_no_secret_in_debug_logs(policy: str, caplog: pytest.LogCaptureFixture) 
     secrets: list[bytes] = [ALICE_SEED, BOB_SEED]
     exporter = os.urandom(88)
     secrets.append(exporter)
-    pair = make_pair(policy)
+    kem = RecordingKEM()
+    pair = make_pair(policy, callee_kwargs={"kem": kem})
     run_handshake(pair, exporter=exporter)
+    assert pair.callee._schedule is not None
+    secrets.append(pair.callee._schedule.current.secret)  # S_0
     # rekey with a fresh QKD key and ML-KEM, and one with a wrong QKD key (failure path)
     for wrong in (False, True):
         keys = []
@@ -57,6 +73,8 @@ def test_no_secret_in_debug_logs(policy: str, caplog: pytest.LogCaptureFixture) 
         if not wrong and policy == "pqc":
             break
     secrets += list(pair.qkd.values())
+    secrets += kem.secrets  # K_kem of the handshake and of the rekey
+    assert len(kem.secrets) >= 2
     for event in pair.caller_events + pair.callee_events:
         if isinstance(event, KeysDerived):
             secrets += [event.local_keys.key, event.local_keys.salt]

@@ -201,3 +201,24 @@ def test_protocol_survives_mutated_offers(data: st.DataObject) -> None:
         (failed,) = events
         assert isinstance(failed, HandshakeFailed) and isinstance(failed.error, HandshakeError)
         assert len(callee.data_to_send()) == 1
+
+
+def test_docs_tables_match_the_schema() -> None:
+    """docs/handshake.md §3 lists every field with its tag, encoding and size limits."""
+    import re
+    from pathlib import Path
+
+    from qcall.handshake.messages import _CLASSES
+
+    text = (Path(__file__).parent.parent / "docs" / "handshake.md").read_text()
+    for type_code, cls in _CLASSES.items():
+        title = "REKEY_ACK" if cls is RekeyAck else cls.__name__.upper()
+        section = text.split(f"#### {title} (type {int(type_code)})")[1].split("####")[0]
+        rows = re.findall(r"^\| (\d+) \| `(\w+)` \| (\w+) \| ([\d.]+) \|", section, re.M)
+        assert [(int(t), n, k) for t, n, k, _ in rows] == [
+            (f.tag, name, f.kind) for name, f in cls.SCHEMA.items()
+        ]
+        for (_, name, _, size), f in zip(rows, cls.SCHEMA.values(), strict=True):
+            if f.kind in ("bytes", "text", "list"):
+                expected = str(f.max_len) if f.min_len == f.max_len else f"{f.min_len}..{f.max_len}"
+                assert size == expected, name
