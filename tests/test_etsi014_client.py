@@ -277,3 +277,13 @@ async def test_oversized_streamed_answer(fake: FakeKME, client: ETSI014Client) -
     fake.handler = stream
     with pytest.raises(KMEResponseError, match="larger than"):
         await client.get_key("B")
+
+
+async def test_key_id_text_is_kept(fake: FakeKME, client: ETSI014Client) -> None:
+    upper = new_id().upper()
+    fake.handler = lambda r: web.json_response(keys_json((upper, bytes(32))))
+    (key,) = await client.get_keys("B")
+    assert key.key_id == upper  # another KME may compare key_IDs as strings
+    fake.handler = lambda r: web.json_response(keys_json((upper.lower(), bytes(32))))
+    assert (await client.get_key_by_id("A", upper)).key_id == upper.lower()
+    assert fake.requests[-1][2] == {"key_IDs": [{"key_ID": upper}]}

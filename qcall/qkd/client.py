@@ -419,10 +419,10 @@ class ETSI014Client(KeySource):
         if not key_ids:
             raise ConfigError("key_ids is empty")
         try:
-            ids = [validate_key_id(k) for k in key_ids]
+            ids = [validate_key_id(k, canonical=False) for k in key_ids]
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if len(set(ids)) != len(ids):
+        if len({i.lower() for i in ids}) != len(ids):
             raise ConfigError("duplicate key_ID in request")
         if self.method == "POST":
             data = await self._request("POST", peer_sae, "dec_keys", body=key_ids_json(ids))

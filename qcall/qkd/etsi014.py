@@ -32,7 +32,6 @@ import base64
 import binascii
 import hashlib
 import re
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -73,6 +72,7 @@ MAX_KEYS_PER_MESSAGE: Final = 4096
 MAX_KEY_BITS: Final = 1 << 20
 
 _SAE_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]*")
+_UUID_RE: Final = re.compile(r"[0-9A-Fa-f]{8}-(?:[0-9A-Fa-f]{4}-){3}[0-9A-Fa-f]{12}")
 
 
 def key_fingerprint(key: bytes) -> str:
@@ -91,7 +91,7 @@ class QKDKey:
     The repr and str show the key_ID and a short hash only, never the key.
 
     Attributes:
-        key_id: the key_ID, a UUID in canonical text form.
+        key_id: the key_ID, a UUID (``8-4-4-4-12`` hex digits) as the KME wrote it.
         key: the key bytes (decoded from base64).
         key_id_extension: the optional ``key_ID_extension`` object.
         key_extension: the optional ``key_extension`` object.
@@ -245,18 +245,23 @@ def validate_sae_id(value: object, what: str = "SAE_ID") -> SAEId:
     return SAEId(value)
 
 
-def validate_key_id(value: object, what: str = "key_ID") -> KeyId:
-    """Return ``value`` as a canonical key_ID (lower-case UUID), or raise ValueError.
+def validate_key_id(value: object, what: str = "key_ID", *, canonical: bool = True) -> KeyId:
+    """Return ``value`` as a key_ID, or raise :class:`ValueError`.
 
-    ETSI GS QKD 014, 6.3: "key_ID … UUID format (example: …)".
+    ETSI GS QKD 014, 6.3: "key_ID … UUID format". With ``canonical`` (what a
+    KME does with what it receives) the result is the lower-case canonical
+    form; without (what a client does with a KME's key_IDs) the text is kept
+    as the KME wrote it, since another KME may compare key_IDs as strings.
     """
-    if not isinstance(value, str) or len(value) > 64:
+    if not isinstance(value, str):
         raise ValueError(f"{what} must be a UUID string")
-    try:
-        parsed = uuid.UUID(value)
-    except ValueError:
-        raise ValueError(f"{what} {value[:40]!r} is not a UUID") from None
-    return KeyId(str(parsed))
+    if not _UUID_RE.fullmatch(value):
+        raise ValueError(f"{what} {value[:40]!r} is not a UUID")
+    return KeyId(value.lower() if canonical else value)
+
+
+def _canonical(key_id: str) -> str:
+    return key_id.lower()
 
 
 def _object(value: object, what: str) -> Mapping[str, Any]:
@@ -359,7 +364,7 @@ def parse_key_container(
         expected_number: the number of keys requested (``enc_keys``).
         expected_size: the key size requested, in bits.
         expected_ids: the key_IDs requested (``dec_keys``); the answer must
-            hold exactly these, each once (order may differ).
+            hold exactly these, each once (order and letter case may differ).
 
     Returns:
         The container, with keys in the order of ``expected_ids`` if given.
@@ -373,7 +378,7 @@ def parse_key_container(
         keys: list[QKDKey] = []
         for i, entry in enumerate(_list(obj, "keys", required=True)):
             item = _object(entry, f"keys[{i}]")
-            key_id = validate_key_id(item.get("key_ID"), f"keys[{i}].key_ID")
+            key_id = validate_key_id(item.get("key_ID"), f"keys[{i}].key_ID", canonical=False)
             encoded = item.get("key")
             if not isinstance(encoded, str):
                 raise ValueError(f"keys[{i}].key must be a base64 string")
@@ -397,11 +402,12 @@ def parse_key_container(
     except ValueError as exc:
         raise KMEResponseError(f"invalid Key container from KME: {exc}") from None
 
-    seen: set[str] = set()
+    seen: dict[str, QKDKey] = {}  # canonical key_ID -> key
     for k in keys:
-        if k.key_id in seen:
+        canonical = _canonical(k.key_id)
+        if canonical in seen:
             raise KMEResponseError(f"KME returned key_ID {k.key_id} twice")
-        seen.add(k.key_id)
+        seen[canonical] = k
         if expected_size is not None and k.size_bits != expected_size:
             raise KMEResponseError(
                 f"KME returned key {k.key_id} of {k.size_bits} bits, requested {expected_size}"
@@ -409,14 +415,14 @@ def parse_key_container(
     if expected_number is not None and len(keys) != expected_number:
         raise KMEResponseError(f"KME returned {len(keys)} keys, requested {expected_number}")
     if expected_ids is not None:
-        by_id = {k.key_id: k for k in keys}
-        missing = [i for i in expected_ids if i not in by_id]
+        wanted = [_canonical(i) for i in expected_ids]
+        missing = [i for i, c in zip(expected_ids, wanted, strict=True) if c not in seen]
         if missing:
             raise KMEResponseError(f"KME did not return key_ID {missing[0]}")
         if len(keys) != len(expected_ids):
-            extra = sorted(seen - set(expected_ids))
+            extra = sorted(set(seen) - set(wanted))
             raise KMEResponseError(f"KME returned key_ID {extra[0]} that was not requested")
-        keys = [by_id[i] for i in expected_ids]
+        keys = [seen[c] for c in wanted]
     return KeyContainer(tuple(keys), extension)
 
 
