@@ -50,7 +50,15 @@ from qcall.exceptions import ConfigError, MediaError
 from .utils import TIMEOUT_FACTOR
 
 RATE = 48000
-HAVE_DEVICES = bool(list_devices())
+try:
+    HAVE_PYAUDIO, HAVE_DEVICES = True, bool(list_devices())
+except MediaError:  # pyaudio or PortAudio not installed
+    HAVE_PYAUDIO, HAVE_DEVICES = False, False
+
+needs_pyaudio = pytest.mark.skipif(not HAVE_PYAUDIO, reason="pyaudio is not installed")
+needs_no_devices = pytest.mark.skipif(
+    not HAVE_PYAUDIO or HAVE_DEVICES, reason="needs pyaudio on a machine without sound devices"
+)
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -555,7 +563,7 @@ def test_open_source_and_sink_from_args(tmp_path):
         open_source(input=tmp_path / "nope.ogg")
 
 
-@pytest.mark.skipif(HAVE_DEVICES, reason="this machine has sound devices")
+@needs_no_devices
 def test_no_devices_gives_clear_errors():
     for opener in (open_source, open_sink, MicrophoneTrack, SpeakerSink):
         with pytest.raises(MediaError, match="no sound devices") as info:
@@ -565,7 +573,7 @@ def test_no_devices_gives_clear_errors():
         open_source(input_device=3)
 
 
-@pytest.mark.skipif(HAVE_DEVICES, reason="this machine has sound devices")
+@needs_no_devices
 def test_cli_devices_says_no_devices(capsys):
     assert main(["devices"]) == 0
     out = capsys.readouterr().out
@@ -580,6 +588,10 @@ def test_cli_devices_without_pyaudio(monkeypatch, capsys):
     assert main(["devices"]) == 1
     err = capsys.readouterr().err
     assert "apt-get install portaudio19-dev" in err and "pip install 'qcall[audio]'" in err
+    for opener in (open_source, open_sink):
+        with pytest.raises(MediaError, match="portaudio19-dev") as info:
+            opener()
+        assert "--tone HZ" in str(info.value)
 
 
 # --- real PortAudio I/O on ALSA plugins (no sound card needed) ---------------------------
@@ -596,6 +608,8 @@ def alsa_devices(tmp_path, monkeypatch):
     reads ``mic.raw`` (a 700 Hz tone) and playback is written to ``played.raw``,
     both mono s16le at 48 kHz. Neither paces in real time, so tests stay short.
     """
+    if not HAVE_PYAUDIO:
+        pytest.skip("pyaudio is not installed")
     if not ALSA_CONF.exists():
         pytest.skip("no ALSA configuration to extend")
     mic = tmp_path / "mic.raw"
