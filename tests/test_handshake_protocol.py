@@ -534,3 +534,85 @@ def test_offer_resigned_with_wrong_context_fails() -> None:
     data = resign(offer_bytes(good), ALICE, OFFER_CONTEXT)
     good.callee.receive_data(data, NOW)
     assert events_of(good.callee.events_received(), OfferReceived)
+
+
+# --- more hostile inputs --------------------------------------------------------------------
+
+
+def test_offer_with_other_kem_is_refused() -> None:
+    pair = make_pair("pqc", caller_kwargs={"kem": BackendKEM(pqc.KEM.ML_KEM_1024)})
+    ev = callee_failure(pair, offer_bytes(pair))
+    assert isinstance(ev.error, InvalidMessageError) and "kem_alg" in str(ev.error)
+
+
+def test_no_common_srtp_profile() -> None:
+    pair = make_pair(
+        "pqc",
+        caller_kwargs={"srtp_profiles": [SRTPProfile.AES128_CM_HMAC_SHA1_80]},
+        callee_kwargs={"srtp_profiles": [SRTPProfile.AEAD_AES_256_GCM]},
+    )
+    ev = callee_failure(pair, offer_bytes(pair))
+    assert isinstance(ev.error, InvalidMessageError) and "srtp_profiles" in str(ev.error)
+
+
+def test_invalid_encapsulation_key_is_refused() -> None:
+    pair = make_pair("pqc")
+    offer = offer_bytes(pair)
+    # FIPS 203 §7.2 input check: coefficients ≥ q make ek invalid (right length, bad value)
+    data = resign(offer, ALICE, OFFER_CONTEXT, kem_ek=b"\xff" * 1184)
+    ev = callee_failure(pair, data)
+    assert isinstance(ev.error, InvalidMessageError) and "kem_ek" in str(ev.error)
+
+
+def test_qkd_keys_with_other_ids_fail() -> None:
+    pair = make_pair("hybrid")
+    pair.callee.receive_data(offer_bytes(pair), NOW)
+    pair.callee.events_received()
+    pair.callee.receive_qkd_keys([new_qkd_key()])
+    ev = failure(pair.callee.events_received())
+    assert isinstance(ev.error, QKDKeyMismatchError) and "announced" in str(ev.error)
+
+
+def test_duplicate_confirm_fails() -> None:
+    pair = make_pair("pqc")
+    pair.callee.receive_data(offer_bytes(pair), NOW)
+    pair.callee.send_answer(SDP_ANSWER, NOW)
+    transfer(pair.callee, pair.caller, NOW)
+    pair.caller.receive_dtls_exporter(os.urandom(88))
+    (confirm,) = pair.caller.data_to_send()
+    pair.callee.receive_data(confirm, NOW)  # buffered: no exporter yet
+    pair.callee.receive_data(confirm, NOW)
+    ev = failure(pair.callee.events_received())
+    assert isinstance(ev.error, HandshakeStateError) and "duplicate" in str(ev.error)
+
+
+def test_rekey_for_wrong_epoch() -> None:
+    from qcall.handshake.messages import Rekey
+
+    pair = run_handshake(make_pair("pqc"))
+    pair.callee.receive_data(Rekey(2, (), 0, b"").serialize(), NOW)
+    ev = failure(pair.callee.events_received())
+    assert isinstance(ev.error, HandshakeStateError) and "expected 1" in str(ev.error)
+
+
+def test_rekey_ack_mismatches() -> None:
+    from qcall.handshake.messages import RekeyAck
+
+    pair = run_handshake(make_pair("pqc"))
+    pair.caller.rekey(NOW, fresh_kem=False)
+    pair.caller.receive_data(RekeyAck(1, b"c" * 1088).serialize(), NOW)
+    ev = failure(pair.caller.events_received())
+    assert isinstance(ev.error, InvalidMessageError) and "kem_ct" in str(ev.error)
+    pair = run_handshake(make_pair("pqc"))
+    pair.caller.rekey(NOW, fresh_kem=True)
+    pair.caller.receive_data(RekeyAck(5, b"").serialize(), NOW)
+    assert isinstance(failure(pair.caller.events_received()).error, HandshakeStateError)
+
+
+def test_callee_never_initiates_rekey() -> None:
+    pair = run_handshake(make_pair("pqc"))
+    assert not hasattr(pair.callee, "rekey")
+    from qcall.handshake.messages import Rekey
+
+    pair.caller.receive_data(Rekey(1, (), 0, b"").serialize(), NOW)
+    assert isinstance(failure(pair.caller.events_received()).error, HandshakeStateError)
