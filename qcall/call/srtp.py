@@ -424,6 +424,7 @@ class HybridSRTP:
 
     def _teardown(self, state: HookState, error: CallError) -> None:
         self.state = state
+        self._exporter_secret = None
         self._keyring.clear()
         self._pending_outbound.clear()
         self._pending_rx.clear()

@@ -288,7 +288,7 @@ class InboundKeyring:
             self._preferred = generation
 
     def clear(self) -> None:
-        """Drop every session (libsrtp zeroes its key material on deallocation)."""
+        """Drop every session (libsrtp frees its cipher contexts when they are collected)."""
         self._sessions.clear()
         self._preferred = None
 
@@ -409,7 +409,7 @@ class OutboundSession:
         self._maybe_switch()
 
     def clear(self) -> None:
-        """Drop the sessions (libsrtp zeroes its key material on deallocation)."""
+        """Drop the sessions (libsrtp frees its cipher contexts when they are collected)."""
         self.session = None
         self._next = None
 
