@@ -616,3 +616,15 @@ def test_callee_never_initiates_rekey() -> None:
 
     pair.caller.receive_data(Rekey(1, (), 0, b"").serialize(), NOW)
     assert isinstance(failure(pair.caller.events_received()).error, HandshakeStateError)
+
+
+def test_forged_downgrade_is_a_bad_signature() -> None:
+    pair = make_pair("hybrid")
+    offer = offer_bytes(pair)
+    pair.callee.receive_data(offer, NOW)
+    serve_qkd(pair)
+    pair.callee.send_answer(SDP_ANSWER, NOW)
+    (answer,) = pair.callee.data_to_send()
+    forged = replace(parse_message(answer), policy="pqc").serialize()  # type: ignore[type-var]
+    pair.caller.receive_data(forged, NOW)
+    assert isinstance(failure(pair.caller.events_received()).error, BadSignatureError)

@@ -194,14 +194,6 @@ class CallerHandshake(HandshakeProtocol):
         assert self._offer is not None and self._kem_key is not None
         if not pqc.constant_time_eq(answer.offer_nonce, self._offer.nonce):
             raise InvalidMessageError("field 'offer_nonce' does not match our offer")
-        if answer.policy != self.policy:
-            raise DowngradeError(
-                f"the answer's policy {answer.policy!r} differs from the offered {self.policy!r}"
-            )
-        if answer.srtp_profile not in self._offer.srtp_profiles:
-            raise DowngradeError(
-                f"the answer chose SRTP profile {answer.srtp_profile!r}, not offered"
-            )
         ct_len = KEM_ALGORITHMS[self.kem.algorithm.value][1]
         if len(answer.kem_ct) != ct_len:
             raise InvalidMessageError(f"field 'kem_ct' must be {ct_len} bytes")
@@ -210,6 +202,15 @@ class CallerHandshake(HandshakeProtocol):
                 f"the answer comes from {answer.sender!r}, not from {self.peer_name!r}"
             )
         self._verify(answer, data, ANSWER_CONTEXT, self._offer_transcript)
+        # Authentic, so a policy change is the peer's choice, not a forgery: refuse it.
+        if answer.policy != self.policy:
+            raise DowngradeError(
+                f"the answer's policy {answer.policy!r} differs from the offered {self.policy!r}"
+            )
+        if answer.srtp_profile not in self._offer.srtp_profiles:
+            raise DowngradeError(
+                f"the answer chose SRTP profile {answer.srtp_profile!r}, not offered"
+            )
         # FIPS 203 §7.3: implicit rejection, a bad ciphertext gives a wrong secret.
         self._k_kem = self._kem_key.decapsulate(answer.kem_ct)
         self._kem_key = None
