@@ -222,3 +222,33 @@ def test_docs_tables_match_the_schema() -> None:
             if f.kind in ("bytes", "text", "list"):
                 expected = str(f.max_len) if f.min_len == f.max_len else f"{f.min_len}..{f.max_len}"
                 assert size == expected, name
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_protocol_survives_mutated_answers_and_later_messages(data: st.DataObject) -> None:
+    """Mutated ANSWER at the caller, or mutated CONFIRM/REKEY at an established callee."""
+    from tests.test_handshake_support import run_handshake, serve_qkd
+
+    pair = make_pair("hybrid")
+    pair.caller.send_offer("v=0\r\n", NOW, [key := new_qkd_key()])
+    pair.qkd[key.key_id] = key.key
+    pair.callee.receive_data(pair.caller.data_to_send()[0], NOW)
+    serve_qkd(pair)
+    pair.callee.send_answer("v=0\r\n", NOW)
+    (answer,) = pair.callee.data_to_send()
+    mutated_answer = bytearray(answer)
+    pos = data.draw(st.integers(0, len(answer) - 1))
+    mutated_answer[pos] ^= data.draw(st.integers(1, 255))
+    pair.caller.receive_data(bytes(mutated_answer), NOW)  # must never raise
+    assert pair.caller.state in (State.FAILED, State.EXPECT_KEY_MATERIAL)
+
+    established = run_handshake(make_pair("pqc"))
+    later = data.draw(st.sampled_from(VALID[2:]))  # CONFIRM, REKEY, REKEY_ACK, ERROR
+    blob = bytearray(later)
+    pos = data.draw(st.integers(0, len(blob) - 1))
+    blob[pos] ^= data.draw(st.integers(0, 255))
+    established.callee.receive_data(bytes(blob), NOW)  # must never raise
+    for event in established.callee.events_received():
+        if isinstance(event, HandshakeFailed):
+            assert isinstance(event.error, HandshakeError)
