@@ -59,9 +59,11 @@ def test_error_free_key_costs_only_top_level_parities() -> None:
 
 
 def test_block_schedule_shape() -> None:
-    s = block_schedule(0.02, 100_000)
+    s = block_schedule(0.02, 60_000)
     assert s[0] == round(0.73 / 0.02) and s[1] == 4 * s[0]
-    assert s[2:] == [25_000] * 8
+    assert s[2:] == [15_000] * 8  # 4 blocks per late pass: (1/4)**8 = 2**-16
+    s = block_schedule(0.02, 100_000)
+    assert s[2:] == [6250] * 4  # 16 blocks per late pass: (1/16)**4 = 2**-16
     assert all(1 <= k <= 2 for k in block_schedule(0.5, 2))
 
 

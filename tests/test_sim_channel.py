@@ -22,8 +22,7 @@ def channel(**kw: object) -> AuthenticatedChannel:
 def sample_messages() -> list[m.Message]:
     bits = np.array([1, 0, 1, 1, 0, 0, 0, 1, 1], dtype=np.uint8)
     return [
-        m.Detections(n_pulses=10**12, indices=np.array([3, 9, 2**40], dtype=np.uint64),
-                     bases=bits[:3]),
+        m.Detections.from_indices(10**12, np.array([3, 9, 2**40], dtype=np.int64), bits[:3]),
         m.Sifting(match=bits, intensity=np.array([0, 2, 1], dtype=np.uint8),
                   sample_seed=b"\x01" * 16),
         m.Parameters(abort=0, qber=0.0123, y1_lower=0.5, e1_upper=0.02,
@@ -46,6 +45,17 @@ def test_encode_decode_roundtrip(msg: m.Message) -> None:
             assert np.array_equal(got, value)
         else:
             assert got == value
+
+
+def test_detections_gap_encoding() -> None:
+    idx = np.array([0, 1, 65534, 65535 + 65534, 2**45], dtype=np.int64)
+    msg = m.Detections.from_indices(2**46, idx, np.zeros(5, np.uint8))
+    assert msg.long_gaps.size == 2  # gaps 65535 and ~2**45 need the escape
+    back = m.decode(m.encode(msg))
+    assert isinstance(back, m.Detections)
+    assert np.array_equal(back.indices(), idx)
+    empty = m.Detections.from_indices(10, np.zeros(0, np.int64), np.zeros(0, np.uint8))
+    assert empty.indices().size == 0
 
 
 def test_repr_hides_contents() -> None:

@@ -141,17 +141,19 @@ def test_alice_rejects_hostile_detections() -> None:
         return AliceEnd(p, rec, np.random.default_rng(3))
 
     bases = np.zeros(2, dtype=np.uint8)
+
+    def det(gaps: list[int], long: tuple[int, ...] = (), n: int = 100_000,
+            b: np.ndarray = bases) -> m.Detections:
+        return m.Detections(n_pulses=n, gaps=np.array(gaps, np.uint16),
+                            long_gaps=np.array(long, np.uint64), bases=b)
+
     cases = [
-        (m.Detections(n_pulses=5, indices=np.array([1, 2], np.uint64), bases=bases),
-         "n_pulses"),
-        (m.Detections(n_pulses=100_000, indices=np.array([1, 2], np.uint64),
-                      bases=bases[:1]), "bases"),
-        (m.Detections(n_pulses=100_000, indices=np.array([2, 2], np.uint64), bases=bases),
-         "indices"),
-        (m.Detections(n_pulses=100_000, indices=np.array([1, 10**6], np.uint64), bases=bases),
-         "indices"),
-        (m.Detections(n_pulses=100_000, indices=np.array([2**63 + 1, 5], np.uint64),
-                      bases=bases), "indices"),
+        (det([2, 1], n=5), "n_pulses"),
+        (det([2, 1], b=bases[:1]), "bases"),
+        (det([3, 0]), "strictly increasing"),
+        (det([2, 0xFFFF], (10**6,)), "beyond n_pulses"),
+        (det([2, 0xFFFF]), "long_gaps"),
+        (det([2, 0xFFFF], (2**63 + 1,)), "long_gaps"),
         (m.Disclosure(bits=bases), "did not expect"),
     ]
     for msg, field in cases:

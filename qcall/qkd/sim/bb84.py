@@ -77,6 +77,8 @@ class AliceRecord:
         Indices she has not stored (pulses without a click, which an honest
         Bob never announces) get settings drawn from their conditional law.
         """
+        if indices.size == self.indices.size and np.array_equal(indices, self.indices):
+            return self.intensity, self.basis, self.bit  # the usual case: Bob's clicks
         pos = np.searchsorted(self.indices, indices)
         pos_c = np.minimum(pos, max(self.indices.size - 1, 0))
         known = (pos < self.indices.size) & (self.indices[pos_c] == indices) if (

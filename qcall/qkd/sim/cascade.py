@@ -6,9 +6,9 @@ Pacher, Peev, Ciurana, Martin, "Demystifying the information reconciliation
 protocol Cascade", QIC 15, 453 (2015):
 
 * **Block sizes per pass**: ``k1 = alpha / QBER`` for the first pass, a
-  four times larger second pass, then passes with four blocks of ``n/4``
-  (cheap: four parities each, they catch the few errors left). See
-  :func:`block_schedule`.
+  four times larger second pass, then passes with 4 (or 16) blocks of
+  ``n/4`` (``n/16``) bits (cheap: a few parities each, they catch the few
+  errors left). See :func:`block_schedule`.
 * **Every disclosed parity is counted** (top-level block parities and every
   bisection query); only the left half of a bisection is asked for, the
   right half follows from the known parent parity.
@@ -46,35 +46,44 @@ I64 = npt.NDArray[np.int64]
 ALPHA = 0.73
 #: Second pass block size relative to the first.
 SECOND_PASS_FACTOR = 4
-#: Passes 3.. split the key into this many blocks.
+#: Passes 3.. split the key into this many blocks (more for long keys, see below).
 LATE_BLOCKS = 4
-#: Total number of passes.
-PASSES = 10
+#: Each late pass lets a remaining error pair through with probability
+#: 1/late_blocks; use enough late passes to push that below 2**-LATE_SECURITY.
+LATE_SECURITY = 16
 
 
 def block_schedule(qber: float, n: int, *, alpha: float = ALPHA,
-                   second: int = SECOND_PASS_FACTOR, late_blocks: int = LATE_BLOCKS,
-                   passes: int = PASSES) -> list[int]:
+                   second: int = SECOND_PASS_FACTOR, late_blocks: int | None = None,
+                   passes: int | None = None) -> list[int]:
     """Top-level block sizes for each Cascade pass.
 
-    Tuned on this implementation (scripts/bench_qkd.py): with ``k1 = 0.73/Q``,
-    ``k2 = 4 k1`` and eight more passes of ``n/4``-bit blocks, the efficiency
-    is about 1.06-1.10 for 2**16-2**20 bits at QBER 1-5 %, and no residual
-    error was seen in 1800 runs of 2**13 bits at QBER 0.5-8 %. (Martinez-Mateo
-    et al. 2015 find the same shape: small first blocks, then large ones.)
+    Tuned on this implementation (scripts/bench_qkd.py): ``k1 = 0.73/Q``,
+    ``k2 = 4 k1``, then "late" passes of ``n/B``-bit blocks (``B = 4``, or
+    16 for keys of 2**16 bits and more, where the extra parities cost
+    nothing) until a pair of residual errors would survive every late pass
+    with probability below 2**-16: eight passes of 4 blocks or four of 16.
+    The efficiency is about 1.06-1.10 for 2**14-2**20 bits at QBER 1-5 %, and
+    no residual error was seen in 1800 runs of 2**13 bits at QBER 0.5-8 %.
+    (Martinez-Mateo et al. 2015 find the same shape: small first blocks,
+    then large ones.)
 
     Args:
         qber: estimated QBER (clipped to [0.001, 0.25]).
         n: key length.
         alpha: first pass ``k1 = alpha / qber``.
         second: second pass ``k2 = second * k1``.
-        late_blocks: passes 3.. use ``max(k2, ceil(n / late_blocks))``.
-        passes: total passes.
+        late_blocks: blocks per late pass (default: 4, or 16 when n >= 2**16).
+        passes: total passes (default: from ``late_blocks`` as above).
     """
     q = min(0.25, max(0.001, qber))
     half = max(1, math.ceil(n / 2))
     k1 = min(half, max(4, round(alpha / q)))
     k2 = min(half, second * k1)
+    if late_blocks is None:
+        late_blocks = LATE_BLOCKS if n < (1 << 16) else 4 * LATE_BLOCKS
+    if passes is None:
+        passes = 2 + math.ceil(LATE_SECURITY / math.log2(max(2, late_blocks)))
     late = max(k2, math.ceil(n / late_blocks))
     return [k1, k2] + [late] * max(0, passes - 2)
 

@@ -6,7 +6,7 @@ Every message is a frozen dataclass. Field kinds come from the annotation:
 * ``float``  -> IEEE-754 binary64,
 * ``bytes``  -> u32 length + bytes,
 * ``Bits``   -> u64 bit count + bit-packed bytes (numpy ``uint8`` array of 0/1),
-* ``U8`` / ``U32`` / ``U64`` -> u64 element count + little-endian array.
+* ``U8`` / ``U16`` / ``U32`` / ``U64`` -> u64 element count + little-endian array.
 
 :func:`decode` treats its input as hostile: every length is checked against
 the bytes present and against :data:`MAX_ELEMENTS`, and errors name the
@@ -52,6 +52,7 @@ __all__ = [
 
 Bits: TypeAlias = npt.NDArray[np.uint8]
 U8: TypeAlias = npt.NDArray[np.uint8]
+U16: TypeAlias = npt.NDArray[np.uint16]
 U32: TypeAlias = npt.NDArray[np.uint32]
 U64: TypeAlias = npt.NDArray[np.uint64]
 
@@ -59,7 +60,7 @@ U64: TypeAlias = npt.NDArray[np.uint64]
 MAX_ELEMENTS = 1 << 28
 
 _DTYPES: dict[str, np.dtype[Any]] = {
-    "U8": np.dtype("<u1"), "U32": np.dtype("<u4"), "U64": np.dtype("<u8"),
+    "U8": np.dtype("<u1"), "U16": np.dtype("<u2"), "U32": np.dtype("<u4"), "U64": np.dtype("<u8"),
 }
 
 
@@ -87,12 +88,51 @@ class Message:
 
 @dataclass(frozen=True, repr=False)
 class Detections(Message):
-    """Bob announces which pulses he detected and his measurement bases."""
+    """Bob announces which pulses he detected and his measurement bases.
+
+    Pulse indices travel as gaps (``index[i] - index[i-1]``, with
+    ``index[-1] = -1``): a ``u16`` each, ``0xFFFF`` meaning "the next entry of
+    ``long_gaps``" (2 bytes per detection up to ~150 km instead of 8).
+    """
 
     TYPE: ClassVar[int] = 1
     n_pulses: int
-    indices: U64
+    gaps: U16
+    long_gaps: U64
     bases: Bits
+
+    ESCAPE: ClassVar[int] = 0xFFFF
+
+    @classmethod
+    def from_indices(cls, n_pulses: int, indices: npt.NDArray[np.int64],
+                     bases: Bits) -> Detections:
+        """Build the message from strictly increasing pulse indices."""
+        gaps = np.diff(indices, prepend=-1)
+        long = gaps >= cls.ESCAPE
+        small = np.where(long, cls.ESCAPE, gaps).astype(np.uint16)
+        return cls(n_pulses=n_pulses, gaps=small, long_gaps=gaps[long].astype(np.uint64),
+                   bases=bases)
+
+    def indices(self) -> npt.NDArray[np.int64]:
+        """Decode the pulse indices.
+
+        Raises:
+            PostProcessingError: inconsistent escapes, a zero gap (indices not
+                strictly increasing) or indices beyond ``n_pulses``.
+        """
+        escaped = self.gaps == self.ESCAPE
+        if int(escaped.sum()) != self.long_gaps.size:
+            raise PostProcessingError("Detections.long_gaps: count does not match escapes")
+        if self.long_gaps.size and int(self.long_gaps.max()) >= 1 << 48:
+            raise PostProcessingError("Detections.long_gaps: gap too large")
+        gaps = self.gaps.astype(np.int64)
+        gaps[escaped] = self.long_gaps.astype(np.int64)
+        if gaps.size and int(gaps.min()) < 1:
+            raise PostProcessingError("Detections.gaps: indices not strictly increasing")
+        out: npt.NDArray[np.int64] = np.cumsum(gaps) - 1
+        if out.size and int(out[-1]) >= self.n_pulses:
+            raise PostProcessingError("Detections.gaps: index beyond n_pulses")
+        return out
 
 
 @dataclass(frozen=True, repr=False)
