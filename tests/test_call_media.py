@@ -1,4 +1,4 @@
-"""Tests for qcall.call.media and qcall.call.audio_analysis (no sound card needed)."""
+"""Tests for qcall.call.media, .audio_devices and .audio_analysis (no sound card needed)."""
 
 from __future__ import annotations
 
@@ -30,16 +30,18 @@ from qcall.call.audio_analysis import (
     receive_time,
     rms_dbfs,
 )
-from qcall.call.media import (
+from qcall.call.audio_devices import (
     NO_DEVICE_MESSAGE,
-    SAMPLES_PER_FRAME,
-    FileTrack,
     MicrophoneTrack,
     SpeakerSink,
+    list_devices,
+)
+from qcall.call.media import (
+    SAMPLES_PER_FRAME,
+    FileTrack,
     ToneTrack,
     WavRecorder,
     add_media_arguments,
-    list_devices,
     open_sink,
     open_source,
     read_wav,

@@ -27,7 +27,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the devices; return 0 (also when there are none)."""
-    from qcall.call.media import NO_DEVICE_MESSAGE, list_devices
+    from qcall.call.audio_devices import NO_DEVICE_MESSAGE, list_devices
 
     devices = list_devices()  # MediaError (exit 1) if pyaudio is missing
     inputs = [d for d in devices if d.max_input_channels > 0]
