@@ -469,6 +469,33 @@ async def test_provider_returning_garbage_fails_closed() -> None:
         await close(a, b)
 
 
+async def test_install_needs_one_bundled_transport() -> None:
+    config = RTCConfiguration(iceServers=[])
+    a, b = RTCPeerConnection(config), RTCPeerConnection(config)
+    try:
+        with pytest.raises(CallError, match="0 DTLS transports"):
+            install_srtp_hook(a, async_provider(0))
+        a.addTrack(ToneTrack())
+        a.createDataChannel("chat")  # its own transport until BUNDLE merges them
+        with pytest.raises(CallError, match="2 DTLS transports"):
+            install_srtp_hook(a, async_provider(0))
+        with pytest.raises(CallError, match="target"):
+            install_srtp_hook(object(), async_provider(0))  # type: ignore[arg-type]
+        await a.setLocalDescription(await a.createOffer())
+        await b.setRemoteDescription(a.localDescription)
+        await b.setLocalDescription(await b.createAnswer())
+        await a.setRemoteDescription(b.localDescription)
+        hook = install_srtp_hook(a, async_provider(0))
+        assert hook.state is HookState.WAITING_FOR_DTLS
+        with pytest.raises(CallError, match="already"):
+            install_srtp_hook(a, async_provider(0))
+        with pytest.raises(CallError, match="only once DTLS completes"):
+            hook.exporter_secret
+    finally:
+        await a.close()
+        await b.close()
+
+
 # --- pure core: keys, profiles, keyring -------------------------------------------------
 
 
