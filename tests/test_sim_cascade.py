@@ -93,3 +93,7 @@ def test_bob_rejects_wrong_reply() -> None:
     next(gen)
     with pytest.raises(PostProcessingError, match="parities"):
         gen.send(m.PassSetup(seed=b"", parities=np.zeros(3, np.uint8)))
+    gen = CascadeBob(np.zeros(64, dtype=np.uint8), [8]).run()
+    next(gen)
+    with pytest.raises(PostProcessingError, match="seed"):
+        gen.send(m.PassSetup(seed=bytes(1000), parities=np.zeros(8, np.uint8)))

@@ -159,3 +159,22 @@ def test_alice_rejects_hostile_detections() -> None:
     for msg, field in cases:
         with pytest.raises(PostProcessingError, match=field):
             alice().handle(msg)
+
+
+def test_bob_rejects_hostile_parameters() -> None:
+    from qcall.qkd.sim.link import BobEnd
+
+    p = params()
+    optics = OpticalLayer(p, np.random.default_rng(1))
+    _, rec = optics.transmit(200_000, np.random.default_rng(2))
+    gen = BobEnd(p, rec, np.random.default_rng(3)).run()
+    det = next(gen)
+    assert isinstance(det, m.Detections)
+    n = det.bases.size
+    match = np.ones(n, dtype=np.uint8)
+    disclosure = gen.send(m.Sifting(match=match, intensity=np.ones(n, np.uint8),
+                                    sample_seed=bytes(16)))
+    assert isinstance(disclosure, m.Disclosure) and disclosure.bits.size == n
+    with pytest.raises(PostProcessingError, match="single_photon_fraction"):
+        gen.send(m.Parameters(abort=0, qber=0.01, y1_lower=0.1, e1_upper=0.02,
+                              single_photon_fraction=float("nan")))

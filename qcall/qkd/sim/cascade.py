@@ -197,6 +197,8 @@ class CascadeBob:
             reply = yield PassRequest(block_size=k)
             if not isinstance(reply, PassSetup):
                 raise PostProcessingError(f"expected PassSetup, got {type(reply).__name__}")
+            if len(reply.seed) > 32:
+                raise PostProcessingError("PassSetup.seed: longer than 32 bytes")
             perm = _permutation(reply.seed, n)
             inv = None
             if perm is not None:

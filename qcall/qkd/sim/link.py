@@ -274,6 +274,10 @@ class BobEnd:
             decision = Abort(params.abort)
         except ValueError:
             raise PostProcessingError(f"Parameters.abort: unknown value {params.abort}") from None
+        for name in ("qber", "y1_lower", "e1_upper", "single_photon_fraction"):
+            value = getattr(params, name)
+            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                raise PostProcessingError(f"Parameters.{name}: {value!r} not in [0, 1]")
         out = BobOutcome(decision, params.qber, sifted_bits=int(bits.size))
         if decision is not Abort.CONTINUE:
             return out
@@ -331,6 +335,8 @@ class BlockResult:
         messages, channel_bytes: frames and bytes on the classical channel.
         wall_s: wall-clock seconds spent on the block (simulation + post-processing).
         postprocessing_s: the part of ``wall_s`` spent in the protocol (both ends).
+        alice_s, bob_s: the part of it spent in each end's own computation (the
+            rest is the channel: framing, MACs, transcript hashes).
     """
 
     link: str
@@ -358,6 +364,8 @@ class BlockResult:
     channel_bytes: int
     wall_s: float
     postprocessing_s: float
+    alice_s: float
+    bob_s: float
 
 
 @dataclass
@@ -481,12 +489,23 @@ class SimulatedLink:
         ch.transcript.clear()
         msgs0, bytes0, auth0 = sum(ch.messages), sum(ch.bytes_sent), ch.auth_bits_consumed
         gen = bob.run()
+        clock = time.perf_counter
+        t_alice = t_bob = 0.0
         try:
+            t0 = clock()
             msg = next(gen)
+            t_bob += clock() - t0
             while True:
-                reply = alice.handle(ch.transfer(BOB, msg))
-                msg = gen.send(ch.transfer(ALICE, reply))
+                incoming = ch.transfer(BOB, msg)
+                t0 = clock()
+                reply = alice.handle(incoming)
+                t_alice += clock() - t0
+                incoming = ch.transfer(ALICE, reply)
+                t0 = clock()
+                msg = gen.send(incoming)
+                t_bob += clock() - t0
         except StopIteration as stop:
+            t_bob += clock() - t0
             out: BobOutcome = stop.value
         except PostProcessingError:
             ch.discard_block()
@@ -540,4 +559,5 @@ class SimulatedLink:
             verify_bits=TAG_BITS if out.decision is Abort.CONTINUE else 0,
             auth_bits=auth_bits, final_bits=8 * len(alice_key), verified=out.verified,
             messages=sum(ch.messages) - msgs0, channel_bytes=sum(ch.bytes_sent) - bytes0,
-            wall_s=wall, postprocessing_s=wall - (optics_done - start))
+            wall_s=wall, postprocessing_s=wall - (optics_done - start), alice_s=t_alice,
+            bob_s=t_bob)
