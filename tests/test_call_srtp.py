@@ -261,8 +261,8 @@ def async_provider(delay: float, label: bytes = b"test") -> Provider:
 
 
 async def test_hybrid_keys_on_the_wire_and_audio_arrives() -> None:
-    # A answers at once, B only after 150 ms: A's early packets are queued by B.
-    a, b = await call(lambda secret, role: derive_keys(secret, role), async_provider(0.15))
+    # A answers at once, B only after 300 ms: A's early packets are queued by B.
+    a, b = await call(lambda secret, role: derive_keys(secret, role), async_provider(0.3 * T))
     try:
         assert a.hook is not None and b.hook is not None
         await asyncio.wait_for(a.hook.wait_ready(), 5 * T)
@@ -299,7 +299,7 @@ async def test_hybrid_keys_on_the_wire_and_audio_arrives() -> None:
         # Audio arrived both ways, decoded and not silent.
         for frames in (frames_a, frames_b):
             assert max(rms(f) for f in frames[-10:]) > 1000
-        # B held no keys for 150 ms: it sent nothing and queued what A sent, then
+        # B held no keys for 300 ms: it sent nothing and queued what A sent, then
         # delivered it, so even A's very first packet reached B's receiver.
         assert b.hook.stats.tx_dropped_pending > 0 and b.hook.stats.rx_queued_pending > 0
         assert b.rx_seqs[0] == int.from_bytes(a.srtp_sent()[0][2:4], "big")
