@@ -72,19 +72,30 @@ def test_eavesdropper_triggers_alarm_and_link_stops() -> None:
     link = SimulatedLink("n1-n2", params(30.0), seed=6)
     link.run_block()
     link.set_eavesdropper(1.0)
-    with pytest.raises(LinkAlarmError) as info:
-        link.run_block()
-    assert info.value.link == "n1-n2"
-    assert info.value.qber == pytest.approx(expected_qber(link.params, link.params.mu),
-                                            abs=0.02)
-    assert link.alarm and link.alarm_qber == info.value.qber
-    assert link.stats.alarms == 1
-    with pytest.raises(LinkAlarmError, match="alarm state"):
+    for _ in range(2):  # no key while Eve is there
+        with pytest.raises(LinkAlarmError) as info:
+            link.run_block()
+        assert info.value.link == "n1-n2"
+        assert info.value.qber == pytest.approx(
+            expected_qber(link.params, link.params.mu), abs=0.02)
+        assert link.alarm and link.alarm_qber == info.value.qber
+    assert link.stats.alarms == 2
+    link.set_eavesdropper(0.0)
+    r = link.run_block()  # the alarm follows the last block
+    assert not link.alarm and link.alarm_qber is None
+    assert r.final_bits > 0 and r.alice_key == r.bob_key
+
+
+def test_latched_alarm_needs_clearing() -> None:
+    link = SimulatedLink("n1-n2", params(30.0, eve_fraction=1.0), seed=6, latch_alarm=True)
+    with pytest.raises(LinkAlarmError):
         link.run_block()
     link.set_eavesdropper(0.0)
+    with pytest.raises(LinkAlarmError, match="alarm state"):
+        link.run_block()
+    assert link.stats.blocks == 1  # refused without sending pulses
     link.clear_alarm()
-    r = link.run_block()
-    assert r.final_bits > 0 and r.alice_key == r.bob_key
+    assert link.run_block().final_bits > 0
 
 
 def test_partial_eavesdropping_raises_qber_and_kills_key() -> None:

@@ -368,6 +368,12 @@ class BlockResult:
     bob_s: float
 
 
+    @property
+    def pulses(self) -> int:
+        """Alias of ``n_pulses``."""
+        return self.n_pulses
+
+
 @dataclass
 class LinkStats:
     """Running totals of a link (see :attr:`SimulatedLink.stats`)."""
@@ -415,10 +421,22 @@ class SimulatedLink:
         seed: makes the link reproducible (``None``: fresh entropy). Three
             independent streams are derived: optics, Alice, Bob; the
             pre-shared authentication secret comes from a fourth.
+        latch_alarm: if true, an alarm stays until :meth:`clear_alarm` (every
+            block raises meanwhile). By default the alarm reflects the last
+            block: it is raised by a block above the threshold and cleared by
+            the next block that passes parameter estimation.
+
+    Attributes:
+        alarm: the link is in the alarm state (eavesdropper suspected).
+        alarm_qber: QBER of the block that raised the alarm.
+        stats: running totals (:class:`LinkStats`).
+        channel: the authenticated classical channel (transcript of the last block).
     """
 
-    def __init__(self, name: str, params: LinkParams, seed: int | None = None) -> None:
+    def __init__(self, name: str, params: LinkParams, seed: int | None = None, *,
+                 latch_alarm: bool = False) -> None:
         self.name = name
+        self.latch_alarm = latch_alarm
         self._params = params
         ss = np.random.SeedSequence(seed)
         s_opt, s_alice, s_bob, s_auth = ss.spawn(4)
@@ -447,7 +465,7 @@ class SimulatedLink:
         self._optics.params = self._params
 
     def clear_alarm(self) -> None:
-        """Operator acknowledges the alarm; the link may deliver key again."""
+        """Leave the alarm state (operator acknowledgement, for ``latch_alarm``)."""
         self.alarm = False
         self.alarm_qber = None
 
@@ -468,11 +486,11 @@ class SimulatedLink:
 
         Raises:
             LinkAlarmError: the estimated QBER exceeds ``qber_abort`` (the link
-                enters the alarm state), or the link is already in alarm.
+                enters the alarm state), or the alarm is latched.
             PostProcessingError: a protocol message failed authentication or
                 was malformed (the block is lost).
         """
-        if self.alarm:
+        if self.alarm and self.latch_alarm:
             raise LinkAlarmError(f"link {self.name}: in alarm state (QBER "
                                  f"{self.alarm_qber:.1%}); clear_alarm() first",
                                  link=self.name, qber=self.alarm_qber)
@@ -513,6 +531,9 @@ class SimulatedLink:
             raise
         ch.authenticate_block()
         auth_bits = ch.auth_bits_consumed - auth0
+        if out.decision is not Abort.ALARM and self.alarm:
+            logger.info("= link %s: QBER %.2f%%, alarm cleared", self.name, 100 * out.qber)
+            self.clear_alarm()
         duration = n / params.pulse_rate_hz
         st = self.stats
         st.blocks += 1
