@@ -339,7 +339,9 @@ async def test_mismatched_keys_no_audio_and_failures_counted() -> None:
 # --- (4) rekeys -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("profile", [SRTPProfile.AEAD_AES_256_GCM])
+@pytest.mark.parametrize(
+    "profile", [SRTPProfile.AEAD_AES_256_GCM, SRTPProfile.AES128_CM_HMAC_SHA1_80]
+)
 async def test_many_rekeys_lose_nothing(profile: SRTPProfile) -> None:
     a, b = await call(
         lambda s, r: derive_keys(s, r, profile=profile),

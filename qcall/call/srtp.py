@@ -183,7 +183,11 @@ class HybridSRTP:
         self._pending_rx: collections.deque[tuple[bytes, bool, int]] = collections.deque()
         self._max_pending = max_pending
         self._task: asyncio.Future[None] | None = None
-        self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise CallError("install the SRTP hook from the asyncio event loop") from None
+        self._ready: asyncio.Future[None] = loop.create_future()
         self._original_send_rtp = transport._send_rtp
         # The one patch point, per instance (see install_srtp_hook).
         transport._setup_srtp = self._setup_srtp  # type: ignore[method-assign]
