@@ -216,7 +216,7 @@ def srtp_session(master: bytes, profile: SRTPProfile, *, inbound: bool) -> Sessi
 
 @dataclass
 class SRTPStats:
-    """Counters of one hooked transport, for tests, the harness and ``getStats``.
+    """Counters of one hooked transport, for the tests and the latency harness.
 
     ``decrypt_failures`` is the number the acceptance tests hold at zero across
     rekeys: packets that no installed key authenticated (plus malformed ones).
