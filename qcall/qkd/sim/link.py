@@ -331,6 +331,8 @@ class BlockResult:
         leaked_ec_bits, verify_bits, auth_bits: disclosed parity bits, hash
             tag bits, one-time-pad bits spent authenticating this block.
         final_bits: bits delivered (``len(alice_key) * 8``).
+        secret_bits: privacy amplification output, i.e. ``final_bits`` plus the
+            bits that repaid the authentication pad.
         verified: the universal-hash check passed.
         messages, channel_bytes: frames and bytes on the classical channel.
         wall_s: wall-clock seconds spent on the block (simulation + post-processing).
@@ -359,6 +361,7 @@ class BlockResult:
     verify_bits: int
     auth_bits: int
     final_bits: int
+    secret_bits: int
     verified: bool
     messages: int
     channel_bytes: int
@@ -553,6 +556,7 @@ class SimulatedLink:
                                  link=self.name, qber=out.qber)
         alice_key = alice.final_key or b""
         bob_key = out.final_key
+        secret_bits = 8 * len(alice_key)
         # Refill the authentication pad with the key it spent (both ends, own copies).
         refill = min(len(alice_key), (auth_bits + 7) // 8) if out.verified else 0
         if refill:
@@ -578,7 +582,8 @@ class SimulatedLink:
             e1_upper=alice.e1_upper, single_photon_fraction=alice.single_photon_fraction,
             leaked_ec_bits=out.leaked_bits,
             verify_bits=TAG_BITS if out.decision is Abort.CONTINUE else 0,
-            auth_bits=auth_bits, final_bits=8 * len(alice_key), verified=out.verified,
+            auth_bits=auth_bits, final_bits=8 * len(alice_key), secret_bits=secret_bits,
+            verified=out.verified,
             messages=sum(ch.messages) - msgs0, channel_bytes=sum(ch.bytes_sent) - bytes0,
             wall_s=wall, postprocessing_s=wall - (optics_done - start), alice_s=t_alice,
             bob_s=t_bob)
