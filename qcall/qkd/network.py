@@ -47,7 +47,7 @@ from qcall.config import atomic_write
 from qcall.exceptions import (
     ConfigError,
     LinkAlarmError,
-    PostProcessingError,
+    QKDError,
     RelayError,
 )
 from qcall.qkd.kme import KME, PoolRole
@@ -65,6 +65,9 @@ logger = logging.getLogger(__name__)
 
 #: Name of the file written in the state directory.
 NETWORK_FILE = "network.json"
+
+#: Longest wait before a failed or alarmed link tries its next block.
+MAX_RETRY_SECONDS = 30.0
 
 
 class BlockResult(Protocol):
@@ -193,6 +196,8 @@ class SimulatedNetwork:
         seed: base seed of the link simulators (None: fresh randomness).
         workers: threads running BB84 blocks.
         relay_interval: seconds between relay top-up rounds.
+        alarm_retry: seconds before a link retries after an alarmed or failed
+            block; doubled after each further failure, up to 30 s.
     """
 
     def __init__(
@@ -209,6 +214,7 @@ class SimulatedNetwork:
         seed: int | None = None,
         workers: int | None = None,
         relay_interval: float = 0.05,
+        alarm_retry: float = 1.0,
     ) -> None:
         if not isinstance(topology, Topology):
             topology = load_topology(topology)
@@ -227,6 +233,7 @@ class SimulatedNetwork:
         self.key_size = key_size
         self.pool_target = pool_target
         self.relay_interval = relay_interval
+        self.alarm_retry = alarm_retry
         self.relay = TrustedNodeRelay(topology, capacity_bits=link_capacity_bits)
         self._link_factory = link_factory
         self._seed = seed
@@ -560,6 +567,7 @@ class SimulatedNetwork:
         name = runtime.link.name
         buf = self.relay.buffers[name]
         loop = asyncio.get_running_loop()
+        failed_in_a_row = 0
         while True:
             if buf.space_bits == 0:
                 await asyncio.sleep(self.relay_interval)
@@ -576,18 +584,30 @@ class SimulatedNetwork:
                 if not buf.alarmed:
                     logger.warning("! link %s alarm: QBER %s", name, _pct(exc.qber))
                 self.relay.set_alarm(name, exc.qber)
-            except PostProcessingError as exc:
+            except QKDError as exc:
+                # A lost block (PostProcessingError), or no authentication key left
+                # (KeyExhaustedError): key already buffered stays good.
                 runtime.failures += 1
-                runtime.last_error = str(exc)[:120]
+                runtime.last_error = f"{type(exc).__name__}: {exc}"[:120]
                 logger.info("! link %s block failed: %s", name, exc)
-            except RuntimeError:
-                if self._closing:  # executor shut down under us
+            except Exception:
+                if self._closing:  # the executor was shut down under us
                     return
-                raise
+                logger.exception("! link %s stopped", name)
+                runtime.last_error = "internal error; link stopped"
+                return
             runtime.blocks += 1
             # The block stands for its modelled duration; wait for it, divided by speedup.
-            modelled = _modelled_seconds(sim, result)
-            remaining = started + modelled / self.speedup - time.monotonic()
+            wait = _modelled_seconds(sim, result) / self.speedup
+            if result is None:
+                # Back off after failed blocks: an attacked link spends authentication
+                # key on every aborted block and must not burn it all at once.
+                failed_in_a_row += 1
+                backoff = self.alarm_retry * 2 ** min(failed_in_a_row - 1, 16)
+                wait = max(wait, min(backoff, MAX_RETRY_SECONDS))
+            else:
+                failed_in_a_row = 0
+            remaining = started + wait - time.monotonic()
             if remaining > 0:
                 await asyncio.sleep(remaining)
             if result is not None:
@@ -696,12 +716,15 @@ class SimulatedNetwork:
                     used = self.topology.path_links(list(pair.last_route))
                     hit += [h.name for h in used if h.name in alarmed and h.name not in hit]
                 if hit:
-                    qber = self.relay.buffers[hit[0]].qber
-                    if pair.failed_hop is not None and pair.failed_hop in alarmed:
-                        text = f"eavesdropper alarm on link {pair.failed_hop}; relay stopped"
-                        qber = self.relay.buffers[pair.failed_hop].qber
+                    link = hit[0]
+                    try:
+                        live = self.relay.live_route(pair.master_node, pair.slave_node)
+                    except RelayError as exc:
+                        link = exc.hop or link
+                        text = f"eavesdropper alarm on link {link}; relay stopped"
                     else:
-                        text = f"eavesdropper alarm on link {hit[0]}; rerouted"
+                        text = f"eavesdropper alarm on link {link}; rerouted ({len(live) - 1} hops)"
+                    qber = self.relay.buffers[link].qber
             if text != pair.alarm:
                 pair.alarm = text
                 for node in {pair.master_node, pair.slave_node}:
