@@ -192,3 +192,14 @@ def test_bob_rejects_hostile_parameters() -> None:
     with pytest.raises(PostProcessingError, match="single_photon_fraction"):
         gen.send(m.Parameters(abort=0, qber=0.01, y1_lower=0.1, e1_upper=0.02,
                               single_photon_fraction=float("nan")))
+
+
+def test_debug_log_shows_messages_but_no_key(caplog: pytest.LogCaptureFixture) -> None:
+    link = SimulatedLink("a-b", params(), seed=10)
+    link.channel.debug = True
+    with caplog.at_level("DEBUG", logger="qcall.qkd.sim"):
+        r = link.run_block()
+    text = caplog.text
+    assert "Detections(" in text and "Amplification(" in text
+    assert r.alice_key.hex()[:12] not in text
+    assert len(link.channel.transcript) == r.messages - 2  # + the two block tags

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from qcall.exceptions import ChannelAuthenticationError, KeyExhaustedError
 from .messages import Message, decode, encode
 
 __all__ = ["ALICE", "BOB", "TAG_BITS", "AuthenticatedChannel", "ChannelEnd", "TranscriptEntry"]
+
+logger = logging.getLogger(__name__)
 
 ALICE = 0
 BOB = 1
@@ -162,7 +165,8 @@ class AuthenticatedChannel:
     """The classical channel: two ends, a transcript, counters, and an optional adversary.
 
     ``tamper``, if set, sees every frame in transit and returns the frame to
-    deliver (tests use it to play a man in the middle).
+    deliver (tests use it to play a man in the middle). With ``debug``, every
+    message is logged (type and sizes only).
 
     Args:
         mac_key: pre-shared MAC key (both ends get a copy).
@@ -176,6 +180,7 @@ class AuthenticatedChannel:
     messages: list[int] = field(default_factory=lambda: [0, 0])
     bytes_sent: list[int] = field(default_factory=lambda: [0, 0])
     keep_transcript: bool = True
+    debug: bool = False
 
     def __post_init__(self) -> None:
         self.ends = (ChannelEnd(ALICE, self.mac_key, self.pad),
@@ -223,6 +228,9 @@ class AuthenticatedChannel:
             self.transcript.append(
                 TranscriptEntry(sender, self.ends[sender].send_seq - 1, type(msg).__name__,
                                 len(frame)))
+        if self.debug:
+            # Message reprs show sizes only, never bits.
+            logger.debug("%s %s (%d bytes)", "A>" if sender == ALICE else "<B", msg, len(frame))
         if self.tamper is not None:
             frame = self.tamper(sender, frame)
         return self.ends[1 - sender].open(frame)

@@ -56,6 +56,26 @@ _M = TypeVar("_M", bound=m.Message)
 AUTH_PAD_BYTES = 4096
 
 
+class State(enum.IntEnum):
+    """Where :class:`AliceEnd` is in the protocol."""
+
+    EXPECT_DETECTIONS = 0
+    EXPECT_DISCLOSURE = 1
+    RECONCILING = 2
+    EXPECT_VERIFY_RESULT = 3
+    DONE = 4
+
+
+#: Messages Alice accepts in each state.
+_ACCEPTS: dict[State, tuple[type[m.Message], ...]] = {
+    State.EXPECT_DETECTIONS: (m.Detections,),
+    State.EXPECT_DISCLOSURE: (m.Disclosure,),
+    State.RECONCILING: (m.PassRequest, m.ParityQuery, m.ReconciliationDone),
+    State.EXPECT_VERIFY_RESULT: (m.VerifyResult,),
+    State.DONE: (),
+}
+
+
 class Abort(enum.IntEnum):
     """Alice's decision after parameter estimation (``Parameters.abort``)."""
 
@@ -109,11 +129,10 @@ class AliceEnd:
         self._intensity = np.zeros(0, dtype=np.uint8)
         self._bits = np.zeros(0, dtype=np.uint8)
         self._sample = np.zeros(0, dtype=bool)
-        self._expect: tuple[type[m.Message], ...] = (m.Detections,)
+        self.state = State.EXPECT_DETECTIONS
 
     def __repr__(self) -> str:
-        expect = [t.__name__ for t in self._expect]
-        return f"AliceEnd(expect={expect}, decision={self.decision.name})"
+        return f"AliceEnd(state={self.state.name}, decision={self.decision.name})"
 
     def handle(self, msg: m.Message) -> m.Message:
         """Process one message from Bob and return the reply.
@@ -121,8 +140,9 @@ class AliceEnd:
         Raises:
             PostProcessingError: unexpected or malformed message (names the field).
         """
-        if not isinstance(msg, self._expect):
-            raise PostProcessingError(f"Alice did not expect {type(msg).__name__} now")
+        if not isinstance(msg, _ACCEPTS[self.state]):
+            raise PostProcessingError(
+                f"Alice did not expect {type(msg).__name__} in state {self.state.name}")
         if isinstance(msg, m.Detections):
             return self._sift(msg)
         if isinstance(msg, m.Disclosure):
@@ -150,7 +170,7 @@ class AliceEnd:
         seed = self.rng.bytes(16)
         signal = self._intensity == 0
         self._sample = _sample_mask(seed, int(signal.sum()), self.params.sample_fraction)
-        self._expect = (m.Disclosure,)
+        self.state = State.EXPECT_DISCLOSURE
         return m.Sifting(match=match.astype(np.uint8), intensity=self._intensity,
                          sample_seed=seed)
 
@@ -189,9 +209,9 @@ class AliceEnd:
             self.decision = Abort.NO_KEY
         if self.decision is Abort.CONTINUE:
             self.cascade = CascadeAlice(self.key, self.rng)
-            self._expect = (m.PassRequest, m.ParityQuery, m.ReconciliationDone)
+            self.state = State.RECONCILING
         else:
-            self._expect = ()
+            self.state = State.DONE
         return m.Parameters(abort=int(self.decision), qber=self.qber, y1_lower=self.y1_lower,
                             e1_upper=self.e1_upper,
                             single_photon_fraction=self.single_photon_fraction)
@@ -199,12 +219,12 @@ class AliceEnd:
     def _challenge(self) -> m.VerifyChallenge:
         assert self.key is not None
         seed = self.rng.integers(0, 2, self.key.size + TAG_BITS - 1, dtype=np.uint8)
-        self._expect = (m.VerifyResult,)
+        self.state = State.EXPECT_VERIFY_RESULT
         return m.VerifyChallenge(seed=seed, tag=verification_tag(self.key, seed))
 
     def _amplify(self, msg: m.VerifyResult) -> m.Amplification:
         assert self.key is not None and self.cascade is not None
-        self._expect = ()
+        self.state = State.DONE
         self.verified = msg.ok == 1
         length = 0
         if self.verified:
