@@ -203,3 +203,19 @@ def test_debug_log_shows_messages_but_no_key(caplog: pytest.LogCaptureFixture) -
     assert "Detections(" in text and "Amplification(" in text
     assert r.alice_key.hex()[:12] not in text
     assert len(link.channel.transcript) == r.messages - 2  # + the two block tags
+
+
+def test_failed_verification_discards_the_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    import qcall.qkd.sim.link as link_module
+
+    # A crippled Cascade (one pass of 64-bit blocks) leaves errors behind at 5 %:
+    # the universal hash must catch them and the block must yield nothing.
+    monkeypatch.setattr(link_module, "block_schedule", lambda qber, n: [64])
+    link = SimulatedLink("a-b", params(misalignment=0.05), seed=11)
+    r = link.run_block()
+    assert not r.verified
+    assert r.final_bits == 0 and r.alice_key == r.bob_key == b""
+    assert link.stats.failed_verifications == 1 and link.stats.final_bits == 0
+    monkeypatch.undo()
+    r = link.run_block()  # the channel and pads are still in step
+    assert r.verified and r.final_bits > 0
