@@ -225,9 +225,12 @@ class SignalingServer:
         while True:
             deadline = self.protocol.get_timer()
             self._timer_changed.clear()
-            timeout = None if deadline is None else max(0.0, deadline - loop.time())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._timer_changed.wait(), timeout)
+            wake = None if deadline is None else loop.call_at(deadline, self._timer_changed.set)
+            try:
+                await self._timer_changed.wait()
+            finally:
+                if wake is not None:
+                    wake.cancel()
             try:
                 out = self.protocol.handle_timer(loop.time())
             except Exception:
