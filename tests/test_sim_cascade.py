@@ -34,7 +34,7 @@ def reconcile(n: int, qber: float, seed: int) -> tuple[np.ndarray, np.ndarray, C
 @pytest.mark.parametrize("qber", [0.005, 0.01, 0.02, 0.04, 0.08])
 def test_keys_equal_after_cascade_across_seeds(qber: float) -> None:
     hash_rng = np.random.default_rng(99)
-    for seed in range(12):
+    for seed in range(40):
         n = 4096 + 997 * seed
         a, b, alice, bob, n_err = reconcile(n, qber, seed)
         hash_seed = hash_rng.integers(0, 2, n + 63, dtype=np.uint8)

@@ -6,6 +6,7 @@ import struct
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from qcall.exceptions import ChannelAuthenticationError, KeyExhaustedError, PostProcessingError
 from qcall.qkd.sim import messages as m
@@ -154,3 +155,14 @@ def test_pad_exhaustion_and_replenish() -> None:
     ch.discard_block()
     ch.authenticate_block()
     assert "\\x07" not in repr(ch.ends[0]) and "pad_left" in repr(ch.ends[0])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64), st.integers(min_value=1, max_value=12))
+def test_decoder_never_crashes_on_garbage(data: bytes, msg_type: int) -> None:
+    for raw in (data, bytes([msg_type]) + data):
+        try:
+            msg = m.decode(raw)
+        except PostProcessingError:
+            continue
+        assert m.encode(msg) == raw or isinstance(msg, m.Message)
