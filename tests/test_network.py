@@ -225,4 +225,33 @@ def test_render_live_view(tmp_path: Path) -> None:
 
     text = asyncio.run(scenario())
     assert "Gaoxin-Gaoxin_AP01" in text and "alice → bob" in text
-    assert "156 links serve no SAE route" in text
+    assert "156 links serve no SAE route" in " ".join(text.split())
+
+
+async def test_attacked_link_runs_out_of_authentication_key_and_network_survives(
+    tmp_path: Path,
+) -> None:
+    line = parse_topology(
+        {
+            "name": "two",
+            "nodes": [
+                {"name": "A", "kme": True, "saes": ["a"]},
+                {"name": "B", "kme": True, "saes": ["b"]},
+            ],
+            "links": [{"a": "A", "b": "B", "length_km": 10}],
+        }
+    )
+    async with fast_network(line, tmp_path / "state", alarm_retry=0.0) as net:
+        await net.wait_ready(TIMEOUT)
+        net.set_eavesdropper("A-B", 1.0)
+        # Every aborted block spends authentication key and refills none: the
+        # link finally cannot authenticate at all; the link task survives.
+        await net.wait_for(
+            lambda: "KeyExhaustedError" in (net.status()["links"]["A-B"]["error"] or ""),
+            TIMEOUT,
+        )
+        assert net.status()["links"]["A-B"]["state"] == "LINK_ALARM"
+        async with open_key_source(net.sae_credentials("a").as_config()) as kme:
+            status = await kme.status("b")
+            assert status.alarm == "eavesdropper alarm on link A-B; relay stopped"
+            await kme.get_key("b")  # keys distilled before the attack still flow

@@ -18,7 +18,7 @@ import json
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from qcall.exceptions import ConfigError
 
@@ -191,6 +191,7 @@ def _print_intro(net: SimulatedNetwork) -> None:
 
 def _print_summary(net: SimulatedNetwork) -> None:
     status = net.status()
+    print(file=sys.stderr)
     for pair in status["pairs"]:
         line = f"  {pair['master']} -> {pair['slave']}: {pair['delivered']} keys relayed"
         if pair["alarm"] or pair["error"]:
@@ -206,19 +207,18 @@ def _start_live(net: SimulatedNetwork) -> Any:
     return live
 
 
-def _rate(bits_per_s: float) -> str:
-    for unit, scale in (("Mb/s", 1e6), ("kb/s", 1e3)):
-        if bits_per_s >= scale:
-            return f"{bits_per_s / scale:.1f} {unit}"
-    return f"{bits_per_s:.0f} b/s"
-
-
-def _bits(bits: int) -> str:
-    return f"{bits / 8192:.1f} KiB" if bits >= 8192 else f"{bits} b"
+def _si(value: float) -> str:
+    """Compact SI number: 950, 13k, 6.0M."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            scaled = value / scale
+            return f"{scaled:.1f}{unit}" if scaled < 10 else f"{scaled:.0f}{unit}"
+    return f"{value:.0f}"
 
 
 def render(net: SimulatedNetwork) -> Any:
     """Build the rich renderable of the live view (links, then SAE pairs)."""
+    from rich import box
     from rich.console import Group
     from rich.table import Table
 
@@ -226,45 +226,42 @@ def render(net: SimulatedNetwork) -> Any:
     links = Table(
         title=f"{net.topology.name} · up {status['uptime_s']:.0f} s · speed-up ×{net.speedup:g}",
         title_justify="left",
+        box=box.SIMPLE_HEAD,
     )
-    for name, justify in (
-        ("link", "left"),
-        ("km", "right"),
-        ("state", "left"),
-        ("QBER", "right"),
-        ("model×speedup", "right"),
-        ("measured", "right"),
-        ("pool", "right"),
-        ("used", "right"),
-        ("blocks", "right"),
-    ):
-        links.add_column(name, justify=justify)  # type: ignore[arg-type]
+    links.add_column("link", overflow="ellipsis", no_wrap=True, min_width=12, max_width=18)
+    for name in ("km", "state", "QBER", "target", "rate", "buffer", "spent", "blk"):
+        justify: Literal["left", "right"] = "left" if name == "state" else "right"
+        links.add_column(name, justify=justify, no_wrap=True, min_width=len(name))
     idle = 0
     for name, link in status["links"].items():
         if not link["active"]:
             idle += 1
             continue
         if link["state"] == "LINK_ALARM":
-            state = "[bold red]ALARM[/]"
+            state = "[bold red]ALARM[/]"  # fits the column: "state" + padding
         elif link["eve_fraction"]:
             state = "[yellow]eve on[/]"
         else:
             state = "[green]up[/]"
-        qber = "–" if link["qber"] is None else f"{link['qber']:.2%}"
+        qber = "–" if link["qber"] is None else f"{link['qber']:.1%}"
         links.add_row(
             name,
-            f"{link['length_km']:.1f}",
+            f"{link['length_km']:.0f}",
             state,
             qber,
-            _rate(link["target_rate_bps"]),
-            _rate(link["rate_bps"]),
-            _bits(link["available_bits"]),
-            _bits(link["consumed_bits"]),
+            _si(link["target_rate_bps"]),
+            _si(link["rate_bps"]),
+            _si(link["available_bits"]),
+            _si(link["consumed_bits"]),
             str(link["blocks"]),
         )
+    caption = (
+        "target: model key rate × speed-up, rate: measured (30 s), in bit/s; buffer, spent: bits"
+    )
     if idle:
-        links.caption = f"{idle} links serve no SAE route and stay idle"
-    pairs = Table(title="SAE pairs (master → slave)", title_justify="left")
+        caption += f"; {idle} links serve no SAE route and stay idle"
+    links.caption = caption
+    pairs = Table(title="SAE pairs (master → slave)", title_justify="left", box=box.SIMPLE_HEAD)
     for column in ("pair", "KME pool", "relayed", "hops", "status"):
         pairs.add_column(column)
     for pair in status["pairs"]:

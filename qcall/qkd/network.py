@@ -245,8 +245,8 @@ class SimulatedNetwork:
         self._credentials: dict[str, SAECredentials] = {}
         self._links: dict[str, _LinkRuntime] = {}
         self._pairs: list[_PairRuntime] = []
-        for master in topology.sae_ids:
-            for slave in topology.sae_ids:
+        for master in sorted(topology.sae_ids):
+            for slave in sorted(topology.sae_ids):
                 if master != slave:
                     self._pairs.append(
                         _PairRuntime(
