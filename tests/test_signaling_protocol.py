@@ -210,7 +210,7 @@ def test_connection_limit(keys: dict[str, pqc.SigningKey]) -> None:
 
 def relayed(out: list[Output], to: ConnectionId) -> m.Message:
     [(target, msg)] = out
-    assert target == to
+    assert target == to and isinstance(msg, m.Message)
     return msg
 
 

@@ -414,4 +414,3 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--tls-key" in capsys.readouterr().err
     assert main(["--tls-cert", "missing.pem", "--tls-key", "missing.pem"]) == 1
     assert "missing.pem" in capsys.readouterr().err
-
