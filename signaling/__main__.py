@@ -92,14 +92,9 @@ def _set_once(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-async def _serve(args: argparse.Namespace, tls: ssl.SSLContext | None) -> None:
-    config = ServerConfig(
-        server_id=args.server_id,
-        auth_timeout=args.auth_timeout,
-        rate=args.rate,
-        burst=args.burst,
-        call_grace=args.call_grace,
-    )
+async def _serve(
+    config: ServerConfig, args: argparse.Namespace, tls: ssl.SSLContext | None
+) -> None:
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[None] = loop.create_future()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -120,13 +115,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--tls-cert and --tls-key go together")
     if not 0 <= args.port <= 65535:
         parser.error("--port must be 0..65535")
-    if args.auth_timeout <= 0 or args.rate <= 0 or args.burst < 1 or args.call_grace < 0:
-        parser.error("--auth-timeout and --rate must be > 0, --burst >= 1, --call-grace >= 0")
+    try:
+        config = ServerConfig(
+            server_id=args.server_id,
+            auth_timeout=args.auth_timeout,
+            rate=args.rate,
+            burst=args.burst,
+            call_grace=args.call_grace,
+        )
+    except ValueError as exc:
+        parser.error(str(exc).replace("field '", "--").replace("_", "-").replace("'", ""))
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         tls = tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
-        asyncio.run(_serve(args, tls))
+        asyncio.run(_serve(config, args, tls))
     except QCallError as exc:
         print(f"qcall-signaling: error: {exc}", file=sys.stderr)
         return 1

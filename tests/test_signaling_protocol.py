@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from qcall import pqc
 from qcall.signaling import messages as m
@@ -409,3 +410,58 @@ def test_timer_survives_stale_entries(server: Server) -> None:
     assert server.proto.get_timer() is not None
     assert server.advance(100.0) == []
     assert server.proto.get_timer() is None
+
+
+# --- fuzzing the state machine ---------------------------------------------------------------
+
+_CALL_IDS = ["call-0001", "call-0002"]
+_NAMES = ["alice", "bob", "carol"]
+_actions = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("send"),
+            st.sampled_from(_NAMES),
+            st.sampled_from(sorted(m.CALL_MESSAGES)),
+            st.sampled_from(_CALL_IDS),
+            st.sampled_from([*_NAMES, "dave"]),
+        ),
+        st.tuples(st.just("reconnect"), st.sampled_from(_NAMES)),
+        st.tuples(st.just("wait"), st.floats(0, 40)),
+        st.tuples(st.just("raw"), st.sampled_from(_NAMES), st.text(max_size=30)),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_actions)
+def test_fuzz_state_machine(keys: dict[str, pqc.SigningKey], actions: list[Any]) -> None:
+    server = Server(keys, burst=1000.0)
+    conns = {name: server.register(name) for name in _NAMES}
+    for action in actions:
+        if action[0] == "send":
+            _, sender, kind, call_id, peer = action
+            cls = m.CALL_MESSAGES[kind]
+            if issubclass(cls, m.PayloadMessage):
+                msg: m.Message = cls(call_id, peer=peer, payload="p")
+            else:
+                msg = cls(call_id, peer=peer)
+            out = server.send(conns[sender], msg)
+            for to, item in out:
+                assert to in conns.values()
+                if isinstance(item, m.CallMessage) and item.TYPE == kind and to != conns[sender]:
+                    assert (item.peer, item.fingerprint) == (sender, fp(keys[sender]))
+        elif action[0] == "reconnect":
+            server.proto.disconnect(conns[action[1]], server.now)
+            conns[action[1]] = server.register(action[1])
+        elif action[0] == "wait":
+            for to, _ in server.advance(action[1]):
+                assert to in conns.values()
+        else:
+            server.send(conns[action[1]], action[2])
+        # Invariants: each peer is in at most one call, and calls know their parties.
+        proto = server.proto
+        for call_id, call in proto._calls.items():
+            assert proto._peer_call[call.caller] == call_id == proto._peer_call[call.callee]
+        assert len(proto._peer_call) == 2 * len(proto._calls)
+        assert proto.registered == 3

@@ -207,6 +207,10 @@ async def test_auth_timeout() -> None:
         with pytest.raises(ConnectionClosed):
             await asyncio.wait_for(ws.recv(), T)
         assert ws.close_code == 1008
+        for _ in range(100):
+            if server.protocol.connections == 0:
+                break
+            await asyncio.sleep(0.01)
         assert server.protocol.connections == 0
     finally:
         await server.close()
@@ -222,7 +226,8 @@ async def test_rate_limit(keys: dict[str, pqc.SigningKey]) -> None:
             await mallory.send('{"type":"hangup","call_id":"call-0001"}')
         codes = [(await recv_error(mallory)).code for _ in range(20)]
         assert set(codes) == {"unknown_call", "rate_limited"}
-        assert codes.count("unknown_call") <= 6  # the burst, plus what refilled meanwhile
+        # The burst (5), plus what refilled meanwhile (5/s) on a slow machine.
+        assert codes.count("unknown_call") <= 10
         await ice_roundtrip(alice, bob, call_id, 1)
         await asyncio.sleep(0.3)  # refill: mallory may talk again
         await mallory.send('{"type":"hangup","call_id":"call-0001"}')

@@ -139,6 +139,7 @@ class SignalingClient:
         self._run_task: asyncio.Task[None] | None = None
         self._closing = False
         self._fatal: str | None = None
+        self._finished = False
         self._registered = asyncio.Event()
 
     def __repr__(self) -> str:
@@ -163,6 +164,8 @@ class SignalingClient:
         """
         if self._run_task is not None:
             raise SignalingError("already connected")
+        if self._finished:
+            raise SignalingError("this client was closed: make a new one")
         self._closing = False
         ws, registered = await self._open()
         self._run_task = asyncio.create_task(self._run(ws))
@@ -180,9 +183,7 @@ class SignalingClient:
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if task is None or task.cancelled():
-            self._events.put_nowait(Disconnected("closed", final=True))
-            self._events.put_nowait(None)
+        self._finish("closed")
 
     async def __aenter__(self) -> SignalingClient:
         await self.connect()
@@ -344,9 +345,14 @@ class SignalingClient:
             logger.info("! %s; reconnecting", reason)
             self._events.put_nowait(Disconnected(reason))
             ws = await self._reconnect()
-        reason = "closed" if self._closing else self._fatal or "connection lost"
-        self._events.put_nowait(Disconnected(reason, final=True))
-        self._events.put_nowait(None)
+        self._finish("closed" if self._closing else self._fatal or "connection lost")
+
+    def _finish(self, reason: str) -> None:
+        """Emit the final :class:`Disconnected` (once) and end the event stream."""
+        if not self._finished:
+            self._finished = True
+            self._events.put_nowait(Disconnected(reason, final=True))
+            self._events.put_nowait(None)
 
     async def _reconnect(self) -> ClientConnection | None:
         delay = self.backoff_min

@@ -112,6 +112,22 @@ class ServerConfig:
     max_connections: int = 10_000
     max_identities: int = 100_000
 
+    def __post_init__(self) -> None:
+        if not 0 < len(self.server_id) <= 128 or not self.server_id.isprintable():
+            raise ValueError("field 'server_id' must be 1-128 printable characters")
+        if not self.server_id.isascii():
+            raise ValueError("field 'server_id' must be ASCII")
+        for name in ("auth_timeout", "rate"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"field {name!r} must be positive")
+        if not self.burst >= 1:
+            raise ValueError("field 'burst' must be at least 1")
+        if not self.call_grace >= 0:
+            raise ValueError("field 'call_grace' must not be negative")
+        for name in ("max_message_size", "max_connections", "max_identities"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"field {name!r} must be at least 1")
+
 
 class CallState(enum.IntEnum):
     """Server-side state of a call (docs/signaling.md, "Calls")."""
