@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from qcall.exceptions import ConfigError, QKDError, TopologyError
 from qcall.qkd.topology import bundled_topologies, load_topology, parse_topology
@@ -189,7 +190,52 @@ def test_bad_files(tmp_path: Path) -> None:
     broken.write_text("name = [")
     with pytest.raises(TopologyError, match="cannot parse"):
         load_topology(broken)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(TopologyError, match="nested too deeply"):
+        load_topology(deep)
     binary = tmp_path / "binary.json"
     binary.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(TopologyError):
         load_topology(binary)
+
+
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 200),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["A", "B", "R", "alice", "bob", "A-B", "", "x y", "ç"]),
+)
+_json = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.sampled_from(["name", "a", "b", "kme", "saes", "length_km"]), inner),
+    max_leaves=12,
+)
+_node = st.fixed_dictionaries(
+    {"name": st.sampled_from(["A", "B", "R"])},
+    optional={"kme": _json, "saes": _json, "kind": _json, "lat": _json},
+)
+_link = st.fixed_dictionaries(
+    {"a": _json, "b": _json},
+    optional={"length_km": _json, "name": _json},
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    nodes=st.lists(_node | _json, max_size=4),
+    links=st.lists(_link | _json, max_size=4),
+    extra=st.dictionaries(st.sampled_from(["max_hop_km", "name", "source"]), _json),
+)
+def test_hostile_documents_raise_only_topology_error(
+    nodes: list[Any], links: list[Any], extra: dict[str, Any]
+) -> None:
+    try:
+        topo = parse_topology({"nodes": nodes, "links": links, **extra})
+    except TopologyError:
+        return
+    # Whatever passed validation is consistent.
+    for link in topo.links.values():
+        assert link.a in topo.nodes and link.b in topo.nodes and link.length_km > 0

@@ -3,7 +3,7 @@
 Example::
 
     qcall network --topology beijing-hefei --state /tmp/qnet
-    qcall network --topology hefei-metro --state /tmp/metro --eve Gaoxin-Shushan --eve-delay 10
+    qcall network --topology hefei-metro --state /tmp/metro --eve Xinzhan-Gaoxin --eve-delay 10
 
 Clients find the KMEs and their SAE credentials in ``STATE/network.json``
 (see ``docs/relay.md``).

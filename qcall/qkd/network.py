@@ -328,7 +328,7 @@ class SimulatedNetwork:
                 sae_id=sae,
                 node=node,
                 kme_id=kme_id_for(node),
-                url=self._servers[node].url,
+                url=self._url(node),
                 cert=paths.cert,
                 key=paths.key,
                 ca=pki.ca_cert,
@@ -401,7 +401,7 @@ class SimulatedNetwork:
             "kmes": {
                 kme.kme_id: {
                     "node": node,
-                    "url": self._servers[node].url,
+                    "url": self._url(node),
                     "saes": list(self.topology.nodes[node].saes),
                 }
                 for node, kme in self.kmes.items()
@@ -422,6 +422,16 @@ class SimulatedNetwork:
         text = json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
         atomic_write(self.network_file, text.encode(), mode=0o644)
 
+    def _url(self, node: str) -> str:
+        """URL of a node's KME as clients should use it.
+
+        A wildcard listen address (``0.0.0.0``, ``::``) is advertised as the
+        loopback address, which the KME certificates name.
+        """
+        port = self._servers[node].port
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+
     @property
     def network_file(self) -> Path:
         """Path of ``network.json``."""
@@ -437,7 +447,7 @@ class SimulatedNetwork:
         """
         for node, kme in self.kmes.items():
             if node_or_kme_id in (node, kme.kme_id) and node in self._servers:
-                return str(self._servers[node].url)
+                return self._url(node)
         raise ConfigError(f"no running KME at {node_or_kme_id!r}")
 
     def sae_credentials(self, sae_id: str) -> SAECredentials:

@@ -429,6 +429,8 @@ def _decode(text: str, suffix: str, where: str) -> object:
         return tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:
         raise TopologyError(f"{where}: cannot parse: {exc}") from exc
+    except RecursionError:
+        raise TopologyError(f"{where}: cannot parse: nested too deeply") from None
 
 
 def bundled_topologies() -> list[str]:
