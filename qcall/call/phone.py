@@ -1,0 +1,210 @@
+"""A user's phone: one signaling connection, one identity, one QKD key source, its calls.
+
+:class:`Phone` registers with the signaling server, routes each call message
+to its :class:`~qcall.call.session.CallSession` by ``call_id``, answers
+incoming invitations (automatically, or through a callback) and answers
+``busy`` when a call is already running. It is what ``qcall call`` and
+``qcall listen`` run, and what the tests drive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+
+from aiortc import MediaStreamTrack
+
+from qcall.call.session import CallOptions, CallSession
+from qcall.exceptions import CallError, SignalingError
+from qcall.handshake import ReplayCache
+from qcall.handshake.protocol import CheckPeer
+from qcall.pqc import SigningKey
+from qcall.qkd.client import KeySource
+from qcall.signaling.client import Disconnected, SignalingClient, new_call_id
+from qcall.signaling.messages import CallMessage, ErrorMessage, Invite
+
+__all__ = ["Phone"]
+
+logger = logging.getLogger(__name__)
+
+#: ``decide(invite) -> bool``: pick up (True) or reject (False).
+Decide = Callable[[Invite], Awaitable[bool]]
+
+
+class Phone:
+    """A registered user who can place and answer calls.
+
+    Args:
+        url: the signaling server (``ws://`` or ``wss://``).
+        signing_key: the user's ML-DSA-65 identity key.
+        name: the user's name.
+        check_peer: the contacts hook (``ContactStore.check_peer``).
+        key_source: QKD key source, or ``None``.
+        options: defaults for every call.
+        make_source: builds the audio track to send for a new call.
+        on_track: receives the remote audio track of a call.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        signing_key: SigningKey,
+        name: str,
+        *,
+        check_peer: CheckPeer,
+        key_source: KeySource | None,
+        options: CallOptions | None = None,
+        make_source: Callable[[], MediaStreamTrack | None] = lambda: None,
+        on_track: Callable[[CallSession, MediaStreamTrack], None] | None = None,
+        ssl: object | None = None,
+    ) -> None:
+        self.name = name
+        self.signing_key = signing_key
+        self.check_peer = check_peer
+        self.key_source = key_source
+        self.options = options or CallOptions()
+        self.make_source = make_source
+        self.on_track = on_track
+        self.signaling = SignalingClient(url, signing_key, name, ssl)  # type: ignore[arg-type]
+        self.calls: dict[str, CallSession] = {}
+        self.replay_cache = ReplayCache()
+        self._incoming: asyncio.Queue[CallSession] = asyncio.Queue()
+        self._router: asyncio.Task[None] | None = None
+        self._decide: Decide | None = None
+
+    async def __aenter__(self) -> Phone:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Connect and register.
+
+        Raises:
+            SignalingError: the server is unreachable or refused the registration.
+        """
+        await self.signaling.connect()
+        self._router = asyncio.ensure_future(self._route())
+
+    async def close(self) -> None:
+        """Hang up every call and disconnect."""
+        for session in list(self.calls.values()):
+            await session.hangup()
+        if self._router is not None:
+            self._router.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._router
+        await self.signaling.close()
+        if self.key_source is not None:
+            await self.key_source.close()
+
+    def _session(self, call_id: str, peer: str, role: str) -> CallSession:
+        on_track = self.on_track
+
+        def track_arrived(track: MediaStreamTrack) -> None:
+            if on_track is not None:
+                on_track(session, track)
+
+        session = CallSession(
+            signaling=self.signaling,
+            signing_key=self.signing_key,
+            name=self.name,
+            call_id=call_id,
+            peer=peer,
+            role=role,
+            check_peer=self.check_peer,
+            key_source=self.key_source,
+            options=self.options,
+            source=self.make_source(),
+            on_track=track_arrived,
+            replay_cache=self.replay_cache,
+        )
+        self.calls[call_id] = session
+        session.ended.add_done_callback(lambda _: self.calls.pop(call_id, None))
+        return session
+
+    async def call(self, peer: str) -> CallSession:
+        """Place a call to ``peer`` and return it once media flows.
+
+        Raises:
+            CallRejectedError, SecurityPolicyError, HandshakeError, QKDError, CallError.
+        """
+        session = self._session(new_call_id(), peer, "caller")
+        await session.dial()
+        return session
+
+    async def incoming(self, decide: Decide | None = None) -> CallSession:
+        """Wait for the next incoming call, answer it and return it once media flows.
+
+        Args:
+            decide: asked for each invitation; ``None`` answers every call.
+
+        Raises:
+            HandshakeError, QKDError, CallError: that call failed (the phone keeps
+            listening; call again for the next one).
+        """
+        self._decide = decide
+        session = await self._incoming.get()
+        await session.answer()
+        return session
+
+    async def _route(self) -> None:
+        async for event in self.signaling:
+            try:
+                await self._dispatch(event)
+            except Exception as exc:  # never let one bad message stop the phone
+                logger.warning("! signaling event %s not handled: %s", type(event).__name__, exc)
+
+    async def _dispatch(self, event: object) -> None:
+        if isinstance(event, Disconnected):
+            if event.final:
+                for session in list(self.calls.values()):
+                    if session.status.state < session.status.state.ACTIVE:
+                        session.handle_signaling(
+                            ErrorMessage("unavailable", f"signaling lost: {event.reason}")
+                        )
+            return
+        if isinstance(event, Invite):
+            await self._invited(event)
+            return
+        if isinstance(event, ErrorMessage) and event.call_id is None:
+            logger.warning("! signaling server: %s (%s)", event.message, event.code)
+            return
+        call_id = getattr(event, "call_id", None)
+        session = self.calls.get(call_id) if isinstance(call_id, str) else None
+        if session is not None and isinstance(event, CallMessage | ErrorMessage):
+            session.handle_signaling(event)
+
+    async def _invited(self, invite: Invite) -> None:
+        peer = invite.peer or "?"
+        if self.calls:
+            with contextlib.suppress(SignalingError):
+                await self.signaling.busy(invite.call_id, "in another call")
+            return
+        with contextlib.suppress(SignalingError):
+            await self.signaling.ringing(invite.call_id)
+        if self._decide is not None and not await self._decide(invite):
+            with contextlib.suppress(SignalingError):
+                await self.signaling.reject(invite.call_id, "declined")
+            return
+        self._incoming.put_nowait(self._session(invite.call_id, peer, "callee"))
+
+    def active_call(self) -> CallSession:
+        """The one call in progress.
+
+        Raises:
+            CallError: there is none.
+        """
+        for session in self.calls.values():
+            return session
+        raise CallError("no call in progress")

@@ -1,0 +1,779 @@
+"""One encrypted call: signaling ↔ hybrid handshake ↔ aiortc ↔ QKD key source.
+
+:class:`CallSession` is the asyncio shell around the Sans-I/O
+:class:`~qcall.handshake.CallerHandshake` / :class:`~qcall.handshake.CalleeHandshake`.
+It wires four things together:
+
+* **signaling** carries the signed OFFER and ANSWER inside the SDP
+  offer/answer messages (zero extra round trips), and the hangup;
+* **the QKD key source** (ETSI GS QKD 014 or a key file): the caller fetches a
+  fresh key with ``enc_keys`` before the offer, the callee fetches it by key_ID
+  with ``dec_keys`` when the handshake asks (:class:`~qcall.handshake.QKDKeysNeeded`);
+* **aiortc**: the hybrid SRTP hook (:mod:`qcall.call.srtp`) gives the DTLS
+  exporter to the handshake and installs the hybrid keys; media is sent only
+  once the peer has confirmed the keys (key confirmation), so a mismatch never
+  produces silent audio;
+* **an in-call control channel**: an SCTP data channel (negotiated, id 0,
+  encrypted by DTLS) carries CONFIRM, REKEY and REKEY-ACK. It does not depend
+  on the signaling server, so a signaling outage does not stop rekeying.
+
+Rekey (docs/srtp-hook.md): on :class:`~qcall.handshake.KeysDerived` for epoch
+*n* the new inbound key is installed *before* our CONFIRM leaves; on
+:class:`~qcall.handshake.KeyConfirmed` for *n* (the peer has installed its
+inbound key) the outbound key switches. No packet is sent under a key its
+receiver lacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+
+from qcall.call.keylog import keylog_write
+from qcall.call.srtp import HybridSRTP, SRTPKeys, SRTPProfile as HookProfile, install_srtp_hook
+from qcall.exceptions import (
+    CallError,
+    CallRejectedError,
+    HandshakeError,
+    QCallError,
+    QKDError,
+    SecurityPolicyError,
+    SignalingError,
+)
+from qcall.handshake import (
+    AnswerReceived,
+    CalleeHandshake,
+    CallerHandshake,
+    HandshakeFailed,
+    HandshakeProtocol,
+    KeyConfirmed,
+    KeysDerived,
+    OfferReceived,
+    QKDKeysNeeded,
+    QKDRoute,
+    RekeyCompleted,
+    RekeyDue,
+    ReplayCache,
+    SRTPProfile,
+)
+from qcall.handshake.protocol import CheckPeer
+from qcall.pqc import SigningKey
+from qcall.qkd.client import KeySource
+from qcall.signaling.client import SignalingClient
+from qcall.signaling.messages import (
+    Accept,
+    Answer,
+    Busy,
+    Cancel,
+    ErrorMessage,
+    Hangup,
+    Offer,
+    Reject,
+)
+
+__all__ = ["CallOptions", "CallSession", "CallState", "CallStatus"]
+
+logger = logging.getLogger(__name__)
+
+#: Label of the negotiated data channel that carries in-call handshake messages.
+CONTROL_CHANNEL_LABEL = "qcall-control"
+CONTROL_CHANNEL_ID = 0
+
+
+class CallState(enum.IntEnum):
+    """Where a call is."""
+
+    NEW = 0
+    RINGING = 1
+    CONNECTING = 2
+    CONFIRMING = 3
+    ACTIVE = 4
+    ENDED = 5
+    FAILED = 6
+
+
+@dataclass
+class CallOptions:
+    """How a user wants calls placed and answered.
+
+    Attributes:
+        policy: ``hybrid`` (QKD + ML-KEM + DTLS) or ``pqc`` (ML-KEM + DTLS).
+        allow_pqc_only: accept ``pqc`` — when QKD is unavailable (caller) or
+            when offered (callee). Never silent: the status shows the policy.
+        rekey_interval: seconds between rekeys (caller drives), or ``None``.
+        fresh_kem_on_rekey: also ratchet a fresh ML-KEM secret at each rekey.
+        srtp_profile: preferred SRTP profile.
+        sae_id: this user's SAE ID at its KME (default: the user name).
+        confirm_timeout: seconds allowed for key confirmation after DTLS.
+        ring_timeout: seconds the caller waits for the callee to pick up.
+    """
+
+    policy: str = "hybrid"
+    allow_pqc_only: bool = False
+    rekey_interval: float | None = 30.0
+    fresh_kem_on_rekey: bool = False
+    srtp_profile: SRTPProfile = SRTPProfile.AEAD_AES_256_GCM
+    sae_id: str | None = None
+    confirm_timeout: float = 1.0
+    ring_timeout: float = 60.0
+    setup_timeout: float = 20.0
+
+
+@dataclass
+class CallStatus:
+    """What the live status line and the report show (no key bytes)."""
+
+    call_id: str
+    role: str
+    peer: str
+    state: CallState = CallState.NEW
+    policy: str = ""
+    notice: str = ""
+    kem: str = "ML-KEM-768"
+    signature: str = "ML-DSA-65"
+    srtp_profile: str = ""
+    sas: str | None = None
+    peer_fingerprint: str = ""
+    qkd_key_ids: list[str] = field(default_factory=list)
+    all_key_ids: list[str] = field(default_factory=list)
+    epoch: int = 0
+    rekeys: int = 0
+    rekey_failures: int = 0
+    decrypt_failures: int = 0
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    rtt_ms: float | None = None
+    jitter_ms: float | None = None
+    packets_lost: int | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["state"] = self.state.name
+        return out
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError) as exc:
+        raise CallError("peer sent a payload that is not base64") from exc
+
+
+def _hook_profile(profile: SRTPProfile) -> HookProfile:
+    return HookProfile[profile.name]
+
+
+def _srtp_keys(event: KeysDerived) -> SRTPKeys:
+    return SRTPKeys(
+        profile=_hook_profile(event.profile),
+        local_key=event.local_keys.key,
+        local_salt=event.local_keys.salt,
+        remote_key=event.remote_keys.key,
+        remote_salt=event.remote_keys.salt,
+    )
+
+
+class CallSession:
+    """One call between this user and ``peer``; create it with :meth:`dial` or :meth:`answer`.
+
+    Args:
+        signaling: a registered :class:`SignalingClient`; the owner routes this
+            call's events to :meth:`handle_signaling`.
+        signing_key: this user's ML-DSA identity key.
+        name: this user's registered name.
+        check_peer: the contacts hook (``ContactStore.check_peer``).
+        key_source: where QKD keys come from, or ``None`` (then only ``pqc``).
+        options: :class:`CallOptions`.
+        source: the audio track to send.
+        on_track: called with the remote audio track when it arrives.
+        clock: wall-clock seconds (the handshake signs timestamps).
+    """
+
+    def __init__(
+        self,
+        *,
+        signaling: SignalingClient,
+        signing_key: SigningKey,
+        name: str,
+        call_id: str,
+        peer: str,
+        role: str,
+        check_peer: CheckPeer,
+        key_source: KeySource | None,
+        options: CallOptions,
+        source: MediaStreamTrack | None,
+        on_track: Callable[[MediaStreamTrack], None] | None = None,
+        replay_cache: ReplayCache | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.signaling = signaling
+        self.signing_key = signing_key
+        self.name = name
+        self.call_id = call_id
+        self.peer = peer
+        self.role = role
+        self.check_peer = check_peer
+        self.key_source = key_source
+        self.options = options
+        self.source = source
+        self.on_track = on_track
+        self.clock = clock
+        self.replay_cache = replay_cache
+        self.status = CallStatus(call_id=call_id, role=role, peer=peer)
+        self.pc: RTCPeerConnection | None = None
+        self.hook: HybridSRTP | None = None
+        self.hs: HandshakeProtocol | None = None
+        self._channel: RTCDataChannel | None = None
+        self._outbox: list[bytes] = []
+        self._inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self._keys0: asyncio.Future[SRTPKeys] = asyncio.get_running_loop().create_future()
+        self._confirmed0: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._timer_changed = asyncio.Event()
+        self._t0 = time.monotonic()
+        self._exporter: bytes = b""
+        self._kme_id = ""
+        self._pending_rekey_keys: dict[int, SRTPKeys] = {}
+
+    def __repr__(self) -> str:
+        return f"<CallSession {self.call_id} {self.role} {self.peer} {self.status.state.name}>"
+
+    # --- public API ------------------------------------------------------------------
+
+    @property
+    def ended(self) -> asyncio.Future[None]:
+        """Resolves when the call ends; carries the error if it failed."""
+        return self._ended
+
+    def handle_signaling(self, message: Any) -> None:
+        """Feed a signaling message of this call (routed by the owner)."""
+        if isinstance(message, ErrorMessage):
+            self._finish(message.exception())
+            return
+        if isinstance(message, Hangup | Cancel | Reject | Busy):
+            reason = message.reason or message.TYPE
+            if self.status.state < CallState.ACTIVE and isinstance(message, Reject | Busy):
+                self._finish(CallRejectedError(f"{self.peer} declined the call ({reason})"))
+            elif message.reason and message.reason not in ("hangup", "bye", "normal"):
+                self._finish(CallError(f"{self.peer} ended the call: {message.reason}"))
+            else:
+                self._finish(None)
+            return
+        self._inbox.put_nowait(message)
+
+    async def dial(self) -> None:
+        """Caller: invite, fetch a QKD key meanwhile, offer, and wait until media flows.
+
+        Raises:
+            CallRejectedError: the callee declined or was busy.
+            SecurityPolicyError: QKD unavailable and ``pqc`` not allowed.
+            CallError, HandshakeError, QKDError: the call failed (message says why).
+        """
+        self.status.state = CallState.RINGING
+        policy = self.options.policy
+        key_task = None
+        if policy == "hybrid":
+            key_task = asyncio.ensure_future(self._fetch_initial_key())
+        try:
+            await self.signaling.invite(self.peer, self.call_id)
+            accept = await self._wait_message(Accept, self.options.ring_timeout, "answer")
+            del accept
+            self._mark("accepted")
+            qkd_keys: list[Any] = []
+            if key_task is not None:
+                qkd_keys, policy = await key_task
+                key_task = None
+            await self._start_caller(policy, qkd_keys)
+            await self._wait_active()
+        except BaseException as exc:
+            if key_task is not None:
+                key_task.cancel()
+            await self._abort(exc)
+            raise
+
+    async def answer(self) -> None:
+        """Callee: accept the call, verify the offer, fetch the QKD key, answer.
+
+        Raises:
+            HandshakeError, QKDError, CallError: the call failed (message says why).
+        """
+        self.status.state = CallState.RINGING
+        try:
+            await self.signaling.accept(self.call_id)
+            self._mark("accepted")
+            offer = await self._wait_message(Offer, self.options.setup_timeout, "offer")
+            await self._start_callee(_unb64(offer.payload))
+            await self._wait_active()
+        except BaseException as exc:
+            await self._abort(exc)
+            raise
+
+    async def hangup(self, reason: str = "hangup") -> None:
+        """End the call (idempotent)."""
+        if not self._ended.done():
+            with contextlib.suppress(SignalingError):
+                await self.signaling.hangup(self.call_id, reason)
+            self._finish(None)
+        await self._close()
+
+    async def wait(self) -> None:
+        """Wait for the end of the call; raise its error if it failed."""
+        try:
+            await asyncio.shield(self._ended)
+        finally:
+            await self._close()
+
+    async def refresh_stats(self) -> None:
+        """Update RTT, jitter and loss in :attr:`status` from RTCP (RFC 3550 §6.4)."""
+        if self.pc is None:
+            return
+        try:
+            report = await self.pc.getStats()
+        except Exception:  # aiortc raises on closed transports
+            return
+        for stats in report.values():
+            kind = type(stats).__name__
+            if kind == "RTCRemoteInboundRtpStreamStats":
+                rtt = getattr(stats, "roundTripTime", None)
+                if rtt is not None:
+                    self.status.rtt_ms = round(float(rtt) * 1000, 1)
+                lost = getattr(stats, "packetsLost", None)
+                if lost is not None:
+                    self.status.packets_lost = int(lost)
+            elif kind == "RTCInboundRtpStreamStats":
+                jitter = getattr(stats, "jitter", None)
+                if jitter is not None:
+                    # aiortc reports interarrival jitter in RTP timestamp units (48 kHz).
+                    self.status.jitter_ms = round(float(jitter) / 48.0, 1)
+        if self.hook is not None:
+            self.status.decrypt_failures = self.hook.stats.decrypt_failures
+
+    # --- setup ---------------------------------------------------------------------------
+
+    async def _fetch_initial_key(self) -> tuple[list[Any], str]:
+        """Caller: ETSI 014 ``status`` + ``enc_keys`` for the callee's SAE, concurrently.
+
+        Falls back to ``pqc`` only when the user allowed it, and says so.
+        """
+        started = time.monotonic()
+        try:
+            if self.key_source is None:
+                raise QKDError("no QKD key source is configured")
+            status, key = await asyncio.gather(
+                self.key_source.status(self.peer_sae), self.key_source.get_key(self.peer_sae)
+            )
+        except QKDError as exc:
+            if not self.options.allow_pqc_only:
+                raise SecurityPolicyError(
+                    f"QKD key unavailable ({exc}); the call was not placed. "
+                    "Use --allow-pqc-only to accept an ML-KEM-only (pqc) call."
+                ) from exc
+            self.status.notice = f"QKD unavailable ({exc}): pqc only, as allowed"
+            logger.warning("! %s", self.status.notice)
+            return [], "pqc"
+        self._kme_id = status.source_kme_id
+        self.status.timings_ms["qkd_fetch"] = round((time.monotonic() - started) * 1000, 2)
+        return [key], "hybrid"
+
+    @property
+    def peer_sae(self) -> str:
+        return self.peer  # SAE IDs default to user names (docs/calls.md)
+
+    @property
+    def own_sae(self) -> str:
+        return self.options.sae_id or self.name
+
+    def _new_pc(self) -> RTCPeerConnection:
+        # Audio and the control channel end up BUNDLEd on one DTLS transport once
+        # the remote description is set; the SRTP hook is installed then. (aiortc
+        # 1.16 with max-bundle and a negotiated data channel never connects.)
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        channel = pc.createDataChannel(
+            CONTROL_CHANNEL_LABEL, negotiated=True, id=CONTROL_CHANNEL_ID, ordered=True
+        )
+        self._channel = channel
+        channel.on("open", self._flush_outbox)
+        channel.on("message", self._on_control_message)
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "audio" and self.on_track is not None:
+                self.on_track(track)
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc.connectionState == "failed":
+                self._finish(CallError("the media connection failed (ICE/DTLS)"))
+
+        if self.source is not None:
+            pc.addTrack(self.source)
+        self.pc = pc
+        return pc
+
+    async def _start_caller(self, policy: str, qkd_keys: list[Any]) -> None:
+        self.status.state = CallState.CONNECTING
+        self.status.policy = policy
+        hs = CallerHandshake(
+            self.signing_key,
+            self.name,
+            self.peer,
+            check_peer=self.check_peer,
+            policy=policy,
+            qkd_route=(
+                QKDRoute(self._kme_id, self.own_sae, self.peer_sae) if policy == "hybrid" else None
+            ),
+            rekey_interval=self.options.rekey_interval,
+            srtp_profiles=self._profiles(),
+        )
+        self.hs = hs
+        pc = self._new_pc()
+        await pc.setLocalDescription(await pc.createOffer())
+        hs.send_offer(pc.localDescription.sdp, self.clock(), qkd_keys)
+        self._note_keys([k.key_id for k in qkd_keys])
+        await self.signaling.send_offer(self.call_id, _b64(b"".join(hs.data_to_send())))
+        self._mark("offer_sent")
+        self._pump()
+        answer = await self._wait_message(Answer, self.options.setup_timeout, "answer")
+        hs.receive_data(_unb64(answer.payload), self.clock())
+        await self._apply_events()
+        self._start_timer()
+
+    async def _start_callee(self, offer: bytes) -> None:
+        self.status.state = CallState.CONNECTING
+        accepted = ["hybrid", "pqc"] if self.options.allow_pqc_only else [self.options.policy]
+        hs = CalleeHandshake(
+            self.signing_key,
+            self.name,
+            check_peer=self.check_peer,
+            policy=self.options.policy,
+            accepted_policies=accepted,
+            replay_cache=self.replay_cache,
+            srtp_profiles=self._profiles(),
+        )
+        self.hs = hs
+        hs.receive_data(offer, self.clock())
+        offer_event = None
+        for event in await self._drain():
+            if isinstance(event, OfferReceived):
+                offer_event = event
+            elif isinstance(event, QKDKeysNeeded):  # dec_keys while we build the answer
+                self._spawn(self._fetch_keys_by_id(event))
+        if offer_event is None:
+            raise self._failure("the offer was refused")
+        self.status.policy = offer_event.policy
+        self.status.peer_fingerprint = offer_event.peer_fingerprint
+        if offer_event.policy != "hybrid":
+            self.status.notice = "pqc only (no QKD key), as allowed"
+        pc = self._new_pc()
+        await pc.setRemoteDescription(RTCSessionDescription(offer_event.sdp, "offer"))
+        self._install_hook(pc)  # before any await: DTLS has not started yet
+        await pc.setLocalDescription(await pc.createAnswer())
+        hs.send_answer(pc.localDescription.sdp, self.clock())
+        await self.signaling.send_answer(self.call_id, _b64(b"".join(hs.data_to_send())))
+        self._mark("answer_sent")
+        await self._apply_events()
+        self._start_timer()
+
+    def _profiles(self) -> tuple[SRTPProfile, ...]:
+        first = self.options.srtp_profile
+        return (first, *[p for p in SRTPProfile if p is not first])
+
+    def _install_hook(self, pc: RTCPeerConnection) -> None:
+        timeout = self.options.setup_timeout
+        self.hook = install_srtp_hook(pc, self._provide_keys, timeout=timeout)
+
+    async def _provide_keys(self, exporter: bytes, role: str) -> SRTPKeys:
+        """The SRTP hook's key provider: feed K_dtls, wait for confirmation."""
+        del role
+        self._mark("dtls_done")
+        self.status.state = CallState.CONFIRMING
+        self._exporter = exporter
+        assert self.hs is not None
+        self.hs.receive_dtls_exporter(exporter)
+        await self._apply_events()
+        keys = await self._keys0
+        try:
+            await asyncio.wait_for(asyncio.shield(self._confirmed0), self.options.confirm_timeout)
+        except TimeoutError:
+            error = HandshakeError(
+                f"key confirmation did not arrive within {self.options.confirm_timeout:g} s"
+            )
+            self._finish(error)
+            raise error from None
+        return keys
+
+    async def _wait_active(self) -> None:
+        assert self.hook is not None
+        ready = asyncio.ensure_future(self.hook.wait_ready())
+        try:
+            done, _ = await asyncio.wait(
+                {ready, self._ended},
+                timeout=self.options.setup_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            ready.cancel()
+        if self._ended.done():
+            exc = self._ended.exception()
+            raise exc or CallError("the call ended during setup")
+        if not done:
+            raise CallError(f"call setup timed out after {self.options.setup_timeout:g} s")
+        self.status.state = CallState.ACTIVE
+        self._mark("media")
+        logger.info(
+            "= call %s active: %s, SAS %s", self.call_id, self.status.policy, self.status.sas
+        )
+
+    async def _wait_message(self, kind: type, timeout: float, what: str) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CallError(f"no {what} from {self.peer} within {timeout:g} s")
+            getter = asyncio.ensure_future(self._inbox.get())
+            done, _ = await asyncio.wait(
+                {getter, self._ended}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
+            if getter not in done:
+                getter.cancel()
+                if self._ended.done():
+                    raise self._ended.exception() or CallError("the call ended")
+                continue
+            message = getter.result()
+            if isinstance(message, kind):
+                return message
+            logger.debug("! ignoring %s while waiting for %s", type(message).__name__, what)
+
+    # --- the handshake pump ---------------------------------------------------------------
+
+    async def _drain(self) -> list[Any]:
+        """Events of the handshake since the last call; failures end the call."""
+        assert self.hs is not None
+        events = self.hs.events_received()
+        for event in events:
+            if isinstance(event, HandshakeFailed):
+                self._fail_handshake(event)
+        return events
+
+    async def _apply_events(self) -> None:
+        """Act on every pending handshake event, then send what it queued."""
+        assert self.hs is not None
+        for event in await self._drain():
+            if isinstance(event, AnswerReceived):
+                assert self.pc is not None
+                self.status.peer_fingerprint = event.peer_fingerprint
+                await self.pc.setRemoteDescription(RTCSessionDescription(event.sdp, "answer"))
+                # aiortc schedules ICE/DTLS at the very end of setRemoteDescription:
+                # hooking now, before any await, is before DTLS can complete.
+                self._install_hook(self.pc)
+                self._mark("answer_received")
+            elif isinstance(event, OfferReceived):
+                self.status.peer_fingerprint = event.peer_fingerprint
+            elif isinstance(event, QKDKeysNeeded):
+                self._spawn(self._fetch_keys_by_id(event))
+            elif isinstance(event, KeysDerived):
+                self._keys_derived(event)
+            elif isinstance(event, KeyConfirmed):
+                self._key_confirmed(event)
+            elif isinstance(event, RekeyDue):
+                self._spawn(self._rekey(event.epoch))
+            elif isinstance(event, RekeyCompleted):
+                self.status.rekeys += 1
+                self.status.epoch = event.epoch
+                self._note_keys(list(event.qkd_key_ids))
+                logger.info("= rekey %d complete (key_IDs %s)", event.epoch, event.qkd_key_ids)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Send queued in-call handshake messages over the control channel."""
+        assert self.hs is not None
+        self._outbox.extend(self.hs.data_to_send())
+        self._flush_outbox()
+        self._timer_changed.set()
+
+    def _flush_outbox(self) -> None:
+        channel = self._channel
+        if channel is None or channel.readyState != "open":
+            return
+        while self._outbox:
+            channel.send(self._outbox.pop(0))
+
+    def _on_control_message(self, message: bytes | str) -> None:
+        if self.hs is None or not isinstance(message, bytes):
+            self._finish(CallError(f"{self.peer} sent a malformed control message"))
+            return
+        self.hs.receive_data(message, self.clock())
+        self._spawn(self._apply_events())
+
+    def _keys_derived(self, event: KeysDerived) -> None:
+        keys = _srtp_keys(event)
+        if event.epoch == 0:  # the SAS users compare authenticates the initial handshake
+            self.status.sas = event.sas
+        self.status.srtp_profile = event.profile.value
+        with contextlib.suppress(QCallError):
+            keylog_write(
+                self.call_id, self._exporter, event.qkd_key_ids, keys, generation=event.epoch
+            )
+        if event.epoch == 0:
+            if not self._keys0.done():
+                self._keys0.set_result(keys)
+            return
+        assert self.hook is not None
+        # Install the new inbound key before our CONFIRM leaves (the pump follows).
+        self.hook.prepare_rekey(keys, generation=event.epoch)
+
+    def _key_confirmed(self, event: KeyConfirmed) -> None:
+        if event.epoch == 0:
+            self._mark("confirmed")
+            if not self._confirmed0.done():
+                self._confirmed0.set_result(None)
+            return
+        assert self.hook is not None
+        self.hook.activate_outbound(event.epoch)
+
+    async def _fetch_keys_by_id(self, event: QKDKeysNeeded) -> None:
+        """Callee: ETSI 014 ``dec_keys`` from our KME for the caller's key_IDs."""
+        assert self.hs is not None
+        started = time.monotonic()
+        try:
+            if self.key_source is None:
+                raise QKDError("no QKD key source is configured")
+            keys = await self.key_source.get_keys_by_id(event.master_sae_id, event.key_ids)
+        except QKDError as exc:
+            self.hs.fail(exc)
+            await self._apply_events()
+            return
+        if event.epoch == 0:
+            self.status.timings_ms["qkd_fetch"] = round((time.monotonic() - started) * 1000, 2)
+            self._note_keys(list(event.key_ids))
+        self.hs.receive_qkd_keys(keys)
+        await self._apply_events()
+
+    async def _rekey(self, epoch: int) -> None:
+        """Caller: fetch a fresh QKD key and start epoch ``epoch``."""
+        hs = self.hs
+        assert isinstance(hs, CallerHandshake)
+        keys: list[Any] = []
+        if hs.policy == "hybrid":
+            try:
+                if self.key_source is None:
+                    raise QKDError("no QKD key source is configured")
+                keys = [await self.key_source.get_key(self.peer_sae)]
+            except QKDError as exc:
+                self.status.rekey_failures += 1
+                self.status.notice = f"rekey {epoch} postponed: {exc}"
+                logger.warning("! %s", self.status.notice)
+                hs._schedule_rekey()  # try again after another interval
+                self._timer_changed.set()
+                return
+        hs.rekey(self.clock(), keys, fresh_kem=self.options.fresh_kem_on_rekey)
+        await self._apply_events()
+
+    def _start_timer(self) -> None:
+        self._spawn(self._timer_loop())
+
+    async def _timer_loop(self) -> None:
+        while self.hs is not None and not self._ended.done():
+            self._timer_changed.clear()
+            when = self.hs.get_timer()
+            delay = None if when is None else max(0.0, when - self.clock())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._timer_changed.wait(), delay)
+                continue
+            self.hs.handle_timer(self.clock())
+            await self._apply_events()
+
+    # --- endings --------------------------------------------------------------------------
+
+    def _failure(self, default: str) -> QCallError:
+        if self.hs is not None and self.hs.error is not None:
+            return self.hs.error
+        return CallError(default)
+
+    def _fail_handshake(self, event: HandshakeFailed) -> None:
+        error = event.error
+        if event.remote:
+            error = type(error)(f"{self.peer} refused the call: {error}")
+        self._finish(error)
+        reason = getattr(error, "code", "error")
+        self._spawn(self._send_hangup(reason))
+
+    async def _send_hangup(self, reason: str) -> None:
+        with contextlib.suppress(SignalingError):
+            await self.signaling.hangup(self.call_id, reason)
+
+    def _finish(self, error: BaseException | None) -> None:
+        if self._ended.done():
+            return
+        if error is None:
+            self.status.state = CallState.ENDED
+            self._ended.set_result(None)
+        else:
+            self.status.state = CallState.FAILED
+            self.status.error = str(error)
+            logger.warning("! call %s failed: %s", self.call_id, error)
+            self._ended.set_exception(error)
+            self._ended.exception()  # mark retrieved: the owner may never await it
+        for future in (self._keys0, self._confirmed0):
+            if not future.done():
+                future.set_exception(error or CallError("the call ended"))
+                future.exception()
+
+    async def _abort(self, exc: BaseException) -> None:
+        if isinstance(exc, QCallError):
+            self._finish(exc)
+            reason = getattr(exc, "code", None) or "error"
+            await self._send_hangup(reason if isinstance(reason, str) else "error")
+        else:
+            self._finish(CallError(f"call aborted ({type(exc).__name__})"))
+        await self._close()
+
+    async def _close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self.pc is not None:
+            pc, self.pc = self.pc, None
+            if self.hook is not None:
+                self.status.decrypt_failures = self.hook.stats.decrypt_failures
+            await pc.close()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            logger.debug("! call task failed: %r", exc)
+            self._finish(exc if isinstance(exc, QCallError) else CallError(str(exc)))
+
+    def _mark(self, what: str) -> None:
+        self.status.timings_ms[what] = round((time.monotonic() - self._t0) * 1000, 2)
+
+    def _note_keys(self, key_ids: list[str]) -> None:
+        if key_ids:
+            self.status.qkd_key_ids = key_ids
+            self.status.all_key_ids.extend(key_ids)
