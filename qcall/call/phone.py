@@ -17,7 +17,7 @@ from types import TracebackType
 
 from aiortc import MediaStreamTrack
 
-from qcall.call.session import CallOptions, CallSession
+from qcall.call.session import CallOptions, CallSession, CallState
 from qcall.exceptions import CallError, SignalingError
 from qcall.handshake import ReplayCache
 from qcall.handshake.protocol import CheckPeer
@@ -168,9 +168,9 @@ class Phone:
     async def _dispatch(self, event: object) -> None:
         if isinstance(event, Disconnected):
             if event.final:
-                for session in list(self.calls.values()):
-                    if session.status.state < session.status.state.ACTIVE:
-                        session.handle_signaling(
+                for pending in list(self.calls.values()):
+                    if pending.status.state < CallState.ACTIVE:
+                        pending.handle_signaling(
                             ErrorMessage("unavailable", f"signaling lost: {event.reason}")
                         )
             return
