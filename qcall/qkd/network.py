@@ -642,8 +642,7 @@ class SimulatedNetwork:
             self._update_alarms()
             if all(p.delivered > 0 for p in self._pairs):
                 self._ready.set()
-            if moved:
-                self._changed.set()
+            self._changed.set()  # wake wait_for(): pair errors and alarms may have changed
             await asyncio.sleep(0 if moved else self.relay_interval)
 
     def top_up(self, max_keys: int = 64) -> int:
