@@ -428,6 +428,8 @@ class CallSession:
 
         if self.source is not None:
             pc.addTrack(self.source)
+        elif self.role == "caller":
+            pc.addTransceiver("audio", direction="recvonly")
         self.pc = pc
         return pc
 

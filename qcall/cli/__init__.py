@@ -19,8 +19,8 @@ from qcall.exceptions import QCallError
 
 __all__ = ["main"]
 
-#: Subcommand modules, in the order ``--help`` lists them.
-COMMANDS = ("demo", "identity", "contacts", "qkd", "pki", "network", "devices")
+#: Subcommand modules, in the order ``--help`` lists them (``call`` also adds ``listen``).
+COMMANDS = ("demo", "call", "identity", "contacts", "qkd", "pki", "network", "devices")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,13 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"qcall.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"qcall.cli.{name}":
-                continue  # command not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"qcall.cli.{name}").register(sub)
     return parser
 
 

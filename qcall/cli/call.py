@@ -1,0 +1,491 @@
+"""``qcall call USER`` and ``qcall listen``: place and answer encrypted calls.
+
+Settings come from flags, else from a TOML config file (``--config``, default
+``HOME/config.toml``), else from defaults; see docs/calls.md. Example::
+
+    signaling = "ws://127.0.0.1:8765"
+    sae_id = "alice"              # this user's SAE ID at its KME (default: user name)
+    policy = "hybrid"             # or "pqc"
+    allow_pqc_only = false
+    rekey_interval = 30
+
+    [key_source]                  # any qcall key source (docs/key-sources.md)
+    type = "etsi014"
+    url = "https://kme.example:8443"
+    cert = "alice.pem"
+    key = "alice.key"
+    ca = "ca.pem"
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from qcall.exceptions import ConfigError, MediaError, QCallError
+
+__all__ = ["register"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SIGNALING = "ws://127.0.0.1:8765"
+_CONFIG_KEYS = {
+    "signaling": str,
+    "sae_id": str,
+    "policy": str,
+    "allow_pqc_only": bool,
+    "rekey_interval": (int, float),
+    "fresh_kem": bool,
+    "srtp_profile": str,
+    "key_source": dict,
+    "network": str,
+}
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from qcall.call.media import add_media_arguments
+
+    call = sub.add_parser(
+        "call",
+        help="call a user",
+        description="Call USER through the signaling server, with hybrid QKD + ML-KEM keys.",
+    )
+    call.add_argument("user", help="who to call (their registered name)")
+    _common(call)
+    add_media_arguments(call)
+    call.add_argument("--chirp-every", type=float, metavar="S", help=argparse.SUPPRESS)
+    call.set_defaults(func=run_call)
+
+    listen = sub.add_parser(
+        "listen",
+        help="wait for calls",
+        description="Register and wait for incoming calls.",
+    )
+    _common(listen)
+    add_media_arguments(listen)
+    listen.add_argument("--auto-answer", action="store_true", help="pick up every call")
+    listen.add_argument("--once", action="store_true", help="exit after the first call")
+    listen.set_defaults(func=run_listen)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("connection and keys")
+    g.add_argument("--config", metavar="FILE", help="TOML config (default: HOME/config.toml)")
+    g.add_argument("--signaling", metavar="URL", help=f"signaling server ({DEFAULT_SIGNALING})")
+    g.add_argument("--kme", metavar="URL", help="ETSI GS QKD 014 KME of this user's site")
+    g.add_argument("--cert", metavar="FILE", help="SAE client certificate for the KME")
+    g.add_argument("--key", metavar="FILE", help="its private key")
+    g.add_argument("--ca", metavar="FILE", help="CA that signed the KME's certificate")
+    g.add_argument("--key-source", metavar="URL", help="other key source, e.g. keyfile:PATH")
+    g.add_argument(
+        "--network", metavar="FILE", help="network.json of `qcall network`: take our SAE's KME"
+    )
+    g.add_argument("--sae", metavar="ID", help="this user's SAE ID (default: the user name)")
+    s = p.add_argument_group("security")
+    s.add_argument("--policy", choices=["hybrid", "pqc"], help="security policy (hybrid)")
+    s.add_argument(
+        "--allow-pqc-only",
+        action="store_true",
+        default=None,
+        help="accept ML-KEM-only calls when QKD is unavailable (shown on screen)",
+    )
+    s.add_argument("--rekey-interval", type=float, metavar="S", help="seconds between rekeys (30)")
+    s.add_argument("--fresh-kem", action="store_true", default=None, help="new ML-KEM per rekey")
+    s.add_argument(
+        "--srtp-profile",
+        choices=["AEAD_AES_256_GCM", "AES128_CM_HMAC_SHA1_80"],
+        help="preferred SRTP profile (AEAD_AES_256_GCM)",
+    )
+    s.add_argument("--strict-contacts", action="store_true", help="refuse unknown peers")
+    o = p.add_argument_group("output")
+    o.add_argument("--seconds", type=float, metavar="N", help="hang up after N seconds")
+    o.add_argument("--json", action="store_true", help="print the call report as JSON")
+    o.add_argument("--report", metavar="FILE", help="write the call report (JSON) to FILE")
+    o.add_argument("--quiet", action="store_true", help="no live status")
+
+
+# --- settings ----------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None, home: Path) -> dict[str, Any]:
+    """Read the TOML config; unknown keys and wrong types are errors naming the key."""
+    explicit = path is not None
+    file = Path(path) if path else home / "config.toml"
+    if not file.exists():
+        if explicit:
+            raise ConfigError(f"config file {file} does not exist")
+        return {}
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {file}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file} is not valid TOML: {exc}") from exc
+    for key, value in data.items():
+        expected = _CONFIG_KEYS.get(key)
+        if expected is None:
+            raise ConfigError(f"{file}: unknown setting {key!r} (known: {sorted(_CONFIG_KEYS)})")
+        if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+            raise ConfigError(f"{file}: setting {key!r} has the wrong type")
+    return data
+
+
+def _pick(args: argparse.Namespace, conf: dict[str, Any], flag: str, key: str, default: Any) -> Any:
+    value = getattr(args, flag, None)
+    if value is not None:
+        return value
+    return conf.get(key, default)
+
+
+def key_source_config(args: argparse.Namespace, conf: dict[str, Any], sae: str) -> Any:
+    """The key source the flags or config name, or ``None``."""
+    if args.kme:
+        return {"type": "etsi014", "url": args.kme, "cert": args.cert, "key": args.key,
+                "ca": args.ca}
+    if args.key_source:
+        return args.key_source
+    network = args.network or conf.get("network")
+    if network:
+        try:
+            data = json.loads(Path(network).read_text(encoding="utf-8"))
+            creds = data["saes"][sae]
+            return {"type": "etsi014", "url": creds["url"], "cert": creds["cert"],
+                    "key": creds["key"], "ca": creds["ca"]}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{network}: no usable entry for SAE {sae!r} ({exc})") from exc
+    return conf.get("key_source")
+
+
+def build_phone(args: argparse.Namespace, *, chirp_at: list[float] | None = None) -> Any:
+    """Create the :class:`~qcall.call.phone.Phone` the flags describe."""
+    from qcall.call.media import open_source
+    from qcall.call.phone import Phone
+    from qcall.call.session import CallOptions
+    from qcall.config import qcall_home
+    from qcall.contacts import ContactStore
+    from qcall.handshake import SRTPProfile
+    from qcall.identity import Identity
+    from qcall.qkd.client import open_key_source
+
+    home = qcall_home(args.home)
+    conf = load_config(args.config, home)
+    identity = Identity.load(home)
+    contacts = ContactStore.in_home(home, strict=args.strict_contacts)
+    sae = _pick(args, conf, "sae", "sae_id", identity.name)
+    options = CallOptions(
+        policy=_pick(args, conf, "policy", "policy", "hybrid"),
+        allow_pqc_only=bool(_pick(args, conf, "allow_pqc_only", "allow_pqc_only", False)),
+        rekey_interval=float(_pick(args, conf, "rekey_interval", "rekey_interval", 30.0)),
+        fresh_kem_on_rekey=bool(_pick(args, conf, "fresh_kem", "fresh_kem", False)),
+        srtp_profile=SRTPProfile(
+            _pick(args, conf, "srtp_profile", "srtp_profile", "AEAD_AES_256_GCM")
+        ),
+        sae_id=sae,
+    )
+    if options.policy not in ("hybrid", "pqc"):
+        raise ConfigError(f"policy must be hybrid or pqc, not {options.policy!r}")
+    if options.rekey_interval is not None and options.rekey_interval <= 0:
+        raise ConfigError("rekey interval must be positive")
+    ks_conf = key_source_config(args, conf, sae)
+    key_source = open_key_source(ks_conf) if ks_conf else None
+    if key_source is None and options.policy == "hybrid" and not options.allow_pqc_only:
+        raise ConfigError(
+            "no QKD key source: give --kme/--cert/--key/--ca, --key-source, --network or "
+            "[key_source] in the config; or choose --policy pqc / --allow-pqc-only"
+        )
+    # Open the audio source once now, so a bad file or device fails before dialling.
+    explicit = args.tone is not None or args.input or args.input_device is not None
+
+    def open_any() -> Any:
+        try:
+            return open_source(args, chirp_at=chirp_at)
+        except MediaError as exc:
+            if explicit:
+                raise
+            logger.warning("no microphone (%s); sending no audio", exc)
+            return None
+
+    first_source: list[Any] = [open_any()]
+
+    def make_source() -> Any:
+        return first_source.pop() if first_source else open_any()
+
+    phone = Phone(
+        _pick(args, conf, "signaling", "signaling", DEFAULT_SIGNALING),
+        identity.signing_key,
+        identity.name,
+        check_peer=contacts.check_peer,
+        key_source=key_source,
+        options=options,
+        make_source=make_source,
+    )
+    phone.sources = first_source  # type: ignore[attr-defined]
+    return phone
+
+
+# --- running a call ------------------------------------------------------------------------
+
+
+class _Console:
+    """Live status (rich) or plain lines when not a terminal / ``--quiet``."""
+
+    def __init__(self, quiet: bool, json_out: bool) -> None:
+        self.quiet = quiet or json_out
+        self.live: Any = None
+
+    def line(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    def start(self, session: Any) -> None:
+        if self.quiet or not sys.stderr.isatty():
+            return
+        from rich.console import Console
+        from rich.live import Live
+
+        self.live = Live(
+            _status_table(session), console=Console(stderr=True), refresh_per_second=4
+        )
+        self.live.start()
+
+    def update(self, session: Any) -> None:
+        if self.live is not None:
+            self.live.update(_status_table(session))
+
+    def stop(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+
+
+def _status_table(session: Any) -> Any:
+    from rich.table import Table
+
+    st = session.status
+    table = Table(title=f"qcall — {st.role} {st.peer}", show_header=False, box=None)
+    table.add_row("state", st.state.name)
+    policy = st.policy + (f"  [yellow]{st.notice}[/]" if st.notice else "")
+    table.add_row("policy", policy)
+    table.add_row("suite", f"{st.kem}, {st.signature}, {st.srtp_profile}")
+    table.add_row("SAS", f"[bold]{st.sas}[/]  (compare by voice; `qcall contacts verify`)")
+    table.add_row("key_IDs", ", ".join(st.qkd_key_ids) or "—")
+    table.add_row("rekeys", f"{st.rekeys} (epoch {st.epoch}, failures {st.rekey_failures})")
+
+    def fmt(v: Any, unit: str) -> str:
+        return "—" if v is None else f"{v} {unit}"
+
+    table.add_row(
+        "RTCP",
+        f"RTT {fmt(st.rtt_ms, 'ms')}, jitter {fmt(st.jitter_ms, 'ms')}, "
+        f"lost {fmt(st.packets_lost, 'packets')}",
+    )
+    return table
+
+
+def _summary(session: Any) -> str:
+    st = session.status
+    return (
+        f"connected to {st.peer}: policy {st.policy}, {st.kem} + {st.signature}, "
+        f"{st.srtp_profile}, SAS {st.sas}, QKD key_IDs {', '.join(st.qkd_key_ids) or '—'}"
+        + (f"\n  NOTE: {st.notice}" if st.notice else "")
+    )
+
+
+async def _supervise(session: Any, seconds: float | None, console: _Console) -> str:
+    """Run until hangup, the time limit, Ctrl-C or SIGTERM; return how it ended."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    deadline = None if seconds is None else time.monotonic() + seconds
+    console.start(session)
+    how = "remote hangup"
+    try:
+        while not session.ended.done():
+            if stop.is_set():
+                how = "local hangup (signal)"
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                how = "local hangup (time limit)"
+                break
+            await session.refresh_stats()
+            console.update(session)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+    finally:
+        console.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+    await session.refresh_stats()
+    if not session.ended.done():
+        await session.hangup()
+    return how
+
+
+def _report(session: Any, how: str, extra: dict[str, Any]) -> dict[str, Any]:
+    report = session.status.as_dict()
+    report["ended"] = how
+    report.update(extra)
+    return report
+
+
+def _emit(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    text = json.dumps(report, indent=2, default=str)
+    if args.report:
+        Path(args.report).write_text(text + "\n", encoding="utf-8")
+    if args.json:
+        print(text)
+
+
+async def _call(args: argparse.Namespace) -> int:
+    from qcall.call.media import open_sink
+
+    chirp_at = None
+    if args.chirp_every:
+        limit = args.seconds or 60.0
+        chirp_at = [0.5 + i * args.chirp_every for i in range(int(limit / args.chirp_every) + 1)]
+    phone = build_phone(args, chirp_at=chirp_at)
+    sink = _sink_for(args, open_sink)
+    console = _Console(args.quiet, args.json)
+    started = time.monotonic()
+    source = phone.sources[0] if phone.sources else None
+    if sink is not None:
+        phone.on_track = lambda _s, track: _attach(sink, track)
+    async with phone:
+        console.line(f"calling {args.user} …")
+        try:
+            session = await phone.call(args.user)
+        except QCallError as exc:
+            _emit(args, {"connected": False, "error": str(exc), "peer": args.user})
+            raise
+        setup_ms = round((time.monotonic() - started) * 1000, 1)
+        console.line(_summary(session))
+        how = await _supervise(session, args.seconds, console)
+    if sink is not None:
+        await sink.stop()
+    extra: dict[str, Any] = {"connected": True, "setup_ms": setup_ms}
+    if source is not None and hasattr(source, "chirp_send_times"):
+        extra["chirp_send_times"] = list(source.chirp_send_times)
+        extra["tone_hz"] = args.tone
+    _emit(args, _report(session, how, extra))
+    console.line(f"call ended ({how})")
+    if session.status.error:
+        raise QCallError(session.status.error)
+    return 0
+
+
+def _sink_for(args: argparse.Namespace, open_sink: Any) -> Any:
+    if args.output or args.output_device is not None:
+        return open_sink(args)
+    try:
+        return open_sink(args)
+    except MediaError as exc:
+        logger.warning("no audio output (%s); received audio is discarded", exc)
+        return None
+
+
+def _attach(sink: Any, track: Any) -> None:
+    sink.addTrack(track)
+    asyncio.ensure_future(sink.start())
+
+
+async def _listen(args: argparse.Namespace) -> int:
+    from qcall.call.media import open_sink
+
+    phone = build_phone(args)
+    console = _Console(args.quiet, args.json)
+    sinks: list[Any] = []
+
+    def on_track(_session: Any, track: Any) -> None:
+        sink = _sink_for(args, open_sink)
+        if sink is not None:
+            sinks.append(sink)
+            _attach(sink, track)
+
+    phone.on_track = on_track
+
+    async def decide(invite: Any) -> bool:
+        if args.auto_answer:
+            return True
+        console.line(f"incoming call from {invite.peer}: answer? [y/N] ")
+        answer = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        return answer.strip().lower() in ("y", "yes")
+
+    status = 0
+    async with phone:
+        console.line(f"listening as {phone.name} on {phone.signaling.url} (Ctrl-C to stop)")
+        while True:
+            try:
+                session = await _until_signal(phone.incoming(decide))
+            except QCallError as exc:
+                console.line(f"incoming call failed: {exc}")
+                status = 1
+                if args.once:
+                    _emit(args, {"connected": False, "error": str(exc)})
+                    break
+                continue
+            if session is None:
+                break
+            console.line(_summary(session))
+            how = await _supervise(session, args.seconds, console)
+            for sink in sinks:
+                await sink.stop()
+            extra: dict[str, Any] = {"connected": True}
+            for sink in sinks:
+                arrivals = getattr(sink, "arrivals", None)
+                if arrivals is not None:
+                    extra["output"] = str(args.output)
+                    extra["arrivals"] = [
+                        [a.pts, a.sample_offset, a.samples, a.arrival_time] for a in arrivals
+                    ]
+            sinks.clear()
+            _emit(args, _report(session, how, extra))
+            console.line(f"call ended ({how})")
+            if session.status.error:
+                status = 1
+            if args.once:
+                break
+    return status
+
+
+async def _until_signal(coro: Any) -> Any:
+    """Await ``coro``; on Ctrl-C / SIGTERM cancel it and return ``None``."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    task = asyncio.ensure_future(coro)
+    waiter = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    return task.result()
+
+
+def run_call(args: argparse.Namespace) -> int:
+    return asyncio.run(_call(args))
+
+
+def run_listen(args: argparse.Namespace) -> int:
+    return asyncio.run(_listen(args))
