@@ -162,15 +162,11 @@ class SignalingServer:
         self._outboxes[cid] = (ws, outbox)
         writer = asyncio.create_task(self._writer(ws, outbox))
         self._dispatch(out)
+        del out  # outputs can be O(peers) big: keep no reference while idle
         self._timer_changed.set()
         try:
             async for message in ws:
-                try:
-                    out = self.protocol.receive(cid, message, loop.time())
-                except Exception:  # a bug, never bad input: keep serving everyone else
-                    logger.exception("! protocol failed on connection %d", cid)
-                    out = [(cid, ErrorMessage("server_error", "internal error"))]
-                self._dispatch(out)
+                self._dispatch(self._receive(cid, message, loop.time()))
         except ConnectionClosed:
             pass
         finally:
@@ -180,6 +176,13 @@ class SignalingServer:
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
+
+    def _receive(self, cid: ConnectionId, message: str | bytes, now: float) -> list[Output]:
+        try:
+            return self.protocol.receive(cid, message, now)
+        except Exception:  # a bug, never bad input: keep serving everyone else
+            logger.exception("! protocol failed on connection %d", cid)
+            return [(cid, ErrorMessage("server_error", "internal error"))]
 
     def _dispatch(self, out: list[Output]) -> None:
         """Queue each output on its connection's outbox (no waiting)."""

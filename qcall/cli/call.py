@@ -395,9 +395,14 @@ def _sink_for(args: argparse.Namespace, open_sink: Any) -> Any:
         return None
 
 
+_SINK_TASKS: set[asyncio.Future[Any]] = set()
+
+
 def _attach(sink: Any, track: Any) -> None:
     sink.addTrack(track)
-    asyncio.ensure_future(sink.start())
+    task = asyncio.ensure_future(sink.start())
+    _SINK_TASKS.add(task)
+    task.add_done_callback(_SINK_TASKS.discard)
 
 
 async def _listen(args: argparse.Namespace) -> int:

@@ -594,6 +594,7 @@ class SimulatedNetwork:
                 if not buf.alarmed:
                     logger.warning("! link %s alarm: QBER %s", name, _pct(exc.qber))
                 self.relay.set_alarm(name, exc.qber)
+                self._update_alarms()  # KME Status shows it from now on
             except QKDError as exc:
                 # A lost block (PostProcessingError), or no authentication key left
                 # (KeyExhaustedError): key already buffered stays good.
@@ -627,6 +628,7 @@ class SimulatedNetwork:
                 if buf.alarmed:
                     logger.info("= link %s delivers again", name)
                     self.relay.clear_alarm(name, qber)
+                    self._update_alarms()
                 else:
                     buf.qber = qber
                 # Alice of the BB84 link is end ``a``, Bob is end ``b``.
