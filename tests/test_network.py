@@ -118,9 +118,9 @@ async def test_metro_reroutes_around_alarmed_core_link(tmp_path: Path) -> None:
             for link in topo.path_links(first)
             if topo.nodes[link.a].kind == topo.nodes[link.b].kind == "core"
         )
-        delivered = net.pair_status("alice", "bob")["delivered"]
         net.set_eavesdropper(core, 1.0)
         await net.wait_for(lambda: core in net.relay.alarmed_links, TIMEOUT)
+        delivered = net.pair_status("alice", "bob")["delivered"]  # all later keys: new route
         async with open_key_source(net.sae_credentials("alice").as_config()) as kme:
             for _ in range(2):  # drain, so the relay must deliver over the new route
                 await kme.get_key("bob")
