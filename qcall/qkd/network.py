@@ -51,7 +51,9 @@ from qcall.exceptions import (
     RelayError,
 )
 from qcall.qkd.kme import KME, PoolRole
+from qcall.qkd.pki import create_pki, server_ssl_context
 from qcall.qkd.relay import TrustedNodeRelay
+from qcall.qkd.server import KMEServer
 from qcall.qkd.topology import Link, Topology, load_topology
 
 __all__ = [
@@ -241,7 +243,7 @@ class SimulatedNetwork:
         self.kmes: dict[str, KME] = {
             node: KME(kme_id_for(node), key_size=key_size) for node in topology.kme_nodes
         }
-        self._servers: dict[str, Any] = {}
+        self._servers: dict[str, KMEServer] = {}
         self._credentials: dict[str, SAECredentials] = {}
         self._links: dict[str, _LinkRuntime] = {}
         self._pairs: list[_PairRuntime] = []
@@ -293,9 +295,6 @@ class SimulatedNetwork:
             ConfigError: the state directory or the PKI cannot be written.
             OSError: a KME server cannot listen on ``host``.
         """
-        from qcall.qkd.pki import create_pki, server_ssl_context
-        from qcall.qkd.server import KMEServer
-
         try:
             self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
