@@ -1,4 +1,4 @@
-"""``qcall demo``: the in-process handshake demonstration."""
+"""``qcall demo --handshake-only``: the in-process handshake demonstration."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from qcall.cli import main
-from qcall.cli.demo import InMemoryKMEPair, run_handshake_demo
+from qcall.cli.handshake_demo import InMemoryKMEPair, run_handshake_demo
 from qcall.exceptions import KeyNotFoundError
 
 
@@ -30,14 +30,14 @@ def test_demo_result(policy: str) -> None:
 
 
 def test_demo_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--json", "--policy", "pqc"]) == 0
+    assert main(["demo", "--handshake-only", "--json", "--policy", "pqc"]) == 0
     out = capsys.readouterr().out
     data = json.loads(out)  # exactly one JSON object
     assert data["policy"] == "pqc" and data["sas"]["match"]
 
 
 def test_demo_cli_text(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo"]) == 0
+    assert main(["demo", "--handshake-only"]) == 0
     out = capsys.readouterr().out
     assert "Beijing" in out and "Hefei" in out and "SAS" in out and "equal" in out
 

@@ -191,6 +191,11 @@ class ToneTrack(MediaStreamTrack):
         """The chirp template (float samples in [-1, 1]) to search for."""
         return self.generator.chirp
 
+    @property
+    def seconds_sent(self) -> float:
+        """Audio handed to the sender so far, in seconds."""
+        return self._pts / self.sample_rate
+
     async def recv(self) -> av.AudioFrame:
         """Return the next frame; raise ``MediaStreamError`` once stopped or done."""
         if self.readyState != "live":

@@ -378,6 +378,7 @@ async def _call(args: argparse.Namespace) -> int:
     if source is not None and hasattr(source, "chirp_send_times"):
         extra["chirp_send_times"] = list(source.chirp_send_times)
         extra["tone_hz"] = args.tone
+        extra["sent_seconds"] = round(source.seconds_sent, 2)
     _emit(args, _report(session, how, extra))
     console.line(f"call ended ({how})")
     if session.status.error:

@@ -1,4 +1,4 @@
-"""``qcall demo``: the hybrid handshake between two in-process parties.
+"""``qcall demo --handshake-only``: the hybrid handshake between two in-process parties.
 
 Alice sits at the Beijing site, Bob at the Hefei site. Each gets a fresh
 ML-DSA-65 identity; a small in-memory stand-in plays the two sites' KMEs
@@ -7,9 +7,9 @@ offer → answer → key confirmation and one rekey with a fresh QKD key and a f
 ML-KEM secret, then prints the negotiated suite, the key IDs, both SAS values and
 the timings. ``--json`` prints one JSON object.
 
-Until the real call exists there is no DTLS here: both sides receive the same
-random stand-in for the DTLS exporter. :func:`run_handshake_demo` holds all of it
-and returns plain data, so it can later be swapped for the real call.
+There is no DTLS here: both sides receive the same random stand-in for the DTLS
+exporter. It shows the key agreement alone, in milliseconds; ``qcall demo``
+without ``--handshake-only`` places the real call (:mod:`qcall.cli.demo`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 from qcall.exceptions import IdentityChangedError, KeyNotFoundError
 
-__all__ = ["InMemoryKMEPair", "register", "run_handshake_demo"]
+__all__ = ["InMemoryKMEPair", "print_handshake_demo", "run_handshake_demo"]
 
 CALLER_SITE, CALLEE_SITE = "Beijing", "Hefei"
 
@@ -208,22 +208,8 @@ def run_handshake_demo(policy: str = "hybrid") -> dict[str, Any]:
     }
 
 
-def register(subparsers: Any) -> None:
-    """Add ``demo`` to the top-level parser."""
-    parser = subparsers.add_parser(
-        "demo",
-        help="run the hybrid QKD + ML-KEM + ML-DSA handshake between two in-process parties",
-        description=__doc__.splitlines()[0] if __doc__ else None,
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument(
-        "--policy", choices=["hybrid", "pqc"], default="hybrid",
-        help="hybrid: QKD + ML-KEM + DTLS (default); pqc: ML-KEM + DTLS, no QKD",
-    )  # fmt: skip
-    parser.set_defaults(func=_run)
-
-
-def _run(args: Any) -> int:
+def print_handshake_demo(args: Any) -> int:
+    """Run :func:`run_handshake_demo` and print it (``args.json``, ``args.policy``)."""
     result = run_handshake_demo(args.policy)
     if args.json:
         print(json.dumps(result))
