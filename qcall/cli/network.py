@@ -266,7 +266,7 @@ def render(net: SimulatedNetwork) -> Any:
         pairs.add_column(column)
     for pair in status["pairs"]:
         route = pair["route"]
-        if pair["error"]:
+        if pair["error"] or (pair["alarm"] and pair["alarm"].endswith("relay stopped")):
             note = f"[bold red]{pair['alarm'] or pair['error']}[/]"
         elif pair["alarm"]:
             note = f"[yellow]{pair['alarm']}[/]"
