@@ -6,6 +6,10 @@ connection, one writer task per connection draining a bounded outbox (a client
 that does not read is disconnected instead of slowing everyone down), and one
 timer task running :meth:`SignalingProtocol.handle_timer`.
 
+Compression (permessage-deflate) is off: the payloads are mostly base64 of
+keys and signatures, which do not compress, and each deflate context costs
+tens of KiB per connection (scripts/load_signaling.py measures it).
+
 ``GET /healthz`` on the same port answers 200 with a small JSON document
 (``status``, ``connections``, ``registered``, ``calls``, ``version``).
 """
@@ -92,6 +96,7 @@ class SignalingServer:
             ssl=ssl,
             process_request=self._process_request,
             max_size=self.config.max_message_size * HARD_LIMIT_FACTOR,
+            compression=None,  # see module docstring
             server_header=f"qcall-signaling/{__version__}",
         )
         self._timer_task = asyncio.create_task(self._run_timers())
@@ -167,6 +172,7 @@ class SignalingServer:
         try:
             async for message in ws:
                 self._dispatch(self._receive(cid, message, loop.time()))
+                del message  # a 7 KiB register frame need not outlive its handling
         except ConnectionClosed:
             pass
         finally:

@@ -299,6 +299,7 @@ class SignalingClient:
                 ssl=self._ssl,
                 open_timeout=self.timeout,
                 max_size=CLIENT_MAX_SIZE,
+                compression=None,  # like the server: base64 keys/signatures do not compress
                 user_agent_header=f"qcall/{__version__}",
             )
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
