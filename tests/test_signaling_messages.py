@@ -7,7 +7,7 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from qcall import pqc
+from qcall import identity, pqc
 from qcall.exceptions import SignalingAuthError, SignalingProtocolError
 from qcall.signaling import messages as m
 
@@ -87,10 +87,20 @@ def test_register_signs_the_domain_separated_challenge(key: pqc.SigningKey) -> N
     assert m.fingerprint(reg.public_key)[:16] in repr(reg)
 
 
-def test_fingerprint_is_sha384_hex(key: pqc.SigningKey) -> None:
+def test_fingerprint_is_the_identity_fingerprint(key: pqc.SigningKey) -> None:
     fp = m.fingerprint(key.public_bytes())
-    assert fp == pqc.sha384(key.public_bytes()).hex()
-    assert len(fp) == 96
+    assert fp == identity.fingerprint(key.public_bytes())
+    assert m.Presence("alice", fp, True) == m.Presence.parse(
+        m.Presence("alice", fp, True).serialize()
+    )
+
+
+def test_names_follow_the_identity_rules() -> None:
+    for name in ["alice", "Alice Smith", "张伟", "o'brien", "a" * 64]:
+        msg = m.Invite("call-0001", peer=name)
+        assert m.parse_client_message(msg.serialize()) == msg
+    with pytest.raises(ValueError, match="fingerprint"):
+        m.Presence("alice", "short", True)
 
 
 @pytest.mark.parametrize(
@@ -98,9 +108,11 @@ def test_fingerprint_is_sha384_hex(key: pqc.SigningKey) -> None:
     [
         ('{"type":"invite","call_id":"call-0001"}', "peer"),
         ('{"type":"invite","call_id":"short","peer":"bob"}', "call_id"),
-        ('{"type":"invite","call_id":"call-0001","peer":"Bob"}', "peer"),
-        ('{"type":"invite","call_id":"call-0001","peer":"' + "b" * 33 + '"}', "peer"),
-        ('{"type":"invite","call_id":"call-0001","peer":".bob"}', "peer"),
+        ('{"type":"invite","call_id":"call-0001","peer":" bob"}', "peer"),
+        ('{"type":"invite","call_id":"call-0001","peer":"' + "b" * 65 + '"}', "peer"),
+        ('{"type":"invite","call_id":"call-0001","peer":"b\\u0000b"}', "peer"),
+        ('{"type":"invite","call_id":"call-0001","peer":""}', "peer"),
+        ('{"type":"invite","call_id":"call-0001","peer":["bob"]}', "peer"),
         ('{"type":"hangup"}', "call_id"),
         ('{"type":"hangup","call_id":12345678}', "call_id"),
         ('{"type":"hangup","call_id":"call-0001","reason":"\\u0007"}', "reason"),

@@ -11,7 +11,9 @@ Nothing else escapes a parser, whatever the input.
 Direction matters: a client sends ``register`` and call messages; the server
 sends ``challenge``, ``registered``, ``presence``, ``error`` and relays call
 messages with ``peer`` (the sender's registered name) and ``fingerprint``
-(SHA-384 of the sender's ML-DSA-65 public key) filled in by the server.
+(:func:`qcall.identity.fingerprint` of the sender's ML-DSA-65 public key, the
+same string ``qcall identity show`` and ``qcall contacts`` print) filled in by
+the server. Names follow :func:`qcall.identity.validate_name`.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from collections.abc import Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
-from qcall import pqc
+from qcall import identity, pqc
 from qcall.exceptions import (
+    ConfigError,
     PeerUnavailableError,
     SignalingAuthError,
     SignalingError,
@@ -89,10 +92,9 @@ ALGORITHM = "ML-DSA-65"
 #: Domain-separation label of the signed registration data (see :func:`registration_data`).
 REGISTRATION_LABEL = b"qcall-signaling-register-v1"
 
-_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")
 _CALL_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
 _CODE_RE = re.compile(r"[a-z][a-z_]{0,31}")
-_FINGERPRINT_RE = re.compile(r"[0-9a-f]{96}")
+_FINGERPRINT_RE = re.compile(r"[\x21-\x7e][\x20-\x7e]{14,126}[\x21-\x7e]")
 _PRINTABLE_RE = re.compile(r"[\x20-\x7e]*")
 _MAX_SERVER_ID = 128
 _MAX_REASON = 128
@@ -105,8 +107,8 @@ _MAX_CALLS = 64
 
 
 def fingerprint(public_key: bytes) -> str:
-    """Return the fingerprint of an ML-DSA public key: SHA-384, lowercase hex (96 digits)."""
-    return pqc.sha384(public_key).hex()
+    """Return the fingerprint of an ML-DSA public key (:func:`qcall.identity.fingerprint`)."""
+    return identity.fingerprint(public_key)
 
 
 def registration_data(nonce: bytes, name: str, server_id: str) -> bytes:
@@ -158,11 +160,14 @@ def _check_re(name: str, value: object, pattern: re.Pattern[str], what: str) -> 
 
 
 def _check_name(name: str, value: object) -> None:
-    _check_re(name, value, _NAME_RE, "1-32 of a-z 0-9 . _ - starting with a letter or digit")
+    try:
+        identity.validate_name(value, f"field {name!r}")
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _check_fingerprint(name: str, value: object) -> None:
-    _check_re(name, value, _FINGERPRINT_RE, "96 lowercase hex digits (SHA-384)")
+    _check_re(name, value, _FINGERPRINT_RE, "16-128 printable ASCII characters")
 
 
 def _check_printable(name: str, value: object, limit: int, *, empty: bool = True) -> None:
