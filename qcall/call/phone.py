@@ -154,7 +154,10 @@ class Phone:
             listening; call again for the next one).
         """
         self._decide = decide
-        session = await self._incoming.get()
+        while True:
+            session = await self._incoming.get()
+            if not session.ended.done():  # skip calls the caller gave up on meanwhile
+                break
         await session.answer()
         return session
 

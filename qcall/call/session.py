@@ -297,8 +297,22 @@ class CallSession:
             key_task = asyncio.ensure_future(self._fetch_initial_key())
         try:
             await self.signaling.invite(self.peer, self.call_id)
-            accept = await self._wait_message(Accept, self.options.ring_timeout, "answer")
-            del accept
+            accepted = asyncio.ensure_future(
+                self._wait_message(Accept, self.options.ring_timeout, "answer")
+            )
+            pending: set[asyncio.Future[Any]] = {accepted}
+            if key_task is not None:
+                pending.add(key_task)
+            try:
+                while not accepted.done():
+                    done, pending = await asyncio.wait(
+                        pending, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if key_task in done and key_task.exception() is not None:
+                        raise key_task.exception()  # type: ignore[misc]  # no QKD, no call
+            finally:
+                accepted.cancel()
+            accepted.result()
             self._mark("accepted")
             qkd_keys: list[Any] = []
             if key_task is not None:

@@ -1,0 +1,362 @@
+"""Calls between two in-process phones through the real signaling server and real KMEs.
+
+Each test builds a small lab on loopback: a signaling server, two ETSI 014 KMEs
+(Beijing and Hefei) over mutual TLS sharing a pool of relayed keys, and two
+:class:`~qcall.call.phone.Phone` objects (alice sends a tone, bob records).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pylibsrtp
+import pytest
+
+from qcall.call.audio_analysis import peak_frequency
+from qcall.call.keylog import parse_keylog
+from qcall.call.media import ToneTrack, WavRecorder, read_wav
+from qcall.call.phone import Phone
+from qcall.call.session import CallOptions, CallSession
+from qcall.call.srtp import dtls_srtp_keys
+from qcall.call.srtpcore import srtp_session
+from qcall.contacts import ContactStore
+from qcall.exceptions import (
+    BadSignatureError,
+    CallError,
+    IdentityChangedError,
+    QCallError,
+    QKDKeyMismatchError,
+    SecurityPolicyError,
+)
+from qcall.identity import Identity
+from qcall.qkd.client import open_key_source
+from qcall.qkd.kme import KME, random_keys
+from qcall.qkd.pki import create_pki, server_ssl_context
+from qcall.qkd.server import KMEServer
+from signaling.server import SignalingServer
+from tests.utils import TIMEOUT_FACTOR as T
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Lab:
+    tmp: Path
+    url: str
+    kme_urls: dict[str, str]
+    pki: Any
+    identities: dict[str, Identity] = field(default_factory=dict)
+    phones: list[Phone] = field(default_factory=list)
+    recorders: list[WavRecorder] = field(default_factory=list)
+
+    def key_source(self, sae: str, url: str | None = None) -> Any:
+        creds = self.pki.saes[sae]
+        return open_key_source(
+            {
+                "type": "etsi014",
+                "url": url or self.kme_urls[sae],
+                "cert": str(creds.cert),
+                "key": str(creds.key),
+                "ca": str(self.pki.ca_cert),
+                "timeout": 2.0,
+            }
+        )
+
+    def contacts(self, name: str) -> ContactStore:
+        home = self.tmp / name
+        home.mkdir(exist_ok=True)
+        return ContactStore.in_home(home)
+
+    async def phone(
+        self,
+        name: str,
+        *,
+        options: CallOptions | None = None,
+        key_source: Any = "default",
+        tone: float | None = None,
+        record: bool = False,
+        check_peer: Callable[[str, bytes], None] | None = None,
+    ) -> Phone:
+        identity = self.identities.setdefault(name, Identity.generate(name))
+        recorder = WavRecorder(self.tmp / f"{name}.wav") if record else None
+        if recorder is not None:
+            self.recorders.append(recorder)
+
+        def on_track(_session: CallSession, track: Any) -> None:
+            if recorder is not None:
+                recorder.addTrack(track)
+                self._start = asyncio.ensure_future(recorder.start())
+
+        phone = Phone(
+            self.url,
+            identity.signing_key,
+            name,
+            check_peer=check_peer or self.contacts(name).check_peer,
+            key_source=self.key_source(name) if key_source == "default" else key_source,
+            options=options or CallOptions(rekey_interval=None),
+            make_source=(lambda: ToneTrack(tone)) if tone else (lambda: None),
+            on_track=on_track,
+        )
+        await phone.start()
+        self.phones.append(phone)
+        return phone
+
+
+@pytest.fixture
+async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
+    pki = create_pki(tmp_path / "pki", ["KME-Beijing", "KME-Hefei"], ["alice", "bob"])
+    now = time.time()
+    kmes = {"alice": KME("KME-Beijing"), "bob": KME("KME-Hefei")}
+    for master, slave in (("alice", "bob"), ("bob", "alice")):
+        keys = random_keys(64)  # what the trusted-node relay would have delivered
+        kmes[master].supply(master, slave, keys, role="master", peer_kme_id="x", now=now)
+        kmes[slave].supply(master, slave, keys, role="slave", peer_kme_id="x", now=now)
+    signaling = SignalingServer()
+    await signaling.start("127.0.0.1", 0)
+    async with contextlib.AsyncExitStack() as stack:
+        urls = {}
+        for sae, kme in kmes.items():
+            node = pki.kmes[kme.kme_id]
+            ctx = server_ssl_context(node.cert, node.key, pki.ca_cert)
+            server = await stack.enter_async_context(KMEServer(kme, "127.0.0.1", 0, ctx))
+            urls[sae] = server.url
+        lab = Lab(tmp_path, f"ws://127.0.0.1:{signaling.port}", urls, pki)
+        lab.kmes = kmes  # type: ignore[attr-defined]
+        try:
+            yield lab
+        finally:
+            for phone in lab.phones:
+                await phone.close()
+            for recorder in lab.recorders:
+                await recorder.stop()
+            await signaling.close()
+
+
+async def connect(alice: Phone, bob: Phone) -> tuple[CallSession, CallSession]:
+    incoming = asyncio.ensure_future(bob.incoming())
+    try:
+        caller = await asyncio.wait_for(alice.call("bob"), 15 * T)
+    except BaseException:
+        incoming.cancel()
+        raise
+    callee = await asyncio.wait_for(incoming, 15 * T)
+    return caller, callee
+
+
+def capture(session: CallSession) -> list[bytes]:
+    """Record the SRTP packets this side sends from now on (RFC 5761 demux)."""
+    assert session.pc is not None
+    transport = session.pc.getTransceivers()[0].sender.transport
+    ice = transport.transport
+    original = ice._send
+    sent: list[bytes] = []
+
+    async def _send(data: bytes) -> None:
+        if 127 < data[0] < 192 and not 192 <= data[1] <= 223:  # RTP, not RTCP
+            sent.append(bytes(data))
+        await original(data)
+
+    ice._send = _send
+    return sent
+
+
+def decrypt_count(packets: list[bytes], master: bytes, profile: Any) -> int:
+    session = srtp_session(master, profile, inbound=True)
+    ok = 0
+    for packet in packets:
+        with contextlib.suppress(pylibsrtp.Error):
+            session.unprotect(packet)
+            ok += 1
+    return ok
+
+
+# --- a call, and what protects its media ------------------------------------------------
+
+
+async def test_hybrid_call_tone_arrives_and_keys_are_hybrid(
+    lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keylog = tmp_path / "keylog.txt"
+    monkeypatch.setenv("QCALL_KEYLOG", str(keylog))
+    alice = await lab.phone("alice", tone=523)
+    bob = await lab.phone("bob", record=True)
+    caller, callee = await connect(alice, bob)
+
+    assert caller.status.policy == callee.status.policy == "hybrid"
+    assert caller.status.sas == callee.status.sas is not None
+    assert caller.status.qkd_key_ids == callee.status.qkd_key_ids
+    assert len(caller.status.qkd_key_ids) == 1
+    assert caller.status.srtp_profile == "AEAD_AES_256_GCM"
+
+    sent = capture(caller)
+    await asyncio.sleep(1.5)
+    assert len(sent) > 20
+    transport = caller.pc.getTransceivers()[0].sender.transport  # type: ignore[union-attr]
+    dtls_only = dtls_srtp_keys(transport)
+    records = [
+        r
+        for r in parse_keylog(keylog.read_text())
+        if r.call_id == caller.call_id and r.generation == 0
+    ]
+    assert len(records) == 2  # one per side, same process here
+    assert all(r.key_ids == tuple(caller.status.qkd_key_ids) for r in records)
+    sent_ok = [
+        r for r in records
+        if decrypt_count(sent, r.srtp_keys.local_master, r.srtp_keys.profile) == len(sent)
+    ]
+    (record,) = sent_ok
+    other = next(r for r in records if r is not record)
+    assert other.srtp_keys.remote_master == record.srtp_keys.local_master
+    keys = record.srtp_keys
+    # Every packet decrypts with the hybrid key schedule's key for alice → bob ...
+    assert decrypt_count(sent, keys.local_master, keys.profile) == len(sent)
+    # ... and none with the keys stock DTLS-SRTP would derive from the exporter alone.
+    assert decrypt_count(sent, dtls_only.local_master, dtls_only.profile) == 0
+    assert decrypt_count(sent, dtls_only.remote_master, dtls_only.profile) == 0
+
+    await caller.hangup()
+    await asyncio.wait_for(callee.wait(), 5 * T)
+    await lab.recorders[0].stop()
+    samples, rate = read_wav(tmp_path / "bob.wav")
+    assert len(samples) > rate  # more than a second of audio
+    assert abs(peak_frequency(samples, rate) - 523) < 3
+    assert caller.status.decrypt_failures == callee.status.decrypt_failures == 0
+
+
+async def test_many_rekeys_lose_no_packet(lab: Lab) -> None:
+    options = CallOptions(rekey_interval=0.2)
+    alice = await lab.phone("alice", tone=440, options=options)
+    bob = await lab.phone("bob", record=True, options=options)
+    caller, callee = await connect(alice, bob)
+    deadline = time.monotonic() + 15 * T
+    while caller.status.rekeys < 11 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.3)
+    assert caller.status.rekeys >= 10
+    assert callee.status.rekeys >= 10
+    assert len(set(caller.status.all_key_ids)) == caller.status.rekeys + 1
+    await caller.refresh_stats()
+    await callee.refresh_stats()
+    for session in (caller, callee):
+        assert session.hook is not None
+        stats = session.hook.stats
+        assert stats.decrypt_failures == 0, stats
+    # Bob's recording is continuous: no gap between frames longer than a few packets.
+    arrivals = lab.recorders[0].arrivals
+    assert len(arrivals) > 50
+    assert lab.recorders[0].concealed_samples <= 3 * 960
+    await caller.hangup()
+
+
+# --- errors, each clear -------------------------------------------------------------------
+
+
+async def test_changed_identity_ends_the_call(lab: Lab) -> None:
+    impostor = Identity.generate("alice")
+    lab.contacts("bob").pin("alice", impostor.public_key)  # bob knew another 'alice' key
+    alice = await lab.phone("alice", tone=440)
+    bob = await lab.phone("bob")
+    incoming = asyncio.ensure_future(bob.incoming())
+    with pytest.raises(QCallError, match="bob"):
+        await asyncio.wait_for(alice.call("bob"), 10 * T)
+    with pytest.raises(IdentityChangedError, match="alice"):
+        await asyncio.wait_for(incoming, 5 * T)
+
+
+async def test_tampered_offer_is_refused(lab: Lab) -> None:
+    alice = await lab.phone("alice", tone=440)
+    bob = await lab.phone("bob")
+    original = alice.signaling.send_offer
+
+    async def tamper(call_id: str, payload: str) -> None:
+        import base64
+
+        data = bytearray(base64.b64decode(payload))
+        index = data.find(b"a=fingerprint:sha-256 ") + 30  # inside the signed SDP
+        data[index] ^= 0x01
+        await original(call_id, base64.b64encode(bytes(data)).decode())
+
+    alice.signaling.send_offer = tamper  # type: ignore[method-assign]
+    incoming = asyncio.ensure_future(bob.incoming())
+    with pytest.raises(QCallError, match=r"bad_signature|refused"):
+        await asyncio.wait_for(alice.call("bob"), 10 * T)
+    with pytest.raises(BadSignatureError):
+        await asyncio.wait_for(incoming, 5 * T)
+
+
+async def test_mismatched_qkd_key_fails_fast_without_audio(lab: Lab) -> None:
+    # Bob's KME hands out different bytes under the key_IDs alice uses.
+    from qcall.qkd.etsi014 import QKDKey
+
+    wrong = lab.key_source("bob")
+    real = wrong.get_keys_by_id
+
+    async def corrupted(peer_sae: str, key_ids: Any) -> list[QKDKey]:
+        keys = await real(peer_sae, key_ids)
+        return [QKDKey(k.key_id, bytes(b ^ 0x01 for b in k.key)) for k in keys]
+
+    wrong.get_keys_by_id = corrupted  # type: ignore[method-assign]
+    alice = await lab.phone("alice", tone=440)
+    bob = await lab.phone("bob", record=True, key_source=wrong)
+    incoming = asyncio.ensure_future(bob.incoming())
+    started = time.monotonic()
+    with pytest.raises(QKDKeyMismatchError, match="QKD key"):
+        await asyncio.wait_for(alice.call("bob"), 10 * T)
+    with pytest.raises(QCallError):
+        await asyncio.wait_for(incoming, 5 * T)
+    assert time.monotonic() - started < 5 * T
+    assert not alice.calls  # the call is gone
+    assert lab.recorders[0].arrivals == []  # never silent audio: no audio at all
+
+
+async def test_qkd_unavailable_refused_or_pqc_when_allowed(lab: Lab) -> None:
+    dead = "https://127.0.0.1:9"  # nothing listens on the discard port
+    alice = await lab.phone("alice", tone=440, key_source=lab.key_source("alice", dead))
+    bob = await lab.phone("bob")
+    with pytest.raises(SecurityPolicyError, match="--allow-pqc-only"):
+        await asyncio.wait_for(alice.call("bob"), 10 * T)
+    assert not alice.calls
+
+    allowed = CallOptions(rekey_interval=None, allow_pqc_only=True)
+    alice2 = await lab.phone("carol", tone=440, key_source=lab.key_source("alice", dead),
+                             options=allowed)  # fmt: skip
+    bob.options = allowed
+    caller, callee = await connect(alice2, bob)
+    assert caller.status.policy == callee.status.policy == "pqc"
+    assert "QKD unavailable" in caller.status.notice
+    assert "pqc" in callee.status.notice
+    await caller.hangup()
+
+
+async def test_callee_refuses_pqc_unless_allowed(lab: Lab) -> None:
+    alice = await lab.phone("alice", tone=440, options=CallOptions(policy="pqc",
+                                                                    rekey_interval=None))
+    bob = await lab.phone("bob")
+    incoming = asyncio.ensure_future(bob.incoming())
+    with pytest.raises(QCallError, match=r"downgrade|refused"):
+        await asyncio.wait_for(alice.call("bob"), 10 * T)
+    with pytest.raises(QCallError, match=r"pqc|policy"):
+        await asyncio.wait_for(incoming, 5 * T)
+
+
+async def test_offline_callee_is_a_clear_error(lab: Lab) -> None:
+    alice = await lab.phone("alice", tone=440)
+    with pytest.raises(QCallError, match=r"offline|unavailable"):
+        await asyncio.wait_for(alice.call("bob"), 10 * T)
+
+
+async def test_second_call_gets_busy(lab: Lab) -> None:
+    alice = await lab.phone("alice", tone=440)
+    bob = await lab.phone("bob")
+    carol = await lab.phone("carol", tone=440, key_source=lab.key_source("alice"))
+    caller, _ = await connect(alice, bob)
+    with pytest.raises(CallError, match=r"declined|busy"):
+        await asyncio.wait_for(carol.call("bob"), 10 * T)
+    assert caller.status.state.name == "ACTIVE"
+    await caller.hangup()
