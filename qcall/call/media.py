@@ -26,7 +26,6 @@ pyaudio is optional (``pip install 'qcall[audio]'``).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import contextlib
@@ -50,6 +49,7 @@ from qcall.call.audio_analysis import (
     Int16Array,
     ToneGenerator,
 )
+from qcall.call.media_args import add_media_arguments
 from qcall.exceptions import ConfigError, MediaError
 
 __all__ = [
@@ -584,41 +584,8 @@ def read_wav(path: str | os.PathLike[str]) -> tuple[Int16Array, int]:
 
 # --- command-line glue --------------------------------------------------------------
 
-
-def _tone_hz(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a frequency: {text!r}") from None
-    if not 0 < value < SAMPLE_RATE / 2:
-        raise argparse.ArgumentTypeError(f"{text} Hz is outside (0, 24000) Hz")
-    return value
-
-
-def _device_index(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a device index: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"device index {value} is negative")
-    return value
-
-
-def add_media_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--input``, ``--tone``, ``--input-device``, ``--output``, ``--output-device``."""
-    group = parser.add_argument_group("audio (default: the default microphone and speaker)")
-    source = group.add_mutually_exclusive_group()
-    source.add_argument("--input", metavar="FILE", help="send this file (anything FFmpeg reads)")
-    source.add_argument("--tone", metavar="HZ", type=_tone_hz, help="send a test tone")
-    source.add_argument(
-        "--input-device", metavar="N", type=_device_index, help="microphone (`qcall devices`)"
-    )
-    sink = group.add_mutually_exclusive_group()
-    sink.add_argument("--output", metavar="FILE.wav", help="record what you hear to a WAV file")
-    sink.add_argument(
-        "--output-device", metavar="N", type=_device_index, help="speaker (`qcall devices`)"
-    )
+# ``add_media_arguments`` lives in the light :mod:`qcall.call.media_args` (so that
+# ``qcall --help`` does not import aiortc); it is re-exported here.
 
 
 def _pick(args: object | None, name: str, value: Any) -> Any:

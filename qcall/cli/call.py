@@ -52,7 +52,7 @@ _CONFIG_KEYS = {
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from qcall.call.media import add_media_arguments
+    from qcall.call.media_args import add_media_arguments
 
     call = sub.add_parser(
         "call",
