@@ -176,7 +176,7 @@ def _analyse(
     route: list[str],
     tone_hz: float,
     network_status: dict[str, Any],
-    codes: list[int],
+    codes: tuple[int, int] | list[int],
 ) -> dict[str, Any]:
     from qcall.call.audio_analysis import (
         FrameArrival,

@@ -38,7 +38,7 @@ __all__ = ["register"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_SIGNALING = "ws://127.0.0.1:8765"
-_CONFIG_KEYS = {
+_CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "signaling": str,
     "sae_id": str,
     "policy": str,
@@ -334,7 +334,7 @@ async def _supervise(session: Any, seconds: float | None, console: _Console) -> 
 
 
 def _report(session: Any, how: str, extra: dict[str, Any]) -> dict[str, Any]:
-    report = session.status.as_dict()
+    report: dict[str, Any] = session.status.as_dict()
     report["ended"] = how
     report.update(extra)
     return report
