@@ -72,7 +72,7 @@ class SignalingServer:
         config: ServerConfig | None = None,
         *,
         protocol: SignalingProtocol | None = None,
-        outbox_size: int = 256,
+        outbox_size: int = 1024,
     ) -> None:
         self.protocol = protocol or SignalingProtocol(config)
         self.config = self.protocol.config
@@ -176,7 +176,7 @@ class SignalingServer:
         except ConnectionClosed:
             pass
         finally:
-            del self._outboxes[cid]
+            self._outboxes.pop(cid, None)
             self._dispatch(self.protocol.disconnect(cid, loop.time()))
             self._timer_changed.set()
             writer.cancel()
@@ -209,7 +209,9 @@ class SignalingServer:
             try:
                 outbox.put_nowait(item)
             except asyncio.QueueFull:
+                # Drop it once: nothing more is queued for it; its handler cleans up.
                 logger.warning("! connection %d does not read its messages: closing it", cid)
+                del self._outboxes[cid]
                 self._spawn(ws.close(1008, "too slow"))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:

@@ -64,6 +64,12 @@ def test_client_messages_round_trip(msg: m.Message) -> None:
     assert m.parse_client_message(msg.serialize()) == msg
 
 
+@pytest.mark.parametrize("cls", [m.Offer, m.Answer, m.ICECandidate])
+def test_payloads_stay_out_of_reprs(cls: type[m.PayloadMessage]) -> None:
+    text = repr(cls("call-0001", "bob", payload="secret-looking-payload"))
+    assert "secret-looking-payload" not in text and "<22 chars>" in text
+
+
 def test_payload_is_preserved_exactly() -> None:
     payload = '{"b":1,  "a":[2,3]}\n\t"quoted" \\ back\u00e9'
     relayed = m.parse_client_message(m.Offer("call-0001", payload=payload).serialize())

@@ -419,3 +419,31 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--tls-key" in capsys.readouterr().err
     assert main(["--tls-cert", "missing.pem", "--tls-key", "missing.pem"]) == 1
     assert "missing.pem" in capsys.readouterr().err
+
+
+async def test_slow_reader_is_dropped(keys: dict[str, pqc.SigningKey]) -> None:
+    config = ServerConfig(server_id="test-server", rate=1e6, burst=1e6)
+    server = SignalingServer(config, outbox_size=64)
+    await server.start("127.0.0.1", 0)
+    try:
+        alice, bob = await clients(server, keys, "alice", "bob")
+        mallory = await raw_register(server, keys["mallory"], "mallory")
+        await mallory.send(m.Invite("call-slow", peer="alice").serialize())
+        assert (await next_of(alice, m.Invite)).call_id == "call-slow"
+        await alice.accept("call-slow")
+        # mallory does not read; alice sends it 16 MB of candidates.
+        for n in range(400):
+            await alice.send_ice("call-slow", f"{n:05d}" + "x" * 40_000)
+        # The server gave up on mallory: what was queued, then a close frame (1008).
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await asyncio.wait_for(mallory.recv(), T)
+        assert mallory.close_code == 1008 and mallory.close_reason == "too slow"
+        # Everyone else is served as before.
+        await alice.hangup("call-slow")
+        call_id = await set_up_call(alice, bob)
+        await ice_roundtrip(bob, alice, call_id, 1)
+        await alice.close()
+        await bob.close()
+    finally:
+        await server.close()

@@ -35,6 +35,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from qcall import __version__, pqc
 from qcall.exceptions import SignalingAuthError, SignalingError, SignalingProtocolError
 from qcall.signaling.messages import (
+    MAX_SERVER_MESSAGE_SIZE,
     Accept,
     Answer,
     Busy,
@@ -63,9 +64,6 @@ logger = logging.getLogger(__name__)
 
 #: Error codes after which reconnecting cannot help.
 FATAL_CODES = frozenset({"auth_failed", "name_taken", "replaced"})
-
-#: Largest frame accepted from the server (a ``registered`` snapshot can be big).
-CLIENT_MAX_SIZE = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -298,7 +296,7 @@ class SignalingClient:
                 self.url,
                 ssl=self._ssl,
                 open_timeout=self.timeout,
-                max_size=CLIENT_MAX_SIZE,
+                max_size=MAX_SERVER_MESSAGE_SIZE,
                 compression=None,  # like the server: base64 keys/signatures do not compress
                 user_agent_header=f"qcall/{__version__}",
             )

@@ -43,6 +43,7 @@ __all__ = [
     "ERROR_CODES",
     "MAX_MESSAGE_SIZE",
     "MAX_PAYLOAD_SIZE",
+    "MAX_SERVER_MESSAGE_SIZE",
     "NONCE_SIZE",
     "PROTOCOL_VERSION",
     "SERVER_MESSAGES",
@@ -79,6 +80,10 @@ PROTOCOL_VERSION = 1
 
 #: Largest text frame the server processes, in UTF-8 bytes (error ``too_big`` above).
 MAX_MESSAGE_SIZE = 64 * 1024
+
+#: Largest frame a client accepts from the server: a ``registered`` presence
+#: snapshot grows with the number of peers online (about 100 bytes each).
+MAX_SERVER_MESSAGE_SIZE = 16 * 1024 * 1024
 
 #: Largest opaque ``payload`` of ``offer``/``answer``/``ice``, in UTF-8 bytes.
 MAX_PAYLOAD_SIZE = 48 * 1024
@@ -251,7 +256,7 @@ class Message:
         Raises:
             SignalingProtocolError: malformed JSON, another type, bad or missing field.
         """
-        obj = _decode(text)
+        obj = _decode(text, MAX_SERVER_MESSAGE_SIZE)
         if obj.get("type") != cls.TYPE:
             raise SignalingProtocolError(f"expected a {cls.TYPE!r} message")
         try:
@@ -301,11 +306,11 @@ def _from_json(cls: type[Message], name: str, value: Any) -> Any:
     return value
 
 
-def _decode(text: str | bytes) -> dict[str, Any]:
+def _decode(text: str | bytes, limit: int) -> dict[str, Any]:
     if not isinstance(text, str):
         raise SignalingProtocolError("binary frames are not supported: send JSON text")
-    if len(text) > MAX_MESSAGE_SIZE:
-        raise SignalingProtocolError(f"message larger than {MAX_MESSAGE_SIZE} bytes")
+    if len(text) > limit:
+        raise SignalingProtocolError(f"message larger than {limit} bytes")
     try:
         obj = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
@@ -576,21 +581,21 @@ class PayloadMessage(CallMessage):
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)  # keep PayloadMessage.__repr__: no payload in logs
 class Offer(PayloadMessage):
     """Relay an SDP offer (and the signed handshake offer) to the other party."""
 
     TYPE: ClassVar[str] = "offer"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)  # keep PayloadMessage.__repr__: no payload in logs
 class Answer(PayloadMessage):
     """Relay an SDP answer (and the signed handshake answer) to the other party."""
 
     TYPE: ClassVar[str] = "answer"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)  # keep PayloadMessage.__repr__: no payload in logs
 class ICECandidate(PayloadMessage):
     """Relay an ICE candidate (trickle ICE) to the other party."""
 
@@ -621,8 +626,8 @@ SERVER_MESSAGES: dict[str, type[Message]] = {
 }
 
 
-def _parse(text: str | bytes, table: Mapping[str, type[Message]]) -> Message:
-    obj = _decode(text)
+def _parse(text: str | bytes, table: Mapping[str, type[Message]], limit: int) -> Message:
+    obj = _decode(text, limit)
     kind = obj["type"]
     cls = table.get(kind)
     if cls is None:
@@ -642,7 +647,7 @@ def parse_client_message(text: str | bytes) -> ClientMessage:
     Raises:
         SignalingProtocolError: anything malformed; the message names the field.
     """
-    msg = _parse(text, CLIENT_MESSAGES)
+    msg = _parse(text, CLIENT_MESSAGES, MAX_MESSAGE_SIZE)
     if isinstance(msg, CallMessage):
         if msg.fingerprint is not None:
             raise SignalingProtocolError("field 'fingerprint' is set by the server only")
@@ -660,7 +665,7 @@ def parse_server_message(text: str | bytes) -> ServerMessage:
     Raises:
         SignalingProtocolError: anything malformed; the message names the field.
     """
-    msg = _parse(text, SERVER_MESSAGES)
+    msg = _parse(text, SERVER_MESSAGES, MAX_SERVER_MESSAGE_SIZE)
     if isinstance(msg, CallMessage) and (msg.peer is None or msg.fingerprint is None):
         raise SignalingProtocolError(
             f"invalid {msg.TYPE!r} message: fields 'peer' and 'fingerprint' are required"
