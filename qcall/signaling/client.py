@@ -338,7 +338,7 @@ class SignalingClient:
                 pass
             self._ws = None
             self._registered.clear()
-            reason = f"connection closed ({ws.close_code} {ws.close_reason or ''})".strip()
+            reason = f"connection closed (code {ws.close_code}) {ws.close_reason or ''}".strip()
             if self._closing or self._fatal or not self.reconnect:
                 break
             logger.info("! %s; reconnecting", reason)
