@@ -360,3 +360,72 @@ async def test_second_call_gets_busy(lab: Lab) -> None:
         await asyncio.wait_for(carol.call("bob"), 10 * T)
     assert caller.status.state.name == "ACTIVE"
     await caller.hangup()
+
+
+# --- the signaling server under bad input, while a real call goes on --------------------
+
+
+async def test_bad_signaling_input_answered_while_a_call_proceeds(lab: Lab) -> None:
+    import json
+
+    from websockets.asyncio.client import connect as ws_connect
+
+    from qcall.signaling.messages import (
+        Challenge,
+        ErrorMessage,
+        Register,
+        Registered,
+        parse_server_message,
+    )
+
+    options = CallOptions(rekey_interval=0.3)
+    alice = await lab.phone("alice", tone=440, options=options)
+    bob = await lab.phone("bob", record=True, options=options)
+    caller, callee = await connect(alice, bob)
+    rekeys_before = caller.status.rekeys
+    mallory = Identity.generate("mallory")
+
+    async def next_error(ws: Any) -> ErrorMessage:
+        while True:
+            message = parse_server_message(await asyncio.wait_for(ws.recv(), 5 * T))
+            if isinstance(message, ErrorMessage):
+                return message
+
+    async with ws_connect(lab.url, max_size=None) as ws:
+        challenge = parse_server_message(await ws.recv())
+        assert isinstance(challenge, Challenge)
+        await ws.send(json.dumps({"type": "invite", "call_id": "x" * 12, "peer": "bob"}))
+        assert (await next_error(ws)).code == "auth_required"
+        await ws.send(Register.create(mallory.signing_key, "mallory", challenge).serialize())
+        assert isinstance(parse_server_message(await ws.recv()), Registered)
+        cases = [
+            ("{not json", "bad_message"),
+            (json.dumps({"type": "teleport"}), "bad_message"),
+            (json.dumps({"type": "invite", "peer": "bob"}), "bad_message"),  # no call_id
+            (json.dumps({"type": "invite", "call_id": "y" * 12, "peer": "nobody"}),
+             "unavailable"),
+            (json.dumps({"type": "hangup", "call_id": caller.call_id}), "unknown_call"),
+            ("x" * (70 * 1024), "too_big"),
+        ]  # fmt: skip
+        for frame, code in cases:
+            await ws.send(frame)
+            error = await next_error(ws)
+            assert error.code == code, (frame[:40], error)
+        # A second login of the same identity replaces the first connection.
+        async with ws_connect(lab.url) as second:
+            challenge2 = parse_server_message(await second.recv())
+            assert isinstance(challenge2, Challenge)
+            await second.send(
+                Register.create(mallory.signing_key, "mallory", challenge2).serialize()
+            )
+            assert isinstance(parse_server_message(await second.recv()), Registered)
+            assert (await next_error(ws)).code == "replaced"
+
+    # The call went on untouched: still active, still rekeying, nothing lost.
+    deadline = time.monotonic() + 5 * T
+    while caller.status.rekeys < rekeys_before + 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert caller.status.rekeys >= rekeys_before + 3
+    assert caller.status.state.name == callee.status.state.name == "ACTIVE"
+    assert caller.hook is not None and caller.hook.stats.decrypt_failures == 0
+    await caller.hangup()
