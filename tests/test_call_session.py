@@ -29,8 +29,11 @@ from qcall.contacts import ContactStore
 from qcall.exceptions import (
     BadSignatureError,
     CallError,
+    DowngradeError,
     IdentityChangedError,
+    KMEConnectionError,
     QCallError,
+    QKDError,
     QKDKeyMismatchError,
     SecurityPolicyError,
 )
@@ -429,3 +432,55 @@ async def test_bad_signaling_input_answered_while_a_call_proceeds(lab: Lab) -> N
     assert caller.status.state.name == callee.status.state.name == "ACTIVE"
     assert caller.hook is not None and caller.hook.stats.decrypt_failures == 0
     await caller.hangup()
+
+
+# --- the harness baseline and the KME grace period ---------------------------------------
+
+
+async def test_plain_baseline_only_between_plain_peers(lab: Lab) -> None:
+    plain = CallOptions(policy="plain", rekey_interval=None)
+    alice = await lab.phone("alice", tone=440, options=plain, key_source=None)
+    bob = await lab.phone("bob", record=True, options=plain, key_source=None)
+    caller, callee = await connect(alice, bob)
+    assert caller.status.policy == callee.status.policy == "plain"
+    assert caller.hook is None and "baseline" in caller.status.notice
+    await asyncio.sleep(0.5)
+    assert lab.recorders[0].arrivals  # stock DTLS-SRTP audio flows
+    await caller.hangup()
+
+    # A hybrid callee refuses a plain offer: no silent downgrade.
+    bob.options = CallOptions(rekey_interval=None)
+    incoming = asyncio.ensure_future(bob.incoming())
+    with pytest.raises(QCallError):
+        await asyncio.wait_for(alice.call("bob"), 10 * T)
+    with pytest.raises(DowngradeError, match="plain"):
+        await asyncio.wait_for(incoming, 5 * T)
+
+
+async def test_kme_down_mid_call_grace_then_clean_end(lab: Lab) -> None:
+    source = lab.key_source("alice")
+    real_get_key = source.get_key
+    calls = 0
+
+    async def flaky(peer_sae: str, size_bits: int | None = None) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > 1:  # the KME "goes down" after the first key
+            raise KMEConnectionError("cannot connect to KME (test: switched off)")
+        return await real_get_key(peer_sae, size_bits)
+
+    source.get_key = flaky  # type: ignore[method-assign]
+    options = CallOptions(rekey_interval=0.3, key_grace=1.0, rekey_retry=0.2)
+    alice = await lab.phone("alice", tone=440, options=options, key_source=source)
+    bob = await lab.phone("bob", options=options)
+    caller, callee = await connect(alice, bob)
+    started = time.monotonic()
+    await asyncio.sleep(0.6)
+    assert caller.status.state.name == "ACTIVE"  # keeps its keys for the grace period...
+    notice = caller.status.notice
+    assert "postponed" in notice and "keeping the current keys" in notice
+    with pytest.raises(QKDError, match="grace period"):  # ... then ends cleanly
+        await asyncio.wait_for(caller.wait(), 5 * T)
+    assert 1.0 <= time.monotonic() - started + 0.3 < 4 * T
+    with pytest.raises(CallError, match="qkd_unavailable"):
+        await asyncio.wait_for(callee.wait(), 5 * T)

@@ -30,11 +30,9 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import enum
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiortc import (
@@ -46,14 +44,15 @@ from aiortc import (
 )
 
 from qcall.call.keylog import keylog_write
+from qcall.call.qkdkeys import QKDKeys
 from qcall.call.srtp import HybridSRTP, SRTPKeys, SRTPProfile as HookProfile, install_srtp_hook
+from qcall.call.status import CallOptions, CallState, CallStatus
 from qcall.exceptions import (
     CallError,
     CallRejectedError,
+    DowngradeError,
     HandshakeError,
     QCallError,
-    QKDError,
-    SecurityPolicyError,
     SignalingError,
 )
 from qcall.handshake import (
@@ -87,7 +86,7 @@ from qcall.signaling.messages import (
     Reject,
 )
 
-__all__ = ["CallOptions", "CallSession", "CallState", "CallStatus"]
+__all__ = ["CallOptions", "CallSession", "CallState", "CallStatus"]  # re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -95,77 +94,8 @@ logger = logging.getLogger(__name__)
 CONTROL_CHANNEL_LABEL = "qcall-control"
 CONTROL_CHANNEL_ID = 0
 
-
-class CallState(enum.IntEnum):
-    """Where a call is."""
-
-    NEW = 0
-    RINGING = 1
-    CONNECTING = 2
-    CONFIRMING = 3
-    ACTIVE = 4
-    ENDED = 5
-    FAILED = 6
-
-
-@dataclass
-class CallOptions:
-    """How a user wants calls placed and answered.
-
-    Attributes:
-        policy: ``hybrid`` (QKD + ML-KEM + DTLS) or ``pqc`` (ML-KEM + DTLS).
-        allow_pqc_only: accept ``pqc`` — when QKD is unavailable (caller) or
-            when offered (callee). Never silent: the status shows the policy.
-        rekey_interval: seconds between rekeys (caller drives), or ``None``.
-        fresh_kem_on_rekey: also ratchet a fresh ML-KEM secret at each rekey.
-        srtp_profile: preferred SRTP profile.
-        sae_id: this user's SAE ID at its KME (default: the user name).
-        confirm_timeout: seconds allowed for key confirmation after DTLS.
-        ring_timeout: seconds the caller waits for the callee to pick up.
-    """
-
-    policy: str = "hybrid"
-    allow_pqc_only: bool = False
-    rekey_interval: float | None = 30.0
-    fresh_kem_on_rekey: bool = False
-    srtp_profile: SRTPProfile = SRTPProfile.AEAD_AES_256_GCM
-    sae_id: str | None = None
-    confirm_timeout: float = 1.0
-    ring_timeout: float = 60.0
-    setup_timeout: float = 20.0
-
-
-@dataclass
-class CallStatus:
-    """What the live status line and the report show (no key bytes)."""
-
-    call_id: str
-    role: str
-    peer: str
-    state: CallState = CallState.NEW
-    policy: str = ""
-    notice: str = ""
-    kem: str = "ML-KEM-768"
-    signature: str = "ML-DSA-65"
-    srtp_profile: str = ""
-    sas: str | None = None
-    peer_fingerprint: str = ""
-    qkd_key_ids: list[str] = field(default_factory=list)
-    all_key_ids: list[str] = field(default_factory=list)
-    epoch: int = 0
-    rekeys: int = 0
-    rekey_failures: int = 0
-    decrypt_failures: int = 0
-    timings_ms: dict[str, float] = field(default_factory=dict)
-    rtt_ms: float | None = None
-    jitter_ms: float | None = None
-    packets_lost: int | None = None
-    error: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        out = dict(self.__dict__)
-        out["state"] = self.state.name
-        return out
+#: Payload prefix of a ``plain`` offer/answer (bare SDP, the harness's baseline).
+PLAIN_PREFIX = "plain-sdp:"
 
 
 def _b64(data: bytes) -> str:
@@ -253,7 +183,9 @@ class CallSession:
         self._timer_changed = asyncio.Event()
         self._t0 = time.monotonic()
         self._exporter: bytes = b""
-        self._kme_id = ""
+        self.qkd_kme_id = ""
+        self._connected = asyncio.Event()
+        self.qkd = QKDKeys(self)
         self._pending_rekey_keys: dict[int, SRTPKeys] = {}
 
     def __repr__(self) -> str:
@@ -294,7 +226,7 @@ class CallSession:
         policy = self.options.policy
         key_task = None
         if policy == "hybrid":
-            key_task = asyncio.ensure_future(self._fetch_initial_key())
+            key_task = asyncio.ensure_future(self.qkd.fetch_initial_key())
         try:
             await self.signaling.invite(self.peer, self.call_id)
             accepted = asyncio.ensure_future(
@@ -318,7 +250,10 @@ class CallSession:
             if key_task is not None:
                 qkd_keys, policy = await key_task
                 key_task = None
-            await self._start_caller(policy, qkd_keys)
+            if policy == "plain":
+                await self._start_plain_caller()
+            else:
+                await self._start_caller(policy, qkd_keys)
             await self._wait_active()
         except BaseException as exc:
             if key_task is not None:
@@ -337,7 +272,10 @@ class CallSession:
             await self.signaling.accept(self.call_id)
             self._mark("accepted")
             offer = await self._wait_message(Offer, self.options.setup_timeout, "offer")
-            await self._start_callee(_unb64(offer.payload))
+            if offer.payload.startswith(PLAIN_PREFIX):
+                await self._start_plain_callee(offer.payload[len(PLAIN_PREFIX) :])
+            else:
+                await self._start_callee(_unb64(offer.payload))
             await self._wait_active()
         except BaseException as exc:
             await self._abort(exc)
@@ -385,31 +323,6 @@ class CallSession:
 
     # --- setup ---------------------------------------------------------------------------
 
-    async def _fetch_initial_key(self) -> tuple[list[Any], str]:
-        """Caller: ETSI 014 ``status`` + ``enc_keys`` for the callee's SAE, concurrently.
-
-        Falls back to ``pqc`` only when the user allowed it, and says so.
-        """
-        started = time.monotonic()
-        try:
-            if self.key_source is None:
-                raise QKDError("no QKD key source is configured")
-            status, key = await asyncio.gather(
-                self.key_source.status(self.peer_sae), self.key_source.get_key(self.peer_sae)
-            )
-        except QKDError as exc:
-            if not self.options.allow_pqc_only:
-                raise SecurityPolicyError(
-                    f"QKD key unavailable ({exc}); the call was not placed. "
-                    "Use --allow-pqc-only to accept an ML-KEM-only (pqc) call."
-                ) from exc
-            self.status.notice = f"QKD unavailable ({exc}): pqc only, as allowed"
-            logger.warning("! %s", self.status.notice)
-            return [], "pqc"
-        self._kme_id = status.source_kme_id
-        self.status.timings_ms["qkd_fetch"] = round((time.monotonic() - started) * 1000, 2)
-        return [key], "hybrid"
-
     @property
     def peer_sae(self) -> str:
         return self.peer  # SAE IDs default to user names (docs/calls.md)
@@ -418,17 +331,18 @@ class CallSession:
     def own_sae(self) -> str:
         return self.options.sae_id or self.name
 
-    def _new_pc(self) -> RTCPeerConnection:
+    def _new_pc(self, *, control: bool = True) -> RTCPeerConnection:
         # Audio and the control channel end up BUNDLEd on one DTLS transport once
         # the remote description is set; the SRTP hook is installed then. (aiortc
         # 1.16 with max-bundle and a negotiated data channel never connects.)
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        channel = pc.createDataChannel(
-            CONTROL_CHANNEL_LABEL, negotiated=True, id=CONTROL_CHANNEL_ID, ordered=True
-        )
-        self._channel = channel
-        channel.on("open", self._flush_outbox)
-        channel.on("message", self._on_control_message)
+        if control:
+            channel = pc.createDataChannel(
+                CONTROL_CHANNEL_LABEL, negotiated=True, id=CONTROL_CHANNEL_ID, ordered=True
+            )
+            self._channel = channel
+            channel.on("open", self._flush_outbox)
+            channel.on("message", self._on_control_message)
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
@@ -437,7 +351,9 @@ class CallSession:
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
-            if pc.connectionState == "failed":
+            if pc.connectionState == "connected":
+                self._connected.set()
+            elif pc.connectionState == "failed":
                 self._finish(CallError("the media connection failed (ICE/DTLS)"))
 
         if self.source is not None:
@@ -456,9 +372,9 @@ class CallSession:
             self.peer,
             check_peer=self.check_peer,
             policy=policy,
-            qkd_route=(
-                QKDRoute(self._kme_id, self.own_sae, self.peer_sae) if policy == "hybrid" else None
-            ),
+            qkd_route=QKDRoute(self.qkd_kme_id, self.own_sae, self.peer_sae)
+            if policy == "hybrid"
+            else None,
             rekey_interval=self.options.rekey_interval,
             srtp_profiles=self._profiles(),
         )
@@ -466,13 +382,13 @@ class CallSession:
         pc = self._new_pc()
         await pc.setLocalDescription(await pc.createOffer())
         hs.send_offer(pc.localDescription.sdp, self.clock(), qkd_keys)
-        self._note_keys([k.key_id for k in qkd_keys])
+        self.note_keys([k.key_id for k in qkd_keys])
         await self.signaling.send_offer(self.call_id, _b64(b"".join(hs.data_to_send())))
         self._mark("offer_sent")
         self._pump()
         answer = await self._wait_message(Answer, self.options.setup_timeout, "answer")
         hs.receive_data(_unb64(answer.payload), self.clock())
-        await self._apply_events()
+        await self.apply_events()
         self._start_timer()
 
     async def _start_callee(self, offer: bytes) -> None:
@@ -494,7 +410,7 @@ class CallSession:
             if isinstance(event, OfferReceived):
                 offer_event = event
             elif isinstance(event, QKDKeysNeeded):  # dec_keys while we build the answer
-                self._spawn(self._fetch_keys_by_id(event))
+                self._spawn(self.qkd.fetch_keys_by_id(event))
         if offer_event is None:
             raise self._failure("the offer was refused")
         self.status.policy = offer_event.policy
@@ -508,8 +424,40 @@ class CallSession:
         hs.send_answer(pc.localDescription.sdp, self.clock())
         await self.signaling.send_answer(self.call_id, _b64(b"".join(hs.data_to_send())))
         self._mark("answer_sent")
-        await self._apply_events()
+        await self.apply_events()
         self._start_timer()
+
+    async def _start_plain_caller(self) -> None:
+        """Harness baseline: stock aiortc DTLS-SRTP, bare SDP through signaling."""
+        self.status.state = CallState.CONNECTING
+        self.status.policy = "plain"
+        self.status.notice = "plain DTLS-SRTP baseline: no QKD, no ML-KEM (harness only)"
+        pc = self._new_pc(control=False)
+        await pc.setLocalDescription(await pc.createOffer())
+        await self.signaling.send_offer(self.call_id, PLAIN_PREFIX + pc.localDescription.sdp)
+        self._mark("offer_sent")
+        answer = await self._wait_message(Answer, self.options.setup_timeout, "answer")
+        if not answer.payload.startswith(PLAIN_PREFIX):
+            raise DowngradeError(f"{self.peer} answered a plain offer with a handshake")
+        await pc.setRemoteDescription(
+            RTCSessionDescription(answer.payload[len(PLAIN_PREFIX) :], "answer")
+        )
+        self._mark("answer_received")
+
+    async def _start_plain_callee(self, sdp: str) -> None:
+        if self.options.policy != "plain":
+            raise DowngradeError(
+                f"{self.peer} offered an unprotected plain DTLS-SRTP call (no QKD, no "
+                "ML-KEM, no signed identity): refused"
+            )
+        self.status.state = CallState.CONNECTING
+        self.status.policy = "plain"
+        self.status.notice = "plain DTLS-SRTP baseline: no QKD, no ML-KEM (harness only)"
+        pc = self._new_pc(control=False)
+        await pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
+        await pc.setLocalDescription(await pc.createAnswer())
+        await self.signaling.send_answer(self.call_id, PLAIN_PREFIX + pc.localDescription.sdp)
+        self._mark("answer_sent")
 
     def _profiles(self) -> tuple[SRTPProfile, ...]:
         first = self.options.srtp_profile
@@ -527,7 +475,7 @@ class CallSession:
         self._exporter = exporter
         assert self.hs is not None
         self.hs.receive_dtls_exporter(exporter)
-        await self._apply_events()
+        await self.apply_events()
         keys = await self._keys0
         try:
             await asyncio.wait_for(asyncio.shield(self._confirmed0), self.options.confirm_timeout)
@@ -540,8 +488,11 @@ class CallSession:
         return keys
 
     async def _wait_active(self) -> None:
-        assert self.hook is not None
-        ready = asyncio.ensure_future(self.hook.wait_ready())
+        ready: asyncio.Future[Any]
+        if self.hook is not None:
+            ready = asyncio.ensure_future(self.hook.wait_ready())
+        else:  # plain baseline: media flows once DTLS is connected
+            ready = asyncio.ensure_future(self._connected.wait())
         try:
             done, _ = await asyncio.wait(
                 {ready, self._ended},
@@ -592,7 +543,7 @@ class CallSession:
                 self._fail_handshake(event)
         return events
 
-    async def _apply_events(self) -> None:
+    async def apply_events(self) -> None:
         """Act on every pending handshake event, then send what it queued."""
         assert self.hs is not None
         for event in await self._drain():
@@ -607,17 +558,17 @@ class CallSession:
             elif isinstance(event, OfferReceived):
                 self.status.peer_fingerprint = event.peer_fingerprint
             elif isinstance(event, QKDKeysNeeded):
-                self._spawn(self._fetch_keys_by_id(event))
+                self._spawn(self.qkd.fetch_keys_by_id(event))
             elif isinstance(event, KeysDerived):
                 self._keys_derived(event)
             elif isinstance(event, KeyConfirmed):
                 self._key_confirmed(event)
             elif isinstance(event, RekeyDue):
-                self._spawn(self._rekey(event.epoch))
+                self._spawn(self.qkd.rekey(event.epoch))
             elif isinstance(event, RekeyCompleted):
                 self.status.rekeys += 1
                 self.status.epoch = event.epoch
-                self._note_keys(list(event.qkd_key_ids))
+                self.note_keys(list(event.qkd_key_ids))
                 logger.info("= rekey %d complete (key_IDs %s)", event.epoch, event.qkd_key_ids)
         self._pump()
 
@@ -640,7 +591,7 @@ class CallSession:
             self._finish(CallError(f"{self.peer} sent a malformed control message"))
             return
         self.hs.receive_data(message, self.clock())
-        self._spawn(self._apply_events())
+        self._spawn(self.apply_events())
 
     def _keys_derived(self, event: KeysDerived) -> None:
         keys = _srtp_keys(event)
@@ -668,43 +619,14 @@ class CallSession:
         assert self.hook is not None
         self.hook.activate_outbound(event.epoch)
 
-    async def _fetch_keys_by_id(self, event: QKDKeysNeeded) -> None:
-        """Callee: ETSI 014 ``dec_keys`` from our KME for the caller's key_IDs."""
-        assert self.hs is not None
-        started = time.monotonic()
-        try:
-            if self.key_source is None:
-                raise QKDError("no QKD key source is configured")
-            keys = await self.key_source.get_keys_by_id(event.master_sae_id, event.key_ids)
-        except QKDError as exc:
-            self.hs.fail(exc)
-            await self._apply_events()
-            return
-        if event.epoch == 0:
-            self.status.timings_ms["qkd_fetch"] = round((time.monotonic() - started) * 1000, 2)
-            self._note_keys(list(event.key_ids))
-        self.hs.receive_qkd_keys(keys)
-        await self._apply_events()
+    def timer_changed(self) -> None:
+        """The handshake's timer moved: wake the timer loop."""
+        self._timer_changed.set()
 
-    async def _rekey(self, epoch: int) -> None:
-        """Caller: fetch a fresh QKD key and start epoch ``epoch``."""
-        hs = self.hs
-        assert isinstance(hs, CallerHandshake)
-        keys: list[Any] = []
-        if hs.policy == "hybrid":
-            try:
-                if self.key_source is None:
-                    raise QKDError("no QKD key source is configured")
-                keys = [await self.key_source.get_key(self.peer_sae)]
-            except QKDError as exc:
-                self.status.rekey_failures += 1
-                self.status.notice = f"rekey {epoch} postponed: {exc}"
-                logger.warning("! %s", self.status.notice)
-                hs._schedule_rekey()  # try again after another interval
-                self._timer_changed.set()
-                return
-        hs.rekey(self.clock(), keys, fresh_kem=self.options.fresh_kem_on_rekey)
-        await self._apply_events()
+    def end_with_error(self, error: QCallError, reason: str) -> None:
+        """End the call with ``error``, telling the peer ``reason``."""
+        self._finish(error)
+        self._spawn(self._send_hangup(reason))
 
     def _start_timer(self) -> None:
         self._spawn(self._timer_loop())
@@ -718,7 +640,7 @@ class CallSession:
                 await asyncio.wait_for(self._timer_changed.wait(), delay)
                 continue
             self.hs.handle_timer(self.clock())
-            await self._apply_events()
+            await self.apply_events()
 
     # --- endings --------------------------------------------------------------------------
 
@@ -789,7 +711,7 @@ class CallSession:
     def _mark(self, what: str) -> None:
         self.status.timings_ms[what] = round((time.monotonic() - self._t0) * 1000, 2)
 
-    def _note_keys(self, key_ids: list[str]) -> None:
+    def note_keys(self, key_ids: list[str]) -> None:
         if key_ids:
             self.status.qkd_key_ids = key_ids
             self.status.all_key_ids.extend(key_ids)

@@ -170,6 +170,19 @@ class CallerHandshake(HandshakeProtocol):
         self._deadline = now + self.timeout
         self._next_rekey = None
 
+    def postpone_rekey(self, now: float, delay: float) -> None:
+        """No fresh QKD key could be had for the due rekey: emit :class:`RekeyDue` again later.
+
+        The current keys stay in use meanwhile. ``delay`` is in seconds.
+
+        Raises:
+            HandshakeStateError: not established, or a rekey is already running.
+        """
+        if self.state is not State.ESTABLISHED or self._rekey is not None:
+            raise HandshakeStateError(f"postpone_rekey() not valid now ({self.state.name})")
+        self._now = now
+        self._next_rekey = now + max(0.0, delay)
+
     def _schedule_rekey(self) -> None:
         if self.rekey_interval is not None:
             self._next_rekey = self._now + self.rekey_interval

@@ -1,0 +1,135 @@
+"""How a call gets its QKD keys: ETSI GS QKD 014 ``enc_keys`` / ``dec_keys`` when needed.
+
+A part of :class:`~qcall.call.session.CallSession` (its ``qkd`` attribute), kept
+apart so each module stays small. The caller fetches a key before its offer
+(concurrently with the invite) and one per rekey; the callee fetches keys by
+key_ID when the handshake asks (:class:`~qcall.handshake.QKDKeysNeeded`). Without
+a fresh key for a rekey, the call keeps its current keys for ``key_grace``
+seconds, says so, and then ends cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from qcall.exceptions import QKDError, SecurityPolicyError
+from qcall.handshake import CallerHandshake, QKDKeysNeeded
+from qcall.qkd.client import KeySource
+
+if TYPE_CHECKING:
+    from qcall.call.session import CallSession
+
+__all__ = ["QKDKeys"]
+
+logger = logging.getLogger("qcall.call.session")
+
+
+def _ms_since(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 2)
+
+
+class QKDKeys:
+    """QKD key fetching for one :class:`~qcall.call.session.CallSession`."""
+
+    def __init__(self, session: CallSession) -> None:
+        self.session = session
+        self.failing_since: float | None = None
+
+    def _source(self) -> KeySource:
+        if self.session.key_source is None:
+            raise QKDError("no QKD key source is configured")
+        return self.session.key_source
+
+    async def fetch_initial_key(self) -> tuple[list[Any], str]:
+        """Caller: ETSI 014 ``status`` + ``enc_keys`` for the callee's SAE, concurrently.
+
+        Returns:
+            The keys and the policy: ``hybrid``, or ``pqc`` only when the user
+            allowed it (and the status says why).
+
+        Raises:
+            SecurityPolicyError: no QKD key, and ``pqc`` was not allowed.
+        """
+        s = self.session
+        started = time.monotonic()
+        try:
+            source = self._source()
+            status, key = await asyncio.gather(
+                source.status(s.peer_sae), source.get_key(s.peer_sae)
+            )
+        except QKDError as exc:
+            if not s.options.allow_pqc_only:
+                raise SecurityPolicyError(
+                    f"QKD key unavailable ({exc}); the call was not placed. "
+                    "Use --allow-pqc-only to accept an ML-KEM-only (pqc) call."
+                ) from exc
+            s.status.notice = f"QKD unavailable ({exc}): pqc only, as allowed"
+            logger.warning("! %s", s.status.notice)
+            return [], "pqc"
+        s.qkd_kme_id = status.source_kme_id
+        s.status.timings_ms["qkd_fetch"] = _ms_since(started)
+        return [key], "hybrid"
+
+    async def fetch_keys_by_id(self, event: QKDKeysNeeded) -> None:
+        """Callee: ETSI 014 ``dec_keys`` from our KME for the caller's key_IDs."""
+        s = self.session
+        assert s.hs is not None
+        started = time.monotonic()
+        try:
+            keys = await self._source().get_keys_by_id(event.master_sae_id, event.key_ids)
+        except QKDError as exc:
+            s.hs.fail(exc)
+            await s.apply_events()
+            return
+        if event.epoch == 0:
+            s.status.timings_ms["qkd_fetch"] = _ms_since(started)
+            s.note_keys(list(event.key_ids))
+        s.hs.receive_qkd_keys(keys)
+        await s.apply_events()
+
+    async def rekey(self, epoch: int) -> None:
+        """Caller: fetch a fresh QKD key and start epoch ``epoch``."""
+        s = self.session
+        hs = s.hs
+        assert isinstance(hs, CallerHandshake)
+        keys: list[Any] = []
+        if hs.policy == "hybrid":
+            try:
+                keys = [await self._source().get_key(s.peer_sae)]
+            except QKDError as exc:
+                self._key_missing(hs, epoch, exc)
+                return
+            if self.failing_since is not None:
+                self.failing_since = None
+                s.status.notice = "fresh QKD keys again"
+        hs.rekey(s.clock(), keys, fresh_kem=s.options.fresh_kem_on_rekey)
+        await s.apply_events()
+
+    def _key_missing(self, hs: CallerHandshake, epoch: int, exc: QKDError) -> None:
+        """Keep the current keys during the grace period, retrying; then end the call."""
+        s = self.session
+        now = time.monotonic()
+        s.status.rekey_failures += 1
+        if self.failing_since is None:
+            self.failing_since = now
+        waited = now - self.failing_since
+        left = s.options.key_grace - waited
+        if left <= 0:
+            s.status.notice = f"no fresh QKD key for {waited:.0f} s ({exc})"
+            s.end_with_error(
+                QKDError(
+                    f"no fresh QKD key for {waited:.0f} s, longer than the "
+                    f"{s.options.key_grace:g} s grace period ({exc}); the call was ended"
+                ),
+                "qkd_unavailable",
+            )
+            return
+        s.status.notice = (
+            f"rekey {epoch} postponed: {exc}; keeping the current keys for up to {left:.0f} s"
+        )
+        logger.warning("! %s", s.status.notice)
+        hs.postpone_rekey(s.clock(), min(s.options.rekey_retry, left))
+        s.timer_changed()

@@ -1,0 +1,94 @@
+"""What a call is configured to do (:class:`CallOptions`) and what it did (:class:`CallStatus`)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from qcall.handshake import SRTPProfile
+
+__all__ = ["POLICIES", "CallOptions", "CallState", "CallStatus"]
+
+#: Security policies. ``plain`` (stock DTLS-SRTP, no QKD, no ML-KEM) exists only as
+#: the latency harness's baseline: no CLI flag selects it, and a peer that is not
+#: itself in ``plain`` mode refuses such an offer (never a silent downgrade).
+POLICIES = ("hybrid", "pqc", "plain")
+
+
+class CallState(enum.IntEnum):
+    """Where a call is."""
+
+    NEW = 0
+    RINGING = 1
+    CONNECTING = 2
+    CONFIRMING = 3
+    ACTIVE = 4
+    ENDED = 5
+    FAILED = 6
+
+
+@dataclass
+class CallOptions:
+    """How a user wants calls placed and answered.
+
+    Attributes:
+        policy: ``hybrid`` (QKD + ML-KEM + DTLS) or ``pqc`` (ML-KEM + DTLS).
+        allow_pqc_only: accept ``pqc`` — when QKD is unavailable (caller) or
+            when offered (callee). Never silent: the status shows the policy.
+        rekey_interval: seconds between rekeys (caller drives), or ``None``.
+        fresh_kem_on_rekey: also ratchet a fresh ML-KEM secret at each rekey.
+        srtp_profile: preferred SRTP profile.
+        sae_id: this user's SAE ID at its KME (default: the user name).
+        confirm_timeout: seconds allowed for key confirmation after DTLS.
+        key_grace: when no fresh QKD key can be had for a rekey (KME down, pool
+            empty), the call keeps its current keys this many seconds, says so in
+            :attr:`CallStatus.notice`, and then ends cleanly (docs/calls.md).
+        rekey_retry: seconds between attempts to get a fresh key meanwhile.
+        ring_timeout: seconds the caller waits for the callee to pick up.
+    """
+
+    policy: str = "hybrid"
+    allow_pqc_only: bool = False
+    rekey_interval: float | None = 30.0
+    fresh_kem_on_rekey: bool = False
+    srtp_profile: SRTPProfile = SRTPProfile.AEAD_AES_256_GCM
+    sae_id: str | None = None
+    confirm_timeout: float = 1.0
+    key_grace: float = 120.0
+    rekey_retry: float = 2.0
+    ring_timeout: float = 60.0
+    setup_timeout: float = 20.0
+
+
+@dataclass
+class CallStatus:
+    """What the live status line and the report show (no key bytes)."""
+
+    call_id: str
+    role: str
+    peer: str
+    state: CallState = CallState.NEW
+    policy: str = ""
+    notice: str = ""
+    kem: str = "ML-KEM-768"
+    signature: str = "ML-DSA-65"
+    srtp_profile: str = ""
+    sas: str | None = None
+    peer_fingerprint: str = ""
+    qkd_key_ids: list[str] = field(default_factory=list)
+    all_key_ids: list[str] = field(default_factory=list)
+    epoch: int = 0
+    rekeys: int = 0
+    rekey_failures: int = 0
+    decrypt_failures: int = 0
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    rtt_ms: float | None = None
+    jitter_ms: float | None = None
+    packets_lost: int | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["state"] = self.state.name
+        return out
