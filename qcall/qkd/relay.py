@@ -28,9 +28,7 @@ topology's default (fewest-hop) route.
 from __future__ import annotations
 
 import enum
-import heapq
 import hmac
-import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -265,34 +263,7 @@ class TrustedNodeRelay:
     def _dijkstra(
         self, source: str, target: str, weight: Callable[[Link], float | None]
     ) -> list[str] | None:
-        best: dict[str, float] = {source: 0.0}
-        previous: dict[str, str] = {}
-        heap: list[tuple[float, str]] = [(0.0, source)]
-        done: set[str] = set()
-        while heap:
-            dist, node = heapq.heappop(heap)
-            if node in done:
-                continue
-            done.add(node)
-            if node == target:
-                break
-            for link in self.topology.links_of(node):
-                cost = weight(link)
-                if cost is None:
-                    continue
-                other = link.other(node)
-                candidate = dist + cost
-                if candidate < best.get(other, math.inf):
-                    best[other] = candidate
-                    previous[other] = node
-                    heapq.heappush(heap, (candidate, other))
-        if target not in best:
-            return None
-        path = [target]
-        while path[-1] != source:
-            path.append(previous[path[-1]])
-        path.reverse()
-        return path
+        return self.topology.path(source, target, weight)
 
     def default_route(self, source: str, target: str) -> list[str] | None:
         """The fewest-hop route ignoring key levels and alarms (shortest fibre on ties)."""

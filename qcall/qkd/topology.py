@@ -22,7 +22,7 @@ import json
 import math
 import re
 import tomllib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -176,24 +176,45 @@ class Topology:
             target: last node.
             exclude: link names that may not be used.
         """
+        banned = set(exclude)
+        return self.path(
+            source, target, lambda link: None if link.name in banned else link.length_km
+        )
+
+    def path(
+        self, source: str, target: str, weight: Callable[[Link], float | None]
+    ) -> list[str] | None:
+        """Dijkstra: the node list of the cheapest path, or None if there is none.
+
+        Args:
+            source: first node.
+            target: last node.
+            weight: the non-negative cost of a link, or ``None`` for a link that
+                may not be used.
+
+        Raises:
+            TopologyError: ``source`` or ``target`` is not a node.
+        """
         for node in (source, target):
             if node not in self.nodes:
                 raise TopologyError(f"unknown node {node!r} in topology {self.name!r}")
-        banned = set(exclude)
         best: dict[str, float] = {source: 0.0}
         previous: dict[str, str] = {}
         heap: list[tuple[float, str]] = [(0.0, source)]
+        done: set[str] = set()
         while heap:
             dist, node = heapq.heappop(heap)
+            if node in done:
+                continue
+            done.add(node)
             if node == target:
                 break
-            if dist > best.get(node, math.inf):
-                continue
             for link in self._adjacency.get(node, ()):
-                if link.name in banned:
+                cost = weight(link)
+                if cost is None:
                     continue
                 other = link.other(node)
-                candidate = dist + link.length_km
+                candidate = dist + cost
                 if candidate < best.get(other, math.inf):
                     best[other] = candidate
                     previous[other] = node
