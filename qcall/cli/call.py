@@ -271,7 +271,8 @@ def _status_table(session: Any) -> Any:
     from rich.table import Table
 
     st = session.status
-    table = Table(title=f"qcall — {st.role} {st.peer}", show_header=False, box=None)
+    direction = "call to" if st.role == "caller" else "call from"
+    table = Table(title=f"qcall — {direction} {st.peer}", show_header=False, box=None)
     table.add_row("state", st.state.name)
     policy = st.policy + (f"  [yellow]{st.notice}[/]" if st.notice else "")
     table.add_row("policy", policy)
