@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
-from qcall.exceptions import QKDError, SecurityPolicyError
+from qcall.exceptions import LinkAlarmError, QKDError, SecurityPolicyError
 from qcall.handshake import CallerHandshake, QKDKeysNeeded
 from qcall.qkd.client import KeySource
+from qcall.qkd.etsi014 import KeyStatus, QKDKey
 
 if TYPE_CHECKING:
     from qcall.call.session import CallSession
@@ -25,6 +27,14 @@ if TYPE_CHECKING:
 __all__ = ["QKDKeys"]
 
 logger = logging.getLogger("qcall.call.session")
+
+_ALARM_LINK = re.compile(r"\bon link ([^\s;,]+)")
+
+
+def _alarm_link(alarm: str) -> str | None:
+    """The link named by a KME alarm text ("eavesdropper alarm on link X; …")."""
+    match = _ALARM_LINK.search(alarm)
+    return match.group(1) if match else None
 
 
 def _ms_since(started: float) -> float:
@@ -46,29 +56,73 @@ class QKDKeys:
     async def fetch_initial_key(self) -> tuple[list[Any], str]:
         """Caller: ETSI 014 ``status`` + ``enc_keys`` for the callee's SAE, concurrently.
 
+        A link alarm in the Status (``status_extension``, set by a trusted-node
+        network, ``docs/relay.md``) is acted on here (``docs/threat-model.md``):
+
+        * no key delivered and an alarm: the route to the callee is broken by a
+          suspected eavesdropper; the call is refused with a
+          :class:`~qcall.exceptions.LinkAlarmError` naming the link (or goes
+          ``pqc`` only when the user allowed it, saying why);
+        * a key delivered despite an alarm: either the relay rerouted around the
+          link, or the key was relayed *before* the alarm. Such a key is not
+          compromised (it was distilled from blocks that passed parameter
+          estimation, and privacy amplification removed what an eavesdropper
+          could know of them), so the call proceeds, and the status notice shows
+          the alarm.
+
         Returns:
             The keys and the policy: ``hybrid``, or ``pqc`` only when the user
             allowed it (and the status says why).
 
         Raises:
+            LinkAlarmError: no QKD key because of a link alarm, ``pqc`` not allowed.
             SecurityPolicyError: no QKD key, and ``pqc`` was not allowed.
         """
         s = self.session
         started = time.monotonic()
+        status: KeyStatus | BaseException
+        key: QKDKey | BaseException
         try:
             source = self._source()
             status, key = await asyncio.gather(
-                source.status(s.peer_sae), source.get_key(s.peer_sae)
+                source.status(s.peer_sae), source.get_key(s.peer_sae), return_exceptions=True
             )
-        except QKDError as exc:
+        except QKDError as error:
+            status = key = error
+        for result in (status, key):
+            if isinstance(result, BaseException) and not isinstance(result, QKDError):
+                raise result
+        if isinstance(status, BaseException) or isinstance(key, BaseException):
+            failure = key if isinstance(key, QKDError) else status
+            assert isinstance(failure, QKDError)
+            if not isinstance(status, BaseException) and status.alarm is not None:
+                failure = LinkAlarmError(
+                    f"no QKD key for {s.peer}: {status.alarm}",
+                    link=_alarm_link(status.alarm),
+                    qber=status.qber,
+                )
             if not s.options.allow_pqc_only:
-                raise SecurityPolicyError(
-                    f"QKD key unavailable ({exc}); the call was not placed. "
+                advice = (
+                    "the call was not placed. "
                     "Use --allow-pqc-only to accept an ML-KEM-only (pqc) call."
-                ) from exc
-            s.status.notice = f"QKD unavailable ({exc}): pqc only, as allowed"
+                )
+                if isinstance(failure, LinkAlarmError):
+                    raise LinkAlarmError(
+                        f"{failure}; {advice}", link=failure.link, qber=failure.qber
+                    )
+                raise SecurityPolicyError(f"QKD key unavailable ({failure}); {advice}") from failure
+            s.status.notice = f"QKD unavailable ({failure}): pqc only, as allowed"
             logger.warning("! %s", s.status.notice)
             return [], "pqc"
+        if status.alarm is not None:
+            if "rerouted" in status.alarm:
+                s.status.notice = f"QKD {status.alarm}: this call's key took the new route"
+            else:
+                s.status.notice = (
+                    f"QKD {status.alarm}: this call uses a key relayed before the alarm; "
+                    "it ends when no fresh key arrives"
+                )
+            logger.warning("! %s", s.status.notice)
         s.qkd_kme_id = status.source_kme_id
         s.status.timings_ms["qkd_fetch"] = _ms_since(started)
         return [key], "hybrid"
