@@ -44,6 +44,7 @@ from aiortc import (
 )
 
 from qcall.call.keylog import keylog_write
+from qcall.call.netem import Emulation, apply_profile
 from qcall.call.qkdkeys import QKDKeys
 from qcall.call.srtp import HybridSRTP, SRTPKeys, SRTPProfile as HookProfile, install_srtp_hook
 from qcall.call.status import CallOptions, CallState, CallStatus
@@ -187,6 +188,7 @@ class CallSession:
         self._connected = asyncio.Event()
         self.qkd = QKDKeys(self)
         self._pending_rekey_keys: dict[int, SRTPKeys] = {}
+        self.emulation: Emulation | None = None
 
     def __repr__(self) -> str:
         return f"<CallSession {self.call_id} {self.role} {self.peer} {self.status.state.name}>"
@@ -336,6 +338,9 @@ class CallSession:
         # the remote description is set; the SRTP hook is installed then. (aiortc
         # 1.16 with max-bundle and a negotiated data channel never connects.)
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        if self.options.network is not None:  # user-space netem (latency harness)
+            seed = 2 * self.options.network_seed + (self.role == "callee")
+            self.emulation = apply_profile(pc, self.options.network, seed)
         if control:
             channel = pc.createDataChannel(
                 CONTROL_CHANNEL_LABEL, negotiated=True, id=CONTROL_CHANNEL_ID, ordered=True

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qcall.handshake import SRTPProfile
+
+if TYPE_CHECKING:
+    from qcall.call.netem import NetworkProfile
 
 __all__ = ["POLICIES", "CallOptions", "CallState", "CallStatus"]
 
@@ -46,6 +49,9 @@ class CallOptions:
             :attr:`CallStatus.notice`, and then ends cleanly (docs/calls.md).
         rekey_retry: seconds between attempts to get a fresh key meanwhile.
         ring_timeout: seconds the caller waits for the callee to pick up.
+        network: user-space network emulation on this side's outgoing media
+            datagrams (:mod:`qcall.call.netem`; the latency harness), or ``None``.
+        network_seed: seed of that emulation (caller ``2n``, callee ``2n + 1``).
     """
 
     policy: str = "hybrid"
@@ -59,6 +65,8 @@ class CallOptions:
     rekey_retry: float = 2.0
     ring_timeout: float = 60.0
     setup_timeout: float = 20.0
+    network: NetworkProfile | None = None
+    network_seed: int = 0
 
 
 @dataclass
