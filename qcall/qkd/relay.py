@@ -350,7 +350,13 @@ class TrustedNodeRelay:
     # --- relaying --------------------------------------------------------------------
 
     def relay(
-        self, source: str, target: str, size: int, *, route: list[str] | None = None
+        self,
+        source: str,
+        target: str,
+        size: int,
+        *,
+        route: list[str] | None = None,
+        key: bytes | None = None,
     ) -> RelayedKey:
         """Relay a fresh ``size``-byte key from ``source`` to ``target``.
 
@@ -365,6 +371,8 @@ class TrustedNodeRelay:
             target: node receiving it (the slave SAE's KME node).
             size: key size in bytes.
             route: a route from :meth:`route`; chosen here when omitted.
+            key: the key to relay, when ``source`` did not draw it but received
+                it over a hop run elsewhere (:mod:`qcall.qkd.site`); default: drawn here.
 
         Returns:
             The :class:`RelayedKey`, with the key as each end holds it.
@@ -384,7 +392,7 @@ class TrustedNodeRelay:
         for link in links:  # check everything before consuming anything
             if not self._usable(link, bits):
                 raise self._explain(source, target, bits, set())
-        key = self._random_bytes(size)
+        key = self._random_bytes(size) if key is None else bytes(key)
         if len(key) != size:
             raise ValueError("random_bytes returned the wrong size")
         held = key
