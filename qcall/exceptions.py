@@ -36,6 +36,7 @@ narrowest class that you can act on::
     │   ├── PostProcessingError         BB84 post-processing failed (EC, verification)
     │   │   └── ChannelAuthenticationError  a classical-channel message failed its MAC
     │   ├── RelayError                  trusted-node relay failed (names the hop)
+    │   ├── SiteLinkError               link between two network sites: bad frame or peer
     │   └── TopologyError               bad topology file
     ├── SignalingError               (``code`` goes on the wire)
     │   ├── SignalingProtocolError      malformed frame, unknown type, missing field
@@ -93,6 +94,7 @@ __all__ = [
     "SignalingError",
     "SignalingProtocolError",
     "SignalingRateLimitError",
+    "SiteLinkError",
     "TopologyError",
     "UnknownIdentityError",
     "UnsupportedAlgorithmError",
@@ -298,6 +300,11 @@ class RelayError(QKDError):
     def __init__(self, text: str, *, hop: str | None = None) -> None:
         super().__init__(text)
         self.hop = hop
+
+
+class SiteLinkError(QKDError):
+    """The TCP link between two network sites failed: a malformed frame, a peer
+    with another topology or split, or a lost connection (:mod:`qcall.qkd.site`)."""
 
 
 class TopologyError(QKDError, ConfigError):
