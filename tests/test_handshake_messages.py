@@ -17,9 +17,11 @@ from qcall.handshake.messages import (
     Confirm,
     Error,
     Message,
+    MessageType,
     Offer,
     Rekey,
     RekeyAck,
+    RekeyNack,
     parse_message,
 )
 from tests.test_handshake_support import ALICE, BOB, NOW, Pins, make_pair, new_qkd_key
@@ -65,6 +67,7 @@ SAMPLES: list[Message] = [
     Rekey(epoch=1, qkd_key_ids=(KEY_ID,), qkd_key_size=32, kem_ek=b""),
     RekeyAck(epoch=1, kem_ct=b""),
     Error(code="bad_signature"),
+    RekeyNack(epoch=1, code="qkd_unavailable", tag=b"t" * 48),
 ]
 
 
@@ -212,7 +215,7 @@ def test_docs_tables_match_the_schema() -> None:
 
     text = (Path(__file__).parent.parent / "docs" / "handshake.md").read_text()
     for type_code, cls in _CLASSES.items():
-        title = "REKEY_ACK" if cls is RekeyAck else cls.__name__.upper()
+        title = MessageType(type_code).name  # e.g. REKEY_ACK
         section = text.split(f"#### {title} (type {int(type_code)})")[1].split("####")[0]
         rows = re.findall(r"^\| (\d+) \| `(\w+)` \| (\w+) \| ([\d.]+) \|", section, re.M)
         assert [(int(t), n, k) for t, n, k, _ in rows] == [

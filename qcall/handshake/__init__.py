@@ -20,6 +20,7 @@ from qcall.handshake.events import (
     QKDKeysNeeded,
     RekeyCompleted,
     RekeyDue,
+    RekeyPostponed,
 )
 from qcall.handshake.kem import BackendKEM, KEMDecapsulationKey, KEMScheme
 from qcall.handshake.keyschedule import EpochKeys, KeySchedule, SRTPKeyMaterial, SRTPProfile
@@ -54,6 +55,7 @@ __all__ = [
     "QKDRoute",
     "RekeyCompleted",
     "RekeyDue",
+    "RekeyPostponed",
     "ReplayCache",
     "Role",
     "SRTPKeyMaterial",

@@ -17,9 +17,10 @@ from qcall.exceptions import (
     IdentityError,
     InvalidKeyError,
     InvalidMessageError,
+    QCallError,
 )
-from qcall.handshake.events import OfferReceived, QKDKeysNeeded
-from qcall.handshake.keyschedule import SRTPProfile, Transcript
+from qcall.handshake.events import OfferReceived, QKDKeysNeeded, RekeyPostponed
+from qcall.handshake.keyschedule import SRTPProfile, Transcript, rekey_nack_tag
 from qcall.handshake.messages import (
     KEM_ALGORITHMS,
     Answer,
@@ -28,6 +29,7 @@ from qcall.handshake.messages import (
     Offer,
     Rekey,
     RekeyAck,
+    RekeyNack,
 )
 from qcall.handshake.protocol import (
     ANSWER_CONTEXT,
@@ -42,6 +44,7 @@ from qcall.handshake.protocol import (
     key_fingerprint,
     logger,
     random_bytes,
+    wire_code,
 )
 from qcall.handshake.replay import ReplayCache
 
@@ -111,6 +114,37 @@ class CalleeHandshake(HandshakeProtocol):
             self._try_derive()
         except (HandshakeError, IdentityError) as exc:
             self._fail(exc)
+
+    def decline_rekey(self, error: QCallError) -> None:
+        """Refuse the pending rekey for now: its QKD keys cannot be had (``dec_keys`` failed).
+
+        Queues a REKEY_NACK carrying ``error``'s wire code, MACed under the
+        current epoch (``docs/handshake.md`` §3.7), and emits
+        :class:`RekeyPostponed`. The current keys stay in use; the caller retries
+        later with a fresh key_ID, within its grace period. The pending rekey's
+        ML-KEM secret is dropped. Unlike :meth:`fail`, the session goes on.
+
+        Raises:
+            HandshakeStateError: no rekey is waiting for QKD keys.
+
+        After calling this method: call :meth:`events_received` and :meth:`data_to_send`.
+        """
+        if self.state is State.FAILED:
+            return
+        rekey = self._rekey
+        if rekey is None or rekey.k_qkd is not None or self._schedule is None:
+            raise HandshakeStateError("no rekey is waiting for QKD keys")
+        code = wire_code(error)
+        body = RekeyNack(epoch=rekey.epoch, code=code, tag=bytes(48)).mac_part()
+        tag = rekey_nack_tag(self._schedule.current, rekey.message, body)
+        self._send(
+            RekeyNack(epoch=rekey.epoch, code=code, tag=tag).serialize(),
+            f"REKEY_NACK epoch={rekey.epoch} {code}",
+        )
+        rekey.k_kem = b""
+        self._rekey = None
+        self._deadline = None
+        self._events.append(RekeyPostponed(epoch=rekey.epoch, code=code, remote=False))
 
     def _dispatch(self, message: Message, data: bytes, now: float) -> None:
         if isinstance(message, Offer) and self.state is State.CALLEE_EXPECT_OFFER:

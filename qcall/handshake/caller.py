@@ -14,12 +14,13 @@ from qcall.exceptions import (
     DowngradeError,
     HandshakeStateError,
     InvalidMessageError,
+    KeyConfirmationError,
     SecurityPolicyError,
     UnknownIdentityError,
 )
-from qcall.handshake.events import AnswerReceived
+from qcall.handshake.events import AnswerReceived, RekeyPostponed
 from qcall.handshake.kem import KEMDecapsulationKey
-from qcall.handshake.keyschedule import SRTPProfile, Transcript
+from qcall.handshake.keyschedule import SRTPProfile, Transcript, rekey_nack_tag
 from qcall.handshake.messages import (
     KEM_ALGORITHMS,
     Answer,
@@ -28,6 +29,7 @@ from qcall.handshake.messages import (
     Offer,
     Rekey,
     RekeyAck,
+    RekeyNack,
 )
 from qcall.handshake.protocol import (
     ANSWER_CONTEXT,
@@ -198,6 +200,8 @@ class CallerHandshake(HandshakeProtocol):
             self._receive_confirm(message)
         elif isinstance(message, RekeyAck) and self._rekey is not None:
             self._receive_rekey_ack(message, data)
+        elif isinstance(message, RekeyNack) and self._rekey is not None:
+            self._receive_rekey_nack(message)
         else:
             raise HandshakeStateError(
                 f"unexpected {type(message).__name__.upper()} in state {self.state.name}"
@@ -241,6 +245,27 @@ class CallerHandshake(HandshakeProtocol):
         )
         self.state = State.EXPECT_KEY_MATERIAL
         self._try_derive()
+
+    def _receive_rekey_nack(self, nack: RekeyNack) -> None:
+        """The callee could not get the rekey's QKD key: keep the current epoch.
+
+        The shell gets :class:`RekeyPostponed` and retries later with a *fresh*
+        key (``docs/handshake.md`` §3.7): the refused key_ID is never sent again.
+        """
+        rekey = self._rekey
+        assert rekey is not None and self._schedule is not None
+        if nack.epoch != rekey.epoch or self.epoch >= rekey.epoch:
+            raise HandshakeStateError(f"REKEY_NACK for epoch {nack.epoch}, expected {rekey.epoch}")
+        expected = rekey_nack_tag(self._schedule.current, rekey.message, nack.mac_part())
+        if not pqc.constant_time_eq(nack.tag, expected):
+            raise KeyConfirmationError(
+                f"the REKEY_NACK for epoch {nack.epoch} does not verify under the current keys"
+            )
+        rekey.k_qkd = b""
+        rekey.kem_key = None
+        self._rekey = None
+        self._deadline = None
+        self._events.append(RekeyPostponed(epoch=nack.epoch, code=nack.code, remote=True))
 
     def _receive_rekey_ack(self, ack: RekeyAck, data: bytes) -> None:
         rekey = self._rekey

@@ -21,6 +21,7 @@ __all__ = [
     "QKDKeysNeeded",
     "RekeyCompleted",
     "RekeyDue",
+    "RekeyPostponed",
 ]
 
 
@@ -102,6 +103,20 @@ class RekeyCompleted:
 
 
 @dataclass(frozen=True)
+class RekeyPostponed:
+    """The rekey to ``epoch`` did not happen; the current keys stay in use.
+
+    ``remote``: the callee refused it with REKEY_NACK (``code`` says why) — the
+    caller's shell retries later, within its grace period. Not remote: this
+    callee refused it (it called :meth:`CalleeHandshake.decline_rekey`).
+    """
+
+    epoch: int
+    code: str
+    remote: bool
+
+
+@dataclass(frozen=True)
 class HandshakeFailed:
     """The session failed; it accepts no further input.
 
@@ -120,5 +135,6 @@ Event = (
     | KeyConfirmed
     | RekeyDue
     | RekeyCompleted
+    | RekeyPostponed
     | HandshakeFailed
 )

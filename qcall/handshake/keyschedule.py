@@ -22,6 +22,9 @@ From each epoch secret ``S_n`` and that epoch's transcript hash ``TH_n``, with
 
 and, when a QKD key entered the epoch, ``Q_n = HKDF-Extract(TH_n, K_qkd_n)``
 gives the ``qkd check`` values that tell a QKD mismatch from any other.
+
+A callee that cannot take a rekey (its KME is down) answers REKEY_NACK, MACed
+under ``S_n`` (:func:`rekey_nack_tag`); the epoch does not change.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ __all__ = [
     "Transcript",
     "expand_label",
     "format_sas",
+    "rekey_nack_tag",
     "transcript_hash",
 ]
 
@@ -248,6 +252,29 @@ def _derive_epoch(
         callee_qkd_check=callee_q,
         sas=format_sas(s.label(b"sas", th, 8)),
         secret=secret,
+    )
+
+
+#: Domain of the hash a REKEY_NACK tag covers (``docs/handshake.md`` §3.7).
+REKEY_NACK_DOMAIN = b"qcall-v1 rekey nack"
+
+
+def rekey_nack_tag(keys: EpochKeys, rekey: bytes, nack: bytes) -> bytes:
+    """The tag of a REKEY_NACK sent during epoch ``keys.epoch`` (``docs/key-schedule.md`` §5).
+
+    ``tag = HMAC-SHA-384(Expand-Label(S_n, "rekey nack", "", 48),
+    TH("qcall-v1 rekey nack", TH_n, REKEY, NACK⁻))`` where ``NACK⁻`` is the
+    REKEY_NACK without its ``tag`` field: it proves the sender holds the current
+    epoch secret and binds the refusal to the one REKEY it refuses.
+
+    Args:
+        keys: the current epoch (its ``secret`` and ``transcript_hash``).
+        rekey: the refused REKEY message, as received.
+        nack: the REKEY_NACK encoding without its ``tag`` field.
+    """
+    mac_key = _Expander(keys.secret).label(b"rekey nack", b"", pqc.HASH_LEN)
+    return pqc.hmac_sha384(
+        mac_key, transcript_hash(REKEY_NACK_DOMAIN, keys.transcript_hash, rekey, nack)
     )
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "Offer",
     "Rekey",
     "RekeyAck",
+    "RekeyNack",
     "parse_message",
 ]
 
@@ -68,6 +69,7 @@ class MessageType(enum.IntEnum):
     REKEY = 4
     REKEY_ACK = 5
     ERROR = 6
+    REKEY_NACK = 7
 
 
 @dataclass(frozen=True)
@@ -368,6 +370,36 @@ class RekeyAck(Message):
 
 
 @dataclass(frozen=True)
+class RekeyNack(Message):
+    """The callee cannot take the rekey now (its KME is down or has no key): retry later.
+
+    ``tag`` is an HMAC under the *current* epoch's secret over the refused REKEY
+    and this message (``docs/handshake.md`` §3.7): only the peer can send it, and
+    all it can do is postpone a rekey, within the caller's grace period.
+    """
+
+    epoch: int  # the epoch the refused REKEY would have created
+    code: str  # why, as a wire code (``qkd_unavailable``)
+    tag: bytes
+
+    TYPE = MessageType.REKEY_NACK
+    SCHEMA = _schema(
+        epoch=Field(0, "u32"),
+        code=_text(64, min_len=1, pattern=_CODE),
+        tag=Field(0, "bytes", max_len=48, min_len=48),
+    )
+
+    def validate(self) -> None:
+        if self.epoch < 1:
+            raise InvalidMessageError("field 'epoch' must be at least 1")
+
+    def mac_part(self) -> bytes:
+        """The bytes the ``tag`` covers: the encoding without the ``tag`` field."""
+        data = self.serialize()
+        return data[: len(data) - 3 - len(self.tag)]
+
+
+@dataclass(frozen=True)
 class Error(Message):
     """A failure notice: only a short code, never details (``docs/handshake.md`` §3.6)."""
 
@@ -378,7 +410,7 @@ class Error(Message):
 
 
 _CLASSES: dict[int, type[Message]] = {
-    cls.TYPE: cls for cls in (Offer, Answer, Confirm, Rekey, RekeyAck, Error)
+    cls.TYPE: cls for cls in (Offer, Answer, Confirm, Rekey, RekeyAck, Error, RekeyNack)
 }
 for _cls in _CLASSES.values():  # the encoder walks dataclass fields, the parser the schema
     assert [f.name for f in fields(_cls)] == list(_cls.SCHEMA), _cls  # type: ignore[arg-type]
@@ -392,7 +424,7 @@ def parse_message(data: bytes) -> Message:
 
     Returns:
         An :class:`Offer`, :class:`Answer`, :class:`Confirm`, :class:`Rekey`,
-        :class:`RekeyAck` or :class:`Error`.
+        :class:`RekeyAck`, :class:`Error` or :class:`RekeyNack`.
 
     Raises:
         InvalidMessageError: malformed, oversized, or a field is invalid (named).
