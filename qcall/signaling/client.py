@@ -25,7 +25,7 @@ import logging
 import random
 import secrets
 import ssl as ssl_module
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -101,6 +101,8 @@ class SignalingClient:
         backoff_min: first reconnection delay in seconds; doubled after each failure...
         backoff_max: ...up to this (with ±50 % jitter).
         timeout: seconds allowed for opening the connection and registering.
+        watch: names whose presence to follow (for example the contacts, at most
+            1000); default: everyone's, which costs O(users) per registration.
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class SignalingClient:
         backoff_min: float = 0.1,
         backoff_max: float = 5.0,
         timeout: float = 10.0,
+        watch: Iterable[str] | None = None,
     ) -> None:
         if identity_signing_key.algorithm is not pqc.SignatureScheme.ML_DSA_65:
             raise SignalingAuthError("the signaling server accepts ML-DSA-65 identities only")
@@ -126,7 +129,9 @@ class SignalingClient:
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
         self.timeout = timeout
-        #: Registered peers other than us: name -> identity fingerprint (server-asserted).
+        self.watch = None if watch is None else tuple(watch)
+        #: Registered peers other than us (those watched, if ``watch`` was given):
+        #: name -> identity fingerprint (server-asserted).
         self.online: dict[str, str] = {}
         #: The ``server_id`` of the last challenge.
         self.server_id: str | None = None
@@ -308,7 +313,8 @@ class SignalingClient:
                 if not isinstance(challenge, Challenge):
                     raise SignalingProtocolError(f"expected a challenge, got {challenge.TYPE!r}")
                 self.server_id = challenge.server_id
-                await ws.send(Register.create(self._key, self.name, challenge).serialize())
+                register = Register.create(self._key, self.name, challenge, self.watch)
+                await ws.send(register.serialize())
                 answer = parse_server_message(await ws.recv())
         except BaseException as exc:
             await ws.close()

@@ -22,7 +22,7 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
@@ -106,6 +106,7 @@ _MAX_REASON = 128
 _MAX_ERROR_TEXT = 256
 _MAX_ONLINE = 10_000
 _MAX_CALLS = 64
+_MAX_WATCH = 1000
 
 
 # --- shared helpers -------------------------------------------------------------------
@@ -299,6 +300,10 @@ def _from_json(cls: type[Message], name: str, value: Any) -> Any:
                 raise ValueError(f"field {name!r} entries need 'name' and 'fingerprint'")
             peers.append(OnlinePeer(item["name"], item["fingerprint"]))
         return tuple(peers)
+    if name == "watch" and value is not None:
+        if not isinstance(value, list) or len(value) > _MAX_WATCH:
+            raise ValueError(f"field {name!r} must be a list of at most {_MAX_WATCH} names")
+        return tuple(value)
     if name == "calls":
         if not isinstance(value, list) or len(value) > _MAX_CALLS:
             raise ValueError(f"field {name!r} must be a list of at most {_MAX_CALLS} call ids")
@@ -372,6 +377,9 @@ class Register(Message):
     """Client → server: register ``name`` with an ML-DSA-65 identity (FIPS 204).
 
     ``signature`` is ML-DSA-65 over :func:`registration_data` (nonce, name, server_id).
+    ``watch`` (optional, not signed) limits presence to these names (at most
+    1000, for example the contacts); absent, the client gets everyone's presence
+    (docs/signaling.md, "Presence").
     """
 
     TYPE: ClassVar[str] = "register"
@@ -380,9 +388,15 @@ class Register(Message):
     public_key: bytes
     signature: bytes
     algorithm: str = ALGORITHM
+    watch: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         _check_name("name", self.name)
+        if self.watch is not None:
+            if not isinstance(self.watch, tuple) or len(self.watch) > _MAX_WATCH:
+                raise ValueError(f"field 'watch' must be a list of at most {_MAX_WATCH} names")
+            for watched in self.watch:
+                _check_name("watch", watched)
         if self.algorithm != ALGORITHM:
             raise ValueError(f"field 'algorithm' must be {ALGORITHM!r}")
         sizes = pqc.SignatureScheme.ML_DSA_65.sizes
@@ -395,10 +409,21 @@ class Register(Message):
         return f"Register(name={self.name!r}, fingerprint={fingerprint(self.public_key)[:16]}…)"
 
     @classmethod
-    def create(cls, key: pqc.SigningKey, name: str, challenge: Challenge) -> Register:
-        """Sign ``challenge`` with ``key`` and return the ``register`` message."""
+    def create(
+        cls,
+        key: pqc.SigningKey,
+        name: str,
+        challenge: Challenge,
+        watch: Iterable[str] | None = None,
+    ) -> Register:
+        """Sign ``challenge`` with ``key`` and return the ``register`` message.
+
+        Args:
+            watch: names whose presence to receive (default: everyone's).
+        """
         data = registration_data(challenge.nonce, name, challenge.server_id)
-        return cls(name=name, public_key=key.public_bytes(), signature=key.sign(data))
+        watched = None if watch is None else tuple(watch)
+        return cls(name, key.public_bytes(), key.sign(data), watch=watched)
 
 
 @dataclass(frozen=True)
@@ -408,7 +433,7 @@ class Registered(Message):
     Attributes:
         name: the registered name.
         fingerprint: the identity fingerprint the server pinned for it.
-        online: every other registered peer (presence snapshot).
+        online: every other registered peer the client watches (presence snapshot).
         calls: ids of calls of this name the server still holds (after a reconnect).
     """
 

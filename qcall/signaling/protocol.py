@@ -176,6 +176,7 @@ class _Connection:
     last: float
     name: PeerId | None = None
     closed: bool = False
+    watch: frozenset[PeerId] | None = None  # presence subscriptions; None: everyone
 
 
 @dataclass
@@ -233,6 +234,9 @@ class SignalingProtocol:
         self._fingerprints: dict[PeerId, str] = {}
         self._calls: dict[str, _Call] = {}
         self._peer_call: dict[PeerId, str] = {}
+        # Presence subscribers: connections watching everyone, and per watched name.
+        self._watch_all: set[ConnectionId] = set()
+        self._watchers: dict[PeerId, set[ConnectionId]] = {}
         self._timers: list[tuple[float, int, str, object]] = []
         self._timer_seq = 0
         self.debug = logger.isEnabledFor(logging.DEBUG)
@@ -329,11 +333,13 @@ class SignalingProtocol:
     def disconnect(self, connection: ConnectionId, now: float) -> list[Output]:
         """Forget a closed connection; tell others if a registered peer left."""
         conn = self._connections.pop(connection, None)
+        if conn is not None:
+            self._unsubscribe(conn)
         if conn is None or conn.name is None or self._online.get(conn.name) != connection:
             return []
         name = conn.name
         del self._online[name]
-        out: list[Output] = self._broadcast(Presence(name, self._fingerprints[name], False))
+        out: list[Output] = self._presence(Presence(name, self._fingerprints[name], False))
         call_id = self._peer_call.get(name)
         if call_id is not None:
             call = self._calls[call_id]
@@ -399,14 +405,19 @@ class SignalingProtocol:
         if old is not None:
             # Second login of the same identity: the new connection replaces the old one.
             old.name = None
+            self._unsubscribe(old)
             out.append(self._error(old, "replaced", "registered again on another connection"))
             out.append(self._close(old, "replaced by a new connection"))
         self._online[name] = conn.id
         fp = self._fingerprints[name]
         if old is None:
-            out += self._broadcast(Presence(name, fp, True), exclude=conn.id)
+            out += self._presence(Presence(name, fp, True), exclude=conn.id)
+        self._subscribe(conn, msg.watch)
+        watched = self._online if conn.watch is None else conn.watch
         online = tuple(
-            OnlinePeer(peer, self._fingerprints[peer]) for peer in self._online if peer != name
+            OnlinePeer(peer, self._fingerprints[peer])
+            for peer in watched
+            if peer != name and peer in self._online
         )
         call_id = self._peer_call.get(name)
         if call_id is not None:
@@ -482,8 +493,30 @@ class SignalingProtocol:
 
     # --- helpers ----------------------------------------------------------------------------
 
-    def _broadcast(self, msg: ServerMessage, exclude: ConnectionId | None = None) -> list[Output]:
-        return [(cid, msg) for cid in self._online.values() if cid != exclude]
+    def _presence(self, msg: Presence, exclude: ConnectionId | None = None) -> list[Output]:
+        """Send ``msg`` to the connections watching everyone or its name."""
+        out: list[Output] = [(cid, msg) for cid in self._watch_all if cid != exclude]
+        out += [(cid, msg) for cid in self._watchers.get(PeerId(msg.name), ()) if cid != exclude]
+        return out
+
+    def _subscribe(self, conn: _Connection, watch: tuple[str, ...] | None) -> None:
+        """Record whose presence a newly registered connection receives."""
+        if watch is None:
+            self._watch_all.add(conn.id)
+            return
+        conn.watch = frozenset(PeerId(name) for name in watch)
+        for name in conn.watch:
+            self._watchers.setdefault(name, set()).add(conn.id)
+
+    def _unsubscribe(self, conn: _Connection) -> None:
+        self._watch_all.discard(conn.id)
+        for name in conn.watch or ():
+            watchers = self._watchers.get(name)
+            if watchers is not None:
+                watchers.discard(conn.id)
+                if not watchers:
+                    del self._watchers[name]
+        conn.watch = None
 
     def _error(
         self,
