@@ -53,7 +53,9 @@ from qcall.exceptions import (
     CallRejectedError,
     DowngradeError,
     HandshakeError,
+    IdentityError,
     QCallError,
+    QKDError,
     SignalingError,
 )
 from qcall.handshake import (
@@ -72,7 +74,7 @@ from qcall.handshake import (
     ReplayCache,
     SRTPProfile,
 )
-from qcall.handshake.protocol import CheckPeer
+from qcall.handshake.protocol import CheckPeer, wire_code
 from qcall.pqc import SigningKey
 from qcall.qkd.client import KeySource
 from qcall.signaling.client import SignalingClient
@@ -426,6 +428,8 @@ class CallSession:
         await pc.setRemoteDescription(RTCSessionDescription(offer_event.sdp, "offer"))
         self._install_hook(pc)  # before any await: DTLS has not started yet
         await pc.setLocalDescription(await pc.createAnswer())
+        if hs.error is not None:  # dec_keys failed meanwhile (e.g. the key_ID was used)
+            raise hs.error
         hs.send_answer(pc.localDescription.sdp, self.clock())
         await self.signaling.send_answer(self.call_id, _b64(b"".join(hs.data_to_send())))
         self._mark("answer_sent")
@@ -659,8 +663,7 @@ class CallSession:
         if event.remote:
             error = type(error)(f"{self.peer} refused the call: {error}")
         self._finish(error)
-        reason = getattr(error, "code", "error")
-        self._spawn(self._send_hangup(reason))
+        self._spawn(self._send_hangup(wire_code(error)))
 
     async def _send_hangup(self, reason: str) -> None:
         with contextlib.suppress(SignalingError):
@@ -686,8 +689,10 @@ class CallSession:
     async def _abort(self, exc: BaseException) -> None:
         if isinstance(exc, QCallError):
             self._finish(exc)
-            reason = getattr(exc, "code", None) or "error"
-            await self._send_hangup(reason if isinstance(reason, str) else "error")
+            reason = getattr(exc, "code", None)
+            if not isinstance(reason, str):  # identity and QKD errors: their handshake code
+                reason = wire_code(exc) if isinstance(exc, IdentityError | QKDError) else "error"
+            await self._send_hangup(reason)
         else:
             self._finish(CallError(f"call aborted ({type(exc).__name__})"))
         await self._close()
