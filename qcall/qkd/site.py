@@ -1,0 +1,858 @@
+"""One site of a simulated QKD network split across two hosts.
+
+:class:`~qcall.qkd.network.SimulatedNetwork` runs a whole topology in one
+process. For a call between two machines, each machine runs only its own
+part: the topology is cut at one **split link** whose removal leaves two
+connected parts, and :class:`NetworkSite` runs one of them — its nodes, the
+links between them, its KMEs — plus its end of the split link. The two sites
+share one TCP connection (mutual TLS with the KMEs' certificates) that
+carries, in the frames of :mod:`qcall.qkd.sitewire`:
+
+* the split link's BB84: the transmitter site (the link's ``a`` end) runs
+  the optical model and :class:`~qcall.qkd.sim.link.AliceEnd`, the receiver
+  site runs :class:`~qcall.qkd.sim.link.BobEnd`; Bob's detector record and
+  every post-processing message cross the wire, authenticated by the
+  link's pre-shared key (``PSK``: 32-byte MAC key and 4096 bytes of
+  one-time pad, provisioned on both hosts like a real link's initial
+  authentication key), ending each block with Wegman–Carter tags;
+* the trusted-node relay across it: a key for an SAE pair whose master is
+  on this site is drawn at the master's node, relayed over local links to
+  the split link, sent across as ``K ⊕ pad`` with an HMAC keyed by link key,
+  relayed on at the other site to the slave's node, and stored under one
+  key_ID in both KMEs once the other site confirms (docs/relay.md,
+  "Two hosts").
+
+Example (one process per host)::
+
+    async with NetworkSite.start("beijing-hefei", "Jinan-Taian", "Beijing", state,
+                                 pki_dir=bundle / "pki", psk_file=psk,
+                                 listen=("0.0.0.0", 7400)) as site:
+        await site.wait_ready()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import os
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qcall.config import atomic_write
+from qcall.exceptions import ConfigError, PostProcessingError, QKDError, RelayError, SiteLinkError
+from qcall.qkd.kme import PoolRole
+from qcall.qkd.network import (
+    SAECredentials,
+    SimulatedNetwork,
+    _LinkRuntime,
+    default_link_factory,
+    kme_id_for,
+)
+from qcall.qkd.pki import client_ssl_context, server_ssl_context
+from qcall.qkd.relay import xor_bytes
+from qcall.qkd.sim.bb84 import BobRecord, OpticalLayer
+from qcall.qkd.sim.channel import ALICE, BOB, TAG_BITS, ChannelEnd
+from qcall.qkd.sim.link import Abort, AliceEnd, BobEnd, BobOutcome, State
+from qcall.qkd.sim.model import LinkParams
+from qcall.qkd.sitewire import (
+    PROTOCOL_VERSION,
+    BlockTag,
+    FrameReader,
+    Hello,
+    Optics,
+    PadBook,
+    PostProcessing,
+    RelayKey,
+    RelayResult,
+    SiteMessage,
+    encode_frame,
+)
+from qcall.qkd.topology import Topology, load_topology
+
+__all__ = ["PSK_BYTES", "NetworkSite", "create_psk", "split_sides"]
+
+logger = logging.getLogger(__name__)
+
+#: Pre-shared authentication secret of the split link: MAC key + one-time pad.
+PSK_BYTES = 32 + 4096
+#: Bytes of link key per relayed key beyond the key itself: the hop's HMAC key.
+MAC_KEY_BYTES = 32
+#: Seconds to wait for the other site's answer or the next protocol frame.
+PEER_TIMEOUT = 30.0
+
+
+def create_psk(path: str | os.PathLike[str]) -> Path:
+    """Write a fresh pre-shared secret for a split link (mode 0600); copy it to both hosts."""
+    target = Path(path)
+    atomic_write(target, os.urandom(PSK_BYTES), mode=0o600)
+    return target
+
+
+def split_sides(topology: Topology, split: str) -> tuple[set[str], set[str]]:
+    """Return the node sets on the ``a`` and ``b`` side of link ``split``.
+
+    Raises:
+        ConfigError: unknown link, or removing it leaves the two ends connected.
+    """
+    link = topology.link(split)
+    seen = {link.a}
+    stack = [link.a]
+    while stack:
+        node = stack.pop()
+        for other_link in topology.links_of(node):
+            other = other_link.other(node)
+            if other_link.name != link.name and other not in seen:
+                seen.add(other)
+                stack.append(other)
+    if link.b in seen:
+        raise ConfigError(f"link {link.name!r} does not split topology {topology.name!r} in two")
+    return seen, set(topology.nodes) - seen
+
+
+@dataclass(eq=False)
+class _CrossPair:
+    master: str
+    slave: str
+    master_node: str
+    slave_node: str
+    outgoing: bool  # the master SAE is on this site
+    delivered: int = 0
+    received: int = 0
+    error: str | None = None
+    last_route: tuple[str, ...] | None = None
+
+
+@dataclass
+class _SplitLinkState:
+    """What this end knows about the split link (for status; no key bytes)."""
+
+    blocks: int = 0
+    alarms: int = 0
+    failures: int = 0
+    qber: float | None = None
+    alarm: bool = False
+    connected: bool = False
+    connections: int = 0
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class _Connection:
+    writer: asyncio.StreamWriter
+    inbox: asyncio.Queue[SiteMessage] = dataclasses.field(default_factory=asyncio.Queue)
+    relays: asyncio.Queue[RelayKey] = dataclasses.field(default_factory=asyncio.Queue)
+    outbox: asyncio.Queue[tuple[float, bytes]] = dataclasses.field(default_factory=asyncio.Queue)
+
+
+class NetworkSite(SimulatedNetwork):
+    """One host's part of a split topology; use :meth:`start` as an async context manager.
+
+    Args:
+        topology: the whole network (name or path, or a :class:`Topology`).
+        split: the link between the two sites (its ``a`` end is the BB84 transmitter).
+        site: any node of this site's part (e.g. ``Beijing``).
+        state_dir: where ``network.json`` is written.
+        pki_dir: CA and KME/SAE certificates (``qcall pki init``), the same CA on both hosts.
+        psk_file: the split link's pre-shared secret (:func:`create_psk`), same on both hosts.
+        listen: ``(host, port)`` to accept the other site on, or
+        connect: ``(host, port)`` of the other site (exactly one of the two).
+        tls: mutual TLS on the site link with this site's KME certificate.
+        link_delay: seconds each outgoing frame is held (user-space one-way delay).
+        link_overrides: :class:`~qcall.qkd.sim.LinkParams` fields for every link.
+        options: the other :class:`~qcall.qkd.network.SimulatedNetwork` options.
+    """
+
+    def __init__(
+        self,
+        topology: Topology | str | Path,
+        split: str,
+        site: str,
+        state_dir: str | os.PathLike[str],
+        *,
+        pki_dir: str | os.PathLike[str],
+        psk_file: str | os.PathLike[str],
+        listen: tuple[str, int] | None = None,
+        connect: tuple[str, int] | None = None,
+        tls: bool = True,
+        link_delay: float = 0.0,
+        link_overrides: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> None:
+        if not isinstance(topology, Topology):
+            topology = load_topology(topology)
+        if (listen is None) == (connect is None):
+            raise ConfigError("give exactly one of listen and connect")
+        if site not in topology.nodes:
+            raise ConfigError(f"site node {site!r} is not in topology {topology.name!r}")
+        side_a, side_b = split_sides(topology, split)
+        overrides = dict(link_overrides or {})
+        options.setdefault("link_factory", default_link_factory(**overrides))
+        super().__init__(topology, state_dir, **options)
+        self.split = topology.link(split)
+        self.local_nodes = side_a if site in side_a else side_b
+        self.remote_nodes = side_b if site in side_a else side_a
+        self.transmitter = self.split.a in self.local_nodes
+        self.border = self.split.a if self.transmitter else self.split.b
+        self.remote_border = self.split.other(self.border)
+        self.out_direction, self.in_direction = ("ab", "ba") if self.transmitter else ("ba", "ab")
+        local_kmes = [n for n in topology.kme_nodes if n in self.local_nodes]
+        remote_kmes = [n for n in topology.kme_nodes if n in self.remote_nodes]
+        if not local_kmes or not remote_kmes:
+            raise ConfigError(f"each side of {self.split.name!r} needs a KME node")
+        self.identity_kme = kme_id_for(local_kmes[0])
+        self.peer_kme = kme_id_for(remote_kmes[0])
+        self.kmes = {n: k for n, k in self.kmes.items() if n in self.local_nodes}
+        all_pairs = self._pairs
+        self._pairs = [
+            p
+            for p in all_pairs
+            if p.master_node in self.local_nodes and p.slave_node in self.local_nodes
+        ]
+        self.cross_pairs = [
+            _CrossPair(
+                p.master, p.slave, p.master_node, p.slave_node, p.master_node in self.local_nodes
+            )
+            for p in all_pairs
+            if (p.master_node in self.local_nodes) != (p.slave_node in self.local_nodes)
+        ]
+        self.pki_dir = Path(pki_dir)
+        self.psk_file = Path(psk_file)
+        self.listen, self.connect = listen, connect
+        self.tls = tls
+        self.link_delay = link_delay
+        self.pads = PadBook()
+        self.params = LinkParams(length_km=self.split.length_km, **overrides)
+        self.cross = _SplitLinkState()
+        self._conn: _Connection | None = None
+        self._server: asyncio.Server | None = None
+        self._pending: dict[int, asyncio.Future[RelayResult]] = {}
+        self._relay_ids = 0
+        self._next_block = 0
+        self._last_block = -1
+        self._finished_block = -1
+        self._deposited = asyncio.Event()
+        seed = self._seed
+        ss = np.random.SeedSequence(None if seed is None else seed * 7 + 1)
+        s_opt, s_alice, s_bob = ss.spawn(3)
+        self._optics = OpticalLayer(self.params, np.random.default_rng(s_opt))
+        self._alice_rng = np.random.default_rng(s_alice)
+        self._bob_rng = np.random.default_rng(s_bob)
+        self._channel: ChannelEnd | None = None
+
+    def __repr__(self) -> str:
+        side = "transmitter" if self.transmitter else "receiver"
+        return f"NetworkSite({self.topology.name!r}, split={self.split.name!r}, {side})"
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def start(  # type: ignore[override]
+        cls,
+        topology: Topology | str | Path,
+        split: str,
+        site: str,
+        state_dir: str | os.PathLike[str],
+        **options: Any,
+    ) -> AsyncIterator[NetworkSite]:
+        """Run this site for the duration of an ``async with`` block."""
+        net = cls(topology, split, site, state_dir, **options)
+        await net.open()
+        try:
+            yield net
+        finally:
+            await net.close()
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Start the local KMEs, links and relay, and the link to the other site.
+
+        Raises:
+            ConfigError: missing certificates or PSK, or the state directory cannot be written.
+            OSError: cannot listen.
+        """
+        try:
+            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            psk = self.psk_file.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{exc.filename}: {exc.strerror}") from exc
+        if len(psk) != PSK_BYTES:
+            raise ConfigError(f"{self.psk_file}: a split-link PSK has {PSK_BYTES} bytes")
+        self._channel = ChannelEnd(ALICE if self.transmitter else BOB, psk[:32], psk[32:])
+        ca = self._pki_file("ca.pem")
+        self.started_at = time.monotonic()
+        for pair in self._pairs:
+            self._add_pools(pair)
+        for cp in self.cross_pairs:
+            node = cp.master_node if cp.outgoing else cp.slave_node
+            other = cp.slave_node if cp.outgoing else cp.master_node
+            role = PoolRole.MASTER if cp.outgoing else PoolRole.SLAVE
+            self.kmes[node].add_pair(cp.master, cp.slave, role, peer_kme_id=kme_id_for(other))
+        try:
+            for node, kme in self.kmes.items():
+                ctx = server_ssl_context(
+                    self._pki_file(f"kme/{kme.kme_id}.pem"),
+                    self._pki_file(f"kme/{kme.kme_id}.key"),
+                    ca,
+                )
+                server = _kme_server(kme, self.host, ctx)
+                await server.start()
+                self._servers[node] = server
+        except BaseException:
+            await self._close_servers()
+            raise
+        for sae in self.topology.sae_ids:
+            node = self.topology.sae_node(sae)
+            if node in self.local_nodes:
+                self._credentials[sae] = SAECredentials(
+                    sae, node, kme_id_for(node), self._url(node),
+                    self._pki_file(f"sae/{sae}.pem"), self._pki_file(f"sae/{sae}.key"), ca,
+                )  # fmt: skip
+        self._write_site_file()
+        serving = self.topology.serving_links()
+        factory = self._link_factory or default_link_factory()
+        for index, link in enumerate(self.topology.links.values()):
+            if link.a in self.local_nodes and link.b in self.local_nodes:
+                sim = None
+                if link.name in serving:
+                    sim = factory(
+                        link, None if self._seed is None else self._seed * 100_003 + index
+                    )
+                runtime = _LinkRuntime(link, sim)
+                if sim is not None:
+                    runtime.model_rate = sim.expected_secret_key_rate()
+                self._links[link.name] = runtime
+        self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="qkd-link")
+        for runtime in self._links.values():
+            if runtime.sim is not None:
+                self._tasks.append(asyncio.create_task(self._link_loop(runtime)))
+        self._tasks.append(asyncio.create_task(self._site_relay_loop()))
+        if self.listen is not None:
+            ssl_ctx = self._ssl(server=True)
+            self._server = await asyncio.start_server(
+                self._accept, self.listen[0], self.listen[1], ssl=ssl_ctx
+            )
+        else:
+            self._tasks.append(asyncio.create_task(self._connect_loop()))
+        logger.info("= site %s of %s: %d KMEs, %d local links, split link %s",
+                    self.border, self.topology.name, len(self.kmes), len(self._links),
+                    self.split.name)  # fmt: skip
+
+    async def close(self) -> None:
+        """Stop the site link, the tasks and the KME servers; safe to call twice."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self._conn is not None:
+            self._conn.writer.close()
+        await super().close()
+
+    @property
+    def listen_port(self) -> int:
+        """The port accepting the other site (with ``listen``)."""
+        assert self._server is not None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    def _pki_file(self, name: str) -> Path:
+        path = self.pki_dir / name
+        if not path.exists():
+            raise ConfigError(f"{path} is missing (qcall pki init / qcall network-site init)")
+        return path
+
+    def _ssl(self, *, server: bool) -> ssl.SSLContext | None:
+        if not self.tls:
+            return None
+        args = (
+            self._pki_file(f"kme/{self.identity_kme}.pem"),
+            self._pki_file(f"kme/{self.identity_kme}.key"),
+            self._pki_file("ca.pem"),
+        )
+        return server_ssl_context(*args) if server else client_ssl_context(*args)
+
+    def _write_site_file(self) -> None:
+        doc = {
+            "topology": self.topology.name,
+            "site": sorted(self.local_nodes),
+            "split_link": self.split.name,
+            "speedup": self.speedup,
+            "key_size": self.key_size,
+            "ca_cert": str(self._pki_file("ca.pem")),
+            "kmes": {kme.kme_id: {"node": node, "url": self._url(node), "saes": sorted(kme.saes)}
+                     for node, kme in self.kmes.items()},
+            "saes": {sae: {"sae_id": c.sae_id, "node": c.node, "kme_id": c.kme_id, "url": c.url,
+                           "cert": str(c.cert), "key": str(c.key), "ca": str(c.ca)}
+                     for sae, c in self._credentials.items()},
+        }  # fmt: skip
+        text = json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+        atomic_write(self.network_file, text.encode(), mode=0o644)
+
+    # --- the connection to the other site ------------------------------------------------
+
+    async def _connect_loop(self) -> None:
+        assert self.connect is not None
+        host, port = self.connect
+        retry = 0.2
+        while True:
+            try:
+                ctx = self._ssl(server=False)
+                reader, writer = await asyncio.open_connection(
+                    host, port, ssl=ctx, server_hostname=self.peer_kme.lower() if ctx else None
+                )
+            except (OSError, ssl.SSLError) as exc:
+                self.cross.error = f"cannot reach the other site: {exc}"[:160]
+                await asyncio.sleep(retry)
+                retry = min(2 * retry, 5.0)
+                continue
+            retry = 0.2
+            await self._session(reader, writer)
+            await asyncio.sleep(retry)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._conn is not None:
+            logger.warning("! a second site connection refused")
+            writer.close()
+            return
+        await self._session(reader, writer)
+
+    def _check_peer_certificate(self, writer: asyncio.StreamWriter) -> None:
+        if not self.tls:
+            return
+        cert = writer.get_extra_info("peercert") or {}
+        names = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+        if names != [self.peer_kme]:
+            raise SiteLinkError(f"the other site presents {names}, not {self.peer_kme!r}")
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Run one connection: hello, then the split link and relay hops until it fails."""
+        conn = _Connection(writer)
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            self._check_peer_certificate(writer)
+            frames = FrameReader()
+            assert self._channel is not None
+            ch = self._channel
+            writer.write(encode_frame(Hello(PROTOCOL_VERSION, self.topology.name, self.split.name,
+                                            self.border, ch.send_seq, ch.recv_seq)))  # fmt: skip
+            hello = None
+            async with asyncio.timeout(PEER_TIMEOUT):
+                while hello is None:
+                    data = await reader.read(65536)
+                    if not data:
+                        raise SiteLinkError("the other site closed the connection")
+                    messages = frames.feed(data)
+                    if messages:
+                        hello = messages.pop(0)
+                        for extra in messages:
+                            conn.inbox.put_nowait(extra)
+            if not isinstance(hello, Hello):
+                raise SiteLinkError("the other site did not start with Hello")
+            if hello.version != PROTOCOL_VERSION:
+                raise SiteLinkError(f"Hello.version {hello.version} unsupported")
+            if (hello.topology, hello.split, hello.node) != (
+                self.topology.name,
+                self.split.name,
+                self.remote_border,
+            ):
+                raise SiteLinkError(
+                    f"the other site runs {hello.topology!r}/{hello.split!r} at {hello.node!r}; "
+                    f"expected {self.topology.name!r}/{self.split.name!r} at {self.remote_border!r}"
+                )
+            # Counters only move forward: frames of an aborted block cannot be replayed.
+            ch.recv_seq = max(ch.recv_seq, hello.send_seq)
+            ch.send_seq = max(ch.send_seq, hello.recv_seq)
+            ch.reset_transcript()
+            self._conn = conn
+            self.cross.connected = True
+            self.cross.connections += 1
+            self.cross.error = None
+            logger.info("= site link to %s up", hello.node)
+            tasks = [
+                asyncio.create_task(self._read_loop(reader, frames, conn)),
+                asyncio.create_task(self._write_loop(conn)),
+                asyncio.create_task(self._receive_relays(conn)),
+                asyncio.create_task(
+                    self._alice_loop(conn) if self.transmitter else self._bob_loop(conn)
+                ),
+            ]
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        except (SiteLinkError, PostProcessingError, OSError, ssl.SSLError, TimeoutError) as exc:
+            self.cross.error = f"{type(exc).__name__}: {exc}"[:160]
+            logger.warning("! site link: %s", self.cross.error)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(BaseException):
+                    await task
+            if self._conn is conn:
+                self._conn = None
+            self.cross.connected = False
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_result(RelayResult(0, False, "site link lost"))
+            self._pending.clear()
+            if self._channel is not None:
+                self._channel.reset_transcript()
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _read_loop(
+        self, reader: asyncio.StreamReader, frames: FrameReader, conn: _Connection
+    ) -> None:
+        while True:
+            data = await reader.read(1 << 16)
+            if not data:
+                raise SiteLinkError("the other site closed the connection")
+            for msg in frames.feed(data):
+                if isinstance(msg, RelayKey):
+                    conn.relays.put_nowait(msg)
+                elif isinstance(msg, RelayResult):
+                    fut = self._pending.pop(msg.relay_id, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(msg)
+                elif isinstance(msg, Hello):
+                    raise SiteLinkError("unexpected Hello")
+                else:
+                    conn.inbox.put_nowait(msg)
+
+    async def _write_loop(self, conn: _Connection) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due, frame = await conn.outbox.get()
+            wait = due - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)  # the emulated one-way delay, order kept
+            conn.writer.write(frame)
+            await conn.writer.drain()
+
+    def _send(self, conn: _Connection, msg: SiteMessage) -> None:
+        due = asyncio.get_running_loop().time() + self.link_delay
+        conn.outbox.put_nowait((due, encode_frame(msg)))
+
+    async def _expect(self, conn: _Connection, kind: type[Any], block: int | None) -> Any:
+        async with asyncio.timeout(PEER_TIMEOUT if block is not None else None):
+            msg = await conn.inbox.get()
+        if not isinstance(msg, kind):
+            raise SiteLinkError(f"expected {kind.__name__}, got {type(msg).__name__}")
+        if block is not None and msg.block != block:
+            raise SiteLinkError(f"{kind.__name__}.block {msg.block} is not {block}")
+        return msg
+
+    # --- the split link's BB84 ---------------------------------------------------------------
+
+    async def _alice_loop(self, conn: _Connection) -> None:
+        """Transmitter: optics, then answer Bob's post-processing messages."""
+        assert self._channel is not None and self._executor is not None
+        ch, loop = self._channel, asyncio.get_running_loop()
+        cap = self.relay.buffers[self.split.name].capacity_bits or (1 << 20)
+        while True:
+            if min(self.pads.available_bits("ab"), self.pads.available_bits("ba")) >= cap // 2:
+                await asyncio.sleep(self.relay_interval)
+                continue
+            started = time.monotonic()
+            block = self._next_block
+            self._next_block += 1
+            params = self.params
+            n = params.default_block_pulses()
+            alice_rec, bob_rec = await loop.run_in_executor(
+                self._executor, self._optics.transmit, n, self._alice_rng
+            )
+            self._send(conn, Optics(block, n, bob_rec.indices, bob_rec.basis, bob_rec.bit))
+            alice = AliceEnd(params, alice_rec, self._alice_rng)
+            ch.reset_transcript()
+            while alice.state is not State.DONE:
+                pp = await self._expect(conn, PostProcessing, block)
+                incoming = ch.open(pp.frame)
+                reply = await loop.run_in_executor(self._executor, alice.handle, incoming)
+                self._send(conn, PostProcessing(block, ch.seal(reply)))
+            alice_tag, bob_tag = ch.block_tags()
+            self._send(conn, BlockTag(block, alice_tag))
+            theirs = await self._expect(conn, BlockTag, block)
+            if not hmac.compare_digest(theirs.tag, bob_tag):
+                raise PostProcessingError(f"split link block {block}: Bob's tag does not verify")
+            self._finish_block(block, alice.decision, alice.qber, alice.verified,
+                               alice.final_key or b"")  # fmt: skip
+            remaining = started + n / params.pulse_rate_hz / self.speedup - time.monotonic()
+            if remaining > 0:
+                await asyncio.sleep(remaining)
+
+    async def _bob_loop(self, conn: _Connection) -> None:
+        """Receiver: take the detector record, drive post-processing as Bob."""
+        assert self._channel is not None and self._executor is not None
+        ch, loop = self._channel, asyncio.get_running_loop()
+        while True:
+            optics: Optics = await self._expect(conn, Optics, None)
+            if optics.block <= self._last_block:
+                raise SiteLinkError(f"Optics.block {optics.block} is not new")
+            block = self._last_block = optics.block
+            record = BobRecord(optics.n_pulses, optics.indices, optics.basis, optics.bit)
+            gen = BobEnd(self.params, record, self._bob_rng).run()
+
+            def step(reply: Any, gen: Any = gen) -> tuple[bool, Any]:
+                try:
+                    return False, (next(gen) if reply is None else gen.send(reply))
+                except StopIteration as stop:
+                    return True, stop.value
+
+            ch.reset_transcript()
+            finished, value = await loop.run_in_executor(self._executor, step, None)
+            while not finished:
+                self._send(conn, PostProcessing(block, ch.seal(value)))
+                pp = await self._expect(conn, PostProcessing, block)
+                incoming = ch.open(pp.frame)
+                finished, value = await loop.run_in_executor(self._executor, step, incoming)
+            out: BobOutcome = value
+            alice_tag, bob_tag = ch.block_tags()
+            theirs = await self._expect(conn, BlockTag, block)
+            if not hmac.compare_digest(theirs.tag, alice_tag):
+                raise PostProcessingError(f"split link block {block}: Alice's tag does not verify")
+            # Deposit before answering, so Alice's next relay finds the block here.
+            self._finish_block(block, out.decision, out.qber, out.verified, out.final_key)
+            self._send(conn, BlockTag(block, bob_tag))
+
+    def _finish_block(
+        self, block: int, decision: Abort, qber: float, verified: bool, key: bytes
+    ) -> None:
+        """Account one authenticated block at this end: alarm, or refill the pad and deposit."""
+        assert self._channel is not None
+        self._finished_block = block
+        self.cross.blocks += 1
+        self.cross.qber = qber
+        if decision is Abort.ALARM:
+            self.cross.alarms += 1
+            if not self.cross.alarm:
+                logger.warning("! split link %s alarm: QBER %.1f%%", self.split.name, 100 * qber)
+            self.cross.alarm = True
+            self._set_cross_alarm(
+                f"eavesdropper alarm on link {self.split.name}; relay stopped", qber
+            )
+            return
+        if self.cross.alarm:
+            self.cross.alarm = False
+            self._set_cross_alarm(None, qber)
+        refill = min(len(key), (2 * TAG_BITS + 7) // 8) if verified else 0
+        if refill:
+            self._channel.replenish(key[:refill])
+        if verified and len(key) > refill:
+            self.pads.deposit(block, key[refill:])
+            self._deposited.set()
+        elif decision is Abort.CONTINUE and not verified:
+            self.cross.failures += 1
+        self._changed.set()
+
+    def _set_cross_alarm(self, text: str | None, qber: float | None) -> None:
+        for cp in self.cross_pairs:
+            node = cp.master_node if cp.outgoing else cp.slave_node
+            self.kmes[node].set_alarm(cp.master, cp.slave, text, qber=qber)
+
+    def set_eavesdropper(self, link: str, fraction: float = 1.0) -> None:
+        """Like :meth:`SimulatedNetwork.set_eavesdropper`; the split link's at its transmitter.
+
+        Raises:
+            ConfigError: the link is not simulated on this site, or a bad fraction.
+        """
+        if self.topology.link(link).name != self.split.name:
+            super().set_eavesdropper(link, fraction)
+            return
+        if not self.transmitter:
+            raise ConfigError(
+                f"the split link's optics run at {self.split.a}'s site; set Eve there"
+            )
+        if not 0.0 <= fraction <= 1.0:
+            raise ConfigError(f"eavesdropper fraction must be in [0, 1], not {fraction}")
+        self.params = self.params.replace(eve_fraction=fraction)
+        self._optics.params = self.params
+        logger.info("! eavesdropper on split link %s: fraction %.2f", self.split.name, fraction)
+
+    # --- the relay across the split link ------------------------------------------------------
+
+    async def _site_relay_loop(self) -> None:
+        while True:
+            moved = self.top_up()
+            self._update_alarms()
+            for cp in self.cross_pairs:
+                if cp.outgoing:
+                    for _ in range(self.pool_target):
+                        if not await self._relay_across(cp):
+                            break
+                        moved += 1
+            done = [p.delivered > 0 for p in self._pairs]
+            done += [
+                cp.delivered > 0 if cp.outgoing else cp.received > 0 for cp in self.cross_pairs
+            ]
+            if all(done):
+                self._ready.set()
+            self._changed.set()
+            await asyncio.sleep(0 if moved else self.relay_interval)
+
+    async def _relay_across(self, cp: _CrossPair) -> bool:
+        """Relay one key for an outgoing pair if its pool wants one; return whether it did."""
+        size = self.key_size // 8
+        kme = self.kmes[cp.master_node]
+        conn = self._conn
+        if (
+            kme.stored_key_count(cp.master, cp.slave) >= self.pool_target
+            or kme.free(cp.master, cp.slave) < 1
+        ):
+            return False
+        if conn is None:
+            cp.error = f"split link {self.split.name} down"
+            return False
+        if self.cross.alarm:
+            cp.error = f"hop {self.split.name!r} is in eavesdropper alarm"
+            return False
+        if self.pads.available_bits(self.out_direction) < 8 * (size + MAC_KEY_BYTES):
+            cp.error = f"hop {self.split.name!r} is out of key"
+            return False
+        route: list[str] = [cp.master_node]
+        if cp.master_node == self.border:
+            key = at_source = os.urandom(size)
+        else:
+            try:
+                relayed = self.relay.relay(cp.master_node, self.border, size)
+            except RelayError as exc:
+                cp.error = str(exc)
+                return False
+            key, at_source, route = (
+                relayed.key_at_destination,
+                relayed.key_at_source,
+                list(relayed.route),
+            )
+        block, offset, pad = self.pads.take_next(self.out_direction, size + MAC_KEY_BYTES)
+        self._relay_ids += 1
+        msg = RelayKey(self._relay_ids, str(uuid.uuid4()), cp.master, cp.slave, block, offset,
+                       xor_bytes(key, pad[:size]), b"")  # fmt: skip
+        tag = hmac.new(pad[size:], msg.header() + msg.ciphertext, hashlib.sha256).digest()
+        msg = dataclasses.replace(msg, tag=tag)
+        fut: asyncio.Future[RelayResult] = asyncio.get_running_loop().create_future()
+        self._pending[msg.relay_id] = fut
+        self._send(conn, msg)
+        try:
+            async with asyncio.timeout(PEER_TIMEOUT):
+                result = await fut
+        except TimeoutError:
+            result = RelayResult(msg.relay_id, False, "no answer from the other site")
+        finally:
+            self._pending.pop(msg.relay_id, None)
+        if not result.ok:
+            cp.error = f"{self.remote_border}: {result.reason}"
+            return False
+        kme.supply(cp.master, cp.slave, [(msg.key_id, at_source)], role="master",
+                   peer_kme_id=kme_id_for(cp.slave_node))  # fmt: skip
+        if self.debug:
+            logger.debug(
+                "> %s->%s key %s across %s", cp.master, cp.slave, msg.key_id, self.split.name
+            )
+        cp.delivered += 1
+        cp.error = None
+        cp.last_route = (*route, self.remote_border)
+        return True
+
+    async def _receive_relays(self, conn: _Connection) -> None:
+        while True:
+            msg = await conn.relays.get()
+            try:
+                reason = await self._accept_relay(msg)
+            except (QKDError, ValueError, TimeoutError) as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            self._send(conn, RelayResult(msg.relay_id, reason is None, reason or ""))
+
+    async def _accept_relay(self, msg: RelayKey) -> str | None:
+        """Complete an incoming relay; return ``None`` if stored, else why not."""
+        size = self.key_size // 8
+        wanted = (msg.master, msg.slave)
+        cp = next(
+            (p for p in self.cross_pairs if not p.outgoing and (p.master, p.slave) == wanted), None
+        )
+        if cp is None:
+            return f"no pair {msg.master}->{msg.slave} ends at this site"
+        if len(msg.ciphertext) != size:
+            return f"key size {8 * len(msg.ciphertext)} bits, not {self.key_size}"
+        # The block may still be on its way into our PadBook (deposit races the relay).
+        async with asyncio.timeout(PEER_TIMEOUT):
+            while not self.pads.has_block(self.in_direction, msg.block) and (
+                msg.block > self._finished_block
+            ):
+                self._deposited.clear()
+                await self._deposited.wait()
+        pad = self.pads.take_at(self.in_direction, msg.block, msg.offset, size + MAC_KEY_BYTES)
+        expected = hmac.new(pad[size:], msg.header() + msg.ciphertext, hashlib.sha256).digest()
+        if not hmac.compare_digest(expected, msg.tag):
+            cp.error = f"hop {self.split.name!r}: authentication failed"
+            return "hop authentication failed (link keys differ or message altered)"
+        key = xor_bytes(msg.ciphertext, pad[:size])
+        at_destination = key
+        if cp.slave_node != self.border:
+            try:
+                relayed = self.relay.relay(self.border, cp.slave_node, size, key=key)
+            except RelayError as exc:
+                cp.error = str(exc)
+                return str(exc)
+            at_destination = relayed.key_at_destination
+        kme = self.kmes[cp.slave_node]
+        if kme.free(cp.master, cp.slave) < 1:
+            return f"slave pool {cp.master}->{cp.slave} is full"
+        kme.supply(cp.master, cp.slave, [(msg.key_id, at_destination)], role="slave",
+                   peer_kme_id=kme_id_for(cp.master_node))  # fmt: skip
+        cp.received += 1
+        cp.error = None
+        return None
+
+    # --- queries --------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Like :meth:`SimulatedNetwork.status`, plus the split link and the cross-site pairs."""
+        out = super().status()
+        out["site"] = sorted(self.local_nodes)
+        out["split_link"] = {
+            "name": self.split.name,
+            "length_km": self.split.length_km,
+            "end": "transmitter" if self.transmitter else "receiver",
+            "available_bits": {d: self.pads.available_bits(d) for d in PadBook.DIRECTIONS},
+            "deposited_bits": self.pads.deposited_bits,
+            "consumed_bits": self.pads.consumed_bits,
+            **dataclasses.asdict(self.cross),
+        }
+        for cp in self.cross_pairs:
+            node = cp.master_node if cp.outgoing else cp.slave_node
+            out["pairs"].append({
+                "master": cp.master, "slave": cp.slave,
+                "stored_keys": self.kmes[node].stored_key_count(cp.master, cp.slave),
+                "delivered": cp.delivered if cp.outgoing else cp.received,
+                "role": "master" if cp.outgoing else "slave",
+                "route": list(cp.last_route) if cp.last_route else None,
+                "error": cp.error, "failed_hop": None,
+                "alarm": self.split.name + " in eavesdropper alarm" if self.cross.alarm else None,
+            })  # fmt: skip
+        return out
+
+    def route(self, sae_a: str, sae_b: str) -> list[str]:
+        """The default route of keys from ``sae_a`` to ``sae_b`` (across both sites)."""
+        source, target = self.topology.sae_node(sae_a), self.topology.sae_node(sae_b)
+        path = self.relay.default_route(source, target)
+        if path is None:
+            raise RelayError(f"no fibre path from {source!r} to {target!r}")
+        return path
+
+
+def _kme_server(kme: Any, host: str, ctx: ssl.SSLContext) -> Any:
+    from qcall.qkd.server import KMEServer
+
+    return KMEServer(kme, host, 0, ctx)
