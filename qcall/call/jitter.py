@@ -69,6 +69,7 @@ __all__ = [
     "JitterBufferStats",
     "PlayoutFrame",
     "ReceiverJitterBuffer",
+    "apply_jitter_buffer_mode",
     "conceal_payload",
     "get_jitter_buffer",
     "install_jitter_buffer",
@@ -686,3 +687,25 @@ def install_jitter_buffer(
                     _install_on_receiver(receiver, config)
 
     return installed
+
+
+def apply_jitter_buffer_mode(pc: RTCPeerConnection, mode: str) -> list[ReceiverJitterBuffer]:
+    """Apply ``CallOptions.jitter_buffer`` to a peer connection.
+
+    Args:
+        pc: the call's peer connection, after its audio transceiver exists.
+        mode: ``adaptive`` (:func:`install_jitter_buffer`) or ``stock`` (aiortc's
+            fixed 4-frame prefetch, kept for the harness's comparisons).
+
+    Returns:
+        The buffers installed (none for ``stock``).
+
+    Raises:
+        CallError: an unknown mode (the message lists the known ones), or an
+            aiortc the adaptive buffer was not checked on.
+    """
+    if mode not in JITTER_BUFFER_MODES:
+        raise CallError(
+            f"jitter_buffer: unknown mode {mode!r} (known: {', '.join(JITTER_BUFFER_MODES)})"
+        )
+    return install_jitter_buffer(pc) if mode == "adaptive" else []

@@ -43,6 +43,7 @@ from aiortc import (
     RTCSessionDescription,
 )
 
+from qcall.call.jitter import apply_jitter_buffer_mode
 from qcall.call.keylog import keylog_write
 from qcall.call.netem import Emulation, apply_profile
 from qcall.call.qkdkeys import QKDKeys
@@ -367,6 +368,7 @@ class CallSession:
             pc.addTrack(self.source)
         elif self.role == "caller":
             pc.addTransceiver("audio", direction="recvonly")
+        apply_jitter_buffer_mode(pc, self.options.jitter_buffer)  # docs/jitter-buffer.md
         self.pc = pc
         return pc
 

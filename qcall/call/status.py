@@ -52,6 +52,8 @@ class CallOptions:
         network: user-space network emulation on this side's outgoing media
             datagrams (:mod:`qcall.call.netem`; the latency harness), or ``None``.
         network_seed: seed of that emulation (caller ``2n``, callee ``2n + 1``).
+        jitter_buffer: ``adaptive`` (:mod:`qcall.call.jitter`) or ``stock``
+            (aiortc's fixed 4-frame prefetch, the harness's baseline).
     """
 
     policy: str = "hybrid"
@@ -67,6 +69,7 @@ class CallOptions:
     setup_timeout: float = 20.0
     network: NetworkProfile | None = None
     network_seed: int = 0
+    jitter_buffer: str = "adaptive"
 
 
 @dataclass
