@@ -1,21 +1,27 @@
 #!/usr/bin/env python3
 """Load test of the signaling server (loopback only, bounded in size and time).
 
-Starts ``python -m signaling`` as a subprocess on 127.0.0.1, opens N
-authenticated connections (ML-DSA-65 registration), then places call set-ups
-(invite → accept → offer → answer → hangup, 8 KiB offer/answer payloads) at a
-target rate between disjoint pairs, and reports:
+Starts ``python -m signaling`` as its own process on 127.0.0.1 and 1-4 client
+processes (``--workers``), each holding its share of N authenticated
+connections (ML-DSA-65 registration, each user watching the presence of one
+contact: its call partner, docs/signaling.md "Presence"). With every connection
+held it places call set-ups (invite → accept → 8 KiB offer → 8 KiB answer →
+hangup) at a target rate between disjoint pairs, ``--runs`` times, and reports:
 
-* connections held and the server's resident memory per connection;
+* connections held (the server's ``/healthz``), registrations per second;
+* the server's resident memory per connection (RSS delta / N);
 * call set-ups per second achieved, set-up time p50/p99;
 * routing latency p50/p99 (client send → other client receive) under load;
-* idle relay latency of one pair and memory per connection, against a baseline
-  measured in the same run: a minimal websockets relay (no JSON, no validation,
-  same settings: no compression) in its own process.
+* against a baseline measured in the same run: a minimal websockets relay (no
+  JSON, no validation, same settings: no compression) in its own process, for
+  memory per connection (up to 2000 connections) and idle relay latency.
+
+Figures are medians over the runs. The soft ``RLIMIT_NOFILE`` is raised to the
+hard limit (inherited by the server and the workers).
 
 Usage::
 
-    python scripts/load_signaling.py --connections 200 --rate 50 --duration 5
+    python scripts/load_signaling.py --connections 10000 --rate 500 --duration 10 --runs 3
 """
 
 from __future__ import annotations
@@ -25,11 +31,14 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import statistics
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -40,6 +49,7 @@ from qcall import pqc  # noqa: E402
 from qcall.signaling import messages as m  # noqa: E402
 
 PAYLOAD = "x" * 8192
+MAX_CONNECTIONS = 10_000  # the server's default max_connections
 
 BASELINE_RELAY = """
 import asyncio, sys
@@ -74,7 +84,18 @@ def rss_kib(pid: int) -> int:
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def raise_nofile() -> int:
+    """Raise the soft open-files limit to the hard one; return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+# --- worker process: holds connections, places call set-ups -----------------------------
 
 
 @dataclass
@@ -90,27 +111,19 @@ class Peer:
         return fut
 
     async def read(self) -> None:
-        async for text in self.ws:
-            now = time.perf_counter()
-            obj = json.loads(text)
-            fut = self.waiters.pop((obj.get("call_id", ""), obj["type"]), None)
-            if fut is not None and not fut.done():
-                fut.set_result(now)
+        with contextlib.suppress(Exception):
+            async for text in self.ws:
+                now = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
+                obj = json.loads(text)
+                fut = self.waiters.pop((obj.get("call_id", ""), obj["type"]), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(now)
 
 
-async def start_process(*argv: str) -> tuple[asyncio.subprocess.Process, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, *argv, stdout=asyncio.subprocess.PIPE, cwd=ROOT
-    )
-    assert proc.stdout is not None
-    line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
-    return proc, line
-
-
-async def register(url: str, key: pqc.SigningKey, name: str) -> Peer:
-    ws = await connect(url, max_size=2**24, compression=None)
+async def register(url: str, key: pqc.SigningKey, name: str, partner: str) -> Peer:
+    ws = await connect(url, max_size=2**24, compression=None, ping_interval=None)
     challenge = m.Challenge.parse(await ws.recv())
-    await ws.send(m.Register.create(key, name, challenge).serialize())
+    await ws.send(m.Register.create(key, name, challenge, watch=[partner]).serialize())
     while True:
         msg = m.parse_server_message(await ws.recv())
         if isinstance(msg, m.Registered):
@@ -123,16 +136,14 @@ async def register(url: str, key: pqc.SigningKey, name: str) -> Peer:
 
 
 async def relay(sender: Peer, receiver: Peer, msg: m.Message, latencies: list[float]) -> None:
-    call_id = getattr(msg, "call_id", "")
-    fut = receiver.expect(call_id, msg.TYPE)
+    fut = receiver.expect(getattr(msg, "call_id", ""), msg.TYPE)
     text = msg.serialize()
     sent = time.perf_counter()
     await sender.ws.send(text)
     latencies.append(await asyncio.wait_for(fut, 30) - sent)
 
 
-async def call_setup(a: Peer, b: Peer, n: int, latencies: list[float]) -> float:
-    call_id = f"load-{n:08d}"
+async def call_setup(a: Peer, b: Peer, call_id: str, latencies: list[float]) -> float:
     start = time.perf_counter()
     await relay(a, b, m.Invite(call_id, peer=b.name), latencies)
     await relay(b, a, m.Accept(call_id), latencies)
@@ -143,6 +154,103 @@ async def call_setup(a: Peer, b: Peer, n: int, latencies: list[float]) -> float:
     return setup
 
 
+async def load_run(
+    pairs: list[tuple[Peer, Peer]], rate: float, duration: float, tag: str
+) -> dict[str, Any]:
+    locks = [asyncio.Lock() for _ in pairs]
+    latencies: list[float] = []
+    setups: list[float] = []
+    failures = 0
+
+    async def one(n: int) -> None:
+        nonlocal failures
+        k = n % len(pairs)
+        async with locks[k]:
+            try:
+                setups.append(await call_setup(*pairs[k], f"{tag}-{n:08d}", latencies))
+            except (TimeoutError, OSError):
+                failures += 1
+
+    total = int(rate * duration)
+    start = time.perf_counter()
+    tasks = []
+    for n in range(total):
+        delay = start + n / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(n)))
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - start
+    return {"setups": setups, "latencies": latencies, "elapsed": elapsed, "failures": failures}
+
+
+async def idle_relay(a: Peer, b: Peer, rounds: int) -> list[float]:
+    """ICE inside one accepted call, nothing else running, measured as the baseline."""
+    await relay(a, b, m.Invite("call-idle-1", peer=b.name), [])
+    await relay(b, a, m.Accept("call-idle-1"), [])
+    assert b.reader is not None
+    b.reader.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await b.reader
+    text = m.ICECandidate("call-idle-1", payload=PAYLOAD).serialize()
+    out: list[float] = []
+    for _ in range(rounds):
+        sent = time.perf_counter()
+        await a.ws.send(text)
+        await b.ws.recv()
+        out.append(time.perf_counter() - sent)
+    b.reader = asyncio.create_task(b.read())
+    await relay(a, b, m.Hangup("call-idle-1"), [])
+    return out
+
+
+def emit(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+async def worker(url: str, first: int, count: int, index: int) -> None:
+    """Hold ``count`` connections (users ``first``..); obey commands read from stdin."""
+    backend = pqc.get_backend()
+    keys = [backend.signing_generate(pqc.SignatureScheme.ML_DSA_65) for _ in range(2)]
+    names = [f"user{i:05d}" for i in range(first, first + count)]
+    partners = [f"user{i ^ 1:05d}" for i in range(first, first + count)]
+    start = time.perf_counter()
+    peers: list[Peer] = []
+    for lo in range(0, count, 32):
+        batch = range(lo, min(lo + 32, count))
+        # Two keys suffice: the server pins per name, and signatures are per challenge.
+        peers += await asyncio.gather(
+            *(register(url, keys[i % 2], names[i], partners[i]) for i in batch)
+        )
+    emit({"registered": len(peers), "seconds": time.perf_counter() - start})
+    pairs = [(peers[i], peers[i + 1]) for i in range(0, len(peers) - 1, 2)]
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := (await reader.readline()).decode().split():
+        if line[0] == "run":
+            emit(await load_run(pairs, float(line[1]), float(line[2]), f"w{index}r{line[3]}"))
+        elif line[0] == "idle":
+            emit({"idle": await idle_relay(*pairs[0], int(line[1]))})
+        elif line[0] == "quit":
+            break
+    for peer in peers:
+        await peer.ws.close()
+
+
+# --- the baseline: a plain websockets relay ------------------------------------------------
+
+
+async def start_process(*argv: str) -> tuple[asyncio.subprocess.Process, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        cwd=ROOT, limit=2**26,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = (await asyncio.wait_for(proc.stdout.readline(), 600)).decode().strip()
+    return proc, line
+
+
 async def baseline(rounds: int, connections: int) -> tuple[list[float], float]:
     """Relay latencies and RSS KiB per held connection of a minimal websockets relay."""
     proc, line = await start_process("-c", BASELINE_RELAY)
@@ -150,10 +258,15 @@ async def baseline(rounds: int, connections: int) -> tuple[list[float], float]:
     try:
         await asyncio.sleep(0.2)
         rss0 = rss_kib(proc.pid)
-        held = []
-        for i in range(connections):
-            held.append(await connect(url, compression=None))
-            await held[-1].send(f"held{i}")
+
+        async def hold(i: int) -> ClientConnection:
+            ws = await connect(url, compression=None, ping_interval=None)
+            await ws.send(f"held{i}")
+            return ws
+
+        held: list[ClientConnection] = []
+        for lo in range(0, connections, 100):
+            held += await asyncio.gather(*(hold(i) for i in range(lo, min(lo + 100, connections))))
         await asyncio.sleep(0.5)
         per_connection = (rss_kib(proc.pid) - rss0) / connections
         for ws in held:
@@ -177,106 +290,124 @@ async def baseline(rounds: int, connections: int) -> tuple[list[float], float]:
         await proc.wait()
 
 
+# --- the driver ----------------------------------------------------------------------------
+
+
+async def command(proc: asyncio.subprocess.Process, line: str) -> dict[str, Any]:
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(line.encode() + b"\n")
+    await proc.stdin.drain()
+    result: dict[str, Any] = json.loads(await proc.stdout.readline())
+    return result
+
+
+def healthz(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url.replace("ws://", "http://") + "/healthz", timeout=30) as r:
+        result: dict[str, Any] = json.loads(r.read())
+        return result
+
+
 async def run(args: argparse.Namespace) -> None:
-    backend = pqc.get_backend()
-    proc, line = await start_process(
+    server, line = await start_process(
         "-m", "signaling", "--port", "0", "--rate", "100000", "--burst", "100000",
-        "--server-id", "load-test",
+        "--auth-timeout", "120", "--server-id", "load-test",
     )  # fmt: skip
     url = line.rsplit(" ", 1)[1]
+    workers: list[asyncio.subprocess.Process] = []
     try:
-        await asyncio.sleep(0.2)
-        rss0 = rss_kib(proc.pid)
-        keys = [backend.signing_generate(pqc.SignatureScheme.ML_DSA_65) for _ in range(2)]
+        await asyncio.sleep(0.3)
+        rss0 = rss_kib(server.pid)
+        share = [args.connections // args.workers // 2 * 2] * args.workers
+        share[-1] += args.connections - sum(share)
         start = time.perf_counter()
-        peers: list[Peer] = []
-        for first in range(0, args.connections, 20):
-            batch = range(first, min(first + 20, args.connections))
-            # Two keys suffice: the server pins per name, and signs are per challenge.
-            peers += await asyncio.gather(
-                *(register(url, keys[i % 2], f"user{i:05d}") for i in batch)
+        firsts = [sum(share[:i]) for i in range(args.workers)]
+        started = await asyncio.gather(
+            *(
+                start_process(__file__, "--worker", url, str(first), str(n), str(i))
+                for i, (first, n) in enumerate(zip(firsts, share, strict=True))
             )
-        reg_time = time.perf_counter() - start
-        await asyncio.sleep(0.5)  # let presence broadcasts drain
-        rss1 = rss_kib(proc.pid)
-        base, base_kib = await baseline(args.idle_rounds, len(peers))
-        kib = (rss1 - rss0) / len(peers)
-        print(
-            f"connections held: {len(peers)} in {reg_time:.2f} s "
-            f"({len(peers) / reg_time:.0f} registrations/s); server RSS "
-            f"{rss0 / 1024:.1f} -> {rss1 / 1024:.1f} MiB = {kib:.1f} KiB/connection "
-            f"(plain websockets relay {base_kib:.1f} KiB, ratio {kib / base_kib:.2f})"
         )
-
-        # Idle: ICE relayed inside one accepted call, nothing else running, measured
-        # exactly as the baseline (pre-serialized text, receiver awaiting recv()).
-        a, b = peers[0], peers[1]
-        await relay(a, b, m.Invite("call-idle-1", peer=b.name), [])
-        await relay(b, a, m.Accept("call-idle-1"), [])
-        assert b.reader is not None
-        b.reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await b.reader
-        text = m.ICECandidate("call-idle-1", payload=PAYLOAD).serialize()
-        idle: list[float] = []
-        for _ in range(args.idle_rounds):
-            sent = time.perf_counter()
-            await a.ws.send(text)
-            await b.ws.recv()
-            idle.append(time.perf_counter() - sent)
-        b.reader = asyncio.create_task(b.read())
-        await relay(a, b, m.Hangup("call-idle-1"), [])
+        workers = [proc for proc, _ in started]
+        reg_time = time.perf_counter() - start
+        held = sum(json.loads(line)["registered"] for _, line in started)
+        await asyncio.sleep(1.0)
+        health = healthz(url)
+        rss1 = rss_kib(server.pid)
+        kib = (rss1 - rss0) / held
+        base, base_kib = await baseline(args.idle_rounds, min(held, 2000))
+        print(
+            f"connections held: {health['registered']} registered / {health['connections']} "
+            f"open (server /healthz), {held} clients in {args.workers} processes, registered "
+            f"in {reg_time:.1f} s ({held / reg_time:.0f}/s); server RSS {rss0 / 1024:.1f} -> "
+            f"{rss1 / 1024:.1f} MiB = {kib:.1f} KiB/connection (plain websockets relay "
+            f"{base_kib:.1f} KiB, ratio {kib / base_kib:.2f})"
+        )
+        idle = (await command(workers[0], f"idle {args.idle_rounds}"))["idle"]
         med, base_med = statistics.median(idle), statistics.median(base)
         print(
             f"idle relay latency (8 KiB payload): signaling p50 {med * 1e3:.3f} ms, "
             f"plain websockets relay p50 {base_med * 1e3:.3f} ms, ratio {med / base_med:.2f}"
         )
-
-        pairs = [(peers[i], peers[i + 1]) for i in range(0, len(peers) - 1, 2)]
-        locks = [asyncio.Lock() for _ in pairs]
-        latencies: list[float] = []
-        setups: list[float] = []
-
-        async def one(n: int) -> None:
-            k = n % len(pairs)
-            async with locks[k]:
-                setups.append(await call_setup(*pairs[k], n, latencies))
-
-        total = int(args.rate * args.duration)
-        start = time.perf_counter()
-        tasks = []
-        for n in range(total):
-            delay = start + n / args.rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(n)))
-        await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - start
+        figures: list[tuple[float, float, float, float, float]] = []
+        for r in range(args.runs):
+            rate = args.rate / args.workers
+            results = await asyncio.gather(
+                *(command(w, f"run {rate} {args.duration} {r}") for w in workers)
+            )
+            setups = [s for res in results for s in res["setups"]]
+            lat = [x for res in results for x in res["latencies"]]
+            failures = sum(res["failures"] for res in results)
+            per_s = len(setups) / max(res["elapsed"] for res in results)
+            row = (per_s, pct(setups, 0.5), pct(setups, 0.99), pct(lat, 0.5), pct(lat, 0.99))
+            figures.append(row)
+            print(
+                f"run {r + 1}: {len(setups)} set-ups ({failures} failed) = {per_s:.0f}/s "
+                f"(target {args.rate:g}/s); set-up p50 {row[1] * 1e3:.2f} ms p99 "
+                f"{row[2] * 1e3:.2f} ms; routing ({len(lat)} messages) p50 {row[3] * 1e3:.3f} ms "
+                f"p99 {row[4] * 1e3:.3f} ms; server RSS {rss_kib(server.pid) / 1024:.1f} MiB"
+            )
+        med_row = [statistics.median(col) for col in zip(*figures, strict=True)]
         print(
-            f"call set-ups: {len(setups)} in {elapsed:.2f} s = {len(setups) / elapsed:.1f}/s "
-            f"(target {args.rate:g}/s); set-up time p50 {pct(setups, 0.5) * 1e3:.2f} ms, "
-            f"p99 {pct(setups, 0.99) * 1e3:.2f} ms"
+            f"median of {args.runs} runs: {med_row[0]:.0f} set-ups/s, set-up p50 "
+            f"{med_row[1] * 1e3:.2f} ms p99 {med_row[2] * 1e3:.2f} ms, routing p50 "
+            f"{med_row[3] * 1e3:.3f} ms p99 {med_row[4] * 1e3:.3f} ms "
+            f"(with {health['registered']} connections held)"
         )
-        print(
-            f"routing latency under load ({len(latencies)} messages): "
-            f"p50 {pct(latencies, 0.5) * 1e3:.3f} ms, p99 {pct(latencies, 0.99) * 1e3:.3f} ms"
-        )
-        for peer in peers:
-            await peer.ws.close()
+        for w in workers:
+            assert w.stdin is not None
+            w.stdin.write(b"quit\n")
+            await w.stdin.drain()
+        await asyncio.gather(*(w.wait() for w in workers))
     finally:
-        proc.terminate()
-        await proc.wait()
+        for proc in [*workers, server]:
+            if proc.returncode is None:
+                proc.terminate()
+                await proc.wait()
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        raise_nofile()
+        url, first, count, index = sys.argv[2], *map(int, sys.argv[3:6])
+        asyncio.run(worker(url, first, count, index))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--connections", type=int, default=200, help="2..2000 (default 200)")
-    parser.add_argument("--rate", type=float, default=50.0, help="call set-ups/s (default 50)")
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds, max 60 (default 5)")
+    parser.add_argument("--connections", type=int, default=1000, help="2..10000 (default 1000)")
+    parser.add_argument("--rate", type=float, default=100.0, help="call set-ups/s (default 100)")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per run, max 60")
+    parser.add_argument("--runs", type=int, default=3, help="load runs (medians, default 3)")
+    parser.add_argument("--workers", type=int, default=2, help="client processes 1..4 (default 2)")
     parser.add_argument("--idle-rounds", type=int, default=200, help="idle relay samples")
     args = parser.parse_args()
-    if not 2 <= args.connections <= 2000 or not 0 < args.duration <= 60 or args.rate <= 0:
-        parser.error("bounds: 2 <= --connections <= 2000, 0 < --duration <= 60, --rate > 0")
+    if not 4 <= args.connections <= MAX_CONNECTIONS or not 1 <= args.workers <= 4:
+        parser.error(f"bounds: 4 <= --connections <= {MAX_CONNECTIONS}, 1 <= --workers <= 4")
+    if not 0 < args.duration <= 60 or args.rate <= 0 or not 1 <= args.runs <= 10:
+        parser.error("bounds: 0 < --duration <= 60, --rate > 0, 1 <= --runs <= 10")
+    if args.connections // args.workers < 2:
+        parser.error("each worker needs at least one pair of connections")
+    limit = raise_nofile()
+    if limit < args.connections + 100:
+        parser.error(f"RLIMIT_NOFILE hard limit {limit} is too low for {args.connections}")
     os.environ.setdefault("PYTHONPATH", str(ROOT))
     asyncio.run(run(args))
 
