@@ -32,7 +32,7 @@ import binascii
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from aiortc import (
@@ -357,6 +357,11 @@ class CallSession:
             if track.kind == "audio" and self.on_track is not None:
                 self.on_track(track)
 
+        @pc.on("iceconnectionstatechange")
+        def on_ice_state() -> None:
+            if pc.iceConnectionState in ("connected", "completed"):
+                self.status.timings_ms.setdefault("ice_connected", self._elapsed_ms())
+
         @pc.on("connectionstatechange")
         async def on_state() -> None:
             if pc.connectionState == "connected":
@@ -390,13 +395,15 @@ class CallSession:
         self.hs = hs
         pc = self._new_pc()
         await pc.setLocalDescription(await pc.createOffer())
-        hs.send_offer(pc.localDescription.sdp, self.clock(), qkd_keys)
+        with self._computing():
+            hs.send_offer(pc.localDescription.sdp, self.clock(), qkd_keys)
         self.note_keys([k.key_id for k in qkd_keys])
         await self.signaling.send_offer(self.call_id, _b64(b"".join(hs.data_to_send())))
         self._mark("offer_sent")
         self._pump()
         answer = await self._wait_message(Answer, self.options.setup_timeout, "answer")
-        hs.receive_data(_unb64(answer.payload), self.clock())
+        with self._computing():
+            hs.receive_data(_unb64(answer.payload), self.clock())
         await self.apply_events()
         self._start_timer()
 
@@ -413,7 +420,8 @@ class CallSession:
             srtp_profiles=self._profiles(),
         )
         self.hs = hs
-        hs.receive_data(offer, self.clock())
+        with self._computing():
+            hs.receive_data(offer, self.clock())
         offer_event = None
         for event in await self._drain():
             if isinstance(event, OfferReceived):
@@ -432,7 +440,8 @@ class CallSession:
         await pc.setLocalDescription(await pc.createAnswer())
         if hs.error is not None:  # dec_keys failed meanwhile (e.g. the key_ID was used)
             raise hs.error
-        hs.send_answer(pc.localDescription.sdp, self.clock())
+        with self._computing():
+            hs.send_answer(pc.localDescription.sdp, self.clock())
         await self.signaling.send_answer(self.call_id, _b64(b"".join(hs.data_to_send())))
         self._mark("answer_sent")
         await self.apply_events()
@@ -485,7 +494,8 @@ class CallSession:
         self.status.state = CallState.CONFIRMING
         self._exporter = exporter
         assert self.hs is not None
-        self.hs.receive_dtls_exporter(exporter)
+        with self._computing():
+            self.hs.receive_dtls_exporter(exporter)
         await self.apply_events()
         keys = await self._keys0
         try:
@@ -721,7 +731,21 @@ class CallSession:
             self._finish(exc if isinstance(exc, QCallError) else CallError(str(exc)))
 
     def _mark(self, what: str) -> None:
-        self.status.timings_ms[what] = round((time.monotonic() - self._t0) * 1000, 2)
+        self.status.timings_ms[what] = self._elapsed_ms()
+
+    def _elapsed_ms(self) -> float:
+        return round((time.monotonic() - self._t0) * 1000, 2)
+
+    @contextlib.contextmanager
+    def _computing(self) -> Iterator[None]:
+        """Add the CPU time of a handshake step (ML-KEM, ML-DSA, HKDF) to ``compute``."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = (time.perf_counter() - started) * 1000
+            timings = self.status.timings_ms
+            timings["compute"] = round(timings.get("compute", 0.0) + spent, 3)
 
     def note_keys(self, key_ids: list[str]) -> None:
         if key_ids:

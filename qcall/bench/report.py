@@ -1,0 +1,274 @@
+"""Turn the harness's call results into ``latency.json`` and a Markdown table.
+
+Statistics are over the counted (non-warm-up) calls that connected: ``p50``
+is the median, ``p90`` the 90th percentile (linear interpolation between
+order statistics, numpy's default), ``max`` the largest value. One-way
+latency pools every chirp of every call of a mode.
+
+Definitions (docs/performance.md):
+
+* **setup_ms** — from the caller's ``dial()`` to the moment its outbound media
+  is keyed and allowed: DTLS-SRTP connected (``plain``), key confirmation
+  received and the hybrid SRTP keys armed (``pqc``, ``hybrid``). The same
+  milestone (``CallStatus.timings_ms["media"]``) for every mode.
+* **first_audio_ms** — from the caller's ``dial()`` to the first audio frame
+  the callee decodes (same clock: both phones run in one process).
+* **one_way_ms** — for each marker chirp: its receive time at the callee's
+  sink minus its send time at the caller's track (encode, packetize, SRTP,
+  network, jitter buffer, decode).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qcall.bench.runner import PHASES, BenchConfig, CallResult
+
+__all__ = ["SCHEMA", "TARGETS", "build_report", "markdown", "summary", "write_report"]
+
+SCHEMA = "qcall-latency/1"
+
+#: Issue 5's targets.
+TARGETS = {"hybrid_over_plain_setup_max": 1.10, "loopback_one_way_p50_max_ms": 40.0}
+
+
+def summary(values: Iterable[float | None]) -> dict[str, float | int | None]:
+    """``{n, p50, p90, max, min}`` of the values that are not ``None`` (``None`` if empty)."""
+    data = np.array([v for v in values if v is not None], dtype=float)
+    if data.size == 0:
+        return {"n": 0, "p50": None, "p90": None, "max": None, "min": None}
+    return {
+        "n": int(data.size),
+        "p50": round(float(np.percentile(data, 50)), 2),
+        "p90": round(float(np.percentile(data, 90)), 2),
+        "max": round(float(data.max()), 2),
+        "min": round(float(data.min()), 2),
+    }
+
+
+def phase_durations(milestones: dict[str, float]) -> dict[str, float]:
+    """Split a call's caller-side milestones into consecutive phase durations (ms).
+
+    A missing milestone gives no phase (its time falls into the next one); a
+    milestone earlier than the previous one gives a zero-length phase.
+    """
+    out: dict[str, float] = {}
+    previous = 0.0
+    for key, _label in PHASES:
+        if key not in milestones:
+            continue
+        at = float(milestones[key])
+        out[key] = round(max(0.0, at - previous), 3)
+        previous = max(previous, at)
+    return out
+
+
+def _ratio(a: float | int | None, b: float | int | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return round(float(a) / float(b), 3)
+
+
+def _mode_report(calls: Sequence[CallResult]) -> dict[str, Any]:
+    ok = [c for c in calls if c.ok]
+    received = sum(c.packets_received or 0 for c in ok)
+    lost = sum(c.packets_lost or 0 for c in ok)
+    phases = [phase_durations(c.caller_ms) for c in ok]
+    netem = [c.netem for c in ok if c.netem]
+    datagrams = sum(n["datagrams"] for n in netem)
+    dropped = sum(n["dropped"] for n in netem)
+    return {
+        "calls": len(ok),
+        "failed": len(calls) - len(ok),
+        "errors": sorted({c.error for c in calls if c.error}),
+        "setup_ms": summary(c.setup_ms for c in ok),
+        "first_audio_ms": summary(c.first_audio_ms for c in ok),
+        "one_way_ms": summary(v for c in ok for v in c.one_way_ms),
+        "chirps": {
+            "sent": sum(c.chirps_sent for c in ok),
+            "found": sum(len(c.one_way_ms) for c in ok),
+        },
+        "breakdown_ms": {key: summary(p.get(key) for p in phases) for key, _ in PHASES},
+        "qkd_fetch_ms": summary(c.caller_ms.get("qkd_fetch") for c in ok),
+        "compute_ms": {
+            "caller": summary(c.caller_ms.get("compute") for c in ok),
+            "callee": summary(c.callee_ms.get("compute") for c in ok),
+        },
+        "jitter_ms": summary(c.jitter_ms for c in ok),
+        "loss": {
+            "packets_received": received,
+            "packets_lost": lost,
+            "fraction": round(lost / (received + lost), 4) if received + lost else None,
+        },
+        "decrypt_failures": sum(c.decrypt_failures for c in calls),
+        "rekeys": sum(c.rekeys for c in ok),
+        "netem": {
+            "datagrams": datagrams,
+            "dropped": dropped,
+            "achieved_loss": round(dropped / datagrams, 4) if datagrams else None,
+            "achieved_delay_ms": summary(n.get("achieved_delay_ms_median") for n in netem),
+        },
+    }
+
+
+def build_report(
+    config: BenchConfig, results: Sequence[CallResult], *, wall_s: float | None = None
+) -> dict[str, Any]:
+    """The whole ``latency.json`` document."""
+    counted = [r for r in results if not r.warmup]
+    modes = {mode: _mode_report([r for r in counted if r.mode == mode]) for mode in config.modes}
+
+    def p50(mode: str, key: str) -> float | int | None:
+        if mode not in modes:
+            return None
+        value = modes[mode][key]["p50"]
+        return value if isinstance(value, int | float) else None
+
+    ratio = {
+        "hybrid_over_plain_setup": _ratio(p50("hybrid", "setup_ms"), p50("plain", "setup_ms")),
+        "pqc_over_plain_setup": _ratio(p50("pqc", "setup_ms"), p50("plain", "setup_ms")),
+        "hybrid_over_plain_first_audio": _ratio(
+            p50("hybrid", "first_audio_ms"), p50("plain", "first_audio_ms")
+        ),
+        "hybrid_over_plain_one_way": _ratio(
+            p50("hybrid", "one_way_ms"), p50("plain", "one_way_ms")
+        ),
+    }
+    hybrid_ratio = ratio["hybrid_over_plain_setup"]
+    one_way = {m: p50(m, "one_way_ms") for m in modes}
+    checks: dict[str, bool | None] = {
+        "hybrid_setup_within_1.10x_plain": None
+        if hybrid_ratio is None
+        else hybrid_ratio <= TARGETS["hybrid_over_plain_setup_max"],
+        "zero_decrypt_failures": all(m["decrypt_failures"] == 0 for m in modes.values()),
+        "all_calls_connected": all(m["failed"] == 0 for m in modes.values()),
+    }
+    if config.profile.name == "loopback":
+        checks["loopback_one_way_p50_le_40ms"] = all(
+            v is not None and v <= TARGETS["loopback_one_way_p50_max_ms"] for v in one_way.values()
+        )
+    return {
+        "schema": SCHEMA,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "config": {
+            "calls": config.calls,
+            "warmup": config.warmup,
+            "modes": list(config.modes),
+            "profile": config.profile.as_dict(),
+            "seconds_per_call": config.seconds,
+            "rekey_interval_s": config.rekey_interval,
+            "chirp_every_s": config.chirp_every,
+            "seed": config.seed,
+            "wall_s": None if wall_s is None else round(wall_s, 1),
+        },
+        "phases": {key: label for key, label in PHASES},
+        "modes": modes,
+        "ratio": ratio,
+        "targets": dict(TARGETS),
+        "checks": checks,
+        "calls": [r.as_dict() for r in results],
+    }
+
+
+def _machine() -> dict[str, Any]:
+    import aiortc
+
+    load = None
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "cpus": os.cpu_count(),
+        "loadavg": load,
+        "aiortc": getattr(aiortc, "__version__", "?"),
+    }
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.1f}{unit}"
+    return f"{value}{unit}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The Markdown summary: the per-mode table, the setup breakdown, the ratios."""
+    cfg = report["config"]
+    prof = cfg["profile"]
+    lines = [
+        f"# qcall latency — profile `{prof['name']}`",
+        "",
+        f"{cfg['calls']} calls per mode (+{cfg['warmup']} warm-up), interleaved; "
+        f"{cfg['seconds_per_call']} s of audio per call, rekey every "
+        f"{cfg['rekey_interval_s']} s. {prof.get('description') or ''}",
+        f"Machine: {report['machine']['cpus']} CPUs, load average "
+        f"{report['machine']['loadavg']} (shared; figures are noisy). Times in ms.",
+        "",
+        "| mode | calls | setup p50 | setup p90 | setup max | first audio p50 "
+        "| one-way p50 | one-way p90 | one-way max | jitter p50 | loss | decrypt failures "
+        "| rekeys |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for mode, m in report["modes"].items():
+        loss = m["loss"]["fraction"]
+        failed = f" ({m['failed']} failed)" if m["failed"] else ""
+        lines.append(
+            f"| {mode} | {m['calls']}{failed} "
+            f"| {_fmt(m['setup_ms']['p50'])} | {_fmt(m['setup_ms']['p90'])} "
+            f"| {_fmt(m['setup_ms']['max'])} | {_fmt(m['first_audio_ms']['p50'])} "
+            f"| {_fmt(m['one_way_ms']['p50'])} | {_fmt(m['one_way_ms']['p90'])} "
+            f"| {_fmt(m['one_way_ms']['max'])} | {_fmt(m['jitter_ms']['p50'])} "
+            f"| {'–' if loss is None else f'{loss:.1%}'} | {m['decrypt_failures']} "
+            f"| {m['rekeys']} |"
+        )
+    lines += ["", "Setup breakdown (caller's timeline, medians of each phase):", ""]
+    modes = list(report["modes"])
+    lines.append("| phase | " + " | ".join(modes) + " |")
+    lines.append("|---|" + "---|" * len(modes))
+    for key, label in report["phases"].items():
+        cells = [_fmt(report["modes"][m]["breakdown_ms"][key]["p50"]) for m in modes]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for key, label in (("qkd_fetch_ms", "QKD enc_keys (concurrent with the invite)"),):
+        cells = [_fmt(report["modes"][m][key]["p50"]) for m in modes]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for side in ("caller", "callee"):
+        cells = [_fmt(report["modes"][m]["compute_ms"][side]["p50"]) for m in modes]
+        lines.append(
+            f"| handshake compute, {side} (ML-KEM, ML-DSA, HKDF) | " + " | ".join(cells) + " |"
+        )
+    lines += [
+        "",
+        "Ratios of medians: "
+        + ", ".join(
+            f"{k} = {_fmt(v)}" if v is None else f"{k} = {v:.3f}"
+            for k, v in report["ratio"].items()
+        ),
+    ]
+    lines.append("Checks: " + ", ".join(f"{k}: {v}" for k, v in report["checks"].items()))
+    errors = [e for m in report["modes"].values() for e in m["errors"]]
+    if errors:
+        lines += ["", "Errors: " + "; ".join(errors)]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, report: dict[str, Any]) -> list[Path]:
+    """Write ``latency.json`` and ``latency.md`` into ``out``; return their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "latency.json"
+    md_path = out / "latency.md"
+    json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    md_path.write_text(markdown(report), encoding="utf-8")
+    return [json_path, md_path]

@@ -1,0 +1,376 @@
+"""Run the harness's calls: N per mode, interleaved, through real signaling and real KMEs.
+
+The lab (:class:`Lab`):
+
+* the simulated ``beijing-hefei`` QKD network with its ETSI GS QKD 014 KMEs,
+  in a child process (:mod:`qcall.bench.kmes`);
+* a :class:`~signaling.server.SignalingServer` on loopback;
+* two :class:`~qcall.call.phone.Phone` objects in this process: ``alice`` (SAE
+  at the Beijing KME) calls ``bob`` (SAE at the Hefei KME). Alice sends a tone
+  with a marker chirp every ``chirp_every`` seconds; bob records what he decodes.
+
+Both phones share one event loop and one monotonic clock, so the chirps' send
+and receive times compare directly. Each call gets the network profile on both
+peers' outgoing media datagrams (:mod:`qcall.call.netem`, seed = call number).
+
+Modes run round-robin — ``plain, pqc, hybrid, pqc, hybrid, plain, …`` with
+the starting mode rotating each round — so that slow drifts of a loaded
+machine hit every mode alike. ``warmup`` extra rounds run first and are not
+counted (first-call costs: codec set-up, the KME's TLS session, imports).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qcall.call.netem import NetworkProfile
+from qcall.exceptions import CallError, QCallError
+
+__all__ = ["MODES", "BenchConfig", "CallResult", "Lab", "run_bench", "schedule"]
+
+logger = logging.getLogger(__name__)
+
+MODES = ("plain", "pqc", "hybrid")
+CALLER, CALLEE = "alice", "bob"
+TONE_HZ = 440.0
+
+#: Caller-side milestones (``CallStatus.timings_ms``) in call order, and the
+#: phase each one ends. "first_audio" is the callee's first decoded frame.
+PHASES = (
+    ("accepted", "invite → accept (signaling round trip)"),
+    ("offer_sent", "offer built (ICE gather, ML-KEM keygen, ML-DSA sign, QKD wait)"),
+    ("answer_received", "offer → answer (signaling, callee verify/encaps/sign)"),
+    ("ice_connected", "ICE connectivity checks"),
+    ("dtls_done", "DTLS handshake"),
+    ("confirmed", "key schedule + key confirmation"),
+    ("media", "outbound SRTP armed"),
+    ("first_audio", "first decoded audio at the callee"),
+)
+
+Progress = Callable[[str, int], None]
+
+
+@dataclass
+class BenchConfig:
+    """What to run.
+
+    Attributes:
+        calls: counted calls per mode.
+        profile: network profile (each direction).
+        modes: the modes to compare (``plain`` is the baseline).
+        seconds: audio per call after setup.
+        rekey_interval: seconds between rekeys (``pqc``/``hybrid``).
+        chirp_every: seconds between marker chirps (more than any latency).
+        warmup: uncounted rounds first.
+        seed: base seed of the network emulation.
+        out: directory for recordings and results.
+        keep_audio: keep each call's WAV recording.
+    """
+
+    calls: int = 10
+    profile: NetworkProfile = field(default_factory=lambda: NetworkProfile("loopback"))
+    modes: tuple[str, ...] = MODES
+    seconds: float = 2.5
+    rekey_interval: float = 0.8
+    chirp_every: float = 0.4
+    warmup: int = 1
+    seed: int = 0
+    out: Path = field(default_factory=lambda: Path("bench-out"))
+    keep_audio: bool = False
+
+
+@dataclass
+class CallResult:
+    """One call's measurements (times in ms; no key material)."""
+
+    mode: str
+    index: int
+    warmup: bool
+    ok: bool = False
+    error: str | None = None
+    setup_ms: float | None = None
+    first_audio_ms: float | None = None
+    caller_ms: dict[str, float] = field(default_factory=dict)
+    callee_ms: dict[str, float] = field(default_factory=dict)
+    one_way_ms: list[float] = field(default_factory=list)
+    chirps_sent: int = 0
+    jitter_ms: float | None = None
+    packets_received: int | None = None
+    packets_lost: int | None = None
+    decrypt_failures: int = 0
+    rekeys: int = 0
+    netem: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def schedule(modes: tuple[str, ...], calls: int, warmup: int) -> list[tuple[str, int, bool]]:
+    """The interleaved call order: ``(mode, index, is_warmup)``, rotating the first mode."""
+    order = []
+    for round_ in range(warmup + calls):
+        shift = round_ % len(modes)
+        for mode in modes[shift:] + modes[:shift]:
+            order.append((mode, round_, round_ < warmup))
+    return order
+
+
+# --- the lab ----------------------------------------------------------------------------
+
+
+class Lab:
+    """The QKD network process, the signaling server and the two phones."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.recorder: Any = None
+        self.tone: Any = None
+        self.phones: dict[str, Any] = {}
+        self._kmes: asyncio.subprocess.Process | None = None
+        self._signaling: Any = None
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def start(cls, work: Path, *, need_qkd: bool = True) -> AsyncIterator[Lab]:
+        lab = cls(work)
+        try:
+            await lab._open(need_qkd)
+            yield lab
+        finally:
+            await lab._close()
+
+    async def _open(self, need_qkd: bool) -> None:
+        from qcall.call.phone import Phone
+        from qcall.contacts import ContactStore
+        from qcall.identity import Identity
+        from qcall.qkd.client import open_key_source
+        from signaling.server import SignalingServer
+
+        saes: dict[str, Any] = {}
+        if need_qkd:
+            saes = await self._start_kmes()
+        self._signaling = SignalingServer()
+        await self._signaling.start("127.0.0.1", 0)
+        url = f"ws://127.0.0.1:{self._signaling.port}"
+        for name in (CALLER, CALLEE):
+            home = self.work / name
+            home.mkdir(mode=0o700, parents=True, exist_ok=True)
+            source = open_key_source(dict(saes[name], timeout=5.0)) if saes else None
+            phone = Phone(
+                url,
+                Identity.generate(name).signing_key,
+                name,
+                check_peer=ContactStore.in_home(home).check_peer,
+                key_source=source,
+                make_source=self._make_source if name == CALLER else (lambda: None),
+                on_track=self._on_track if name == CALLEE else None,
+            )
+            await phone.start()
+            self.phones[name] = phone
+
+    async def _start_kmes(self) -> dict[str, Any]:
+        state = self.work / "network"
+        self._kmes = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "qcall.bench.kmes", str(state),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        assert self._kmes.stdout is not None
+        try:
+            line = await asyncio.wait_for(self._kmes.stdout.readline(), 180)
+            ready = json.loads(line)
+            doc = json.loads(Path(ready["network_file"]).read_text(encoding="utf-8"))
+        except (TimeoutError, ValueError, KeyError, OSError) as exc:
+            raise CallError(f"the simulated QKD network did not start ({exc!r})") from None
+        saes: dict[str, Any] = {}
+        for name in (CALLER, CALLEE):
+            entry = doc["saes"][name]
+            saes[name] = {k: entry[k] for k in ("url", "cert", "key", "ca")} | {"type": "etsi014"}
+        return saes
+
+    async def _close(self) -> None:
+        for phone in self.phones.values():
+            with contextlib.suppress(Exception):
+                await phone.close()
+        if self._signaling is not None:
+            await self._signaling.close()
+        if self._kmes is not None:
+            if self._kmes.stdin is not None:
+                self._kmes.stdin.close()
+            try:
+                await asyncio.wait_for(self._kmes.wait(), 10)
+            except TimeoutError:
+                self._kmes.kill()
+                await self._kmes.wait()
+
+    def _make_source(self) -> Any:
+        return self.tone
+
+    def _on_track(self, _session: Any, track: Any) -> None:
+        if self.recorder is not None:
+            self.recorder.addTrack(track)
+            task = asyncio.ensure_future(self.recorder.start())
+            self._recorder_start = task  # keep a reference
+
+
+# --- one call ---------------------------------------------------------------------------
+
+
+async def _receiver_stats(session: Any) -> tuple[float | None, int | None, int | None]:
+    """RFC 3550 §6.4.1 interarrival jitter (ms), packets received and lost, at the receiver."""
+    pc = session.pc
+    if pc is None:
+        return None, None, None
+    with contextlib.suppress(Exception):
+        for transceiver in pc.getTransceivers():
+            receiver = transceiver.receiver
+            for stats in (await receiver.getStats()).values():
+                if type(stats).__name__ == "RTCInboundRtpStreamStats":
+                    return (
+                        round(float(stats.jitter) / 48.0, 2),  # 48 kHz RTP clock (Opus)
+                        int(stats.packetsReceived),
+                        max(0, int(stats.packetsLost)),
+                    )
+    return None, None, None
+
+
+def _decrypt_failures(session: Any) -> int:
+    hook = getattr(session, "hook", None)
+    return hook.stats.decrypt_failures if hook is not None else 0
+
+
+def _netem_summary(*sessions: Any) -> dict[str, Any]:
+    sent = dropped = 0
+    achieved: list[float] = []
+    for session in sessions:
+        emulation = getattr(session, "emulation", None)
+        if emulation is not None:
+            sent += emulation.stats.sent
+            dropped += emulation.stats.dropped
+            achieved.extend(emulation.stats.achieved_ms)
+    if not sent:
+        return {}
+    return {
+        "datagrams": sent,
+        "dropped": dropped,
+        "achieved_delay_ms_median": round(statistics.median(achieved), 3) if achieved else None,
+    }
+
+
+async def run_call(
+    lab: Lab, config: BenchConfig, mode: str, index: int, warmup: bool
+) -> CallResult:
+    """Place one call in ``mode``, hold it ``config.seconds``, hang up, and measure it."""
+    from qcall.call.audio_analysis import chirp_template, find_chirps, one_way_latencies
+    from qcall.call.media import ToneTrack, WavRecorder, read_wav
+    from qcall.call.session import CallOptions
+
+    result = CallResult(mode, index, warmup)
+    options = CallOptions(
+        policy=mode,
+        rekey_interval=None if mode == "plain" else config.rekey_interval,
+        network=None if config.profile.is_null else config.profile,
+        network_seed=config.seed * 100_003 + index * len(MODES) + MODES.index(mode),
+        setup_timeout=20.0,
+        ring_timeout=20.0,
+    )
+    alice, bob = lab.phones[CALLER], lab.phones[CALLEE]
+    alice.options = options
+    bob.options = options
+    chirps = [config.chirp_every * (k + 1) for k in range(int(config.seconds / config.chirp_every))]
+    lab.tone = ToneTrack(TONE_HZ, chirp_at=chirps)
+    wav = config.out / "audio" / f"{mode}-{index:03d}.wav"
+    wav.parent.mkdir(parents=True, exist_ok=True)
+    lab.recorder = recorder = WavRecorder(wav)
+    caller = callee = None
+    dial = asyncio.ensure_future(alice.call(CALLEE))
+    pick_up = asyncio.ensure_future(bob.incoming())
+    try:
+        caller, callee = await asyncio.wait_for(asyncio.gather(dial, pick_up), 30)
+        t0 = caller._t0
+        await asyncio.sleep(config.seconds)
+        result.caller_ms = dict(caller.status.timings_ms)
+        result.callee_ms = dict(callee.status.timings_ms)
+        result.setup_ms = result.caller_ms.get("media")
+        if mode == "plain" and result.setup_ms is not None:
+            # plain: the media path opens when DTLS-SRTP is connected.
+            result.caller_ms.setdefault("dtls_done", result.setup_ms)
+        if recorder.arrivals:
+            first = recorder.arrivals[0].arrival_time
+            result.first_audio_ms = round((first - t0) * 1000, 2)
+            result.caller_ms["first_audio"] = result.first_audio_ms
+        jitter, received, lost = await _receiver_stats(callee)
+        result.jitter_ms, result.packets_received, result.packets_lost = jitter, received, lost
+        result.rekeys = caller.status.rekeys
+        result.decrypt_failures = _decrypt_failures(caller) + _decrypt_failures(callee)
+        result.netem = _netem_summary(caller, callee)
+        result.ok = True
+    except (QCallError, TimeoutError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+        dial.cancel()
+        pick_up.cancel()
+    finally:
+        for session in (caller, callee):
+            if session is not None:
+                with contextlib.suppress(QCallError):
+                    await session.hangup()
+        await recorder.stop()
+        lab.recorder = None
+    if result.ok:
+        samples, rate = read_wav(wav)
+        offsets = find_chirps(samples, rate, chirp_template(rate)) if len(samples) else []
+        latencies = one_way_latencies(lab.tone.chirp_send_times, recorder.arrivals, offsets, rate)
+        result.one_way_ms = [round(s * 1000, 2) for s in latencies]
+        result.chirps_sent = len(lab.tone.chirp_send_times)
+    if not config.keep_audio:
+        with contextlib.suppress(OSError):
+            os.unlink(wav)
+    await asyncio.sleep(0.2)  # let both phones forget the call before the next invite
+    return result
+
+
+async def run_bench(config: BenchConfig, progress: Progress | None = None) -> list[CallResult]:
+    """Run every call of ``config`` and return their results (warm-up calls flagged).
+
+    Args:
+        config: what to run.
+        progress: called with a description and the number of calls done.
+
+    Raises:
+        CallError: the lab could not start.
+    """
+    if config.calls < 1:
+        raise CallError("--calls must be at least 1")
+    for mode in config.modes:
+        if mode not in MODES:
+            raise CallError(f"unknown mode {mode!r} (known: {', '.join(MODES)})")
+    config.out.mkdir(parents=True, exist_ok=True)
+    order = schedule(config.modes, config.calls, config.warmup)
+    results: list[CallResult] = []
+    with tempfile.TemporaryDirectory(prefix="qcall-bench-") as work:
+        async with Lab.start(Path(work), need_qkd="hybrid" in config.modes) as lab:
+            for done, (mode, index, warmup) in enumerate(order):
+                if progress is not None:
+                    progress(f"{mode} call {index + 1 - config.warmup}" if not warmup
+                             else f"{mode} warm-up", done)  # fmt: skip
+                started = time.monotonic()
+                result = await run_call(lab, config, mode, index, warmup)
+                logger.info(
+                    "= %s %d: %.0f ms wall", mode, index, (time.monotonic() - started) * 1000
+                )
+                results.append(result)
+            if progress is not None:
+                progress("done", len(order))
+    return results
