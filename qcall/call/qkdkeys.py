@@ -5,7 +5,9 @@ apart so each module stays small. The caller fetches a key before its offer
 (concurrently with the invite) and one per rekey; the callee fetches keys by
 key_ID when the handshake asks (:class:`~qcall.handshake.QKDKeysNeeded`). Without
 a fresh key for a rekey, the call keeps its current keys for ``key_grace``
-seconds, says so, and then ends cleanly.
+seconds, says so, and then ends cleanly — on both sides: a callee whose KME
+fails answers the rekey with REKEY_NACK and the caller retries with a fresh
+key (``docs/faults.md``, ``docs/handshake.md`` §3.7).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from qcall.exceptions import LinkAlarmError, QKDError, SecurityPolicyError
-from qcall.handshake import CallerHandshake, QKDKeysNeeded
+from qcall.handshake import CalleeHandshake, CallerHandshake, QKDKeysNeeded, RekeyPostponed
 from qcall.qkd.client import KeySource
 from qcall.qkd.etsi014 import KeyStatus, QKDKey
 
@@ -135,7 +137,10 @@ class QKDKeys:
         try:
             keys = await self._source().get_keys_by_id(event.master_sae_id, event.key_ids)
         except QKDError as exc:
-            s.hs.fail(exc)
+            if event.epoch > 0 and isinstance(s.hs, CalleeHandshake):
+                self._decline(s.hs, event.epoch, exc)  # keep the current keys, if in grace
+            else:
+                s.hs.fail(exc)
             await s.apply_events()
             return
         if event.epoch == 0:
@@ -156,23 +161,59 @@ class QKDKeys:
             except QKDError as exc:
                 self._key_missing(hs, epoch, exc)
                 return
-            if self.failing_since is not None:
-                self.failing_since = None
-                s.status.notice = "fresh QKD keys again"
         hs.rekey(s.clock(), keys, fresh_kem=s.options.fresh_kem_on_rekey)
         await s.apply_events()
 
-    def _key_missing(self, hs: CallerHandshake, epoch: int, exc: QKDError) -> None:
-        """Keep the current keys during the grace period, retrying; then end the call."""
+    def rekey_postponed(self, event: RekeyPostponed) -> None:
+        """Caller: the callee answered REKEY_NACK (its KME failed): retry, within the grace."""
+        hs = self.session.hs
+        if event.remote and isinstance(hs, CallerHandshake):
+            error = QKDError(f"{self.session.peer}'s KME could not deliver the key ({event.code})")
+            self._key_missing(hs, event.epoch, error)
+
+    def rekey_completed(self) -> None:
+        """Both sides: a rekey went through, so the grace period (if running) is over."""
+        if self.failing_since is not None:
+            self.failing_since = None
+            self.session.status.notice = "fresh QKD keys again"
+
+    def _grace_left(self, exc: QKDError) -> float:
+        """Count one failed rekey; return the seconds of grace left (≤ 0: over)."""
         s = self.session
         now = time.monotonic()
         s.status.rekey_failures += 1
         if self.failing_since is None:
             self.failing_since = now
-        waited = now - self.failing_since
-        left = s.options.key_grace - waited
+        left = s.options.key_grace - (now - self.failing_since)
         if left <= 0:
-            s.status.notice = f"no fresh QKD key for {waited:.0f} s ({exc})"
+            s.status.notice = f"no fresh QKD key for {now - self.failing_since:.0f} s ({exc})"
+        return left
+
+    def _decline(self, hs: CalleeHandshake, epoch: int, exc: QKDError) -> None:
+        """Callee: our KME failed during a rekey: REKEY_NACK within the grace, else end."""
+        s = self.session
+        left = self._grace_left(exc)
+        if left <= 0:
+            hs.fail(
+                QKDError(
+                    f"our KME could not deliver a QKD key for longer than the "
+                    f"{s.options.key_grace:g} s grace period ({exc}); the call was ended"
+                )
+            )
+            return
+        s.status.notice = (
+            f"rekey {epoch} postponed: {exc}; keeping the current keys for up to {left:.0f} s"
+        )
+        logger.warning("! %s", s.status.notice)
+        hs.decline_rekey(exc)
+
+    def _key_missing(self, hs: CallerHandshake, epoch: int, exc: QKDError) -> None:
+        """Keep the current keys during the grace period, retrying; then end the call."""
+        s = self.session
+        left = self._grace_left(exc)
+        assert self.failing_since is not None
+        waited = time.monotonic() - self.failing_since
+        if left <= 0:
             s.end_with_error(
                 QKDError(
                     f"no fresh QKD key for {waited:.0f} s, longer than the "

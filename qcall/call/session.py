@@ -72,6 +72,7 @@ from qcall.handshake import (
     QKDRoute,
     RekeyCompleted,
     RekeyDue,
+    RekeyPostponed,
     ReplayCache,
     SRTPProfile,
 )
@@ -368,6 +369,11 @@ class CallSession:
                 self._connected.set()
             elif pc.connectionState == "failed":
                 self._finish(CallError("the media connection failed (ICE/DTLS)"))
+            elif pc.connectionState == "closed" and self.status.state is CallState.ACTIVE:
+                # The peer closed DTLS (close_notify): its hangup, even when the
+                # signaling server lost the call (restart; docs/faults.md).
+                logger.info("= call %s: %s closed the media connection", self.call_id, self.peer)
+                self._finish(None)
 
         if self.source is not None:
             pc.addTrack(self.source)
@@ -586,7 +592,10 @@ class CallSession:
                 self._key_confirmed(event)
             elif isinstance(event, RekeyDue):
                 self._spawn(self.qkd.rekey(event.epoch))
+            elif isinstance(event, RekeyPostponed):
+                self.qkd.rekey_postponed(event)
             elif isinstance(event, RekeyCompleted):
+                self.qkd.rekey_completed()
                 self.status.rekeys += 1
                 self.status.epoch = event.epoch
                 self.note_keys(list(event.qkd_key_ids))
