@@ -20,7 +20,9 @@ from qcall.exceptions import QCallError
 __all__ = ["main"]
 
 #: Subcommand modules, in the order ``--help`` lists them (``call`` also adds ``listen``).
-COMMANDS = ("demo", "call", "identity", "contacts", "qkd", "pki", "network", "devices")
+COMMANDS = (
+    "demo", "call", "identity", "contacts", "qkd", "pki", "network", "network_site", "devices",
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -251,6 +251,10 @@ class NetworkSite(SimulatedNetwork):
         self._alice_rng = np.random.default_rng(s_alice)
         self._bob_rng = np.random.default_rng(s_bob)
         self._channel: ChannelEnd | None = None
+        # The split link's protocol steps get their own thread: behind the local
+        # links' BB84 blocks (seconds each) in the shared pool, its ~150 round
+        # trips per block would each wait for a whole block.
+        self._split_executor: ThreadPoolExecutor | None = None
 
     def __repr__(self) -> str:
         side = "transmitter" if self.transmitter else "receiver"
@@ -335,6 +339,7 @@ class NetworkSite(SimulatedNetwork):
                     runtime.model_rate = sim.expected_secret_key_rate()
                 self._links[link.name] = runtime
         self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="qkd-link")
+        self._split_executor = ThreadPoolExecutor(1, thread_name_prefix="qkd-split")
         for runtime in self._links.values():
             if runtime.sim is not None:
                 self._tasks.append(asyncio.create_task(self._link_loop(runtime)))
@@ -358,6 +363,14 @@ class NetworkSite(SimulatedNetwork):
         if self._conn is not None:
             self._conn.writer.close()
         await super().close()
+        if self._split_executor is not None:
+            self._split_executor.shutdown(wait=False, cancel_futures=True)
+            self._split_executor = None
+
+    @property
+    def is_ready(self) -> bool:
+        """Whether every pair of this site has had a key (see :meth:`wait_ready`)."""
+        return self._ready.is_set()
 
     @property
     def listen_port(self) -> int:
@@ -559,8 +572,8 @@ class NetworkSite(SimulatedNetwork):
 
     async def _alice_loop(self, conn: _Connection) -> None:
         """Transmitter: optics, then answer Bob's post-processing messages."""
-        assert self._channel is not None and self._executor is not None
-        ch, loop = self._channel, asyncio.get_running_loop()
+        assert self._channel is not None and self._split_executor is not None
+        ch, loop, pool = self._channel, asyncio.get_running_loop(), self._split_executor
         cap = self.relay.buffers[self.split.name].capacity_bits or (1 << 20)
         while True:
             if min(self.pads.available_bits("ab"), self.pads.available_bits("ba")) >= cap // 2:
@@ -572,7 +585,7 @@ class NetworkSite(SimulatedNetwork):
             params = self.params
             n = params.default_block_pulses()
             alice_rec, bob_rec = await loop.run_in_executor(
-                self._executor, self._optics.transmit, n, self._alice_rng
+                pool, self._optics.transmit, n, self._alice_rng
             )
             self._send(conn, Optics(block, n, bob_rec.indices, bob_rec.basis, bob_rec.bit))
             alice = AliceEnd(params, alice_rec, self._alice_rng)
@@ -580,7 +593,7 @@ class NetworkSite(SimulatedNetwork):
             while alice.state is not State.DONE:
                 pp = await self._expect(conn, PostProcessing, block)
                 incoming = ch.open(pp.frame)
-                reply = await loop.run_in_executor(self._executor, alice.handle, incoming)
+                reply = await loop.run_in_executor(pool, alice.handle, incoming)
                 self._send(conn, PostProcessing(block, ch.seal(reply)))
             alice_tag, bob_tag = ch.block_tags()
             self._send(conn, BlockTag(block, alice_tag))
@@ -595,8 +608,8 @@ class NetworkSite(SimulatedNetwork):
 
     async def _bob_loop(self, conn: _Connection) -> None:
         """Receiver: take the detector record, drive post-processing as Bob."""
-        assert self._channel is not None and self._executor is not None
-        ch, loop = self._channel, asyncio.get_running_loop()
+        assert self._channel is not None and self._split_executor is not None
+        ch, loop, pool = self._channel, asyncio.get_running_loop(), self._split_executor
         while True:
             optics: Optics = await self._expect(conn, Optics, None)
             if optics.block <= self._last_block:
@@ -612,12 +625,12 @@ class NetworkSite(SimulatedNetwork):
                     return True, stop.value
 
             ch.reset_transcript()
-            finished, value = await loop.run_in_executor(self._executor, step, None)
+            finished, value = await loop.run_in_executor(pool, step, None)
             while not finished:
                 self._send(conn, PostProcessing(block, ch.seal(value)))
                 pp = await self._expect(conn, PostProcessing, block)
                 incoming = ch.open(pp.frame)
-                finished, value = await loop.run_in_executor(self._executor, step, incoming)
+                finished, value = await loop.run_in_executor(pool, step, incoming)
             out: BobOutcome = value
             alice_tag, bob_tag = ch.block_tags()
             theirs = await self._expect(conn, BlockTag, block)
