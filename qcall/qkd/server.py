@@ -33,6 +33,7 @@ from types import TracebackType
 from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from qcall.exceptions import KMEError
 from qcall.qkd.etsi014 import (
@@ -77,6 +78,24 @@ def _error(status: int, message: str, details: list[object] | None = None) -> we
     return _json_response(error_body(message, details), status)
 
 
+@web.middleware
+async def _spec_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer aiohttp's own HTTP errors (404 unknown path, 405 method, ...) as JSON.
+
+    Every answer of the API is then JSON, errors the spec's Error object
+    (ETSI GS QKD 014, 6.5), as clients expect (found by tests/test_fuzz_kme_server.py).
+    """
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = _error(exc.status, exc.reason)
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+
+
 class KMEServer:
     """Serve a :class:`KME` over HTTPS (ETSI GS QKD 014 clause 5).
 
@@ -117,7 +136,7 @@ class KMEServer:
         self.debug = logger.isEnabledFor(logging.DEBUG) if debug is None else debug
         self._runner: web.AppRunner | None = None
         self._expirer: asyncio.Task[None] | None = None
-        self.app = web.Application(client_max_size=MAX_BODY)
+        self.app = web.Application(client_max_size=MAX_BODY, middlewares=[_spec_errors])
         p = API_PREFIX
         self.app.router.add_get(p + "/{sae}/status", self._status)
         self.app.router.add_post(p + "/{sae}/enc_keys", self._enc_keys_post)
