@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from qcall.exceptions import ConfigError
 from qcall.qkd.client import open_key_source
 from qcall.qkd.pki import create_pki
 from qcall.qkd.site import PSK_BYTES, NetworkSite, create_psk, split_sides
+from qcall.qkd.sitewire import PROTOCOL_VERSION, Hello, encode_frame
 from qcall.qkd.topology import load_topology
 
 from .utils import TIMEOUT_FACTOR
@@ -134,3 +136,129 @@ async def test_wrong_psk_never_delivers(bundle: Path, tmp_path: Path) -> None:
             await a.wait_ready(3)
         assert a.status()["split_link"]["error"] or b.status()["split_link"]["error"]
         assert all(p["delivered"] == 0 for p in a.status()["pairs"])
+
+
+async def test_eavesdropper_on_the_split_link_stops_the_relay(bundle: Path, tmp_path: Path) -> None:
+    async with two_sites(bundle, tmp_path) as (a, b):
+        await asyncio.gather(a.wait_ready(TIMEOUT), b.wait_ready(TIMEOUT))
+        with pytest.raises(ConfigError, match="set Eve there"):
+            b.set_eavesdropper(SPLIT, 1.0)  # the optics run at the transmitter's site
+        a.set_eavesdropper(SPLIT, 1.0)
+
+        def alarmed() -> bool:
+            return bool(a.status()["split_link"]["alarm"] and b.status()["split_link"]["alarm"])
+
+        await asyncio.gather(a.wait_for(alarmed, TIMEOUT), b.wait_for(alarmed, TIMEOUT))
+        assert a.status()["split_link"]["qber"] > 0.11
+        # Both KMEs say so in their ETSI 014 Status, for the pairs crossing the split.
+        for site, node, caller, peer in (
+            (a, "Beijing", "alice", "bob"),
+            (b, "Hefei", "bob", "alice"),
+        ):
+            ext = site.kmes[node].status(caller, peer).status_extension  # type: ignore[arg-type]
+            assert ext is not None and SPLIT in ext["alarm"] and ext["qber"] > 0.11
+        # Keys already relayed stay usable; new ones do not cross while the alarm lasts.
+        alice = json.loads(a.network_file.read_text())["saes"]["alice"]
+        async with open_key_source({"type": "etsi014", **alice}) as at_beijing:
+            stored = a.kmes["Beijing"].stored_key_count("alice", "bob")
+            assert len(await at_beijing.get_keys("bob", stored)) == stored
+        pair = next(cp for cp in a.cross_pairs if cp.outgoing)
+        delivered = pair.delivered
+        await a.wait_for(lambda: pair.error is not None and "alarm" in pair.error, TIMEOUT)
+        assert pair.delivered == delivered
+        # Eve leaves: the next good block clears the alarm and keys flow again.
+        a.set_eavesdropper(SPLIT, 0.0)
+        await a.wait_for(lambda: pair.delivered > delivered, TIMEOUT)
+        assert not a.status()["split_link"]["alarm"]
+
+
+async def test_hostile_peer_bytes_and_a_wrong_hello_leave_the_site_serving(
+    bundle: Path, tmp_path: Path
+) -> None:
+    options: dict[str, Any] = {
+        "pki_dir": bundle / "pki", "psk_file": bundle / "split.psk", "tls": False,
+        "speedup": 1e6, "pool_target": 2, "seed": 5, "link_capacity_bits": 1 << 14,
+        "relay_interval": 0.01, "link_overrides": FAST,
+    }  # fmt: skip
+    async with NetworkSite.start(
+        "beijing-hefei", SPLIT, "Beijing", tmp_path / "a", listen=("127.0.0.1", 0), **options
+    ) as a:
+        port = a.listen_port
+        # Garbage, then a Hello for another split: each connection is dropped with a reason.
+        bad_hello = Hello(PROTOCOL_VERSION, "beijing-hefei", "Taian-Qufu", "Taian", 0, 0)
+        for data, reason in (
+            (b"\xff" * 64, "exceeds the limit"),
+            (b"\x01\x00\x00\x00\x02{}", "Hello.version"),
+            (encode_frame(bad_hello), "expected 'beijing-hefei'/'Jinan-Taian' at 'Taian'"),
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(data)
+            await writer.drain()
+            assert await asyncio.wait_for(reader.read(), TIMEOUT)  # its Hello, then EOF
+            writer.close()
+            await a.wait_for(
+                lambda r=reason: r in (a.status()["split_link"]["error"] or ""), TIMEOUT
+            )
+        assert not a.status()["split_link"]["connected"]
+        # The real other site still gets through.
+        async with NetworkSite.start(
+            "beijing-hefei", SPLIT, "Hefei", tmp_path / "b", connect=("127.0.0.1", port), **options
+        ) as b:
+            await asyncio.gather(a.wait_ready(TIMEOUT), b.wait_ready(TIMEOUT))
+            assert a.status()["split_link"]["connections"] == 1
+
+
+async def test_the_other_site_must_present_its_kme_certificate(
+    bundle: Path, tmp_path: Path
+) -> None:
+    # A "Hefei" site whose certificate is really Beijing's KME's is refused by name.
+    forged = tmp_path / "pki"
+    shutil.copytree(bundle / "pki", forged)
+    for suffix in (".pem", ".key"):
+        shutil.copyfile(
+            forged / "kme" / f"KME-Beijing{suffix}", forged / "kme" / f"KME-Hefei{suffix}"
+        )
+    options: dict[str, Any] = {"psk_file": bundle / "split.psk", "speedup": 1e6,
+                               "link_overrides": FAST}  # fmt: skip
+    async with NetworkSite.start(
+        "beijing-hefei", SPLIT, "Beijing", tmp_path / "a", pki_dir=bundle / "pki",
+        listen=("127.0.0.1", 0), **options,
+    ) as a:  # fmt: skip
+        async with NetworkSite.start(
+            "beijing-hefei", SPLIT, "Hefei", tmp_path / "b", pki_dir=forged,
+            connect=("127.0.0.1", a.listen_port), **options,
+        ):  # fmt: skip
+            await a.wait_for(
+                lambda: (
+                    "presents ['KME-Beijing'], not 'KME-Hefei'"
+                    in (a.status()["split_link"]["error"] or "")
+                ),
+                TIMEOUT,
+            )
+            assert a.status()["split_link"]["connections"] == 0
+
+
+def test_constructor_checks(bundle: Path, tmp_path: Path) -> None:
+    files = {"pki_dir": bundle / "pki", "psk_file": bundle / "split.psk"}
+    site = NetworkSite("beijing-hefei", SPLIT, "Hefei", tmp_path / "b",
+                       connect=("127.0.0.1", 1), **files)  # fmt: skip
+    assert site.peer_kme == "KME-Beijing" and site.identity_kme == "KME-Hefei"
+    assert site.border == "Taian" and not site.transmitter and "receiver" in repr(site)
+    with pytest.raises(ConfigError, match="exactly one of listen and connect"):
+        NetworkSite("beijing-hefei", SPLIT, "Hefei", tmp_path / "c", **files)
+    with pytest.raises(ConfigError, match="not in topology"):
+        NetworkSite("beijing-hefei", SPLIT, "Paris", tmp_path / "c", listen=("", 0), **files)
+    metro = load_topology("hefei-metro")
+    with pytest.raises(ConfigError, match="does not split"):
+        NetworkSite(metro, _ring_link(), next(iter(metro.nodes)), tmp_path / "d",
+                    listen=("127.0.0.1", 0), **files)  # fmt: skip
+
+
+def _ring_link() -> str:
+    metro = load_topology("hefei-metro")
+    for name in metro.links:
+        try:
+            split_sides(metro, name)
+        except ConfigError:
+            return name
+    raise AssertionError("hefei-metro has no ring")

@@ -55,6 +55,7 @@ from qcall.config import atomic_write
 from qcall.exceptions import ConfigError, PostProcessingError, QKDError, RelayError, SiteLinkError
 from qcall.qkd.kme import PoolRole
 from qcall.qkd.network import (
+    MAX_RETRY_SECONDS,
     SAECredentials,
     SimulatedNetwork,
     _LinkRuntime,
@@ -504,7 +505,10 @@ class NetworkSite(SimulatedNetwork):
             for task in done:
                 if not task.cancelled() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
-        except (SiteLinkError, PostProcessingError, OSError, ssl.SSLError, TimeoutError) as exc:
+        except (QKDError, OSError, ssl.SSLError, TimeoutError) as exc:
+            # SiteLinkError, PostProcessingError (incl. a failed MAC), KeyExhaustedError
+            # (authentication pad spent by aborted blocks): drop the connection; the
+            # next one starts a fresh block with counters moved forward.
             self.cross.error = f"{type(exc).__name__}: {exc}"[:160]
             logger.warning("! site link: %s", self.cross.error)
         finally:
@@ -575,6 +579,7 @@ class NetworkSite(SimulatedNetwork):
         assert self._channel is not None and self._split_executor is not None
         ch, loop, pool = self._channel, asyncio.get_running_loop(), self._split_executor
         cap = self.relay.buffers[self.split.name].capacity_bits or (1 << 20)
+        failed_in_a_row = 0
         while True:
             if min(self.pads.available_bits("ab"), self.pads.available_bits("ba")) >= cap // 2:
                 await asyncio.sleep(self.relay_interval)
@@ -602,7 +607,16 @@ class NetworkSite(SimulatedNetwork):
                 raise PostProcessingError(f"split link block {block}: Bob's tag does not verify")
             self._finish_block(block, alice.decision, alice.qber, alice.verified,
                                alice.final_key or b"")  # fmt: skip
-            remaining = started + n / params.pulse_rate_hz / self.speedup - time.monotonic()
+            wait = n / params.pulse_rate_hz / self.speedup
+            if alice.decision is Abort.ALARM:
+                # Each aborted block spends authentication pad: back off as the
+                # single-process network does (docs/relay.md, "Failed blocks").
+                failed_in_a_row += 1
+                backoff = self.alarm_retry * 2 ** min(failed_in_a_row - 1, 16)
+                wait = max(wait, min(backoff, MAX_RETRY_SECONDS))
+            else:
+                failed_in_a_row = 0
+            remaining = started + wait - time.monotonic()
             if remaining > 0:
                 await asyncio.sleep(remaining)
 
