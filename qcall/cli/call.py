@@ -128,8 +128,10 @@ def load_config(path: str | Path | None, home: Path) -> dict[str, Any]:
         data = tomllib.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {file}: {exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except ValueError as exc:  # TOMLDecodeError, or an integer beyond Python's digit limit
         raise ConfigError(f"{file} is not valid TOML: {exc}") from exc
+    except RecursionError:  # arrays or inline tables nested thousands deep
+        raise ConfigError(f"{file} is not valid TOML: nested too deeply") from None
     for key, value in data.items():
         expected = _CONFIG_KEYS.get(key)
         if expected is None:
