@@ -20,17 +20,25 @@ import json
 import os
 import re
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import quote
 
 import aiohttp
 import pytest
 from yarl import URL
 
-from qcall.qkd.etsi014 import API_PREFIX, parse_status
+from qcall.exceptions import KMEError, QKDError
+from qcall.qkd.etsi014 import (
+    API_PREFIX,
+    parse_key_container,
+    parse_key_ids,
+    parse_key_request,
+    parse_status,
+)
 from qcall.qkd.kme import KME, random_keys
 from qcall.qkd.pki import PKIPaths, client_ssl_context, create_pki, server_ssl_context
 from qcall.qkd.server import KMEServer
+from qcall.typing import SAEId
 from tests.fuzz import INTERESTING_TEXTS, Mutator
 from tests.utils import TIMEOUT_FACTOR
 
@@ -273,3 +281,55 @@ async def test_raw_malformed_http_is_refused_cleanly(server: KMEServer, pki: PKI
         statuses[str(status)] += 1
     print(f"\nraw: {dict(statuses)}")
     await real_exchange(server, pki)  # still serving
+
+
+def test_mutated_json_bodies_raise_only_kme_errors() -> None:
+    """The four ETSI 014 body parsers (6.1-6.4) on 8,000 mutated real bodies."""
+    kme = KME("kme-a", max_key_per_request=8)
+    kme.supply("alice", "bob", random_keys(4), role="local")
+    status = kme.status(SAEId("alice"), "bob").to_json()
+    container = kme.enc_keys(SAEId("alice"), "bob", parse_key_request({"number": 2}), 0.0)
+    bodies = {
+        "status": json.dumps(status).encode(),
+        "container": json.dumps(container.to_json()).encode(),
+        "request": VALID_BODIES[2],
+        "ids": VALID_BODIES[3],
+    }
+    parsers: dict[str, Callable[[object], object]] = {
+        "status": parse_status,
+        "container": lambda d: parse_key_container(d, expected_number=2, expected_size=256),
+        "request": parse_key_request,
+        "ids": parse_key_ids,
+    }
+    mutator = Mutator(SEED + 9, list(bodies.values()))
+    outcomes: collections.Counter[str] = collections.Counter()
+    for _ in range(8000):
+        kind = mutator.random.choice(list(bodies))
+        raw = mutator.mutate() if mutator.random.random() < 0.2 else bodies[kind]
+        if raw is bodies[kind]:
+            raw = mutator.structured(json.loads(raw))
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError):
+            continue  # not JSON: the shells answer "not valid JSON" before parsing
+        try:
+            parsers[kind](data)
+        except QKDError as exc:  # KMEResponseError (answers), KMEBadRequestError (requests)
+            assert not isinstance(exc, KMEError) or exc.status == 400, exc
+            outcomes[f"{kind} {type(exc).__name__}"] += 1
+        else:
+            outcomes[f"{kind} ok"] += 1
+    print(dict(outcomes))
+    assert sum(v for k, v in outcomes.items() if "Error" in k) > 4000
+
+
+def test_misplaced_key_is_not_echoed_in_errors() -> None:
+    """Regression: a key in the key_ID (or SAE ID) place was quoted into the message."""
+    secret = base64.b64encode(os.urandom(32)).decode()
+    body = {"keys": [{"key_ID": secret, "key": "9a1b2c3d-0000-4000-8000-000000000001"}]}
+    with pytest.raises(QKDError) as info:
+        parse_key_container(body)
+    assert "not a UUID" in str(info.value) and secret[:16] not in str(info.value)
+    with pytest.raises(QKDError) as info:
+        parse_key_request({"additional_slave_SAE_IDs": [secret + "/"]})
+    assert "not a valid ID" in str(info.value) and secret[:16] not in str(info.value)

@@ -241,7 +241,7 @@ def validate_sae_id(value: object, what: str = "SAE_ID") -> SAEId:
     if not isinstance(value, str):
         raise ValueError(f"{what} must be a string")
     if not 0 < len(value) <= MAX_SAE_ID_LENGTH or not _SAE_ID_RE.fullmatch(value):
-        raise ValueError(f"{what} {value[:40]!r} is not a valid ID")
+        raise ValueError(f"{what} {_preview(value)} is not a valid ID")
     return SAEId(value)
 
 
@@ -256,8 +256,18 @@ def validate_key_id(value: object, what: str = "key_ID", *, canonical: bool = Tr
     if not isinstance(value, str):
         raise ValueError(f"{what} must be a UUID string")
     if not _UUID_RE.fullmatch(value):
-        raise ValueError(f"{what} {value[:40]!r} is not a UUID")
+        raise ValueError(f"{what} {_preview(value)} is not a UUID")
     return KeyId(value.lower() if canonical else value)
+
+
+def _preview(value: str) -> str:
+    """Quote at most 12 characters of a rejected value for an error message.
+
+    A misplaced secret (a KME answer with ``key`` and ``key_ID`` swapped)
+    must not reach messages and logs: 12 base64 characters are 9 bytes, too
+    few to matter (found by tests/test_fuzz_kme_server.py).
+    """
+    return repr(value[:12]) + ("…" if len(value) > 12 else "")
 
 
 def _canonical(key_id: str) -> str:
