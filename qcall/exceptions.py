@@ -30,6 +30,7 @@ narrowest class that you can act on::
     │   │   └── KMEUnavailableError        HTTP 503 (e.g. key pool empty)
     │   ├── KMEConnectionError          refused, TLS failure, timeout
     │   ├── KMEResponseError            malformed JSON, wrong key size, bad key_IDs
+    │   ├── KMEStateError               a KME state file is corrupt or cannot be written
     │   ├── KeyNotFoundError            no such key_ID (or already consumed)
     │   ├── KeyExhaustedError           no key material left
     │   ├── LinkAlarmError              QBER above threshold: eavesdropper suspected
@@ -75,6 +76,7 @@ __all__ = [
     "KMEConnectionError",
     "KMEError",
     "KMEResponseError",
+    "KMEStateError",
     "KMEUnauthorizedError",
     "KMEUnavailableError",
     "KeyConfirmationError",
@@ -267,6 +269,10 @@ class KMEConnectionError(QKDError):
 
 class KMEResponseError(QKDError):
     """A KME answer broke the spec: malformed JSON, wrong size, bad key_IDs."""
+
+
+class KMEStateError(QKDError):
+    """A KME's durable state file is corrupt, or cannot be read or written."""
 
 
 class KeyNotFoundError(QKDError):

@@ -3,7 +3,10 @@
 * ``qcall qkd status  --kme URL --cert F --key F --ca F --peer SAE``
 * ``qcall qkd get     … --peer SAE [--size BITS] [--number N]``
 * ``qcall qkd get-by-id … --peer SAE --key-id UUID [--key-id UUID …]``
-* ``qcall qkd serve --id KME_ID --cert F --key F --ca F --pair MASTER:SLAVE [--fill N]``
+* ``qcall qkd serve --id KME_ID --cert F --key F --ca F --pair MASTER:SLAVE [--fill N]
+  [--state FILE]``: with ``--state``, the pools live in FILE (+ FILE.journal), so a
+  killed KME restarts with every unused key and never serves a consumed one
+  (docs/faults.md); ``--fill`` then only fills pairs the state does not have yet.
 
 Keys are never printed: only their key_IDs and a short SHA-256 tag. ``--json``
 prints one machine-readable JSON object instead of text.
@@ -71,6 +74,11 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--fill", type=int, default=1000, metavar="N", help="random keys per pair")
     p.add_argument("--key-size", type=int, default=256, metavar="BITS")
+    p.add_argument(
+        "--state",
+        metavar="FILE",
+        help="keep the key pools in FILE (0600, crash-safe); reload them at start",
+    )
     p.set_defaults(func=_serve)
 
 
@@ -124,21 +132,29 @@ async def _query(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from qcall.exceptions import ConfigError
     from qcall.qkd.kme import KME, random_keys
+    from qcall.qkd.kmestore import DurableKME
     from qcall.qkd.pki import server_ssl_context
     from qcall.qkd.server import KMEServer
 
+    if not args.pair:
+        raise ConfigError("give at least one --pair MASTER:SLAVE")
+    ctx = server_ssl_context(args.cert, args.key, args.ca)
     try:
-        kme = KME(args.kme_id, key_size=args.key_size)
+        if args.state:
+            kme: KME = DurableKME.open(args.state, args.kme_id, key_size=args.key_size)
+        else:
+            kme = KME(args.kme_id, key_size=args.key_size)
+        known = {(m, s) for m, s, _ in kme.pairs()}
         for pair in args.pair:
             master, sep, slave = pair.partition(":")
             if not sep:
                 raise ConfigError(f"--pair must be MASTER:SLAVE, not {pair!r}")
-            kme.supply(master, slave, random_keys(args.fill, args.key_size), role="local")
+            if (master, slave) not in known:
+                kme.supply(master, slave, random_keys(args.fill, args.key_size), role="local")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if not args.pair:
-        raise ConfigError("give at least one --pair MASTER:SLAVE")
-    ctx = server_ssl_context(args.cert, args.key, args.ca)
+    if isinstance(kme, DurableKME):
+        kme.store.flush()  # the filled keys are on disk before the first request
 
     async def serve() -> None:
         try:
@@ -152,5 +168,9 @@ def _serve(args: argparse.Namespace) -> int:
         finally:
             await server.close()
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    finally:
+        if isinstance(kme, DurableKME):
+            kme.close()  # compact: consumed keys leave the disk
     return 0

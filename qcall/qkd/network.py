@@ -51,6 +51,7 @@ from qcall.exceptions import (
     RelayError,
 )
 from qcall.qkd.kme import KME, PoolRole
+from qcall.qkd.kmestore import DurableKME, commit_all
 from qcall.qkd.pki import create_pki, server_ssl_context
 from qcall.qkd.relay import TrustedNodeRelay
 from qcall.qkd.server import KMEServer
@@ -198,6 +199,9 @@ class SimulatedNetwork:
         seed: base seed of the link simulators (None: fresh randomness).
         workers: threads running BB84 blocks.
         relay_interval: seconds between relay top-up rounds.
+        durable_kmes: keep every KME's pools in ``state_dir/kme/<KME ID>.state``
+            (:class:`~qcall.qkd.kmestore.DurableKME`): a killed network restarts
+            with every unused key, and never serves a consumed one (docs/faults.md).
         alarm_retry: seconds before a link retries after an alarmed or failed
             block; doubled after each further failure, up to 30 s.
     """
@@ -217,6 +221,7 @@ class SimulatedNetwork:
         workers: int | None = None,
         relay_interval: float = 0.05,
         alarm_retry: float = 1.0,
+        durable_kmes: bool = False,
     ) -> None:
         if not isinstance(topology, Topology):
             topology = load_topology(topology)
@@ -235,6 +240,7 @@ class SimulatedNetwork:
         self.key_size = key_size
         self.pool_target = pool_target
         self.relay_interval = relay_interval
+        self.durable_kmes = durable_kmes
         self.alarm_retry = alarm_retry
         self.relay = TrustedNodeRelay(topology, capacity_bits=link_capacity_bits)
         self._link_factory = link_factory
@@ -299,6 +305,8 @@ class SimulatedNetwork:
             self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"cannot create {self.state_dir}: {exc.strerror}") from exc
+        if self.durable_kmes:
+            self._open_durable_kmes()
         loop = asyncio.get_running_loop()
         pki = await loop.run_in_executor(
             None,
@@ -367,10 +375,24 @@ class SimulatedNetwork:
                 await task
         self._tasks.clear()
         await self._close_servers()
+        for kme in self.kmes.values():
+            if isinstance(kme, DurableKME):
+                kme.close()
         if self._executor is not None:
             # Blocks already running finish in their thread; nothing waits for them.
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+
+    def _open_durable_kmes(self) -> None:
+        kme_dir = self.state_dir / "kme"
+        try:
+            kme_dir.mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create {kme_dir}: {exc.strerror}") from exc
+        for node, kme in list(self.kmes.items()):
+            if not isinstance(kme, DurableKME):
+                path = kme_dir / f"{kme.kme_id}.state"
+                self.kmes[node] = DurableKME.open(path, kme.kme_id, key_size=self.key_size)
 
     async def _close_servers(self) -> None:
         for server in self._servers.values():
@@ -640,6 +662,8 @@ class SimulatedNetwork:
     async def _relay_loop(self) -> None:
         while True:
             moved = self.top_up()
+            if moved and self.durable_kmes:
+                await commit_all(self.kmes.values())  # relayed keys on disk
             self._update_alarms()
             if all(p.delivered > 0 for p in self._pairs):
                 self._ready.set()

@@ -18,6 +18,10 @@ that is not attached to the KME gets HTTP 401.
 Every answer is JSON. Errors carry the spec's Error object (6.5): 400 for a
 bad request (malformed JSON included), 401, and 503 for an empty pool or any
 unexpected server-side failure; the server keeps serving other clients.
+
+With a :class:`~qcall.qkd.kmestore.DurableKME`, every answer that hands out
+keys waits until their consumption is on disk (``await kme.store.commit()``,
+group commit): mark consumed durably, then answer (docs/faults.md).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Any, Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from qcall.exceptions import KMEError
+from qcall.exceptions import KMEError, KMEStateError
 from qcall.qkd.etsi014 import (
     API_PREFIX,
     error_body,
@@ -44,6 +48,7 @@ from qcall.qkd.etsi014 import (
     validate_key_id,
 )
 from qcall.qkd.kme import KME
+from qcall.qkd.kmestore import DurableKME
 from qcall.qkd.pki import peer_identity
 from qcall.typing import KeyId, SAEId
 
@@ -207,6 +212,9 @@ class KMEServer:
         while True:
             await asyncio.sleep(self._expire_interval)
             erased = self.kme.expire(self._clock())
+            if isinstance(self.kme, DurableKME):
+                with contextlib.suppress(KMEStateError):  # requests report it (503)
+                    await self.kme.store.commit()
             if erased:
                 logger.info("= KME %s erased %d expired keys", self.kme.kme_id, erased)
 
@@ -221,8 +229,13 @@ class KMEServer:
             return _error(401, "SAE is not registered at this KME")
         return caller
 
-    def _dispatch(self, request: web.Request, caller: SAEId, method: str, arg: Any) -> web.Response:
-        """Run one KME method; map qcall errors to the spec's Error answers."""
+    async def _dispatch(
+        self, request: web.Request, caller: SAEId, method: str, arg: Any
+    ) -> web.Response:
+        """Run one KME method; map qcall errors to the spec's Error answers.
+
+        A durable KME's consumption of the keys is on disk before they are sent.
+        """
         sae = request.match_info["sae"]
         kme = self.kme
         try:
@@ -239,6 +252,12 @@ class KMEServer:
         except Exception:  # never let one request take the server down
             logger.exception("! %s %s from %s failed", kme.kme_id, method, caller)
             return _error(503, "internal KME error")
+        if isinstance(kme, DurableKME):
+            try:
+                await kme.store.commit()
+            except KMEStateError as exc:  # the keys stay consumed, never sent: no reuse
+                logger.error("! %s %s from %s: %s", kme.kme_id, method, caller, exc)
+                return _error(503, "KME state storage failed")
         if self.debug:
             ids = [k.key_id for k in container.keys]
             logger.debug("> %s %s %s->%s %s", kme.kme_id, method, caller, sae, ids)
@@ -259,7 +278,7 @@ class KMEServer:
         caller = self._authorize(request)
         if isinstance(caller, web.Response):
             return caller
-        return self._dispatch(request, caller, "status", None)
+        return await self._dispatch(request, caller, "status", None)
 
     async def _enc_keys_post(self, request: web.Request) -> web.Response:
         caller = self._authorize(request)
@@ -268,7 +287,7 @@ class KMEServer:
         data = await self._read_json(request)
         if isinstance(data, web.Response):
             return data
-        return self._dispatch(request, caller, "enc_keys", data)
+        return await self._dispatch(request, caller, "enc_keys", data)
 
     async def _enc_keys_get(self, request: web.Request) -> web.Response:
         caller = self._authorize(request)
@@ -288,7 +307,7 @@ class KMEServer:
                 if not (value.isascii() and value.isdigit() and len(value) < 10):
                     return _error(400, f"invalid Key request: {name} must be an integer")
                 fields[name] = int(value)
-        return self._dispatch(request, caller, "enc_keys", fields)
+        return await self._dispatch(request, caller, "enc_keys", fields)
 
     async def _dec_keys_post(self, request: web.Request) -> web.Response:
         caller = self._authorize(request)
@@ -301,7 +320,7 @@ class KMEServer:
             ids = parse_key_ids(data)
         except KMEError as exc:
             return _error(400, exc.message or str(exc), exc.details or None)
-        return self._dispatch(request, caller, "dec_keys", ids)
+        return await self._dispatch(request, caller, "dec_keys", ids)
 
     async def _dec_keys_get(self, request: web.Request) -> web.Response:
         caller = self._authorize(request)
@@ -322,4 +341,4 @@ class KMEServer:
                 return _error(400, f"invalid Key IDs: {exc}")
         if len(set(ids)) != len(ids):
             return _error(400, "invalid Key IDs: duplicate key_ID")
-        return self._dispatch(request, caller, "dec_keys", ids)
+        return await self._dispatch(request, caller, "dec_keys", ids)
