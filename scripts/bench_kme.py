@@ -13,7 +13,12 @@ baseline served by the same KME in the same run:
 It prints the median over the runs of each figure, and the ratio
 HTTPS / plain HTTP. Targets (issue 3): p50 ≤ 2 ms and ≥ 2,000 keys/s.
 
-    python scripts/bench_kme.py [--runs 5] [--requests 2000] [--batch 100]
+``--state`` adds a third server in the same child and the same runs: mTLS to a
+:class:`~qcall.qkd.kmestore.DurableKME` (state file in the temporary directory,
+``fdatasync`` before each answer, group commit), and its ratio to the in-memory
+KME: the cost of crash safety per ``enc_keys`` (issue 6, docs/faults.md).
+
+    python scripts/bench_kme.py [--runs 5] [--requests 2000] [--batch 100] [--state]
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from aiohttp import web
 
 from qcall.qkd.client import ETSI014Client
 from qcall.qkd.kme import KME, random_keys
+from qcall.qkd.kmestore import DurableKME
 from qcall.qkd.pki import PKIPaths, client_ssl_context, create_pki, server_ssl_context
 from qcall.qkd.server import KMEServer
 from qcall.typing import SAEId
@@ -45,21 +51,33 @@ def _plain_identify(request: web.Request) -> SAEId | None:
     return SAEId(value) if value else None
 
 
-def _serve(pki_dir: str, keys: int, conn: Any) -> None:
+def _serve(pki_dir: str, keys: int, conn: Any, state: bool) -> None:
     async def run() -> None:
-        kme = KME("kme-bench", max_key_count=keys + 1, max_key_per_request=1024)
-        for start in range(0, keys, 50_000):
-            kme.supply("alice", "bob", random_keys(min(50_000, keys - start)), role="master")
         pki = Path(pki_dir)
+        kme = KME("kme-bench", max_key_count=keys + 1, max_key_per_request=1024)
+        kmes = [kme]
+        if state:
+            durable = DurableKME.open(
+                pki / "kme.state", "kme-bench", max_key_count=keys + 1, max_key_per_request=1024
+            )
+            kmes.append(durable)
+        for k in kmes:
+            for start in range(0, keys, 50_000):
+                k.supply("alice", "bob", random_keys(min(50_000, keys - start)), role="master")
+        if state:
+            durable.store.flush()
         ctx = server_ssl_context(
             pki / "kme/kme-bench.pem", pki / "kme/kme-bench.key", pki / "ca.pem"
         )
         async with (
             KMEServer(kme, "127.0.0.1", 0, ctx) as tls,
             KMEServer(kme, "127.0.0.1", 0, None, identify=_plain_identify) as plain,
+            KMEServer(kmes[-1], "127.0.0.1", 0, ctx) as tls_state,
         ):
-            conn.send((tls.url, plain.url))
+            conn.send((tls.url, plain.url, tls_state.url if state else None))
             await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+        if state:
+            durable.close()
 
     asyncio.run(run())
 
@@ -107,7 +125,7 @@ async def _measure(
 
 
 async def _run_once(
-    pki: PKIPaths, tls_url: str, plain_url: str, args: argparse.Namespace
+    pki: PKIPaths, tls_url: str, plain_url: str, state_url: str | None, args: argparse.Namespace
 ) -> dict[str, dict[str, float]]:
     ctx = client_ssl_context(pki.saes["alice"].cert, pki.saes["alice"].key, pki.ca_cert)
     out = {}
@@ -115,6 +133,9 @@ async def _run_once(
         out["plain"] = await _measure(plain, args.requests, args.batch, args.parallel)
     async with ETSI014Client(tls_url, ctx) as tls:
         out["mtls"] = await _measure(tls, args.requests, args.batch, args.parallel)
+    if state_url is not None:
+        async with ETSI014Client(state_url, ctx) as durable:
+            out["state"] = await _measure(durable, args.requests, args.batch, args.parallel)
     return out
 
 
@@ -124,6 +145,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--parallel", type=int, default=8)
+    parser.add_argument(
+        "--state", action="store_true", help="also measure a durable KME (state file, fsync)"
+    )
     args = parser.parse_args()
 
     per_run = 2 * (
@@ -133,12 +157,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         pki = create_pki(tmp, ["kme-bench"], ["alice", "bob"])
         parent, child = mp.Pipe()
-        server = mp.get_context("spawn").Process(target=_serve, args=(tmp, keys, child))
+        server = mp.get_context("spawn").Process(target=_serve, args=(tmp, keys, child, args.state))
         server.start()
         try:
-            tls_url, plain_url = parent.recv()
+            tls_url, plain_url, state_url = parent.recv()
             results = [
-                asyncio.run(_run_once(pki, tls_url, plain_url, args)) for _ in range(args.runs)
+                asyncio.run(_run_once(pki, tls_url, plain_url, state_url, args))
+                for _ in range(args.runs)
             ]
         finally:
             parent.send("stop")
@@ -148,16 +173,24 @@ def main() -> int:
         f"KME enc_keys on loopback, {args.runs} runs x {args.requests} requests "
         f"(batch {args.batch}, {args.parallel} parallel); medians"
     )
-    print(f"{'metric':18} {'mTLS':>10} {'plain HTTP':>11} {'mTLS/plain':>11}")
+    extra = f" {'mTLS+state':>11} {'state/mTLS':>11}" if args.state else ""
+    print(f"{'metric':18} {'mTLS':>10} {'plain HTTP':>11} {'mTLS/plain':>11}{extra}")
     for metric in ("p50_ms", "p90_ms", "p99_ms", "keys_s_n1", "keys_s_batch", "keys_s_parallel"):
         tls = statistics.median(r["mtls"][metric] for r in results)
         plain = statistics.median(r["plain"][metric] for r in results)
         fmt = "{:10.3f}" if metric.endswith("ms") else "{:10.0f}"
-        print(f"{metric:18} {fmt.format(tls)} {fmt.format(plain):>11} {tls / plain:11.2f}")
+        line = f"{metric:18} {fmt.format(tls)} {fmt.format(plain):>11} {tls / plain:11.2f}"
+        if args.state:
+            durable = statistics.median(r["state"][metric] for r in results)
+            line += f" {fmt.format(durable):>11} {durable / tls:11.2f}"
+        print(line)
     p50 = statistics.median(r["mtls"]["p50_ms"] for r in results)
     rate = statistics.median(r["mtls"]["keys_s_n1"] for r in results)
     ok = p50 <= 2.0 and rate >= 2000
     print(f"target p50 <= 2 ms and >= 2000 keys/s (number=1, mTLS): {'met' if ok else 'NOT met'}")
+    if args.state:
+        p50 = statistics.median(r["state"]["p50_ms"] for r in results)
+        print(f"target p50 <= 2 ms with the state file: {'met' if p50 <= 2.0 else 'NOT met'}")
     return 0
 
 
