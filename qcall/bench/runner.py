@@ -3,7 +3,8 @@
 The lab (:class:`Lab`):
 
 * the simulated ``beijing-hefei`` QKD network with its ETSI GS QKD 014 KMEs,
-  in a child process (:mod:`qcall.bench.kmes`);
+  in a child process (:mod:`qcall.bench.kmes`), holding enough relayed keys
+  for the whole run (:func:`qkd_keys_needed`), its links paused meanwhile;
 * a :class:`~signaling.server.SignalingServer` on loopback;
 * two :class:`~qcall.call.phone.Phone` objects in this process: ``alice`` (SAE
   at the Beijing KME) calls ``bob`` (SAE at the Hefei KME). Alice sends a tone
@@ -25,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import statistics
 import sys
@@ -38,7 +40,7 @@ from typing import Any
 from qcall.call.netem import NetworkProfile
 from qcall.exceptions import CallError, QCallError
 
-__all__ = ["MODES", "BenchConfig", "CallResult", "Lab", "run_bench", "schedule"]
+__all__ = ["MODES", "BenchConfig", "CallResult", "Lab", "qkd_keys_needed", "run_bench", "schedule"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +84,7 @@ class BenchConfig:
     calls: int = 10
     profile: NetworkProfile = field(default_factory=lambda: NetworkProfile("loopback"))
     modes: tuple[str, ...] = MODES
-    seconds: float = 2.5
+    seconds: float = 2.0
     rekey_interval: float = 0.8
     chirp_every: float = 0.4
     warmup: int = 1
@@ -117,6 +119,14 @@ class CallResult:
         return dict(self.__dict__)
 
 
+def qkd_keys_needed(config: BenchConfig) -> int:
+    """Keys the alice → bob pool must hold: 1 per hybrid call + its rekeys, with margin."""
+    if "hybrid" not in config.modes:
+        return 0
+    per_call = 1 + math.ceil(config.seconds / config.rekey_interval) + 1
+    return math.ceil(1.5 * per_call * (config.calls + config.warmup)) + 2
+
+
 def schedule(modes: tuple[str, ...], calls: int, warmup: int) -> list[tuple[str, int, bool]]:
     """The interleaved call order: ``(mode, index, is_warmup)``, rotating the first mode."""
     order = []
@@ -143,15 +153,16 @@ class Lab:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def start(cls, work: Path, *, need_qkd: bool = True) -> AsyncIterator[Lab]:
+    async def start(cls, work: Path, *, qkd_keys: int = 0) -> AsyncIterator[Lab]:
+        """Start the lab; ``qkd_keys`` > 0 starts the QKD network with that many keys."""
         lab = cls(work)
         try:
-            await lab._open(need_qkd)
+            await lab._open(qkd_keys)
             yield lab
         finally:
             await lab._close()
 
-    async def _open(self, need_qkd: bool) -> None:
+    async def _open(self, qkd_keys: int) -> None:
         from qcall.call.phone import Phone
         from qcall.contacts import ContactStore
         from qcall.identity import Identity
@@ -159,8 +170,8 @@ class Lab:
         from signaling.server import SignalingServer
 
         saes: dict[str, Any] = {}
-        if need_qkd:
-            saes = await self._start_kmes()
+        if qkd_keys > 0:
+            saes = await self._start_kmes(qkd_keys)
         self._signaling = SignalingServer()
         await self._signaling.start("127.0.0.1", 0)
         url = f"ws://127.0.0.1:{self._signaling.port}"
@@ -180,16 +191,16 @@ class Lab:
             await phone.start()
             self.phones[name] = phone
 
-    async def _start_kmes(self) -> dict[str, Any]:
+    async def _start_kmes(self, pool: int) -> dict[str, Any]:
         state = self.work / "network"
         self._kmes = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "qcall.bench.kmes", str(state),
+            sys.executable, "-m", "qcall.bench.kmes", str(state), "--pool", str(pool),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         assert self._kmes.stdout is not None
         try:
-            line = await asyncio.wait_for(self._kmes.stdout.readline(), 180)
+            line = await asyncio.wait_for(self._kmes.stdout.readline(), 600)
             ready = json.loads(line)
             doc = json.loads(Path(ready["network_file"]).read_text(encoding="utf-8"))
         except (TimeoutError, ValueError, KeyError, OSError) as exc:
@@ -360,7 +371,7 @@ async def run_bench(config: BenchConfig, progress: Progress | None = None) -> li
     order = schedule(config.modes, config.calls, config.warmup)
     results: list[CallResult] = []
     with tempfile.TemporaryDirectory(prefix="qcall-bench-") as work:
-        async with Lab.start(Path(work), need_qkd="hybrid" in config.modes) as lab:
+        async with Lab.start(Path(work), qkd_keys=qkd_keys_needed(config)) as lab:
             for done, (mode, index, warmup) in enumerate(order):
                 if progress is not None:
                     progress(f"{mode} call {index + 1 - config.warmup}" if not warmup

@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--modes", default="plain,pqc,hybrid", metavar="LIST",
         help="comma-separated modes to compare (plain,pqc,hybrid)",
     )  # fmt: skip
-    parser.add_argument("--seconds", type=float, default=2.5, metavar="S",
-                        help="audio per call after setup (2.5)")  # fmt: skip
+    parser.add_argument("--seconds", type=float, default=2.0, metavar="S",
+                        help="audio per call after setup (2.0)")  # fmt: skip
     parser.add_argument("--rekey-interval", type=float, default=0.8, metavar="S",
                         help="seconds between rekeys in pqc/hybrid calls (0.8)")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=1, metavar="N",
@@ -65,7 +65,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the harness; 0 when every call connected with no decrypt failure."""
     from rich.console import Console
-    from rich.markdown import Markdown
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from qcall.bench.report import build_report, markdown, write_report
@@ -107,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
         paths += write_plots(args.out, report)
     if not args.quiet:
-        console.print(Markdown(markdown(report)))
+        print(markdown(report))
         console.print("wrote " + ", ".join(str(p) for p in paths))
     checks = report["checks"]
     return 0 if checks["all_calls_connected"] and checks["zero_decrypt_failures"] else 1

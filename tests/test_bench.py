@@ -1,0 +1,109 @@
+"""The latency harness: its pure parts, then a tiny real run (signaling, KMEs, calls, plots)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qcall.bench.report import build_report, markdown, phase_durations, summary
+from qcall.bench.runner import MODES, PHASES, BenchConfig, CallResult, schedule
+from qcall.call.netem import PROFILES
+from qcall.cli.bench import main
+
+# --- pure parts ----------------------------------------------------------------------
+
+
+def test_schedule_interleaves_and_rotates() -> None:
+    order = schedule(MODES, calls=3, warmup=1)
+    assert len(order) == 12
+    assert [m for m, _, _ in order[:3]] == ["plain", "pqc", "hybrid"]
+    assert [m for m, _, _ in order[3:6]] == ["pqc", "hybrid", "plain"]
+    assert [w for _, _, w in order] == [True] * 3 + [False] * 9
+    for mode in MODES:  # every mode equally often, in every round
+        assert sum(1 for m, _, w in order if m == mode and not w) == 3
+
+
+def test_summary_matches_numpy() -> None:
+    rng = np.random.default_rng(1)
+    data = list(rng.exponential(50.0, 101))
+    got = summary([*data, None])
+    assert got["n"] == 101
+    assert got["p50"] == pytest.approx(float(np.median(data)), abs=0.01)
+    assert got["p90"] == pytest.approx(float(np.percentile(data, 90)), abs=0.01)
+    assert got["max"] == pytest.approx(max(data), abs=0.01)
+    assert summary([None])["p50"] is None
+
+
+def test_phase_durations_follow_the_milestones() -> None:
+    milestones = {"accepted": 2.0, "offer_sent": 5.0, "answer_received": 9.0,
+                  "ice_connected": 30.0, "dtls_done": 41.0, "confirmed": 44.0,
+                  "media": 44.5, "first_audio": 130.0, "qkd_fetch": 3.0}  # fmt: skip
+    phases = phase_durations(milestones)
+    assert list(phases) == [key for key, _ in PHASES]
+    assert sum(phases.values()) == pytest.approx(130.0)
+    assert phases["ice_connected"] == pytest.approx(21.0)
+    # plain has no key confirmation; an out-of-order milestone gives a zero phase
+    plain = phase_durations({"accepted": 1.0, "dtls_done": 20.0, "ice_connected": 25.0})
+    assert plain == {"accepted": 1.0, "ice_connected": 24.0, "dtls_done": 0.0}
+
+
+def test_report_ratios_and_checks() -> None:
+    results = []
+    for i, setup in enumerate([50.0, 52.0, 54.0]):
+        for mode, factor in (("plain", 1.0), ("pqc", 1.02), ("hybrid", 1.05)):
+            results.append(CallResult(
+                mode, i, warmup=False, ok=True, setup_ms=setup * factor,
+                first_audio_ms=setup * factor + 80, one_way_ms=[30.0, 32.0],
+                caller_ms={"media": setup * factor}, packets_received=100, packets_lost=1,
+            ))  # fmt: skip
+    results.append(CallResult("hybrid", 9, warmup=True, ok=True, setup_ms=900.0))
+    report = build_report(BenchConfig(calls=3, profile=PROFILES["loopback"]), results)
+    assert report["modes"]["hybrid"]["setup_ms"]["p50"] == pytest.approx(52.0 * 1.05, abs=0.01)
+    assert report["modes"]["hybrid"]["setup_ms"]["max"] < 900  # warm-up not counted
+    assert report["ratio"]["hybrid_over_plain_setup"] == pytest.approx(1.05, abs=0.001)
+    assert report["modes"]["plain"]["loss"]["fraction"] == pytest.approx(3 / 303, abs=1e-4)
+    assert report["checks"]["hybrid_setup_within_1.10x_plain"] is True
+    assert report["checks"]["loopback_one_way_p50_le_40ms"] is True
+    text = markdown(report)
+    assert "| hybrid | 3 |" in text and "hybrid_over_plain_setup = 1.050" in text
+
+
+# --- a tiny real run -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_harness_run(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code = main([
+        "--calls", "1", "--warmup", "0", "--seconds", "1.3", "--rekey-interval", "0.5",
+        "--profile", "beijing-hefei", "--out", str(out), "--quiet",
+    ])  # fmt: skip
+    report = json.loads((out / "latency.json").read_text())
+    assert code == 0, report["modes"]
+    assert report["schema"] == "qcall-latency/1"
+    assert report["config"]["profile"]["name"] == "beijing-hefei"
+    for mode in MODES:
+        m = report["modes"][mode]
+        assert m["calls"] == 1 and m["failed"] == 0
+        for key in ("setup_ms", "one_way_ms", "first_audio_ms"):
+            assert set(m[key]) >= {"p50", "p90", "max"}
+        assert 0 < m["setup_ms"]["p50"] < m["first_audio_ms"]["p50"] < 20_000
+        # chirps found by cross-correlation; both directions cross ~5.5 ms of "fibre"
+        assert m["chirps"]["found"] >= 1
+        assert 5.5 < m["one_way_ms"]["p50"] < 1000
+        assert m["decrypt_failures"] == 0
+        assert m["netem"]["datagrams"] > 50
+        assert m["netem"]["achieved_delay_ms"]["p50"] >= PROFILES["beijing-hefei"].delay_ms
+        assert m["breakdown_ms"]["ice_connected"]["p50"] is not None
+    assert report["modes"]["hybrid"]["qkd_fetch_ms"]["p50"] is not None
+    assert report["modes"]["hybrid"]["rekeys"] >= 1  # decrypt failures counted across rekeys
+    assert report["modes"]["pqc"]["compute_ms"]["callee"]["p50"] > 0
+    assert isinstance(report["ratio"]["hybrid_over_plain_setup"], float)
+    assert len(report["calls"]) == 3
+    for name in ("latency.md", "setup_breakdown.png", "latency_distributions.png"):
+        assert (out / name).stat().st_size > 1000
+    assert (out / "setup_breakdown.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list((out / "audio").glob("*.wav"))  # recordings removed unless --keep-audio
