@@ -124,7 +124,9 @@ on_b "${QCALL[@]}" network-site run --bundle "$WORK/b/bundle" --site Hefei \
     >"$WORK/b/site.jsonl" 2>"$WORK/b/site.log" &
 PIDS+=($!)
 log "QKD sites starting; waiting for keys relayed across the split link Jinan-Taian"
+SITES_STARTED=$(date +%s.%N)
 wait_for 90 "both QKD sites to be ready" test -e "$WORK/a/net/ready" -a -e "$WORK/b/net/ready"
+READY_S=$(awk -v a="$SITES_STARTED" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
 
 # --- the call: bob listens on B, alice calls from A --------------------------------------
 SIG_URL="ws://$A_IP:$SIG_PORT"
@@ -148,6 +150,7 @@ sleep 1.2   # one more --json-status line from each site
 
 report_status=0
 "$PYTHON" "$HERE/two_hosts_report.py" "$WORK" --tone "$TONE" --delay-ms "$DELAY_MS" \
+    --sites-ready-s "$READY_S" \
     || report_status=$?
 [[ $report_status -eq 0 && $alice_status -eq 0 && $bob_status -eq 0 ]] || fail "checks failed"
 log "ok"

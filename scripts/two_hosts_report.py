@@ -62,7 +62,9 @@ def _site(status: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def build_report(work: Path, tone_hz: float, delay_ms: float | None) -> dict[str, Any]:
+def build_report(
+    work: Path, tone_hz: float, delay_ms: float | None, ready_s: float | None = None
+) -> dict[str, Any]:
     """Assemble the report from the files under ``work`` (see scripts/two_hosts.sh)."""
     from qcall.call.audio_analysis import (
         FrameArrival,
@@ -91,6 +93,7 @@ def build_report(work: Path, tone_hz: float, delay_ms: float | None) -> dict[str
             "B": "10.77.0.2 (Hefei site, bob)",
         },
         "wire_delay_ms": delay_ms,
+        "sites_ready_s": ready_s,
         "call": {
             "connected": bool(alice.get("connected")) and bool(bob.get("connected")),
             "setup_ms": alice.get("setup_ms"),
@@ -160,8 +163,9 @@ def main() -> int:
     parser.add_argument("work", type=Path, help="the script's work directory")
     parser.add_argument("--tone", type=float, default=440.0)
     parser.add_argument("--delay-ms", type=float)
+    parser.add_argument("--sites-ready-s", type=float, help="site start -> both ready")
     args = parser.parse_args()
-    report = build_report(args.work, args.tone, args.delay_ms)
+    report = build_report(args.work, args.tone, args.delay_ms, args.sites_ready_s)
     print(json.dumps(report, indent=2))
     return 0 if report["ok"] else 1
 
