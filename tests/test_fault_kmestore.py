@@ -203,3 +203,33 @@ def test_expired_keys_are_recorded(tmp_path: Path) -> None:
     assert kme.expire(25.0) == 3
     kme.store.flush()
     assert DurableKME.open(path, "KME-A").stored_key_count("alice", "bob") == 2
+
+
+@pytest.mark.slow
+async def test_simulated_network_with_durable_kmes(tmp_path: Path) -> None:
+    """The network's KMEs keep their pools on disk; a restarted network has them."""
+    from qcall.qkd.client import open_key_source
+    from qcall.qkd.topology import load_topology
+    from tests.test_network import TIMEOUT, fast_network
+
+    topo = load_topology("beijing-hefei")
+    state = tmp_path / "state"
+    async with fast_network(topo, state, durable_kmes=True) as net:
+        await net.wait_ready(TIMEOUT)
+        files = sorted(p.name for p in (state / "kme").iterdir())
+        assert files == [
+            "KME-Beijing.state",
+            "KME-Beijing.state.journal",
+            "KME-Hefei.state",
+            "KME-Hefei.state.journal",
+        ]
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in (state / "kme").iterdir())
+        async with open_key_source(net.sae_credentials("alice").as_config()) as beijing:
+            used = await beijing.get_keys("bob", 2)
+    # Closed cleanly (compacted): the Beijing KME's pool for alice → bob survives,
+    # without the two keys alice took.
+    again = DurableKME.open(state / "kme" / "KME-Beijing.state", "KME-Beijing")
+    left = again.stored_key_count("alice", "bob")
+    assert left >= 1
+    rest = again.enc_keys(A, "bob", KeyRequest(number=left)).keys
+    assert not {k.key_id for k in rest} & {k.key_id for k in used}
