@@ -138,10 +138,14 @@ async def _measure(profile: NetworkProfile, count: int, interval: float) -> dict
     link = LinkEmulator(profile, seed=3)
     emulated = _EmulatedTransport(tx_transport, link)  # type: ignore[arg-type]
     sent: dict[int, float] = {}
+    planned: dict[int, float] = {}
     try:
         for i in range(count):
             sent[i] = time.monotonic()
+            before = len(link.stats.delays_ms)
             emulated.sendto(i.to_bytes(4, "big") + bytes(156), addr)
+            if len(link.stats.delays_ms) > before:
+                planned[i] = link.stats.delays_ms[-1]
             await asyncio.sleep(interval)
         await asyncio.sleep(0.2 + (profile.delay_ms + profile.jitter_ms) / 1000)
     finally:
@@ -149,9 +153,12 @@ async def _measure(profile: NetworkProfile, count: int, interval: float) -> dict
         rx_transport.close()
     got = receiver.arrivals
     delays = [(got[i] - sent[i]) * 1000 for i in sorted(got)]
+    assert set(got) == set(planned)  # exactly the datagrams the core let through
     return {
         "loss": 1 - len(got) / count,
         "delays": delays,
+        # achieved minus planned delay, per datagram: the shell's timer error
+        "excess": sorted((got[i] - sent[i]) * 1000 - planned[i] for i in got),
         "link": link,
     }
 
@@ -161,10 +168,9 @@ async def test_shell_delay_accuracy() -> None:
     result = await _measure(profile, 150, 0.005)
     assert result["loss"] == 0
     delays = sorted(result["delays"])
-    median = delays[len(delays) // 2]
     # Never early; late only by timer slack (ms-resolution epoll plus loop load).
-    assert delays[0] >= 19.0
-    assert median <= 20.0 + 3.0 * T
+    assert delays[0] >= 19.5
+    assert statistics.median(delays) <= 20.0 + 3.0 * T
     assert len(result["link"].stats.achieved_ms) == 150
 
 
@@ -173,9 +179,12 @@ async def test_shell_loss_and_jitter_accuracy() -> None:
     result = await _measure(profile, 300, 0.004)
     assert 0.12 < result["loss"] < 0.28  # binomial(300, 0.2): ±3.5 sigma
     delays = result["delays"]
-    assert min(delays) >= 9.0
-    assert max(delays) <= 50.0 + 15.0 * T
-    assert statistics.fmean(delays) == pytest.approx(31.0, abs=3.0 * T)
+    assert min(delays) >= 9.5  # 30 - 20 ms, never early
+    excess = result["excess"]
+    assert excess[0] >= -0.5  # no datagram leaves before its planned time
+    # Late by timer slack only: the median datagram within a few ms of its plan
+    # (the tail depends on the machine's load; docs/performance.md reports it).
+    assert statistics.median(excess) <= 3.0 * T
 
 
 # --- real peers ----------------------------------------------------------------------
