@@ -53,6 +53,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -112,6 +113,7 @@ class KMEStore:
         self._flushing: asyncio.Future[None] | None = None
         self._failed: KMEStateError | None = None
         self._kme: KME | None = None
+        self._io = threading.Lock()  # the worker thread's flush vs close() in the loop
         #: Flushes done and records written (for the benchmark and tests).
         self.flushes = 0
         self.records_written = 0
@@ -197,12 +199,16 @@ class KMEStore:
 
     def _write(self, data: bytes, snapshot: bytes | None) -> None:
         """Append ``data`` and ``fdatasync``; or install ``snapshot`` (it includes ``data``)."""
+        with self._io:
+            self._write_locked(data, snapshot)
+
+    def _write_locked(self, data: bytes, snapshot: bytes | None) -> None:
+        if self._fd is None:  # closed meanwhile: its final snapshot has all of this
+            raise OSError("the KME state is closed")
         self.flushes += 1
         if snapshot is not None:
             self._install(snapshot)
             return
-        if self._fd is None:
-            raise OSError("the journal is closed")
         view = memoryview(data)
         while view:
             written = os.write(self._fd, view)
@@ -232,13 +238,17 @@ class KMEStore:
         Raises:
             KMEStateError: the final snapshot could not be written.
         """
+        with self._io:  # waits for a flush running in the worker thread
+            self._close_locked()
+
+    def _close_locked(self) -> None:
         if self._fd is None:
             return
         try:
             if self._kme is not None and self._failed is None:
                 self._buffer = []
                 self._durable = self._appended
-                self._write(b"", self._serialize(self._kme, self.generation + 1))
+                self._write_locked(b"", self._serialize(self._kme, self.generation + 1))
         except (OSError, ConfigError) as exc:
             raise KMEStateError(f"cannot write the KME state {self.path}: {exc}") from exc
         finally:
