@@ -39,6 +39,7 @@ from aiortc import (
     MediaStreamTrack,
     RTCConfiguration,
     RTCDataChannel,
+    RTCIceServer,
     RTCPeerConnection,
     RTCSessionDescription,
 )
@@ -341,7 +342,8 @@ class CallSession:
         # Audio and the control channel end up BUNDLEd on one DTLS transport once
         # the remote description is set; the SRTP hook is installed then. (aiortc
         # 1.16 with max-bundle and a negotiated data channel never connects.)
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        ice = [RTCIceServer(**server) for server in self.options.ice_servers]  # STUN/TURN
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=ice))
         if self.options.network is not None:  # user-space netem (latency harness)
             seed = 2 * self.options.network_seed + (self.role == "callee")
             self.emulation = apply_profile(pc, self.options.network, seed)

@@ -54,6 +54,9 @@ class CallOptions:
         network_seed: seed of that emulation (caller ``2n``, callee ``2n + 1``).
         jitter_buffer: ``adaptive`` (:mod:`qcall.call.jitter`) or ``stock``
             (aiortc's fixed 4-frame prefetch, the harness's baseline).
+        ice_servers: STUN/TURN servers for hosts behind NAT, as W3C
+            ``RTCIceServer`` dictionaries (``urls``, optional ``username`` and
+            ``credential``); empty: host candidates only (docs/two-machines.md).
     """
 
     policy: str = "hybrid"
@@ -70,6 +73,7 @@ class CallOptions:
     network: NetworkProfile | None = None
     network_seed: int = 0
     jitter_buffer: str = "adaptive"
+    ice_servers: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass

@@ -48,7 +48,10 @@ _CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "srtp_profile": str,
     "key_source": dict,
     "network": str,
+    "ice_servers": list,
 }
+#: URL schemes of RTCIceServer ``urls`` (RFC 7064 STUN, RFC 7065 TURN).
+_ICE_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -90,6 +93,13 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--network", metavar="FILE", help="network.json of `qcall network`: take our SAE's KME"
     )
     g.add_argument("--sae", metavar="ID", help="this user's SAE ID (default: the user name)")
+    g.add_argument(
+        "--ice-server",
+        action="append",
+        metavar="URL",
+        help="STUN/TURN server for NAT, e.g. stun:stun.example.org:3478 (repeatable; "
+        "TURN credentials: [[ice_servers]] in the config)",
+    )
     s = p.add_argument_group("security")
     s.add_argument("--policy", choices=["hybrid", "pqc"], help="security policy (hybrid)")
     s.add_argument(
@@ -167,6 +177,34 @@ def key_source_config(args: argparse.Namespace, conf: dict[str, Any], sae: str) 
     return conf.get("key_source")
 
 
+def ice_servers_config(args: argparse.Namespace, conf: dict[str, Any]) -> list[dict[str, str]]:
+    """STUN/TURN servers from ``--ice-server`` URLs, else the config's ``[[ice_servers]]``.
+
+    Each entry is a W3C ``RTCIceServer`` dictionary: ``urls`` (a ``stun:``,
+    ``stuns:``, ``turn:`` or ``turns:`` URL), optional ``username`` and ``credential``.
+
+    Raises:
+        ConfigError: a bad entry (names it and the field).
+    """
+    flags = getattr(args, "ice_server", None)
+    entries: list[Any] = [{"urls": url} for url in flags] if flags else conf.get("ice_servers", [])
+    servers: list[dict[str, str]] = []
+    for index, entry in enumerate(entries):
+        where = f"ice_servers[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: must be a table with urls, username, credential")
+        for name, value in entry.items():
+            if name not in ("urls", "username", "credential") or not isinstance(value, str):
+                raise ConfigError(f"{where}.{name}: unknown field or not a string")
+        urls = entry.get("urls", "")
+        if not urls.startswith(_ICE_SCHEMES):
+            raise ConfigError(f"{where}.urls: {urls!r} is not a stun:/stuns:/turn:/turns: URL")
+        if urls.startswith("turn") and not ("username" in entry and "credential" in entry):
+            raise ConfigError(f"{where}: a TURN server needs username and credential")
+        servers.append(dict(entry))
+    return servers
+
+
 def build_phone(args: argparse.Namespace, *, chirp_at: list[float] | None = None) -> Any:
     """Create the :class:`~qcall.call.phone.Phone` the flags describe."""
     from qcall.call.media import open_source
@@ -192,6 +230,7 @@ def build_phone(args: argparse.Namespace, *, chirp_at: list[float] | None = None
             _pick(args, conf, "srtp_profile", "srtp_profile", "AEAD_AES_256_GCM")
         ),
         sae_id=sae,
+        ice_servers=ice_servers_config(args, conf),
     )
     if options.policy not in ("hybrid", "pqc"):
         raise ConfigError(f"policy must be hybrid or pqc, not {options.policy!r}")
