@@ -8,7 +8,8 @@ contact: its call partner, docs/signaling.md "Presence"). With every connection
 held it places call set-ups (invite → accept → 8 KiB offer → 8 KiB answer →
 hangup) at a target rate between disjoint pairs, ``--runs`` times, and reports:
 
-* connections held (the server's ``/healthz``), registrations per second;
+* connections held (the server's ``/healthz``), registrations per second
+  (``--watch-all``: without watch lists, every user gets everyone's presence);
 * the server's resident memory per connection (RSS delta / N);
 * call set-ups per second achieved, set-up time p50/p99;
 * routing latency p50/p99 (client send → other client receive) under load;
@@ -120,10 +121,11 @@ class Peer:
                     fut.set_result(now)
 
 
-async def register(url: str, key: pqc.SigningKey, name: str, partner: str) -> Peer:
+async def register(url: str, key: pqc.SigningKey, name: str, partner: str | None) -> Peer:
     ws = await connect(url, max_size=2**24, compression=None, ping_interval=None)
     challenge = m.Challenge.parse(await ws.recv())
-    await ws.send(m.Register.create(key, name, challenge, watch=[partner]).serialize())
+    watch = None if partner is None else [partner]
+    await ws.send(m.Register.create(key, name, challenge, watch=watch).serialize())
     while True:
         msg = m.parse_server_message(await ws.recv())
         if isinstance(msg, m.Registered):
@@ -208,12 +210,12 @@ def emit(obj: dict[str, Any]) -> None:
     print(json.dumps(obj), flush=True)
 
 
-async def worker(url: str, first: int, count: int, index: int) -> None:
+async def worker(url: str, first: int, count: int, index: int, watch_all: bool) -> None:
     """Hold ``count`` connections (users ``first``..); obey commands read from stdin."""
     backend = pqc.get_backend()
     keys = [backend.signing_generate(pqc.SignatureScheme.ML_DSA_65) for _ in range(2)]
     names = [f"user{i:05d}" for i in range(first, first + count)]
-    partners = [f"user{i ^ 1:05d}" for i in range(first, first + count)]
+    partners = [None if watch_all else f"user{i ^ 1:05d}" for i in range(first, first + count)]
     start = time.perf_counter()
     peers: list[Peer] = []
     for lo in range(0, count, 32):
@@ -323,7 +325,9 @@ async def run(args: argparse.Namespace) -> None:
         firsts = [sum(share[:i]) for i in range(args.workers)]
         started = await asyncio.gather(
             *(
-                start_process(__file__, "--worker", url, str(first), str(n), str(i))
+                start_process(
+                    __file__, "--worker", url, str(first), str(n), str(i), str(args.watch_all)
+                )
                 for i, (first, n) in enumerate(zip(firsts, share, strict=True))
             )
         )
@@ -389,7 +393,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         raise_nofile()
         url, first, count, index = sys.argv[2], *map(int, sys.argv[3:6])
-        asyncio.run(worker(url, first, count, index))
+        asyncio.run(worker(url, first, count, index, sys.argv[6] == "True"))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--connections", type=int, default=1000, help="2..10000 (default 1000)")
@@ -398,6 +402,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="load runs (medians, default 3)")
     parser.add_argument("--workers", type=int, default=2, help="client processes 1..4 (default 2)")
     parser.add_argument("--idle-rounds", type=int, default=200, help="idle relay samples")
+    parser.add_argument(
+        "--watch-all",
+        action="store_true",
+        help="register without a watch list (everyone's presence, O(N) per registration)",
+    )
     args = parser.parse_args()
     if not 4 <= args.connections <= MAX_CONNECTIONS or not 1 <= args.workers <= 4:
         parser.error(f"bounds: 4 <= --connections <= {MAX_CONNECTIONS}, 1 <= --workers <= 4")
