@@ -2,7 +2,7 @@
 
 Each run is a real aiortc call between two ``RTCPeerConnection`` s in this
 process (Opus over DTLS-SRTP on the host's interface): a
-:class:`~qcall.call.media.ToneTrack` with marker chirps every 0.3 s on one side,
+:class:`~qcall.call.media.ToneTrack` with marker chirps every 0.7 s on one side,
 a :class:`~qcall.call.media.WavRecorder` on the other, and the network profile
 of :mod:`qcall.call.netem` (``loopback``, ``lossy``, ``beijing-hefei``) applied
 to both directions. One-way latency is measured chirp by chirp
@@ -40,7 +40,9 @@ from qcall.call.jitter import JITTER_BUFFER_MODES, get_jitter_buffer, install_ji
 from qcall.call.media import PTIME, ToneTrack, WavRecorder, read_wav
 from qcall.call.netem import apply_profile, get_profile
 
-CHIRP_SPACING = 0.3
+#: Chirps must be further apart than the largest latency measured (the stock buffer
+#: under loss reaches ≈ 300 ms), or a chirp is matched with the next one's send time.
+CHIRP_SPACING = 0.7
 WARM_UP = 1.0
 
 
@@ -110,7 +112,7 @@ async def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--profiles", nargs="+", default=["loopback", "lossy"])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--seconds", type=float, default=8.0)
     args = parser.parse_args(argv)
     print(
         f"bench_jitter: {args.runs} runs x {args.seconds:g} s per mode and profile "

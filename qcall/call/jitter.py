@@ -39,8 +39,11 @@ receivers (per instance, never on the class, so a stock call in the same
 process is untouched): aiortc then hands every depayloaded audio packet to it,
 and a timer on the event loop releases frames to aiortc's decoder thread on
 schedule, with a one-byte Opus packet (TOC only, RFC 6716 §3.2.1: a lost
-frame) for each concealment slot. docs/jitter-buffer.md has the design and the
-measured latency.
+frame) for each concealment slot. When that timer runs late by more than
+:data:`STALL_THRESHOLD`, the event loop itself was blocked: the shell lets the
+packets queued meanwhile in before concealing, and keeps their delays (which
+measure this process, not the network) out of the statistics until a packet is
+on time again. docs/jitter-buffer.md has the design and the measured latency.
 """
 
 from __future__ import annotations
@@ -87,6 +90,14 @@ AIORTC_SUPPORTED: Final = ((1, 16), (1, 17))
 #: (aiortc's own fixed prefetch, the harness's baseline).
 JITTER_BUFFER_MODES: Final = ("adaptive", "stock")
 
+#: A release timer running this late (seconds) means the event loop was blocked.
+STALL_THRESHOLD: Final = 0.015
+#: After such a stall: wait this long for the queued packets before concealing, and
+STALL_DEFER: Final = 0.005
+#: leave the packets read after it out of the delay statistics until one is on
+#: time again (the backlog is through), or at most this long.
+STALL_CATCH_UP: Final = 0.5
+
 _ATTRIBUTE: Final = "_qcall_jitter_buffer"
 _RECEIVER_FIELDS: Final = ("__jitter_buffer", "__decoder_queue", "__decoder_thread", "__codecs")
 
@@ -111,7 +122,8 @@ class JitterBufferConfig:
         initial_delay: buffering before any statistics exist.
         quantile: fraction of packets the schedule aims to have on time.
         margin: added to the quantile of the relative delay.
-        window: packets in the delay statistics (250 × 20 ms = 5 s).
+        window: packets in the delay statistics (150 × 20 ms = 3 s): long
+            enough for a stable 97th percentile, short enough to forget a burst.
         shrink_rate: fastest decrease of the delay, in seconds per second.
         max_conceal: longest run of concealment with nothing buffered.
         resync_threshold: a packet this far off schedule starts a new one.
@@ -125,7 +137,7 @@ class JitterBufferConfig:
     initial_delay: float = 0.020
     quantile: float = 0.97
     margin: float = 0.002
-    window: int = 250
+    window: int = 150
     shrink_rate: float = 0.05
     max_conceal: float = 0.200
     resync_threshold: float = 1.0
@@ -253,6 +265,8 @@ class AdaptiveJitterBuffer(Generic[PayloadT]):
         self.config = config or JitterBufferConfig()
         self.stats = JitterBufferStats()
         self._output: list[PlayoutFrame[PayloadT]] = []
+        #: How long after its slot the last packet arrived (negative: early), in seconds.
+        self.last_lateness = 0.0
         self._pts_offset = 0  # output pts of the current schedule's origin
         self._reset_schedule()
 
@@ -279,7 +293,13 @@ class AdaptiveJitterBuffer(Generic[PayloadT]):
     # --- inputs ------------------------------------------------------------------------
 
     def receive_packet(
-        self, sequence_number: int, timestamp: int, payload: PayloadT, now: float
+        self,
+        sequence_number: int,
+        timestamp: int,
+        payload: PayloadT,
+        now: float,
+        *,
+        measure: bool = True,
     ) -> None:
         """Take one RTP packet (RFC 3550 §5.1 header fields) that arrived at ``now``.
 
@@ -288,6 +308,9 @@ class AdaptiveJitterBuffer(Generic[PayloadT]):
             timestamp: the 32-bit RTP timestamp.
             payload: what to hand back in its :class:`PlayoutFrame` (opaque).
             now: arrival time.
+            measure: add its delay to the statistics; ``False`` when ``now`` is
+                known to be late for local reasons (the shell's event loop was
+                blocked), which says nothing about the network.
 
         Raises:
             ValueError: a field is out of range (the message names it).
@@ -308,7 +331,8 @@ class AdaptiveJitterBuffer(Generic[PayloadT]):
             self._start(sequence_number, timestamp, now)
             seq = self._seq.unwrap(sequence_number)
             ts = self._ts.unwrap(timestamp) - self._require_origin()
-        self._note_delay(ts, now)
+        if measure or not self._sorted:
+            self._note_delay(ts, now)
         self._note_frame_size(seq, ts)
         if seq in self._held or seq in self._played:
             self.stats.duplicates += 1
@@ -375,8 +399,8 @@ class AdaptiveJitterBuffer(Generic[PayloadT]):
         assert self._offset is not None
         if self._last_seq is not None and seq < self._last_seq - _MAX_MISORDER:
             return True  # sequence numbers restarted (RFC 3550 A.1, MAX_MISORDER)
-        lateness = now - (ts / self.config.clock_rate + self._offset)
-        return abs(lateness) > self.config.resync_threshold
+        self.last_lateness = now - (ts / self.config.clock_rate + self._offset)
+        return abs(self.last_lateness) > self.config.resync_threshold
 
     def _resync(self) -> None:
         """Flush what is held (in order, at once) and forget the schedule."""
@@ -548,6 +572,10 @@ class ReceiverJitterBuffer:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._last: _Payload | None = None
+        self._catch_up_until = -math.inf
+        #: Times the event loop was found blocked (a timer ran late by more than
+        #: :data:`STALL_THRESHOLD`).
+        self.stalls = 0
 
     @property
     def stats(self) -> JitterBufferStats:
@@ -559,9 +587,16 @@ class ReceiverJitterBuffer:
         codec = codecs.get(packet.payload_type)
         data = getattr(packet, "_data", b"")
         if codec is not None:
+            now = self._clock()
             self.core.receive_packet(
-                packet.sequence_number, packet.timestamp, (codec, data), self._clock()
+                packet.sequence_number,
+                packet.timestamp,
+                (codec, data),
+                now,
+                measure=now >= self._catch_up_until,
             )
+            if self.core.last_lateness <= 0:
+                self._catch_up_until = -math.inf  # on time again: the backlog is through
             self._service()
         return False, None
 
@@ -572,8 +607,20 @@ class ReceiverJitterBuffer:
         self._timer = self._timer_at = None
 
     def _on_timer(self) -> None:
+        now = self._clock()
+        late = self._timer_at is not None and now - self._timer_at > STALL_THRESHOLD
         self._timer = self._timer_at = None
-        self.core.handle_timer(self._clock())
+        if late:
+            # The event loop was blocked (this process was busy or descheduled):
+            # packets that reached the socket meanwhile are still queued behind
+            # this callback. Let them in before concealing their slots, and keep
+            # their delays, inflated by the stall, out of the statistics.
+            self._catch_up_until = now + STALL_CATCH_UP
+            self._timer_at = now + STALL_DEFER
+            self._timer = self._loop.call_at(self._timer_at, self._on_timer)
+            self.stalls += 1
+            return
+        self.core.handle_timer(now)
         self._service()
 
     def _service(self) -> None:
