@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import pytest
 
+#: Key hygiene over the whole run: secrets registered, logs/exceptions/reprs scanned.
+pytest_plugins = ["tests.hygiene"]
+
 
 @pytest.fixture
 def qcall_home(tmp_path, monkeypatch):

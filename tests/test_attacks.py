@@ -100,7 +100,7 @@ def attacker(lab: Lab) -> MaliciousProtocol:
 
 
 async def refused(
-    lab: Lab, alice: Phone, bob: Phone, callee_error: type[QCallError], match: str = ""
+    lab: Lab, alice: Phone, bob: Phone, callee_error: type[QCallError], match: str | None = None
 ) -> tuple[QCallError, QCallError]:
     """Place a call that must fail on both sides; return (caller's, callee's) errors."""
     incoming = asyncio.ensure_future(bob.incoming())
