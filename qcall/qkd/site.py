@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from qcall.config import atomic_write
-from qcall.exceptions import ConfigError, PostProcessingError, QKDError, RelayError, SiteLinkError
+from qcall.exceptions import ConfigError, QKDError, RelayError, SiteLinkError
 from qcall.qkd.kme import PoolRole
 from qcall.qkd.network import (
     MAX_RETRY_SECONDS,
@@ -64,18 +64,18 @@ from qcall.qkd.network import (
 )
 from qcall.qkd.pki import client_ssl_context, server_ssl_context
 from qcall.qkd.relay import xor_bytes
-from qcall.qkd.sim.bb84 import BobRecord, OpticalLayer
+from qcall.qkd.server import KMEServer
+from qcall.qkd.sim.bb84 import OpticalLayer
 from qcall.qkd.sim.channel import ALICE, BOB, TAG_BITS, ChannelEnd
-from qcall.qkd.sim.link import Abort, AliceEnd, BobEnd, BobOutcome, State
+from qcall.qkd.sim.link import Abort
 from qcall.qkd.sim.model import LinkParams
+from qcall.qkd.sitelink import PEER_TIMEOUT, BlockEnd, SiteConnection, alice_block, bob_block
 from qcall.qkd.sitewire import (
     PROTOCOL_VERSION,
-    BlockTag,
     FrameReader,
     Hello,
     Optics,
     PadBook,
-    PostProcessing,
     RelayKey,
     RelayResult,
     SiteMessage,
@@ -91,8 +91,6 @@ logger = logging.getLogger(__name__)
 PSK_BYTES = 32 + 4096
 #: Bytes of link key per relayed key beyond the key itself: the hop's HMAC key.
 MAC_KEY_BYTES = 32
-#: Seconds to wait for the other site's answer or the next protocol frame.
-PEER_TIMEOUT = 30.0
 
 
 def create_psk(path: str | os.PathLike[str]) -> Path:
@@ -148,14 +146,6 @@ class _SplitLinkState:
     connected: bool = False
     connections: int = 0
     error: str | None = None
-
-
-@dataclass(eq=False)
-class _Connection:
-    writer: asyncio.StreamWriter
-    inbox: asyncio.Queue[SiteMessage] = dataclasses.field(default_factory=asyncio.Queue)
-    relays: asyncio.Queue[RelayKey] = dataclasses.field(default_factory=asyncio.Queue)
-    outbox: asyncio.Queue[tuple[float, bytes]] = dataclasses.field(default_factory=asyncio.Queue)
 
 
 class NetworkSite(SimulatedNetwork):
@@ -237,7 +227,7 @@ class NetworkSite(SimulatedNetwork):
         self.pads = PadBook()
         self.params = LinkParams(length_km=self.split.length_km, **overrides)
         self.cross = _SplitLinkState()
-        self._conn: _Connection | None = None
+        self._conn: SiteConnection | None = None
         self._server: asyncio.Server | None = None
         self._pending: dict[int, asyncio.Future[RelayResult]] = {}
         self._relay_ids = 0
@@ -312,7 +302,7 @@ class NetworkSite(SimulatedNetwork):
                     self._pki_file(f"kme/{kme.kme_id}.key"),
                     ca,
                 )
-                server = _kme_server(kme, self.host, ctx)
+                server = KMEServer(kme, self.host, 0, ctx)
                 await server.start()
                 self._servers[node] = server
         except BaseException:
@@ -451,7 +441,7 @@ class NetworkSite(SimulatedNetwork):
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Run one connection: hello, then the split link and relay hops until it fails."""
-        conn = _Connection(writer)
+        conn = SiteConnection(writer, self.link_delay)
         tasks: list[asyncio.Task[None]] = []
         try:
             self._check_peer_certificate(writer)
@@ -470,7 +460,7 @@ class NetworkSite(SimulatedNetwork):
                     if messages:
                         hello = messages.pop(0)
                         for extra in messages:
-                            conn.inbox.put_nowait(extra)
+                            self._dispatch(conn, extra)
             if not isinstance(hello, Hello):
                 raise SiteLinkError("the other site did not start with Hello")
             if hello.version != PROTOCOL_VERSION:
@@ -494,8 +484,10 @@ class NetworkSite(SimulatedNetwork):
             self.cross.error = None
             logger.info("= site link to %s up", hello.node)
             tasks = [
-                asyncio.create_task(self._read_loop(reader, frames, conn)),
-                asyncio.create_task(self._write_loop(conn)),
+                asyncio.create_task(
+                    conn.read_loop(reader, frames, lambda msg: self._dispatch(conn, msg))
+                ),
+                asyncio.create_task(conn.write_loop()),
                 asyncio.create_task(self._receive_relays(conn)),
                 asyncio.create_task(
                     self._alice_loop(conn) if self.transmitter else self._bob_loop(conn)
@@ -530,54 +522,24 @@ class NetworkSite(SimulatedNetwork):
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _read_loop(
-        self, reader: asyncio.StreamReader, frames: FrameReader, conn: _Connection
-    ) -> None:
-        while True:
-            data = await reader.read(1 << 16)
-            if not data:
-                raise SiteLinkError("the other site closed the connection")
-            for msg in frames.feed(data):
-                if isinstance(msg, RelayKey):
-                    conn.relays.put_nowait(msg)
-                elif isinstance(msg, RelayResult):
-                    fut = self._pending.pop(msg.relay_id, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(msg)
-                elif isinstance(msg, Hello):
-                    raise SiteLinkError("unexpected Hello")
-                else:
-                    conn.inbox.put_nowait(msg)
-
-    async def _write_loop(self, conn: _Connection) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            due, frame = await conn.outbox.get()
-            wait = due - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)  # the emulated one-way delay, order kept
-            conn.writer.write(frame)
-            await conn.writer.drain()
-
-    def _send(self, conn: _Connection, msg: SiteMessage) -> None:
-        due = asyncio.get_running_loop().time() + self.link_delay
-        conn.outbox.put_nowait((due, encode_frame(msg)))
-
-    async def _expect(self, conn: _Connection, kind: type[Any], block: int | None) -> Any:
-        async with asyncio.timeout(PEER_TIMEOUT if block is not None else None):
-            msg = await conn.inbox.get()
-        if not isinstance(msg, kind):
-            raise SiteLinkError(f"expected {kind.__name__}, got {type(msg).__name__}")
-        if block is not None and msg.block != block:
-            raise SiteLinkError(f"{kind.__name__}.block {msg.block} is not {block}")
-        return msg
+    def _dispatch(self, conn: SiteConnection, msg: SiteMessage) -> None:
+        """Route one received message: relay hops, their answers, or the split link's BB84."""
+        if isinstance(msg, RelayKey):
+            conn.relays.put_nowait(msg)
+        elif isinstance(msg, RelayResult):
+            fut = self._pending.pop(msg.relay_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+        elif isinstance(msg, Hello):
+            raise SiteLinkError("unexpected Hello")
+        else:
+            conn.inbox.put_nowait(msg)
 
     # --- the split link's BB84 ---------------------------------------------------------------
 
-    async def _alice_loop(self, conn: _Connection) -> None:
-        """Transmitter: optics, then answer Bob's post-processing messages."""
+    async def _alice_loop(self, conn: SiteConnection) -> None:
+        """Transmitter: one block after another, at the model's pace × speedup."""
         assert self._channel is not None and self._split_executor is not None
-        ch, loop, pool = self._channel, asyncio.get_running_loop(), self._split_executor
         cap = self.relay.buffers[self.split.name].capacity_bits or (1 << 20)
         failed_in_a_row = 0
         while True:
@@ -588,27 +550,10 @@ class NetworkSite(SimulatedNetwork):
             block = self._next_block
             self._next_block += 1
             params = self.params
-            n = params.default_block_pulses()
-            alice_rec, bob_rec = await loop.run_in_executor(
-                pool, self._optics.transmit, n, self._alice_rng
-            )
-            self._send(conn, Optics(block, n, bob_rec.indices, bob_rec.basis, bob_rec.bit))
-            alice = AliceEnd(params, alice_rec, self._alice_rng)
-            ch.reset_transcript()
-            while alice.state is not State.DONE:
-                pp = await self._expect(conn, PostProcessing, block)
-                incoming = ch.open(pp.frame)
-                reply = await loop.run_in_executor(pool, alice.handle, incoming)
-                self._send(conn, PostProcessing(block, ch.seal(reply)))
-            alice_tag, bob_tag = ch.block_tags()
-            self._send(conn, BlockTag(block, alice_tag))
-            theirs = await self._expect(conn, BlockTag, block)
-            if not hmac.compare_digest(theirs.tag, bob_tag):
-                raise PostProcessingError(f"split link block {block}: Bob's tag does not verify")
-            self._finish_block(block, alice.decision, alice.qber, alice.verified,
-                               alice.final_key or b"")  # fmt: skip
-            wait = n / params.pulse_rate_hz / self.speedup
-            if alice.decision is Abort.ALARM:
+            end = await alice_block(conn, self._channel, self._optics, params, self._alice_rng,
+                                    block, self._split_executor, self._finish_block)  # fmt: skip
+            wait = params.default_block_pulses() / params.pulse_rate_hz / self.speedup
+            if end.decision is Abort.ALARM:
                 # Each aborted block spends authentication pad: back off as the
                 # single-process network does (docs/relay.md, "Failed blocks").
                 failed_in_a_row += 1
@@ -620,45 +565,23 @@ class NetworkSite(SimulatedNetwork):
             if remaining > 0:
                 await asyncio.sleep(remaining)
 
-    async def _bob_loop(self, conn: _Connection) -> None:
-        """Receiver: take the detector record, drive post-processing as Bob."""
+    async def _bob_loop(self, conn: SiteConnection) -> None:
+        """Receiver: each detector record that arrives starts a block."""
         assert self._channel is not None and self._split_executor is not None
-        ch, loop, pool = self._channel, asyncio.get_running_loop(), self._split_executor
         while True:
-            optics: Optics = await self._expect(conn, Optics, None)
+            optics = await conn.expect(Optics, None)
             if optics.block <= self._last_block:
                 raise SiteLinkError(f"Optics.block {optics.block} is not new")
-            block = self._last_block = optics.block
-            record = BobRecord(optics.n_pulses, optics.indices, optics.basis, optics.bit)
-            gen = BobEnd(self.params, record, self._bob_rng).run()
+            self._last_block = optics.block
+            await bob_block(conn, self._channel, optics, self.params, self._bob_rng,
+                            self._split_executor, self._finish_block)  # fmt: skip
 
-            def step(reply: Any, gen: Any = gen) -> tuple[bool, Any]:
-                try:
-                    return False, (next(gen) if reply is None else gen.send(reply))
-                except StopIteration as stop:
-                    return True, stop.value
-
-            ch.reset_transcript()
-            finished, value = await loop.run_in_executor(pool, step, None)
-            while not finished:
-                self._send(conn, PostProcessing(block, ch.seal(value)))
-                pp = await self._expect(conn, PostProcessing, block)
-                incoming = ch.open(pp.frame)
-                finished, value = await loop.run_in_executor(pool, step, incoming)
-            out: BobOutcome = value
-            alice_tag, bob_tag = ch.block_tags()
-            theirs = await self._expect(conn, BlockTag, block)
-            if not hmac.compare_digest(theirs.tag, alice_tag):
-                raise PostProcessingError(f"split link block {block}: Alice's tag does not verify")
-            # Deposit before answering, so Alice's next relay finds the block here.
-            self._finish_block(block, out.decision, out.qber, out.verified, out.final_key)
-            self._send(conn, BlockTag(block, bob_tag))
-
-    def _finish_block(
-        self, block: int, decision: Abort, qber: float, verified: bool, key: bytes
-    ) -> None:
+    def _finish_block(self, end: BlockEnd) -> None:
         """Account one authenticated block at this end: alarm, or refill the pad and deposit."""
         assert self._channel is not None
+        block, decision, qber, verified, key = (
+            end.block, end.decision, end.qber, end.verified, end.key
+        )  # fmt: skip
         self._finished_block = block
         self.cross.blocks += 1
         self.cross.qber = qber
@@ -770,7 +693,7 @@ class NetworkSite(SimulatedNetwork):
         msg = dataclasses.replace(msg, tag=tag)
         fut: asyncio.Future[RelayResult] = asyncio.get_running_loop().create_future()
         self._pending[msg.relay_id] = fut
-        self._send(conn, msg)
+        conn.send(msg)
         try:
             async with asyncio.timeout(PEER_TIMEOUT):
                 result = await fut
@@ -792,14 +715,14 @@ class NetworkSite(SimulatedNetwork):
         cp.last_route = (*route, self.remote_border)
         return True
 
-    async def _receive_relays(self, conn: _Connection) -> None:
+    async def _receive_relays(self, conn: SiteConnection) -> None:
         while True:
             msg = await conn.relays.get()
             try:
                 reason = await self._accept_relay(msg)
             except (QKDError, ValueError, TimeoutError) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
-            self._send(conn, RelayResult(msg.relay_id, reason is None, reason or ""))
+            conn.send(RelayResult(msg.relay_id, reason is None, reason or ""))
 
     async def _accept_relay(self, msg: RelayKey) -> str | None:
         """Complete an incoming relay; return ``None`` if stored, else why not."""
@@ -877,9 +800,3 @@ class NetworkSite(SimulatedNetwork):
         if path is None:
             raise RelayError(f"no fibre path from {source!r} to {target!r}")
         return path
-
-
-def _kme_server(kme: Any, host: str, ctx: ssl.SSLContext) -> Any:
-    from qcall.qkd.server import KMEServer
-
-    return KMEServer(kme, host, 0, ctx)
