@@ -217,6 +217,31 @@ async def test_server_resigning_the_answer_with_its_own_identity(lab: Lab) -> No
     assert not alice.calls and lab.recorders[0].arrivals == []
 
 
+async def test_first_contact_forgery_fails_but_leaves_an_unverified_pin(lab: Lab) -> None:
+    """Trust on first use: what a malicious server can and cannot do to strangers.
+
+    bob has never seen alice. The server re-signs alice's offer with its own key:
+    bob's TOFU store pins that key as alice (unverified, with a warning), but the
+    call still fails: bob's answer signs the transcript of the forged offer,
+    which alice never sent. The pin is the documented TOFU limit
+    (``docs/threat-model.md``): the next genuine call from alice is refused
+    loudly until bob compares fingerprints or the SAS and re-pins.
+    """
+    alice, bob = await phones(lab, pin=False)
+    attacker(lab).rewrite_offer = resign_offer(MALLORY.signing_key)
+    incoming = asyncio.ensure_future(bob.incoming())
+    with pytest.raises(BadSignatureError, match="answer signature of 'bob'"):
+        await asyncio.wait_for(alice.call("bob"), 10 * T)
+    with pytest.raises(QCallError, match="bad_signature"):
+        await asyncio.wait_for(incoming, 5 * T)
+    assert not alice.calls and lab.recorders[0].arrivals == []
+    pinned = lab.contacts("bob").get("alice")
+    assert pinned is not None and not pinned.verified
+    assert pinned.public_key == MALLORY.public_key  # the forger's key, unverified
+    attacker(lab).honest()
+    await refused(lab, alice, bob, IdentityChangedError, "alice")
+
+
 async def test_server_claiming_another_sender_name(lab: Lab) -> None:
     # Re-signed by mallory under her own name: the offer is not from the party
     # the server says is calling, and bob never pinned mallory as alice.
