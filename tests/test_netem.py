@@ -20,6 +20,7 @@ from qcall.call.netem import (
     PROFILES,
     LinkEmulator,
     NetworkProfile,
+    TCPDelayProxy,
     _EmulatedTransport,
     apply_profile,
     get_profile,
@@ -286,3 +287,35 @@ async def test_apply_to_session_options() -> None:
         await pc.close()
     with pytest.raises(CallError, match="RTCPeerConnection or a CallSession"):
         apply_profile(object(), PROFILES["lossy"])
+
+
+# --- the signaling path: TCP delay proxy ---------------------------------------------
+
+
+async def test_tcp_delay_proxy_delays_each_direction_and_keeps_bytes() -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with TCPDelayProxy(("127.0.0.1", port), delay_ms=30.0) as proxy:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            rtts = []
+            for i in range(3):
+                start = time.monotonic()
+                writer.write(b"ping %d\n" % i)
+                assert await asyncio.wait_for(reader.readline(), 5 * T) == b"ping %d\n" % i
+                rtts.append((time.monotonic() - start) * 1000)
+            assert min(rtts) >= 59.0  # 30 ms each way
+            assert statistics.median(rtts) <= 60.0 + 15.0 * T
+            blob = bytes(range(256)) * 2000  # 512 kB: many chunks, order kept
+            writer.write(blob)
+            assert await asyncio.wait_for(reader.readexactly(len(blob)), 10 * T) == blob
+            writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()

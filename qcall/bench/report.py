@@ -168,6 +168,9 @@ def build_report(
             "rekey_interval_s": config.rekey_interval,
             "chirp_every_s": config.chirp_every,
             "seed": config.seed,
+            "signaling_delay_ms_per_leg": config.profile.delay_ms / 2
+            if config.signaling_delay
+            else 0.0,
             "wall_s": None if wall_s is None else round(wall_s, 1),
         },
         "phases": {key: label for key, label in PHASES},

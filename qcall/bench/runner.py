@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qcall.call.netem import NetworkProfile
+from qcall.call.netem import NetworkProfile, TCPDelayProxy
 from qcall.exceptions import CallError, QCallError
 
 __all__ = ["MODES", "BenchConfig", "CallResult", "Lab", "qkd_keys_needed", "run_bench", "schedule"]
@@ -79,18 +79,21 @@ class BenchConfig:
         seed: base seed of the network emulation.
         out: directory for recordings and results.
         keep_audio: keep each call's WAV recording.
+        signaling_delay: delay the signaling path too: half the profile's
+            one-way delay on each user's leg to the server.
     """
 
     calls: int = 10
     profile: NetworkProfile = field(default_factory=lambda: NetworkProfile("loopback"))
     modes: tuple[str, ...] = MODES
     seconds: float = 2.0
-    rekey_interval: float = 0.8
+    rekey_interval: float = 0.9
     chirp_every: float = 0.4
     warmup: int = 1
     seed: int = 0
     out: Path = field(default_factory=lambda: Path("bench-out"))
     keep_audio: bool = False
+    signaling_delay: bool = True
 
 
 @dataclass
@@ -123,8 +126,8 @@ def qkd_keys_needed(config: BenchConfig) -> int:
     """Keys the alice → bob pool must hold: 1 per hybrid call + its rekeys, with margin."""
     if "hybrid" not in config.modes:
         return 0
-    per_call = 1 + math.ceil(config.seconds / config.rekey_interval) + 1
-    return math.ceil(1.5 * per_call * (config.calls + config.warmup)) + 2
+    per_call = 1 + math.ceil(config.seconds / config.rekey_interval)
+    return math.ceil(1.25 * per_call * (config.calls + config.warmup)) + 4
 
 
 def schedule(modes: tuple[str, ...], calls: int, warmup: int) -> list[tuple[str, int, bool]]:
@@ -150,19 +153,30 @@ class Lab:
         self.phones: dict[str, Any] = {}
         self._kmes: asyncio.subprocess.Process | None = None
         self._signaling: Any = None
+        self._proxies: list[TCPDelayProxy] = []
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def start(cls, work: Path, *, qkd_keys: int = 0) -> AsyncIterator[Lab]:
-        """Start the lab; ``qkd_keys`` > 0 starts the QKD network with that many keys."""
+    async def start(
+        cls, work: Path, *, qkd_keys: int = 0, signaling_delay_ms: float = 0.0
+    ) -> AsyncIterator[Lab]:
+        """Start the lab.
+
+        Args:
+            work: a scratch directory.
+            qkd_keys: > 0: start the QKD network holding that many keys.
+            signaling_delay_ms: > 0: each phone reaches the signaling server
+                through its own :class:`~qcall.call.netem.TCPDelayProxy` adding
+                this one-way delay (the server sits half-way between the users).
+        """
         lab = cls(work)
         try:
-            await lab._open(qkd_keys)
+            await lab._open(qkd_keys, signaling_delay_ms)
             yield lab
         finally:
             await lab._close()
 
-    async def _open(self, qkd_keys: int) -> None:
+    async def _open(self, qkd_keys: int, signaling_delay_ms: float) -> None:
         from qcall.call.phone import Phone
         from qcall.contacts import ContactStore
         from qcall.identity import Identity
@@ -174,8 +188,14 @@ class Lab:
             saes = await self._start_kmes(qkd_keys)
         self._signaling = SignalingServer()
         await self._signaling.start("127.0.0.1", 0)
-        url = f"ws://127.0.0.1:{self._signaling.port}"
         for name in (CALLER, CALLEE):
+            port = self._signaling.port
+            if signaling_delay_ms > 0:
+                proxy = TCPDelayProxy(("127.0.0.1", port), signaling_delay_ms)
+                await proxy.start()
+                self._proxies.append(proxy)
+                port = proxy.port
+            url = f"ws://127.0.0.1:{port}"
             home = self.work / name
             home.mkdir(mode=0o700, parents=True, exist_ok=True)
             source = open_key_source(dict(saes[name], timeout=5.0)) if saes else None
@@ -215,6 +235,8 @@ class Lab:
         for phone in self.phones.values():
             with contextlib.suppress(Exception):
                 await phone.close()
+        for proxy in self._proxies:
+            await proxy.close()
         if self._signaling is not None:
             await self._signaling.close()
         if self._kmes is not None:
@@ -371,7 +393,11 @@ async def run_bench(config: BenchConfig, progress: Progress | None = None) -> li
     order = schedule(config.modes, config.calls, config.warmup)
     results: list[CallResult] = []
     with tempfile.TemporaryDirectory(prefix="qcall-bench-") as work:
-        async with Lab.start(Path(work), qkd_keys=qkd_keys_needed(config)) as lab:
+        signaling_delay = config.profile.delay_ms / 2 if config.signaling_delay else 0.0
+        lab_start = Lab.start(
+            Path(work), qkd_keys=qkd_keys_needed(config), signaling_delay_ms=signaling_delay
+        )
+        async with lab_start as lab:
             for done, (mode, index, warmup) in enumerate(order):
                 if progress is not None:
                     progress(f"{mode} call {index + 1 - config.warmup}" if not warmup

@@ -33,9 +33,12 @@ slack (epoll has millisecond resolution; a loaded loop adds more). The
 emulator's accuracy (requested vs achieved delay, jitter, loss) is measured in
 ``tests/test_netem.py`` and reported in docs/performance.md.
 
-Only the media path (one UDP 5-tuple per call) is emulated; signaling and the
-KMEs stay on loopback — the KMEs are local to each site in the Beijing–Hefei
-scenario, and the signaling delay is the harness's business (``scripts/latency.py``).
+The signaling path (a websocket over TCP) can be delayed too, with a
+:class:`TCPDelayProxy` in front of the signaling server: each chunk of bytes is
+forwarded ``delay_ms`` after it was read, in order, in each direction. Only
+delay is emulated there — TCP turns loss into retransmission delay, which the
+proxy does not model. The KMEs stay on loopback: in the Beijing–Hefei scenario
+each user's KME is at its own site.
 
 This reaches into aiortc 1.16 / aioice 0.10+ internals
 (``RTCPeerConnection.__gather``, ``RTCIceGatherer._connection``,
@@ -46,6 +49,7 @@ This reaches into aiortc 1.16 / aioice 0.10+ internals
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import random
 from collections.abc import Awaitable, Callable
@@ -65,6 +69,7 @@ __all__ = [
     "LinkEmulator",
     "LinkStats",
     "NetworkProfile",
+    "TCPDelayProxy",
     "apply_profile",
     "get_profile",
 ]
@@ -327,3 +332,93 @@ def apply_profile(target: Any, profile: NetworkProfile, seed: int = 0) -> Emulat
 
     pc._RTCPeerConnection__gather = gather  # type: ignore[attr-defined]
     return emulation
+
+
+class TCPDelayProxy:
+    """A TCP proxy that delays each direction by ``delay_ms`` (order kept, no loss).
+
+    Args:
+        target: ``(host, port)`` of the real server.
+        delay_ms: one-way delay added to every chunk, in each direction.
+
+    Use ``async with TCPDelayProxy(...) as proxy`` and connect to ``proxy.port``
+    on 127.0.0.1.
+    """
+
+    def __init__(self, target: tuple[str, int], delay_ms: float) -> None:
+        if delay_ms < 0:
+            raise ValueError("delay_ms must be >= 0")
+        self.target = target
+        self.delay = delay_ms / 1000.0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> TCPDelayProxy:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self, host: str = "127.0.0.1") -> None:
+        """Listen on an ephemeral port of ``host`` (then read :attr:`port`)."""
+        self._server = await asyncio.start_server(self._handle, host, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        """Stop listening and cut every proxied connection."""
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        upstream_writer: asyncio.StreamWriter | None = None
+        try:
+            up_reader, upstream_writer = await asyncio.open_connection(*self.target)
+            await asyncio.gather(self._pump(reader, upstream_writer), self._pump(up_reader, writer))
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._tasks.discard(task)
+            for w in (writer, upstream_writer):
+                if w is not None:
+                    w.close()
+
+    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def deliver() -> None:
+            while True:
+                due, data = await queue.get()
+                wait = due - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                if not data:
+                    if dst.can_write_eof():
+                        dst.write_eof()
+                    return
+                dst.write(data)
+                await dst.drain()
+
+        delivering = asyncio.ensure_future(deliver())
+        try:
+            while True:
+                data = await src.read(65536)
+                queue.put_nowait((loop.time() + self.delay, data))
+                if not data:
+                    break
+            await delivering
+        finally:
+            delivering.cancel()

@@ -37,12 +37,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--seconds", type=float, default=2.0, metavar="S",
                         help="audio per call after setup (2.0)")  # fmt: skip
-    parser.add_argument("--rekey-interval", type=float, default=0.8, metavar="S",
-                        help="seconds between rekeys in pqc/hybrid calls (0.8)")  # fmt: skip
+    parser.add_argument("--rekey-interval", type=float, default=0.9, metavar="S",
+                        help="seconds between rekeys in pqc/hybrid calls (0.9)")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=1, metavar="N",
                         help="uncounted rounds first (1)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="network emulation seed (0)")
     parser.add_argument("--keep-audio", action="store_true", help="keep each call's WAV")
+    parser.add_argument(
+        "--no-signaling-delay", action="store_true",
+        help="keep the signaling path on bare loopback (default: half the profile's "
+        "one-way delay on each user's leg to the server)",
+    )  # fmt: skip
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or table")
 
@@ -85,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         out=args.out,
         keep_audio=args.keep_audio,
+        signaling_delay=not args.no_signaling_delay,
     )
     console = Console(stderr=True)
     total = len(schedule(modes, config.calls, config.warmup))
