@@ -101,7 +101,8 @@ ip -n "$NW" link set wa up promisc on
 ip -n "$NW" link set wb up promisc on
 ip netns exec "$NW" "$PYTHON" "$HERE/two_hosts_wire.py" --delay-ms "$DELAY_MS" wa wb \
     >"$WORK/wire.log" 2>&1 &
-PIDS+=($!)
+WIRE=$!
+PIDS+=("$WIRE")
 
 # --- provisioning (docs/two-machines.md step 1): on A, then copied to B -----------------
 on_a "${QCALL[@]}" network-site init --topology beijing-hefei --split Jinan-Taian \
@@ -147,6 +148,7 @@ wait_for 30 "bob's report" test -e "$WORK/b/bob.json"
 wait "$BOB" || bob_status=$?
 log "call finished (alice exit $alice_status, bob exit $bob_status)"
 sleep 1.2   # one more --json-status line from each site
+kill "$WIRE" && wait "$WIRE" || true   # the wire writes its frame counts
 
 report_status=0
 "$PYTHON" "$HERE/two_hosts_report.py" "$WORK" --tone "$TONE" --delay-ms "$DELAY_MS" \

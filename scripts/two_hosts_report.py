@@ -62,6 +62,15 @@ def _site(status: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _wire(path: Path) -> dict[str, int] | None:
+    """The wire's counts: ``wire: N frames forwarded, D dropped (receive buffer)``."""
+    try:
+        words = path.read_text(encoding="utf-8").strip().splitlines()[-1].split()
+        return {"frames": int(words[1]), "dropped": int(words[4])}
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def build_report(
     work: Path, tone_hz: float, delay_ms: float | None, ready_s: float | None = None
 ) -> dict[str, Any]:
@@ -94,6 +103,7 @@ def build_report(
         },
         "wire_delay_ms": delay_ms,
         "sites_ready_s": ready_s,
+        "wire": _wire(work / "wire.log"),
         "call": {
             "connected": bool(alice.get("connected")) and bool(bob.get("connected")),
             "setup_ms": alice.get("setup_ms"),

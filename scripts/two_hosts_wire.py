@@ -36,6 +36,12 @@ import time
 
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
+SOL_PACKET = 263
+PACKET_STATISTICS = 6
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+#: Socket buffer: room for a burst (a BB84 detector record is ~1 MB) while
+#: this process waits for the CPU on a loaded machine.
+BUFFER_BYTES = 32 << 20
 SIOCETHTOOL = 0x8946
 ETHTOOL_GTXCSUM = 0x16
 ETHTOOL_STXCSUM = 0x17
@@ -64,6 +70,7 @@ def bridge(left: str, right: str, delay: float) -> None:
     socks = {}
     for name in (left, right):
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, BUFFER_BYTES)
         sock.bind((name, 0))
         sock.setblocking(False)
         socks[name] = sock
@@ -104,7 +111,12 @@ def bridge(left: str, right: str, delay: float) -> None:
                     continue
                 seq += 1  # FIFO per direction: equal delays keep the order
                 heapq.heappush(queue, (now + delay, seq, other[sock], frame))
-    print(f"wire: {forwarded} frames forwarded", flush=True)
+    # Frames the kernel dropped because this process did not read them in time.
+    drops = 0
+    for sock in socks.values():
+        _, dropped = struct.unpack("II", sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+        drops += dropped
+    print(f"wire: {forwarded} frames forwarded, {drops} dropped (receive buffer)", flush=True)
 
 
 def main() -> int:

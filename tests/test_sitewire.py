@@ -76,7 +76,8 @@ def test_reprs_hide_key_material() -> None:
         (FrameType.HELLO, b'{"version": 1}', "Hello.topology"),
         (FrameType.HELLO, b"[1]", "Hello: payload is not an object"),
         (FrameType.OPTICS, b"\x00" * 5, "Optics: too short"),
-        (FrameType.OPTICS, struct.pack(">QQI", 1, 10, 3), "Optics.count"),
+        (FrameType.OPTICS, struct.pack(">QQIB", 1, 10, 3, 1), "Optics.count"),
+        (FrameType.OPTICS, struct.pack(">QQIB", 1, 10, 0, 3), "Optics.width: 3"),
         (FrameType.BLOCK_TAG, b"\x00" * 20, "BlockTag.tag"),
         (FrameType.RELAY_KEY, b"\x00\x05\x00\x00{}", "RelayKey.length"),
         (FrameType.RELAY_RESULT, b'{"relay_id": 1, "ok": "yes", "reason": ""}', "RelayResult.ok"),
@@ -90,10 +91,22 @@ def test_malformed_frames_name_the_field(kind: int, payload: bytes, field: str) 
 
 def test_optics_indices_must_be_sorted_and_in_range() -> None:
     bad = optics()
-    for indices in (bad.indices[::-1].copy(), bad.indices + 10_000):
+    repeated = bad.indices.copy()
+    repeated[5] = repeated[4]
+    for indices in (repeated, bad.indices + 10_000):
         frame = encode_frame(Optics(1, bad.n_pulses, indices, bad.basis, bad.bit))
         with pytest.raises(SiteLinkError, match=r"Optics\.indices"):
             FrameReader().feed(frame)
+
+
+def test_optics_sends_index_gaps_in_the_smallest_width() -> None:
+    small = optics()  # gaps < 65536: 2 bytes each
+    assert len(encode_frame(small)) == 5 + 21 + 2 * 200 + 2 * 25
+    wide = Optics(1, 1 << 40, np.array([0, 1 << 35], dtype=np.int64),
+                  np.zeros(2, np.uint8), np.ones(2, np.uint8))  # fmt: skip
+    (got,) = roundtrip(wide)
+    assert isinstance(got, Optics) and got.indices.tolist() == [0, 1 << 35]
+    assert got.bit.tolist() == [1, 1] and len(encode_frame(wide)) == 5 + 21 + 16 + 2
 
 
 def test_oversized_frame_is_refused_before_buffering() -> None:

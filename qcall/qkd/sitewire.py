@@ -149,30 +149,41 @@ class Optics:
         return f"Optics(block={self.block}, n_pulses={self.n_pulses}, clicks={self.indices.size})"
 
     def payload(self) -> bytes:
+        """``block, n_pulses (u64), count (u32), width (u8)``, index gaps, packed bits.
+
+        Indices go as gaps from the previous one (the first from 0), each in
+        ``width`` bytes (1, 2, 4 or 8: the smallest that holds the largest gap):
+        at 66 km about one pulse in 250 clicks, so 2 bytes instead of 8.
+        """
         count = int(self.indices.size)
+        gaps = np.diff(self.indices, prepend=np.int64(0)) if count else self.indices
+        largest = int(gaps.max()) if count else 0
+        width = next(w for w in (1, 2, 4, 8) if largest < 1 << (8 * w))
         return (
-            struct.pack(">QQI", self.block, self.n_pulses, count)
-            + self.indices.astype(">i8").tobytes()
+            struct.pack(">QQIB", self.block, self.n_pulses, count, width)
+            + gaps.astype(f">u{width}").tobytes()
             + np.packbits(self.basis).tobytes()
             + np.packbits(self.bit).tobytes()
         )
 
     @classmethod
     def parse(cls, payload: bytes) -> Optics:
-        if len(payload) < 20:
+        if len(payload) < 21:
             raise SiteLinkError("Optics: too short")
-        block, n_pulses, count = struct.unpack_from(">QQI", payload)
+        block, n_pulses, count, width = struct.unpack_from(">QQIB", payload)
+        if width not in (1, 2, 4, 8):
+            raise SiteLinkError(f"Optics.width: {width} is not 1, 2, 4 or 8")
         packed = (count + 7) // 8
-        if len(payload) != 20 + 8 * count + 2 * packed:
+        if len(payload) != 21 + width * count + 2 * packed:
             raise SiteLinkError("Optics.count: does not match the payload length")
-        indices = np.frombuffer(payload, ">i8", count, 20).astype(np.int64)
+        gaps = np.frombuffer(payload, f">u{width}", count, 21).astype(np.uint64)
         if count and (
-            int(indices[0]) < 0
-            or int(indices[-1]) >= n_pulses
-            or bool(np.any(np.diff(indices) <= 0))
-        ):
+            int(gaps.max()) >= n_pulses or int(gaps.astype(np.float64).sum()) >= n_pulses
+            or bool(np.any(gaps[1:] == 0))
+        ):  # fmt: skip
             raise SiteLinkError("Optics.indices: not sorted, distinct and within n_pulses")
-        at = 20 + 8 * count
+        indices = np.cumsum(gaps).astype(np.int64)
+        at = 21 + width * count
         raw = np.frombuffer(payload, np.uint8, 2 * packed, at)
         basis = np.unpackbits(raw[:packed])[:count]
         bit = np.unpackbits(raw[packed:])[:count]
