@@ -113,3 +113,22 @@ def test_two_site_processes_become_ready(tmp_path: Path) -> None:
     assert [proc.returncode for proc in procs] == [0, 0]  # SIGTERM: a clean exit
     last = json.loads(outputs[0][0].strip().splitlines()[-1])
     assert last["split_link"]["end"] == "transmitter" and last["split_link"]["blocks"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("site", "eve", "message"),
+    [
+        ("Hefei", "Jinan-Taian", "the split link's optics run at Jinan"),
+        ("Hefei", "Beijing-Langfang", "not a link of this site"),
+    ],
+)
+def test_eve_is_checked_before_the_site_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], site: str, eve: str, message: str
+) -> None:
+    bundle = tmp_path / "bundle"
+    assert main(["network-site", "init", "--out", str(bundle)]) == 0
+    argv = ["network-site", "run", "--bundle", str(bundle), "--site", site, "--connect",
+            f"127.0.0.1:{_free_port()}", "--state", str(tmp_path / "s"), "--eve", eve,
+            "--eve-delay", "100", "--quiet"]  # fmt: skip
+    assert main(argv) == 1
+    assert message in capsys.readouterr().err

@@ -176,8 +176,12 @@ async def _serve(
         host=args.host, speedup=args.speedup, key_size=args.key_size,
         pool_target=args.pool, seed=args.seed,
     ) as site:  # fmt: skip
-        for link, _ in eves:
-            site.topology.link(link)
+        for link, _ in eves:  # fail now, not after --eve-delay
+            name = site.topology.link(link).name
+            if name == site.split.name and not site.transmitter:
+                raise ConfigError(f"--eve {name}: the split link's optics run at {site.split.a}")
+            if name != site.split.name and name not in {r.link.name for r in site.links_view()}:
+                raise ConfigError(f"--eve {name}: not a link of this site")
         say = (lambda _t: None) if args.json_status else _stderr
         side = "transmitter" if site.transmitter else "receiver"
         say(f"qcall network-site {site.topology.name}: this host runs {len(site.local_nodes)} "
