@@ -36,6 +36,7 @@ from qcall.exceptions import (
     QKDError,
     QKDKeyMismatchError,
     SecurityPolicyError,
+    SignalingError,
 )
 from qcall.identity import Identity
 from qcall.qkd.client import open_key_source
@@ -309,7 +310,8 @@ async def test_mismatched_qkd_key_fails_fast_without_audio(lab: Lab) -> None:
     bob = await lab.phone("bob", record=True, key_source=wrong)
     incoming = asyncio.ensure_future(bob.incoming())
     started = time.monotonic()
-    with pytest.raises(QKDKeyMismatchError, match="QKD key"):
+    # Whoever derives last sees the mismatch first; the other learns it from the alert.
+    with pytest.raises(QKDKeyMismatchError, match=r"QKD key|qkd_key_mismatch"):
         await asyncio.wait_for(alice.call("bob"), 10 * T)
     with pytest.raises(QCallError):
         await asyncio.wait_for(incoming, 5 * T)
@@ -484,3 +486,27 @@ async def test_kme_down_mid_call_grace_then_clean_end(lab: Lab) -> None:
     assert 1.0 <= time.monotonic() - started + 0.3 < 4 * T
     with pytest.raises(CallError, match="qkd_unavailable"):
         await asyncio.wait_for(callee.wait(), 5 * T)
+
+
+async def test_initial_confirm_rides_signaling_and_falls_back_to_the_channel(lab: Lab) -> None:
+    # Epoch 0: CONFIRM goes through signaling (the SCTP association is not up yet).
+    relayed: dict[str, list[str]] = {"alice": [], "bob": []}
+    alice = await lab.phone("alice", tone=440)
+    bob = await lab.phone("bob", record=True)
+    original = bob.signaling.send_ice
+
+    async def bob_send_ice(call_id: str, payload: str) -> None:
+        relayed["bob"].append(payload)
+        await original(call_id, payload)
+
+    async def alice_send_ice(call_id: str, payload: str) -> None:
+        relayed["alice"].append(payload)
+        raise SignalingError("not connected to the signaling server")  # as if it dropped
+
+    bob.signaling.send_ice = bob_send_ice  # type: ignore[method-assign]
+    alice.signaling.send_ice = alice_send_ice  # type: ignore[method-assign]
+    caller, callee = await connect(alice, bob)
+    assert [p.split(":")[0] for p in relayed["bob"]] == ["qcall-hs"]  # bob's CONFIRM
+    assert len(relayed["alice"]) == 1  # alice's could not go: it took the control channel
+    assert caller.status.timings_ms["confirmed"] > 0 and callee.status.timings_ms["confirmed"] > 0
+    assert caller.status.sas == callee.status.sas is not None

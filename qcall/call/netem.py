@@ -389,6 +389,8 @@ class TCPDelayProxy:
             await asyncio.gather(self._pump(reader, upstream_writer), self._pump(up_reader, writer))
         except (OSError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:  # close(): end quietly (asyncio reports cancelled
+            pass  # start_server handlers as errors)
         finally:
             self._tasks.discard(task)
             for w in (writer, upstream_writer):

@@ -14,8 +14,12 @@ It wires four things together:
   once the peer has confirmed the keys (key confirmation), so a mismatch never
   produces silent audio;
 * **an in-call control channel**: an SCTP data channel (negotiated, id 0,
-  encrypted by DTLS) carries CONFIRM, REKEY and REKEY-ACK. It does not depend
-  on the signaling server, so a signaling outage does not stop rekeying.
+  encrypted by DTLS) carries REKEY, REKEY-ACK and their CONFIRMs. It does not
+  depend on the signaling server, so a signaling outage does not stop rekeying.
+  The epoch-0 CONFIRM, due when DTLS completes — before the SCTP association
+  (two more round trips) is up — goes through signaling instead (an ``ice``
+  message, payload ``qcall-hs:`` + base64; it is MACed end to end like every
+  handshake message). docs/performance.md measures what this saves.
 
 Rekey (docs/srtp-hook.md): on :class:`~qcall.handshake.KeysDerived` for epoch
 *n* the new inbound key is installed *before* our CONFIRM leaves; on
@@ -88,6 +92,7 @@ from qcall.signaling.messages import (
     Cancel,
     ErrorMessage,
     Hangup,
+    ICECandidate,
     Offer,
     Reject,
 )
@@ -102,6 +107,10 @@ CONTROL_CHANNEL_ID = 0
 
 #: Payload prefix of a ``plain`` offer/answer (bare SDP, the harness's baseline).
 PLAIN_PREFIX = "plain-sdp:"
+
+#: Payload prefix of an in-call handshake message relayed by signaling (``ice``
+#: message type): during setup, before the control channel is open.
+HANDSHAKE_PREFIX = "qcall-hs:"
 
 
 def _b64(data: bytes) -> str:
@@ -219,6 +228,15 @@ class CallSession:
             else:
                 self._finish(None)
             return
+        if isinstance(message, ICECandidate):
+            if message.payload.startswith(HANDSHAKE_PREFIX):  # epoch-0 CONFIRM (setup)
+                try:
+                    data = _unb64(message.payload[len(HANDSHAKE_PREFIX) :])
+                except CallError as exc:
+                    self._finish(exc)
+                    return
+                self._on_control_message(data)
+            return  # no trickle ICE: aiortc gathers every candidate before the offer
         self._inbox.put_nowait(message)
 
     async def dial(self) -> None:
@@ -614,9 +632,23 @@ class CallSession:
     def _flush_outbox(self) -> None:
         channel = self._channel
         if channel is None or channel.readyState != "open":
+            signaling_up = self.signaling.connected
+            if self._outbox and self.status.state < CallState.ACTIVE and signaling_up:
+                # Setup (the epoch-0 CONFIRM): the SCTP association would cost two
+                # more round trips after DTLS; the signaling path is already up.
+                messages, self._outbox = self._outbox, []
+                self._spawn(self._send_via_signaling(messages))
             return
         while self._outbox:
             channel.send(self._outbox.pop(0))
+
+    async def _send_via_signaling(self, messages: list[bytes]) -> None:
+        for index, data in enumerate(messages):
+            try:
+                await self.signaling.send_ice(self.call_id, HANDSHAKE_PREFIX + _b64(data))
+            except SignalingError:  # signaling lost meanwhile: the control channel
+                self._outbox[:0] = messages[index:]  # takes them when it opens
+                return
 
     def _on_control_message(self, message: bytes | str) -> None:
         if self.hs is None or not isinstance(message, bytes):

@@ -58,6 +58,7 @@ _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}
 _NAME = re.compile(r"[A-Za-z0-9._@+-]{1,64}")
 _ID = re.compile(r"[\x21-\x7e]{0,128}")  # KME / SAE identifiers: printable ASCII
 _CODE = re.compile(r"[a-z_]{1,64}")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")  # C0 controls except \t \n \r
 
 
 class MessageType(enum.IntEnum):
@@ -125,7 +126,7 @@ def _decode(name: str, spec: Field, raw: bytes) -> Any:
     except UnicodeDecodeError:
         raise InvalidMessageError(f"field {name!r} is not valid UTF-8") from None
     if spec.kind == "text":
-        if spec.pattern is None and any(ord(c) < 0x20 and c not in "\r\n\t" for c in text):
+        if spec.pattern is None and _CONTROL.search(text):  # one C scan, not a Python loop
             raise InvalidMessageError(f"field {name!r} contains control characters")
         _check_text(name, spec, text)
         return text
