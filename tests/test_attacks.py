@@ -35,6 +35,7 @@ from qcall.exceptions import (
     KMEUnauthorizedError,
     QCallError,
     ReplayError,
+    UnknownIdentityError,
     UnsupportedVersionError,
 )
 from qcall.identity import Identity
@@ -243,15 +244,16 @@ async def test_first_contact_forgery_fails_but_leaves_an_unverified_pin(lab: Lab
 
 
 async def test_server_claiming_another_sender_name(lab: Lab) -> None:
-    # Re-signed by mallory under her own name: the offer is not from the party
-    # the server says is calling, and bob never pinned mallory as alice.
+    # Re-signed by mallory under her own name, while the server tells bob that
+    # alice is calling: the name bob sees must be the name the offer proves.
     alice, bob = await phones(lab)
     attacker(lab).rewrite_offer = resign_offer(MALLORY.signing_key, sender="mallory")
     incoming = asyncio.ensure_future(bob.incoming())
-    with pytest.raises(QCallError):
+    with pytest.raises(QCallError, match="identity_rejected"):
         await asyncio.wait_for(alice.call("bob"), 10 * T)
-    with pytest.raises(QCallError):
+    with pytest.raises(UnknownIdentityError, match="'mallory', not from 'alice'"):
         await asyncio.wait_for(incoming, 5 * T)
+    assert lab.contacts("bob").get("mallory") is None  # refused before any pinning
     assert not alice.calls and lab.recorders[0].arrivals == []
 
 

@@ -443,6 +443,7 @@ class CallSession:
             policy=self.options.policy,
             accepted_policies=accepted,
             replay_cache=self.replay_cache,
+            expected_peer=self.peer,  # the name shown is the name the offer proves
             srtp_profiles=self._profiles(),
         )
         self.hs = hs

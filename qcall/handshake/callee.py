@@ -18,6 +18,7 @@ from qcall.exceptions import (
     InvalidKeyError,
     InvalidMessageError,
     QCallError,
+    UnknownIdentityError,
 )
 from qcall.handshake.events import OfferReceived, QKDKeysNeeded, RekeyPostponed
 from qcall.handshake.keyschedule import SRTPProfile, Transcript, rekey_nack_tag
@@ -59,6 +60,9 @@ class CalleeHandshake(HandshakeProtocol):
             (default: a private one, ±60 s window).
         accepted_policies: policies this user accepts (default: only ``policy``,
             so a ``hybrid`` callee refuses a ``pqc`` offer with DowngradeError).
+        expected_peer: the caller's name as the signaling server announced it;
+            an offer signed under another ``sender`` is refused
+            (UnknownIdentityError), so the name shown is the name verified.
 
     The other arguments are those of :class:`HandshakeProtocol`.
     """
@@ -73,11 +77,13 @@ class CalleeHandshake(HandshakeProtocol):
         check_peer: CheckPeer,
         replay_cache: ReplayCache | None = None,
         accepted_policies: Sequence[str] | None = None,
+        expected_peer: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(identity, name, check_peer=check_peer, **kwargs)
         self.replay_cache = replay_cache if replay_cache is not None else ReplayCache()
         self.accepted_policies = tuple(accepted_policies or (self.policy,))
+        self.expected_peer = expected_peer
         self._offer: Offer | None = None
         self._kem_ct = b""
 
@@ -169,6 +175,10 @@ class CalleeHandshake(HandshakeProtocol):
         if offer.recipient != self.name:
             raise InvalidMessageError(
                 f"field 'recipient' is {offer.recipient!r}, but this is {self.name!r}"
+            )
+        if self.expected_peer is not None and offer.sender != self.expected_peer:
+            raise UnknownIdentityError(
+                f"the offer comes from {offer.sender!r}, not from {self.expected_peer!r}"
             )
         if offer.policy not in self.accepted_policies:
             raise DowngradeError(
