@@ -253,8 +253,10 @@ async def test_rekeys_survive_loss_and_jitter(lab: FaultLab) -> None:
     caller, callee = await connect(alice, bob)
     recorder = lab.recorders[0]
     start_frames = len(recorder.arrivals)
-    await asyncio.sleep(4.0)
-    assert caller.status.rekeys >= 3 and callee.status.rekeys >= 3
+    # SCTP retransmits a lost rekey message after its RTO (>= 1 s): allow for a few.
+    await until(lambda: callee.status.rekeys >= 3, 15, "three rekeys under loss")
+    await asyncio.sleep(1.0)
+    assert caller.status.rekeys >= 3
     assert active(caller, callee)
     assert await decrypt_failures(caller, callee) == [0, 0]
     # SRTP: every packet that survived the emulated loss decrypted, in every epoch.
@@ -262,8 +264,7 @@ async def test_rekeys_survive_loss_and_jitter(lab: FaultLab) -> None:
     sent, got = caller.hook.stats.tx_packets, callee.hook.stats.rx_packets
     assert got >= 0.75 * sent  # 10 % loss (binomial; 0.75 is > 3 sigma away)
     assert len(callee.hook.stats.rx_by_generation) >= 4  # media under >= 4 key epochs
-    # Audio keeps arriving: no silence longer than a second at the application (aiortc's
-    # jitter buffer drops the frames around each loss, so fewer frames than packets).
+    # Audio keeps arriving: no silence longer than a second at the application.
     times = [a.arrival_time for a in recorder.arrivals[start_frames:]]
     assert len(times) > 20
     assert max(b - a for a, b in itertools.pairwise(times)) < 1.0
