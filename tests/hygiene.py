@@ -41,6 +41,7 @@ import re
 import stat
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,7 @@ class Hygiene:
     secrets: int = 0
     texts: list[tuple[str, str]] = field(default_factory=list)
     scanned_texts: int = 0
+    scan_seconds: float = 0.0
     findings: list[Finding] = field(default_factory=list)
     private_files: dict[Path, str] = field(default_factory=dict)
     chmodded: set[Path] = field(default_factory=set)
@@ -125,6 +127,7 @@ class Hygiene:
 
     def scan_pending(self) -> list[Finding]:
         """Scan the texts captured since the last scan; record and return the findings."""
+        started = time.perf_counter()
         texts, self.texts = self.texts, []
         found: list[Finding] = []
         seen: set[tuple[str, str, str]] = set()
@@ -135,6 +138,7 @@ class Hygiene:
                     found.append(Finding(self.current, kind, encoding, where))
         self.scanned_texts += len(texts)
         self.findings.extend(found)
+        self.scan_seconds += time.perf_counter() - started
         return found
 
     def _search(self, text: str) -> Iterator[tuple[str, str]]:
@@ -414,6 +418,13 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     yield
     STATE.scan_pending()
     STATE.current = "<session>"
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    terminalreporter.write_line(
+        f"key hygiene: {STATE.secrets} secrets registered, {STATE.scanned_texts} texts "
+        f"scanned in {STATE.scan_seconds:.1f} s, {len(STATE.findings)} finding(s)"
+    )
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
