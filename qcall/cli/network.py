@@ -81,6 +81,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--block-pulses", type=int, metavar="N", help="pulses per BB84 block (default: model's)"
     )
+    parser.add_argument(
+        "--durable-kmes",
+        action="store_true",
+        help="keep the KME pools in STATE/kme/*.state (crash-safe; docs/faults.md)",
+    )
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--quiet", action="store_true", help="no live view")
     out.add_argument(
@@ -144,6 +149,7 @@ async def _serve(args: argparse.Namespace, topology: Any, state: str, eves: list
         pool_target=args.pool,
         seed=args.seed,
         link_factory=default_link_factory(**overrides),
+        durable_kmes=args.durable_kmes,
     ) as net:
         if not args.json_status:
             _print_intro(net)
