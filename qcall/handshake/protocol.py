@@ -15,6 +15,7 @@ messages and the flow::
     rekey(now, qkd_keys) ───── REKEY ──────────────▶ QKDKeysNeeded → receive_qkd_keys
     KeysDerived ◀──────────── REKEY_ACK, CONFIRM ──── KeysDerived
     RekeyCompleted ─────────── CONFIRM ────────────▶ RekeyCompleted
+    RekeyPostponed ◀────────── REKEY_NACK ─────────── decline_rekey (KME down, §3.7)
 
 Error policy: anything caused by the peer's input (or reported by the shell
 through :meth:`HandshakeProtocol.fail`) never raises; it ends the session with
