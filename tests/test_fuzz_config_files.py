@@ -23,7 +23,7 @@ from qcall.qkd.topology import bundled_topologies, load_topology
 from tests.fuzz import RAW_FRAGMENTS, Mutator
 
 SEED = int(os.environ.get("QCALL_FUZZ_SEED", "20261127"))
-TOPOLOGY_MUTATIONS = 3000
+TOPOLOGY_MUTATIONS = 2000
 CONFIG_MUTATIONS = 2000
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "qcall" / "data" / "topologies"
 

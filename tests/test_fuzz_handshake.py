@@ -43,9 +43,9 @@ from tests.test_handshake_support import (
 )
 
 SEED = int(os.environ.get("QCALL_FUZZ_SEED", "20261127"))
-OFFERS = 16_000
+OFFERS = 17_000
 ANSWERS = 1_000
-LATER = 3_000
+LATER = 2_000
 
 
 def check_after(side: HandshakeProtocol, data: bytes, outcomes: collections.Counter[str]) -> None:
