@@ -450,11 +450,12 @@ class CallSession:
         with self._computing():
             hs.receive_data(offer, self.clock())
         offer_event = None
+        needed: list[QKDKeysNeeded] = []
         for event in await self._drain():
             if isinstance(event, OfferReceived):
                 offer_event = event
-            elif isinstance(event, QKDKeysNeeded):  # dec_keys while we build the answer
-                self._spawn(self.qkd.fetch_keys_by_id(event))
+            elif isinstance(event, QKDKeysNeeded):
+                needed.append(event)
         if offer_event is None:
             raise self._failure("the offer was refused")
         self.status.policy = offer_event.policy
@@ -465,12 +466,14 @@ class CallSession:
         await pc.setRemoteDescription(RTCSessionDescription(offer_event.sdp, "offer"))
         self._install_hook(pc)  # before any await: DTLS has not started yet
         await pc.setLocalDescription(await pc.createAnswer())
-        if hs.error is not None:  # dec_keys failed meanwhile (e.g. the key_ID was used)
+        if hs.error is not None:  # failed meanwhile
             raise hs.error
         with self._computing():
             hs.send_answer(pc.localDescription.sdp, self.clock())
         await self.signaling.send_answer(self.call_id, _b64(b"".join(hs.data_to_send())))
         self._mark("answer_sent")
+        for event in needed:  # dec_keys during ICE/DTLS: the key is needed only after DTLS,
+            self._spawn(self.qkd.fetch_keys_by_id(event))  # and the answer goes out sooner
         await self.apply_events()
         self._start_timer()
 
