@@ -278,6 +278,22 @@ def test_pause_conceals_a_little_then_waits_and_resumes():
     assert pts == [*range(55), *range(100, 150)]
 
 
+def test_frame_length_is_learnt_and_survives_timestamp_jumps():
+    buffer: AdaptiveJitterBuffer[int] = AdaptiveJitterBuffer()
+    assert buffer.frame_length == FRAME  # 20 ms until packets show otherwise
+    # 10 ms frames; packet 30 lost; a DTX-like jump of 1 s before packet 40.
+    arrivals = [
+        (k * 0.010 + (1.0 if k >= 40 else 0.0), 7 + k, 480 * k + (RATE if k >= 40 else 0))
+        for k in range(60)
+        if k != 30
+    ]
+    released = simulate(buffer, arrivals, until=2.0)
+    assert buffer.frame_length == 480
+    concealed = [f.pts for _, f in released if f.concealed]
+    assert concealed[0] == 30 * 480  # the lost packet's slot, 10 ms long
+    assert buffer.stats.played == 59 and buffer.stats.late == 0
+
+
 def test_delay_is_bounded():
     buffer: AdaptiveJitterBuffer[int] = AdaptiveJitterBuffer()
     arrivals = stream(100, jitter=lambda k: 0.8 if k % 7 == 0 else 0.0)  # huge spikes

@@ -378,6 +378,11 @@ class AdaptiveJitterBuffer(Generic[PayloadT]):
         return len(self._heap)
 
     @property
+    def frame_length(self) -> int:
+        """The frame length in RTP clock units (learnt from the packets)."""
+        return self._frame_ts
+
+    @property
     def delay(self) -> float:
         """Current buffering beyond the fastest recent packet, in seconds."""
         return self.stats.delay
@@ -636,7 +641,7 @@ class ReceiverJitterBuffer:
                 codec, data = frame.payload
             elif self._last is not None:
                 codec, last = self._last
-                concealment = conceal_payload(codec, last, self.core._frame_ts)
+                concealment = conceal_payload(codec, last, self.core.frame_length)
                 if concealment is None:
                     continue
                 data = concealment
