@@ -115,10 +115,10 @@ async def refused(
     return at_caller.value, at_callee.value
 
 
-async def phones(lab: Lab, *, pin: bool = True) -> tuple[Phone, Phone]:
-    """alice (tone) and bob (records), each with the other's identity pinned."""
+async def phones(lab: Lab, *, pin: bool = True, record: bool = True) -> tuple[Phone, Phone]:
+    """alice (tone) and bob (records one call), each with the other's identity pinned."""
     alice = await lab.phone("alice", tone=440)
-    bob = await lab.phone("bob", record=True)
+    bob = await lab.phone("bob", record=record)
     if pin:
         lab.contacts("alice").pin("bob", lab.identities["bob"].public_key, verified=True)
         lab.contacts("bob").pin("alice", lab.identities["alice"].public_key, verified=True)
@@ -282,6 +282,23 @@ async def test_replayed_offer_is_refused(lab: Lab) -> None:
     await refused(lab, alice, bob2, KMEBadRequestError, "key_ID not found")
 
 
+async def test_replayed_answer_is_refused(lab: Lab) -> None:
+    alice, bob = await phones(lab, record=False)
+    recorder = Recorder()
+    attacker(lab).rewrite_answer = recorder.record
+    caller, callee = await connect(alice, bob)
+    await caller.hangup()
+    await asyncio.wait_for(callee.wait(), 5 * T)
+    # Bob's genuine, signed answer of the first call, handed to alice in a new call.
+    attacker(lab).rewrite_answer = recorder.replay
+    incoming = asyncio.ensure_future(bob.incoming())
+    with pytest.raises(InvalidMessageError, match="offer_nonce"):
+        await asyncio.wait_for(alice.call("bob"), 10 * T)
+    with pytest.raises(QCallError, match="invalid_message"):
+        await asyncio.wait_for(incoming, 5 * T)
+    assert not alice.calls
+
+
 async def test_downgrade_by_cutting_the_kme_is_refused_by_a_hybrid_callee(lab: Lab) -> None:
     # The attacker blocks alice's KME; alice allows an ML-KEM-only call and
     # offers, genuinely signed, policy pqc. Bob requires hybrid: refused, loudly.
@@ -322,6 +339,32 @@ async def test_garbage_offers_are_refused_and_the_phone_keeps_working(lab: Lab) 
     assert caller.status.policy == callee.status.policy == "hybrid"
     await asyncio.sleep(0.5)
     assert lab.recorders[0].arrivals
+    await caller.hangup()
+
+
+ANSWER_GARBAGE: dict[str, Rewrite] = {
+    "random bytes": GARBAGE["random bytes"][0],
+    "truncated": GARBAGE["truncated"][0],
+    "oversized public_key": set_field(7, os.urandom(2593)),
+    "short offer_nonce": set_field(4, b"n" * 31),
+    "not base64": GARBAGE["not base64"][0],
+}
+
+
+async def test_garbage_answers_are_refused_and_the_phone_keeps_working(lab: Lab) -> None:
+    alice, bob = await phones(lab, record=False)
+    for name, rewrite in ANSWER_GARBAGE.items():
+        attacker(lab).rewrite_answer = rewrite
+        incoming = asyncio.ensure_future(bob.incoming())
+        with pytest.raises((InvalidMessageError, CallError)) as at_alice:
+            await asyncio.wait_for(alice.call("bob"), 10 * T)
+        assert isinstance(at_alice.value, InvalidMessageError) or "base64" in str(at_alice.value)
+        with pytest.raises(QCallError):
+            await asyncio.wait_for(incoming, 5 * T)
+        assert not alice.calls, name
+    attacker(lab).honest()
+    caller, callee = await connect(alice, bob)
+    assert caller.status.state.name == callee.status.state.name == "ACTIVE"
     await caller.hangup()
 
 

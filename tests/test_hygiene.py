@@ -10,12 +10,16 @@ from __future__ import annotations
 import base64
 import logging
 import os
+from pathlib import Path
 
 import pytest
 
-from qcall import pqc
+from qcall import config, pqc
+from qcall.contacts import ContactStore
 from qcall.exceptions import KMEError
+from qcall.identity import Identity
 from qcall.qkd.etsi014 import QKDKey
+from qcall.qkd.pki import create_pki
 from tests.hygiene import STATE, Hygiene, redact, secret_file_problems
 
 logger = logging.getLogger("qcall.tests.hygiene")
@@ -77,6 +81,25 @@ def test_the_plugin_sees_logs_exceptions_and_reprs_of_real_objects() -> None:
                for f in found)  # fmt: skip
     for f in found:  # planted on purpose: not a leak of the suite
         STATE.findings.remove(f)
+
+
+def test_the_plugin_sees_secret_files(tmp_path: Path) -> None:
+    (tmp_path / "home").mkdir(mode=0o700)
+    Identity.generate("alice").save(tmp_path / "home")
+    ContactStore.in_home(tmp_path / "home").pin("bob", Identity.generate("bob").public_key)
+    pki = create_pki(tmp_path / "pki", ["KME-A"], ["alice"])
+    written = {p for p in STATE.private_files if tmp_path in p.parents}
+    names = {p.name for p in written}
+    assert {"identity.key", "contacts.json", "alice.key", "KME-A.key"} <= names
+    assert pki.saes["alice"].key.resolve() in written
+    assert not [p for p in secret_file_problems() if str(tmp_path) in p]
+    # A private file written world-readable by qcall code is reported ...
+    loose = tmp_path / "loose.key"
+    config.atomic_write(loose, b"x", mode=0o644)
+    assert [p for p in secret_file_problems() if "loose.key" in p]
+    # ... one a test loosens on purpose (to test a refusal) is not.
+    loose.chmod(0o644)
+    assert not [p for p in secret_file_problems() if "loose.key" in p]
 
 
 @pytest.mark.run_last
