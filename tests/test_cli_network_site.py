@@ -90,10 +90,13 @@ def test_two_site_processes_become_ready(tmp_path: Path) -> None:
     env.pop("QCALL_HOME", None)
 
     def site(name: str, *where: str) -> subprocess.Popen[str]:
+        # Files, not pipes: an unread pipe would block the site's status lines.
+        out = (tmp_path / f"{name}.out").open("w")
+        err = (tmp_path / f"{name}.err").open("w")
         return subprocess.Popen(
             [sys.executable, "-m", "qcall", "network-site", "run", "--site", name, *where,
              "--state", str(tmp_path / name), *common],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            stdout=out, stderr=err, text=True, env=env,
         )  # fmt: skip
 
     procs = [site("Beijing", "--listen", f"127.0.0.1:{port}")]
@@ -109,9 +112,12 @@ def test_two_site_processes_become_ready(tmp_path: Path) -> None:
     finally:
         for proc in procs:
             proc.terminate()
-        outputs = [proc.communicate(timeout=30) for proc in procs]
+        for proc in procs:
+            proc.wait(timeout=30)
     assert [proc.returncode for proc in procs] == [0, 0]  # SIGTERM: a clean exit
-    last = json.loads(outputs[0][0].strip().splitlines()[-1])
+    for name in ("Beijing", "Hefei"):  # and a quiet one: no task left behind
+        assert "Traceback" not in (tmp_path / f"{name}.err").read_text()
+    last = json.loads((tmp_path / "Beijing.out").read_text().strip().splitlines()[-1])
     assert last["split_link"]["end"] == "transmitter" and last["split_link"]["blocks"] >= 1
 
 

@@ -229,6 +229,7 @@ class NetworkSite(SimulatedNetwork):
         self.cross = _SplitLinkState()
         self._conn: SiteConnection | None = None
         self._server: asyncio.Server | None = None
+        self._sessions: set[asyncio.Task[Any]] = set()
         self._pending: dict[int, asyncio.Future[RelayResult]] = {}
         self._relay_ids = 0
         self._next_block = 0
@@ -353,6 +354,9 @@ class NetworkSite(SimulatedNetwork):
             self._server = None
         if self._conn is not None:
             self._conn.writer.close()
+        for task in list(self._sessions):
+            task.cancel()
+        await asyncio.gather(*self._sessions, return_exceptions=True)
         await super().close()
         if self._split_executor is not None:
             self._split_executor.shutdown(wait=False, cancel_futures=True)
@@ -429,7 +433,17 @@ class NetworkSite(SimulatedNetwork):
             logger.warning("! a second site connection refused")
             writer.close()
             return
-        await self._session(reader, writer)
+        task = asyncio.current_task()
+        assert task is not None
+        self._sessions.add(task)  # close() cancels it
+        try:
+            await self._session(reader, writer)
+        except asyncio.CancelledError:
+            # close() ended it. End quietly: asyncio's stream callback logs a
+            # handler task that ends cancelled as an error (Python 3.11).
+            pass
+        finally:
+            self._sessions.discard(task)
 
     def _check_peer_certificate(self, writer: asyncio.StreamWriter) -> None:
         if not self.tls:
@@ -506,9 +520,8 @@ class NetworkSite(SimulatedNetwork):
         finally:
             for task in tasks:
                 task.cancel()
-            for task in tasks:
-                with contextlib.suppress(BaseException):
-                    await task
+            # Not suppress(BaseException): a cancel of this task must not be swallowed.
+            await asyncio.gather(*tasks, return_exceptions=True)
             if self._conn is conn:
                 self._conn = None
             self.cross.connected = False
@@ -519,8 +532,13 @@ class NetworkSite(SimulatedNetwork):
             if self._channel is not None:
                 self._channel.reset_transcript()
             writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            try:
+                # A TLS close waits for the peer's close_notify (30 s by default):
+                # a peer that is gone must not hold up a reconnection or close().
+                async with asyncio.timeout(1.0):
+                    await writer.wait_closed()
+            except Exception:
+                writer.transport.abort()
 
     def _dispatch(self, conn: SiteConnection, msg: SiteMessage) -> None:
         """Route one received message: relay hops, their answers, or the split link's BB84."""
