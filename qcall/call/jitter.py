@@ -19,7 +19,7 @@ passed in (``now``), in the manner of WebRTC's NetEq and RFC 3550 section 6.4.1:
   delay variation needs.
 * **Adaptation.** ``P`` grows at once (the audio pauses for the difference)
   when a late packet or a burst of jitter raises the quantile, and shrinks by at
-  most ``shrink_rate`` seconds per second (frames leave up to 5 % faster) once
+  most ``shrink_rate`` seconds per second (frames leave up to 10 % faster) once
   the network is calm again, so the delay tracks the network without jumps.
 * **Loss.** When a frame's slot comes and its packet has not, the buffer
   releases a concealment slot (``payload is None``) at the expected timestamp
@@ -138,7 +138,7 @@ class JitterBufferConfig:
     quantile: float = 0.97
     margin: float = 0.002
     window: int = 150
-    shrink_rate: float = 0.05
+    shrink_rate: float = 0.10
     max_conceal: float = 0.200
     resync_threshold: float = 1.0
     capacity: int = 512
