@@ -83,6 +83,12 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, seconds (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -355,12 +361,16 @@ async def run(args: argparse.Namespace) -> None:
         figures: list[tuple[float, float, float, float, float]] = []
         for r in range(args.runs):
             rate = args.rate / args.workers
+            cpu0 = [cpu_seconds(p.pid) for p in (server, *workers)]
+            wall0 = time.perf_counter()
             results = await asyncio.gather(
                 *(command(w, f"run {rate} {args.duration} {r}") for w in workers)
             )
             setups = [s for res in results for s in res["setups"]]
             lat = [x for res in results for x in res["latencies"]]
             failures = sum(res["failures"] for res in results)
+            wall = time.perf_counter() - wall0
+            cpu = [cpu_seconds(p.pid) - c for p, c in zip((server, *workers), cpu0, strict=True)]
             per_s = len(setups) / max(res["elapsed"] for res in results)
             row = (per_s, pct(setups, 0.5), pct(setups, 0.99), pct(lat, 0.5), pct(lat, 0.99))
             figures.append(row)
@@ -368,7 +378,9 @@ async def run(args: argparse.Namespace) -> None:
                 f"run {r + 1}: {len(setups)} set-ups ({failures} failed) = {per_s:.0f}/s "
                 f"(target {args.rate:g}/s); set-up p50 {row[1] * 1e3:.2f} ms p99 "
                 f"{row[2] * 1e3:.2f} ms; routing ({len(lat)} messages) p50 {row[3] * 1e3:.3f} ms "
-                f"p99 {row[4] * 1e3:.3f} ms; server RSS {rss_kib(server.pid) / 1024:.1f} MiB"
+                f"p99 {row[4] * 1e3:.3f} ms; server RSS {rss_kib(server.pid) / 1024:.1f} MiB; "
+                f"CPU server {cpu[0] / wall:.0%}, clients {sum(cpu[1:]) / wall:.0%} of a core; "
+                f"load average {os.getloadavg()[0]:.1f}"
             )
         med_row = [statistics.median(col) for col in zip(*figures, strict=True)]
         print(
