@@ -246,6 +246,9 @@ def test_constructor_checks(bundle: Path, tmp_path: Path) -> None:
     assert site.border == "Taian" and not site.transmitter and "receiver" in repr(site)
     with pytest.raises(ConfigError, match="exactly one of listen and connect"):
         NetworkSite("beijing-hefei", SPLIT, "Hefei", tmp_path / "c", **files)
+    with pytest.raises(ConfigError, match="durable KMEs are not supported"):
+        NetworkSite("beijing-hefei", SPLIT, "Hefei", tmp_path / "c", listen=("", 0),
+                    durable_kmes=True, **files)  # fmt: skip
     with pytest.raises(ConfigError, match="not in topology"):
         NetworkSite("beijing-hefei", SPLIT, "Paris", tmp_path / "c", listen=("", 0), **files)
     metro = load_topology("hefei-metro")

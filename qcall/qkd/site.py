@@ -186,6 +186,10 @@ class NetworkSite(SimulatedNetwork):
             topology = load_topology(topology)
         if (listen is None) == (connect is None):
             raise ConfigError("give exactly one of listen and connect")
+        if options.get("durable_kmes"):
+            # Not silently ignored: a site would need to commit both KMEs' pools
+            # across two hosts before confirming a relay (not implemented).
+            raise ConfigError("durable KMEs are not supported by network sites")
         if site not in topology.nodes:
             raise ConfigError(f"site node {site!r} is not in topology {topology.name!r}")
         side_a, side_b = split_sides(topology, split)
