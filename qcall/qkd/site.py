@@ -69,7 +69,16 @@ from qcall.qkd.sim.bb84 import OpticalLayer
 from qcall.qkd.sim.channel import ALICE, BOB, TAG_BITS, ChannelEnd
 from qcall.qkd.sim.link import Abort
 from qcall.qkd.sim.model import LinkParams
-from qcall.qkd.sitelink import PEER_TIMEOUT, BlockEnd, SiteConnection, alice_block, bob_block
+from qcall.qkd.sitelink import (
+    PEER_TIMEOUT,
+    PSK_BYTES,
+    BlockEnd,
+    SiteConnection,
+    alice_block,
+    bob_block,
+    create_psk,
+    split_sides,
+)
 from qcall.qkd.sitewire import (
     PROTOCOL_VERSION,
     FrameReader,
@@ -87,38 +96,8 @@ __all__ = ["PSK_BYTES", "NetworkSite", "create_psk", "split_sides"]
 
 logger = logging.getLogger(__name__)
 
-#: Pre-shared authentication secret of the split link: MAC key + one-time pad.
-PSK_BYTES = 32 + 4096
 #: Bytes of link key per relayed key beyond the key itself: the hop's HMAC key.
 MAC_KEY_BYTES = 32
-
-
-def create_psk(path: str | os.PathLike[str]) -> Path:
-    """Write a fresh pre-shared secret for a split link (mode 0600); copy it to both hosts."""
-    target = Path(path)
-    atomic_write(target, os.urandom(PSK_BYTES), mode=0o600)
-    return target
-
-
-def split_sides(topology: Topology, split: str) -> tuple[set[str], set[str]]:
-    """Return the node sets on the ``a`` and ``b`` side of link ``split``.
-
-    Raises:
-        ConfigError: unknown link, or removing it leaves the two ends connected.
-    """
-    link = topology.link(split)
-    seen = {link.a}
-    stack = [link.a]
-    while stack:
-        node = stack.pop()
-        for other_link in topology.links_of(node):
-            other = other_link.other(node)
-            if other_link.name != link.name and other not in seen:
-                seen.add(other)
-                stack.append(other)
-    if link.b in seen:
-        raise ConfigError(f"link {link.name!r} does not split topology {topology.name!r} in two")
-    return seen, set(topology.nodes) - seen
 
 
 @dataclass(eq=False)

@@ -1,4 +1,7 @@
-"""The connection between two network sites, and the split link's BB84 blocks over it.
+"""The split link between two network sites: provisioning, connection, BB84 blocks.
+
+:func:`split_sides` cuts a topology at the split link; :func:`create_psk`
+writes the link's pre-shared authentication secret (both hosts get a copy).
 
 :class:`SiteConnection` is the thin asyncio shell around one TCP (TLS)
 stream carrying :mod:`qcall.qkd.sitewire` frames: an outbox that holds each
@@ -20,14 +23,17 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import os
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
-from qcall.exceptions import PostProcessingError, SiteLinkError
+from qcall.config import atomic_write
+from qcall.exceptions import ConfigError, PostProcessingError, SiteLinkError
 from qcall.qkd.sim.bb84 import BobRecord, OpticalLayer
 from qcall.qkd.sim.channel import ChannelEnd
 from qcall.qkd.sim.link import Abort, AliceEnd, BobEnd, BobOutcome, State
@@ -41,12 +47,53 @@ from qcall.qkd.sitewire import (
     SiteMessage,
     encode_frame,
 )
+from qcall.qkd.topology import Topology
 
-__all__ = ["PEER_TIMEOUT", "BlockEnd", "SiteConnection", "alice_block", "bob_block"]
+__all__ = [
+    "PEER_TIMEOUT",
+    "PSK_BYTES",
+    "BlockEnd",
+    "SiteConnection",
+    "alice_block",
+    "bob_block",
+    "create_psk",
+    "split_sides",
+]
 
 #: Seconds to wait for the other site's next protocol frame or answer.
 PEER_TIMEOUT = 30.0
 _M = TypeVar("_M", bound=SiteMessage)
+
+#: Pre-shared authentication secret of the split link: MAC key + one-time pad.
+PSK_BYTES = 32 + 4096
+
+
+def create_psk(path: str | os.PathLike[str]) -> Path:
+    """Write a fresh pre-shared secret for a split link (mode 0600); copy it to both hosts."""
+    target = Path(path)
+    atomic_write(target, os.urandom(PSK_BYTES), mode=0o600)
+    return target
+
+
+def split_sides(topology: Topology, split: str) -> tuple[set[str], set[str]]:
+    """Return the node sets on the ``a`` and ``b`` side of link ``split``.
+
+    Raises:
+        ConfigError: unknown link, or removing it leaves the two ends connected.
+    """
+    link = topology.link(split)
+    seen = {link.a}
+    stack = [link.a]
+    while stack:
+        node = stack.pop()
+        for other_link in topology.links_of(node):
+            other = other_link.other(node)
+            if other_link.name != link.name and other not in seen:
+                seen.add(other)
+                stack.append(other)
+    if link.b in seen:
+        raise ConfigError(f"link {link.name!r} does not split topology {topology.name!r} in two")
+    return seen, set(topology.nodes) - seen
 
 
 @dataclass(frozen=True)
