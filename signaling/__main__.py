@@ -100,7 +100,7 @@ async def _serve(
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, _set_once, stop)
-    async with SignalingServer(config) as server:
+    async with SignalingServer(config, manage_gc=True) as server:  # its own process
         await server.start(args.host, args.port, ssl=tls)
         scheme = "wss" if tls else "ws"
         print(f"qcall-signaling listening on {scheme}://{args.host}:{server.port}", flush=True)
