@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import resource
@@ -187,6 +188,8 @@ async def load_run(
         if delay > 0:
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(n)))
+        if n % int(rate) == 0:
+            gc.freeze()  # what survived is long-lived: keep it out of collections
     await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - start
     return {"setups": setups, "latencies": latencies, "elapsed": elapsed, "failures": failures}
@@ -212,6 +215,25 @@ async def idle_relay(a: Peer, b: Peer, rounds: int) -> list[float]:
     return out
 
 
+class GCPauses:
+    """The load generator's own garbage-collection pauses (they would count as latency)."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._start = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.longest = max(self.longest, time.perf_counter() - self._start)
+
+    def take(self) -> float:
+        longest, self.longest = self.longest, 0.0
+        return longest
+
+
 def emit(obj: dict[str, Any]) -> None:
     print(json.dumps(obj), flush=True)
 
@@ -230,6 +252,9 @@ async def worker(url: str, first: int, count: int, index: int, watch_all: bool) 
         peers += await asyncio.gather(
             *(register(url, keys[i % 2], names[i], partners[i]) for i in batch)
         )
+    gc.collect()
+    gc.freeze()  # 5,000 connections' objects: out of the collector's sight, as in the server
+    pauses = GCPauses()
     emit({"registered": len(peers), "seconds": time.perf_counter() - start})
     pairs = [(peers[i], peers[i + 1]) for i in range(0, len(peers) - 1, 2)]
     loop = asyncio.get_running_loop()
@@ -237,7 +262,9 @@ async def worker(url: str, first: int, count: int, index: int, watch_all: bool) 
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     while line := (await reader.readline()).decode().split():
         if line[0] == "run":
-            emit(await load_run(pairs, float(line[1]), float(line[2]), f"w{index}r{line[3]}"))
+            pauses.take()
+            result = await load_run(pairs, float(line[1]), float(line[2]), f"w{index}r{line[3]}")
+            emit(result | {"gc_pause": pauses.take()})
         elif line[0] == "idle":
             emit({"idle": await idle_relay(*pairs[0], int(line[1]))})
         elif line[0] == "quit":
@@ -369,6 +396,7 @@ async def run(args: argparse.Namespace) -> None:
             setups = [s for res in results for s in res["setups"]]
             lat = [x for res in results for x in res["latencies"]]
             failures = sum(res["failures"] for res in results)
+            gc_pause = max(res["gc_pause"] for res in results)
             wall = time.perf_counter() - wall0
             cpu = [cpu_seconds(p.pid) - c for p, c in zip((server, *workers), cpu0, strict=True)]
             per_s = len(setups) / max(res["elapsed"] for res in results)
@@ -380,7 +408,8 @@ async def run(args: argparse.Namespace) -> None:
                 f"{row[2] * 1e3:.2f} ms; routing ({len(lat)} messages) p50 {row[3] * 1e3:.3f} ms "
                 f"p99 {row[4] * 1e3:.3f} ms; server RSS {rss_kib(server.pid) / 1024:.1f} MiB; "
                 f"CPU server {cpu[0] / wall:.0%}, clients {sum(cpu[1:]) / wall:.0%} of a core; "
-                f"load average {os.getloadavg()[0]:.1f}"
+                f"load average {os.getloadavg()[0]:.1f}; longest client GC pause "
+                f"{gc_pause * 1e3:.0f} ms"
             )
         med_row = [statistics.median(col) for col in zip(*figures, strict=True)]
         print(

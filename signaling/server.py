@@ -106,6 +106,7 @@ class SignalingServer:
         self._gc_min_connections = gc_min_connections
         self._gc_task: asyncio.Task[None] | None = None
         self._closed_since_collect = 0
+        self._frozen = False  # not gc.get_freeze_count(): it walks every frozen object
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -149,7 +150,9 @@ class SignalingServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._gc_task
             self._gc_task = None
-            gc.unfreeze()
+            if self._frozen:
+                gc.unfreeze()
+                self._frozen = False
         if self._timer_task is not None:
             self._timer_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -271,11 +274,12 @@ class SignalingServer:
             await asyncio.sleep(GC_INTERVAL)
             connections = self.protocol.connections
             if connections < self._gc_min_connections:
-                if gc.get_freeze_count():
+                if self._frozen:
                     gc.unfreeze()  # small again: the collector sees everything
+                    self._frozen = False
                 continue
             closed = self._closed_since_collect
-            if gc.get_freeze_count() and closed > max(self._gc_min_connections, connections // 2):
+            if self._frozen and closed > max(self._gc_min_connections, connections // 2):
                 # Closed connections leave a few cycles among frozen objects: one
                 # full pass reclaims them, amortized over many disconnections.
                 gc.unfreeze()
@@ -286,7 +290,8 @@ class SignalingServer:
                     "= full garbage collection after %d closes: %d objects in %.0f ms",
                     closed, found, (loop.time() - start) * 1e3,
                 )  # fmt: skip
-            gc.freeze()
+            gc.freeze()  # O(1): the generations are spliced onto the permanent one
+            self._frozen = True
 
     async def _run_timers(self) -> None:
         loop = asyncio.get_running_loop()
