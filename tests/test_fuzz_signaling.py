@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -238,11 +239,19 @@ async def real_calls(
 
 @pytest.fixture
 async def server() -> AsyncIterator[SignalingServer]:
+    # websockets logs every frame at DEBUG (400,000 records here, frames without
+    # keys): INFO keeps the run fast; qcall's own loggers stay at DEBUG.
+    loggers = [logging.getLogger(name) for name in ("websockets.server", "websockets.client")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.INFO)
     config = ServerConfig(server_id="fuzz-server", rate=1e9, burst=1e9, auth_timeout=60)
     srv = SignalingServer(config)
     await srv.start("127.0.0.1", 0)
     yield srv
     await srv.close()
+    for logger, level in zip(loggers, levels, strict=True):
+        logger.setLevel(level)
 
 
 @pytest.mark.slow
