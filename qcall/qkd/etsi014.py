@@ -261,13 +261,14 @@ def validate_key_id(value: object, what: str = "key_ID", *, canonical: bool = Tr
 
 
 def _preview(value: str) -> str:
-    """Quote at most 12 characters of a rejected value for an error message.
+    """Quote at most 8 characters of a rejected value for an error message.
 
     A misplaced secret (a KME answer with ``key`` and ``key_ID`` swapped)
-    must not reach messages and logs: 12 base64 characters are 9 bytes, too
-    few to matter (found by tests/test_fuzz_kme_server.py).
+    must not reach messages and logs: 8 base64 characters are 6 bytes, too
+    few to matter, and enough to recognise a UUID (found by
+    tests/test_fuzz_kme_server.py and the key-hygiene scan).
     """
-    return repr(value[:12]) + ("…" if len(value) > 12 else "")
+    return repr(value[:8]) + ("…" if len(value) > 8 else "")
 
 
 def _canonical(key_id: str) -> str:
