@@ -518,7 +518,16 @@ class CallSession:
         self.hook = install_srtp_hook(pc, self._provide_keys, timeout=timeout)
 
     async def _provide_keys(self, exporter: bytes, role: str) -> SRTPKeys:
-        """The SRTP hook's key provider: feed K_dtls, wait for confirmation."""
+        """The SRTP hook's key provider: feed K_dtls, return the epoch-0 keys.
+
+        Media is keyed at once, one round trip before the peer's CONFIRM arrives
+        (like TLS 1.3 0.5-RTT data): the keys come from the signed transcript,
+        ML-KEM, QKD and the DTLS exporter, so no one else can read that media,
+        and if the peer derived different keys its packets fail SRTP
+        authentication — nothing plays. Key confirmation still gates the call:
+        without a matching CONFIRM within ``confirm_timeout`` it ends with a
+        clear error (:meth:`_wait_active`), never as silent audio.
+        """
         del role
         self._mark("dtls_done")
         self.status.state = CallState.CONFIRMING
@@ -527,41 +536,45 @@ class CallSession:
         with self._computing():
             self.hs.receive_dtls_exporter(exporter)
         await self.apply_events()
-        keys = await self._keys0
-        try:
-            await asyncio.wait_for(asyncio.shield(self._confirmed0), self.options.confirm_timeout)
-        except TimeoutError:
-            error = HandshakeError(
-                f"key confirmation did not arrive within {self.options.confirm_timeout:g} s"
-            )
-            self._finish(error)
-            raise error from None
-        return keys
+        return await self._keys0
 
     async def _wait_active(self) -> None:
+        """Wait until media flows, then (hybrid, pqc) until the peer confirmed the keys."""
         ready: asyncio.Future[Any]
         if self.hook is not None:
             ready = asyncio.ensure_future(self.hook.wait_ready())
         else:  # plain baseline: media flows once DTLS is connected
             ready = asyncio.ensure_future(self._connected.wait())
+        await self._until(ready, self.options.setup_timeout, "call setup")
+        self._mark("media")
+        if self.hook is not None:
+            await self._until(
+                asyncio.shield(self._confirmed0), self.options.confirm_timeout, "key confirmation"
+            )
+        self.status.state = CallState.ACTIVE
+        logger.info(
+            "= call %s active: %s, SAS %s", self.call_id, self.status.policy, self.status.sas
+        )
+
+    async def _until(self, waited: asyncio.Future[Any], timeout: float, what: str) -> None:
+        """Wait for ``waited``; raise the call's error if it ends first, or on timeout."""
         try:
             done, _ = await asyncio.wait(
-                {ready, self._ended},
-                timeout=self.options.setup_timeout,
-                return_when=asyncio.FIRST_COMPLETED,
+                {waited, self._ended}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
-            ready.cancel()
+            waited.cancel()
         if self._ended.done():
             exc = self._ended.exception()
             raise exc or CallError("the call ended during setup")
         if not done:
-            raise CallError(f"call setup timed out after {self.options.setup_timeout:g} s")
-        self.status.state = CallState.ACTIVE
-        self._mark("media")
-        logger.info(
-            "= call %s active: %s, SAS %s", self.call_id, self.status.policy, self.status.sas
-        )
+            error = (
+                HandshakeError(f"key confirmation did not arrive within {timeout:g} s")
+                if what == "key confirmation"
+                else CallError(f"{what} timed out after {timeout:g} s")
+            )
+            self._finish(error)
+            raise error
 
     async def _wait_message(self, kind: type, timeout: float, what: str) -> Any:
         deadline = time.monotonic() + timeout
