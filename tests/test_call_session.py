@@ -510,3 +510,40 @@ async def test_initial_confirm_rides_signaling_and_falls_back_to_the_channel(lab
     assert len(relayed["alice"]) == 1  # alice's could not go: it took the control channel
     assert caller.status.timings_ms["confirmed"] > 0 and callee.status.timings_ms["confirmed"] > 0
     assert caller.status.sas == callee.status.sas is not None
+
+
+async def test_offer_built_while_ringing_is_restamped_after_long_ringing(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import qcall.call.session as session_module
+
+    monkeypatch.setattr(session_module, "OFFER_MAX_AGE", 0.3)
+    alice = await lab.phone("alice", tone=440)
+    bob = await lab.phone("bob")
+    offers: list[str] = []
+    original = alice.signaling.send_offer
+
+    async def record(call_id: str, payload: str) -> None:
+        offers.append(payload)
+        await original(call_id, payload)
+
+    alice.signaling.send_offer = record  # type: ignore[method-assign]
+
+    async def slow_pickup(_invite: Any) -> bool:
+        await asyncio.sleep(0.6)  # the offer, built at once, is older than 0.3 s now
+        return True
+
+    incoming = asyncio.ensure_future(bob.incoming(slow_pickup))
+    dialled = time.time()
+    caller = await asyncio.wait_for(alice.call("bob"), 15 * T)
+    callee = await asyncio.wait_for(incoming, 15 * T)
+    assert len(offers) == 1  # only the fresh offer went out
+    import base64
+
+    from qcall.handshake.messages import parse_message
+
+    sent = parse_message(base64.b64decode(offers[0]))
+    assert sent.timestamp_ms / 1000 >= dialled + 0.5  # stamped after the pickup
+    assert caller.status.sas == callee.status.sas is not None
+    assert caller.status.qkd_key_ids == callee.status.qkd_key_ids  # same QKD key reused
+    await caller.hangup()

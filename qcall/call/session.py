@@ -105,6 +105,10 @@ logger = logging.getLogger(__name__)
 CONTROL_CHANNEL_LABEL = "qcall-control"
 CONTROL_CHANNEL_ID = 0
 
+#: Seconds a prepared offer may wait for the callee to pick up before it is stamped
+#: and signed afresh (callees accept offer timestamps within ±60 s: docs/handshake.md).
+OFFER_MAX_AGE = 20.0
+
 #: Payload prefix of a ``plain`` offer/answer (bare SDP, the harness's baseline).
 PLAIN_PREFIX = "plain-sdp:"
 
@@ -201,6 +205,7 @@ class CallSession:
         self.qkd_kme_id = ""
         self._connected = asyncio.Event()
         self.qkd = QKDKeys(self)
+        self._offer_inputs: tuple[list[Any], str] = ([], options.policy)
         self._pending_rekey_keys: dict[int, SRTPKeys] = {}
         self.emulation: Emulation | None = None
 
@@ -240,7 +245,10 @@ class CallSession:
         self._inbox.put_nowait(message)
 
     async def dial(self) -> None:
-        """Caller: invite, fetch a QKD key meanwhile, offer, and wait until media flows.
+        """Caller: invite; meanwhile fetch a QKD key and build the signed offer; then offer.
+
+        The offer (SDP, ML-KEM key, QKD key_IDs, ML-DSA signature) is built while
+        the callee's phone rings, so it leaves the moment the call is accepted.
 
         Raises:
             CallRejectedError: the callee declined or was busy.
@@ -248,41 +256,37 @@ class CallSession:
             CallError, HandshakeError, QKDError: the call failed (message says why).
         """
         self.status.state = CallState.RINGING
-        policy = self.options.policy
-        key_task = None
-        if policy == "hybrid":
+        key_task: asyncio.Future[tuple[list[Any], str]] | None = None
+        if self.options.policy == "hybrid":
             key_task = asyncio.ensure_future(self.qkd.fetch_initial_key())
+        offer: asyncio.Future[tuple[str, float]] | None = None
         try:
             await self.signaling.invite(self.peer, self.call_id)
+            offer = asyncio.ensure_future(self._prepare_offer(key_task))
             accepted = asyncio.ensure_future(
                 self._wait_message(Accept, self.options.ring_timeout, "answer")
             )
-            pending: set[asyncio.Future[Any]] = {accepted}
-            if key_task is not None:
-                pending.add(key_task)
+            pending: set[asyncio.Future[Any]] = {accepted, offer}
             try:
                 while not accepted.done():
                     done, pending = await asyncio.wait(
                         pending, return_when=asyncio.FIRST_COMPLETED
                     )
-                    if key_task in done and key_task.exception() is not None:
-                        raise key_task.exception()  # type: ignore[misc]  # no QKD, no call
+                    if offer in done and offer.exception() is not None:
+                        raise offer.exception()  # type: ignore[misc]  # e.g. no QKD, no call
             finally:
                 accepted.cancel()
             accepted.result()
             self._mark("accepted")
-            qkd_keys: list[Any] = []
-            if key_task is not None:
-                qkd_keys, policy = await key_task
-                key_task = None
-            if policy == "plain":
-                await self._start_plain_caller()
-            else:
-                await self._start_caller(policy, qkd_keys)
+            payload, built_at = await offer
+            if time.monotonic() - built_at > OFFER_MAX_AGE:  # rang long: stamp it afresh
+                payload, built_at = await self._rebuild_offer()
+            await self._send_offer(payload)
             await self._wait_active()
         except BaseException as exc:
-            if key_task is not None:
-                key_task.cancel()
+            for task in (key_task, offer):
+                if task is not None and not task.done():
+                    task.cancel()
             await self._abort(exc)
             raise
 
@@ -403,9 +407,21 @@ class CallSession:
         self.pc = pc
         return pc
 
-    async def _start_caller(self, policy: str, qkd_keys: list[Any]) -> None:
-        self.status.state = CallState.CONNECTING
+    async def _prepare_offer(
+        self, key_task: asyncio.Future[tuple[list[Any], str]] | None
+    ) -> tuple[str, float]:
+        """Build the offer payload (and the peer connection); return it and when."""
+        qkd_keys: list[Any] = []
+        policy = self.options.policy
+        if key_task is not None:
+            qkd_keys, policy = await key_task
+        self._offer_inputs = (qkd_keys, policy)
         self.status.policy = policy
+        if policy == "plain":
+            self.status.notice = "plain DTLS-SRTP baseline: no QKD, no ML-KEM (harness only)"
+            pc = self._new_pc(control=False)
+            await pc.setLocalDescription(await pc.createOffer())
+            return PLAIN_PREFIX + pc.localDescription.sdp, time.monotonic()
         hs = CallerHandshake(
             self.signing_key,
             self.name,
@@ -423,11 +439,38 @@ class CallSession:
         await pc.setLocalDescription(await pc.createOffer())
         with self._computing():
             hs.send_offer(pc.localDescription.sdp, self.clock(), qkd_keys)
+        return _b64(b"".join(hs.data_to_send())), time.monotonic()
+
+    async def _rebuild_offer(self) -> tuple[str, float]:
+        """The offer waited too long for the callee: a new one, freshly stamped and signed."""
+        if self.pc is not None:
+            pc, self.pc = self.pc, None
+            await pc.close()
+        self.hs = None
+        qkd_keys, policy = self._offer_inputs
+        done: asyncio.Future[tuple[list[Any], str]] = asyncio.get_running_loop().create_future()
+        done.set_result((qkd_keys, policy))
+        return await self._prepare_offer(done)
+
+    async def _send_offer(self, payload: str) -> None:
+        """Send the prepared offer, wait for the answer, act on it."""
+        self.status.state = CallState.CONNECTING
+        qkd_keys, policy = self._offer_inputs
         self.note_keys([k.key_id for k in qkd_keys])
-        await self.signaling.send_offer(self.call_id, _b64(b"".join(hs.data_to_send())))
+        await self.signaling.send_offer(self.call_id, payload)
         self._mark("offer_sent")
-        self._pump()
         answer = await self._wait_message(Answer, self.options.setup_timeout, "answer")
+        if policy == "plain":
+            if not answer.payload.startswith(PLAIN_PREFIX):
+                raise DowngradeError(f"{self.peer} answered a plain offer with a handshake")
+            assert self.pc is not None
+            await self.pc.setRemoteDescription(
+                RTCSessionDescription(answer.payload[len(PLAIN_PREFIX) :], "answer")
+            )
+            self._mark("answer_received")
+            return
+        hs = self.hs
+        assert hs is not None
         with self._computing():
             hs.receive_data(_unb64(answer.payload), self.clock())
         await self.apply_events()
@@ -476,23 +519,6 @@ class CallSession:
             self._spawn(self.qkd.fetch_keys_by_id(event))  # and the answer goes out sooner
         await self.apply_events()
         self._start_timer()
-
-    async def _start_plain_caller(self) -> None:
-        """Harness baseline: stock aiortc DTLS-SRTP, bare SDP through signaling."""
-        self.status.state = CallState.CONNECTING
-        self.status.policy = "plain"
-        self.status.notice = "plain DTLS-SRTP baseline: no QKD, no ML-KEM (harness only)"
-        pc = self._new_pc(control=False)
-        await pc.setLocalDescription(await pc.createOffer())
-        await self.signaling.send_offer(self.call_id, PLAIN_PREFIX + pc.localDescription.sdp)
-        self._mark("offer_sent")
-        answer = await self._wait_message(Answer, self.options.setup_timeout, "answer")
-        if not answer.payload.startswith(PLAIN_PREFIX):
-            raise DowngradeError(f"{self.peer} answered a plain offer with a handshake")
-        await pc.setRemoteDescription(
-            RTCSessionDescription(answer.payload[len(PLAIN_PREFIX) :], "answer")
-        )
-        self._mark("answer_received")
 
     async def _start_plain_callee(self, sdp: str) -> None:
         if self.options.policy != "plain":
