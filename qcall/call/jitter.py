@@ -58,10 +58,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, TypeVar
 
-import aiortc
 from aiortc import RTCPeerConnection, RTCRtpReceiver
 from aiortc.jitterbuffer import JitterFrame
 
+from qcall.call.aiortc_compat import require_aiortc
 from qcall.exceptions import CallError
 
 __all__ = [
@@ -662,17 +662,7 @@ def check_aiortc_version(version: str | None = None) -> None:
     Raises:
         CallError: the version is outside :data:`AIORTC_SUPPORTED`.
     """
-    version = aiortc.__version__ if version is None else version
-    try:
-        parsed = tuple(int(part) for part in version.split(".")[:2])
-    except ValueError:
-        parsed = ()
-    low, high = AIORTC_SUPPORTED
-    if len(parsed) != 2 or not low <= parsed < high:
-        raise CallError(
-            f"aiortc {version} is not supported by qcall's jitter buffer (needs >="
-            f"{low[0]}.{low[1]},<{high[0]}.{high[1]}); use jitter_buffer='stock'"
-        )
+    require_aiortc(AIORTC_SUPPORTED, "jitter buffer", "use jitter_buffer='stock'", version)
 
 
 def get_jitter_buffer(receiver: RTCRtpReceiver) -> ReceiverJitterBuffer | None:

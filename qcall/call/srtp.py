@@ -44,12 +44,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Literal, cast
 
-import aiortc
 import pylibsrtp
 from aiortc import RTCPeerConnection, clock as aiortc_clock
 from aiortc.rtcdtlstransport import RTCDtlsTransport, State as DTLSState
 from pylibsrtp import Session
 
+from qcall.call.aiortc_compat import require_aiortc
 from qcall.call.srtpcore import (
     DEFAULT_PROFILE,
     MAX_GENERATIONS,
@@ -457,18 +457,12 @@ def check_aiortc_version(version: str | None = None) -> None:
     Raises:
         CallError: the version is outside :data:`AIORTC_SUPPORTED`.
     """
-    version = aiortc.__version__ if version is None else version
-    try:
-        parsed = tuple(int(part) for part in version.split(".")[:2])
-    except ValueError:
-        parsed = ()
-    low, high = AIORTC_SUPPORTED
-    if len(parsed) != 2 or not low <= parsed < high:
-        raise CallError(
-            f"aiortc {version} is not supported by qcall's SRTP hook (needs >="
-            f"{low[0]}.{low[1]},<{high[0]}.{high[1]}; checked on "
-            f"{', '.join(AIORTC_CHECKED_VERSIONS)}); install a supported aiortc"
-        )
+    require_aiortc(
+        AIORTC_SUPPORTED,
+        "SRTP hook",
+        f"checked on {', '.join(AIORTC_CHECKED_VERSIONS)}: install a supported aiortc",
+        version,
+    )
 
 
 def _dtls_transports(target: Any) -> list[Any]:

@@ -1,0 +1,43 @@
+"""The one check that an installed aiortc is a version whose internals qcall hooks into.
+
+:mod:`qcall.call.srtp` (the DTLS transport's SRTP set-up) and :mod:`qcall.call.jitter`
+(the audio receiver's jitter buffer) replace private aiortc methods on single
+instances; each was read against a range of aiortc releases and refuses others.
+"""
+
+from __future__ import annotations
+
+import aiortc
+
+from qcall.exceptions import CallError
+
+__all__ = ["require_aiortc"]
+
+Version = tuple[int, int]
+
+
+def require_aiortc(
+    supported: tuple[Version, Version], what: str, hint: str, version: str | None = None
+) -> None:
+    """Raise unless aiortc's ``major.minor`` is in ``[low, high)``.
+
+    Args:
+        supported: ``(lowest, first unsupported)`` as ``(major, minor)`` pairs.
+        what: the qcall component that depends on it (for the message).
+        hint: what the user can do instead.
+        version: the version to check; defaults to ``aiortc.__version__``.
+
+    Raises:
+        CallError: the version is outside the range or unreadable.
+    """
+    version = aiortc.__version__ if version is None else version
+    try:
+        parsed = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        parsed = ()
+    low, high = supported
+    if len(parsed) != 2 or not low <= parsed < high:
+        raise CallError(
+            f"aiortc {version} is not supported by qcall's {what} (needs >="
+            f"{low[0]}.{low[1]},<{high[0]}.{high[1]}); {hint}"
+        )
