@@ -410,18 +410,26 @@ class CallSession:
     async def _prepare_offer(
         self, key_task: asyncio.Future[tuple[list[Any], str]] | None
     ) -> tuple[str, float]:
-        """Build the offer payload (and the peer connection); return it and when."""
+        """Build the offer payload (and the peer connection); return it and when.
+
+        The peer connection and its SDP are made while the QKD key is on its way;
+        only the signature waits for the key.
+        """
+        if self.options.policy == "plain":
+            self._offer_inputs = ([], "plain")
+            self.status.policy = "plain"
+            self.status.notice = "plain DTLS-SRTP baseline: no QKD, no ML-KEM (harness only)"
+            pc = self._new_pc(control=False)
+            await pc.setLocalDescription(await pc.createOffer())
+            return PLAIN_PREFIX + pc.localDescription.sdp, time.monotonic()
+        pc = self._new_pc()
+        await pc.setLocalDescription(await pc.createOffer())
         qkd_keys: list[Any] = []
         policy = self.options.policy
         if key_task is not None:
             qkd_keys, policy = await key_task
         self._offer_inputs = (qkd_keys, policy)
         self.status.policy = policy
-        if policy == "plain":
-            self.status.notice = "plain DTLS-SRTP baseline: no QKD, no ML-KEM (harness only)"
-            pc = self._new_pc(control=False)
-            await pc.setLocalDescription(await pc.createOffer())
-            return PLAIN_PREFIX + pc.localDescription.sdp, time.monotonic()
         hs = CallerHandshake(
             self.signing_key,
             self.name,
@@ -435,8 +443,6 @@ class CallSession:
             srtp_profiles=self._profiles(),
         )
         self.hs = hs
-        pc = self._new_pc()
-        await pc.setLocalDescription(await pc.createOffer())
         with self._computing():
             hs.send_offer(pc.localDescription.sdp, self.clock(), qkd_keys)
         return _b64(b"".join(hs.data_to_send())), time.monotonic()
