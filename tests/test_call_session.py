@@ -86,6 +86,7 @@ class Lab:
         tone: float | None = None,
         record: bool = False,
         check_peer: Callable[[str, bytes], None] | None = None,
+        watch: list[str] | None = None,
     ) -> Phone:
         identity = self.identities.setdefault(name, Identity.generate(name))
         recorder = WavRecorder(self.tmp / f"{name}.wav") if record else None
@@ -106,6 +107,7 @@ class Lab:
             options=options or CallOptions(rekey_interval=None),
             make_source=(lambda: ToneTrack(tone)) if tone else (lambda: None),
             on_track=on_track,
+            watch=watch,
         )
         await phone.start()
         self.phones.append(phone)
@@ -546,4 +548,15 @@ async def test_offer_built_while_ringing_is_restamped_after_long_ringing(
     assert sent.timestamp_ms / 1000 >= dialled + 0.5  # stamped after the pickup
     assert caller.status.sas == callee.status.sas is not None
     assert caller.status.qkd_key_ids == callee.status.qkd_key_ids  # same QKD key reused
+    await caller.hangup()
+
+
+async def test_watching_only_contacts_still_calls_anyone_online(lab: Lab) -> None:
+    alice = await lab.phone("alice", tone=440, watch=["carol"])  # bob is not watched
+    bob = await lab.phone("bob", watch=["alice"])
+    await asyncio.sleep(0.1)
+    assert "bob" not in alice.signaling.online  # no presence for unwatched names...
+    assert "alice" in bob.signaling.online
+    caller, callee = await connect(alice, bob)  # ... but calls are routed all the same
+    assert caller.status.policy == callee.status.policy == "hybrid"
     await caller.hangup()

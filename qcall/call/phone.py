@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
 
 from aiortc import MediaStreamTrack
@@ -46,6 +46,8 @@ class Phone:
         options: defaults for every call.
         make_source: builds the audio track to send for a new call.
         on_track: receives the remote audio track of a call.
+        watch: follow the presence of these names only (e.g. the contacts); ``None``
+            follows everyone (docs/signaling.md, "Presence").
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class Phone:
         make_source: Callable[[], MediaStreamTrack | None] = lambda: None,
         on_track: Callable[[CallSession, MediaStreamTrack], None] | None = None,
         ssl: object | None = None,
+        watch: Iterable[str] | None = None,
     ) -> None:
         self.name = name
         self.signing_key = signing_key
@@ -68,7 +71,9 @@ class Phone:
         self.options = options or CallOptions()
         self.make_source = make_source
         self.on_track = on_track
-        self.signaling = SignalingClient(url, signing_key, name, ssl)  # type: ignore[arg-type]
+        self.signaling = SignalingClient(
+            url, signing_key, name, ssl, watch=watch  # type: ignore[arg-type]
+        )
         self.calls: dict[str, CallSession] = {}
         self.replay_cache = ReplayCache()
         self._incoming: asyncio.Queue[CallSession] = asyncio.Queue()

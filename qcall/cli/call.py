@@ -260,6 +260,9 @@ def build_phone(args: argparse.Namespace, *, chirp_at: list[float] | None = None
     def make_source() -> Any:
         return first_source.pop() if first_source else open_any()
 
+    # Presence of the contacts only (the server then sends O(contacts), not O(users));
+    # with no contacts yet, everyone's.
+    watch = [contact.name for contact in contacts.list()][:1000] or None
     phone = Phone(
         _pick(args, conf, "signaling", "signaling", DEFAULT_SIGNALING),
         identity.signing_key,
@@ -268,6 +271,7 @@ def build_phone(args: argparse.Namespace, *, chirp_at: list[float] | None = None
         key_source=key_source,
         options=options,
         make_source=make_source,
+        watch=watch,
     )
     phone.sources = first_source  # type: ignore[attr-defined]
     return phone
