@@ -6,12 +6,14 @@ The lab (:class:`Lab`):
   in a child process (:mod:`qcall.bench.kmes`), holding enough relayed keys
   for the whole run (:func:`qkd_keys_needed`), its links paused meanwhile;
 * a :class:`~signaling.server.SignalingServer` on loopback;
-* two :class:`~qcall.call.phone.Phone` objects in this process: ``alice`` (SAE
-  at the Beijing KME) calls ``bob`` (SAE at the Hefei KME). Alice sends a tone
-  with a marker chirp every ``chirp_every`` seconds; bob records what he decodes.
+* two :class:`~qcall.call.phone.Phone` objects: ``alice`` (SAE at the Beijing
+  KME) in this process calls ``bob`` (SAE at the Hefei KME), who runs in his own
+  process (:mod:`qcall.bench.callee`), as on two hosts: neither side's CPU work
+  waits for the other's on a shared event loop. Alice sends a tone with a marker
+  chirp every ``chirp_every`` seconds; bob records what he decodes.
 
-Both phones share one event loop and one monotonic clock, so the chirps' send
-and receive times compare directly. Each call gets the network profile on both
+Both processes read the same ``CLOCK_MONOTONIC``, so the chirps' send and
+receive times compare directly. Each call gets the network profile on both
 peers' outgoing media datagrams (:mod:`qcall.call.netem`, seed = call number).
 
 Modes run round-robin — ``plain, pqc, hybrid, pqc, hybrid, plain, …`` with
@@ -152,6 +154,8 @@ class Lab:
         self.tone: Any = None
         self.phones: dict[str, Any] = {}
         self._kmes: asyncio.subprocess.Process | None = None
+        self.callee: asyncio.subprocess.Process | None = None
+        self._callee_args: tuple[str, Path, dict[str, Any] | None] = ("", work, None)
         self._signaling: Any = None
         self._proxies: list[TCPDelayProxy] = []
 
@@ -198,6 +202,9 @@ class Lab:
             url = f"ws://127.0.0.1:{port}"
             home = self.work / name
             home.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if name == CALLEE:
+                await self._start_callee(url, home, saes.get(name))
+                continue
             source = open_key_source(dict(saes[name], timeout=5.0)) if saes else None
             phone = Phone(
                 url,
@@ -205,11 +212,46 @@ class Lab:
                 name,
                 check_peer=ContactStore.in_home(home).check_peer,
                 key_source=source,
-                make_source=self._make_source if name == CALLER else (lambda: None),
-                on_track=self._on_track if name == CALLEE else None,
+                make_source=self._make_source,
             )
             await phone.start()
             self.phones[name] = phone
+
+    async def restart_callee(self) -> None:
+        """After a failed call: a fresh callee process, so the next call starts clean."""
+        if self.callee is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.callee.kill()
+            await self.callee.wait()
+        await self._start_callee(*self._callee_args)
+
+    async def _start_callee(self, url: str, home: Path, sae: dict[str, Any] | None) -> None:
+        self._callee_args = (url, home, sae)
+        self.callee = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "qcall.bench.callee",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL, limit=1 << 24,
+        )  # fmt: skip
+        key_source = dict(sae, timeout=5.0) if sae else None
+        await self.tell({"url": url, "home": str(home), "key_source": key_source})
+        ready = await self.hear(60)
+        if not ready.get("ready"):
+            raise CallError(f"the callee process did not start: {ready}")
+
+    async def tell(self, obj: dict[str, Any]) -> None:
+        """Send one command line to the callee process."""
+        assert self.callee is not None and self.callee.stdin is not None
+        self.callee.stdin.write(json.dumps(obj).encode() + b"\n")
+        await self.callee.stdin.drain()
+
+    async def hear(self, timeout: float) -> dict[str, Any]:
+        """Read the callee process's next answer line."""
+        assert self.callee is not None and self.callee.stdout is not None
+        line = await asyncio.wait_for(self.callee.stdout.readline(), timeout)
+        if not line:
+            raise CallError("the callee process exited")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
 
     async def _start_kmes(self, pool: int) -> dict[str, Any]:
         state = self.work / "network"
@@ -235,6 +277,14 @@ class Lab:
         for phone in self.phones.values():
             with contextlib.suppress(Exception):
                 await phone.close()
+        if self.callee is not None:
+            with contextlib.suppress(Exception):
+                await self.tell({"cmd": "quit"})
+            try:
+                await asyncio.wait_for(self.callee.wait(), 10)
+            except TimeoutError:
+                self.callee.kill()
+                await self.callee.wait()
         for proxy in self._proxies:
             await proxy.close()
         if self._signaling is not None:
@@ -250,13 +300,6 @@ class Lab:
 
     def _make_source(self) -> Any:
         return self.tone
-
-    def _on_track(self, _session: Any, track: Any) -> None:
-        if self.recorder is not None:
-            self.recorder.addTrack(track)
-            task = asyncio.ensure_future(self.recorder.start())
-            self._recorder_start = task  # keep a reference
-
 
 # --- one call ---------------------------------------------------------------------------
 
@@ -284,15 +327,15 @@ def _decrypt_failures(session: Any) -> int:
     return hook.stats.decrypt_failures if hook is not None else 0
 
 
-def _netem_summary(*sessions: Any) -> dict[str, Any]:
-    sent = dropped = 0
-    achieved: list[float] = []
-    for session in sessions:
-        emulation = getattr(session, "emulation", None)
-        if emulation is not None:
-            sent += emulation.stats.sent
-            dropped += emulation.stats.dropped
-            achieved.extend(emulation.stats.achieved_ms)
+def _netem_summary(caller: Any, callee: dict[str, Any]) -> dict[str, Any]:
+    sent = int(callee.get("sent", 0))
+    dropped = int(callee.get("dropped", 0))
+    achieved: list[float] = list(callee.get("achieved_ms", []))
+    emulation = getattr(caller, "emulation", None)
+    if emulation is not None:
+        sent += emulation.stats.sent
+        dropped += emulation.stats.dropped
+        achieved.extend(emulation.stats.achieved_ms)
     if not sent:
         return {}
     return {
@@ -306,65 +349,78 @@ async def run_call(
     lab: Lab, config: BenchConfig, mode: str, index: int, warmup: bool
 ) -> CallResult:
     """Place one call in ``mode``, hold it ``config.seconds``, hang up, and measure it."""
-    from qcall.call.audio_analysis import chirp_template, find_chirps, one_way_latencies
-    from qcall.call.media import ToneTrack, WavRecorder, read_wav
+    from dataclasses import asdict
+
+    from qcall.call.audio_analysis import (
+        FrameArrival,
+        chirp_template,
+        find_chirps,
+        one_way_latencies,
+    )
+    from qcall.call.media import ToneTrack, read_wav
     from qcall.call.session import CallOptions
 
     result = CallResult(mode, index, warmup)
-    options = CallOptions(
-        policy=mode,
-        rekey_interval=None if mode == "plain" else config.rekey_interval,
-        network=None if config.profile.is_null else config.profile,
-        network_seed=config.seed * 100_003 + index * len(MODES) + MODES.index(mode),
-        setup_timeout=20.0,
-        ring_timeout=20.0,
+    options: dict[str, Any] = {
+        "policy": mode,
+        "rekey_interval": None if mode == "plain" else config.rekey_interval,
+        "network": None if config.profile.is_null else asdict(config.profile),
+        "network_seed": config.seed * 100_003 + index * len(MODES) + MODES.index(mode),
+        "setup_timeout": 20.0,
+        "ring_timeout": 20.0,
+    }
+    alice = lab.phones[CALLER]
+    alice.options = CallOptions(
+        **dict(options, network=None if config.profile.is_null else config.profile)
     )
-    alice, bob = lab.phones[CALLER], lab.phones[CALLEE]
-    alice.options = options
-    bob.options = options
     chirps = [config.chirp_every * (k + 1) for k in range(int(config.seconds / config.chirp_every))]
     lab.tone = ToneTrack(TONE_HZ, chirp_at=chirps)
     wav = config.out / "audio" / f"{mode}-{index:03d}.wav"
     wav.parent.mkdir(parents=True, exist_ok=True)
-    lab.recorder = recorder = WavRecorder(wav)
-    caller = callee = None
-    dial = asyncio.ensure_future(alice.call(CALLEE))
-    pick_up = asyncio.ensure_future(bob.incoming())
+    await lab.tell({"cmd": "answer", "options": options, "wav": str(wav)})
+    caller = None
+    ended: dict[str, Any] = {}
     try:
-        caller, callee = await asyncio.wait_for(asyncio.gather(dial, pick_up), 30)
+        caller = await asyncio.wait_for(alice.call(CALLEE), 30)
+        answered = await lab.hear(30)
+        if not answered.get("answered"):
+            raise CallError(f"bob: {answered.get('error')}")
         t0 = caller._t0
         await asyncio.sleep(config.seconds)
         result.caller_ms = dict(caller.status.timings_ms)
-        result.callee_ms = dict(callee.status.timings_ms)
         result.setup_ms = result.caller_ms.get("media")
         if mode == "plain" and result.setup_ms is not None:
             # plain: the media path opens when DTLS-SRTP is connected.
             result.caller_ms.setdefault("dtls_done", result.setup_ms)
-        if recorder.arrivals:
-            first = recorder.arrivals[0].arrival_time
-            result.first_audio_ms = round((first - t0) * 1000, 2)
-            result.caller_ms["first_audio"] = result.first_audio_ms
-        jitter, received, lost = await _receiver_stats(callee)
-        result.jitter_ms, result.packets_received, result.packets_lost = jitter, received, lost
+        await lab.tell({"cmd": "stats"})
+        stats = (await lab.hear(10))["stats"]
+        result.jitter_ms = stats["jitter_ms"]
+        result.packets_received = stats["packets_received"]
+        result.packets_lost = stats["packets_lost"]
         result.rekeys = caller.status.rekeys
-        result.decrypt_failures = _decrypt_failures(caller) + _decrypt_failures(callee)
-        result.netem = _netem_summary(caller, callee)
+        with contextlib.suppress(QCallError):
+            await caller.hangup()
+        ended = (await lab.hear(30))["ended"]
+        result.callee_ms = ended["callee_ms"]
+        arrivals = [FrameArrival(*row) for row in ended["arrivals"]]
+        if arrivals:
+            result.first_audio_ms = round((arrivals[0].arrival_time - t0) * 1000, 2)
+            result.caller_ms["first_audio"] = result.first_audio_ms
+        result.decrypt_failures = _decrypt_failures(caller) + int(ended["decrypt_failures"])
+        result.netem = _netem_summary(caller, ended.get("emulation") or {})
         result.ok = True
-    except (QCallError, TimeoutError) as exc:
+    except (QCallError, TimeoutError, KeyError, ValueError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
-        dial.cancel()
-        pick_up.cancel()
     finally:
-        for session in (caller, callee):
-            if session is not None:
-                with contextlib.suppress(QCallError):
-                    await session.hangup()
-        await recorder.stop()
-        lab.recorder = None
+        if caller is not None:
+            with contextlib.suppress(QCallError):
+                await caller.hangup()
+    if not result.ok:
+        await lab.restart_callee()
     if result.ok:
         samples, rate = read_wav(wav)
         offsets = find_chirps(samples, rate, chirp_template(rate)) if len(samples) else []
-        latencies = one_way_latencies(lab.tone.chirp_send_times, recorder.arrivals, offsets, rate)
+        latencies = one_way_latencies(lab.tone.chirp_send_times, arrivals, offsets, rate)
         result.one_way_ms = [round(s * 1000, 2) for s in latencies]
         result.chirps_sent = len(lab.tone.chirp_send_times)
     if not config.keep_audio:

@@ -204,6 +204,7 @@ class CallSession:
         self._exporter: bytes = b""
         self.qkd_kme_id = ""
         self._connected = asyncio.Event()
+        self._connected_at: float | None = None
         self.qkd = QKDKeys(self)
         self._offer_inputs: tuple[list[Any], str] = ([], options.policy)
         self._pending_rekey_keys: dict[int, SRTPKeys] = {}
@@ -390,6 +391,7 @@ class CallSession:
         @pc.on("connectionstatechange")
         async def on_state() -> None:
             if pc.connectionState == "connected":
+                self._connected_at = time.monotonic()
                 self._connected.set()
             elif pc.connectionState == "failed":
                 self._finish(CallError("the media connection failed (ICE/DTLS)"))
@@ -578,7 +580,9 @@ class CallSession:
         else:  # plain baseline: media flows once DTLS is connected
             ready = asyncio.ensure_future(self._connected.wait())
         await self._until(ready, self.options.setup_timeout, "call setup")
-        self._mark("media")
+        # The instant media was enabled, not when this coroutine got to run again.
+        enabled = self.hook.active_at if self.hook is not None else self._connected_at
+        self._mark("media", at=enabled)
         if self.hook is not None:
             await self._until(
                 asyncio.shield(self._confirmed0), self.options.confirm_timeout, "key confirmation"
@@ -822,8 +826,10 @@ class CallSession:
             logger.debug("! call task failed: %r", exc)
             self._finish(exc if isinstance(exc, QCallError) else CallError(str(exc)))
 
-    def _mark(self, what: str) -> None:
-        self.status.timings_ms[what] = self._elapsed_ms()
+    def _mark(self, what: str, at: float | None = None) -> None:
+        """Record milestone ``what``: now, or at the ``time.monotonic()`` reading ``at``."""
+        when = time.monotonic() if at is None else at
+        self.status.timings_ms[what] = round((when - self._t0) * 1000, 2)
 
     def _elapsed_ms(self) -> float:
         return round((time.monotonic() - self._t0) * 1000, 2)

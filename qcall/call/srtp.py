@@ -170,6 +170,8 @@ class HybridSRTP:
         self.stats = SRTPStats()
         self.error: BaseException | None = None
         self.role: DTLSRole | None = None
+        #: ``clock()`` reading when media was enabled under the hybrid keys, if it was.
+        self.active_at: float | None = None
         self._key_provider = key_provider
         self._timeout = timeout
         self._auto_activate = auto_activate
@@ -365,6 +367,7 @@ class HybridSRTP:
 
     def _set_active(self) -> None:
         self.state = HookState.ACTIVE
+        self.active_at = self._clock()
         self._ready.set_result(None)
         logger.debug("= media enabled under hybrid SRTP keys")
 
