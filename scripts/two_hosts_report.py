@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -75,13 +74,7 @@ def build_report(
     work: Path, tone_hz: float, delay_ms: float | None, ready_s: float | None = None
 ) -> dict[str, Any]:
     """Assemble the report from the files under ``work`` (see scripts/two_hosts.sh)."""
-    from qcall.call.audio_analysis import (
-        FrameArrival,
-        chirp_template,
-        find_chirps,
-        one_way_latencies,
-        peak_frequency,
-    )
+    from qcall.call.audio_analysis import FrameArrival, received_audio_summary
     from qcall.call.media import read_wav
 
     alice = _load(work / "a" / "alice.json")
@@ -90,11 +83,11 @@ def build_report(
         samples, rate = read_wav(work / "b" / "bob.wav")
     except Exception:  # no recording: reported below as 0 s
         samples, rate = [], 48000
-    received = len(samples) / rate
-    peak = float(peak_frequency(samples, rate)) if len(samples) else 0.0
     arrivals = [FrameArrival(*row) for row in bob.get("arrivals", [])]
-    offsets = find_chirps(samples, rate, chirp_template(rate)) if len(samples) else []
-    latencies = one_way_latencies(alice.get("chirp_send_times", []), arrivals, offsets, rate)
+    audio = received_audio_summary(
+        samples, rate, arrivals, alice.get("chirp_send_times", []), tone_hz,
+        alice.get("sent_seconds"),
+    )  # fmt: skip
     a_ids, b_ids = alice.get("all_key_ids", []), bob.get("all_key_ids", [])
     report: dict[str, Any] = {
         "hosts": {
@@ -133,14 +126,7 @@ def build_report(
             "bob": bob.get("decrypt_failures"),
         },
         "rtcp": {"rtt_ms": alice.get("rtt_ms"), "packets_lost": alice.get("packets_lost")},
-        "audio": {
-            "tone_hz": tone_hz,
-            "peak_hz": round(peak, 1),
-            "sent_seconds": alice.get("sent_seconds"),
-            "received_seconds": round(received, 2),
-            "one_way_ms": round(statistics.median(latencies) * 1000, 1) if latencies else None,
-            "chirps_found": len(latencies),
-        },
+        "audio": audio,
     }
     report["problems"] = check(report)
     report["ok"] = not report["problems"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ __all__ = [
     "one_way_latencies",
     "peak_frequency",
     "receive_time",
+    "received_audio_summary",
     "rms_dbfs",
     "to_float",
 ]
@@ -421,3 +423,41 @@ def one_way_latencies(
         used.add(i)
         latencies.append(received - sends[i])
     return latencies
+
+
+def received_audio_summary(
+    samples: npt.ArrayLike,
+    rate: int,
+    arrivals: Sequence[FrameArrival],
+    send_times: Sequence[float],
+    tone_hz: float,
+    sent_seconds: float | None,
+) -> dict[str, float | int | None]:
+    """The ``audio`` part of a call report: what was heard, how much, how late.
+
+    Args:
+        samples: the callee's recording (mono).
+        rate: its sample rate.
+        arrivals: the recording's frame arrivals (``WavRecorder.arrivals``).
+        send_times: the caller's chirp send times, on the same clock.
+        tone_hz: the tone the caller sent.
+        sent_seconds: how much audio the caller sent, if known.
+
+    Returns:
+        ``tone_hz``, ``peak_hz``, ``sent_seconds``, ``received_seconds``,
+        ``one_way_ms`` (median over the chirps found, or ``None``) and ``chirps_found``.
+    """
+    data = np.asarray(samples)
+    found = len(data) > 0
+    peak = peak_frequency(data, rate) if found else 0.0
+    offsets = find_chirps(data, rate, chirp_template(rate)) if found else []
+    latencies = one_way_latencies(send_times, arrivals, offsets, rate)
+    median = statistics.median(latencies) if latencies else None
+    return {
+        "tone_hz": tone_hz,
+        "peak_hz": round(float(peak), 1),
+        "sent_seconds": sent_seconds,
+        "received_seconds": round(len(data) / rate, 2),
+        "one_way_ms": None if median is None else round(median * 1000, 1),
+        "chirps_found": len(latencies),
+    }

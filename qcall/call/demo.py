@@ -21,7 +21,6 @@ import asyncio
 import json
 import logging
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qcall.exceptions import CallError, QCallError
+from qcall.exceptions import CallError
 
 __all__ = ["DemoError", "run_demo"]
 
@@ -178,13 +177,7 @@ def _analyse(
     network_status: dict[str, Any],
     codes: tuple[int, int] | list[int],
 ) -> dict[str, Any]:
-    from qcall.call.audio_analysis import (
-        FrameArrival,
-        chirp_template,
-        find_chirps,
-        one_way_latencies,
-        peak_frequency,
-    )
+    from qcall.call.audio_analysis import FrameArrival, received_audio_summary
     from qcall.call.media import read_wav
 
     alice = _load(state / "alice.json", state / "alice.log")
@@ -194,12 +187,11 @@ def _analyse(
             f"the call did not connect: {alice.get('error')}\n{_tail(state / 'alice.log')}"
         )
     samples, rate = read_wav(state / "bob.wav")
-    received = len(samples) / rate
-    peak = peak_frequency(samples, rate) if len(samples) else 0.0
     arrivals = [FrameArrival(*row) for row in bob.get("arrivals", [])]
-    offsets = find_chirps(samples, rate, chirp_template(rate)) if len(samples) else []
-    latencies = one_way_latencies(alice.get("chirp_send_times", []), arrivals, offsets, rate)
-    one_way = round(statistics.median(latencies) * 1000, 1) if latencies else None
+    audio = received_audio_summary(
+        samples, rate, arrivals, alice.get("chirp_send_times", []), tone_hz,
+        alice.get("sent_seconds"),
+    )  # fmt: skip
     links = network_status.get("links", {})
     return {
         "call": {
@@ -235,14 +227,7 @@ def _analyse(
             "bob": bob.get("decrypt_failures"),
         },
         "rtcp": {"rtt_ms": alice.get("rtt_ms"), "packets_lost": alice.get("packets_lost")},
-        "audio": {
-            "tone_hz": tone_hz,
-            "peak_hz": round(peak, 1),
-            "sent_seconds": alice.get("sent_seconds"),
-            "received_seconds": round(received, 2),
-            "one_way_ms": one_way,
-            "chirps_found": len(latencies),
-        },
+        "audio": audio,
     }
 
 
@@ -273,8 +258,3 @@ def check_report(report: dict[str, Any]) -> list[str]:
     if any(failures.values()):
         problems.append(f"SRTP decrypt failures: {failures}")
     return problems
-
-
-def demo_error(exc: QCallError) -> str:
-    """A one-line explanation for the CLI."""
-    return f"demo failed: {exc}"
