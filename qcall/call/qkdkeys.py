@@ -16,7 +16,9 @@ import asyncio
 import logging
 import re
 import time
-from typing import TYPE_CHECKING, Any
+import weakref
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from qcall.exceptions import LinkAlarmError, QKDError, SecurityPolicyError
 from qcall.handshake import CalleeHandshake, CallerHandshake, QKDKeysNeeded, RekeyPostponed
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
     from qcall.call.session import CallSession
 
 __all__ = ["QKDKeys"]
+
+T = TypeVar("T")
 
 logger = logging.getLogger("qcall.call.session")
 
@@ -39,6 +43,19 @@ def _alarm_link(alarm: str) -> str | None:
     return match.group(1) if match else None
 
 
+#: The source KME ID of each key source, from its last Status: the offer names it.
+#: Later calls take it from here and ask for the Status only after the offer left.
+_KME_IDS: weakref.WeakKeyDictionary[KeySource, str] = weakref.WeakKeyDictionary()
+
+
+async def _result(request: Awaitable[T]) -> T | QKDError:
+    """``await request``, a QKDError returned rather than raised."""
+    try:
+        return await request
+    except QKDError as error:
+        return error
+
+
 def _ms_since(started: float) -> float:
     return round((time.monotonic() - started) * 1000, 2)
 
@@ -49,6 +66,8 @@ class QKDKeys:
     def __init__(self, session: CallSession) -> None:
         self.session = session
         self.failing_since: float | None = None
+        #: The caller's key came without a Status: :meth:`check_status` is due.
+        self.status_due = False
 
     def _source(self) -> KeySource:
         if self.session.key_source is None:
@@ -56,7 +75,12 @@ class QKDKeys:
         return self.session.key_source
 
     async def fetch_initial_key(self) -> tuple[list[Any], str]:
-        """Caller: ETSI 014 ``status`` + ``enc_keys`` for the callee's SAE, concurrently.
+        """Caller: ETSI 014 ``enc_keys`` (and ``status``) for the callee's SAE.
+
+        The offer names our KME (``source_KME_ID`` of the Status). The first call
+        through a key source asks for the Status and the key concurrently; later
+        calls reuse the ID and ask for the Status only after the offer has left
+        (:meth:`check_status`), or at once when no key came (to say why).
 
         A link alarm in the Status (``status_extension``, set by a trusted-node
         network, ``docs/relay.md``) is acted on here (``docs/threat-model.md``):
@@ -86,9 +110,19 @@ class QKDKeys:
         key: QKDKey | BaseException
         try:
             source = self._source()
-            status, key = await asyncio.gather(
-                source.status(s.peer_sae), source.get_key(s.peer_sae), return_exceptions=True
-            )
+            kme_id = _KME_IDS.get(source)
+            if kme_id is None:  # the first call through this source: the offer needs the ID
+                status, key = await asyncio.gather(
+                    source.status(s.peer_sae), source.get_key(s.peer_sae), return_exceptions=True
+                )
+            else:
+                key = await _result(source.get_key(s.peer_sae))
+                if isinstance(key, QKDKey):  # the Status only for its alarm: after the offer
+                    s.qkd_kme_id = kme_id
+                    self.status_due = True
+                    s.status.timings_ms["qkd_fetch"] = _ms_since(started)
+                    return [key], "hybrid"
+                status = await _result(source.status(s.peer_sae))  # why no key?
         except QKDError as error:
             status = key = error
         for result in (status, key):
@@ -116,6 +150,30 @@ class QKDKeys:
             s.status.notice = f"QKD unavailable ({failure}): pqc only, as allowed"
             logger.warning("! %s", s.status.notice)
             return [], "pqc"
+        _KME_IDS[source] = status.source_kme_id
+        self._show_alarm(status)
+        s.qkd_kme_id = status.source_kme_id
+        s.status.timings_ms["qkd_fetch"] = _ms_since(started)
+        return [key], "hybrid"
+
+    async def check_status(self) -> None:
+        """Caller: the Status of a call whose key came without one (its alarm, if any).
+
+        Run after the offer has left: a key that was delivered is used whatever the
+        Status says (see :meth:`fetch_initial_key`), so only the notice waits for it.
+        """
+        self.status_due = False
+        s = self.session
+        try:
+            status = await self._source().status(s.peer_sae)
+        except QKDError as exc:
+            logger.debug("! KME status after the offer failed: %s", exc)
+            return
+        _KME_IDS[self._source()] = status.source_kme_id
+        self._show_alarm(status)
+
+    def _show_alarm(self, status: KeyStatus) -> None:
+        s = self.session
         if status.alarm is not None:
             if "rerouted" in status.alarm:
                 s.status.notice = f"QKD {status.alarm}: this call's key took the new route"
@@ -125,9 +183,6 @@ class QKDKeys:
                     "it ends when no fresh key arrives"
                 )
             logger.warning("! %s", s.status.notice)
-        s.qkd_kme_id = status.source_kme_id
-        s.status.timings_ms["qkd_fetch"] = _ms_since(started)
-        return [key], "hybrid"
 
     async def fetch_keys_by_id(self, event: QKDKeysNeeded) -> None:
         """Callee: ETSI 014 ``dec_keys`` from our KME for the caller's key_IDs."""

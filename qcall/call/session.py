@@ -467,6 +467,8 @@ class CallSession:
         self.note_keys([k.key_id for k in qkd_keys])
         await self.signaling.send_offer(self.call_id, payload)
         self._mark("offer_sent")
+        if self.qkd.status_due:
+            self._spawn(self.qkd.check_status())
         answer = await self._wait_message(Answer, self.options.setup_timeout, "answer")
         if policy == "plain":
             if not answer.payload.startswith(PLAIN_PREFIX):
@@ -478,9 +480,14 @@ class CallSession:
             self._mark("answer_received")
             return
         hs = self.hs
-        assert hs is not None
+        assert isinstance(hs, CallerHandshake)
+        data = _unb64(answer.payload)
+        sdp = hs.unverified_answer_sdp(data)
+        if sdp is not None:  # ICE checks start while the signature is verified
+            with contextlib.suppress(Exception):  # receive_data below says what is wrong
+                await self._set_answer_sdp(sdp)
         with self._computing():
-            hs.receive_data(_unb64(answer.payload), self.clock())
+            hs.receive_data(data, self.clock())
         await self.apply_events()
         self._start_timer()
 
@@ -502,7 +509,7 @@ class CallSession:
             hs.receive_data(offer, self.clock())
         offer_event = None
         needed: list[QKDKeysNeeded] = []
-        for event in await self._drain():
+        for event in self._drain():
             if isinstance(event, OfferReceived):
                 offer_event = event
             elif isinstance(event, QKDKeysNeeded):
@@ -551,7 +558,7 @@ class CallSession:
         timeout = self.options.setup_timeout
         self.hook = install_srtp_hook(pc, self._provide_keys, timeout=timeout)
 
-    async def _provide_keys(self, exporter: bytes, role: str) -> SRTPKeys:
+    def _provide_keys(self, exporter: bytes, role: str) -> SRTPKeys | asyncio.Future[SRTPKeys]:
         """The SRTP hook's key provider: feed K_dtls, return the epoch-0 keys.
 
         Media is keyed at once, one round trip before the peer's CONFIRM arrives
@@ -561,6 +568,11 @@ class CallSession:
         authentication — nothing plays. Key confirmation still gates the call:
         without a matching CONFIRM within ``confirm_timeout`` it ends with a
         clear error (:meth:`_wait_active`), never as silent audio.
+
+        Synchronous when the QKD key is already here (the usual case: it was
+        fetched during ICE): the keys are installed inside aiortc's DTLS
+        completion, before its post-handshake work (SCTP, the encoder) runs.
+        Otherwise the hook awaits the returned future.
         """
         del role
         self._mark("dtls_done")
@@ -569,8 +581,12 @@ class CallSession:
         assert self.hs is not None
         with self._computing():
             self.hs.receive_dtls_exporter(exporter)
-        await self.apply_events()
-        return await self._keys0
+        for event in self._drain():
+            self._apply(event)  # no AnswerReceived after DTLS: nothing to await
+        self._pump()
+        if self._keys0.done() and self._keys0.exception() is None:
+            return self._keys0.result()
+        return self._keys0
 
     async def _wait_active(self) -> None:
         """Wait until media flows, then (hybrid, pqc) until the peer confirmed the keys."""
@@ -634,7 +650,7 @@ class CallSession:
 
     # --- the handshake pump ---------------------------------------------------------------
 
-    async def _drain(self) -> list[Any]:
+    def _drain(self) -> list[Any]:
         """Events of the handshake since the last call; failures end the call."""
         assert self.hs is not None
         events = self.hs.events_received()
@@ -646,34 +662,46 @@ class CallSession:
     async def apply_events(self) -> None:
         """Act on every pending handshake event, then send what it queued."""
         assert self.hs is not None
-        for event in await self._drain():
+        for event in self._drain():
             if isinstance(event, AnswerReceived):
-                assert self.pc is not None
-                self.status.peer_fingerprint = event.peer_fingerprint
-                await self.pc.setRemoteDescription(RTCSessionDescription(event.sdp, "answer"))
-                # aiortc schedules ICE/DTLS at the very end of setRemoteDescription:
-                # hooking now, before any await, is before DTLS can complete.
-                self._install_hook(self.pc)
-                self._mark("answer_received")
-            elif isinstance(event, OfferReceived):
-                self.status.peer_fingerprint = event.peer_fingerprint
-            elif isinstance(event, QKDKeysNeeded):
-                self._spawn(self.qkd.fetch_keys_by_id(event))
-            elif isinstance(event, KeysDerived):
-                self._keys_derived(event)
-            elif isinstance(event, KeyConfirmed):
-                self._key_confirmed(event)
-            elif isinstance(event, RekeyDue):
-                self._spawn(self.qkd.rekey(event.epoch))
-            elif isinstance(event, RekeyPostponed):
-                self.qkd.rekey_postponed(event)
-            elif isinstance(event, RekeyCompleted):
-                self.qkd.rekey_completed()
-                self.status.rekeys += 1
-                self.status.epoch = event.epoch
-                self.note_keys(list(event.qkd_key_ids))
-                logger.info("= rekey %d complete (key_IDs %s)", event.epoch, event.qkd_key_ids)
+                await self._answer_received(event)
+            else:
+                self._apply(event)
         self._pump()
+
+    async def _answer_received(self, event: AnswerReceived) -> None:
+        self.status.peer_fingerprint = event.peer_fingerprint
+        if self.hook is None:  # not already applied ahead of verification
+            await self._set_answer_sdp(event.sdp)
+
+    async def _set_answer_sdp(self, sdp: str) -> None:
+        assert self.pc is not None
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp, "answer"))
+        # aiortc schedules ICE/DTLS at the very end of setRemoteDescription:
+        # hooking now, before any await, is before DTLS can complete.
+        self._install_hook(self.pc)
+        self._mark("answer_received")
+
+    def _apply(self, event: Any) -> None:
+        """Act on one handshake event that needs no waiting."""
+        if isinstance(event, OfferReceived):
+            self.status.peer_fingerprint = event.peer_fingerprint
+        elif isinstance(event, QKDKeysNeeded):
+            self._spawn(self.qkd.fetch_keys_by_id(event))
+        elif isinstance(event, KeysDerived):
+            self._keys_derived(event)
+        elif isinstance(event, KeyConfirmed):
+            self._key_confirmed(event)
+        elif isinstance(event, RekeyDue):
+            self._spawn(self.qkd.rekey(event.epoch))
+        elif isinstance(event, RekeyPostponed):
+            self.qkd.rekey_postponed(event)
+        elif isinstance(event, RekeyCompleted):
+            self.qkd.rekey_completed()
+            self.status.rekeys += 1
+            self.status.epoch = event.epoch
+            self.note_keys(list(event.qkd_key_ids))
+            logger.info("= rekey %d complete (key_IDs %s)", event.epoch, event.qkd_key_ids)
 
     def _pump(self) -> None:
         """Send queued in-call handshake messages over the control channel."""
