@@ -13,6 +13,12 @@ new bytes (or ``None`` to pass the message through). The helpers below build
 the attacks of ``docs/threat-model.md``: swap one signed field and keep the
 signature, re-sign with the server's own ML-DSA identity, replay a recorded
 offer, send garbage.
+
+Each side also sends its SDP ahead of its signed message (an ``ice`` message,
+payload ``qcall-sdp:`` + SDP; docs/calls.md). While a rewrite is active the
+server drops those, as a man in the middle that keeps its story consistent
+would: the callee then works from the signed offer's SDP, the caller from the
+signed answer's. ``rewrite_sdp_ahead`` tampers with them instead.
 """
 
 from __future__ import annotations
@@ -27,7 +33,11 @@ from qcall import pqc
 from qcall.handshake.keyschedule import Transcript
 from qcall.handshake.messages import Answer, Offer, parse_message
 from qcall.handshake.protocol import ANSWER_CONTEXT, OFFER_CONTEXT, TRANSCRIPT_DOMAIN
-from qcall.signaling.messages import Answer as AnswerMessage, Offer as OfferMessage
+from qcall.signaling.messages import (
+    Answer as AnswerMessage,
+    ICECandidate as IceMessage,
+    Offer as OfferMessage,
+)
 from qcall.signaling.protocol import ConnectionId, Output, SignalingProtocol
 from signaling.server import SignalingServer
 
@@ -53,6 +63,8 @@ class Relayed:
     answer: bytes | None = None
 
 
+SDP_AHEAD = "qcall-sdp:"
+
 #: ``rewrite(data, relayed) -> new data | None`` for one handshake message; a
 #: ``str`` result is sent as the payload itself (e.g. text that is not base64).
 Rewrite = Callable[[bytes, Relayed], bytes | str | None]
@@ -64,6 +76,8 @@ class MaliciousProtocol(SignalingProtocol):
     Attributes:
         rewrite_offer: applied to every relayed offer (``None``: relay verbatim).
         rewrite_answer: applied to every relayed answer.
+        rewrite_sdp_ahead: applied to every SDP sent ahead (``None``: relay them
+            verbatim, unless an offer/answer rewrite is active: then drop them).
         relayed: every call seen, by ``call_id``, with the original payloads.
         rewritten: how many payloads were changed.
     """
@@ -72,18 +86,29 @@ class MaliciousProtocol(SignalingProtocol):
         super().__init__(**kwargs)
         self.rewrite_offer: Rewrite | None = None
         self.rewrite_answer: Rewrite | None = None
+        self.rewrite_sdp_ahead: Callable[[str], str] | None = None
         self.relayed: dict[str, Relayed] = {}
         self.rewritten = 0
 
     def honest(self) -> None:
         """Stop attacking: relay everything verbatim from now on."""
         self.rewrite_offer = self.rewrite_answer = None
+        self.rewrite_sdp_ahead = None
 
     def receive(self, connection: ConnectionId, text: str | bytes, now: float) -> list[Output]:
-        return [self._tamper(output) for output in super().receive(connection, text, now)]
+        outputs = [self._tamper(output) for output in super().receive(connection, text, now)]
+        return [output for output in outputs if output is not None]
 
-    def _tamper(self, output: Output) -> Output:
+    def _tamper(self, output: Output) -> Output | None:
         target, msg = output
+        if isinstance(msg, IceMessage) and msg.payload.startswith(SDP_AHEAD):
+            if self.rewrite_sdp_ahead is not None:
+                self.rewritten += 1
+                sdp = self.rewrite_sdp_ahead(msg.payload[len(SDP_AHEAD) :])
+                return target, dataclasses.replace(msg, payload=SDP_AHEAD + sdp)
+            if self.rewrite_offer is not None or self.rewrite_answer is not None:
+                return None  # dropped: the peer falls back on the signed SDP
+            return output
         if not isinstance(msg, OfferMessage | AnswerMessage) or msg.payload.startswith("plain:"):
             return output
         relayed = self.relayed.setdefault(msg.call_id, Relayed(msg.call_id))

@@ -205,6 +205,28 @@ async def test_server_resigning_the_offer_with_its_own_identity(lab: Lab) -> Non
     assert "identity_rejected" in str(at_alice)
 
 
+@pytest.mark.parametrize("direction", ["offer", "answer", "both"])
+async def test_server_tampering_with_the_sdp_sent_ahead_is_refused(
+    lab: Lab, direction: str
+) -> None:
+    # Each side sends its SDP ahead of its signed message, and ICE (then DTLS)
+    # starts on it. The server swaps in mallory's DTLS fingerprint there and
+    # relays the signed messages untouched: the side that receives a signed
+    # SDP unlike the one it applied refuses the call, before any key exists.
+    alice, bob = await phones(lab)
+
+    def tamper(sdp: str) -> str:
+        kind = "answer" if re.search(r"a=setup:(active|passive)", sdp) else "offer"
+        return mallory_fingerprint(sdp) if direction in (kind, "both") else sdp
+
+    attacker(lab).rewrite_sdp_ahead = tamper
+    at_alice, at_bob = await refused(lab, alice, bob, QCallError)
+    detected = at_bob if direction in ("offer", "both") else at_alice
+    assert isinstance(detected, InvalidMessageError), detected
+    assert "differs from the SDP sent ahead" in str(detected)
+    assert attacker(lab).rewritten >= 1
+
+
 async def test_server_resigning_the_answer_with_its_own_identity(lab: Lab) -> None:
     alice, bob = await phones(lab)
     attacker(lab).rewrite_answer = resign_answer(
@@ -333,6 +355,7 @@ async def test_garbage_offers_are_refused_and_the_phone_keeps_working(lab: Lab) 
         attacker(lab).rewrite_offer = rewrite
         _, at_bob = await refused(lab, alice, bob, error)
         assert field in str(at_bob), (name, at_bob)
+        await asyncio.sleep(0.2)  # stay under the server's rate limit (20 messages/s)
     # The same phones, the next honest call: connected, hybrid, audio flows.
     attacker(lab).honest()
     caller, callee = await connect(alice, bob)

@@ -508,8 +508,10 @@ async def test_initial_confirm_rides_signaling_and_falls_back_to_the_channel(lab
     bob.signaling.send_ice = bob_send_ice  # type: ignore[method-assign]
     alice.signaling.send_ice = alice_send_ice  # type: ignore[method-assign]
     caller, callee = await connect(alice, bob)
-    assert [p.split(":")[0] for p in relayed["bob"]] == ["qcall-hs"]  # bob's CONFIRM
-    assert len(relayed["alice"]) == 1  # alice's could not go: it took the control channel
+    # bob's SDP ahead of his signed answer, then his CONFIRM
+    assert [p.split(":")[0] for p in relayed["bob"]] == ["qcall-sdp", "qcall-hs"]
+    confirms = [p for p in relayed["alice"] if p.startswith("qcall-hs:")]
+    assert len(confirms) == 1  # alice's could not go: it took the control channel
     assert caller.status.timings_ms["confirmed"] > 0 and callee.status.timings_ms["confirmed"] > 0
     assert caller.status.sas == callee.status.sas is not None
 

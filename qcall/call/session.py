@@ -60,6 +60,7 @@ from qcall.exceptions import (
     DowngradeError,
     HandshakeError,
     IdentityError,
+    InvalidMessageError,
     QCallError,
     QKDError,
     SignalingError,
@@ -115,6 +116,18 @@ PLAIN_PREFIX = "plain-sdp:"
 #: Payload prefix of an in-call handshake message relayed by signaling (``ice``
 #: message type): during setup, before the control channel is open.
 HANDSHAKE_PREFIX = "qcall-hs:"
+
+#: Payload prefix of an SDP sent ahead of the signed OFFER or ANSWER that carries
+#: the same SDP (``ice`` message type): ICE starts while the QKD key is fetched and
+#: the handshake is signed and verified (docs/calls.md, "SDP ahead of the handshake").
+SDP_PREFIX = "qcall-sdp:"
+
+
+class _PeerSDP:
+    """The peer's SDP, sent ahead of (and not yet authenticated by) its OFFER/ANSWER."""
+
+    def __init__(self, sdp: str) -> None:
+        self.sdp = sdp
 
 
 def _b64(data: bytes) -> str:
@@ -208,6 +221,10 @@ class CallSession:
         self.qkd = QKDKeys(self)
         self._offer_inputs: tuple[list[Any], str] = ([], options.policy)
         self._pending_rekey_keys: dict[int, SRTPKeys] = {}
+        self._peer_sdp = ""  # the peer's SDP applied to our peer connection
+        self._sdp_ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._exporter_wanted = False  # the handshake is ready for K_dtls
+        self._remote_track: MediaStreamTrack | None = None  # until the peer is verified
         self.emulation: Emulation | None = None
 
     def __repr__(self) -> str:
@@ -235,7 +252,9 @@ class CallSession:
                 self._finish(None)
             return
         if isinstance(message, ICECandidate):
-            if message.payload.startswith(HANDSHAKE_PREFIX):  # epoch-0 CONFIRM (setup)
+            if message.payload.startswith(SDP_PREFIX):
+                self._inbox.put_nowait(_PeerSDP(message.payload[len(SDP_PREFIX) :]))
+            elif message.payload.startswith(HANDSHAKE_PREFIX):  # epoch-0 CONFIRM (setup)
                 try:
                     data = _unb64(message.payload[len(HANDSHAKE_PREFIX) :])
                 except CallError as exc:
@@ -250,6 +269,8 @@ class CallSession:
 
         The offer (SDP, ML-KEM key, QKD key_IDs, ML-DSA signature) is built while
         the callee's phone rings, so it leaves the moment the call is accepted.
+        If the callee picks up before it is ready, its SDP goes first (ICE
+        starts) and the signed offer follows.
 
         Raises:
             CallRejectedError: the callee declined or was busy.
@@ -279,6 +300,14 @@ class CallSession:
                 accepted.cancel()
             accepted.result()
             self._mark("accepted")
+            self.status.state = CallState.CONNECTING
+            if not offer.done() and self.options.policy != "plain":
+                # Picked up before the key came or the signature was made: the SDP
+                # goes ahead, so ICE checks run meanwhile.
+                either: set[asyncio.Future[Any]] = {self._sdp_ready, offer}
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                if self._sdp_ready.done():  # (else the offer failed: raised below)
+                    await self._send_sdp_ahead(self._sdp_ready.result())
             payload, built_at = await offer
             if time.monotonic() - built_at > OFFER_MAX_AGE:  # rang long: stamp it afresh
                 payload, built_at = await self._rebuild_offer()
@@ -301,7 +330,13 @@ class CallSession:
         try:
             await self.signaling.accept(self.call_id)
             self._mark("accepted")
-            offer = await self._wait_message(Offer, self.options.setup_timeout, "offer")
+            offer = await self._wait_message(
+                (Offer, _PeerSDP), self.options.setup_timeout, "offer"
+            )
+            if isinstance(offer, _PeerSDP):  # the SDP ahead of the signed offer
+                if self.options.policy != "plain":
+                    await self._prepare_answer_sdp(offer.sdp)
+                offer = await self._wait_message(Offer, self.options.setup_timeout, "offer")
             if offer.payload.startswith(PLAIN_PREFIX):
                 await self._start_plain_callee(offer.payload[len(PLAIN_PREFIX) :])
             else:
@@ -380,8 +415,9 @@ class CallSession:
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
-            if track.kind == "audio" and self.on_track is not None:
-                self.on_track(track)
+            if track.kind == "audio":
+                self._remote_track = track
+                self._deliver_track()
 
         @pc.on("iceconnectionstatechange")
         def on_ice_state() -> None:
@@ -426,6 +462,8 @@ class CallSession:
             return PLAIN_PREFIX + pc.localDescription.sdp, time.monotonic()
         pc = self._new_pc()
         await pc.setLocalDescription(await pc.createOffer())
+        if not self._sdp_ready.done():
+            self._sdp_ready.set_result(pc.localDescription.sdp)
         qkd_keys: list[Any] = []
         policy = self.options.policy
         if key_task is not None:
@@ -445,8 +483,9 @@ class CallSession:
             srtp_profiles=self._profiles(),
         )
         self.hs = hs
-        with self._computing():
-            hs.send_offer(pc.localDescription.sdp, self.clock(), qkd_keys)
+        sdp, now = pc.localDescription.sdp, self.clock()
+        with self._computing():  # ML-DSA signing releases the GIL: signaling goes on
+            await asyncio.to_thread(hs.send_offer, sdp, now, qkd_keys)
         return _b64(b"".join(hs.data_to_send())), time.monotonic()
 
     async def _rebuild_offer(self) -> tuple[str, float]:
@@ -467,9 +506,13 @@ class CallSession:
         self.note_keys([k.key_id for k in qkd_keys])
         await self.signaling.send_offer(self.call_id, payload)
         self._mark("offer_sent")
-        if self.qkd.status_due:
-            self._spawn(self.qkd.check_status())
-        answer = await self._wait_message(Answer, self.options.setup_timeout, "answer")
+        answer = await self._wait_message(
+            (Answer, _PeerSDP), self.options.setup_timeout, "answer"
+        )
+        if isinstance(answer, _PeerSDP):  # ICE checks start while the callee signs
+            if policy != "plain":
+                await self._set_answer_sdp(answer.sdp)
+            answer = await self._wait_message(Answer, self.options.setup_timeout, "answer")
         if policy == "plain":
             if not answer.payload.startswith(PLAIN_PREFIX):
                 raise DowngradeError(f"{self.peer} answered a plain offer with a handshake")
@@ -480,16 +523,15 @@ class CallSession:
             self._mark("answer_received")
             return
         hs = self.hs
-        assert isinstance(hs, CallerHandshake)
-        data = _unb64(answer.payload)
-        sdp = hs.unverified_answer_sdp(data)
-        if sdp is not None:  # ICE checks start while the signature is verified
-            with contextlib.suppress(Exception):  # receive_data below says what is wrong
-                await self._set_answer_sdp(sdp)
+        assert hs is not None
         with self._computing():
-            hs.receive_data(data, self.clock())
+            hs.receive_data(_unb64(answer.payload), self.clock())
         await self.apply_events()
         self._start_timer()
+        if hs.error is None:
+            self._exporter_due()
+        if self.qkd.status_due:  # now that both sides wait for ICE checks
+            self._spawn(self.qkd.check_status())
 
     async def _start_callee(self, offer: bytes) -> None:
         self.status.state = CallState.CONNECTING
@@ -520,20 +562,49 @@ class CallSession:
         self.status.peer_fingerprint = offer_event.peer_fingerprint
         if offer_event.policy != "hybrid":
             self.status.notice = "pqc only (no QKD key), as allowed"
-        pc = self._new_pc()
-        await pc.setRemoteDescription(RTCSessionDescription(offer_event.sdp, "offer"))
-        self._install_hook(pc)  # before any await: DTLS has not started yet
-        await pc.setLocalDescription(await pc.createAnswer())
+        if self.pc is None:
+            await self._prepare_answer_sdp(offer_event.sdp)
+        elif offer_event.sdp != self._peer_sdp:
+            # ICE (and soon DTLS) runs on the SDP that came ahead: it must be the signed one.
+            raise InvalidMessageError(
+                f"the SDP in {self.peer}'s signed offer differs from the SDP sent ahead of it"
+            )
         if hs.error is not None:  # failed meanwhile
             raise hs.error
+        assert self.pc is not None
         with self._computing():
-            hs.send_answer(pc.localDescription.sdp, self.clock())
+            hs.send_answer(self.pc.localDescription.sdp, self.clock())
         await self.signaling.send_answer(self.call_id, _b64(b"".join(hs.data_to_send())))
         self._mark("answer_sent")
         for event in needed:  # dec_keys during ICE/DTLS: the key is needed only after DTLS,
             self._spawn(self.qkd.fetch_keys_by_id(event))  # and the answer goes out sooner
         await self.apply_events()
         self._start_timer()
+        self._exporter_due()
+
+    async def _prepare_answer_sdp(self, sdp: str) -> None:
+        """Callee: the peer connection for the offer's SDP; our SDP goes ahead.
+
+        Run on the SDP sent ahead of the signed offer (or on the verified offer's).
+        The caller starts ICE on our SDP while we verify, fetch the QKD key and
+        sign; nothing secret depends on either SDP until the handshake verified
+        both (each side checks that the signed SDP is the one it applied).
+        """
+        self._peer_sdp = sdp
+        pc = self._new_pc()
+        await pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
+        self._install_hook(pc)  # before any await: DTLS has not started yet
+        await pc.setLocalDescription(await pc.createAnswer())
+        await self._send_sdp_ahead(pc.localDescription.sdp)
+
+    async def _send_sdp_ahead(self, sdp: str) -> None:
+        """Send our SDP ahead of the signed message; if signaling is down, the latter says."""
+        try:
+            await self.signaling.send_ice(self.call_id, SDP_PREFIX + sdp)
+        except SignalingError as exc:
+            logger.debug("! SDP not sent ahead: %s", exc)
+            return
+        self._mark("sdp_sent")
 
     async def _start_plain_callee(self, sdp: str) -> None:
         if self.options.policy != "plain":
@@ -569,24 +640,50 @@ class CallSession:
         without a matching CONFIRM within ``confirm_timeout`` it ends with a
         clear error (:meth:`_wait_active`), never as silent audio.
 
-        Synchronous when the QKD key is already here (the usual case: it was
-        fetched during ICE): the keys are installed inside aiortc's DTLS
-        completion, before its post-handshake work (SCTP, the encoder) runs.
-        Otherwise the hook awaits the returned future.
+        Synchronous when the handshake and the QKD key are already here (the
+        usual case: both complete during ICE): the keys are installed inside
+        aiortc's DTLS completion, before its post-handshake work (SCTP, the
+        encoder) runs. Otherwise the hook awaits the returned future, and
+        :meth:`_exporter_due` hands K_dtls over once the handshake is ready.
         """
         del role
         self._mark("dtls_done")
         self.status.state = CallState.CONFIRMING
         self._exporter = exporter
-        assert self.hs is not None
-        with self._computing():
-            self.hs.receive_dtls_exporter(exporter)
-        for event in self._drain():
-            self._apply(event)  # no AnswerReceived after DTLS: nothing to await
-        self._pump()
+        if self._exporter_wanted:
+            self._feed_exporter()
         if self._keys0.done() and self._keys0.exception() is None:
             return self._keys0.result()
         return self._keys0
+
+    def _exporter_due(self) -> None:
+        """The handshake verified the peer (and sent ours): it takes K_dtls from now on."""
+        self._exporter_wanted = True
+        self._deliver_track()
+        if self._exporter:  # DTLS finished first (e.g. a slow KME)
+            self._feed_exporter()
+
+    def _deliver_track(self) -> None:
+        """Hand the remote audio track to the owner once the peer is authenticated.
+
+        The track exists as soon as an SDP is applied, which may be the SDP sent
+        ahead of the signed message: no sink is opened for a call that is then
+        refused.
+        """
+        track = self._remote_track
+        if track is None or self.on_track is None:
+            return
+        if self._exporter_wanted or self.status.policy == "plain":
+            self._remote_track = None
+            self.on_track(track)
+
+    def _feed_exporter(self) -> None:
+        assert self.hs is not None
+        with self._computing():
+            self.hs.receive_dtls_exporter(self._exporter)
+        for event in self._drain():
+            self._apply(event)  # no AnswerReceived after the answer: nothing to await
+        self._pump()
 
     async def _wait_active(self) -> None:
         """Wait until media flows, then (hybrid, pqc) until the peer confirmed the keys."""
@@ -628,7 +725,9 @@ class CallSession:
             self._finish(error)
             raise error
 
-    async def _wait_message(self, kind: type, timeout: float, what: str) -> Any:
+    async def _wait_message(
+        self, kind: type | tuple[type, ...], timeout: float, what: str
+    ) -> Any:
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -673,9 +772,15 @@ class CallSession:
         self.status.peer_fingerprint = event.peer_fingerprint
         if self.hook is None:  # not already applied ahead of verification
             await self._set_answer_sdp(event.sdp)
+        elif event.sdp != self._peer_sdp:
+            # ICE (and soon DTLS) runs on the SDP applied ahead: it must be the signed one.
+            raise InvalidMessageError(
+                f"the SDP in {self.peer}'s signed answer differs from the SDP sent ahead of it"
+            )
 
     async def _set_answer_sdp(self, sdp: str) -> None:
         assert self.pc is not None
+        self._peer_sdp = sdp
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp, "answer"))
         # aiortc schedules ICE/DTLS at the very end of setRemoteDescription:
         # hooking now, before any await, is before DTLS can complete.

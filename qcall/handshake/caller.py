@@ -15,7 +15,6 @@ from qcall.exceptions import (
     HandshakeStateError,
     InvalidMessageError,
     KeyConfirmationError,
-    QCallError,
     SecurityPolicyError,
     UnknownIdentityError,
 )
@@ -31,7 +30,6 @@ from qcall.handshake.messages import (
     Rekey,
     RekeyAck,
     RekeyNack,
-    parse_message,
 )
 from qcall.handshake.protocol import (
     ANSWER_CONTEXT,
@@ -186,24 +184,6 @@ class CallerHandshake(HandshakeProtocol):
             raise HandshakeStateError(f"postpone_rekey() not valid now ({self.state.name})")
         self._now = now
         self._next_rekey = now + max(0.0, delay)
-
-    def unverified_answer_sdp(self, data: bytes) -> str | None:
-        """The SDP an answer carries, read *before* its signature is checked.
-
-        For the shell only, to start ICE connectivity checks (tens of
-        milliseconds of waiting) while :meth:`receive_data` verifies the answer.
-        Nothing secret depends on it: DTLS cannot finish before ICE, no SRTP key
-        exists until the verified answer has been processed, and a failed
-        verification ends the call. ``None`` when we expect no answer or the
-        data is not a well-formed ANSWER (then :meth:`receive_data` says why).
-        """
-        if self.state is not State.CALLER_EXPECT_ANSWER:
-            return None
-        try:
-            message = parse_message(data)
-        except QCallError:
-            return None
-        return message.sdp if isinstance(message, Answer) else None
 
     def _schedule_rekey(self) -> None:
         if self.rekey_interval is not None:
