@@ -110,6 +110,13 @@ CONTROL_CHANNEL_ID = 0
 #: and signed afresh (callees accept offer timestamps within ±60 s: docs/handshake.md).
 OFFER_MAX_AGE = 20.0
 
+#: Seconds of ringing after which the caller fetches the QKD key and signs the
+#: offer even though nobody picked up yet. Until then the SDP alone is ready: a
+#: callee that answers at once (auto-answer) gets it ahead of the signed offer,
+#: and the caller's fetching and signing wait (again at most this long) until
+#: the callee's SDP is applied, to run while ICE checks do (docs/calls.md).
+RING_HEADSTART = 0.02
+
 #: Payload prefix of a ``plain`` offer/answer (bare SDP, the harness's baseline).
 PLAIN_PREFIX = "plain-sdp:"
 
@@ -224,6 +231,9 @@ class CallSession:
         self._peer_sdp = ""  # the peer's SDP applied to our peer connection
         self._sdp_ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._exporter_wanted = False  # the handshake is ready for K_dtls
+        self._picked_up = asyncio.Event()  # caller: the callee accepted
+        self._ice_started = asyncio.Event()  # the peer's SDP is applied
+        self._answer_sdp: asyncio.Future[_PeerSDP] = asyncio.get_running_loop().create_future()
         self._remote_track: MediaStreamTrack | None = None  # until the peer is verified
         self.emulation: Emulation | None = None
 
@@ -253,7 +263,11 @@ class CallSession:
             return
         if isinstance(message, ICECandidate):
             if message.payload.startswith(SDP_PREFIX):
-                self._inbox.put_nowait(_PeerSDP(message.payload[len(SDP_PREFIX) :]))
+                sdp = _PeerSDP(message.payload[len(SDP_PREFIX) :])
+                if self.role == "callee":
+                    self._inbox.put_nowait(sdp)
+                elif not self._answer_sdp.done():  # the first one only
+                    self._answer_sdp.set_result(sdp)
             elif message.payload.startswith(HANDSHAKE_PREFIX):  # epoch-0 CONFIRM (setup)
                 try:
                     data = _unb64(message.payload[len(HANDSHAKE_PREFIX) :])
@@ -278,13 +292,10 @@ class CallSession:
             CallError, HandshakeError, QKDError: the call failed (message says why).
         """
         self.status.state = CallState.RINGING
-        key_task: asyncio.Future[tuple[list[Any], str]] | None = None
-        if self.options.policy == "hybrid":
-            key_task = asyncio.ensure_future(self.qkd.fetch_initial_key())
         offer: asyncio.Future[tuple[str, float]] | None = None
         try:
             await self.signaling.invite(self.peer, self.call_id)
-            offer = asyncio.ensure_future(self._prepare_offer(key_task))
+            offer = asyncio.ensure_future(self._prepare_offer())
             accepted = asyncio.ensure_future(
                 self._wait_message(Accept, self.options.ring_timeout, "answer")
             )
@@ -299,6 +310,7 @@ class CallSession:
             finally:
                 accepted.cancel()
             accepted.result()
+            self._picked_up.set()
             self._mark("accepted")
             self.status.state = CallState.CONNECTING
             if not offer.done() and self.options.policy != "plain":
@@ -308,15 +320,15 @@ class CallSession:
                 await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
                 if self._sdp_ready.done():  # (else the offer failed: raised below)
                     await self._send_sdp_ahead(self._sdp_ready.result())
+                    await self._answer_sdp_ahead(offer)
             payload, built_at = await offer
             if time.monotonic() - built_at > OFFER_MAX_AGE:  # rang long: stamp it afresh
                 payload, built_at = await self._rebuild_offer()
             await self._send_offer(payload)
             await self._wait_active()
         except BaseException as exc:
-            for task in (key_task, offer):
-                if task is not None and not task.done():
-                    task.cancel()
+            if offer is not None and not offer.done():
+                offer.cancel()
             await self._abort(exc)
             raise
 
@@ -446,12 +458,14 @@ class CallSession:
         return pc
 
     async def _prepare_offer(
-        self, key_task: asyncio.Future[tuple[list[Any], str]] | None
+        self, fetched: tuple[list[Any], str] | None = None
     ) -> tuple[str, float]:
         """Build the offer payload (and the peer connection); return it and when.
 
-        The peer connection and its SDP are made while the QKD key is on its way;
-        only the signature waits for the key.
+        The SDP first: it is what the call waits for once the callee picks up
+        (it goes ahead of the signed offer). Then, once picked up or after
+        :data:`RING_HEADSTART`, the QKD key (unless ``fetched`` already) and the
+        signature.
         """
         if self.options.policy == "plain":
             self._offer_inputs = ([], "plain")
@@ -464,10 +478,19 @@ class CallSession:
         await pc.setLocalDescription(await pc.createOffer())
         if not self._sdp_ready.done():
             self._sdp_ready.set_result(pc.localDescription.sdp)
+            # The SDP first. Picked up at once: the key and the signature wait for
+            # the callee's SDP, and are made while ICE checks run.
+            for step in (self._picked_up, self._ice_started):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(step.wait(), RING_HEADSTART)
+                if not self._picked_up.is_set():
+                    break
         qkd_keys: list[Any] = []
         policy = self.options.policy
-        if key_task is not None:
-            qkd_keys, policy = await key_task
+        if fetched is not None:
+            qkd_keys, policy = fetched
+        elif policy == "hybrid":
+            qkd_keys, policy = await self.qkd.fetch_initial_key()
         self._offer_inputs = (qkd_keys, policy)
         self.status.policy = policy
         hs = CallerHandshake(
@@ -494,10 +517,17 @@ class CallSession:
             pc, self.pc = self.pc, None
             await pc.close()
         self.hs = None
-        qkd_keys, policy = self._offer_inputs
-        done: asyncio.Future[tuple[list[Any], str]] = asyncio.get_running_loop().create_future()
-        done.set_result((qkd_keys, policy))
-        return await self._prepare_offer(done)
+        return await self._prepare_offer(self._offer_inputs)
+
+    async def _answer_sdp_ahead(self, other: asyncio.Future[Any]) -> None:
+        """Caller: apply the callee's SDP sent ahead (ICE starts) unless ``other`` is first.
+
+        ``other``: our signed offer being finished, or the signed answer arriving.
+        """
+        either: set[asyncio.Future[Any]] = {self._answer_sdp, other, self._ended}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if self._answer_sdp.done() and self.hook is None:
+            await self._set_answer_sdp(self._answer_sdp.result().sdp)
 
     async def _send_offer(self, payload: str) -> None:
         """Send the prepared offer, wait for the answer, act on it."""
@@ -506,13 +536,12 @@ class CallSession:
         self.note_keys([k.key_id for k in qkd_keys])
         await self.signaling.send_offer(self.call_id, payload)
         self._mark("offer_sent")
-        answer = await self._wait_message(
-            (Answer, _PeerSDP), self.options.setup_timeout, "answer"
+        answered = asyncio.ensure_future(
+            self._wait_message(Answer, self.options.setup_timeout, "answer")
         )
-        if isinstance(answer, _PeerSDP):  # ICE checks start while the callee signs
-            if policy != "plain":
-                await self._set_answer_sdp(answer.sdp)
-            answer = await self._wait_message(Answer, self.options.setup_timeout, "answer")
+        if policy != "plain":  # the callee's SDP ahead: ICE checks start while it signs
+            await self._answer_sdp_ahead(answered)
+        answer = await answered
         if policy == "plain":
             if not answer.payload.startswith(PLAIN_PREFIX):
                 raise DowngradeError(f"{self.peer} answered a plain offer with a handshake")
@@ -734,9 +763,13 @@ class CallSession:
             if remaining <= 0:
                 raise CallError(f"no {what} from {self.peer} within {timeout:g} s")
             getter = asyncio.ensure_future(self._inbox.get())
-            done, _ = await asyncio.wait(
-                {getter, self._ended}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-            )
+            try:
+                done, _ = await asyncio.wait(
+                    {getter, self._ended}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+            except asyncio.CancelledError:
+                getter.cancel()  # or it would take the next message
+                raise
             if getter not in done:
                 getter.cancel()
                 if self._ended.done():
@@ -781,6 +814,7 @@ class CallSession:
     async def _set_answer_sdp(self, sdp: str) -> None:
         assert self.pc is not None
         self._peer_sdp = sdp
+        self._ice_started.set()
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp, "answer"))
         # aiortc schedules ICE/DTLS at the very end of setRemoteDescription:
         # hooking now, before any await, is before DTLS can complete.
