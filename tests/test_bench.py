@@ -38,9 +38,10 @@ def test_summary_matches_numpy() -> None:
 
 
 def test_phase_durations_follow_the_milestones() -> None:
-    milestones = {"accepted": 2.0, "offer_sent": 5.0, "answer_received": 9.0,
-                  "ice_connected": 30.0, "dtls_done": 41.0, "confirmed": 44.0,
-                  "media": 44.5, "first_audio": 130.0, "qkd_fetch": 3.0}  # fmt: skip
+    milestones = {"accepted": 2.0, "sdp_sent": 2.5, "answer_received": 9.0,
+                  "ice_connected": 30.0, "offer_sent": 12.0, "dtls_done": 41.0,
+                  "confirmed": 44.0, "media": 41.5, "first_audio": 130.0,
+                  "qkd_fetch": 3.0}  # fmt: skip
     phases = phase_durations(milestones)
     assert list(phases) == [key for key, _ in PHASES]
     assert sum(phases.values()) == pytest.approx(130.0)

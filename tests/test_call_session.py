@@ -235,6 +235,53 @@ async def test_hybrid_call_tone_arrives_and_keys_are_hybrid(
     assert caller.status.decrypt_failures == callee.status.decrypt_failures == 0
 
 
+class SlowKeys:
+    """A key source whose key requests take ``delay`` seconds longer (a distant KME)."""
+
+    def __init__(self, source: Any, delay: float) -> None:
+        self.source, self.delay = source, delay
+
+    async def get_key(self, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(self.delay)
+        return await self.source.get_key(*args, **kwargs)
+
+    async def get_keys_by_id(self, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(self.delay)
+        return await self.source.get_keys_by_id(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.source, name)
+
+
+@pytest.mark.parametrize("slow", ["alice", "bob"])
+async def test_dtls_done_before_the_handshake_keys_wait_for_it(lab: Lab, slow: str) -> None:
+    # Each side's SDP goes ahead of its signed message, so ICE and DTLS may finish
+    # before the QKD key is in and the handshake verified: media then waits (no
+    # DTLS-SRTP keys, ever) and starts under the hybrid keys once they exist.
+    delay = 0.4
+    alice = await lab.phone(
+        "alice", tone=440, key_source=SlowKeys(lab.key_source("alice"), delay)
+        if slow == "alice" else "default",
+    )
+    bob = await lab.phone(
+        "bob", record=True, key_source=SlowKeys(lab.key_source("bob"), delay)
+        if slow == "bob" else "default",
+    )
+    caller, callee = await connect(alice, bob)
+    assert caller.status.policy == callee.status.policy == "hybrid"
+    assert caller.status.sas == callee.status.sas is not None
+    waited = caller if slow == "alice" else callee
+    timings = waited.status.timings_ms
+    assert timings["dtls_done"] + 0.5 * delay * 1000 < timings["media"], timings
+    await asyncio.sleep(1.0)
+    await caller.hangup()
+    await asyncio.wait_for(callee.wait(), 5 * T)
+    await lab.recorders[0].stop()
+    samples, rate = read_wav(lab.tmp / "bob.wav")
+    assert abs(peak_frequency(samples, rate) - 440) < 3
+    assert caller.status.decrypt_failures == callee.status.decrypt_failures == 0
+
+
 async def test_many_rekeys_lose_no_packet(lab: Lab) -> None:
     options = CallOptions(rekey_interval=0.2)
     alice = await lab.phone("alice", tone=440, options=options)

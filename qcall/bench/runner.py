@@ -54,13 +54,19 @@ TONE_HZ = 440.0
 #: phase each one ends. "first_audio" is the callee's first decoded frame.
 PHASES = (
     ("accepted", "invite → accept (signaling round trip)"),
-    ("offer_sent", "offer built (ICE gather, ML-KEM keygen, ML-DSA sign, QKD wait)"),
-    ("answer_received", "offer → answer (signaling, callee verify/encaps/sign)"),
+    ("sdp_sent", "our SDP out (peer connection, ICE gathering)"),
+    ("answer_received", "callee's SDP applied (signaling, its peer connection)"),
     ("ice_connected", "ICE connectivity checks"),
     ("dtls_done", "DTLS handshake"),
-    ("confirmed", "key schedule + key confirmation"),
-    ("media", "outbound SRTP armed"),
+    ("media", "key schedule, outbound SRTP armed"),
     ("first_audio", "first decoded audio at the callee"),
+)
+
+#: Caller milestones off that critical path (ms since dial), shown beside it: the
+#: authenticated exchange runs during ICE (docs/calls.md, "SDP ahead").
+OVERLAPPING = (
+    ("offer_sent", "signed offer sent (QKD key, ML-KEM keygen, ML-DSA sign), ms since dial"),
+    ("confirmed", "peer's key confirmation received, ms since dial"),
 )
 
 Progress = Callable[[str, int], None]

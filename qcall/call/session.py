@@ -536,6 +536,7 @@ class CallSession:
         self.note_keys([k.key_id for k in qkd_keys])
         await self.signaling.send_offer(self.call_id, payload)
         self._mark("offer_sent")
+        self.status.timings_ms.setdefault("sdp_sent", self.status.timings_ms["offer_sent"])
         answered = asyncio.ensure_future(
             self._wait_message(Answer, self.options.setup_timeout, "answer")
         )
