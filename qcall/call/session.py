@@ -506,9 +506,8 @@ class CallSession:
             srtp_profiles=self._profiles(),
         )
         self.hs = hs
-        sdp, now = pc.localDescription.sdp, self.clock()
-        with self._computing():  # ML-DSA signing releases the GIL: signaling goes on
-            await asyncio.to_thread(hs.send_offer, sdp, now, qkd_keys)
+        with self._computing():
+            hs.send_offer(pc.localDescription.sdp, self.clock(), qkd_keys)
         return _b64(b"".join(hs.data_to_send())), time.monotonic()
 
     async def _rebuild_offer(self) -> tuple[str, float]:
