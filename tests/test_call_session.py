@@ -22,6 +22,7 @@ from qcall.call.audio_analysis import peak_frequency
 from qcall.call.keylog import parse_keylog
 from qcall.call.media import ToneTrack, WavRecorder, read_wav
 from qcall.call.phone import Phone
+from qcall.call.qkdkeys import SLOW_KME_MS
 from qcall.call.session import CallOptions, CallSession
 from qcall.call.srtp import dtls_srtp_keys
 from qcall.call.srtpcore import srtp_session
@@ -280,6 +281,30 @@ async def test_dtls_done_before_the_handshake_keys_wait_for_it(lab: Lab, slow: s
     samples, rate = read_wav(lab.tmp / "bob.wav")
     assert abs(peak_frequency(samples, rate) - 440) < 3
     assert caller.status.decrypt_failures == callee.status.decrypt_failures == 0
+
+
+@pytest.mark.parametrize(("delay", "early"), [(0.0, False), (0.03, True)])
+async def test_caller_asks_a_slow_kme_for_the_key_as_it_dials(
+    lab: Lab, delay: float, early: bool
+) -> None:
+    # Unknown KME (first call): asked at once. Afterwards a fast KME is asked only
+    # once ICE checks run; one that took more than SLOW_KME_MS, still at once.
+    source = SlowKeys(lab.key_source("alice"), delay)
+    alice = await lab.phone("alice", tone=440, key_source=source)
+    bob = await lab.phone("bob")
+    for _ in range(2):  # the first call also opens the mutual-TLS connection
+        caller, callee = await connect(alice, bob)
+        assert caller.status.policy == "hybrid"
+        await caller.hangup()
+        await asyncio.wait_for(callee.wait(), 5 * T)
+    last = caller.status.timings_ms["qkd_fetch"]  # the fast KME: ≈ 1-2 ms here
+    assert last > SLOW_KME_MS if early else last < 5 * SLOW_KME_MS
+    later = CallSession(
+        signaling=alice.signaling, signing_key=alice.signing_key, name="alice",
+        call_id="x" * 22, peer="bob", role="caller", check_peer=alice.check_peer,
+        key_source=source, options=CallOptions(), source=None,
+    )  # fmt: skip
+    assert later.qkd.fetch_early() is (last > SLOW_KME_MS)
 
 
 async def test_many_rekeys_lose_no_packet(lab: Lab) -> None:

@@ -47,6 +47,12 @@ def _alarm_link(alarm: str) -> str | None:
 #: Later calls take it from here and ask for the Status only after the offer left.
 _KME_IDS: weakref.WeakKeyDictionary[KeySource, str] = weakref.WeakKeyDictionary()
 
+#: How long each key source's last ``enc_keys`` took (ms).
+_FETCH_MS: weakref.WeakKeyDictionary[KeySource, float] = weakref.WeakKeyDictionary()
+
+#: A KME slower than this (ms, last fetch) is asked for the key as the call is dialled.
+SLOW_KME_MS = 10.0
+
 
 async def _result(request: Awaitable[T]) -> T | QKDError:
     """``await request``, a QKDError returned rather than raised."""
@@ -68,6 +74,20 @@ class QKDKeys:
         self.failing_since: float | None = None
         #: The caller's key came without a Status: :meth:`check_status` is due.
         self.status_due = False
+
+    def fetch_early(self) -> bool:
+        """Caller: ask for the key as we dial, rather than once ICE checks run?
+
+        Early when this key source's speed is unknown (its first call) or its last
+        ``enc_keys`` took more than :data:`SLOW_KME_MS`: its latency then hides
+        behind the invite. A fast KME is asked later, so that its request does not
+        compete with the call's signaling for the CPU (docs/calls.md).
+        """
+        source = self.session.key_source
+        if source is None:
+            return False
+        last = _FETCH_MS.get(source)
+        return last is None or source not in _KME_IDS or last > SLOW_KME_MS
 
     def _source(self) -> KeySource:
         if self.session.key_source is None:
@@ -120,7 +140,7 @@ class QKDKeys:
                 if isinstance(key, QKDKey):  # the Status only for its alarm: after the offer
                     s.qkd_kme_id = kme_id
                     self.status_due = True
-                    s.status.timings_ms["qkd_fetch"] = _ms_since(started)
+                    s.status.timings_ms["qkd_fetch"] = _FETCH_MS[source] = _ms_since(started)
                     return [key], "hybrid"
                 status = await _result(source.status(s.peer_sae))  # why no key?
         except QKDError as error:
@@ -153,7 +173,7 @@ class QKDKeys:
         _KME_IDS[source] = status.source_kme_id
         self._show_alarm(status)
         s.qkd_kme_id = status.source_kme_id
-        s.status.timings_ms["qkd_fetch"] = _ms_since(started)
+        s.status.timings_ms["qkd_fetch"] = _FETCH_MS[source] = _ms_since(started)
         return [key], "hybrid"
 
     async def check_status(self) -> None:

@@ -474,23 +474,29 @@ class CallSession:
             pc = self._new_pc(control=False)
             await pc.setLocalDescription(await pc.createOffer())
             return PLAIN_PREFIX + pc.localDescription.sdp, time.monotonic()
-        pc = self._new_pc()
-        await pc.setLocalDescription(await pc.createOffer())
-        if not self._sdp_ready.done():
-            self._sdp_ready.set_result(pc.localDescription.sdp)
-            # The SDP first. Picked up at once: the key and the signature wait for
-            # the callee's SDP, and are made while ICE checks run.
-            for step in (self._picked_up, self._ice_started):
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(step.wait(), RING_HEADSTART)
-                if not self._picked_up.is_set():
-                    break
-        qkd_keys: list[Any] = []
-        policy = self.options.policy
-        if fetched is not None:
-            qkd_keys, policy = fetched
-        elif policy == "hybrid":
-            qkd_keys, policy = await self.qkd.fetch_initial_key()
+        key: asyncio.Future[tuple[list[Any], str]] | None = None
+        if fetched is None and self.options.policy == "hybrid" and self.qkd.fetch_early():
+            key = asyncio.ensure_future(self.qkd.fetch_initial_key())  # a slow KME: at once
+        try:
+            pc = self._new_pc()
+            await pc.setLocalDescription(await pc.createOffer())
+            if not self._sdp_ready.done():
+                self._sdp_ready.set_result(pc.localDescription.sdp)
+                # The SDP first. Picked up at once: the key (from a fast KME) and
+                # the signature wait for the callee's SDP, made while ICE checks run.
+                for step in (self._picked_up, self._ice_started):
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(step.wait(), RING_HEADSTART)
+                    if not self._picked_up.is_set():
+                        break
+            qkd_keys, policy = fetched or ([], self.options.policy)
+            if key is not None:
+                qkd_keys, policy = await key
+            elif fetched is None and policy == "hybrid":
+                qkd_keys, policy = await self.qkd.fetch_initial_key()
+        finally:
+            if key is not None and not key.done():
+                key.cancel()
         self._offer_inputs = (qkd_keys, policy)
         self.status.policy = policy
         hs = CallerHandshake(
