@@ -18,6 +18,7 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from qcall.exceptions import ConfigError
@@ -135,11 +136,7 @@ async def _serve(args: argparse.Namespace, topology: Any, state: str, eves: list
     overrides: dict[str, Any] = {}
     if args.block_pulses:
         overrides["block_pulses"] = args.block_pulses
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     async with SimulatedNetwork.start(
         topology,
         state,
@@ -153,33 +150,64 @@ async def _serve(args: argparse.Namespace, topology: Any, state: str, eves: list
     ) as net:
         if not args.json_status:
             _print_intro(net)
-        eve_at = time.monotonic() + args.eve_delay
-        deadline = None if args.duration is None else time.monotonic() + args.duration
-        pending = list(eves)
-        live = None if args.quiet or args.json_status else _start_live(net)
-        try:
-            while not stop.is_set():
-                now = time.monotonic()
-                if pending and now >= eve_at:
-                    for link, fraction in pending:
-                        net.set_eavesdropper(link, fraction)
-                    pending = []
-                if deadline is not None and now >= deadline:
-                    break
-                if args.json_status:
-                    print(json.dumps(net.status(), separators=(",", ":")), flush=True)
-                elif live is not None:
-                    live.update(render(net))
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(1.0 if args.json_status else 0.25):
-                        await stop.wait()
-        finally:
-            if live is not None:
-                live.update(render(net))
-                live.stop()
+        live = None if args.quiet or args.json_status else start_live(net)
+        await run_until_stopped(stop, args, net, eves, live)
         if not args.json_status:
             _print_summary(net)
     return 0
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event that SIGINT (Ctrl-C) and SIGTERM set: the command then stops cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def run_until_stopped(
+    stop: asyncio.Event,
+    args: argparse.Namespace,
+    net: Any,
+    eves: list[tuple[str, float]],
+    live: Any | None,
+    tick: Callable[[], None] | None = None,
+) -> None:
+    """Show the network's status until ``stop`` is set or ``--duration`` is over.
+
+    Shared by ``qcall network`` and ``qcall network-site``. ``net`` has
+    ``status()`` and ``set_eavesdropper()``; the ``--eve`` eavesdroppers start
+    after ``--eve-delay``. With ``--json-status`` one JSON line per second, else
+    ``live`` (a started rich ``Live``, or ``None``) is refreshed 4 times a second
+    and stopped at the end. ``tick`` runs on every round.
+    """
+    eve_at = time.monotonic() + args.eve_delay
+    deadline = None if args.duration is None else time.monotonic() + args.duration
+    pending = list(eves)
+    try:
+        while not stop.is_set():
+            now = time.monotonic()
+            if pending and now >= eve_at:
+                for link, fraction in pending:
+                    net.set_eavesdropper(link, fraction)
+                pending = []
+            if tick is not None:
+                tick()
+            if deadline is not None and now >= deadline:
+                break
+            if args.json_status:
+                print(json.dumps(net.status(), separators=(",", ":")), flush=True)
+            elif live is not None:
+                live.update(render(net))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0 if args.json_status else 0.25):
+                    await stop.wait()
+    finally:
+        if live is not None:
+            live.update(render(net))
+            live.stop()
 
 
 def _print_intro(net: SimulatedNetwork) -> None:
@@ -205,7 +233,8 @@ def _print_summary(net: SimulatedNetwork) -> None:
         print(line, file=sys.stderr)
 
 
-def _start_live(net: SimulatedNetwork) -> Any:
+def start_live(net: Any) -> Any:
+    """A started rich ``Live`` view of ``net`` (a network or a site)."""
     from rich.live import Live
 
     live = Live(render(net), refresh_per_second=4, transient=False)

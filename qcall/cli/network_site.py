@@ -19,9 +19,7 @@ import asyncio
 import contextlib
 import json
 import shutil
-import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -153,17 +151,13 @@ async def _serve(
     connect: tuple[str, int] | None,
     eves: list[tuple[str, float]],
 ) -> int:
-    from qcall.cli.network import render
+    from qcall.cli.network import run_until_stopped, start_live, stop_on_signals
     from qcall.qkd.site import NetworkSite
 
     overrides: dict[str, Any] = {}
     if args.block_pulses:
         overrides["block_pulses"] = args.block_pulses
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     state = Path(args.state)
     ready_file = state / "ready"
     with contextlib.suppress(FileNotFoundError):
@@ -192,36 +186,16 @@ async def _serve(
         for node in site.kmes:
             say(f"  KME at {node}: {site.kme_url(node)}")
         say(f"  clients: {site.network_file}")
-        eve_at = time.monotonic() + args.eve_delay
-        deadline = None if args.duration is None else time.monotonic() + args.duration
         live = None
         if not (args.quiet or args.json_status) and sys.stderr.isatty():
-            from rich.live import Live
+            live = start_live(site)
 
-            live = Live(render(site), refresh_per_second=2)
-            live.start()
-        try:
-            while not stop.is_set():
-                now = time.monotonic()
-                if eves and now >= eve_at:
-                    for link, fraction in eves:
-                        site.set_eavesdropper(link, fraction)
-                    eves = []
-                if site.is_ready and not ready_file.exists():
-                    ready_file.write_text("ready\n", encoding="utf-8")
-                    say("  ready: keys relayed across the split link in both directions")
-                if deadline is not None and now >= deadline:
-                    break
-                if args.json_status:
-                    print(json.dumps(site.status(), separators=(",", ":")), flush=True)
-                elif live is not None:
-                    live.update(render(site))
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(1.0 if args.json_status else 0.25):
-                        await stop.wait()
-        finally:
-            if live is not None:
-                live.stop()
+        def mark_ready() -> None:
+            if site.is_ready and not ready_file.exists():
+                ready_file.write_text("ready\n", encoding="utf-8")
+                say("  ready: keys relayed across the split link in both directions")
+
+        await run_until_stopped(stop, args, site, eves, live, tick=mark_ready)
         status = site.status()
         say(
             f"  split link: {status['split_link']['blocks']} blocks, "

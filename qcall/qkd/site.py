@@ -124,7 +124,7 @@ class _SplitLinkState:
     alarm: bool = False
     connected: bool = False
     connections: int = 0
-    error: str | None = None
+    error: str | None = None  # the last failure, until a block authenticates again
 
 
 class NetworkSite(SimulatedNetwork):
@@ -478,7 +478,6 @@ class NetworkSite(SimulatedNetwork):
             self._conn = conn
             self.cross.connected = True
             self.cross.connections += 1
-            self.cross.error = None
             logger.info("= site link to %s up", hello.node)
             tasks = [
                 asyncio.create_task(
@@ -585,6 +584,7 @@ class NetworkSite(SimulatedNetwork):
         )  # fmt: skip
         self._finished_block = block
         self.cross.blocks += 1
+        self.cross.error = None  # connected and authenticated: what failed before is over
         self.cross.qber = qber
         if decision is Abort.ALARM:
             self.cross.alarms += 1
