@@ -325,6 +325,11 @@ async def test_many_rekeys_lose_no_packet(lab: Lab) -> None:
         assert session.hook is not None
         stats = session.hook.stats
         assert stats.decrypt_failures == 0, stats
+    # The callee's playout figures (adaptive jitter buffer) are in its status.
+    st = callee.status
+    assert st.playout_delay_ms is not None and 0 <= st.playout_delay_ms < 200, st
+    assert st.frames_concealed is not None and st.frames_concealed <= 3, st
+    assert st.packets_late is not None and st.packets_late <= 3, st
     # Bob's recording is continuous: no gap between frames longer than a few packets.
     arrivals = lab.recorders[0].arrivals
     assert len(arrivals) > 50

@@ -48,7 +48,7 @@ from aiortc import (
     RTCSessionDescription,
 )
 
-from qcall.call.jitter import apply_jitter_buffer_mode
+from qcall.call.jitter import apply_jitter_buffer_mode, get_jitter_buffer
 from qcall.call.keylog import keylog_write
 from qcall.call.netem import Emulation, apply_profile
 from qcall.call.qkdkeys import QKDKeys
@@ -397,6 +397,13 @@ class CallSession:
                     self.status.jitter_ms = round(float(jitter) / 48.0, 1)
         if self.hook is not None:
             self.status.decrypt_failures = self.hook.stats.decrypt_failures
+        receivers = [t.receiver for t in self.pc.getTransceivers() if t.kind == "audio"]
+        buffer = get_jitter_buffer(receivers[0]) if receivers else None
+        if buffer is not None:
+            playout = buffer.stats
+            self.status.playout_delay_ms = round(playout.delay * 1000, 1)
+            self.status.frames_concealed = playout.concealed
+            self.status.packets_late = playout.late
 
     # --- setup ---------------------------------------------------------------------------
 

@@ -101,6 +101,11 @@ class CallStatus:
     rtt_ms: float | None = None
     jitter_ms: float | None = None
     packets_lost: int | None = None
+    #: The adaptive jitter buffer (docs/jitter-buffer.md): current playout delay
+    #: beyond the fastest recent packet, frames concealed, packets too late to play.
+    playout_delay_ms: float | None = None
+    frames_concealed: int | None = None
+    packets_late: int | None = None
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:

@@ -334,6 +334,12 @@ def _status_table(session: Any) -> Any:
         f"RTT {fmt(st.rtt_ms, 'ms')}, jitter {fmt(st.jitter_ms, 'ms')}, "
         f"lost {fmt(st.packets_lost, 'packets')}",
     )
+    if st.playout_delay_ms is not None:
+        table.add_row(
+            "playout",
+            f"jitter buffer {fmt(st.playout_delay_ms, 'ms')}, concealed "
+            f"{fmt(st.frames_concealed, 'frames')}, late {fmt(st.packets_late, 'packets')}",
+        )
     return table
 
 
