@@ -205,8 +205,15 @@ def ice_servers_config(args: argparse.Namespace, conf: dict[str, Any]) -> list[d
     return servers
 
 
-def build_phone(args: argparse.Namespace, *, chirp_at: list[float] | None = None) -> Any:
-    """Create the :class:`~qcall.call.phone.Phone` the flags describe."""
+def build_phone(
+    args: argparse.Namespace, *, chirp_at: list[float] | None = None
+) -> tuple[Any, Any]:
+    """Create the :class:`~qcall.call.phone.Phone` the flags describe.
+
+    Returns:
+        The phone, and the audio source its first call will send (opened now, so
+        that a bad file or device fails before dialling; ``None``: no audio).
+    """
     from qcall.call.media import open_source
     from qcall.call.phone import Phone
     from qcall.call.session import CallOptions
@@ -273,8 +280,7 @@ def build_phone(args: argparse.Namespace, *, chirp_at: list[float] | None = None
         make_source=make_source,
         watch=watch,
     )
-    phone.sources = first_source  # type: ignore[attr-defined]
-    return phone
+    return phone, (first_source[0] if first_source else None)
 
 
 # --- running a call ------------------------------------------------------------------------
@@ -407,11 +413,10 @@ async def _call(args: argparse.Namespace) -> int:
     if args.chirp_every:
         limit = args.seconds or 60.0
         chirp_at = [0.5 + i * args.chirp_every for i in range(int(limit / args.chirp_every) + 1)]
-    phone = build_phone(args, chirp_at=chirp_at)
+    phone, source = build_phone(args, chirp_at=chirp_at)
     sink = _sink_for(args, open_sink)
     console = _Console(args.quiet, args.json)
     started = time.monotonic()
-    source = phone.sources[0] if phone.sources else None
     if sink is not None:
         phone.on_track = lambda _s, track: _attach(sink, track)
     async with phone:
@@ -461,7 +466,7 @@ def _attach(sink: Any, track: Any) -> None:
 async def _listen(args: argparse.Namespace) -> int:
     from qcall.call.media import open_sink
 
-    phone = build_phone(args)
+    phone, _ = build_phone(args)
     console = _Console(args.quiet, args.json)
     sinks: list[Any] = []
 
