@@ -86,8 +86,8 @@ class QKDKeys:
         source = self.session.key_source
         if source is None:
             return False
-        last = _FETCH_MS.get(source)
-        return last is None or source not in _KME_IDS or last > SLOW_KME_MS
+        last = _FETCH_MS.get(source)  # set with (or after) the KME ID: known ⇒ seen before
+        return last is None or last > SLOW_KME_MS
 
     def _source(self) -> KeySource:
         if self.session.key_source is None:

@@ -543,7 +543,6 @@ class CallSession:
 
     async def _send_offer(self, payload: str) -> None:
         """Send the prepared offer, wait for the answer, act on it."""
-        self.status.state = CallState.CONNECTING
         qkd_keys, policy = self._offer_inputs
         self.note_keys([k.key_id for k in qkd_keys])
         await self.signaling.send_offer(self.call_id, payload)
