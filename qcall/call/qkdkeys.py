@@ -1,8 +1,9 @@
 """How a call gets its QKD keys: ETSI GS QKD 014 ``enc_keys`` / ``dec_keys`` when needed.
 
 A part of :class:`~qcall.call.session.CallSession` (its ``qkd`` attribute), kept
-apart so each module stays small. The caller fetches a key before its offer
-(concurrently with the invite) and one per rekey; the callee fetches keys by
+apart so each module stays small. The caller fetches a key for its offer — as
+it dials when its KME is slow or not yet known, else once ICE checks run
+(docs/calls.md) — and one per rekey; the callee fetches keys by
 key_ID when the handshake asks (:class:`~qcall.handshake.QKDKeysNeeded`). Without
 a fresh key for a rekey, the call keeps its current keys for ``key_grace``
 seconds, says so, and then ends cleanly — on both sides: a callee whose KME

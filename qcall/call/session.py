@@ -5,14 +5,16 @@
 It wires four things together:
 
 * **signaling** carries the signed OFFER and ANSWER inside the SDP
-  offer/answer messages (zero extra round trips), and the hangup;
+  offer/answer messages (zero extra round trips), each side's bare SDP just
+  ahead of them (so ICE runs while the handshake is signed and verified; the
+  signed SDP must be the one applied), and the hangup;
 * **the QKD key source** (ETSI GS QKD 014 or a key file): the caller fetches a
   fresh key with ``enc_keys`` before the offer, the callee fetches it by key_ID
   with ``dec_keys`` when the handshake asks (:class:`~qcall.handshake.QKDKeysNeeded`);
 * **aiortc**: the hybrid SRTP hook (:mod:`qcall.call.srtp`) gives the DTLS
-  exporter to the handshake and installs the hybrid keys; media is sent only
-  once the peer has confirmed the keys (key confirmation), so a mismatch never
-  produces silent audio;
+  exporter to the handshake and installs the hybrid keys as soon as they are
+  derived (0.5-RTT); the call counts as up only once the peer has confirmed
+  them (key confirmation), so a mismatch never produces silent audio;
 * **an in-call control channel**: an SCTP data channel (negotiated, id 0,
   encrypted by DTLS) carries REKEY, REKEY-ACK and their CONFIRMs. It does not
   depend on the signaling server, so a signaling outage does not stop rekeying.
