@@ -45,7 +45,7 @@ def _alarm_link(alarm: str) -> str | None:
 
 
 #: The source KME ID of each key source, from its last Status: the offer names it.
-#: Later calls take it from here and ask for the Status only after the offer left.
+#: Later calls take it from here and ask for the Status only once ICE checks run.
 _KME_IDS: weakref.WeakKeyDictionary[KeySource, str] = weakref.WeakKeyDictionary()
 
 #: How long each key source's last ``enc_keys`` took (ms).
@@ -100,7 +100,7 @@ class QKDKeys:
 
         The offer names our KME (``source_KME_ID`` of the Status). The first call
         through a key source asks for the Status and the key concurrently; later
-        calls reuse the ID and ask for the Status only after the offer has left
+        calls reuse the ID and ask for the Status only once ICE checks run
         (:meth:`check_status`), or at once when no key came (to say why).
 
         A link alarm in the Status (``status_extension``, set by a trusted-node
@@ -138,7 +138,7 @@ class QKDKeys:
                 )
             else:
                 key = await _result(source.get_key(s.peer_sae))
-                if isinstance(key, QKDKey):  # the Status only for its alarm: after the offer
+                if isinstance(key, QKDKey):  # the Status only for its alarm: during ICE
                     s.qkd_kme_id = kme_id
                     self.status_due = True
                     s.status.timings_ms["qkd_fetch"] = _FETCH_MS[source] = _ms_since(started)
@@ -180,7 +180,7 @@ class QKDKeys:
     async def check_status(self) -> None:
         """Caller: the Status of a call whose key came without one (its alarm, if any).
 
-        Run after the offer has left: a key that was delivered is used whatever the
+        Run once the answer is in and ICE checks run: a key that was delivered is used whatever the
         Status says (see :meth:`fetch_initial_key`), so only the notice waits for it.
         """
         self.status_due = False
@@ -188,7 +188,7 @@ class QKDKeys:
         try:
             status = await self._source().status(s.peer_sae)
         except QKDError as exc:
-            logger.debug("! KME status after the offer failed: %s", exc)
+            logger.debug("! KME status during ICE failed: %s", exc)
             return
         _KME_IDS[self._source()] = status.source_kme_id
         self._show_alarm(status)
