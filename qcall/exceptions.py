@@ -21,6 +21,8 @@ narrowest class that you can act on::
     │   ├── DowngradeError              policy differs from what was offered/allowed
     │   ├── KeyConfirmationError        peers derived different keys
     │   ├── QKDKeyMismatchError         (a KeyConfirmationError) QKD key differs
+    │   ├── TranscriptMismatchError     (a KeyConfirmationError) handshake altered in transit
+    │   ├── SASCommitmentError          the caller's SAS nonce does not open its commitment
     │   ├── HandshakeStateError         input not valid in the current state
     │   └── HandshakeTimeoutError       the peer did not answer in time
     ├── QKDError
@@ -91,6 +93,7 @@ __all__ = [
     "QKDKeyMismatchError",
     "RelayError",
     "ReplayError",
+    "SASCommitmentError",
     "SecurityPolicyError",
     "SignalingAuthError",
     "SignalingError",
@@ -98,6 +101,7 @@ __all__ = [
     "SignalingRateLimitError",
     "SiteLinkError",
     "TopologyError",
+    "TranscriptMismatchError",
     "UnknownIdentityError",
     "UnsupportedAlgorithmError",
     "UnsupportedVersionError",
@@ -207,6 +211,24 @@ class QKDKeyMismatchError(KeyConfirmationError):
     """Key confirmation failed and the QKD key is the likely culprit."""
 
     code = "qkd_key_mismatch"
+
+
+class TranscriptMismatchError(KeyConfirmationError):
+    """The two sides hashed different offer/answer (or rekey) messages.
+
+    Their QKD keys may well be equal: a man in the middle (on the signaling path,
+    or the signaling server itself) altered the signed handshake, for instance by
+    substituting its own identity at first contact. Suspect the signaling path,
+    not the KMEs.
+    """
+
+    code = "transcript_mismatch"
+
+
+class SASCommitmentError(HandshakeError):
+    """The caller's revealed SAS nonce does not match the commitment in its offer."""
+
+    code = "sas_commitment"
 
 
 class HandshakeStateError(HandshakeError):

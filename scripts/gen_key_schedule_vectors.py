@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qcall.handshake.keyschedule import EpochKeys, KeySchedule, SRTPProfile
+from qcall.handshake.keyschedule import EpochKeys, KeySchedule, SRTPProfile, sas_commitment
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "vectors" / "key_schedule.json"
 
@@ -29,12 +29,18 @@ CASES: list[tuple[str, str, SRTPProfile, int, int, list[tuple[int, bool]]]] = [
     ("pqc-gcm-handshake", "pqc", GCM, 0, 88, []),
     ("hybrid-cm-handshake", "hybrid", CM, 32, 60, []),
     ("pqc-cm-handshake", "pqc", CM, 0, 60, []),
-    ("hybrid-gcm-rekey-qkd", "hybrid", GCM, 32, 88, [(32, False)]),
-    ("hybrid-gcm-rekey-3", "hybrid", GCM, 32, 88, [(32, False), (32, True), (64, False)]),
+    ("hybrid-gcm-rekey-qkd-kem", "hybrid", GCM, 32, 88, [(32, True)]),
+    ("hybrid-gcm-rekey-3", "hybrid", GCM, 32, 88, [(32, False), (32, True), (64, True)]),
     ("hybrid-cm-rekey-2-qkd64", "hybrid", CM, 64, 60, [(32, True), (32, False)]),
     ("pqc-gcm-rekey-kem-2", "pqc", GCM, 0, 88, [(0, True), (0, True)]),
     ("pqc-cm-rekey-hash-only", "pqc", CM, 0, 60, [(0, False), (0, True)]),
     ("hybrid-gcm-exporter-32", "hybrid", GCM, 32, 32, [(32, True)]),
+    ("hybrid-gcm-two-key-ids", "hybrid", GCM, 16, 88, [(16, True)]),
+    # The framing case of docs/key-schedule.md §3: a 64-byte QKD key with no KEM
+    # secret, and a 32-byte QKD key whose 32-byte KEM secret continues the same
+    # bytes, give different epoch secrets (they did not in version 1).
+    ("framing-qkd64", "hybrid", GCM, 32, 88, [(64, False)]),
+    ("framing-qkd32-kem32", "hybrid", GCM, 32, 88, [(32, True)]),
 ]
 
 
@@ -48,6 +54,28 @@ def material(label: str, length: int) -> bytes:
     return out[:length]
 
 
+def key_ids(name: str, epoch: int, count: int) -> list[str]:
+    """Deterministic key_IDs in the 8-4-4-4-12 form of ETSI GS QKD 014 (lowercase)."""
+    ids = []
+    for i in range(count):
+        h = material(f"{name} key_ID {epoch} {i}", 16).hex()
+        ids.append(f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
+    return ids
+
+
+def step_inputs(name: str, n: int, qkd_len: int, kem: bool) -> tuple[bytes, bytes, list[str]]:
+    """Fresh rekey inputs; the two framing cases share their bytes on purpose."""
+    if name.startswith("framing-"):
+        both = material("framing K_qkd ‖ K_kem", 64)
+        if qkd_len == 64:
+            return both, b"", key_ids("framing", n, 1)
+        return both[:32], both[32:], key_ids("framing", n, 1)
+    k_qkd = material(f"{name} K_qkd {n}", qkd_len) if qkd_len else b""
+    k_kem = material(f"{name} K_kem {n}", 32) if kem else b""
+    count = 2 if name.endswith("two-key-ids") else 1
+    return k_qkd, k_kem, key_ids(name, n, count) if k_qkd else []
+
+
 def outputs(keys: EpochKeys) -> dict[str, Any]:
     return {
         "secret": keys.secret.hex(),
@@ -59,41 +87,54 @@ def outputs(keys: EpochKeys) -> dict[str, Any]:
         "callee_finished": keys.callee_finished.hex(),
         "caller_qkd_check": keys.caller_qkd_check.hex(),
         "callee_qkd_check": keys.callee_qkd_check.hex(),
-        "sas": keys.sas,
+        "transcript_check": keys.transcript_check.hex(),
     }
 
 
 def build() -> dict[str, Any]:
     cases = []
     for name, policy, profile, qkd_len, dtls_len, steps in CASES:
-        th = material(f"{name} TH_0", 48)
-        k_qkd = material(f"{name} K_qkd 0", qkd_len) if qkd_len else b""
-        k_kem = material(f"{name} K_kem 0", 32)
-        k_dtls = material(f"{name} K_dtls", dtls_len)
-        schedule = KeySchedule(profile, th, k_qkd, k_kem, k_dtls)
+        # The framing cases share everything but the framing of their one rekey.
+        base = "framing" if name.startswith("framing-") else name
+        th = material(f"{base} TH_0", 48)
+        k_qkd = material(f"{base} K_qkd 0", qkd_len) if qkd_len else b""
+        ids = key_ids(base, 0, 2 if name.endswith("two-key-ids") else 1) if k_qkd else []
+        k_kem = material(f"{base} K_kem 0", 32)
+        k_dtls = material(f"{base} K_dtls", dtls_len)
+        sas_nonce = material(f"{base} R", 32)
+        schedule = KeySchedule(profile, th, k_qkd, k_kem, k_dtls, qkd_key_ids=ids)
+        assert schedule.handshake_secret is not None
+        handshake_secret = schedule.handshake_secret.hex()
         epochs = [
             {
                 "epoch": 0,
                 "inputs": {
                     "transcript_hash": th.hex(),
                     "k_qkd": k_qkd.hex(),
+                    "qkd_key_ids": ids,
                     "k_kem": k_kem.hex(),
                     "k_dtls": k_dtls.hex(),
+                    "sas_nonce": sas_nonce.hex(),
                 },
-                "outputs": outputs(schedule.current),
+                "outputs": {
+                    "handshake_secret": handshake_secret,
+                    "sas_commit": sas_commitment(sas_nonce).hex(),
+                    "sas": schedule.sas(sas_nonce),
+                    **outputs(schedule.current),
+                },
             }
         ]
         for n, (step_qkd, step_kem) in enumerate(steps, start=1):
-            th = material(f"{name} TH_{n}", 48)
-            k_qkd = material(f"{name} K_qkd {n}", step_qkd) if step_qkd else b""
-            k_kem = material(f"{name} K_kem {n}", 32) if step_kem else b""
-            keys = schedule.ratchet(th, k_qkd, k_kem)
+            th = material(f"{base} TH_{n}", 48)
+            k_qkd, k_kem, ids = step_inputs(name, n, step_qkd, step_kem)
+            keys = schedule.ratchet(th, k_qkd, k_kem, qkd_key_ids=ids)
             epochs.append(
                 {
                     "epoch": n,
                     "inputs": {
                         "transcript_hash": th.hex(),
                         "k_qkd": k_qkd.hex(),
+                        "qkd_key_ids": ids,
                         "k_kem": k_kem.hex(),
                     },
                     "outputs": outputs(keys),
@@ -107,8 +148,9 @@ def build() -> dict[str, Any]:
             "implementation written from docs/key-schedule.md"
         ),
         "spec": "docs/key-schedule.md",
+        "version": 2,
         "hash": "SHA-384",
-        "encoding": "all byte strings in lowercase hex; sas is text",
+        "encoding": "all byte strings in lowercase hex; sas is text; qkd_key_ids are text",
         "cases": cases,
     }
 

@@ -7,7 +7,7 @@ What it does, for every test of the run (``docs/threat-model.md``, "Key hygiene"
    (:class:`qcall.pqc.PycaBackend`), ML-KEM shared secrets (encapsulation and
    decapsulation), QKD keys (every ETSI 014 ``QKDKey``, every key a KME is
    supplied with: relay deliveries, key files, test pools), SRTP master keys and
-   salts and the epoch secret (:meth:`KeySchedule.ratchet`,
+   salts, the handshake secret and the epoch secrets (:class:`KeySchedule`,
    :class:`~qcall.call.srtpcore.SRTPKeys`), and the DTLS exporter secret.
 2. **Captures every text** the run produces where a key could leak: every log
    record of every logger at DEBUG (message and formatted traceback, taken in
@@ -290,6 +290,12 @@ def _install_wrappers() -> None:
             reg("an SRTP master salt", getattr(self, name))
         _repr_of("SRTP keys", self)
 
+    def schedule(_: None, self: Any, *args: Any, **kwargs: Any) -> None:
+        if self.handshake_secret is not None:
+            reg("a key-schedule handshake secret", self.handshake_secret)
+        epoch_keys(self.current)
+
+    _wrap(keyschedule.KeySchedule, "__init__", schedule)
     _wrap(keyschedule.KeySchedule, "ratchet", epoch_keys)
     _wrap(srtpcore.SRTPKeys, "__init__", srtp_keys)
     _wrap(srtp, "export_exporter_secret", lambda r, *a, **k: reg("a DTLS exporter secret", r))

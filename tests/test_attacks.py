@@ -34,10 +34,13 @@ from qcall.exceptions import (
     KMEBadRequestError,
     KMEUnauthorizedError,
     QCallError,
+    QKDKeyMismatchError,
     ReplayError,
+    TranscriptMismatchError,
     UnknownIdentityError,
     UnsupportedVersionError,
 )
+from qcall.handshake.messages import Answer, Offer
 from qcall.identity import Identity
 from qcall.qkd.kme import KME, random_keys
 from qcall.qkd.pki import create_pki, server_ssl_context
@@ -265,6 +268,27 @@ async def test_first_contact_forgery_fails_but_leaves_an_unverified_pin(lab: Lab
     await refused(lab, alice, bob, IdentityChangedError, "alice")
 
 
+async def test_first_contact_man_in_the_middle_is_not_blamed_on_the_kmes(lab: Lab) -> None:
+    """A man in the middle at first contact is reported as such, not as a KME fault.
+
+    Neither phone has seen the other. The server re-signs alice's offer and bob's
+    answer with its own key and relays everything else: both sides pin mallory's
+    key (TOFU), the QKD key, ML-KEM secret and DTLS exporter are equal, and only the
+    transcripts differ. Each side must say the handshake was altered in transit;
+    version 1 told both users that the QKD key differed between the two KMEs.
+    """
+    alice, bob = await phones(lab, pin=False)
+    attacker(lab).rewrite_offer = resign_offer(MALLORY.signing_key)
+    attacker(lab).rewrite_answer = resign_answer(MALLORY.signing_key)
+    incoming = asyncio.ensure_future(bob.incoming())
+    with pytest.raises(TranscriptMismatchError, match="altered in transit") as at_alice:
+        await asyncio.wait_for(alice.call("bob"), 10 * T)
+    assert not isinstance(at_alice.value, QKDKeyMismatchError)
+    with pytest.raises(TranscriptMismatchError, match="altered in transit"):
+        await asyncio.wait_for(incoming, 5 * T)
+    assert not alice.calls
+
+
 async def test_server_claiming_another_sender_name(lab: Lab) -> None:
     # Re-signed by mallory under her own name, while the server tells bob that
     # alice is calling: the name bob sees must be the name the offer proves.
@@ -333,17 +357,28 @@ async def test_downgrade_by_cutting_the_kme_is_refused_by_a_hybrid_callee(lab: L
 
 # --- garbage and oversized handshake fields ------------------------------------------------
 
+def _offer(name: str, value: bytes) -> Rewrite:
+    """Put raw ``value`` into the OFFER field ``name`` (its tag from the schema)."""
+    return set_field(Offer.SCHEMA[name].tag, value)
+
+
 GARBAGE: dict[str, tuple[Rewrite, type[QCallError], str]] = {
     "random bytes": (lambda d, r: os.urandom(len(d)), InvalidMessageError, ""),
     "truncated": (lambda d, r: d[:200], InvalidMessageError, ""),
     "trailing bytes": (lambda d, r: d + b"\x00", InvalidMessageError, ""),
-    "version 2": (lambda d, r: d[:4] + b"\x02" + d[5:], UnsupportedVersionError, ""),
-    "oversized public_key": (set_field(7, os.urandom(2593)), InvalidMessageError, "public_key"),
-    "oversized signature": (set_field(17, os.urandom(4628)), InvalidMessageError, "signature"),
-    "oversized sender": (set_field(4, b"a" * 65), InvalidMessageError, "sender"),
-    "oversized kem_ek": (set_field(9, os.urandom(1569)), InvalidMessageError, "kem_ek"),
-    "short nonce": (set_field(3, b"n" * 31), InvalidMessageError, "nonce"),
-    "bad sender": (set_field(4, b"al\x00ce"), InvalidMessageError, "sender"),
+    "version 1": (lambda d, r: d[:4] + b"\x01" + d[5:], UnsupportedVersionError, ""),
+    "version 3": (lambda d, r: d[:4] + b"\x03" + d[5:], UnsupportedVersionError, ""),
+    "oversized public_key": (
+        _offer("public_key", os.urandom(2593)), InvalidMessageError, "public_key"
+    ),
+    "oversized signature": (
+        _offer("signature", os.urandom(4628)), InvalidMessageError, "signature"
+    ),
+    "oversized sender": (_offer("sender", b"a" * 65), InvalidMessageError, "sender"),
+    "oversized kem_ek": (_offer("kem_ek", os.urandom(1569)), InvalidMessageError, "kem_ek"),
+    "short nonce": (_offer("nonce", b"n" * 31), InvalidMessageError, "nonce"),
+    "short sas_commit": (_offer("sas_commit", b"c" * 47), InvalidMessageError, "sas_commit"),
+    "bad sender": (_offer("sender", b"al\x00ce"), InvalidMessageError, "sender"),
     "not base64": (lambda d, r: "%%% not base64 %%%", CallError, "base64"),
     "an answer instead": (lambda d, r: d[:5] + b"\x02" + d[6:], InvalidMessageError, ""),
 }
@@ -368,8 +403,8 @@ async def test_garbage_offers_are_refused_and_the_phone_keeps_working(lab: Lab) 
 ANSWER_GARBAGE: dict[str, Rewrite] = {
     "random bytes": GARBAGE["random bytes"][0],
     "truncated": GARBAGE["truncated"][0],
-    "oversized public_key": set_field(7, os.urandom(2593)),
-    "short offer_nonce": set_field(4, b"n" * 31),
+    "oversized public_key": set_field(Answer.SCHEMA["public_key"].tag, os.urandom(2593)),
+    "short offer_nonce": set_field(Answer.SCHEMA["offer_nonce"].tag, b"n" * 31),
     "not base64": GARBAGE["not base64"][0],
 }
 

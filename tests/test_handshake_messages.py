@@ -32,6 +32,7 @@ OFFER = Offer(
     policy="hybrid",
     timestamp_ms=1_780_000_000_000,
     nonce=b"n" * 32,
+    sas_commit=b"c" * 48,
     sender="alice",
     recipient="bob",
     sig_alg="ML-DSA-65",
@@ -63,7 +64,14 @@ ANSWER = Answer(
 SAMPLES: list[Message] = [
     OFFER,
     ANSWER,
-    Confirm(epoch=3, role=2, tag=b"t" * 48, qkd_check=b"q" * 16),
+    Confirm(
+        epoch=3, role=2, tag=b"t" * 48, qkd_check=b"q" * 16, transcript_check=b"h" * 16,
+        sas_reveal=b"",
+    ),
+    Confirm(
+        epoch=0, role=1, tag=b"t" * 48, qkd_check=b"", transcript_check=b"h" * 16,
+        sas_reveal=b"r" * 32,
+    ),
     Rekey(epoch=1, qkd_key_ids=(KEY_ID,), qkd_key_size=32, kem_ek=b""),
     RekeyAck(epoch=1, kem_ct=b""),
     Error(code="bad_signature"),
@@ -74,14 +82,14 @@ SAMPLES: list[Message] = [
 @pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
 def test_round_trip(message: Message) -> None:
     data = message.serialize()
-    assert data.startswith(b"QCHS\x01")
+    assert data.startswith(b"QCHS\x02")
     assert parse_message(data) == message
     assert parse_message(data).serialize() == data  # canonical
 
 
 def test_signed_part_is_prefix() -> None:
     data = OFFER.serialize()
-    assert data == OFFER.signed_part() + struct.pack(">BH", 17, 3309) + b"s" * 3309
+    assert data == OFFER.signed_part() + struct.pack(">BH", 18, 3309) + b"s" * 3309
 
 
 @pytest.mark.parametrize(
@@ -127,7 +135,7 @@ def test_structure_errors() -> None:
     with pytest.raises(UnsupportedVersionError):
         parse_message(b"QCHS\x07" + data[5:])
     with pytest.raises(InvalidMessageError, match="too long"):
-        parse_message(b"QCHS\x01\x01" + bytes(MAX_MESSAGE_SIZE))
+        parse_message(b"QCHS\x02\x01" + bytes(MAX_MESSAGE_SIZE))
     with pytest.raises(InvalidMessageError, match="UTF-8"):
         parse_message(Error(code="x").serialize()[:-1] + b"\xff")
     with pytest.raises(InvalidMessageError, match="must be bytes"):
@@ -168,7 +176,7 @@ def _parse_or_qcall_error(data: bytes) -> None:
 @given(st.binary(max_size=300))
 def test_random_bytes_only_raise_qcall_errors(data: bytes) -> None:
     _parse_or_qcall_error(data)
-    _parse_or_qcall_error(b"QCHS\x01" + data)
+    _parse_or_qcall_error(b"QCHS\x02" + data)
 
 
 @settings(max_examples=400, deadline=None)

@@ -22,6 +22,7 @@ from qcall.exceptions import (
     QKDKeyMismatchError,
     ReplayError,
     SecurityPolicyError,
+    TranscriptMismatchError,
     UnknownIdentityError,
     UnsupportedVersionError,
 )
@@ -70,11 +71,18 @@ def keys_of(events: list[object], epoch: int) -> KeysDerived:
     return ev
 
 
+def confirmed_of(events: list[object], epoch: int) -> KeyConfirmed:
+    (ev,) = [e for e in events if isinstance(e, KeyConfirmed) and e.epoch == epoch]
+    return ev
+
+
 def assert_agree(pair: Pair, epoch: int = 0) -> None:
     a, b = keys_of(pair.caller_events, epoch), keys_of(pair.callee_events, epoch)
     assert a.local_keys == b.remote_keys and a.remote_keys == b.local_keys
     assert a.local_keys != a.remote_keys
-    assert a.sas == b.sas and a.profile == b.profile
+    assert a.profile == b.profile
+    sas_a = confirmed_of(pair.caller_events, epoch).sas
+    assert sas_a == confirmed_of(pair.callee_events, epoch).sas == pair.caller.sas
 
 
 def failure(events: list[object]) -> HandshakeFailed:
@@ -397,6 +405,43 @@ def test_tampered_kem_ciphertext_caught_by_key_confirmation() -> None:
     assert keys_of(pair.caller_events, 0).local_keys != keys_of(pair.callee_events, 0).remote_keys
 
 
+def test_first_contact_mitm_is_reported_as_an_altered_handshake_not_a_kme_fault() -> None:
+    # Mallory sits on the signaling path at first contact: each side pins her key
+    # under the other's name. She re-signs the offer and the answer with it and
+    # relays everything else unchanged, so the QKD keys, the ML-KEM secret and the
+    # DTLS exporter are equal on both sides, and only the transcripts differ. The
+    # confirmation fails; the cause named must be the altered handshake (version 1
+    # said "the QKD key differs between the two KMEs" on both sides).
+    pair = make_pair(
+        "hybrid",
+        caller_kwargs={"check_peer": Pins(bob=EVE.public_bytes())},
+        callee_kwargs={"check_peer": Pins(alice=EVE.public_bytes())},
+    )
+    key = new_qkd_key()
+    pair.qkd[key.key_id] = key.key
+    pair.caller.send_offer(SDP_OFFER, NOW, [key])
+    (offer,) = pair.caller.data_to_send()
+    forged_offer = resign(offer, EVE, OFFER_CONTEXT, public_key=EVE.public_bytes())
+    pair.callee.receive_data(forged_offer, NOW)
+    serve_qkd(pair)  # the same key_ID: bob's KME gives bob the same QKD key
+    pair.callee.send_answer(SDP_ANSWER, NOW)
+    (answer,) = pair.callee.data_to_send()
+    forged_answer = resign(answer, EVE, ANSWER_CONTEXT, offer, public_key=EVE.public_bytes())
+    pair.caller.receive_data(forged_answer, NOW)
+    exporter = os.urandom(88)
+    pair.caller.receive_dtls_exporter(exporter)
+    pair.callee.receive_dtls_exporter(exporter)
+    transfer(pair.caller, pair.callee, NOW)
+    transfer(pair.callee, pair.caller, NOW)
+    drain(pair)
+    for events in (pair.caller_events, pair.callee_events):
+        error = failure(events).error
+        assert isinstance(error, TranscriptMismatchError), error
+        assert not isinstance(error, QKDKeyMismatchError)
+        assert "altered in transit" in str(error) and "QKD keys are not the cause" in str(error)
+        assert error.code == "transcript_mismatch"
+
+
 def test_mismatched_qkd_key_caught_by_key_confirmation() -> None:
     pair = run_handshake(make_pair("hybrid"), wrong_qkd=True)
     for events in (pair.caller_events, pair.callee_events):
@@ -429,9 +474,10 @@ def test_wrong_qkd_key_size_from_kme() -> None:
     [
         (b"", InvalidMessageError),
         (b"garbage", InvalidMessageError),
-        (b"QCHS\x02\x01", UnsupportedVersionError),
-        (b"QCHS\x01\x09", InvalidMessageError),
-        (b"QCHS\x01\x01" + b"\x01\xff\xff" + b"x" * 65535, InvalidMessageError),
+        (b"QCHS\x01\x01", UnsupportedVersionError),  # version 1 (before the SAS commitment)
+        (b"QCHS\x03\x01", UnsupportedVersionError),
+        (b"QCHS\x02\x09", InvalidMessageError),
+        (b"QCHS\x02\x01" + b"\x01\xff\xff" + b"x" * 65535, InvalidMessageError),
     ],
 )
 def test_malformed_input(data: bytes, error: type[HandshakeError]) -> None:
@@ -628,3 +674,31 @@ def test_forged_downgrade_is_a_bad_signature() -> None:
     forged = replace(parse_message(answer), policy="pqc").serialize()  # type: ignore[type-var]
     pair.caller.receive_data(forged, NOW)
     assert isinstance(failure(pair.caller.events_received()).error, BadSignatureError)
+
+
+@pytest.mark.parametrize("policy", ["hybrid", "pqc"])
+def test_every_rekey_runs_a_fresh_ml_kem_exchange_by_default(policy: str) -> None:
+    # Post-compromise security by default, for every policy: a pqc rekey used to be a
+    # pure hash ratchet unless the caller asked (fresh_kem_on_rekey=False).
+    from qcall.call.status import CallOptions
+    from qcall.handshake.messages import Rekey
+
+    assert CallOptions().fresh_kem_on_rekey is True
+    pair = run_handshake(make_pair(policy))
+    keys = []
+    if policy == "hybrid":
+        key = new_qkd_key()
+        pair.qkd[key.key_id] = key.key
+        keys.append(key)
+    pair.caller.rekey(NOW + 1, keys)  # no fresh_kem argument: the default
+    (data,) = pair.caller.data_to_send()
+    rekey = parse_message(data)
+    assert isinstance(rekey, Rekey) and len(rekey.kem_ek) == 1184
+    pair.callee.receive_data(data, NOW + 1)
+    serve_qkd(pair)
+    transfer(pair.callee, pair.caller, NOW + 1)
+    transfer(pair.caller, pair.callee, NOW + 1)
+    drain(pair)
+    derived = [e for e in pair.caller_events if isinstance(e, KeysDerived) and e.epoch == 1]
+    assert derived and derived[0].kem_fresh
+    assert pair.caller.epoch == pair.callee.epoch == 1

@@ -84,7 +84,8 @@ def test_handshake_and_rekey_agree_with_kyber_py(kyber_side: str, policy: str) -
         a, b = _all_keys(pair, epoch)
         assert a.local_keys == b.remote_keys  # caller → callee key and salt
         assert a.remote_keys == b.local_keys  # callee → caller key and salt
-        assert a.sas == b.sas and a.profile == b.profile
+        assert a.profile == b.profile
+    assert pair.caller.sas == pair.callee.sas is not None
     assert any(isinstance(e, RekeyCompleted) for e in pair.callee_events)
 
 

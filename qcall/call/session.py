@@ -893,8 +893,6 @@ class CallSession:
 
     def _keys_derived(self, event: KeysDerived) -> None:
         keys = _srtp_keys(event)
-        if event.epoch == 0:  # the SAS users compare authenticates the initial handshake
-            self.status.sas = event.sas
         self.status.srtp_profile = event.profile.value
         with contextlib.suppress(QCallError):
             keylog_write(
@@ -910,6 +908,9 @@ class CallSession:
 
     def _key_confirmed(self, event: KeyConfirmed) -> None:
         if event.epoch == 0:
+            # The SAS users compare: fixed once the caller's committed nonce is
+            # revealed and checked, i.e. at the epoch-0 confirmation on both sides.
+            self.status.sas = event.sas
             self._mark("confirmed")
             if not self._confirmed0.done():
                 self._confirmed0.set_result(None)

@@ -40,7 +40,9 @@ class CallOptions:
         allow_pqc_only: accept ``pqc`` — when QKD is unavailable (caller) or
             when offered (callee). Never silent: the status shows the policy.
         rekey_interval: seconds between rekeys (caller drives), or ``None``.
-        fresh_kem_on_rekey: also ratchet a fresh ML-KEM secret at each rekey.
+        fresh_kem_on_rekey: run a fresh ML-KEM exchange in every rekey (default, every
+            policy: post-compromise security for ≈ 0.1 ms a rekey); False makes a
+            ``pqc`` call's rekeys a pure hash ratchet.
         srtp_profile: preferred SRTP profile.
         sae_id: this user's SAE ID at its KME (default: the user name).
         confirm_timeout: seconds allowed for key confirmation after DTLS.
@@ -62,7 +64,7 @@ class CallOptions:
     policy: str = "hybrid"
     allow_pqc_only: bool = False
     rekey_interval: float | None = 30.0
-    fresh_kem_on_rekey: bool = False
+    fresh_kem_on_rekey: bool = True
     srtp_profile: SRTPProfile = SRTPProfile.AEAD_AES_256_GCM
     sae_id: str | None = None
     confirm_timeout: float = 1.0

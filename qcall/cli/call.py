@@ -109,7 +109,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="accept ML-KEM-only calls when QKD is unavailable (shown on screen)",
     )
     s.add_argument("--rekey-interval", type=float, metavar="S", help="seconds between rekeys (30)")
-    s.add_argument("--fresh-kem", action="store_true", default=None, help="new ML-KEM per rekey")
+    s.add_argument(
+        "--fresh-kem",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a fresh ML-KEM exchange in every rekey (default: on; --no-fresh-kem: hash ratchet)",
+    )
     s.add_argument(
         "--srtp-profile",
         choices=["AEAD_AES_256_GCM", "AES128_CM_HMAC_SHA1_80"],
@@ -232,7 +237,7 @@ def build_phone(
         policy=_pick(args, conf, "policy", "policy", "hybrid"),
         allow_pqc_only=bool(_pick(args, conf, "allow_pqc_only", "allow_pqc_only", False)),
         rekey_interval=float(_pick(args, conf, "rekey_interval", "rekey_interval", 30.0)),
-        fresh_kem_on_rekey=bool(_pick(args, conf, "fresh_kem", "fresh_kem", False)),
+        fresh_kem_on_rekey=bool(_pick(args, conf, "fresh_kem", "fresh_kem", True)),
         srtp_profile=SRTPProfile(
             _pick(args, conf, "srtp_profile", "srtp_profile", "AEAD_AES_256_GCM")
         ),

@@ -201,6 +201,7 @@ class CalleeHandshake(HandshakeProtocol):
         except (InvalidKeyError, ValueError):
             raise InvalidMessageError("field 'kem_ek' is not a valid ML-KEM key") from None
         self._offer = offer
+        self._sas_commit = offer.sas_commit
         self._offer_bytes = data
         self._offer_transcript.add(data)
         self.policy = offer.policy

@@ -20,7 +20,13 @@ from qcall.exceptions import (
 )
 from qcall.handshake.events import AnswerReceived, RekeyPostponed
 from qcall.handshake.kem import KEMDecapsulationKey
-from qcall.handshake.keyschedule import SRTPProfile, Transcript, rekey_nack_tag
+from qcall.handshake.keyschedule import (
+    SAS_NONCE_LEN,
+    SRTPProfile,
+    Transcript,
+    rekey_nack_tag,
+    sas_commitment,
+)
 from qcall.handshake.messages import (
     KEM_ALGORITHMS,
     Answer,
@@ -108,10 +114,13 @@ class CallerHandshake(HandshakeProtocol):
         self._k_qkd = b"".join(bytes(k.key) for k in qkd_keys)
         self._qkd_key_size = len(self._k_qkd)
         self._kem_key = self.kem.generate()
+        # Commit to the SAS nonce R now; it is revealed only after the answer (§4.2).
+        self._sas_nonce = random_bytes(SAS_NONCE_LEN)
         offer = Offer(
             policy=self.policy,
             timestamp_ms=int(now * 1000),
             nonce=random_bytes(32),
+            sas_commit=sas_commitment(self._sas_nonce),
             sender=self.name,
             recipient=self.peer_name,
             sig_alg=self.identity.algorithm.value,
@@ -135,9 +144,13 @@ class CallerHandshake(HandshakeProtocol):
         self._deadline = now + self.timeout
 
     def rekey(
-        self, now: float, qkd_keys: Sequence[QKDKeyLike] = (), *, fresh_kem: bool = False
+        self, now: float, qkd_keys: Sequence[QKDKeyLike] = (), *, fresh_kem: bool = True
     ) -> None:
-        """Start epoch n+1: ratchet fresh QKD key(s) and optionally a fresh ML-KEM secret.
+        """Start epoch n+1: ratchet fresh QKD key(s) and a fresh ML-KEM secret.
+
+        ``fresh_kem`` (default True, every policy) runs a new ML-KEM exchange inside
+        the rekey, so a compromise of the current epoch heals at the next rekey
+        (≈ 0.1 ms); False makes a ``pqc`` rekey a pure hash ratchet.
 
         Raises:
             HandshakeStateError: not established, or a rekey is already running.

@@ -74,14 +74,18 @@ class KeysDerived:
     profile: SRTPProfile
     local_keys: SRTPKeyMaterial  # protects what this side sends
     remote_keys: SRTPKeyMaterial  # unprotects what the peer sends
-    sas: str
     qkd_key_ids: tuple[str, ...]
     kem_fresh: bool  # an ML-KEM secret entered this epoch
 
 
 @dataclass(frozen=True)
 class KeyConfirmed:
-    """The peer proved it derived the same keys for ``epoch``."""
+    """The peer proved it derived the same keys for ``epoch``.
+
+    ``sas`` is the call's short authentication string (the same in every epoch):
+    it is known only once epoch 0 is confirmed, when the caller's SAS nonce has
+    been revealed and checked against its commitment.
+    """
 
     epoch: int
     sas: str

@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 MAGIC = b"QCHS"
-VERSION = 1
+VERSION = 2
 #: No message may be longer than this (bytes).
 MAX_MESSAGE_SIZE = 65_535
 _HEADER_LEN = len(MAGIC) + 2
@@ -219,6 +219,7 @@ class Offer(Message):
     policy: str
     timestamp_ms: int
     nonce: bytes
+    sas_commit: bytes  # commitment to the caller's SAS nonce (docs/key-schedule.md §4.2)
     sender: str
     recipient: str
     sig_alg: str
@@ -240,6 +241,7 @@ class Offer(Message):
         policy=_POLICY,
         timestamp_ms=Field(0, "u64"),
         nonce=_NONCE,
+        sas_commit=Field(0, "bytes", max_len=48, min_len=48),
         sender=_NAME_FIELD,
         recipient=_NAME_FIELD,
         sig_alg=_SIG_ALG,
@@ -317,6 +319,8 @@ class Confirm(Message):
     role: int  # 1 caller, 2 callee
     tag: bytes
     qkd_check: bytes
+    transcript_check: bytes
+    sas_reveal: bytes  # the caller's SAS nonce, in its epoch-0 CONFIRM only
 
     TYPE = MessageType.CONFIRM
     SCHEMA = _schema(
@@ -324,6 +328,8 @@ class Confirm(Message):
         role=Field(0, "u8"),
         tag=Field(0, "bytes", max_len=48, min_len=48),
         qkd_check=Field(0, "bytes", max_len=16),
+        transcript_check=Field(0, "bytes", max_len=16, min_len=16),
+        sas_reveal=Field(0, "bytes", max_len=32),
     )
 
     def validate(self) -> None:
@@ -331,6 +337,12 @@ class Confirm(Message):
             raise InvalidMessageError("field 'role' must be 1 (caller) or 2 (callee)")
         if len(self.qkd_check) not in (0, 16):
             raise InvalidMessageError("field 'qkd_check' must be 0 or 16 bytes")
+        reveal = 32 if (self.role, self.epoch) == (1, 0) else 0
+        if len(self.sas_reveal) != reveal:
+            raise InvalidMessageError(
+                f"field 'sas_reveal' must be {reveal} bytes in a "
+                f"{'caller' if self.role == 1 else 'callee'} CONFIRM for epoch {self.epoch}"
+            )
 
 
 @dataclass(frozen=True)
@@ -439,7 +451,9 @@ def parse_message(data: bytes) -> Message:
     if len(data) < _HEADER_LEN or data[: len(MAGIC)] != MAGIC:
         raise InvalidMessageError("not a qcall handshake message (bad magic)")
     if data[4] != VERSION:
-        raise UnsupportedVersionError(f"handshake version {data[4]} is not supported (want 1)")
+        raise UnsupportedVersionError(
+            f"handshake version {data[4]} is not supported (want {VERSION})"
+        )
     try:
         cls = _CLASSES[MessageType(data[5])]
     except ValueError:

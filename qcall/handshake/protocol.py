@@ -50,7 +50,9 @@ from qcall.exceptions import (
     QCallError,
     QKDError,
     QKDKeyMismatchError,
+    SASCommitmentError,
     SecurityPolicyError,
+    TranscriptMismatchError,
 )
 from qcall.handshake.events import (
     Event,
@@ -68,6 +70,7 @@ from qcall.handshake.keyschedule import (
     KeySchedule,
     SRTPProfile,
     Transcript,
+    sas_commitment,
     transcript_hash,
 )
 from qcall.handshake.messages import (
@@ -98,12 +101,12 @@ __all__ = [
 ]
 
 #: Domain of the handshake transcript hash (``docs/handshake.md`` §4.1).
-TRANSCRIPT_DOMAIN = b"qcall-v1 transcript"
+TRANSCRIPT_DOMAIN = b"qcall-v2 transcript"
 #: Domain of the rekey transcript hash.
-REKEY_DOMAIN = b"qcall-v1 rekey transcript"
+REKEY_DOMAIN = b"qcall-v2 rekey transcript"
 #: ML-DSA context strings (FIPS 204 §5.2, ``ctx``).
-OFFER_CONTEXT = b"qcall-v1 offer"
-ANSWER_CONTEXT = b"qcall-v1 answer"
+OFFER_CONTEXT = b"qcall-v2 offer"
+ANSWER_CONTEXT = b"qcall-v2 answer"
 
 #: ``check_peer(name, public_key)`` raises UnknownIdentityError / IdentityChangedError.
 CheckPeer = Callable[[str, bytes], None]
@@ -283,6 +286,8 @@ class HandshakeProtocol:
         self._peer_confirm: Confirm | None = None
         self._rekey: PendingRekey | None = None
         self._sas: str | None = None
+        self._sas_nonce: bytes | None = None  # caller: R, revealed in its epoch-0 CONFIRM
+        self._sas_commit = b""  # callee: the offer's commitment to R
 
     # --- outputs -------------------------------------------------------------
 
@@ -308,7 +313,12 @@ class HandshakeProtocol:
 
     @property
     def sas(self) -> str | None:
-        """The short authentication string of epoch 0 (read it out by voice)."""
+        """The call's short authentication string (read it out by voice).
+
+        None until epoch 0 is confirmed on the callee's side (the caller's SAS
+        nonce arrives with its CONFIRM) and until the keys are derived on the
+        caller's.
+        """
         return self._sas
 
     # --- inputs --------------------------------------------------------------
@@ -513,11 +523,17 @@ class HandshakeProtocol:
         ):
             return
         self._schedule = KeySchedule(
-            self.profile, self._transcript, self._k_qkd, self._k_kem, self._k_dtls
+            self.profile,
+            self._transcript,
+            self._k_qkd,
+            self._k_kem,
+            self._k_dtls,
+            qkd_key_ids=self.qkd_key_ids,
         )
         self._k_qkd = self._k_kem = self._k_dtls = None  # drop our references
         keys = self._schedule.current
-        self._sas = keys.sas
+        if self._sas_nonce is not None:  # the caller knows R: its SAS is fixed now
+            self._sas = self._schedule.sas(self._sas_nonce)
         self._keys_derived(keys, self.qkd_key_ids, kem_fresh=True)
         self.state = State.EXPECT_CONFIRM
         if self._peer_confirm is not None:
@@ -542,7 +558,6 @@ class HandshakeProtocol:
                 profile=keys.profile,
                 local_keys=local,
                 remote_keys=remote,
-                sas=keys.sas,
                 qkd_key_ids=key_ids,
                 kem_fresh=kem_fresh,
             )
@@ -552,6 +567,10 @@ class HandshakeProtocol:
             role=self.role,
             tag=keys.caller_finished if caller else keys.callee_finished,
             qkd_check=keys.caller_qkd_check if caller else keys.callee_qkd_check,
+            transcript_check=keys.transcript_check,
+            # The caller opens its SAS commitment only now: the answer is in, so the
+            # callee's contribution was fixed before it could know R (§4.2).
+            sas_reveal=self._sas_nonce if caller and keys.epoch == 0 and self._sas_nonce else b"",
         )
         self._send(confirm.serialize(), f"CONFIRM epoch={keys.epoch}")
 
@@ -575,20 +594,18 @@ class HandshakeProtocol:
         keys = self._schedule.current
         caller = self.role is Role.CALLER
         tag = keys.callee_finished if caller else keys.caller_finished
-        qkd_check = keys.callee_qkd_check if caller else keys.caller_qkd_check
         if not pqc.constant_time_eq(message.tag, tag):
-            ids = self._rekey.key_ids if self._rekey else self.qkd_key_ids
-            if qkd_check and not pqc.constant_time_eq(message.qkd_check, qkd_check):
-                raise QKDKeyMismatchError(
-                    f"key confirmation failed for epoch {keys.epoch}: the QKD key "
-                    f"{','.join(ids)} differs between the two KMEs"
+            raise self._diagnose(message, keys)
+        if keys.epoch == 0 and not caller:
+            # The caller's SAS nonce must open the commitment signed in its offer.
+            if not pqc.constant_time_eq(sas_commitment(message.sas_reveal), self._sas_commit):
+                raise SASCommitmentError(
+                    "the caller's SAS nonce does not match the commitment in its offer"
                 )
-            raise KeyConfirmationError(
-                f"key confirmation failed for epoch {keys.epoch}: the peers derived "
-                "different keys (ML-KEM ciphertext or DTLS exporter differs)"
-            )
+            self._sas = self._schedule.sas(message.sas_reveal)
+        assert self._sas is not None
         self._confirmed_epoch = keys.epoch
-        self._events.append(KeyConfirmed(epoch=keys.epoch, sas=keys.sas))
+        self._events.append(KeyConfirmed(epoch=keys.epoch, sas=self._sas))
         self._deadline = None
         if self._rekey is not None:
             if self.debug:
@@ -597,9 +614,36 @@ class HandshakeProtocol:
             self._rekey = None
         else:
             if self.debug:
-                logger.debug("= epoch 0 confirmed, SAS %s", keys.sas)
+                logger.debug("= epoch 0 confirmed, SAS %s", self._sas)
             self.state = State.ESTABLISHED
         self._schedule_rekey()
+
+    def _diagnose(self, message: Confirm, keys: EpochKeys) -> KeyConfirmationError:
+        """Why the peer's confirmation tag differs (``docs/handshake.md`` §5.4).
+
+        Transcripts first: if the two sides hashed different messages, the
+        handshake was altered in transit, whatever the keys. Then the QKD key,
+        then everything else. The check values are unauthenticated hints for
+        people and operators: the call fails in every case.
+        """
+        caller = self.role is Role.CALLER
+        ids = ",".join(self._rekey.key_ids if self._rekey else self.qkd_key_ids)
+        if not pqc.constant_time_eq(message.transcript_check, keys.transcript_check):
+            return TranscriptMismatchError(
+                f"key confirmation failed for epoch {keys.epoch}: the two sides signed "
+                "different handshake messages, so they were altered in transit (a man in "
+                "the middle on the signaling path); the QKD keys are not the cause"
+            )
+        qkd_check = keys.callee_qkd_check if caller else keys.caller_qkd_check
+        if qkd_check and not pqc.constant_time_eq(message.qkd_check, qkd_check):
+            return QKDKeyMismatchError(
+                f"key confirmation failed for epoch {keys.epoch}: the QKD key "
+                f"{ids} differs between the two KMEs"
+            )
+        return KeyConfirmationError(
+            f"key confirmation failed for epoch {keys.epoch}: the peers derived "
+            "different keys (ML-KEM ciphertext or DTLS exporter differs)"
+        )
 
     def _schedule_rekey(self) -> None:
         """Caller: arm the rekey timer (the callee never initiates rekeys)."""
@@ -612,7 +656,7 @@ class HandshakeProtocol:
         th = transcript_hash(
             REKEY_DOMAIN, self._schedule.current.transcript_hash, rekey.message, ack
         )
-        keys = self._schedule.ratchet(th, rekey.k_qkd, k_kem)
+        keys = self._schedule.ratchet(th, rekey.k_qkd, k_kem, qkd_key_ids=rekey.key_ids)
         rekey.k_qkd = b""
         self._keys_derived(keys, rekey.key_ids, kem_fresh=bool(k_kem))
         if self._peer_confirm is not None:
