@@ -422,7 +422,8 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 async def test_slow_reader_is_dropped(keys: dict[str, pqc.SigningKey]) -> None:
-    config = ServerConfig(server_id="test-server", rate=1e6, burst=1e6)
+    # The outbox's message count is the limit here (its byte limit: test_signaling_abuse.py).
+    config = ServerConfig(server_id="test-server", rate=1e6, burst=1e6, max_outbox_bytes=2**30)
     server = SignalingServer(config, outbox_size=64)
     await server.start("127.0.0.1", 0)
     try:
