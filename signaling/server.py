@@ -143,6 +143,7 @@ class SignalingServer:
         self._server: Server | None = None
         self._timer_task: asyncio.Task[None] | None = None
         self._timer_changed = asyncio.Event()
+        self._wake_at: float | None = None  # when the timer task wakes up next
         self._tasks: set[asyncio.Task[None]] = set()
         self._manage_gc = manage_gc
         self._gc_min_connections = gc_min_connections
@@ -251,6 +252,7 @@ class SignalingServer:
         try:
             async for message in ws:
                 self._dispatch(self._receive(cid, message, loop.time()))
+                self._check_timer()  # an invitation or an accept set a call timer
                 if len(message) > RELEASE_SIZE and not outbox.pinging:
                     outbox.pinging = True  # see _Ping
                     with contextlib.suppress(asyncio.QueueFull):
@@ -348,10 +350,17 @@ class SignalingServer:
             gc.freeze()  # O(1): the generations are spliced onto the permanent one
             self._frozen = True
 
+    def _check_timer(self) -> None:
+        """Wake the timer task if the protocol's next timer is due before its wake-up."""
+        deadline = self.protocol.get_timer()
+        if deadline is not None and (self._wake_at is None or deadline < self._wake_at):
+            self._wake_at = deadline
+            self._timer_changed.set()
+
     async def _run_timers(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            deadline = self.protocol.get_timer()
+            deadline = self._wake_at = self.protocol.get_timer()
             self._timer_changed.clear()
             wake = None if deadline is None else loop.call_at(deadline, self._timer_changed.set)
             try:
