@@ -61,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def config_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ServerConfig:
+    """Return the :class:`ServerConfig` of the parsed flags (usage error if invalid)."""
+    try:
+        return ServerConfig(
+            server_id=args.server_id, **{name: getattr(args, name) for name in LIMITS}
+        )
+    except ValueError as exc:
+        parser.error(str(exc).replace("field '", "--").replace("_", "-").replace("'", ""))
+
+
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
     """Return a server TLS context for ``cert``/``key`` (PEM files).
 
@@ -104,12 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--tls-cert and --tls-key go together")
     if not 0 <= args.port <= 65535:
         parser.error("--port must be 0..65535")
-    try:
-        config = ServerConfig(
-            server_id=args.server_id, **{name: getattr(args, name) for name in LIMITS}
-        )
-    except ValueError as exc:
-        parser.error(str(exc).replace("field '", "--").replace("_", "-").replace("'", ""))
+    config = config_from(parser, args)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
