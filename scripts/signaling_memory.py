@@ -16,11 +16,14 @@ Kinds (docs/signaling.md, "Limits"):
 * ``unregistered``: a socket that read its challenge and never registers;
 * ``plain``: registered, no ``watch`` list — the baseline of the ratios;
 * ``watch``: registered with the largest ``watch`` list (1000 names filling a
-  64 KiB frame), the worst case a client can choose.
+  64 KiB frame), different names on each connection;
+* ``watch-same``: the same, every connection watching the same 1000 names.
 
 After a warm-up round (imports and caches filled on first use are not per
 connection), each kind is measured ``--runs`` times; the script prints
-medians and the ratio to ``plain`` measured in the same run.
+medians and the ratio to ``plain`` measured in the same run. It also measures
+one pin (:class:`~qcall.signaling.pins.PinRegistry`: 10,000 names of 13
+characters, each with its own key, offline).
 
 Usage::
 
@@ -42,10 +45,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from qcall.signaling.messages import fingerprint  # noqa: E402
+from qcall.signaling.pins import PinRegistry  # noqa: E402
 from qcall.signaling.protocol import ServerConfig  # noqa: E402
+from qcall.typing import PeerId  # noqa: E402
 from signaling.server import SignalingServer  # noqa: E402
 
-KINDS = ("unregistered", "plain", "watch")
+KINDS = ("unregistered", "plain", "watch", "watch-same")
 
 
 def rss_kib() -> int:
@@ -54,6 +60,19 @@ def rss_kib() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+def pin_cost(count: int) -> float:
+    """Traced bytes per pinned name: ``count`` names, each with its own key."""
+    before = traced()
+    pins = PinRegistry(count, 1, count, 3600.0, 86400.0)
+    for n in range(count):
+        name = PeerId(f"user-{n:08d}")  # 13 characters, as a short real name
+        pins.pin(name, fingerprint(os.urandom(1952)), None, 0.0)
+        pins.idle(name, 0.0)  # offline: the pin also waits in the expiry order
+    cost = (traced() - before) / count
+    del pins
+    return cost
 
 
 def traced() -> int:
@@ -104,6 +123,7 @@ async def run(args: argparse.Namespace) -> None:
                     flush=True,
                 )
                 await asyncio.sleep(0.3)  # the server forgets the closed connections
+    pins = statistics.median(pin_cost(10_000) for _ in range(args.runs))
     print(f"\nmedians over {args.runs} runs of {args.connections} connections:")
     base = statistics.median(t for t, _ in figures["plain"])
     for kind in KINDS:
@@ -113,6 +133,7 @@ async def run(args: argparse.Namespace) -> None:
             f"  {kind:>12}: {med:7.1f} KiB traced ({med / base:4.2f} x plain), "
             f"{rss:7.1f} KiB RSS per connection"
         )
+    print(f"  a pinned name (offline, its own key): {pins:.0f} bytes traced")
 
 
 def main() -> None:

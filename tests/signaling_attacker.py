@@ -15,6 +15,8 @@ Modes:
   (:data:`~qcall.signaling.messages.MAX_WATCH` names of :func:`watch_name_length`
   characters: the ``register`` frame just under 64 KiB, the attack of issue
   point 6);
+* ``watch-same``: the same, every connection watching the same 1000 names
+  (each name then has a set of watchers in the server's index);
 * ``unregistered``: reads the challenge and never registers.
 
 A fresh identity key serves every ``max_names_per_key`` (4) names, as an
@@ -68,7 +70,9 @@ async def open_one(
         return None, getattr(challenge, "code", challenge.TYPE)
     if mode == "unregistered":
         return ws, "held"
-    watch = watch_list(index, length) if mode == "watch" else None
+    watch = None
+    if mode.startswith("watch"):
+        watch = watch_list(0 if mode == "watch-same" else index, length)
     name = f"{PREFIX}-{index:05d}"
     await ws.send(m.Register.create(key, name, challenge, watch).serialize())
     try:
@@ -83,7 +87,7 @@ async def open_one(
 
 async def main(url: str, mode: str, count: int, source: str | None) -> None:
     backend = pqc.get_backend()
-    length = watch_name_length() if mode == "watch" else 0
+    length = watch_name_length() if mode.startswith("watch") else 0
     keys = [
         backend.signing_generate(pqc.SignatureScheme.ML_DSA_65)
         for _ in range((count + NAMES_PER_KEY - 1) // NAMES_PER_KEY)
@@ -98,8 +102,8 @@ async def main(url: str, mode: str, count: int, source: str | None) -> None:
     print(json.dumps({"held": len(held), "codes": dict(codes), "name_length": length}), flush=True)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, sys.stdin.read)  # until the parent closes our stdin
-    for ws in held:
-        await ws.close()
+    for ws in held:  # not ws.close(): a connection that never reads would wait for
+        ws.transport.abort()  # the server's close frame behind the unread ones
 
 
 if __name__ == "__main__":
