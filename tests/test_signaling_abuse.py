@@ -34,23 +34,19 @@ from qcall.signaling import messages as m
 from qcall.signaling.client import SignalingClient
 from qcall.signaling.protocol import ServerConfig
 from signaling.server import SignalingServer
+from tests import test_signaling_protocol
 from tests.utils import TIMEOUT_FACTOR
 
 T = 10.0 * TIMEOUT_FACTOR
 ROOT = Path(__file__).resolve().parent.parent
 E = TypeVar("E")
 
+keys = test_signaling_protocol.keys  # the fixture: five ML-DSA-65 identities
+
 #: The figure docs/signaling.md promises ("Limits"): memory the server holds
 #: for one registered connection with the largest watch list, traced by
 #: tracemalloc (scripts/signaling_memory.py measures 129-173 KiB).
 MAX_KIB_PER_CONNECTION = 200
-
-
-@pytest.fixture(scope="module")
-def keys() -> dict[str, pqc.SigningKey]:
-    backend = pqc.get_backend()
-    names = ["alice", "bob", "carol", "dave", "mallory"]
-    return {n: backend.signing_generate(pqc.SignatureScheme.ML_DSA_65) for n in names}
 
 
 @contextlib.asynccontextmanager
