@@ -45,6 +45,7 @@ narrowest class that you can act on::
     │   ├── SignalingProtocolError      malformed frame, unknown type, missing field
     │   ├── SignalingAuthError          registration challenge failed
     │   ├── SignalingRateLimitError     too many messages
+    │   ├── SignalingLimitError         a server limit: connections, names, watch list
     │   └── PeerUnavailableError        callee offline or busy
     └── CallError
         ├── CallRejectedError           the callee declined or was busy
@@ -97,6 +98,7 @@ __all__ = [
     "SecurityPolicyError",
     "SignalingAuthError",
     "SignalingError",
+    "SignalingLimitError",
     "SignalingProtocolError",
     "SignalingRateLimitError",
     "SiteLinkError",
@@ -364,6 +366,16 @@ class SignalingRateLimitError(SignalingError):
     """Too many messages on one connection."""
 
     code = "rate_limited"
+
+
+class SignalingLimitError(SignalingError):
+    """A limit of the signaling server was reached (docs/signaling.md, "Limits").
+
+    ``code`` names it: ``server_full``, ``too_many_connections``, ``too_many_names``,
+    ``too_many_identities`` or ``too_many_watched``.
+    """
+
+    code = "server_full"
 
 
 class PeerUnavailableError(SignalingError):

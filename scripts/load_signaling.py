@@ -343,9 +343,13 @@ def healthz(url: str) -> dict[str, Any]:
 
 
 async def run(args: argparse.Namespace) -> None:
+    # Every user comes from 127.0.0.1 with one of two keys: lift the per-address and
+    # per-key limits that exist to stop exactly that (docs/signaling.md, "Limits").
     server, line = await start_process(
         "-m", "signaling", "--port", "0", "--rate", "100000", "--burst", "100000",
         "--auth-timeout", "120", "--server-id", "load-test",
+        "--max-unauthenticated-per-address", "1000", "--max-names-per-key", "10000",
+        "--max-new-names-per-address", "10000",
     )  # fmt: skip
     url = line.rsplit(" ", 1)[1]
     workers: list[asyncio.subprocess.Process] = []

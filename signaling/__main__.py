@@ -4,6 +4,9 @@ Examples::
 
     qcall-signaling --host 127.0.0.1 --port 8765
     qcall-signaling --host 0.0.0.0 --port 8443 --tls-cert cert.pem --tls-key key.pem
+    qcall-signaling --max-connections 2000 --ring-timeout 60
+
+Every limit of :class:`~qcall.signaling.config.ServerConfig` has its flag.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import Sequence
 
 from qcall import __version__
 from qcall.exceptions import ConfigError, QCallError
-from qcall.signaling.protocol import ServerConfig
+from qcall.signaling.config import LIMITS, ServerConfig
 from signaling.server import SignalingServer
 
 __all__ = ["main"]
@@ -42,34 +45,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=f"qcall-signaling@{socket.gethostname()}",
         help="identity bound into registration signatures (default qcall-signaling@HOST)",
     )
-    parser.add_argument(
-        "--auth-timeout",
-        type=float,
-        default=defaults.auth_timeout,
-        help=f"seconds to register (default {defaults.auth_timeout:g})",
-    )
-    parser.add_argument(
-        "--rate",
-        type=float,
-        default=defaults.rate,
-        help=f"messages/s per connection (default {defaults.rate:g})",
-    )
-    parser.add_argument(
-        "--burst",
-        type=float,
-        default=defaults.burst,
-        help=f"message burst per connection (default {defaults.burst:g})",
-    )
-    parser.add_argument(
-        "--call-grace",
-        type=float,
-        default=defaults.call_grace,
-        help=f"seconds a call waits for a dropped party (default {defaults.call_grace:g})",
-    )
+    limits = parser.add_argument_group('limits (docs/signaling.md, "Limits")')
+    for name, (metavar, text) in LIMITS.items():
+        default = getattr(defaults, name)
+        limits.add_argument(
+            "--" + name.replace("_", "-"),
+            type=type(default),
+            default=default,
+            metavar=metavar,
+            help=f"{text} (default {default:.10g})",
+        )
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
     )
     return parser
+
+
+def config_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ServerConfig:
+    """Return the :class:`ServerConfig` of the parsed flags (usage error if invalid)."""
+    try:
+        return ServerConfig(
+            server_id=args.server_id, **{name: getattr(args, name) for name in LIMITS}
+        )
+    except ValueError as exc:
+        parser.error(str(exc).replace("field '", "--").replace("_", "-").replace("'", ""))
 
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -115,16 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--tls-cert and --tls-key go together")
     if not 0 <= args.port <= 65535:
         parser.error("--port must be 0..65535")
-    try:
-        config = ServerConfig(
-            server_id=args.server_id,
-            auth_timeout=args.auth_timeout,
-            rate=args.rate,
-            burst=args.burst,
-            call_grace=args.call_grace,
-        )
-    except ValueError as exc:
-        parser.error(str(exc).replace("field '", "--").replace("_", "-").replace("'", ""))
+    config = config_from(parser, args)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

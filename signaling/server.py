@@ -4,7 +4,14 @@ All decisions are taken by the Sans-I/O core in :mod:`qcall.signaling.protocol`;
 this module only moves frames: one ``async for message in websocket`` loop per
 connection, one writer task per connection draining a bounded outbox (a client
 that does not read is disconnected instead of slowing everyone down), and one
-timer task running :meth:`SignalingProtocol.handle_timer`.
+timer task running :meth:`SignalingProtocol.handle_timer`. It tells the
+protocol each client's address (:func:`~qcall.signaling.protocol.address_key`
+of the TCP peer address) for the per-address limits.
+
+The outbox of a connection holds at most ``outbox_size`` messages and
+``config.max_outbox_bytes`` bytes, counting the message being written (a
+single message is always accepted, however large): above either, the client
+is closed (1008 ``too slow``).
 
 Compression (permessage-deflate) is off: the payloads are mostly base64 of
 keys and signatures, which do not compress, and each deflate context costs
@@ -46,6 +53,7 @@ from qcall.signaling.protocol import (
     Output,
     ServerConfig,
     SignalingProtocol,
+    address_key,
 )
 
 __all__ = ["SignalingServer"]
@@ -62,7 +70,40 @@ GC_MIN_CONNECTIONS = 1000
 #: ``manage_gc``: seconds between two :func:`gc.freeze` calls.
 GC_INTERVAL = 1.0
 
-_Item = str | CloseConnection
+#: A received frame above this many characters is followed by a ping (see
+#: :data:`_PING`).
+RELEASE_SIZE = 4096
+
+
+class _Ping:
+    """Outbox item: send a WebSocket ping.
+
+    websockets keeps the last frame it parsed until the next one arrives: after
+    a 64 KiB ``register``, an idle client would make the server hold 64 KiB
+    more for as long as it stays silent. The client's pong is a frame, so it
+    releases the big one after one round trip. A client that does not answer
+    pings is closed by the keepalive (20 s ping interval, 20 s timeout).
+    """
+
+
+_PING = _Ping()
+
+_Item = str | CloseConnection | _Ping
+
+
+class _Outbox:
+    """What is queued for one connection, and its size in bytes (all ASCII JSON)."""
+
+    __slots__ = ("pinging", "queue", "size", "ws")
+
+    def __init__(self, ws: ServerConnection, maxsize: int) -> None:
+        self.ws = ws
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize)
+        self.size = 0  # bytes queued or being written
+        self.pinging = False  # a release ping is queued or awaits its pong
+
+    def pong(self, _: object) -> None:
+        self.pinging = False
 
 
 class SignalingServer:
@@ -78,7 +119,8 @@ class SignalingServer:
     Args:
         config: limits and timeouts of the protocol.
         protocol: a prepared protocol (tests); default: a new one from ``config``.
-        outbox_size: messages queued per connection before it is dropped as too slow.
+        outbox_size: messages queued per connection before it is dropped as too
+            slow (and ``config.max_outbox_bytes`` bytes).
         manage_gc: keep full garbage collections from pausing a big server (see
             the module docstring); changes the whole process's collector, so
             only for a process that runs the server alone.
@@ -97,10 +139,11 @@ class SignalingServer:
         self.protocol = protocol or SignalingProtocol(config)
         self.config = self.protocol.config
         self._outbox_size = outbox_size
-        self._outboxes: dict[ConnectionId, tuple[ServerConnection, asyncio.Queue[_Item]]] = {}
+        self._outboxes: dict[ConnectionId, _Outbox] = {}
         self._server: Server | None = None
         self._timer_task: asyncio.Task[None] | None = None
         self._timer_changed = asyncio.Event()
+        self._wake_at: float | None = None  # when the timer task wakes up next
         self._tasks: set[asyncio.Task[None]] = set()
         self._manage_gc = manage_gc
         self._gc_min_connections = gc_min_connections
@@ -197,16 +240,23 @@ class SignalingServer:
 
     async def _handler(self, ws: ServerConnection) -> None:
         loop = asyncio.get_running_loop()
-        cid, out = self.protocol.connect(loop.time())
-        outbox: asyncio.Queue[_Item] = asyncio.Queue(self._outbox_size)
-        self._outboxes[cid] = (ws, outbox)
-        writer = asyncio.create_task(self._writer(ws, outbox))
+        peer = ws.remote_address
+        address = address_key(str(peer[0])) if peer else None
+        cid, out = self.protocol.connect(loop.time(), address)
+        outbox = _Outbox(ws, self._outbox_size)
+        self._outboxes[cid] = outbox
+        writer = asyncio.create_task(self._writer(outbox))
         self._dispatch(out)
         del out  # outputs can be O(peers) big: keep no reference while idle
         self._timer_changed.set()
         try:
             async for message in ws:
                 self._dispatch(self._receive(cid, message, loop.time()))
+                self._check_timer()  # an invitation or an accept set a call timer
+                if len(message) > RELEASE_SIZE and not outbox.pinging:
+                    outbox.pinging = True  # see _Ping
+                    with contextlib.suppress(asyncio.QueueFull):
+                        outbox.queue.put_nowait(_PING)
                 del message  # a 7 KiB register frame need not outlive its handling
         except ConnectionClosed:
             pass
@@ -229,26 +279,27 @@ class SignalingServer:
     def _dispatch(self, out: list[Output]) -> None:
         """Queue each output on its connection's outbox (no waiting)."""
         texts: dict[int, str] = {}  # a broadcast message is serialized once
+        limit = self.config.max_outbox_bytes
         for cid, msg in out:
-            entry = self._outboxes.get(cid)
-            if entry is None:
+            outbox = self._outboxes.get(cid)
+            if outbox is None:
                 continue  # gone meanwhile
-            ws, outbox = entry
             item: _Item
             if isinstance(msg, CloseConnection):
-                item = msg
+                item, size = msg, 0
             else:
                 text = texts.get(id(msg))
                 if text is None:
                     text = texts[id(msg)] = msg.serialize()
-                item = text
-            try:
-                outbox.put_nowait(item)
-            except asyncio.QueueFull:
+                item, size = text, len(text)
+            if (outbox.size and outbox.size + size > limit) or outbox.queue.full():
                 # Drop it once: nothing more is queued for it; its handler cleans up.
                 logger.warning("! connection %d does not read its messages: closing it", cid)
                 del self._outboxes[cid]
-                self._spawn(ws.close(1008, "too slow"))
+                self._spawn(outbox.ws.close(1008, "too slow"))
+                continue
+            outbox.size += size
+            outbox.queue.put_nowait(item)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -256,14 +307,20 @@ class SignalingServer:
         task.add_done_callback(self._tasks.discard)
 
     @staticmethod
-    async def _writer(ws: ServerConnection, outbox: asyncio.Queue[_Item]) -> None:
+    async def _writer(outbox: _Outbox) -> None:
+        ws = outbox.ws
         try:
             while True:
-                item = await outbox.get()
+                item = await outbox.queue.get()
                 if isinstance(item, CloseConnection):
                     await ws.close(item.code, item.reason)
                     return
+                if isinstance(item, _Ping):
+                    pong = asyncio.ensure_future(await ws.ping())  # already a future
+                    pong.add_done_callback(outbox.pong)
+                    continue
                 await ws.send(item)
+                outbox.size -= len(item)
         except ConnectionClosed:
             pass
 
@@ -293,10 +350,17 @@ class SignalingServer:
             gc.freeze()  # O(1): the generations are spliced onto the permanent one
             self._frozen = True
 
+    def _check_timer(self) -> None:
+        """Wake the timer task if the protocol's next timer is due before its wake-up."""
+        deadline = self.protocol.get_timer()
+        if deadline is not None and (self._wake_at is None or deadline < self._wake_at):
+            self._wake_at = deadline
+            self._timer_changed.set()
+
     async def _run_timers(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            deadline = self.protocol.get_timer()
+            deadline = self._wake_at = self.protocol.get_timer()
             self._timer_changed.clear()
             wake = None if deadline is None else loop.call_at(deadline, self._timer_changed.set)
             try:

@@ -245,7 +245,10 @@ async def server() -> AsyncIterator[SignalingServer]:
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.INFO)
-    config = ServerConfig(server_id="fuzz-server", rate=1e9, burst=1e9, auth_timeout=60)
+    # One key serves the 8 fuzzing names and carol: above the default names per key.
+    config = ServerConfig(
+        server_id="fuzz-server", rate=1e9, burst=1e9, auth_timeout=60, max_names_per_key=16
+    )
     srv = SignalingServer(config)
     await srv.start("127.0.0.1", 0)
     yield srv

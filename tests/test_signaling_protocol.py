@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from qcall import pqc
+from qcall.exceptions import PeerUnavailableError
 from qcall.signaling import messages as m
 from qcall.signaling.protocol import (
     CallState,
@@ -38,8 +39,8 @@ class Server:
         self.proto = SignalingProtocol(ServerConfig(server_id="test-server", **config))
         self.challenges: dict[ConnectionId, m.Challenge] = {}
 
-    def connect(self) -> ConnectionId:
-        cid, out = self.proto.connect(self.now)
+    def connect(self, address: str | None = None) -> ConnectionId:
+        cid, out = self.proto.connect(self.now, address)
         [(to, challenge)] = out
         assert to == cid and isinstance(challenge, m.Challenge)
         assert challenge.server_id == "test-server"
@@ -55,13 +56,20 @@ class Server:
                 assert m.parse_server_message(item.serialize()) == item
         return out
 
-    def register(self, name: str, key_name: str | None = None) -> ConnectionId:
-        cid = self.connect()
-        key = self.keys[key_name or name]
-        out = self.send(cid, m.Register.create(key, name, self.challenges[cid]))
+    def register(
+        self, name: str, key_name: str | None = None, address: str | None = None
+    ) -> ConnectionId:
+        cid = self.connect(address)
+        out = self.try_register(cid, name, key_name)
         mine = [msg for to, msg in out if to == cid]
         assert isinstance(mine[-1], m.Registered), out
         return cid
+
+    def try_register(
+        self, cid: ConnectionId, name: str, key_name: str | None = None, **kwargs: Any
+    ) -> list[Output]:
+        key = self.keys[key_name or name]
+        return self.send(cid, m.Register.create(key, name, self.challenges[cid], **kwargs))
 
     def advance(self, seconds: float) -> list[Output]:
         self.now += seconds
@@ -196,14 +204,20 @@ def test_identity_limit(keys: dict[str, pqc.SigningKey]) -> None:
 
 def test_connection_limit(keys: dict[str, pqc.SigningKey]) -> None:
     server = Server(keys, max_connections=1)
-    server.connect()
-    cid, out = server.proto.connect(server.now)
+    a = server.register("alice")
+    cid = server.connect()  # waiting to register: not counted
+    out = server.send(cid, m.Register.create(keys["bob"], "bob", server.challenges[cid]))
     assert out == [
-        (cid, m.ErrorMessage("server_full", "too many connections")),
-        (cid, CloseConnection(1013, "server full")),
+        (cid, m.ErrorMessage("server_full", "too many connections", ref="register")),
+        (cid, CloseConnection(1013, "too many connections")),
     ]
     assert server.proto.receive(cid, "{}", server.now) == []
     assert server.proto.disconnect(cid, server.now) == []
+    # A second login of a registered name replaces its connection: no extra room needed.
+    a2 = server.connect()
+    out = server.send(a2, m.Register.create(keys["alice"], "alice", server.challenges[a2]))
+    assert out[0] == (a, m.ErrorMessage("replaced", "registered again on another connection"))
+    assert isinstance(out[-1][1], m.Registered)
 
 
 # --- calls --------------------------------------------------------------------------------
@@ -290,15 +304,17 @@ def test_invite_errors(server: Server, keys: dict[str, pqc.SigningKey]) -> None:
     assert error(server.send(a, m.Invite("call-0001", peer="dave")), a).code == "unavailable"
     assert error(server.send(a, m.Invite("call-0001", peer="alice")), a).code == "bad_message"
     server.send(a, m.Invite("call-0001", peer="bob"))
-    # The call id is taken; alice is in a call; bob is busy for carol (answered by the server).
+    # The call id is taken; alice is calling already.
     assert error(server.send(c, m.Invite("call-0001", peer="bob")), c).code == "bad_state"
     assert error(server.send(a, m.Invite("call-0002", peer="carol")), a).code == "bad_state"
-    out = server.send(c, m.Invite("call-0003", peer="bob"))
-    assert out == [(c, m.Busy("call-0003", "bob", fp(keys["bob"]), "in another call"))]
     # A third party cannot touch the call.
     assert error(server.send(c, m.Hangup("call-0001")), c).code == "unknown_call"
     assert server.proto.call_state("call-0001") is CallState.INVITED
-    assert b  # bob took no part in the errors
+    # Once bob is in an accepted call, the server answers busy for him.
+    server.send(b, m.Accept("call-0001"))
+    out = server.send(c, m.Invite("call-0003", peer="bob"))
+    assert out == [(c, m.Busy("call-0003", "bob", fp(keys["bob"]), "in another call"))]
+    assert server.proto.calls == 1
 
 
 def test_disconnect_before_accept_ends_the_call(
@@ -344,6 +360,109 @@ def test_accepted_call_ends_after_the_grace_period(keys: dict[str, pqc.SigningKe
         (b, m.Hangup("call-0001", "alice", fp(keys["alice"]), "peer lost"))
     ]
     assert server.proto.calls == 0
+
+
+# --- ring timeouts, invitations per callee, call time limit ----------------------------------
+
+
+@pytest.mark.parametrize("ringing", [False, True])
+def test_an_unanswered_invitation_ends_after_ring_timeout(
+    keys: dict[str, pqc.SigningKey], ringing: bool
+) -> None:
+    server = Server(keys, ring_timeout=60.0)
+    a, b = server.register("alice"), server.register("bob")
+    server.send(a, m.Invite("call-0001", peer="bob"))
+    if ringing:
+        server.send(b, m.Ringing("call-0001"))
+    assert server.advance(59.9) == []
+    assert server.advance(0.1) == [
+        (a, m.Hangup("call-0001", "bob", fp(keys["bob"]), "ring timeout")),
+        (b, m.Hangup("call-0001", "alice", fp(keys["alice"]), "ring timeout")),
+    ]
+    assert server.proto.calls == 0
+    assert relayed(server.send(a, m.Invite("call-0002", peer="bob")), b).TYPE == "invite"
+
+
+def test_an_unanswered_invitation_does_not_make_the_callee_busy(
+    server: Server, keys: dict[str, pqc.SigningKey]
+) -> None:
+    a, b, c = server.register("alice"), server.register("bob"), server.register("carol")
+    mallory = server.register("mallory")
+    server.send(mallory, m.Invite("call-evil", peer="alice"))  # never cancelled
+    assert relayed(server.send(b, m.Invite("call-0001", peer="alice")), a).TYPE == "invite"
+    out = server.send(a, m.Accept("call-0001"))
+    assert out == [(b, m.Accept("call-0001", "alice", fp(keys["alice"])))]
+    # One accepted call at a time: the other invitation cannot be accepted now...
+    err = error(server.send(a, m.Accept("call-evil")), a)
+    assert (err.code, err.call_id) == ("bad_state", "call-evil")
+    # ...and alice, in a call, is busy for newcomers.
+    out = server.send(c, m.Invite("call-0002", peer="alice"))
+    assert out == [(c, m.Busy("call-0002", "alice", fp(keys["alice"]), "in another call"))]
+    # She may still decline the pending one.
+    out = server.send(a, m.Reject("call-evil"))
+    assert out == [(mallory, m.Reject("call-evil", "alice", fp(keys["alice"])))]
+    assert server.proto.calls == 1
+
+
+def test_a_callee_holds_at_most_max_pending_invites(keys: dict[str, pqc.SigningKey]) -> None:
+    server = Server(keys, max_pending_invites=2)
+    a, b = server.register("alice"), server.register("bob")
+    c, mallory = server.register("carol"), server.register("mallory")
+    server.send(mallory, m.Invite("call-evil", peer="alice"))
+    server.send(c, m.Invite("call-0001", peer="alice"))
+    err = error(server.send(b, m.Invite("call-0002", peer="alice")), b)
+    assert (err.code, err.call_id, err.ref) == ("too_many_invites", "call-0002", "invite")
+    assert isinstance(err.exception(), PeerUnavailableError)
+    server.send(mallory, m.Cancel("call-evil"))
+    assert relayed(server.send(b, m.Invite("call-0002", peer="alice")), a).TYPE == "invite"
+    # Replaced on another connection, alice finds every live invitation.
+    a2 = server.connect()
+    out = server.try_register(a2, "alice")
+    assert isinstance(out[-1][1], m.Registered)
+    assert out[-1][1].calls == ("call-0001", "call-0002")
+
+
+def test_a_caller_cannot_accept_while_calling(server: Server) -> None:
+    a, b, c = server.register("alice"), server.register("bob"), server.register("carol")
+    server.send(a, m.Invite("call-0001", peer="bob"))
+    assert relayed(server.send(c, m.Invite("call-0002", peer="alice")), a).TYPE == "invite"
+    assert error(server.send(a, m.Accept("call-0002")), a).code == "bad_state"
+    server.send(a, m.Cancel("call-0001"))
+    assert relayed(server.send(a, m.Accept("call-0002")), c).TYPE == "accept"
+    assert b
+
+
+def test_an_accepted_call_ends_after_max_call_duration(keys: dict[str, pqc.SigningKey]) -> None:
+    server = Server(keys, max_call_duration=3600.0, ring_timeout=60.0)
+    a, b = server.register("alice"), server.register("bob")
+    server.send(a, m.Invite("call-0001", peer="bob"))
+    server.advance(59.0)
+    server.send(b, m.Accept("call-0001"))
+    assert server.advance(61.0) == []  # no ring timeout once accepted
+    assert server.advance(3600.0 - 61.0 - 0.02) == []
+    assert server.advance(0.02) == [
+        (a, m.Hangup("call-0001", "bob", fp(keys["bob"]), "call time limit")),
+        (b, m.Hangup("call-0001", "alice", fp(keys["alice"]), "call time limit")),
+    ]
+    assert server.proto.calls == 0
+
+
+def test_disconnect_ends_every_unanswered_invitation(
+    server: Server, keys: dict[str, pqc.SigningKey]
+) -> None:
+    a, b, c = server.register("alice"), server.register("bob"), server.register("carol")
+    d = server.register("dave")
+    server.send(b, m.Invite("call-0001", peer="alice"))
+    server.send(c, m.Invite("call-0002", peer="alice"))
+    server.send(a, m.Invite("call-0003", peer="dave"))  # alice calls out meanwhile
+    out = server.proto.disconnect(a, server.now)
+    fa = fp(keys["alice"])
+    hangups = sorted((to, msg.call_id) for to, msg in out if isinstance(msg, m.Hangup))
+    assert hangups == [(b, "call-0001"), (c, "call-0002"), (d, "call-0003")]
+    assert all(msg == m.Hangup(msg.call_id, "alice", fa, "disconnected")
+               for _, msg in out if isinstance(msg, m.Hangup))  # fmt: skip
+    assert server.proto.calls == 0
+    check_invariants(server.proto)
 
 
 # --- limits and bad input ------------------------------------------------------------------
@@ -436,7 +555,7 @@ _actions = st.lists(
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_actions)
 def test_fuzz_state_machine(keys: dict[str, pqc.SigningKey], actions: list[Any]) -> None:
-    server = Server(keys, burst=1000.0)
+    server = Server(keys, burst=1000.0, ring_timeout=30.0, max_call_duration=90.0, pin_ttl=50.0)
     conns = {name: server.register(name) for name in _NAMES}
     for action in actions:
         if action[0] == "send":
@@ -459,9 +578,24 @@ def test_fuzz_state_machine(keys: dict[str, pqc.SigningKey], actions: list[Any])
                 assert to in conns.values()
         else:
             server.send(conns[action[1]], action[2])
-        # Invariants: each peer is in at most one call, and calls know their parties.
-        proto = server.proto
-        for call_id, call in proto._calls.items():
-            assert proto._peer_call[call.caller] == call_id == proto._peer_call[call.callee]
-        assert len(proto._peer_call) == 2 * len(proto._calls)
-        assert proto.registered == 3
+        check_invariants(server.proto)
+        assert server.proto.registered == 3
+
+
+def check_invariants(proto: SignalingProtocol) -> None:
+    """Each peer has at most one accepted call and one outgoing invitation, and the
+    indexes of calls by party hold exactly the live calls."""
+    listed = []
+    for call_id, call in proto._calls.items():
+        if call.state is CallState.ACCEPTED:
+            assert proto._active[call.caller] == call_id == proto._active[call.callee]
+            listed += [call_id, call_id]
+        else:
+            assert proto._outgoing[call.caller] == call_id
+            assert call_id in proto._incoming[call.callee]
+            listed += [call_id, call_id]
+        assert call.caller in proto._online or call.state is CallState.ACCEPTED
+    indexed = [*proto._active.values(), *proto._outgoing.values()]
+    indexed += [c for calls in proto._incoming.values() for c in calls]
+    assert sorted(indexed) == sorted(listed)
+    assert all(proto._incoming.values())  # no empty entries left behind

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -421,8 +422,29 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert "missing.pem" in capsys.readouterr().err
 
 
+def test_cli_has_a_flag_for_every_limit(capsys: pytest.CaptureFixture[str]) -> None:
+    from signaling.__main__ import LIMITS, build_parser, config_from
+
+    assert set(LIMITS) == {f.name for f in dataclasses.fields(ServerConfig)} - {"server_id"}
+    parser = build_parser()
+    args = parser.parse_args(
+        ["--max-watch", "10", "--ring-timeout", "5.5", "--max-unauthenticated-per-address", "3"]
+    )
+    config = config_from(parser, args)
+    assert (config.max_watch, config.ring_timeout) == (10, 5.5)
+    assert config.max_unauthenticated_per_address == 3
+    assert config.pin_ttl == ServerConfig().pin_ttl  # the others keep their defaults
+    with pytest.raises(SystemExit):
+        config_from(parser, parser.parse_args(["--max-watch", "1001"]))
+    assert "--max-watch must be at most 1000" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        config_from(parser, parser.parse_args(["--max-pending-invites", "0"]))
+    assert "--max-pending-invites must be at least 1" in capsys.readouterr().err
+
+
 async def test_slow_reader_is_dropped(keys: dict[str, pqc.SigningKey]) -> None:
-    config = ServerConfig(server_id="test-server", rate=1e6, burst=1e6)
+    # The outbox's message count is the limit here (its byte limit: test_signaling_abuse.py).
+    config = ServerConfig(server_id="test-server", rate=1e6, burst=1e6, max_outbox_bytes=2**30)
     server = SignalingServer(config, outbox_size=64)
     await server.start("127.0.0.1", 0)
     try:

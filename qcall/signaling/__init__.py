@@ -1,7 +1,9 @@
 """Signaling: ML-DSA registration, presence and call set-up relay (application layer).
 
 * :mod:`qcall.signaling.messages`: the wire messages (JSON), shared by both ends;
-* :mod:`qcall.signaling.protocol`: the server's Sans-I/O state machine;
+* :mod:`qcall.signaling.protocol`: the server's Sans-I/O state machine, with its
+  limits in :mod:`qcall.signaling.config` and its pinned names in
+  :mod:`qcall.signaling.pins`;
 * :mod:`qcall.signaling.client`: :class:`SignalingClient`, the asyncio client with
   automatic reconnection.
 

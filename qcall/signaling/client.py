@@ -63,7 +63,9 @@ __all__ = ["Disconnected", "Event", "SignalingClient", "new_call_id"]
 logger = logging.getLogger(__name__)
 
 #: Error codes after which reconnecting cannot help.
-FATAL_CODES = frozenset({"auth_failed", "name_taken", "replaced"})
+FATAL_CODES = frozenset(
+    {"auth_failed", "name_taken", "replaced", "too_many_names", "too_many_watched"}
+)
 
 
 @dataclass(frozen=True)

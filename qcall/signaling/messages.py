@@ -32,6 +32,7 @@ from qcall.exceptions import (
     PeerUnavailableError,
     SignalingAuthError,
     SignalingError,
+    SignalingLimitError,
     SignalingProtocolError,
     SignalingRateLimitError,
 )
@@ -41,9 +42,11 @@ __all__ = [
     "CALL_MESSAGES",
     "CLIENT_MESSAGES",
     "ERROR_CODES",
+    "MAX_CALLS",
     "MAX_MESSAGE_SIZE",
     "MAX_PAYLOAD_SIZE",
     "MAX_SERVER_MESSAGE_SIZE",
+    "MAX_WATCH",
     "NONCE_SIZE",
     "PROTOCOL_VERSION",
     "SERVER_MESSAGES",
@@ -88,6 +91,12 @@ MAX_SERVER_MESSAGE_SIZE = 16 * 1024 * 1024
 #: Largest opaque ``payload`` of ``offer``/``answer``/``ice``, in UTF-8 bytes.
 MAX_PAYLOAD_SIZE = 48 * 1024
 
+#: Most call ids in a ``registered`` message's ``calls``.
+MAX_CALLS = 64
+
+#: Most names in a ``register`` message's ``watch`` list (a server may allow fewer).
+MAX_WATCH = 1000
+
 #: Size of the registration challenge nonce in bytes.
 NONCE_SIZE = 32
 
@@ -105,8 +114,6 @@ _MAX_SERVER_ID = 128
 _MAX_REASON = 128
 _MAX_ERROR_TEXT = 256
 _MAX_ONLINE = 10_000
-_MAX_CALLS = 64
-_MAX_WATCH = 1000
 
 
 # --- shared helpers -------------------------------------------------------------------
@@ -141,7 +148,18 @@ ERROR_CODES: dict[str, tuple[type[SignalingError], str]] = {
     "replaced": (SignalingAuthError, "the same identity registered on another connection"),
     "rate_limited": (SignalingRateLimitError, "too many messages; this one was dropped"),
     "unavailable": (PeerUnavailableError, "the peer is offline"),
-    "server_full": (SignalingError, "the server holds too many connections or identities"),
+    "server_full": (SignalingLimitError, "the server holds too many connections or identities"),
+    "too_many_connections": (
+        SignalingLimitError,
+        "too many connections waiting to register (from this address); the oldest was closed",
+    ),
+    "too_many_names": (SignalingLimitError, "this identity key has as many names as allowed"),
+    "too_many_identities": (
+        SignalingLimitError,
+        "too many new names registered from this address lately; try again later",
+    ),
+    "too_many_watched": (SignalingLimitError, "the watch list is longer than the server allows"),
+    "too_many_invites": (PeerUnavailableError, "the callee has too many unanswered invitations"),
     "server_error": (SignalingError, "internal server error"),
 }
 
@@ -301,12 +319,12 @@ def _from_json(cls: type[Message], name: str, value: Any) -> Any:
             peers.append(OnlinePeer(item["name"], item["fingerprint"]))
         return tuple(peers)
     if name == "watch" and value is not None:
-        if not isinstance(value, list) or len(value) > _MAX_WATCH:
-            raise ValueError(f"field {name!r} must be a list of at most {_MAX_WATCH} names")
+        if not isinstance(value, list) or len(value) > MAX_WATCH:
+            raise ValueError(f"field {name!r} must be a list of at most {MAX_WATCH} names")
         return tuple(value)
     if name == "calls":
-        if not isinstance(value, list) or len(value) > _MAX_CALLS:
-            raise ValueError(f"field {name!r} must be a list of at most {_MAX_CALLS} call ids")
+        if not isinstance(value, list) or len(value) > MAX_CALLS:
+            raise ValueError(f"field {name!r} must be a list of at most {MAX_CALLS} call ids")
         return tuple(value)
     return value
 
@@ -393,8 +411,8 @@ class Register(Message):
     def __post_init__(self) -> None:
         _check_name("name", self.name)
         if self.watch is not None:
-            if not isinstance(self.watch, tuple) or len(self.watch) > _MAX_WATCH:
-                raise ValueError(f"field 'watch' must be a list of at most {_MAX_WATCH} names")
+            if not isinstance(self.watch, tuple) or len(self.watch) > MAX_WATCH:
+                raise ValueError(f"field 'watch' must be a list of at most {MAX_WATCH} names")
             for watched in self.watch:
                 _check_name("watch", watched)
         if self.algorithm != ALGORITHM:
@@ -452,7 +470,7 @@ class Registered(Message):
         for peer in self.online:
             if not isinstance(peer, OnlinePeer):
                 raise ValueError("field 'online' must hold peers")
-        if not isinstance(self.calls, tuple) or len(self.calls) > _MAX_CALLS:
+        if not isinstance(self.calls, tuple) or len(self.calls) > MAX_CALLS:
             raise ValueError("field 'calls' must be a list of call ids")
         for call_id in self.calls:
             _check_re("calls", call_id, _CALL_ID_RE, "8-64 of A-Z a-z 0-9 _ -")

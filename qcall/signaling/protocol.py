@@ -8,7 +8,8 @@ it events and performs the :data:`Output` it returns:
 * :meth:`~SignalingProtocol.receive` for each text frame;
 * :meth:`~SignalingProtocol.disconnect` when a WebSocket closes;
 * :meth:`~SignalingProtocol.handle_timer` once :meth:`~SignalingProtocol.get_timer`
-  is reached (authentication timeouts, call grace periods).
+  is reached (authentication timeouts, call grace periods, ring timeouts and
+  call time limits, pin expiry).
 
 Each returns a list of ``(connection_id, message)`` pairs to send, where the
 message is a :class:`~qcall.signaling.messages.ServerMessage` or a
@@ -17,7 +18,13 @@ Nothing here raises on bad input: every problem becomes an ``error`` message
 for the connection at fault (docs/signaling.md, "Errors"), and everyone else
 is served as before.
 
-The state rules of calls live in one table, :data:`CALL_RULES`.
+The state rules of calls live in one table, :data:`CALL_RULES`. The limits
+(:class:`~qcall.signaling.config.ServerConfig`, docs/signaling.md "Limits")
+bound what one client can make the server hold: unregistered connections
+have a pool of their own with a per-address share; names are pinned by
+:class:`~qcall.signaling.pins.PinRegistry` (per key, per address, expiring);
+a callee has a bounded number of unanswered invitations, each ringing for at
+most ``ring_timeout``, and an accepted call lasts at most ``max_call_duration``.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import heapq
+import ipaddress
 import logging
 import os
 import re
@@ -35,8 +43,8 @@ from typing import NewType
 
 from qcall import pqc
 from qcall.exceptions import InvalidKeyError, SignalingProtocolError
+from qcall.signaling.config import ServerConfig
 from qcall.signaling.messages import (
-    MAX_MESSAGE_SIZE,
     NONCE_SIZE,
     Busy,
     CallMessage,
@@ -53,6 +61,7 @@ from qcall.signaling.messages import (
     parse_client_message,
     registration_data,
 )
+from qcall.signaling.pins import PinRegistry
 from qcall.typing import PeerId
 
 __all__ = [
@@ -64,6 +73,7 @@ __all__ = [
     "Role",
     "ServerConfig",
     "SignalingProtocol",
+    "address_key",
 ]
 
 logger = logging.getLogger(__name__)
@@ -85,48 +95,6 @@ class CloseConnection:
 
 
 Output = tuple[ConnectionId, ServerMessage | CloseConnection]
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """Limits and timeouts of a signaling server (documented in docs/signaling.md).
-
-    Attributes:
-        server_id: bound into every registration signature; identifies this server.
-        auth_timeout: seconds a connection may stay unregistered before it is closed.
-        rate: sustained messages per second per connection (token bucket refill).
-        burst: token bucket size: messages a connection may send at once.
-        max_message_size: largest frame processed, in UTF-8 bytes (``too_big`` above).
-        call_grace: seconds an accepted call survives one party's disconnection,
-            so that a reconnecting client finds it again.
-        max_connections: simultaneous connections (``server_full`` above).
-        max_identities: distinct names pinned for the server's lifetime.
-    """
-
-    server_id: str = "qcall-signaling"
-    auth_timeout: float = 10.0
-    rate: float = 20.0
-    burst: float = 40.0
-    max_message_size: int = MAX_MESSAGE_SIZE
-    call_grace: float = 30.0
-    max_connections: int = 10_000
-    max_identities: int = 100_000
-
-    def __post_init__(self) -> None:
-        if not 0 < len(self.server_id) <= 128 or not self.server_id.isprintable():
-            raise ValueError("field 'server_id' must be 1-128 printable characters")
-        if not self.server_id.isascii():
-            raise ValueError("field 'server_id' must be ASCII")
-        for name in ("auth_timeout", "rate"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"field {name!r} must be positive")
-        if not self.burst >= 1:
-            raise ValueError("field 'burst' must be at least 1")
-        if not self.call_grace >= 0:
-            raise ValueError("field 'call_grace' must not be negative")
-        for name in ("max_message_size", "max_connections", "max_identities"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"field {name!r} must be at least 1")
 
 
 class CallState(enum.IntEnum):
@@ -167,28 +135,33 @@ CALL_RULES: dict[str, tuple[frozenset[Role], frozenset[CallState], CallState | s
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class _Connection:
     id: ConnectionId
     nonce: bytes
-    auth_deadline: float
     tokens: float
     last: float
+    address: str | None
     name: PeerId | None = None
     closed: bool = False
-    watch: frozenset[PeerId] | None = None  # presence subscriptions; None: everyone
+    watch: tuple[PeerId, ...] | None = None  # presence subscriptions; None: everyone
 
 
-@dataclass
+@dataclass(slots=True)
 class _Call:
     call_id: str
     caller: PeerId
     callee: PeerId
+    fingerprints: tuple[str, str]  # the caller's, the callee's: pins may expire meanwhile
     state: CallState
+    deadline: float  # ring timeout, then (once accepted) the call time limit
     grace_deadline: float | None = None
 
     def other(self, name: PeerId) -> PeerId:
         return self.callee if name == self.caller else self.caller
+
+    def fingerprint(self, name: PeerId) -> str:
+        return self.fingerprints[name != self.caller]
 
 
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
@@ -202,6 +175,31 @@ def _safe_text(text: str) -> str:
 def _default_verify(public_key: bytes, signature: bytes, data: bytes) -> bool:
     backend = pqc.get_backend()
     return backend.verify(pqc.SignatureScheme.ML_DSA_65, public_key, signature, data)
+
+
+def address_key(host: str) -> str:
+    """Return the key under which per-address limits count a client at ``host``.
+
+    IPv4 addresses count alone; IPv6 addresses by their /64 prefix (one
+    subscriber usually holds a whole /64); IPv4-mapped IPv6 as IPv4. Anything
+    else (a Unix socket path) is used as is.
+    """
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+# Why the server ends a call by itself: the ``reason`` of its ``hangup``.
+_DISCONNECTED = "disconnected"
+_PEER_LOST = "peer lost"
+_RING_TIMEOUT = "ring timeout"
+_TIME_LIMIT = "call time limit"
 
 
 class SignalingProtocol:
@@ -223,20 +221,34 @@ class SignalingProtocol:
         random_bytes: Callable[[int], bytes] = os.urandom,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        self.config = config or ServerConfig()
+        self.config = config = config or ServerConfig()
         self._verify = verify
         self._random = random_bytes
         self._wall_clock = wall_clock
         self._next_id = 0
         self._connections: dict[ConnectionId, _Connection] = {}
+        # Connections waiting to register, oldest first (all, and per address).
+        self._pending: dict[ConnectionId, _Connection] = {}
+        self._pending_by_address: dict[str, dict[ConnectionId, None]] = {}
         self._online: dict[PeerId, ConnectionId] = {}
-        self._pins: dict[PeerId, bytes] = {}
-        self._fingerprints: dict[PeerId, str] = {}
+        self._pins = PinRegistry(
+            config.max_identities,
+            config.max_names_per_key,
+            config.max_new_names_per_address,
+            config.new_names_window,
+            config.pin_ttl,
+        )
+        self._pin_timer: float | None = None
         self._calls: dict[str, _Call] = {}
-        self._peer_call: dict[PeerId, str] = {}
-        # Presence subscribers: connections watching everyone, and per watched name.
+        # Calls by party: the accepted one, the outgoing invitation, the incoming ones.
+        self._active: dict[PeerId, str] = {}
+        self._outgoing: dict[PeerId, str] = {}
+        self._incoming: dict[PeerId, dict[str, None]] = {}
+        # Presence subscribers: connections watching everyone, and per watched name
+        # (one connection id, or a dict of them, used as an ordered set, once a second
+        # connection watches it).
         self._watch_all: set[ConnectionId] = set()
-        self._watchers: dict[PeerId, set[ConnectionId]] = {}
+        self._watchers: dict[PeerId, ConnectionId | dict[ConnectionId, None]] = {}
         self._timers: list[tuple[float, int, str, object]] = []
         self._timer_seq = 0
         self.debug = logger.isEnabledFor(logging.DEBUG)
@@ -249,9 +261,19 @@ class SignalingProtocol:
         return len(self._connections)
 
     @property
+    def unauthenticated(self) -> int:
+        """Number of connections waiting to register."""
+        return len(self._pending)
+
+    @property
     def registered(self) -> int:
         """Number of registered (online) peers."""
         return len(self._online)
+
+    @property
+    def identities(self) -> int:
+        """Number of pinned names."""
+        return len(self._pins)
 
     @property
     def calls(self) -> int:
@@ -274,27 +296,43 @@ class SignalingProtocol:
 
     # --- inputs ---------------------------------------------------------------------
 
-    def connect(self, now: float) -> tuple[ConnectionId, list[Output]]:
+    def connect(self, now: float, address: str | None = None) -> tuple[ConnectionId, list[Output]]:
         """Open a connection and return its id and the ``challenge`` to send it.
+
+        Unregistered connections have a pool of their own (``max_unauthenticated``,
+        ``max_unauthenticated_per_address``): when the new one does not fit, the
+        oldest one (of its address, else of all) is closed with
+        ``too_many_connections``, so that a flood of idle sockets cannot keep
+        anybody else from registering.
+
+        Args:
+            address: the client's :func:`address_key`; ``None`` (unknown) is
+                exempt from the per-address limits.
+
+        Returns:
+            the connection id, and the outputs: closes of evicted connections,
+            then the ``challenge`` (last).
 
         After calling this method: send the outputs, then call :meth:`receive`
         for each frame and :meth:`disconnect` when the connection closes.
         """
         self._next_id += 1
         cid = ConnectionId(self._next_id)
-        if len(self._connections) >= self.config.max_connections:
-            return cid, [
-                (cid, ErrorMessage("server_full", "too many connections")),
-                (cid, CloseConnection(CLOSE_TRY_AGAIN_LATER, "server full")),
-            ]
-        nonce = self._random(NONCE_SIZE)
-        deadline = now + self.config.auth_timeout
-        self._connections[cid] = _Connection(
-            cid, nonce, deadline, tokens=self.config.burst, last=now
-        )
-        self._add_timer(deadline, "auth", cid)
-        challenge = Challenge(nonce, self.config.server_id, int(self._wall_clock()))
-        return cid, [(cid, challenge)]
+        out: list[Output] = []
+        same = self._pending_by_address.get(address) if address is not None else None
+        if same is not None and len(same) >= self.config.max_unauthenticated_per_address:
+            oldest = self._pending[next(iter(same))]
+            out += self._evict(oldest, "too many connections waiting to register from here")
+        if len(self._pending) >= self.config.max_unauthenticated:
+            oldest = next(iter(self._pending.values()))
+            out += self._evict(oldest, "too many connections waiting to register")
+        conn = _Connection(cid, self._random(NONCE_SIZE), self.config.burst, now, address)
+        self._connections[cid] = self._pending[cid] = conn
+        if address is not None:
+            self._pending_by_address.setdefault(address, {})[cid] = None
+        self._add_timer(now + self.config.auth_timeout, "auth", cid)
+        out.append((cid, Challenge(conn.nonce, self.config.server_id, int(self._wall_clock()))))
+        return cid, out
 
     def receive(self, connection: ConnectionId, text: str | bytes, now: float) -> list[Output]:
         """Handle one frame received on ``connection``.
@@ -324,36 +362,47 @@ class SignalingProtocol:
             logger.debug("< %d %r", connection, msg)
         if conn.name is None:
             if isinstance(msg, Register):
-                return self._register(conn, msg)
+                return self._register(conn, msg, now)
             return [self._error(conn, "auth_required", "register first", ref=msg.TYPE)]
         if isinstance(msg, Register):
             return [self._error(conn, "bad_state", "already registered", ref=msg.TYPE)]
         return self._call_message(conn, conn.name, msg, now)
 
     def disconnect(self, connection: ConnectionId, now: float) -> list[Output]:
-        """Forget a closed connection; tell others if a registered peer left."""
+        """Forget a closed connection; tell others if a registered peer left.
+
+        The peer's unanswered invitations (both ways) end with ``hangup``
+        (reason ``disconnected``); an accepted call waits ``call_grace`` seconds
+        for it to come back; its pin starts to age (``pin_ttl``).
+        """
         conn = self._connections.pop(connection, None)
-        if conn is not None:
-            self._unsubscribe(conn)
-        if conn is None or conn.name is None or self._online.get(conn.name) != connection:
+        if conn is None:
             return []
+        self._leave_pending(conn)
+        self._unsubscribe(conn)
         name = conn.name
+        if name is None or self._online.get(name) != connection:
+            return []
         del self._online[name]
-        out: list[Output] = self._presence(Presence(name, self._fingerprints[name], False))
-        call_id = self._peer_call.get(name)
-        if call_id is not None:
+        out = self._presence(Presence(name, self._fingerprint(name), False))
+        for call_id in self._calls_of(name):
             call = self._calls[call_id]
-            if call.state is CallState.ACCEPTED:
+            if call.state is not CallState.ACCEPTED:
+                out += self._end_call(call, _DISCONNECTED, gone=name)
+            elif call.grace_deadline is None:
                 # Keep an accepted call for a while: the client may reconnect.
-                if call.grace_deadline is None:
-                    call.grace_deadline = now + self.config.call_grace
-                    self._add_timer(call.grace_deadline, "grace", call_id)
-            else:
-                out += self._end_call(call, name, "disconnected")
+                call.grace_deadline = now + self.config.call_grace
+                self._add_timer(call.grace_deadline, "grace", call_id)
+        self._pins.idle(name, now)
+        self._arm_pin_timer()
         return out
 
     def handle_timer(self, now: float) -> list[Output]:
-        """Run the timers due at ``now``: authentication timeouts, call grace periods."""
+        """Run the timers due at ``now``.
+
+        Authentication timeouts, call grace periods, ring timeouts and call time
+        limits, pin expiry.
+        """
         out: list[Output] = []
         while self._timers and self._timers[0][0] <= now:
             deadline, _, kind, key = heapq.heappop(self._timers)
@@ -362,17 +411,32 @@ class SignalingProtocol:
                 if conn is not None and conn.name is None and not conn.closed:
                     out.append(self._error(conn, "auth_timeout", "no registration in time"))
                     out.append(self._close(conn, "registration timeout"))
-            elif kind == "grace":
+            elif kind == "pins":
+                self._pin_timer = None
+                for name in self._pins.expire(now):
+                    for call_id in self._calls_of(name):  # in its grace period
+                        out += self._end_call(self._calls[call_id], _PEER_LOST, gone=name)
+                self._arm_pin_timer()
+            else:
                 call = self._calls.get(key)  # type: ignore[call-overload]
-                if call is not None and call.grace_deadline == deadline:
+                if call is None:
+                    continue
+                if kind == "grace" and call.grace_deadline == deadline:
                     gone = call.caller if call.caller not in self._online else call.callee
-                    out += self._end_call(call, gone, "peer lost")
+                    out += self._end_call(call, _PEER_LOST, gone=gone)
+                elif kind == "call" and call.deadline == deadline:
+                    reason = _TIME_LIMIT if call.state is CallState.ACCEPTED else _RING_TIMEOUT
+                    out += self._end_call(call, reason)
         return out
 
     # --- registration (docs/signaling.md, "Registration") -------------------------------
 
-    def _register(self, conn: _Connection, msg: Register) -> list[Output]:
+    def _register(self, conn: _Connection, msg: Register, now: float) -> list[Output]:
         name = PeerId(msg.name)
+        ref = msg.TYPE
+        if msg.watch is not None and len(msg.watch) > self.config.max_watch:
+            text = f"at most {self.config.max_watch} names in 'watch'"
+            return [self._error(conn, "too_many_watched", text, ref=ref), self._close(conn, text)]
         data = registration_data(conn.nonce, name, self.config.server_id)
         try:
             valid = self._verify(msg.public_key, msg.signature, data)
@@ -380,23 +444,31 @@ class SignalingProtocol:
             valid = False
         if not valid:
             return [
-                self._error(conn, "auth_failed", "signature does not verify", ref=msg.TYPE),
+                self._error(conn, "auth_failed", "signature does not verify", ref=ref),
                 self._close(conn, "authentication failed"),
             ]
-        pinned = self._pins.get(name)
-        if pinned is not None and pinned != msg.public_key:
+        fp = fingerprint(msg.public_key)
+        pinned = self._pins.fingerprint(name)
+        if pinned is not None and pinned != fp:
             return [
-                self._error(conn, "name_taken", "name registered with another key", ref=msg.TYPE),
+                self._error(conn, "name_taken", "name registered with another key", ref=ref),
                 self._close(conn, "name taken"),
             ]
-        if pinned is None and len(self._pins) >= self.config.max_identities:
-            return [
-                self._error(conn, "server_full", "too many identities", ref=msg.TYPE),
-                self._close(conn, "server full", CLOSE_TRY_AGAIN_LATER),
-            ]
+        refusal = None
+        if name not in self._online and len(self._online) >= self.config.max_connections:
+            refusal = "server_full", "too many connections"
+        elif pinned is None:
+            code = self._pins.refusal(fp, conn.address, now)
+            if code is not None:
+                refusal = code, _PIN_REFUSALS[code].format(config=self.config)
+        if refusal is not None:
+            code, text = refusal
+            close = CLOSE_POLICY_VIOLATION if code == "too_many_names" else CLOSE_TRY_AGAIN_LATER
+            return [self._error(conn, code, text, ref=ref), self._close(conn, text, close)]
         if pinned is None:
-            self._pins[name] = msg.public_key
-            self._fingerprints[name] = fingerprint(msg.public_key)
+            self._pins.pin(name, fp, conn.address, now)
+        self._pins.in_use(name)
+        self._leave_pending(conn)
         conn.name = name
         conn.nonce = b""  # single use
         out: list[Output] = []
@@ -409,23 +481,21 @@ class SignalingProtocol:
             out.append(self._error(old, "replaced", "registered again on another connection"))
             out.append(self._close(old, "replaced by a new connection"))
         self._online[name] = conn.id
-        fp = self._fingerprints[name]
         if old is None:
             out += self._presence(Presence(name, fp, True), exclude=conn.id)
         self._subscribe(conn, msg.watch)
         watched = self._online if conn.watch is None else conn.watch
         online = tuple(
-            OnlinePeer(peer, self._fingerprints[peer])
+            OnlinePeer(peer, self._fingerprint(peer))
             for peer in watched
             if peer != name and peer in self._online
         )
-        call_id = self._peer_call.get(name)
-        if call_id is not None:
+        calls = self._calls_of(name)
+        for call_id in calls:
             call = self._calls[call_id]
             if call.other(name) in self._online:
                 call.grace_deadline = None  # both parties are back in time
-        calls = (call_id,) if call_id is not None else ()
-        out.append((conn.id, Registered(name, fp, online, calls)))
+        out.append((conn.id, Registered(name, fp, online, tuple(calls))))
         logger.info("= %s registered (fingerprint %s…)", name, fp[:16])
         return out
 
@@ -435,7 +505,7 @@ class SignalingProtocol:
         self, conn: _Connection, name: PeerId, msg: CallMessage, now: float
     ) -> list[Output]:
         if isinstance(msg, Invite):
-            return self._invite(conn, name, msg)
+            return self._invite(conn, name, msg, now)
         call = self._calls.get(msg.call_id)
         if call is None or name not in (call.caller, call.callee):
             return [self._error(conn, "unknown_call", "no such call", msg.call_id, msg.TYPE)]
@@ -444,79 +514,158 @@ class SignalingProtocol:
         if role not in roles or call.state not in states:
             text = f"{msg.TYPE} not allowed for the {role.value} in state {call.state.name}"
             return [self._error(conn, "bad_state", text, msg.call_id, msg.TYPE)]
+        if next_state is CallState.ACCEPTED and (name in self._active or name in self._outgoing):
+            # One call at a time: the callee's own accepted call or invitation comes first.
+            text = "accept not allowed while you are in another call or calling"
+            return [self._error(conn, "bad_state", text, msg.call_id, msg.TYPE)]
         other = call.other(name)
-        relayed = dataclasses.replace(msg, peer=name, fingerprint=self._fingerprints[name])
+        relayed = dataclasses.replace(msg, peer=name, fingerprint=call.fingerprint(name))
         target = self._online.get(other)
         if next_state == _END:
             self._forget_call(call)
             return [(target, relayed)] if target is not None else []
         if target is None:
             return [self._error(conn, "unavailable", "peer is offline", msg.call_id, msg.TYPE)]
+        if next_state is CallState.ACCEPTED:
+            self._unlist_invitation(call)
+            self._active[call.caller] = self._active[call.callee] = call.call_id
+            call.deadline = now + self.config.max_call_duration
+            self._add_timer(call.deadline, "call", call.call_id)
         if isinstance(next_state, CallState):
             call.state = next_state
         return [(target, relayed)]
 
-    def _invite(self, conn: _Connection, name: PeerId, msg: Invite) -> list[Output]:
+    def _invite(self, conn: _Connection, name: PeerId, msg: Invite, now: float) -> list[Output]:
         callee = PeerId(msg.peer or "")
         cid = msg.call_id
         if callee == name:
             return [self._error(conn, "bad_message", "field 'peer': cannot call yourself", cid)]
         if cid in self._calls:
             return [self._error(conn, "bad_state", "call_id already in use", cid, msg.TYPE)]
-        if name in self._peer_call:
+        if name in self._active or name in self._outgoing:
             return [self._error(conn, "bad_state", "you are already in a call", cid, msg.TYPE)]
         target = self._online.get(callee)
         if target is None:
             return [self._error(conn, "unavailable", f"{callee} is offline", cid, msg.TYPE)]
-        if callee in self._peer_call:
-            fp = self._fingerprints[callee]
-            return [(conn.id, Busy(cid, callee, fp, "in another call"))]
-        call = _Call(cid, name, callee, CallState.INVITED)
+        callee_fp = self._fingerprint(callee)
+        if callee in self._active:
+            return [(conn.id, Busy(cid, callee, callee_fp, "in another call"))]
+        incoming = self._incoming.get(callee, {})
+        if len(incoming) >= self.config.max_pending_invites:
+            text = f"{callee} has {len(incoming)} unanswered invitations"
+            return [self._error(conn, "too_many_invites", text, cid, msg.TYPE)]
+        caller_fp = self._fingerprint(name)
+        deadline = now + self.config.ring_timeout
+        call = _Call(cid, name, callee, (caller_fp, callee_fp), CallState.INVITED, deadline)
         self._calls[cid] = call
-        self._peer_call[name] = self._peer_call[callee] = cid
-        relayed = Invite(cid, peer=name, fingerprint=self._fingerprints[name])
-        return [(target, relayed)]
+        self._outgoing[name] = cid
+        self._incoming.setdefault(callee, {})[cid] = None
+        self._add_timer(deadline, "call", cid)
+        return [(target, Invite(cid, peer=name, fingerprint=caller_fp))]
 
-    def _end_call(self, call: _Call, gone: PeerId, reason: str) -> list[Output]:
-        """End ``call`` on behalf of ``gone``; tell the other party if it is online."""
+    def _calls_of(self, name: PeerId) -> list[str]:
+        """Ids of the live calls of ``name``: accepted, outgoing, then incoming."""
+        calls = [self._active.get(name), self._outgoing.get(name)]
+        return [c for c in calls if c is not None] + list(self._incoming.get(name, ()))
+
+    def _end_call(self, call: _Call, reason: str, gone: PeerId | None = None) -> list[Output]:
+        """End ``call``; tell each online party other than ``gone`` (``hangup``, ``reason``).
+
+        Each party's ``hangup`` names the other party as the sender.
+        """
         self._forget_call(call)
-        target = self._online.get(call.other(gone))
-        if target is None:
-            return []
-        return [(target, Hangup(call.call_id, gone, self._fingerprints[gone], reason))]
+        out: list[Output] = []
+        for party in (call.caller, call.callee):
+            target = self._online.get(party)
+            if party != gone and target is not None:
+                other = call.other(party)
+                out.append((target, Hangup(call.call_id, other, call.fingerprint(other), reason)))
+        return out
 
     def _forget_call(self, call: _Call) -> None:
-        self._calls.pop(call.call_id, None)
+        cid = call.call_id
+        del self._calls[cid]
         for party in (call.caller, call.callee):
-            if self._peer_call.get(party) == call.call_id:
-                del self._peer_call[party]
+            if self._active.get(party) == cid:
+                del self._active[party]
+        self._unlist_invitation(call)
+
+    def _unlist_invitation(self, call: _Call) -> None:
+        """Take ``call`` out of its parties' invitations (it was accepted or ended)."""
+        cid = call.call_id
+        if self._outgoing.get(call.caller) == cid:
+            del self._outgoing[call.caller]
+        incoming = self._incoming.get(call.callee)
+        if incoming is not None and cid in incoming:
+            del incoming[cid]
+            if not incoming:
+                del self._incoming[call.callee]
 
     # --- helpers ----------------------------------------------------------------------------
 
     def _presence(self, msg: Presence, exclude: ConnectionId | None = None) -> list[Output]:
         """Send ``msg`` to the connections watching everyone or its name."""
         out: list[Output] = [(cid, msg) for cid in self._watch_all if cid != exclude]
-        out += [(cid, msg) for cid in self._watchers.get(PeerId(msg.name), ()) if cid != exclude]
+        watchers = self._watchers.get(PeerId(msg.name))
+        if isinstance(watchers, dict):
+            out += [(cid, msg) for cid in watchers if cid != exclude]
+        elif watchers is not None and watchers != exclude:
+            out.append((watchers, msg))
         return out
 
     def _subscribe(self, conn: _Connection, watch: tuple[str, ...] | None) -> None:
-        """Record whose presence a newly registered connection receives."""
+        """Record whose presence a newly registered connection receives.
+
+        Memory (docs/signaling.md, "Limits"): the watch tuple and the index share
+        the name strings, and a name watched by one connection maps to its id
+        alone; a name with several watchers maps to a dict of them (a small set
+        costs about 2 KiB, four times a dict with as many members).
+        """
         if watch is None:
             self._watch_all.add(conn.id)
             return
-        conn.watch = frozenset(PeerId(name) for name in watch)
+        conn.watch = tuple(dict.fromkeys(PeerId(name) for name in watch))
         for name in conn.watch:
-            self._watchers.setdefault(name, set()).add(conn.id)
+            watchers = self._watchers.get(name)
+            if watchers is None:
+                self._watchers[name] = conn.id
+            elif isinstance(watchers, dict):
+                watchers[conn.id] = None
+            else:
+                self._watchers[name] = {watchers: None, conn.id: None}
 
     def _unsubscribe(self, conn: _Connection) -> None:
         self._watch_all.discard(conn.id)
         for name in conn.watch or ():
             watchers = self._watchers.get(name)
-            if watchers is not None:
-                watchers.discard(conn.id)
-                if not watchers:
-                    del self._watchers[name]
+            if isinstance(watchers, dict):
+                watchers.pop(conn.id, None)
+                if len(watchers) == 1:
+                    self._watchers[name] = next(iter(watchers))
+            elif watchers == conn.id:
+                del self._watchers[name]
         conn.watch = None
+
+    def _fingerprint(self, name: PeerId) -> str:
+        """The pinned fingerprint of a name that is online (so pinned)."""
+        fp = self._pins.fingerprint(name)
+        assert fp is not None, name
+        return fp
+
+    def _leave_pending(self, conn: _Connection) -> None:
+        """``conn`` no longer waits to register (registered, closed or gone)."""
+        if self._pending.pop(conn.id, None) is not None and conn.address is not None:
+            same = self._pending_by_address[conn.address]
+            del same[conn.id]
+            if not same:
+                del self._pending_by_address[conn.address]
+
+    def _evict(self, conn: _Connection, text: str) -> list[Output]:
+        """Close an unregistered connection to make room for a new one."""
+        return [
+            self._error(conn, "too_many_connections", text),
+            self._close(conn, "too many connections", CLOSE_TRY_AGAIN_LATER),
+        ]
 
     def _error(
         self,
@@ -532,11 +681,31 @@ class SignalingProtocol:
 
     def _close(self, conn: _Connection, reason: str, code: int = CLOSE_POLICY_VIOLATION) -> Output:
         conn.closed = True
+        self._leave_pending(conn)  # its socket may linger while closing: not in the pool
         return conn.id, CloseConnection(code, reason)
+
+    def _arm_pin_timer(self) -> None:
+        """Keep one timer for the next pin expiry (``pins`` in :meth:`handle_timer`)."""
+        if self._pin_timer is None:
+            deadline = self._pins.next_expiry()
+            if deadline is not None:
+                self._pin_timer = deadline
+                self._add_timer(deadline, "pins", None)
 
     def _add_timer(self, deadline: float, kind: str, key: object) -> None:
         self._timer_seq += 1
         heapq.heappush(self._timers, (deadline, self._timer_seq, kind, key))
+
+
+#: Texts of the registration refusals of :meth:`PinRegistry.refusal`.
+_PIN_REFUSALS = {
+    "server_full": "too many identities",
+    "too_many_names": "this key has {config.max_names_per_key} names already",
+    "too_many_identities": (
+        "more than {config.max_new_names_per_address} new names from your address "
+        "in {config.new_names_window:g} s: try again later"
+    ),
+}
 
 
 def _utf8_len(text: str) -> int:
