@@ -44,6 +44,9 @@ def test_derived_key_id_layout() -> None:
     assert cut_key_id(first, 16, 63, ["0e2d2b0c-1111-4222-8333-444455556666"]) != key_id
     assert cut_key_id(first, 16, 64, [str(uuid.uuid4())]) != key_id
     assert cut_key_id(first.upper(), 16, 64, ["0E2D2B0C-1111-4222-8333-444455556666"]) == key_id
+    # the vectors of docs/etsi014.md, "Key sizes"
+    assert key_id == "27f40dca-00b0-8d04-8004-001022e27765"
+    assert cut_key_id(first, 0, 16) == "27f40dca-00b0-8d04-8000-000400ec475a"
     assert parse_cut_key_id(str(uuid.uuid4())) is None  # a version-4 key_ID is not a cut
     assert parse_cut_key_id("nonsense") is None
     with pytest.raises(ValueError):

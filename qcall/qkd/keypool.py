@@ -150,12 +150,14 @@ class Block:
         data: its bytes; handed-out bytes are zero.
         added: when it was supplied (for expiry).
         used: bit ``i`` set: byte ``i`` was handed out.
+        ref: :func:`block_ref` of its key_ID.
     """
 
     key_id: KeyId
     data: bytearray = field(repr=False)
     added: float
     used: int = 0
+    ref: int = field(default=0, repr=False)
     prev: Block | None = field(default=None, repr=False)
     next: Block | None = field(default=None, repr=False)
 
@@ -271,7 +273,7 @@ class KeyPool:
         ref = block_ref(key_id)
         if ref in self._refs:
             raise ValueError(f"key_ID {key_id} collides with {self._refs[ref]}: supply another")
-        block = Block(key_id, data, added, used, prev=self._tail)
+        block = Block(key_id, data, added, used, ref, prev=self._tail)
         if self._tail is not None:
             self._tail.next = block
         self._tail = block
@@ -289,7 +291,7 @@ class KeyPool:
     def remove(self, block: Block) -> None:
         """Take a block out of the pool and overwrite its bytes."""
         del self.blocks[block.key_id]
-        del self._refs[block_ref(block.key_id)]
+        del self._refs[block.ref]
         self._stored -= block.left
         if block.prev is not None:
             block.prev.next = block.next
