@@ -6,6 +6,7 @@ Everything runs over real HTTPS with mutual TLS on loopback.
 from __future__ import annotations
 
 import base64
+import contextlib
 import ssl
 import uuid
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from qcall.qkd.client import ETSI014Client, open_key_source
 from qcall.qkd.kme import KME, random_keys
 from qcall.qkd.pki import PKIPaths, client_ssl_context, create_pki, server_ssl_context
 from qcall.qkd.server import KMEServer
+from qcall.typing import KeyId
 
 STATUS_FIELDS = {
     "source_KME_ID",
@@ -408,10 +410,12 @@ async def test_client_error_mapping_against_server(server: KMEServer, pki: PKIPa
             await carol.status("bob")
 
 
-@pytest.mark.parametrize("method", ["POST", "GET"])
-async def test_two_kmes(pki: PKIPaths, method: str) -> None:
-    kme_a, kme_b = KME("kme-a"), KME("kme-b")
-    keys = random_keys(10)
+@contextlib.asynccontextmanager
+async def two_kmes(
+    pki: PKIPaths, keys: list[tuple[KeyId, bytes]], method: str, **options: int
+) -> AsyncIterator[tuple[KME, ETSI014Client, ETSI014Client]]:
+    """kme-a (alice, master) and kme-b (bob, slave) supplied alike; yield kme-b and the SAEs."""
+    kme_a, kme_b = KME("kme-a", **options), KME("kme-b", **options)
     kme_a.supply("alice", "bob", keys, role="master", peer_kme_id="kme-b")
     kme_b.supply("alice", "bob", keys, role="slave", peer_kme_id="kme-a")
     async with (
@@ -420,6 +424,12 @@ async def test_two_kmes(pki: PKIPaths, method: str) -> None:
         ETSI014Client(srv_a.url, sae_ctx(pki, "alice"), method=method) as alice,
         ETSI014Client(srv_b.url, sae_ctx(pki, "bob"), method=method) as bob,
     ):
+        yield kme_b, alice, bob
+
+
+@pytest.mark.parametrize("method", ["POST", "GET"])
+async def test_two_kmes(pki: PKIPaths, method: str) -> None:
+    async with two_kmes(pki, random_keys(10), method) as (_, alice, bob):
         status = await bob.status("alice")
         assert (status.source_kme_id, status.target_kme_id) == ("kme-a", "kme-b")
         got = await alice.get_keys("bob", 3)
@@ -433,18 +443,10 @@ async def test_two_kmes(pki: PKIPaths, method: str) -> None:
 @pytest.mark.parametrize("method", ["POST", "GET"])
 async def test_key_sizes_from_one_pool_across_two_kmes(pki: PKIPaths, method: str) -> None:
     """128-, 512-, 72- and 1024-bit keys: cut from the same pool bytes, each byte once."""
-    kme_a = KME("kme-a", min_key_size=64, max_key_size=1024)
-    kme_b = KME("kme-b", min_key_size=64, max_key_size=1024)
     keys = random_keys(8)  # 8 x 256 bits = 256 bytes
     stream = b"".join(k for _, k in keys)
-    kme_a.supply("alice", "bob", keys, role="master", peer_kme_id="kme-b")
-    kme_b.supply("alice", "bob", keys, role="slave", peer_kme_id="kme-a")
-    async with (
-        KMEServer(kme_a, "127.0.0.1", 0, kme_ctx(pki, "kme-a")) as srv_a,
-        KMEServer(kme_b, "127.0.0.1", 0, kme_ctx(pki, "kme-b")) as srv_b,
-        ETSI014Client(srv_a.url, sae_ctx(pki, "alice"), method=method) as alice,
-        ETSI014Client(srv_b.url, sae_ctx(pki, "bob"), method=method) as bob,
-    ):
+    sizes = {"min_key_size": 64, "max_key_size": 1024}
+    async with two_kmes(pki, keys, method, **sizes) as (kme_b, alice, bob):
         for status in (await alice.status("bob"), await bob.status("alice")):
             assert (status.key_size, status.min_key_size, status.max_key_size) == (256, 64, 1024)
         got = [await alice.get_key("bob", bits) for bits in (128, 512, 256, 72)]
