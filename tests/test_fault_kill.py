@@ -15,6 +15,7 @@ client holds no key state beyond the call that asked for the keys.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -36,7 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 FILL = 200
 
 
-async def start_kme(pki: PKIPaths, state: Path) -> tuple[asyncio.subprocess.Process, str]:
+async def start_kme(
+    pki: PKIPaths, state: Path, *extra: str, fill: int = FILL
+) -> tuple[asyncio.subprocess.Process, str]:
     """``qcall qkd serve --state`` in its own process; return it and its URL."""
     node = pki.kmes["KME-A"]
     proc = await asyncio.create_subprocess_exec(
@@ -56,11 +59,12 @@ async def start_kme(pki: PKIPaths, state: Path) -> tuple[asyncio.subprocess.Proc
         "--pair",
         "alice:bob",
         "--fill",
-        str(FILL),
+        str(fill),
         "--port",
         "0",
         "--state",
         str(state),
+        *extra,
         stderr=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.DEVNULL,
         cwd=ROOT,
@@ -301,3 +305,32 @@ async def test_killed_caller_keys_are_never_handed_out_again(tmp_path: Path) -> 
         for server in servers.values():
             await server.close()
         await signaling.close()
+
+
+async def test_killed_kme_keeps_keys_of_any_size_exact(tmp_path: Path) -> None:
+    """Keys of 128, 512 and 384 bits cut from one pool: after SIGKILL, no byte twice."""
+    pki = create_pki(tmp_path / "pki", ["KME-A"], ["alice", "bob"])
+    state = tmp_path / "kme-a.state"
+    proc, url = await start_kme(pki, state, "--max-key-size", "1024", fill=4)
+    journal = state.with_name(state.name + ".journal").read_bytes().splitlines()
+    (supply,) = [r for r in map(json.loads, journal[1:]) if r["op"] == "supply"]
+    stream = b"".join(base64.b64decode(key) for _, key in supply["keys"])  # 128 bytes
+    try:
+        async with client(pki, "alice", url) as alice, client(pki, "bob", url) as bob:
+            small = await alice.get_key("bob", 128)
+            large = await alice.get_key("bob", 512)
+            assert (await bob.get_key_by_id("alice", large.key_id)).key == large.key
+        await kill(proc)
+        proc, url = await start_kme(pki, state, "--max-key-size", "1024", fill=4)
+        async with client(pki, "alice", url) as alice, client(pki, "bob", url) as bob:
+            assert (await alice.status("bob")).stored_key_count == (128 - 80) // 32
+            assert (await bob.get_key_by_id("alice", small.key_id)).key == small.key
+            with pytest.raises(KMEBadRequestError, match="key_ID not found"):
+                await bob.get_key_by_id("alice", large.key_id)
+            rest = await alice.get_key("bob", 384)
+            assert small.key + large.key + rest.key == stream  # every byte once
+            with pytest.raises(KMEUnavailableError):
+                await alice.get_key("bob", 64)
+    finally:
+        if proc.returncode is None:
+            await kill(proc)

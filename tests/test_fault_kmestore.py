@@ -233,3 +233,84 @@ async def test_simulated_network_with_durable_kmes(tmp_path: Path) -> None:
     assert left >= 1
     rest = again.enc_keys(A, "bob", KeyRequest(number=left)).keys
     assert not {k.key_id for k in rest} & {k.key_id for k in used}
+
+
+def test_keys_of_any_size_are_exact_across_a_crash(tmp_path: Path) -> None:
+    """Keys cut from the pool (128, 512, 1024 bits): a reload hands out no byte twice."""
+    path = tmp_path / "kme.state"
+    kme = DurableKME.open(path, "KME-A")
+    supplied = random_keys(10)  # 320 bytes, in this order
+    stream = b"".join(k for _, k in supplied)
+    kme.supply("alice", "bob", supplied, role="local")
+    small, large = (kme.enc_keys(A, "bob", KeyRequest(size=s)).keys[0] for s in (128, 512))
+    kme.dec_keys(B, "alice", [large.key_id])  # bob takes the 512-bit key, not the other
+    kme.store.flush()
+    assert small.key + large.key == stream[:80]
+
+    again = DurableKME.open(path, "KME-A")  # the first one "crashed"
+    assert again.stored_key_count("alice", "bob") == (320 - 80) // 32
+    (key,) = again.dec_keys(B, "alice", [small.key_id]).keys  # still there for bob
+    assert key.key == small.key
+    with pytest.raises(KMEBadRequestError, match="key_ID not found"):
+        again.dec_keys(B, "alice", [large.key_id])
+    (big,) = again.enc_keys(A, "bob", KeyRequest(size=1024)).keys
+    assert big.key == stream[80:208]  # the next bytes, none of the old ones
+    again.store.flush()
+    again.close()  # compaction: a version-2 snapshot with a partly used key
+    third = DurableKME.open(path, "KME-A")
+    rest = third.enc_keys(A, "bob", KeyRequest(number=3, size=256)).keys
+    assert b"".join(k.key for k in rest) == stream[208:304]
+    assert third.stored_key_count("alice", "bob") == 0
+
+
+def test_master_and_slave_state_files_agree_on_cut_keys(tmp_path: Path) -> None:
+    master = DurableKME.open(tmp_path / "a.state", "KME-A")
+    slave = DurableKME.open(tmp_path / "b.state", "KME-B")
+    keys = random_keys(6)
+    master.supply("alice", "bob", keys, role="master", peer_kme_id="KME-B")
+    slave.supply("alice", "bob", keys, role="slave", peer_kme_id="KME-A")
+    got = [master.enc_keys(A, "bob", KeyRequest(size=s)).keys[0] for s in (72, 512, 640)]
+    assert slave.dec_keys(B, "alice", [got[1].key_id]).keys[0].key == got[1].key
+    master.store.flush()
+    slave.store.flush()
+    slave_again = DurableKME.open(tmp_path / "b.state", "KME-B")  # both "crashed"
+    master_again = DurableKME.open(tmp_path / "a.state", "KME-A")
+    back = slave_again.dec_keys(B, "alice", [got[2].key_id, got[0].key_id]).keys
+    assert [k.key for k in back] == [got[2].key, got[0].key]
+    with pytest.raises(KMEBadRequestError):
+        slave_again.dec_keys(B, "alice", [got[1].key_id])
+    (nxt,) = master_again.enc_keys(A, "bob", KeyRequest(size=64)).keys
+    assert slave_again.dec_keys(B, "alice", [nxt.key_id]).keys[0].key == nxt.key
+    assert nxt.key not in b"".join(k.key for k in got)
+
+
+def test_version_1_state_files_still_load(tmp_path: Path) -> None:
+    """Files written before keys could be cut (every key whole) load unchanged."""
+    path = tmp_path / "kme.state"
+    (k1, v1), (k2, v2), (k3, v3) = random_keys(3)
+    b64 = [base64.b64encode(v).decode() for v in (v1, v2, v3)]
+    state = {
+        "format": "qcall-kme-state",
+        "version": 1,
+        "kme_id": "KME-A",
+        "key_size": 256,
+        "generation": 4,
+        "saes": ["alice", "bob"],
+        "pools": [
+            {
+                "master": "alice",
+                "slave": "bob",
+                "role": "local",
+                "peer_kme_id": "KME-A",
+                "enc": [[k1, b64[0], 0.0], [k2, b64[1], 0.0]],
+                "dec": [[k3, b64[2], 1.0]],  # issued to alice, waiting for bob
+            }
+        ],
+    }
+    path.write_text(json.dumps(state))
+    kme = DurableKME.open(path, "KME-A")
+    assert kme.stored_key_count("alice", "bob") == 2
+    assert kme.dec_keys(B, "alice", [k3]).keys[0].key == v3
+    assert [k.key for k in kme.enc_keys(A, "bob", KeyRequest(number=2)).keys] == [v1, v2]
+    kme.close()
+    assert json.loads(path.read_bytes())["version"] == 2

@@ -278,6 +278,8 @@ async def test_raw_malformed_http_is_refused_cleanly(server: KMEServer, pki: PKI
         assert re.match(rb"HTTP/\d\.\d \d{3} ", answer), answer[:100]
         status = int(answer[9:12])
         assert status in ALLOWED | {414, 431, 501}, answer[:300]
+        # even what aiohttp cannot parse is answered with the Error JSON (6.5)
+        assert b"\r\nContent-Type: application/json" in answer.split(b"\r\n\r\n")[0], answer[:300]
         statuses[str(status)] += 1
     print(f"\nraw: {dict(statuses)}")
     await real_exchange(server, pki)  # still serving

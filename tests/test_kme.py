@@ -115,7 +115,8 @@ def test_empty_pool_is_503_and_all_or_nothing() -> None:
 @pytest.mark.parametrize(
     ("request_", "match"),
     [
-        (KeyRequest(size=128), "size 128 is not supported"),
+        (KeyRequest(size=56), "size 56 is not supported: min_key_size is 64, max_key_size is 4096"),
+        (KeyRequest(size=4104), "size 4104 is not supported"),
         (KeyRequest(size=250), "size 250 is not a multiple of 8"),
         (KeyRequest(number=0), "number 0 is not in 1..4"),
         (KeyRequest(number=5), "number 5 is not in 1..4"),
@@ -209,8 +210,8 @@ def test_status_fields_and_alarm() -> None:
         "stored_key_count": 7,
         "max_key_count": 100_000,
         "max_key_per_request": 128,
-        "max_key_size": 512,
-        "min_key_size": 512,
+        "max_key_size": 4096,
+        "min_key_size": 64,
         "max_SAE_ID_count": 0,
     }
     kme.set_alarm(ALICE, BOB, "eavesdropper suspected on link Hefei-Hop3", qber=0.26)

@@ -6,6 +6,7 @@ Everything runs over real HTTPS with mutual TLS on loopback.
 from __future__ import annotations
 
 import base64
+import contextlib
 import ssl
 import uuid
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from qcall.qkd.client import ETSI014Client, open_key_source
 from qcall.qkd.kme import KME, random_keys
 from qcall.qkd.pki import PKIPaths, client_ssl_context, create_pki, server_ssl_context
 from qcall.qkd.server import KMEServer
+from qcall.typing import KeyId
 
 STATUS_FIELDS = {
     "source_KME_ID",
@@ -105,7 +107,7 @@ async def test_status(server: KMEServer, sessions: dict[str, aiohttp.ClientSessi
     assert (body["master_SAE_ID"], body["slave_SAE_ID"]) == ("alice", "bob")
     assert body["stored_key_count"] == 20 and body["key_size"] == 256
     assert body["max_key_per_request"] == 8 and body["max_key_count"] == 1000
-    assert body["min_key_size"] == body["max_key_size"] == 256
+    assert (body["min_key_size"], body["max_key_size"]) == (64, 4096)
 
 
 async def test_status_alarm(server: KMEServer, pki: PKIPaths) -> None:
@@ -160,7 +162,7 @@ async def test_default_number_is_one(
 @pytest.mark.parametrize(
     ("method", "endpoint", "kwargs", "message"),
     [
-        ("POST", "enc_keys", {"json": {"size": 128}}, "size 128 is not supported"),
+        ("POST", "enc_keys", {"json": {"size": 8192}}, "size 8192 is not supported"),
         ("POST", "enc_keys", {"json": {"size": 260}}, "size 260 is not a multiple of 8"),
         ("POST", "enc_keys", {"json": {"number": 9}}, "number 9 is not in 1..8"),
         ("POST", "enc_keys", {"json": {"number": 0}}, "number must be at least 1"),
@@ -318,22 +320,60 @@ async def test_keeps_serving_after_garbage(server: KMEServer, pki: PKIPaths) -> 
 # --- mutual TLS --------------------------------------------------------------------
 
 
+REFUSED = "refused our client certificate"
+
+
 async def test_missing_client_certificate_refused(server: KMEServer, pki: PKIPaths) -> None:
     ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
     async with ETSI014Client(server.url, ctx, timeout=5) as client:
-        with pytest.raises(KMEConnectionError):
+        with pytest.raises(KMEConnectionError, match=REFUSED):
             await client.status("bob")
 
 
+@pytest.mark.parametrize("tls", ["1.3", "1.2"])
 async def test_foreign_client_certificate_refused(
-    server: KMEServer, pki: PKIPaths, other_pki: PKIPaths
+    server: KMEServer, pki: PKIPaths, other_pki: PKIPaths, tls: str
 ) -> None:
+    """The error says what happened: the KME refused our certificate, which file, why it may."""
     # a certificate for "alice" from another CA, trusting the right server CA
-    ctx = client_ssl_context(other_pki.saes["alice"].cert, other_pki.saes["alice"].key, pki.ca_cert)
-    async with ETSI014Client(server.url, ctx, timeout=5) as client:
-        with pytest.raises(KMEConnectionError):
-            await client.get_key("bob")
+    foreign = other_pki.saes["alice"]
+    ctx = client_ssl_context(foreign.cert, foreign.key, pki.ca_cert)
+    if tls == "1.2":  # the KME refuses in the handshake itself
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    async with ETSI014Client(server.url, ctx, timeout=5, certificate=foreign.cert) as client:
+        for attempt in (client.get_key("bob"), client.get_keys_by_id("alice", [str(uuid.uuid4())])):
+            with pytest.raises(KMEConnectionError) as info:
+                await attempt
+            text = str(info.value)
+            assert f"KME {server.url} {REFUSED} {foreign.cert} in the TLS handshake" in text
+            assert "CA the KME does not trust" in text and "expired" in text
+            assert "client certificate (extendedKeyUsage clientAuth)" in text
+            assert "ServerDisconnected" not in text
+    # the same through a configuration, which names the file
+    config = {"url": server.url, "cert": foreign.cert, "key": foreign.key, "ca": pki.ca_cert}
+    async with open_key_source(config) as source:
+        with pytest.raises(KMEConnectionError, match=f"{REFUSED} {foreign.cert}"):
+            await source.status("bob")
     assert server.kme.stored_key_count("alice", "bob") == 20
+
+
+async def test_dropped_connection_is_not_called_a_refusal(pki: PKIPaths) -> None:
+    """A KME that accepted our certificate but drops a request is not said to refuse it."""
+    kme = KME("kme-a")
+    kme.supply("alice", "bob", random_keys(2), role="local")
+
+    def hang_up(request: aiohttp.web.Request) -> None:  # after TLS, before any answer
+        assert request.transport is not None
+        request.transport.close()
+
+    async with (
+        KMEServer(kme, "127.0.0.1", 0, kme_ctx(pki, "kme-a"), identify=hang_up) as srv,
+        ETSI014Client(srv.url, sae_ctx(pki, "alice"), timeout=5) as alice,
+    ):
+        with pytest.raises(KMEConnectionError) as info:
+            await alice.status("bob")
+    assert REFUSED not in str(info.value)
+    assert f"KME {srv.url} closed the connection without answering status" in str(info.value)
 
 
 async def test_server_verified_by_client(
@@ -356,8 +396,8 @@ async def test_server_verified_by_client(
 
 async def test_client_error_mapping_against_server(server: KMEServer, pki: PKIPaths) -> None:
     async with ETSI014Client(server.url, sae_ctx(pki, "alice")) as alice:
-        with pytest.raises(KMEBadRequestError, match="size 128 is not supported") as info:
-            await alice.get_key("bob", 128)
+        with pytest.raises(KMEBadRequestError, match="size 8192 is not supported") as info:
+            await alice.get_key("bob", 8192)
         assert info.value.status == 400 and info.value.message
         with pytest.raises(KMEBadRequestError, match="not known"):
             await alice.get_key("nobody")
@@ -370,10 +410,12 @@ async def test_client_error_mapping_against_server(server: KMEServer, pki: PKIPa
             await carol.status("bob")
 
 
-@pytest.mark.parametrize("method", ["POST", "GET"])
-async def test_two_kmes(pki: PKIPaths, method: str) -> None:
-    kme_a, kme_b = KME("kme-a"), KME("kme-b")
-    keys = random_keys(10)
+@contextlib.asynccontextmanager
+async def two_kmes(
+    pki: PKIPaths, keys: list[tuple[KeyId, bytes]], method: str, **options: int
+) -> AsyncIterator[tuple[KME, ETSI014Client, ETSI014Client]]:
+    """kme-a (alice, master) and kme-b (bob, slave) supplied alike; yield kme-b and the SAEs."""
+    kme_a, kme_b = KME("kme-a", **options), KME("kme-b", **options)
     kme_a.supply("alice", "bob", keys, role="master", peer_kme_id="kme-b")
     kme_b.supply("alice", "bob", keys, role="slave", peer_kme_id="kme-a")
     async with (
@@ -382,6 +424,12 @@ async def test_two_kmes(pki: PKIPaths, method: str) -> None:
         ETSI014Client(srv_a.url, sae_ctx(pki, "alice"), method=method) as alice,
         ETSI014Client(srv_b.url, sae_ctx(pki, "bob"), method=method) as bob,
     ):
+        yield kme_b, alice, bob
+
+
+@pytest.mark.parametrize("method", ["POST", "GET"])
+async def test_two_kmes(pki: PKIPaths, method: str) -> None:
+    async with two_kmes(pki, random_keys(10), method) as (_, alice, bob):
         status = await bob.status("alice")
         assert (status.source_kme_id, status.target_kme_id) == ("kme-a", "kme-b")
         got = await alice.get_keys("bob", 3)
@@ -390,6 +438,75 @@ async def test_two_kmes(pki: PKIPaths, method: str) -> None:
         with pytest.raises(KMEBadRequestError):
             await bob.get_key_by_id("alice", got[0].key_id)
         assert (await alice.status("bob")).stored_key_count == 7
+
+
+@pytest.mark.parametrize("method", ["POST", "GET"])
+async def test_key_sizes_from_one_pool_across_two_kmes(pki: PKIPaths, method: str) -> None:
+    """128-, 512-, 72- and 1024-bit keys: cut from the same pool bytes, each byte once."""
+    keys = random_keys(8)  # 8 x 256 bits = 256 bytes
+    stream = b"".join(k for _, k in keys)
+    sizes = {"min_key_size": 64, "max_key_size": 1024}
+    async with two_kmes(pki, keys, method, **sizes) as (kme_b, alice, bob):
+        for status in (await alice.status("bob"), await bob.status("alice")):
+            assert (status.key_size, status.min_key_size, status.max_key_size) == (256, 64, 1024)
+        got = [await alice.get_key("bob", bits) for bits in (128, 512, 256, 72)]
+        got += await alice.get_keys("bob", 1, 1024)
+        assert [k.size_bits for k in got] == [128, 512, 256, 72, 1024]
+        # exact accounting: 249 bytes taken, in order, none twice
+        assert b"".join(k.key for k in got) == stream[:249]
+        assert (await alice.status("bob")).stored_key_count == 0  # 7 bytes left
+        with pytest.raises(KMEUnavailableError, match="not enough keys: 0 of 64 bits"):
+            await alice.get_key("bob", 64)
+        with pytest.raises(KMEBadRequestError, match="size 1032 is not supported"):
+            await alice.get_key("bob", 1032)
+        with pytest.raises(KMEBadRequestError, match="size 56 is not supported"):
+            await alice.get_key("bob", 56)
+        # bob's KME finds every key from its key_ID alone, in any order, once
+        ids = [k.key_id for k in reversed(got)]
+        back = await bob.get_keys_by_id("alice", ids[:2])
+        back += await bob.get_keys_by_id("alice", ids[2:])
+        assert [k.key for k in back] == [k.key for k in reversed(got)]
+        for key in got:
+            with pytest.raises(KMEBadRequestError, match="key_ID not found"):
+                await bob.get_key_by_id("alice", key.key_id)
+        assert kme_b.stored_key_count("alice", "bob") == 0
+
+
+async def test_over_long_get_dec_keys_gets_the_error_json(
+    server: KMEServer, sessions: dict[str, aiohttp.ClientSession]
+) -> None:
+    """aiohttp refuses a long request line before any handler: still the Error object (6.5)."""
+    ids = "&".join(f"key_ID={uuid.uuid4()}" for _ in range(1600))  # 70 KB
+    status, body = await call(sessions["bob"], "GET", api(server, "alice", "dec_keys") + "?" + ids)
+    assert status == 400
+    assert body == {
+        "message": "request line or header longer than 65536 bytes (send many key_IDs with POST)"
+    }
+    status, _ = await call(sessions["alice"], "GET", api(server, "bob", "status"))
+    assert status == 200  # and it keeps serving
+
+
+async def test_get_dec_keys_is_refused_or_served_whole_never_truncated(pki: PKIPaths) -> None:
+    """More key_IDs than max_key_per_request: refused, nothing consumed; up to it: all served."""
+    kme = KME("kme-a", max_key_per_request=1100, max_key_count=2000)
+    kme.supply("alice", "bob", random_keys(1100), role="local")
+    ctx_a, ctx_b = sae_ctx(pki, "alice"), sae_ctx(pki, "bob")
+    async with (
+        KMEServer(kme, "127.0.0.1", 0, kme_ctx(pki, "kme-a")) as srv,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx_a)) as alice,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx_b)) as bob,
+    ):
+        status, body = await call(alice, "POST", api(srv, "bob", "enc_keys"), json={"number": 1100})
+        assert status == 200
+        ids = [k["key_ID"] for k in body["keys"]]
+        url = api(srv, "alice", "dec_keys")
+        extra = [*ids, str(uuid.uuid4())]
+        status, refusal = await call(bob, "GET", url, params=[("key_ID", k) for k in extra])
+        assert status == 400
+        assert refusal == {"message": "1101 key_IDs requested, max_key_per_request is 1100"}
+        status, got = await call(bob, "GET", url, params=[("key_ID", k) for k in ids])
+        assert status == 200
+        assert got == body  # all 1100, in order: none was consumed by the refusal
 
 
 async def test_open_key_source_etsi014(server: KMEServer, pki: PKIPaths) -> None:

@@ -4,9 +4,12 @@
 * ``qcall qkd get     … --peer SAE [--size BITS] [--number N]``
 * ``qcall qkd get-by-id … --peer SAE --key-id UUID [--key-id UUID …]``
 * ``qcall qkd serve --id KME_ID --cert F --key F --ca F --pair MASTER:SLAVE [--fill N]
-  [--state FILE]``: with ``--state``, the pools live in FILE (+ FILE.journal), so a
-  killed KME restarts with every unused key and never serves a consumed one
+  [--key-size BITS] [--min-key-size BITS] [--max-key-size BITS] [--state FILE]``:
+  with ``--state``, the pools live in FILE (+ FILE.journal), so a killed KME
+  restarts with every unused key and never serves a consumed one
   (docs/faults.md); ``--fill`` then only fills pairs the state does not have yet.
+  SIGINT (Ctrl-C), SIGTERM and SIGHUP stop it cleanly: the state is compacted,
+  so consumed keys leave the disk, and it exits 0.
 
 Keys are never printed: only their key_IDs and a short SHA-256 tag. ``--json``
 prints one machine-readable JSON object instead of text.
@@ -16,8 +19,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import signal
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 __all__ = ["register"]
@@ -72,12 +78,35 @@ def register(subparsers: Any) -> None:
         metavar="MASTER:SLAVE",
         help="serve this SAE pair locally (repeatable)",
     )
-    p.add_argument("--fill", type=int, default=1000, metavar="N", help="random keys per pair")
-    p.add_argument("--key-size", type=int, default=256, metavar="BITS")
+    p.add_argument(
+        "--fill", type=int, default=1000, metavar="N", help="random keys per pair (default 1000)"
+    )
+    p.add_argument(
+        "--key-size",
+        type=int,
+        default=256,
+        metavar="BITS",
+        help="default key size (Status key_size) and size of each --fill key (default 256)",
+    )
+    p.add_argument(
+        "--min-key-size",
+        type=int,
+        metavar="BITS",
+        help="smallest key an SAE may ask for, a multiple of 8 (default 64, or --key-size "
+        "if smaller)",
+    )
+    p.add_argument(
+        "--max-key-size",
+        type=int,
+        metavar="BITS",
+        help="largest key an SAE may ask for, a multiple of 8 (default 4096, or --key-size "
+        "if larger; at most 524280); keys of every size in between come from the same pool",
+    )
     p.add_argument(
         "--state",
         metavar="FILE",
-        help="keep the key pools in FILE (0600, crash-safe); reload them at start",
+        help="keep the key pools in FILE (0600, crash-safe); reload them at start; "
+        "SIGINT, SIGTERM and SIGHUP stop the KME cleanly",
     )
     p.set_defaults(func=_serve)
 
@@ -102,7 +131,7 @@ async def _query(args: argparse.Namespace) -> int:
     ctx = client_ssl_context(args.cert, args.key, args.ca)
     out: dict[str, Any]
     async with ETSI014Client(
-        args.kme, ctx, server_name=args.server_name, timeout=args.timeout
+        args.kme, ctx, server_name=args.server_name, timeout=args.timeout, certificate=args.cert
     ) as client:
         if args.action == "status":
             status = await client.status(args.peer)
@@ -139,11 +168,16 @@ def _serve(args: argparse.Namespace) -> int:
     if not args.pair:
         raise ConfigError("give at least one --pair MASTER:SLAVE")
     ctx = server_ssl_context(args.cert, args.key, args.ca)
+    sizes = {
+        "key_size": args.key_size,
+        "min_key_size": args.min_key_size,
+        "max_key_size": args.max_key_size,
+    }
     try:
         if args.state:
-            kme: KME = DurableKME.open(args.state, args.kme_id, key_size=args.key_size)
+            kme: KME = DurableKME.open(args.state, args.kme_id, **sizes)
         else:
-            kme = KME(args.kme_id, key_size=args.key_size)
+            kme = KME(args.kme_id, **sizes)
         known = {(m, s) for m, s, _ in kme.pairs()}
         for pair in args.pair:
             master, sep, slave = pair.partition(":")
@@ -156,21 +190,54 @@ def _serve(args: argparse.Namespace) -> int:
     if isinstance(kme, DurableKME):
         kme.store.flush()  # the filled keys are on disk before the first request
 
-    async def serve() -> None:
-        try:
-            server = KMEServer(kme, args.host, args.port, ctx)
-            await server.start()
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from exc
-        print(f"KME {kme.kme_id} serving {server.url}", file=sys.stderr, flush=True)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await server.close()
+    async def serve() -> str:
+        stop: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        with _stop_on_signals(stop):
+            try:
+                server = KMEServer(kme, args.host, args.port, ctx)
+                await server.start()
+            except OSError as exc:
+                text = f"cannot listen on {args.host}:{args.port}: {exc.strerror}"
+                raise ConfigError(text) from exc
+            print(f"KME {kme.kme_id} serving {server.url}", file=sys.stderr, flush=True)
+            try:
+                return await stop
+            finally:
+                await server.close()
 
     try:
-        asyncio.run(serve())
+        name = asyncio.run(serve())
     finally:
         if isinstance(kme, DurableKME):
             kme.close()  # compact: consumed keys leave the disk
+    print(f"KME {kme.kme_id} stopped ({name})", file=sys.stderr, flush=True)
     return 0
+
+
+#: The signals that stop ``qcall qkd serve`` cleanly (docs/faults.md §4.1).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: asyncio.Future[str]) -> Iterator[None]:
+    """While inside, SIGINT, SIGTERM and SIGHUP resolve ``stop`` with the signal's name.
+
+    Without this, SIGTERM and SIGHUP would kill the process at once, skipping
+    the final compaction of ``--state``: consumed keys would stay on disk.
+    """
+    loop = asyncio.get_running_loop()
+
+    def stopped(sig: signal.Signals) -> None:
+        if not stop.done():
+            stop.set_result(sig.name)
+
+    installed = []
+    for sig in STOP_SIGNALS:
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+            loop.add_signal_handler(sig, stopped, sig)
+            installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)

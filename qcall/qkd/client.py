@@ -17,8 +17,11 @@ A new device type is one new class: subclass :class:`KeySource`, implement
 from __future__ import annotations
 
 import abc
+import asyncio
+import contextlib
 import json
 import logging
+import os
 import ssl
 from collections.abc import Mapping, Sequence
 from types import TracebackType
@@ -61,6 +64,22 @@ logger = logging.getLogger(__name__)
 
 #: Largest KME answer read, in bytes.
 MAX_RESPONSE: Final = 4 * 1024 * 1024
+
+#: Why a KME refused our client certificate, by its TLS alert (OpenSSL reason ``…_ALERT_<X>``).
+_ALERTS: Final = {
+    "UNKNOWN_CA": "it is signed by a CA the KME does not trust",
+    "BAD_CERTIFICATE": "the KME finds it bad (signed by another CA, or not a client certificate)",
+    "CERTIFICATE_EXPIRED": "it has expired (or is not valid yet)",
+    "UNSUPPORTED_CERTIFICATE": "it is not a TLS client certificate (extendedKeyUsage clientAuth)",
+    "CERTIFICATE_REQUIRED": "we sent none (give a certificate and its key)",
+}
+
+#: Why a KME may drop us in the TLS handshake when it sends no alert.
+_MAYBE: Final = (
+    "it closed the connection without an answer; the certificate may be signed by a CA "
+    "the KME does not trust, expired (or not valid yet), or not a TLS client certificate "
+    "(extendedKeyUsage clientAuth)"
+)
 
 
 class KeySource(abc.ABC):
@@ -227,13 +246,16 @@ class ETSI014Client(KeySource):
         timeout: seconds for each whole request.
         method: ``"POST"`` (default) or ``"GET"`` for ``enc_keys``/``dec_keys``.
         headers: extra HTTP headers (e.g. for a plain-HTTP benchmark).
+        certificate: the file of our client certificate, named in errors (a
+            KME refusing it in the TLS handshake is a common set-up mistake).
 
     Errors (all :class:`~qcall.exceptions.QKDError`): 400 →
     :class:`KMEBadRequestError` (with the spec's ``message``/``details``),
     401 → :class:`KMEUnauthorizedError`, 503 → :class:`KMEUnavailableError`,
-    other statuses → :class:`KMEError`; refused, TLS failure, timeout →
-    :class:`KMEConnectionError`; malformed JSON, wrong count or size, bad,
-    duplicate or missing key_IDs → :class:`KMEResponseError`.
+    other statuses → :class:`KMEError`; refused, TLS failure (the KME refusing
+    our certificate said as such), timeout → :class:`KMEConnectionError`;
+    malformed JSON, wrong count or size, bad, duplicate or missing key_IDs →
+    :class:`KMEResponseError`.
     """
 
     type_name = "etsi014"
@@ -248,6 +270,7 @@ class ETSI014Client(KeySource):
         timeout: float = 10.0,
         method: str = "POST",
         headers: Mapping[str, str] | None = None,
+        certificate: str | os.PathLike[str] | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("https", "http") or not parts.hostname:
@@ -265,6 +288,7 @@ class ETSI014Client(KeySource):
         self.timeout = timeout
         self.method = method
         self._headers = dict(headers or {})
+        self.certificate = None if certificate is None else os.fspath(certificate)
         self._session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:
@@ -295,6 +319,7 @@ class ETSI014Client(KeySource):
             server_name=config.get("server_name"),
             timeout=timeout,
             method=str(config.get("method", "POST")).upper(),
+            certificate=config.get("cert"),
         )
 
     def _get_session(self) -> aiohttp.ClientSession:
@@ -347,14 +372,32 @@ class ETSI014Client(KeySource):
                 f"{where}: TLS certificate check failed: {exc.certificate_error}"
             ) from None
         except aiohttp.ClientConnectorSSLError as exc:
+            why = _alert(exc.os_error)
+            if why is not None:
+                raise KMEConnectionError(self._refused(why)) from None
             raise KMEConnectionError(f"{where}: TLS handshake failed: {exc.os_error}") from None
         except aiohttp.ClientConnectorError as exc:
-            reason = exc.os_error.strerror or str(exc.os_error)
+            if isinstance(exc.os_error, ConnectionResetError) and await self._drops_us():
+                raise KMEConnectionError(self._refused(_MAYBE)) from None  # TLS 1.2
+            reason = exc.os_error.strerror or str(exc.os_error) or type(exc.os_error).__name__
             raise KMEConnectionError(f"cannot connect to {where}: {reason}") from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            # TLS 1.3: the KME checks our certificate after our side of the
+            # handshake is done, so a refusal shows as a dropped connection.
+            why = _alert(exc.__cause__ or exc.__context__)
+            if why is None and await self._drops_us():
+                why = _MAYBE
+            if why is not None:
+                raise KMEConnectionError(self._refused(why)) from None
+            raise KMEConnectionError(
+                f"{where} closed the connection without answering {endpoint} ({exc})"
+            ) from None
         except aiohttp.ClientError as exc:
             raise KMEConnectionError(f"{where}: {type(exc).__name__}: {exc}") from None
         except ssl.SSLError as exc:
-            raise KMEConnectionError(f"{where}: TLS error: {exc.reason}") from None
+            why = _alert(exc)
+            text = self._refused(why) if why else f"{where}: TLS error: {exc.reason}"
+            raise KMEConnectionError(text) from None
         except OSError as exc:
             raise KMEConnectionError(f"{where}: {exc.strerror or exc}") from None
         try:
@@ -373,6 +416,44 @@ class ETSI014Client(KeySource):
             503: KMEUnavailableError,
         }.get(status, KMEError)
         raise error_cls(text, status=status, message=message, details=details)
+
+    def _refused(self, why: str) -> str:
+        """The message for "the KME refused our client certificate": ``why``, URL and file."""
+        ours = f" {self.certificate}" if self.certificate else ""
+        return f"KME {self.url} refused our client certificate{ours} in the TLS handshake: {why}"
+
+    async def _drops_us(self) -> bool:
+        """Whether the KME drops a fresh TLS connection of ours without answering HTTP.
+
+        A KME that accepted our certificate answers any request, even a bad
+        one; one that refused it closes the connection. An asyncio server (our
+        KME) sends no TLS alert, so this probe is what tells a refusal from a
+        connection dropped for another reason. Called only after a failure.
+        """
+        if not isinstance(self._ssl, ssl.SSLContext):
+            return False
+        parts = urlsplit(self.url)
+        host = parts.hostname or ""
+        request = f"GET {API_PREFIX}/ HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(min(self.timeout, 5.0)):
+                reader, writer = await asyncio.open_connection(
+                    host, parts.port or 443, ssl=self._ssl, server_hostname=self.server_name or host
+                )
+                writer.write(request.encode())
+                return not await reader.read(1)
+        except ssl.SSLCertVerificationError:
+            return False  # our check of the KME failed: reported as such
+        except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
+            return True  # dropped in the handshake (TLS 1.2) or by an alert
+        except (OSError, TimeoutError):
+            return False
+        finally:
+            if writer is not None:
+                writer.close()
+                with contextlib.suppress(OSError, ssl.SSLError):
+                    await writer.wait_closed()
 
     async def get_status(self, slave_sae: str) -> KeyStatus:
         """5.1 Get status: ``GET /api/v1/keys/{slave_SAE_ID}/status``."""
@@ -435,6 +516,17 @@ class ETSI014Client(KeySource):
 
 
 _NOT_JSON: Final = object()
+
+
+def _alert(error: BaseException | None) -> str | None:
+    """If ``error`` is the KME's TLS alert about our certificate, say why it refused it."""
+    reason = getattr(error, "reason", None)
+    if not isinstance(error, ssl.SSLError) or not isinstance(reason, str):
+        return None
+    for code, why in _ALERTS.items():
+        if f"ALERT_{code}" in reason:
+            return f"{why} (TLS alert {reason.lower()})"
+    return None
 
 
 async def _read_limited(resp: aiohttp.ClientResponse, where: str) -> bytes:

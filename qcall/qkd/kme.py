@@ -19,20 +19,20 @@ SAE, then erased. In a ``local`` pool (one KME hosting both SAEs) a key is
 first delivered by ``enc_keys`` to the master, then waits for the slave's
 ``dec_keys``, then is erased.
 
-Key sizes: every pool key has the KME's ``key_size`` (default 256 bits), so
-``min_key_size == max_key_size == key_size`` in Status and a request for any
-other ``size`` is answered with HTTP 400. Serving other sizes would need both
-KMEs to cut or join keys identically; fixed sizes keep that trivially true.
+Key sizes (ETSI GS QKD 014, 6.1 and 6.2): keys are supplied in blocks of
+``key_size`` bits (default 256); an SAE may ask for any ``size`` that is a
+multiple of 8 between ``min_key_size`` (default 64) and ``max_key_size``
+(default 4096), and gets ``key_size`` when it names none. Every pool is a byte
+stream: a key of ``size`` bits consumes exactly ``size / 8`` bytes of it,
+cut from one block or joined across consecutive ones, and the slave's KME
+finds the same bytes from the key_ID alone (:mod:`qcall.qkd.keypool`).
 """
 
 from __future__ import annotations
 
-import enum
 import os
 import uuid
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Final
 
 from qcall.exceptions import KMEUnauthorizedError, KMEUnavailableError
@@ -45,23 +45,21 @@ from qcall.qkd.etsi014 import (
     validate_key_id,
     validate_sae_id,
 )
+from qcall.qkd.keypool import MAX_BLOCK_BYTES, MAX_CUT_BYTES, KeyPool, PoolRole
 from qcall.typing import KeyId, SAEId
 
 __all__ = ["KME", "PoolRole", "random_keys"]
 
-#: Default key size of pool keys, in bits.
+#: Default key size (Status ``key_size``) and size of supplied keys, in bits.
 DEFAULT_KEY_SIZE: Final = 256
 
+#: Default smallest and largest key an SAE may ask for (Status ``min_key_size``,
+#: ``max_key_size``), in bits; widened to include ``key_size`` if needed.
+DEFAULT_MIN_KEY_SIZE: Final = 64
+DEFAULT_MAX_KEY_SIZE: Final = 4096
 
-class PoolRole(enum.Enum):
-    """Which side(s) of a pair a KME serves."""
-
-    #: The master SAE is attached here: keys go out through ``enc_keys``.
-    MASTER = "master"
-    #: The slave SAE is attached here: keys go out through ``dec_keys``.
-    SLAVE = "slave"
-    #: Both SAEs are attached here: ``enc_keys`` first, then ``dec_keys``.
-    LOCAL = "local"
+#: Largest ``max_key_size`` (and ``key_size``) a KME accepts, in bits.
+MAX_KEY_SIZE: Final = 8 * min(MAX_CUT_BYTES, MAX_BLOCK_BYTES)
 
 
 def random_keys(count: int, size_bits: int = DEFAULT_KEY_SIZE) -> list[tuple[KeyId, bytes]]:
@@ -74,31 +72,12 @@ def random_keys(count: int, size_bits: int = DEFAULT_KEY_SIZE) -> list[tuple[Key
     return [(KeyId(str(uuid.uuid4())), os.urandom(size_bits // 8)) for _ in range(count)]
 
 
-@dataclass(slots=True)
-class _Pool:
-    master: SAEId
-    slave: SAEId
-    role: PoolRole
-    peer_kme_id: str
-    #: Keys waiting for ``enc_keys`` (master side), oldest first: key_ID → (key, added).
-    enc: OrderedDict[KeyId, tuple[bytearray, float]] = field(default_factory=OrderedDict)
-    #: Keys waiting for ``dec_keys`` (slave side): key_ID → (key, added).
-    dec: dict[KeyId, tuple[bytearray, float]] = field(default_factory=dict)
-    alarm: str | None = None
-    qber: float | None = None
-
-    def stored(self) -> int:
-        return len(self.dec) if self.role is PoolRole.SLAVE else len(self.enc)
-
-    def held(self) -> int:
-        return len(self.enc) + len(self.dec)
-
-
-def _take(buf: bytearray) -> bytes:
-    """Copy a key out of the pool and overwrite the pool's copy."""
-    key = bytes(buf)
-    buf[:] = bytes(len(buf))
-    return key
+def _size_bits(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer number of bits")
+    if value <= 0 or value % 8 or value > MAX_KEY_SIZE:
+        raise ValueError(f"{name} must be a positive multiple of 8 up to {MAX_KEY_SIZE}")
+    return value
 
 
 class KME:
@@ -106,8 +85,14 @@ class KME:
 
     Args:
         kme_id: this KME's ID (``source_KME_ID``/``target_KME_ID`` in Status).
-        key_size: size of every pool key, in bits (a positive multiple of 8).
-        max_key_count: most keys a pool holds (Status ``max_key_count``).
+        key_size: the default key size (Status ``key_size``) and the size of
+            every supplied key, in bits (a positive multiple of 8).
+        min_key_size: the smallest ``size`` an SAE may ask for (default:
+            64, or ``key_size`` if smaller).
+        max_key_size: the largest ``size`` an SAE may ask for (default:
+            4096, or ``key_size`` if larger; at most 524,280).
+        max_key_count: most keys of ``key_size`` bits a pool holds (Status
+            ``max_key_count``; the pool holds that many times ``key_size`` bits).
         max_key_per_request: most keys per ``enc_keys``/``dec_keys`` call.
         key_lifetime: seconds after which :meth:`expire` erases an
             undelivered key (``None``: never).
@@ -126,20 +111,34 @@ class KME:
         kme_id: str,
         *,
         key_size: int = DEFAULT_KEY_SIZE,
+        min_key_size: int | None = None,
+        max_key_size: int | None = None,
         max_key_count: int = 100_000,
         max_key_per_request: int = 128,
         key_lifetime: float | None = None,
     ) -> None:
         self.kme_id = validate_sae_id(kme_id, "KME ID")
-        if key_size <= 0 or key_size % 8:
-            raise ValueError("key_size must be a positive multiple of 8")
+        key_size = _size_bits(key_size, "key_size")
+        if min_key_size is None:
+            min_key_size = min(DEFAULT_MIN_KEY_SIZE, key_size)
+        if max_key_size is None:
+            max_key_size = max(DEFAULT_MAX_KEY_SIZE, key_size)
+        min_key_size = _size_bits(min_key_size, "min_key_size")
+        max_key_size = _size_bits(max_key_size, "max_key_size")
+        if not min_key_size <= key_size <= max_key_size:
+            raise ValueError(
+                f"key sizes must satisfy min_key_size ({min_key_size}) <= key_size "
+                f"({key_size}) <= max_key_size ({max_key_size})"
+            )
         if max_key_count < 1 or max_key_per_request < 1:
             raise ValueError("max_key_count and max_key_per_request must be positive")
         self.key_size = key_size
+        self.min_key_size = min_key_size
+        self.max_key_size = max_key_size
         self.max_key_count = max_key_count
         self.max_key_per_request = max_key_per_request
         self.key_lifetime = key_lifetime
-        self._pools: dict[tuple[SAEId, SAEId], _Pool] = {}
+        self._pools: dict[tuple[SAEId, SAEId], KeyPool] = {}
         self._saes: set[SAEId] = set()
 
     def __repr__(self) -> str:
@@ -190,7 +189,7 @@ class KME:
                 raise ValueError(f"pair {m}->{s} already has role {existing.role.value}")
             return
         peer = self.kme_id if peer_kme_id is None else validate_sae_id(peer_kme_id, "KME ID")
-        self._pools[(m, s)] = _Pool(m, s, role, peer)
+        self._pools[(m, s)] = KeyPool(m, s, role, peer)
         if role is not PoolRole.SLAVE:
             self._saes.add(m)
         if role is not PoolRole.MASTER:
@@ -209,7 +208,9 @@ class KME:
         """Add keys to the pool of ``master`` → ``slave`` (created if needed).
 
         Keys beyond the pool's free room (``max_key_count``) are not stored;
-        check :meth:`free` first to supply both KMEs of a pair identically.
+        check :meth:`free` first to supply both KMEs of a pair identically,
+        and supply them in the same order: keys that do not fill a whole
+        supplied key are cut across consecutive ones (:mod:`qcall.qkd.keypool`).
 
         Args:
             master, slave, role, peer_kme_id: as for :meth:`add_pair`.
@@ -226,35 +227,36 @@ class KME:
         """
         self.add_pair(master, slave, role, peer_kme_id=peer_kme_id)
         pool = self._pools[(SAEId(master), SAEId(slave))]
-        room = self.max_key_count - pool.held()
-        staged: dict[KeyId, bytearray] = {}
         nbytes = self.key_size // 8
+        room = self.max_key_count * nbytes - pool.held_bytes()
+        staged: dict[KeyId, bytearray] = {}
         for key_id, key in keys:
             kid = validate_key_id(key_id)
             if len(key) != nbytes:
                 raise ValueError(f"key {kid} has {len(key) * 8} bits, pool needs {self.key_size}")
-            if kid in staged or kid in pool.enc or kid in pool.dec:
+            if kid in staged or kid in pool:
                 raise ValueError(f"key_ID {kid} is already in pool {master}->{slave}")
             staged[kid] = bytearray(key)
-        target = pool.dec if pool.role is PoolRole.SLAVE else pool.enc
         stored = 0
         for kid, buf in staged.items():
-            if stored >= room:
+            if room < nbytes:
                 buf[:] = bytes(len(buf))
                 continue
-            target[kid] = (buf, now)
+            pool.add(kid, buf, now)
+            room -= nbytes
             stored += 1
         return stored
 
     def free(self, master: str, slave: str) -> int:
-        """Return how many more keys the pool ``master`` → ``slave`` can take."""
+        """Return how many more keys of ``key_size`` bits the pool ``master`` → ``slave`` takes."""
         pool = self._pools.get((SAEId(master), SAEId(slave)))
-        return self.max_key_count - (pool.held() if pool else 0)
+        held = pool.held_bytes() if pool else 0
+        return (self.max_key_count * (self.key_size // 8) - held) // (self.key_size // 8)
 
     def stored_key_count(self, master: str, slave: str) -> int:
-        """Return Status ``stored_key_count`` of the pool (0 if it does not exist)."""
+        """Return Status ``stored_key_count``: keys of ``key_size`` bits this side can deliver."""
         pool = self._pools.get((SAEId(master), SAEId(slave)))
-        return pool.stored() if pool else 0
+        return pool.stored_bytes() // (self.key_size // 8) if pool else 0
 
     def pairs(self) -> list[tuple[SAEId, SAEId, PoolRole]]:
         """Return every pool as ``(master, slave, role)``."""
@@ -280,18 +282,23 @@ class KME:
         pool.qber = qber if alarm is not None else None
 
     def expire(self, now: float) -> int:
-        """Erase undelivered keys older than ``key_lifetime``; return how many."""
+        """Erase undelivered keys older than ``key_lifetime``; return how many.
+
+        A supplied key is erased whole, even if some of its bytes went out.
+        """
         if self.key_lifetime is None:
             return 0
         limit = now - self.key_lifetime
         erased = 0
         for pool in self._pools.values():
-            for store in (pool.enc, pool.dec):
-                old = [k for k, (_, added) in store.items() if added < limit]
-                for k in old:
-                    _take(store.pop(k)[0])
-                erased += len(old)
+            gone = pool.expire(limit)
+            if gone:
+                self._expired(pool, gone)
+                erased += len(gone)
         return erased
+
+    def _expired(self, pool: KeyPool, key_ids: list[KeyId]) -> None:
+        """Called after :meth:`expire` erased ``key_ids`` of ``pool`` (a hook for subclasses)."""
 
     # --- the ETSI GS QKD 014 methods (clause 5) -------------------------------------
 
@@ -341,11 +348,11 @@ class KME:
             master_sae_id=pool.master,
             slave_sae_id=pool.slave,
             key_size=self.key_size,
-            stored_key_count=pool.stored(),
+            stored_key_count=pool.stored_bytes() // (self.key_size // 8),
             max_key_count=self.max_key_count,
             max_key_per_request=self.max_key_per_request,
-            max_key_size=self.key_size,
-            min_key_size=self.key_size,
+            max_key_size=self.max_key_size,
+            min_key_size=self.min_key_size,
             max_sae_id_count=0,
             status_extension=extension,
         )
@@ -355,17 +362,18 @@ class KME:
     ) -> KeyContainer:
         """5.2 Get key: ``POST|GET /api/v1/keys/{slave_SAE_ID}/enc_keys``.
 
-        Delivers ``request.number`` keys of the pool ``caller`` → ``slave``
-        (oldest first) and erases them here (a ``local`` pool keeps them for
-        the slave's ``dec_keys``).
+        Delivers ``request.number`` keys of ``request.size`` bits (default
+        ``key_size``) cut from the pool ``caller`` → ``slave``, oldest bytes
+        first, and erases those bytes here (a ``local`` pool keeps the keys
+        for the slave's ``dec_keys``).
 
         Raises:
             KMEUnauthorizedError: ``caller`` is not attached here.
             KMEBadRequestError: unknown ``slave``; ``number`` above
-                ``max_key_per_request``; ``size`` not a multiple of 8 or not
-                ``key_size``; ``additional_slave_SAE_IDs`` (``max_SAE_ID_count``
-                is 0); any ``extension_mandatory``.
-            KMEUnavailableError: fewer than ``number`` keys stored (503).
+                ``max_key_per_request``; ``size`` not a multiple of 8 or outside
+                ``min_key_size``..``max_key_size``; ``additional_slave_SAE_IDs``
+                (``max_SAE_ID_count`` is 0); any ``extension_mandatory``.
+            KMEUnavailableError: fewer than ``number * size`` bits stored (503).
         """
         self._check_caller(caller)
         peer = self._peer(slave, "slave_SAE_ID")
@@ -388,23 +396,18 @@ class KME:
         size = self.key_size if request.size is None else request.size
         if size % 8:
             raise bad_request(f"size {size} is not a multiple of 8")
-        if size != self.key_size:
+        if not self.min_key_size <= size <= self.max_key_size:
             raise bad_request(
-                f"size {size} is not supported: min_key_size = max_key_size = {self.key_size}"
+                f"size {size} is not supported: min_key_size is {self.min_key_size}, "
+                f"max_key_size is {self.max_key_size}"
             )
-        if len(pool.enc) < number:
-            text = f"not enough keys: {len(pool.enc)} stored, {number} requested"
+        stored = pool.stored_bytes() // (size // 8)
+        if stored < number:
+            what = "" if size == self.key_size else f" of {size} bits"
+            text = f"not enough keys: {stored}{what} stored, {number} requested"
             raise KMEUnavailableError(text, status=503, message=text)
-        keys: list[QKDKey] = []
-        local = pool.role is PoolRole.LOCAL
-        for _ in range(number):
-            kid, (buf, _added) = pool.enc.popitem(last=False)
-            if local:
-                pool.dec[kid] = (buf, now)
-                keys.append(QKDKey(kid, bytes(buf)))
-            else:
-                keys.append(QKDKey(kid, _take(buf)))
-        return KeyContainer(tuple(keys))
+        issued = pool.issue(number, size // 8, now)
+        return KeyContainer(tuple(QKDKey(kid, key) for kid, key in issued))
 
     def dec_keys(
         self, caller: SAEId, master: str, key_ids: Sequence[KeyId], now: float = 0.0
@@ -434,7 +437,7 @@ class KME:
             )
         if len(set(key_ids)) != len(key_ids):
             raise bad_request("duplicate key_ID")
-        missing = [k for k in key_ids if k not in pool.dec]
+        keys, missing = pool.redeem(key_ids)
         if missing:
             raise bad_request("key_ID not found", [{"key_ID": k} for k in missing[:20]])
-        return KeyContainer(tuple(QKDKey(k, _take(pool.dec.pop(k)[0])) for k in key_ids))
+        return KeyContainer(tuple(QKDKey(k, key) for k, key in zip(key_ids, keys, strict=True)))

@@ -25,11 +25,18 @@ with one ``fdatasync``. Single requests pay one flush each.
 
 Files, for ``state = PATH``::
 
-    PATH          snapshot: JSON {format, version, kme_id, key_size, generation,
-                  saes, pools: [{master, slave, role, peer_kme_id, enc, dec}]},
-                  keys as [key_ID, base64 key, added]; written with atomic_write
+    PATH          snapshot: JSON {format, version: 2, kme_id, key_size, generation,
+                  saes, pools: [{master, slave, role, peer_kme_id, blocks, issued}]},
+                  blocks (supplied keys) as [key_ID, base64 key, added, used],
+                  used = [[start, end), …] bytes already handed out (zero here);
+                  issued (local pools: keys issued, waiting for the slave) as
+                  [key_ID, base64 key, issued]; written with atomic_write
     PATH.journal  line 1 {"generation": g}; then one JSON record per line:
-                  sae, pair, supply (with base64 keys), enc, dec, expire
+                  sae, pair, supply (with base64 keys), enc (key_IDs and size:
+                  replayed by cutting the same keys again), dec, expire
+
+A version 1 snapshot (every key whole: ``enc``/``dec`` lists of [key_ID,
+base64 key, added]) is read as well.
 
 A journal whose generation is not the snapshot's is stale (a compaction was
 interrupted after the new snapshot was in place) and is ignored. A torn last
@@ -60,7 +67,8 @@ from typing import Any, Final
 
 from qcall.config import atomic_write
 from qcall.exceptions import ConfigError, KMEStateError, KMEUnavailableError
-from qcall.qkd.etsi014 import KeyContainer, KeyRequest
+from qcall.qkd.etsi014 import KeyContainer, KeyRequest, validate_key_id
+from qcall.qkd.keypool import KeyPool, ranges_mask
 from qcall.qkd.kme import DEFAULT_KEY_SIZE, KME, PoolRole
 from qcall.typing import KeyId, SAEId
 
@@ -70,7 +78,10 @@ logger = logging.getLogger(__name__)
 
 #: ``format`` of a snapshot file.
 FORMAT: Final = "qcall-kme-state"
-VERSION: Final = 1
+VERSION: Final = 2
+
+#: Snapshot versions this module reads.
+READABLE_VERSIONS: Final = (1, 2)
 
 #: Compact when the journal exceeds max(this, half the last snapshot's size), in bytes.
 COMPACT_BYTES: Final = 1 << 20
@@ -266,8 +277,11 @@ class KMEStore:
                     "slave": pool.slave,
                     "role": pool.role.value,
                     "peer_kme_id": pool.peer_kme_id,
-                    "enc": [[k, _b64(buf), added] for k, (buf, added) in pool.enc.items()],
-                    "dec": [[k, _b64(buf), added] for k, (buf, added) in pool.dec.items()],
+                    "blocks": [
+                        [b.key_id, _b64(b.data), b.added, b.used_ranges()]
+                        for b in pool.blocks.values()
+                    ],
+                    "issued": [[k, _b64(buf), when] for k, (buf, when) in pool.issued.items()],
                 }
             )
         state = {
@@ -335,7 +349,7 @@ class DurableKME(KME):
             kme.kme_id,
             store.path,
             len(kme._pools),
-            sum(p.held() for p in kme._pools.values()),
+            sum(len(p.blocks) + len(p.issued) for p in kme._pools.values()),
         )
         return kme
 
@@ -358,7 +372,7 @@ class DurableKME(KME):
             raise KMEStateError(f"{path}: not a KME state file (bad JSON)") from None
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise KMEStateError(f"{path}: field 'format' is not {FORMAT!r}")
-        if state.get("version") != VERSION:
+        if state.get("version") not in READABLE_VERSIONS:
             raise KMEStateError(f"{path}: field 'version' {state.get('version')!r} not supported")
         if state.get("kme_id") != self.kme_id:
             raise KMEStateError(
@@ -389,15 +403,32 @@ class DurableKME(KME):
         role = PoolRole(pool["role"])
         KME.add_pair(self, master, slave, role, peer_kme_id=pool["peer_kme_id"])
         target = self._pools[(SAEId(master), SAEId(slave))]
-        nbytes = self.key_size // 8
-        for side in ("enc", "dec"):
-            store = target.enc if side == "enc" else target.dec
-            for j, item in enumerate(pool[side]):
-                key_id, key, added = item
-                raw = _unb64(key, f"{where}.{side}[{j}]")
-                if len(raw) != nbytes or not isinstance(added, int | float):
-                    raise KMEStateError(f"{where}.{side}[{j}]: bad key size or time")
-                store[KeyId(key_id)] = (bytearray(raw), float(added))
+        if "blocks" in pool:  # version 2
+            blocks, issued = ("blocks", pool["blocks"]), ("issued", pool["issued"])
+        elif role is PoolRole.SLAVE:  # version 1: every key whole
+            blocks, issued = ("dec", pool["dec"]), ("enc", [])
+        else:
+            blocks, issued = ("enc", pool["enc"]), ("dec", pool["dec"])
+        for j, item in enumerate(blocks[1]):
+            self._load_block(target, item, f"{where}.{blocks[0]}[{j}]")
+        for j, item in enumerate(issued[1]):
+            at = f"{where}.{issued[0]}[{j}]"
+            key_id, key, when = item
+            raw = _unb64(key, at)
+            if not raw or not isinstance(when, int | float):
+                raise KMEStateError(f"{at}: bad key size or time")
+            target.add_issued(validate_key_id(key_id), bytearray(raw), float(when))
+
+    def _load_block(self, pool: KeyPool, item: Any, where: str) -> None:
+        key_id, key, added, *rest = item
+        raw = _unb64(key, where)
+        if len(raw) != self.key_size // 8 or not isinstance(added, int | float) or len(rest) > 1:
+            raise KMEStateError(f"{where}: bad key size or time")
+        used = ranges_mask(rest[0], len(raw)) if rest else 0
+        master_side = pool.role is not PoolRole.SLAVE
+        if used.bit_count() == len(raw) or (master_side and used & (used + 1)):
+            raise KMEStateError(f"{where}: used bytes {rest[0]} are not possible here")
+        pool.add(validate_key_id(key_id), bytearray(raw), float(added), used)
 
     def _replay(self) -> None:
         journal = self.store.journal_path
@@ -446,23 +477,24 @@ class DurableKME(KME):
             )
         elif op in ("enc", "dec", "expire"):
             pool = self._pools[(SAEId(record["m"]), SAEId(record["s"]))]
-            for key_id in record["ids"]:
-                kid = KeyId(key_id)
-                if op == "enc":
-                    if kid not in pool.enc:
-                        raise KeyError(f"key_ID {kid} is not in the enc pool")
-                    buf, _added = pool.enc.pop(kid)
-                    if pool.role is PoolRole.LOCAL:
-                        pool.dec[kid] = (buf, float(record["now"]))
-                    else:
-                        buf[:] = bytes(len(buf))
-                else:
-                    for side in (pool.enc, pool.dec) if op == "expire" else (pool.dec,):
-                        entry = side.pop(kid, None)
-                        if entry is not None:
-                            entry[0][:] = bytes(len(entry[0]))
-                        elif op == "dec":
-                            raise KeyError(f"key_ID {kid} is not in the dec pool")
+            ids = [KeyId(k) for k in record["ids"]]
+            if op == "enc":  # cut the same keys again: the cut is a function of the pool
+                size = record.get("size", self.key_size)
+                if not isinstance(size, int) or size <= 0 or size % 8:
+                    raise ValueError(f"bad size {size!r}")
+                if pool.stored_bytes() < len(ids) * size // 8:
+                    raise KeyError(f"key_ID {ids[0]} is not in the enc pool")
+                got = [k for k, _ in pool.issue(len(ids), size // 8, float(record["now"]))]
+                wrong = [k for k, g in zip(ids, got, strict=True) if k != g]
+                if wrong:
+                    raise KeyError(f"key_ID {wrong[0]} is not in the enc pool")
+            elif op == "dec":
+                _, missing = pool.redeem(ids)
+                if missing:
+                    raise KeyError(f"key_ID {missing[0]} is not in the dec pool")
+            else:
+                for kid in ids:
+                    pool.erase(kid)
         else:
             raise ValueError(f"unknown op {op!r}")
 
@@ -534,6 +566,7 @@ class DurableKME(KME):
                 "m": caller,
                 "s": slave,
                 "now": now,
+                "size": self.key_size if request.size is None else request.size,
                 "ids": [k.key_id for k in container.keys],
             }
         )
@@ -549,15 +582,9 @@ class DurableKME(KME):
         )
         return container
 
-    def expire(self, now: float) -> int:
-        if self.key_lifetime is None:
-            return 0
-        limit = now - self.key_lifetime
-        for pool in self._pools.values():
-            old = [k for store in (pool.enc, pool.dec) for k, (_, t) in store.items() if t < limit]
-            if old and self._recording:
-                self.store.append({"op": "expire", "m": pool.master, "s": pool.slave, "ids": old})
-        return super().expire(now)
+    def _expired(self, pool: KeyPool, key_ids: list[KeyId]) -> None:
+        if self._recording:
+            self.store.append({"op": "expire", "m": pool.master, "s": pool.slave, "ids": key_ids})
 
     def _check_store(self) -> None:
         if self.store._failed is not None:
