@@ -47,7 +47,7 @@ from qcall.exceptions import (
 )
 
 if TYPE_CHECKING:
-    from qcall.pqc import KEM, KEMPrivateKey, SignatureScheme, SigningKey
+    from qcall.pqc import KEM, Backend, KEMPrivateKey, SignatureScheme, SigningKey
 
 __all__ = ["LibOQSProbe", "OQSBackend", "liboqs_library_path", "probe"]
 
@@ -203,6 +203,12 @@ class _OQSKEMKey:
         except RuntimeError as exc:  # liboqs returned an error code
             raise InvalidKeyError("liboqs could not decapsulate") from exc
 
+    def secret_parts(self) -> tuple[bytes, ...]:
+        # FIPS 203 algorithm 16: dk = dk_PKE ‖ ek ‖ H(ek) ‖ z; ek and H(ek) are public.
+        dk = bytes(self._kem.export_secret_key())
+        public = self.algorithm.sizes.encapsulation_key + 32
+        return (dk[: len(dk) - public - 32], dk[-32:])
+
     def __del__(self) -> None:
         kem = getattr(self, "_kem", None)
         if kem is not None:
@@ -235,6 +241,11 @@ class _OQSSigningKey:
         if len(context) > 255:
             raise ValueError("ML-DSA context must be at most 255 bytes")
         return bytes(self._sig.sign_with_ctx_str(bytes(data), bytes(context)))
+
+    def secret_parts(self) -> tuple[bytes, ...]:
+        # FIPS 204 algorithm 24: sk = ρ ‖ K ‖ tr ‖ s1 ‖ s2 ‖ t0; ρ and tr = H(pk) are public.
+        sk = bytes(self._sig.export_secret_key())
+        return (sk[32:64], sk[128:])
 
     def __del__(self) -> None:
         sig = getattr(self, "_sig", None)
@@ -358,3 +369,7 @@ class OQSBackend:
             )
         finally:
             sig.free()
+
+
+if TYPE_CHECKING:  # mypy checks that the class implements the whole interface
+    _OQS_IS_A_BACKEND: type[Backend] = OQSBackend

@@ -232,6 +232,31 @@ def test_importing_qcall_never_imports_oqs() -> None:
     assert out.stdout.strip() == "False"
 
 
+# --- the oqs backend's own code, over the stand-in liboqs-python (tests/oqs_standin) ---
+
+
+def test_oqs_key_secret_parts_are_the_secret_fields(oqs_standin: None) -> None:
+    """FIPS 203 dk = dk_PKE ‖ ek ‖ H(ek) ‖ z and FIPS 204 sk = ρ ‖ K ‖ tr ‖ s1 ‖ s2 ‖ t0:
+    the parts given to leak checks hold no public byte."""
+    backend = pqc.get_backend("oqs")
+    seed = bytes(range(64))  # d ‖ z
+    kem_key = backend.kem_from_seed(pqc.KEM.ML_KEM_768, seed)
+    assert (
+        kem_key.public_bytes()
+        == pqc.get_backend("cryptography").kem_from_seed(pqc.KEM.ML_KEM_768, seed).public_bytes()
+    )
+    dk_pke, z = kem_key.secret_parts()
+    assert len(dk_pke) == 1152 and z == seed[32:]
+    assert kem_key.public_bytes()[:12] not in dk_pke + z
+    sig_key = backend.signing_generate(pqc.SignatureScheme.ML_DSA_65)
+    k, rest = sig_key.secret_parts()
+    assert (len(k), len(rest)) == (32, 4032 - 128)
+    rho = sig_key.public_bytes()[:32]
+    assert rho not in k + rest
+    with pytest.raises(UnsupportedAlgorithmError, match="no exportable seed"):
+        sig_key.seed_bytes()
+
+
 # --- start-up self-test --------------------------------------------------------------------
 
 
