@@ -22,6 +22,7 @@ from qcall.exceptions import (
     InvalidKeyError,
     UnsupportedAlgorithmError,
 )
+from scripts import bench_handshake
 from tests.oqs_standin import needs_liboqs
 
 ALL_KEMS = list(pqc.KEM)
@@ -324,6 +325,30 @@ def test_real_liboqs_import_prints_nothing() -> None:
     code = "from qcall import pqc; pqc.check_support(pqc.get_backend('oqs'))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert (done.stdout, done.stderr) == ("", "")
+
+
+# --- scripts/bench_handshake.py --backend --------------------------------------------------
+
+
+def test_bench_handshake_unavailable_backend_is_an_error(
+    no_liboqs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert bench_handshake.main(["--backend", "oqs", "--runs", "1", "--json"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("bench_handshake: error: the 'oqs' backend is unavailable")
+    assert "OQS_INSTALL_PATH" in err
+
+
+def test_bench_handshake_runs_on_the_selected_backend(
+    oqs_standin: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert bench_handshake.main(["--runs", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["backend"] == "cryptography"
+    assert bench_handshake.main(["--backend", "oqs", "--runs", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)  # stdout holds the JSON and nothing else
+    assert (result["backend"], result["backend_library"]) == ("oqs", "0.16.0")
+    assert result["handshake_us"] > 0
 
 
 # --- start-up self-test --------------------------------------------------------------------
