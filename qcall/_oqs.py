@@ -8,14 +8,23 @@ first repeats liboqs-python's own library search (``find_library("liboqs")``,
 it would load with :mod:`ctypes`, and checks that it is one liboqs-python can
 drive: the symbols it binds at import exist and the liboqs (major, minor)
 version equals liboqs-python's. Only then does :class:`OQSBackend` import
-``oqs``. Merely importing this module never imports ``oqs``.
+``oqs``. Merely importing this module never imports ``oqs``. When no library
+is found, asking for the backend raises
+:class:`~qcall.exceptions.BackendUnavailableError` listing where it looked.
+
+liboqs-python's import also logs "liboqs-python faulthandler is disabled"
+through a handler of its own on *stdout*, which would corrupt machine-readable
+output (``--json``). :func:`_import_oqs` imports it with stdout redirected and
+its loggers silenced, removes that handler, and passes what it said to this
+module's logger at DEBUG.
 
 How to get this backend: build liboqs (https://github.com/open-quantum-safe/liboqs)
 with ``-DBUILD_SHARED_LIBS=ON`` at the release matching ``liboqs-python``,
 install it under a prefix, ``export OQS_INSTALL_PATH=<prefix>`` and
-``pip install 'qcall[oqs]'``. (The PyPI wheel ``pqcow-liboqs`` bundles
-liboqs 0.11.0, which lacks ``OQS_SIG_supports_ctx_str`` and the derandomised
-key generation that liboqs-python ≥ 0.14 needs, so it cannot serve here.)
+``pip install 'qcall[oqs]'``; docs/backends.md has the exact commands. (The
+PyPI wheel ``pqcow-liboqs`` bundles liboqs 0.11.0, which lacks
+``OQS_SIG_supports_ctx_str`` and the derandomised key generation that
+liboqs-python ≥ 0.14 needs, so it cannot serve here.)
 
 Capabilities (FIPS 203 / FIPS 204 through liboqs):
 
@@ -30,9 +39,12 @@ Capabilities (FIPS 203 / FIPS 204 through liboqs):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import importlib.metadata
+import io
+import logging
 import os
 import platform
 import re
@@ -47,9 +59,14 @@ from qcall.exceptions import (
 )
 
 if TYPE_CHECKING:
-    from qcall.pqc import KEM, KEMPrivateKey, SignatureScheme, SigningKey
+    from qcall.pqc import KEM, Backend, KEMPrivateKey, SignatureScheme, SigningKey
 
 __all__ = ["LibOQSProbe", "OQSBackend", "liboqs_library_path", "probe"]
+
+logger = logging.getLogger(__name__)
+
+#: The loggers liboqs-python sets up at import (``oqs/oqs.py`` logs as ``oqs.oqs``).
+_LIBOQS_LOGGERS = ("oqs", "oqs.oqs")
 
 #: Symbols liboqs-python binds when ``oqs`` is imported or used by this backend.
 _REQUIRED_SYMBOLS = (
@@ -66,7 +83,8 @@ _REQUIRED_SYMBOLS = (
 _INSTALL_HINT = (
     "build and install liboqs as a shared library "
     "(https://github.com/open-quantum-safe/liboqs, -DBUILD_SHARED_LIBS=ON), "
-    "set OQS_INSTALL_PATH to its prefix, then pip install 'qcall[oqs]'"
+    "set OQS_INSTALL_PATH to its prefix, then pip install 'qcall[oqs]' "
+    "(docs/backends.md gives the commands)"
 )
 
 
@@ -88,8 +106,9 @@ class LibOQSProbe:
 def _candidates() -> list[str]:
     """Library paths in the order liboqs-python's ``_load_shared_obj`` tries them."""
     found: list[str] = []
-    # liboqs-python inserts both find_library() hits at position 0, "liboqs" last.
-    for name in ("liboqs", "oqs"):
+    # liboqs-python inserts find_library("oqs"), then find_library("liboqs"), at
+    # position 0: the "liboqs" hit comes first, then the "oqs" one.
+    for name in ("oqs", "liboqs"):
         try:
             hit = ctypes.util.find_library(name)
         except Exception:  # liboqs-python ignores every failure here too
@@ -153,7 +172,13 @@ def probe() -> LibOQSProbe:
                 f"{python_version}: install the liboqs release of the same major.minor",
             )
         return LibOQSProbe(candidate, version, None)
-    return LibOQSProbe(None, None, "the liboqs shared library is not installed")
+    searched = ", ".join(['find_library("liboqs")', 'find_library("oqs")', *_candidates()[-2:]])
+    return LibOQSProbe(
+        None,
+        None,
+        f"the liboqs shared library is not installed (searched {searched}); "
+        "qcall never lets liboqs-python download or build it",
+    )
 
 
 def liboqs_library_path() -> str | None:
@@ -163,18 +188,46 @@ def liboqs_library_path() -> str | None:
 
 
 def _import_oqs() -> Any:
-    """Import liboqs-python after :func:`probe` approved the library."""
+    """Import liboqs-python after :func:`probe` approved the library, printing nothing."""
     result = probe()
     if result.problem is not None:
         raise BackendUnavailableError(
             f"the 'oqs' backend is unavailable: {result.problem}; {_INSTALL_HINT}"
         )
     try:
-        import oqs
+        return _import_quietly()
     except (Exception, SystemExit) as exc:  # liboqs-python exits on load failure
         raise BackendUnavailableError(
             f"liboqs-python failed to load liboqs {result.version} from {result.path}: {exc}"
         ) from exc
+
+
+def _import_quietly() -> Any:
+    """``import oqs`` with stdout untouched; what it printed is logged at DEBUG.
+
+    During the import stdout goes to a buffer (so the handler liboqs-python
+    attaches to "stdout" is bound to that buffer) and its loggers do not
+    propagate (so the root logger's handlers do not repeat the line). After it,
+    that handler is removed: liboqs-python then logs like any library, through
+    the root logger. The redirection is process-wide for the few milliseconds of
+    the import; :func:`qcall.pqc.get_backend` does it once per process.
+    """
+    buffer = io.StringIO()
+    loggers = [logging.getLogger(name) for name in _LIBOQS_LOGGERS]
+    propagate = [each.propagate for each in loggers]
+    for each in loggers:
+        each.propagate = False
+    try:
+        with contextlib.redirect_stdout(buffer):
+            import oqs
+    finally:
+        for each, saved in zip(loggers, propagate, strict=True):
+            each.propagate = saved
+            for handler in list(each.handlers):
+                if getattr(handler, "stream", None) is buffer:
+                    each.removeHandler(handler)
+        for line in buffer.getvalue().splitlines():
+            logger.debug("= liboqs-python: %s", line)
     return oqs
 
 
@@ -202,6 +255,12 @@ class _OQSKEMKey:
             return bytes(self._kem.decap_secret(bytes(ciphertext)))
         except RuntimeError as exc:  # liboqs returned an error code
             raise InvalidKeyError("liboqs could not decapsulate") from exc
+
+    def secret_parts(self) -> tuple[bytes, ...]:
+        # FIPS 203 algorithm 16: dk = dk_PKE ‖ ek ‖ H(ek) ‖ z; ek and H(ek) are public.
+        dk = bytes(self._kem.export_secret_key())
+        public = self.algorithm.sizes.encapsulation_key + 32
+        return (dk[: len(dk) - public - 32], dk[-32:])
 
     def __del__(self) -> None:
         kem = getattr(self, "_kem", None)
@@ -235,6 +294,11 @@ class _OQSSigningKey:
         if len(context) > 255:
             raise ValueError("ML-DSA context must be at most 255 bytes")
         return bytes(self._sig.sign_with_ctx_str(bytes(data), bytes(context)))
+
+    def secret_parts(self) -> tuple[bytes, ...]:
+        # FIPS 204 algorithm 24: sk = ρ ‖ K ‖ tr ‖ s1 ‖ s2 ‖ t0; ρ and tr = H(pk) are public.
+        sk = bytes(self._sig.export_secret_key())
+        return (sk[32:64], sk[128:])
 
     def __del__(self) -> None:
         sig = getattr(self, "_sig", None)
@@ -358,3 +422,7 @@ class OQSBackend:
             )
         finally:
             sig.free()
+
+
+if TYPE_CHECKING:  # mypy checks that the class implements the whole interface
+    _OQS_IS_A_BACKEND: type[Backend] = OQSBackend

@@ -15,7 +15,10 @@ Two backends implement the asymmetric primitives:
   already installed (see :mod:`qcall._oqs`); it never downloads anything.
 
 Choose with :func:`get_backend` or the ``QCALL_PQC_BACKEND`` environment
-variable (``auto``, ``cryptography`` or ``oqs``).
+variable (``auto``, ``cryptography`` or ``oqs``). :data:`BACKENDS` names every
+backend class; a new backend is added there, and whatever iterates over it
+(``tests/hygiene.py``, ``scripts/bench_pqc.py``) covers it without further
+change. docs/backends.md describes both and how to build liboqs.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import importlib
 import os
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from qcall.exceptions import (
     ConfigError,
@@ -34,6 +38,7 @@ from qcall.exceptions import (
 )
 
 __all__ = [
+    "BACKENDS",
     "HASH_LEN",
     "KEM",
     "Backend",
@@ -41,6 +46,7 @@ __all__ = [
     "SignatureScheme",
     "SigningKey",
     "available_backends",
+    "backend_class",
     "check_support",
     "constant_time_eq",
     "get_backend",
@@ -125,6 +131,16 @@ class KEMPrivateKey(Protocol):
         pseudo-random secret, never an error.
         """
 
+    def secret_parts(self) -> tuple[bytes, ...]:
+        """Return the secret values this key holds, for leak checks only.
+
+        Every byte of each part is secret (public fields embedded in a
+        backend's private-key encoding, such as ``ek`` inside FIPS 203 ``dk``,
+        are left out), so a checker may search logs for any part. The key
+        hygiene plugin (``tests/hygiene.py``) calls it for every key any backend
+        makes; nothing else in qcall does. Never log, store or send the result.
+        """
+
 
 class SigningKey(Protocol):
     """An ML-DSA signing key."""
@@ -139,6 +155,13 @@ class SigningKey(Protocol):
 
     def sign(self, data: bytes, context: bytes = b"") -> bytes:
         """Sign ``data`` (ML-DSA pure, with an optional context of ≤ 255 bytes)."""
+
+    def secret_parts(self) -> tuple[bytes, ...]:
+        """Return the secret values this key holds, for leak checks only.
+
+        As :meth:`KEMPrivateKey.secret_parts`: each part wholly secret (the
+        public ``ρ`` and ``tr`` of a FIPS 204 ``sk`` are left out).
+        """
 
 
 class Backend(Protocol):
@@ -215,6 +238,10 @@ class _PycaKEMKey:
         _check_length("ML-KEM ciphertext", ciphertext, self.algorithm.sizes.ciphertext)
         return bytes(self._key.decapsulate(bytes(ciphertext)))  # type: ignore[attr-defined]
 
+    def secret_parts(self) -> tuple[bytes, ...]:
+        # pyca keeps the 64-byte seed d ‖ z (FIPS 203 ML-KEM.KeyGen_internal input).
+        return (bytes(self._key.private_bytes_raw()),)  # type: ignore[attr-defined]
+
     def __repr__(self) -> str:
         return f"<KEMPrivateKey {self.algorithm.value} (cryptography)>"
 
@@ -237,6 +264,9 @@ class _PycaSigningKey:
         if len(context) > 255:
             raise ValueError("ML-DSA context must be at most 255 bytes")
         return bytes(self._key.sign(bytes(data), bytes(context) or None))  # type: ignore[attr-defined]
+
+    def secret_parts(self) -> tuple[bytes, ...]:
+        return (self.seed_bytes(),)  # the 32-byte seed ξ
 
     def __repr__(self) -> str:
         return f"<SigningKey {self.algorithm.value} (cryptography)>"
@@ -300,9 +330,35 @@ class PycaBackend:
         return True
 
 
+if TYPE_CHECKING:  # mypy checks that the class implements the whole interface
+    _PYCA_IS_A_BACKEND: type[Backend] = PycaBackend
+
+
 # --- backend selection -----------------------------------------------------------------
 
+#: Every backend, by name: the ``module:Class`` implementing :class:`Backend`. Importing
+#: a backend's module must be cheap and safe (``qcall._oqs`` never imports ``oqs``);
+#: constructing the class is what needs the backend's library.
+BACKENDS: dict[str, str] = {
+    "cryptography": "qcall.pqc:PycaBackend",
+    "oqs": "qcall._oqs:OQSBackend",
+}
+
 _BACKENDS: dict[str, Backend] = {}
+
+
+def backend_class(name: str) -> type[Backend]:
+    """Return the class of backend ``name`` (a key of :data:`BACKENDS`), without creating one.
+
+    Raises:
+        ConfigError: unknown backend name.
+    """
+    try:
+        module_name, _, class_name = BACKENDS[name].partition(":")
+    except KeyError:
+        known = ", ".join(repr(n) for n in BACKENDS)
+        raise ConfigError(f"unknown post-quantum backend {name!r}: use one of {known}") from None
+    return cast("type[Backend]", getattr(importlib.import_module(module_name), class_name))
 
 
 def available_backends() -> list[str]:
@@ -330,19 +386,9 @@ def get_backend(name: str | None = None) -> Backend:
         name = os.environ.get("QCALL_PQC_BACKEND", "auto") or "auto"
     if name == "auto":
         name = "cryptography"
-    if name in _BACKENDS:
-        return _BACKENDS[name]
-    backend: Backend
-    if name == "cryptography":
-        backend = PycaBackend()
-    elif name == "oqs":
-        from qcall import _oqs
-
-        backend = _oqs.OQSBackend()
-    else:
-        raise ConfigError(f"unknown post-quantum backend {name!r}: use 'cryptography' or 'oqs'")
-    _BACKENDS[name] = backend
-    return backend
+    if name not in _BACKENDS:
+        _BACKENDS[name] = backend_class(name)()
+    return _BACKENDS[name]
 
 
 def check_support(backend: Backend | None = None) -> None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 #: Key hygiene over the whole run: secrets registered, logs/exceptions/reprs scanned.
-pytest_plugins = ["tests.hygiene"]
+#: The ``oqs_standin`` fixture: the liboqs backend over a stand-in liboqs-python.
+pytest_plugins = ["tests.hygiene", "tests.oqs_standin"]
 
 
 @pytest.fixture

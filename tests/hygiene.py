@@ -3,12 +3,15 @@
 What it does, for every test of the run (``docs/threat-model.md``, "Key hygiene"):
 
 1. **Registers every secret** qcall creates, by wrapping the few places that
-   make secret bytes: ML-DSA identity seeds and ML-KEM private keys
-   (:class:`qcall.pqc.PycaBackend`), ML-KEM shared secrets (encapsulation and
-   decapsulation), QKD keys (every ETSI 014 ``QKDKey``, every key a KME is
-   supplied with: relay deliveries, key files, test pools), SRTP master keys and
-   salts, the handshake secret and the epoch secrets (:class:`KeySchedule`,
-   :class:`~qcall.call.srtpcore.SRTPKeys`), and the DTLS exporter secret.
+   make secret bytes: for *every* backend named in :data:`qcall.pqc.BACKENDS`
+   (so a new backend is covered by being listed there), the secret parts of
+   each ML-DSA and ML-KEM private key it makes (``secret_parts()``, part of
+   the backend interface), the seeds keys are made from, and ML-KEM shared
+   secrets (encapsulation and decapsulation); QKD keys (every ETSI 014
+   ``QKDKey``, every key a KME is supplied with: relay deliveries, key files,
+   test pools), SRTP master keys and salts, the handshake secret and the epoch
+   secrets (:class:`KeySchedule`, :class:`~qcall.call.srtpcore.SRTPKeys`), and
+   the DTLS exporter secret.
 2. **Captures every text** the run produces where a key could leak: every log
    record of every logger at DEBUG (message and formatted traceback, taken in
    ``Logger.handle`` so that no test's handler setup can hide it; only the
@@ -16,6 +19,8 @@ What it does, for every test of the run (``docs/threat-model.md``, "Key hygiene"
    :data:`PER_PACKET_LOGGERS`), the
    arguments of every :class:`~qcall.exceptions.QCallError` raised or not,
    and the ``repr``/``str`` of every key-holding object and handshake event.
+   A hook that fails (a key whose secrets cannot be read) is itself a
+   finding: a secret not registered is a leak that would go unseen.
 3. **Scans** those texts after each test for every registered secret as hex
    (either case), base64 (standard or URL-safe, in all three alignments, so a
    key inside a longer blob is found too) and Python ``bytes`` literals, using
@@ -208,19 +213,67 @@ def _handle(self: logging.Logger, record: logging.LogRecord) -> None:
 
 
 def _wrap(owner: Any, name: str, after: Callable[..., None]) -> None:
-    """Replace ``owner.name`` by a wrapper calling ``after(result, *args, **kwargs)``."""
+    """Replace ``owner.name`` by a wrapper calling ``after(result, *args, **kwargs)``.
+
+    A failing ``after`` never changes what the code under test sees, but it is
+    recorded as a finding: whatever it should have registered went unregistered.
+    """
     original = getattr(owner, name)
+    where = f"the hygiene hook on {getattr(owner, '__name__', owner)}.{name}"
 
     @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         result = original(*args, **kwargs)
         try:
             after(result, *args, **kwargs)
-        except Exception as exc:  # never change what the code under test sees
-            STATE.capture("<hygiene plugin>", f"hygiene hook {name} failed: {exc!r}")
+        except Exception as exc:
+            failure = f"{where} ({type(exc).__name__}: {redact(str(exc))})"
+            STATE.findings.append(Finding(STATE.current, "a secret not registered", "-", failure))
         return result
 
     setattr(owner, name, wrapper)
+
+
+_KEY_CLASSES: set[type] = set()
+_SHARED = "an ML-KEM shared secret"
+
+
+def _register_key(kind: str, key: Any) -> None:
+    """Register the secret parts of a key a backend made; wrap its class once."""
+    for part in key.secret_parts():
+        STATE.register(kind, part)
+    cls = type(key)
+    if cls not in _KEY_CLASSES:
+        _KEY_CLASSES.add(cls)
+        if hasattr(cls, "decapsulate"):
+            _wrap(cls, "decapsulate", lambda r, *a, **k: STATE.register(_SHARED, r))
+    _repr_of(kind, key)
+
+
+def _wrap_backend(backend: type) -> None:
+    """Register every secret that a backend class's methods make (the ``Backend`` interface).
+
+    Keys: their ``secret_parts()`` and the seed they were made from; ML-KEM
+    shared secrets from ``kem_encapsulate`` and from the key class's
+    ``decapsulate`` (wrapped the first time a key of that class is made, before
+    it is returned, so every call is seen).
+    """
+
+    def kem_key(key: Any, *args: Any, **kwargs: Any) -> None:
+        if len(args) >= 3:
+            STATE.register("an ML-KEM seed", args[2])  # kem_from_seed(self, algorithm, seed)
+        _register_key("an ML-KEM private key", key)
+
+    def signing_key(key: Any, *args: Any, **kwargs: Any) -> None:
+        if len(args) >= 3:
+            STATE.register("an ML-DSA seed", args[2])  # signing_from_seed(self, algorithm, seed)
+        _register_key("an ML-DSA private key", key)
+
+    for name in ("kem_generate", "kem_from_seed"):
+        _wrap(backend, name, kem_key)
+    for name in ("signing_generate", "signing_from_seed"):
+        _wrap(backend, name, signing_key)
+    _wrap(backend, "kem_encapsulate", lambda r, *a, **k: STATE.register(_SHARED, r[0]))
 
 
 def _repr_of(where: str, obj: object) -> None:
@@ -235,26 +288,9 @@ def _install_wrappers() -> None:
 
     reg = STATE.register
 
-    # ML-DSA identities, ML-KEM keys and shared secrets (FIPS 203/204).
-    def signing_key(key: Any, *args: Any, **kwargs: Any) -> None:
-        reg("an ML-DSA identity seed", key.seed_bytes())
-        _repr_of("signing key", key)
-
-    def kem_key(key: Any, *args: Any, **kwargs: Any) -> None:
-        inner = getattr(key, "_key", None)
-        if inner is not None and hasattr(inner, "private_bytes_raw"):
-            reg("an ML-KEM private key", inner.private_bytes_raw())
-        if len(args) >= 3:
-            reg("an ML-KEM private key", args[2])  # kem_from_seed(self, algorithm, seed)
-        _repr_of("KEM key", key)
-
-    for name in ("signing_generate", "signing_from_seed"):
-        _wrap(pqc.PycaBackend, name, signing_key)
-    for name in ("kem_generate", "kem_from_seed"):
-        _wrap(pqc.PycaBackend, name, kem_key)
-    shared = "an ML-KEM shared secret"
-    _wrap(pqc.PycaBackend, "kem_encapsulate", lambda r, *a, **k: reg(shared, r[0]))
-    _wrap(pqc._PycaKEMKey, "decapsulate", lambda r, *a, **k: reg(shared, r))
+    # ML-DSA and ML-KEM keys and ML-KEM shared secrets (FIPS 203/204), every backend.
+    for name in pqc.BACKENDS:
+        _wrap_backend(pqc.backend_class(name))
 
     # QKD keys: ETSI 014 key containers, the handshake's keys, every KME pool.
     def qkd_key(_: None, self: Any, *args: Any, **kwargs: Any) -> None:

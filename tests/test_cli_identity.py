@@ -99,16 +99,42 @@ def test_identity_bad_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert not (tmp_path / KEY_FILE).exists()
 
 
-def test_startup_self_test_failure_is_clear(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def unsupported(self: object, algorithm: pqc.KEM) -> pqc.KEMPrivateKey:
-        raise UnsupportedAlgorithm("no ML-KEM in this OpenSSL")
+@pytest.fixture(params=list(pqc.BACKENDS))
+def backend_without_mlkem(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> tuple[str, str]:
+    """``QCALL_PQC_BACKEND`` set to each backend in turn, that backend lacking ML-KEM-768
+    the way it would in the field; returns (backend, what its error must say).
 
-    monkeypatch.setattr(pqc.PycaBackend, "kem_generate", unsupported)
-    code, _, err = run(capsys, "--home", str(tmp_path), "identity", "new", "--name", "alice")
-    assert code == 1
-    assert "has no ML-KEM/ML-DSA support" in err and "cryptography>=48" in err
+    cryptography: an OpenSSL older than 3.5 raises ``UnsupportedAlgorithm``;
+    oqs: a minimal liboqs build without ML-KEM-768 (over the stand-in liboqs-python).
+    """
+    monkeypatch.setenv("QCALL_PQC_BACKEND", request.param)
+    monkeypatch.setattr(pqc, "_BACKENDS", {})
+    if request.param == "cryptography":
+
+        def unsupported(self: object, algorithm: pqc.KEM) -> pqc.KEMPrivateKey:
+            raise UnsupportedAlgorithm("no ML-KEM in this OpenSSL")
+
+        monkeypatch.setattr(pqc.PycaBackend, "kem_generate", unsupported)
+        return request.param, "no ML-KEM/ML-DSA support; qcall needs OpenSSL >= 3.5 as bundled by "
+    if request.param == "oqs":
+        request.getfixturevalue("oqs_standin")
+        pqc.get_backend("oqs")  # imports the stand-in liboqs-python
+        monkeypatch.setattr(sys.modules["oqs.oqs"], "enabled_kems", ["ML-KEM-1024"])
+        return request.param, "liboqs 0.16.0 was built without ML-KEM-768"
+    raise AssertionError(f"no way to break backend {request.param!r} yet: add one here")
+
+
+def test_startup_self_test_failure_is_clear(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], backend_without_mlkem: tuple[str, str]
+) -> None:
+    backend, expected = backend_without_mlkem
+    code, out, err = run(capsys, "--home", str(tmp_path), "identity", "new", "--name", "alice")
+    assert code == 1 and out == ""
+    assert err.startswith("qcall: error: ") and expected in err
+    if backend == "cryptography":
+        assert "pip install -U 'cryptography>=48'" in err
     assert not (tmp_path / KEY_FILE).exists()
     # Commands without post-quantum crypto still work.
     code, out, _ = run(capsys, "--home", str(tmp_path), "contacts", "list")

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from qcall import config, pqc
+from qcall import _oqs, config, pqc
 from qcall.contacts import ContactStore
-from qcall.exceptions import KMEError
+from qcall.exceptions import KMEError, UnsupportedAlgorithmError
 from qcall.identity import Identity
 from qcall.qkd.etsi014 import QKDKey
 from qcall.qkd.pki import create_pki
-from tests.hygiene import STATE, Hygiene, redact, secret_file_problems
+from tests.hygiene import STATE, WINDOW, Hygiene, redact, secret_file_problems
 
 logger = logging.getLogger("qcall.tests.hygiene")
 
@@ -81,6 +81,68 @@ def test_the_plugin_sees_logs_exceptions_and_reprs_of_real_objects() -> None:
                for f in found)  # fmt: skip
     for f in found:  # planted on purpose: not a leak of the suite
         STATE.findings.remove(f)
+
+
+def _registered(secret: bytes) -> bool:
+    return secret[:WINDOW] in STATE.raw_needles and secret[-WINDOW:] in STATE.raw_needles
+
+
+def test_the_plugin_registers_the_secrets_of_every_backend(oqs_standin: None) -> None:
+    """Every backend of ``pqc.BACKENDS`` (oqs over the stand-in liboqs-python) is covered:
+    key secrets, seeds and shared secrets are registered, so their leaks are seen."""
+    STATE.scan_pending()
+    missing: list[str] = []  # what was not registered (never the bytes: they are secrets)
+    leaked: list[tuple[str, bytes]] = []
+    for name in pqc.BACKENDS:
+        backend = pqc.get_backend(name)
+        kem_seed, sig_seed = os.urandom(64), os.urandom(32)
+        secrets = {"ML-KEM seed": kem_seed}
+        kem_keys = [
+            backend.kem_generate(pqc.KEM.ML_KEM_768),
+            backend.kem_from_seed(pqc.KEM.ML_KEM_1024, kem_seed),
+        ]
+        sig_keys = [backend.signing_generate(pqc.SignatureScheme.ML_DSA_65)]
+        try:
+            sig_keys.append(backend.signing_from_seed(pqc.SignatureScheme.ML_DSA_44, sig_seed))
+            secrets["ML-DSA seed"] = sig_seed
+        except UnsupportedAlgorithmError:  # liboqs-python: no ML-DSA keys from ξ
+            assert name == "oqs"
+        for key in [*kem_keys, *sig_keys]:
+            parts = key.secret_parts()
+            assert parts, f"{name}: {key!r} has no secret parts"
+            secrets.update({f"{key!r} part {i}": part for i, part in enumerate(parts)})
+            leaked.append((f"{name} key", parts[-1]))
+        shared, ct = backend.kem_encapsulate(pqc.KEM.ML_KEM_768, kem_keys[0].public_bytes())
+        wrong = kem_keys[0].decapsulate(bytes([ct[0] ^ 1]) + ct[1:])  # implicit rejection
+        secrets.update({"encapsulated secret": shared, "decapsulated secret": wrong})
+        leaked.append((f"{name} shared", wrong))
+        missing += [f"{name}: {what}" for what, value in secrets.items() if not _registered(value)]
+    assert missing == []
+    for i, (what, secret) in enumerate(leaked):
+        logger.debug(f"leak {i}, {what}: %s", secret.hex())  # one finding per message
+    found = STATE.scan_pending()
+    assert len(found) == len(leaked)
+    kinds = {f.kind for f in found}  # a key made from a seed: either name fits
+    keys = {"an ML-KEM private key", "an ML-DSA private key", "an ML-KEM shared secret"}
+    assert keys <= kinds <= keys | {"an ML-KEM seed", "an ML-DSA seed"}
+    for f in found:  # planted on purpose: not a leak of the suite
+        STATE.findings.remove(f)
+
+
+def test_a_secret_the_plugin_cannot_register_is_a_finding(
+    oqs_standin: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: object) -> tuple[bytes, ...]:
+        raise RuntimeError("secret key buffer gone")
+
+    monkeypatch.setattr(_oqs._OQSSigningKey, "secret_parts", broken)
+    before = len(STATE.findings)
+    key = pqc.get_backend("oqs").signing_generate(pqc.SignatureScheme.ML_DSA_65)
+    assert key.sign(b"m")  # the code under test saw nothing
+    new = STATE.findings[before:]
+    assert [f.kind for f in new] == ["a secret not registered"]
+    assert "OQSBackend.signing_generate" in new[0].where and "RuntimeError" in new[0].where
+    STATE.findings.remove(new[0])
 
 
 def test_the_plugin_sees_secret_files(tmp_path: Path) -> None:

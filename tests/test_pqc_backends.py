@@ -4,6 +4,8 @@ plus backend selection, the liboqs probe and the start-up self-test."""
 from __future__ import annotations
 
 import ctypes.util
+import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -13,12 +15,15 @@ import pytest
 from cryptography.exceptions import UnsupportedAlgorithm
 
 from qcall import _oqs, pqc
+from qcall.cli import main
 from qcall.exceptions import (
     BackendUnavailableError,
     ConfigError,
     InvalidKeyError,
     UnsupportedAlgorithmError,
 )
+from scripts import bench_handshake
+from tests.oqs_standin import needs_liboqs
 
 ALL_KEMS = list(pqc.KEM)
 ALL_SCHEMES = list(pqc.SignatureScheme)
@@ -198,7 +203,29 @@ def test_oqs_requested_but_absent_is_clear(no_liboqs: Path) -> None:
         pqc.get_backend("oqs")
     message = str(info.value)
     assert "liboqs" in message and "OQS_INSTALL_PATH" in message and "qcall[oqs]" in message
+    # It says where it looked, and that nothing will be downloaded or built.
+    assert str(no_liboqs / "lib" / "liboqs.so") in message
+    assert str(no_liboqs / "lib64" / "liboqs.so") in message
+    assert "never lets liboqs-python download or build it" in message
     assert ("oqs" in sys.modules) == had_oqs  # the probe never imported liboqs-python
+
+
+def test_oqs_probe_tries_libraries_in_liboqs_python_order(
+    no_liboqs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe checks the library that ``import oqs`` would load, not another one.
+
+    liboqs-python's ``_load_shared_obj`` tries ``find_library("liboqs")``, then
+    ``find_library("oqs")``, then ``$OQS_INSTALL_PATH/lib``, then ``lib64``.
+    """
+    hits = {"oqs": "/found/by/oqs.so", "liboqs": "/found/by/liboqs.so"}
+    monkeypatch.setattr(ctypes.util, "find_library", hits.get)
+    assert _oqs._candidates() == [
+        "/found/by/liboqs.so",
+        "/found/by/oqs.so",
+        str(no_liboqs / "lib" / "liboqs.so"),
+        str(no_liboqs / "lib64" / "liboqs.so"),
+    ]
 
 
 def test_oqs_probe_skips_unloadable_file(no_liboqs: Path) -> None:
@@ -230,6 +257,98 @@ def test_importing_qcall_never_imports_oqs() -> None:
     if "oqs" in pqc.available_backends():
         return  # liboqs present: importing oqs would be allowed (but still isn't done)
     assert out.stdout.strip() == "False"
+
+
+# --- the oqs backend's own code, over the stand-in liboqs-python (tests/oqs_standin) ---
+
+
+def test_oqs_import_prints_nothing(
+    oqs_standin: None, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """liboqs-python's import-time "faulthandler" line goes to the debug log, not stdout."""
+    caplog.set_level(logging.DEBUG, logger="qcall._oqs")
+    backend = pqc.get_backend("oqs")
+    assert backend.name == "oqs" and "oqs" in sys.modules
+    assert capfd.readouterr() == ("", "")  # neither stdout nor (through root) stderr
+    said = [r.getMessage() for r in caplog.records if r.name == "qcall._oqs"]
+    assert "= liboqs-python: liboqs-python faulthandler is disabled" in said
+    # liboqs-python is left without a handler of its own: it logs through the root logger.
+    assert not logging.getLogger("oqs.oqs").handlers
+    logging.getLogger("oqs.oqs").warning("later")
+    assert capfd.readouterr().out == ""
+
+
+def test_oqs_backend_keeps_json_output_clean(
+    oqs_standin: None,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``QCALL_PQC_BACKEND=oqs qcall … --json`` prints one JSON document and nothing else."""
+    home = str(tmp_path / "home")
+    assert main(["--home", home, "identity", "new", "--name", "alice"]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("QCALL_PQC_BACKEND", "oqs")
+    assert "oqs" not in sys.modules  # the next command is the one that imports it
+    assert main(["--home", home, "identity", "show", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["name"] == "alice" and err == ""
+    assert "oqs" in pqc._BACKENDS  # the start-up self-test ran on the oqs backend
+    logging.getLogger().handlers.clear()  # main() called logging.basicConfig
+
+
+def test_oqs_key_secret_parts_are_the_secret_fields(oqs_standin: None) -> None:
+    """FIPS 203 dk = dk_PKE ‖ ek ‖ H(ek) ‖ z and FIPS 204 sk = ρ ‖ K ‖ tr ‖ s1 ‖ s2 ‖ t0:
+    the parts given to leak checks hold no public byte."""
+    backend = pqc.get_backend("oqs")
+    seed = bytes(range(64))  # d ‖ z
+    kem_key = backend.kem_from_seed(pqc.KEM.ML_KEM_768, seed)
+    assert (
+        kem_key.public_bytes()
+        == pqc.get_backend("cryptography").kem_from_seed(pqc.KEM.ML_KEM_768, seed).public_bytes()
+    )
+    dk_pke, z = kem_key.secret_parts()
+    assert len(dk_pke) == 1152 and z == seed[32:]
+    assert kem_key.public_bytes()[:12] not in dk_pke + z
+    sig_key = backend.signing_generate(pqc.SignatureScheme.ML_DSA_65)
+    k, rest = sig_key.secret_parts()
+    assert (len(k), len(rest)) == (32, 4032 - 128)
+    rho = sig_key.public_bytes()[:32]
+    assert rho not in k + rest
+    with pytest.raises(UnsupportedAlgorithmError, match="no exportable seed"):
+        sig_key.seed_bytes()
+
+
+@needs_liboqs
+def test_real_liboqs_import_prints_nothing() -> None:
+    """With liboqs installed: a fresh process selecting the backend prints nothing."""
+    code = "from qcall import pqc; pqc.check_support(pqc.get_backend('oqs'))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert (done.stdout, done.stderr) == ("", "")
+
+
+# --- scripts/bench_handshake.py --backend --------------------------------------------------
+
+
+def test_bench_handshake_unavailable_backend_is_an_error(
+    no_liboqs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert bench_handshake.main(["--backend", "oqs", "--runs", "1", "--json"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("bench_handshake: error: the 'oqs' backend is unavailable")
+    assert "OQS_INSTALL_PATH" in err
+
+
+def test_bench_handshake_runs_on_the_selected_backend(
+    oqs_standin: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert bench_handshake.main(["--runs", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["backend"] == "cryptography"
+    assert bench_handshake.main(["--backend", "oqs", "--runs", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)  # stdout holds the JSON and nothing else
+    assert (result["backend"], result["backend_library"]) == ("oqs", "0.16.0")
+    assert result["handshake_us"] > 0
 
 
 # --- start-up self-test --------------------------------------------------------------------
