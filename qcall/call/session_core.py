@@ -134,7 +134,6 @@ class SessionCore:
         self._connected = asyncio.Event()
         self._connected_at: float | None = None
         self._offer_inputs: tuple[list[Any], str] = ([], options.policy)
-        self._pending_rekey_keys: dict[int, SRTPKeys] = {}
         self._peer_sdp = ""  # the peer's SDP applied to our peer connection
         self._sdp_ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._exporter_wanted = False  # the handshake is ready for K_dtls
