@@ -31,7 +31,6 @@ import json
 import logging
 import ssl as ssl_module
 from collections.abc import Coroutine
-from types import TracebackType
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -39,6 +38,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from qcall import __version__
+from qcall._aio import AsyncClosing
 from qcall.signaling.messages import ErrorMessage
 from qcall.signaling.protocol import (
     CloseConnection,
@@ -65,7 +65,7 @@ GC_INTERVAL = 1.0
 _Item = str | CloseConnection
 
 
-class SignalingServer:
+class SignalingServer(AsyncClosing):
     """A running signaling server.
 
     Usage::
@@ -162,17 +162,6 @@ class SignalingServer:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
-
-    async def __aenter__(self) -> SignalingServer:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # --- HTTP: /healthz ----------------------------------------------------------------
 

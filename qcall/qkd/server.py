@@ -33,12 +33,12 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from qcall._aio import AsyncService
 from qcall.exceptions import KMEError, KMEStateError
 from qcall.qkd.etsi014 import (
     API_PREFIX,
@@ -101,7 +101,7 @@ async def _spec_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return response
 
 
-class KMEServer:
+class KMEServer(AsyncService):
     """Serve a :class:`KME` over HTTPS (ETSI GS QKD 014 clause 5).
 
     Args:
@@ -183,18 +183,6 @@ class KMEServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-
-    async def __aenter__(self) -> KMEServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     @property
     def port(self) -> int:
