@@ -38,7 +38,6 @@ import json
 import logging
 import ssl as ssl_module
 from collections.abc import Coroutine
-from types import TracebackType
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -46,6 +45,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from qcall import __version__
+from qcall._aio import AsyncClosing
 from qcall.signaling.messages import ErrorMessage
 from qcall.signaling.protocol import (
     CloseConnection,
@@ -106,7 +106,7 @@ class _Outbox:
         self.pinging = False
 
 
-class SignalingServer:
+class SignalingServer(AsyncClosing):
     """A running signaling server.
 
     Usage::
@@ -205,17 +205,6 @@ class SignalingServer:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
-
-    async def __aenter__(self) -> SignalingServer:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # --- HTTP: /healthz ----------------------------------------------------------------
 

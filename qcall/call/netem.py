@@ -56,6 +56,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from qcall._aio import AsyncService
 from qcall.exceptions import CallError
 
 if TYPE_CHECKING:
@@ -334,7 +335,7 @@ def apply_profile(target: Any, profile: NetworkProfile, seed: int = 0) -> Emulat
     return emulation
 
 
-class TCPDelayProxy:
+class TCPDelayProxy(AsyncService):
     """A TCP proxy that delays each direction by ``delay_ms`` (order kept, no loss).
 
     Args:
@@ -353,13 +354,6 @@ class TCPDelayProxy:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-
-    async def __aenter__(self) -> TCPDelayProxy:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     async def start(self, host: str = "127.0.0.1") -> None:
         """Listen on an ephemeral port of ``host`` (then read :attr:`port`)."""

@@ -13,10 +13,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from types import TracebackType
 
 from aiortc import MediaStreamTrack
 
+from qcall._aio import AsyncService
 from qcall.call.session import CallOptions, CallSession, CallState
 from qcall.exceptions import CallError, SignalingError
 from qcall.handshake import ReplayCache
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 Decide = Callable[[Invite], Awaitable[bool]]
 
 
-class Phone:
+class Phone(AsyncService):
     """A registered user who can place and answer calls.
 
     Args:
@@ -79,18 +79,6 @@ class Phone:
         self._incoming: asyncio.Queue[CallSession] = asyncio.Queue()
         self._router: asyncio.Task[None] | None = None
         self._decide: Decide | None = None
-
-    async def __aenter__(self) -> Phone:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def start(self) -> None:
         """Connect and register.

@@ -27,7 +27,7 @@ from qcall.qkd.client import KeySource
 from qcall.qkd.etsi014 import KeyStatus, QKDKey
 
 if TYPE_CHECKING:
-    from qcall.call.session import CallSession
+    from qcall.call.session_pump import HandshakePump
 
 __all__ = ["QKDKeys"]
 
@@ -70,7 +70,7 @@ def _ms_since(started: float) -> float:
 class QKDKeys:
     """QKD key fetching for one :class:`~qcall.call.session.CallSession`."""
 
-    def __init__(self, session: CallSession) -> None:
+    def __init__(self, session: HandshakePump) -> None:
         self.session = session
         self.failing_since: float | None = None
         #: The caller's key came without a Status: :meth:`check_status` is due.

@@ -24,12 +24,12 @@ import logging
 import os
 import ssl
 from collections.abc import Mapping, Sequence
-from types import TracebackType
 from typing import Any, ClassVar, Final, TypeVar
 from urllib.parse import quote, urlsplit
 
 import aiohttp
 
+from qcall._aio import AsyncClosing
 from qcall.exceptions import (
     ConfigError,
     KMEBadRequestError,
@@ -82,7 +82,7 @@ _MAYBE: Final = (
 )
 
 
-class KeySource(abc.ABC):
+class KeySource(AsyncClosing, abc.ABC):
     """A source of QKD keys shared with peer SAEs (the one interface, DESIGN "quantum layer").
 
     The two ends of a key use it in ETSI GS QKD 014 roles: the *master* calls
@@ -152,19 +152,7 @@ class KeySource(abc.ABC):
         (key,) = await self.get_keys_by_id(peer_sae, [key_id])
         return key
 
-    async def __aenter__(self: _S) -> _S:
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-
-_S = TypeVar("_S", bound=KeySource)
 _T = TypeVar("_T", bound=type[KeySource])
 
 _TYPES: dict[str, type[KeySource]] = {}

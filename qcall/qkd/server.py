@@ -35,13 +35,13 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
 from aiohttp.typedefs import Handler
 
+from qcall._aio import AsyncService
 from qcall.exceptions import KMEError, KMEStateError
 from qcall.qkd.etsi014 import (
     API_PREFIX,
@@ -142,7 +142,7 @@ class _SpecErrorProtocol(web.RequestHandler):
         return response
 
 
-class KMEServer:
+class KMEServer(AsyncService):
     """Serve a :class:`KME` over HTTPS (ETSI GS QKD 014 clause 5).
 
     Args:
@@ -240,18 +240,6 @@ class KMEServer:
         if self._listener is not None:
             await self._listener.wait_closed()
             self._listener = None
-
-    async def __aenter__(self) -> KMEServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     @property
     def port(self) -> int:

@@ -27,12 +27,12 @@ import secrets
 import ssl as ssl_module
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from types import TracebackType
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from qcall import __version__, pqc
+from qcall._aio import AsyncClosing
 from qcall.exceptions import SignalingAuthError, SignalingError, SignalingProtocolError
 from qcall.signaling.messages import (
     MAX_SERVER_MESSAGE_SIZE,
@@ -91,7 +91,7 @@ def new_call_id() -> str:
     return secrets.token_urlsafe(16)
 
 
-class SignalingClient:
+class SignalingClient(AsyncClosing):
     """Connect to a signaling server as ``name`` and exchange call messages.
 
     Args:
@@ -190,17 +190,9 @@ class SignalingClient:
                 await task
         self._finish("closed")
 
-    async def __aenter__(self) -> SignalingClient:
+    async def __aenter__(self) -> SignalingClient:  # connect is its start
         await self.connect()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def wait_registered(self, timeout: float | None = None) -> None:
         """Wait until the client is registered (again, after a reconnection).

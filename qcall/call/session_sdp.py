@@ -1,0 +1,357 @@
+"""Offer and answer in a call: the peer connection, its SDP, and the SDP ahead.
+
+:class:`Negotiation` is the layer of :class:`~qcall.call.session.CallSession`
+that owns the :class:`~aiortc.RTCPeerConnection` and its offer/answer (the
+layers and how they fit: :mod:`qcall.call.session`).
+
+* **Signaling** carries the signed OFFER and ANSWER inside the SDP
+  offer/answer messages (zero extra round trips), each side's bare SDP just
+  ahead of them (an ``ice`` message, payload ``qcall-sdp:`` + SDP), so ICE runs
+  while the handshake is signed and verified. Nothing secret depends on an SDP
+  until the handshake verified it, and the signed SDP must be the one applied:
+  each side checks it (:meth:`Negotiation._start_callee`,
+  :meth:`Negotiation._answer_received`).
+* **The caller** makes its peer connection and SDP while the callee's phone
+  rings (:meth:`Negotiation._prepare_offer`); the QKD key
+  (:mod:`qcall.call.qkdkeys`) and the offer's signature follow after
+  :data:`RING_HEADSTART` of ringing, or, when the callee picks up at once, once
+  the callee's SDP is applied, so that they run while ICE checks do. An offer
+  that waited too long for the pick-up is stamped and signed afresh
+  (:meth:`Negotiation._rebuild_offer`).
+* **The callee** makes its peer connection on the SDP that came ahead of the
+  signed offer (or on the verified offer's) and sends its own SDP ahead
+  (:meth:`Negotiation._prepare_answer_sdp`), then verifies, signs and answers.
+* **plain** (the harness's baseline) is bare SDP offer/answer: no handshake,
+  no control channel, and only between two peers that both asked for it.
+
+docs/calls.md ("SDP ahead of the handshake") has the sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+
+from qcall.call.jitter import apply_jitter_buffer_mode
+from qcall.call.netem import apply_profile
+from qcall.call.session_core import b64, unb64
+from qcall.call.session_pump import HandshakePump
+from qcall.call.status import CallState
+from qcall.exceptions import CallError, DowngradeError, InvalidMessageError, SignalingError
+from qcall.handshake import (
+    AnswerReceived,
+    CalleeHandshake,
+    CallerHandshake,
+    OfferReceived,
+    QKDKeysNeeded,
+    QKDRoute,
+    SRTPProfile,
+)
+from qcall.signaling.messages import Answer
+
+__all__ = ["PLAIN_PREFIX", "RING_HEADSTART", "SDP_PREFIX", "Negotiation"]
+
+logger = logging.getLogger("qcall.call.session")  # one logger for the whole session
+
+#: Seconds of ringing after which the caller fetches the QKD key and signs the
+#: offer even though nobody picked up yet. Until then the SDP alone is ready: a
+#: callee that answers at once (auto-answer) gets it ahead of the signed offer,
+#: and the caller's fetching and signing wait (again at most this long) until
+#: the callee's SDP is applied, to run while ICE checks do (docs/calls.md).
+RING_HEADSTART = 0.02
+
+#: Payload prefix of a ``plain`` offer/answer (bare SDP, the harness's baseline).
+PLAIN_PREFIX = "plain-sdp:"
+
+#: Payload prefix of an SDP sent ahead of the signed OFFER or ANSWER that carries
+#: the same SDP (``ice`` message type): ICE starts while the QKD key is fetched and
+#: the handshake is signed and verified (docs/calls.md, "SDP ahead of the handshake").
+SDP_PREFIX = "qcall-sdp:"
+
+
+class Negotiation(HandshakePump):
+    """The peer connection and the offer/answer of one call, with each SDP sent ahead."""
+
+    def _new_pc(self, *, control: bool = True) -> RTCPeerConnection:
+        """The call's peer connection (:attr:`pc`): the control channel, handlers, audio."""
+        # Audio and the control channel end up BUNDLEd on one DTLS transport once
+        # the remote description is set; the SRTP hook is installed then. (aiortc
+        # 1.16 with max-bundle and a negotiated data channel never connects.)
+        ice = [RTCIceServer(**server) for server in self.options.ice_servers]  # STUN/TURN
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=ice))
+        if self.options.network is not None:  # user-space netem (latency harness)
+            seed = 2 * self.options.network_seed + (self.role == "callee")
+            self.emulation = apply_profile(pc, self.options.network, seed)
+        if control:
+            self._open_control_channel(pc)
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "audio":
+                self._remote_track = track
+                self._deliver_track()
+
+        @pc.on("iceconnectionstatechange")
+        def on_ice_state() -> None:
+            if pc.iceConnectionState in ("connected", "completed"):
+                self.status.timings_ms.setdefault("ice_connected", self._elapsed_ms())
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc.connectionState == "connected":
+                self._connected_at = time.monotonic()
+                self._connected.set()
+            elif pc.connectionState == "failed":
+                self._finish(CallError("the media connection failed (ICE/DTLS)"))
+            elif pc.connectionState == "closed" and self.status.state is CallState.ACTIVE:
+                # The peer closed DTLS (close_notify): its hangup, even when the
+                # signaling server lost the call (restart; docs/faults.md).
+                logger.info("= call %s: %s closed the media connection", self.call_id, self.peer)
+                self._finish(None)
+
+        if self.source is not None:
+            pc.addTrack(self.source)
+        elif self.role == "caller":
+            pc.addTransceiver("audio", direction="recvonly")
+        apply_jitter_buffer_mode(pc, self.options.jitter_buffer)  # docs/jitter-buffer.md
+        self.pc = pc
+        return pc
+
+    # --- caller ---------------------------------------------------------------------------
+
+    async def _prepare_offer(
+        self, fetched: tuple[list[Any], str] | None = None
+    ) -> tuple[str, float]:
+        """Build the offer payload (and the peer connection); return it and when.
+
+        The SDP first: it is what the call waits for once the callee picks up
+        (it goes ahead of the signed offer). Then, once picked up or after
+        :data:`RING_HEADSTART`, the QKD key (unless ``fetched`` already) and the
+        signature.
+        """
+        if self.options.policy == "plain":
+            self._offer_inputs = ([], "plain")
+            self.status.policy = "plain"
+            self.status.notice = "plain DTLS-SRTP baseline: no QKD, no ML-KEM (harness only)"
+            pc = self._new_pc(control=False)
+            await pc.setLocalDescription(await pc.createOffer())
+            return PLAIN_PREFIX + pc.localDescription.sdp, time.monotonic()
+        key: asyncio.Future[tuple[list[Any], str]] | None = None
+        if fetched is None and self.options.policy == "hybrid" and self.qkd.fetch_early():
+            key = asyncio.ensure_future(self.qkd.fetch_initial_key())  # a slow KME: at once
+        try:
+            pc = self._new_pc()
+            await pc.setLocalDescription(await pc.createOffer())
+            if not self._sdp_ready.done():
+                self._sdp_ready.set_result(pc.localDescription.sdp)
+                # The SDP first. Picked up at once: the key (from a fast KME) and
+                # the signature wait for the callee's SDP, made while ICE checks run.
+                for step in (self._picked_up, self._ice_started):
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(step.wait(), RING_HEADSTART)
+                    if not self._picked_up.is_set():
+                        break
+            qkd_keys, policy = fetched or ([], self.options.policy)
+            if key is not None:
+                qkd_keys, policy = await key
+            elif fetched is None and policy == "hybrid":
+                qkd_keys, policy = await self.qkd.fetch_initial_key()
+        finally:
+            if key is not None and not key.done():
+                key.cancel()
+        self._offer_inputs = (qkd_keys, policy)
+        self.status.policy = policy
+        hs = CallerHandshake(
+            self.signing_key,
+            self.name,
+            self.peer,
+            check_peer=self.check_peer,
+            policy=policy,
+            qkd_route=QKDRoute(self.qkd_kme_id, self.own_sae, self.peer_sae)
+            if policy == "hybrid"
+            else None,
+            rekey_interval=self.options.rekey_interval,
+            srtp_profiles=self._profiles(),
+        )
+        self.hs = hs
+        with self._computing():
+            hs.send_offer(pc.localDescription.sdp, self.clock(), qkd_keys)
+        return b64(b"".join(hs.data_to_send())), time.monotonic()
+
+    async def _rebuild_offer(self) -> tuple[str, float]:
+        """The offer waited too long for the callee: a new one, freshly stamped and signed."""
+        if self.pc is not None:
+            pc, self.pc = self.pc, None
+            await pc.close()
+        self.hs = None
+        return await self._prepare_offer(self._offer_inputs)
+
+    async def _answer_sdp_ahead(self, other: asyncio.Future[Any]) -> None:
+        """Caller: apply the callee's SDP sent ahead (ICE starts) unless ``other`` is first.
+
+        ``other``: our signed offer being finished, or the signed answer arriving.
+        """
+        either: set[asyncio.Future[Any]] = {self._answer_sdp, other, self._ended}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if self._answer_sdp.done() and self.hook is None:
+            await self._set_answer_sdp(self._answer_sdp.result().sdp)
+
+    async def _send_offer(self, payload: str) -> None:
+        """Send the prepared offer, wait for the answer, act on it."""
+        qkd_keys, policy = self._offer_inputs
+        self.note_keys([k.key_id for k in qkd_keys])
+        await self.signaling.send_offer(self.call_id, payload)
+        self._mark("offer_sent")
+        self.status.timings_ms.setdefault("sdp_sent", self.status.timings_ms["offer_sent"])
+        answered = asyncio.ensure_future(
+            self._wait_message(Answer, self.options.setup_timeout, "answer")
+        )
+        if policy != "plain":  # the callee's SDP ahead: ICE checks start while it signs
+            await self._answer_sdp_ahead(answered)
+        answer = await answered
+        if policy == "plain":
+            if not answer.payload.startswith(PLAIN_PREFIX):
+                raise DowngradeError(f"{self.peer} answered a plain offer with a handshake")
+            assert self.pc is not None
+            await self.pc.setRemoteDescription(
+                RTCSessionDescription(answer.payload[len(PLAIN_PREFIX) :], "answer")
+            )
+            self._mark("answer_received")
+            return
+        hs = self.hs
+        assert hs is not None
+        with self._computing():
+            hs.receive_data(unb64(answer.payload), self.clock())
+        await self.apply_events()
+        self._start_timer()
+        if hs.error is None:
+            self._exporter_due()
+        if self.qkd.status_due:  # now that both sides wait for ICE checks
+            self._spawn(self.qkd.check_status())
+
+    async def _answer_received(self, event: AnswerReceived) -> None:
+        self.status.peer_fingerprint = event.peer_fingerprint
+        if self.hook is None:  # not already applied ahead of verification
+            await self._set_answer_sdp(event.sdp)
+        elif event.sdp != self._peer_sdp:
+            # ICE (and soon DTLS) runs on the SDP applied ahead: it must be the signed one.
+            raise InvalidMessageError(
+                f"the SDP in {self.peer}'s signed answer differs from the SDP sent ahead of it"
+            )
+
+    async def _set_answer_sdp(self, sdp: str) -> None:
+        assert self.pc is not None
+        self._peer_sdp = sdp
+        self._ice_started.set()
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp, "answer"))
+        # aiortc schedules ICE/DTLS at the very end of setRemoteDescription:
+        # hooking now, before any await, is before DTLS can complete.
+        self._install_hook(self.pc)
+        self._mark("answer_received")
+
+    # --- callee ---------------------------------------------------------------------------
+
+    async def _start_callee(self, offer: bytes) -> None:
+        self.status.state = CallState.CONNECTING
+        accepted = ["hybrid", "pqc"] if self.options.allow_pqc_only else [self.options.policy]
+        hs = CalleeHandshake(
+            self.signing_key,
+            self.name,
+            check_peer=self.check_peer,
+            policy=self.options.policy,
+            accepted_policies=accepted,
+            replay_cache=self.replay_cache,
+            expected_peer=self.peer,  # the name shown is the name the offer proves
+            srtp_profiles=self._profiles(),
+        )
+        self.hs = hs
+        with self._computing():
+            hs.receive_data(offer, self.clock())
+        offer_event = None
+        needed: list[QKDKeysNeeded] = []
+        for event in self._drain():
+            if isinstance(event, OfferReceived):
+                offer_event = event
+            elif isinstance(event, QKDKeysNeeded):
+                needed.append(event)
+        if offer_event is None:
+            raise self._failure("the offer was refused")
+        self.status.policy = offer_event.policy
+        self.status.peer_fingerprint = offer_event.peer_fingerprint
+        if offer_event.policy != "hybrid":
+            self.status.notice = "pqc only (no QKD key), as allowed"
+        if self.pc is None:
+            await self._prepare_answer_sdp(offer_event.sdp)
+        elif offer_event.sdp != self._peer_sdp:
+            # ICE (and soon DTLS) runs on the SDP that came ahead: it must be the signed one.
+            raise InvalidMessageError(
+                f"the SDP in {self.peer}'s signed offer differs from the SDP sent ahead of it"
+            )
+        if hs.error is not None:  # failed meanwhile
+            raise hs.error
+        assert self.pc is not None
+        with self._computing():
+            hs.send_answer(self.pc.localDescription.sdp, self.clock())
+        await self.signaling.send_answer(self.call_id, b64(b"".join(hs.data_to_send())))
+        self._mark("answer_sent")
+        for event in needed:  # dec_keys during ICE/DTLS: the key is needed only after DTLS,
+            self._spawn(self.qkd.fetch_keys_by_id(event))  # and the answer goes out sooner
+        await self.apply_events()
+        self._start_timer()
+        self._exporter_due()
+
+    async def _prepare_answer_sdp(self, sdp: str) -> None:
+        """Callee: the peer connection for the offer's SDP; our SDP goes ahead.
+
+        Run on the SDP sent ahead of the signed offer (or on the verified offer's).
+        The caller starts ICE on our SDP while we verify, fetch the QKD key and
+        sign; nothing secret depends on either SDP until the handshake verified
+        both (each side checks that the signed SDP is the one it applied).
+        """
+        self._peer_sdp = sdp
+        pc = self._new_pc()
+        await pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
+        self._install_hook(pc)  # before any await: DTLS has not started yet
+        await pc.setLocalDescription(await pc.createAnswer())
+        await self._send_sdp_ahead(pc.localDescription.sdp)
+
+    async def _start_plain_callee(self, sdp: str) -> None:
+        if self.options.policy != "plain":
+            raise DowngradeError(
+                f"{self.peer} offered an unprotected plain DTLS-SRTP call (no QKD, no "
+                "ML-KEM, no signed identity): refused"
+            )
+        self.status.state = CallState.CONNECTING
+        self.status.policy = "plain"
+        self.status.notice = "plain DTLS-SRTP baseline: no QKD, no ML-KEM (harness only)"
+        pc = self._new_pc(control=False)
+        await pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
+        await pc.setLocalDescription(await pc.createAnswer())
+        await self.signaling.send_answer(self.call_id, PLAIN_PREFIX + pc.localDescription.sdp)
+        self._mark("answer_sent")
+
+    # --- both -----------------------------------------------------------------------------
+
+    async def _send_sdp_ahead(self, sdp: str) -> None:
+        """Send our SDP ahead of the signed message; if signaling is down, the latter says."""
+        try:
+            await self.signaling.send_ice(self.call_id, SDP_PREFIX + sdp)
+        except SignalingError as exc:
+            logger.debug("! SDP not sent ahead: %s", exc)
+            return
+        self._mark("sdp_sent")
+
+    def _profiles(self) -> tuple[SRTPProfile, ...]:
+        first = self.options.srtp_profile
+        return (first, *[p for p in SRTPProfile if p is not first])
