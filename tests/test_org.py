@@ -104,11 +104,11 @@ def test_profile_violations_are_named(org, alice, tmp_path) -> None:
         parse_member(member.certificate, other.certificate)
     with pytest.raises(UntrustedCertificateError, match="BasicConstraints"):
         check_authority(member.certificate)
-    with pytest.raises(UntrustedCertificateError, match="not an X.509 certificate"):
+    with pytest.raises(UntrustedCertificateError, match=r"not an X\.509 certificate"):
         load_certificates(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
-    with pytest.raises(UntrustedCertificateError, match="not an X.509 certificate"):
+    with pytest.raises(UntrustedCertificateError, match=r"not an X\.509 certificate"):
         load_certificates(b"\x30\x03\x02\x01\x01")
-    with pytest.raises(CertificateError, match="not an X.509 CRL"):
+    with pytest.raises(CertificateError, match=r"not an X\.509 CRL"):
         load_crl(b"garbage")
     with pytest.raises(ConfigError):
         org.issue("bad\nname", alice.public_key)
