@@ -257,6 +257,7 @@ class TransparencyLog:
 
         Duplicates (already logged, or pending) get their existing index.
         """
+        now_ms = max(now_ms, self.head.timestamp)  # log time never goes backwards
         start = self.tree.size
         rows: list[StoredEntry] = []
         certs: dict[bytes, bytes] = {}

@@ -18,7 +18,6 @@ Files in the qcall home (``<home>/seal/``)::
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import fcntl
 import hashlib
@@ -45,7 +44,7 @@ from qcall.seal.log import Submission, TransparencyLog
 from qcall.seal.logformat import LogKey, Receipt
 from qcall.seal.statement import Kind, Policy, SignedStatement, Statement
 from qcall.seal.verify import SealReport, verify_bundle
-from qcall.seal.workflow import Decision
+from qcall.seal.workflow import Decision, Notify
 
 __all__ = [
     "LocalLog",
@@ -226,10 +225,19 @@ class SealHome:
 
     # the journal of signed statements ------------------------------------------------------
 
-    def record_signed(self, statement: Statement) -> None:
-        """Append a statement's digest to ``signed.jsonl`` (fsynced before it is logged)."""
+    def _append_journal(self, obj: dict[str, Any]) -> None:
         self._mkdir(self.directory)
-        line = json.dumps(
+        fd = os.open(self.directory / "signed.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, (json.dumps(obj) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def record_signed(self, statement: Statement) -> None:
+        """Journal a statement before it is logged (``signed.jsonl``, fsynced)."""
+        self._append_journal(
             {
                 "digest": statement.digest().hex(),
                 "kind": statement.kind.label,
@@ -237,33 +245,56 @@ class SealHome:
                 "document": statement.document_name,
             }
         )
-        fd = os.open(self.directory / "signed.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            os.write(fd, (line + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
-    def signed_digests(self) -> set[bytes]:
-        """Digests of every statement this home signed."""
+    def record_receipt(self, statement: Statement, receipt: Receipt) -> None:
+        """Journal where the log put a statement (the audit checks it stays there)."""
+        self._append_journal(
+            {
+                "digest": statement.digest().hex(),
+                "log_id": receipt.tree_head.log_id.hex(),
+                "leaf_index": receipt.leaf_index,
+            }
+        )
+
+    def journal(self, log_id: bytes | None = None) -> dict[bytes, int | None]:
+        """Statements this home signed: digest -> acknowledged leaf index in ``log_id``."""
         path = self.directory / "signed.jsonl"
-        out: set[bytes] = set()
-        with contextlib.suppress(FileNotFoundError):
-            for n, line in enumerate(path.read_text().splitlines(), 1):
-                try:
-                    out.add(bytes.fromhex(json.loads(line)["digest"]))
-                except (ValueError, KeyError, TypeError):
-                    if n != len(path.read_text().splitlines()):  # a torn last line is fine
-                        raise ConfigError(f"{path}: line {n} is corrupt") from None
+        try:
+            lines = path.read_text().splitlines()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+        out: dict[bytes, int | None] = {}
+        for n, line in enumerate(lines, 1):
+            try:
+                obj = json.loads(line)
+                digest = bytes.fromhex(obj["digest"])
+            except (ValueError, KeyError, TypeError):
+                if n == len(lines):  # a torn last line was never acknowledged
+                    break
+                raise ConfigError(f"{path}: line {n} is corrupt") from None
+            index = obj.get("leaf_index")
+            if isinstance(index, int) and (log_id is None or obj.get("log_id") == log_id.hex()):
+                out[digest] = index
+            else:
+                out.setdefault(digest, None)
         return out
 
 
 async def _log(
-    sink: LogSink, signer: Signer, signed: SignedStatement, logs: Mapping[bytes, LogKey]
+    sink: LogSink,
+    signer: Signer,
+    signed: SignedStatement,
+    logs: Mapping[bytes, LogKey],
+    home: SealHome | None,
 ) -> Record:
+    if home is not None:
+        home.record_signed(signed.statement)
     receipt = await sink.add(signer.submission(signed))
     receipt.verify(signed, logs)  # never keep a receipt that does not prove inclusion
+    if home is not None:
+        home.record_receipt(signed.statement, receipt)
     return Record(signed, receipt)
 
 
@@ -295,9 +326,7 @@ async def seal_document(
         policy,
     )
     signed = signer.sign(statement)
-    if home is not None:
-        home.record_signed(statement)
-    record = await _log(sink, signer, signed, logs)
+    record = await _log(sink, signer, signed, logs, home)
     return SealBundle(record, (), signer.chain_ders)
 
 
@@ -313,7 +342,7 @@ async def decide(
     document_hash: bytes | None = None,
     home: SealHome | None = None,
     now_ms: int | None = None,
-) -> tuple[SealBundle, SealReport]:
+) -> tuple[SealBundle, SealReport, list[Notify]]:
     """Approve or reject a seal's workflow: verify the bundle, sign, log, append.
 
     The bundle must verify (document included, if ``document_hash`` is given) and
@@ -321,7 +350,8 @@ async def decide(
     before it is signed.
 
     Returns:
-        The grown bundle and its new verification report.
+        The grown bundle, its new verification report, and the notifications the
+        workflow emits (the next approver, or the outcome for the sealer).
 
     Raises:
         SealError: the bundle does not verify (the first failure), or the workflow
@@ -344,12 +374,12 @@ async def decide(
         seal_digest=workflow.seal_digest,
         previous_digest=workflow.expected_previous(),
     )
-    workflow.check(Decision(signer.name, signer.member.issuer_fingerprint, statement))
+    decision = Decision(signer.name, signer.member.issuer_fingerprint, statement)
+    workflow.check(decision)
     signed = signer.sign(statement)
-    if home is not None:
-        home.record_signed(statement)
-    record = await _log(sink, signer, signed, logs)
+    record = await _log(sink, signer, signed, logs, home)
     grown = bundle.with_decision(record, list(signer.chain_ders))
+    notices = workflow.receive(decision)
     new_report = verify_bundle(grown, trust, logs, document_hash=document_hash)
     new_report.raise_first()
-    return grown, new_report
+    return grown, new_report, notices
