@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from qcall.exceptions import LogProofError, LogStorageError
+from qcall.exceptions import LogError, LogProofError, LogStorageError
 from qcall.seal.logclient import LogClient
 from qcall.seal.logformat import LogKey, TreeHead
-from qcall.seal.merkle import MerkleTree
+from qcall.seal.merkle import MerkleTree, verify_inclusion
 
 __all__ = ["Alarm", "AuditResult", "AuditStore", "Monitor", "own_key_id"]
 
@@ -178,8 +178,8 @@ class Monitor:
         store: the audit database.
         log_key: the log's trusted key.
         own_keys: SHA-256 of each of the user's ML-DSA identity public keys.
-        signed: the user's journal: statement digest -> acknowledged leaf index
-            (``None`` if signed but not known to be acknowledged).
+        signed: the user's journal: statement digest -> leaf hash of its
+            acknowledged entry (``None`` if signed but not known to be acknowledged).
     """
 
     def __init__(
@@ -188,7 +188,7 @@ class Monitor:
         log_key: LogKey,
         *,
         own_keys: set[bytes] | None = None,
-        signed: dict[bytes, int | None] | None = None,
+        signed: dict[bytes, bytes | None] | None = None,
     ) -> None:
         self.store = store
         self.log_key = log_key
@@ -231,7 +231,7 @@ class Monitor:
         alarms += self.observe(head, "log")
         await self._check_consistency(client, head, alarms)
         checked = await self._read_entries(client, head, alarms)
-        own = self._check_own(head, alarms)
+        own = await self._check_own(client, head, alarms)
         return AuditResult(self.log_key.name, head.tree_size, checked, own, alarms)
 
     async def _check_consistency(
@@ -239,9 +239,12 @@ class Monitor:
     ) -> None:
         heads = self.store.heads(self.log_id)
         older_checked = [h for h, c in heads if c and h.tree_size <= head.tree_size]
+        newer_checked = [h for h, c in heads if c and h.tree_size > head.tree_size]
         todo = [h for h, c in heads if not c and h != head]
         if older_checked:
             todo.append(older_checked[-1])
+        if newer_checked:
+            todo.append(newer_checked[0])
         for old in todo:
             if old.root_hash == head.root_hash and old.tree_size == head.tree_size:
                 continue
@@ -255,6 +258,7 @@ class Monitor:
                         {"heads": [old.to_json(), head.to_json()]},
                     ),
                 )
+                continue  # it cannot prove anything about a tree it no longer shows
             try:
                 await client.verify_consistency(old, head)
             except LogProofError as exc:
@@ -303,7 +307,7 @@ class Monitor:
             )
         return read
 
-    def _check_own(self, head: TreeHead, alarms: list[Alarm]) -> int:
+    async def _check_own(self, client: LogClient, head: TreeHead, alarms: list[Alarm]) -> int:
         own = self.store.own_entries(self.log_id, self.own_keys)
         for index, digest in own:
             if digest not in self.signed:
@@ -317,17 +321,23 @@ class Monitor:
                         {"index": index, "statement_digest": digest.hex()},
                     ),
                 )
-        for digest, acked in self.signed.items():
-            if acked is None or acked >= head.tree_size:
+        for digest, leaf in self.signed.items():
+            if leaf is None or head.tree_size == 0:
                 continue
-            if self.store.digest_at(self.log_id, acked) != digest:
+            try:
+                index, proof = await client.get_proof(leaf, head.tree_size)
+                verify_inclusion(leaf, index, head.tree_size, proof, head.root_hash)
+            except (LogError, LogProofError) as exc:
+                if isinstance(exc, LogError) and exc.status not in (404, None):
+                    raise
                 self._alarm(
                     alarms,
                     Alarm(
                         "omitted_entry",
-                        f"OMITTED ENTRY: the log acknowledged your statement as entry {acked}, "
-                        "but that entry is something else",
-                        {"index": acked, "statement_digest": digest.hex()},
+                        f"OMITTED ENTRY: the log acknowledged your statement "
+                        f"{digest.hex()[:16]}…, but its tree of {head.tree_size} does not "
+                        f"include it ({exc})",
+                        {"statement_digest": digest.hex(), "head": head.to_json()},
                     ),
                 )
         return len(own)

@@ -108,7 +108,11 @@ class LogClient:
     async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             async with self._http().request(method, f"{self.url}{API}/{path}", **kwargs) as resp:
-                raw = await resp.content.read(MAX_ANSWER + 1)
+                raw = bytearray()
+                async for chunk in resp.content.iter_chunked(1 << 16):
+                    raw += chunk
+                    if len(raw) > MAX_ANSWER:
+                        break
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise LogError(f"cannot reach the seal log at {self.url}: {exc}") from exc

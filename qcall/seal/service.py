@@ -246,18 +246,20 @@ class SealHome:
             }
         )
 
-    def record_receipt(self, statement: Statement, receipt: Receipt) -> None:
+    def record_receipt(self, signed: SignedStatement, receipt: Receipt) -> None:
         """Journal where the log put a statement (the audit checks it stays there)."""
         self._append_journal(
             {
-                "digest": statement.digest().hex(),
+                "digest": signed.statement.digest().hex(),
                 "log_id": receipt.tree_head.log_id.hex(),
                 "leaf_index": receipt.leaf_index,
+                "leaf_hash": receipt.entry(signed).leaf_hash().hex(),
             }
         )
 
-    def journal(self, log_id: bytes | None = None) -> dict[bytes, int | None]:
-        """Statements this home signed: digest -> acknowledged leaf index in ``log_id``."""
+    def journal(self, log_id: bytes | None = None) -> dict[bytes, bytes | None]:
+        """Statements this home signed: digest -> leaf hash of its acknowledged entry in
+        ``log_id`` (``None``: signed, no receipt known)."""
         path = self.directory / "signed.jsonl"
         try:
             lines = path.read_text().splitlines()
@@ -265,7 +267,7 @@ class SealHome:
             return {}
         except OSError as exc:
             raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-        out: dict[bytes, int | None] = {}
+        out: dict[bytes, bytes | None] = {}
         for n, line in enumerate(lines, 1):
             try:
                 obj = json.loads(line)
@@ -274,9 +276,12 @@ class SealHome:
                 if n == len(lines):  # a torn last line was never acknowledged
                     break
                 raise ConfigError(f"{path}: line {n} is corrupt") from None
-            index = obj.get("leaf_index")
-            if isinstance(index, int) and (log_id is None or obj.get("log_id") == log_id.hex()):
-                out[digest] = index
+            leaf = obj.get("leaf_hash")
+            if isinstance(leaf, str) and (log_id is None or obj.get("log_id") == log_id.hex()):
+                try:
+                    out[digest] = bytes.fromhex(leaf)
+                except ValueError:
+                    raise ConfigError(f"{path}: line {n} is corrupt") from None
             else:
                 out.setdefault(digest, None)
         return out
@@ -294,7 +299,7 @@ async def _log(
     receipt = await sink.add(signer.submission(signed))
     receipt.verify(signed, logs)  # never keep a receipt that does not prove inclusion
     if home is not None:
-        home.record_receipt(signed.statement, receipt)
+        home.record_receipt(signed, receipt)
     return Record(signed, receipt)
 
 
