@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import hashlib
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +18,9 @@ from qcall.seal.log import TransparencyLog
 from qcall.seal.logformat import LogKey
 from qcall.seal.service import LocalLog, SealHome, Signer
 from qcall.seal.statement import Kind, Policy, SignedStatement, Statement
+from tests.utils import TIMEOUT_FACTOR as T
+
+ROOT = Path(__file__).resolve().parent.parent
 
 NOW = datetime.datetime.now(datetime.UTC)
 
@@ -104,3 +110,18 @@ def statement(
         previous,
     )
     return signer.sign(s)
+
+
+async def start_log(directory: Path, *extra: str) -> tuple[asyncio.subprocess.Process, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "qcall", "seal-log", "serve", str(directory), "--port", "0",
+        *(extra or ("--no-tls",)),
+        stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert proc.stderr is not None
+    while True:
+        line = (await asyncio.wait_for(proc.stderr.readline(), 30 * T)).decode()
+        assert line, "the log exited before serving"
+        if "serving " in line:
+            return proc, line.split("serving ")[1].strip()

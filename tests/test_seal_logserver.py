@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import signal
-import sys
 from pathlib import Path
 
 import aiohttp
@@ -18,10 +16,7 @@ from qcall.seal.log import Submission, TransparencyLog
 from qcall.seal.logclient import LogClient, client_tls_context
 from qcall.seal.logserver import API, LogServer, server_tls_context, submission_json
 from qcall.seal.merkle import verify_consistency, verify_inclusion
-from tests.seal_helpers import World, make_world, statement
-from tests.utils import TIMEOUT_FACTOR as T
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.seal_helpers import World, make_world, start_log, statement
 
 
 @pytest.fixture
@@ -151,21 +146,6 @@ async def test_storage_failure_answers_503_and_loses_nothing(world: World) -> No
 
 
 # --- kill -9 during a burst ---------------------------------------------------------------
-
-
-async def start_log(directory: Path) -> tuple[asyncio.subprocess.Process, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "qcall", "seal-log", "serve", str(directory), "--port", "0",
-        "--no-tls",
-        stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
-    assert proc.stderr is not None
-    while True:
-        line = (await asyncio.wait_for(proc.stderr.readline(), 30 * T)).decode()
-        assert line, "the log exited before serving"
-        if "serving " in line:
-            return proc, line.split("serving ")[1].strip()
 
 
 async def test_kill_9_during_a_burst_loses_no_acknowledged_entry(world: World) -> None:
