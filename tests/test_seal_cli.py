@@ -37,32 +37,82 @@ def org(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[dict[str
         home = homes[name]
         assert run(capsys, home, "identity", "new", "--name", name)[0] == 0
         (tmp_path / f"{name}.json").write_text(run(capsys, home, "identity", "show", "--json")[1])
-        code, out, _ = run(capsys, homes["admin"], "org", "issue", name, "--key",
-                           str(tmp_path / f"{name}.json"), "--department", "Finance",
-                           "--out", str(tmp_path / f"{name}.pem"))  # fmt: skip
+        code, out, _ = run(
+            capsys,
+            homes["admin"],
+            "org",
+            "issue",
+            name,
+            "--key",
+            str(tmp_path / f"{name}.json"),
+            "--department",
+            "Finance",
+            "--out",
+            str(tmp_path / f"{name}.pem"),
+        )
         assert code == 0 and "serial" in out
-        assert run(capsys, home, "org", "trust", str(ca / "authority.pem"), "--crl",
-                   str(ca / "crl.pem"))[0] == 0  # fmt: skip
+        assert (
+            run(
+                capsys,
+                home,
+                "org",
+                "trust",
+                str(ca / "authority.pem"),
+                "--crl",
+                str(ca / "crl.pem"),
+            )[0]
+            == 0
+        )
         assert run(capsys, home, "org", "install", str(tmp_path / f"{name}.pem"))[0] == 0
     log = tmp_path / "log"
-    code, out, _ = run(capsys, homes["admin"], "seal-log", "init", str(log), "--name", "Hefei log",
-                       "--authority", str(ca / "authority.pem"), "--crl", str(ca / "crl.pem"))  # fmt: skip
+    code, out, _ = run(
+        capsys,
+        homes["admin"],
+        "seal-log",
+        "init",
+        str(log),
+        "--name",
+        "Hefei log",
+        "--authority",
+        str(ca / "authority.pem"),
+        "--crl",
+        str(ca / "crl.pem"),
+    )
     assert code == 0
     proc = subprocess.Popen(
         [sys.executable, "-m", "qcall", "seal-log", "serve", str(log), "--port", "0"],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=ROOT, text=True,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        cwd=ROOT,
+        text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
+    )
     try:
         assert proc.stderr is not None
         line = proc.stderr.readline()
         assert "serving https://" in line, line
         url = line.split("serving ")[1].strip()
         for name in ("alice", "bob", "carol"):
-            assert run(capsys, homes[name], "seal", "trust-log", str(log / "log.pub"), "--url",
-                       url, "--ca", str(log / "tls" / "ca.pem"))[0] == 0  # fmt: skip
-            assert run(capsys, homes[name], "seal", "setup", "--workflows",
-                       str(tmp_path / "workflows"))[0] == 0  # fmt: skip
+            assert (
+                run(
+                    capsys,
+                    homes[name],
+                    "seal",
+                    "trust-log",
+                    str(log / "log.pub"),
+                    "--url",
+                    url,
+                    "--ca",
+                    str(log / "tls" / "ca.pem"),
+                )[0]
+                == 0
+            )
+            assert (
+                run(
+                    capsys, homes[name], "seal", "setup", "--workflows", str(tmp_path / "workflows")
+                )[0]
+                == 0
+            )
         yield {**homes, "ca": ca, "log": log, "root": tmp_path}
     finally:
         proc.terminate()
@@ -84,10 +134,19 @@ def test_sign_and_verify(org: dict[str, Path], capsys: pytest.CaptureFixture[str
     report = json.loads(out)
     assert report["verified"] and report["inclusion_verified"] and report["log_size"] == 1
     # An outsider with nothing but the authority certificate, its CRL and the log key.
-    code, out, _ = run(capsys, org["root"] / "outsider", "seal", "verify", str(doc),
-                       "--authority", str(org["ca"] / "authority.pem"),
-                       "--crl", str(org["ca"] / "crl.pem"),
-                       "--log-key", str(org["log"] / "log.pub"))  # fmt: skip
+    code, out, _ = run(
+        capsys,
+        org["root"] / "outsider",
+        "seal",
+        "verify",
+        str(doc),
+        "--authority",
+        str(org["ca"] / "authority.pem"),
+        "--crl",
+        str(org["ca"] / "crl.pem"),
+        "--log-key",
+        str(org["log"] / "log.pub"),
+    )
     assert code == 0 and out.startswith("VALID")
     # Tampered document: a clear verdict and exit code 1.
     doc.write_text("pay 9000 yuan")
@@ -101,8 +160,17 @@ def test_sign_and_verify(org: dict[str, Path], capsys: pytest.CaptureFixture[str
 def test_approval_workflow(org: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     doc = org["root"] / "budget.txt"
     doc.write_text("budget 2027")
-    code, out, _ = run(capsys, org["alice"], "seal", "request", str(doc),
-                       "--approvers", "bob,carol", "--reason", "please approve")  # fmt: skip
+    code, out, _ = run(
+        capsys,
+        org["alice"],
+        "seal",
+        "request",
+        str(doc),
+        "--approvers",
+        "bob,carol",
+        "--reason",
+        "please approve",
+    )
     assert code == 0 and "waiting for bob" in out
     wid = out.split("workflow  ")[1].split()[0]
     code, out, _ = run(capsys, org["bob"], "seal", "inbox")
@@ -133,8 +201,20 @@ def test_revocation_and_reject(org: dict[str, Path], capsys: pytest.CaptureFixtu
     assert run(capsys, org["alice"], "seal", "sign", str(doc))[0] == 0
     code, out, _ = run(capsys, org["admin"], "org", "list", "--json")
     serial = next(s for s, e in json.loads(out).items() if e["name"] == "alice")
-    assert run(capsys, org["admin"], "org", "revoke", serial, "--reason", "key-compromise",
-               "--invalid-since", "2000-01-01T00:00:00")[0] == 0  # fmt: skip
+    assert (
+        run(
+            capsys,
+            org["admin"],
+            "org",
+            "revoke",
+            serial,
+            "--reason",
+            "key-compromise",
+            "--invalid-since",
+            "2000-01-01T00:00:00",
+        )[0]
+        == 0
+    )
     crl = str(org["ca"] / "crl.pem")
     assert run(capsys, org["bob"], "org", "crl-update", crl)[0] == 0
     code, out, _ = run(capsys, org["bob"], "seal", "verify", str(doc))
@@ -151,8 +231,9 @@ def test_revocation_and_reject(org: dict[str, Path], capsys: pytest.CaptureFixtu
 
 
 def test_bad_usage_is_explained(org: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(capsys, org["alice"], "seal", "request", "x", "--approvers", "bob",
-                       "--any", "3")  # fmt: skip
+    code, _, err = run(
+        capsys, org["alice"], "seal", "request", "x", "--approvers", "bob", "--any", "3"
+    )
     assert code == 1 and "threshold" in err
     code, _, err = run(capsys, org["alice"], "seal", "approve", "zz")
     assert code == 1 and "not a workflow ID" in err

@@ -223,7 +223,7 @@ async def test_ordered_approvals_chain(world: World, doc) -> None:
             world.logs,
             approve=True,
         )
-    bundle, report = await decide(
+    bundle, report, _ = await decide(
         world.signers["bob"],
         bundle,
         world.trust("bob"),
@@ -234,7 +234,7 @@ async def test_ordered_approvals_chain(world: World, doc) -> None:
         document_hash=doc[1],
     )
     assert report.workflow == "pending (1 of 2: bob; waiting for carol)"
-    bundle, report = await decide(
+    bundle, report, _ = await decide(
         world.signers["carol"],
         bundle,
         world.trust("carol"),
@@ -255,7 +255,7 @@ async def test_ordered_approvals_chain(world: World, doc) -> None:
 async def test_replayed_and_out_of_order_approvals_in_a_bundle(world: World, doc) -> None:
     policy = Policy(Mode.ORDERED, 2, ("bob", "carol"))
     bundle = await sealed(world, doc, policy)
-    approved, _ = await decide(
+    approved, _, _ = await decide(
         world.signers["bob"], bundle, world.trust("bob"), world.sink, world.logs, approve=True
     )
     bob_approval = approved.decisions[0]
@@ -291,7 +291,7 @@ async def test_replayed_and_out_of_order_approvals_in_a_bundle(world: World, doc
 async def test_threshold_and_rejection(world: World, doc) -> None:
     policy = Policy(Mode.THRESHOLD, 1, ("bob", "carol"))
     bundle = await sealed(world, doc, policy)
-    bundle, report = await decide(
+    bundle, report, _ = await decide(
         world.signers["carol"],
         bundle,
         world.trust("carol"),
@@ -301,7 +301,7 @@ async def test_threshold_and_rejection(world: World, doc) -> None:
         reason="wrong total",
     )
     assert report.workflow_state == "pending"
-    bundle, report = await decide(
+    bundle, report, _ = await decide(
         world.signers["bob"], bundle, world.trust("bob"), world.sink, world.logs, approve=True
     )
     assert report.workflow_state == "approved"
