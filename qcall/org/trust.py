@@ -58,6 +58,11 @@ class OrgTrust:
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
         self._crl_cache: dict[bytes, tuple[int, x509.CertificateRevocationList | None]] = {}
+        # Signature and profile checks are pure functions of the certificate bytes and the
+        # authority, so their results are cached (the seal log checks every entry);
+        # validity periods and revocation are checked on every call.
+        self._authority_cache: tuple[int, list[x509.Certificate]] | None = None
+        self._checked: dict[tuple[bytes, bytes], Member] = {}
 
     def __repr__(self) -> str:
         return f"OrgTrust({str(self.directory)!r})"
@@ -96,11 +101,31 @@ class OrgTrust:
         return cert
 
     def authorities(self) -> list[x509.Certificate]:
-        """The trusted authority certificates."""
+        """The trusted authority certificates (re-read when the directory changes)."""
+        trusted = self.directory / "trusted"
+        try:
+            stamp = trusted.stat().st_mtime_ns
+        except FileNotFoundError:
+            return []
+        if self._authority_cache is not None and self._authority_cache[0] == stamp:
+            return list(self._authority_cache[1])
         out = []
-        for path in sorted((self.directory / "trusted").glob("*.pem")):
+        for path in sorted(trusted.glob("*.pem")):
             out.extend(load_certificates(read_file(path, "trusted authority"), str(path))[:1])
-        return out
+        self._authority_cache = (stamp, out)
+        self._checked.clear()
+        return list(out)
+
+    def _member(self, cert: x509.Certificate, authority: x509.Certificate) -> Member:
+        """:func:`parse_member`, cached by (certificate, authority) fingerprints."""
+        key = (certificate_fingerprint(cert), certificate_fingerprint(authority))
+        member = self._checked.get(key)
+        if member is None:
+            member = parse_member(cert, authority)
+            if len(self._checked) > 4096:
+                self._checked.clear()
+            self._checked[key] = member
+        return member
 
     def issuer_of(self, cert: x509.Certificate) -> x509.Certificate:
         """The trusted authority that signed ``cert``.
@@ -108,7 +133,12 @@ class OrgTrust:
         Raises:
             UntrustedCertificateError: none did.
         """
-        for authority in self.authorities():
+        fpr = certificate_fingerprint(cert)
+        authorities = self.authorities()
+        for authority in authorities:
+            if (fpr, certificate_fingerprint(authority)) in self._checked:
+                return authority
+        for authority in authorities:
             if authority.subject != cert.issuer:
                 continue
             try:
@@ -235,7 +265,7 @@ class OrgTrust:
             CertificateError: no CRL of the authority is stored.
         """
         authority = authority or self.issuer_of(cert)
-        member = parse_member(cert, authority)
+        member = self._member(cert, authority)
         who = f"the certificate of {member.name!r} (serial {member.serial_hex})"
         if at < member.not_before:
             raise CertificateExpiredError(
