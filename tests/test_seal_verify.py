@@ -7,6 +7,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,6 +39,18 @@ def doc(tmp_path: Path) -> tuple[Path, bytes]:
 async def sealed(world: World, doc: tuple[Path, bytes], policy: Policy | None = None) -> SealBundle:
     return await seal_document(
         world.signers["alice"], doc[0], world.sink, world.logs, reason="approved", policy=policy
+    )
+
+
+async def decide_as(world: World, who: str, bundle: SealBundle, **kw: Any) -> Any:
+    """``who`` decides on ``bundle`` with their own home's trust, through the world's log."""
+    return await decide(
+        world.signers[who],
+        bundle,
+        world.trust(who),
+        world.sink,
+        world.logs,
+        **kw,
     )
 
 
@@ -215,31 +228,25 @@ async def test_ordered_approvals_chain(world: World, doc) -> None:
     report = verify_bundle(bundle, world.trust(), world.logs, document_hash=doc[1])
     assert report.ok and report.workflow == "pending (0 of 2; waiting for bob)"
     with pytest.raises(WorkflowError, match="out of order: waiting for bob, not carol"):
-        await decide(
-            world.signers["carol"],
+        await decide_as(
+            world,
+            "carol",
             bundle,
-            world.trust("carol"),
-            world.sink,
-            world.logs,
             approve=True,
         )
-    bundle, report, _ = await decide(
-        world.signers["bob"],
+    bundle, report, _ = await decide_as(
+        world,
+        "bob",
         bundle,
-        world.trust("bob"),
-        world.sink,
-        world.logs,
         approve=True,
         reason="checked the figures",
         document_hash=doc[1],
     )
     assert report.workflow == "pending (1 of 2: bob; waiting for carol)"
-    bundle, report, _ = await decide(
-        world.signers["carol"],
+    bundle, report, _ = await decide_as(
+        world,
+        "carol",
         bundle,
-        world.trust("carol"),
-        world.sink,
-        world.logs,
         approve=True,
         document_hash=doc[1],
     )
@@ -255,9 +262,7 @@ async def test_ordered_approvals_chain(world: World, doc) -> None:
 async def test_replayed_and_out_of_order_approvals_in_a_bundle(world: World, doc) -> None:
     policy = Policy(Mode.ORDERED, 2, ("bob", "carol"))
     bundle = await sealed(world, doc, policy)
-    approved, _, _ = await decide(
-        world.signers["bob"], bundle, world.trust("bob"), world.sink, world.logs, approve=True
-    )
+    approved, _, _ = await decide_as(world, "bob", bundle, approve=True)
     bob_approval = approved.decisions[0]
     # The same approval twice.
     twice = SealBundle(approved.seal, (bob_approval, bob_approval), approved.certificates)
@@ -291,27 +296,21 @@ async def test_replayed_and_out_of_order_approvals_in_a_bundle(world: World, doc
 async def test_threshold_and_rejection(world: World, doc) -> None:
     policy = Policy(Mode.THRESHOLD, 1, ("bob", "carol"))
     bundle = await sealed(world, doc, policy)
-    bundle, report, _ = await decide(
-        world.signers["carol"],
+    bundle, report, _ = await decide_as(
+        world,
+        "carol",
         bundle,
-        world.trust("carol"),
-        world.sink,
-        world.logs,
         approve=False,
         reason="wrong total",
     )
     assert report.workflow_state == "pending"
-    bundle, report, _ = await decide(
-        world.signers["bob"], bundle, world.trust("bob"), world.sink, world.logs, approve=True
-    )
+    bundle, report, _ = await decide_as(world, "bob", bundle, approve=True)
     assert report.workflow_state == "approved"
     with pytest.raises(WorkflowError, match="after the workflow was approved"):
-        await decide(
-            world.signers["carol"],
+        await decide_as(
+            world,
+            "carol",
             bundle,
-            world.trust("carol"),
-            world.sink,
-            world.logs,
             approve=True,
         )
 

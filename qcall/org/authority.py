@@ -96,10 +96,7 @@ class Authority:
         path = Path(directory)
         if (path / cls.KEY_FILE).exists():
             raise ConfigError(f"an authority already exists in {path}")
-        try:
-            (path / "issued").mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot create {path}: {exc.strerror}") from exc
+        config.make_private_dir(path / "issued")
         backend = pqc.get_backend("cryptography")
         key = (
             backend.signing_from_seed(AUTHORITY_SCHEME, seed)

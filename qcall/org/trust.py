@@ -17,7 +17,6 @@ from qcall.exceptions import (
     CertificateError,
     CertificateExpiredError,
     CertificateRevokedError,
-    ConfigError,
     IdentityChangedError,
     UntrustedCertificateError,
 )
@@ -76,14 +75,6 @@ class OrgTrust:
         """Whether any authority is trusted."""
         return any((self.directory / "trusted").glob("*.pem"))
 
-    def _mkdir(self, sub: str) -> Path:
-        path = self.directory / sub
-        try:
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot create {path}: {exc.strerror}") from exc
-        return path
-
     # authorities ------------------------------------------------------------------------
 
     def trust(self, data: bytes, source: str = "authority certificate") -> x509.Certificate:
@@ -95,7 +86,7 @@ class OrgTrust:
         cert = load_certificates(data, source)[0]
         check_authority(cert)
         fpr = certificate_fingerprint(cert)
-        path = self._mkdir("trusted") / f"{short_hex(fpr)}.pem"
+        path = config.make_private_dir(self.directory / "trusted") / f"{short_hex(fpr)}.pem"
         config.atomic_write(path, pqc.x509_pem(cert), mode=PUBLIC_MODE)
         logger.info("= trusting authority %r (%s)", common_name(cert.subject), short_hex(fpr))
         return cert
@@ -174,7 +165,7 @@ class OrgTrust:
                 f"{source} is CRL number {crl_number(crl)}, older than the stored number "
                 f"{crl_number(old)}: refusing to roll revocations back"
             )
-        path = self._mkdir("trusted") / f"{short_hex(fpr)}.crl"
+        path = config.make_private_dir(self.directory / "trusted") / f"{short_hex(fpr)}.crl"
         config.atomic_write(path, pqc.x509_pem(crl), mode=PUBLIC_MODE)
         self._crl_cache.pop(fpr, None)
         return crl
@@ -206,7 +197,10 @@ class OrgTrust:
         """
         cert = load_certificates(data, source)[0]
         member = parse_member(cert, self.issuer_of(cert))
-        path = self._mkdir("certs") / f"{short_hex(member.fingerprint)}.pem"
+        path = (
+            config.make_private_dir(self.directory / "certs")
+            / f"{short_hex(member.fingerprint)}.pem"
+        )
         config.atomic_write(path, pqc.x509_pem(cert), mode=PUBLIC_MODE)
         return member
 

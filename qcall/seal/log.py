@@ -162,10 +162,7 @@ class TransparencyLog:
         path = Path(directory)
         if (path / KEY_FILE).exists():
             raise ConfigError(f"a seal log already exists in {path}")
-        try:
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot create {path}: {exc.strerror}") from exc
+        config.make_private_dir(path)
         key = pqc.get_backend("cryptography").signing_generate(LOG_SCHEME)
         config.atomic_write(path / KEY_FILE, key.seed_bytes())
         public = LogKey(name, key.public_bytes(), LOG_SCHEME)

@@ -20,11 +20,11 @@ import base64
 import json
 import logging
 import ssl
-from types import TracebackType
 from typing import Any, Final
 
 import aiohttp
 
+from qcall.aio import AsyncResource
 from qcall.exceptions import ConfigError, LogError, LogProofError, SealFormatError
 from qcall.seal.log import Submission
 from qcall.seal.logformat import LogEntry, LogKey, Receipt, TreeHead
@@ -55,7 +55,7 @@ def client_tls_context(ca: str | None) -> ssl.SSLContext:
     return ctx
 
 
-class LogClient:
+class LogClient(AsyncResource):
     """Talk to one transparency log (usable as an async context manager).
 
     Args:
@@ -82,17 +82,6 @@ class LogClient:
 
     def __repr__(self) -> str:
         return f"LogClient({self.url!r}, {self.log_key.name!r})"
-
-    async def __aenter__(self) -> LogClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         if self._session is not None:

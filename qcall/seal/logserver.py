@@ -37,12 +37,12 @@ import contextlib
 import json
 import logging
 import ssl
-from types import TracebackType
 from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from qcall.aio import AsyncResource, http_url, start_site
 from qcall.exceptions import ConfigError, LogError, LogStorageError, SealFormatError
 from qcall.seal.log import AddResult, Submission, TransparencyLog
 from qcall.seal.statement import SignedStatement, Statement, b64decode
@@ -129,7 +129,7 @@ def submission_json(sub: Submission) -> dict[str, Any]:
     }
 
 
-class LogServer:
+class LogServer(AsyncResource):
     """Serve a :class:`TransparencyLog` over HTTP(S) (see the module docstring).
 
     Args:
@@ -177,19 +177,9 @@ class LogServer:
 
     async def start(self) -> None:
         """Listen; afterwards :attr:`url` is set."""
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, self.host, self._port, ssl_context=self.ssl_context)
-        try:
-            await site.start()
-        except OSError:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        for address in runner.addresses:
-            if isinstance(address, tuple):
-                self._port = int(address[1])
-                break
+        self._runner, self._port = await start_site(
+            self.app, self.host, self._port, self.ssl_context
+        )
         self._writer = asyncio.create_task(self._write_loop())
         logger.info("= seal log %r serving %s", self.log.log_key.name, self.url)
 
@@ -209,27 +199,13 @@ class LogServer:
         self._queue.clear()
         self._executor.shutdown(wait=True)
 
-    async def __aenter__(self) -> LogServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
     @property
     def port(self) -> int:
         return self._port
 
     @property
     def url(self) -> str:
-        scheme = "https" if self.ssl_context is not None else "http"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{scheme}://{host}:{self._port}"
+        return http_url(self.host, self._port, self.ssl_context is not None)
 
     # --- group commit -------------------------------------------------------------------
 

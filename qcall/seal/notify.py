@@ -56,13 +56,6 @@ class WorkflowStore:
     def __repr__(self) -> str:
         return f"WorkflowStore({str(self.directory)!r})"
 
-    def _mkdir(self, path: Path) -> Path:
-        try:
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot create {path}: {exc.strerror}") from exc
-        return path
-
     def resolve(self, prefix: str) -> str:
         """The full workflow ID that ``prefix`` (≥ 8 hex digits) names.
 
@@ -84,7 +77,7 @@ class WorkflowStore:
     ) -> str:
         """Store the bundle (and, the first time, where its document and file are)."""
         wid = bundle.workflow_id
-        self._mkdir(self.directory)
+        config.make_private_dir(self.directory)
         meta_path = self.directory / f"{wid}.json"
         if not meta_path.exists():
             meta = {"document": document, "bundle": bundle_path}
@@ -118,7 +111,7 @@ class WorkflowStore:
     @contextlib.contextmanager
     def locked(self, wid: str) -> Iterator[None]:
         """Hold the workflow's lock for a read-verify-decide-write."""
-        self._mkdir(self.directory)
+        config.make_private_dir(self.directory)
         fd = os.open(self.directory / f"{wid}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -134,11 +127,7 @@ class DirectoryNotifier:
         self.directory = Path(directory) / "inbox"
 
     def notify(self, notice: Notify, bundle: SealBundle, document: str | None) -> None:
-        box = self.directory / notice.recipient
-        try:
-            box.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot create {box}: {exc.strerror}") from exc
+        box = config.make_private_dir(self.directory / notice.recipient)
         seal = bundle.seal.statement
         obj = {
             "workflow": notice.workflow_id,

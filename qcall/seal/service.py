@@ -154,13 +154,6 @@ class SealHome:
         self.home = Path(home)
         self.directory = self.home / "seal"
 
-    def _mkdir(self, path: Path) -> Path:
-        try:
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot create {path}: {exc.strerror}") from exc
-        return path
-
     # configuration -----------------------------------------------------------------------
 
     def config(self) -> dict[str, Any]:
@@ -178,14 +171,14 @@ class SealHome:
     def set_config(self, **values: Any) -> None:
         obj = self.config()
         obj.update({k: v for k, v in values.items() if v is not None})
-        self._mkdir(self.directory)
+        config.make_private_dir(self.directory)
         data = (json.dumps(obj, indent=2) + "\n").encode()
         config.atomic_write(self.directory / "config.json", data, mode=0o644)
 
     def trust_log(self, key: LogKey, *, url: str | None = None, tls_ca: str | None = None) -> None:
         """Trust a log (and make it the default for signing)."""
         obj = {**key.to_json(), "url": url, "tls_ca": tls_ca}
-        path = self._mkdir(self.directory / "logs") / f"{key.log_id.hex()[:16]}.json"
+        path = config.make_private_dir(self.directory / "logs") / f"{key.log_id.hex()[:16]}.json"
         config.atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode(), mode=0o644)
         self.set_config(log=key.log_id.hex())
 
@@ -226,7 +219,7 @@ class SealHome:
     # the journal of signed statements ------------------------------------------------------
 
     def _append_journal(self, obj: dict[str, Any]) -> None:
-        self._mkdir(self.directory)
+        config.make_private_dir(self.directory)
         fd = os.open(self.directory / "signed.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
