@@ -259,3 +259,11 @@ def test_qcall_verifies_the_bundle_too(tmp_path) -> None:
     report = verify_bundle(bundle, trust, {key.log_id: key}, document_hash=document)
     assert report.ok, report.failures
     assert report.workflow_state == "approved"
+
+
+def test_the_vectors_are_what_the_code_produces() -> None:
+    """``python scripts/gen_seal_vectors.py --check`` as a test: qcall still writes these bytes."""
+    from scripts.gen_seal_vectors import build, signatures_of
+
+    assert build(signatures_of(V)) == V
+    assert "scripts/gen_seal_vectors.py" in V["source"]
