@@ -13,7 +13,7 @@ from pathlib import Path
 
 from qcall.exceptions import ConfigError
 
-__all__ = ["atomic_write", "qcall_home", "read_private_file"]
+__all__ = ["atomic_write", "make_private_dir", "qcall_home", "read_private_file"]
 
 #: Mode of every file holding secret material.
 PRIVATE_MODE = 0o600
@@ -36,6 +36,20 @@ def qcall_home(override: str | os.PathLike[str] | None = None, *, create: bool =
         except OSError as exc:
             raise ConfigError(f"cannot create qcall home {home}: {exc.strerror}") from exc
     return home
+
+
+def make_private_dir(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` (and its parents) with mode 0700 if missing; return it.
+
+    Raises:
+        ConfigError: it cannot be created.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create {path}: {exc.strerror}") from exc
+    return path
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = PRIVATE_MODE) -> None:

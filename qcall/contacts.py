@@ -16,7 +16,11 @@ Rules (see ``docs/identity.md``):
 * another key raises :class:`IdentityChangedError`, naming both fingerprints.
   Nothing is changed: the user compares the SAS by voice and then runs
   ``qcall contacts forget NAME`` to allow re-pinning;
-* ``mark_verified`` records that the user compared the SAS or the fingerprint.
+* ``mark_verified`` records that the user compared the SAS or the fingerprint;
+* a peer certified by an organisation the user trusts (``qcall org trust``, see
+  :mod:`qcall.org` and ``docs/seal.md`` §3.4) is verified by its certificate instead, with
+  no trust on first use: a valid certificate for the presented key is enough; an
+  expired or revoked one, or a certificate of that name for another key, is refused.
 
 Every read-modify-write holds an exclusive ``fcntl.flock`` on ``contacts.json.lock``,
 and every write is atomic (:func:`qcall.config.atomic_write`), so two processes
@@ -40,7 +44,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qcall import config, pqc
 from qcall.exceptions import (
@@ -49,6 +53,9 @@ from qcall.exceptions import (
     UnknownIdentityError,
 )
 from qcall.identity import fingerprint, scheme_for_public_key, short_fingerprint, validate_name
+
+if TYPE_CHECKING:
+    from qcall.org import OrgTrust
 
 __all__ = ["CONTACTS_FILE", "Contact", "ContactStore", "parse_contacts"]
 
@@ -182,6 +189,7 @@ class ContactStore:
             directory must exist.
         strict: refuse unknown peers instead of pinning them on first use.
         clock: source of timestamps (seconds since the epoch).
+        org: the organisations the user trusts; peers they certify need no pinning.
     """
 
     def __init__(
@@ -190,16 +198,21 @@ class ContactStore:
         *,
         strict: bool = False,
         clock: Callable[[], float] = time.time,
+        org: OrgTrust | None = None,
     ) -> None:
         self.path = Path(path)
         self.strict = strict
         self._clock = clock
+        self.org = org
+        self._trust: dict[str, str] = {}
         self._cache: tuple[tuple[int, int, int, int], dict[str, Contact]] | None = None
 
     @classmethod
     def in_home(cls, home: str | os.PathLike[str], *, strict: bool = False) -> ContactStore:
-        """The store in a qcall home directory."""
-        return cls(Path(home) / CONTACTS_FILE, strict=strict)
+        """The store in a qcall home directory (with the home's organisation trust)."""
+        from qcall.org import OrgTrust
+
+        return cls(Path(home) / CONTACTS_FILE, strict=strict, org=OrgTrust.in_home(home))
 
     def __repr__(self) -> str:
         return f"ContactStore({str(self.path)!r}, strict={self.strict})"
@@ -262,23 +275,42 @@ class ContactStore:
     # --- the handshake hook --------------------------------------------------------------------
 
     def check_peer(self, name: str, public_key: bytes) -> None:
-        """Check a peer's identity key against the pinned one (TOFU).
+        """Check a peer's identity key: by its organisation certificate, else pinned (TOFU).
 
         Call this after the peer's transcript signature verified with
-        ``public_key``. On first sight the key is pinned (and a WARNING logged,
-        since it is unverified); afterwards it must stay the same.
+        ``public_key``. If a trusted organisation certifies ``name`` (a certificate
+        imported with ``qcall org import``), that certificate decides, with no pinning.
+        Otherwise, on first sight the key is pinned (and a WARNING logged, since it
+        is unverified); afterwards it must stay the same.
+
+        After it returns, :meth:`peer_trust` says how the peer was trusted.
 
         Raises:
-            IdentityChangedError: ``name`` is pinned to another key.
+            CertificateError: the certificate of this key is expired, revoked or not
+                from a trusted authority (the subclass and message say which).
+            IdentityChangedError: ``name`` is pinned to (or certified for) another key.
             UnknownIdentityError: ``name`` is unknown and the store is strict.
             InvalidKeyError: ``public_key`` is not an ML-DSA public key.
             ConfigError: bad ``name``, or the store file is corrupt.
         """
         validate_name(name, "contact name")
         scheme_for_public_key(public_key)
+        self._trust.pop(name, None)
+        if self.org is not None and self.org.exists():
+            member = self.org.check_peer(name, public_key)
+            if member is not None:
+                logger.info(
+                    "= %r is certified by %s (serial %s): verified by the organisation",
+                    name,
+                    member.organisation,
+                    member.serial_hex,
+                )
+                self._trust[name] = f"organisation: {member.describe()}"
+                return
         pinned = self.get(name)  # fast path: no lock needed to compare
         if pinned is not None:
             self._compare(pinned, public_key)
+            self._trust[name] = "verified" if pinned.verified else "unverified"
             return
         if self.strict:
             raise UnknownIdentityError(
@@ -288,6 +320,7 @@ class ContactStore:
         with self._locked() as contacts:
             if name in contacts:  # pinned meanwhile by another process
                 self._compare(contacts[name], public_key)
+                self._trust[name] = "verified" if contacts[name].verified else "unverified"
                 return
             contact = self._new_contact(name, public_key)
             contacts[name] = contact
@@ -299,6 +332,16 @@ class ContactStore:
             contact.fingerprint,
             name,
         )
+        self._trust[name] = "unverified"
+
+    def peer_trust(self, name: str) -> str | None:
+        """How :meth:`check_peer` last accepted ``name``, for display.
+
+        ``"organisation: <who>"`` (a valid certificate of a trusted organisation),
+        ``"verified"`` (pinned, SAS compared), ``"unverified"`` (pinned on first
+        use), or ``None`` if ``name`` was not checked (or was refused).
+        """
+        return self._trust.get(name)
 
     def _compare(self, pinned: Contact, public_key: bytes) -> None:
         if pqc.constant_time_eq(pinned.public_key, bytes(public_key)):

@@ -12,7 +12,11 @@ narrowest class that you can act on::
     ├── IdentityError
     │   ├── IdentityNotFoundError       no identity in the qcall home yet
     │   ├── UnknownIdentityError        peer not in contacts and pinning refused
-    │   └── IdentityChangedError        a pinned contact presents another key
+    │   ├── IdentityChangedError        a pinned contact presents another key
+    │   └── CertificateError            an organisation certificate cannot be trusted
+    │       ├── UntrustedCertificateError  not issued by an authority you trust
+    │       ├── CertificateExpiredError    outside its validity period
+    │       └── CertificateRevokedError    on its authority's revocation list
     ├── HandshakeError               (``code`` goes on the wire, details do not)
     │   ├── InvalidMessageError         malformed or oversized message or field
     │   ├── UnsupportedVersionError     protocol version we do not speak
@@ -47,10 +51,20 @@ narrowest class that you can act on::
     │   ├── SignalingRateLimitError     too many messages
     │   ├── SignalingLimitError         a server limit: connections, names, watch list
     │   └── PeerUnavailableError        callee offline or busy
-    └── CallError
-        ├── CallRejectedError           the callee declined or was busy
-        ├── MediaError                  audio device or file problem
-        └── SecurityPolicyError         policy not allowed (never a silent downgrade)
+    ├── CallError
+    │   ├── CallRejectedError           the callee declined or was busy
+    │   ├── MediaError                  audio device or file problem
+    │   └── SecurityPolicyError         policy not allowed (never a silent downgrade)
+    └── SealError                    Quantum Cloud Seal (``cause`` names the failed check)
+        ├── SealFormatError             malformed bundle, statement, receipt or log entry
+        ├── DocumentChangedError        the document's SHA-384 is not the sealed one
+        ├── SealSignatureError          a statement's ML-DSA signature does not verify
+        ├── NotInLogError               no log receipt, or the receipt is for another entry
+        ├── LogProofError               inclusion/consistency proof or tree head invalid
+        ├── WorkflowError               approval refused: order, replay, not an approver
+        ├── LogError                    the transparency log refused or failed a request
+        │   └── LogStorageError            the log database is corrupt or unwritable
+        └── LogConsistencyError         audit alarm: fork, split view, rewritten history
 
 Messages are written for the person at the keyboard. They never contain key
 bytes: only key IDs, fingerprints and short hashes.
@@ -63,9 +77,13 @@ __all__ = [
     "BadSignatureError",
     "CallError",
     "CallRejectedError",
+    "CertificateError",
+    "CertificateExpiredError",
+    "CertificateRevokedError",
     "ChannelAuthenticationError",
     "ConfigError",
     "CryptoError",
+    "DocumentChangedError",
     "DowngradeError",
     "HandshakeError",
     "HandshakeStateError",
@@ -86,7 +104,12 @@ __all__ = [
     "KeyExhaustedError",
     "KeyNotFoundError",
     "LinkAlarmError",
+    "LogConsistencyError",
+    "LogError",
+    "LogProofError",
+    "LogStorageError",
     "MediaError",
+    "NotInLogError",
     "PeerUnavailableError",
     "PostProcessingError",
     "QCallError",
@@ -95,6 +118,9 @@ __all__ = [
     "RelayError",
     "ReplayError",
     "SASCommitmentError",
+    "SealError",
+    "SealFormatError",
+    "SealSignatureError",
     "SecurityPolicyError",
     "SignalingAuthError",
     "SignalingError",
@@ -107,6 +133,8 @@ __all__ = [
     "UnknownIdentityError",
     "UnsupportedAlgorithmError",
     "UnsupportedVersionError",
+    "UntrustedCertificateError",
+    "WorkflowError",
 ]
 
 
@@ -158,6 +186,33 @@ class IdentityChangedError(IdentityError):
     This is what a man-in-the-middle looks like. It is also what a contact who
     reinstalled looks like: compare the SAS by voice before trusting again.
     """
+
+
+class CertificateError(IdentityError):
+    """An organisation certificate (docs/seal.md, "Certificate profile") is not acceptable.
+
+    ``cause`` is the short, stable name of the failed check (also used by seal verdicts).
+    """
+
+    cause: str = "certificate_invalid"
+
+
+class UntrustedCertificateError(CertificateError):
+    """The certificate was not issued by an authority the user trusts (or is malformed)."""
+
+    cause = "certificate_untrusted"
+
+
+class CertificateExpiredError(CertificateError):
+    """The certificate was not valid at the time that matters (now, or the signing time)."""
+
+    cause = "certificate_expired"
+
+
+class CertificateRevokedError(CertificateError):
+    """The certificate is on its authority's revocation list (CRL) for the time that matters."""
+
+    cause = "certificate_revoked"
 
 
 # --- handshake -------------------------------------------------------------------
@@ -401,3 +456,80 @@ class MediaError(CallError):
 
 class SecurityPolicyError(CallError):
     """The call would need a policy the user did not allow."""
+
+
+# --- Quantum Cloud Seal -------------------------------------------------------------------
+
+
+class SealError(QCallError):
+    """A seal, an approval or the transparency log failed a check.
+
+    ``cause`` is the short, stable name of the failed check, printed by
+    ``qcall seal verify`` and carried in its ``--json`` output.
+    """
+
+    cause: str = "seal_invalid"
+
+
+class SealFormatError(SealError):
+    """A seal bundle, signed statement, log receipt or log entry is malformed."""
+
+    cause = "bundle_malformed"
+
+
+class DocumentChangedError(SealError):
+    """The document's SHA-384 differs from the one that was sealed."""
+
+    cause = "document_changed"
+
+
+class SealSignatureError(SealError):
+    """A statement's ML-DSA signature does not verify under its signer's certificate."""
+
+    cause = "signature_invalid"
+
+
+class NotInLogError(SealError):
+    """A statement has no transparency-log receipt, or the receipt is for another entry."""
+
+    cause = "not_in_log"
+
+
+class LogProofError(SealError):
+    """An inclusion or consistency proof, or a signed tree head, does not verify."""
+
+    cause = "log_proof_invalid"
+
+
+class WorkflowError(SealError):
+    """An approval or rejection breaks the workflow: out of order, replayed, not an
+    approver, for another workflow, or after the workflow closed."""
+
+    cause = "approval_invalid"
+
+
+class LogError(SealError):
+    """The transparency log refused a request or could not be reached.
+
+    Attributes:
+        status: the HTTP status of the log's answer, if any.
+    """
+
+    cause = "log_error"
+
+    def __init__(self, text: str, *, status: int | None = None) -> None:
+        super().__init__(text)
+        self.status = status
+
+
+class LogStorageError(LogError):
+    """The log's database is corrupt, of an unknown schema, or cannot be written."""
+
+    cause = "log_storage"
+
+
+class LogConsistencyError(SealError):
+    """Audit alarm: the log forked, showed two heads of one size, rewrote its history,
+    or holds an entry its signer never made."""
+
+    cause = "log_inconsistent"

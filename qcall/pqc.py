@@ -31,6 +31,9 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast
 
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+
 from qcall.exceptions import (
     ConfigError,
     InvalidKeyError,
@@ -54,6 +57,13 @@ __all__ = [
     "hkdf_extract",
     "hmac_sha384",
     "sha384",
+    "x509_crl_signed_by",
+    "x509_der",
+    "x509_mldsa_public_key",
+    "x509_pem",
+    "x509_public_key",
+    "x509_sign_certificate",
+    "x509_sign_crl",
 ]
 
 #: Output length of SHA-384 in bytes; HKDF's PRK and every transcript hash.
@@ -454,3 +464,84 @@ def hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
 def constant_time_eq(a: bytes, b: bytes) -> bool:
     """Compare two byte strings in time independent of their contents."""
     return hmac.compare_digest(a, b)
+
+
+# --- X.509 with ML-DSA: organisation certificates (docs/seal.md §3) ------------------------
+#
+# Recipes for qcall.org, which builds certificates and CRLs with cryptography's x509 API
+# but needs key objects from ``hazmat`` to sign them and to read their public keys.
+# Certificates and CRLs are signed with ML-DSA in pure mode with an empty context, as
+# RFC 9881 (ML-DSA in X.509) requires; the signature algorithm OID follows the key
+# (id-ml-dsa-44/65/87, 2.16.840.1.101.3.4.3.17-19).
+
+
+def _pyca_signing_key(key: SigningKey) -> object:
+    """The pyca private key object of any backend's ML-DSA key (re-derived from ξ)."""
+    if isinstance(key, _PycaSigningKey):
+        return key._key
+    _, sigs = _pyca_classes()
+    return sigs[key.algorithm][0].from_seed_bytes(key.seed_bytes())  # type: ignore[attr-defined]
+
+
+def x509_sign_certificate(builder: x509.CertificateBuilder, key: SigningKey) -> x509.Certificate:
+    """Sign a certificate with ML-DSA (FIPS 204 algorithm 2, ``ctx`` empty; RFC 9881)."""
+    return builder.sign(_pyca_signing_key(key), None)  # type: ignore[arg-type]
+
+
+def x509_sign_crl(
+    builder: x509.CertificateRevocationListBuilder, key: SigningKey
+) -> x509.CertificateRevocationList:
+    """Sign a CRL with ML-DSA (pure, empty context)."""
+    return builder.sign(_pyca_signing_key(key), None)  # type: ignore[arg-type]
+
+
+def x509_public_key(algorithm: SignatureScheme, public_key: bytes) -> CertificatePublicKeyTypes:
+    """The key object ``CertificateBuilder.public_key()`` takes, from raw FIPS 204 ``pk``.
+
+    Raises:
+        InvalidKeyError: wrong length or not a valid ML-DSA public key.
+    """
+    _check_length("ML-DSA public key", public_key, algorithm.sizes.public_key)
+    _, sigs = _pyca_classes()
+    try:
+        pub = sigs[algorithm][1].from_public_bytes(bytes(public_key))  # type: ignore[attr-defined]
+    except ValueError as exc:
+        raise InvalidKeyError("ML-DSA public key is not valid") from exc
+    return pub  # type: ignore[no-any-return]
+
+
+def x509_mldsa_public_key(
+    key: CertificatePublicKeyTypes,
+) -> tuple[SignatureScheme, bytes] | None:
+    """The ML-DSA parameter set and raw ``pk`` of a certificate's key; ``None`` if not ML-DSA."""
+    from cryptography.hazmat.primitives.asymmetric import mldsa
+
+    if isinstance(key, mldsa.MLDSA44PublicKey):
+        return SignatureScheme.ML_DSA_44, key.public_bytes_raw()
+    if isinstance(key, mldsa.MLDSA65PublicKey):
+        return SignatureScheme.ML_DSA_65, key.public_bytes_raw()
+    if isinstance(key, mldsa.MLDSA87PublicKey):
+        return SignatureScheme.ML_DSA_87, key.public_bytes_raw()
+    return None
+
+
+def x509_der(obj: x509.Certificate | x509.CertificateRevocationList) -> bytes:
+    """DER encoding of a certificate or CRL."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return obj.public_bytes(Encoding.DER)
+
+
+def x509_pem(obj: x509.Certificate | x509.CertificateRevocationList) -> bytes:
+    """PEM encoding of a certificate or CRL."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return obj.public_bytes(Encoding.PEM)
+
+
+def x509_crl_signed_by(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
+    """Whether ``issuer``'s key signed ``crl`` (and the names match)."""
+    key = issuer.public_key()
+    if crl.issuer != issuer.subject or x509_mldsa_public_key(key) is None:
+        return False
+    return crl.is_signature_valid(key)  # type: ignore[arg-type]

@@ -42,6 +42,9 @@ def test_demo_json_report(tmp_path) -> None:
     assert audio["tone_hz"] == 600 and abs(audio["peak_hz"] - 600) <= 5
     assert audio["received_seconds"] > 2 and audio["sent_seconds"] > 2
     assert audio["one_way_ms"] is not None and 0 < audio["one_way_ms"] < 500
+    seal = report["seal"]  # Quantum Cloud Seal: a document approved by bob, verified offline
+    assert seal["verified"] and seal["inclusion_verified"] and seal["log_size"] == 2
+    assert seal["workflow"] == "approved (1 of 1: bob)"
     # The callee's own recording, kept in --state, holds the tone.
     assert (tmp_path / "bob.wav").stat().st_size > 48000 * 2
     assert (tmp_path / "alice" / "identity.key").stat().st_mode & 0o777 == 0o600

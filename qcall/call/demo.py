@@ -152,6 +152,12 @@ async def run_demo(
             finally:
                 await sig.close()
         report = _analyse(state, route, tone_hz, network_status, codes)
+        # --- Quantum Cloud Seal (qcall/seal/demo.py): a document approved by bob ---
+        from qcall.seal.demo import run_seal_demo
+
+        progress("Quantum Cloud Seal: alice seals a document, bob approves, an auditor verifies")
+        report["seal"] = await run_seal_demo(state / "seal")
+        # --- end of the seal part ---
         report["timings_ms"] = timings
         report["state_dir"] = None if tmp is not None else str(state)
         return report
@@ -257,4 +263,7 @@ def check_report(report: dict[str, Any]) -> list[str]:
     failures = report["decrypt_failures"]
     if any(failures.values()):
         problems.append(f"SRTP decrypt failures: {failures}")
+    seal = report.get("seal")  # Quantum Cloud Seal (qcall/seal/demo.py)
+    if seal is not None and not (seal["verified"] and seal["inclusion_verified"]):
+        problems.append(f"the sealed document did not verify: {seal['failures']}")
     return problems

@@ -104,6 +104,11 @@ def _print(report: dict[str, Any]) -> None:
                   f"one-way {audio['one_way_ms']} ms ({audio['chirps_found']} chirps)")  # fmt: skip
     rtcp = report["rtcp"]
     table.add_row("RTCP", f"RTT {rtcp['rtt_ms']} ms, lost {rtcp['packets_lost']}")
+    seal = report.get("seal")  # Quantum Cloud Seal (qcall/seal/demo.py)
+    if seal is not None:
+        ok = "[green]verified[/]" if seal["verified"] else "[red]NOT verified[/]"
+        log = f"in the log (size {seal['log_size']}): {seal['inclusion_verified']}"
+        table.add_row("seal", f"{seal['sealed_by']}, {seal['workflow']}: {ok} offline; {log}")
     console.print(table)
     if report["problems"]:
         console.print("[red]demo checks failed:[/] " + "; ".join(report["problems"]))
