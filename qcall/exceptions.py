@@ -44,10 +44,21 @@ narrowest class that you can act on::
     │   ├── SignalingAuthError          registration challenge failed
     │   ├── SignalingRateLimitError     too many messages
     │   └── PeerUnavailableError        callee offline or busy
-    └── CallError
-        ├── CallRejectedError           the callee declined or was busy
-        ├── MediaError                  audio device or file problem
-        └── SecurityPolicyError         policy not allowed (never a silent downgrade)
+    ├── CallError
+    │   ├── CallRejectedError           the callee declined or was busy
+    │   ├── MediaError                  audio device or file problem
+    │   └── SecurityPolicyError         policy not allowed (never a silent downgrade)
+    └── MessagingError               (``code`` names the failure; details stay local)
+        ├── MessageFormatError          malformed message, bundle, state or field
+        ├── MessageTooLargeError        a message or file over the limit (refused before upload)
+        ├── MessageAuthError            AEAD tag or signature check failed: tampered or forged
+        ├── ReplayedMessageError        a message (or its key) was used before: replay/duplicate
+        ├── UnknownSessionError         no session (or no sender key) for this message
+        ├── SkippedMessagesError        too many skipped messages, or the key has expired
+        ├── PrekeyError                 bad bundle: wrong identity, unknown or reused prekey
+        ├── GroupError                  non-member sender, bad or conflicting membership change
+        ├── FileTransferError           chunk out of order, truncated file, hash mismatch
+        └── MessageStoreError           a message store file is corrupt or unusable (names it)
 
 Messages are written for the person at the keyboard. They never contain key
 bytes: only key IDs, fingerprints and short hashes.
@@ -64,6 +75,8 @@ __all__ = [
     "ConfigError",
     "CryptoError",
     "DowngradeError",
+    "FileTransferError",
+    "GroupError",
     "HandshakeError",
     "HandshakeStateError",
     "HandshakeTimeoutError",
@@ -84,21 +97,30 @@ __all__ = [
     "KeyNotFoundError",
     "LinkAlarmError",
     "MediaError",
+    "MessageAuthError",
+    "MessageFormatError",
+    "MessageStoreError",
+    "MessageTooLargeError",
+    "MessagingError",
     "PeerUnavailableError",
     "PostProcessingError",
+    "PrekeyError",
     "QCallError",
     "QKDError",
     "QKDKeyMismatchError",
     "RelayError",
     "ReplayError",
+    "ReplayedMessageError",
     "SecurityPolicyError",
     "SignalingAuthError",
     "SignalingError",
     "SignalingProtocolError",
     "SignalingRateLimitError",
     "SiteLinkError",
+    "SkippedMessagesError",
     "TopologyError",
     "UnknownIdentityError",
+    "UnknownSessionError",
     "UnsupportedAlgorithmError",
     "UnsupportedVersionError",
 ]
@@ -367,3 +389,84 @@ class MediaError(CallError):
 
 class SecurityPolicyError(CallError):
     """The call would need a policy the user did not allow."""
+
+
+# --- messaging ("Quantum Secret", docs/messaging.md) ------------------------------------
+
+
+class MessagingError(QCallError):
+    """A message, prekey bundle, group change or file could not be accepted or sent.
+
+    ``code`` is a short, stable string (shown in ``--json`` output and logs);
+    the message with the details stays local and never holds key bytes.
+    """
+
+    code: str = "messaging_error"
+
+
+class MessageFormatError(MessagingError):
+    """A message, prekey bundle, stored state or one of its fields is malformed."""
+
+    code = "bad_format"
+
+
+class MessageTooLargeError(MessagingError):
+    """A message or file exceeds the configured limit; refused before upload."""
+
+    code = "too_large"
+
+
+class MessageAuthError(MessagingError):
+    """Authentication failed: a tampered ciphertext or header, or a forged signature."""
+
+    code = "auth_failed"
+
+
+class ReplayedMessageError(MessagingError):
+    """The message (or its message key) was already used: a replay or a duplicate."""
+
+    code = "replay"
+
+
+class UnknownSessionError(MessagingError):
+    """No session (or, in a group, no sender key) matches this message."""
+
+    code = "unknown_session"
+
+
+class SkippedMessagesError(MessagingError):
+    """Too many messages skipped at once, or the skipped message key has expired."""
+
+    code = "too_many_skipped"
+
+
+class PrekeyError(MessagingError):
+    """A prekey bundle or prekey message is unacceptable.
+
+    Signed by another identity than the one named, an unknown or expired prekey,
+    or a one-time prekey used a second time.
+    """
+
+    code = "bad_prekey"
+
+
+class GroupError(MessagingError):
+    """A group message or membership change is unacceptable (non-member, bad signature,
+    wrong epoch, conflicting change)."""
+
+    code = "group_rejected"
+
+
+class FileTransferError(MessagingError):
+    """A file transfer failed: a chunk out of order or forged, truncation, hash mismatch."""
+
+    code = "file_rejected"
+
+
+class MessageStoreError(MessagingError):
+    """A message store (client or server) is corrupt, locked or cannot be written.
+
+    The message names the file.
+    """
+
+    code = "store_error"
