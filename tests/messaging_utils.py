@@ -42,13 +42,26 @@ class User:
     @classmethod
     def make(cls, name: str, one_time: int = 2, now: float = NOW) -> User:
         me = identity(name)
-        spk, seed = make_prekey(me.signing_key, name, PrekeyKind.SIGNED, 1, int(now * 1000),
-                                backend=BACKEND, random=secrets.token_bytes)  # fmt: skip
+        spk, seed = make_prekey(
+            me.signing_key,
+            name,
+            PrekeyKind.SIGNED,
+            1,
+            int(now * 1000),
+            backend=BACKEND,
+            random=secrets.token_bytes,
+        )
         user = cls(me, spk, seed)
         for i in range(one_time):
-            opk, opk_seed = make_prekey(me.signing_key, name, PrekeyKind.ONE_TIME, 100 + i,
-                                        int(now * 1000), backend=BACKEND,
-                                        random=secrets.token_bytes)  # fmt: skip
+            opk, opk_seed = make_prekey(
+                me.signing_key,
+                name,
+                PrekeyKind.ONE_TIME,
+                100 + i,
+                int(now * 1000),
+                backend=BACKEND,
+                random=secrets.token_bytes,
+            )
             user.opks[100 + i] = (opk, opk_seed)
         return user
 
@@ -82,10 +95,23 @@ def start(
 
     Returns ``(alice's session, bob's session, the first wire message)``.
     """
-    a = initiate(alice.me, bob.me.name, bob.bundle(), now=now, check_peer=alice.check_peer, qkd=qkd,
-                 backend=BACKEND)  # fmt: skip
+    a = initiate(
+        alice.me,
+        bob.me.name,
+        bob.bundle(),
+        now=now,
+        check_peer=alice.check_peer,
+        qkd=qkd,
+        backend=BACKEND,
+    )
     wire = a.encrypt(b"hello", now)
     message = PrekeyMessage.parse(wire)
-    b, _ = respond(bob.responder(message), message, now=now, check_peer=bob.check_peer,
-                   qkd_key=qkd.key if qkd else None, backend=BACKEND)  # fmt: skip
+    b, _ = respond(
+        bob.responder(message),
+        message,
+        now=now,
+        check_peer=bob.check_peer,
+        qkd_key=qkd.key if qkd else None,
+        backend=BACKEND,
+    )
     return a, b, wire

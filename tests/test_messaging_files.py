@@ -109,8 +109,13 @@ def test_offer_validation():
 
 
 def test_content_kinds_and_padding():
-    receipt = Content(ContentKind.RECEIPT, b"\1" * 16, 5, status=ReceiptStatus.READ,
-                      receipts=(b"\2" * 16, b"\3" * 16))  # fmt: skip
+    receipt = Content(
+        ContentKind.RECEIPT,
+        b"\1" * 16,
+        5,
+        status=ReceiptStatus.READ,
+        receipts=(b"\2" * 16, b"\3" * 16),
+    )
     file_content = Content(ContentKind.FILE, b"\4" * 16, 6, body=offer_for(b"x").serialize())
     for content in (Content.text_message("héllo", NOW), receipt, file_content):
         padded = content.padded()

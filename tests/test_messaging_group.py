@@ -44,8 +44,9 @@ def apply(state, change, me):
 
 
 def created(*names: str) -> tuple[GroupChange, dict[str, GroupState]]:
-    change = GroupChange.make(USERS[names[0]], None, GroupAction.CREATE, members(*names), NOW,
-                              name="team")  # fmt: skip
+    change = GroupChange.make(
+        USERS[names[0]], None, GroupAction.CREATE, members(*names), NOW, name="team"
+    )
     return change, {n: apply(None, change, n) for n in names}
 
 
@@ -80,8 +81,9 @@ def test_create_send_and_receive():
 
 def test_removed_member_cannot_read_new_messages():
     _, states = created("alice", "bob", "carol")
-    removal = GroupChange.make(USERS["bob"], states["bob"], GroupAction.REMOVE,
-                               members("alice", "bob"), NOW)  # fmt: skip
+    removal = GroupChange.make(
+        USERS["bob"], states["bob"], GroupAction.REMOVE, members("alice", "bob"), NOW
+    )
     new = {n: apply(states[n], removal, n) for n in ("alice", "bob", "carol")}
     assert new["alice"].epoch == 2 and "carol" not in new["carol"].names
     # Alice's fresh chain for epoch 2 goes to bob only; carol keeps her old one.
@@ -92,8 +94,9 @@ def test_removed_member_cannot_read_new_messages():
     with pytest.raises(GroupError):
         receive(states["carol"], wire, carols_old)  # epoch 1 state: wrong epoch
     with pytest.raises(MessageAuthError):  # even with a forced epoch her old key fails
-        decrypt_group(new["bob"], GroupMessage.parse(wire), carols_old,
-                      USERS["alice"].public_key, BACKEND)  # fmt: skip
+        decrypt_group(
+            new["bob"], GroupMessage.parse(wire), carols_old, USERS["alice"].public_key, BACKEND
+        )
     # Carol can no longer send to the group either.
     with pytest.raises(GroupError, match="not a member"):
         send(new["carol"], "carol", SenderChain.new(), "still here?")
@@ -102,8 +105,9 @@ def test_removed_member_cannot_read_new_messages():
 def test_member_inserted_by_the_server_is_detected():
     _, states = created("alice", "bob")
     # 1. A change signed by a non-member (the server's own identity "mallory").
-    insert = GroupChange.make(USERS["mallory"], states["bob"], GroupAction.ADD,
-                              members("alice", "bob", "mallory"), NOW)  # fmt: skip
+    insert = GroupChange.make(
+        USERS["mallory"], states["bob"], GroupAction.ADD, members("alice", "bob", "mallory"), NOW
+    )
     with pytest.raises(GroupError, match="'mallory' is not a member"):
         apply(states["bob"], insert, "bob")
     # 2. A change claiming alice as author, signed by someone else.
@@ -111,8 +115,12 @@ def test_member_inserted_by_the_server_is_detected():
     with pytest.raises(GroupError, match="signature does not verify"):
         apply(states["bob"], forged, "bob")
     # 3. A message from a non-member sent straight into the group.
-    wire = send(dataclasses.replace(states["bob"], members=tuple(members("bob", "mallory"))),
-                "mallory", SenderChain.new(), "let me in")  # fmt: skip
+    wire = send(
+        dataclasses.replace(states["bob"], members=tuple(members("bob", "mallory"))),
+        "mallory",
+        SenderChain.new(),
+        "let me in",
+    )
     with pytest.raises(GroupError, match="'mallory' is not a member"):
         receive(states["alice"], wire, SenderChain.new())
     assert states["alice"].names == ["alice", "bob"]
@@ -130,8 +138,9 @@ def test_membership_rules():
     ]
     for action, new_members, error in cases:
         if action is GroupAction.CREATE:  # a second creation of the same group
-            change = GroupChange.make(USERS["alice"], None, action, new_members, NOW,
-                                      name="team", group_id=s.group_id)  # fmt: skip
+            change = GroupChange.make(
+                USERS["alice"], None, action, new_members, NOW, name="team", group_id=s.group_id
+            )
         else:
             change = GroupChange.make(USERS["alice"], s, action, new_members, NOW)
         with pytest.raises(GroupError, match=error):
@@ -145,13 +154,15 @@ def test_membership_rules():
 
 def test_add_leave_and_a_conflicting_change():
     _, states = created("alice", "bob")
-    add = GroupChange.make(USERS["alice"], states["alice"], GroupAction.ADD,
-                           members("alice", "bob", "dave"), NOW)  # fmt: skip
+    add = GroupChange.make(
+        USERS["alice"], states["alice"], GroupAction.ADD, members("alice", "bob", "dave"), NOW
+    )
     dave = apply(None, add, "dave")  # dave joins from the ADD itself
     bob = apply(states["bob"], add, "bob")
     assert dave.state_hash == bob.state_hash and dave.epoch == 2
-    rival = GroupChange.make(USERS["bob"], states["bob"], GroupAction.ADD,
-                             members("alice", "bob", "carol"), NOW)  # fmt: skip
+    rival = GroupChange.make(
+        USERS["bob"], states["bob"], GroupAction.ADD, members("alice", "bob", "carol"), NOW
+    )
     with pytest.raises(GroupError, match=r"does not follow|not newer"):
         apply(bob, rival, "bob")
     leave = GroupChange.make(USERS["dave"], dave, GroupAction.LEAVE, members("alice", "bob"), NOW)
@@ -178,8 +189,14 @@ def test_group_message_tampering_and_limits():
         decrypt_group(states["bob"], message, None, USERS["alice"].public_key, BACKEND)
     far = [send(states["alice"], "alice", chain, "y") for _ in range(5)]
     with pytest.raises(SkippedMessagesError):
-        decrypt_group(states["bob"], GroupMessage.parse(far[-1]), at_bob,
-                      USERS["alice"].public_key, BACKEND, max_skip=3)  # fmt: skip
+        decrypt_group(
+            states["bob"],
+            GroupMessage.parse(far[-1]),
+            at_bob,
+            USERS["alice"].public_key,
+            BACKEND,
+            max_skip=3,
+        )
     assert receive(states["bob"], wire, at_bob) == "x"
     for cut in range(0, len(wire), 101):
         with pytest.raises(MessageFormatError):

@@ -289,5 +289,6 @@ def test_random_bytes_never_escape_as_anything_but_format_errors(noise, at):
             pass
 
 
-_HEADER = RatchetMessage(bytes(16), 2, 0, 0, 0, 0, bytes(1184), bytes(1088), None, None,
-                         bytes(16)).serialize()  # fmt: skip
+_HEADER = RatchetMessage(
+    bytes(16), 2, 0, 0, 0, 0, bytes(1184), bytes(1088), None, None, bytes(16)
+).serialize()

@@ -53,8 +53,14 @@ def test_pqc_session_is_marked_and_can_be_refused():
     assert PrekeyMessage.parse(wire).qkd is None
     message = PrekeyMessage.parse(wire)
     with pytest.raises(SecurityPolicyError, match="requires 'hybrid'"):
-        respond(bob.responder(message), message, now=NOW, check_peer=bob.check_peer,
-                accept_pqc=False, backend=BACKEND)  # fmt: skip
+        respond(
+            bob.responder(message),
+            message,
+            now=NOW,
+            check_peer=bob.check_peer,
+            accept_pqc=False,
+            backend=BACKEND,
+        )
 
 
 def test_mode_cannot_be_downgraded_by_the_server():
@@ -64,8 +70,9 @@ def test_mode_cannot_be_downgraded_by_the_server():
     message = PrekeyMessage.parse(wire)
     stripped = dataclasses.replace(message, mode=Mode.PQC, qkd=None)
     with pytest.raises(MessageAuthError, match="does not verify"):
-        respond(bob.responder(stripped), stripped, now=NOW, check_peer=bob.check_peer,
-                backend=BACKEND)  # fmt: skip
+        respond(
+            bob.responder(stripped), stripped, now=NOW, check_peer=bob.check_peer, backend=BACKEND
+        )
 
 
 def test_session_without_one_time_prekey():
@@ -94,9 +101,14 @@ def test_bundle_signed_by_the_wrong_identity_is_refused():
     """A signed prekey made by carol, presented in a bundle with bob's identity key."""
     alice, bob, carol = User.make("alice"), User.make("bob"), User.make("carol")
     forged_spk, _ = make_prekey(
-        carol.me.signing_key, "bob", PrekeyKind.SIGNED, 1, int(NOW * 1000),
-        backend=BACKEND, random=secrets.token_bytes,
-    )  # fmt: skip
+        carol.me.signing_key,
+        "bob",
+        PrekeyKind.SIGNED,
+        1,
+        int(NOW * 1000),
+        backend=BACKEND,
+        random=secrets.token_bytes,
+    )
     bundle = PrekeyBundle("bob", bob.me.public_key, forged_spk)
     with pytest.raises(PrekeyError, match="does not verify with the bundle's identity key"):
         initiate(alice.me, "bob", bundle, now=NOW, check_peer=alice.check_peer, backend=BACKEND)
@@ -118,8 +130,9 @@ def test_swapped_bundle_is_refused():
     """The server answers alice's request for bob with carol's genuine bundle, or a fake bob."""
     alice, bob, carol = User.make("alice"), User.make("bob"), User.make("carol")
     with pytest.raises(PrekeyError, match="asked for 'bob'"):
-        initiate(alice.me, "bob", carol.bundle(), now=NOW, check_peer=alice.check_peer,
-                 backend=BACKEND)  # fmt: skip
+        initiate(
+            alice.me, "bob", carol.bundle(), now=NOW, check_peer=alice.check_peer, backend=BACKEND
+        )
     start(alice, bob)  # alice pins bob's key
     impostor = User.make("bob-impostor")
     fake = PrekeyBundle("bob", impostor.me.public_key, *_resign(impostor, "bob"))
@@ -128,20 +141,29 @@ def test_swapped_bundle_is_refused():
 
 
 def _resign(user: User, owner: str) -> tuple[SignedPrekey]:
-    spk, _ = make_prekey(user.me.signing_key, owner, PrekeyKind.SIGNED, 1, int(NOW * 1000),
-                         backend=BACKEND, random=secrets.token_bytes)  # fmt: skip
+    spk, _ = make_prekey(
+        user.me.signing_key,
+        owner,
+        PrekeyKind.SIGNED,
+        1,
+        int(NOW * 1000),
+        backend=BACKEND,
+        random=secrets.token_bytes,
+    )
     return (spk,)
 
 
 def test_stale_signed_prekey_and_future_prekey_are_refused():
     alice, bob = User.make("alice"), User.make("bob", now=NOW - 60 * DAY)
     with pytest.raises(PrekeyError, match="days old"):
-        initiate(alice.me, "bob", bob.bundle(), now=NOW, check_peer=alice.check_peer,
-                 backend=BACKEND)  # fmt: skip
+        initiate(
+            alice.me, "bob", bob.bundle(), now=NOW, check_peer=alice.check_peer, backend=BACKEND
+        )
     future = User.make("bob", now=NOW + 3 * DAY)
     with pytest.raises(PrekeyError, match="future"):
-        initiate(alice.me, "bob", future.bundle(), now=NOW, check_peer=alice.check_peer,
-                 backend=BACKEND)  # fmt: skip
+        initiate(
+            alice.me, "bob", future.bundle(), now=NOW, check_peer=alice.check_peer, backend=BACKEND
+        )
 
 
 def test_bundle_kind_confusion_is_refused():
@@ -178,26 +200,42 @@ def test_prekey_message_from_an_impostor_of_a_pinned_contact():
     start(alice, bob)  # bob pins alice
     mallory = User.make("alice")  # same name, a key made from the same seed...
     mallory.me = dataclasses.replace(User.make("mallory").me, name="alice")
-    a = initiate(mallory.me, "bob", bob.bundle(), now=NOW, check_peer=mallory.check_peer,
-                 backend=BACKEND)  # fmt: skip
+    a = initiate(
+        mallory.me, "bob", bob.bundle(), now=NOW, check_peer=mallory.check_peer, backend=BACKEND
+    )
     message = PrekeyMessage.parse(a.encrypt(b"hi", NOW))
     with pytest.raises(IdentityChangedError):
-        respond(bob.responder(message), message, now=NOW, check_peer=bob.check_peer,
-                backend=BACKEND)  # fmt: skip
+        respond(
+            bob.responder(message), message, now=NOW, check_peer=bob.check_peer, backend=BACKEND
+        )
 
 
 def test_wrong_or_missing_qkd_key():
     alice, bob = User.make("alice"), User.make("bob")
     key = qkd_key()
-    a = initiate(alice.me, "bob", bob.bundle(), now=NOW, check_peer=alice.check_peer, qkd=key,
-                 backend=BACKEND)  # fmt: skip
+    a = initiate(
+        alice.me,
+        "bob",
+        bob.bundle(),
+        now=NOW,
+        check_peer=alice.check_peer,
+        qkd=key,
+        backend=BACKEND,
+    )
     message = PrekeyMessage.parse(a.encrypt(b"hi", NOW))
     with pytest.raises(QKDKeyMismatchError, match="missing"):
-        respond(bob.responder(message), message, now=NOW, check_peer=bob.check_peer,
-                backend=BACKEND)  # fmt: skip
+        respond(
+            bob.responder(message), message, now=NOW, check_peer=bob.check_peer, backend=BACKEND
+        )
     # A KME handing bob another key than alice's: the session derives other keys.
-    b, _ = respond(bob.responder(message), message, now=NOW, check_peer=bob.check_peer,
-                   qkd_key=secrets.token_bytes(32), backend=BACKEND)  # fmt: skip
+    b, _ = respond(
+        bob.responder(message),
+        message,
+        now=NOW,
+        check_peer=bob.check_peer,
+        qkd_key=secrets.token_bytes(32),
+        backend=BACKEND,
+    )
     with pytest.raises(MessageAuthError):
         b.decrypt(RatchetMessage.parse(message.inner), NOW)
 

@@ -88,12 +88,24 @@ class FileOffer:
 
     @classmethod
     def new(
-        cls, name: str, size: int, sha256: bytes, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+        cls,
+        name: str,
+        size: int,
+        sha256: bytes,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         media_type: str = "application/octet-stream",
-    ) -> FileOffer:  # fmt: skip
+    ) -> FileOffer:
         """An offer with a fresh random file id and key."""
-        return cls(secrets.token_bytes(FILE_ID_LEN), name, size, sha256,
-                   secrets.token_bytes(FILE_KEY_LEN), chunk_size, media_type)  # fmt: skip
+        return cls(
+            secrets.token_bytes(FILE_ID_LEN),
+            name,
+            size,
+            sha256,
+            secrets.token_bytes(FILE_KEY_LEN),
+            chunk_size,
+            media_type,
+        )
 
     @property
     def chunks(self) -> int:
@@ -110,9 +122,15 @@ class FileOffer:
     @classmethod
     def parse(cls, data: bytes) -> FileOffer:
         r = Reader(data, "file offer")
-        out = cls(r.raw(FILE_ID_LEN, "file_id"), r.text16("name", _MAX_NAME), r.u64("size"),
-                  r.raw(32, "sha256"), r.raw(FILE_KEY_LEN, "key"), r.u32("chunk_size"),
-                  r.text8("media_type"))  # fmt: skip
+        out = cls(
+            r.raw(FILE_ID_LEN, "file_id"),
+            r.text16("name", _MAX_NAME),
+            r.u64("size"),
+            r.raw(32, "sha256"),
+            r.raw(FILE_KEY_LEN, "key"),
+            r.u32("chunk_size"),
+            r.text8("media_type"),
+        )
         r.end()
         return out
 
@@ -142,8 +160,12 @@ class FileChunk:
             raise MessageFormatError("file chunk: wrong type octet")
         r = Reader(data, "file chunk")
         r.raw(2, "version")
-        out = cls(r.raw(FILE_ID_LEN, "file_id"), r.u32("index"), r.flag("final"),
-                  r.var32("ciphertext", MAX_CHUNK_SIZE + pqc.AEAD_TAG_LEN))  # fmt: skip
+        out = cls(
+            r.raw(FILE_ID_LEN, "file_id"),
+            r.u32("index"),
+            r.flag("final"),
+            r.var32("ciphertext", MAX_CHUNK_SIZE + pqc.AEAD_TAG_LEN),
+        )
         r.end()
         return out
 

@@ -142,9 +142,13 @@ class GroupState:
         w = Writer()
         _encode_members(w, self.members)
         digest = th(
-            b"qmsg1 group state", self.group_id, self.epoch.to_bytes(4, "big"),
-            self.name.encode("utf-8"), w.bytes(), self.prev_hash,
-        )  # fmt: skip
+            b"qmsg1 group state",
+            self.group_id,
+            self.epoch.to_bytes(4, "big"),
+            self.name.encode("utf-8"),
+            w.bytes(),
+            self.prev_hash,
+        )
         object.__setattr__(self, "state_hash", digest)
 
     def member(self, name: str) -> GroupMember | None:
@@ -165,8 +169,13 @@ class GroupState:
     @classmethod
     def parse(cls, data: bytes) -> GroupState:
         r = Reader(data, "group state")
-        out = cls(r.raw(GROUP_ID_LEN, "group_id"), r.text8("name"), r.u32("epoch"),
-                  _read_members(r), r.raw(48, "prev_hash"))  # fmt: skip
+        out = cls(
+            r.raw(GROUP_ID_LEN, "group_id"),
+            r.text8("name"),
+            r.u32("epoch"),
+            _read_members(r),
+            r.raw(48, "prev_hash"),
+        )
         r.end()
         return out
 
@@ -206,8 +215,17 @@ class GroupChange:
         author = check_name(r.text8("author"), "group change: field 'author'")
         name = r.text8("name")
         members = _read_members(r)
-        out = cls(group_id, epoch, prev, action, author, name, members, r.u64("time_ms"),
-                  r.var16("signature", _MAX_SIG))  # fmt: skip
+        out = cls(
+            group_id,
+            epoch,
+            prev,
+            action,
+            author,
+            name,
+            members,
+            r.u64("time_ms"),
+            r.var16("signature", _MAX_SIG),
+        )
         r.end()
         return out
 
@@ -225,11 +243,27 @@ class GroupChange:
     ) -> GroupChange:
         """Make and sign a change of ``state`` (``None`` with CREATE)."""
         if state is None:
-            change = cls(group_id or new_group_id(), 1, _ZERO_HASH, action, me.name, name,
-                         tuple(sorted(members)), int(now * 1000))  # fmt: skip
+            change = cls(
+                group_id or new_group_id(),
+                1,
+                _ZERO_HASH,
+                action,
+                me.name,
+                name,
+                tuple(sorted(members)),
+                int(now * 1000),
+            )
         else:
-            change = cls(state.group_id, state.epoch + 1, state.state_hash, action, me.name,
-                         state.name, tuple(sorted(members)), int(now * 1000))  # fmt: skip
+            change = cls(
+                state.group_id,
+                state.epoch + 1,
+                state.state_hash,
+                action,
+                me.name,
+                state.name,
+                tuple(sorted(members)),
+                int(now * 1000),
+            )
         signature = me.signing_key.sign(change.signed_data(), CHANGE_CONTEXT)
         return cls(**{**change.__dict__, "signature": signature})
 
@@ -407,10 +441,14 @@ class GroupMessage:
             raise MessageFormatError("group message: wrong type octet")
         r = Reader(data, "group message")
         r.raw(2, "version")
-        out = cls(r.raw(GROUP_ID_LEN, "group_id"), r.u32("epoch"),
-                  check_name(r.text8("sender"), "group message: field 'sender'"),
-                  r.u32("index"), r.var32("ciphertext", MAX_CIPHERTEXT),
-                  r.var16("signature", _MAX_SIG))  # fmt: skip
+        out = cls(
+            r.raw(GROUP_ID_LEN, "group_id"),
+            r.u32("epoch"),
+            check_name(r.text8("sender"), "group message: field 'sender'"),
+            r.u32("index"),
+            r.var32("ciphertext", MAX_CIPHERTEXT),
+            r.var16("signature", _MAX_SIG),
+        )
         r.end()
         if len(out.ciphertext) < pqc.AEAD_TAG_LEN:
             raise MessageFormatError("group message: field 'ciphertext' is too short")

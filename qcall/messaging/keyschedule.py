@@ -190,11 +190,13 @@ def chain_step(chain_key: bytes) -> tuple[MessageKey, bytes]:
 # --- §10 the client store key --------------------------------------------------------------
 
 
-def store_key(identity_seed: bytes, store_salt: bytes) -> bytes:
+def store_key(identity_seed: bytes, store_salt: bytes, label: bytes = b"store key") -> bytes:
     """``SK = Expand-Label(HKDF-Extract(salt, framed(seed)), "store key", "", 32)``.
 
     ``seed`` is the user's ML-DSA identity seed ξ (FIPS 204 §6.1), ``salt`` the
     store's random 32-byte salt kept in its ``meta`` table. SK is never written.
+    With ``label = "store names"`` the same recipe gives ``NK``, the key of the
+    keyed hashes under which names are stored.
     """
     prk = pqc.hkdf_extract(store_salt, framed(identity_seed))
-    return expand_label(prk, b"store key", b"", pqc.AEAD_KEY_LEN)
+    return expand_label(prk, label, b"", pqc.AEAD_KEY_LEN)

@@ -310,9 +310,20 @@ class PrekeyMessage:
         inner = r.var32("inner", MAX_CIPHERTEXT + 4096)
         r.end()
         return cls(
-            sender, recipient, sender_identity, recipient_hash, mode, spk_id, spk_ct,
-            opk_id, opk_ct, qkd, time_ms, signature, inner,
-        )  # fmt: skip
+            sender,
+            recipient,
+            sender_identity,
+            recipient_hash,
+            mode,
+            spk_id,
+            spk_ct,
+            opk_id,
+            opk_ct,
+            qkd,
+            time_ms,
+            signature,
+            inner,
+        )
 
     def __repr__(self) -> str:
         return (

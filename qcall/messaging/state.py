@@ -154,8 +154,17 @@ class SessionState:
         peer = check_name(r.text8("peer_name"), "session state: field 'peer_name'")
         peer_identity = r.var16("peer_identity", _MAX_PK)
         parse_identity_key(peer_identity, "session state: field 'peer_identity'")
-        state = cls(sid, role, mode, own, peer, peer_identity, r.u64("created_ms"),
-                    r.raw(CHAIN_KEY_LEN, "root_key"), r.u32("epoch"))  # fmt: skip
+        state = cls(
+            sid,
+            role,
+            mode,
+            own,
+            peer,
+            peer_identity,
+            r.u64("created_ms"),
+            r.raw(CHAIN_KEY_LEN, "root_key"),
+            r.u32("epoch"),
+        )
         state.send_epoch = r.u32("send_epoch")
         state.send_kem_seed = _sized(r, r.var8("send_kem_seed"), "send_kem_seed", _SEED)
         state.send_ek = _sized(r, r.var16("send_ek", _EK), "send_ek", _EK)
