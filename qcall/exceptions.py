@@ -58,6 +58,7 @@ narrowest class that you can act on::
         ├── PrekeyError                 bad bundle: wrong identity, unknown or reused prekey
         ├── GroupError                  non-member sender, bad or conflicting membership change
         ├── FileTransferError           chunk out of order, truncated file, hash mismatch
+        ├── MailboxFullError            the server holds too much for this recipient
         └── MessageStoreError           a message store file is corrupt or unusable (names it)
 
 Messages are written for the person at the keyboard. They never contain key
@@ -96,6 +97,7 @@ __all__ = [
     "KeyExhaustedError",
     "KeyNotFoundError",
     "LinkAlarmError",
+    "MailboxFullError",
     "MediaError",
     "MessageAuthError",
     "MessageFormatError",
@@ -461,6 +463,12 @@ class FileTransferError(MessagingError):
     """A file transfer failed: a chunk out of order or forged, truncation, hash mismatch."""
 
     code = "file_rejected"
+
+
+class MailboxFullError(MessagingError):
+    """The server stores too many messages or bytes for this recipient already."""
+
+    code = "mailbox_full"
 
 
 class MessageStoreError(MessagingError):
