@@ -64,8 +64,8 @@ CREATE INDEX envelopes_received ON envelopes (received_ms);
 CREATE TABLE mailboxes (
     recipient TEXT PRIMARY KEY, messages INTEGER NOT NULL, bytes INTEGER NOT NULL);
 CREATE TABLE refs (
-    sender TEXT NOT NULL, ref BLOB NOT NULL, envelope_id INTEGER NOT NULL,
-    at_ms INTEGER NOT NULL, PRIMARY KEY (sender, ref));
+    sender TEXT NOT NULL, recipient TEXT NOT NULL, ref BLOB NOT NULL,
+    envelope_id INTEGER NOT NULL, at_ms INTEGER NOT NULL, PRIMARY KEY (sender, recipient, ref));
 CREATE TABLE identities (
     owner TEXT PRIMARY KEY, identity_key BLOB NOT NULL, signed_prekey BLOB NOT NULL,
     updated_ms INTEGER NOT NULL);
@@ -130,7 +130,7 @@ class MessageStore(abc.ABC):
         self, recipient: str, sender: str, data: bytes, now: float, client_ref: bytes | None = None
     ) -> int:
         """Store one envelope durably and return its id (the same id for a repeated
-        ``(sender, client_ref)``).
+        ``(sender, recipient, client_ref)``).
 
         Raises:
             MessageTooLargeError: the envelope is over ``max_envelope_size``.
@@ -345,7 +345,8 @@ class SQLiteMessageStore(MessageStore):
     ) -> int:
         if ref is not None:
             row = db.execute(
-                "SELECT envelope_id FROM refs WHERE sender = ? AND ref = ?", (sender, ref)
+                "SELECT envelope_id FROM refs WHERE sender = ? AND recipient = ? AND ref = ?",
+                (sender, recipient, ref),
             ).fetchone()
             if row is not None:
                 return int(row[0])
@@ -367,7 +368,9 @@ class SQLiteMessageStore(MessageStore):
             (recipient, len(data)),
         )
         if ref is not None:
-            db.execute("INSERT INTO refs VALUES (?,?,?,?)", (sender, ref, envelope_id, ms))
+            db.execute(
+                "INSERT INTO refs VALUES (?,?,?,?,?)", (sender, recipient, ref, envelope_id, ms)
+            )
         return envelope_id
 
     async def fetch(self, recipient: str, after: int = 0, limit: int = 100) -> list[StoredEnvelope]:

@@ -179,7 +179,12 @@ class Content:
     @classmethod
     def parse(cls, padded: bytes) -> Content:
         """Parse a padded plaintext (hostile input: typed errors only)."""
-        r = Reader(unpad(padded), "message content")
+        return cls.decode(unpad(padded))
+
+    @classmethod
+    def decode(cls, data: bytes) -> Content:
+        """Parse an unpadded content (as the history keeps it)."""
+        r = Reader(data, "message content")
         kind = ContentKind(r.choice("kind", [k.value for k in ContentKind]))
         message_id = r.raw(MESSAGE_ID_LEN, "message_id")
         sent_ms = r.u64("sent_ms")

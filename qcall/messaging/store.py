@@ -315,6 +315,13 @@ class ClientStore:
         key = bytes([kind]) + prekey_id.to_bytes(4, "big")
         return SignedPrekey.parse(bytes(row[0])).record, self._open("prekeys", key, row[1])
 
+    def prekey_record(self, kind: PrekeyKind, prekey_id: int) -> PrekeyRecord | None:
+        """The public record of a prekey, used or not (to recompute a set-up transcript)."""
+        row = self._exec(
+            "SELECT signed FROM prekeys WHERE kind = ? AND prekey_id = ?", (kind, prekey_id)
+        ).fetchone()
+        return SignedPrekey.parse(bytes(row[0])).record if row else None
+
     def consume_one_time_prekey(self, prekey_id: int, now: float) -> None:
         """Delete the private key of a used one-time prekey (in the caller's transaction)."""
         self._exec(
