@@ -349,3 +349,21 @@ def _reopen(directory, name: str) -> MessagingClient:
     ident = make_identity(name)
     store = ClientStore(directory / name / "messages.db", ident.signing_key.seed_bytes())
     return MessagingClient(ident, store, None, None)  # type: ignore[arg-type]
+
+
+async def test_forged_set_up_cannot_spend_the_qkd_key_it_names(world):
+    alice, bob = await world.users("alice", "bob", qkd=True)
+    await alice.send_text("bob", "hello")
+    [genuine] = await world.server.store.fetch("bob")
+    await world.server.store.ack("bob", [genuine.id])
+    forged = PrekeyMessage.parse(genuine.data)
+    forged = dataclasses.replace(forged, signature=bytes(len(forged.signature)))
+    world.server.mode = "inject"
+    world.server.injected = [Envelope(1 << 44, "alice", forged.serialize())]
+    events = await bob.receive()
+    assert rejected(events) == [MessageAuthError]
+    assert list(bob.store.qkd_keys([forged.qkd.key_id])) == []  # the KME was not asked
+    world.server.mode = "honest"
+    await world.server.store.put("bob", "alice", genuine.data, 0)
+    events = await bob.receive()  # the key named in the set-up was not spent
+    assert texts(events) == ["hello"] and events[0].mode is Mode.HYBRID

@@ -82,7 +82,14 @@ from qcall.messaging.messages import (
 )
 from qcall.messaging.prekeys import PrekeyBundle, PrekeyKind, SignedPrekey, make_prekey
 from qcall.messaging.ratchet import QKDMaterial, QKDPolicy, RatchetLimits, Session
-from qcall.messaging.session import LocalIdentity, Responder, init_transcript, initiate, respond
+from qcall.messaging.session import (
+    LocalIdentity,
+    Responder,
+    check_prekey_message,
+    init_transcript,
+    initiate,
+    respond,
+)
 from qcall.messaging.state import SessionState
 from qcall.messaging.store import ClientStore, HistoryEntry
 from qcall.qkd.client import KeySource
@@ -543,6 +550,15 @@ class MessagingClient:
             if state is None:
                 raise UnknownSessionError(f"session of {init.sender}'s prekey message is gone")
             return self._session(state), th_init, 0
+        check_prekey_message(
+            self.me,
+            init,
+            spk,
+            opk,
+            check_peer=self.contacts.check_peer,
+            accept_pqc=self.config.accept_pqc,
+            backend=self.backend,
+        )
         _, spk_seed = self.store.prekey(PrekeyKind.SIGNED, init.signed_prekey_id)
         opk_seed = b""
         if init.one_time_prekey_id:  # refused here if already used (PrekeyError)

@@ -53,6 +53,7 @@ __all__ = [
     "CheckPeer",
     "LocalIdentity",
     "Responder",
+    "check_prekey_message",
     "init_transcript",
     "initiate",
     "respond",
@@ -219,6 +220,60 @@ class Responder:
         return f"<Responder {self.me.name} spk=#{self.signed_prekey.prekey_id}>"
 
 
+def check_prekey_message(
+    me: LocalIdentity,
+    message: PrekeyMessage,
+    signed_prekey: PrekeyRecord,
+    one_time_prekey: PrekeyRecord | None,
+    *,
+    check_peer: CheckPeer,
+    accept_pqc: bool = True,
+    backend: pqc.Backend | None = None,
+) -> bytes:
+    """Bob's checks of a prekey message that need no secret (§3.2 steps 1-7).
+
+    A client runs them before it asks its KME for the QKD key the message names,
+    so a forged message cannot make it spend a key.
+
+    Returns:
+        ``TH_init``.
+
+    Raises:
+        PrekeyError: addressed to another identity, or naming other prekeys.
+        MessageAuthError: the set-up signature does not verify.
+        SecurityPolicyError: mode ``pqc`` while ``accept_pqc`` is false.
+        IdentityChangedError / UnknownIdentityError: from ``check_peer``.
+    """
+    backend = backend or pqc.get_backend()
+    who = f"prekey message from {message.sender!r}"
+    if message.recipient != me.name or message.recipient_identity_hash != identity_hash(
+        me.public_key
+    ):
+        raise PrekeyError(f"{who} is addressed to {message.recipient!r}, another identity")
+    if message.signed_prekey_id != signed_prekey.prekey_id or (
+        signed_prekey.kind is not PrekeyKind.SIGNED
+    ):
+        raise PrekeyError(f"{who} names signed prekey #{message.signed_prekey_id}, not ours")
+    if message.one_time_prekey_id != (one_time_prekey.prekey_id if one_time_prekey else 0):
+        raise PrekeyError(f"{who} names one-time prekey #{message.one_time_prekey_id}, not ours")
+    th_init = init_transcript(message, signed_prekey, one_time_prekey)
+    scheme = parse_identity_key(message.sender_identity, who)
+    if not backend.verify(
+        scheme, message.sender_identity, message.signature, th_init, SESSION_CONTEXT
+    ):
+        raise MessageAuthError(
+            f"{who}: the set-up signature does not verify with identity "
+            f"{short_fingerprint(message.sender_identity)} (forged or tampered with)"
+        )
+    check_peer(message.sender, message.sender_identity)
+    if message.mode is Mode.PQC and not accept_pqc:
+        raise SecurityPolicyError(
+            f"{message.sender} set up a 'pqc' session (no QKD key) and your policy "
+            "requires 'hybrid'"
+        )
+    return th_init
+
+
 def respond(
     keys: Responder,
     message: PrekeyMessage,
@@ -258,34 +313,17 @@ def respond(
         IdentityChangedError / UnknownIdentityError: from ``check_peer``.
     """
     backend = backend or pqc.get_backend()
-    me = keys.me
+    me, opk = keys.me, keys.one_time_prekey
     who = f"prekey message from {message.sender!r}"
-    if message.recipient != me.name or message.recipient_identity_hash != identity_hash(
-        me.public_key
-    ):
-        raise PrekeyError(f"{who} is addressed to {message.recipient!r}, another identity")
-    if message.signed_prekey_id != keys.signed_prekey.prekey_id or (
-        keys.signed_prekey.kind is not PrekeyKind.SIGNED
-    ):
-        raise PrekeyError(f"{who} names signed prekey #{message.signed_prekey_id}, not ours")
-    opk = keys.one_time_prekey
-    if message.one_time_prekey_id != (opk.prekey_id if opk else 0):
-        raise PrekeyError(f"{who} names one-time prekey #{message.one_time_prekey_id}, not ours")
-    th_init = init_transcript(message, keys.signed_prekey, opk)
-    scheme = parse_identity_key(message.sender_identity, who)
-    if not backend.verify(
-        scheme, message.sender_identity, message.signature, th_init, SESSION_CONTEXT
-    ):
-        raise MessageAuthError(
-            f"{who}: the set-up signature does not verify with identity "
-            f"{short_fingerprint(message.sender_identity)} (forged or tampered with)"
-        )
-    check_peer(message.sender, message.sender_identity)
-    if message.mode is Mode.PQC and not accept_pqc:
-        raise SecurityPolicyError(
-            f"{message.sender} set up a 'pqc' session (no QKD key) and your policy "
-            "requires 'hybrid'"
-        )
+    th_init = check_prekey_message(
+        me,
+        message,
+        keys.signed_prekey,
+        opk,
+        check_peer=check_peer,
+        accept_pqc=accept_pqc,
+        backend=backend,
+    )
     k_qkd = b""
     if message.qkd is not None:
         if qkd_key is None or len(qkd_key) != message.qkd.size:
