@@ -13,7 +13,7 @@ from qcall.exceptions import MessageStoreError, PrekeyError
 from qcall.messaging.group import GroupAction, GroupChange, GroupMember, SenderChain, apply_change
 from qcall.messaging.messages import identity_hash
 from qcall.messaging.prekeys import PrekeyKind, make_prekey
-from qcall.messaging.store import SCHEMA_VERSION, ClientStore
+from qcall.messaging.store import SCHEMA_VERSION, ClientStore, Transfer
 from tests.messaging_utils import BACKEND, NOW, User, identity, start
 
 SEED = b"\x11" * 32
@@ -90,10 +90,18 @@ def test_newer_schema_is_refused_and_old_schema_is_migrated(tmp_path):
         assert db.execute("PRAGMA user_version").fetchone()[0] == 1
     store = open_store(path)  # migrates 1 -> 2 (file transfers)
     assert [e.body for e in store.history("bob")] == [b"kept"]
-    store.save_transfer(
-        "bob", b"\2" * 16, outgoing=True, offer=b"o", next_chunk=3, path="/tmp/x", now=NOW
+    transfer = Transfer(b"\2" * 16, "bob", "bob", True, b"offer", 3, "/tmp/x")
+    store.save_transfer(transfer, NOW)
+    got = store.transfer(b"\2" * 16)
+    assert (got.conversation, got.peer, got.offer, got.next_chunk, got.path, got.outgoing) == (
+        "bob",
+        "bob",
+        b"offer",
+        3,
+        "/tmp/x",
+        True,
     )
-    assert store.transfer(b"\2" * 16) == (b"o", 3, "/tmp/x", True)
+    assert store.transfers(outgoing=True) == [b"\2" * 16] and store.transfers(outgoing=False) == []
     store.close()
     with sqlite3.connect(path) as db:
         db.execute("PRAGMA user_version = 99")

@@ -35,11 +35,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Protocol
+from dataclasses import replace
 
 from qcall import pqc
 from qcall.exceptions import (
@@ -53,6 +53,20 @@ from qcall.exceptions import (
     UnknownSessionError,
 )
 from qcall.identity import Identity
+from qcall.messaging.api import (
+    ClientConfig,
+    Contacts,
+    Envelope,
+    Event,
+    FileReceived,
+    GroupChanged,
+    MessagePending,
+    MessageReceived,
+    MessageRejected,
+    PendingError,
+    ReceiptReceived,
+    Transport,
+)
 from qcall.messaging.content import (
     Content,
     ContentKind,
@@ -60,6 +74,7 @@ from qcall.messaging.content import (
     SenderKeyBody,
     new_message_id,
 )
+from qcall.messaging.files import FileOffer
 from qcall.messaging.group import (
     GroupAction,
     GroupChange,
@@ -81,7 +96,7 @@ from qcall.messaging.messages import (
     message_type,
 )
 from qcall.messaging.prekeys import PrekeyBundle, PrekeyKind, SignedPrekey, make_prekey
-from qcall.messaging.ratchet import QKDMaterial, QKDPolicy, RatchetLimits, Session
+from qcall.messaging.ratchet import QKDMaterial, Session
 from qcall.messaging.session import (
     LocalIdentity,
     Responder,
@@ -92,6 +107,7 @@ from qcall.messaging.session import (
 )
 from qcall.messaging.state import SessionState
 from qcall.messaging.store import ClientStore, HistoryEntry
+from qcall.messaging.transfer import FileTransfers, Progress
 from qcall.qkd.client import KeySource
 
 __all__ = [
@@ -99,6 +115,7 @@ __all__ = [
     "Contacts",
     "Envelope",
     "Event",
+    "FileReceived",
     "GroupChanged",
     "MessagePending",
     "MessageReceived",
@@ -109,143 +126,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-DAY = 86400.0
-
-
-@dataclass(frozen=True)
-class Envelope:
-    """What the server delivers: its id, the authenticated sender's name, opaque bytes."""
-
-    id: int
-    sender: str
-    data: bytes
-
-
-class Transport(Protocol):
-    """The server's mailbox and prekey directory, as the client sees it (phase 2: signaling)."""
-
-    async def publish_prekeys(self, bundle: bytes) -> int:
-        """Publish our bundle (signed prekey + new one-time prekeys); returns how many
-        one-time prekeys the server now holds for us."""
-
-    async def prekey_count(self) -> int:
-        """How many of our one-time prekeys the server still holds."""
-
-    async def claim_prekeys(self, peer: str) -> bytes | None:
-        """``peer``'s bundle with at most one one-time prekey, or ``None`` (unknown)."""
-
-    async def send(self, recipient: str, data: bytes, client_ref: bytes) -> int:
-        """Store ``data`` for ``recipient``; return once the server committed it."""
-
-    async def fetch(self, after: int = 0, limit: int = 100) -> list[Envelope]:
-        """Our envelopes with an id above ``after``, oldest first."""
-
-    async def ack(self, ids: Sequence[int]) -> None:
-        """Let the server delete these envelopes."""
-
-
-class Pinned(Protocol):
-    """A pinned contact (:class:`qcall.contacts.Contact`)."""
-
-    @property
-    def public_key(self) -> bytes: ...
-
-
-class Contacts(Protocol):
-    """Pinned identities (:class:`qcall.contacts.ContactStore` is one)."""
-
-    def check_peer(self, name: str, public_key: bytes) -> None:
-        """Pin on first sight, or raise IdentityChangedError / UnknownIdentityError."""
-
-    def get(self, name: str) -> Pinned | None:
-        """The pinned contact ``name``, or ``None``."""
-
-
-# --- events ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MessageReceived:
-    """A message (text or file offer) that authenticated. ``conversation`` is the peer
-    or ``@group``; ``mode`` is the 1:1 session's (``hybrid``/``pqc``), shown to the user."""
-
-    conversation: str
-    sender: str
-    content: Content
-    mode: Mode
-    envelope_id: int
-
-
-@dataclass(frozen=True)
-class ReceiptReceived:
-    conversation: str
-    sender: str
-    status: ReceiptStatus
-    message_ids: tuple[bytes, ...]
-
-
-@dataclass(frozen=True)
-class GroupChanged:
-    """A membership change was applied (``left``: we are no longer a member)."""
-
-    group: str
-    change: GroupChange
-    left: bool
-
-
-@dataclass(frozen=True)
-class MessageRejected:
-    """An envelope that failed a check: shown as an error, never as a message."""
-
-    sender: str
-    envelope_id: int
-    error: QCallError
-
-
-@dataclass(frozen=True)
-class MessagePending:
-    """An envelope kept for later (a sender key or a QKD key is not there yet)."""
-
-    sender: str
-    envelope_id: int
-    reason: str
-
-
-Event = MessageReceived | ReceiptReceived | GroupChanged | MessageRejected | MessagePending
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    """Policies of one messaging client.
-
-    Attributes:
-        policy: when to mix fresh QKD keys into sessions.
-        limits: skipped-key bounds of sessions.
-        require_qkd: refuse to start a session without a QKD key (no ``pqc``).
-        accept_pqc: accept sessions others start without a QKD key.
-        one_time_prekeys: how many one-time prekeys the server should hold.
-        low_water: replenish when the server holds fewer.
-        signed_prekey_lifetime: seconds before the signed prekey is rotated.
-        signed_prekey_retention: seconds an old signed prekey can still open set-ups.
-        sae_id: our SAE ID at our KME (default: our name).
-        sae_of: a peer's SAE ID (default: its name).
-    """
-
-    policy: QKDPolicy = field(default_factory=QKDPolicy)
-    limits: RatchetLimits = field(default_factory=RatchetLimits)
-    require_qkd: bool = False
-    accept_pqc: bool = True
-    one_time_prekeys: int = 50
-    low_water: int = 10
-    signed_prekey_lifetime: float = 7 * DAY
-    signed_prekey_retention: float = 35 * DAY
-    sae_id: str | None = None
-    sae_of: Callable[[str], str] = str
-
-
-class _PendingError(Exception):
-    """Internal: keep the envelope for later (reason in args[0])."""
 
 
 class MessagingClient:
@@ -284,6 +164,7 @@ class MessagingClient:
         self.clock = clock
         self.backend = backend or pqc.get_backend()
         self.sae_id = self.config.sae_id or identity.name
+        self.files = FileTransfers(self)
 
     def __repr__(self) -> str:
         return f"<MessagingClient {self.me.name}>"
@@ -347,6 +228,17 @@ class MessagingClient:
             MessageTooLargeError: over the text limit (before anything is sent).
         """
         return await self.send_content(to, Content.text_message(text, self.clock()))
+
+    async def send_file(
+        self, to: str, path: str | os.PathLike[str], *, progress: Progress | None = None
+    ) -> FileOffer:
+        """Send a file to a peer or ``@group`` (size checked before anything is sent).
+
+        Raises:
+            MessageTooLargeError: over ``max_file_size``.
+            FileTransferError: the file cannot be read.
+        """
+        return await self.files.send(to, path, progress=progress)
 
     async def send_receipt(
         self, to: str, message_ids: Sequence[bytes], status: ReceiptStatus
@@ -481,9 +373,11 @@ class MessagingClient:
                 events = await self._process_direct(envelope, kind)
             elif kind is MessageType.GROUP:
                 events = self._process_group(envelope)
+            elif kind is MessageType.FILE_CHUNK:
+                events = self.files.chunk_received(envelope)
             else:
                 raise MessageFormatError(f"envelope of type {kind.name} not handled here")
-        except _PendingError as pending:
+        except PendingError as pending:
             with self.store.transaction():
                 self.store.add_pending(
                     envelope.id, envelope.sender, envelope.data, str(pending.args[0]), self.clock()
@@ -521,7 +415,7 @@ class MessagingClient:
         except (QKDError,) as exc:
             if isinstance(exc, KeyNotFoundError):
                 raise
-            raise _PendingError(f"QKD key not available yet: {exc}") from exc
+            raise PendingError(f"QKD key not available yet: {exc}") from exc
         content = Content.parse(session.decrypt(message, now, keys))
         with self.store.transaction():
             self.store.save_session(session.state, now)
@@ -570,7 +464,7 @@ class MessagingClient:
             except QKDError as exc:
                 if isinstance(exc, KeyNotFoundError):
                     raise
-                raise _PendingError(f"QKD key not available yet: {exc}") from exc
+                raise PendingError(f"QKD key not available yet: {exc}") from exc
         keys = Responder(self.me, spk, spk_seed, opk, opk_seed)
         session, th = respond(
             keys,
@@ -594,6 +488,8 @@ class MessagingClient:
             self.store.add_history(
                 peer, content.message_id, outgoing=False, now=now, body=content.serialize()
             )
+            if content.kind is ContentKind.FILE:
+                self.files.offer_received(peer, peer, content, now)
             return [MessageReceived(peer, peer, content, mode, envelope_id)]
         if content.kind is ContentKind.RECEIPT:
             assert content.status is not None
@@ -692,7 +588,7 @@ class MessagingClient:
         assert body is not None
         state = self.store.group(body.group_id)
         if state is None or state.epoch != body.epoch or state.state_hash != body.state_hash:
-            raise _PendingError(f"sender key of {peer} for a group epoch we do not have yet")
+            raise PendingError(f"sender key of {peer} for a group epoch we do not have yet")
         if state.member(peer) is None:
             raise GroupError(f"{peer} sent a sender key for {state.name!r} but is not a member")
         chain = SenderChain(body.chain_key, body.index)
@@ -737,13 +633,13 @@ class MessagingClient:
                 f"{envelope.sender} relayed a group message signed as {message.sender}"
             )
         if message.epoch > state.epoch:
-            raise _PendingError(f"group message for epoch {message.epoch}; we are at {state.epoch}")
+            raise PendingError(f"group message for epoch {message.epoch}; we are at {state.epoch}")
         at = state
         if message.epoch == state.epoch - 1:  # sent before the change reached the sender
             at = replace(state, epoch=message.epoch)
         chain = self.store.sender_chain(state.group_id, message.epoch, message.sender)
         if chain is None and at.member(message.sender) is not None and message.epoch == state.epoch:
-            raise _PendingError(f"no sender key from {message.sender} yet")
+            raise PendingError(f"no sender key from {message.sender} yet")
         pinned = self.contacts.get(message.sender)
         key = pinned.public_key if pinned is not None else None
         now = self.clock()
@@ -758,6 +654,8 @@ class MessagingClient:
             self.store.add_history(
                 conversation, content.message_id, outgoing=False, now=now, body=content.serialize()
             )
+            if content.kind is ContentKind.FILE:
+                self.files.offer_received(conversation, message.sender, content, now)
             self.store.mark_processed(envelope.id, now)
         carrier = self.store.active_session(message.sender)  # the sender key came over it
         mode = carrier.mode if carrier is not None else Mode.PQC
@@ -772,9 +670,11 @@ class MessagingClient:
                 kind = message_type(data)
                 if kind is MessageType.GROUP:
                     result = self._process_group(envelope)
+                elif kind is MessageType.FILE_CHUNK:
+                    result = self.files.chunk_received(envelope)
                 else:
                     result = await self._process_direct(envelope, kind)
-            except _PendingError:
+            except PendingError:
                 continue
             except (MessagingError, QCallError) as exc:
                 result = [MessageRejected(sender, envelope_id, exc)]

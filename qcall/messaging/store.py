@@ -41,9 +41,16 @@ from qcall.messaging.group import GroupState, SenderChain
 from qcall.messaging.keyschedule import store_key
 from qcall.messaging.prekeys import PrekeyKind, PrekeyRecord, SignedPrekey
 from qcall.messaging.state import SessionState
-from qcall.messaging.wire import framed
+from qcall.messaging.wire import Reader, framed
 
-__all__ = ["MESSAGES_FILE", "SCHEMA_VERSION", "ClientStore", "HistoryEntry", "OutboxEntry"]
+__all__ = [
+    "MESSAGES_FILE",
+    "SCHEMA_VERSION",
+    "ClientStore",
+    "HistoryEntry",
+    "OutboxEntry",
+    "Transfer",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -576,40 +583,67 @@ class ClientStore:
 
     # --- file transfers (resume) -------------------------------------------------------------
 
-    def save_transfer(
-        self,
-        conversation: str,
-        file_id: bytes,
-        *,
-        outgoing: bool,
-        offer: bytes,
-        next_chunk: int,
-        path: str,
-        now: float,
-    ) -> None:
-        """Record a transfer's progress: the next chunk to send or receive."""
-        sealed = self._seal("transfers", file_id, offer)
+    def save_transfer(self, transfer: Transfer, now: float) -> None:
+        """Record a transfer and its progress: the next chunk to send or receive.
+
+        The conversation, the peer and the offer (with the file key) are sealed;
+        the path is the local file (sent, or being received).
+        """
+        value = framed(transfer.conversation.encode(), transfer.peer.encode(), transfer.offer)
         self._exec(
             "INSERT OR REPLACE INTO transfers VALUES (?,?,?,?,?,?,?)",
             (
-                file_id,
-                self.tag(conversation),
-                int(outgoing),
-                sealed,
-                next_chunk,
-                path,
+                transfer.file_id,
+                self.tag(transfer.conversation),
+                int(transfer.outgoing),
+                self._seal("transfers", transfer.file_id, value),
+                transfer.next_chunk,
+                transfer.path,
                 int(now * 1000),
             ),
         )
 
-    def transfer(self, file_id: bytes) -> tuple[bytes, int, str, bool] | None:
-        """``(offer bytes, next chunk, path, outgoing)`` of a transfer, or ``None``."""
+    def transfer(self, file_id: bytes) -> Transfer | None:
+        """The transfer of ``file_id``, or ``None``."""
         row = self._exec(
             "SELECT offer, next_chunk, path, outgoing FROM transfers WHERE file_id = ?", (file_id,)
         ).fetchone()
         if row is None:
             return None
-        return self._open("transfers", file_id, row[0]), int(row[1]), row[2], bool(row[3])
+        r = Reader(self._open("transfers", file_id, row[0]), f"{self.path}: a stored transfer")
+        try:
+            conversation, peer = r.text(r.var32("conversation", 1024), "c"), r.var32("peer", 1024)
+            offer = r.var32("offer", 1 << 20)
+            r.end()
+        except MessageFormatError as exc:
+            raise MessageStoreError(str(exc)) from None
+        return Transfer(
+            file_id, conversation, peer.decode(), bool(row[3]), offer, int(row[1]), row[2]
+        )
+
+    def transfers(self, *, outgoing: bool) -> list[bytes]:
+        """The file ids of the transfers in one direction, oldest first."""
+        rows = self._exec(
+            "SELECT file_id FROM transfers WHERE outgoing = ? ORDER BY updated_ms", (int(outgoing),)
+        ).fetchall()
+        return [bytes(r[0]) for r in rows]
 
     def delete_transfer(self, file_id: bytes) -> None:
         self._exec("DELETE FROM transfers WHERE file_id = ?", (file_id,))
+
+
+@dataclass(frozen=True, repr=False)
+class Transfer:
+    """A file being sent or received (``offer`` holds the file key: secret)."""
+
+    file_id: bytes
+    conversation: str  # the peer, or "@group"
+    peer: str  # who sends the chunks (us for an upload)
+    outgoing: bool
+    offer: bytes  # the FileOffer encoding
+    next_chunk: int
+    path: str
+
+    def __repr__(self) -> str:
+        way = "up" if self.outgoing else "down"
+        return f"<Transfer {self.file_id.hex()[:8]} {way} next={self.next_chunk}>"
