@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qcall.messaging.client import Envelope
+from qcall.messaging.api import Envelope
 from qcall.messaging.prekeys import PrekeyBundle, SignedPrekey
 from signaling.store import SQLiteMessageStore
 

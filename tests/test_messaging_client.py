@@ -27,16 +27,16 @@ from qcall.exceptions import (
     UnknownSessionError,
 )
 from qcall.identity import Identity
-from qcall.messaging.client import (
+from qcall.messaging.api import (
     ClientConfig,
     Envelope,
     GroupChanged,
     MessagePending,
     MessageReceived,
     MessageRejected,
-    MessagingClient,
     ReceiptReceived,
 )
+from qcall.messaging.client import MessagingClient
 from qcall.messaging.content import ReceiptStatus
 from qcall.messaging.group import GroupMessage, SenderChain, encrypt_group
 from qcall.messaging.messages import Mode, PrekeyMessage, RatchetMessage

@@ -9,7 +9,8 @@ import stat
 import pytest
 
 from qcall.exceptions import FileTransferError, MessageTooLargeError
-from qcall.messaging.client import Envelope, FileReceived, MessageReceived, MessagingClient
+from qcall.messaging.api import Envelope, FileReceived, MessageReceived
+from qcall.messaging.client import MessagingClient
 from qcall.messaging.content import ContentKind
 from tests.messaging_transport import MaliciousServer
 from tests.test_messaging_client import World, make_identity, rejected

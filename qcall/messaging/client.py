@@ -58,7 +58,6 @@ from qcall.messaging.api import (
     Contacts,
     Envelope,
     Event,
-    FileReceived,
     GroupChanged,
     MessagePending,
     MessageReceived,
@@ -110,20 +109,7 @@ from qcall.messaging.store import ClientStore, HistoryEntry
 from qcall.messaging.transfer import FileTransfers, Progress
 from qcall.qkd.client import KeySource
 
-__all__ = [
-    "ClientConfig",
-    "Contacts",
-    "Envelope",
-    "Event",
-    "FileReceived",
-    "GroupChanged",
-    "MessagePending",
-    "MessageReceived",
-    "MessageRejected",
-    "MessagingClient",
-    "ReceiptReceived",
-    "Transport",
-]
+__all__ = ["MessagingClient"]
 
 logger = logging.getLogger(__name__)
 
