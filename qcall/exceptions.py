@@ -55,16 +55,28 @@ narrowest class that you can act on::
     │   ├── CallRejectedError           the callee declined or was busy
     │   ├── MediaError                  audio device or file problem
     │   └── SecurityPolicyError         policy not allowed (never a silent downgrade)
-    └── SealError                    Quantum Cloud Seal (``cause`` names the failed check)
-        ├── SealFormatError             malformed bundle, statement, receipt or log entry
-        ├── DocumentChangedError        the document's SHA-384 is not the sealed one
-        ├── SealSignatureError          a statement's ML-DSA signature does not verify
-        ├── NotInLogError               no log receipt, or the receipt is for another entry
-        ├── LogProofError               inclusion/consistency proof or tree head invalid
-        ├── WorkflowError               approval refused: order, replay, not an approver
-        ├── LogError                    the transparency log refused or failed a request
-        │   └── LogStorageError            the log database is corrupt or unwritable
-        └── LogConsistencyError         audit alarm: fork, split view, rewritten history
+    ├── SealError                    Quantum Cloud Seal (``cause`` names the failed check)
+    │   ├── SealFormatError             malformed bundle, statement, receipt or log entry
+    │   ├── DocumentChangedError        the document's SHA-384 is not the sealed one
+    │   ├── SealSignatureError          a statement's ML-DSA signature does not verify
+    │   ├── NotInLogError               no log receipt, or the receipt is for another entry
+    │   ├── LogProofError               inclusion/consistency proof or tree head invalid
+    │   ├── WorkflowError               approval refused: order, replay, not an approver
+    │   ├── LogError                    the transparency log refused or failed a request
+    │   │   └── LogStorageError            the log database is corrupt or unwritable
+    │   └── LogConsistencyError         audit alarm: fork, split view, rewritten history
+    └── MessagingError               (``code`` names the failure; details stay local)
+        ├── MessageFormatError          malformed message, bundle, state or field
+        ├── MessageTooLargeError        a message or file over the limit (refused before upload)
+        ├── MessageAuthError            AEAD tag or signature check failed: tampered or forged
+        ├── ReplayedMessageError        a message (or its key) was used before: replay/duplicate
+        ├── UnknownSessionError         no session (or no sender key) for this message
+        ├── SkippedMessagesError        too many skipped messages, or the key has expired
+        ├── PrekeyError                 bad bundle: wrong identity, unknown or reused prekey
+        ├── GroupError                  non-member sender, bad or conflicting membership change
+        ├── FileTransferError           chunk out of order, truncated file, hash mismatch
+        ├── MailboxFullError            the server holds too much for this recipient
+        └── MessageStoreError           a message store file is corrupt or unusable (names it)
 
 Messages are written for the person at the keyboard. They never contain key
 bytes: only key IDs, fingerprints and short hashes.
@@ -85,6 +97,8 @@ __all__ = [
     "CryptoError",
     "DocumentChangedError",
     "DowngradeError",
+    "FileTransferError",
+    "GroupError",
     "HandshakeError",
     "HandshakeStateError",
     "HandshakeTimeoutError",
@@ -108,15 +122,23 @@ __all__ = [
     "LogError",
     "LogProofError",
     "LogStorageError",
+    "MailboxFullError",
     "MediaError",
+    "MessageAuthError",
+    "MessageFormatError",
+    "MessageStoreError",
+    "MessageTooLargeError",
+    "MessagingError",
     "NotInLogError",
     "PeerUnavailableError",
     "PostProcessingError",
+    "PrekeyError",
     "QCallError",
     "QKDError",
     "QKDKeyMismatchError",
     "RelayError",
     "ReplayError",
+    "ReplayedMessageError",
     "SASCommitmentError",
     "SealError",
     "SealFormatError",
@@ -128,9 +150,11 @@ __all__ = [
     "SignalingProtocolError",
     "SignalingRateLimitError",
     "SiteLinkError",
+    "SkippedMessagesError",
     "TopologyError",
     "TranscriptMismatchError",
     "UnknownIdentityError",
+    "UnknownSessionError",
     "UnsupportedAlgorithmError",
     "UnsupportedVersionError",
     "UntrustedCertificateError",
@@ -533,3 +557,90 @@ class LogConsistencyError(SealError):
     or holds an entry its signer never made."""
 
     cause = "log_inconsistent"
+
+
+# --- messaging ("Quantum Secret", docs/messaging.md) ------------------------------------
+
+
+class MessagingError(QCallError):
+    """A message, prekey bundle, group change or file could not be accepted or sent.
+
+    ``code`` is a short, stable string (shown in ``--json`` output and logs);
+    the message with the details stays local and never holds key bytes.
+    """
+
+    code: str = "messaging_error"
+
+
+class MessageFormatError(MessagingError):
+    """A message, prekey bundle, stored state or one of its fields is malformed."""
+
+    code = "bad_format"
+
+
+class MessageTooLargeError(MessagingError):
+    """A message or file exceeds the configured limit; refused before upload."""
+
+    code = "too_large"
+
+
+class MessageAuthError(MessagingError):
+    """Authentication failed: a tampered ciphertext or header, or a forged signature."""
+
+    code = "auth_failed"
+
+
+class ReplayedMessageError(MessagingError):
+    """The message (or its message key) was already used: a replay or a duplicate."""
+
+    code = "replay"
+
+
+class UnknownSessionError(MessagingError):
+    """No session (or, in a group, no sender key) matches this message."""
+
+    code = "unknown_session"
+
+
+class SkippedMessagesError(MessagingError):
+    """Too many messages skipped at once, or the skipped message key has expired."""
+
+    code = "too_many_skipped"
+
+
+class PrekeyError(MessagingError):
+    """A prekey bundle or prekey message is unacceptable.
+
+    Signed by another identity than the one named, an unknown or expired prekey,
+    or a one-time prekey used a second time.
+    """
+
+    code = "bad_prekey"
+
+
+class GroupError(MessagingError):
+    """A group message or membership change is unacceptable (non-member, bad signature,
+    wrong epoch, conflicting change)."""
+
+    code = "group_rejected"
+
+
+class FileTransferError(MessagingError):
+    """A file transfer failed: a chunk out of order or forged, truncation, hash mismatch."""
+
+    code = "file_rejected"
+
+
+class MailboxFullError(MessagingError):
+    """The server stores too many messages or bytes for this recipient already."""
+
+    code = "mailbox_full"
+
+
+class MessageStoreError(MessagingError):
+    """A message store (client or server) is corrupt, locked or cannot be written.
+
+    The message names the file.
+    """
+
+    code = "store_error"

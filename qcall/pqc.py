@@ -41,6 +41,10 @@ from qcall.exceptions import (
 )
 
 __all__ = [
+    "AEAD_KEY_LEN",
+    "AEAD_NONCE_LEN",
+    "AEAD_TAG_LEN",
+    "AES256GCM",
     "BACKENDS",
     "HASH_LEN",
     "KEM",
@@ -545,3 +549,52 @@ def x509_crl_signed_by(crl: x509.CertificateRevocationList, issuer: x509.Certifi
     if crl.issuer != issuer.subject or x509_mldsa_public_key(key) is None:
         return False
     return crl.is_signature_valid(key)  # type: ignore[arg-type]
+
+
+# --- recipes for the messaging service: AES-256-GCM (docs/messaging.md §2) ---------------
+
+#: AES-256-GCM key, nonce and tag lengths in bytes (NIST SP 800-38D).
+AEAD_KEY_LEN = 32
+AEAD_NONCE_LEN = 12
+AEAD_TAG_LEN = 16
+
+
+class AES256GCM:
+    """AES-256-GCM (NIST SP 800-38D) with a 96-bit nonce and a 128-bit tag.
+
+    One object per key, so that a file's chunks reuse the expanded key. The key
+    never appears in ``repr``.
+
+    Raises:
+        InvalidKeyError: the key is not 32 bytes.
+    """
+
+    __slots__ = ("_aead",)
+
+    def __init__(self, key: bytes) -> None:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        _check_length("AES-256-GCM key", key, AEAD_KEY_LEN)
+        self._aead = AESGCM(bytes(key))
+
+    def seal(self, nonce: bytes, plaintext: bytes, associated_data: bytes) -> bytes:
+        """Encrypt and authenticate: returns ``ciphertext ‖ tag`` (16 bytes longer)."""
+        if len(nonce) != AEAD_NONCE_LEN:
+            raise ValueError(f"AES-GCM nonce must be {AEAD_NONCE_LEN} bytes")
+        return bytes(self._aead.encrypt(bytes(nonce), bytes(plaintext), bytes(associated_data)))
+
+    def open(self, nonce: bytes, ciphertext: bytes, associated_data: bytes) -> bytes | None:
+        """Decrypt ``ciphertext ‖ tag``; ``None`` if the tag does not verify (never raises)."""
+        from cryptography.exceptions import InvalidTag
+
+        if len(nonce) != AEAD_NONCE_LEN or len(ciphertext) < AEAD_TAG_LEN:
+            return None
+        try:
+            return bytes(
+                self._aead.decrypt(bytes(nonce), bytes(ciphertext), bytes(associated_data))
+            )
+        except InvalidTag:
+            return None
+
+    def __repr__(self) -> str:
+        return "<AES256GCM>"

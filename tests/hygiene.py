@@ -387,6 +387,47 @@ def _install_wrappers() -> None:
             frame = frame.f_back
 
     os.chmod = chmod
+    _install_messaging_wrappers()
+
+
+def _install_messaging_wrappers() -> None:
+    """Messaging secrets: root, chain, generation and message keys, sender chains, file keys.
+
+    Installed before any messaging module imports these functions by name.
+    """
+    from qcall.messaging import keyschedule  # first: the others import its functions by name
+
+    reg = STATE.register
+
+    def epoch(result: Any, *args: Any, **kwargs: Any) -> None:
+        for name in ("root_key", "chain_key", "generation_seed"):
+            reg("a messaging root/chain key", getattr(result, name))
+        _repr_of("epoch secrets", result)
+
+    def message_key(result: Any, *args: Any, **kwargs: Any) -> None:
+        mk, next_key = result
+        reg("a message key", mk.key)
+        reg("a messaging chain key", next_key)
+
+    _wrap(keyschedule, "epoch_secrets", epoch)
+    _wrap(keyschedule, "chain_step", message_key)
+    for name in ("root_key_0", "generation_chain", "store_key"):
+        _wrap(keyschedule, name, lambda r, *a, **k: reg("a messaging key", r))
+
+    from qcall.messaging import files, group, ratchet, session
+
+    def holder(attr: str, kind: str) -> Callable[..., None]:
+        def after(_: None, self: Any, *args: Any, **kwargs: Any) -> None:
+            reg(kind, getattr(self, attr))
+            _repr_of(kind, self)
+
+        return after
+
+    _wrap(ratchet.QKDMaterial, "__init__", holder("key", "a QKD key"))
+    _wrap(group.SenderChain, "__init__", holder("chain_key", "a group sender chain key"))
+    _wrap(files.FileOffer, "__init__", holder("key", "a file key"))
+    _wrap(ratchet.Session, "__init__", lambda r, s, *a, **k: _repr_of("session", s.state))
+    _wrap(session.Responder, "__init__", holder("signed_prekey_seed", "an ML-KEM prekey seed"))
 
 
 def _private(path: Any, what: str) -> None:

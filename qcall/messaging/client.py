@@ -1,0 +1,682 @@
+"""The messaging shell: :class:`MessagingClient` over a :class:`Transport`.
+
+Specified in ``docs/messaging.md`` §13.
+
+It ties the pure cores (sessions, ratchet, groups, files) to the client store,
+a QKD key source and a transport to the server's mailbox. The transport is an
+interface, so the same client runs over the signaling server (phase 2), over
+:mod:`signaling.store` directly (the tests) or anything else that can store
+and forward opaque envelopes::
+
+    client = MessagingClient(identity, store, transport, contacts)
+    await client.ensure_prekeys()                # publish / replenish prekeys
+    await client.send_text("bob", "hello")       # or "@team"
+    for event in await client.receive():         # MessageReceived, MessageRejected, …
+        ...
+
+Durability rules (why ``kill -9`` loses nothing and never reuses a key):
+
+* sending: the session advances, and the history row and outbox entry are
+  written, in one transaction; only then does the envelope leave (``client_ref``
+  = a hash of it, so a resend after a crash is idempotent at the server);
+* receiving: the session advances, and the message, the envelope id
+  (``processed``) and any consumed one-time prekey or QKD key are written, in
+  one transaction; only then is the envelope acknowledged. An envelope id seen
+  again (the server re-delivers after our crash) is acknowledged silently;
+* a QKD key fetched with ``dec_keys`` is stored before it is used (the KME
+  hands it out once).
+
+Bad input never raises out of :meth:`MessagingClient.receive`: it becomes a
+:class:`MessageRejected` event (shown clearly, never as a message) and the
+envelope is acknowledged; nothing else is lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+from qcall import pqc
+from qcall.exceptions import (
+    GroupError,
+    KeyNotFoundError,
+    MessageFormatError,
+    MessagingError,
+    PrekeyError,
+    QCallError,
+    QKDError,
+    UnknownSessionError,
+)
+from qcall.identity import Identity
+from qcall.messaging.api import (
+    ClientConfig,
+    Contacts,
+    Envelope,
+    Event,
+    GroupChanged,
+    MessagePending,
+    MessageReceived,
+    MessageRejected,
+    PendingError,
+    ReceiptReceived,
+    Transport,
+)
+from qcall.messaging.content import (
+    Content,
+    ContentKind,
+    ReceiptStatus,
+    SenderKeyBody,
+    new_message_id,
+)
+from qcall.messaging.files import FileOffer
+from qcall.messaging.group import (
+    GroupAction,
+    GroupChange,
+    GroupMember,
+    GroupMessage,
+    GroupState,
+    SenderChain,
+    apply_change,
+    decrypt_group,
+    encrypt_group,
+)
+from qcall.messaging.messages import (
+    MessageType,
+    Mode,
+    PrekeyMessage,
+    QKDRef,
+    RatchetMessage,
+    identity_hash,
+    message_type,
+)
+from qcall.messaging.prekeys import PrekeyBundle, PrekeyKind, SignedPrekey, make_prekey
+from qcall.messaging.ratchet import QKDMaterial, Session
+from qcall.messaging.session import (
+    LocalIdentity,
+    Responder,
+    check_prekey_message,
+    init_transcript,
+    initiate,
+    respond,
+)
+from qcall.messaging.state import SessionState
+from qcall.messaging.store import ClientStore, HistoryEntry
+from qcall.messaging.transfer import FileTransfers, Progress
+from qcall.qkd.client import KeySource
+
+__all__ = ["MessagingClient"]
+
+logger = logging.getLogger(__name__)
+
+
+class MessagingClient:
+    """One user's messaging endpoint (see the module docstring).
+
+    Args:
+        identity: the user's ML-DSA identity.
+        store: the user's :class:`ClientStore` (opened with the identity's seed).
+        transport: the server's mailbox.
+        contacts: pinned identities of peers (TOFU, ``check_peer``).
+        key_source: a QKD key source (ETSI 014 or a key file), or ``None``: sessions
+            are then mode ``pqc`` (marked and shown).
+        config: policies.
+        clock: seconds since the epoch.
+        backend: ML-KEM/ML-DSA backend.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        store: ClientStore,
+        transport: Transport,
+        contacts: Contacts,
+        *,
+        key_source: KeySource | None = None,
+        config: ClientConfig | None = None,
+        clock: Callable[[], float] = time.time,
+        backend: pqc.Backend | None = None,
+    ) -> None:
+        self.me = LocalIdentity(identity.name, identity.signing_key)
+        self.store = store
+        self.transport = transport
+        self.contacts = contacts
+        self.key_source = key_source
+        self.config = config or ClientConfig()
+        self.clock = clock
+        self.backend = backend or pqc.get_backend()
+        self.sae_id = self.config.sae_id or identity.name
+        self.files = FileTransfers(self)
+
+    def __repr__(self) -> str:
+        return f"<MessagingClient {self.me.name}>"
+
+    def _session(self, state: SessionState) -> Session:
+        return Session(
+            state, backend=self.backend, limits=self.config.limits, policy=self.config.policy
+        )
+
+    # --- prekeys (docs/messaging.md §2.4) ---------------------------------------------------
+
+    async def ensure_prekeys(self) -> int:
+        """Rotate the signed prekey when due and replenish one-time prekeys; returns how
+        many one-time prekeys were published."""
+        now = self.clock()
+        signed = self.store.signed_prekeys()
+        age = now - signed[0].record.created_ms / 1000 if signed else 0.0
+        fresh = bool(signed) and age < self.config.signed_prekey_lifetime
+        held = await self.transport.prekey_count()
+        if fresh and held >= self.config.low_water:
+            return 0
+        new = []
+        with self.store.transaction():
+            if not fresh:
+                spk, seed = self._make(PrekeyKind.SIGNED, now)
+                self.store.add_prekey(spk, seed)
+                signed = [spk]
+                self.store.delete_signed_prekeys_before(
+                    int((now - self.config.signed_prekey_retention) * 1000)
+                )
+            for _ in range(max(0, self.config.one_time_prekeys - held)):
+                opk, seed = self._make(PrekeyKind.ONE_TIME, now)
+                self.store.add_prekey(opk, seed)
+                new.append(opk)
+        bundle = PrekeyBundle(self.me.name, self.me.public_key, signed[0], tuple(new))
+        await self.transport.publish_prekeys(bundle.serialize())
+        logger.info(
+            "= published signed prekey #%d and %d one-time prekeys",
+            signed[0].record.prekey_id,
+            len(new),
+        )
+        return len(new)
+
+    def _make(self, kind: PrekeyKind, now: float) -> tuple[SignedPrekey, bytes]:
+        return make_prekey(
+            self.me.signing_key,
+            self.me.name,
+            kind,
+            self.store.next_prekey_id(),
+            int(now * 1000),
+            backend=self.backend,
+            random=secrets.token_bytes,
+        )
+
+    # --- sending ----------------------------------------------------------------------------
+
+    async def send_text(self, to: str, text: str) -> bytes:
+        """Send a text to a peer or ``@group``; returns its message id.
+
+        Raises:
+            MessageTooLargeError: over the text limit (before anything is sent).
+        """
+        return await self.send_content(to, Content.text_message(text, self.clock()))
+
+    async def send_file(
+        self, to: str, path: str | os.PathLike[str], *, progress: Progress | None = None
+    ) -> FileOffer:
+        """Send a file to a peer or ``@group`` (size checked before anything is sent).
+
+        Raises:
+            MessageTooLargeError: over ``max_file_size``.
+            FileTransferError: the file cannot be read.
+        """
+        return await self.files.send(to, path, progress=progress)
+
+    async def send_receipt(
+        self, to: str, message_ids: Sequence[bytes], status: ReceiptStatus
+    ) -> None:
+        content = Content(
+            ContentKind.RECEIPT,
+            new_message_id(),
+            int(self.clock() * 1000),
+            status=status,
+            receipts=tuple(message_ids),
+        )
+        await self.send_content(to, content, history=False)
+
+    async def send_content(self, to: str, content: Content, *, history: bool = True) -> bytes:
+        """Encrypt ``content`` for ``to``, commit, then hand it to the transport."""
+        if to.startswith("@"):
+            await self._send_group(to[1:], content, history)
+        else:
+            session = await self._session_for(to)
+            qkd = await self._qkd_for(session, to)
+            now = self.clock()
+            wire = session.encrypt(content.padded(), now, qkd)
+            with self.store.transaction():
+                self.store.save_session(session.state, now)
+                if history:
+                    self.store.add_history(
+                        to, content.message_id, outgoing=True, now=now, body=content.serialize()
+                    )
+                self.store.add_outbox(to, wire, now)
+        await self.flush_outbox()
+        return content.message_id
+
+    async def flush_outbox(self) -> int:
+        """Send every committed envelope not yet acknowledged by the server."""
+        entries = self.store.outbox()
+        for entry in entries:
+            ref = hashlib.sha256(entry.recipient.encode() + b"\0" + entry.envelope).digest()[:16]
+            await self.transport.send(entry.recipient, entry.envelope, ref)
+            with self.store.transaction():
+                self.store.remove_outbox([entry.id])
+        return len(entries)
+
+    async def _session_for(self, peer: str) -> Session:
+        state = self.store.active_session(peer)
+        if state is not None:
+            return self._session(state)
+        data = await self.transport.claim_prekeys(peer)
+        if data is None:
+            raise UnknownSessionError(f"{peer} has published no prekeys: not a messaging user yet")
+        bundle = PrekeyBundle.parse(data, max_one_time=1)
+        qkd = await self._fetch_qkd(peer, required=self.config.require_qkd)
+        session = initiate(
+            self.me,
+            peer,
+            bundle,
+            now=self.clock(),
+            check_peer=self.contacts.check_peer,
+            qkd=qkd,
+            backend=self.backend,
+            limits=self.config.limits,
+            policy=self.config.policy,
+        )
+        with self.store.transaction():
+            self.store.save_session(session.state, self.clock())
+        return session
+
+    async def _fetch_qkd(self, peer: str, *, required: bool = False) -> QKDMaterial | None:
+        if self.key_source is None:
+            if required:
+                raise QKDError("a QKD key is required, but no key source is configured")
+            return None
+        try:
+            key = await self.key_source.get_key(
+                self.config.sae_of(peer), self.config.policy.key_size * 8
+            )
+        except QKDError as exc:
+            if required:
+                raise
+            logger.warning(
+                "! no QKD key for %s now (%s): the session goes on with ML-KEM", peer, exc
+            )
+            return None
+        return QKDMaterial(QKDRef(self.sae_id, key.key_id, len(key.key)), key.key)
+
+    async def _qkd_for(self, session: Session, peer: str) -> QKDMaterial | None:
+        if self.key_source is None or not session.qkd_due(self.clock()):
+            return None
+        return await self._fetch_qkd(peer)
+
+    async def _qkd_keys(self, refs: Sequence[QKDRef]) -> dict[str, bytes]:
+        """Keys by key_ID: from the store, else ``dec_keys`` (stored before use)."""
+        keys = self.store.qkd_keys([r.key_id for r in refs])
+        for ref in refs:
+            if ref.key_id in keys:
+                continue
+            if self.key_source is None:
+                raise KeyNotFoundError(
+                    f"QKD key {ref.key_id} needed, but no key source is configured"
+                )
+            key = await self.key_source.get_key_by_id(ref.sae_id, ref.key_id)
+            with self.store.transaction():
+                self.store.put_qkd_key(ref.key_id, key.key, self.clock())
+            keys[ref.key_id] = key.key
+        return keys
+
+    # --- receiving --------------------------------------------------------------------------
+
+    async def receive(self) -> list[Event]:
+        """Fetch, process and acknowledge everything waiting; returns the events."""
+        events: list[Event] = []
+        after = 0
+        while True:
+            envelopes = await self.transport.fetch(after)
+            if not envelopes:
+                break
+            done = []
+            for envelope in envelopes:
+                after = max(after, envelope.id)
+                if not self.store.processed(envelope.id):
+                    events += await self.process(envelope)
+                done.append(envelope.id)
+            await self.transport.ack(done)
+        events += await self.retry_pending()
+        return events
+
+    async def process(self, envelope: Envelope) -> list[Event]:
+        """Process one envelope and record it as processed (never raises for bad input)."""
+        events: list[Event] = []
+        try:
+            kind = message_type(envelope.data)
+            if kind is MessageType.PREKEY or kind is MessageType.RATCHET:
+                events = await self._process_direct(envelope, kind)
+            elif kind is MessageType.GROUP:
+                events = self._process_group(envelope)
+            elif kind is MessageType.FILE_CHUNK:
+                events = self.files.chunk_received(envelope)
+            else:
+                raise MessageFormatError(f"envelope of type {kind.name} not handled here")
+        except PendingError as pending:
+            with self.store.transaction():
+                self.store.add_pending(
+                    envelope.id, envelope.sender, envelope.data, str(pending.args[0]), self.clock()
+                )
+                self.store.mark_processed(envelope.id, self.clock())
+            return [MessagePending(envelope.sender, envelope.id, str(pending.args[0]))]
+        except (MessagingError, QCallError) as exc:
+            logger.warning("! envelope %d from %s rejected: %s", envelope.id, envelope.sender, exc)
+            with self.store.transaction():
+                self.store.mark_processed(envelope.id, self.clock())
+            return [MessageRejected(envelope.sender, envelope.id, exc)]
+        return events
+
+    async def _process_direct(self, envelope: Envelope, kind: MessageType) -> list[Event]:
+        now = self.clock()
+        init: PrekeyMessage | None = None
+        opk_used = 0
+        th_init = b""
+        if kind is MessageType.PREKEY:
+            init = PrekeyMessage.parse(envelope.data)
+            session, th_init, opk_used = await self._accept(init, now)
+            message = RatchetMessage.parse(init.inner)
+        else:
+            message = RatchetMessage.parse(envelope.data)
+            state = self.store.session(message.session_id)
+            if state is None:
+                raise UnknownSessionError(
+                    f"message from {envelope.sender} for an unknown session "
+                    f"{message.session_id.hex()[:8]}"
+                )
+            session = self._session(state)
+        refs = session.qkd_refs_needed(message)
+        try:
+            keys = await self._qkd_keys(refs) if refs else {}
+        except (QKDError,) as exc:
+            if isinstance(exc, KeyNotFoundError):
+                raise
+            raise PendingError(f"QKD key not available yet: {exc}") from exc
+        content = Content.parse(session.decrypt(message, now, keys))
+        with self.store.transaction():
+            self.store.save_session(session.state, now)
+            if init is not None and th_init:
+                if self.store.init_session(th_init) is None:
+                    self.store.record_init(th_init, session.session_id, now)
+                if opk_used:
+                    self.store.consume_one_time_prekey(opk_used, now)
+            self.store.delete_qkd_keys([r.key_id for r in refs])
+            events = self._apply_content(session, content, envelope.id, now)
+            self.store.mark_processed(envelope.id, now)
+        return events
+
+    async def _accept(self, init: PrekeyMessage, now: float) -> tuple[Session, bytes, int]:
+        """The session of a prekey message: the known one, or a new one (§3.3)."""
+        spk = self.store.prekey_record(PrekeyKind.SIGNED, init.signed_prekey_id)
+        opk = None
+        if init.one_time_prekey_id:
+            opk = self.store.prekey_record(PrekeyKind.ONE_TIME, init.one_time_prekey_id)
+        if spk is None or (init.one_time_prekey_id and opk is None):
+            raise PrekeyError(f"prekey message from {init.sender} names prekeys we do not have")
+        th_init = init_transcript(init, spk, opk)
+        known = self.store.init_session(th_init)
+        if known is not None:  # a repeat prekey message of a session we have
+            state = self.store.session(known)
+            if state is None:
+                raise UnknownSessionError(f"session of {init.sender}'s prekey message is gone")
+            return self._session(state), th_init, 0
+        check_prekey_message(
+            self.me,
+            init,
+            spk,
+            opk,
+            check_peer=self.contacts.check_peer,
+            accept_pqc=self.config.accept_pqc,
+            backend=self.backend,
+        )
+        _, spk_seed = self.store.prekey(PrekeyKind.SIGNED, init.signed_prekey_id)
+        opk_seed = b""
+        if init.one_time_prekey_id:  # refused here if already used (PrekeyError)
+            _, opk_seed = self.store.prekey(PrekeyKind.ONE_TIME, init.one_time_prekey_id)
+        key = None
+        if init.qkd is not None:
+            try:
+                key = (await self._qkd_keys([init.qkd]))[init.qkd.key_id]
+            except QKDError as exc:
+                if isinstance(exc, KeyNotFoundError):
+                    raise
+                raise PendingError(f"QKD key not available yet: {exc}") from exc
+        keys = Responder(self.me, spk, spk_seed, opk, opk_seed)
+        session, th = respond(
+            keys,
+            init,
+            now=now,
+            check_peer=self.contacts.check_peer,
+            qkd_key=key,
+            accept_pqc=self.config.accept_pqc,
+            backend=self.backend,
+            limits=self.config.limits,
+            policy=self.config.policy,
+        )
+        return session, th, init.one_time_prekey_id
+
+    def _apply_content(
+        self, session: Session, content: Content, envelope_id: int, now: float
+    ) -> list[Event]:
+        """Store and turn a 1:1 content into events (inside the receive transaction)."""
+        peer, mode = session.peer, session.mode
+        if content.kind in (ContentKind.TEXT, ContentKind.FILE):
+            self.store.add_history(
+                peer, content.message_id, outgoing=False, now=now, body=content.serialize()
+            )
+            if content.kind is ContentKind.FILE:
+                self.files.offer_received(peer, peer, content, now)
+            return [MessageReceived(peer, peer, content, mode, envelope_id)]
+        if content.kind is ContentKind.RECEIPT:
+            assert content.status is not None
+            for message_id in content.receipts:
+                self.store.set_status(peer, message_id, content.status)
+            return [ReceiptReceived(peer, peer, content.status, content.receipts)]
+        if content.kind is ContentKind.GROUP_CHANGE:
+            return [self._apply_group_change(peer, session.state.peer_identity, content.body)]
+        return self._accept_sender_key(peer, content)
+
+    # --- groups (docs/messaging.md §9) ---------------------------------------------------------
+
+    async def _members(self, names: Sequence[str]) -> list[GroupMember]:
+        out = []
+        for name in names:
+            if name == self.me.name:
+                out.append(GroupMember(name, identity_hash(self.me.public_key)))
+                continue
+            session = await self._session_for(name)  # pins the key (claims a bundle if needed)
+            out.append(GroupMember(name, identity_hash(session.state.peer_identity)))
+        return out
+
+    async def create_group(self, name: str, members: Sequence[str]) -> GroupState:
+        """Create ``@name`` with ``members`` (we are added); tells every member."""
+        if self.store.group_by_name(name) is not None:
+            raise GroupError(f"you already have a group named {name!r}")
+        listed = await self._members([self.me.name, *[m for m in members if m != self.me.name]])
+        change = GroupChange.make(
+            self.me, None, GroupAction.CREATE, listed, self.clock(), name=name
+        )
+        return await self._commit_change(None, change)
+
+    async def add_members(self, group: str, names: Sequence[str]) -> GroupState:
+        state = self._group(group)
+        added = await self._members([n for n in names if state.member(n) is None])
+        change = GroupChange.make(
+            self.me, state, GroupAction.ADD, [*state.members, *added], self.clock()
+        )
+        return await self._commit_change(state, change)
+
+    async def remove_members(self, group: str, names: Sequence[str]) -> GroupState:
+        state = self._group(group)
+        kept = [m for m in state.members if m.name not in names]
+        change = GroupChange.make(self.me, state, GroupAction.REMOVE, kept, self.clock())
+        return await self._commit_change(state, change)
+
+    async def leave_group(self, group: str) -> GroupState:
+        state = self._group(group)
+        kept = [m for m in state.members if m.name != self.me.name]
+        change = GroupChange.make(self.me, state, GroupAction.LEAVE, kept, self.clock())
+        return await self._commit_change(state, change)
+
+    def groups(self) -> list[GroupState]:
+        return self.store.groups()
+
+    def _group(self, name: str) -> GroupState:
+        state = self.store.group_by_name(name.removeprefix("@"))
+        if state is None:
+            raise GroupError(f"no group named {name!r}")
+        if state.member(self.me.name) is None:
+            raise GroupError(f"you are no longer a member of {name!r}")
+        return state
+
+    async def _commit_change(self, state: GroupState | None, change: GroupChange) -> GroupState:
+        new = apply_change(state, change, self.me.public_key, self.me.name, self.backend)
+        self.store.save_group(new)
+        notify = {m.name for m in change.members} | {
+            m.name for m in (state.members if state else ())
+        }
+        content = Content(
+            ContentKind.GROUP_CHANGE,
+            new_message_id(),
+            int(self.clock() * 1000),
+            body=change.serialize(),
+        )
+        for name in sorted(notify - {self.me.name}):
+            await self.send_content(name, content, history=False)
+        return new
+
+    def _apply_group_change(self, peer: str, key: bytes, body: bytes) -> GroupChanged:
+        change = GroupChange.parse(body)
+        if change.author != peer:
+            raise GroupError(
+                f"{peer} forwarded a change by {change.author}: only authors send them"
+            )
+        state = self.store.group(change.group_id)
+        new = apply_change(state, change, key, self.me.name, self.backend)
+        self.store.save_group(new)
+        self.store.delete_sender_chains_before(new.group_id, new.epoch - 1)
+        left = new.member(self.me.name) is None
+        logger.info("= @%s: %s by %s, epoch %d", new.name, change.action.name, peer, new.epoch)
+        return GroupChanged(new.name, change, left)
+
+    def _accept_sender_key(self, peer: str, content: Content) -> list[Event]:
+        body = content.sender_key
+        assert body is not None
+        state = self.store.group(body.group_id)
+        if state is None or state.epoch != body.epoch or state.state_hash != body.state_hash:
+            raise PendingError(f"sender key of {peer} for a group epoch we do not have yet")
+        if state.member(peer) is None:
+            raise GroupError(f"{peer} sent a sender key for {state.name!r} but is not a member")
+        chain = SenderChain(body.chain_key, body.index)
+        self.store.save_sender_chain(body.group_id, body.epoch, peer, chain)
+        return []
+
+    async def _send_group(self, name: str, content: Content, history: bool) -> None:
+        state = self._group(name)
+        chain = self.store.sender_chain(state.group_id, state.epoch, self.me.name)
+        others = [m.name for m in state.members if m.name != self.me.name]
+        if chain is None:  # first message of this epoch: a fresh chain to every member
+            chain = SenderChain.new()
+            self.store.save_sender_chain(state.group_id, state.epoch, self.me.name, chain)
+            body = SenderKeyBody(state.group_id, state.epoch, state.state_hash, chain.chain_key, 0)
+            key_content = Content(
+                ContentKind.SENDER_KEY, new_message_id(), int(self.clock() * 1000), sender_key=body
+            )
+            for other in others:
+                await self.send_content(other, key_content, history=False)
+        now = self.clock()
+        wire = encrypt_group(state, self.me, chain, content.padded())
+        with self.store.transaction():
+            self.store.save_sender_chain(state.group_id, state.epoch, self.me.name, chain)
+            if history:
+                self.store.add_history(
+                    "@" + state.name,
+                    content.message_id,
+                    outgoing=True,
+                    now=now,
+                    body=content.serialize(),
+                )
+            for other in others:
+                self.store.add_outbox(other, wire, now)
+
+    def _process_group(self, envelope: Envelope) -> list[Event]:
+        message = GroupMessage.parse(envelope.data)
+        state = self.store.group(message.group_id)
+        if state is None:
+            raise UnknownSessionError(f"group message from {envelope.sender} for an unknown group")
+        if message.sender != envelope.sender:
+            raise GroupError(
+                f"{envelope.sender} relayed a group message signed as {message.sender}"
+            )
+        if message.epoch > state.epoch:
+            raise PendingError(f"group message for epoch {message.epoch}; we are at {state.epoch}")
+        at = state
+        if message.epoch == state.epoch - 1:  # sent before the change reached the sender
+            at = replace(state, epoch=message.epoch)
+        chain = self.store.sender_chain(state.group_id, message.epoch, message.sender)
+        if chain is None and at.member(message.sender) is not None and message.epoch == state.epoch:
+            raise PendingError(f"no sender key from {message.sender} yet")
+        pinned = self.contacts.get(message.sender)
+        key = pinned.public_key if pinned is not None else None
+        now = self.clock()
+        plain = decrypt_group(
+            at, message, chain, key, self.backend, max_skip=self.config.limits.max_skip
+        )
+        content = Content.parse(plain)
+        conversation = "@" + state.name
+        assert chain is not None
+        with self.store.transaction():
+            self.store.save_sender_chain(state.group_id, message.epoch, message.sender, chain)
+            self.store.add_history(
+                conversation, content.message_id, outgoing=False, now=now, body=content.serialize()
+            )
+            if content.kind is ContentKind.FILE:
+                self.files.offer_received(conversation, message.sender, content, now)
+            self.store.mark_processed(envelope.id, now)
+        carrier = self.store.active_session(message.sender)  # the sender key came over it
+        mode = carrier.mode if carrier is not None else Mode.PQC
+        return [MessageReceived(conversation, message.sender, content, mode, envelope.id)]
+
+    async def retry_pending(self) -> list[Event]:
+        """Retry envelopes kept for later (after a sender key or QKD key arrived)."""
+        events: list[Event] = []
+        for pending_id, envelope_id, sender, data in self.store.pending():
+            envelope = Envelope(envelope_id, sender, data)
+            try:
+                kind = message_type(data)
+                if kind is MessageType.GROUP:
+                    result = self._process_group(envelope)
+                elif kind is MessageType.FILE_CHUNK:
+                    result = self.files.chunk_received(envelope)
+                else:
+                    result = await self._process_direct(envelope, kind)
+            except PendingError:
+                continue
+            except (MessagingError, QCallError) as exc:
+                result = [MessageRejected(sender, envelope_id, exc)]
+            self.store.remove_pending(pending_id)
+            events += result
+        return events
+
+    # --- history --------------------------------------------------------------------------------
+
+    def history(
+        self, conversation: str, *, grep: str | None = None, limit: int = 1000
+    ) -> list[tuple[HistoryEntry, Content]]:
+        """The local history of a peer or ``@group`` (decrypted), optionally filtered."""
+        out = []
+        for entry in self.store.history(conversation, limit=limit):
+            content = Content.decode(entry.body)
+            if grep is None or grep.lower() in content.text.lower():
+                out.append((entry, content))
+        return out

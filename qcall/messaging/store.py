@@ -1,0 +1,649 @@
+"""The client's message store: SQLite (WAL), versioned schema, secrets encrypted at rest.
+
+One file per user (default ``messages.db`` in the qcall home, mode 0600) holds
+the sessions, the prekeys' private keys, skipped keys (inside the sessions),
+group states and sender chains, QKD keys fetched but not yet used, the outbox
+and the history (``docs/messaging.md`` §10).
+
+Encryption at rest: every secret or private column is AES-256-GCM under the
+*store key* ``SK = store_key(identity seed, salt)``, re-derived from the ML-DSA
+identity seed at each opening and never written; the nonce is random and the
+associated data ``framed(table, row key)`` pins each value to its row. Names
+(peers, conversations) are stored as keyed hashes ``HMAC(SK, name)[:16]``.
+
+Atomicity: :meth:`ClientStore.transaction` is one SQLite transaction (``BEGIN
+IMMEDIATE`` … ``COMMIT``, ``synchronous=FULL``). The messaging client advances a
+session and stores the message it was advanced for in the same transaction, so
+a ``kill -9`` at any point loses no message and never reuses a message key
+(``tests/test_messaging_store.py`` kills a real child process to check it).
+
+Errors: a file that is not a store, is corrupt, belongs to another identity or
+to a newer qcall is a :class:`~qcall.exceptions.MessageStoreError` naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import sqlite3
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from qcall import config, pqc
+from qcall.exceptions import MessageFormatError, MessageStoreError, PrekeyError
+from qcall.messaging.group import GroupState, SenderChain
+from qcall.messaging.keyschedule import store_key
+from qcall.messaging.prekeys import PrekeyKind, PrekeyRecord, SignedPrekey
+from qcall.messaging.state import SessionState
+from qcall.messaging.wire import Reader, framed
+
+__all__ = [
+    "MESSAGES_FILE",
+    "SCHEMA_VERSION",
+    "ClientStore",
+    "HistoryEntry",
+    "OutboxEntry",
+    "Transfer",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Default file name in the qcall home.
+MESSAGES_FILE = "messages.db"
+
+_SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE prekeys (
+    kind INTEGER NOT NULL, prekey_id INTEGER NOT NULL, created_ms INTEGER NOT NULL,
+    signed BLOB NOT NULL, private BLOB, used_ms INTEGER,
+    PRIMARY KEY (kind, prekey_id));
+CREATE TABLE sessions (
+    session_id BLOB PRIMARY KEY, peer BLOB NOT NULL, state BLOB NOT NULL,
+    active INTEGER NOT NULL, updated_ms INTEGER NOT NULL);
+CREATE INDEX sessions_peer ON sessions (peer, active);
+CREATE TABLE inits (th BLOB PRIMARY KEY, session_id BLOB NOT NULL, at_ms INTEGER NOT NULL);
+CREATE TABLE history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, conversation BLOB NOT NULL,
+    message_id BLOB NOT NULL, outgoing INTEGER NOT NULL, at_ms INTEGER NOT NULL,
+    status INTEGER NOT NULL, body BLOB NOT NULL);
+CREATE INDEX history_conversation ON history (conversation, id);
+CREATE UNIQUE INDEX history_message ON history (conversation, message_id, outgoing);
+CREATE TABLE processed (envelope_id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL);
+CREATE TABLE outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, recipient TEXT NOT NULL,
+    envelope BLOB NOT NULL, at_ms INTEGER NOT NULL);
+CREATE TABLE qkd_keys (key_id TEXT PRIMARY KEY, key BLOB NOT NULL, at_ms INTEGER NOT NULL);
+CREATE TABLE groups (group_id BLOB PRIMARY KEY, name BLOB NOT NULL, state BLOB NOT NULL);
+CREATE TABLE sender_chains (
+    group_id BLOB NOT NULL, epoch INTEGER NOT NULL, sender BLOB NOT NULL, chain BLOB NOT NULL,
+    PRIMARY KEY (group_id, epoch, sender));
+CREATE TABLE pending (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, envelope_id INTEGER, sender TEXT NOT NULL,
+    envelope BLOB NOT NULL, reason TEXT NOT NULL, at_ms INTEGER NOT NULL);
+"""
+
+_SCHEMA_2 = """
+CREATE TABLE transfers (
+    file_id BLOB PRIMARY KEY, conversation BLOB NOT NULL, outgoing INTEGER NOT NULL,
+    offer BLOB NOT NULL, next_chunk INTEGER NOT NULL, path TEXT NOT NULL,
+    updated_ms INTEGER NOT NULL);
+"""
+
+#: Schema migrations: version -> SQL that brings version-1 to it (docs/messaging.md §10.1).
+MIGRATIONS: dict[int, str] = {1: _SCHEMA_1, 2: _SCHEMA_2}
+#: The schema version this code writes.
+SCHEMA_VERSION = max(MIGRATIONS)
+
+_CHECK = b"qcall message store check v1"
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One message in the local history (the body is the decrypted content bytes)."""
+
+    id: int
+    message_id: bytes
+    outgoing: bool
+    at_ms: int
+    status: int
+    body: bytes
+
+    def __repr__(self) -> str:
+        return f"<HistoryEntry #{self.id} {'out' if self.outgoing else 'in'} status={self.status}>"
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """A message encrypted and committed, not yet acknowledged by the server."""
+
+    id: int
+    recipient: str
+    envelope: bytes
+    at_ms: int
+
+
+class ClientStore:
+    """One user's message store (see the module docstring).
+
+    Args:
+        path: the SQLite file (created, mode 0600, if absent).
+        identity_seed: the user's ML-DSA seed ξ; the store key derives from it.
+        max_version: the newest schema to migrate to (tests of migrations only).
+
+    Raises:
+        MessageStoreError: the file is not a store, is corrupt, was written by a
+            newer qcall, or belongs to another identity (each naming the file).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        identity_seed: bytes,
+        *,
+        max_version: int = SCHEMA_VERSION,
+    ) -> None:
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._depth = 0
+        existed = self.path.exists()
+        if not existed:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, config.PRIVATE_MODE)
+                os.close(fd)
+            except OSError as exc:
+                raise MessageStoreError(f"cannot create {self.path}: {exc.strerror}") from exc
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise MessageStoreError(f"cannot open {self.path}: {exc}") from exc
+        try:
+            self._setup(identity_seed, max_version)
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise MessageStoreError(
+                f"{self.path} is not a qcall message store or is corrupt ({exc}); "
+                "move it aside to start a new one"
+            ) from None
+        except BaseException:
+            self._db.close()
+            raise
+
+    def __repr__(self) -> str:
+        return f"ClientStore({str(self.path)!r})"
+
+    # --- opening, schema, encryption ------------------------------------------------------
+
+    def _setup(self, identity_seed: bytes, max_version: int) -> None:
+        db = self._db
+        db.execute("PRAGMA busy_timeout = 10000")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute("PRAGMA foreign_keys = ON")
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise MessageStoreError(
+                f"{self.path} has schema version {version}, written by a newer qcall "
+                f"(this one knows up to {SCHEMA_VERSION})"
+            )
+        with self.transaction():
+            for target in range(version + 1, max_version + 1):
+                for statement in MIGRATIONS[target].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {target}")
+                logger.info("= %s: schema migrated to version %d", self.path, target)
+            row = db.execute("SELECT value FROM meta WHERE key = 'salt'").fetchone()
+            if row is None:
+                salt = secrets.token_bytes(32)
+                db.execute("INSERT INTO meta VALUES ('salt', ?)", (salt,))
+                self._keys(identity_seed, salt)
+                check = self._seal("meta", b"check", _CHECK)
+                db.execute("INSERT INTO meta VALUES ('check', ?)", (check,))
+                return
+        self._keys(identity_seed, bytes(row[0]))
+        row = db.execute("SELECT value FROM meta WHERE key = 'check'").fetchone()
+        if row is None or self._open_raw("meta", b"check", bytes(row[0])) != _CHECK:
+            raise MessageStoreError(
+                f"{self.path} belongs to another identity: its store key does not open it"
+            )
+
+    def _keys(self, identity_seed: bytes, salt: bytes) -> None:
+        self._key = pqc.AES256GCM(store_key(identity_seed, salt))
+        self._mac_key = store_key(identity_seed, salt, b"store names")
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One atomic transaction (nested calls join the outer one)."""
+        with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise MessageStoreError(f"{self.path}: cannot start a transaction: {exc}") from exc
+            self._depth = 1
+            try:
+                yield
+            except BaseException:
+                self._depth = 0
+                self._db.execute("ROLLBACK")
+                raise
+            self._depth = 0
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise MessageStoreError(f"{self.path}: cannot commit: {exc}") from exc
+
+    def _exec(self, sql: str, args: tuple[object, ...] = ()) -> sqlite3.Cursor:
+        try:
+            with self._lock:
+                return self._db.execute(sql, args)
+        except sqlite3.DatabaseError as exc:
+            raise MessageStoreError(f"{self.path}: {exc}") from exc
+
+    def _seal(self, table: str, row: bytes, data: bytes) -> bytes:
+        nonce = secrets.token_bytes(pqc.AEAD_NONCE_LEN)
+        return nonce + self._key.seal(nonce, data, framed(table.encode(), row))
+
+    def _open_raw(self, table: str, row: bytes, blob: bytes) -> bytes | None:
+        return self._key.open(
+            blob[: pqc.AEAD_NONCE_LEN], blob[pqc.AEAD_NONCE_LEN :], framed(table.encode(), row)
+        )
+
+    def _open(self, table: str, row: bytes, blob: bytes) -> bytes:
+        data = self._open_raw(table, row, bytes(blob))
+        if data is None:
+            raise MessageStoreError(
+                f"{self.path}: a {table} entry does not decrypt (corrupt or moved between rows)"
+            )
+        return data
+
+    def tag(self, name: str) -> bytes:
+        """The keyed hash under which ``name`` (a peer or conversation) is stored."""
+        return hmac.new(self._mac_key, name.encode("utf-8"), hashlib.sha256).digest()[:16]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- prekeys (docs/messaging.md §2.4) ---------------------------------------------------
+
+    def add_prekey(self, prekey: SignedPrekey, seed: bytes) -> None:
+        """Keep a new prekey and its private seed."""
+        rec = prekey.record
+        row = bytes([rec.kind]) + rec.prekey_id.to_bytes(4, "big")
+        self._exec(
+            "INSERT INTO prekeys (kind, prekey_id, created_ms, signed, private) VALUES (?,?,?,?,?)",
+            (
+                rec.kind,
+                rec.prekey_id,
+                rec.created_ms,
+                prekey.serialize(),
+                self._seal("prekeys", row, seed),
+            ),
+        )
+
+    def next_prekey_id(self) -> int:
+        row = self._exec("SELECT MAX(prekey_id) FROM prekeys").fetchone()
+        return int(row[0] or 0) + 1
+
+    def prekey(self, kind: PrekeyKind, prekey_id: int) -> tuple[PrekeyRecord, bytes]:
+        """The record and seed of a prekey a message names.
+
+        Raises:
+            PrekeyError: unknown, or a one-time prekey already used (its private
+                key is gone): "a one-time prekey used twice".
+        """
+        row = self._exec(
+            "SELECT signed, private, used_ms FROM prekeys WHERE kind = ? AND prekey_id = ?",
+            (kind, prekey_id),
+        ).fetchone()
+        what = f"{kind.name.lower().replace('_', '-')} prekey #{prekey_id}"
+        if row is None:
+            raise PrekeyError(f"{what} is unknown here (never ours, or expired and deleted)")
+        if row[1] is None:
+            raise PrekeyError(
+                f"{what} was already used: a one-time prekey used twice is refused "
+                "(a replay, or the server handed it out twice)"
+            )
+        key = bytes([kind]) + prekey_id.to_bytes(4, "big")
+        return SignedPrekey.parse(bytes(row[0])).record, self._open("prekeys", key, row[1])
+
+    def prekey_record(self, kind: PrekeyKind, prekey_id: int) -> PrekeyRecord | None:
+        """The public record of a prekey, used or not (to recompute a set-up transcript)."""
+        row = self._exec(
+            "SELECT signed FROM prekeys WHERE kind = ? AND prekey_id = ?", (kind, prekey_id)
+        ).fetchone()
+        return SignedPrekey.parse(bytes(row[0])).record if row else None
+
+    def consume_one_time_prekey(self, prekey_id: int, now: float) -> None:
+        """Delete the private key of a used one-time prekey (in the caller's transaction)."""
+        self._exec(
+            "UPDATE prekeys SET private = NULL, used_ms = ? WHERE kind = ? AND prekey_id = ?",
+            (int(now * 1000), PrekeyKind.ONE_TIME, prekey_id),
+        )
+
+    def unused_one_time_prekeys(self) -> int:
+        row = self._exec(
+            "SELECT COUNT(*) FROM prekeys WHERE kind = ? AND private IS NOT NULL",
+            (PrekeyKind.ONE_TIME,),
+        ).fetchone()
+        return int(row[0])
+
+    def signed_prekeys(self) -> list[SignedPrekey]:
+        """Our signed prekeys whose private keys are kept, newest first."""
+        rows = self._exec(
+            "SELECT signed FROM prekeys WHERE kind = ? AND private IS NOT NULL "
+            "ORDER BY created_ms DESC, prekey_id DESC",
+            (PrekeyKind.SIGNED,),
+        ).fetchall()
+        return [SignedPrekey.parse(bytes(r[0])) for r in rows]
+
+    def delete_signed_prekeys_before(self, created_ms: int) -> int:
+        """Forget old signed prekeys (their late prekey messages can no longer open)."""
+        cur = self._exec(
+            "DELETE FROM prekeys WHERE kind = ? AND created_ms < ?", (PrekeyKind.SIGNED, created_ms)
+        )
+        return cur.rowcount
+
+    # --- sessions and prekey-message replay detection -----------------------------------------
+
+    def save_session(self, state: SessionState, now: float, *, active: bool = True) -> None:
+        """Insert or replace a session's state (the active one for its peer if ``active``)."""
+        peer = self.tag(state.peer_name)
+        if active:
+            self._exec(
+                "UPDATE sessions SET active = 0 WHERE peer = ? AND session_id != ?",
+                (peer, state.session_id),
+            )
+        blob = self._seal("sessions", state.session_id, state.serialize())
+        self._exec(
+            "INSERT INTO sessions VALUES (?,?,?,?,?) ON CONFLICT (session_id) DO UPDATE SET "
+            "state = excluded.state, updated_ms = excluded.updated_ms, "
+            "active = MAX(active, excluded.active)",
+            (state.session_id, peer, blob, int(active), int(now * 1000)),
+        )
+
+    def _session(self, row: tuple[bytes, bytes] | None) -> SessionState | None:
+        if row is None:
+            return None
+        try:
+            return SessionState.parse(self._open("sessions", bytes(row[0]), row[1]))
+        except MessageFormatError as exc:
+            raise MessageStoreError(f"{self.path}: a stored session is corrupt: {exc}") from None
+
+    def session(self, session_id: bytes) -> SessionState | None:
+        row = self._exec(
+            "SELECT session_id, state FROM sessions WHERE session_id = ?", (session_id,)
+        ).fetchone()
+        return self._session(row)
+
+    def active_session(self, peer: str) -> SessionState | None:
+        row = self._exec(
+            "SELECT session_id, state FROM sessions WHERE peer = ? "
+            "ORDER BY active DESC, updated_ms DESC LIMIT 1",
+            (self.tag(peer),),
+        ).fetchone()
+        return self._session(row)
+
+    def init_session(self, th_init: bytes) -> bytes | None:
+        """The session a prekey message with this ``TH_init`` created, if any."""
+        row = self._exec("SELECT session_id FROM inits WHERE th = ?", (th_init,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def record_init(self, th_init: bytes, session_id: bytes, now: float) -> None:
+        self._exec("INSERT INTO inits VALUES (?,?,?)", (th_init, session_id, int(now * 1000)))
+
+    # --- history -------------------------------------------------------------------------------
+
+    def add_history(
+        self,
+        conversation: str,
+        message_id: bytes,
+        *,
+        outgoing: bool,
+        now: float,
+        body: bytes,
+        status: int = 0,
+    ) -> int:
+        """Append a message (``body``: the content bytes, encrypted here)."""
+        conv = self.tag(conversation)
+        sealed = self._seal("history", conv + message_id + bytes([outgoing]), body)
+        cur = self._exec(
+            "INSERT INTO history (conversation, message_id, outgoing, at_ms, status, body) "
+            "VALUES (?,?,?,?,?,?)",
+            (conv, message_id, int(outgoing), int(now * 1000), status, sealed),
+        )
+        return int(cur.lastrowid or 0)
+
+    def history(self, conversation: str, *, limit: int = 1000) -> list[HistoryEntry]:
+        """The last ``limit`` messages of a conversation, oldest first."""
+        conv = self.tag(conversation)
+        rows = self._exec(
+            "SELECT id, message_id, outgoing, at_ms, status, body FROM history "
+            "WHERE conversation = ? ORDER BY id DESC LIMIT ?",
+            (conv, limit),
+        ).fetchall()
+        out = []
+        for r in reversed(rows):
+            mid, outgoing = bytes(r[1]), bool(r[2])
+            body = self._open("history", conv + mid + bytes([outgoing]), r[5])
+            out.append(HistoryEntry(int(r[0]), mid, outgoing, int(r[3]), int(r[4]), body))
+        return out
+
+    def set_status(self, conversation: str, message_id: bytes, status: int) -> bool:
+        """Raise a sent message's status (delivered, read); never lowers it."""
+        cur = self._exec(
+            "UPDATE history SET status = ? WHERE conversation = ? AND message_id = ? "
+            "AND outgoing = 1 AND status < ?",
+            (status, self.tag(conversation), message_id, status),
+        )
+        return cur.rowcount > 0
+
+    # --- exactly-once processing, outbox, pending ----------------------------------------------
+
+    def processed(self, envelope_id: int) -> bool:
+        """Whether the server's envelope ``envelope_id`` was already processed."""
+        row = self._exec("SELECT 1 FROM processed WHERE envelope_id = ?", (envelope_id,))
+        return row.fetchone() is not None
+
+    def mark_processed(self, envelope_id: int, now: float) -> None:
+        self._exec("INSERT OR IGNORE INTO processed VALUES (?,?)", (envelope_id, int(now * 1000)))
+
+    def add_outbox(self, recipient: str, envelope: bytes, now: float) -> int:
+        cur = self._exec(
+            "INSERT INTO outbox (recipient, envelope, at_ms) VALUES (?,?,?)",
+            (recipient, envelope, int(now * 1000)),
+        )
+        return int(cur.lastrowid or 0)
+
+    def outbox(self) -> list[OutboxEntry]:
+        rows = self._exec("SELECT id, recipient, envelope, at_ms FROM outbox ORDER BY id")
+        return [OutboxEntry(int(r[0]), r[1], bytes(r[2]), int(r[3])) for r in rows.fetchall()]
+
+    def remove_outbox(self, ids: list[int]) -> None:
+        for i in ids:
+            self._exec("DELETE FROM outbox WHERE id = ?", (i,))
+
+    def add_pending(
+        self, envelope_id: int, sender: str, envelope: bytes, reason: str, now: float
+    ) -> None:
+        """Keep an envelope that cannot be opened yet (a sender key or QKD key to come)."""
+        self._exec(
+            "INSERT INTO pending (envelope_id, sender, envelope, reason, at_ms) VALUES (?,?,?,?,?)",
+            (envelope_id, sender, envelope, reason, int(now * 1000)),
+        )
+
+    def pending(self) -> list[tuple[int, int, str, bytes]]:
+        """``(pending id, envelope id, sender, envelope)``, oldest first."""
+        rows = self._exec("SELECT id, envelope_id, sender, envelope FROM pending ORDER BY id")
+        return [(int(r[0]), int(r[1]), r[2], bytes(r[3])) for r in rows.fetchall()]
+
+    def remove_pending(self, pending_id: int) -> None:
+        self._exec("DELETE FROM pending WHERE id = ?", (pending_id,))
+
+    # --- QKD keys fetched but not yet used -------------------------------------------------------
+
+    def put_qkd_key(self, key_id: str, key: bytes, now: float) -> None:
+        """Keep a key fetched with ``dec_keys`` until the message it opens is stored."""
+        sealed = self._seal("qkd_keys", key_id.encode(), key)
+        self._exec(
+            "INSERT OR REPLACE INTO qkd_keys VALUES (?,?,?)", (key_id, sealed, int(now * 1000))
+        )
+
+    def qkd_keys(self, key_ids: list[str]) -> dict[str, bytes]:
+        out = {}
+        for key_id in key_ids:
+            row = self._exec("SELECT key FROM qkd_keys WHERE key_id = ?", (key_id,)).fetchone()
+            if row is not None:
+                out[key_id] = self._open("qkd_keys", key_id.encode(), row[0])
+        return out
+
+    def delete_qkd_keys(self, key_ids: list[str]) -> None:
+        for key_id in key_ids:
+            self._exec("DELETE FROM qkd_keys WHERE key_id = ?", (key_id,))
+
+    # --- groups ----------------------------------------------------------------------------------
+
+    def save_group(self, state: GroupState) -> None:
+        sealed = self._seal("groups", state.group_id, state.serialize())
+        self._exec(
+            "INSERT OR REPLACE INTO groups VALUES (?,?,?)",
+            (state.group_id, self.tag("@" + state.name), sealed),
+        )
+
+    def _group(self, row: tuple[bytes, bytes] | None) -> GroupState | None:
+        if row is None:
+            return None
+        try:
+            return GroupState.parse(self._open("groups", bytes(row[0]), row[1]))
+        except MessageFormatError as exc:
+            raise MessageStoreError(f"{self.path}: a stored group is corrupt: {exc}") from None
+
+    def group(self, group_id: bytes) -> GroupState | None:
+        row = self._exec("SELECT group_id, state FROM groups WHERE group_id = ?", (group_id,))
+        return self._group(row.fetchone())
+
+    def group_by_name(self, name: str) -> GroupState | None:
+        row = self._exec(
+            "SELECT group_id, state FROM groups WHERE name = ?", (self.tag("@" + name),)
+        )
+        return self._group(row.fetchone())
+
+    def groups(self) -> list[GroupState]:
+        rows = self._exec("SELECT group_id, state FROM groups").fetchall()
+        return sorted((g for g in map(self._group, rows) if g), key=lambda g: g.name)
+
+    def save_sender_chain(
+        self, group_id: bytes, epoch: int, sender: str, chain: SenderChain
+    ) -> None:
+        row = group_id + epoch.to_bytes(4, "big") + self.tag(sender)
+        self._exec(
+            "INSERT OR REPLACE INTO sender_chains VALUES (?,?,?,?)",
+            (
+                group_id,
+                epoch,
+                self.tag(sender),
+                self._seal("sender_chains", row, chain.serialize()),
+            ),
+        )
+
+    def sender_chain(self, group_id: bytes, epoch: int, sender: str) -> SenderChain | None:
+        tag = self.tag(sender)
+        row = self._exec(
+            "SELECT chain FROM sender_chains WHERE group_id = ? AND epoch = ? AND sender = ?",
+            (group_id, epoch, tag),
+        ).fetchone()
+        if row is None:
+            return None
+        data = self._open("sender_chains", group_id + epoch.to_bytes(4, "big") + tag, row[0])
+        try:
+            return SenderChain.parse(data)
+        except MessageFormatError as exc:
+            raise MessageStoreError(
+                f"{self.path}: a stored sender chain is corrupt: {exc}"
+            ) from None
+
+    def delete_sender_chains_before(self, group_id: bytes, epoch: int) -> None:
+        """Forget the chains of epochs before ``epoch`` (forward secrecy after a change)."""
+        self._exec("DELETE FROM sender_chains WHERE group_id = ? AND epoch < ?", (group_id, epoch))
+
+    # --- file transfers (resume) -------------------------------------------------------------
+
+    def save_transfer(self, transfer: Transfer, now: float) -> None:
+        """Record a transfer and its progress: the next chunk to send or receive.
+
+        The conversation, the peer and the offer (with the file key) are sealed;
+        the path is the local file (sent, or being received).
+        """
+        value = framed(transfer.conversation.encode(), transfer.peer.encode(), transfer.offer)
+        self._exec(
+            "INSERT OR REPLACE INTO transfers VALUES (?,?,?,?,?,?,?)",
+            (
+                transfer.file_id,
+                self.tag(transfer.conversation),
+                int(transfer.outgoing),
+                self._seal("transfers", transfer.file_id, value),
+                transfer.next_chunk,
+                transfer.path,
+                int(now * 1000),
+            ),
+        )
+
+    def transfer(self, file_id: bytes) -> Transfer | None:
+        """The transfer of ``file_id``, or ``None``."""
+        row = self._exec(
+            "SELECT offer, next_chunk, path, outgoing FROM transfers WHERE file_id = ?", (file_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        r = Reader(self._open("transfers", file_id, row[0]), f"{self.path}: a stored transfer")
+        try:
+            conversation, peer = r.text(r.var32("conversation", 1024), "c"), r.var32("peer", 1024)
+            offer = r.var32("offer", 1 << 20)
+            r.end()
+        except MessageFormatError as exc:
+            raise MessageStoreError(str(exc)) from None
+        return Transfer(
+            file_id, conversation, peer.decode(), bool(row[3]), offer, int(row[1]), row[2]
+        )
+
+    def transfers(self, *, outgoing: bool) -> list[bytes]:
+        """The file ids of the transfers in one direction, oldest first."""
+        rows = self._exec(
+            "SELECT file_id FROM transfers WHERE outgoing = ? ORDER BY updated_ms", (int(outgoing),)
+        ).fetchall()
+        return [bytes(r[0]) for r in rows]
+
+    def delete_transfer(self, file_id: bytes) -> None:
+        self._exec("DELETE FROM transfers WHERE file_id = ?", (file_id,))
+
+
+@dataclass(frozen=True, repr=False)
+class Transfer:
+    """A file being sent or received (``offer`` holds the file key: secret)."""
+
+    file_id: bytes
+    conversation: str  # the peer, or "@group"
+    peer: str  # who sends the chunks (us for an upload)
+    outgoing: bool
+    offer: bytes  # the FileOffer encoding
+    next_chunk: int
+    path: str
+
+    def __repr__(self) -> str:
+        way = "up" if self.outgoing else "down"
+        return f"<Transfer {self.file_id.hex()[:8]} {way} next={self.next_chunk}>"

@@ -1,0 +1,369 @@
+"""MessagingClient end to end over the real SQLite server store, honest and malicious."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qcall import pqc
+from qcall.contacts import ContactStore
+from qcall.exceptions import (
+    GroupError,
+    IdentityChangedError,
+    MessageAuthError,
+    MessageFormatError,
+    MessageTooLargeError,
+    PrekeyError,
+    ReplayedMessageError,
+    UnknownSessionError,
+)
+from qcall.identity import Identity
+from qcall.messaging.api import (
+    ClientConfig,
+    Envelope,
+    GroupChanged,
+    MessagePending,
+    MessageReceived,
+    MessageRejected,
+    ReceiptReceived,
+)
+from qcall.messaging.client import MessagingClient
+from qcall.messaging.content import ReceiptStatus
+from qcall.messaging.group import GroupMessage, SenderChain, encrypt_group
+from qcall.messaging.messages import Mode, PrekeyMessage, RatchetMessage
+from qcall.messaging.prekeys import PrekeyBundle, PrekeyKind, make_prekey
+from qcall.messaging.store import ClientStore
+from qcall.qkd.keyfile import KeyFileSource, create_key_files
+from tests.messaging_child import read_log
+from tests.messaging_transport import MaliciousServer, Server
+from tests.messaging_utils import identity
+from tests.utils import TIMEOUT_FACTOR
+
+BACKEND = pqc.get_backend("cryptography")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_identity(name: str) -> Identity:
+    seed = hashlib.sha256(b"qcall test identity " + name.encode()).digest()
+    return Identity.from_seed(name, pqc.SignatureScheme.ML_DSA_65, seed)
+
+
+class World:
+    def __init__(self, tmp_path, server: Server) -> None:
+        self.tmp, self.server, self.clients = tmp_path, server, {}
+
+    def client(self, name: str, key_source=None, **config) -> MessagingClient:
+        ident = make_identity(name)
+        home = self.tmp / name
+        home.mkdir(exist_ok=True)
+        store = ClientStore(home / "messages.db", ident.signing_key.seed_bytes())
+        contacts = ContactStore(home / "contacts.json")
+        c = MessagingClient(
+            ident,
+            store,
+            self.server.connect(name),
+            contacts,
+            key_source=key_source,
+            config=ClientConfig(**config),
+            backend=BACKEND,
+        )
+        self.clients[name] = c
+        return c
+
+    async def users(self, *names: str, qkd: bool = False) -> list[MessagingClient]:
+        sources = {}
+        if qkd:
+            a, b = names[0], names[1]
+            create_key_files(a, self.tmp / f"{a}.keys", b, self.tmp / f"{b}.keys", 20)
+            sources = {n: KeyFileSource(self.tmp / f"{n}.keys") for n in (a, b)}
+        out = [self.client(n, sources.get(n)) for n in names]
+        for c in out:
+            await c.ensure_prekeys()
+        return out
+
+
+@pytest.fixture
+async def world(tmp_path):
+    server = MaliciousServer(tmp_path / "server.db")
+    yield World(tmp_path, server)
+    await server.close()
+
+
+def texts(events) -> list[str]:
+    return [e.content.text for e in events if isinstance(e, MessageReceived)]
+
+
+def rejected(events) -> list[type]:
+    return [type(e.error) for e in events if isinstance(e, MessageRejected)]
+
+
+async def test_offline_exchange_in_hybrid_mode_with_receipts_and_history(world):
+    alice, bob = await world.users("alice", "bob", qkd=True)
+    first = await alice.send_text("bob", "hello bob")  # bob is offline: the server keeps it
+    await alice.send_text("bob", "are you there?")
+    events = await bob.receive()
+    assert texts(events) == ["hello bob", "are you there?"]
+    assert {e.mode for e in events} == {Mode.HYBRID}
+    await bob.send_text("alice", "yes")
+    await bob.send_receipt("alice", [first], ReceiptStatus.READ)
+    events = await alice.receive()
+    assert texts(events) == ["yes"]
+    assert [e.status for e in events if isinstance(e, ReceiptReceived)] == [ReceiptStatus.READ]
+    history = alice.history("bob")
+    assert [c.text for _, c in history] == ["hello bob", "are you there?", "yes"]
+    assert history[0][0].status == ReceiptStatus.READ and history[0][0].outgoing
+    assert [c.text for _, c in bob.history("alice", grep="THERE")] == ["are you there?"]
+    assert await bob.receive() == []  # everything was acknowledged
+    assert await world.server.store.mailbox("bob") == (0, 0)
+
+
+async def test_pqc_mode_is_shown_and_prekeys_are_replenished(world):
+    alice, bob = await world.users("alice", "bob")
+    await alice.send_text("bob", "hi")
+    assert [e.mode for e in await bob.receive()] == [Mode.PQC]
+    assert await world.server.store.one_time_prekeys("bob") == 49
+    bob.config = dataclasses.replace(bob.config, low_water=50)
+    assert await bob.ensure_prekeys() == 1
+    assert await bob.ensure_prekeys() == 0
+
+
+async def test_oversized_message_is_refused_before_upload(world):
+    alice, _ = await world.users("alice", "bob")
+    with pytest.raises(MessageTooLargeError, match="over the limit"):
+        await alice.send_text("bob", "x" * (64 * 1024 + 1))
+    assert alice.transport.sent == []
+
+
+@pytest.mark.parametrize("mode", ["reorder", "drop", "duplicate"])
+async def test_malicious_delivery_order_loss_and_duplicates(world, mode):
+    alice, bob = await world.users("alice", "bob")
+    for i in range(12):
+        await alice.send_text("bob", f"m{i}")
+    world.server.mode = mode
+    world.server.keep = lambda e: e.id % 3 != 0
+    events = await bob.receive()
+    got = texts(events)
+    if mode == "drop":
+        assert len(got) == 8 and set(got) < {f"m{i}" for i in range(12)}
+        assert rejected(events) == []
+    else:
+        assert sorted(got) == sorted(f"m{i}" for i in range(12))
+    if mode == "duplicate":  # every copy is refused, none shown
+        assert rejected(events) == [ReplayedMessageError] * 12
+    # The conversation goes on afterwards.
+    world.server.mode = "honest"
+    await bob.send_text("alice", "still fine")
+    assert texts(await alice.receive()) == ["still fine"]
+
+
+async def test_replayed_and_tampered_envelopes_are_refused(world):
+    alice, bob = await world.users("alice", "bob")
+    await alice.send_text("bob", "one")
+    assert texts(await bob.receive()) == ["one"]
+    await bob.send_text("alice", "ack")  # from now on alice sends ratchet messages
+    assert texts(await alice.receive()) == ["ack"]
+    world.server.mode = "replay"
+    await alice.send_text("bob", "two")
+    events = await bob.receive()
+    assert texts(events) == ["two"] and rejected(events) == [ReplayedMessageError]
+    # Tampered header and ciphertext, a message for no session; then the genuine one.
+    world.server.mode = "inject"
+    await alice.send_text("bob", "three")
+    genuine = await world.server.store.fetch("bob")
+    data = bytearray(genuine[0].data)
+    data[-5] ^= 1
+    message = RatchetMessage.parse(alice.transport.sent[-1][1])
+    world.server.injected = [
+        Envelope(1 << 41, "alice", bytes(data)),
+        Envelope(
+            (1 << 41) + 1, "alice", dataclasses.replace(message, session_id=bytes(16)).serialize()
+        ),
+        Envelope((1 << 41) + 2, "alice", b"\x01\x02garbage"),
+    ]
+    await world.server.store.ack("bob", [genuine[0].id])  # hold the genuine one back
+    events = await bob.receive()
+    assert texts(events) == []
+    assert rejected(events) == [MessageAuthError, UnknownSessionError, MessageFormatError]
+    world.server.mode = "honest"
+    await bob.transport.server.store.put("bob", "alice", genuine[0].data, 0)
+    assert texts(await bob.receive()) == ["three"]
+
+
+async def test_swapped_bundles_are_refused(world):
+    alice, bob, carol = await world.users("alice", "bob", "carol")
+    world.server.mode = "swap"
+    carols = await carol.transport.claim_prekeys("carol")
+    world.server.swap_bundle = lambda peer, data: carols
+    with pytest.raises(PrekeyError, match="asked for 'bob'"):
+        await alice.send_text("bob", "hi")
+    # A bob alice pinned already, replaced by an impostor's genuine-looking bundle.
+    world.server.mode = "honest"
+    await alice.send_text("bob", "hi")
+    impostor = identity("bob-impostor")  # a key the server made, signing as "bob"
+    spk, _ = make_prekey(
+        impostor.signing_key,
+        "bob",
+        PrekeyKind.SIGNED,
+        1,
+        int(time.time() * 1000),
+        backend=BACKEND,
+        random=os.urandom,
+    )
+    fake_bundle = PrekeyBundle("bob", impostor.public_key, spk).serialize()
+    dave = world.client("dave")
+    dave.contacts.pin("bob", bob.me.public_key)
+    world.server.mode = "swap"
+    world.server.swap_bundle = lambda peer, data: fake_bundle
+    with pytest.raises(IdentityChangedError, match="HAS CHANGED"):
+        await dave.send_text("bob", "hi")
+    assert dave.transport.sent == []
+
+
+async def test_one_time_prekey_handed_out_twice_is_refused(world):
+    alice, bob, carol = await world.users("alice", "bob", "carol")
+    bundle = await alice.transport.claim_prekeys("bob")  # the server keeps a copy...
+    world.server.mode = "swap"
+    world.server.swap_bundle = lambda peer, data: bundle  # ...and hands it out twice
+    await alice.send_text("bob", "first")
+    await carol.send_text("bob", "second")
+    events = await bob.receive()
+    assert texts(events) == ["first"]
+    assert rejected(events) == [PrekeyError]
+    assert "used twice" in str(events[1].error)
+
+
+async def test_group_lifecycle_and_removed_member(world):
+    alice, bob, carol = await world.users("alice", "bob", "carol")
+    team = await alice.create_group("team", ["bob", "carol"])
+    assert team.names == ["alice", "bob", "carol"]
+    await alice.send_text("@team", "hello team")
+    for member in (bob, carol):
+        events = await member.receive()
+        assert isinstance(events[0], GroupChanged) and not events[0].left
+        assert texts(events) == ["hello team"]
+        assert events[-1].conversation == "@team" and events[-1].sender == "alice"
+    await bob.send_text("@team", "hi from bob")
+    assert texts(await alice.receive()) == ["hi from bob"]
+    assert texts(await carol.receive()) == ["hi from bob"]
+    # bob removes carol; alice's next message is for alice and bob only.
+    await bob.remove_members("team", ["carol"])
+    changed = [e for e in await carol.receive() if isinstance(e, GroupChanged)]
+    assert changed and changed[0].left
+    assert any(isinstance(e, GroupChanged) for e in await alice.receive())
+    await alice.send_text("@team", "carol cannot read this")
+    wire = alice.transport.sent[-1][1]
+    assert texts(await bob.receive()) == ["carol cannot read this"]
+    # The server slips the group message to carol anyway: she has no key for it.
+    world.server.mode = "inject"
+    world.server.injected = [Envelope(1 << 42, "alice", wire)]
+    events = await carol.receive()
+    assert texts(events) == [] and isinstance(events[0], MessagePending | MessageRejected)
+    with pytest.raises(GroupError, match="no longer a member"):
+        await carol.send_text("@team", "hello?")
+    assert [c.text for _, c in bob.history("@team")] == [
+        "hello team",
+        "hi from bob",
+        "carol cannot read this",
+    ]
+
+
+async def test_member_inserted_by_the_server_is_detected(world):
+    alice, bob, mallory = await world.users("alice", "bob", "mallory")
+    team = await alice.create_group("team", ["bob"])
+    await bob.receive()
+    # mallory (a real user the server favours) writes into the group.
+    chain = SenderChain.new()
+    state = dataclasses.replace(
+        team, members=(*team.members, *(await mallory._members(["mallory"])))
+    )
+    wire = encrypt_group(state, mallory.me, chain, b"\x01" + bytes(63))
+    world.server.mode = "inject"
+    world.server.injected = [Envelope(1 << 43, "mallory", wire)]
+    events = await bob.receive()
+    assert rejected(events) == [GroupError]
+    assert "not a member" in str(events[0].error)
+    assert bob.groups()[0].names == ["alice", "bob"]
+    assert GroupMessage.parse(wire).sender == "mallory"
+    assert identity("mallory").public_key == mallory.me.public_key
+
+
+async def test_kill_9_mid_conversation_loses_nothing_and_never_reuses_a_key(tmp_path):
+    """alice and bob in a real process, killed with SIGKILL at random moments, restarted."""
+    total, rng = 24, random.Random(7)
+    for attempt in range(12):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.messaging_child",
+            str(tmp_path),
+            str(total),
+            stdout=asyncio.subprocess.PIPE,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert proc.stdout is not None
+        kill = attempt < 11
+        lines = rng.randint(1, 5)  # rounds to let pass before the kill
+        while True:
+            line = await asyncio.wait_for(proc.stdout.readline(), 60 * TIMEOUT_FACTOR)
+            if not line or line in (b"done\n", b"stuck\n"):
+                break
+            lines -= 1
+            if kill and lines <= 0:
+                await asyncio.sleep(rng.random() * 0.02)
+                proc.send_signal(signal.SIGKILL)
+                break
+        code = await proc.wait()
+        assert code in (0, -signal.SIGKILL), "the conversation got stuck: a message never opened"
+        if code == 0:
+            break
+    assert code == 0, "the conversation got stuck: some messages never decrypted"
+    alice, bob = (_reopen(tmp_path, n) for n in ("alice", "bob"))
+    received = [c.text.split()[0] for e, c in bob.history("alice") if not e.outgoing]
+    assert received == [f"a{i}" for i in range(total)]  # all, once each, in order
+    replies = [c.text.split()[0] for e, c in bob.history("alice") if e.outgoing]
+    assert [c.text.split()[0] for e, c in alice.history("bob") if not e.outgoing] == replies
+    # What the network saw: one ciphertext per ratchet position, whatever the crashes.
+    records, _ = read_log(tmp_path / "wire.log")
+    positions: dict[tuple[bytes, int, int, int], bytes] = {}
+    for data in records:
+        if data[1] == 1:
+            data = PrekeyMessage.parse(data).inner
+        message = RatchetMessage.parse(data)
+        key = (message.session_id, message.epoch, message.generation, message.index)
+        assert positions.setdefault(key, data) == data, f"message key reused at {key}"
+    assert len(positions) >= total + len(replies)
+    assert max(m[1] for m in positions) > 2  # ML-KEM epochs were exercised
+
+
+def _reopen(directory, name: str) -> MessagingClient:
+    ident = make_identity(name)
+    store = ClientStore(directory / name / "messages.db", ident.signing_key.seed_bytes())
+    return MessagingClient(ident, store, None, None)  # type: ignore[arg-type]
+
+
+async def test_forged_set_up_cannot_spend_the_qkd_key_it_names(world):
+    alice, bob = await world.users("alice", "bob", qkd=True)
+    await alice.send_text("bob", "hello")
+    [genuine] = await world.server.store.fetch("bob")
+    await world.server.store.ack("bob", [genuine.id])
+    forged = PrekeyMessage.parse(genuine.data)
+    forged = dataclasses.replace(forged, signature=bytes(len(forged.signature)))
+    world.server.mode = "inject"
+    world.server.injected = [Envelope(1 << 44, "alice", forged.serialize())]
+    events = await bob.receive()
+    assert rejected(events) == [MessageAuthError]
+    assert list(bob.store.qkd_keys([forged.qkd.key_id])) == []  # the KME was not asked
+    world.server.mode = "honest"
+    await world.server.store.put("bob", "alice", genuine.data, 0)
+    events = await bob.receive()  # the key named in the set-up was not spent
+    assert texts(events) == ["hello"] and events[0].mode is Mode.HYBRID

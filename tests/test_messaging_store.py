@@ -1,0 +1,185 @@
+"""The client store: encryption at rest, prekeys used once, migrations, corrupt files."""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+
+from qcall.exceptions import MessageStoreError, PrekeyError
+from qcall.messaging.group import GroupAction, GroupChange, GroupMember, SenderChain, apply_change
+from qcall.messaging.messages import identity_hash
+from qcall.messaging.prekeys import PrekeyKind, make_prekey
+from qcall.messaging.store import SCHEMA_VERSION, ClientStore, Transfer
+from tests.messaging_utils import BACKEND, NOW, User, identity, start
+
+SEED = b"\x11" * 32
+
+
+def open_store(path: Path, seed: bytes = SEED) -> ClientStore:
+    return ClientStore(path, seed)
+
+
+def test_new_store_is_private_versioned_and_reopens(tmp_path):
+    path = tmp_path / "messages.db"
+    store = open_store(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.close()
+    open_store(path).close()
+
+
+def test_secrets_and_history_are_encrypted_at_rest(tmp_path):
+    path = tmp_path / "messages.db"
+    store = open_store(path)
+    a, _, _ = start(User.make("alice"), User.make("bob"))
+    with store.transaction():
+        store.save_session(a.state, NOW)
+        store.add_history("bob", b"\1" * 16, outgoing=True, now=NOW, body=b"attack at dawn")
+    store.close()
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    for secret in (b"attack at dawn", a.state.root_key, a.state.send_chain.key, b"bob"):
+        assert secret not in raw
+    again = open_store(path)
+    assert again.active_session("bob").serialize() == a.state.serialize()
+    assert [e.body for e in again.history("bob")] == [b"attack at dawn"]
+    assert again.history("carol") == []
+
+
+def test_store_of_another_identity_is_refused(tmp_path):
+    path = tmp_path / "messages.db"
+    open_store(path).close()
+    with pytest.raises(MessageStoreError, match=r"messages\.db belongs to another identity"):
+        open_store(path, b"\x22" * 32)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "zeroed-header"])
+def test_corrupt_store_file_gives_a_clear_error_naming_it(tmp_path, damage):
+    path = tmp_path / "messages.db"
+    store = open_store(path)
+    with store.transaction():
+        for i in range(50):
+            store.add_history(
+                "bob", i.to_bytes(16, "big"), outgoing=False, now=NOW, body=b"x" * 500
+            )
+    store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.close()
+    data = path.read_bytes()
+    if damage == "garbage":
+        path.write_bytes(secrets.token_bytes(len(data)))
+    elif damage == "truncated":
+        path.write_bytes(data[:1500])
+    else:
+        path.write_bytes(bytes(100) + data[100:])
+    with pytest.raises(MessageStoreError, match=str(path)):
+        store = open_store(path)
+        store.history("bob")
+
+
+def test_newer_schema_is_refused_and_old_schema_is_migrated(tmp_path):
+    path = tmp_path / "messages.db"
+    store = ClientStore(path, SEED, max_version=1)
+    store.add_history("bob", b"\1" * 16, outgoing=False, now=NOW, body=b"kept")
+    store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    store = open_store(path)  # migrates 1 -> 2 (file transfers)
+    assert [e.body for e in store.history("bob")] == [b"kept"]
+    transfer = Transfer(b"\2" * 16, "bob", "bob", True, b"offer", 3, "/tmp/x")
+    store.save_transfer(transfer, NOW)
+    got = store.transfer(b"\2" * 16)
+    assert (got.conversation, got.peer, got.offer, got.next_chunk, got.path, got.outgoing) == (
+        "bob",
+        "bob",
+        b"offer",
+        3,
+        "/tmp/x",
+        True,
+    )
+    assert store.transfers(outgoing=True) == [b"\2" * 16] and store.transfers(outgoing=False) == []
+    store.close()
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(MessageStoreError, match="newer qcall"):
+        open_store(path)
+
+
+def test_one_time_prekey_used_twice_is_refused(tmp_path):
+    store = open_store(tmp_path / "messages.db")
+    me = identity("bob")
+    for kind, pid in ((PrekeyKind.SIGNED, 1), (PrekeyKind.ONE_TIME, 2)):
+        prekey, seed = make_prekey(
+            me.signing_key,
+            "bob",
+            kind,
+            pid,
+            int(NOW * 1000),
+            backend=BACKEND,
+            random=secrets.token_bytes,
+        )
+        store.add_prekey(prekey, seed)
+    assert store.next_prekey_id() == 3 and store.unused_one_time_prekeys() == 1
+    record, seed = store.prekey(PrekeyKind.ONE_TIME, 2)
+    assert record.prekey_id == 2 and len(seed) == 64
+    with store.transaction():
+        store.consume_one_time_prekey(2, NOW)
+    assert store.unused_one_time_prekeys() == 0
+    with pytest.raises(PrekeyError, match="used twice"):
+        store.prekey(PrekeyKind.ONE_TIME, 2)
+    with pytest.raises(PrekeyError, match="unknown"):
+        store.prekey(PrekeyKind.ONE_TIME, 7)
+    assert [p.record.prekey_id for p in store.signed_prekeys()] == [1]
+
+
+def test_transaction_rolls_back_everything(tmp_path):
+    store = open_store(tmp_path / "messages.db")
+    with pytest.raises(RuntimeError), store.transaction():
+        store.add_outbox("bob", b"envelope", NOW)
+        store.mark_processed(7, NOW)
+        raise RuntimeError("crash in the middle")
+    assert store.outbox() == [] and not store.processed(7)
+
+
+def test_groups_sender_chains_qkd_keys_pending(tmp_path):
+    store = open_store(tmp_path / "messages.db")
+    alice = identity("alice")
+    members = [GroupMember(n, identity_hash(identity(n).public_key)) for n in ("alice", "bob")]
+    change = GroupChange.make(alice, None, GroupAction.CREATE, members, NOW, name="team")
+    state = apply_change(None, change, alice.public_key, "alice", BACKEND)
+    chain = SenderChain.new()
+    with store.transaction():
+        store.save_group(state)
+        store.save_sender_chain(state.group_id, 1, "alice", chain)
+        store.put_qkd_key("k1", b"\5" * 32, NOW)
+        store.add_pending(3, "bob", b"later", "no sender key", NOW)
+    assert store.group_by_name("team") == state == store.group(state.group_id)
+    assert store.groups() == [state]
+    assert store.sender_chain(state.group_id, 1, "alice").serialize() == chain.serialize()
+    assert store.sender_chain(state.group_id, 1, "bob") is None
+    store.delete_sender_chains_before(state.group_id, 2)
+    assert store.sender_chain(state.group_id, 1, "alice") is None
+    assert store.qkd_keys(["k1", "k2"]) == {"k1": b"\5" * 32}
+    store.delete_qkd_keys(["k1"])
+    assert store.qkd_keys(["k1"]) == {}
+    [(pid, eid, sender, env)] = store.pending()
+    assert (eid, sender, env) == (3, "bob", b"later")
+    store.remove_pending(pid)
+    assert store.pending() == []
+
+
+def test_row_swapping_is_detected(tmp_path):
+    """Encrypted values are bound to their rows: moving one to another row fails loudly."""
+    path = tmp_path / "messages.db"
+    store = open_store(path)
+    store.add_history("bob", b"\1" * 16, outgoing=False, now=NOW, body=b"one")
+    store.add_history("bob", b"\2" * 16, outgoing=False, now=NOW, body=b"two")
+    store._db.execute(
+        "UPDATE history SET body = (SELECT body FROM history WHERE id = 1) WHERE id = 2"
+    )
+    with pytest.raises(MessageStoreError, match="does not decrypt"):
+        store.history("bob")
