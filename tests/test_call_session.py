@@ -40,6 +40,7 @@ from qcall.exceptions import (
     SignalingError,
 )
 from qcall.identity import Identity
+from qcall.org import Authority, OrgTrust
 from qcall.qkd.client import open_key_source
 from qcall.qkd.kme import KME, random_keys
 from qcall.qkd.pki import create_pki, server_ssl_context
@@ -99,11 +100,13 @@ class Lab:
                 recorder.addTrack(track)
                 self._start = asyncio.ensure_future(recorder.start())
 
+        store = self.contacts(name)
         phone = Phone(
             self.url,
             identity.signing_key,
             name,
-            check_peer=check_peer or self.contacts(name).check_peer,
+            check_peer=check_peer or store.check_peer,
+            peer_trust=None if check_peer else store.peer_trust,
             key_source=self.key_source(name) if key_source == "default" else key_source,
             options=options or CallOptions(rekey_interval=None),
             make_source=(lambda: ToneTrack(tone)) if tone else (lambda: None),
@@ -338,6 +341,23 @@ async def test_many_rekeys_lose_no_packet(lab: Lab) -> None:
 
 
 # --- errors, each clear -------------------------------------------------------------------
+
+
+async def test_call_shows_a_colleague_certified_by_the_organisation(lab: Lab) -> None:
+    """Issue 11: a certified colleague shows as verified by the organisation, no TOFU."""
+    org = Authority.create(lab.tmp / "ca", "Hefei Municipal")
+    alice_id = lab.identities.setdefault("alice", Identity.generate("alice"))
+    member = org.issue("alice", alice_id.public_key, department="Finance")
+    trust = OrgTrust.in_home(lab.tmp / "bob")
+    trust.trust((org.directory / "authority.pem").read_bytes())
+    trust.update_crl((org.directory / "crl.pem").read_bytes())
+    trust.import_member(org.issued_path(member.serial).read_bytes())
+    alice, bob = await lab.phone("alice"), await lab.phone("bob")
+    caller, callee = await connect(alice, bob)
+    assert callee.status.peer_trust == "organisation: alice (Finance) of Hefei Municipal"
+    assert caller.status.peer_trust == "unverified"  # bob has no certificate: pinned on first use
+    assert callee.status.as_dict()["peer_trust"].startswith("organisation: ")
+    assert ContactStore.in_home(lab.tmp / "bob").get("alice") is None  # nothing pinned
 
 
 async def test_changed_identity_ends_the_call(lab: Lab) -> None:

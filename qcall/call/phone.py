@@ -42,6 +42,7 @@ class Phone(AsyncService):
         signing_key: the user's ML-DSA-65 identity key.
         name: the user's name.
         check_peer: the contacts hook (``ContactStore.check_peer``).
+        peer_trust: how a peer was trusted, for display (``ContactStore.peer_trust``).
         key_source: QKD key source, or ``None``.
         options: defaults for every call.
         make_source: builds the audio track to send for a new call.
@@ -63,10 +64,12 @@ class Phone(AsyncService):
         on_track: Callable[[CallSession, MediaStreamTrack], None] | None = None,
         ssl: object | None = None,
         watch: Iterable[str] | None = None,
+        peer_trust: Callable[[str], str | None] | None = None,
     ) -> None:
         self.name = name
         self.signing_key = signing_key
         self.check_peer = check_peer
+        self.peer_trust = peer_trust
         self.key_source = key_source
         self.options = options or CallOptions()
         self.make_source = make_source
@@ -121,6 +124,7 @@ class Phone(AsyncService):
             source=self.make_source(),
             on_track=track_arrived,
             replay_cache=self.replay_cache,
+            peer_trust=self.peer_trust,
         )
         self.calls[call_id] = session
         session.ended.add_done_callback(lambda _: self.calls.pop(call_id, None))

@@ -96,6 +96,8 @@ class CallSession(Negotiation):
         signing_key: this user's ML-DSA identity key.
         name: this user's registered name.
         check_peer: the contacts hook (``ContactStore.check_peer``).
+        peer_trust: how the peer was trusted, for display (``ContactStore.peer_trust``);
+            shown in ``status.peer_trust``.
         key_source: where QKD keys come from, or ``None`` (then only ``pqc``).
         options: :class:`CallOptions`.
         source: the audio track to send.

@@ -101,6 +101,7 @@ class SessionCore:
         source: MediaStreamTrack | None,
         on_track: Callable[[MediaStreamTrack], None] | None = None,
         replay_cache: ReplayCache | None = None,
+        peer_trust: Callable[[str], str | None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.signaling = signaling
@@ -110,6 +111,7 @@ class SessionCore:
         self.peer = peer
         self.role = role
         self.check_peer = check_peer
+        self.peer_trust = peer_trust
         self.key_source = key_source
         self.options = options
         self.source = source
@@ -172,6 +174,12 @@ class SessionCore:
             )
             self._finish(error)
             raise error
+
+    def _peer_identified(self, fingerprint: str) -> None:
+        """The peer's transcript signature verified and ``check_peer`` accepted its key."""
+        self.status.peer_fingerprint = fingerprint
+        if self.peer_trust is not None:
+            self.status.peer_trust = self.peer_trust(self.peer) or ""
 
     async def _wait_message(
         self, kind: type | tuple[type, ...], timeout: float, what: str

@@ -126,7 +126,7 @@ class HandshakePump(SessionCore):
     def _apply(self, event: Any) -> None:
         """Act on one handshake event that needs no waiting."""
         if isinstance(event, OfferReceived):
-            self.status.peer_fingerprint = event.peer_fingerprint
+            self._peer_identified(event.peer_fingerprint)
         elif isinstance(event, QKDKeysNeeded):
             self._spawn(self.qkd.fetch_keys_by_id(event))
         elif isinstance(event, KeysDerived):

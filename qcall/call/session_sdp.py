@@ -241,7 +241,7 @@ class Negotiation(HandshakePump):
             self._spawn(self.qkd.check_status())
 
     async def _answer_received(self, event: AnswerReceived) -> None:
-        self.status.peer_fingerprint = event.peer_fingerprint
+        self._peer_identified(event.peer_fingerprint)
         if self.hook is None:  # not already applied ahead of verification
             await self._set_answer_sdp(event.sdp)
         elif event.sdp != self._peer_sdp:
@@ -288,7 +288,7 @@ class Negotiation(HandshakePump):
         if offer_event is None:
             raise self._failure("the offer was refused")
         self.status.policy = offer_event.policy
-        self.status.peer_fingerprint = offer_event.peer_fingerprint
+        self._peer_identified(offer_event.peer_fingerprint)
         if offer_event.policy != "hybrid":
             self.status.notice = "pqc only (no QKD key), as allowed"
         if self.pc is None:

@@ -93,6 +93,10 @@ class CallStatus:
     srtp_profile: str = ""
     sas: str | None = None
     peer_fingerprint: str = ""
+    #: How the peer's identity was trusted (``ContactStore.peer_trust``):
+    #: ``"organisation: <who>"``, ``"verified"`` (SAS compared), ``"unverified"``
+    #: (pinned on first use), or ``""`` when not known.
+    peer_trust: str = ""
     qkd_key_ids: list[str] = field(default_factory=list)
     all_key_ids: list[str] = field(default_factory=list)
     epoch: int = 0

@@ -280,6 +280,7 @@ def build_phone(
         identity.signing_key,
         identity.name,
         check_peer=contacts.check_peer,
+        peer_trust=contacts.peer_trust,
         key_source=key_source,
         options=options,
         make_source=make_source,
@@ -333,6 +334,7 @@ def _status_table(session: Any) -> Any:
     policy = st.policy + (f"  [yellow]{st.notice}[/]" if st.notice else "")
     table.add_row("policy", policy)
     table.add_row("suite", f"{st.kem}, {st.signature}, {st.srtp_profile}")
+    table.add_row("identity", _identity(st))
     table.add_row("SAS", f"[bold]{st.sas}[/]  (compare by voice; `qcall contacts verify`)")
     table.add_row("key_IDs", ", ".join(st.qkd_key_ids) or "—")
     table.add_row("rekeys", f"{st.rekeys} (epoch {st.epoch}, failures {st.rekey_failures})")
@@ -354,10 +356,23 @@ def _status_table(session: Any) -> Any:
     return table
 
 
+def _identity(st: Any) -> str:
+    """The peer's fingerprint and how it was trusted (organisation, SAS, or unverified)."""
+    trust = st.peer_trust or "unknown"
+    if trust.startswith("organisation: "):
+        trust = "verified by the organisation: " + trust.removeprefix("organisation: ")
+    elif trust == "verified":
+        trust = "verified (SAS compared)"
+    elif trust == "unverified":
+        trust = "UNVERIFIED: compare the SAS by voice"
+    return f"{st.peer_fingerprint or '—'} ({trust})"
+
+
 def _summary(session: Any) -> str:
     st = session.status
     return (
-        f"connected to {st.peer}: policy {st.policy}, {st.kem} + {st.signature}, "
+        f"connected to {st.peer}, identity {_identity(st)}:\n  policy {st.policy}, "
+        f"{st.kem} + {st.signature}, "
         f"{st.srtp_profile}, SAS {st.sas}, QKD key_IDs {', '.join(st.qkd_key_ids) or '—'}"
         + (f"\n  NOTE: {st.notice}" if st.notice else "")
     )
