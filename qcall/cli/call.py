@@ -3,7 +3,8 @@
 Settings come from flags, else from a TOML config file (``--config``, default
 ``HOME/config.toml``), else from defaults; see docs/calls.md. Example::
 
-    signaling = "ws://127.0.0.1:8765"
+    signaling = "wss://signal.example:8443"
+    signaling_ca = "signal-ca.pem"  # CA of a wss:// server (default: the system's)
     sae_id = "alice"              # this user's SAE ID at its KME (default: user name)
     policy = "hybrid"             # or "pqc"
     allow_pqc_only = false
@@ -15,6 +16,10 @@ Settings come from flags, else from a TOML config file (``--config``, default
     cert = "alice.pem"
     key = "alice.key"
     ca = "ca.pem"
+
+Relative paths in the file (``network``, ``signaling_ca``, the key source's
+``cert``/``key``/``ca``/``path``) are taken from the config file's folder;
+``qcall init`` writes a commented one (docs/configuration.md).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_SIGNALING = "ws://127.0.0.1:8765"
 _CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "signaling": str,
+    "signaling_ca": str,
     "sae_id": str,
     "policy": str,
     "allow_pqc_only": bool,
@@ -84,6 +90,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connection and keys")
     g.add_argument("--config", metavar="FILE", help="TOML config (default: HOME/config.toml)")
     g.add_argument("--signaling", metavar="URL", help=f"signaling server ({DEFAULT_SIGNALING})")
+    g.add_argument(
+        "--signaling-ca",
+        metavar="FILE",
+        help="CA certificate that signed a wss:// server's certificate (default: system CAs)",
+    )
     g.add_argument("--kme", metavar="URL", help="ETSI GS QKD 014 KME of this user's site")
     g.add_argument("--cert", metavar="FILE", help="SAE client certificate for the KME")
     g.add_argument("--key", metavar="FILE", help="its private key")
@@ -153,7 +164,70 @@ def load_config(path: str | Path | None, home: Path) -> dict[str, Any]:
             raise ConfigError(f"{file}: unknown setting {key!r} (known: {sorted(_CONFIG_KEYS)})")
         if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
             raise ConfigError(f"{file}: setting {key!r} has the wrong type")
-    return data
+    return resolve_paths(data, file.parent)
+
+
+#: Settings holding a file name, and the key source's options that do.
+_PATH_KEYS = ("network", "signaling_ca")
+_SOURCE_PATH_KEYS = ("cert", "key", "ca", "path")
+
+
+def resolve_paths(conf: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Return ``conf`` with its relative file names taken from ``base`` (the config's folder).
+
+    ``~`` is expanded; absolute names are kept; a ``keyfile:PATH`` URL is resolved too.
+    """
+
+    def fix(name: Any) -> Any:
+        if not isinstance(name, str) or not name:
+            return name
+        path = Path(name).expanduser()
+        return str(path if path.is_absolute() else base / path)
+
+    out = dict(conf)
+    for key in _PATH_KEYS:
+        if key in out:
+            out[key] = fix(out[key])
+    source = out.get("key_source")
+    if isinstance(source, dict):
+        source = dict(source)
+        for key in _SOURCE_PATH_KEYS:
+            if key in source:
+                source[key] = fix(source[key])
+        url = source.get("url")
+        if isinstance(url, str) and url.startswith("keyfile:") and not url.startswith("keyfile://"):
+            source["url"] = "keyfile:" + fix(url[len("keyfile:") :])
+        out["key_source"] = source
+    return out
+
+
+def signaling_tls(url: str, ca: str | None) -> Any:
+    """The TLS context for a ``wss://`` signaling URL (``None`` for ``ws://``).
+
+    Args:
+        url: the signaling server URL.
+        ca: a PEM file with the CA that signed the server's certificate;
+            ``None``: the system's trust store.
+
+    Raises:
+        ConfigError: ``ca`` given for a ``ws://`` URL, or unreadable / not a certificate.
+    """
+    import ssl
+
+    if not url.lower().startswith("wss://"):
+        if ca:
+            raise ConfigError(
+                f"--signaling-ca / signaling_ca is for a wss:// server, but the URL is {url}"
+            )
+        return None
+    if ca and not Path(ca).is_file():
+        raise ConfigError(f"signaling CA file {ca} does not exist")
+    try:
+        context = ssl.create_default_context(cafile=ca or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"signaling CA file {ca}: not a PEM certificate ({exc})") from exc
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 def _pick(args: argparse.Namespace, conf: dict[str, Any], flag: str, key: str, default: Any) -> Any:
@@ -275,8 +349,10 @@ def build_phone(
     # Presence of the contacts only (the server then sends O(contacts), not O(users));
     # with no contacts yet, everyone's.
     watch = [contact.name for contact in contacts.list()][:1000] or None
+    url = _pick(args, conf, "signaling", "signaling", DEFAULT_SIGNALING)
+    tls = signaling_tls(url, _pick(args, conf, "signaling_ca", "signaling_ca", None))
     phone = Phone(
-        _pick(args, conf, "signaling", "signaling", DEFAULT_SIGNALING),
+        url,
         identity.signing_key,
         identity.name,
         check_peer=contacts.check_peer,
@@ -284,6 +360,7 @@ def build_phone(
         options=options,
         make_source=make_source,
         watch=watch,
+        ssl=tls,
     )
     return phone, (first_source[0] if first_source else None)
 

@@ -127,6 +127,7 @@ class SignalingClient(AsyncClosing):
         self.fingerprint = fingerprint(identity_signing_key.public_bytes())
         self._key = identity_signing_key
         self._ssl = ssl
+        self._secure = url.lower().startswith("wss://")
         self.reconnect = reconnect
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
@@ -293,12 +294,19 @@ class SignalingClient(AsyncClosing):
         try:
             ws = await connect(
                 self.url,
-                ssl=self._ssl,
+                # wss:// without a context: the system's trust store (websockets refuses None).
+                ssl=self._ssl if self._ssl is not None or not self._secure else True,
                 open_timeout=self.timeout,
                 max_size=MAX_SERVER_MESSAGE_SIZE,
                 compression=None,  # like the server: base64 keys/signatures do not compress
                 user_agent_header=f"qcall/{__version__}",
             )
+        except ssl_module.SSLCertVerificationError as exc:
+            raise SignalingError(
+                f"cannot connect to {self.url}: the server's TLS certificate was refused "
+                f"({exc.verify_message}); give the CA that signed it (--signaling-ca FILE, "
+                "signaling_ca in the config)"
+            ) from exc
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
             raise SignalingError(f"cannot connect to {self.url}: {exc}") from exc
         try:
