@@ -29,8 +29,8 @@ class _Terminal(io.StringIO):
 def test_non_interactive_simulated(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     home = tmp_path / "alice"
     network = tmp_path / "qnet" / "network.json"
-    code, out = run(capsys, "--home", str(home), "init", "--name", "alice",
-                    "--signaling", "ws://127.0.0.1:9999", "--network", str(network), "--yes")  # fmt: skip
+    code, out = run(capsys, "--home", str(home), "init", "--name", "alice", "--yes",
+                    "--signaling", "ws://127.0.0.1:9999", "--network", str(network))  # fmt: skip
     assert code == 0, out
     assert Identity.load(home).name == "alice"
     text = (home / "config.toml").read_text()
@@ -67,8 +67,9 @@ def test_kme_files_relative_to_the_config_folder(
 
 
 def test_missing_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out = run(capsys, "--home", str(tmp_path / "h"), "init", "--name", "bob", "--kme",
-                    "https://kme-b:8443", "--cert", str(tmp_path / "nope.pem"), "--yes")  # fmt: skip
+    missing = str(tmp_path / "nope.pem")
+    code, out = run(capsys, "--home", str(tmp_path / "h"), "init", "--name", "bob", "--yes",
+                    "--kme", "https://kme-b:8443", "--cert", missing)  # fmt: skip
     assert code == 1 and "nope.pem" in out
     assert not (tmp_path / "h" / "config.toml").exists()
 
