@@ -374,6 +374,8 @@ class _Console:
     def __init__(self, quiet: bool, json_out: bool) -> None:
         self.quiet = quiet or json_out
         self.live: Any = None
+        #: Ctrl-C / SIGTERM arrived during the last call.
+        self.interrupted = False
 
     def line(self, text: str) -> None:
         if not self.quiet:
@@ -440,6 +442,15 @@ def _summary(session: Any) -> str:
     )
 
 
+#: How a call ended when Ctrl-C or SIGTERM hung it up.
+SIGNAL_HANGUP = "local hangup (signal)"
+
+
+def _stopped(what: str) -> None:
+    """Say what Ctrl-C / SIGTERM stopped (also with --quiet: the user asked for it)."""
+    print(f"qcall: interrupted: {what}", file=sys.stderr, flush=True)
+
+
 async def _supervise(session: Any, seconds: float | None, console: _Console) -> str:
     """Run until hangup, the time limit, Ctrl-C or SIGTERM; return how it ended."""
     loop = asyncio.get_running_loop()
@@ -453,7 +464,7 @@ async def _supervise(session: Any, seconds: float | None, console: _Console) -> 
     try:
         while not session.ended.done():
             if stop.is_set():
-                how = "local hangup (signal)"
+                how = SIGNAL_HANGUP
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 how = "local hangup (time limit)"
@@ -467,6 +478,8 @@ async def _supervise(session: Any, seconds: float | None, console: _Console) -> 
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
+    # A signal as the call ended (the peer hung up first) is not lost: it stops `listen`.
+    console.interrupted = stop.is_set()
     await session.refresh_stats()
     if not session.ended.done():
         await session.hangup()
@@ -520,6 +533,8 @@ async def _call(args: argparse.Namespace) -> int:
         extra["sent_seconds"] = round(source.seconds_sent, 2)
     _emit(args, _report(session, how, extra))
     console.line(f"call ended ({how})")
+    if how == SIGNAL_HANGUP:
+        _stopped(f"hung up the call to {args.user}")
     if session.status.error:
         raise QCallError(session.status.error)
     return 0
@@ -545,20 +560,105 @@ def _attach(sink: Any, track: Any) -> None:
     task.add_done_callback(_SINK_TASKS.discard)
 
 
+def recording_path(
+    template: str, peer: str, when: float, index: int, *, once: bool = False
+) -> Path:
+    """The WAV file of one received call: ``listen --output`` gives one per call.
+
+    ``template`` may name ``{peer}``, ``{time}`` (``YYYYmmdd-HHMMSS``, local time)
+    and ``{n}`` (the call's number since ``listen`` started), e.g.
+    ``calls/{time}-{peer}.wav``. A plain name is used as it is with ``--once``;
+    otherwise the time and peer are added before ``.wav`` (``rec.wav`` →
+    ``rec-20261205-130455-bob.wav``). An existing file is never replaced: ``-2``,
+    ``-3``… are added instead (except the plain ``--once`` name).
+
+    Raises:
+        ConfigError: the template names an unknown field.
+    """
+    safe_peer = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in peer) or "peer"
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(when))
+    if "{" in template:
+        try:
+            path = Path(template.format(peer=safe_peer, time=stamp, n=index))
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(
+                f"--output {template}: unknown field {exc} (use {{peer}}, {{time}}, {{n}})"
+            ) from None
+    elif once:
+        return Path(template)
+    else:
+        plain = Path(template)
+        path = plain.with_name(f"{plain.stem}-{stamp}-{safe_peer}{plain.suffix}")
+    candidate, extra = path, 1
+    while candidate.exists():
+        extra += 1
+        candidate = path.with_name(f"{path.stem}-{extra}{path.suffix}")
+    return candidate
+
+
+class _Recording:
+    """One call's WAV: written to a hidden temporary file, moved into place at the end
+    only if audio arrived (a refused or failed call never replaces a recording)."""
+
+    def __init__(self, args: argparse.Namespace, final: Path, open_sink: Any) -> None:
+        self.final = final
+        self.part = final.with_name(f".{final.stem}.part{final.suffix}")
+        self.sink = open_sink(args, output=self.part)
+
+    async def finish(self) -> Path | None:
+        """Stop the sink; return the recording's path, or ``None`` (nothing heard)."""
+        await self.sink.stop()
+        if getattr(self.sink, "samples_written", 0) > 0:
+            self.part.replace(self.final)
+            return self.final
+        with contextlib.suppress(FileNotFoundError):
+            self.part.unlink()
+        return None
+
+
 async def _listen(args: argparse.Namespace) -> int:
     from qcall.call.media import open_sink
 
     phone, _ = build_phone(args)
     console = _Console(args.quiet, args.json)
-    sinks: list[Any] = []
+    if args.output:  # a bad name or template fails now, not when a call comes in
+        if Path(args.output).suffix.lower() != ".wav":
+            raise ConfigError(f"--output {args.output}: only WAV is written; name it *.wav")
+        recording_path(args.output, "peer", time.time(), 0, once=args.once)
+    sinks: dict[int, Any] = {}  # id(session) -> speaker sink or _Recording
+    calls = [0]
 
-    def on_track(_session: Any, track: Any) -> None:
-        sink = _sink_for(args, open_sink)
-        if sink is not None:
-            sinks.append(sink)
+    def on_track(session: Any, track: Any) -> None:
+        if args.output:
+            calls[0] += 1
+            final = recording_path(args.output, session.peer, time.time(), calls[0],
+                                   once=args.once)  # fmt: skip
+            sink: Any = _Recording(args, final, open_sink)
+            _attach(sink.sink, track)
+        else:
+            sink = _sink_for(args, open_sink)
+            if sink is None:
+                return
             _attach(sink, track)
+        sinks[id(session)] = sink
 
     phone.on_track = on_track
+
+    async def finish(key: int) -> dict[str, Any]:
+        sink = sinks.pop(key, None)
+        if sink is None:
+            return {}
+        if not isinstance(sink, _Recording):
+            await sink.stop()
+            return {}
+        path = await sink.finish()
+        extra: dict[str, Any] = {"output": None if path is None else str(path)}
+        arrivals = getattr(sink.sink, "arrivals", None)
+        if arrivals is not None:
+            extra["arrivals"] = [
+                [a.pts, a.sample_offset, a.samples, a.arrival_time] for a in arrivals
+            ]
+        return extra
 
     async def decide(invite: Any) -> bool:
         if args.auto_answer:
@@ -574,6 +674,8 @@ async def _listen(args: argparse.Namespace) -> int:
             try:
                 session = await _until_signal(phone.incoming(decide))
             except QCallError as exc:
+                for key in list(sinks):  # the failed call's sink: keep no empty file
+                    await finish(key)
                 console.line(f"incoming call failed: {exc}")
                 status = 1
                 if args.once:
@@ -581,26 +683,26 @@ async def _listen(args: argparse.Namespace) -> int:
                     break
                 continue
             if session is None:
+                _stopped(f"stopped listening as {phone.name}")
                 break
             console.line(_summary(session))
             how = await _supervise(session, args.seconds, console)
-            for sink in sinks:
-                await sink.stop()
             extra: dict[str, Any] = {"connected": True}
-            for sink in sinks:
-                arrivals = getattr(sink, "arrivals", None)
-                if arrivals is not None:
-                    extra["output"] = str(args.output)
-                    extra["arrivals"] = [
-                        [a.pts, a.sample_offset, a.samples, a.arrival_time] for a in arrivals
-                    ]
-            sinks.clear()
+            extra.update(await finish(id(session)))
+            for key in list(sinks):  # calls that never reached this loop
+                await finish(key)
             _emit(args, _report(session, how, extra))
             console.line(f"call ended ({how})")
             if session.status.error:
                 status = 1
+            if console.interrupted:  # Ctrl-C / SIGTERM in a call stops listening too
+                ended = "hung up the call with" if how == SIGNAL_HANGUP else "call ended with"
+                _stopped(f"{ended} {session.peer}; stopped listening as {phone.name}")
+                break
             if args.once:
                 break
+        for key in list(sinks):
+            await finish(key)
     return status
 
 

@@ -1,0 +1,107 @@
+"""``qcall listen --output``: one recording per call, and none for a refused call."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+import wave
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from qcall.cli.call import recording_path
+from qcall.exceptions import ConfigError
+from qcall.identity import Identity
+from qcall.qkd.keyfile import create_key_files
+
+ROOT = Path(__file__).resolve().parent.parent
+WHEN = time.mktime((2026, 12, 5, 13, 4, 55, 0, 0, -1))
+
+
+def test_recording_path(tmp_path: Path) -> None:
+    plain = str(tmp_path / "rec.wav")
+    first = recording_path(plain, "bob", WHEN, 1)
+    assert first == tmp_path / "rec-20261205-130455-bob.wav"
+    first.write_bytes(b"good")
+    assert recording_path(plain, "bob", WHEN, 2) == tmp_path / "rec-20261205-130455-bob-2.wav"
+    assert recording_path(plain, "bob", WHEN, 1, once=True) == tmp_path / "rec.wav"
+    template = str(tmp_path / "{n}-{peer}-{time}.wav")
+    assert recording_path(template, "a/../b", WHEN, 7).name == "7-a_.._b-20261205-130455.wav"
+    with pytest.raises(ConfigError, match="colour"):
+        recording_path(str(tmp_path / "{colour}.wav"), "bob", WHEN, 1)
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "signaling", "--port", "0"], stdout=subprocess.PIPE, text=True,
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        yield "ws://127.0.0.1:" + proc.stdout.readline().rsplit(":", 1)[1].strip()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def registered(url: str) -> int:
+    with urllib.request.urlopen(url.replace("ws://", "http://") + "/healthz", timeout=5) as r:
+        return int(json.load(r)["registered"])
+
+
+def qcall(home: Path, *argv: str) -> list[str]:
+    return [sys.executable, "-m", "qcall", "--home", str(home), *argv]
+
+
+def test_one_file_per_call_none_for_a_refused_call(tmp_path: Path, server: str) -> None:
+    for name in ("alice", "bob"):
+        (tmp_path / name).mkdir()
+        Identity.generate(name).save(tmp_path / name)
+    # Key files from two different deliveries: a hybrid call finds no matching key.
+    create_key_files("alice", tmp_path / "alice.keys", "bob", tmp_path / "unused.keys", 4)
+    create_key_files("alice", tmp_path / "other.keys", "bob", tmp_path / "bob.keys", 4)
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    good = calls / "rec.wav"
+    good.write_bytes(b"a good recording")
+    common = ["--signaling", server, "--quiet"]
+    bob = subprocess.Popen(
+        qcall(tmp_path / "bob", "listen", "--auto-answer", "--output", str(good), *common,
+              "--key-source", f"keyfile:{tmp_path / 'bob.keys'}", "--allow-pqc-only"),
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while registered(server) < 1:
+            assert bob.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        alice = tmp_path / "alice"
+        pqc_call = qcall(alice, "call", "bob", *common, "--policy", "pqc", "--tone", "440",
+                         "--seconds", "1.5")  # fmt: skip
+        refused = qcall(alice, "call", "bob", *common, "--tone", "440", "--seconds", "1.5",
+                        "--key-source", f"keyfile:{tmp_path / 'alice.keys'}")  # fmt: skip
+        for argv, code in ((pqc_call, 0), (refused, 1), (pqc_call, 0)):
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+            assert done.returncode == code, done.stderr
+    finally:
+        bob.terminate()
+        try:
+            _, err = bob.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            bob.kill()
+            _, err = bob.communicate()
+            raise AssertionError(f"listen did not stop on SIGTERM:\n{err.decode()}") from None
+    assert "qcall: interrupted: " in err.decode() and "stopped listening" in err.decode()
+    assert good.read_bytes() == b"a good recording", err
+    recordings = sorted(calls.glob("rec-*-alice*.wav"))
+    assert len(recordings) == 2, (sorted(p.name for p in calls.iterdir()), err)
+    for path in recordings:
+        with wave.open(str(path)) as wav:
+            assert wav.getnframes() > 24000  # half a second of alice's tone at least
+    assert not list(calls.glob(".*")), "a temporary recording was left behind"
