@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -105,3 +106,37 @@ def test_one_file_per_call_none_for_a_refused_call(tmp_path: Path, server: str) 
         with wave.open(str(path)) as wav:
             assert wav.getnframes() > 24000  # half a second of alice's tone at least
     assert not list(calls.glob(".*")), "a temporary recording was left behind"
+
+
+def test_quiet_shows_sas_and_audio_warnings_once(tmp_path: Path, server: str) -> None:
+    for name in ("alice", "bob"):
+        (tmp_path / name).mkdir()
+        Identity.generate(name).save(tmp_path / name)
+    common = ["--signaling", server, "--quiet", "--policy", "pqc"]
+    bob = subprocess.Popen(
+        qcall(tmp_path / "bob", "listen", "--auto-answer", *common),
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while registered(server) < 1:
+            assert bob.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        outputs = []
+        for extra in ([], ["--no-speaker"]):
+            argv = qcall(tmp_path / "alice", "call", "bob", *common, "--tone", "440",
+                         "--seconds", "1", *extra)  # fmt: skip
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+            outputs.append(done.stderr)
+    finally:
+        bob.terminate()
+        _, raw = bob.communicate(timeout=20)
+    err = raw.decode()
+    # --quiet: no live status, but both sides still show the SAS to compare by voice.
+    assert all(re.search(r"SAS \d{3} \d{3}", out) for out in outputs)
+    assert len(re.findall(r"SAS \d{3} \d{3}", err)) == 2
+    # Without a sound card, the missing speaker/microphone is said once, not every call
+    # (with one, not at all); --no-speaker asks for none, so no warning about it.
+    assert err.count("no audio output") <= 1 and err.count("no microphone") <= 1
+    assert "no audio output" not in outputs[1]

@@ -136,7 +136,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     o.add_argument("--seconds", type=float, metavar="N", help="hang up after N seconds")
     o.add_argument("--json", action="store_true", help="print the call report as JSON")
     o.add_argument("--report", metavar="FILE", help="write the call report (JSON) to FILE")
-    o.add_argument("--quiet", action="store_true", help="no live status")
+    o.add_argument(
+        "--quiet", action="store_true", help="no live status (the SAS is still shown)"
+    )
+    o.add_argument(
+        "--no-speaker",
+        action="store_true",
+        help="discard the audio received (no speaker, no warning about its absence)",
+    )
 
 
 # --- settings ----------------------------------------------------------------------------
@@ -338,7 +345,7 @@ def build_phone(
         except MediaError as exc:
             if explicit:
                 raise
-            logger.warning("no microphone (%s); sending no audio", exc)
+            _warn_once("microphone", "no microphone (%s); sending no audio", exc)
             return None
 
     first_source: list[Any] = [open_any()]
@@ -380,6 +387,10 @@ class _Console:
     def line(self, text: str) -> None:
         if not self.quiet:
             print(text, file=sys.stderr, flush=True)
+
+    def always(self, text: str) -> None:
+        """Print even with ``--quiet``/``--json`` (the SAS: users must be able to compare it)."""
+        print(text, file=sys.stderr, flush=True)
 
     def start(self, session: Any) -> None:
         if self.quiet or not sys.stderr.isatty():
@@ -522,7 +533,7 @@ async def _call(args: argparse.Namespace) -> int:
             _emit(args, {"connected": False, "error": str(exc), "peer": args.user})
             raise
         setup_ms = round((time.monotonic() - started) * 1000, 1)
-        console.line(_summary(session))
+        console.always(_summary(session))
         how = await _supervise(session, args.seconds, console)
     if sink is not None:
         await sink.stop()
@@ -540,13 +551,30 @@ async def _call(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Audio warnings already given by this process (each is given once, not every call).
+_WARNED: set[str] = set()
+
+
+def _warn_once(kind: str, text: str, *values: object) -> None:
+    if kind in _WARNED:
+        logger.debug(text, *values)
+        return
+    _WARNED.add(kind)
+    logger.warning(text, *values)
+
+
 def _sink_for(args: argparse.Namespace, open_sink: Any) -> Any:
+    if getattr(args, "no_speaker", False) and not args.output and args.output_device is None:
+        return None
     if args.output or args.output_device is not None:
         return open_sink(args)
     try:
         return open_sink(args)
     except MediaError as exc:
-        logger.warning("no audio output (%s); received audio is discarded", exc)
+        _warn_once(
+            "speaker", "no audio output (%s); received audio is discarded (--no-speaker: "
+            "no warning)", exc,
+        )  # fmt: skip
         return None
 
 
@@ -685,7 +713,7 @@ async def _listen(args: argparse.Namespace) -> int:
             if session is None:
                 _stopped(f"stopped listening as {phone.name}")
                 break
-            console.line(_summary(session))
+            console.always(_summary(session))
             how = await _supervise(session, args.seconds, console)
             extra: dict[str, Any] = {"connected": True}
             extra.update(await finish(id(session)))
