@@ -90,6 +90,9 @@ def test_one_file_per_call_none_for_a_refused_call(tmp_path: Path, server: str) 
         for argv, code in ((pqc_call, 0), (refused, 1), (pqc_call, 0)):
             done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
             assert done.returncode == code, done.stderr
+            if code:  # the caller is told what bob's refusal means for it, not only a code
+                assert "qkd_unavailable" in done.stderr
+                assert "both KMEs must share keys" in done.stderr
     finally:
         bob.terminate()
         try:
@@ -140,3 +143,40 @@ def test_quiet_shows_sas_and_audio_warnings_once(tmp_path: Path, server: str) ->
     # (with one, not at all); --no-speaker asks for none, so no warning about it.
     assert err.count("no audio output") <= 1 and err.count("no microphone") <= 1
     assert "no audio output" not in outputs[1]
+
+
+def test_changed_identity_warned_once_without_sas_advice(tmp_path: Path, server: str) -> None:
+    for name in ("alice", "bob"):
+        (tmp_path / name).mkdir()
+        Identity.generate(name).save(tmp_path / name)
+    # bob pinned alice's old key; alice made a new identity since.
+    old = tmp_path / "alice-old.json"
+    old.write_text(json.dumps(Identity.load(tmp_path / "alice").to_public_dict()))
+    pin = qcall(tmp_path / "bob", "contacts", "pin", "alice", "--key", str(old))
+    assert subprocess.run(pin, capture_output=True, timeout=60).returncode == 0
+    Identity.generate("alice").save(tmp_path / "alice", overwrite=True)
+    common = ["--signaling", server, "--policy", "pqc"]
+    bob = subprocess.Popen(
+        qcall(tmp_path / "bob", "listen", "--auto-answer", "--once", "--no-speaker", *common),
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while registered(server) < 1:
+            assert bob.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        argv = qcall(tmp_path / "alice", "call", "bob", *common, "--tone", "440",
+                     "--seconds", "1", "--no-speaker")  # fmt: skip
+        caller = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert bob.wait(30) == 1
+    finally:
+        if bob.poll() is None:
+            bob.kill()
+        _, raw = bob.communicate(timeout=20)
+    err = raw.decode()
+    assert err.count("HAS CHANGED") == 1, err  # printed once
+    assert "SAS" not in err  # no call took place: nothing to compare by voice
+    assert "qcall contacts forget alice" in err
+    # The caller learns why: bob's phone refused its key, and what bob must do.
+    assert caller.returncode == 1
+    assert "identity_rejected" in caller.stderr and "contacts forget" in caller.stderr
