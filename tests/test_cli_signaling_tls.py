@@ -98,3 +98,19 @@ def test_signaling_ca_errors_name_the_file(
     code, out = call(capsys, home, "--signaling", "ws://localhost:1",
                      "--signaling-ca", str(tmp_path / "nope.pem"))  # fmt: skip
     assert code == 1 and "wss://" in out
+
+
+def test_name_taken_says_what_to_do(
+    tls_server: tuple[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A user who made a new identity finds the old key still holds the name.
+    url, ca = tls_server
+    home = tmp_path / "home"
+    home.mkdir()
+    name = f"user-{secrets.token_hex(4)}"
+    Identity.generate(name).save(home)
+    code, out = call(capsys, home, "--signaling", url, "--signaling-ca", str(ca))
+    assert code == 1 and "nobody" in out and "another key" not in out
+    Identity.generate(name).save(home, overwrite=True)
+    code, out = call(capsys, home, "--signaling", url, "--signaling-ca", str(ca))
+    assert code == 1 and "another key" in out and "pin_ttl" in out and "operator" in out

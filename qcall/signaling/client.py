@@ -325,6 +325,13 @@ class SignalingClient(AsyncClosing):
             raise
         if isinstance(answer, ErrorMessage):
             await ws.close()
+            if answer.code == "name_taken":  # say what to do, not only what happened
+                raise SignalingAuthError(
+                    f"the signaling server {self.url} has the name {self.name!r} registered "
+                    "with another key (a previous identity of yours, or someone else's). It "
+                    "frees a name offline for its pin_ttl (30 days by default) or when it "
+                    "restarts: ask its operator, or use another name (docs/signaling.md)"
+                )
             raise answer.exception()
         if not isinstance(answer, Registered) or answer.fingerprint != self.fingerprint:
             await ws.close()
