@@ -114,3 +114,18 @@ def test_name_taken_says_what_to_do(
     Identity.generate(name).save(home, overwrite=True)
     code, out = call(capsys, home, "--signaling", url, "--signaling-ca", str(ca))
     assert code == 1 and "another key" in out and "pin_ttl" in out and "operator" in out
+
+
+def test_identity_new_force_moves_the_name(
+    tls_server: tuple[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `identity new --force` keeps the old key, which signs the move on the server.
+    url, ca = tls_server
+    home = tmp_path / "home"
+    name = f"user-{secrets.token_hex(4)}"
+    assert main(["--home", str(home), "identity", "new", "--name", name]) == 0
+    code, out = call(capsys, home, "--signaling", url, "--signaling-ca", str(ca))
+    assert code == 1 and "nobody" in out
+    assert main(["--home", str(home), "identity", "new", "--name", name, "--force"]) == 0
+    code, out = call(capsys, home, "--signaling", url, "--signaling-ca", str(ca))
+    assert code == 1 and "nobody" in out and "another key" not in out

@@ -306,12 +306,14 @@ def build_phone(
     from qcall.config import qcall_home
     from qcall.contacts import ContactStore
     from qcall.handshake import SRTPProfile
-    from qcall.identity import Identity
+    from qcall.identity import PREVIOUS_IDENTITY_DIR, Identity
     from qcall.qkd.client import open_key_source
 
     home = qcall_home(args.home)
     conf = load_config(args.config, home)
     identity = Identity.load(home)
+    previous = home / PREVIOUS_IDENTITY_DIR  # kept by `identity new --force`
+    previous_key = Identity.load(previous).signing_key if Identity.exists(previous) else None
     contacts = ContactStore.in_home(home, strict=args.strict_contacts)
     sae = _pick(args, conf, "sae", "sae_id", identity.name)
     options = CallOptions(
@@ -368,6 +370,7 @@ def build_phone(
         make_source=make_source,
         watch=watch,
         ssl=tls,
+        previous_key=previous_key,
     )
     return phone, (first_source[0] if first_source else None)
 

@@ -75,7 +75,7 @@ def cmd_new(args: argparse.Namespace) -> int:
     """``qcall identity new``."""
     from qcall import config, pqc
     from qcall.exceptions import ConfigError
-    from qcall.identity import Identity
+    from qcall.identity import PREVIOUS_IDENTITY_DIR, Identity
     from qcall.signaling.messages import ALGORITHM
 
     if args.algorithm != ALGORITHM and not args.seal_only:
@@ -87,6 +87,12 @@ def cmd_new(args: argparse.Namespace) -> int:
     home = config.qcall_home(args.home)
     scheme = pqc.SignatureScheme(args.algorithm)
     identity = Identity.generate(args.name, scheme)
+    if args.force and Identity.exists(home):
+        # Keep the replaced key: it signs moving our name to the new key on the
+        # signaling server (docs/signaling.md, "Moving a name").
+        previous = Identity.load(home)
+        previous_home = config.make_private_dir(home / PREVIOUS_IDENTITY_DIR)
+        previous.save(previous_home, overwrite=True)
     identity.save(home, overwrite=args.force)
     _print(identity.to_public_dict(), str(home), args.json)
     return 0

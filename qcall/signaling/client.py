@@ -54,6 +54,7 @@ from qcall.signaling.messages import (
     Reject,
     Ringing,
     ServerMessage,
+    error_for,
     fingerprint,
     parse_server_message,
 )
@@ -119,6 +120,7 @@ class SignalingClient(AsyncClosing):
         backoff_max: float = 5.0,
         timeout: float = 10.0,
         watch: Iterable[str] | None = None,
+        previous_key: pqc.SigningKey | None = None,
     ) -> None:
         if identity_signing_key.algorithm is not pqc.SignatureScheme.ML_DSA_65:
             raise SignalingAuthError("the signaling server accepts ML-DSA-65 identities only")
@@ -133,6 +135,8 @@ class SignalingClient(AsyncClosing):
         self.backoff_max = backoff_max
         self.timeout = timeout
         self.watch = None if watch is None else tuple(watch)
+        #: The user's previous identity key: signs moving the name to the new key.
+        self._previous = previous_key
         #: Registered peers other than us (those watched, if ``watch`` was given):
         #: name -> identity fingerprint (server-asserted).
         self.online: dict[str, str] = {}
@@ -315,7 +319,9 @@ class SignalingClient(AsyncClosing):
                 if not isinstance(challenge, Challenge):
                     raise SignalingProtocolError(f"expected a challenge, got {challenge.TYPE!r}")
                 self.server_id = challenge.server_id
-                register = Register.create(self._key, self.name, challenge, self.watch)
+                register = Register.create(
+                    self._key, self.name, challenge, self.watch, previous=self._previous
+                )
                 await ws.send(register.serialize())
                 answer = parse_server_message(await ws.recv())
         except BaseException as exc:
@@ -326,12 +332,15 @@ class SignalingClient(AsyncClosing):
         if isinstance(answer, ErrorMessage):
             await ws.close()
             if answer.code == "name_taken":  # say what to do, not only what happened
-                raise SignalingAuthError(
-                    f"the signaling server {self.url} has the name {self.name!r} registered "
-                    "with another key (a previous identity of yours, or someone else's). It "
-                    "frees a name offline for its pin_ttl (30 days by default) or when it "
-                    "restarts: ask its operator, or use another name (docs/signaling.md)"
+                taken = error_for(
+                    answer.code,
+                    f"the name {self.name!r} is registered with another key (a previous "
+                    "identity of yours, or someone else's). `qcall identity new --force` "
+                    "keeps the previous key, which moves the name; else the server frees "
+                    "a name offline for its pin_ttl (30 days by default) or when it "
+                    "restarts: ask its operator, or use another name (docs/signaling.md)",
                 )
+                raise taken
             raise answer.exception()
         if not isinstance(answer, Registered) or answer.fingerprint != self.fingerprint:
             await ws.close()
