@@ -60,10 +60,28 @@ def qcall(home: Path, *argv: str) -> list[str]:
     return [sys.executable, "-m", "qcall", "--home", str(home), *argv]
 
 
-def test_one_file_per_call_none_for_a_refused_call(tmp_path: Path, server: str) -> None:
+def make_users(tmp_path: Path) -> None:
     for name in ("alice", "bob"):
         (tmp_path / name).mkdir()
         Identity.generate(name).save(tmp_path / name)
+
+
+def start_listener(server: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    """Start ``argv`` (a ``qcall listen``); return once it registered."""
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 60
+    while registered(server) < 1:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"listen did not register: {proc.communicate()[1]!r}")
+        time.sleep(0.1)
+    return proc
+
+
+def test_one_file_per_call_none_for_a_refused_call(tmp_path: Path, server: str) -> None:
+    make_users(tmp_path)
     # Key files from two different deliveries: a hybrid call finds no matching key.
     create_key_files("alice", tmp_path / "alice.keys", "bob", tmp_path / "unused.keys", 4)
     create_key_files("alice", tmp_path / "other.keys", "bob", tmp_path / "bob.keys", 4)
@@ -72,16 +90,10 @@ def test_one_file_per_call_none_for_a_refused_call(tmp_path: Path, server: str) 
     good = calls / "rec.wav"
     good.write_bytes(b"a good recording")
     common = ["--signaling", server, "--quiet"]
-    bob = subprocess.Popen(
-        qcall(tmp_path / "bob", "listen", "--auto-answer", "--output", str(good), *common,
-              "--key-source", f"keyfile:{tmp_path / 'bob.keys'}", "--allow-pqc-only"),
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    bob = start_listener(server, qcall(
+        tmp_path / "bob", "listen", "--auto-answer", "--output", str(good), *common,
+        "--key-source", f"keyfile:{tmp_path / 'bob.keys'}", "--allow-pqc-only"))  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while registered(server) < 1:
-            assert bob.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
         alice = tmp_path / "alice"
         pqc_call = qcall(alice, "call", "bob", *common, "--policy", "pqc", "--tone", "440",
                          "--seconds", "1.5")  # fmt: skip
@@ -112,19 +124,10 @@ def test_one_file_per_call_none_for_a_refused_call(tmp_path: Path, server: str) 
 
 
 def test_quiet_shows_sas_and_audio_warnings_once(tmp_path: Path, server: str) -> None:
-    for name in ("alice", "bob"):
-        (tmp_path / name).mkdir()
-        Identity.generate(name).save(tmp_path / name)
+    make_users(tmp_path)
     common = ["--signaling", server, "--quiet", "--policy", "pqc"]
-    bob = subprocess.Popen(
-        qcall(tmp_path / "bob", "listen", "--auto-answer", *common),
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    bob = start_listener(server, qcall(tmp_path / "bob", "listen", "--auto-answer", *common))
     try:
-        deadline = time.monotonic() + 60
-        while registered(server) < 1:
-            assert bob.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
         outputs = []
         for extra in ([], ["--no-speaker"]):
             argv = qcall(tmp_path / "alice", "call", "bob", *common, "--tone", "440",
@@ -146,9 +149,7 @@ def test_quiet_shows_sas_and_audio_warnings_once(tmp_path: Path, server: str) ->
 
 
 def test_changed_identity_warned_once_without_sas_advice(tmp_path: Path, server: str) -> None:
-    for name in ("alice", "bob"):
-        (tmp_path / name).mkdir()
-        Identity.generate(name).save(tmp_path / name)
+    make_users(tmp_path)
     # bob pinned alice's old key; alice made a new identity since.
     old = tmp_path / "alice-old.json"
     old.write_text(json.dumps(Identity.load(tmp_path / "alice").to_public_dict()))
@@ -156,15 +157,9 @@ def test_changed_identity_warned_once_without_sas_advice(tmp_path: Path, server:
     assert subprocess.run(pin, capture_output=True, timeout=60).returncode == 0
     Identity.generate("alice").save(tmp_path / "alice", overwrite=True)
     common = ["--signaling", server, "--policy", "pqc"]
-    bob = subprocess.Popen(
-        qcall(tmp_path / "bob", "listen", "--auto-answer", "--once", "--no-speaker", *common),
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    listen = ["listen", "--auto-answer", "--once", "--no-speaker", *common]
+    bob = start_listener(server, qcall(tmp_path / "bob", *listen))
     try:
-        deadline = time.monotonic() + 60
-        while registered(server) < 1:
-            assert bob.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
         argv = qcall(tmp_path / "alice", "call", "bob", *common, "--tone", "440",
                      "--seconds", "1", "--no-speaker")  # fmt: skip
         caller = subprocess.run(argv, capture_output=True, text=True, timeout=60)
