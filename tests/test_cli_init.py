@@ -112,3 +112,14 @@ def test_docs_example_is_a_valid_config(tmp_path: Path) -> None:
     conf = load_config(None, tmp_path)
     assert conf["key_source"]["cert"] == str(tmp_path / "alice.pem")
     assert conf["signaling_ca"] == str(tmp_path / "signal-ca.pem")
+
+
+def test_ctrl_c_says_what_it_stopped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(_args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("qcall.cli.init.run", interrupted)
+    code, out = run(capsys, "--home", str(tmp_path), "init", "--name", "x", "--yes")
+    assert code == 130 and "interrupted: stopped `qcall init`" in out

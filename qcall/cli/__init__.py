@@ -66,6 +66,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QCallError as exc:
         print(f"qcall: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("qcall: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # say what Ctrl-C stopped
+        print(f"qcall: interrupted: stopped `qcall {args.command}`", file=sys.stderr)
         return 130
