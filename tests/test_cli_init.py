@@ -123,3 +123,15 @@ def test_ctrl_c_says_what_it_stopped(
     monkeypatch.setattr("qcall.cli.init.run", interrupted)
     code, out = run(capsys, "--home", str(tmp_path), "init", "--name", "x", "--yes")
     assert code == 130 and "interrupted: stopped `qcall init`" in out
+
+
+def test_config_paths_hostile_values(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text(
+        'network = "~no-such-user-qcall/net.json"\nsignaling_ca = "/abs/ca.pem"\n'
+        '[key_source]\ncert = 3\nurl = "keyfile:keys.json"\n'
+    )
+    conf = load_config(None, tmp_path)
+    assert conf["network"] == str(tmp_path / "~no-such-user-qcall/net.json")
+    assert conf["signaling_ca"] == "/abs/ca.pem"
+    assert conf["key_source"]["cert"] == 3  # wrong types are the key source's to refuse
+    assert conf["key_source"]["url"] == f"keyfile:{tmp_path / 'keys.json'}"

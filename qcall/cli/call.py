@@ -188,7 +188,10 @@ def resolve_paths(conf: dict[str, Any], base: Path) -> dict[str, Any]:
     def fix(name: Any) -> Any:
         if not isinstance(name, str) or not name:
             return name
-        path = Path(name).expanduser()
+        try:
+            path = Path(name).expanduser()
+        except RuntimeError:  # ~user of no such user: left as it is, fails when opened
+            path = Path(name)
         return str(path if path.is_absolute() else base / path)
 
     out = dict(conf)
