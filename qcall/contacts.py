@@ -347,20 +347,27 @@ class ContactStore:
         if pqc.constant_time_eq(pinned.public_key, bytes(public_key)):
             return
         new = fingerprint(bytes(public_key))
-        logger.error(
+        # Logged at INFO only: the exception carries the warning, and its owner shows
+        # it once (the CLI prints it; a log line too would say it twice).
+        logger.info(
             "! identity key of %r changed: pinned %s, presented %s",
             pinned.name,
             pinned.fingerprint,
             new,
         )
+        # No SAS to compare: the call was refused before any audio, so the advice is a
+        # fingerprint check over another channel, which works without a call.
         raise IdentityChangedError(
             f"WARNING: THE IDENTITY KEY OF {pinned.name!r} HAS CHANGED!\n"
             f"  pinned:    {pinned.fingerprint}"
             f" ({'verified' if pinned.verified else 'unverified'})\n"
             f"  presented: {new}\n"
             "Someone may be intercepting this call (man-in-the-middle), or the contact "
-            "has a new key.\nThe call was refused. If the contact really has a new key, "
-            "compare the SAS by voice over another channel, then run:\n"
+            "has a new key. The call was refused: no call takes place with a changed key.\n"
+            f"If {pinned.name} really has a new key, ask them for its fingerprint over a "
+            "channel you trust (in person, or a call with a verified contact; they see it "
+            "with `qcall identity show`) and compare it with the presented one above; if "
+            "it matches, run:\n"
             f"  qcall contacts forget {pinned.name}\n"
             "and call again to pin the new key."
         )

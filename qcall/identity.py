@@ -45,6 +45,7 @@ __all__ = [
     "IDENTITY_FILE",
     "KEY_FILE",
     "MAX_NAME_LENGTH",
+    "PREVIOUS_IDENTITY_DIR",
     "Identity",
     "fingerprint",
     "identity_from_json",
@@ -58,6 +59,9 @@ logger = logging.getLogger(__name__)
 IDENTITY_FILE = "identity.json"
 #: Secret seed of the identity, in the qcall home (mode 0600).
 KEY_FILE = "identity.key"
+#: Sub-folder of the home where ``qcall identity new --force`` keeps the replaced
+#: identity: its key signs moving the name to the new key on the signaling server.
+PREVIOUS_IDENTITY_DIR = "previous-identity"
 #: Longest user or contact name, in characters.
 MAX_NAME_LENGTH = 64
 #: Largest identity.json accepted (a base64 ML-DSA-87 key is ~3.5 kB).

@@ -14,10 +14,12 @@
 # because this kernel has no netem. The commands run in each namespace are the
 # ones docs/two-machines.md gives for real hosts.
 #
-# Usage: sudo scripts/two_hosts.sh [--keep DIR] [--seconds N]
+# Usage: scripts/two_hosts.sh [--keep DIR] [--seconds N]     (as root: ip netns)
 # Env:   PYTHON (default: .venv/bin/python or python3), DELAY_MS, SPEEDUP, BLOCK_PULSES
 # Prints the call report (JSON) on stdout; exit 0 when every check holds.
-# Only addresses inside the namespaces (10.77.0.0/24) are used; all is removed on exit.
+# Only addresses inside the namespaces (10.77.0.0/24) are used; all is removed on exit,
+# whatever the exit path (success, failure, Ctrl-C, SIGTERM): every process started is
+# killed by its PID (with --keep too; --keep keeps the files only).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -35,7 +37,11 @@ while [[ $# -gt 0 ]]; do
         *) echo "two_hosts.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
-[[ $(id -u) -eq 0 ]] || { echo "two_hosts.sh: needs root (ip netns)" >&2; exit 2; }
+if [[ $(id -u) -ne 0 ]]; then
+    if command -v sudo >/dev/null; then how="sudo $0"; else how="run it as root"; fi
+    echo "two_hosts.sh: needs root for ip netns: $how" >&2
+    exit 2
+fi
 command -v ip >/dev/null || { echo "two_hosts.sh: needs iproute2 (ip)" >&2; exit 2; }
 
 TAG=$$
@@ -52,7 +58,15 @@ log() { echo "two_hosts: $*" >&2; }
 
 cleanup() {
     local status=$?
+    trap '' INT TERM   # cleanup runs to its end
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for _ in $(seq 50); do   # 5 s for a clean exit, then SIGKILL
+        local alive=0
+        for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        (( alive )) || break
+        sleep 0.1
+    done
+    for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
     for ns in "$NA" "$NB" "$NW"; do ip netns del "$ns" 2>/dev/null || true; done
     if [[ -z "$KEEP" ]]; then rm -rf "$WORK"; fi
@@ -64,6 +78,10 @@ trap 'exit 130' INT TERM
 # On host A or host B: `qcall …` exactly as docs/two-machines.md has it.
 on_a() { ip netns exec "$NA" env -u QCALL_HOME PYTHONUNBUFFERED=1 "$@"; }
 on_b() { ip netns exec "$NB" env -u QCALL_HOME PYTHONUNBUFFERED=1 "$@"; }
+# In the background, recording the PID of the process itself (`ip netns exec` and `env`
+# exec it): `on_a … &` would record a subshell's PID and leave the process running.
+bg_a() { ip netns exec "$NA" env -u QCALL_HOME PYTHONUNBUFFERED=1 "$@" & PIDS+=($!); }
+bg_b() { ip netns exec "$NB" env -u QCALL_HOME PYTHONUNBUFFERED=1 "$@" & PIDS+=($!); }
 QCALL=("$PYTHON" -m qcall)
 
 fail() {
@@ -112,18 +130,15 @@ on_a "${QCALL[@]}" --home "$WORK/a/alice" identity new --name alice >"$WORK/a/id
 on_b "${QCALL[@]}" --home "$WORK/b/bob" identity new --name bob >"$WORK/b/identity.log" 2>&1
 
 # --- host A: signaling server and the Beijing site; host B: the Hefei site ---------------
-on_a "$PYTHON" -m signaling --host "$A_IP" --port "$SIG_PORT" >"$WORK/a/signaling.log" 2>&1 &
-PIDS+=($!)
+bg_a "$PYTHON" -m signaling --host "$A_IP" --port "$SIG_PORT" >"$WORK/a/signaling.log" 2>&1
 SITE_OPTS=(--speedup "${SPEEDUP:-1}" --pool 8 --json-status)
 [[ -n "${BLOCK_PULSES:-}" ]] && SITE_OPTS+=(--block-pulses "$BLOCK_PULSES")
-on_a "${QCALL[@]}" network-site run --bundle "$WORK/a/bundle" --site Beijing \
+bg_a "${QCALL[@]}" network-site run --bundle "$WORK/a/bundle" --site Beijing \
     --listen "$A_IP:$SITE_PORT" --state "$WORK/a/net" "${SITE_OPTS[@]}" \
-    >"$WORK/a/site.jsonl" 2>"$WORK/a/site.log" &
-PIDS+=($!)
-on_b "${QCALL[@]}" network-site run --bundle "$WORK/b/bundle" --site Hefei \
+    >"$WORK/a/site.jsonl" 2>"$WORK/a/site.log"
+bg_b "${QCALL[@]}" network-site run --bundle "$WORK/b/bundle" --site Hefei \
     --connect "$A_IP:$SITE_PORT" --state "$WORK/b/net" "${SITE_OPTS[@]}" \
-    >"$WORK/b/site.jsonl" 2>"$WORK/b/site.log" &
-PIDS+=($!)
+    >"$WORK/b/site.jsonl" 2>"$WORK/b/site.log"
 log "QKD sites starting; waiting for keys relayed across the split link Jinan-Taian"
 SITES_STARTED=$(date +%s.%N)
 wait_for 90 "both QKD sites to be ready" test -e "$WORK/a/net/ready" -a -e "$WORK/b/net/ready"
@@ -131,11 +146,10 @@ READY_S=$(awk -v a="$SITES_STARTED" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f"
 
 # --- the call: bob listens on B, alice calls from A --------------------------------------
 SIG_URL="ws://$A_IP:$SIG_PORT"
-on_b "${QCALL[@]}" --home "$WORK/b/bob" listen --auto-answer --once \
+bg_b "${QCALL[@]}" --home "$WORK/b/bob" listen --auto-answer --once \
     --network "$WORK/b/net/network.json" --signaling "$SIG_URL" --rekey-interval 2 \
-    --output "$WORK/b/bob.wav" --report "$WORK/b/bob.json" >"$WORK/b/bob.log" 2>&1 &
+    --output "$WORK/b/bob.wav" --report "$WORK/b/bob.json" >"$WORK/b/bob.log" 2>&1
 BOB=$!
-PIDS+=("$BOB")
 wait_for 30 "bob to register" grep -q "listening as" "$WORK/b/bob.log"
 log "bob is listening on host B; alice calls him from host A (${SECONDS_CALL} s, ${TONE} Hz)"
 alice_status=0

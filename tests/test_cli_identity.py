@@ -74,6 +74,7 @@ def test_identity_new_refuses_overwrite(tmp_path: Path, capsys: pytest.CaptureFi
         "--algorithm",
         "ML-DSA-87",
         "--force",
+        "--seal-only",
     )
     assert code == 0
     again = Identity.load(home)
@@ -259,3 +260,15 @@ def test_help_is_fast_and_lists_commands() -> None:
     )
     assert "identity" in out.stdout and "contacts" in out.stdout
     assert "cryptography.hazmat.primitives.asymmetric.mlkem" not in out.stderr
+
+
+@pytest.mark.parametrize("algorithm", ["ML-DSA-44", "ML-DSA-87"])
+def test_identity_that_cannot_log_in_is_refused_up_front(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], algorithm: str
+) -> None:
+    # The signaling server registers ML-DSA-65 only: such an identity could never call.
+    home = str(tmp_path)
+    code, _, err = run(capsys, "--home", home, "identity", "new", "--name", "al",
+                       "--algorithm", algorithm)  # fmt: skip
+    assert code == 1 and "ML-DSA-65" in err and "--seal-only" in err
+    assert not Identity.exists(home)

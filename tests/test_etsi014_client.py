@@ -287,3 +287,35 @@ async def test_key_id_text_is_kept(fake: FakeKME, client: ETSI014Client) -> None
     fake.handler = lambda r: web.json_response(keys_json((upper.lower(), bytes(32))))
     assert (await client.get_key_by_id("A", upper)).key_id == upper.lower()
     assert fake.requests[-1][2] == {"key_IDs": [{"key_ID": upper}]}
+
+
+async def test_400_details_are_shown(fake: FakeKME, client: ETSI014Client) -> None:
+    # A KME whose message is generic: the validation detail is what the user needs.
+    error = {"message": "bad request", "details": [{"size": "must be a multiple of 8\x1b[2J"}]}
+    fake.handler = lambda r: web.json_response(error, status=400)
+    with pytest.raises(KMEBadRequestError) as info:
+        await client.get_key("B", 257)
+    assert "size: must be a multiple of 8" in str(info.value)
+    assert "\x1b" not in str(info.value)  # the KME's text is untrusted: no control characters
+
+
+def test_http_url_with_client_certificate_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"not https://.*mutual TLS"):
+        ETSI014Client.from_config(
+            {"url": "http://kme:8443", "cert": "a.pem", "key": "a.key", "ca": "ca.pem"}
+        )
+
+
+async def test_http_to_a_tls_kme_says_so(tmp_path: Any) -> None:
+    from qcall.qkd.pki import create_pki, server_ssl_context
+
+    paths = create_pki(tmp_path, ["K"], ["A"])
+    tls = server_ssl_context(paths.kmes["K"].cert, paths.kmes["K"].key, paths.ca_cert)
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0, ssl=tls)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with ETSI014Client(f"http://127.0.0.1:{port}", timeout=2000 * MS) as c:
+            with pytest.raises(KMEConnectionError, match="https://"):
+                await c.get_key("B")
+    finally:
+        server.close()

@@ -103,3 +103,15 @@ def test_peer_identity() -> None:
     assert peer_identity({"subjectAltName": (("URI", "urn:qcall:sae:a/b"),)}) is None
     assert peer_identity({"subject": ((("commonName", "bad id"),),)}) is None
     assert peer_identity(None) is None and peer_identity({}) is None
+
+
+@pytest.mark.parametrize("missing", ["cert", "key"])
+def test_missing_file_is_named(tmp_path: Path, missing: str) -> None:
+    # OpenSSL's own error has no file name ("file not found: None" before).
+    paths = create_pki(tmp_path, ["K"], ["s"])
+    files = {"cert": paths.kmes["K"].cert, "key": paths.kmes["K"].key}
+    files[missing] = tmp_path / f"absent-{missing}.pem"
+    with pytest.raises(ConfigError, match=f"absent-{missing}.pem"):
+        server_ssl_context(files["cert"], files["key"], paths.ca_cert)
+    with pytest.raises(ConfigError, match=f"absent-{missing}.pem"):
+        client_ssl_context(files["cert"], files["key"], paths.ca_cert)

@@ -78,3 +78,45 @@ def test_two_hosts_call(tmp_path: Path) -> None:
     assert match is not None
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert match.group(1) not in names
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{entry.name}: {cmdline}")
+    return found
+
+
+def test_two_hosts_cleans_up_on_sigterm(tmp_path: Path) -> None:
+    # Stopped while its servers run, with --keep: every process it started is gone
+    # (before, the signaling server was left running: a subshell's PID was recorded).
+    import signal
+    import time
+
+    work = tmp_path / "work"
+    signaling = f"{sys.executable} -m signaling --host 10.77.0.1"  # ours, not another run's
+    env = dict(os.environ, PYTHON=sys.executable)
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPT), "--keep", str(work), "--seconds", "5"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60 * TIMEOUT_FACTOR
+        while not (work / "b" / "site.log").exists() or not _processes_mentioning(str(work)):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert _processes_mentioning(signaling)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert _processes_mentioning(str(work)) == [], err
+    assert _processes_mentioning(signaling) == [], err

@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from qcall.call.netem import NetworkProfile, TCPDelayProxy
+from qcall.children import log_tail, module_argv
 from qcall.exceptions import CallError, QCallError
 
 __all__ = ["MODES", "BenchConfig", "CallResult", "Lab", "qkd_keys_needed", "run_bench", "schedule"]
@@ -233,14 +233,21 @@ class Lab:
 
     async def _start_callee(self, url: str, home: Path, sae: dict[str, Any] | None) -> None:
         self._callee_args = (url, home, sae)
-        self.callee = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "qcall.bench.callee",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL, limit=1 << 24,
-        )  # fmt: skip
+        with (self.work / "callee.log").open("ab") as log:
+            self.callee = await asyncio.create_subprocess_exec(
+                *module_argv("qcall.bench.callee"),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=log, limit=1 << 24,
+            )  # fmt: skip
         key_source = dict(sae, timeout=5.0) if sae else None
-        await self.tell({"url": url, "home": str(home), "key_source": key_source})
-        ready = await self.hear(60)
+        try:
+            await self.tell({"url": url, "home": str(home), "key_source": key_source})
+            ready = await self.hear(60)
+        except (CallError, OSError, ValueError, TimeoutError) as exc:
+            raise CallError(
+                f"the callee process did not start ({exc!r}); its stderr ends with:\n"
+                + log_tail(self.work / "callee.log")
+            ) from None
         if not ready.get("ready"):
             raise CallError(f"the callee process did not start: {ready}")
 
@@ -261,18 +268,21 @@ class Lab:
 
     async def _start_kmes(self, pool: int) -> dict[str, Any]:
         state = self.work / "network"
-        self._kmes = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "qcall.bench.kmes", str(state), "--pool", str(pool),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
+        with (self.work / "kmes.log").open("ab") as log:
+            self._kmes = await asyncio.create_subprocess_exec(
+                *module_argv("qcall.bench.kmes", str(state), "--pool", str(pool)),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
+            )  # fmt: skip
         assert self._kmes.stdout is not None
         try:
             line = await asyncio.wait_for(self._kmes.stdout.readline(), 600)
             ready = json.loads(line)
             doc = json.loads(Path(ready["network_file"]).read_text(encoding="utf-8"))
         except (TimeoutError, ValueError, KeyError, OSError) as exc:
-            raise CallError(f"the simulated QKD network did not start ({exc!r})") from None
+            raise CallError(
+                f"the simulated QKD network did not start ({exc!r}); its stderr ends with:\n"
+                + log_tail(self.work / "kmes.log")
+            ) from None
         saes: dict[str, Any] = {}
         for name in (CALLER, CALLEE):
             entry = doc["saes"][name]

@@ -21,13 +21,13 @@ import asyncio
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from qcall.children import log_tail, module_argv
 from qcall.exceptions import CallError
 
 __all__ = ["DemoError", "run_demo"]
@@ -58,17 +58,13 @@ async def _user(home: Path, *argv: str, log: Path) -> asyncio.subprocess.Process
     env.pop("QCALL_HOME", None)
     with log.open("wb") as out:
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "qcall", "--home", str(home), *argv,
+            *module_argv("qcall", "--home", str(home), *argv),
             stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env,
         )  # fmt: skip
 
 
 def _tail(path: Path, lines: int = 8) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return "\n".join("    " + line for line in text[-lines:])
+    return log_tail(path, lines)
 
 
 async def run_demo(

@@ -49,6 +49,8 @@ class Phone(AsyncService):
         on_track: receives the remote audio track of a call.
         watch: follow the presence of these names only (e.g. the contacts); ``None``
             follows everyone (docs/signaling.md, "Presence").
+        previous_key: the user's previous identity key, to move the name to the new
+            one on the server (docs/signaling.md, "Moving a name").
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class Phone(AsyncService):
         ssl: object | None = None,
         watch: Iterable[str] | None = None,
         peer_trust: Callable[[str], str | None] | None = None,
+        previous_key: SigningKey | None = None,
     ) -> None:
         self.name = name
         self.signing_key = signing_key
@@ -75,7 +78,7 @@ class Phone(AsyncService):
         self.make_source = make_source
         self.on_track = on_track
         self.signaling = SignalingClient(
-            url, signing_key, name, ssl, watch=watch  # type: ignore[arg-type]
+            url, signing_key, name, ssl, watch=watch, previous_key=previous_key  # type: ignore[arg-type]
         )
         self.calls: dict[str, CallSession] = {}
         self.replay_cache = ReplayCache()

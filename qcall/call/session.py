@@ -87,6 +87,27 @@ logger = logging.getLogger(__name__)
 OFFER_MAX_AGE = 20.0
 
 
+#: What a peer's hangup reason (a handshake wire code, docs/handshake.md §3.6) means for
+#: this side: the peer's screen shows its exact cause, this one what to do about it.
+_REASONS = {
+    "identity_rejected": (
+        "{peer}'s phone refused our identity key: it has another key pinned for us (after "
+        "a new identity, {peer} checks its fingerprint and runs `qcall contacts forget`)"
+    ),
+    "qkd_unavailable": (
+        "{peer}'s side could not use the QKD keys: both KMEs must share keys (the same "
+        "`qcall network`, or one KME), each side's SAE ID must be right (--sae), and both "
+        "KMEs must be up; {peer}'s screen shows the exact cause"
+    ),
+}
+
+
+def explain_reason(reason: str, peer: str) -> str:
+    """``" (…)"`` saying what a peer's hangup ``reason`` means, or ``""``."""
+    text = _REASONS.get(reason)
+    return f" ({text.format(peer=peer)})" if text else ""
+
+
 class CallSession(Negotiation):
     """One call between this user and ``peer``; create it with :meth:`dial` or :meth:`answer`.
 
@@ -125,7 +146,8 @@ class CallSession(Negotiation):
             if self.status.state < CallState.ACTIVE and isinstance(message, Reject | Busy):
                 self._finish(CallRejectedError(f"{self.peer} declined the call ({reason})"))
             elif message.reason and message.reason not in ("hangup", "bye", "normal"):
-                self._finish(CallError(f"{self.peer} ended the call: {message.reason}"))
+                why = explain_reason(message.reason, self.peer)
+                self._finish(CallError(f"{self.peer} ended the call: {message.reason}{why}"))
             else:
                 self._finish(None)
             return

@@ -277,7 +277,11 @@ class SessionCore:
         else:
             self.status.state = CallState.FAILED
             self.status.error = str(error)
-            logger.warning("! call %s failed: %s", self.call_id, error)
+            # One line: the owner (the CLI, the phone) shows the whole error once.
+            headline = str(error).splitlines()[0] if str(error) else type(error).__name__
+            # A changed identity key is the owner's to show (once, whole): not a warning here.
+            log = logger.info if isinstance(error, IdentityError) else logger.warning
+            log("! call %s failed: %s", self.call_id, headline)
             self._ended.set_exception(error)
             self._ended.exception()  # mark retrieved: the owner may never await it
         for future in (self._keys0, self._confirmed0):

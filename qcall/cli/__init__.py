@@ -21,8 +21,8 @@ __all__ = ["main"]
 
 #: Subcommand modules, in the order ``--help`` lists them (``call`` also adds ``listen``).
 COMMANDS = (
-    "demo", "call", "identity", "contacts", "qkd", "pki", "network", "network_site", "devices",
-    "bench", "org", "seal", "seal_log",
+    "init", "demo", "call", "identity", "contacts", "qkd", "pki", "network", "network_site",
+    "devices", "bench", "org", "seal", "seal_log",
 )  # fmt: skip
 
 
@@ -66,6 +66,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QCallError as exc:
         print(f"qcall: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("qcall: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # say what Ctrl-C stopped
+        print(f"qcall: interrupted: stopped `qcall {args.command}`", file=sys.stderr)
         return 130

@@ -3,7 +3,8 @@
 Settings come from flags, else from a TOML config file (``--config``, default
 ``HOME/config.toml``), else from defaults; see docs/calls.md. Example::
 
-    signaling = "ws://127.0.0.1:8765"
+    signaling = "wss://signal.example:8443"
+    signaling_ca = "signal-ca.pem"  # CA of a wss:// server (default: the system's)
     sae_id = "alice"              # this user's SAE ID at its KME (default: user name)
     policy = "hybrid"             # or "pqc"
     allow_pqc_only = false
@@ -15,6 +16,10 @@ Settings come from flags, else from a TOML config file (``--config``, default
     cert = "alice.pem"
     key = "alice.key"
     ca = "ca.pem"
+
+Relative paths in the file (``network``, ``signaling_ca``, the key source's
+``cert``/``key``/``ca``/``path``) are taken from the config file's folder;
+``qcall init`` writes a commented one (docs/configuration.md).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_SIGNALING = "ws://127.0.0.1:8765"
 _CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "signaling": str,
+    "signaling_ca": str,
     "sae_id": str,
     "policy": str,
     "allow_pqc_only": bool,
@@ -84,6 +90,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connection and keys")
     g.add_argument("--config", metavar="FILE", help="TOML config (default: HOME/config.toml)")
     g.add_argument("--signaling", metavar="URL", help=f"signaling server ({DEFAULT_SIGNALING})")
+    g.add_argument(
+        "--signaling-ca",
+        metavar="FILE",
+        help="CA certificate that signed a wss:// server's certificate (default: system CAs)",
+    )
     g.add_argument("--kme", metavar="URL", help="ETSI GS QKD 014 KME of this user's site")
     g.add_argument("--cert", metavar="FILE", help="SAE client certificate for the KME")
     g.add_argument("--key", metavar="FILE", help="its private key")
@@ -125,7 +136,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     o.add_argument("--seconds", type=float, metavar="N", help="hang up after N seconds")
     o.add_argument("--json", action="store_true", help="print the call report as JSON")
     o.add_argument("--report", metavar="FILE", help="write the call report (JSON) to FILE")
-    o.add_argument("--quiet", action="store_true", help="no live status")
+    o.add_argument(
+        "--quiet", action="store_true", help="no live status (the SAS is still shown)"
+    )
+    o.add_argument(
+        "--no-speaker",
+        action="store_true",
+        help="discard the audio received (no speaker, no warning about its absence)",
+    )
 
 
 # --- settings ----------------------------------------------------------------------------
@@ -153,7 +171,73 @@ def load_config(path: str | Path | None, home: Path) -> dict[str, Any]:
             raise ConfigError(f"{file}: unknown setting {key!r} (known: {sorted(_CONFIG_KEYS)})")
         if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
             raise ConfigError(f"{file}: setting {key!r} has the wrong type")
-    return data
+    return resolve_paths(data, file.parent)
+
+
+#: Settings holding a file name, and the key source's options that do.
+_PATH_KEYS = ("network", "signaling_ca")
+_SOURCE_PATH_KEYS = ("cert", "key", "ca", "path")
+
+
+def resolve_paths(conf: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Return ``conf`` with its relative file names taken from ``base`` (the config's folder).
+
+    ``~`` is expanded; absolute names are kept; a ``keyfile:PATH`` URL is resolved too.
+    """
+
+    def fix(name: Any) -> Any:
+        if not isinstance(name, str) or not name:
+            return name
+        try:
+            path = Path(name).expanduser()
+        except RuntimeError:  # ~user of no such user: left as it is, fails when opened
+            path = Path(name)
+        return str(path if path.is_absolute() else base / path)
+
+    out = dict(conf)
+    for key in _PATH_KEYS:
+        if key in out:
+            out[key] = fix(out[key])
+    source = out.get("key_source")
+    if isinstance(source, dict):
+        source = dict(source)
+        for key in _SOURCE_PATH_KEYS:
+            if key in source:
+                source[key] = fix(source[key])
+        url = source.get("url")
+        if isinstance(url, str) and url.startswith("keyfile:") and not url.startswith("keyfile://"):
+            source["url"] = "keyfile:" + fix(url[len("keyfile:") :])
+        out["key_source"] = source
+    return out
+
+
+def signaling_tls(url: str, ca: str | None) -> Any:
+    """The TLS context for a ``wss://`` signaling URL (``None`` for ``ws://``).
+
+    Args:
+        url: the signaling server URL.
+        ca: a PEM file with the CA that signed the server's certificate;
+            ``None``: the system's trust store.
+
+    Raises:
+        ConfigError: ``ca`` given for a ``ws://`` URL, or unreadable / not a certificate.
+    """
+    import ssl
+
+    if not url.lower().startswith("wss://"):
+        if ca:
+            raise ConfigError(
+                f"--signaling-ca / signaling_ca is for a wss:// server, but the URL is {url}"
+            )
+        return None
+    if ca and not Path(ca).is_file():
+        raise ConfigError(f"signaling CA file {ca} does not exist")
+    try:
+        context = ssl.create_default_context(cafile=ca or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"signaling CA file {ca}: not a PEM certificate ({exc})") from exc
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 def _pick(args: argparse.Namespace, conf: dict[str, Any], flag: str, key: str, default: Any) -> Any:
@@ -225,12 +309,14 @@ def build_phone(
     from qcall.config import qcall_home
     from qcall.contacts import ContactStore
     from qcall.handshake import SRTPProfile
-    from qcall.identity import Identity
+    from qcall.identity import PREVIOUS_IDENTITY_DIR, Identity
     from qcall.qkd.client import open_key_source
 
     home = qcall_home(args.home)
     conf = load_config(args.config, home)
     identity = Identity.load(home)
+    previous = home / PREVIOUS_IDENTITY_DIR  # kept by `identity new --force`
+    previous_key = Identity.load(previous).signing_key if Identity.exists(previous) else None
     contacts = ContactStore.in_home(home, strict=args.strict_contacts)
     sae = _pick(args, conf, "sae", "sae_id", identity.name)
     options = CallOptions(
@@ -264,7 +350,7 @@ def build_phone(
         except MediaError as exc:
             if explicit:
                 raise
-            logger.warning("no microphone (%s); sending no audio", exc)
+            _warn_once("microphone", "no microphone (%s); sending no audio", exc)
             return None
 
     first_source: list[Any] = [open_any()]
@@ -275,8 +361,10 @@ def build_phone(
     # Presence of the contacts only (the server then sends O(contacts), not O(users));
     # with no contacts yet, everyone's.
     watch = [contact.name for contact in contacts.list()][:1000] or None
+    url = _pick(args, conf, "signaling", "signaling", DEFAULT_SIGNALING)
+    tls = signaling_tls(url, _pick(args, conf, "signaling_ca", "signaling_ca", None))
     phone = Phone(
-        _pick(args, conf, "signaling", "signaling", DEFAULT_SIGNALING),
+        url,
         identity.signing_key,
         identity.name,
         check_peer=contacts.check_peer,
@@ -285,6 +373,8 @@ def build_phone(
         options=options,
         make_source=make_source,
         watch=watch,
+        ssl=tls,
+        previous_key=previous_key,
     )
     return phone, (first_source[0] if first_source else None)
 
@@ -298,10 +388,16 @@ class _Console:
     def __init__(self, quiet: bool, json_out: bool) -> None:
         self.quiet = quiet or json_out
         self.live: Any = None
+        #: Ctrl-C / SIGTERM arrived during the last call.
+        self.interrupted = False
 
     def line(self, text: str) -> None:
         if not self.quiet:
             print(text, file=sys.stderr, flush=True)
+
+    def always(self, text: str) -> None:
+        """Print even with ``--quiet``/``--json`` (the SAS: users must be able to compare it)."""
+        print(text, file=sys.stderr, flush=True)
 
     def start(self, session: Any) -> None:
         if self.quiet or not sys.stderr.isatty():
@@ -378,6 +474,15 @@ def _summary(session: Any) -> str:
     )
 
 
+#: How a call ended when Ctrl-C or SIGTERM hung it up.
+SIGNAL_HANGUP = "local hangup (signal)"
+
+
+def _stopped(what: str) -> None:
+    """Say what Ctrl-C / SIGTERM stopped (also with --quiet: the user asked for it)."""
+    print(f"qcall: interrupted: {what}", file=sys.stderr, flush=True)
+
+
 async def _supervise(session: Any, seconds: float | None, console: _Console) -> str:
     """Run until hangup, the time limit, Ctrl-C or SIGTERM; return how it ended."""
     loop = asyncio.get_running_loop()
@@ -391,7 +496,7 @@ async def _supervise(session: Any, seconds: float | None, console: _Console) -> 
     try:
         while not session.ended.done():
             if stop.is_set():
-                how = "local hangup (signal)"
+                how = SIGNAL_HANGUP
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 how = "local hangup (time limit)"
@@ -405,6 +510,8 @@ async def _supervise(session: Any, seconds: float | None, console: _Console) -> 
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
+    # A signal as the call ended (the peer hung up first) is not lost: it stops `listen`.
+    console.interrupted = stop.is_set()
     await session.refresh_stats()
     if not session.ended.done():
         await session.hangup()
@@ -447,7 +554,7 @@ async def _call(args: argparse.Namespace) -> int:
             _emit(args, {"connected": False, "error": str(exc), "peer": args.user})
             raise
         setup_ms = round((time.monotonic() - started) * 1000, 1)
-        console.line(_summary(session))
+        console.always(_summary(session))
         how = await _supervise(session, args.seconds, console)
     if sink is not None:
         await sink.stop()
@@ -458,18 +565,37 @@ async def _call(args: argparse.Namespace) -> int:
         extra["sent_seconds"] = round(source.seconds_sent, 2)
     _emit(args, _report(session, how, extra))
     console.line(f"call ended ({how})")
+    if how == SIGNAL_HANGUP:
+        _stopped(f"hung up the call to {args.user}")
     if session.status.error:
         raise QCallError(session.status.error)
     return 0
 
 
+#: Audio warnings already given by this process (each is given once, not every call).
+_WARNED: set[str] = set()
+
+
+def _warn_once(kind: str, text: str, *values: object) -> None:
+    if kind in _WARNED:
+        logger.debug(text, *values)
+        return
+    _WARNED.add(kind)
+    logger.warning(text, *values)
+
+
 def _sink_for(args: argparse.Namespace, open_sink: Any) -> Any:
+    if getattr(args, "no_speaker", False) and not args.output and args.output_device is None:
+        return None
     if args.output or args.output_device is not None:
         return open_sink(args)
     try:
         return open_sink(args)
     except MediaError as exc:
-        logger.warning("no audio output (%s); received audio is discarded", exc)
+        _warn_once(
+            "speaker", "no audio output (%s); received audio is discarded (--no-speaker: "
+            "no warning)", exc,
+        )  # fmt: skip
         return None
 
 
@@ -483,20 +609,105 @@ def _attach(sink: Any, track: Any) -> None:
     task.add_done_callback(_SINK_TASKS.discard)
 
 
+def recording_path(
+    template: str, peer: str, when: float, index: int, *, once: bool = False
+) -> Path:
+    """The WAV file of one received call: ``listen --output`` gives one per call.
+
+    ``template`` may name ``{peer}``, ``{time}`` (``YYYYmmdd-HHMMSS``, local time)
+    and ``{n}`` (the call's number since ``listen`` started), e.g.
+    ``calls/{time}-{peer}.wav``. A plain name is used as it is with ``--once``;
+    otherwise the time and peer are added before ``.wav`` (``rec.wav`` →
+    ``rec-20261205-130455-bob.wav``). An existing file is never replaced: ``-2``,
+    ``-3``… are added instead (except the plain ``--once`` name).
+
+    Raises:
+        ConfigError: the template names an unknown field.
+    """
+    safe_peer = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in peer) or "peer"
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(when))
+    if "{" in template:
+        try:
+            path = Path(template.format(peer=safe_peer, time=stamp, n=index))
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(
+                f"--output {template}: unknown field {exc} (use {{peer}}, {{time}}, {{n}})"
+            ) from None
+    elif once:
+        return Path(template)
+    else:
+        plain = Path(template)
+        path = plain.with_name(f"{plain.stem}-{stamp}-{safe_peer}{plain.suffix}")
+    candidate, extra = path, 1
+    while candidate.exists():
+        extra += 1
+        candidate = path.with_name(f"{path.stem}-{extra}{path.suffix}")
+    return candidate
+
+
+class _Recording:
+    """One call's WAV: written to a hidden temporary file, moved into place at the end
+    only if audio arrived (a refused or failed call never replaces a recording)."""
+
+    def __init__(self, args: argparse.Namespace, final: Path, open_sink: Any) -> None:
+        self.final = final
+        self.part = final.with_name(f".{final.stem}.part{final.suffix}")
+        self.sink = open_sink(args, output=self.part)
+
+    async def finish(self) -> Path | None:
+        """Stop the sink; return the recording's path, or ``None`` (nothing heard)."""
+        await self.sink.stop()
+        if getattr(self.sink, "samples_written", 0) > 0:
+            self.part.replace(self.final)
+            return self.final
+        with contextlib.suppress(FileNotFoundError):
+            self.part.unlink()
+        return None
+
+
 async def _listen(args: argparse.Namespace) -> int:
     from qcall.call.media import open_sink
 
     phone, _ = build_phone(args)
     console = _Console(args.quiet, args.json)
-    sinks: list[Any] = []
+    if args.output:  # a bad name or template fails now, not when a call comes in
+        if Path(args.output).suffix.lower() != ".wav":
+            raise ConfigError(f"--output {args.output}: only WAV is written; name it *.wav")
+        recording_path(args.output, "peer", time.time(), 0, once=args.once)
+    sinks: dict[int, Any] = {}  # id(session) -> speaker sink or _Recording
+    calls = [0]
 
-    def on_track(_session: Any, track: Any) -> None:
-        sink = _sink_for(args, open_sink)
-        if sink is not None:
-            sinks.append(sink)
+    def on_track(session: Any, track: Any) -> None:
+        if args.output:
+            calls[0] += 1
+            final = recording_path(args.output, session.peer, time.time(), calls[0],
+                                   once=args.once)  # fmt: skip
+            sink: Any = _Recording(args, final, open_sink)
+            _attach(sink.sink, track)
+        else:
+            sink = _sink_for(args, open_sink)
+            if sink is None:
+                return
             _attach(sink, track)
+        sinks[id(session)] = sink
 
     phone.on_track = on_track
+
+    async def finish(key: int) -> dict[str, Any]:
+        sink = sinks.pop(key, None)
+        if sink is None:
+            return {}
+        if not isinstance(sink, _Recording):
+            await sink.stop()
+            return {}
+        path = await sink.finish()
+        extra: dict[str, Any] = {"output": None if path is None else str(path)}
+        arrivals = getattr(sink.sink, "arrivals", None)
+        if arrivals is not None:
+            extra["arrivals"] = [
+                [a.pts, a.sample_offset, a.samples, a.arrival_time] for a in arrivals
+            ]
+        return extra
 
     async def decide(invite: Any) -> bool:
         if args.auto_answer:
@@ -512,6 +723,8 @@ async def _listen(args: argparse.Namespace) -> int:
             try:
                 session = await _until_signal(phone.incoming(decide))
             except QCallError as exc:
+                for key in list(sinks):  # the failed call's sink: keep no empty file
+                    await finish(key)
                 console.line(f"incoming call failed: {exc}")
                 status = 1
                 if args.once:
@@ -519,26 +732,26 @@ async def _listen(args: argparse.Namespace) -> int:
                     break
                 continue
             if session is None:
+                _stopped(f"stopped listening as {phone.name}")
                 break
-            console.line(_summary(session))
+            console.always(_summary(session))
             how = await _supervise(session, args.seconds, console)
-            for sink in sinks:
-                await sink.stop()
             extra: dict[str, Any] = {"connected": True}
-            for sink in sinks:
-                arrivals = getattr(sink, "arrivals", None)
-                if arrivals is not None:
-                    extra["output"] = str(args.output)
-                    extra["arrivals"] = [
-                        [a.pts, a.sample_offset, a.samples, a.arrival_time] for a in arrivals
-                    ]
-            sinks.clear()
+            extra.update(await finish(id(session)))
+            for key in list(sinks):  # calls that never reached this loop
+                await finish(key)
             _emit(args, _report(session, how, extra))
             console.line(f"call ended ({how})")
             if session.status.error:
                 status = 1
+            if console.interrupted:  # Ctrl-C / SIGTERM in a call stops listening too
+                ended = "hung up the call with" if how == SIGNAL_HANGUP else "call ended with"
+                _stopped(f"{ended} {session.peer}; stopped listening as {phone.name}")
+                break
             if args.once:
                 break
+        for key in list(sinks):
+            await finish(key)
     return status
 
 

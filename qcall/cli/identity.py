@@ -3,6 +3,7 @@
 ::
 
     qcall identity new --name alice [--algorithm ML-DSA-65] [--force]
+    qcall identity new --name alice --algorithm ML-DSA-87 --seal-only
     qcall identity show [--json]
 
 The files live in the qcall home (``--home``, ``$QCALL_HOME``, XDG); see
@@ -35,7 +36,13 @@ def register(subparsers: Any) -> None:
         "--algorithm",
         choices=_SCHEMES,
         default="ML-DSA-65",
-        help="ML-DSA parameter set (FIPS 204; default ML-DSA-65)",
+        help="ML-DSA parameter set (FIPS 204; default ML-DSA-65, the only one that can "
+        "log in to the signaling server; others need --seal-only)",
+    )
+    new.add_argument(
+        "--seal-only",
+        action="store_true",
+        help="allow ML-DSA-44/-87: an identity that signs seals but cannot place or answer calls",
     )
     new.add_argument(
         "--force",
@@ -67,11 +74,25 @@ def _print(identity_obj: dict[str, str], home: str, as_json: bool) -> None:
 def cmd_new(args: argparse.Namespace) -> int:
     """``qcall identity new``."""
     from qcall import config, pqc
-    from qcall.identity import Identity
+    from qcall.exceptions import ConfigError
+    from qcall.identity import PREVIOUS_IDENTITY_DIR, Identity
+    from qcall.signaling.messages import ALGORITHM
 
+    if args.algorithm != ALGORITHM and not args.seal_only:
+        raise ConfigError(
+            f"the signaling server registers {ALGORITHM} identities only: an {args.algorithm} "
+            "identity could not place or answer calls. Use the default, or give --seal-only "
+            "for an identity that only signs seals"
+        )
     home = config.qcall_home(args.home)
     scheme = pqc.SignatureScheme(args.algorithm)
     identity = Identity.generate(args.name, scheme)
+    if args.force and Identity.exists(home):
+        # Keep the replaced key: it signs moving our name to the new key on the
+        # signaling server (docs/signaling.md, "Moving a name").
+        previous = Identity.load(home)
+        previous_home = config.make_private_dir(home / PREVIOUS_IDENTITY_DIR)
+        previous.save(previous_home, overwrite=True)
     identity.save(home, overwrite=args.force)
     _print(identity.to_public_dict(), str(home), args.json)
     return 0

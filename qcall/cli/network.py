@@ -150,9 +150,11 @@ async def _serve(args: argparse.Namespace, topology: Any, state: str, eves: list
     ) as net:
         if not args.json_status:
             _print_intro(net)
+            announce = asyncio.ensure_future(_announce_ready(net))
         live = None if args.quiet or args.json_status else start_live(net)
         await run_until_stopped(stop, args, net, eves, live)
         if not args.json_status:
+            announce.cancel()
             _print_summary(net)
     return 0
 
@@ -221,6 +223,12 @@ def _print_intro(net: SimulatedNetwork) -> None:
         saes = ", ".join(topo.nodes[node].saes)
         print(f"  KME at {node}: {net.kme_url(node)}  (SAEs: {saes})", file=sys.stderr)
     print(f"  clients: {net.network_file}", file=sys.stderr)
+
+
+async def _announce_ready(net: SimulatedNetwork) -> None:
+    """Say once when every SAE pair has keys: calls can start (the README waits for it)."""
+    await net.wait_ready()
+    print("  ready: every SAE pair has keys in its KMEs", file=sys.stderr, flush=True)
 
 
 def _print_summary(net: SimulatedNetwork) -> None:

@@ -45,7 +45,7 @@ class OfferReceived:
     """A valid, signed, fresh offer from an accepted identity (callee side)."""
 
     peer_name: str
-    peer_fingerprint: str  # SHA-256 of the ML-DSA public key, hex, first 16 chars
+    peer_fingerprint: str  # qcall.identity.fingerprint of the peer's ML-DSA public key
     policy: str
     sdp: str
     srtp_profiles: tuple[str, ...]

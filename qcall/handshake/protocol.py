@@ -81,6 +81,7 @@ from qcall.handshake.messages import (
     Offer,
     parse_message,
 )
+from qcall.identity import fingerprint as identity_fingerprint
 
 __all__ = [
     "ANSWER_CONTEXT",
@@ -179,8 +180,12 @@ class PendingRekey:
 
 
 def key_fingerprint(public_key: bytes) -> str:
-    """First 16 hex digits of SHA-256 of an ML-DSA public key (for logs and events)."""
-    return hashlib.sha256(public_key).hexdigest()[:16]
+    """The fingerprint of an ML-DSA public key, in the one form used everywhere.
+
+    :func:`qcall.identity.fingerprint`: base32 of SHA-256, 13 groups of 4, as
+    ``qcall identity show``, ``qcall contacts`` and the call report show it.
+    """
+    return identity_fingerprint(public_key)
 
 
 def _short(data: bytes) -> str:

@@ -215,6 +215,24 @@ def open_key_source(config: Mapping[str, Any] | str, **options: Any) -> KeySourc
 # --- ETSI GS QKD 014 ---------------------------------------------------------------
 
 
+def _describe_details(details: Sequence[object], limit: int = 300) -> str:
+    """The ``details`` of a KME's Error object (6.5) as one printable line.
+
+    Each detail (usually an object such as ``{"size": "must be a multiple of 8"}``)
+    becomes ``key: value``; control characters are dropped and the whole is cut
+    to ``limit`` characters, since a KME's answer is untrusted input.
+    """
+    parts: list[str] = []
+    for detail in details:
+        if isinstance(detail, Mapping):
+            parts.extend(f"{key}: {value}" for key, value in detail.items())
+        else:
+            parts.append(str(detail))
+    text = "; ".join(parts)
+    text = "".join(ch for ch in text if ch.isprintable())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _check_count(number: int, what: str = "number") -> None:
     if isinstance(number, bool) or not isinstance(number, int) or number < 1:
         raise ConfigError(f"{what} must be a positive integer")
@@ -290,6 +308,11 @@ class ETSI014Client(KeySource):
         if not isinstance(url, str):
             raise ConfigError("etsi014 key source needs 'url'")
         ctx = None
+        if url.lower().startswith("http:") and any(config.get(k) for k in ("cert", "key", "ca")):
+            raise ConfigError(
+                f"KME URL {url} is not https://, but a client certificate, key or CA was "
+                "given: an ETSI 014 KME is reached over https:// with mutual TLS"
+            )
         if url.lower().startswith("https:"):
             missing = [k for k in ("cert", "key", "ca") if not config.get(k)]
             if missing:
@@ -377,8 +400,11 @@ class ETSI014Client(KeySource):
                 why = _MAYBE
             if why is not None:
                 raise KMEConnectionError(self._refused(why)) from None
+            hint = ""
+            if self.url.lower().startswith("http://"):
+                hint = "; an ETSI 014 KME is reached over https:// (mutual TLS): check the URL"
             raise KMEConnectionError(
-                f"{where} closed the connection without answering {endpoint} ({exc})"
+                f"{where} closed the connection without answering {endpoint} ({exc}){hint}"
             ) from None
         except aiohttp.ClientError as exc:
             raise KMEConnectionError(f"{where}: {type(exc).__name__}: {exc}") from None
@@ -398,6 +424,8 @@ class ETSI014Client(KeySource):
             return data
         message, details = parse_error(data) if data is not _NOT_JSON else (None, [])
         text = f"{where} answered {status} to {endpoint}" + (f": {message}" if message else "")
+        if details:
+            text += f" ({_describe_details(details)})"
         error_cls: type[KMEError] = {
             400: KMEBadRequestError,
             401: KMEUnauthorizedError,

@@ -259,10 +259,14 @@ def create_pki(
 
 
 def _load_chain(ctx: ssl.SSLContext, cert: str | Path, key: str | Path, ca: str | Path) -> None:
+    # OpenSSL's FileNotFoundError has no file name: name the missing one ourselves.
+    for what, name in (("certificate", cert), ("key", key), ("CA", ca)):
+        if not Path(name).is_file():
+            raise ConfigError(f"{what} file not found: {name}")
     try:
         ctx.load_cert_chain(str(cert), str(key))
     except FileNotFoundError as exc:
-        raise ConfigError(f"certificate or key file not found: {exc.filename}") from exc
+        raise ConfigError(f"certificate {cert} or key {key}: file not found") from exc
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(f"cannot load certificate {cert} with key {key}: {exc}") from exc
     try:

@@ -54,6 +54,7 @@ from qcall.signaling.messages import (
     Reject,
     Ringing,
     ServerMessage,
+    error_for,
     fingerprint,
     parse_server_message,
 )
@@ -119,6 +120,7 @@ class SignalingClient(AsyncClosing):
         backoff_max: float = 5.0,
         timeout: float = 10.0,
         watch: Iterable[str] | None = None,
+        previous_key: pqc.SigningKey | None = None,
     ) -> None:
         if identity_signing_key.algorithm is not pqc.SignatureScheme.ML_DSA_65:
             raise SignalingAuthError("the signaling server accepts ML-DSA-65 identities only")
@@ -127,11 +129,14 @@ class SignalingClient(AsyncClosing):
         self.fingerprint = fingerprint(identity_signing_key.public_bytes())
         self._key = identity_signing_key
         self._ssl = ssl
+        self._secure = url.lower().startswith("wss://")
         self.reconnect = reconnect
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
         self.timeout = timeout
         self.watch = None if watch is None else tuple(watch)
+        #: The user's previous identity key: signs moving the name to the new key.
+        self._previous = previous_key
         #: Registered peers other than us (those watched, if ``watch`` was given):
         #: name -> identity fingerprint (server-asserted).
         self.online: dict[str, str] = {}
@@ -293,12 +298,19 @@ class SignalingClient(AsyncClosing):
         try:
             ws = await connect(
                 self.url,
-                ssl=self._ssl,
+                # wss:// without a context: the system's trust store (websockets refuses None).
+                ssl=self._ssl if self._ssl is not None or not self._secure else True,
                 open_timeout=self.timeout,
                 max_size=MAX_SERVER_MESSAGE_SIZE,
                 compression=None,  # like the server: base64 keys/signatures do not compress
                 user_agent_header=f"qcall/{__version__}",
             )
+        except ssl_module.SSLCertVerificationError as exc:
+            raise SignalingError(
+                f"cannot connect to {self.url}: the server's TLS certificate was refused "
+                f"({exc.verify_message}); give the CA that signed it (--signaling-ca FILE, "
+                "signaling_ca in the config)"
+            ) from exc
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
             raise SignalingError(f"cannot connect to {self.url}: {exc}") from exc
         try:
@@ -307,7 +319,9 @@ class SignalingClient(AsyncClosing):
                 if not isinstance(challenge, Challenge):
                     raise SignalingProtocolError(f"expected a challenge, got {challenge.TYPE!r}")
                 self.server_id = challenge.server_id
-                register = Register.create(self._key, self.name, challenge, self.watch)
+                register = Register.create(
+                    self._key, self.name, challenge, self.watch, previous=self._previous
+                )
                 await ws.send(register.serialize())
                 answer = parse_server_message(await ws.recv())
         except BaseException as exc:
@@ -317,6 +331,16 @@ class SignalingClient(AsyncClosing):
             raise
         if isinstance(answer, ErrorMessage):
             await ws.close()
+            if answer.code == "name_taken":  # say what to do, not only what happened
+                taken = error_for(
+                    answer.code,
+                    f"the name {self.name!r} is registered with another key (a previous "
+                    "identity of yours, or someone else's). `qcall identity new --force` "
+                    "keeps the previous key, which moves the name; else the server frees "
+                    "a name offline for its pin_ttl (30 days by default) or when it "
+                    "restarts: ask its operator, or use another name (docs/signaling.md)",
+                )
+                raise taken
             raise answer.exception()
         if not isinstance(answer, Registered) or answer.fingerprint != self.fingerprint:
             await ws.close()

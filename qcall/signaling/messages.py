@@ -135,6 +135,20 @@ def registration_data(nonce: bytes, name: str, server_id: str) -> bytes:
     return b"".join(len(p).to_bytes(2, "big") + p for p in parts)
 
 
+#: Domain label of :func:`move_data`.
+MOVE_LABEL = b"qcall-signaling-move-v1"
+
+
+def move_data(nonce: bytes, name: str, server_id: str, new_fingerprint: str) -> bytes:
+    """Return the bytes the *previous* key signs to move ``name`` to a new key.
+
+    Like :func:`registration_data`, with the label ``qcall-signaling-move-v1`` and
+    the new key's fingerprint last (docs/signaling.md, "Moving a name").
+    """
+    parts = [MOVE_LABEL, nonce, name.encode(), server_id.encode(), new_fingerprint.encode()]
+    return b"".join(len(p).to_bytes(2, "big") + p for p in parts)
+
+
 #: Wire error codes: code -> (exception class raised by the client, meaning).
 ERROR_CODES: dict[str, tuple[type[SignalingError], str]] = {
     "bad_message": (SignalingProtocolError, "malformed JSON, unknown type, bad or missing field"),
@@ -301,7 +315,7 @@ def _to_json(value: Any) -> Any:
 
 
 #: Members holding base64 bytes, decoded by :meth:`Message.from_dict`.
-_BYTES_FIELDS = {"nonce", "public_key", "signature"}
+_BYTES_FIELDS = {"nonce", "public_key", "signature", "previous_key", "previous_signature"}
 
 
 def _from_json(cls: type[Message], name: str, value: Any) -> Any:
@@ -407,9 +421,13 @@ class Register(Message):
     signature: bytes
     algorithm: str = ALGORITHM
     watch: tuple[str, ...] | None = None
+    #: Optional, to move a name pinned to the previous key (see :func:`move_data`).
+    previous_key: bytes | None = None
+    previous_signature: bytes | None = None
 
     def __post_init__(self) -> None:
         _check_name("name", self.name)
+        self._check_previous()
         if self.watch is not None:
             if not isinstance(self.watch, tuple) or len(self.watch) > MAX_WATCH:
                 raise ValueError(f"field 'watch' must be a list of at most {MAX_WATCH} names")
@@ -426,6 +444,18 @@ class Register(Message):
     def __repr__(self) -> str:
         return f"Register(name={self.name!r}, fingerprint={fingerprint(self.public_key)[:16]}…)"
 
+    def _check_previous(self) -> None:
+        if (self.previous_key is None) != (self.previous_signature is None):
+            raise ValueError("fields 'previous_key' and 'previous_signature' go together")
+        if self.previous_key is None:
+            return
+        sizes = pqc.SignatureScheme.ML_DSA_65.sizes
+        if not isinstance(self.previous_key, bytes) or len(self.previous_key) != sizes.public_key:
+            raise ValueError(f"field 'previous_key' must be {sizes.public_key} bytes")
+        signature = self.previous_signature
+        if not isinstance(signature, bytes) or len(signature) != sizes.signature:
+            raise ValueError(f"field 'previous_signature' must be {sizes.signature} bytes")
+
     @classmethod
     def create(
         cls,
@@ -433,15 +463,29 @@ class Register(Message):
         name: str,
         challenge: Challenge,
         watch: Iterable[str] | None = None,
+        previous: pqc.SigningKey | None = None,
     ) -> Register:
         """Sign ``challenge`` with ``key`` and return the ``register`` message.
 
         Args:
             watch: names whose presence to receive (default: everyone's).
+            previous: the user's previous identity key: it signs :func:`move_data`,
+                so a server that has ``name`` pinned to it moves the name to ``key``.
         """
         data = registration_data(challenge.nonce, name, challenge.server_id)
         watched = None if watch is None else tuple(watch)
-        return cls(name, key.public_bytes(), key.sign(data), watch=watched)
+        if previous is None or previous.public_bytes() == key.public_bytes():
+            return cls(name, key.public_bytes(), key.sign(data), watch=watched)
+        new_fp = fingerprint(key.public_bytes())
+        proof = move_data(challenge.nonce, name, challenge.server_id, new_fp)
+        return cls(
+            name,
+            key.public_bytes(),
+            key.sign(data),
+            watch=watched,
+            previous_key=previous.public_bytes(),
+            previous_signature=previous.sign(proof),
+        )
 
 
 @dataclass(frozen=True)

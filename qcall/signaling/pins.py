@@ -97,6 +97,17 @@ class PinRegistry:
             self._roll_window(now)
             self._new_per_address[address] = self._new_per_address.get(address, 0) + 1
 
+    def move(self, name: PeerId, fp: str) -> None:
+        """Re-pin ``name`` (pinned) to the key ``fp``: its old key signed the move."""
+        old = self._pins[name]
+        left = self._names_per_key.get(old, 1) - 1
+        if left:
+            self._names_per_key[old] = left
+        else:
+            self._names_per_key.pop(old, None)
+        self._pins[name] = fp
+        self._names_per_key[fp] = self._names_per_key.get(fp, 0) + 1
+
     def in_use(self, name: PeerId) -> None:
         """``name`` registered: its pin does not expire while it is online."""
         self._idle.pop(name, None)

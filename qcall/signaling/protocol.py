@@ -58,6 +58,7 @@ from qcall.signaling.messages import (
     Registered,
     ServerMessage,
     fingerprint,
+    move_data,
     parse_client_message,
     registration_data,
 )
@@ -431,6 +432,30 @@ class SignalingProtocol:
 
     # --- registration (docs/signaling.md, "Registration") -------------------------------
 
+    def _move_pin(
+        self, conn: _Connection, msg: Register, name: PeerId, pinned: str, fp: str
+    ) -> bool:
+        """Hook: move ``name`` from its pinned key to ``fp`` if the pinned key signed it.
+
+        The ``register`` carries ``previous_key`` (whose fingerprint must be the
+        pinned one) and ``previous_signature`` over :func:`move_data` (this
+        connection's nonce, the name, the server id, the new fingerprint). See
+        docs/signaling.md, "Moving a name".
+        """
+        if msg.previous_key is None or msg.previous_signature is None:
+            return False
+        if fingerprint(msg.previous_key) != pinned:
+            return False
+        data = move_data(conn.nonce, name, self.config.server_id, fp)
+        try:
+            valid = self._verify(msg.previous_key, msg.previous_signature, data)
+        except InvalidKeyError:
+            valid = False
+        if valid:
+            self._pins.move(name, fp)
+            logger.info("= name %s moved to key %s (signed by its previous key)", name, fp[:19])
+        return valid
+
     def _register(self, conn: _Connection, msg: Register, now: float) -> list[Output]:
         name = PeerId(msg.name)
         ref = msg.TYPE
@@ -449,6 +474,8 @@ class SignalingProtocol:
             ]
         fp = fingerprint(msg.public_key)
         pinned = self._pins.fingerprint(name)
+        if pinned is not None and pinned != fp and self._move_pin(conn, msg, name, pinned, fp):
+            pinned = fp  # moved: the name is now pinned to this key
         if pinned is not None and pinned != fp:
             return [
                 self._error(conn, "name_taken", "name registered with another key", ref=ref),
