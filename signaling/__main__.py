@@ -25,6 +25,7 @@ from qcall import __version__
 from qcall.exceptions import ConfigError, QCallError
 from qcall.signaling.config import LIMITS, ServerConfig
 from signaling.server import SignalingServer
+from signaling.store import SQLiteMessageStore
 
 __all__ = ["main"]
 
@@ -55,6 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
             metavar=metavar,
             help=f"{text} (default {default:.10g})",
         )
+    mailbox = parser.add_argument_group("messages (docs/messaging.md §12)")
+    mailbox.add_argument(
+        "--mailbox",
+        metavar="FILE",
+        default="signaling-messages.db",
+        help="SQLite store of offline messages and prekeys (default ./signaling-messages.db)",
+    )
+    mailbox.add_argument(
+        "--no-mailbox", action="store_true", help="store no messages (calls only)"
+    )
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
     )
@@ -99,7 +110,8 @@ async def _serve(
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, _set_once, stop)
-    async with SignalingServer(config, manage_gc=True) as server:  # its own process
+    store = None if args.no_mailbox else SQLiteMessageStore(args.mailbox)
+    async with SignalingServer(config, manage_gc=True, mailbox=store) as server:  # own process
         await server.start(args.host, args.port, ssl=tls)
         scheme = "wss" if tls else "ws"
         print(f"qcall-signaling listening on {scheme}://{args.host}:{server.port}", flush=True)

@@ -340,14 +340,25 @@ class MessagingClient:
             envelopes = await self.transport.fetch(after)
             if not envelopes:
                 break
-            done = []
-            for envelope in envelopes:
-                after = max(after, envelope.id)
-                if not self.store.processed(envelope.id):
-                    events += await self.process(envelope)
-                done.append(envelope.id)
-            await self.transport.ack(done)
+            after = max(after, *(e.id for e in envelopes))
+            events += await self.deliver(envelopes, retry=False)
         events += await self.retry_pending()
+        return events
+
+    async def deliver(self, envelopes: Sequence[Envelope], *, retry: bool = True) -> list[Event]:
+        """Process envelopes the transport pushed (or fetched), then acknowledge them.
+
+        Envelopes processed before (the server re-delivers after our crash) are
+        only acknowledged. With ``retry``, envelopes kept for later are retried too.
+        """
+        events: list[Event] = []
+        for envelope in envelopes:
+            if not self.store.processed(envelope.id):
+                events += await self.process(envelope)
+        if envelopes:
+            await self.transport.ack([e.id for e in envelopes])
+        if retry and events:
+            events += await self.retry_pending()
         return events
 
     async def process(self, envelope: Envelope) -> list[Event]:

@@ -27,6 +27,7 @@ import secrets
 import ssl as ssl_module
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -34,6 +35,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from qcall import __version__, pqc
 from qcall._aio import AsyncClosing
 from qcall.exceptions import SignalingAuthError, SignalingError, SignalingProtocolError
+from qcall.signaling.mailbox import MailFrame
 from qcall.signaling.messages import (
     MAX_SERVER_MESSAGE_SIZE,
     Accept,
@@ -58,7 +60,7 @@ from qcall.signaling.messages import (
     parse_server_message,
 )
 
-__all__ = ["Disconnected", "Event", "SignalingClient", "new_call_id"]
+__all__ = ["Disconnected", "Event", "FrameListener", "SignalingClient", "new_call_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +82,17 @@ class Disconnected:
 
     reason: str
     final: bool = False
+
+
+class FrameListener(Protocol):
+    """Takes frames of another protocol on the same connection (e.g. the mailbox,
+    :mod:`qcall.messaging.transport`) before the client parses them."""
+
+    def frame(self, text: str) -> bool:
+        """Handle ``text`` if it is ours; ``True``: consumed (not an event)."""
+
+    def disconnected(self) -> None:
+        """The connection was lost (requests in flight will get no answer)."""
 
 
 #: What iterating a :class:`SignalingClient` yields.
@@ -146,6 +159,7 @@ class SignalingClient(AsyncClosing):
         self._fatal: str | None = None
         self._finished = False
         self._registered = asyncio.Event()
+        self._listeners: list[FrameListener] = []
 
     def __repr__(self) -> str:
         return f"<SignalingClient {self.name} {self.fingerprint[:16]}… {self.url}>"
@@ -201,6 +215,10 @@ class SignalingClient(AsyncClosing):
             TimeoutError: not registered within ``timeout`` seconds.
         """
         await asyncio.wait_for(self._registered.wait(), timeout)
+
+    def add_listener(self, listener: FrameListener) -> None:
+        """Give ``listener`` the first look at every frame (see :class:`FrameListener`)."""
+        self._listeners.append(listener)
 
     # --- events -------------------------------------------------------------------------
 
@@ -272,7 +290,7 @@ class SignalingClient(AsyncClosing):
         """Send an ICE candidate (opaque payload, relayed verbatim) to the other party."""
         await self.send(ICECandidate(call_id, payload=payload))
 
-    async def send(self, message: Message) -> None:
+    async def send(self, message: Message | MailFrame) -> None:
         """Send any client message.
 
         Raises:
@@ -338,6 +356,8 @@ class SignalingClient(AsyncClosing):
                 pass
             self._ws = None
             self._registered.clear()
+            for listener in self._listeners:
+                listener.disconnected()
             reason = f"connection closed (code {ws.close_code}) {ws.close_reason or ''}".strip()
             if self._closing or self._fatal or not self.reconnect:
                 break
@@ -369,6 +389,10 @@ class SignalingClient(AsyncClosing):
         return None
 
     def _handle(self, text: str | bytes) -> None:
+        if isinstance(text, str):
+            for listener in self._listeners:
+                if listener.frame(text):
+                    return
         try:
             msg = parse_server_message(text)
         except SignalingProtocolError as exc:
