@@ -49,6 +49,7 @@ _CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "key_source": dict,
     "network": str,
     "ice_servers": list,
+    "messaging": dict,  # qcall send/inbox/chat (qcall/cli/messaging.py)
 }
 #: URL schemes of RTCIceServer ``urls`` (RFC 7064 STUN, RFC 7065 TURN).
 _ICE_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
