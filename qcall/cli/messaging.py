@@ -200,6 +200,25 @@ async def open_messenger(args: argparse.Namespace) -> AsyncIterator[Messenger]:
         store.close()
 
 
+def messenger_args(home: str | None, signaling: str | None) -> argparse.Namespace:
+    """The arguments :func:`open_messenger` needs, for another command (``qcall seal``)."""
+    return argparse.Namespace(
+        home=home, config=None, signaling=signaling, kme=None, cert=None, key=None, ca=None,
+        key_source=None, network=None, sae=None, json=False,
+    )  # fmt: skip
+
+
+def configured_signaling(args: argparse.Namespace) -> str | None:
+    """``--signaling``, else the config file's ``signaling``, else ``None``."""
+    from qcall.cli.call import load_config
+    from qcall.config import qcall_home
+
+    if getattr(args, "signaling", None):
+        return str(args.signaling)
+    value = load_config(getattr(args, "config", None), qcall_home(args.home)).get("signaling")
+    return str(value) if value else None
+
+
 # --- showing ---------------------------------------------------------------------------------
 
 
