@@ -15,11 +15,13 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import ssl
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from qcall import __version__
 from qcall.exceptions import ConfigError, QCallError
@@ -60,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     mailbox.add_argument(
         "--mailbox",
         metavar="FILE",
-        default="signaling-messages.db",
-        help="SQLite store of offline messages and prekeys (default ./signaling-messages.db)",
+        help="SQLite store of offline messages and prekeys (default "
+        "$XDG_STATE_HOME/qcall/signaling-messages.db, else ~/.local/state/qcall/…)",
     )
     mailbox.add_argument(
         "--no-mailbox", action="store_true", help="store no messages (calls only)"
@@ -97,6 +99,14 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
     return context
 
 
+def _default_mailbox() -> Path:
+    """``$XDG_STATE_HOME/qcall/signaling-messages.db`` (directory created, mode 0700)."""
+    from qcall.config import make_private_dir
+
+    state = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return make_private_dir(Path(state) / "qcall") / "signaling-messages.db"
+
+
 def _set_once(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -110,7 +120,7 @@ async def _serve(
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, _set_once, stop)
-    store = None if args.no_mailbox else SQLiteMessageStore(args.mailbox)
+    store = None if args.no_mailbox else SQLiteMessageStore(args.mailbox or _default_mailbox())
     async with SignalingServer(config, manage_gc=True, mailbox=store) as server:  # own process
         await server.start(args.host, args.port, ssl=tls)
         scheme = "wss" if tls else "ws"

@@ -82,18 +82,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("connection and keys")
-    g.add_argument("--config", metavar="FILE", help="TOML config (default: HOME/config.toml)")
-    g.add_argument("--signaling", metavar="URL", help=f"signaling server ({DEFAULT_SIGNALING})")
-    g.add_argument("--kme", metavar="URL", help="ETSI GS QKD 014 KME of this user's site")
-    g.add_argument("--cert", metavar="FILE", help="SAE client certificate for the KME")
-    g.add_argument("--key", metavar="FILE", help="its private key")
-    g.add_argument("--ca", metavar="FILE", help="CA that signed the KME's certificate")
-    g.add_argument("--key-source", metavar="URL", help="other key source, e.g. keyfile:PATH")
-    g.add_argument(
-        "--network", metavar="FILE", help="network.json of `qcall network`: take our SAE's KME"
-    )
-    g.add_argument("--sae", metavar="ID", help="this user's SAE ID (default: the user name)")
+    g = add_connection_arguments(p)
     g.add_argument(
         "--ice-server",
         action="append",
@@ -127,6 +116,23 @@ def _common(p: argparse.ArgumentParser) -> None:
     o.add_argument("--json", action="store_true", help="print the call report as JSON")
     o.add_argument("--report", metavar="FILE", help="write the call report (JSON) to FILE")
     o.add_argument("--quiet", action="store_true", help="no live status")
+
+
+def add_connection_arguments(p: argparse.ArgumentParser) -> Any:
+    """``--config``, ``--signaling`` and the key source flags (also ``qcall send`` &c.)."""
+    g = p.add_argument_group("connection and keys")
+    g.add_argument("--config", metavar="FILE", help="TOML config (default: HOME/config.toml)")
+    g.add_argument("--signaling", metavar="URL", help=f"signaling server ({DEFAULT_SIGNALING})")
+    g.add_argument("--kme", metavar="URL", help="ETSI GS QKD 014 KME of this user's site")
+    g.add_argument("--cert", metavar="FILE", help="SAE client certificate for the KME")
+    g.add_argument("--key", metavar="FILE", help="its private key")
+    g.add_argument("--ca", metavar="FILE", help="CA that signed the KME's certificate")
+    g.add_argument("--key-source", metavar="URL", help="other key source, e.g. keyfile:PATH")
+    g.add_argument(
+        "--network", metavar="FILE", help="network.json of `qcall network`: take our SAE's KME"
+    )
+    g.add_argument("--sae", metavar="ID", help="this user's SAE ID (default: the user name)")
+    return g
 
 
 # --- settings ----------------------------------------------------------------------------

@@ -95,16 +95,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("connection and keys")
-    g.add_argument("--config", metavar="FILE", help="TOML config (default: HOME/config.toml)")
-    g.add_argument("--signaling", metavar="URL", help=f"signaling server ({DEFAULT_SIGNALING})")
-    g.add_argument("--kme", metavar="URL", help="ETSI GS QKD 014 KME of this user's site")
-    g.add_argument("--cert", metavar="FILE", help="SAE client certificate for the KME")
-    g.add_argument("--key", metavar="FILE", help="its private key")
-    g.add_argument("--ca", metavar="FILE", help="CA that signed the KME's certificate")
-    g.add_argument("--key-source", metavar="URL", help="other key source, e.g. keyfile:PATH")
-    g.add_argument("--network", metavar="FILE", help="network.json of `qcall network`")
-    g.add_argument("--sae", metavar="ID", help="this user's SAE ID (default: the user name)")
+    from qcall.cli.call import add_connection_arguments
+
+    add_connection_arguments(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 
 

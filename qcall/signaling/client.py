@@ -35,7 +35,6 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from qcall import __version__, pqc
 from qcall._aio import AsyncClosing
 from qcall.exceptions import SignalingAuthError, SignalingError, SignalingProtocolError
-from qcall.signaling.mailbox import MailFrame
 from qcall.signaling.messages import (
     MAX_SERVER_MESSAGE_SIZE,
     Accept,
@@ -290,7 +289,7 @@ class SignalingClient(AsyncClosing):
         """Send an ICE candidate (opaque payload, relayed verbatim) to the other party."""
         await self.send(ICECandidate(call_id, payload=payload))
 
-    async def send(self, message: Message | MailFrame) -> None:
+    async def send(self, message: Message) -> None:
         """Send any client message.
 
         Raises:

@@ -28,6 +28,7 @@ from typing import Any, ClassVar, TypeVar
 
 from qcall import identity
 from qcall.exceptions import ConfigError, SignalingProtocolError
+from qcall.signaling.messages import Message
 
 __all__ = [
     "MAILBOX_ERROR_CODES",
@@ -146,23 +147,9 @@ F = TypeVar("F", bound="MailFrame")
 
 
 @dataclass(frozen=True)
-class MailFrame:
-    """Base of the mailbox frames. ``TYPE`` is the JSON ``type``."""
-
-    TYPE: ClassVar[str] = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON object (``None`` members left out, bytes as base64)."""
-        out: dict[str, Any] = {"type": self.TYPE}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is not None:
-                out[f.name] = _json(value)
-        return out
-
-    def serialize(self) -> str:
-        """Compact JSON text, one frame."""
-        return json.dumps(self.to_dict(), separators=(",", ":"))
+class MailFrame(Message):
+    """Base of the mailbox frames (:meth:`~Message.to_dict` and ``serialize`` as for
+    every signaling message: ``None`` members left out, bytes as base64)."""
 
     @classmethod
     def from_dict(cls: type[F], obj: Mapping[str, Any]) -> F:
@@ -184,14 +171,12 @@ class MailFrame:
         return f"{type(self).__name__}({shown})"
 
 
-def _json(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return _b64(value)
-    if isinstance(value, tuple):
-        return [_json(v) for v in value]
-    if isinstance(value, MailEnvelope | OneTimePrekey):
-        return {f.name: _json(getattr(value, f.name)) for f in fields(value)}
-    return value
+def _to_json(obj: object) -> dict[str, Any]:
+    out = {}
+    for f in fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        out[f.name] = _b64(value) if isinstance(value, bytes) else value
+    return out
 
 
 def _setattr(obj: object, name: str, value: object) -> None:
@@ -213,6 +198,9 @@ class MailEnvelope:
         _int("time", self.time)
         _setattr(self, "data", _bytes("data", self.data))
 
+    def to_json(self) -> dict[str, Any]:
+        return _to_json(self)
+
     @classmethod
     def from_json(cls, value: object) -> MailEnvelope:
         if not isinstance(value, dict):
@@ -233,6 +221,9 @@ class OneTimePrekey:
     def __post_init__(self) -> None:
         _int("prekey_id", self.prekey_id, 1, 2**32 - 1)
         _setattr(self, "data", _bytes("data", self.data, 16 * 1024))
+
+    def to_json(self) -> dict[str, Any]:
+        return _to_json(self)
 
     @classmethod
     def from_json(cls, value: object) -> OneTimePrekey:
@@ -345,16 +336,22 @@ class MailAck(MailFrame):
 
 
 @dataclass(frozen=True, repr=False)
-class PrekeysHeld(MailFrame):
-    """Answer to ``prekeys_publish`` and ``prekeys_count``."""
+class _Count(MailFrame):
+    """An answer that is a number."""
 
-    TYPE: ClassVar[str] = "prekeys_held"
     id: int
     count: int
 
     def __post_init__(self) -> None:
         _int("id", self.id)
         _int("count", self.count)
+
+
+@dataclass(frozen=True, repr=False)
+class PrekeysHeld(_Count):
+    """Answer to ``prekeys_publish`` and ``prekeys_count``: one-time prekeys held."""
+
+    TYPE: ClassVar[str] = "prekeys_held"
 
 
 @dataclass(frozen=True, repr=False)
@@ -411,16 +408,10 @@ class MailBatch(MailFrame):
 
 
 @dataclass(frozen=True, repr=False)
-class MailAcked(MailFrame):
+class MailAcked(_Count):
     """Answer to ``mail_ack``: how many of the ids existed (and are deleted now)."""
 
     TYPE: ClassVar[str] = "mail_acked"
-    id: int
-    count: int
-
-    def __post_init__(self) -> None:
-        _int("id", self.id)
-        _int("count", self.count)
 
 
 @dataclass(frozen=True, repr=False)
