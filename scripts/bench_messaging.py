@@ -443,17 +443,25 @@ def main() -> int:
         return 0
     m, q, r = report["median"], report["qkd"], report["route"]
     print(f"messaging through one signaling server, loopback, medians of {args.runs} runs")
-    print(f"  throughput: encrypted {m['throughput_encrypted']:.0f} msg/s, plain "
-          f"{m['throughput_plain']:.0f} msg/s; time encrypted/plain "
-          f"{m['time_ratio_encrypted_plain']:.2f} ({args.pairs} pairs, {args.messages} msgs)")
-    print(f"  latency at {args.rate:g} msg/s: encrypted p50 {m['p50_ms_encrypted']:.1f} ms, "
-          f"p99 {m['p99_ms_encrypted']:.1f} ms; plain p50 {m['p50_ms_plain']:.1f} ms, "
-          f"p99 {m['p99_ms_plain']:.1f} ms")
+    print(
+        f"  throughput: encrypted {m['throughput_encrypted']:.0f} msg/s, plain "
+        f"{m['throughput_plain']:.0f} msg/s; time encrypted/plain "
+        f"{m['time_ratio_encrypted_plain']:.2f} ({args.pairs} pairs, {args.messages} msgs)"
+    )
+    print(
+        f"  latency at {args.rate:g} msg/s: encrypted p50 {m['p50_ms_encrypted']:.1f} ms, "
+        f"p99 {m['p99_ms_encrypted']:.1f} ms; plain p50 {m['p50_ms_plain']:.1f} ms, "
+        f"p99 {m['p99_ms_plain']:.1f} ms"
+    )
     if args.file_mb:
-        print(f"  file {args.file_mb} MB: encrypted {m['encrypted_MBps']:.1f} MB/s, plain "
-              f"{m['plain_MBps']:.1f} MB/s; time ratio {m['ratio']:.2f}")
-    print(f"  QKD: {q['bytes_per_message']:.2f} bytes/message ({q['keys_taken']} keys for "
-          f"{q['messages']} messages incl. set-up), {q['bytes_per_MB_file']:.2f} bytes/MB of file")
+        print(
+            f"  file {args.file_mb} MB: encrypted {m['encrypted_MBps']:.1f} MB/s, plain "
+            f"{m['plain_MBps']:.1f} MB/s; time ratio {m['ratio']:.2f}"
+        )
+    print(
+        f"  QKD: {q['bytes_per_message']:.2f} bytes/message ({q['keys_taken']} keys for "
+        f"{q['messages']} messages incl. set-up), {q['bytes_per_MB_file']:.2f} bytes/MB of file"
+    )
     print(f"  Beijing–Hefei route ({r['hops']} hops): {r['route_key_rate_bps']:.0f} bit/s "
           f"→ {r['messages_per_s_steady']:.0f} msg/s at {r['bits_per_message_steady']:g} "
           f"bit/message (policy steady state), {r['messages_per_s_measured']:.0f} msg/s as "

@@ -65,9 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="SQLite store of offline messages and prekeys (default "
         "$XDG_STATE_HOME/qcall/signaling-messages.db, else ~/.local/state/qcall/…)",
     )
-    mailbox.add_argument(
-        "--no-mailbox", action="store_true", help="store no messages (calls only)"
-    )
+    mailbox.add_argument("--no-mailbox", action="store_true", help="store no messages (calls only)")
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
     )

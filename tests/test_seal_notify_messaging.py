@@ -26,9 +26,7 @@ async def test_each_approver_gets_the_request_as_a_message(tmp_path: Path) -> No
         bob = await User(tmp_path / "m-bob", "bob", url(server)).start()
         notifier = make_notifier(tmp_path / "wf", alice.client.send_text)
         assert isinstance(notifier, MessagingNotifier)
-        workflow = Workflow(
-            bundle.seal.statement, "alice", alice_signer.member.issuer_fingerprint
-        )
+        workflow = Workflow(bundle.seal.statement, "alice", alice_signer.member.issuer_fingerprint)
         for notice in workflow.start():
             notifier.notify(notice, bundle, str(doc))
         failed = await notifier.flush()

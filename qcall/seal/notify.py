@@ -223,9 +223,7 @@ class MessagingNotifier(DirectoryNotifier):
         return failed
 
 
-def make_notifier(
-    workflows: str | os.PathLike[str], send: Send | None = None
-) -> DirectoryNotifier:
+def make_notifier(workflows: str | os.PathLike[str], send: Send | None = None) -> DirectoryNotifier:
     """The notifier ``qcall seal`` uses: with ``send`` (a signaling server is
     configured), a :class:`MessagingNotifier`."""
     if send is not None:
