@@ -15,16 +15,19 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import ssl
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from qcall import __version__
 from qcall.exceptions import ConfigError, QCallError
 from qcall.signaling.config import LIMITS, ServerConfig
 from signaling.server import SignalingServer
+from signaling.store import SQLiteMessageStore
 
 __all__ = ["main"]
 
@@ -55,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
             metavar=metavar,
             help=f"{text} (default {default:.10g})",
         )
+    mailbox = parser.add_argument_group("messages (docs/messaging.md §12)")
+    mailbox.add_argument(
+        "--mailbox",
+        metavar="FILE",
+        help="SQLite store of offline messages and prekeys (default "
+        "$XDG_STATE_HOME/qcall/signaling-messages.db, else ~/.local/state/qcall/…)",
+    )
+    mailbox.add_argument("--no-mailbox", action="store_true", help="store no messages (calls only)")
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
     )
@@ -86,6 +97,14 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
     return context
 
 
+def _default_mailbox() -> Path:
+    """``$XDG_STATE_HOME/qcall/signaling-messages.db`` (directory created, mode 0700)."""
+    from qcall.config import make_private_dir
+
+    state = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return make_private_dir(Path(state) / "qcall") / "signaling-messages.db"
+
+
 def _set_once(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -99,7 +118,8 @@ async def _serve(
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, _set_once, stop)
-    async with SignalingServer(config, manage_gc=True) as server:  # its own process
+    store = None if args.no_mailbox else SQLiteMessageStore(args.mailbox or _default_mailbox())
+    async with SignalingServer(config, manage_gc=True, mailbox=store) as server:  # own process
         await server.start(args.host, args.port, ssl=tls)
         scheme = "wss" if tls else "ws"
         print(f"qcall-signaling listening on {scheme}://{args.host}:{server.port}", flush=True)

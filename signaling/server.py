@@ -46,6 +46,7 @@ from websockets.http11 import Request, Response
 
 from qcall import __version__
 from qcall._aio import AsyncClosing
+from qcall.signaling.mailbox import MAX_MAILBOX_FRAME, MailWaiting, is_mailbox_frame
 from qcall.signaling.messages import ErrorMessage
 from qcall.signaling.protocol import (
     CloseConnection,
@@ -55,6 +56,8 @@ from qcall.signaling.protocol import (
     SignalingProtocol,
     address_key,
 )
+from signaling.mailbox import Mailbox
+from signaling.store import MessageStore
 
 __all__ = ["SignalingServer"]
 
@@ -90,17 +93,23 @@ _PING = _Ping()
 
 _Item = str | CloseConnection | _Ping
 
+_MAIL_WAITING = MailWaiting().serialize()
+#: Bytes queued for a connection above which a mailbox answer closes it as too slow
+#: (answers are bounded by its requests in flight; a fetch answer is ≤ 1.4 MB).
+MAILBOX_OUTBOX_BYTES = 8 * 1024 * 1024
+
 
 class _Outbox:
     """What is queued for one connection, and its size in bytes (all ASCII JSON)."""
 
-    __slots__ = ("pinging", "queue", "size", "ws")
+    __slots__ = ("mail_waiting", "pinging", "queue", "size", "ws")
 
     def __init__(self, ws: ServerConnection, maxsize: int) -> None:
         self.ws = ws
         self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize)
         self.size = 0  # bytes queued or being written
         self.pinging = False  # a release ping is queued or awaits its pong
+        self.mail_waiting = False  # an envelope was not pushed: say so once drained
 
     def pong(self, _: object) -> None:
         self.pinging = False
@@ -125,6 +134,8 @@ class SignalingServer(AsyncClosing):
             the module docstring); changes the whole process's collector, so
             only for a process that runs the server alone.
         gc_min_connections: open connections from which ``manage_gc`` acts.
+        mailbox: the store of offline messages and prekeys (:mod:`signaling.mailbox`);
+            ``None``: the server answers no mailbox frames. Closed with the server.
     """
 
     def __init__(
@@ -135,6 +146,7 @@ class SignalingServer(AsyncClosing):
         outbox_size: int = 1024,
         manage_gc: bool = False,
         gc_min_connections: int = GC_MIN_CONNECTIONS,
+        mailbox: MessageStore | None = None,
     ) -> None:
         self.protocol = protocol or SignalingProtocol(config)
         self.config = self.protocol.config
@@ -150,6 +162,11 @@ class SignalingServer(AsyncClosing):
         self._gc_task: asyncio.Task[None] | None = None
         self._closed_since_collect = 0
         self._frozen = False  # not gc.get_freeze_count(): it walks every frozen object
+        self.mailbox = None
+        if mailbox is not None:
+            self.mailbox = Mailbox(
+                mailbox, self._send_text, self._push_text, self.protocol.fingerprint_of
+            )
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -205,6 +222,8 @@ class SignalingServer(AsyncClosing):
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+        if self.mailbox is not None:
+            await self.mailbox.close()
 
     # --- HTTP: /healthz ----------------------------------------------------------------
 
@@ -240,7 +259,16 @@ class SignalingServer(AsyncClosing):
         self._timer_changed.set()
         try:
             async for message in ws:
+                if self.mailbox is not None and is_mailbox_frame(message):
+                    # Mailbox frames (docs/messaging.md §12): async, their own limits.
+                    assert isinstance(message, str)
+                    await self.mailbox.receive(cid, self.protocol.name_of(cid), message)
+                    continue
                 self._dispatch(self._receive(cid, message, loop.time()))
+                if self.mailbox is not None and self.protocol.name_of(cid) is not None:
+                    ws.protocol.max_message_size = max(  # registered: envelopes may be big
+                        self.config.max_message_size * HARD_LIMIT_FACTOR, MAX_MAILBOX_FRAME
+                    )
                 self._check_timer()  # an invitation or an accept set a call timer
                 if len(message) > RELEASE_SIZE and not outbox.pinging:
                     outbox.pinging = True  # see _Ping
@@ -252,6 +280,8 @@ class SignalingServer(AsyncClosing):
         finally:
             self._closed_since_collect += 1
             self._outboxes.pop(cid, None)
+            if self.mailbox is not None:
+                self.mailbox.disconnect(cid)
             self._dispatch(self.protocol.disconnect(cid, loop.time()))
             self._timer_changed.set()
             writer.cancel()
@@ -290,6 +320,34 @@ class SignalingServer(AsyncClosing):
             outbox.size += size
             outbox.queue.put_nowait(item)
 
+    def _send_text(self, cid: int, text: str) -> None:
+        """Queue a mailbox answer on a connection (closed as too slow if it does not read)."""
+        outbox = self._outboxes.get(ConnectionId(cid))
+        if outbox is None:
+            return
+        if outbox.size + len(text) > MAILBOX_OUTBOX_BYTES or outbox.queue.full():
+            logger.warning("! connection %d does not read its messages: closing it", cid)
+            del self._outboxes[ConnectionId(cid)]
+            self._spawn(outbox.ws.close(1008, "too slow"))
+            return
+        outbox.size += len(text)
+        outbox.queue.put_nowait(text)
+
+    def _push_text(self, name: str, text: str) -> bool:
+        """Queue a ``mail`` push for ``name`` if online with room; else flag ``mail_waiting``."""
+        cid = self.protocol.connection_of(name)
+        outbox = self._outboxes.get(cid) if cid is not None else None
+        if outbox is None:
+            return False
+        if (outbox.size and outbox.size + len(text) > self.config.max_outbox_bytes) or (
+            outbox.queue.qsize() >= outbox.queue.maxsize // 2
+        ):
+            outbox.mail_waiting = True  # told once its outbox drained (_writer)
+            return False
+        outbox.size += len(text)
+        outbox.queue.put_nowait(text)
+        return True
+
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
@@ -310,6 +368,9 @@ class SignalingServer(AsyncClosing):
                     continue
                 await ws.send(item)
                 outbox.size -= len(item)
+                if outbox.mail_waiting and outbox.queue.empty():
+                    outbox.mail_waiting = False
+                    await ws.send(_MAIL_WAITING)
         except ConnectionClosed:
             pass
 

@@ -45,6 +45,9 @@ def test_demo_json_report(tmp_path) -> None:
     seal = report["seal"]  # Quantum Cloud Seal: a document approved by bob, verified offline
     assert seal["verified"] and seal["inclusion_verified"] and seal["log_size"] == 2
     assert seal["workflow"] == "approved (1 of 1: bob)"
+    messages, files = report["messages"], report["files"]  # Quantum Secret
+    assert messages["sent"] == messages["received"] == 2 and messages["mode"] == "hybrid"
+    assert files["sha256_match"] and files["size"] == 1024 * 1024
     # The callee's own recording, kept in --state, holds the tone.
     assert (tmp_path / "bob.wav").stat().st_size > 48000 * 2
     assert (tmp_path / "alice" / "identity.key").stat().st_mode & 0o777 == 0o600

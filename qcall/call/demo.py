@@ -107,7 +107,9 @@ async def run_demo(
             )
             await net.wait_ready(timeout=120)
             timings["network_ready"] = round((time.monotonic() - t0) * 1000)
-            sig = SignalingServer()
+            from signaling.store import SQLiteMessageStore
+
+            sig = SignalingServer(mailbox=SQLiteMessageStore(state / "signaling-messages.db"))
             await sig.start("127.0.0.1", 0)
             try:
                 url = f"ws://127.0.0.1:{sig.port}"
@@ -144,10 +146,19 @@ async def run_demo(
                         if proc.returncode is None:
                             proc.kill()
                     raise DemoError(f"the call did not finish within {limit:g} s") from None
+                # --- Quantum Secret (qcall/messaging/demo.py): a message and a file ---
+                from qcall.messaging.demo import run_messaging_demo
+
+                progress("Quantum Secret: alice and bob exchange a message and a file")
+                messaging = await run_messaging_demo(
+                    url, homes, net.network_file, state / "messaging"
+                )
+                # --- end of the messaging part ---
                 network_status = net.status()
             finally:
                 await sig.close()
         report = _analyse(state, route, tone_hz, network_status, codes)
+        report.update(messaging)
         # --- Quantum Cloud Seal (qcall/seal/demo.py): a document approved by bob ---
         from qcall.seal.demo import run_seal_demo
 
@@ -259,6 +270,13 @@ def check_report(report: dict[str, Any]) -> list[str]:
     failures = report["decrypt_failures"]
     if any(failures.values()):
         problems.append(f"SRTP decrypt failures: {failures}")
+    messages, files = report.get("messages"), report.get("files")  # qcall/messaging/demo.py
+    if messages is not None and (messages["received"] != messages["sent"] or not messages["sent"]):
+        problems.append(f"messages: {messages['sent']} sent, {messages['received']} received")
+    if messages is not None and messages["mode"] != "hybrid":
+        problems.append(f"messaging mode is {messages['mode']}, not hybrid")
+    if files is not None and not files["sha256_match"]:
+        problems.append("the file bob received does not match alice's SHA-256")
     seal = report.get("seal")  # Quantum Cloud Seal (qcall/seal/demo.py)
     if seal is not None and not (seal["verified"] and seal["inclusion_verified"]):
         problems.append(f"the sealed document did not verify: {seal['failures']}")

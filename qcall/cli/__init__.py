@@ -22,7 +22,7 @@ __all__ = ["main"]
 #: Subcommand modules, in the order ``--help`` lists them (``call`` also adds ``listen``).
 COMMANDS = (
     "init", "demo", "call", "identity", "contacts", "qkd", "pki", "network", "network_site",
-    "devices", "bench", "org", "seal", "seal_log",
+    "devices", "bench", "org", "seal", "seal_log", "messaging",
 )  # fmt: skip
 
 

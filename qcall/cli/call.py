@@ -55,6 +55,7 @@ _CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "key_source": dict,
     "network": str,
     "ice_servers": list,
+    "messaging": dict,  # qcall send/inbox/chat (qcall/cli/messaging.py)
 }
 #: URL schemes of RTCIceServer ``urls`` (RFC 7064 STUN, RFC 7065 TURN).
 _ICE_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
@@ -87,23 +88,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("connection and keys")
-    g.add_argument("--config", metavar="FILE", help="TOML config (default: HOME/config.toml)")
-    g.add_argument("--signaling", metavar="URL", help=f"signaling server ({DEFAULT_SIGNALING})")
-    g.add_argument(
-        "--signaling-ca",
-        metavar="FILE",
-        help="CA certificate that signed a wss:// server's certificate (default: system CAs)",
-    )
-    g.add_argument("--kme", metavar="URL", help="ETSI GS QKD 014 KME of this user's site")
-    g.add_argument("--cert", metavar="FILE", help="SAE client certificate for the KME")
-    g.add_argument("--key", metavar="FILE", help="its private key")
-    g.add_argument("--ca", metavar="FILE", help="CA that signed the KME's certificate")
-    g.add_argument("--key-source", metavar="URL", help="other key source, e.g. keyfile:PATH")
-    g.add_argument(
-        "--network", metavar="FILE", help="network.json of `qcall network`: take our SAE's KME"
-    )
-    g.add_argument("--sae", metavar="ID", help="this user's SAE ID (default: the user name)")
+    g = add_connection_arguments(p)
     g.add_argument(
         "--ice-server",
         action="append",
@@ -144,6 +129,28 @@ def _common(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="discard the audio received (no speaker, no warning about its absence)",
     )
+
+
+def add_connection_arguments(p: argparse.ArgumentParser) -> Any:
+    """``--config``, ``--signaling`` and the key source flags (also ``qcall send`` &c.)."""
+    g = p.add_argument_group("connection and keys")
+    g.add_argument("--config", metavar="FILE", help="TOML config (default: HOME/config.toml)")
+    g.add_argument("--signaling", metavar="URL", help=f"signaling server ({DEFAULT_SIGNALING})")
+    g.add_argument(
+        "--signaling-ca",
+        metavar="FILE",
+        help="CA certificate that signed a wss:// server's certificate (default: system CAs)",
+    )
+    g.add_argument("--kme", metavar="URL", help="ETSI GS QKD 014 KME of this user's site")
+    g.add_argument("--cert", metavar="FILE", help="SAE client certificate for the KME")
+    g.add_argument("--key", metavar="FILE", help="its private key")
+    g.add_argument("--ca", metavar="FILE", help="CA that signed the KME's certificate")
+    g.add_argument("--key-source", metavar="URL", help="other key source, e.g. keyfile:PATH")
+    g.add_argument(
+        "--network", metavar="FILE", help="network.json of `qcall network`: take our SAE's KME"
+    )
+    g.add_argument("--sae", metavar="ID", help="this user's SAE ID (default: the user name)")
+    return g
 
 
 # --- settings ----------------------------------------------------------------------------

@@ -104,6 +104,12 @@ def _print(report: dict[str, Any]) -> None:
                   f"one-way {audio['one_way_ms']} ms ({audio['chirps_found']} chirps)")  # fmt: skip
     rtcp = report["rtcp"]
     table.add_row("RTCP", f"RTT {rtcp['rtt_ms']} ms, lost {rtcp['packets_lost']}")
+    messages, files = report.get("messages"), report.get("files")  # Quantum Secret
+    if messages is not None and files is not None:
+        ok = "[green]SHA-256 match[/]" if files["sha256_match"] else "[red]SHA-256 MISMATCH[/]"
+        counts = f"{messages['sent']} sent, {messages['received']} received"
+        sent_file = f"file {files['name']} {files['size']} bytes: {ok}"
+        table.add_row("messages", f"{counts} ({messages['mode']}); {sent_file}")
     seal = report.get("seal")  # Quantum Cloud Seal (qcall/seal/demo.py)
     if seal is not None:
         ok = "[green]verified[/]" if seal["verified"] else "[red]NOT verified[/]"

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +82,7 @@ def register(subparsers: Any) -> None:
     )
     request.add_argument("--reason", default="", help="what is asked")
     request.add_argument("--out", metavar="FILE.qseal")
+    _signaling_flag(request)
     request.set_defaults(func=cmd_request)
 
     inbox = sub.add_parser("inbox", help="approvals waiting for you")
@@ -91,6 +94,7 @@ def register(subparsers: Any) -> None:
         p.add_argument("workflow", help="workflow ID (at least 8 hex digits)")
         p.add_argument("--file", help="your copy of the document (default: the requester's)")
         p.add_argument("--reason", required=verb == "reject", default="")
+        _signaling_flag(p)
         p.set_defaults(func=cmd_decide, approve=verb == "approve")
 
     status = sub.add_parser("status", help="show a workflow")
@@ -106,6 +110,37 @@ def register(subparsers: Any) -> None:
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+
+def _signaling_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--signaling",
+        metavar="URL",
+        help="also notify by qcall message through this server (default: the config's "
+        "'signaling', if any)",
+    )
+
+
+@contextlib.asynccontextmanager
+async def _notifier(args: argparse.Namespace, workflows: Path) -> AsyncIterator[Any]:
+    """The workflow notifier: by qcall message too when a signaling server is configured."""
+    from qcall.cli.messaging import configured_signaling, messenger_args, open_messenger
+    from qcall.seal.notify import MessagingNotifier, make_notifier
+
+    url = configured_signaling(args)
+    if url is None:
+        yield make_notifier(workflows)
+        return
+    async with open_messenger(messenger_args(args.home, url)) as messenger:
+        notifier = make_notifier(workflows, messenger.client.send_text)
+        yield notifier
+        assert isinstance(notifier, MessagingNotifier)
+        for recipient, error in await notifier.flush():
+            print(f"qcall: warning: no message to {recipient} ({error}); the notice is in "
+                  f"the workflow inbox", file=sys.stderr)  # fmt: skip
+        sent = sorted({m for m, _ in notifier.sent})
+        if sent:
+            print(f"  notified  {', '.join(sent)} by qcall message ({messenger.mode})")
 
 
 def _home(args: argparse.Namespace) -> SealHome:
@@ -203,7 +238,7 @@ def cmd_request(args: argparse.Namespace) -> int:
 
 async def _sign(args: argparse.Namespace, policy: Any) -> int:
     from qcall import config
-    from qcall.seal.notify import WorkflowStore, make_notifier
+    from qcall.seal.notify import WorkflowStore
     from qcall.seal.service import Signer, seal_document
     from qcall.seal.workflow import Workflow
 
@@ -225,11 +260,11 @@ async def _sign(args: argparse.Namespace, policy: Any) -> int:
         store = WorkflowStore(home.workflows())
         document = str(Path(args.file).resolve())
         wid = store.save(bundle, document=document, bundle_path=str(out.resolve()))
-        notifier = make_notifier(home.workflows())
         workflow = Workflow(bundle.seal.statement, signer.name, signer.member.issuer_fingerprint)
-        for notice in workflow.start():
-            notifier.notify(notice, bundle, document)
         print(f"  workflow  {wid[:16]}  waiting for {', '.join(workflow.waiting_for())}")
+        async with _notifier(args, home.workflows()) as notifier:
+            for notice in workflow.start():
+                notifier.notify(notice, bundle, document)
     return 0
 
 
@@ -364,7 +399,7 @@ async def _decide(args: argparse.Namespace) -> int:
     from qcall import config
     from qcall.exceptions import ConfigError
     from qcall.org import OrgTrust
-    from qcall.seal.notify import WorkflowStore, make_notifier
+    from qcall.seal.notify import WorkflowStore
     from qcall.seal.service import Signer, decide, hash_file
 
     home = _home(args)
@@ -372,7 +407,6 @@ async def _decide(args: argparse.Namespace) -> int:
     signer = Signer.load(qhome)
     store = WorkflowStore(home.workflows())
     wid = store.resolve(args.workflow)
-    notifier = make_notifier(home.workflows())
     with store.locked(wid):
         bundle, meta = store.load(wid)
         document = args.file or meta.get("document")
@@ -391,11 +425,12 @@ async def _decide(args: argparse.Namespace) -> int:
             _write_bundle(Path(target), bundle)
         except ConfigError as exc:
             print(f"qcall: warning: could not update {target}: {exc}", file=sys.stderr)
-    notifier.clear(signer.name, wid)
-    for notice in notices:
-        notifier.notify(notice, bundle, meta.get("document"))
     verb = "Approved" if args.approve else "Rejected"
     print(f"{verb} {bundle.seal.statement.document_name!r}: workflow {report.workflow}")
+    async with _notifier(args, home.workflows()) as notify:
+        notify.clear(signer.name, wid)
+        for notice in notices:
+            notify.notify(notice, bundle, meta.get("document"))
     return 0
 
 

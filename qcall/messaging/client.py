@@ -18,7 +18,9 @@ Durability rules (why ``kill -9`` loses nothing and never reuses a key):
 
 * sending: the session advances, and the history row and outbox entry are
   written, in one transaction; only then does the envelope leave (``client_ref``
-  = a hash of it, so a resend after a crash is idempotent at the server);
+  = a hash of it, so a resend after a crash is idempotent at the server). The
+  entry is deleted with the next message's transaction, so one message costs
+  one commit;
 * receiving: the session advances, and the message, the envelope id
   (``processed``) and any consumed one-time prekey or QKD key are written, in
   one transaction; only then is the envelope acknowledged. An envelope id seen
@@ -113,6 +115,9 @@ __all__ = ["MessagingClient"]
 
 logger = logging.getLogger(__name__)
 
+#: Acknowledged outbox entries kept before they are deleted on their own.
+_SENT_BATCH = 256
+
 
 class MessagingClient:
     """One user's messaging endpoint (see the module docstring).
@@ -151,6 +156,9 @@ class MessagingClient:
         self.backend = backend or pqc.get_backend()
         self.sae_id = self.config.sae_id or identity.name
         self.files = FileTransfers(self)
+        # Outbox entries the server acknowledged, deleted with the next transaction
+        # (one commit per message instead of two; a resend is idempotent).
+        self._sent: set[int] = set()
 
     def __repr__(self) -> str:
         return f"<MessagingClient {self.me.name}>"
@@ -247,24 +255,37 @@ class MessagingClient:
             qkd = await self._qkd_for(session, to)
             now = self.clock()
             wire = session.encrypt(content.padded(), now, qkd)
+            sent = list(self._sent)
             with self.store.transaction():
+                self.store.remove_outbox(sent)
                 self.store.save_session(session.state, now)
                 if history:
                     self.store.add_history(
                         to, content.message_id, outgoing=True, now=now, body=content.serialize()
                     )
                 self.store.add_outbox(to, wire, now)
+            self._sent.difference_update(sent)
         await self.flush_outbox()
         return content.message_id
 
     async def flush_outbox(self) -> int:
-        """Send every committed envelope not yet acknowledged by the server."""
-        entries = self.store.outbox()
+        """Send every committed envelope not yet acknowledged by the server.
+
+        An acknowledged entry is deleted from the store with the next message's
+        transaction (or here, once :data:`_SENT_BATCH` are waiting): after a crash
+        it is sent again with the same ``client_ref``, which the server answers
+        with the same envelope id without storing it twice.
+        """
+        entries = [e for e in self.store.outbox() if e.id not in self._sent]
         for entry in entries:
             ref = hashlib.sha256(entry.recipient.encode() + b"\0" + entry.envelope).digest()[:16]
             await self.transport.send(entry.recipient, entry.envelope, ref)
+            self._sent.add(entry.id)
+        if len(self._sent) >= _SENT_BATCH:
+            sent = list(self._sent)
             with self.store.transaction():
-                self.store.remove_outbox([entry.id])
+                self.store.remove_outbox(sent)
+            self._sent.difference_update(sent)
         return len(entries)
 
     async def _session_for(self, peer: str) -> Session:
@@ -340,14 +361,25 @@ class MessagingClient:
             envelopes = await self.transport.fetch(after)
             if not envelopes:
                 break
-            done = []
-            for envelope in envelopes:
-                after = max(after, envelope.id)
-                if not self.store.processed(envelope.id):
-                    events += await self.process(envelope)
-                done.append(envelope.id)
-            await self.transport.ack(done)
+            after = max(after, *(e.id for e in envelopes))
+            events += await self.deliver(envelopes, retry=False)
         events += await self.retry_pending()
+        return events
+
+    async def deliver(self, envelopes: Sequence[Envelope], *, retry: bool = True) -> list[Event]:
+        """Process envelopes the transport pushed (or fetched), then acknowledge them.
+
+        Envelopes processed before (the server re-delivers after our crash) are
+        only acknowledged. With ``retry``, envelopes kept for later are retried too.
+        """
+        events: list[Event] = []
+        for envelope in envelopes:
+            if not self.store.processed(envelope.id):
+                events += await self.process(envelope)
+        if envelopes:
+            await self.transport.ack([e.id for e in envelopes])
+        if retry and events:
+            events += await self.retry_pending()
         return events
 
     async def process(self, envelope: Envelope) -> list[Event]:

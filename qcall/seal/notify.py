@@ -13,10 +13,11 @@ restarts and every approver sees every earlier decision::
 **Notifiers.** The workflow core emits :class:`~qcall.seal.workflow.Notify`
 outputs; a :class:`Notifier` delivers them. :class:`DirectoryNotifier` (the
 default, needs nothing else) drops a notice in the recipient's inbox directory,
-which ``qcall seal inbox`` lists. **Messaging hook:** a notifier that sends the
-notice (and the bundle as an attachment) as a qcall message implements the same
-one-method protocol — ``notify(notice, bundle, document)`` — and is chosen in
-:func:`make_notifier` once :mod:`qcall.messaging` exists (docs/seal.md §6.3).
+which ``qcall seal inbox`` lists. :class:`MessagingNotifier` (chosen by
+:func:`make_notifier` when a signaling server is configured) does the same and
+also sends each notice to its recipient as an end-to-end encrypted qcall message
+(docs/messaging.md, ``qcall inbox``), through a ``send(recipient, text)``
+coroutine the caller provides (docs/seal.md §6.3).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import fcntl
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,7 +36,14 @@ from qcall.exceptions import ConfigError, SealFormatError, WorkflowError
 from qcall.seal.bundle import SealBundle
 from qcall.seal.workflow import Notify
 
-__all__ = ["DirectoryNotifier", "Notifier", "WorkflowStore", "make_notifier"]
+__all__ = [
+    "DirectoryNotifier",
+    "MessagingNotifier",
+    "Notifier",
+    "WorkflowStore",
+    "make_notifier",
+    "notice_text",
+]
 
 _ID = re.compile(r"[0-9a-f]{96}")
 _PREFIX = re.compile(r"[0-9a-f]{8,96}")
@@ -159,6 +167,65 @@ class DirectoryNotifier:
             (self.directory / user / f"{wid}.json").unlink()
 
 
-def make_notifier(workflows: str | os.PathLike[str]) -> DirectoryNotifier:
-    """The notifier ``qcall seal`` uses (the messaging notifier plugs in here)."""
+def notice_text(notice: Notify, bundle: SealBundle, document: str | None) -> str:
+    """The message text of a notice (what an approver reads in ``qcall inbox``)."""
+    seal = bundle.seal.statement
+    wid = notice.workflow_id[:16]
+    about = f"{seal.document_name!r}" + (f" ({seal.reason})" if seal.reason else "")
+    if notice.what == "review":
+        where = f" --file {document}" if document else " --file DOCUMENT"
+        return (
+            f"[qcall seal] your approval is requested for {about}, workflow {wid}. "
+            f"Review the document, then: qcall seal approve {wid}{where} "
+            f"(or qcall seal reject {wid}{where})"
+        )
+    detail = f": {notice.detail}" if notice.detail else ""
+    return f"[qcall seal] {about}, workflow {wid}: {notice.what}{detail}"
+
+
+#: ``send(recipient, text)``: deliver one message (:meth:`MessagingClient.send_text`).
+Send = Callable[[str, str], Awaitable[object]]
+
+
+class MessagingNotifier(DirectoryNotifier):
+    """Notices in ``inbox/`` as :class:`DirectoryNotifier`, and as qcall messages.
+
+    :meth:`notify` is synchronous (the workflow code calls it): it writes the
+    notice file and queues the message; :meth:`flush` sends what is queued.
+    A message that cannot be sent is reported by :meth:`flush`; the notice file
+    stays, so nothing is lost.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], send: Send) -> None:
+        super().__init__(directory)
+        self._send = send
+        self.queued: list[tuple[str, str]] = []
+        #: ``(recipient, text)`` of every message sent.
+        self.sent: list[tuple[str, str]] = []
+
+    def notify(self, notice: Notify, bundle: SealBundle, document: str | None) -> None:
+        super().notify(notice, bundle, document)
+        self.queued.append((notice.recipient, notice_text(notice, bundle, document)))
+
+    async def flush(self) -> list[tuple[str, str]]:
+        """Send the queued messages; returns ``(recipient, error)`` for those that failed."""
+        from qcall.exceptions import QCallError
+
+        failed = []
+        queued, self.queued = self.queued, []
+        for recipient, text in queued:
+            try:
+                await self._send(recipient, text)
+            except QCallError as exc:
+                failed.append((recipient, str(exc)))
+            else:
+                self.sent.append((recipient, text))
+        return failed
+
+
+def make_notifier(workflows: str | os.PathLike[str], send: Send | None = None) -> DirectoryNotifier:
+    """The notifier ``qcall seal`` uses: with ``send`` (a signaling server is
+    configured), a :class:`MessagingNotifier`."""
+    if send is not None:
+        return MessagingNotifier(workflows, send)
     return DirectoryNotifier(workflows)

@@ -27,6 +27,7 @@ import secrets
 import ssl as ssl_module
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -59,7 +60,7 @@ from qcall.signaling.messages import (
     parse_server_message,
 )
 
-__all__ = ["Disconnected", "Event", "SignalingClient", "new_call_id"]
+__all__ = ["Disconnected", "Event", "FrameListener", "SignalingClient", "new_call_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,17 @@ class Disconnected:
 
     reason: str
     final: bool = False
+
+
+class FrameListener(Protocol):
+    """Takes frames of another protocol on the same connection (e.g. the mailbox,
+    :mod:`qcall.messaging.transport`) before the client parses them."""
+
+    def frame(self, text: str) -> bool:
+        """Handle ``text`` if it is ours; ``True``: consumed (not an event)."""
+
+    def disconnected(self) -> None:
+        """The connection was lost (requests in flight will get no answer)."""
 
 
 #: What iterating a :class:`SignalingClient` yields.
@@ -151,6 +163,7 @@ class SignalingClient(AsyncClosing):
         self._fatal: str | None = None
         self._finished = False
         self._registered = asyncio.Event()
+        self._listeners: list[FrameListener] = []
 
     def __repr__(self) -> str:
         return f"<SignalingClient {self.name} {self.fingerprint[:16]}… {self.url}>"
@@ -206,6 +219,10 @@ class SignalingClient(AsyncClosing):
             TimeoutError: not registered within ``timeout`` seconds.
         """
         await asyncio.wait_for(self._registered.wait(), timeout)
+
+    def add_listener(self, listener: FrameListener) -> None:
+        """Give ``listener`` the first look at every frame (see :class:`FrameListener`)."""
+        self._listeners.append(listener)
 
     # --- events -------------------------------------------------------------------------
 
@@ -362,6 +379,8 @@ class SignalingClient(AsyncClosing):
                 pass
             self._ws = None
             self._registered.clear()
+            for listener in self._listeners:
+                listener.disconnected()
             reason = f"connection closed (code {ws.close_code}) {ws.close_reason or ''}".strip()
             if self._closing or self._fatal or not self.reconnect:
                 break
@@ -393,6 +412,10 @@ class SignalingClient(AsyncClosing):
         return None
 
     def _handle(self, text: str | bytes) -> None:
+        if isinstance(text, str):
+            for listener in self._listeners:
+                if listener.frame(text):
+                    return
         try:
             msg = parse_server_message(text)
         except SignalingProtocolError as exc:

@@ -305,6 +305,8 @@ def _required(f: Field[Any]) -> bool:
 
 
 def _to_json(value: Any) -> Any:
+    if hasattr(value, "to_json"):  # a nested object of another module's frames
+        return value.to_json()
     if isinstance(value, bytes):
         return _b64(value)
     if isinstance(value, tuple):

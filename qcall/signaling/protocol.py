@@ -291,6 +291,14 @@ class SignalingProtocol:
         conn = self._connections.get(connection)
         return conn.name if conn else None
 
+    def connection_of(self, name: str) -> ConnectionId | None:
+        """Return the connection ``name`` is registered on, if online."""
+        return self._online.get(PeerId(name))
+
+    def fingerprint_of(self, name: str) -> str | None:
+        """Return the identity fingerprint pinned for ``name``, if any."""
+        return self._pins.fingerprint(PeerId(name))
+
     def get_timer(self) -> float | None:
         """Return when :meth:`handle_timer` should next run, or ``None``."""
         return self._timers[0][0] if self._timers else None

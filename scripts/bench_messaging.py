@@ -1,0 +1,473 @@
+#!/usr/bin/env python3
+"""Messaging through one signaling server on loopback: throughput, latency, files, QKD use.
+
+Usage::
+
+    python scripts/bench_messaging.py [--runs 3] [--messages 4000] [--pairs 8]
+                                      [--rate 500] [--seconds 4] [--file-mb 100] [--json]
+
+The server is a real ``python -m signaling`` process with its SQLite mailbox in a
+temporary directory (``synchronous=FULL``: every acknowledged envelope is on
+disk). Clients run in this process, each with its own store and signaling
+connection. Every figure is measured twice in the same run, over the same path:
+
+* **encrypted**: :class:`~qcall.messaging.client.MessagingClient` (ratchet, AES-GCM,
+  the client store's transactions, receipts not sent), recipients online, pushed
+  envelopes processed and acknowledged;
+* **plain** (the baseline): the same bytes' worth of unencrypted messages through
+  the same :class:`~qcall.messaging.transport.SignalingTransport` calls and the same
+  server, recipients acknowledging what is pushed.
+
+Throughput: ``--pairs`` senders each send ``--messages / pairs`` messages to their
+own recipient, back to back (each send waits for the server's commit); the time
+runs from the first send to the last message processed. Latency: the same pairs
+paced at ``--rate`` messages/s in all for ``--seconds``, from the send call to
+the recipient's processing. Files: one ``--file-mb`` MB file, encrypted
+(:meth:`MessagingClient.send_file` to the ``FileReceived`` event, SHA-256
+checked) vs the same chunks sent plain. QKD: keys taken from a counting key
+source under the default policy, and the messages/s one Beijing–Hefei route of
+the simulated network sustains from its modelled key rate.
+
+Medians of ``--runs`` runs are printed, with the ratios encrypted/plain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from qcall import pqc  # noqa: E402
+from qcall.contacts import ContactStore  # noqa: E402
+from qcall.identity import Identity  # noqa: E402
+from qcall.messaging.api import ClientConfig, FileReceived, MessageReceived  # noqa: E402
+from qcall.messaging.client import MessagingClient  # noqa: E402
+from qcall.messaging.ratchet import QKDPolicy  # noqa: E402
+from qcall.messaging.store import ClientStore  # noqa: E402
+from qcall.messaging.transport import SignalingTransport  # noqa: E402
+from qcall.qkd.client import KeySource, QKDKey  # noqa: E402
+from qcall.qkd.keyfile import KeyFileSource, create_key_files  # noqa: E402
+from qcall.signaling.client import SignalingClient  # noqa: E402
+
+CHUNK = 256 * 1024
+
+
+# --- set-up ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def server_process(directory: Path) -> Any:
+    """``python -m signaling`` on a free loopback port; yields its URL."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "signaling", "--port", "0", "--mailbox",
+         str(directory / "server.db"), "--rate", "1000000", "--burst", "1000000"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        yield "ws://" + line.rsplit("ws://", 1)[1].strip()
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+class CountingSource:
+    """A key source that counts the QKD keys and bytes it hands out."""
+
+    def __init__(self, inner: KeySource) -> None:
+        self.inner, self.keys, self.bytes = inner, 0, 0
+
+    async def get_key(self, peer_sae_id: str, size_bits: int | None = None) -> QKDKey:
+        key = await self.inner.get_key(peer_sae_id, size_bits)
+        self.keys, self.bytes = self.keys + 1, self.bytes + len(key.key)
+        return key
+
+    async def get_key_by_id(self, peer_sae_id: str, key_id: str) -> QKDKey:
+        return await self.inner.get_key_by_id(peer_sae_id, key_id)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@dataclass
+class Peer:
+    client: MessagingClient
+    link: SignalingClient
+    transport: SignalingTransport
+
+
+async def make_peer(
+    url: str, directory: Path, name: str, source: Any = None, **config: Any
+) -> Peer:
+    seed = hashlib.sha256(b"bench " + name.encode()).digest()
+    identity = Identity.from_seed(name, pqc.SignatureScheme.ML_DSA_65, seed)
+    home = directory / name
+    home.mkdir(parents=True, exist_ok=True)
+    link = SignalingClient(url, identity.signing_key, name, timeout=60)
+    transport = SignalingTransport(link, timeout=120)
+    client = MessagingClient(
+        identity,
+        ClientStore(home / "messages.db", identity.signing_key.seed_bytes()),
+        transport,
+        ContactStore(home / "contacts.json"),
+        key_source=source,
+        config=ClientConfig(one_time_prekeys=5, low_water=1, **config),
+    )
+    await link.connect()
+    await client.ensure_prekeys()
+    return Peer(client, link, transport)
+
+
+@contextlib.asynccontextmanager
+async def peers(url: str, directory: Path, pairs: int, tag: str) -> AsyncIterator[list[Peer]]:
+    made = []
+    try:
+        for i in range(pairs):
+            made.append(await make_peer(url, directory, f"{tag}s{i}"))
+            made.append(await make_peer(url, directory, f"{tag}r{i}"))
+        yield made
+    finally:
+        for p in made:
+            await p.link.close()
+            p.client.store.close()
+
+
+# --- receivers ----------------------------------------------------------------------------
+
+
+async def receive_loop(
+    peer: Peer, encrypted: bool, expected: int, seen: Callable[[bytes], None]
+) -> None:
+    """Process what is pushed until ``expected`` messages arrived; ``seen(payload)`` each."""
+    got = 0
+    ids: set[int] = set()
+    transport = peer.transport
+    while got < expected:
+        await transport.wake.wait()
+        pushed = transport.take_pushed()
+        if encrypted:
+            events = await peer.client.deliver(pushed, retry=False)
+            if transport.fetch_needed:
+                events += await peer.client.receive()
+            for e in events:
+                if isinstance(e, MessageReceived):
+                    seen(e.content.text.encode())
+                    got += 1
+        else:
+            if transport.fetch_needed:
+                pushed += await transport.fetch(0, 500)
+            fresh = {e.id: e for e in pushed if e.id not in ids}
+            ids.update(fresh)
+            for e in fresh.values():
+                seen(e.data)
+            got += len(fresh)
+            if fresh:
+                await transport.ack(list(fresh))
+
+
+def stamp(i: int) -> bytes:
+    return f"{i}:{time.perf_counter():.9f}:".encode() + b"x" * 40
+
+
+async def send_one(peer: Peer, to: str, encrypted: bool, payload: bytes, i: int) -> None:
+    if encrypted:
+        await peer.client.send_text(to, payload.decode())
+    else:
+        await peer.transport.send(to, payload, hashlib.sha256(payload).digest()[:16])
+
+
+async def warm_up(pairs: list[Peer]) -> None:
+    """Set up every session (a prekey message each way) so runs measure the ratchet."""
+    for s, r in zip(pairs[::2], pairs[1::2], strict=True):
+        await s.client.send_text(r.client.me.name, "hello")
+        await r.client.receive()
+        await r.client.send_text(s.client.me.name, "hello")
+        await s.client.receive()
+
+
+# --- measurements -------------------------------------------------------------------------
+
+
+async def throughput(pair: list[Peer], encrypted: bool, per: int) -> tuple[float, float]:
+    """One pair: ``per`` messages back to back; returns (start, end) on the shared clock."""
+    s, r = pair
+    receiving = asyncio.create_task(receive_loop(r, encrypted, per, lambda _: None))
+    t0 = time.perf_counter()
+    for i in range(per):
+        await send_one(s, r.client.me.name, encrypted, stamp(i), i)
+    await receiving
+    return t0, time.perf_counter()
+
+
+async def latency(pair: list[Peer], encrypted: bool, rate: float, per: int) -> list[float]:
+    """One pair paced at ``rate`` messages/s: delivery latencies in ms."""
+    s, r = pair
+    out: list[float] = []
+
+    def seen(payload: bytes) -> None:
+        out.append((time.perf_counter() - float(payload.split(b":")[1])) * 1000)
+
+    receiving = asyncio.create_task(receive_loop(r, encrypted, per, seen))
+    start = time.perf_counter()
+    for i in range(per):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await send_one(s, r.client.me.name, encrypted, stamp(i), i)
+    await receiving
+    return out
+
+
+def pair_worker(url: str, directory: str, index: int, args: argparse.Namespace,
+                barrier: Any, results: Any) -> None:  # fmt: skip
+    """One process per sender/recipient pair (each user is its own process, as in life)."""
+    logging.disable(logging.WARNING)
+
+    async def run() -> dict[str, Any]:
+        async with peers(url, Path(directory), 1, f"w{index}") as pair:
+            await warm_up(pair)
+            out: dict[str, Any] = {}
+            per = args.messages // args.pairs
+            lat_per = int(args.rate * args.seconds / args.pairs)
+            for encrypted in (False, True):
+                kind = "encrypted" if encrypted else "plain"
+                await asyncio.to_thread(barrier.wait)
+                out[f"span_{kind}"] = await throughput(pair, encrypted, per)
+                await asyncio.to_thread(barrier.wait)
+                await asyncio.sleep(index / args.rate)  # spread the pairs' sends
+                out[f"lat_{kind}"] = await latency(pair, encrypted, args.rate / args.pairs, lat_per)
+            return out
+
+    results.put((index, asyncio.run(run())))
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def file_transfer(url: str, directory: Path, size_mb: int, tag: str) -> dict[str, float]:
+    """MB/s for one file: encrypted (send_file → FileReceived) vs plain chunks."""
+    path = directory / f"{tag}.bin"
+    with path.open("wb") as f:
+        for _ in range(size_mb):
+            f.write(os.urandom(1 << 20))
+    max_size = size_mb << 21
+    alice = await make_peer(url, directory, f"{tag}fa", max_file_size=max_size)
+    bob = await make_peer(url, directory, f"{tag}fb", max_file_size=max_size)
+    try:
+        await alice.client.send_text(bob.client.me.name, "hello")
+        await bob.client.receive()
+
+        async def until_file() -> FileReceived:
+            while True:
+                await bob.transport.wake.wait()
+                pushed = bob.transport.take_pushed()
+                events = await bob.client.deliver(pushed, retry=False)
+                if bob.transport.fetch_needed:
+                    events += await bob.client.receive()
+                for e in events:
+                    if isinstance(e, FileReceived):
+                        return e
+
+        t0 = time.perf_counter()
+        receiving = asyncio.create_task(until_file())
+        await alice.client.send_file(bob.client.me.name, path)
+        received = await receiving
+        encrypted = time.perf_counter() - t0
+        digest = hashlib.sha256(path.read_bytes()).digest()
+        assert hashlib.sha256(received.path.read_bytes()).digest() == digest, "file corrupted"
+        received.path.unlink()
+
+        chunks = (path.stat().st_size + CHUNK - 1) // CHUNK
+        t0 = time.perf_counter()
+        plain = asyncio.create_task(receive_loop(bob, False, chunks, lambda _: None))
+        with path.open("rb") as f:
+            for i in range(chunks):
+                data = f.read(CHUNK)
+                await bob_send(alice, bob.client.me.name, data, i)
+        await plain
+        plain_s = time.perf_counter() - t0
+    finally:
+        for p in (alice, bob):
+            await p.link.close()
+            p.client.store.close()
+        path.unlink()
+    mb = size_mb * 1.048576
+    return {"encrypted_MBps": mb / encrypted, "plain_MBps": mb / plain_s,
+            "ratio": encrypted / plain_s}  # fmt: skip
+
+
+async def bob_send(peer: Peer, to: str, data: bytes, i: int) -> None:
+    await peer.transport.send(to, data, hashlib.sha256(data + i.to_bytes(4, "big")).digest()[:16])
+
+
+async def qkd_use(url: str, directory: Path) -> dict[str, float]:
+    """QKD bytes per message and per MB of file under the default policy (measured)."""
+    create_key_files("qa", directory / "qa.keys", "qb", directory / "qb.keys", 200)
+    a_source = CountingSource(KeyFileSource(directory / "qa.keys"))
+    b_source = CountingSource(KeyFileSource(directory / "qb.keys"))
+    alice = await make_peer(url, directory, "qa", a_source)
+    bob = await make_peer(url, directory, "qb", b_source)
+    messages = 640
+    try:
+        for i in range(messages):
+            await alice.client.send_text("qb", f"message {i}")
+        await bob.client.receive()
+        per_message = a_source.bytes / messages
+        before = a_source.bytes
+        path = directory / "qkd-file.bin"
+        path.write_bytes(os.urandom(10 << 20))
+        await alice.client.send_file("qb", path)
+        per_mb = (a_source.bytes - before) / 10
+        await bob.client.receive()
+    finally:
+        for p in (alice, bob):
+            await p.link.close()
+            p.client.store.close()
+    return {"bytes_per_message": per_message, "bytes_per_MB_file": per_mb,
+            "keys_taken": a_source.keys, "messages": messages}  # fmt: skip
+
+
+def route_capacity(bytes_per_message: float) -> dict[str, Any]:
+    """Messages/s one Beijing–Hefei route sustains (trusted relays: the slowest link)."""
+    from qcall.qkd.sim import LinkParams
+    from qcall.qkd.topology import load_topology
+
+    topo = load_topology("beijing-hefei")
+    path = topo.shortest_path("Beijing", "Hefei")
+    assert path is not None
+    rates = [LinkParams(length_km=link.length_km).expected_secret_key_rate()
+             for link in topo.path_links(path)]  # fmt: skip
+    route = min(rates)
+    steady = QKDPolicy().key_size * 8 / QKDPolicy().every_messages
+    return {
+        "hops": len(path) - 1,
+        "route_key_rate_bps": route,
+        "bits_per_message_steady": steady,
+        "bits_per_message_measured": bytes_per_message * 8,
+        "messages_per_s_steady": route / steady,
+        "messages_per_s_measured": route / (bytes_per_message * 8) if bytes_per_message else None,
+    }
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+async def one_run(args: argparse.Namespace, directory: Path, run: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with server_process(directory) as url:
+        ctx = multiprocessing.get_context("fork")
+        barrier, results = ctx.Barrier(args.pairs), ctx.Queue()
+        workers = [
+            ctx.Process(target=pair_worker,
+                        args=(url, str(directory), i, args, barrier, results))
+            for i in range(args.pairs)
+        ]  # fmt: skip
+        for w in workers:
+            w.start()
+        got = [results.get(timeout=600)[1] for _ in workers]
+        for w in workers:
+            w.join()
+        per = args.messages // args.pairs * args.pairs
+        for kind in ("plain", "encrypted"):
+            spans = [g[f"span_{kind}"] for g in got]
+            out[f"throughput_{kind}"] = per / (max(e for _, e in spans) - min(b for b, _ in spans))
+            lat = [x for g in got for x in g[f"lat_{kind}"]]
+            out[f"p50_ms_{kind}"] = percentile(lat, 0.50)
+            out[f"p99_ms_{kind}"] = percentile(lat, 0.99)
+        if args.file_mb:
+            out.update(await file_transfer(url, directory, args.file_mb, f"f{run}"))
+    return out
+
+
+async def amain(args: argparse.Namespace) -> dict[str, Any]:
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="bench-messaging-") as tmp:
+        for run in range(args.runs):
+            directory = Path(tmp) / f"run{run}"
+            directory.mkdir()
+            result = await one_run(args, directory, run)
+            runs.append(result)
+            shown = ", ".join(f"{k} {v:.3g}" for k, v in result.items())
+            print(f"run {run + 1}/{args.runs}: {shown}", file=sys.stderr, flush=True)
+        directory = Path(tmp) / "qkd"
+        directory.mkdir()
+        with server_process(directory) as url:
+            qkd = await qkd_use(url, directory)
+    median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    median["time_ratio_encrypted_plain"] = (
+        median["throughput_plain"] / median["throughput_encrypted"]
+    )
+    return {"runs": args.runs, "messages": args.messages, "pairs": args.pairs,
+            "rate": args.rate, "file_mb": args.file_mb, "median": median, "qkd": qkd,
+            "route": route_capacity(qkd["bytes_per_message"])}  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--messages", type=int, default=4000, help="per throughput run")
+    parser.add_argument("--pairs", type=int, default=8, help="sender/recipient pairs")
+    parser.add_argument("--rate", type=float, default=500.0, help="messages/s for latency")
+    parser.add_argument("--seconds", type=float, default=4.0, help="latency run length")
+    parser.add_argument("--file-mb", type=int, default=100, help="file size (0: no file run)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    logging.disable(logging.WARNING)  # "pinned new contact" for every bench user
+    report = asyncio.run(amain(args))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    m, q, r = report["median"], report["qkd"], report["route"]
+    print(f"messaging through one signaling server, loopback, medians of {args.runs} runs")
+    print(
+        f"  throughput: encrypted {m['throughput_encrypted']:.0f} msg/s, plain "
+        f"{m['throughput_plain']:.0f} msg/s; time encrypted/plain "
+        f"{m['time_ratio_encrypted_plain']:.2f} ({args.pairs} pairs, {args.messages} msgs)"
+    )
+    print(
+        f"  latency at {args.rate:g} msg/s: encrypted p50 {m['p50_ms_encrypted']:.1f} ms, "
+        f"p99 {m['p99_ms_encrypted']:.1f} ms; plain p50 {m['p50_ms_plain']:.1f} ms, "
+        f"p99 {m['p99_ms_plain']:.1f} ms"
+    )
+    if args.file_mb:
+        print(
+            f"  file {args.file_mb} MB: encrypted {m['encrypted_MBps']:.1f} MB/s, plain "
+            f"{m['plain_MBps']:.1f} MB/s; time ratio {m['ratio']:.2f}"
+        )
+    print(
+        f"  QKD: {q['bytes_per_message']:.2f} bytes/message ({q['keys_taken']} keys for "
+        f"{q['messages']} messages incl. set-up), {q['bytes_per_MB_file']:.2f} bytes/MB of file"
+    )
+    print(f"  Beijing–Hefei route ({r['hops']} hops): {r['route_key_rate_bps']:.0f} bit/s "
+          f"→ {r['messages_per_s_steady']:.0f} msg/s at {r['bits_per_message_steady']:g} "
+          f"bit/message (policy steady state), {r['messages_per_s_measured']:.0f} msg/s as "
+          f"measured")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
