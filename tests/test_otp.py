@@ -239,9 +239,10 @@ def test_pool_low_ends_or_falls_back_and_says_so_before_running_dry(
 def test_hostile_control_messages_end_the_stream_cleanly() -> None:
     for data in (
         b"",
-        b"\x02" + bytes(6),
-        bytes([1, 9, 0, 0, 0, 0, 0]),
-        bytes([1, 1, 0, 0, 0, 0, 2, 5]),
+        b"QOTP\x02" + bytes(6),
+        b"QCHS" + bytes([1, 1, 0, 0, 0, 0, 0]),
+        b"QOTP" + bytes([1, 9, 0, 0, 0, 0, 0]),
+        b"QOTP" + bytes([1, 1, 0, 0, 0, 0, 2, 5]),
     ):
         proto = KeyStreamProtocol()
         proto.receive_data(data)

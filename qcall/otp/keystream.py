@@ -46,6 +46,7 @@ from qcall.otp.packet import PadReceiver, PadSender, key_bytes_per_packet
 
 __all__ = [
     "BLOCK_BITS",
+    "MAGIC",
     "Budget",
     "ControlMessage",
     "FellBackToHybrid",
@@ -62,6 +63,10 @@ logger = logging.getLogger(__name__)
 
 #: Size of one pad block (one ETSI 014 key), in bits: the KMEs' default maximum.
 BLOCK_BITS: Final = 4096
+
+#: First bytes of every control message (the call's control channel also carries
+#: handshake messages, which start with ``"QCHS"``).
+MAGIC: Final = b"QOTP"
 
 #: Control message version.
 VERSION: Final = 1
@@ -94,7 +99,9 @@ class MessageType(enum.IntEnum):
 
 @dataclass(frozen=True)
 class ControlMessage:
-    """One key-stream control message: ``u8 version ‖ u8 type ‖ u32 first ‖ u8 count ‖ body``.
+    """One key-stream control message (docs/otp.md §4.1).
+
+    ``"QOTP" ‖ u8 version ‖ u8 type ‖ u32 first ‖ u8 count ‖ body``.
 
     BLOCKS carries ``count`` key_IDs as ``u8 length ‖ ASCII``; ACK carries none
     (``count`` blocks accepted); NACK, END and FALLBACK carry one ``u8`` code.
@@ -120,7 +127,7 @@ class ControlMessage:
 
     def serialize(self) -> bytes:
         """The message's bytes."""
-        head = struct.pack("!BBIB", VERSION, self.type, self.first, self.count)
+        head = MAGIC + struct.pack("!BBIB", VERSION, self.type, self.first, self.count)
         if self.type is MessageType.BLOCKS:
             return head + b"".join(bytes([len(k)]) + k.encode("ascii") for k in self.key_ids)
         if self.type is MessageType.ACK:
@@ -134,16 +141,18 @@ class ControlMessage:
         Raises:
             ValueError: naming the bad field.
         """
-        if len(data) < 7:
-            raise ValueError("control message shorter than its 7-byte header")
-        version, kind, first, count = struct.unpack_from("!BBIB", data)
+        if len(data) < 11:
+            raise ValueError("control message shorter than its 11-byte header")
+        if data[:4] != MAGIC:
+            raise ValueError("field 'magic' is not QOTP")
+        version, kind, first, count = struct.unpack_from("!BBIB", data, 4)
         if version != VERSION:
             raise ValueError(f"field 'version' is {version}, expected {VERSION}")
         try:
             mtype = MessageType(kind)
         except ValueError:
             raise ValueError(f"field 'type' is unknown ({kind})") from None
-        body = data[7:]
+        body = data[11:]
         if mtype is MessageType.BLOCKS:
             ids, pos = [], 0
             for _ in range(count):
