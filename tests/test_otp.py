@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from qcall.exceptions import OTPPacketError
+from qcall.exceptions import OTPPacketError, QKDError
 from qcall.otp.capacity import call_key_rate_bps, predict_capacity, route_capacity
 from qcall.otp.keystream import (
     ControlMessage,
@@ -292,3 +292,40 @@ def test_parallel_calls_never_share_a_key_byte_and_drop_nothing_under_capacity()
     assert len(set(seen.values())) == len(seen)  # no two blocks alike either
     held = sim.ramp(10.0, 8)
     assert held in (4, 5)
+
+
+def test_a_restarted_key_stream_gets_fresh_blocks_from_the_kme() -> None:
+    """Kill a call's key streams mid-call, start new ones on the same KMEs: no block reused."""
+    from qcall.qkd.etsi014 import KeyRequest
+    from qcall.qkd.kme import KME, random_keys
+    from qcall.typing import KeyId, SAEId
+
+    kme_a, kme_b = KME("KME-A", key_size=4096), KME("KME-B", key_size=4096)
+    keys = random_keys(40, 4096)
+    kme_a.supply("alice", "bob", keys, role="master", peer_kme_id="KME-B")
+    kme_b.supply("alice", "bob", keys, role="slave", peer_kme_id="KME-A")
+    seen: list[bytes] = []
+    for _ in range(2):
+        sender, receiver = KeyStreamProtocol(), KeyStreamProtocol()
+        sender.start()
+        (wanted,) = sender.events_received()
+        assert isinstance(wanted, KeysWanted)
+        got = kme_a.enc_keys(SAEId("alice"), "bob", KeyRequest(wanted.number, 4096)).keys
+        sender.receive_keys([(k.key_id, k.key) for k in got])
+        for data in sender.data_to_send():
+            receiver.receive_data(data)
+        (needed,) = receiver.events_received()
+        assert isinstance(needed, PeerKeysNeeded)
+        ids = [KeyId(k) for k in needed.key_ids]
+        fetched = kme_b.dec_keys(SAEId("bob"), "alice", ids).keys
+        receiver.receive_peer_keys(needed.first, [(k.key_id, k.key) for k in fetched])
+        for data in receiver.data_to_send():
+            sender.receive_data(data)
+        for seq in range(20):
+            packet = sender.protect(rtp(seq))
+            assert packet is not None and receiver.unprotect(packet) == rtp(seq)
+        seen += [k.key for k in got]
+        # "crash": both protocol objects are dropped without a goodbye
+    assert len(seen) == len(set(seen)) == 2 * 19
+    with pytest.raises(QKDError):  # the first call's blocks are gone from the KME
+        kme_b.dec_keys(SAEId("bob"), "alice", [KeyId(k) for k in needed.key_ids])

@@ -100,3 +100,30 @@ async def test_pool_runs_low_call_ends_or_falls_back_and_says_so(
         assert sent  # media goes on, under the hybrid SRTP keys
         assert caller.otp is not None and caller.otp.protocol.tx_no_key == 0
         await caller.hangup()
+
+
+async def test_otp_across_rekeys_and_a_restarted_call_never_reuses_a_key_range(lab: Lab) -> None:
+    supply_pads(lab, 80)
+    options = CallOptions(rekey_interval=0.3, otp=OTPPolicy())
+    alice = await lab.phone("alice", tone=440, options=options)
+    bob = await lab.phone("bob", options=options)
+    used_key_ids: list[str] = []
+    for _ in range(2):  # the second call is a "restart": new sessions, same KMEs and users
+        caller, callee = await connect(alice, bob)
+        sent = capture(caller)
+        await asyncio.sleep(1.5 * T)
+        assert caller.status.rekeys >= 2  # the handshake rekeyed meanwhile
+        assert caller.otp is not None and callee.otp is not None
+        ranges = [struct.unpack_from("!IH", p, rtp_header_length(p)) for p in sent]
+        assert len(ranges) == len(set(ranges)) > 30
+        assert caller.otp.protocol.tx_no_key == 0
+        assert not callee.otp.protocol.receiver.stats.rejected
+        held = set()  # pad blocks still held at hang-up, both directions, both sides
+        for side in (caller.otp, callee.otp):
+            held |= {b.key_id for b in side.protocol.sender._blocks}
+            held |= {b.key_id for b in side.protocol.receiver._blocks.values()}
+        used_key_ids += sorted(held)
+        await caller.hangup()
+        await asyncio.wait_for(callee.wait(), 5 * T)
+    # The pads' key_IDs still held at hang-up never repeat across the two calls.
+    assert len(used_key_ids) == len(set(used_key_ids))
