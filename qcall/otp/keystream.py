@@ -210,19 +210,19 @@ class PeerKeysNeeded:
 
 
 @dataclass(frozen=True)
-class KeyStreamEnded:
+class _StreamStopped:
+    """OTP media stopped: ``reason`` for the user; ``by_peer`` if the peer said so."""
+
+    reason: str
+    by_peer: bool = False
+
+
+class KeyStreamEnded(_StreamStopped):
     """The OTP stream ended (policy ``end``, a failure, or the peer said so)."""
 
-    reason: str
-    by_peer: bool = False
 
-
-@dataclass(frozen=True)
-class FellBackToHybrid:
+class FellBackToHybrid(_StreamStopped):
     """The pad ran low under policy ``hybrid``: media goes back to the hybrid SRTP keys."""
-
-    reason: str
-    by_peer: bool = False
 
 
 Event = KeysWanted | PeerKeysNeeded | KeyStreamEnded | FellBackToHybrid
