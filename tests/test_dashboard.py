@@ -182,3 +182,14 @@ async def test_dashboard_in_chromium(tmp_path: Path) -> None:
                     shutil.copyfile(tmp_path / "dashboard.png", SCREENSHOT)
             finally:
                 await asyncio.to_thread(driver.quit)
+
+
+def test_cli_rejects_a_bad_dashboard_address(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from qcall.cli import main
+
+    args = ["network", "--state", str(tmp_path), "--duration", "1", "--dashboard", "8080"]
+    assert main(args) == 1
+    assert "expected [HOST]:PORT" in capsys.readouterr().err
+    assert not (tmp_path / "network.json").exists()  # failed before anything started
