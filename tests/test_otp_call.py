@@ -56,7 +56,7 @@ async def test_otp_call_tone_arrives_every_packet_is_sealed_once(lab: Lab, tmp_p
     await asyncio.sleep(2.0 * T)
     await caller.refresh_stats()
     assert caller.status.policy == callee.status.policy == "otp"
-    assert "OTP key used" in caller.status.otp_budget
+    assert "OTP key used" in caller.status.otp_budget and "s left" in caller.status.otp_budget
     media = caller.otp
     assert media is not None and media.protocol.tx_no_key == 0
     assert len(sent) > 40
