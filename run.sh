@@ -97,7 +97,10 @@ cmd=${1:-}
 case "$cmd" in
   setup) setup ;;
   demo)  setup; exec .venv/bin/qcall demo "$@" ;;
-  test)  setup; exec .venv/bin/python -m pytest "$@" ;;
+  test)  setup
+         # the operations dashboard's browser test (tests/test_dashboard.py) drives Debian's chromium
+         apt_install chromium chromium-driver || say "continuing without chromium: the browser test skips"
+         exec .venv/bin/python -m pytest "$@" ;;
   qcall) setup; exec .venv/bin/qcall "$@" ;;
   *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -54,7 +54,10 @@ narrowest class that you can act on::
     ├── CallError
     │   ├── CallRejectedError           the callee declined or was busy
     │   ├── MediaError                  audio device or file problem
-    │   └── SecurityPolicyError         policy not allowed (never a silent downgrade)
+    │   ├── SecurityPolicyError         policy not allowed (never a silent downgrade)
+    │   └── OTPError                    one-time-pad call (docs/otp.md)
+    │       ├── OTPPacketError             malformed, forged, replayed or unkeyed OTP packet
+    │       └── OTPKeyExhaustedError       the pad ran low: call ended or fell back, per policy
     ├── SealError                    Quantum Cloud Seal (``cause`` names the failed check)
     │   ├── SealFormatError             malformed bundle, statement, receipt or log entry
     │   ├── DocumentChangedError        the document's SHA-384 is not the sealed one
@@ -130,6 +133,9 @@ __all__ = [
     "MessageTooLargeError",
     "MessagingError",
     "NotInLogError",
+    "OTPError",
+    "OTPKeyExhaustedError",
+    "OTPPacketError",
     "PeerUnavailableError",
     "PostProcessingError",
     "PrekeyError",
@@ -480,6 +486,26 @@ class MediaError(CallError):
 
 class SecurityPolicyError(CallError):
     """The call would need a policy the user did not allow."""
+
+
+class OTPError(CallError):
+    """A one-time-pad call failed (docs/otp.md)."""
+
+
+class OTPPacketError(OTPError):
+    """An OTP media packet or control message is malformed, forged, replayed or unkeyed.
+
+    Attributes:
+        reason: a short code (``malformed``, ``forged``, ``replayed``, ``unknown-block``…).
+    """
+
+    def __init__(self, reason: str, message: str | None = None) -> None:
+        super().__init__(message or f"OTP packet rejected: {reason}")
+        self.reason = reason
+
+
+class OTPKeyExhaustedError(OTPError):
+    """The one-time pad ran low: the call ended (or fell back to hybrid), as its policy says."""
 
 
 # --- Quantum Cloud Seal -------------------------------------------------------------------

@@ -287,6 +287,8 @@ class CallSession(Negotiation):
                     self.status.jitter_ms = round(float(jitter) / 48.0, 1)
         if self.hook is not None:
             self.status.decrypt_failures = self.hook.stats.decrypt_failures
+        if self.otp is not None:
+            self.status.otp_budget = self.otp.describe()
         receivers = [t.receiver for t in self.pc.getTransceivers() if t.kind == "audio"]
         buffer = get_jitter_buffer(receivers[0]) if receivers else None
         if buffer is not None:

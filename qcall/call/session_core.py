@@ -46,6 +46,7 @@ from qcall.exceptions import (
 )
 from qcall.handshake import HandshakeFailed, HandshakeProtocol, ReplayCache
 from qcall.handshake.protocol import CheckPeer, wire_code
+from qcall.otp.media import OTPMedia
 from qcall.pqc import SigningKey
 from qcall.qkd.client import KeySource
 from qcall.signaling.client import SignalingClient
@@ -144,6 +145,7 @@ class SessionCore:
         self._answer_sdp: asyncio.Future[PeerSDP] = asyncio.get_running_loop().create_future()
         self._remote_track: MediaStreamTrack | None = None  # until the peer is verified
         self.emulation: Emulation | None = None
+        self.otp: OTPMedia | None = None  # one-time-pad media (docs/otp.md)
 
     @property
     def peer_sae(self) -> str:
@@ -307,4 +309,7 @@ class SessionCore:
             pc, self.pc = self.pc, None
             if self.hook is not None:
                 self.status.decrypt_failures = self.hook.stats.decrypt_failures
+            if self.otp is not None:
+                self.status.otp_budget = self.otp.describe()
+                self.otp.close()
             await pc.close()

@@ -58,6 +58,8 @@ from qcall.handshake import (
     RekeyPostponed,
     SRTPProfile,
 )
+from qcall.otp.keystream import FellBackToHybrid, KeyStreamEnded, exhausted_error
+from qcall.otp.media import OTPMedia, is_otp_message
 
 __all__ = ["CONTROL_CHANNEL_ID", "CONTROL_CHANNEL_LABEL", "HANDSHAKE_PREFIX", "HandshakePump"]
 
@@ -161,6 +163,7 @@ class HandshakePump(SessionCore):
 
     def _key_confirmed(self, event: KeyConfirmed) -> None:
         if event.epoch == 0:
+            self._start_otp()
             # The SAS users compare: fixed once the caller's committed nonce is
             # revealed and checked, i.e. at the epoch-0 confirmation on both sides.
             self.status.sas = event.sas
@@ -170,6 +173,36 @@ class HandshakePump(SessionCore):
             return
         assert self.hook is not None
         self.hook.activate_outbound(event.epoch)
+
+    # --- one-time-pad media (docs/otp.md) --------------------------------------------------
+
+    def _attach_otp(self, pc: RTCPeerConnection) -> None:
+        """OTP calls: seal media with pad, right after the hybrid hook (before DTLS)."""
+        if self.options.otp is None or self.otp is not None:
+            return
+        if self.key_source is None:
+            raise CallError("a one-time-pad call needs a QKD key source")
+        self.otp = OTPMedia(
+            pc, self.key_source, self.peer_sae, self.options.otp, self._send_otp, self._otp_event
+        )
+
+    def _start_otp(self) -> None:
+        if self.otp is not None:
+            self.status.policy = "otp"
+            self.otp.start()
+
+    def _send_otp(self, data: bytes) -> None:
+        self._outbox.append(data)
+        self._flush_outbox()
+
+    def _otp_event(self, event: KeyStreamEnded | FellBackToHybrid) -> None:
+        error = exhausted_error(event)
+        if isinstance(event, FellBackToHybrid):
+            self.status.policy = "hybrid"
+            self.status.notice = str(error)
+            logger.warning("! %s", error)
+        elif not (event.by_peer and event.reason == "call ended"):  # a hangup is not an error
+            self.end_with_error(error, "otp-exhausted")
 
     # --- outbox and control channel -------------------------------------------------------
 
@@ -214,6 +247,12 @@ class HandshakePump(SessionCore):
         if self.hs is None or not isinstance(message, bytes):
             self._finish(CallError(f"{self.peer} sent a malformed control message"))
             return
+        if is_otp_message(message):
+            if self.otp is None or not self.otp.started:
+                self._finish(CallError(f"{self.peer} sent one-time-pad messages unasked"))
+            else:
+                self.otp.receive_control(message)
+            return
         self.hs.receive_data(message, self.clock())
         self._spawn(self.apply_events())
 
@@ -242,6 +281,7 @@ class HandshakePump(SessionCore):
     def _install_hook(self, pc: RTCPeerConnection) -> None:
         timeout = self.options.setup_timeout
         self.hook = install_srtp_hook(pc, self._provide_keys, timeout=timeout)
+        self._attach_otp(pc)
 
     def _provide_keys(self, exporter: bytes, role: str) -> SRTPKeys | asyncio.Future[SRTPKeys]:
         """The SRTP hook's key provider: feed K_dtls, return the epoch-0 keys.

@@ -10,6 +10,7 @@ from qcall.handshake import SRTPProfile
 
 if TYPE_CHECKING:
     from qcall.call.netem import NetworkProfile
+    from qcall.otp.keystream import OTPPolicy
 
 __all__ = ["POLICIES", "CallOptions", "CallState", "CallStatus"]
 
@@ -59,6 +60,9 @@ class CallOptions:
         ice_servers: STUN/TURN servers for hosts behind NAT, as W3C
             ``RTCIceServer`` dictionaries (``urls``, optional ``username`` and
             ``credential``); empty: host candidates only (docs/two-machines.md).
+        otp: make (or accept) a one-time-pad call (docs/otp.md): the media is
+            sealed with QKD pad used once under this :class:`~qcall.otp.keystream.OTPPolicy`;
+            ``None``: an ordinary call.
     """
 
     policy: str = "hybrid"
@@ -76,6 +80,7 @@ class CallOptions:
     network_seed: int = 0
     jitter_buffer: str = "adaptive"
     ice_servers: list[dict[str, str]] = field(default_factory=list)
+    otp: OTPPolicy | None = None
 
 
 @dataclass
@@ -112,6 +117,8 @@ class CallStatus:
     playout_delay_ms: float | None = None
     frames_concealed: int | None = None
     packets_late: int | None = None
+    #: One-time-pad calls: key used and budget left (docs/otp.md), else empty.
+    otp_budget: str = ""
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:

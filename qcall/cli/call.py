@@ -99,6 +99,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("security")
     s.add_argument("--policy", choices=["hybrid", "pqc"], help="security policy (hybrid)")
     s.add_argument(
+        "--otp",
+        choices=["end", "hybrid"],
+        help="one-time-pad media (docs/otp.md); when the key pool runs low: end the call "
+        "or fall back to hybrid (both phones must give --otp)",
+    )
+    s.add_argument(
         "--allow-pqc-only",
         action="store_true",
         default=None,
@@ -337,6 +343,10 @@ def build_phone(
         sae_id=sae,
         ice_servers=ice_servers_config(args, conf),
     )
+    if getattr(args, "otp", None):
+        from qcall.otp.keystream import OTPPolicy
+
+        options.otp = OTPPolicy(on_exhausted=args.otp)
     if options.policy not in ("hybrid", "pqc"):
         raise ConfigError(f"policy must be hybrid or pqc, not {options.policy!r}")
     if options.rekey_interval is not None and options.rekey_interval <= 0:
@@ -450,6 +460,8 @@ def _status_table(session: Any) -> Any:
         f"RTT {fmt(st.rtt_ms, 'ms')}, jitter {fmt(st.jitter_ms, 'ms')}, "
         f"lost {fmt(st.packets_lost, 'packets')}",
     )
+    if st.otp_budget:
+        table.add_row("one-time pad", st.otp_budget)
     if st.playout_delay_ms is not None:
         table.add_row(
             "playout",

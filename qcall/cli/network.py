@@ -87,6 +87,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="keep the KME pools in STATE/kme/*.state (crash-safe; docs/faults.md)",
     )
+    parser.add_argument(
+        "--dashboard",
+        metavar="[HOST]:PORT",
+        help="serve the live operations view (web page) on HOST:PORT, e.g. :8080",
+    )
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--quiet", action="store_true", help="no live view")
     out.add_argument(
@@ -126,6 +131,10 @@ def run(args: argparse.Namespace) -> int:
         topology.link(link)  # unknown link: TopologyError before anything starts
     if args.duration is not None and args.duration <= 0:
         raise ConfigError("--duration must be positive")
+    if args.dashboard:
+        from qcall.dashboard.server import parse_listen
+
+        parse_listen(args.dashboard)  # a bad address fails before anything starts
     state = args.state or str(qcall_home(args.home) / "network" / topology.name)
     return asyncio.run(_serve(args, topology, state, eves))
 
@@ -137,17 +146,26 @@ async def _serve(args: argparse.Namespace, topology: Any, state: str, eves: list
     if args.block_pulses:
         overrides["block_pulses"] = args.block_pulses
     stop = stop_on_signals()
-    async with SimulatedNetwork.start(
-        topology,
-        state,
-        host=args.host,
-        speedup=args.speedup,
-        key_size=args.key_size,
-        pool_target=args.pool,
-        seed=args.seed,
-        link_factory=default_link_factory(**overrides),
-        durable_kmes=args.durable_kmes,
-    ) as net:
+    async with (
+        SimulatedNetwork.start(
+            topology,
+            state,
+            host=args.host,
+            speedup=args.speedup,
+            key_size=args.key_size,
+            pool_target=args.pool,
+            seed=args.seed,
+            link_factory=default_link_factory(**overrides),
+            durable_kmes=args.durable_kmes,
+        ) as net,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        if args.dashboard:
+            from qcall.dashboard.server import DashboardServer, parse_listen
+
+            host, port = parse_listen(args.dashboard)
+            board = await stack.enter_async_context(DashboardServer(net, host, port))
+            print(f"  operations view: {board.url}", file=sys.stderr)
         if not args.json_status:
             _print_intro(net)
             announce = asyncio.ensure_future(_announce_ready(net))
