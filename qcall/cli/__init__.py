@@ -23,6 +23,7 @@ __all__ = ["main"]
 COMMANDS = (
     "demo", "call", "identity", "contacts", "qkd", "pki", "network", "network_site", "devices",
     "bench", "org", "seal", "seal_log",
+    "phone",
 )  # fmt: skip
 
 
