@@ -116,15 +116,16 @@ class CallRecord:
         unknown = set(obj) - known
         if unknown:
             raise ValueError(f"unknown field {sorted(unknown)[0]!r}")
-        try:
-            outcome = Outcome(obj.get("outcome"))
-        except ValueError:
-            raise ValueError(f"outcome {obj.get('outcome')!r} is not one of "
-                             f"{[o.value for o in Outcome]}") from None
-        fields = dict(obj, outcome=outcome)
-        for required in ("call_id", "peer", "direction", "started_at"):
-            if required not in fields:
+        for required in ("call_id", "peer", "direction", "outcome", "started_at"):
+            if required not in obj:
                 raise ValueError(f"missing field {required!r}")
+        try:
+            outcome = Outcome(obj["outcome"])
+        except ValueError:
+            raise ValueError(
+                f"outcome {obj['outcome']!r} is not one of {[o.value for o in Outcome]}"
+            ) from None
+        fields = dict(obj, outcome=outcome)
         try:
             return cls(**fields)
         except TypeError as exc:
