@@ -311,3 +311,35 @@ async def test_dial_from_the_app_and_decline_and_presence(lab: Lab) -> None:
 
         await bob.phone.close()  # bob goes offline
         await until(lambda: "offline" in str(table.get_row("bob")[0]), "bob offline")
+
+
+async def test_conversations_screen_reads_and_sends(lab: Lab) -> None:
+    from qcall.phone.conversations import Conversations
+    from tests.messaging_transport import Server
+    from tests.test_phone_model import _client
+
+    server = Server(lab.tmp / "mailbox.db")
+    try:
+        mine, theirs = _client(lab.tmp, server, "m-alice"), _client(lab.tmp, server, "m-bob")
+        bob_side = Conversations(theirs, lambda: ["m-alice"], poll_interval=None)
+        alice = lab.controller("alice")
+        alice.conversations = Conversations(mine, lambda: ["m-bob"], poll_interval=0.05)
+        app = PhoneApp(alice)
+        async with app.run_test() as pilot:
+            await bob_side.start()
+            await until(lambda: alice.phone.signaling.connected, "alice registered")
+            await bob_side.send("m-alice", "lunch at noon?")
+            await press(pilot, "t")
+            table = app.screen.query_one("#conversation-list", DataTable)
+            await until(lambda: table.row_count == 1, "the conversation listed")
+            assert [str(c) for c in table.get_row("m-bob")] == ["m-bob", "lunch at noon?", "1"]
+            await until(lambda: app.focused is table, "the list focused")
+            await press(pilot, "enter")
+            view = app.screen.query_one("#conversation")
+            await until(lambda: "m-bob: lunch at noon?" in str(view.render()), "the history")
+            await press(pilot, *"yes", "enter")
+            await until(lambda: "me: yes" in str(view.render()), "my message shown")
+            assert await bob_side.poll() == 1
+            assert [line.text for line in bob_side.lines("m-alice")] == ["lunch at noon?", "yes"]
+    finally:
+        await server.close()

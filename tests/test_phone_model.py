@@ -286,3 +286,13 @@ async def test_conversations_send_receive_list_and_unread(tmp_path: Path) -> Non
         await theirs.close()
     finally:
         await server.close()
+
+
+def test_cli_phone_is_registered_and_fails_clearly_without_identity(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from qcall.cli import main
+
+    assert main(["--home", str(tmp_path), "phone", "--policy", "pqc", "--tone", "440"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("qcall: error:") and "identity" in err

@@ -1,8 +1,9 @@
 """``qcall phone``: the full-screen terminal phone (docs/phone.md).
 
 It takes the same connection, key and audio settings as ``qcall call`` and
-``qcall listen`` (flags, else ``HOME/config.toml``), and keeps the recent
-calls in ``HOME/calls.json``. ``qcall call`` and ``qcall listen`` stay as they
+``qcall listen`` (flags, else ``HOME/config.toml``), keeps the recent
+calls in ``HOME/calls.json`` and, while it owns the terminal, writes its log to
+``HOME/phone.log``. ``qcall call`` and ``qcall listen`` stay as they
 are, for scripts.
 """
 
@@ -10,12 +11,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 __all__ = ["register"]
 
 logger = logging.getLogger(__name__)
+
+#: While the app runs, logs go to this file in the qcall home (the screen is the app's).
+LOG_FILE = "phone.log"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -54,28 +62,40 @@ async def _run(args: argparse.Namespace) -> int:
         except Exception as exc:  # e.g. PortAudio errors on a machine with no sound at all
             raise MediaError(f"no speaker: {exc}") from exc
 
+    # The contacts store whose check_peer the phone calls: its peer_trust() tells how a peer
+    # was accepted (organisation, SAS, first use).
+    contacts = getattr(phone.check_peer, "__self__", None)
+    if not isinstance(contacts, ContactStore):
+        contacts = ContactStore.in_home(home, strict=args.strict_contacts)
     controller = PhoneController(
-        phone,
-        ContactStore.in_home(home, strict=args.strict_contacts),
-        CallHistory.in_home(home),
-        open_speaker=open_speaker,
+        phone, contacts, CallHistory.in_home(home), open_speaker=open_speaker
     )
-    # The phone must keep its own contacts store: build_phone gave it one already.
-    controller.contacts = _contacts_of(phone, controller.contacts)
     app = PhoneApp(controller)
-    try:
-        await app.run_async()
-    finally:
-        await controller.close()
+    with _log_to(home / LOG_FILE):
+        try:
+            await app.run_async()
+        finally:
+            await controller.close()
     if app.error is not None:
         raise app.error
     return 0
 
 
-def _contacts_of(phone: Any, fallback: Any) -> Any:
-    """The :class:`ContactStore` whose ``check_peer`` the phone uses (its peer_trust matters)."""
-    owner = getattr(phone.check_peer, "__self__", None)
-    return owner if owner is not None else fallback
+@contextlib.contextmanager
+def _log_to(path: Path) -> Iterator[None]:
+    """Send log records to ``path`` (mode 0600) while the full-screen app owns the terminal."""
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    handler = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.handlers = [handler]
+    try:
+        yield
+    finally:
+        root.handlers = saved
+        handler.close()
+        handler.stream.close()
 
 
 def run_phone(args: argparse.Namespace) -> int:
