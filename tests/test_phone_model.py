@@ -19,7 +19,7 @@ from qcall.call.media import ToneTrack, make_frame
 from qcall.call.status import CallState, CallStatus
 from qcall.contacts import ContactStore
 from qcall.exceptions import ConfigError
-from qcall.identity import Identity
+from qcall.identity import Identity, fingerprint
 from qcall.messaging.client import MessagingClient
 from qcall.messaging.store import ClientStore
 from qcall.phone import history as history_module
@@ -296,3 +296,34 @@ def test_cli_phone_is_registered_and_fails_clearly_without_identity(
     assert main(["--home", str(tmp_path), "phone", "--policy", "pqc", "--tone", "440"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("qcall: error:") and "identity" in err
+
+
+async def test_contacts_verified_by_the_organisation_and_revocation(tmp_path: Path) -> None:
+    from qcall.call.phone import Phone
+    from qcall.phone.controller import PhoneController
+    from tests.seal_helpers import make_world
+
+    world = make_world(tmp_path, ("alice", "carol", "dave"))
+    trust = world.trust("alice")
+    for name in ("carol", "dave"):
+        serial = world.signers[name].member.serial
+        trust.import_member(world.org.issued_path(serial).read_bytes())
+    home = world.homes["alice"]
+    identity = Identity.load(home)
+    contacts = ContactStore.in_home(home)
+    phone = Phone("ws://127.0.0.1:1", identity.signing_key, "alice",
+                  check_peer=contacts.check_peer, key_source=None)
+    ctl = PhoneController(phone, contacts, CallHistory.in_home(home))
+    rows = {row.name: row for row in ctl.contact_rows()}
+    assert set(rows) == {"carol", "dave"}  # not oneself
+    assert rows["carol"].verification is Verification.ORGANISATION
+    assert rows["carol"].detail == "certified by Hefei Municipal" and not rows["carol"].online
+    carol_key = Identity.load(world.homes["carol"]).public_key
+    assert rows["carol"].fingerprint == fingerprint(carol_key)
+    # The server announcing another key for carol: key changed, despite the certificate.
+    phone.signaling.online["carol"] = fingerprint(Identity.generate("carol").public_key)
+    assert ctl.verification("carol") is Verification.KEY_CHANGED
+    # A revoked member is no longer verified by the organisation.
+    world.revoke("dave")
+    trust.update_crl((world.org.directory / "crl.pem").read_bytes())
+    assert "dave" not in {row.name for row in ctl.contact_rows()}
