@@ -159,15 +159,20 @@ def share_near(path: Path, freqs: tuple[float, ...]) -> float:
     return float(power[near].sum() / power.sum())
 
 
+async def ring(app: PhoneApp, caller: PhoneController) -> None:
+    """``caller`` calls the app's phone; returns when the app shows the incoming prompt."""
+    await until(lambda: app.controller.phone.signaling.connected, "the app's phone registered")
+    await caller.start()
+    caller.dial(app.controller.phone.name)
+    await until(lambda: isinstance(app.screen, IncomingScreen), "the incoming prompt")
+
+
 async def test_answer_confirm_sas_mute_hold_volume_hang_up(lab: Lab) -> None:
     bob = lab.controller("bob")
     alice = lab.controller("alice")
     app = PhoneApp(bob)
     async with app.run_test() as pilot:
-        await until(lambda: bob.phone.signaling.connected, "bob registered")
-        await alice.start()
-        alice.dial("bob")
-        await until(lambda: isinstance(app.screen, IncomingScreen), "the incoming prompt")
+        await ring(app, alice)
         assert bob.verification("alice") is Verification.UNKNOWN  # never called: nothing pinned
         prompt = app.screen.query_one("#incoming")
         await until(lambda: "alice" in str(prompt.render()), "the caller's name on the prompt")
@@ -260,10 +265,7 @@ async def test_caller_gives_up_prompt_becomes_missed_call(lab: Lab) -> None:
     alice = lab.controller("alice")
     app = PhoneApp(bob)
     async with app.run_test() as pilot:
-        await until(lambda: bob.phone.signaling.connected, "bob registered")
-        await alice.start()
-        alice.dial("bob")
-        await until(lambda: isinstance(app.screen, IncomingScreen), "the incoming prompt")
+        await ring(app, alice)
         assert bob.ring_silent
         await alice.hangup()  # the caller gives up
         await until(lambda: not isinstance(app.screen, IncomingScreen), "the prompt went away")

@@ -108,61 +108,69 @@ def _replace_samples(frame: av.AudioFrame, data: np.ndarray[Any, Any]) -> av.Aud
     return out
 
 
-class ControlledSource(MediaStreamTrack):
-    """The audio this phone sends: ``inner`` with a level meter, mute and hold.
-
-    Args:
-        inner: the real source (microphone, file, tone).
-    """
+class _Controlled(MediaStreamTrack):
+    """An audio track that passes ``inner``'s frames through :meth:`_process`."""
 
     kind = "audio"
 
     def __init__(self, inner: MediaStreamTrack) -> None:
         super().__init__()
         self.inner = inner
-        self.muted = False
         self.held = False
-        #: RMS level of the last frame captured (before muting), full scale 1.0.
+        #: RMS level of the last frame (see the subclass for which side), full scale 1.0.
         self.level = 0.0
 
     async def recv(self) -> Frame | Packet[Any]:
         frame = await self.inner.recv()
-        if not isinstance(frame, av.AudioFrame):
-            return frame
-        self.level = frame_rms(frame)
-        if self.muted or self.held:
-            return _replace_samples(frame, np.zeros_like(frame.to_ndarray()))
-        return frame
+        return self._process(frame) if isinstance(frame, av.AudioFrame) else frame
+
+    def _process(self, frame: av.AudioFrame) -> av.AudioFrame:
+        raise NotImplementedError
 
     def stop(self) -> None:
         super().stop()
         self.inner.stop()
 
 
-class ControlledPlayback(MediaStreamTrack):
+def _silence(frame: av.AudioFrame) -> av.AudioFrame:
+    return _replace_samples(frame, np.zeros_like(frame.to_ndarray()))
+
+
+class ControlledSource(_Controlled):
+    """The audio this phone sends: ``inner`` with a level meter, mute and hold.
+
+    ``level`` is the microphone's, before muting (the meter moves while muted).
+
+    Args:
+        inner: the real source (microphone, file, tone).
+    """
+
+    def __init__(self, inner: MediaStreamTrack) -> None:
+        super().__init__(inner)
+        self.muted = False
+
+    def _process(self, frame: av.AudioFrame) -> av.AudioFrame:
+        self.level = frame_rms(frame)
+        return _silence(frame) if self.muted or self.held else frame
+
+
+class ControlledPlayback(_Controlled):
     """The audio this phone plays: the remote ``inner`` track with volume, meter and hold.
+
+    ``level`` is what is played, after the volume.
 
     Args:
         inner: the remote track of the call.
     """
 
-    kind = "audio"
-
     def __init__(self, inner: MediaStreamTrack) -> None:
-        super().__init__()
-        self.inner = inner
+        super().__init__(inner)
         self.volume = 1.0
-        self.held = False
-        #: RMS level of the last frame played (after the volume), full scale 1.0.
-        self.level = 0.0
 
-    async def recv(self) -> Frame | Packet[Any]:
-        frame = await self.inner.recv()
-        if not isinstance(frame, av.AudioFrame):
-            return frame
+    def _process(self, frame: av.AudioFrame) -> av.AudioFrame:
         if self.held:
             self.level = 0.0
-            return _replace_samples(frame, np.zeros_like(frame.to_ndarray()))
+            return _silence(frame)
         if self.volume != 1.0:
             data = frame.to_ndarray()
             if data.dtype == np.int16:
@@ -172,10 +180,6 @@ class ControlledPlayback(MediaStreamTrack):
                 frame = _replace_samples(frame, (data * self.volume).astype(data.dtype))
         self.level = frame_rms(frame)
         return frame
-
-    def stop(self) -> None:
-        super().stop()
-        self.inner.stop()
 
 
 class RingTrack(MediaStreamTrack):
