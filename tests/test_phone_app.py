@@ -333,8 +333,11 @@ async def test_conversations_screen_reads_and_sends(lab: Lab) -> None:
             await bob_side.send("m-alice", "lunch at noon?")
             await press(pilot, "t")
             table = app.screen.query_one("#conversation-list", DataTable)
-            await until(lambda: table.row_count == 1, "the conversation listed")
-            assert [str(c) for c in table.get_row("m-bob")] == ["m-bob", "lunch at noon?", "1"]
+            await until(
+                lambda: table.row_count == 1
+                and [str(c) for c in table.get_row("m-bob")] == ["m-bob", "lunch at noon?", "1"],
+                "the conversation listed, 1 unread",
+            )
             await until(lambda: app.focused is table, "the list focused")
             await press(pilot, "enter")
             view = app.screen.query_one("#conversation")
