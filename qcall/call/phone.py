@@ -139,9 +139,33 @@ class Phone(AsyncService):
         Raises:
             CallRejectedError, SecurityPolicyError, HandshakeError, QKDError, CallError.
         """
-        session = self._session(new_call_id(), peer, "caller")
+        session = self.new_call(peer)
         await session.dial()
         return session
+
+    def new_call(self, peer: str) -> CallSession:
+        """A call to ``peer``, not dialled yet: ``await session.dial()`` places it.
+
+        For a user interface that shows (and can hang up) the call while it rings.
+        """
+        return self._session(new_call_id(), peer, "caller")
+
+    async def ringing(self) -> CallSession:
+        """Wait for the next incoming call and return it unanswered, while it rings.
+
+        ``await session.answer()`` picks it up; :meth:`decline` declines it. If
+        the caller gives up first, ``session.ended`` resolves: a missed call (it
+        may already be done when this returns). Do not mix with :meth:`incoming`.
+        """
+        self._decide = None
+        return await self._incoming.get()
+
+    async def decline(self, session: CallSession, reason: str = "declined") -> None:
+        """Decline a call returned by :meth:`ringing` that was not answered."""
+        with contextlib.suppress(SignalingError):
+            await self.signaling.reject(session.call_id, reason)
+        session._finish(None)
+        await session.hangup()  # already ended: only releases what the session holds
 
     async def incoming(self, decide: Decide | None = None) -> CallSession:
         """Wait for the next incoming call, answer it and return it once media flows.

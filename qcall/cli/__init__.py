@@ -21,8 +21,8 @@ __all__ = ["main"]
 
 #: Subcommand modules, in the order ``--help`` lists them (``call`` also adds ``listen``).
 COMMANDS = (
-    "init", "demo", "call", "identity", "contacts", "qkd", "pki", "network", "network_site",
-    "devices", "bench", "org", "seal", "seal_log", "messaging",
+    "init", "demo", "call", "phone", "identity", "contacts", "qkd", "pki", "network",
+    "network_site", "devices", "bench", "org", "seal", "seal_log", "messaging",
 )  # fmt: skip
 
 
