@@ -249,7 +249,7 @@ def pulse_available() -> bool:
         return False
     try:
         with pulsectl.Pulse("qcall-probe", connect=False) as pulse:
-            pulse.connect(autospawn=False, wait=False, timeout=1.0)
+            pulse.connect(autospawn=False)
             return True
     except pulsectl.PulseError:
         return False
@@ -264,23 +264,25 @@ def pulse_devices() -> list[PulseDevice]:
     pulsectl = _pulsectl()
     try:
         with pulsectl.Pulse("qcall-devices", connect=False) as pulse:
-            pulse.connect(autospawn=False, wait=False, timeout=1.0)
+            pulse.connect(autospawn=False)
             server = pulse.server_info()
             defaults = {"input": server.default_source_name, "output": server.default_sink_name}
-            listed = [("input", s) for s in pulse.source_list()]
-            listed += [("output", s) for s in pulse.sink_list()]
-            devices = [
-                PulseDevice(
-                    index=int(s.index),
-                    name=str(s.name),
-                    description=str(s.description),
-                    kind=kind,
-                    channels=int(s.channel_count),
-                    rate=int(s.sample_spec.rate),
-                    is_default=s.name == defaults[kind],
-                )
-                for kind, s in listed
-            ]
+            devices = []
+            for kind, lister in (("input", pulse.source_list), ("output", pulse.sink_list)):
+                # Read every field now: pulsectl's sample_spec points into memory
+                # that the next request reuses.
+                devices += [
+                    PulseDevice(
+                        index=int(s.index),
+                        name=str(s.name),
+                        description=str(s.description),
+                        kind=kind,
+                        channels=int(s.channel_count),
+                        rate=int(s.sample_spec.rate),
+                        is_default=s.name == defaults[kind],
+                    )
+                    for s in lister()
+                ]
     except pulsectl.PulseError as exc:
         raise MediaError(f"cannot talk to the PulseAudio server: {exc}") from exc
     return devices

@@ -113,6 +113,9 @@ class SessionCore:
         self.key_source = key_source
         self.options = options
         self.source = source
+        #: Where the received audio plays (set by whoever attaches one): its
+        #: ``underruns`` go into :attr:`status`.
+        self.sink: Any = None
         self.on_track = on_track
         self.clock = clock
         self.replay_cache = replay_cache
@@ -296,3 +299,10 @@ class SessionCore:
             if self.hook is not None:
                 self.status.decrypt_failures = self.hook.stats.decrypt_failures
             await pc.close()
+        if self.source is not None:
+            # A microphone would otherwise keep capturing (and its device stay
+            # open) after the call; every call gets a fresh source (Phone.make_source).
+            dropped = getattr(self.source, "dropped_blocks", None)
+            if isinstance(dropped, int):
+                self.status.mic_dropped_blocks = dropped
+            self.source.stop()

@@ -108,6 +108,10 @@ class CallStatus:
     playout_delay_ms: float | None = None
     frames_concealed: int | None = None
     packets_late: int | None = None
+    #: Sound devices (docs/audio.md): capture blocks the microphone dropped because
+    #: the call fell behind, and times the speaker ran dry and played silence.
+    mic_dropped_blocks: int | None = None
+    speaker_underruns: int | None = None
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
