@@ -70,6 +70,8 @@ AUDIO_APIS = ("auto", "pulse", "portaudio")
 #: Buffering asked of PulseAudio: the capture fragment and the playback target.
 PULSE_CAPTURE_LATENCY = 0.002
 PULSE_PLAYBACK_LATENCY = 0.010
+#: Audio waiting for the PulseAudio writer beyond which the oldest is dropped.
+PULSE_MAX_QUEUED = 0.040
 
 PYAUDIO_MISSING_MESSAGE = (
     "sound devices need pyaudio, which is not installed: run "
@@ -552,7 +554,14 @@ class _PortAudioPlayback:
 
 
 class _PulsePlayback:
-    """A PulseAudio sink written by a thread; at most 200 ms wait in its queue.
+    """A PulseAudio sink written by a thread; at most 40 ms wait in its queue.
+
+    The writer blocks against the server's 10 ms target, so a healthy queue
+    is empty whenever the writer comes back for more. Frames that pile up
+    behind a stall (a burst from the jitter buffer) would otherwise stay as
+    delay for the rest of the call: when the writer has found a frame already
+    waiting every time for :data:`TRIM_AFTER` frames in a row, it drops one
+    (``trimmed``), and beyond two frames the oldest audio is dropped at once.
 
     An underrun is counted when a block reaches the thread after the server
     had played everything written before it (the server's reported latency
@@ -564,8 +573,9 @@ class _PulsePlayback:
 
         device = find_device(_pulse_devices(), spec, "output")
         self.index, self.name, self.rate = device.index, device.name, SAMPLE_RATE
-        self.max_buffer = 2 * self.rate // 5
+        self.max_buffer = round(2 * self.rate * PULSE_MAX_QUEUED)
         self.underruns = 0
+        self.trimmed = 0
         self._queue: queue.Queue[bytes | None] = queue.Queue()
         self._queued = 0
         self._lock = threading.Lock()
@@ -575,9 +585,23 @@ class _PulsePlayback:
         self._thread = threading.Thread(target=self._run, name="qcall-speaker", daemon=True)
         self._thread.start()
 
+    TRIM_AFTER = 10
+
     def _run(self) -> None:
         dry_at: float | None = None
+        behind = 0
         while True:
+            behind = behind + 1 if self._queue.qsize() > 1 else 0
+            if behind >= self.TRIM_AFTER:  # persistently a frame behind: drop one
+                behind = 0
+                with contextlib.suppress(queue.Empty):
+                    old = self._queue.get_nowait()
+                    if old is not None:
+                        with self._lock:
+                            self._queued -= len(old)
+                        self.trimmed += 1
+                    else:
+                        self._queue.put_nowait(None)
             data = self._queue.get()
             if data is None:
                 with contextlib.suppress(MediaError):
@@ -725,8 +749,8 @@ class SpeakerSink(TrackSink):
 
     Frames are converted to mono s16 at 48 kHz (or at a PortAudio device's
     default rate if it refuses 48 kHz) and queued for the device's thread:
-    at most 200 ms (older audio is dropped, so a stall does not become
-    permanent delay); underruns play silence and are counted
+    at most 40 ms for PulseAudio, 200 ms for PortAudio (older audio is
+    dropped, so a stall does not become permanent delay); underruns play silence and are counted
     (:attr:`underruns`). :meth:`stop` lets what is queued play out (at most
     250 ms), then closes the device.
 
