@@ -40,6 +40,7 @@ from qcall.call.media import (
     SAMPLES_PER_FRAME,
     FileTrack,
     ToneTrack,
+    UnityGainTrack,
     WavRecorder,
     add_media_arguments,
     open_sink,
@@ -495,7 +496,8 @@ async def test_call_loop_tone_opus_recorder(tmp_path):
     caller = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     callee = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     chirp_times = [0.5, 1.0, 1.5, 2.0]
-    tone = ToneTrack(1000, chirp_at=chirp_times)
+    amplitude = 10 ** (-10 / 20) * math.sqrt(2)  # −10 dBFS RMS (a sine's RMS is peak / √2)
+    tone = ToneTrack(1000, chirp_at=chirp_times, amplitude=amplitude)
     recorder = WavRecorder(tmp_path / "call.wav")
     received = asyncio.Event()
 
@@ -505,7 +507,7 @@ async def test_call_loop_tone_opus_recorder(tmp_path):
         received.set()
 
     try:
-        caller.addTrack(tone)
+        caller.addTrack(UnityGainTrack(tone))  # as a call does (session_sdp.py)
         await caller.setLocalDescription(await caller.createOffer())
         assert "opus/48000/2" in caller.localDescription.sdp
         await callee.setRemoteDescription(caller.localDescription)
@@ -524,6 +526,8 @@ async def test_call_loop_tone_opus_recorder(tmp_path):
 
     samples, rate = read_wav(tmp_path / "call.wav")
     assert peak_frequency(samples[4800:4800 + 9600], rate) == pytest.approx(1000, abs=3)
+    # Unity gain: −10 dBFS arrives at −10 dBFS (mono straight into Opus: −13 dBFS).
+    assert rms_dbfs(samples[4800:4800 + 9600]) == pytest.approx(-10.0, abs=0.5)
     found = find_chirps(samples, rate, tone.chirp)
     assert len(found) == len(chirp_times)
     latencies = one_way_latencies(tone.chirp_send_times, recorder.arrivals, found, rate)
