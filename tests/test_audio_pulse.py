@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from rich.console import Console
 
 from qcall.call.audio_analysis import rms_dbfs
 from qcall.call.audio_devices import (
@@ -35,6 +36,7 @@ from qcall.call.media import add_media_arguments, open_sink, open_source
 from qcall.call.session import CallSession
 from qcall.call.soundserver import MIC, MOUTH, SPEAKER, VirtualSoundServer
 from qcall.cli import main
+from qcall.cli.call import _status_table
 from qcall.exceptions import MediaError
 from tests.test_call_session import Lab, connect, lab  # noqa: F401 (the lab fixture)
 from tests.utils import TIMEOUT_FACTOR as T
@@ -265,5 +267,12 @@ async def test_call_carries_speech_from_microphone_to_speaker(
     assert isinstance(caller.source, MicrophoneTrack)
     assert caller.source.readyState == "ended"  # the call's end closed the microphone
     assert caller.status.mic_dropped_blocks == 0
-    assert callee.status.speaker_underruns is not None
+    assert isinstance(callee.status.speaker_underruns, int)
+    # Both are in the report (the status as JSON) and on the live status line.
+    assert callee.status.as_dict()["speaker_underruns"] == callee.status.speaker_underruns
+    assert caller.status.as_dict()["mic_dropped_blocks"] == 0
+    console = Console(record=True, width=120)
+    console.print(_status_table(callee))
+    line = next(x for x in console.export_text().splitlines() if x.strip().startswith("devices"))
+    assert f"speaker underruns {callee.status.speaker_underruns}" in line
 
