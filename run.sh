@@ -7,7 +7,8 @@
 #   ./run.sh qcall ARGS     set up, then run any qcall command
 #
 # Set-up is idempotent and quick when nothing changed. It installs Debian's
-# portaudio19-dev (for microphone and speaker) when it can (root or sudo);
+# portaudio19-dev (for microphone and speaker), and pulseaudio, pulseaudio-utils
+# and espeak-ng (the sound-server device tests), when it can (root or sudo);
 # when it cannot, it says so and carries on without live audio, which the
 # demo and the tests do not need. PYTHON selects the interpreter (>= 3.11).
 set -euo pipefail
@@ -61,6 +62,10 @@ setup() {
     apt_install python3-venv || die "python3-venv is needed to create the virtual environment"
   fi
   if command -v dpkg-query >/dev/null 2>&1; then
+    # A user-space sound server with virtual devices for the device tests and
+    # scripts/bench_audio_latency.py (qcall/call/soundserver.py); speech for them.
+    apt_install pulseaudio pulseaudio-utils espeak-ng ||
+      say "continuing without pulseaudio: the sound-server device tests will skip"
     if apt_install portaudio19-dev; then
       extras="test,audio"
       command -v gcc >/dev/null 2>&1 || apt_install gcc python3-dev || extras="test"

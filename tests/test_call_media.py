@@ -40,6 +40,7 @@ from qcall.call.media import (
     SAMPLES_PER_FRAME,
     FileTrack,
     ToneTrack,
+    UnityGainTrack,
     WavRecorder,
     add_media_arguments,
     open_sink,
@@ -495,7 +496,8 @@ async def test_call_loop_tone_opus_recorder(tmp_path):
     caller = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     callee = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     chirp_times = [0.5, 1.0, 1.5, 2.0]
-    tone = ToneTrack(1000, chirp_at=chirp_times)
+    amplitude = 10 ** (-10 / 20) * math.sqrt(2)  # −10 dBFS RMS (a sine's RMS is peak / √2)
+    tone = ToneTrack(1000, chirp_at=chirp_times, amplitude=amplitude)
     recorder = WavRecorder(tmp_path / "call.wav")
     received = asyncio.Event()
 
@@ -505,7 +507,7 @@ async def test_call_loop_tone_opus_recorder(tmp_path):
         received.set()
 
     try:
-        caller.addTrack(tone)
+        caller.addTrack(UnityGainTrack(tone))  # as a call does (session_sdp.py)
         await caller.setLocalDescription(await caller.createOffer())
         assert "opus/48000/2" in caller.localDescription.sdp
         await callee.setRemoteDescription(caller.localDescription)
@@ -524,6 +526,8 @@ async def test_call_loop_tone_opus_recorder(tmp_path):
 
     samples, rate = read_wav(tmp_path / "call.wav")
     assert peak_frequency(samples[4800:4800 + 9600], rate) == pytest.approx(1000, abs=3)
+    # Unity gain: −10 dBFS arrives at −10 dBFS (mono straight into Opus: −13 dBFS).
+    assert rms_dbfs(samples[4800:4800 + 9600]) == pytest.approx(-10.0, abs=0.5)
     found = find_chirps(samples, rate, tone.chirp)
     assert len(found) == len(chirp_times)
     latencies = one_way_latencies(tone.chirp_send_times, recorder.arrivals, found, rate)
@@ -570,7 +574,7 @@ def test_no_devices_gives_clear_errors():
         with pytest.raises(MediaError, match="no sound devices") as info:
             opener()
         assert "--tone" in str(info.value) and "--output FILE.wav" in str(info.value)
-    with pytest.raises(MediaError, match="--input-device 3"):
+    with pytest.raises(MediaError, match="--mic 3"):
         open_source(input_device=3)
 
 
@@ -581,7 +585,9 @@ def test_cli_devices_says_no_devices(capsys):
     assert "no sound devices" in out and "--tone HZ" in out
     assert main(["devices", "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
-    assert document == {"inputs": [], "outputs": [], "message": NO_DEVICE_MESSAGE}
+    assert document == {
+        "inputs": [], "outputs": [], "message": NO_DEVICE_MESSAGE, "api": "portaudio"
+    }
 
 
 def test_cli_devices_without_pyaudio(monkeypatch, capsys):
@@ -623,6 +629,7 @@ def alsa_devices(tmp_path, monkeypatch):
         f'infile "{mic}" format "raw" hint {{ show on description "qcall file" }} }}\n'
     )
     monkeypatch.setenv("ALSA_CONFIG_PATH", f"{ALSA_CONF}:{conf}")
+    monkeypatch.setenv("QCALL_AUDIO_API", "portaudio")  # these test the PortAudio path
     devices = {d.name: d for d in list_devices()}
     if sorted(devices) != ["qcallfile", "qcallnull"]:
         pytest.skip(f"PortAudio did not expose the ALSA plugins: {devices}")
@@ -633,8 +640,8 @@ def test_cli_devices_lists_devices_with_indexes(alsa_devices, capsys):
     devices, _ = alsa_devices
     assert main(["devices"]) == 0
     out = capsys.readouterr().out
-    assert "Input devices (--input-device N):" in out
-    assert "Output devices (--output-device N):" in out
+    assert "Input devices (--mic NAME or N):" in out
+    assert "Output devices (--speaker NAME or N):" in out
     assert f"*{devices['qcallnull'].index:3d}  qcallnull  [ALSA" in out
     assert f" {devices['qcallfile'].index:3d}  qcallfile  [ALSA" in out
     assert main(["devices", "--json"]) == 0
@@ -665,7 +672,7 @@ async def test_microphone_track_captures_device_audio(alsa_devices):
     assert peak_frequency(captured, RATE) == pytest.approx(700, abs=2)
     with pytest.raises(MediaStreamError):
         await track.recv()
-    with pytest.raises(MediaError, match="--input-device 7: no such device"):
+    with pytest.raises(MediaError, match="--mic 7: no such device"):
         MicrophoneTrack(7)
 
 
@@ -691,7 +698,7 @@ async def test_speaker_sink_plays_to_device(alsa_devices):
     default = open_sink()
     assert isinstance(default, SpeakerSink) and default.device_name == "qcallnull"
     await default.stop()
-    with pytest.raises(MediaError, match="--output-device 4: no such device"):
+    with pytest.raises(MediaError, match="--speaker 4: no such device"):
         SpeakerSink(4)
 
 

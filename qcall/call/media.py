@@ -58,6 +58,7 @@ __all__ = [
     "FileTrack",
     "ToneTrack",
     "TrackSink",
+    "UnityGainTrack",
     "WavRecorder",
     "add_media_arguments",
     "make_frame",
@@ -65,6 +66,7 @@ __all__ = [
     "open_sink",
     "open_source",
     "read_wav",
+    "stereo_frame",
 ]
 
 logger = logging.getLogger(__name__)
@@ -113,6 +115,50 @@ class _Pacer:
         delay = self.start + pts / self.rate - self.clock()
         if delay > 0:
             await asyncio.sleep(delay)
+
+
+def stereo_frame(frame: av.AudioFrame) -> av.AudioFrame:
+    """Return a mono s16 ``frame`` as stereo with both channels equal (unity gain).
+
+    aiortc's Opus encoder codes stereo and converts mono input with
+    libswresample, whose mono → stereo matrix scales by 1/√2 (−3 dB). Copying
+    the one channel into both keeps the level; other frames are returned as is.
+    """
+    if frame.layout.name != "mono" or frame.format.name != "s16":
+        return frame
+    samples = frame.to_ndarray().astype(np.int16, copy=False).reshape(-1)
+    interleaved = np.repeat(samples, 2).reshape(1, -1)
+    out = av.AudioFrame.from_ndarray(interleaved, format="s16", layout="stereo")
+    out.sample_rate = frame.sample_rate
+    out.pts = frame.pts
+    out.time_base = frame.time_base
+    return out
+
+
+class UnityGainTrack(MediaStreamTrack):
+    """What a call hands aiortc: ``source``'s frames as stereo (:func:`stereo_frame`).
+
+    The sources keep producing mono (the format every sink and test
+    expects); this wrapper sits only between the source and the encoder, so
+    a tone at −10 dBFS arrives at −10 dBFS rather than −13.
+
+    Args:
+        source: an audio track of mono s16 frames.
+    """
+
+    kind = "audio"
+
+    def __init__(self, source: MediaStreamTrack) -> None:
+        super().__init__()
+        self.source = source
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        frame = await self.source.recv()
+        if not isinstance(frame, av.AudioFrame):
+            raise MediaStreamError(f"not an audio frame: {type(frame).__name__}")
+        return stereo_frame(frame)
 
 
 # --- sources ------------------------------------------------------------------------
@@ -599,7 +645,7 @@ def open_source(
     *,
     tone: float | None = None,
     input: str | os.PathLike[str] | None = None,
-    input_device: int | None = None,
+    input_device: int | str | None = None,
     chirp_at: Sequence[float] | None = None,
 ) -> MediaStreamTrack:
     """Open the audio source the flags ask for (default: the default microphone).
@@ -609,7 +655,7 @@ def open_source(
             (an ``argparse.Namespace``); keywords given here take precedence.
         tone: test tone frequency in Hz.
         input: a media file.
-        input_device: a PortAudio input device index.
+        input_device: an input device index or name (``--mic``).
         chirp_at: for a tone, marker chirp times (see :class:`ToneTrack`).
 
     Raises:
@@ -620,7 +666,7 @@ def open_source(
     tone = _pick(args, "tone", tone)
     path = _pick(args, "input", input)
     device = _pick(args, "input_device", input_device)
-    flags = (("--tone", tone), ("--input", path), ("--input-device", device))
+    flags = (("--tone", tone), ("--input", path), ("--mic", device))
     chosen = [flag for flag, value in flags if value is not None]
     if len(chosen) > 1:
         raise ConfigError(f"choose one audio source, not {' and '.join(chosen)}")
@@ -640,7 +686,7 @@ def open_sink(
     args: object | None = None,
     *,
     output: str | os.PathLike[str] | None = None,
-    output_device: int | None = None,
+    output_device: int | str | None = None,
 ) -> TrackSink:
     """Open the audio sink the flags ask for (default: the default speaker).
 
@@ -648,7 +694,7 @@ def open_sink(
         args: an object with ``output`` and ``output_device`` attributes;
             keywords given here take precedence.
         output: a WAV file to record to (must end in ``.wav``).
-        output_device: a PortAudio output device index.
+        output_device: an output device index or name (``--speaker``).
 
     Raises:
         ConfigError: both were given, or ``output`` does not end in ``.wav``.
@@ -657,7 +703,7 @@ def open_sink(
     path = _pick(args, "output", output)
     device = _pick(args, "output_device", output_device)
     if path is not None and device is not None:
-        raise ConfigError("choose one audio sink, not --output and --output-device")
+        raise ConfigError("choose one audio sink, not --output and --speaker")
     if path is not None:
         if Path(path).suffix.lower() != ".wav":
             raise ConfigError(f"--output {path}: only WAV is written; name the file *.wav")

@@ -24,27 +24,44 @@ def _tone_hz(text: str) -> float:
     return value
 
 
-def _device_index(text: str) -> int:
-    try:
+def _device(text: str) -> int | str:
+    """A device index (digits) or a name to look up (``qcall devices``)."""
+    text = text.strip()
+    if not text:
+        raise argparse.ArgumentTypeError("empty device name")
+    if text.lstrip("-").isdigit():
         value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a device index: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"device index {value} is negative")
-    return value
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"device index {value} is negative")
+        return value
+    return text
 
 
 def add_media_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--input``, ``--tone``, ``--input-device``, ``--output``, ``--output-device``."""
+    """Add ``--input``, ``--tone``, ``--mic``, ``--output``, ``--speaker``.
+
+    ``--mic`` and ``--speaker`` take an index or (part of) a device name or
+    description; ``--input-device`` and ``--output-device`` are their old names.
+    """
     group = parser.add_argument_group("audio (default: the default microphone and speaker)")
     source = group.add_mutually_exclusive_group()
     source.add_argument("--input", metavar="FILE", help="send this file (anything FFmpeg reads)")
     source.add_argument("--tone", metavar="HZ", type=_tone_hz, help="send a test tone")
     source.add_argument(
-        "--input-device", metavar="N", type=_device_index, help="microphone (`qcall devices`)"
+        "--mic",
+        "--input-device",
+        dest="input_device",
+        metavar="NAME|N",
+        type=_device,
+        help="microphone by name or index (`qcall devices`)",
     )
     sink = group.add_mutually_exclusive_group()
     sink.add_argument("--output", metavar="FILE.wav", help="record what you hear to a WAV file")
     sink.add_argument(
-        "--output-device", metavar="N", type=_device_index, help="speaker (`qcall devices`)"
+        "--speaker",
+        "--output-device",
+        dest="output_device",
+        metavar="NAME|N",
+        type=_device,
+        help="speaker by name or index (`qcall devices`)",
     )

@@ -296,6 +296,12 @@ class CallSession(Negotiation):
             self.status.playout_delay_ms = round(playout.delay * 1000, 1)
             self.status.frames_concealed = playout.concealed
             self.status.packets_late = playout.late
+        dropped = getattr(self.source, "dropped_blocks", None)
+        if isinstance(dropped, int):
+            self.status.mic_dropped_blocks = dropped
+        underruns = getattr(self.sink, "underruns", None)
+        if isinstance(underruns, int):
+            self.status.speaker_underruns = underruns
 
     # --- until the call is up -------------------------------------------------------------
 

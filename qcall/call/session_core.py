@@ -116,6 +116,9 @@ class SessionCore:
         self.key_source = key_source
         self.options = options
         self.source = source
+        #: Where the received audio plays (set by whoever attaches one): its
+        #: ``underruns`` go into :attr:`status`.
+        self.sink: Any = None
         self.on_track = on_track
         self.clock = clock
         self.replay_cache = replay_cache
@@ -313,3 +316,10 @@ class SessionCore:
                 self.status.otp_budget = self.otp.describe()
                 self.otp.close()
             await pc.close()
+        if self.source is not None:
+            # A microphone would otherwise keep capturing (and its device stay
+            # open) after the call; every call gets a fresh source (Phone.make_source).
+            dropped = getattr(self.source, "dropped_blocks", None)
+            if isinstance(dropped, int):
+                self.status.mic_dropped_blocks = dropped
+            self.source.stop()

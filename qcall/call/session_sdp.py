@@ -44,6 +44,7 @@ from aiortc import (
 )
 
 from qcall.call.jitter import apply_jitter_buffer_mode
+from qcall.call.media import UnityGainTrack
 from qcall.call.netem import apply_profile
 from qcall.call.session_core import b64, unb64
 from qcall.call.session_pump import HandshakePump
@@ -121,7 +122,7 @@ class Negotiation(HandshakePump):
                 self._finish(None)
 
         if self.source is not None:
-            pc.addTrack(self.source)
+            pc.addTrack(UnityGainTrack(self.source))  # no −3 dB in Opus's upmix
         elif self.role == "caller":
             pc.addTransceiver("audio", direction="recvonly")
         apply_jitter_buffer_mode(pc, self.options.jitter_buffer)  # docs/jitter-buffer.md

@@ -119,6 +119,10 @@ class CallStatus:
     packets_late: int | None = None
     #: One-time-pad calls: key used and budget left (docs/otp.md), else empty.
     otp_budget: str = ""
+    #: Sound devices (docs/audio.md): capture blocks the microphone dropped because
+    #: the call fell behind, and times the speaker ran dry and played silence.
+    mic_dropped_blocks: int | None = None
+    speaker_underruns: int | None = None
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:

@@ -468,6 +468,12 @@ def _status_table(session: Any) -> Any:
             f"jitter buffer {fmt(st.playout_delay_ms, 'ms')}, concealed "
             f"{fmt(st.frames_concealed, 'frames')}, late {fmt(st.packets_late, 'packets')}",
         )
+    if st.mic_dropped_blocks is not None or st.speaker_underruns is not None:
+        table.add_row(
+            "devices",
+            f"microphone dropped {fmt(st.mic_dropped_blocks, 'blocks')}, "
+            f"speaker underruns {fmt(st.speaker_underruns, '')}".rstrip(),
+        )
     return table
 
 
@@ -564,7 +570,7 @@ async def _call(args: argparse.Namespace) -> int:
     console = _Console(args.quiet, args.json)
     started = time.monotonic()
     if sink is not None:
-        phone.on_track = lambda _s, track: _attach(sink, track)
+        phone.on_track = lambda s, track: _attach(sink, track, s)
     async with phone:
         console.line(f"calling {args.user} …")
         try:
@@ -621,7 +627,9 @@ def _sink_for(args: argparse.Namespace, open_sink: Any) -> Any:
 _SINK_TASKS: set[asyncio.Future[Any]] = set()
 
 
-def _attach(sink: Any, track: Any) -> None:
+def _attach(sink: Any, track: Any, session: Any = None) -> None:
+    if session is not None:
+        session.sink = sink  # its underruns go into the status and report
     sink.addTrack(track)
     task = asyncio.ensure_future(sink.start())
     _SINK_TASKS.add(task)
@@ -702,12 +710,12 @@ async def _listen(args: argparse.Namespace) -> int:
             final = recording_path(args.output, session.peer, time.time(), calls[0],
                                    once=args.once)  # fmt: skip
             sink: Any = _Recording(args, final, open_sink)
-            _attach(sink.sink, track)
+            _attach(sink.sink, track, session)
         else:
             sink = _sink_for(args, open_sink)
             if sink is None:
                 return
-            _attach(sink, track)
+            _attach(sink, track, session)
         sinks[id(session)] = sink
 
     phone.on_track = on_track
