@@ -348,3 +348,54 @@ async def test_conversations_screen_reads_and_sends(lab: Lab) -> None:
             assert [line.text for line in bob_side.lines("m-alice")] == ["lunch at noon?", "yes"]
     finally:
         await server.close()
+
+
+async def test_cli_phone_wires_messaging_to_the_signaling_server(tmp_path: Path) -> None:
+    """`qcall phone` builds its conversations on the phone's own signaling connection:
+    a message bob sends while alice's phone is open is pushed to her at once."""
+    import argparse
+    import contextlib
+
+    from qcall.cli.phone import _messaging
+    from qcall.messaging.client import MessagingClient
+    from qcall.messaging.store import ClientStore
+    from qcall.messaging.transport import SignalingTransport
+    from qcall.signaling.client import SignalingClient
+    from signaling.store import SQLiteMessageStore
+
+    server = SignalingServer(mailbox=SQLiteMessageStore(tmp_path / "mailbox.db"))
+    await server.start("127.0.0.1", 0)
+    url = f"ws://127.0.0.1:{server.port}"
+    idents = {}
+    for name in ("alice", "bob"):
+        (tmp_path / name).mkdir()
+        idents[name] = Identity.generate(name)
+        idents[name].save(tmp_path / name)
+    contacts = ContactStore.in_home(tmp_path / "alice")
+    phone = Phone(url, idents["alice"].signing_key, "alice",
+                  check_peer=contacts.check_peer, key_source=None)  # fmt: skip
+    controller = PhoneController(phone, contacts, CallHistory.in_home(tmp_path / "alice"))
+    args = argparse.Namespace(home=str(tmp_path / "alice"), config=None)
+    store = _messaging(args, phone, contacts, controller)
+    bob_signaling = SignalingClient(url, idents["bob"].signing_key, "bob")
+    bob_seed = idents["bob"].signing_key.seed_bytes()
+    bob_store = ClientStore(tmp_path / "bob" / "messages.db", bob_seed)
+    bob = MessagingClient(idents["bob"], bob_store, SignalingTransport(bob_signaling),
+                          ContactStore.in_home(tmp_path / "bob"))  # fmt: skip
+    try:
+        conversations = controller.conversations
+        assert conversations is not None
+        conversations.poll_interval = 30.0  # only a push can deliver within the test
+        await controller.start()
+        await bob_signaling.connect()
+        await bob.send_text("alice", "the phone hears me")
+        await until(lambda: conversations.unread.get("bob") == 1, "bob's message pushed")
+        assert [line.text for line in conversations.lines("bob")] == ["the phone hears me"]
+        assert conversations.lines("bob")[0].outgoing is False
+    finally:
+        await controller.close()
+        with contextlib.suppress(Exception):
+            await bob_signaling.close()
+        store.close()
+        bob_store.close()
+        await server.close()

@@ -70,15 +70,48 @@ async def _run(args: argparse.Namespace) -> int:
     controller = PhoneController(
         phone, contacts, CallHistory.in_home(home), open_speaker=open_speaker
     )
+    store = _messaging(args, phone, contacts, controller)
     app = PhoneApp(controller)
     with _log_to(home / LOG_FILE):
         try:
             await app.run_async()
         finally:
             await controller.close()
+            store.close()
     if app.error is not None:
         raise app.error
     return 0
+
+
+def _messaging(args: argparse.Namespace, phone: Any, contacts: Any, controller: Any) -> Any:
+    """Quantum Secret in the phone: a messaging client on the phone's own signaling
+    connection and key source, its history in ``HOME/messages.db``; returns the store."""
+    from qcall.cli.call import load_config
+    from qcall.cli.messaging import _client_config
+    from qcall.config import qcall_home
+    from qcall.identity import Identity
+    from qcall.messaging.client import MessagingClient
+    from qcall.messaging.store import ClientStore
+    from qcall.messaging.transport import SignalingTransport
+    from qcall.phone.conversations import Conversations
+
+    home = qcall_home(args.home)
+    identity = Identity.load(home)
+    store = ClientStore(home / "messages.db", identity.signing_key.seed_bytes())
+    client = MessagingClient(
+        identity,
+        store,
+        SignalingTransport(phone.signaling),
+        contacts,
+        key_source=phone.key_source,
+        config=_client_config(args, load_config(args.config, home)),
+    )
+    controller.conversations = Conversations(
+        client,
+        lambda: [contact.name for contact in contacts.list()],
+        on_change=lambda: controller.on_change(),
+    )
+    return store
 
 
 @contextlib.contextmanager

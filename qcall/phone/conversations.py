@@ -108,12 +108,24 @@ class Conversations:
                 await self.poll()
             except QCallError as exc:
                 logger.debug("! mailbox poll failed: %s", exc)
-            await asyncio.sleep(self.poll_interval)
+            wake = getattr(self.client.transport, "wake", None)
+            if isinstance(wake, asyncio.Event):  # a push from the server: at once
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), self.poll_interval)
+            else:
+                await asyncio.sleep(self.poll_interval)
 
     async def poll(self) -> int:
         """Fetch and process what waits in the mailbox; returns the messages received."""
         received = 0
-        for event in await self.client.receive():
+        events = []
+        take_pushed = getattr(self.client.transport, "take_pushed", None)
+        if take_pushed is not None:  # envelopes the server pushed while we are online
+            pushed = take_pushed()
+            if pushed:
+                events += await self.client.deliver(pushed)
+        events += await self.client.receive()
+        for event in events:
             if isinstance(event, MessageReceived) and event.content.kind in (
                 ContentKind.TEXT,
                 ContentKind.FILE,
