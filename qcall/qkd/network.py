@@ -55,7 +55,7 @@ from qcall.qkd.kmestore import DurableKME, commit_all
 from qcall.qkd.pki import create_pki, server_ssl_context
 from qcall.qkd.relay import TrustedNodeRelay
 from qcall.qkd.server import KMEServer
-from qcall.qkd.topology import Link, Topology, load_topology
+from qcall.qkd.topology import FIDELITIES, Link, Topology, load_topology
 
 __all__ = [
     "LinkSimulator",
@@ -166,18 +166,34 @@ class _PairRuntime:
     alarm: str | None = None
 
 
-def default_link_factory(**overrides: Any) -> LinkFactory:
-    """Return a factory of real BB84 links (:class:`qcall.qkd.sim.SimulatedLink`).
+def default_link_factory(*, fidelity: str | None = None, **overrides: Any) -> LinkFactory:
+    """Return a factory of simulated links, each at its fidelity.
 
     Args:
+        fidelity: ``"protocol"`` (every link runs the full BB84 simulation,
+            :class:`qcall.qkd.sim.SimulatedLink`), ``"model"`` (every link
+            produces key at the analytic rate with fluctuations,
+            :class:`qcall.qkd.sim.ModelLink`), or ``None``: each link's
+            ``fidelity`` field in the topology, ``protocol`` where it has none.
         overrides: :class:`~qcall.qkd.sim.LinkParams` fields for every link
             (for example ``block_pulses`` to make blocks small in tests).
+
+    Raises:
+        ConfigError: an unknown fidelity.
     """
-    from qcall.qkd.sim import LinkParams, SimulatedLink
+    from qcall.qkd.sim import LinkParams, ModelLink, SimulatedLink
+
+    if fidelity is not None and fidelity not in FIDELITIES:
+        raise ConfigError(f"fidelity must be one of {', '.join(FIDELITIES)}, not {fidelity!r}")
 
     def make(link: Link, seed: int | None) -> LinkSimulator:
         params = LinkParams(length_km=link.length_km, **overrides)
-        simulator: LinkSimulator = SimulatedLink(link.name, params, seed=seed)
+        chosen = fidelity or link.fidelity or "protocol"
+        simulator: LinkSimulator
+        if chosen == "model":
+            simulator = ModelLink(link.name, params, seed=seed)
+        else:
+            simulator = SimulatedLink(link.name, params, seed=seed)
         return simulator
 
     return make
@@ -551,6 +567,7 @@ class SimulatedNetwork:
             links[name] = {
                 "length_km": runtime.link.length_km,
                 "active": runtime.sim is not None,
+                "fidelity": getattr(runtime.sim, "fidelity", "protocol") if runtime.sim else None,
                 "state": buf.state.name,
                 "qber": runtime.qber,
                 "model_rate_bps": runtime.model_rate,
