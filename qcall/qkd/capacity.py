@@ -35,7 +35,7 @@ Example::
     from qcall.qkd.topology import load_topology
 
     planner = CapacityPlanner(load_topology("national"))
-    cap = planner.capacity("Beijing_KME", "Yaohai_AP01", CallMode.aes(60.0))
+    cap = planner.capacity("Beijing", "Yaohai_AP01", CallMode.aes(60.0))
     cap.calls, cap.route_rate_bps
 """
 
