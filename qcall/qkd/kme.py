@@ -441,6 +441,7 @@ class KME:
             )
         if request.additional_slave_sae_ids:
             raise bad_request("additional_slave_SAE_IDs is not supported (max_SAE_ID_count is 0)")
+        application = request_application(request)
         number = request.number
         if number < 1 or number > self.max_key_per_request:
             raise bad_request(
@@ -459,7 +460,6 @@ class KME:
             what = "" if size == self.key_size else f" of {size} bits"
             text = f"not enough keys: {stored}{what} stored, {number} requested"
             raise KMEUnavailableError(text, status=503, message=text)
-        application = request_application(request)
         issued = pool.issue(number, size // 8, now)
         container = KeyContainer(tuple(QKDKey(kid, key) for kid, key in issued))
         self._count(application, caller, peer, container)

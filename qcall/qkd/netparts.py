@@ -239,3 +239,8 @@ class KeyRouteLog:
         if routes is not None:
             for key_id in key_ids:
                 routes.pop(key_id, None)
+
+    def links_of(self, master: str, slave: str, key_id: str) -> frozenset[str] | None:
+        """The links a relayed key crossed, if it is still remembered."""
+        routes = self._routes.get((master, slave))
+        return None if routes is None else routes.get(key_id)
