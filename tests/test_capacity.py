@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -146,3 +147,38 @@ def test_national_scale_planner_is_fast_enough() -> None:
     cap = planner.capacity("Gaoxin_AP01", "Yaohai_AP01", CallMode.aes(60.0))
     assert cap.calls > 1000
     assert cap.route_rate_bps > 100_000
+
+
+def test_cli_capacity_table_and_json(capsys: pytest.CaptureFixture[str]) -> None:
+    from qcall.cli import main
+
+    assert main(["network", "capacity", "--topology", "national", "--rekey", "60"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("pair"))
+    assert header.split()[-2:] == ["aes-60s", "otp-8k"]
+    metro_pairs = [line for line in lines if " – " in line and ":" not in line.split()[0]]
+    assert len(metro_pairs) == 16 * 15 // 2
+    beijing_hefei = next(line for line in lines if line.startswith("Beijing – Hefei "))
+    assert beijing_hefei.split()[3:5] == ["18", "994"]  # hops, km of the demo route
+    inside = [line for line in lines if line.startswith("Hefei:")]
+    assert len(inside) == 3  # the three KME sites of the Hefei metro
+    assert main(["network", "capacity", "--topology", "beijing-hefei", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    (pair,) = doc["pairs"]
+    assert (pair["source"], pair["target"], pair["hops"]) == ("Beijing", "Hefei", 16)
+    rate = pair["key_rate_bps"]
+    assert pair["calls"]["otp-8k"] == math.floor(0.9 * rate / CallMode.otp().bits_per_second)
+    assert pair["calls"]["aes-60s"] == math.floor(0.9 * rate * 60 / 256)
+    # The simulated rates follow the analytic ones (the model's own error, a few per cent).
+    analytic = min(link_rates(load_topology("beijing-hefei")).values())
+    assert 0.85 * analytic < rate < analytic
+
+
+def test_cli_capacity_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
+    from qcall.cli import main
+
+    assert main(["network", "capacity", "--topology", "national", "--rekey", "0"]) != 0
+    assert "rekey_seconds must be positive" in capsys.readouterr().err
+    assert main(["network", "capacity", "--utilisation", "1.5"]) != 0
+    assert "--utilisation must be in (0, 1]" in capsys.readouterr().err
