@@ -577,14 +577,17 @@ class SimulatedNetwork:
         loop = asyncio.get_running_loop()
         failed_in_a_row = 0
         while True:
-            if buf.space_bits == 0 or buf.cut:
+            # A full buffer idles a protocol link (it saves a core); a model link
+            # costs nothing and keeps running, so its QBER watch never pauses.
+            model = getattr(sim, "fidelity", "protocol") == "model"
+            if buf.cut or (buf.space_bits == 0 and not model):
                 await asyncio.sleep(self.relay_interval)
                 continue
             started = time.monotonic()
             result: BlockResult | None = None
             try:
                 assert self._executor is not None
-                if getattr(sim, "fidelity", "protocol") == "model":
+                if model:
                     result = sim.run_block()  # tens of microseconds: no thread needed
                 else:
                     result = await loop.run_in_executor(self._executor, sim.run_block)
@@ -622,8 +625,10 @@ class SimulatedNetwork:
             else:
                 failed_in_a_row = 0
             remaining = started + wait - time.monotonic()
-            if remaining > 0:
-                await asyncio.sleep(remaining)
+            if model and buf.space_bits == 0:
+                remaining = max(remaining, self.relay_interval)  # only watching the QBER
+            # Always yield: a model block may stand for less time than it took.
+            await asyncio.sleep(max(0.0, remaining))
             if result is not None:
                 qber = result_qber(result)
                 runtime.qber = qber
@@ -660,8 +665,13 @@ class SimulatedNetwork:
         """
         size = self.key_size // 8
         moved = 0
-        wanting = list(self._pairs)
-        # Round robin, one key per pair per round, so no pair starves the others.
+        # Emptiest pools first, then round robin, one key per pair per round, so
+        # no pair starves the others (with hundreds of pairs, ``max_keys`` stops
+        # a call before every pair had its turn).
+        wanting = sorted(
+            self._pairs,
+            key=lambda p: self.kmes[p.master_node].stored_key_count(p.master, p.slave),
+        )
         while wanting and moved < max_keys:
             still: list[PairRuntime] = []
             for pair in wanting:
