@@ -5,8 +5,8 @@ switch, an access point); each *link* is a fibre with a length, over which a
 point-to-point QKD link runs. Some nodes host a KME (an ETSI GS QKD 014 key
 manager reachable by applications), and a KME-hosting node may serve SAEs
 (secure application entities, ETSI GS QKD 014 section 4). The file format
-is documented in ``docs/topology.md``; two topologies ship with qcall:
-``beijing-hefei`` and ``hefei-metro`` (see :func:`bundled_topologies`).
+is documented in ``docs/topology.md``; three topologies ship with qcall:
+``beijing-hefei``, ``hefei-metro`` and ``national`` (see :func:`bundled_topologies`).
 
 Everything here is pure: :func:`parse_topology` takes a ``dict`` (from TOML or
 JSON), :func:`load_topology` only adds reading the file. Input is treated as
