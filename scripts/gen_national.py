@@ -30,7 +30,6 @@ Run it again and the file is identical::
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import random
@@ -263,18 +262,9 @@ def generate() -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="only compare with the file")
-    parser.add_argument("--out", type=Path, default=OUT)
-    args = parser.parse_args()
-    text = generate()
-    if args.check:
-        same = args.out.exists() and args.out.read_text(encoding="utf-8") == text
-        print(f"{args.out}: {'up to date' if same else 'DIFFERS'}")
-        return 0 if same else 1
-    args.out.write_text(text, encoding="utf-8")
-    print(f"wrote {args.out}")
-    return 0
+    from gen_hefei_metro import write_or_check  # this script's folder is on sys.path
+
+    return write_or_check(generate(), OUT, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
