@@ -288,6 +288,8 @@ def render(net: SimulatedNetwork) -> Any:
             continue
         if link["state"] == "LINK_ALARM":
             state = "[bold red]ALARM[/]"  # fits the column: "state" + padding
+        elif link["state"] == "LINK_DOWN":
+            state = "[bold red]cut[/]"
         elif link["eve_fraction"]:
             state = "[yellow]eve on[/]"
         else:
