@@ -43,6 +43,7 @@ narrowest class that you can act on::
     │   ├── PostProcessingError         BB84 post-processing failed (EC, verification)
     │   │   └── ChannelAuthenticationError  a classical-channel message failed its MAC
     │   ├── RelayError                  trusted-node relay failed (names the hop)
+    │   ├── CapacityError               a route cannot carry the calls offered (key economics)
     │   ├── SiteLinkError               link between two network sites: bad frame or peer
     │   └── TopologyError               bad topology file
     ├── SignalingError               (``code`` goes on the wire)
@@ -92,6 +93,7 @@ __all__ = [
     "BadSignatureError",
     "CallError",
     "CallRejectedError",
+    "CapacityError",
     "CertificateError",
     "CertificateExpiredError",
     "CertificateRevokedError",
@@ -415,6 +417,11 @@ class RelayError(QKDError):
     def __init__(self, text: str, *, hop: str | None = None) -> None:
         super().__init__(text)
         self.hop = hop
+
+
+class CapacityError(QKDError):
+    """A route cannot carry the calls offered, or an admission was misused
+    (:mod:`qcall.qkd.capacity`)."""
 
 
 class SiteLinkError(QKDError):

@@ -89,12 +89,12 @@ def generate() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def write_or_check(text: str, out: Path, description: str) -> int:
+    """The generators' command line: write ``text`` to ``--out``, or ``--check`` it."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--check", action="store_true", help="only compare with the file")
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--out", type=Path, default=out)
     args = parser.parse_args()
-    text = generate()
     if args.check:
         same = args.out.exists() and args.out.read_text(encoding="utf-8") == text
         print(f"{args.out}: {'up to date' if same else 'DIFFERS'}")
@@ -102,6 +102,10 @@ def main() -> int:
     args.out.write_text(text, encoding="utf-8")
     print(f"wrote {args.out}")
     return 0
+
+
+def main() -> int:
+    return write_or_check(generate(), OUT, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -322,6 +322,13 @@ async def test_many_rekeys_lose_no_packet(lab: Lab) -> None:
     assert caller.status.rekeys >= 10
     assert callee.status.rekeys >= 10
     assert len(set(caller.status.all_key_ids)) == caller.status.rekeys + 1
+    # Both KMEs counted the call's key by application (ETSI 014 qcall_application tag).
+    kmes = lab.kmes  # type: ignore[attr-defined]
+    for kme in (kmes["alice"], kmes["bob"]):
+        usage = {row["application"]: row for row in kme.usage()}
+        assert usage["call-setup"]["keys"] == 1 and usage["call-setup"]["bits"] == 256
+        assert usage["rekey"]["keys"] >= 10
+        assert {row["master"] for row in kme.usage()} == {"alice"}
     await caller.refresh_stats()
     await callee.refresh_stats()
     for session in (caller, callee):
@@ -400,8 +407,8 @@ async def test_mismatched_qkd_key_fails_fast_without_audio(lab: Lab) -> None:
     wrong = lab.key_source("bob")
     real = wrong.get_keys_by_id
 
-    async def corrupted(peer_sae: str, key_ids: Any) -> list[QKDKey]:
-        keys = await real(peer_sae, key_ids)
+    async def corrupted(peer_sae: str, key_ids: Any, **options: Any) -> list[QKDKey]:
+        keys = await real(peer_sae, key_ids, **options)
         return [QKDKey(k.key_id, bytes(b ^ 0x01 for b in k.key)) for k in keys]
 
     wrong.get_keys_by_id = corrupted  # type: ignore[method-assign]
@@ -563,12 +570,12 @@ async def test_kme_down_mid_call_grace_then_clean_end(lab: Lab) -> None:
     real_get_key = source.get_key
     calls = 0
 
-    async def flaky(peer_sae: str, size_bits: int | None = None) -> Any:
+    async def flaky(peer_sae: str, size_bits: int | None = None, **options: Any) -> Any:
         nonlocal calls
         calls += 1
         if calls > 1:  # the KME "goes down" after the first key
             raise KMEConnectionError("cannot connect to KME (test: switched off)")
-        return await real_get_key(peer_sae, size_bits)
+        return await real_get_key(peer_sae, size_bits, **options)
 
     source.get_key = flaky  # type: ignore[method-assign]
     options = CallOptions(rekey_interval=0.3, key_grace=1.0, rekey_retry=0.2)

@@ -86,6 +86,57 @@ def test_hefei_metro_is_generated_by_committed_script() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_national_topology() -> None:
+    """16 metros, Hefei at its reported size, trunks of 60-80 km hops, demo route at protocol."""
+    topo = load_topology("national")
+    metros = topo.metros
+    assert len(metros) == 16
+    assert {"Beijing", "Shanghai", "Hefei", "Guangzhou", "Jinan", "Wuhan"} <= set(metros)
+    hefei = [topo.nodes[n] for n in metros["Hefei"]]
+    assert sum(n.kind == "core" for n in hefei) == 8
+    assert sum(n.kind == "access" for n in hefei) == 159
+    inside = [
+        link.length_km
+        for link in topo.links.values()
+        if topo.nodes[link.a].metro == topo.nodes[link.b].metro == "Hefei"
+    ]
+    assert sum(inside) == pytest.approx(1147.0)
+    # Every metro has a KME with an SAE; every SAE is in a metro.
+    for name, members in metros.items():
+        assert any(topo.nodes[n].saes for n in members), name
+    assert all(topo.nodes[topo.sae_node(s)].metro for s in topo.sae_ids)
+    # Trunk hops (relay to relay) are 60-80 km; the bundled chain keeps its own lengths.
+    chain = set(load_topology("beijing-hefei").nodes)
+    trunk = [
+        link.length_km
+        for link in topo.links.values()
+        if "_R" in link.a + link.b and not {link.a, link.b} & chain
+    ]
+    assert len(trunk) > 100 and min(trunk) >= 60 and max(trunk) <= 80
+    assert len(topo.links) > 300
+    # The demo route runs at protocol fidelity, everything else at model fidelity.
+    path = topo.shortest_path("Beijing", topo.sae_node("bob"))
+    assert path is not None
+    demo = topo.path_links(path)
+    assert sum(link.length_km for link in demo) > 965
+    assert {link.fidelity for link in demo} == {"protocol"}
+    others = {link.fidelity for link in topo.links.values() if link not in demo}
+    assert others == {"model"}
+    # Several routes: Beijing-Hefei survives any one trunk hop failing.
+    for link in demo[:3]:
+        assert topo.shortest_path("Beijing", topo.sae_node("bob"), exclude=[link.name])
+
+
+def test_national_is_generated_by_committed_script() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/gen_national.py"), "--check"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_small_topology_and_link_lookup() -> None:
     topo = parse_topology(small())
     assert topo.link("A-R") is topo.link("R-A")
@@ -167,6 +218,11 @@ def test_json_and_toml_files(tmp_path: Path) -> None:
         (small(nodes=["A"]), "nodes\\[0\\] must be a table"),
         (small(links=[{"a": "A", "b": "R"}]), "link 'A-R': missing length_km"),
         (small(max_hop_km=-1), "max_hop_km must be positive"),
+        (
+            small(links=[{"a": "A", "b": "R", "length_km": 5, "fidelity": "exact"}]),
+            "link 'A-R': fidelity must be one of protocol, model, not 'exact'",
+        ),
+        (small(nodes=[{"name": "A", "metro": "New York"}]), "node 'A': metro 'New York'"),
         (small(extra=1), "topology: unknown field 'extra'"),
         ([1, 2], "top level"),
     ],

@@ -134,10 +134,12 @@ class QKDKeys:
             kme_id = _KME_IDS.get(source)
             if kme_id is None:  # the first call through this source: the offer needs the ID
                 status, key = await asyncio.gather(
-                    source.status(s.peer_sae), source.get_key(s.peer_sae), return_exceptions=True
+                    source.status(s.peer_sae),
+                    source.get_key(s.peer_sae, application="call-setup"),
+                    return_exceptions=True,
                 )
             else:
-                key = await _result(source.get_key(s.peer_sae))
+                key = await _result(source.get_key(s.peer_sae, application="call-setup"))
                 if isinstance(key, QKDKey):  # the Status only for its alarm: during ICE
                     s.qkd_kme_id = kme_id
                     self.status_due = True
@@ -211,7 +213,11 @@ class QKDKeys:
         assert s.hs is not None
         started = time.monotonic()
         try:
-            keys = await self._source().get_keys_by_id(event.master_sae_id, event.key_ids)
+            keys = await self._source().get_keys_by_id(
+                event.master_sae_id,
+                event.key_ids,
+                application="call-setup" if event.epoch == 0 else "rekey",
+            )
         except QKDError as exc:
             if event.epoch > 0 and isinstance(s.hs, CalleeHandshake):
                 self._decline(s.hs, event.epoch, exc)  # keep the current keys, if in grace
@@ -233,7 +239,7 @@ class QKDKeys:
         keys: list[Any] = []
         if hs.policy == "hybrid":
             try:
-                keys = [await self._source().get_key(s.peer_sae)]
+                keys = [await self._source().get_key(s.peer_sae, application="rekey")]
             except QKDError as exc:
                 self._key_missing(hs, epoch, exc)
                 return

@@ -4,6 +4,8 @@ Example::
 
     qcall network --topology beijing-hefei --state /tmp/qnet
     qcall network --topology hefei-metro --state /tmp/metro --eve Xinzhan-Gaoxin --eve-delay 10
+    qcall network --topology national --fidelity auto --state /tmp/national
+    qcall network capacity --topology national      # see qcall/cli/network_capacity.py
 
 Clients find the KMEs and their SAE credentials in ``STATE/network.json``
 (see ``docs/relay.md``).
@@ -44,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--topology",
         default="beijing-hefei",
         metavar="NAME|FILE",
-        help="bundled topology (beijing-hefei, hefei-metro) or a .toml/.json file",
+        help="bundled topology (beijing-hefei, hefei-metro, national) or a .toml/.json file",
     )
     parser.add_argument(
         "--state",
@@ -83,6 +85,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--block-pulses", type=int, metavar="N", help="pulses per BB84 block (default: model's)"
     )
     parser.add_argument(
+        "--fidelity",
+        choices=("auto", "protocol", "model"),
+        default="auto",
+        help="link simulation: auto (each link's topology field, else protocol), protocol "
+        "(full BB84 post-processing) or model (analytic rate with fluctuations)",
+    )
+    parser.add_argument(
         "--durable-kmes",
         action="store_true",
         help="keep the KME pools in STATE/kme/*.state (crash-safe; docs/faults.md)",
@@ -98,6 +107,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--json-status", action="store_true", help="print one JSON status line per second"
     )
     parser.set_defaults(func=run)
+    from qcall.cli.network_capacity import register_capacity
+
+    register_capacity(parser.add_subparsers(dest="network_command", metavar="{capacity}"))
 
 
 def parse_eve(spec: str) -> tuple[str, float]:
@@ -155,7 +167,9 @@ async def _serve(args: argparse.Namespace, topology: Any, state: str, eves: list
             key_size=args.key_size,
             pool_target=args.pool,
             seed=args.seed,
-            link_factory=default_link_factory(**overrides),
+            link_factory=default_link_factory(
+                fidelity=None if args.fidelity == "auto" else args.fidelity, **overrides
+            ),
             durable_kmes=args.durable_kmes,
         ) as net,
         contextlib.AsyncExitStack() as stack,
@@ -300,6 +314,8 @@ def render(net: SimulatedNetwork) -> Any:
             continue
         if link["state"] == "LINK_ALARM":
             state = "[bold red]ALARM[/]"  # fits the column: "state" + padding
+        elif link["state"] == "LINK_DOWN":
+            state = "[bold red]cut[/]"
         elif link["eve_fraction"]:
             state = "[yellow]eve on[/]"
         else:

@@ -41,6 +41,7 @@ from qcall.exceptions import (
 )
 from qcall.qkd.etsi014 import (
     API_PREFIX,
+    APPLICATION_EXTENSION,
     KeyRequest,
     KeyStatus,
     QKDKey,
@@ -48,6 +49,7 @@ from qcall.qkd.etsi014 import (
     parse_error,
     parse_key_container,
     parse_status,
+    validate_application,
     validate_key_id,
     validate_sae_id,
 )
@@ -110,7 +112,12 @@ class KeySource(AsyncClosing, abc.ABC):
 
     @abc.abstractmethod
     async def get_keys(
-        self, peer_sae: str, number: int = 1, size_bits: int | None = None
+        self,
+        peer_sae: str,
+        number: int = 1,
+        size_bits: int | None = None,
+        *,
+        application: str | None = None,
     ) -> list[QKDKey]:
         """Get ``number`` new keys shared with ``peer_sae`` (ETSI 014 ``enc_keys``).
 
@@ -118,16 +125,22 @@ class KeySource(AsyncClosing, abc.ABC):
             peer_sae: the slave SAE that will fetch the keys by key_ID.
             number: how many keys.
             size_bits: key size; ``None`` means the source's default.
+            application: what the keys are for (``call-setup``, ``rekey``,
+                ``message``, ``otp``...), for the KME's key accounting; a source
+                without a KME ignores it.
 
         Raises:
             QKDError: a subclass saying what failed (no key left, KME error, …).
         """
 
     @abc.abstractmethod
-    async def get_keys_by_id(self, peer_sae: str, key_ids: Sequence[str]) -> list[QKDKey]:
+    async def get_keys_by_id(
+        self, peer_sae: str, key_ids: Sequence[str], *, application: str | None = None
+    ) -> list[QKDKey]:
         """Get the keys that ``peer_sae`` obtained with :meth:`get_keys` (``dec_keys``).
 
-        Returns the keys in the order of ``key_ids``.
+        Returns the keys in the order of ``key_ids``. ``application``: as for
+        :meth:`get_keys`.
 
         Raises:
             KeyNotFoundError | KMEBadRequestError: a key_ID is unknown or consumed.
@@ -142,14 +155,18 @@ class KeySource(AsyncClosing, abc.ABC):
     async def close(self) -> None:
         """Release connections and files. Safe to call twice."""
 
-    async def get_key(self, peer_sae: str, size_bits: int | None = None) -> QKDKey:
+    async def get_key(
+        self, peer_sae: str, size_bits: int | None = None, *, application: str | None = None
+    ) -> QKDKey:
         """Get one new key shared with ``peer_sae``; see :meth:`get_keys`."""
-        (key,) = await self.get_keys(peer_sae, 1, size_bits)
+        (key,) = await self.get_keys(peer_sae, 1, size_bits, application=application)
         return key
 
-    async def get_key_by_id(self, peer_sae: str, key_id: str) -> QKDKey:
+    async def get_key_by_id(
+        self, peer_sae: str, key_id: str, *, application: str | None = None
+    ) -> QKDKey:
         """Get the key ``key_id`` that ``peer_sae`` obtained; see :meth:`get_keys_by_id`."""
-        (key,) = await self.get_keys_by_id(peer_sae, [key_id])
+        (key,) = await self.get_keys_by_id(peer_sae, [key_id], application=application)
         return key
 
 
@@ -504,15 +521,30 @@ class ETSI014Client(KeySource):
         return list(container.keys)
 
     async def get_keys(
-        self, peer_sae: str, number: int = 1, size_bits: int | None = None
+        self,
+        peer_sae: str,
+        number: int = 1,
+        size_bits: int | None = None,
+        *,
+        application: str | None = None,
     ) -> list[QKDKey]:
+        """``enc_keys``; ``application`` travels as ``extension_optional`` (POST only)."""
         _check_count(number)
-        keys = await self.enc_keys(peer_sae, KeyRequest(number=number, size=size_bits))
+        extension: tuple[dict[str, str], ...] = ()
+        if application is not None and self.method == "POST":
+            extension = ({APPLICATION_EXTENSION: _application(application)},)
+        request = KeyRequest(number=number, size=size_bits, extension_optional=extension)
+        keys = await self.enc_keys(peer_sae, request)
         logger.debug("< enc_keys %s %s", peer_sae, [k.key_id for k in keys])
         return keys
 
-    async def get_keys_by_id(self, peer_sae: str, key_ids: Sequence[str]) -> list[QKDKey]:
-        """5.3 Get key with key IDs: ``dec_keys``; answer must hold exactly ``key_ids``."""
+    async def get_keys_by_id(
+        self, peer_sae: str, key_ids: Sequence[str], *, application: str | None = None
+    ) -> list[QKDKey]:
+        """5.3 Get key with key IDs: ``dec_keys``; answer must hold exactly ``key_ids``.
+
+        ``application`` travels as ``key_IDs_extension`` (POST only).
+        """
         if not key_ids:
             raise ConfigError("key_ids is empty")
         try:
@@ -522,7 +554,8 @@ class ETSI014Client(KeySource):
         if len({i.lower() for i in ids}) != len(ids):
             raise ConfigError("duplicate key_ID in request")
         if self.method == "POST":
-            data = await self._request("POST", peer_sae, "dec_keys", body=key_ids_json(ids))
+            tag = None if application is None else _application(application)
+            data = await self._request("POST", peer_sae, "dec_keys", body=key_ids_json(ids, tag))
         else:
             params = [("key_ID", k) for k in ids]
             data = await self._request("GET", peer_sae, "dec_keys", params=params)
@@ -532,6 +565,13 @@ class ETSI014Client(KeySource):
 
 
 _NOT_JSON: Final = object()
+
+
+def _application(name: str) -> str:
+    try:
+        return validate_application(name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _alert(error: BaseException | None) -> str | None:

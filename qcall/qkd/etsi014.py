@@ -41,7 +41,10 @@ from qcall.typing import KeyId, SAEId
 
 __all__ = [
     "API_PREFIX",
+    "APPLICATIONS",
+    "APPLICATION_EXTENSION",
     "MAX_SAE_ID_LENGTH",
+    "UNTAGGED",
     "KeyContainer",
     "KeyRequest",
     "KeyStatus",
@@ -49,12 +52,15 @@ __all__ = [
     "bad_request",
     "error_body",
     "key_fingerprint",
+    "key_ids_application",
     "key_ids_json",
     "parse_error",
     "parse_key_container",
     "parse_key_ids",
     "parse_key_request",
     "parse_status",
+    "request_application",
+    "validate_application",
     "validate_key_id",
     "validate_sae_id",
 ]
@@ -525,6 +531,75 @@ def parse_key_ids(data: object) -> tuple[KeyId, ...]:
     return tuple(ids)
 
 
-def key_ids_json(key_ids: Sequence[KeyId]) -> dict[str, Any]:
-    """Return the spec's Key IDs object (6.4) for ``key_ids``."""
-    return {"key_IDs": [{"key_ID": k} for k in key_ids]}
+def key_ids_json(key_ids: Sequence[KeyId], application: str | None = None) -> dict[str, Any]:
+    """Return the spec's Key IDs object (6.4) for ``key_ids``.
+
+    With ``application``, the object carries qcall's accounting tag as
+    ``key_IDs_extension: {"qcall_application": application}``.
+    """
+    obj: dict[str, Any] = {"key_IDs": [{"key_ID": k} for k in key_ids]}
+    if application is not None:
+        obj["key_IDs_extension"] = {APPLICATION_EXTENSION: validate_application(application)}
+    return obj
+
+
+# --- qcall's accounting tag (docs/etsi014.md, "Key accounting") ---------------------
+
+#: Extension parameter naming the application that spends a key: in a Key request
+#: (6.2) as ``extension_optional: [{"qcall_application": NAME}]`` (or mandatory),
+#: in a Key IDs object (6.4) as ``key_IDs_extension: {"qcall_application": NAME}``.
+APPLICATION_EXTENSION = "qcall_application"
+
+#: The applications qcall's own clients name (any other valid name is counted too).
+APPLICATIONS = ("call-setup", "rekey", "message", "otp")
+
+#: What an untagged request is counted as.
+UNTAGGED = "untagged"
+
+_APPLICATION_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+
+
+def validate_application(value: object) -> str:
+    """Return ``value`` as an application tag (``[a-z][a-z0-9-]{0,31}``), or raise ValueError."""
+    if not isinstance(value, str) or not _APPLICATION_RE.match(value):
+        raise ValueError(f"{APPLICATION_EXTENSION} must match [a-z][a-z0-9-]{{0,31}}, "
+                         f"not {_preview(str(value))}")
+    return value
+
+
+def request_application(request: KeyRequest) -> str:
+    """The application tag of a Key request (6.2), or :data:`UNTAGGED`.
+
+    Raises:
+        KMEBadRequestError: the tag is present but invalid, or given twice.
+    """
+    found = [
+        ext[APPLICATION_EXTENSION]
+        for ext in (*request.extension_mandatory, *request.extension_optional)
+        if APPLICATION_EXTENSION in ext
+    ]
+    if not found:
+        return UNTAGGED
+    if len(found) > 1:
+        raise bad_request(f"{APPLICATION_EXTENSION} given more than once")
+    try:
+        return validate_application(found[0])
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
+
+
+def key_ids_application(data: object) -> str:
+    """The application tag of a Key IDs object (6.4), or :data:`UNTAGGED`.
+
+    Call after :func:`parse_key_ids` accepted ``data``.
+
+    Raises:
+        KMEBadRequestError: the tag is present but invalid.
+    """
+    ext = data.get("key_IDs_extension") if isinstance(data, Mapping) else None
+    if not isinstance(ext, Mapping) or APPLICATION_EXTENSION not in ext:
+        return UNTAGGED
+    try:
+        return validate_application(ext[APPLICATION_EXTENSION])
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None

@@ -307,11 +307,18 @@ class KeyFileSource(KeySource):
         return cls(path)
 
     async def get_keys(
-        self, peer_sae: str, number: int = 1, size_bits: int | None = None
+        self,
+        peer_sae: str,
+        number: int = 1,
+        size_bits: int | None = None,
+        *,
+        application: str | None = None,
     ) -> list[QKDKey]:
         return await asyncio.to_thread(self.keyfile.take, peer_sae, number, size_bits)
 
-    async def get_keys_by_id(self, peer_sae: str, key_ids: Sequence[str]) -> list[QKDKey]:
+    async def get_keys_by_id(
+        self, peer_sae: str, key_ids: Sequence[str], *, application: str | None = None
+    ) -> list[QKDKey]:
         return await asyncio.to_thread(self.keyfile.take_by_id, peer_sae, list(key_ids))
 
     async def status(self, peer_sae: str) -> KeyStatus:

@@ -37,11 +37,15 @@ from typing import Any, Final
 
 from qcall.exceptions import KMEUnauthorizedError, KMEUnavailableError
 from qcall.qkd.etsi014 import (
+    APPLICATION_EXTENSION,
+    UNTAGGED,
     KeyContainer,
     KeyRequest,
     KeyStatus,
     QKDKey,
     bad_request,
+    request_application,
+    validate_application,
     validate_key_id,
     validate_sae_id,
 )
@@ -140,6 +144,8 @@ class KME:
         self.key_lifetime = key_lifetime
         self._pools: dict[tuple[SAEId, SAEId], KeyPool] = {}
         self._saes: set[SAEId] = set()
+        #: (application, master, slave) → [keys, bits] handed out by this KME.
+        self._usage: dict[tuple[str, SAEId, SAEId], list[int]] = {}
 
     def __repr__(self) -> str:
         return f"KME({self.kme_id!r}, pools={len(self._pools)}, saes={len(self._saes)})"
@@ -281,6 +287,47 @@ class KME:
         pool.alarm = alarm
         pool.qber = qber if alarm is not None else None
 
+    def withdraw(self, master: str, slave: str, key_ids: Iterable[str]) -> list[KeyId]:
+        """Erase supplied keys that no SAE has received any byte of; return their IDs.
+
+        The network calls this when a link the keys were relayed over raises an
+        eavesdropper alarm or is cut, so that the pair's next key comes over
+        another route. A key of which some bytes were handed out (a cut that
+        reached into it) stays: its peer KME must still find it.
+        """
+        pool = self._pools.get((SAEId(master), SAEId(slave)))
+        if pool is None:
+            return []
+        gone: list[KeyId] = []
+        for key_id in key_ids:
+            block = pool.blocks.get(KeyId(key_id))
+            if block is not None and block.used == 0:
+                pool.remove(block)
+                gone.append(block.key_id)
+        if gone:
+            self._expired(pool, gone)  # durable KMEs journal it like an expiry
+        return gone
+
+    # --- key accounting (docs/etsi014.md, "Key accounting") ---------------------------
+
+    def _count(self, application: str, master: SAEId, slave: SAEId, keys: KeyContainer) -> None:
+        entry = self._usage.setdefault((application, master, slave), [0, 0])
+        entry[0] += len(keys.keys)
+        entry[1] += sum(8 * len(k.key) for k in keys.keys)
+
+    def usage(self) -> list[dict[str, Any]]:
+        """Key handed out by this KME since it started, per application and SAE pair.
+
+        Returns:
+            Rows ``{"application", "master", "slave", "keys", "bits"}``, sorted.
+            The master's KME counts ``enc_keys``, the slave's ``dec_keys``; an
+            untagged request counts as ``"untagged"``.
+        """
+        return [
+            {"application": app, "master": m, "slave": s, "keys": keys, "bits": bits}
+            for (app, m, s), (keys, bits) in sorted(self._usage.items())
+        ]
+
     def expire(self, now: float) -> int:
         """Erase undelivered keys older than ``key_lifetime``; return how many.
 
@@ -380,14 +427,21 @@ class KME:
         pool = self._pools.get((caller, peer))
         if pool is None or pool.role is PoolRole.SLAVE:
             raise bad_request(f"slave_SAE_ID {peer} is not known to this KME")
-        if request.extension_mandatory:
-            names = sorted({name for ext in request.extension_mandatory for name in ext})
+        unsupported = {
+            name
+            for ext in request.extension_mandatory
+            for name in ext
+            if name != APPLICATION_EXTENSION
+        }
+        if unsupported:
+            names = sorted(unsupported)
             raise bad_request(
                 "not all extension_mandatory parameters are supported",
                 [{"extension_mandatory_unsupported": names}],
             )
         if request.additional_slave_sae_ids:
             raise bad_request("additional_slave_SAE_IDs is not supported (max_SAE_ID_count is 0)")
+        application = request_application(request)
         number = request.number
         if number < 1 or number > self.max_key_per_request:
             raise bad_request(
@@ -407,16 +461,26 @@ class KME:
             text = f"not enough keys: {stored}{what} stored, {number} requested"
             raise KMEUnavailableError(text, status=503, message=text)
         issued = pool.issue(number, size // 8, now)
-        return KeyContainer(tuple(QKDKey(kid, key) for kid, key in issued))
+        container = KeyContainer(tuple(QKDKey(kid, key) for kid, key in issued))
+        self._count(application, caller, peer, container)
+        return container
 
     def dec_keys(
-        self, caller: SAEId, master: str, key_ids: Sequence[KeyId], now: float = 0.0
+        self,
+        caller: SAEId,
+        master: str,
+        key_ids: Sequence[KeyId],
+        now: float = 0.0,
+        *,
+        application: str = UNTAGGED,
     ) -> KeyContainer:
         """5.3 Get key with key IDs: ``POST|GET /api/v1/keys/{master_SAE_ID}/dec_keys``.
 
         Delivers the keys with ``key_ids`` of the pool ``master`` → ``caller``
         and erases them. Only the slave SAE the keys were issued for can get
-        them; to anyone else they do not exist.
+        them; to anyone else they do not exist. ``application`` (the Key IDs
+        object's ``key_IDs_extension.qcall_application``) is counted in
+        :meth:`usage`.
 
         Raises:
             KMEUnauthorizedError: ``caller`` is not attached here.
@@ -437,7 +501,16 @@ class KME:
             )
         if len(set(key_ids)) != len(key_ids):
             raise bad_request("duplicate key_ID")
+        if application != UNTAGGED:
+            try:
+                validate_application(application)
+            except ValueError as exc:
+                raise bad_request(str(exc)) from None
         keys, missing = pool.redeem(key_ids)
         if missing:
             raise bad_request("key_ID not found", [{"key_ID": k} for k in missing[:20]])
-        return KeyContainer(tuple(QKDKey(k, key) for k, key in zip(key_ids, keys, strict=True)))
+        container = KeyContainer(
+            tuple(QKDKey(k, key) for k, key in zip(key_ids, keys, strict=True))
+        )
+        self._count(application, peer, caller, container)
+        return container

@@ -67,7 +67,7 @@ from typing import Any, Final
 
 from qcall.config import atomic_write
 from qcall.exceptions import ConfigError, KMEStateError, KMEUnavailableError
-from qcall.qkd.etsi014 import KeyContainer, KeyRequest, validate_key_id
+from qcall.qkd.etsi014 import UNTAGGED, KeyContainer, KeyRequest, validate_key_id
 from qcall.qkd.keypool import KeyPool, ranges_mask
 from qcall.qkd.kme import DEFAULT_KEY_SIZE, KME, PoolRole
 from qcall.typing import KeyId, SAEId
@@ -573,10 +573,16 @@ class DurableKME(KME):
         return container
 
     def dec_keys(
-        self, caller: SAEId, master: str, key_ids: Sequence[KeyId], now: float = 0.0
+        self,
+        caller: SAEId,
+        master: str,
+        key_ids: Sequence[KeyId],
+        now: float = 0.0,
+        *,
+        application: str = UNTAGGED,
     ) -> KeyContainer:
         self._check_store()
-        container = super().dec_keys(caller, master, key_ids, now)
+        container = super().dec_keys(caller, master, key_ids, now, application=application)
         self.store.append(
             {"op": "dec", "m": master, "s": caller, "ids": [k.key_id for k in container.keys]}
         )

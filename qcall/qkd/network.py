@@ -30,7 +30,6 @@ shows the alarm in its KME Status ``status_extension``.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import json
 import logging
@@ -39,9 +38,8 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from qcall.config import atomic_write
 from qcall.exceptions import (
@@ -52,135 +50,42 @@ from qcall.exceptions import (
 )
 from qcall.qkd.kme import KME, PoolRole
 from qcall.qkd.kmestore import DurableKME, commit_all
+from qcall.qkd.netparts import (
+    MAX_RETRY_SECONDS,
+    BlockResult,
+    KeyRouteLog,
+    LinkFactory,
+    LinkRuntime,
+    LinkSimulator,
+    PairRuntime,
+    SAECredentials,
+    default_link_factory,
+    kme_id_for,
+    modelled_seconds,
+    pct,
+    result_qber,
+)
 from qcall.qkd.pki import create_pki, server_ssl_context
 from qcall.qkd.relay import TrustedNodeRelay
 from qcall.qkd.server import KMEServer
-from qcall.qkd.topology import Link, Topology, load_topology
+from qcall.qkd.topology import Topology, load_topology
 
 __all__ = [
+    "MAX_RETRY_SECONDS",
     "LinkSimulator",
     "SAECredentials",
     "SimulatedNetwork",
+    "default_link_factory",
     "kme_id_for",
 ]
+
+#: Old private name, kept for :mod:`qcall.qkd.site`.
+_LinkRuntime = LinkRuntime
 
 logger = logging.getLogger(__name__)
 
 #: Name of the file written in the state directory.
 NETWORK_FILE = "network.json"
-
-#: Longest wait before a failed or alarmed link tries its next block.
-MAX_RETRY_SECONDS = 30.0
-
-
-class BlockResult(Protocol):
-    """What a link simulator's ``run_block`` returns (see :mod:`qcall.qkd.sim`)."""
-
-    @property
-    def alice_key(self) -> bytes: ...
-
-    @property
-    def bob_key(self) -> bytes: ...
-
-
-class LinkSimulator(Protocol):
-    """The part of :class:`qcall.qkd.sim.SimulatedLink` the network uses."""
-
-    def run_block(self) -> BlockResult: ...
-
-    def set_eavesdropper(self, fraction: float) -> None: ...
-
-    def expected_secret_key_rate(self) -> float: ...
-
-
-#: ``make_link(link, seed)`` builds the simulator of one topology link.
-LinkFactory = Callable[[Link, int | None], LinkSimulator]
-
-
-def kme_id_for(node: str) -> str:
-    """Return the KME ID of a node (``Gaoxin_AP01`` → ``KME-Gaoxin-AP01``).
-
-    Node names have no ``-`` (see :mod:`qcall.qkd.topology`), so this is
-    one-to-one; ``_`` is not allowed in ETSI 014 IDs here.
-    """
-    return "KME-" + node.replace("_", "-")
-
-
-@dataclass(frozen=True)
-class SAECredentials:
-    """What an SAE needs to reach its KME; ``as_config()`` feeds ``open_key_source``."""
-
-    sae_id: str
-    node: str
-    kme_id: str
-    url: str
-    cert: Path
-    key: Path
-    ca: Path
-
-    def as_config(self) -> dict[str, str]:
-        """Return the ``etsi014`` key source configuration (see :mod:`qcall.qkd.client`)."""
-        return {
-            "type": "etsi014",
-            "url": self.url,
-            "cert": str(self.cert),
-            "key": str(self.key),
-            "ca": str(self.ca),
-        }
-
-
-@dataclass(eq=False)
-class _LinkRuntime:
-    link: Link
-    sim: LinkSimulator | None
-    model_rate: float = 0.0
-    blocks: int = 0
-    alarms: int = 0
-    failures: int = 0
-    qber: float | None = None
-    eve_fraction: float = 0.0
-    last_error: str | None = None
-    history: collections.deque[tuple[float, int]] = field(
-        default_factory=lambda: collections.deque(maxlen=64)
-    )
-
-    def rate(self, now: float, window: float = 30.0) -> float:
-        """Measured deposit rate in bits/s over the last ``window`` seconds."""
-        recent = [(t, b) for t, b in self.history if now - t <= window]
-        if len(recent) < 2:
-            return 0.0
-        span = recent[-1][0] - recent[0][0]
-        return sum(b for _, b in recent[1:]) / span if span > 0 else 0.0
-
-
-@dataclass(eq=False)
-class _PairRuntime:
-    master: str
-    slave: str
-    master_node: str
-    slave_node: str
-    delivered: int = 0
-    last_route: tuple[str, ...] | None = None
-    error: str | None = None
-    failed_hop: str | None = None
-    alarm: str | None = None
-
-
-def default_link_factory(**overrides: Any) -> LinkFactory:
-    """Return a factory of real BB84 links (:class:`qcall.qkd.sim.SimulatedLink`).
-
-    Args:
-        overrides: :class:`~qcall.qkd.sim.LinkParams` fields for every link
-            (for example ``block_pulses`` to make blocks small in tests).
-    """
-    from qcall.qkd.sim import LinkParams, SimulatedLink
-
-    def make(link: Link, seed: int | None) -> LinkSimulator:
-        params = LinkParams(length_km=link.length_km, **overrides)
-        simulator: LinkSimulator = SimulatedLink(link.name, params, seed=seed)
-        return simulator
-
-    return make
 
 
 class SimulatedNetwork:
@@ -251,13 +156,17 @@ class SimulatedNetwork:
         }
         self._servers: dict[str, KMEServer] = {}
         self._credentials: dict[str, SAECredentials] = {}
-        self._links: dict[str, _LinkRuntime] = {}
-        self._pairs: list[_PairRuntime] = []
+        self._links: dict[str, LinkRuntime] = {}
+        self._pairs: list[PairRuntime] = []
+        self.key_routes = KeyRouteLog()
+        self._default_routes: dict[tuple[str, str], list[str]] = {}
+        #: Keys withdrawn from the KME pools because their route lost a link.
+        self.withdrawn_keys = 0
         for master in sorted(topology.sae_ids):
             for slave in sorted(topology.sae_ids):
                 if master != slave:
                     self._pairs.append(
-                        _PairRuntime(
+                        PairRuntime(
                             master, slave, topology.sae_node(master), topology.sae_node(slave)
                         )
                     )
@@ -349,7 +258,7 @@ class SimulatedNetwork:
             if link.name in serving:
                 seed = None if self._seed is None else self._seed * 100_003 + index
                 sim = factory(link, seed)
-            runtime = _LinkRuntime(link, sim)
+            runtime = LinkRuntime(link, sim)
             if sim is not None:
                 runtime.model_rate = sim.expected_secret_key_rate()
             self._links[link.name] = runtime
@@ -399,7 +308,7 @@ class SimulatedNetwork:
             await server.close()
         self._servers.clear()
 
-    def _add_pools(self, pair: _PairRuntime) -> None:
+    def _add_pools(self, pair: PairRuntime) -> None:
         master_kme = self.kmes[pair.master_node]
         slave_kme = self.kmes[pair.slave_node]
         if master_kme is slave_kme:
@@ -498,6 +407,54 @@ class SimulatedNetwork:
                 return list(pair.last_route)
         return self.relay.live_route(source, target)
 
+    def cut_link(self, link: str, cut: bool = True) -> None:
+        """Cut the fibre of ``link`` (or repair it, with ``cut=False``).
+
+        A cut link stops producing key and carries no relayed key; keys in
+        the KME pools that were relayed over it are withdrawn where the pair
+        has another route, so its next key (a call's next rekey) takes that
+        route (:meth:`_withdraw_over`).
+
+        Raises:
+            TopologyError: unknown link.
+        """
+        name = self.topology.link(link).name
+        self.relay.set_cut(name, cut)
+        self._links[name].last_error = "fibre cut" if cut else None
+        logger.info("! link %s %s", name, "cut" if cut else "repaired")
+        if cut:
+            self._withdraw_over(name)
+        self._update_alarms()
+        self._changed.set()
+
+    def _withdraw_over(self, link: str) -> None:
+        """Withdraw the pool keys relayed over ``link`` of every pair that has another route.
+
+        Withdrawn keys are erased at both KMEs before any SAE received a byte
+        of them (:meth:`KME.withdraw`), so the pair's next key — a call's
+        next rekey — is relayed over a route without ``link``. A pair with no
+        other route keeps them: they were distilled before the alarm or the
+        cut, from blocks that passed parameter estimation.
+        """
+        for (master, slave), key_ids in self.key_routes.crossing(link).items():
+            pair = next(p for p in self._pairs if (p.master, p.slave) == (master, slave))
+            try:
+                self.relay.live_route(pair.master_node, pair.slave_node)
+            except RelayError:
+                # No other route: keep the keys (each block they came from passed
+                # parameter estimation before the alarm); the relay stops.
+                continue
+            gone = self.kmes[pair.master_node].withdraw(master, slave, key_ids)
+            if pair.slave_node != pair.master_node:
+                self.kmes[pair.slave_node].withdraw(master, slave, gone)
+            self.key_routes.forget(master, slave, key_ids)
+            pair.withdrawn += len(gone)
+            self.withdrawn_keys += len(gone)
+            if gone:
+                logger.info(
+                    "! %s->%s: %d keys relayed over %s withdrawn", master, slave, len(gone), link
+                )
+
     def set_eavesdropper(self, link: str, fraction: float = 1.0) -> None:
         """Switch an intercept-resend eavesdropper on (or off, with 0) on ``link``.
 
@@ -551,6 +508,7 @@ class SimulatedNetwork:
             links[name] = {
                 "length_km": runtime.link.length_km,
                 "active": runtime.sim is not None,
+                "fidelity": getattr(runtime.sim, "fidelity", "protocol") if runtime.sim else None,
                 "state": buf.state.name,
                 "qber": runtime.qber,
                 "model_rate_bps": runtime.model_rate,
@@ -571,9 +529,27 @@ class SimulatedNetwork:
             "speedup": self.speedup,
             "links": links,
             "pairs": [self._pair_json(p) for p in self._pairs],
+            "withdrawn_keys": self.withdrawn_keys,
+            "key_usage": self.key_usage(),
         }
 
-    def _pair_json(self, pair: _PairRuntime) -> dict[str, Any]:
+    def key_usage(self) -> list[dict[str, Any]]:
+        """Key handed out by every KME, per application and SAE pair, with the pair's route.
+
+        Rows of :meth:`qcall.qkd.kme.KME.usage` plus ``"kme"`` (the counting
+        KME's ID) and ``"route"`` (the node names of the pair's last relayed
+        key, or None). Both KMEs of a pair count: the master's ``enc_keys``
+        and the slave's ``dec_keys``.
+        """
+        routes = {(p.master, p.slave): p.last_route for p in self._pairs}
+        rows: list[dict[str, Any]] = []
+        for kme in self.kmes.values():
+            for row in kme.usage():
+                route = routes.get((row["master"], row["slave"]))
+                rows.append({**row, "kme": kme.kme_id, "route": list(route) if route else None})
+        return rows
+
+    def _pair_json(self, pair: PairRuntime) -> dict[str, Any]:
         master_kme = self.kmes[pair.master_node]
         return {
             "master": pair.master,
@@ -584,15 +560,16 @@ class SimulatedNetwork:
             "error": pair.error,
             "failed_hop": pair.failed_hop,
             "alarm": pair.alarm,
+            "withdrawn": pair.withdrawn,
         }
 
-    def links_view(self) -> Iterable[_LinkRuntime]:
+    def links_view(self) -> Iterable[LinkRuntime]:
         """The link runtimes, in topology order (for live displays)."""
         return self._links.values()
 
     # --- link tasks -----------------------------------------------------------------------
 
-    async def _link_loop(self, runtime: _LinkRuntime) -> None:
+    async def _link_loop(self, runtime: LinkRuntime) -> None:
         assert runtime.sim is not None
         sim = runtime.sim
         name = runtime.link.name
@@ -600,21 +577,29 @@ class SimulatedNetwork:
         loop = asyncio.get_running_loop()
         failed_in_a_row = 0
         while True:
-            if buf.space_bits == 0:
+            # A full buffer idles a protocol link (it saves a core); a model link
+            # costs nothing and keeps running, so its QBER watch never pauses.
+            model = getattr(sim, "fidelity", "protocol") == "model"
+            if buf.cut or (buf.space_bits == 0 and not model):
                 await asyncio.sleep(self.relay_interval)
                 continue
             started = time.monotonic()
             result: BlockResult | None = None
             try:
                 assert self._executor is not None
-                result = await loop.run_in_executor(self._executor, sim.run_block)
+                if model:
+                    result = sim.run_block()  # tens of microseconds: no thread needed
+                else:
+                    result = await loop.run_in_executor(self._executor, sim.run_block)
             except LinkAlarmError as exc:
                 runtime.alarms += 1
                 runtime.qber = exc.qber
                 runtime.last_error = "eavesdropper alarm"
-                if not buf.alarmed:
-                    logger.warning("! link %s alarm: QBER %s", name, _pct(exc.qber))
+                first = not buf.alarmed
                 self.relay.set_alarm(name, exc.qber)
+                if first:
+                    logger.warning("! link %s alarm: QBER %s", name, pct(exc.qber))
+                    self._withdraw_over(name)  # each pair's next key takes another route
                 self._update_alarms()  # KME Status shows it from now on
             except QKDError as exc:
                 # A lost block (PostProcessingError), or no authentication key left
@@ -630,7 +615,7 @@ class SimulatedNetwork:
                 return
             runtime.blocks += 1
             # The block stands for its modelled duration; wait for it, divided by speedup.
-            wait = _modelled_seconds(sim, result) / self.speedup
+            wait = modelled_seconds(sim, result) / self.speedup
             if result is None:
                 # Back off after failed blocks: an attacked link spends authentication
                 # key on every aborted block and must not burn it all at once.
@@ -640,10 +625,12 @@ class SimulatedNetwork:
             else:
                 failed_in_a_row = 0
             remaining = started + wait - time.monotonic()
-            if remaining > 0:
-                await asyncio.sleep(remaining)
+            if model and buf.space_bits == 0:
+                remaining = max(remaining, self.relay_interval)  # only watching the QBER
+            # Always yield: a model block may stand for less time than it took.
+            await asyncio.sleep(max(0.0, remaining))
             if result is not None:
-                qber = _result_qber(result)
+                qber = result_qber(result)
                 runtime.qber = qber
                 runtime.last_error = None
                 if buf.alarmed:
@@ -678,10 +665,15 @@ class SimulatedNetwork:
         """
         size = self.key_size // 8
         moved = 0
-        wanting = list(self._pairs)
-        # Round robin, one key per pair per round, so no pair starves the others.
+        # Emptiest pools first, then round robin, one key per pair per round, so
+        # no pair starves the others (with hundreds of pairs, ``max_keys`` stops
+        # a call before every pair had its turn).
+        wanting = sorted(
+            self._pairs,
+            key=lambda p: self.kmes[p.master_node].stored_key_count(p.master, p.slave),
+        )
         while wanting and moved < max_keys:
-            still: list[_PairRuntime] = []
+            still: list[PairRuntime] = []
             for pair in wanting:
                 if moved < max_keys and self._relay_one(pair, size):
                     moved += 1
@@ -689,7 +681,7 @@ class SimulatedNetwork:
             wanting = still
         return moved
 
-    def _relay_one(self, pair: _PairRuntime, size: int) -> bool:
+    def _relay_one(self, pair: PairRuntime, size: int) -> bool:
         """Relay one key for ``pair`` if its pools want one; return whether it did."""
         master_kme = self.kmes[pair.master_node]
         slave_kme = self.kmes[pair.slave_node]
@@ -733,55 +725,47 @@ class SimulatedNetwork:
             )
         pair.delivered += 1
         pair.last_route = relayed.route
+        self.key_routes.record(pair.master, pair.slave, key_id, (h.link for h in relayed.hops))
         pair.error = pair.failed_hop = None
         return True
 
+    def _default_hops(self, pair: PairRuntime) -> list[str]:
+        """Link names of the pair's fewest-hop route (cached: it ignores link state)."""
+        key = (pair.master_node, pair.slave_node)
+        hops = self._default_routes.get(key)
+        if hops is None:
+            default = self.relay.default_route(*key) or []
+            hops = [link.name for link in self.topology.path_links(default)]
+            self._default_routes[key] = hops
+        return hops
+
     def _update_alarms(self) -> None:
-        """Show link alarms in the Status of the KMEs of every affected pair."""
-        alarmed = set(self.relay.alarmed_links)
+        """Show link alarms and cuts in the Status of the KMEs of every affected pair."""
+        down = set(self.relay.down_links)
         for pair in self._pairs:
             text: str | None = None
             qber: float | None = None
-            if alarmed:
-                default = self.relay.default_route(pair.master_node, pair.slave_node) or []
-                hops = [link.name for link in self.topology.path_links(default)]
-                hit = [h for h in hops if h in alarmed]
+            if down:
+                hit = [h for h in self._default_hops(pair) if h in down]
                 if pair.last_route:
                     used = self.topology.path_links(list(pair.last_route))
-                    hit += [h.name for h in used if h.name in alarmed and h.name not in hit]
+                    hit += [h.name for h in used if h.name in down and h.name not in hit]
                 if hit:
                     link = hit[0]
                     try:
                         live = self.relay.live_route(pair.master_node, pair.slave_node)
                     except RelayError as exc:
                         link = exc.hop or link
-                        text = f"eavesdropper alarm on link {link}; relay stopped"
+                        what = self._what(link)
+                        text = f"{what} link {link}; relay stopped"
                     else:
-                        text = f"eavesdropper alarm on link {link}; rerouted ({len(live) - 1} hops)"
+                        what = self._what(link)
+                        text = f"{what} link {link}; rerouted ({len(live) - 1} hops)"
                     qber = self.relay.buffers[link].qber
             if text != pair.alarm:
                 pair.alarm = text
                 for node in {pair.master_node, pair.slave_node}:
                     self.kmes[node].set_alarm(pair.master, pair.slave, text, qber=qber)
 
-
-def _pct(value: float | None) -> str:
-    return "?" if value is None else f"{value:.1%}"
-
-
-def _result_qber(result: BlockResult) -> float | None:
-    value = getattr(result, "qber", None)
-    return float(value) if isinstance(value, int | float) else None
-
-
-def _modelled_seconds(sim: LinkSimulator, result: BlockResult | None) -> float:
-    """Device time a block stands for: pulses / pulse rate."""
-    pulses = getattr(result, "pulses", None)
-    params = getattr(sim, "params", None)
-    rate = getattr(params, "pulse_rate_hz", None)
-    if not isinstance(pulses, int) and params is not None:
-        block = getattr(params, "default_block_pulses", None)
-        pulses = block() if callable(block) else None
-    if isinstance(pulses, int) and isinstance(rate, int | float) and rate > 0:
-        return pulses / float(rate)
-    return 0.0
+    def _what(self, link: str) -> str:
+        return "fibre cut on" if self.relay.buffers[link].cut else "eavesdropper alarm on"

@@ -17,10 +17,12 @@ a disagreement is detected at that hop, not at the destination. The shell
 (:mod:`qcall.qkd.network`) deposits link keys, reports alarms, and hands
 relayed keys to the end KMEs.
 
-Routing (:meth:`TrustedNodeRelay.route`): Dijkstra over usable links (not
-alarmed, at least ``|K|`` bits at both ends) with per-hop cost
-``1 + LOW_KEY_WEIGHT · |K| / available_bits``: hop count first, steering
-away from links whose buffers run low. When no usable route exists,
+Routing (:meth:`TrustedNodeRelay.route`): Dijkstra over usable links (up:
+neither alarmed nor cut, at least ``|K|`` bits at both ends) with per-hop cost
+``1 + LOW_KEY_WEIGHT · |K| / available_bits + HEALTH_WEIGHT · QBER / 11 %``:
+hop count first, steering away from links whose buffers run low and from
+links whose QBER creeps towards the alarm threshold. Each key is routed on
+its own, so a pair's keys spread over several paths as pools drain. When no usable route exists,
 :class:`~qcall.exceptions.RelayError` names the hop that failed on the
 topology's default (fewest-hop) route.
 """
@@ -37,6 +39,7 @@ from qcall.exceptions import KeyExhaustedError, RelayError
 from qcall.qkd.topology import Link, Topology
 
 __all__ = [
+    "HEALTH_WEIGHT",
     "LOW_KEY_WEIGHT",
     "Hop",
     "LinkKeyBuffer",
@@ -48,6 +51,10 @@ __all__ = [
 
 #: Weight of the "low key" term of a hop's routing cost (see module docstring).
 LOW_KEY_WEIGHT = 8.0
+
+#: Weight of the "link health" term: a link at the 11 % alarm threshold costs this
+#: many extra hops.
+HEALTH_WEIGHT = 2.0
 
 
 def xor_bytes(a: bytes, b: bytes) -> bytes:
@@ -64,6 +71,8 @@ class LinkState(enum.IntEnum):
     LINK_UP = 0
     #: QBER above threshold: an eavesdropper is suspected; not used for relaying.
     LINK_ALARM = 1
+    #: The fibre is cut (or the link taken out of service): not used for relaying.
+    LINK_DOWN = 2
 
 
 @dataclass(eq=False)
@@ -104,6 +113,16 @@ class LinkKeyBuffer:
     def alarmed(self) -> bool:
         """Whether the link is in alarm (not usable)."""
         return self.state is LinkState.LINK_ALARM
+
+    @property
+    def cut(self) -> bool:
+        """Whether the link is cut (not usable)."""
+        return self.state is LinkState.LINK_DOWN
+
+    @property
+    def up(self) -> bool:
+        """Whether the link may carry relayed key."""
+        return self.state is LinkState.LINK_UP
 
     @property
     def space_bits(self) -> int | None:
@@ -175,8 +194,13 @@ class LinkKeyBuffer:
 
     def clear_alarm(self, qber: float | None = None) -> None:
         """Mark the link up again (a later block passed parameter estimation)."""
-        self.state = LinkState.LINK_UP
+        if self.state is LinkState.LINK_ALARM:
+            self.state = LinkState.LINK_UP
         self.qber = qber
+
+    def set_cut(self, cut: bool) -> None:
+        """Mark the fibre cut (``True``) or repaired (``False``: the link is up again)."""
+        self.state = LinkState.LINK_DOWN if cut else LinkState.LINK_UP
 
 
 @dataclass(frozen=True)
@@ -245,20 +269,35 @@ class TrustedNodeRelay:
         """Report that ``link`` delivers key again."""
         self.buffer(link).clear_alarm(qber)
 
+    def set_cut(self, link: str, cut: bool = True) -> None:
+        """Report that ``link`` is cut (or, with ``cut=False``, repaired)."""
+        self.buffer(link).set_cut(cut)
+
     @property
     def alarmed_links(self) -> list[str]:
         """Names of links in alarm."""
         return [name for name, buf in self.buffers.items() if buf.alarmed]
 
+    @property
+    def down_links(self) -> list[str]:
+        """Names of links that are not up: in alarm or cut."""
+        return [name for name, buf in self.buffers.items() if not buf.up]
+
     # --- routing ----------------------------------------------------------------------
 
     def _usable(self, link: Link, bits: int) -> bool:
         buf = self.buffers[link.name]
-        return not buf.alarmed and buf.available_bits >= bits
+        return buf.up and buf.available_bits >= bits
 
     def _cost(self, link: Link, bits: int) -> float:
-        available = self.buffers[link.name].available_bits
-        return 1.0 + LOW_KEY_WEIGHT * bits / max(available, 1) + link.length_km * 1e-9
+        buf = self.buffers[link.name]
+        health = HEALTH_WEIGHT * min(1.0, (buf.qber or 0.0) / 0.11)
+        return (
+            1.0
+            + LOW_KEY_WEIGHT * bits / max(buf.available_bits, 1)
+            + health
+            + link.length_km * 1e-9
+        )
 
     def _dijkstra(
         self, source: str, target: str, weight: Callable[[Link], float | None]
@@ -270,15 +309,15 @@ class TrustedNodeRelay:
         return self._dijkstra(source, target, lambda link: 1.0 + link.length_km * 1e-6)
 
     def live_route(self, source: str, target: str) -> list[str]:
-        """The fewest-hop route that avoids alarmed links, ignoring key levels.
+        """The fewest-hop route that avoids alarmed and cut links, ignoring key levels.
 
         Raises:
-            RelayError: every route crosses an alarmed link (``hop`` names one).
+            RelayError: every route crosses an alarmed or cut link (``hop`` names one).
         """
         path = self._dijkstra(
             source,
             target,
-            lambda link: None if self.buffers[link.name].alarmed else 1.0 + link.length_km * 1e-6,
+            lambda link: 1.0 + link.length_km * 1e-6 if self.buffers[link.name].up else None,
         )
         if path is None:
             raise self._explain(source, target, 8, set())
@@ -331,6 +370,11 @@ class TrustedNodeRelay:
                 return RelayError(
                     f"hop {link.name!r} is in eavesdropper alarm{qber}; "
                     f"no other route from {source!r} to {target!r}",
+                    hop=link.name,
+                )
+            if buf.cut:
+                return RelayError(
+                    f"hop {link.name!r} is cut; no other route from {source!r} to {target!r}",
                     hop=link.name,
                 )
         for link in hops:

@@ -45,7 +45,9 @@ from qcall._aio import AsyncService
 from qcall.exceptions import KMEError, KMEStateError
 from qcall.qkd.etsi014 import (
     API_PREFIX,
+    UNTAGGED,
     error_body,
+    key_ids_application,
     parse_key_ids,
     parse_key_request,
     validate_key_id,
@@ -289,7 +291,10 @@ class KMEServer(AsyncService):
             if method == "enc_keys":
                 container = kme.enc_keys(caller, sae, parse_key_request(arg), self._clock())
             else:
-                container = kme.dec_keys(caller, sae, arg, self._clock())
+                ids, application = arg
+                container = kme.dec_keys(
+                    caller, sae, ids, self._clock(), application=application
+                )
         except KMEError as exc:
             if self.debug:
                 logger.debug("! %s %s from %s: %s", kme.kme_id, method, caller, exc)
@@ -363,9 +368,10 @@ class KMEServer(AsyncService):
             return data
         try:
             ids = parse_key_ids(data)
+            application = key_ids_application(data)
         except KMEError as exc:
             return _error(400, exc.message or str(exc), exc.details or None)
-        return await self._dispatch(request, caller, "dec_keys", ids)
+        return await self._dispatch(request, caller, "dec_keys", (ids, application))
 
     async def _dec_keys_get(self, request: web.Request) -> web.Response:
         caller = self._authorize(request)
@@ -392,4 +398,4 @@ class KMEServer(AsyncService):
                 return _error(400, f"invalid Key IDs: {exc}")
         if len(set(ids)) != len(ids):
             return _error(400, "invalid Key IDs: duplicate key_ID")
-        return await self._dispatch(request, caller, "dec_keys", ids)
+        return await self._dispatch(request, caller, "dec_keys", (ids, UNTAGGED))

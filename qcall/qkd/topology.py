@@ -5,8 +5,8 @@ switch, an access point); each *link* is a fibre with a length, over which a
 point-to-point QKD link runs. Some nodes host a KME (an ETSI GS QKD 014 key
 manager reachable by applications), and a KME-hosting node may serve SAEs
 (secure application entities, ETSI GS QKD 014 section 4). The file format
-is documented in ``docs/topology.md``; two topologies ship with qcall:
-``beijing-hefei`` and ``hefei-metro`` (see :func:`bundled_topologies`).
+is documented in ``docs/topology.md``; three topologies ship with qcall:
+``beijing-hefei``, ``hefei-metro`` and ``national`` (see :func:`bundled_topologies`).
 
 Everything here is pure: :func:`parse_topology` takes a ``dict`` (from TOML or
 JSON), :func:`load_topology` only adds reading the file. Input is treated as
@@ -53,8 +53,11 @@ MAX_LENGTH_KM = 1_000.0
 MAX_FILE_BYTES = 4 * 1024 * 1024
 
 _TOP_KEYS = frozenset({"name", "description", "max_hop_km", "nodes", "links", "source"})
-_NODE_KEYS = frozenset({"name", "kind", "kme", "saes", "lat", "lon"})
-_LINK_KEYS = frozenset({"name", "a", "b", "length_km"})
+_NODE_KEYS = frozenset({"name", "kind", "kme", "saes", "lat", "lon", "metro"})
+_LINK_KEYS = frozenset({"name", "a", "b", "length_km", "fidelity"})
+
+#: Link fidelities (see :mod:`qcall.qkd.sim.modellink`).
+FIDELITIES = ("protocol", "model")
 
 
 @dataclass(frozen=True)
@@ -66,12 +69,14 @@ class Node:
         kind: free-form role shown to users (``relay``, ``core``, ``access``…).
         kme: whether this node hosts a KME that SAEs can reach.
         saes: SAE IDs served by this node's KME.
+        metro: the metro network the node belongs to (``None``: a backbone relay).
     """
 
     name: str
     kind: str = "relay"
     kme: bool = False
     saes: tuple[str, ...] = ()
+    metro: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,12 +88,16 @@ class Link:
         a: first end (the BB84 transmitter, "Alice", of the link).
         b: second end (the receiver, "Bob", of the link).
         length_km: fibre length in kilometres (> 0).
+        fidelity: how a simulated network runs this link: ``"protocol"``
+            (full BB84 post-processing), ``"model"`` (analytic rate with
+            fluctuations) or ``None`` (the network's default).
     """
 
     name: str
     a: str
     b: str
     length_km: float
+    fidelity: str | None = None
 
     def other(self, node: str) -> str:
         """Return the end of this link that is not ``node``."""
@@ -117,6 +126,15 @@ class Topology:
     def total_length_km(self) -> float:
         """Total fibre length of all links."""
         return math.fsum(link.length_km for link in self.links.values())
+
+    @property
+    def metros(self) -> dict[str, list[str]]:
+        """Metro network name → its nodes, in file order (nodes without ``metro`` left out)."""
+        found: dict[str, list[str]] = {}
+        for node in self.nodes.values():
+            if node.metro is not None:
+                found.setdefault(node.metro, []).append(node.name)
+        return found
 
     @property
     def kme_nodes(self) -> list[str]:
@@ -332,7 +350,10 @@ def _parse_node(index: int, entry: object) -> Node:
     for key in ("lat", "lon"):
         if key in entry:
             _number(entry[key], f"{where}: {key}")
-    return Node(name=name, kind=kind, kme=bool(kme), saes=saes)
+    metro = None
+    if "metro" in entry:
+        metro = _string(entry["metro"], f"{where}: metro", _NAME_RE)
+    return Node(name=name, kind=kind, kme=bool(kme), saes=saes, metro=metro)
 
 
 def _parse_link(index: int, entry: object, nodes: Mapping[str, Node]) -> Link:
@@ -351,7 +372,14 @@ def _parse_link(index: int, entry: object, nodes: Mapping[str, Node]) -> Link:
     length = _number(entry["length_km"], f"{where}: length_km")
     _require(length > 0, f"{where}: length_km must be positive, not {length:g}")
     _require(length <= MAX_LENGTH_KM, f"{where}: length_km {length:g} exceeds {MAX_LENGTH_KM:g}")
-    return Link(name=name, a=a, b=b, length_km=length)
+    fidelity = None
+    if "fidelity" in entry:
+        fidelity = _string(entry["fidelity"], f"{where}: fidelity")
+        _require(
+            fidelity in FIDELITIES,
+            f"{where}: fidelity must be one of {', '.join(FIDELITIES)}, not {fidelity[:20]!r}",
+        )
+    return Link(name=name, a=a, b=b, length_km=length, fidelity=fidelity)
 
 
 def parse_topology(data: object, *, name: str | None = None) -> Topology:

@@ -11,7 +11,8 @@ The object the rest of qcall uses is :class:`SimulatedLink`::
 
 Modules: :mod:`.model` (physics, analytic rate), :mod:`.bb84` (optical layer),
 :mod:`.channel` (authenticated classical channel), :mod:`.messages`,
-:mod:`.cascade`, :mod:`.verify`, :mod:`.privacy` (Toeplitz), :mod:`.link`.
+:mod:`.cascade`, :mod:`.verify`, :mod:`.privacy` (Toeplitz), :mod:`.link`;
+:mod:`.modellink` is the cheap *model*-fidelity stand-in (:class:`ModelLink`).
 See docs/qkd-simulation.md.
 """
 
@@ -19,5 +20,6 @@ from __future__ import annotations
 
 from .link import BlockResult, LinkStats, SimulatedLink
 from .model import LinkParams
+from .modellink import ModelLink
 
-__all__ = ["BlockResult", "LinkParams", "LinkStats", "SimulatedLink"]
+__all__ = ["BlockResult", "LinkParams", "LinkStats", "ModelLink", "SimulatedLink"]

@@ -456,6 +456,9 @@ class SimulatedLink:
         channel: the authenticated classical channel (transcript of the last block).
     """
 
+    #: The fidelity this class simulates (see :class:`.modellink.ModelLink`).
+    fidelity = "protocol"
+
     def __init__(self, name: str, params: LinkParams, seed: int | None = None, *,
                  latch_alarm: bool = False) -> None:
         self.name = name
