@@ -367,3 +367,46 @@ async def test_forged_set_up_cannot_spend_the_qkd_key_it_names(world):
     await world.server.store.put("bob", "alice", genuine.data, 0)
     events = await bob.receive()  # the key named in the set-up was not spent
     assert texts(events) == ["hello"] and events[0].mode is Mode.HYBRID
+
+
+async def test_messages_spend_qkd_key_counted_as_message_at_both_kmes(world, tmp_path) -> None:
+    """Key accounting (issue 14): the KMEs count a messaging session's QKD key as
+    ``message`` (the ETSI 014 ``qcall_application`` tag), at enc_keys and at dec_keys."""
+    import contextlib
+    import time
+
+    from qcall.qkd.client import open_key_source
+    from qcall.qkd.kme import KME, random_keys
+    from qcall.qkd.pki import create_pki, server_ssl_context
+    from qcall.qkd.server import KMEServer
+
+    pki = create_pki(tmp_path / "pki", ["KME-A", "KME-B"], ["alice", "bob"])
+    kmes = {"alice": KME("KME-A"), "bob": KME("KME-B")}
+    now = time.time()
+    for master, slave in (("alice", "bob"), ("bob", "alice")):
+        keys = random_keys(8)
+        kmes[master].supply(master, slave, keys, role="master", peer_kme_id="x", now=now)
+        kmes[slave].supply(master, slave, keys, role="slave", peer_kme_id="x", now=now)
+    async with contextlib.AsyncExitStack() as stack:
+        sources = {}
+        for sae, kme in kmes.items():
+            node = pki.kmes[kme.kme_id]
+            ctx = server_ssl_context(node.cert, node.key, pki.ca_cert)
+            server = await stack.enter_async_context(KMEServer(kme, "127.0.0.1", 0, ctx))
+            creds = pki.saes[sae]
+            sources[sae] = open_key_source({
+                "type": "etsi014", "url": server.url, "cert": str(creds.cert),
+                "key": str(creds.key), "ca": str(pki.ca_cert),
+            })  # fmt: skip
+            stack.push_async_callback(sources[sae].close)
+        alice = world.client("alice", sources["alice"])
+        bob = world.client("bob", sources["bob"])
+        for c in (alice, bob):
+            await c.ensure_prekeys()
+        await alice.send_text("bob", "counted")
+        events = await bob.receive()
+        assert [e.content.text for e in events if hasattr(e, "content")] == ["counted"]
+        for kme in kmes.values():
+            usage = {row["application"]: row for row in kme.usage()}
+            assert usage["message"]["keys"] == 1, kme.usage()
+            assert set(usage) == {"message"}

@@ -69,6 +69,11 @@ async def test_otp_call_tone_arrives_every_packet_is_sealed_once(lab: Lab, tmp_p
     assert len(ranges) == len(sent)
     received = callee.otp.protocol.receiver.stats  # type: ignore[union-attr]
     assert received.packets >= len(sent) - 5 and not received.rejected
+    # Both KMEs counted the pad blocks as one-time-pad key (ETSI 014 qcall_application tag).
+    kmes = lab.kmes  # type: ignore[attr-defined]
+    for kme in (kmes["alice"], kmes["bob"]):
+        usage = {row["application"]: row for row in kme.usage()}
+        assert usage["otp"]["keys"] >= 1 and usage["otp"]["bits"] % 4096 == 0, usage
     await caller.hangup()
     await asyncio.wait_for(callee.wait(), 5 * T)
     await lab.recorders[0].stop()

@@ -319,7 +319,7 @@ class MessagingClient:
             return None
         try:
             key = await self.key_source.get_key(
-                self.config.sae_of(peer), self.config.policy.key_size * 8
+                self.config.sae_of(peer), self.config.policy.key_size * 8, application="message"
             )
         except QKDError as exc:
             if required:
@@ -345,7 +345,9 @@ class MessagingClient:
                 raise KeyNotFoundError(
                     f"QKD key {ref.key_id} needed, but no key source is configured"
                 )
-            key = await self.key_source.get_key_by_id(ref.sae_id, ref.key_id)
+            key = await self.key_source.get_key_by_id(
+                ref.sae_id, ref.key_id, application="message"
+            )
             with self.store.transaction():
                 self.store.put_qkd_key(ref.key_id, key.key, self.clock())
             keys[ref.key_id] = key.key

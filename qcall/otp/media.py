@@ -177,7 +177,7 @@ class OTPMedia:
             wanted = await self._wanted.get()
             try:
                 keys = await self.key_source.get_keys(
-                    self.peer_sae, wanted.number, wanted.size_bits
+                    self.peer_sae, wanted.number, wanted.size_bits, application="otp"
                 )
             except QKDError as exc:
                 logger.info("! OTP enc_keys failed: %s", exc)
@@ -191,7 +191,9 @@ class OTPMedia:
 
     async def _dec_keys(self, event: PeerKeysNeeded) -> None:
         try:
-            keys = await self.key_source.get_keys_by_id(self.peer_sae, event.key_ids)
+            keys = await self.key_source.get_keys_by_id(
+                self.peer_sae, event.key_ids, application="otp"
+            )
         except QKDError as exc:
             logger.info("! OTP dec_keys failed: %s", exc)
             self.protocol.peer_keys_failed(event.first, str(exc))
