@@ -156,7 +156,7 @@ def test_cli_capacity_table_and_json(capsys: pytest.CaptureFixture[str]) -> None
     out = capsys.readouterr().out
     lines = out.splitlines()
     header = next(line for line in lines if line.startswith("pair"))
-    assert header.split()[-2:] == ["aes-60s", "otp-8k"]
+    assert header.split()[-2:] == ["aes-60s", "otp-12k"]
     metro_pairs = [line for line in lines if " – " in line and ":" not in line.split()[0]]
     assert len(metro_pairs) == 16 * 15 // 2
     beijing_hefei = next(line for line in lines if line.startswith("Beijing – Hefei "))
@@ -168,7 +168,10 @@ def test_cli_capacity_table_and_json(capsys: pytest.CaptureFixture[str]) -> None
     (pair,) = doc["pairs"]
     assert (pair["source"], pair["target"], pair["hops"]) == ("Beijing", "Hefei", 16)
     rate = pair["key_rate_bps"]
-    assert pair["calls"]["otp-8k"] == math.floor(0.9 * rate / CallMode.otp().bits_per_second)
+    # The OTP column plans with what qcall's OTP calls spend (payload, MAC key, block ends).
+    from qcall.otp.capacity import call_key_rate_bps
+
+    assert pair["calls"]["otp-12k"] == math.floor(0.9 * rate / call_key_rate_bps())
     assert pair["calls"]["aes-60s"] == math.floor(0.9 * rate * 60 / 256)
     # The simulated rates follow the analytic ones (the model's own error, a few per cent).
     analytic = min(link_rates(load_topology("beijing-hefei")).values())

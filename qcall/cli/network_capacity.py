@@ -53,12 +53,17 @@ def register_capacity(
     parser.add_argument(
         "--opus-bitrate",
         type=int,
-        default=8000,
+        default=12_000,
         metavar="B",
-        help="OTP mode: constant Opus bitrate in bit/s (8000)",
+        help="OTP mode: constant Opus bitrate in bit/s (12000, as `qcall call --otp`)",
     )
     parser.add_argument(
-        "--frame-ms", type=int, default=20, metavar="MS", help="OTP mode: packet duration (20)"
+        "--frame-ms",
+        type=int,
+        default=20,
+        metavar="MS",
+        help="OTP mode: packet duration (20: what qcall's OTP calls spend, block ends included;"
+        " other durations: the formula of docs/qkd-simulation.md)",
     )
     parser.add_argument(
         "--utilisation",
@@ -103,7 +108,13 @@ def run(args: argparse.Namespace) -> int:
     rekeys = args.rekey or [60.0, 10.0]
     try:
         modes = [CallMode.aes(n) for n in rekeys]
-        modes.append(CallMode.otp(args.opus_bitrate, args.frame_ms))
+        if args.frame_ms == 20:  # qcall's own OTP calls: plan with what they spend
+            from qcall.otp.capacity import call_mode
+            from qcall.otp.keystream import OTPPolicy
+
+            modes.append(call_mode(OTPPolicy(bitrate=args.opus_bitrate)))
+        else:
+            modes.append(CallMode.otp(args.opus_bitrate, args.frame_ms))
     except ValueError as exc:
         raise ConfigError(f"capacity: {exc}") from None
     if not 0 < args.utilisation <= 1:

@@ -18,8 +18,15 @@ from collections.abc import Iterable
 
 from qcall.otp.keystream import PACKETS_PER_SECOND, OTPPolicy
 from qcall.otp.packet import key_bytes_per_packet
+from qcall.qkd.capacity import CallMode
 
-__all__ = ["call_key_rate_bps", "opus_payload_bytes", "predict_capacity", "route_capacity"]
+__all__ = [
+    "call_key_rate_bps",
+    "call_mode",
+    "opus_payload_bytes",
+    "predict_capacity",
+    "route_capacity",
+]
 
 
 def opus_payload_bytes(bitrate: int, packets_per_second: int = PACKETS_PER_SECOND) -> int:
@@ -42,6 +49,16 @@ def call_key_rate_bps(policy: OTPPolicy | None = None, payload_bytes: int | None
     per_block = block // need  # packets one block serves; the rest is wasted
     bytes_per_packet = block / per_block
     return 2 * PACKETS_PER_SECOND * bytes_per_packet * 8
+
+
+def call_mode(policy: OTPPolicy | None = None) -> CallMode:
+    """The capacity planner's OTP mode (:mod:`qcall.qkd.capacity`) at what an OTP call of
+    ``policy`` really spends (:func:`call_key_rate_bps`: payload, MAC key, block ends).
+
+    ``qcall network capacity`` plans with it, so that the planner and the calls agree.
+    """
+    policy = policy or OTPPolicy()
+    return CallMode(f"otp-{policy.bitrate / 1000:g}k", "otp", 0, call_key_rate_bps(policy))
 
 
 def predict_capacity(link_rate_bps: float, policy: OTPPolicy | None = None) -> int:
