@@ -57,7 +57,7 @@ from qcall.identity import fingerprint, scheme_for_public_key, short_fingerprint
 if TYPE_CHECKING:
     from qcall.org import OrgTrust
 
-__all__ = ["CONTACTS_FILE", "Contact", "ContactStore", "parse_contacts"]
+__all__ = ["CONTACTS_FILE", "Contact", "ContactStore", "describe_trust", "parse_contacts"]
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +180,19 @@ def parse_contacts(data: bytes, source: str = "contacts file") -> dict[str, Cont
     except ConfigError as exc:
         raise ConfigError(f"{source} is corrupt ({exc}); fix or move it aside") from None
 
+
+
+def describe_trust(trust: str | None) -> str:
+    """How a peer was trusted (:meth:`ContactStore.peer_trust`), for people to read."""
+    if not trust:
+        return "trust unknown"
+    if trust.startswith("organisation: "):
+        return "verified by the organisation: " + trust.removeprefix("organisation: ")
+    if trust == "verified":
+        return "verified (SAS compared)"
+    if trust == "unverified":
+        return "UNVERIFIED: compare fingerprints or the SAS"
+    return trust
 
 class ContactStore:
     """Pinned peer identities in one JSON file, safe for concurrent processes.

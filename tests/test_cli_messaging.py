@@ -237,3 +237,33 @@ def test_file_upload_resumes_after_the_server_is_killed(
     assert users.run("bob", "inbox", "--json") == 0
     (received,) = [e for e in lines(capsys) if e["event"] == "file"]
     assert Path(received["path"]).read_bytes() == data
+
+
+def test_messages_from_a_certified_colleague_show_the_organisation(
+    users: Users, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 11: a colleague certified by a trusted authority is verified by the
+    organisation, no trust on first use; an uncertified sender shows as unverified."""
+    from qcall.identity import Identity
+    from qcall.org import Authority, OrgTrust
+
+    users.new("alice", "bob", "carol")
+    org = Authority.create(tmp_path / "ca", "Hefei Municipal")
+    member = org.issue("alice", Identity.load(users.home("alice")).public_key, department="Audit")
+    trust = OrgTrust.in_home(users.home("bob"))
+    trust.trust((org.directory / "authority.pem").read_bytes())
+    trust.update_crl((org.directory / "crl.pem").read_bytes())
+    trust.import_member(org.issued_path(member.serial).read_bytes())
+    capsys.readouterr()
+    assert users.run("alice", "send", "bob", "signed off") == 0
+    assert users.run("carol", "send", "bob", "who am I") == 0
+    capsys.readouterr()
+    assert users.run("bob", "inbox", "--json") == 0
+    got = {m["from"]: m for m in lines(capsys)}
+    assert got["alice"]["trust"] == "organisation: alice (Audit) of Hefei Municipal"
+    assert got["carol"]["trust"] == "unverified"
+    assert users.run("alice", "send", "bob", "and again") == 0  # an established session
+    capsys.readouterr()
+    assert users.run("bob", "inbox") == 0
+    out = capsys.readouterr().out
+    assert "alice: and again  (pqc, verified by the organisation: alice (Audit) of Hefei" in out

@@ -479,12 +479,10 @@ def _status_table(session: Any) -> Any:
 
 def _identity(st: Any) -> str:
     """The peer's fingerprint and how it was trusted (organisation, SAS, or unverified)."""
-    trust = st.peer_trust or "unknown"
-    if trust.startswith("organisation: "):
-        trust = "verified by the organisation: " + trust.removeprefix("organisation: ")
-    elif trust == "verified":
-        trust = "verified (SAS compared)"
-    elif trust == "unverified":
+    from qcall.contacts import describe_trust
+
+    trust = describe_trust(st.peer_trust)
+    if st.peer_trust == "unverified":
         trust = "UNVERIFIED: compare the SAS by voice"
     return f"{st.peer_fingerprint or '—'} ({trust})"
 

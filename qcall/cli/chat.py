@@ -35,7 +35,7 @@ async def run_chat(
     m: Messenger, to: str, *, lines: int = 20, src: TextIO | None = None, out: TextIO | None = None
 ) -> int:
     """Run the chat until end of input or ``/quit``; returns the exit code."""
-    from qcall.cli.messaging import _history_line, _history_row, event_text
+    from qcall.cli.messaging import _history_line, _history_row, event_text, sender_trust
     from qcall.messaging.api import MessageReceived, ReceiptReceived
     from qcall.messaging.content import ReceiptStatus
 
@@ -60,7 +60,7 @@ async def run_chat(
                     if message_id in sent:
                         show(f"  {mark}  {sent[message_id][:40]}")
                 continue
-            text = event_text(event)
+            text = event_text(event, lambda name: sender_trust(client, name))
             if text is None:
                 continue
             if isinstance(event, MessageReceived) and event.conversation == to:

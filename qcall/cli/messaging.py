@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qcall.exceptions import ConfigError, SignalingError
+from qcall.exceptions import ConfigError, QCallError, SignalingError
 
 if TYPE_CHECKING:
     from qcall.messaging.api import Event
@@ -222,8 +222,35 @@ def _when(ms: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ms / 1000))
 
 
-def event_json(event: Event) -> dict[str, Any] | None:
-    """A JSON object for an event, or ``None`` (internal events)."""
+#: How a sender was trusted (``ContactStore.peer_trust`` form), given its name.
+Trust = Callable[[str], str | None]
+
+
+def sender_trust(client: Any, name: str) -> str | None:
+    """How ``name`` is trusted: the contacts' word on the identity key of our session with it.
+
+    ``"organisation: …"`` (certified by a trusted organisation), ``"verified"``,
+    ``"unverified"``, or ``None`` (no 1:1 session, or the key is refused now, e.g. a
+    certificate revoked since).
+    """
+    state = client.store.active_session(name)
+    contacts = client.contacts
+    if state is None or not hasattr(contacts, "peer_trust"):
+        return None
+    try:
+        contacts.check_peer(name, state.peer_identity)
+    except QCallError:
+        return None
+    trust = contacts.peer_trust(name)
+    return str(trust) if trust else None
+
+
+def event_json(event: Event, trust: Trust | None = None) -> dict[str, Any] | None:
+    """A JSON object for an event, or ``None`` (internal events).
+
+    With ``trust``, messages and files also say how their sender was trusted
+    (``"trust"``: ``organisation: …``, ``verified``, ``unverified`` or ``null``).
+    """
     from qcall.messaging.api import (
         FileReceived,
         GroupChanged,
@@ -245,6 +272,8 @@ def event_json(event: Event) -> dict[str, Any] | None:
 
             offer = FileOffer.parse(c.body)
             out.update(event="file_offer", text=offer.name, size=offer.size)
+        if trust is not None:
+            out["trust"] = trust(event.sender)
         return out
     if isinstance(event, FileReceived):
         return {"event": "file", "conversation": event.conversation, "from": event.sender,
@@ -265,15 +294,18 @@ def event_json(event: Event) -> dict[str, Any] | None:
     return None
 
 
-def event_text(event: Event) -> str | None:
+def event_text(event: Event, trust: Trust | None = None) -> str | None:
     """One line for a person, or ``None``."""
-    obj = event_json(event)
+    from qcall.contacts import describe_trust
+
+    obj = event_json(event, trust)
     if obj is None:
         return None
     kind = obj["event"]
     if kind == "message":
         where = "" if obj["conversation"] == obj["from"] else f" in {obj['conversation']}"
-        return f"[{_when(obj['sent_ms'])}] {obj['from']}{where}: {obj['text']}  ({obj['mode']})"
+        how = obj["mode"] + (f", {describe_trust(obj['trust'])}" if "trust" in obj else "")
+        return f"[{_when(obj['sent_ms'])}] {obj['from']}{where}: {obj['text']}  ({how})"
     if kind == "file_offer":
         where = "" if obj["conversation"] == obj["from"] else f" in {obj['conversation']}"
         return f"{obj['from']} is sending a file{where}: {obj['text']} ({obj['size']} bytes)"
@@ -302,13 +334,17 @@ async def _acknowledge(m: Messenger, events: list[Event], status: Any) -> None:
         await m.client.send_receipt(peer, ids, status)
 
 
-def _print_events(events: list[Event], as_json: bool) -> None:
+def _print_events(events: list[Event], as_json: bool, client: Any = None) -> None:
+    def trust(name: str) -> str | None:
+        return sender_trust(client, name)
+
+    how = None if client is None else trust
     for event in events:
         if as_json:
-            obj = event_json(event)
+            obj = event_json(event, how)
             if obj is not None:
                 print(json.dumps(obj), flush=True)
-        elif (line := event_text(event)) is not None:
+        elif (line := event_text(event, how)) is not None:
             print(line, flush=True)
 
 
@@ -345,7 +381,7 @@ async def _send(args: argparse.Namespace) -> int:
         check_file_size(size, path.name, _client_config(args, conf).max_file_size)
     async with open_messenger(args) as m:
         events = await m.client.receive()
-        _print_events(events, args.json)
+        _print_events(events, args.json, m.client)
         if args.file is None:
             message_id = await m.client.send_text(args.to, args.text)
             result: dict[str, Any] = {"sent": True, "to": args.to, "id": message_id.hex()}
@@ -398,7 +434,7 @@ async def _inbox(args: argparse.Namespace) -> int:
     async with open_messenger(args) as m:
         events = await m.client.receive()
         await _acknowledge(m, events, ReceiptStatus.DELIVERED)
-        _print_events(events, args.json)
+        _print_events(events, args.json, m.client)
         if not args.json and not any(event_text(e) for e in events):
             print("no new messages")
     return 0
@@ -443,7 +479,7 @@ def _history_line(row: dict[str, Any]) -> str:
 async def _group(args: argparse.Namespace) -> int:
     name = args.name.removeprefix("@")
     async with open_messenger(args) as m:
-        _print_events(await m.client.receive(), args.json)
+        _print_events(await m.client.receive(), args.json, m.client)
         verb = args.group_command
         if verb == "create":
             state = await m.client.create_group(name, args.members)
