@@ -25,6 +25,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from qcall.bench.runner import _cpu_s
+
 __all__ = ["main"]
 
 CALLEE = "bob"
@@ -89,6 +91,7 @@ async def _serve(reader: asyncio.StreamReader) -> None:
                 options["network"] = NetworkProfile(**options["network"])
             phone.options = CallOptions(**options)
             recorder[:] = [WavRecorder(command["wav"])]
+            cpu0 = _cpu_s()
             try:
                 session = await phone.incoming()
             except Exception as exc:
@@ -115,6 +118,7 @@ async def _serve(reader: asyncio.StreamReader) -> None:
                         "decrypt_failures": hook.stats.decrypt_failures if hook else 0,
                         "arrivals": [list(asdict(a).values()) for a in recorder[0].arrivals],
                         "emulation": _emulation(session),
+                        "cpu_ms": round((_cpu_s() - cpu0) * 1000, 1),
                     }
                 }
             )

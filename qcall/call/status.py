@@ -59,6 +59,10 @@ class CallOptions:
         ice_servers: STUN/TURN servers for hosts behind NAT, as W3C
             ``RTCIceServer`` dictionaries (``urls``, optional ``username`` and
             ``credential``); empty: host candidates only (docs/two-machines.md).
+        fast_transport: fast ICE/DTLS set-up (:mod:`qcall.call.fast_transport`:
+            checks and completion without waiting for aioice's pacing tick,
+            retransmissions sized by the path's RTT); False: stock aiortc timing
+            (the harness's ``plain`` baseline).
     """
 
     policy: str = "hybrid"
@@ -76,6 +80,7 @@ class CallOptions:
     network_seed: int = 0
     jitter_buffer: str = "adaptive"
     ice_servers: list[dict[str, str]] = field(default_factory=list)
+    fast_transport: bool = True
 
 
 @dataclass
