@@ -34,13 +34,16 @@ touches (``Connection._check_periodic``, ``_check_list_state``, ``_check_list_do
 ``_query_consent_task``, ``StunProtocol.transactions``, the name-mangled
 ``Transaction.__timeout_delay``, ``RTCDtlsTransport._write_ssl`` and
 ``RTCIceTransport._recv``) were read on those versions, and
-``tests/test_fast_transport.py`` fails when any of them changes.
+``tests/test_fast_transport.py`` fails when any of them changes (:data:`PINNED_SOURCES`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import importlib
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -60,8 +63,10 @@ __all__ = [
     "AIORTC_PINNED",
     "DTLS_MIN_RTO",
     "INITIAL_RTO",
+    "PINNED_SOURCES",
     "FlightTimer",
     "RttEstimator",
+    "changed_internals",
     "check_pinned_versions",
     "install_fast_transport",
 ]
@@ -84,6 +89,44 @@ DTLS_MIN_RTO: Final = 0.05
 TA: Final = 0.02
 
 _INSTALLED: Final = "_qcall_fast_transport"
+
+#: SHA-256 (first 16 hex digits) of the source of every aioice/aiortc function this
+#: module replaces, copies or relies on, as read on aiortc 1.16.0 and aioice 0.13.0;
+#: :func:`changed_internals` names those that differ (tests/test_fast_transport.py).
+PINNED_SOURCES: Final = {
+    "aioice.ice.Connection.connect": "da51be46190141ee",
+    "aioice.ice.Connection._check_periodic": "ce421a512904f981",
+    "aioice.ice.Connection.gather_candidates": "d33db28d4d1e49ff",
+    "aioice.ice.StunProtocol.request": "97991c38f65ea939",
+    "aioice.stun.Transaction.__init__": "be1622dc921927d6",
+    "aioice.stun.Transaction._Transaction__retry": "493a0eca2ecdf19b",
+    "aiortc.rtcdtlstransport.RTCDtlsTransport._write_ssl": "6573c0237063bdf0",
+    "aiortc.rtcdtlstransport.RTCDtlsTransport._recv_next": "998076720c05aa13",
+    "aiortc.rtcdtlstransport.RTCDtlsTransport._do_handshake": "0af5299c33352e6e",
+    "aiortc.rtcicetransport.RTCIceTransport.__init__": "b11403aba1c3a32b",
+    "aiortc.rtcpeerconnection.RTCPeerConnection._RTCPeerConnection__createDtlsTransport": (
+        "ad91de689a334df2"
+    ),
+}
+
+
+def changed_internals() -> list[str]:
+    """The names in :data:`PINNED_SOURCES` whose installed source differs (or is gone)."""
+    changed = []
+    for name, digest in PINNED_SOURCES.items():
+        module_name, _, rest = name.partition(".")
+        parts = rest.split(".")
+        obj: Any = importlib.import_module(f"{module_name}.{parts[0]}")
+        try:
+            for part in parts[1:]:
+                obj = getattr(obj, part)
+            source = inspect.getsource(obj)
+        except (AttributeError, OSError, TypeError):
+            changed.append(name)
+            continue
+        if hashlib.sha256(source.encode()).hexdigest()[:16] != digest:
+            changed.append(name)
+    return changed
 
 
 def check_pinned_versions(
@@ -159,6 +202,7 @@ class FlightTimer:
     _sent_at: float | None = None
     _new_flight: bool = True
     _last_reactive: float = -1.0
+    _seen: set[bytes] = field(default_factory=set)
 
     def sent(self, datagram: bytes, now: float) -> None:
         """The DTLS layer wrote ``datagram`` (part of a new flight unless resending)."""
@@ -172,18 +216,24 @@ class FlightTimer:
         self._due = None if self.done else now + self._rto
 
     def received(self, datagram: bytes, now: float) -> list[bytes]:
-        """A DTLS datagram arrived; return datagrams to resend at once (final flight).
+        """A DTLS datagram arrived; return datagrams to resend at once.
 
-        While the handshake runs, the peer's datagram ends our flight's timer
-        (its answer came; an RTT sample if we never resent). After the handshake,
-        a handshake or change-cipher-spec record from the peer means it did not
-        get our final flight: resend it, at most once per RTO.
+        A datagram identical to one received before is the peer resending its
+        flight: it did not get ours, so ours goes again at once (RFC 6347 §4.2.4),
+        at most once per half RTO, and our timer keeps running. A new datagram
+        during the handshake is the peer's next flight: it ends our timer (an RTT
+        sample if we never resent, Karn's rule). After the handshake, a handshake
+        or change-cipher-spec record means the peer lacks our final flight.
         """
+        duplicate = datagram in self._seen
+        if not duplicate and len(self._seen) < 64:
+            self._seen.add(datagram)
+        if duplicate or (self.done and datagram[:1] in (b"\x14", b"\x16")):
+            if self.flight and now - self._last_reactive >= self.rtt.rto(DTLS_MIN_RTO) / 2:
+                self._last_reactive = now
+                return list(self.flight)
+            return []
         if self.done:
-            if datagram[:1] in (b"\x14", b"\x16") and self.flight:
-                if now - self._last_reactive >= self.rtt.rto(DTLS_MIN_RTO) / 2:
-                    self._last_reactive = now
-                    return list(self.flight)
             return []
         if self._sent_at is not None and self.resends == 0 and not self._new_flight:
             self.rtt.sample(now - self._sent_at)  # Karn: only unambiguous round trips
