@@ -104,7 +104,9 @@ def test_a_duplicate_from_the_peer_resends_ours_and_keeps_the_timer() -> None:
 # --- real peer connections on loopback --------------------------------------------------
 
 
-async def _connect(fast: bool, drop: tuple[str, int] | None = None) -> tuple[float, dict[str, Any]]:
+async def _connect(
+    fast: bool, drop: tuple[str, int] | None = None, drop_stun: bool = False
+) -> tuple[float, dict[str, Any]]:
     """Connect two peer connections; optionally drop the n-th DTLS datagram of one side.
 
     The offerer ``a`` is the DTLS server (aiortc answers ``a=setup:active``).
@@ -120,14 +122,21 @@ async def _connect(fast: bool, drop: tuple[str, int] | None = None) -> tuple[flo
     await b.setRemoteDescription(a.localDescription)
     await b.setLocalDescription(await b.createAnswer())
     sides = {"server": a, "client": b}
+    if drop_stun:
+        drop = ("server", 0)  # the offerer: the controlling side, which nominates
     if drop is not None:  # below every wrapper: the sockets (like qcall.call.netem)
         ice = sides[drop[0]].getTransceivers()[0].sender.transport.transport._connection
-        seen = [0]
+        seen, lost = [0], set()
         for protocol in ice._protocols:
             sendto = protocol.transport.sendto
 
             def dropping_sendto(data: bytes, addr: Any, sendto: Any = sendto) -> None:
-                if 19 < data[0] < 64:
+                if drop_stun and data[:2] == b"\x00\x01":  # a Binding request
+                    if addr not in lost:  # the first check of every pair
+                        lost.add(addr)
+                        counters["dropped"] = data[:2]
+                        return
+                elif not drop_stun and 19 < data[0] < 64:
                     seen[0] += 1
                     if seen[0] == drop[1]:
                         counters["dropped"] = data[:1]
@@ -179,6 +188,14 @@ async def test_lost_dtls_flight_costs_an_rto_not_a_second(side: str, nth: int) -
     elapsed, counters = await _connect(fast=True, drop=(side, nth))
     assert counters["dropped"] in (b"\x16", b"\x14")
     assert elapsed < 0.7, f"set-up took {elapsed:.3f} s"
+
+
+@pytest.mark.asyncio
+async def test_lost_connectivity_check_resent_by_rtt() -> None:
+    """The controlling side's first check on every pair lost: resent after 100 ms, not 500."""
+    elapsed, counters = await _connect(fast=True, drop_stun=True)
+    assert counters["dropped"] == b"\x00\x01"
+    assert elapsed < 0.4, f"set-up took {elapsed:.3f} s"
 
 
 @pytest.mark.asyncio

@@ -12,7 +12,8 @@ speed"):
   the check list completes.
 * **A lost connectivity check waits 500 ms** (``aioice.stun.RETRY_RTO``).
   Connectivity checks here retransmit after the path's RTO (:class:`RttEstimator`,
-  RFC 6298 from the checks' own round trips; :data:`INITIAL_RTO` before any sample),
+  RFC 6298 from the checks' own round trips; :data:`CHECK_INITIAL_RTO` before any
+  sample),
   doubling each time, with aioice's retry count. Consent checks
   (``retransmissions=0``) keep aioice's timer.
 * **A lost DTLS flight waits 1 s** (OpenSSL's initial DTLS timer; pyOpenSSL exposes
@@ -61,6 +62,7 @@ from qcall.exceptions import CallError
 __all__ = [
     "AIOICE_PINNED",
     "AIORTC_PINNED",
+    "CHECK_INITIAL_RTO",
     "DTLS_MIN_RTO",
     "INITIAL_RTO",
     "PINNED_SOURCES",
@@ -83,6 +85,9 @@ INITIAL_RTO: Final = 0.05
 #: Bounds (s) of any RTO computed from samples.
 MIN_RTO: Final = 0.03
 MAX_RTO: Final = 1.0
+#: First retransmission (s) of a connectivity check before the path's RTT is known:
+#: above most paths' RTT, so that the first checks give samples (Karn's rule).
+CHECK_INITIAL_RTO: Final = 0.1
 #: Lowest DTLS retransmission timeout (s): a flight is also a little CPU work.
 DTLS_MIN_RTO: Final = 0.05
 #: ICE pacing (Ta, RFC 8445 §6.1.4.2), as aioice: one new check every 20 ms.
@@ -323,7 +328,8 @@ def _timed_request(protocol: StunProtocol, rtt: RttEstimator) -> Callable[..., A
             request, addr, protocol, retransmissions=retransmissions, integrity_key=integrity_key
         )
         if retransmissions is None:  # connectivity checks; consent keeps aioice's timer
-            transaction._Transaction__timeout_delay = rtt.rto()  # type: ignore[attr-defined]
+            rto = rtt.rto() if rtt.samples else CHECK_INITIAL_RTO
+            transaction._Transaction__timeout_delay = rto  # type: ignore[attr-defined]
         protocol.transactions[request.transaction_id] = transaction
         started = time.monotonic()
         try:
