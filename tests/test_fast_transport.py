@@ -14,6 +14,7 @@ from aiortc import RTCPeerConnection
 from qcall.call.fast_transport import (
     DTLS_MIN_RTO,
     INITIAL_RTO,
+    SCTP_MIN_RTO,
     FlightTimer,
     RttEstimator,
     changed_internals,
@@ -196,6 +197,37 @@ async def test_lost_connectivity_check_resent_by_rtt() -> None:
     elapsed, counters = await _connect(fast=True, drop_stun=True)
     assert counters["dropped"] == b"\x00\x01"
     assert elapsed < 0.4, f"set-up took {elapsed:.3f} s"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("fast", [False, True])
+async def test_sctp_rto_follows_the_path(fast: bool) -> None:
+    """The control channel's SCTP: RTO from the path (≥ 0.2 s), not RFC 4960's ≥ 1 s."""
+    a, b = RTCPeerConnection(), RTCPeerConnection()
+    if fast:
+        install_fast_transport(a)
+        install_fast_transport(b)
+    channel = a.createDataChannel("control")
+    opened, got = asyncio.Event(), asyncio.Event()
+    channel.add_listener("open", opened.set)
+    b.add_listener("datachannel", lambda ch: ch.add_listener("message", lambda _m: got.set()))
+    await a.setLocalDescription(await a.createOffer())
+    await b.setRemoteDescription(a.localDescription)
+    await b.setLocalDescription(await b.createAnswer())
+    await a.setRemoteDescription(b.localDescription)
+    try:
+        await asyncio.wait_for(opened.wait(), 10)
+        channel.send("rekey")
+        await asyncio.wait_for(got.wait(), 10)
+        sctp = a.sctp
+        assert sctp is not None and sctp._srtt is not None  # measured on loopback
+        if fast:
+            assert sctp._rto == pytest.approx(SCTP_MIN_RTO)
+        else:
+            assert sctp._rto >= 1.0
+    finally:
+        await a.close()
+        await b.close()
 
 
 @pytest.mark.asyncio

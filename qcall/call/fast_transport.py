@@ -27,8 +27,11 @@ speed"):
   the side that sends the *final* flight resends it when the peer's handshake
   records keep arriving after the handshake completed (the peer did not get it).
   OpenSSL's own 1 s timer still runs underneath, as a last resort.
+* **A lost SCTP packet waits ≥ 1 s** (RFC 4960's RTO.Min, 3 s RTO.Initial). The
+  control channel (rekeys) gets :data:`SCTP_MIN_RTO` and an initial RTO from the
+  path's RTT once DTLS is up (:meth:`FastTransport.path_known`).
 
-:func:`install_fast_transport` applies all three to one ``RTCPeerConnection``
+:func:`install_fast_transport` applies all four to one ``RTCPeerConnection``
 *instance* (never to the classes, so a stock ``plain`` call in the same process is
 untouched). It refuses versions other than the pinned ones: the private members it
 touches (``Connection._check_periodic``, ``_check_list_state``, ``_check_list_done``,
@@ -66,6 +69,8 @@ __all__ = [
     "DTLS_MIN_RTO",
     "INITIAL_RTO",
     "PINNED_SOURCES",
+    "SCTP_INITIAL_RTO",
+    "SCTP_MIN_RTO",
     "FlightTimer",
     "RttEstimator",
     "changed_internals",
@@ -90,6 +95,13 @@ MAX_RTO: Final = 1.0
 CHECK_INITIAL_RTO: Final = 0.1
 #: Lowest DTLS retransmission timeout (s): a flight is also a little CPU work.
 DTLS_MIN_RTO: Final = 0.05
+#: SCTP RTO bounds (s) instead of RFC 4960's 1 s minimum and 3 s initial value: the
+#: control channel's rekey messages ride SCTP, and a lost one should cost about an RTO
+#: of the path. The initial value applies until the association measured its own RTT;
+#: once DTLS is up it is ``3 × srtt`` of the path, at least the minimum.
+SCTP_MIN_RTO: Final = 0.2
+SCTP_INITIAL_RTO: Final = 0.5
+SCTP_MAX_RTO: Final = 60.0  # as aiortc (RFC 4960 §15)
 #: ICE pacing (Ta, RFC 8445 §6.1.4.2), as aioice: one new check every 20 ms.
 TA: Final = 0.02
 
@@ -112,6 +124,11 @@ PINNED_SOURCES: Final = {
     "aiortc.rtcpeerconnection.RTCPeerConnection._RTCPeerConnection__createDtlsTransport": (
         "ad91de689a334df2"
     ),
+    "aiortc.rtcpeerconnection.RTCPeerConnection._RTCPeerConnection__createSctpTransport": (
+        "f1155cfa69ec6e34"
+    ),
+    "aiortc.rtcsctptransport.RTCSctpTransport.__init__": "294b0e5108438509",
+    "aiortc.rtcsctptransport.RTCSctpTransport._update_rto": "a1e7afb18886a101",
 }
 
 
@@ -355,6 +372,7 @@ class _DtlsRetransmitter:
         self.core = FlightTimer(rtt)
         self._handle: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Future[None]] = set()
+        self.on_connected: Callable[[], None] = lambda: None
         self._send_raw = self.ice._send
         write_ssl, recv = dtls._write_ssl, self.ice._recv
 
@@ -392,6 +410,8 @@ class _DtlsRetransmitter:
             if dtls.state in ("connected", "closed", "failed"):
                 self.core.handshake_done()
                 self._arm()
+            if dtls.state == "connected":
+                self.on_connected()
 
         dtls.add_listener("statechange", on_state)
 
@@ -432,6 +452,15 @@ class FastTransport:
     rtt: RttEstimator
     connections: list[Connection] = field(default_factory=list)
     dtls: list[_DtlsRetransmitter] = field(default_factory=list)
+    sctp: list[Any] = field(default_factory=list)
+
+    def path_known(self) -> None:
+        """DTLS is up: an SCTP association that has no RTT of its own starts from the path's."""
+        if self.rtt.srtt is None:
+            return
+        for sctp in self.sctp:
+            if sctp._srtt is None:
+                sctp._rto = max(SCTP_MIN_RTO, min(SCTP_INITIAL_RTO, 3 * self.rtt.srtt))
 
 
 def install_fast_transport(pc: RTCPeerConnection) -> FastTransport:
@@ -458,7 +487,28 @@ def install_fast_transport(pc: RTCPeerConnection) -> FastTransport:
         return dtls
 
     pc._RTCPeerConnection__createDtlsTransport = create_dtls_transport  # type: ignore[attr-defined]
+    create_sctp = pc._RTCPeerConnection__createSctpTransport  # type: ignore[attr-defined]
+
+    def create_sctp_transport() -> None:
+        create_sctp()
+        sctp = pc._RTCPeerConnection__sctp  # type: ignore[attr-defined]
+        sctp._rto = SCTP_INITIAL_RTO
+        sctp._update_rto = lambda r: _update_sctp_rto(sctp, r)
+        fast.sctp.append(sctp)
+
+    pc._RTCPeerConnection__createSctpTransport = create_sctp_transport  # type: ignore[attr-defined]
     return fast
+
+
+def _update_sctp_rto(sctp: Any, r: float) -> None:
+    """``RTCSctpTransport._update_rto`` (RFC 4960 §6.3.1) with :data:`SCTP_MIN_RTO`."""
+    if sctp._srtt is None:
+        sctp._rttvar = r / 2
+        sctp._srtt = r
+    else:
+        sctp._rttvar = 0.75 * sctp._rttvar + 0.25 * abs(sctp._srtt - r)
+        sctp._srtt = 0.875 * sctp._srtt + 0.125 * r
+    sctp._rto = max(SCTP_MIN_RTO, min(sctp._srtt + 4 * sctp._rttvar, SCTP_MAX_RTO))
 
 
 def _patch(fast: FastTransport, dtls: Any) -> None:
@@ -475,4 +525,6 @@ def _patch(fast: FastTransport, dtls: Any) -> None:
             protocol.request = _timed_request(protocol, fast.rtt)  # type: ignore[method-assign]
 
     connection.gather_candidates = gather_candidates  # type: ignore[method-assign]
-    fast.dtls.append(_DtlsRetransmitter(dtls, fast.rtt))
+    retransmitter = _DtlsRetransmitter(dtls, fast.rtt)
+    retransmitter.on_connected = fast.path_known
+    fast.dtls.append(retransmitter)
