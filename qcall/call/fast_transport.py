@@ -59,8 +59,7 @@ from aioice import stun
 from aioice.ice import ICE_COMPLETED, ICE_FAILED, Connection, StunProtocol
 from aiortc import RTCPeerConnection
 
-from qcall.call.aiortc_compat import require_aiortc
-from qcall.exceptions import CallError
+from qcall.call.aiortc_compat import require_aiortc, require_version
 
 __all__ = [
     "AIOICE_PINNED",
@@ -155,19 +154,10 @@ def check_pinned_versions(
     aiortc_version: str | None = None, aioice_version: str | None = None
 ) -> None:
     """Raise :class:`CallError` unless aiortc and aioice are the pinned releases."""
-    require_aiortc(AIORTC_PINNED, "fast transport", "use CallOptions(fast_transport=False)",
-                   aiortc_version)  # fmt: skip
+    hint = "use CallOptions(fast_transport=False)"
+    require_aiortc(AIORTC_PINNED, "fast transport", hint, aiortc_version)
     version = aioice.__version__ if aioice_version is None else aioice_version
-    try:
-        parsed = tuple(int(part) for part in version.split(".")[:2])
-    except ValueError:
-        parsed = ()
-    low, high = AIOICE_PINNED
-    if len(parsed) != 2 or not low <= parsed < high:
-        raise CallError(
-            f"aioice {version} is not supported by qcall's fast transport (needs >="
-            f"{low[0]}.{low[1]},<{high[0]}.{high[1]}); use CallOptions(fast_transport=False)"
-        )
+    require_version("aioice", version, AIOICE_PINNED, "fast transport", hint)
 
 
 # --- Sans-I/O cores ---------------------------------------------------------------------
