@@ -18,10 +18,10 @@ from qcall.cli.bench import main
 
 def test_schedule_interleaves_and_rotates() -> None:
     order = schedule(MODES, calls=3, warmup=1)
-    assert len(order) == 12
-    assert [m for m, _, _ in order[:3]] == ["plain", "pqc", "hybrid"]
-    assert [m for m, _, _ in order[3:6]] == ["pqc", "hybrid", "plain"]
-    assert [w for _, _, w in order] == [True] * 3 + [False] * 9
+    assert len(order) == 16
+    assert [m for m, _, _ in order[:4]] == ["plain", "fast-plain", "pqc", "hybrid"]
+    assert [m for m, _, _ in order[4:8]] == ["fast-plain", "pqc", "hybrid", "plain"]
+    assert [w for _, _, w in order] == [True] * 4 + [False] * 12
     for mode in MODES:  # every mode equally often, in every round
         assert sum(1 for m, _, w in order if m == mode and not w) == 3
 
@@ -61,7 +61,8 @@ def test_report_ratios_and_checks() -> None:
                 caller_ms={"media": setup * factor}, packets_received=100, packets_lost=1,
             ))  # fmt: skip
     results.append(CallResult("hybrid", 9, warmup=True, ok=True, setup_ms=900.0))
-    report = build_report(BenchConfig(calls=3, profile=PROFILES["loopback"]), results)
+    config = BenchConfig(calls=3, profile=PROFILES["loopback"], modes=("plain", "pqc", "hybrid"))
+    report = build_report(config, results)
     assert report["modes"]["hybrid"]["setup_ms"]["p50"] == pytest.approx(52.0 * 1.05, abs=0.01)
     assert report["modes"]["hybrid"]["setup_ms"]["max"] < 900  # warm-up not counted
     assert report["ratio"]["hybrid_over_plain_setup"] == pytest.approx(1.05, abs=0.001)
@@ -70,6 +71,36 @@ def test_report_ratios_and_checks() -> None:
     assert report["checks"]["loopback_one_way_p50_le_40ms"] is True
     text = markdown(report)
     assert "| hybrid | 3 |" in text and "hybrid_over_plain_setup = 1.050" in text
+
+
+def test_report_fast_setup_targets() -> None:
+    """Issue 16: both ratios in one run, the loopback and lossy targets, CPU per side."""
+    results = []
+    for i in range(3):
+        for mode, setup in (("plain", 30.0), ("fast-plain", 12.0), ("hybrid", 12.3)):
+            results.append(CallResult(
+                mode, i, warmup=False, ok=True, setup_ms=setup + i, caller_ms={"media": setup},
+                cpu_ms={"caller": 100.0 + i, "callee": 80.0}, call_s=2.0,
+            ))  # fmt: skip
+    config = BenchConfig(
+        calls=3, profile=PROFILES["loopback"], modes=("plain", "fast-plain", "hybrid")
+    )
+    report = build_report(config, results)
+    assert report["ratio"]["hybrid_over_plain_setup"] == pytest.approx(13.3 / 31.0, abs=0.001)
+    assert report["ratio"]["hybrid_over_fast_plain_setup"] == pytest.approx(13.3 / 13.0, abs=0.001)
+    checks = report["checks"]
+    assert checks["hybrid_setup_le_0.6x_stock_plain"] is True
+    assert checks["hybrid_setup_le_1.02x_fast_plain"] is False  # 1.023
+    assert checks["loopback_hybrid_setup_p50_le_20ms"] is True
+    cpu = report["modes"]["hybrid"]
+    assert cpu["cpu_ms_per_call"]["caller"]["p50"] == pytest.approx(101.0)
+    assert cpu["cpu_percent_of_a_core"]["callee"]["p50"] == pytest.approx(4.0)
+    assert "| callee | 80 ms (4.0 % of a core) |" in markdown(report)
+    lossy = build_report(
+        BenchConfig(calls=3, profile=PROFILES["lossy"], modes=("plain", "fast-plain", "hybrid")),
+        results,
+    )
+    assert lossy["checks"]["lossy_setup_p90_le_400ms"] is True
 
 
 # --- a tiny real run -----------------------------------------------------------------
@@ -103,7 +134,11 @@ def test_harness_run(tmp_path: Path) -> None:
     assert report["modes"]["hybrid"]["rekeys"] >= 1  # decrypt failures counted across rekeys
     assert report["modes"]["pqc"]["compute_ms"]["callee"]["p50"] > 0
     assert isinstance(report["ratio"]["hybrid_over_plain_setup"], float)
-    assert len(report["calls"]) == 3
+    assert len(report["calls"]) == len(MODES)
+    for mode in MODES:  # CPU per call and side, from each process's own counters
+        for side in ("caller", "callee"):
+            assert report["modes"][mode]["cpu_ms_per_call"][side]["p50"] > 0
+    assert isinstance(report["ratio"]["hybrid_over_fast_plain_setup"], float)
     for name in ("latency.md", "setup_breakdown.png", "latency_distributions.png"):
         assert (out / name).stat().st_size > 1000
     assert (out / "setup_breakdown.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -20,10 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+from qcall.bench.runner import _cpu_s
 
 __all__ = ["main"]
 
@@ -89,6 +92,7 @@ async def _serve(reader: asyncio.StreamReader) -> None:
                 options["network"] = NetworkProfile(**options["network"])
             phone.options = CallOptions(**options)
             recorder[:] = [WavRecorder(command["wav"])]
+            cpu0 = _cpu_s()
             try:
                 session = await phone.incoming()
             except Exception as exc:
@@ -106,6 +110,7 @@ async def _serve(reader: asyncio.StreamReader) -> None:
                     _say({"stats": await _receiver_stats(session)})
             with contextlib.suppress(Exception):
                 await session.wait()
+            cpu_ms = round((_cpu_s() - cpu0) * 1000, 1)  # the call's, not the report's
             await recorder[0].stop()
             hook = session.hook
             _say(
@@ -115,6 +120,7 @@ async def _serve(reader: asyncio.StreamReader) -> None:
                         "decrypt_failures": hook.stats.decrypt_failures if hook else 0,
                         "arrivals": [list(asdict(a).values()) for a in recorder[0].arrivals],
                         "emulation": _emulation(session),
+                        "cpu_ms": cpu_ms,
                     }
                 }
             )
@@ -135,8 +141,24 @@ async def _main() -> None:
 
 
 def main() -> None:
-    """Run the callee worker until ``quit`` or end of input."""
-    asyncio.run(_main())
+    """Run the callee worker until ``quit`` or end of input.
+
+    With ``QCALL_BENCH_PROFILE=PATH`` in the environment, the worker runs under
+    cProfile (CPU time, ``time.process_time``) and writes its stats to ``PATH``
+    (docs/performance.md, "CPU per call").
+    """
+    path = os.environ.get("QCALL_BENCH_PROFILE")
+    if not path:
+        asyncio.run(_main())
+        return
+    import cProfile
+    import time
+
+    profiler = cProfile.Profile(time.process_time)
+    try:
+        profiler.runcall(asyncio.run, _main())
+    finally:
+        profiler.dump_stats(path)
 
 
 if __name__ == "__main__":

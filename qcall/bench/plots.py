@@ -13,7 +13,7 @@ from typing import Any
 
 __all__ = ["write_plots"]
 
-_COLOURS = {"plain": "#7f7f7f", "pqc": "#1f77b4", "hybrid": "#d62728"}
+_COLOURS = {"plain": "#7f7f7f", "fast-plain": "#2ca02c", "pqc": "#1f77b4", "hybrid": "#d62728"}
 
 
 def _setup_breakdown(report: dict[str, Any], path: Path) -> None:

@@ -36,8 +36,17 @@ __all__ = ["SCHEMA", "TARGETS", "build_report", "markdown", "summary", "write_re
 
 SCHEMA = "qcall-latency/1"
 
-#: Issue 5's targets.
-TARGETS = {"hybrid_over_plain_setup_max": 1.10, "loopback_one_way_p50_max_ms": 40.0}
+#: Issue 5's targets, then issue 16's (``plain`` is stock aiortc, ``fast-plain`` the
+#: same fast transport as ``hybrid`` without QKD or ML-KEM).
+TARGETS = {
+    "hybrid_over_plain_setup_max": 1.10,
+    "loopback_one_way_p50_max_ms": 40.0,
+    "hybrid_over_stock_plain_setup_max": 0.6,
+    "hybrid_over_fast_plain_setup_max": 1.02,
+    "loopback_hybrid_setup_p50_max_ms": 20.0,
+    "path_round_trips_max": 3.0,
+    "lossy_setup_p90_max_ms": 400.0,
+}
 
 
 def summary(values: Iterable[float | None]) -> dict[str, float | int | None]:
@@ -109,6 +118,16 @@ def _mode_report(calls: Sequence[CallResult]) -> dict[str, Any]:
             "packets_lost": lost,
             "fraction": round(lost / (received + lost), 4) if received + lost else None,
         },
+        "cpu_ms_per_call": {
+            side: summary(c.cpu_ms.get(side) for c in ok) for side in ("caller", "callee")
+        },
+        "cpu_percent_of_a_core": {
+            side: summary(
+                c.cpu_ms[side] / (10 * c.call_s) if c.call_s and side in c.cpu_ms else None
+                for c in ok
+            )
+            for side in ("caller", "callee")
+        },
         "decrypt_failures": sum(c.decrypt_failures for c in calls),
         "rekeys": sum(c.rekeys for c in ok),
         "netem": {
@@ -142,6 +161,12 @@ def build_report(
         "hybrid_over_plain_one_way": _ratio(
             p50("hybrid", "one_way_ms"), p50("plain", "one_way_ms")
         ),
+        "hybrid_over_fast_plain_setup": _ratio(
+            p50("hybrid", "setup_ms"), p50("fast-plain", "setup_ms")
+        ),
+        "fast_plain_over_plain_setup": _ratio(
+            p50("fast-plain", "setup_ms"), p50("plain", "setup_ms")
+        ),
     }
     hybrid_ratio = ratio["hybrid_over_plain_setup"]
     one_way = {m: p50(m, "one_way_ms") for m in modes}
@@ -152,6 +177,7 @@ def build_report(
         "zero_decrypt_failures": all(m["decrypt_failures"] == 0 for m in modes.values()),
         "all_calls_connected": all(m["failed"] == 0 for m in modes.values()),
     }
+    checks.update(_fast_setup_checks(config, modes, ratio))
     if config.profile.name == "loopback":
         checks["loopback_one_way_p50_le_40ms"] = all(
             v is not None and v <= TARGETS["loopback_one_way_p50_max_ms"] for v in one_way.values()
@@ -182,6 +208,46 @@ def build_report(
         "checks": checks,
         "calls": [r.as_dict() for r in results],
     }
+
+
+def _at_most(value: float | int | None, limit: float) -> bool | None:
+    return None if value is None else value <= limit
+
+
+def _fast_setup_checks(
+    config: BenchConfig, modes: dict[str, Any], ratio: dict[str, float | None]
+) -> dict[str, bool | None]:
+    """Issue 16's targets (docs/performance.md, "Set-up speed"), where the run has the modes."""
+    checks: dict[str, bool | None] = {}
+    hybrid = modes.get("hybrid")
+    if "plain" in modes and hybrid is not None:
+        checks["hybrid_setup_le_0.6x_stock_plain"] = _at_most(
+            ratio["hybrid_over_plain_setup"], TARGETS["hybrid_over_stock_plain_setup_max"]
+        )
+    if "fast-plain" in modes and hybrid is not None:
+        checks["hybrid_setup_le_1.02x_fast_plain"] = _at_most(
+            ratio["hybrid_over_fast_plain_setup"], TARGETS["hybrid_over_fast_plain_setup_max"]
+        )
+    if hybrid is None:
+        return checks
+    setup = hybrid["setup_ms"]
+    name = config.profile.name
+    if name == "loopback":
+        checks["loopback_hybrid_setup_p50_le_20ms"] = _at_most(
+            setup["p50"], TARGETS["loopback_hybrid_setup_p50_max_ms"]
+        )
+    elif name == "lossy":
+        checks["lossy_setup_p90_le_400ms"] = _at_most(
+            setup["p90"], TARGETS["lossy_setup_p90_max_ms"]
+        )
+    elif config.profile.delay_ms > 0 and setup["p50"] is not None:
+        rtt = 2 * config.profile.delay_ms
+        compute = sum(hybrid["compute_ms"][side]["p50"] or 0.0 for side in ("caller", "callee"))
+        hybrid["round_trips"] = round((setup["p50"] - compute) / rtt, 2)
+        checks[f"{name}_hybrid_setup_le_3_rtt_plus_compute"] = (
+            hybrid["round_trips"] <= TARGETS["path_round_trips_max"]
+        )
+    return checks
 
 
 def _machine() -> dict[str, Any]:
@@ -257,6 +323,16 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| handshake compute, {side} (ML-KEM, ML-DSA, HKDF) | " + " | ".join(cells) + " |"
         )
+    lines += ["", "CPU per call (each process's own getrusage, dial → hang-up, medians):", ""]
+    lines.append("| side | " + " | ".join(modes) + " |")
+    lines.append("|---|" + "---|" * len(modes))
+    for side in ("caller", "callee"):
+        cells = []
+        for m in modes:
+            cpu = report["modes"][m].get("cpu_ms_per_call", {}).get(side, {}).get("p50")
+            share = report["modes"][m].get("cpu_percent_of_a_core", {}).get(side, {}).get("p50")
+            cells.append("–" if cpu is None else f"{cpu:.0f} ms ({share:.1f} % of a core)")
+        lines.append(f"| {side} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Ratios of medians: "

@@ -16,7 +16,7 @@ Both processes read the same ``CLOCK_MONOTONIC``, so the chirps' send and
 receive times compare directly. Each call gets the network profile on both
 peers' outgoing media datagrams (:mod:`qcall.call.netem`, seed = call number).
 
-Modes run round-robin — ``plain, pqc, hybrid, pqc, hybrid, plain, …`` with
+Modes run round-robin — ``plain, fast-plain, pqc, hybrid, fast-plain, …`` with
 the starting mode rotating each round — so that slow drifts of a loaded
 machine hit every mode alike. ``warmup`` extra rounds run first and are not
 counted (first-call costs: codec set-up, the KME's TLS session, imports).
@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -42,11 +43,25 @@ from qcall.call.netem import NetworkProfile, TCPDelayProxy
 from qcall.children import log_tail, module_argv
 from qcall.exceptions import CallError, QCallError
 
-__all__ = ["MODES", "BenchConfig", "CallResult", "Lab", "qkd_keys_needed", "run_bench", "schedule"]
+__all__ = [
+    "MODES",
+    "PLAIN_MODES",
+    "BenchConfig",
+    "CallResult",
+    "Lab",
+    "qkd_keys_needed",
+    "run_bench",
+    "schedule",
+]
 
 logger = logging.getLogger(__name__)
 
-MODES = ("plain", "pqc", "hybrid")
+MODES = ("plain", "fast-plain", "pqc", "hybrid")
+
+#: The modes whose call is bare DTLS-SRTP (no handshake, no QKD, no ML-KEM):
+#: ``plain`` with stock aiortc/aioice timing (the baseline users know),
+#: ``fast-plain`` with :mod:`qcall.call.fast_transport`, like ``pqc`` and ``hybrid``.
+PLAIN_MODES = ("plain", "fast-plain")
 CALLER, CALLEE = "alice", "bob"
 TONE_HZ = 440.0
 
@@ -125,6 +140,8 @@ class CallResult:
     decrypt_failures: int = 0
     rekeys: int = 0
     netem: dict[str, Any] = field(default_factory=dict)
+    cpu_ms: dict[str, float] = field(default_factory=dict)
+    call_s: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -317,6 +334,7 @@ class Lab:
     def _make_source(self) -> Any:
         return self.tone
 
+
 # --- one call ---------------------------------------------------------------------------
 
 
@@ -336,6 +354,12 @@ async def _receiver_stats(session: Any) -> tuple[float | None, int | None, int |
                         max(0, int(stats.packetsLost)),
                     )
     return None, None, None
+
+
+def _cpu_s() -> float:
+    """This process's CPU time (user + system, s), from its own counters."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _decrypt_failures(session: Any) -> int:
@@ -377,9 +401,11 @@ async def run_call(
     from qcall.call.session import CallOptions
 
     result = CallResult(mode, index, warmup)
+    policy = "plain" if mode in PLAIN_MODES else mode
     options: dict[str, Any] = {
-        "policy": mode,
-        "rekey_interval": None if mode == "plain" else config.rekey_interval,
+        "policy": policy,
+        "fast_transport": mode != "plain",
+        "rekey_interval": None if policy == "plain" else config.rekey_interval,
         "network": None if config.profile.is_null else asdict(config.profile),
         "network_seed": config.seed * 100_003 + index * len(MODES) + MODES.index(mode),
         "setup_timeout": 20.0,
@@ -396,6 +422,7 @@ async def run_call(
     await lab.tell({"cmd": "answer", "options": options, "wav": str(wav)})
     caller = None
     ended: dict[str, Any] = {}
+    cpu0 = _cpu_s()
     try:
         caller = await asyncio.wait_for(alice.call(CALLEE), 30)
         answered = await lab.hear(30)
@@ -405,7 +432,7 @@ async def run_call(
         await asyncio.sleep(config.seconds)
         result.caller_ms = dict(caller.status.timings_ms)
         result.setup_ms = result.caller_ms.get("media")
-        if mode == "plain" and result.setup_ms is not None:
+        if policy == "plain" and result.setup_ms is not None:
             # plain: the media path opens when DTLS-SRTP is connected.
             result.caller_ms.setdefault("dtls_done", result.setup_ms)
         await lab.tell({"cmd": "stats"})
@@ -417,6 +444,10 @@ async def run_call(
         with contextlib.suppress(QCallError):
             await caller.hangup()
         ended = (await lab.hear(30))["ended"]
+        result.call_s = round(time.monotonic() - t0, 3)
+        result.cpu_ms = {"caller": round((_cpu_s() - cpu0) * 1000, 1)}
+        if ended.get("cpu_ms") is not None:
+            result.cpu_ms["callee"] = float(ended["cpu_ms"])
         result.callee_ms = ended["callee_ms"]
         arrivals = [FrameArrival(*row) for row in ended["arrivals"]]
         if arrivals:

@@ -1,8 +1,9 @@
-"""The one check that an installed aiortc is a version whose internals qcall hooks into.
+"""The one check that an installed aiortc (or aioice) is a version whose internals qcall hooks into.
 
-:mod:`qcall.call.srtp` (the DTLS transport's SRTP set-up) and :mod:`qcall.call.jitter`
-(the audio receiver's jitter buffer) replace private aiortc methods on single
-instances; each was read against a range of aiortc releases and refuses others.
+:mod:`qcall.call.srtp` (the DTLS transport's SRTP set-up), :mod:`qcall.call.jitter`
+(the audio receiver's jitter buffer) and :mod:`qcall.call.fast_transport` (ICE, DTLS
+and SCTP timers) replace private aiortc/aioice methods on single instances; each was
+read against a range of releases and refuses others.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import aiortc
 
 from qcall.exceptions import CallError
 
-__all__ = ["require_aiortc"]
+__all__ = ["require_aiortc", "require_version"]
 
 Version = tuple[int, int]
 
@@ -31,6 +32,17 @@ def require_aiortc(
         CallError: the version is outside the range or unreadable.
     """
     version = aiortc.__version__ if version is None else version
+    require_version("aiortc", version, supported, what, hint)
+
+
+def require_version(
+    package: str, version: str, supported: tuple[Version, Version], what: str, hint: str
+) -> None:
+    """Raise unless ``version`` (of ``package``) has its ``major.minor`` in ``[low, high)``.
+
+    Raises:
+        CallError: the version is outside the range or unreadable.
+    """
     try:
         parsed = tuple(int(part) for part in version.split(".")[:2])
     except ValueError:
@@ -38,6 +50,6 @@ def require_aiortc(
     low, high = supported
     if len(parsed) != 2 or not low <= parsed < high:
         raise CallError(
-            f"aiortc {version} is not supported by qcall's {what} (needs >="
+            f"{package} {version} is not supported by qcall's {what} (needs >="
             f"{low[0]}.{low[1]},<{high[0]}.{high[1]}); {hint}"
         )

@@ -43,6 +43,7 @@ from aiortc import (
     RTCSessionDescription,
 )
 
+from qcall.call.fast_transport import install_fast_transport
 from qcall.call.jitter import apply_jitter_buffer_mode
 from qcall.call.media import UnityGainTrack
 from qcall.call.netem import apply_profile
@@ -91,6 +92,8 @@ class Negotiation(HandshakePump):
         # 1.16 with max-bundle and a negotiated data channel never connects.)
         ice = [RTCIceServer(**server) for server in self.options.ice_servers]  # STUN/TURN
         pc = RTCPeerConnection(RTCConfiguration(iceServers=ice))
+        if self.options.fast_transport:  # before any transport exists
+            install_fast_transport(pc)
         if self.options.network is not None:  # user-space netem (latency harness)
             seed = 2 * self.options.network_seed + (self.role == "callee")
             self.emulation = apply_profile(pc, self.options.network, seed)

@@ -63,6 +63,10 @@ class CallOptions:
         otp: make (or accept) a one-time-pad call (docs/otp.md): the media is
             sealed with QKD pad used once under this :class:`~qcall.otp.keystream.OTPPolicy`;
             ``None``: an ordinary call.
+        fast_transport: fast ICE/DTLS set-up (:mod:`qcall.call.fast_transport`:
+            checks and completion without waiting for aioice's pacing tick,
+            retransmissions sized by the path's RTT); False: stock aiortc timing
+            (the harness's ``plain`` baseline).
     """
 
     policy: str = "hybrid"
@@ -81,6 +85,7 @@ class CallOptions:
     jitter_buffer: str = "adaptive"
     ice_servers: list[dict[str, str]] = field(default_factory=list)
     otp: OTPPolicy | None = None
+    fast_transport: bool = True
 
 
 @dataclass

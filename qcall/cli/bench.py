@@ -32,8 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-out"), metavar="DIR",
                         help="output directory (bench-out)")  # fmt: skip
     parser.add_argument(
-        "--modes", default="plain,pqc,hybrid", metavar="LIST",
-        help="comma-separated modes to compare (plain,pqc,hybrid)",
+        "--modes", default="plain,fast-plain,pqc,hybrid", metavar="LIST",
+        help="comma-separated modes to compare (plain,fast-plain,pqc,hybrid; plain is "
+        "stock aiortc, fast-plain the same fast transport as pqc/hybrid)",
     )  # fmt: skip
     parser.add_argument("--seconds", type=float, default=2.0, metavar="S",
                         help="audio per call after setup (2.0)")  # fmt: skip
@@ -58,7 +59,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "bench",
         help="latency harness: setup time, one-way audio latency, plain vs pqc vs hybrid",
         description=(
-            "Run N calls per mode (plain DTLS-SRTP baseline, pqc, hybrid), interleaved, "
+            "Run N calls per mode (plain: stock aiortc DTLS-SRTP; fast-plain: DTLS-SRTP over "
+            "qcall's fast transport; pqc; hybrid), interleaved, "
             "through the real signaling server and the simulated beijing-hefei KMEs over an "
             "emulated network; write latency.json, latency.md and PNG plots."
         ),

@@ -1,0 +1,520 @@
+"""Fast call set-up: the one place where qcall changes aioice's ICE and aiortc's DTLS timing.
+
+Stock aiortc/aioice (pinned in :data:`AIORTC_PINNED` and :data:`AIOICE_PINNED`) waste
+most of a call's set-up on timers, not on the network (docs/performance.md, "Set-up
+speed"):
+
+* **ICE completion waits for a pacing tick.** ``aioice.Connection.connect`` starts
+  one check per 20 ms tick (RFC 8445 §6.1.4.2's Ta) and only looks at the check
+  list's result after ``asyncio.sleep(0.02)``: a check that succeeds in 0.5 ms
+  on loopback is reported ≈ 20 ms later, and DTLS starts only then.
+  :func:`_fast_connect` runs the same pacing in a side task and returns the moment
+  the check list completes.
+* **A lost connectivity check waits 500 ms** (``aioice.stun.RETRY_RTO``).
+  Connectivity checks here retransmit after the path's RTO (:class:`RttEstimator`,
+  RFC 6298 from the checks' own round trips; :data:`CHECK_INITIAL_RTO` before any
+  sample),
+  doubling each time, with aioice's retry count. Consent checks
+  (``retransmissions=0``) keep aioice's timer.
+* **A lost DTLS flight waits 1 s** (OpenSSL's initial DTLS timer; pyOpenSSL exposes
+  neither ``DTLS_set_timer_cb`` nor a way to shorten it). A Python timer
+  (:class:`FlightTimer`, Sans-I/O) resends the last flight's datagrams byte for byte
+  after the RTO (≥ :data:`DTLS_MIN_RTO`, ≈ 50 ms before the path's RTT is known),
+  doubling each time, until the peer's next flight arrives. A byte-identical copy
+  of a record the peer already has fails its DTLS replay check (RFC 6347 §4.1.2.6)
+  and is dropped, so a spurious resend costs one datagram. A copy cannot make the
+  peer retransmit its own flight (OpenSSL drops it before the handshake layer), so
+  the side that sends the *final* flight resends it when the peer's handshake
+  records keep arriving after the handshake completed (the peer did not get it).
+  OpenSSL's own 1 s timer still runs underneath, as a last resort.
+* **A lost SCTP packet waits ≥ 1 s** (RFC 4960's RTO.Min, 3 s RTO.Initial). The
+  control channel (rekeys) gets :data:`SCTP_MIN_RTO` and an initial RTO from the
+  path's RTT once DTLS is up (:meth:`FastTransport.path_known`).
+
+:func:`install_fast_transport` applies all four to one ``RTCPeerConnection``
+*instance* (never to the classes, so a stock ``plain`` call in the same process is
+untouched). It refuses versions other than the pinned ones: the private members it
+touches (``Connection._check_periodic``, ``_check_list_state``, ``_check_list_done``,
+``_query_consent_task``, ``StunProtocol.transactions``, the name-mangled
+``Transaction.__timeout_delay``, ``RTCDtlsTransport._write_ssl`` and
+``RTCIceTransport._recv``) were read on those versions, and
+``tests/test_fast_transport.py`` fails when any of them changes (:data:`PINNED_SOURCES`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import importlib
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import aioice
+from aioice import stun
+from aioice.ice import ICE_COMPLETED, ICE_FAILED, Connection, StunProtocol
+from aiortc import RTCPeerConnection
+
+from qcall.call.aiortc_compat import require_aiortc, require_version
+
+__all__ = [
+    "AIOICE_PINNED",
+    "AIORTC_PINNED",
+    "CHECK_INITIAL_RTO",
+    "DTLS_MIN_RTO",
+    "INITIAL_RTO",
+    "PINNED_SOURCES",
+    "SCTP_INITIAL_RTO",
+    "SCTP_MIN_RTO",
+    "FlightTimer",
+    "RttEstimator",
+    "changed_internals",
+    "check_pinned_versions",
+    "install_fast_transport",
+]
+
+logger = logging.getLogger(__name__)
+
+#: aiortc releases this module was read against: ``>=1.16,<1.17``.
+AIORTC_PINNED: Final = ((1, 16), (1, 17))
+#: aioice releases this module was read against: ``>=0.13,<0.14``.
+AIOICE_PINNED: Final = ((0, 13), (0, 14))
+
+#: RTO (s) before the path's RTT is known (browsers start DTLS near 50 ms).
+INITIAL_RTO: Final = 0.05
+#: Bounds (s) of any RTO computed from samples.
+MIN_RTO: Final = 0.03
+MAX_RTO: Final = 1.0
+#: First retransmission (s) of a connectivity check before the path's RTT is known:
+#: above most paths' RTT, so that the first checks give samples (Karn's rule).
+CHECK_INITIAL_RTO: Final = 0.1
+#: Lowest DTLS retransmission timeout (s): a flight is also a little CPU work.
+DTLS_MIN_RTO: Final = 0.05
+#: SCTP RTO bounds (s) instead of RFC 4960's 1 s minimum and 3 s initial value: the
+#: control channel's rekey messages ride SCTP, and a lost one should cost about an RTO
+#: of the path. The initial value applies until the association measured its own RTT;
+#: once DTLS is up it is ``3 × srtt`` of the path, at least the minimum.
+SCTP_MIN_RTO: Final = 0.2
+SCTP_INITIAL_RTO: Final = 0.5
+SCTP_MAX_RTO: Final = 60.0  # as aiortc (RFC 4960 §15)
+#: ICE pacing (Ta, RFC 8445 §6.1.4.2), as aioice: one new check every 20 ms.
+TA: Final = 0.02
+
+_INSTALLED: Final = "_qcall_fast_transport"
+
+#: SHA-256 (first 16 hex digits) of the source of every aioice/aiortc function this
+#: module replaces, copies or relies on, as read on aiortc 1.16.0 and aioice 0.13.0;
+#: :func:`changed_internals` names those that differ (tests/test_fast_transport.py).
+PINNED_SOURCES: Final = {
+    "aioice.ice.Connection.connect": "da51be46190141ee",
+    "aioice.ice.Connection._check_periodic": "ce421a512904f981",
+    "aioice.ice.Connection.gather_candidates": "d33db28d4d1e49ff",
+    "aioice.ice.StunProtocol.request": "97991c38f65ea939",
+    "aioice.stun.Transaction.__init__": "be1622dc921927d6",
+    "aioice.stun.Transaction._Transaction__retry": "493a0eca2ecdf19b",
+    "aiortc.rtcdtlstransport.RTCDtlsTransport._write_ssl": "6573c0237063bdf0",
+    "aiortc.rtcdtlstransport.RTCDtlsTransport._recv_next": "998076720c05aa13",
+    "aiortc.rtcdtlstransport.RTCDtlsTransport._do_handshake": "0af5299c33352e6e",
+    "aiortc.rtcicetransport.RTCIceTransport.__init__": "b11403aba1c3a32b",
+    "aiortc.rtcpeerconnection.RTCPeerConnection._RTCPeerConnection__createDtlsTransport": (
+        "ad91de689a334df2"
+    ),
+    "aiortc.rtcpeerconnection.RTCPeerConnection._RTCPeerConnection__createSctpTransport": (
+        "f1155cfa69ec6e34"
+    ),
+    "aiortc.rtcsctptransport.RTCSctpTransport.__init__": "294b0e5108438509",
+    "aiortc.rtcsctptransport.RTCSctpTransport._update_rto": "a1e7afb18886a101",
+}
+
+
+def changed_internals() -> list[str]:
+    """The names in :data:`PINNED_SOURCES` whose installed source differs (or is gone)."""
+    changed = []
+    for name, digest in PINNED_SOURCES.items():
+        module_name, _, rest = name.partition(".")
+        parts = rest.split(".")
+        obj: Any = importlib.import_module(f"{module_name}.{parts[0]}")
+        try:
+            for part in parts[1:]:
+                obj = getattr(obj, part)
+            source = inspect.getsource(obj)
+        except (AttributeError, OSError, TypeError):
+            changed.append(name)
+            continue
+        if hashlib.sha256(source.encode()).hexdigest()[:16] != digest:
+            changed.append(name)
+    return changed
+
+
+def check_pinned_versions(
+    aiortc_version: str | None = None, aioice_version: str | None = None
+) -> None:
+    """Raise :class:`CallError` unless aiortc and aioice are the pinned releases."""
+    hint = "use CallOptions(fast_transport=False)"
+    require_aiortc(AIORTC_PINNED, "fast transport", hint, aiortc_version)
+    version = aioice.__version__ if aioice_version is None else aioice_version
+    require_version("aioice", version, AIOICE_PINNED, "fast transport", hint)
+
+
+# --- Sans-I/O cores ---------------------------------------------------------------------
+
+
+@dataclass
+class RttEstimator:
+    """RFC 6298 §2 smoothed RTT and retransmission timeout of one path.
+
+    Attributes:
+        initial: the RTO before the first sample (RFC 6298 says 1 s; WebRTC
+            stacks start DTLS near 50 ms, :data:`INITIAL_RTO`).
+        srtt: smoothed RTT (s), ``None`` before a sample.
+        rttvar: RTT variation (s).
+    """
+
+    initial: float = INITIAL_RTO
+    srtt: float | None = None
+    rttvar: float = 0.0
+    samples: int = 0
+
+    def sample(self, rtt: float) -> None:
+        """Take one measured round trip (s), RFC 6298 §2.2–2.3 (alpha 1/8, beta 1/4)."""
+        rtt = max(0.0, rtt)
+        if self.srtt is None:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+        self.samples += 1
+
+    def rto(self, floor: float = MIN_RTO) -> float:
+        """The retransmission timeout (s): ``srtt + 4·rttvar`` within bounds, or ``initial``."""
+        if self.srtt is None:
+            return max(self.initial, floor)
+        return min(MAX_RTO, max(floor, self.srtt + 4 * self.rttvar))
+
+
+@dataclass
+class FlightTimer:
+    """When to resend the last DTLS flight (RFC 6347 §4.2.4, timer values by RTT).
+
+    Feed it what the DTLS layer sends and receives, with ``now``; it answers with
+    the flight to resend (:meth:`poll`) and when to ask again (:meth:`deadline`).
+    """
+
+    rtt: RttEstimator
+    max_resends: int = 6
+    flight: list[bytes] = field(default_factory=list)
+    resends: int = 0
+    done: bool = False
+    _due: float | None = None
+    _rto: float = 0.0
+    _sent_at: float | None = None
+    _new_flight: bool = True
+    _last_reactive: float = -1.0
+    _seen: set[bytes] = field(default_factory=set)
+
+    def sent(self, datagram: bytes, now: float) -> None:
+        """The DTLS layer wrote ``datagram`` (part of a new flight unless resending)."""
+        if self._new_flight:
+            self.flight = []
+            self._new_flight = False
+            self.resends = 0
+            self._sent_at = now
+            self._rto = self.rtt.rto(DTLS_MIN_RTO)
+        self.flight.append(datagram)
+        self._due = None if self.done else now + self._rto
+
+    def received(self, datagram: bytes, now: float) -> list[bytes]:
+        """A DTLS datagram arrived; return datagrams to resend at once.
+
+        A datagram identical to one received before is the peer resending its
+        flight: it did not get ours, so ours goes again at once (RFC 6347 §4.2.4),
+        at most once per half RTO, and our timer keeps running. A new datagram
+        during the handshake is the peer's next flight: it ends our timer (an RTT
+        sample if we never resent, Karn's rule). After the handshake, a handshake
+        or change-cipher-spec record means the peer lacks our final flight.
+        """
+        duplicate = datagram in self._seen
+        if not duplicate and len(self._seen) < 64:
+            self._seen.add(datagram)
+        if duplicate or (self.done and datagram[:1] in (b"\x14", b"\x16")):
+            if self.flight and now - self._last_reactive >= self.rtt.rto(DTLS_MIN_RTO) / 2:
+                self._last_reactive = now
+                return list(self.flight)
+            return []
+        if self.done:
+            return []
+        if self._sent_at is not None and self.resends == 0 and not self._new_flight:
+            self.rtt.sample(now - self._sent_at)  # Karn: only unambiguous round trips
+        self._sent_at = None
+        self._new_flight = True
+        self._due = None
+        return []
+
+    def handshake_done(self) -> None:
+        """The handshake completed: no more timer, only reactive resends."""
+        self.done = True
+        self._due = None
+
+    def deadline(self) -> float | None:
+        """When :meth:`poll` has work, or ``None``."""
+        return self._due
+
+    def poll(self, now: float) -> list[bytes]:
+        """The datagrams to resend now (the whole last flight), backing off ×2."""
+        if self._due is None or now < self._due or self.done:
+            return []
+        if self.resends >= self.max_resends:
+            self._due = None
+            return []
+        self.resends += 1
+        self._rto = min(MAX_RTO, self._rto * 2)
+        self._due = now + self._rto
+        return list(self.flight)
+
+
+# --- aioice: checks at once, completion at once, RTO by RTT -------------------------------
+
+
+async def _pace(connection: Connection) -> None:
+    """aioice's pacing loop (Ta), in its own task."""
+    while connection._check_periodic():
+        await asyncio.sleep(TA)
+
+
+async def _fast_connect(connection: Connection) -> None:
+    """``Connection.connect`` (aioice 0.13) returning as soon as the check list completes."""
+    if not connection._local_candidates_end:
+        raise ConnectionError("Local candidates gathering was not performed")
+    if connection.remote_username is None or connection.remote_password is None:
+        raise ConnectionError("Remote username or password is missing")
+    for remote_candidate in connection._remote_candidates:
+        connection._pair_remote_candidate(remote_candidate)
+    connection.sort_check_list()
+    connection._unfreeze_initial()
+    for early_check in connection._early_checks:
+        connection.check_incoming(*early_check)
+    connection._early_checks.clear()
+    connection._early_checks_done = True
+
+    pacer = asyncio.ensure_future(_pace(connection))
+    result = asyncio.ensure_future(connection._check_list_state.get())
+    try:
+        await asyncio.wait({pacer, result}, return_when=asyncio.FIRST_COMPLETED)
+        if not result.done() and not connection._check_list:
+            res = ICE_FAILED
+        else:
+            res = await result
+    finally:
+        pacer.cancel()
+        result.cancel()
+    for check in connection._check_list:
+        if check.task:
+            check.task.cancel()
+    if res != ICE_COMPLETED:
+        raise ConnectionError("ICE negotiation failed")
+    connection._query_consent_task = asyncio.create_task(connection.query_consent())
+
+
+def _timed_request(protocol: StunProtocol, rtt: RttEstimator) -> Callable[..., Any]:
+    """``StunProtocol.request`` with the first retransmission after the path's RTO."""
+
+    async def request(
+        request: stun.Message,
+        addr: tuple[str, int],
+        integrity_key: bytes | None = None,
+        retransmissions: int | None = None,
+    ) -> tuple[stun.Message, tuple[str, int]]:
+        assert request.transaction_id not in protocol.transactions
+        if integrity_key is not None:
+            request.add_message_integrity(integrity_key)
+        transaction = stun.Transaction(
+            request, addr, protocol, retransmissions=retransmissions, integrity_key=integrity_key
+        )
+        if retransmissions is None:  # connectivity checks; consent keeps aioice's timer
+            rto = rtt.rto() if rtt.samples else CHECK_INITIAL_RTO
+            transaction._Transaction__timeout_delay = rto  # type: ignore[attr-defined]
+        protocol.transactions[request.transaction_id] = transaction
+        started = time.monotonic()
+        try:
+            response = await transaction.run()
+        finally:
+            del protocol.transactions[request.transaction_id]
+        if transaction._Transaction__tries == 1:  # type: ignore[attr-defined]  # Karn
+            rtt.sample(time.monotonic() - started)
+        return response
+
+    return request
+
+
+# --- aiortc: the DTLS flight timer ---------------------------------------------------------
+
+
+class _DtlsRetransmitter:
+    """The asyncio shell of :class:`FlightTimer` on one ``RTCDtlsTransport``."""
+
+    def __init__(self, dtls: Any, rtt: RttEstimator) -> None:
+        self.dtls = dtls
+        self.ice = dtls.transport
+        self.core = FlightTimer(rtt)
+        self._handle: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Future[None]] = set()
+        self.on_connected: Callable[[], None] = lambda: None
+        self._send_raw = self.ice._send
+        write_ssl, recv = dtls._write_ssl, self.ice._recv
+
+        async def _write_ssl() -> None:
+            # aiortc sends what OpenSSL wrote with transport._send; catch it here.
+            self._capturing = True
+            try:
+                await write_ssl()
+            finally:
+                self._capturing = False
+
+        async def _send(data: bytes) -> None:
+            if self._capturing and not self.core.done and 19 < data[0] < 64:
+                self.core.sent(data, time.monotonic())
+                self._arm()
+            await self._send_raw(data)
+
+        async def _recv() -> bytes:
+            data: bytes = await recv()
+            if 19 < data[0] < 64:
+                if not self.core.done and dtls.encrypted:
+                    self.core.handshake_done()
+                for datagram in self.core.received(data, time.monotonic()):
+                    logger.debug("> DTLS final flight again (%d bytes)", len(datagram))
+                    await self._send_raw(datagram)
+                self._arm()
+            return data
+
+        self._capturing = False
+        dtls._write_ssl = _write_ssl
+        self.ice._send = _send
+        self.ice._recv = _recv
+
+        def on_state() -> None:
+            if dtls.state in ("connected", "closed", "failed"):
+                self.core.handshake_done()
+                self._arm()
+            if dtls.state == "connected":
+                self.on_connected()
+
+        dtls.add_listener("statechange", on_state)
+
+    def _arm(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        due = self.core.deadline()
+        if due is not None:
+            loop = asyncio.get_running_loop()
+            self._handle = loop.call_at(loop.time() + max(0.0, due - time.monotonic()), self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        flight = self.core.poll(time.monotonic())
+        if flight:
+            logger.debug(
+                "> DTLS flight again (%d datagrams, try %d)", len(flight), self.core.resends
+            )
+            task = asyncio.ensure_future(self._resend(flight))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        self._arm()
+
+    async def _resend(self, flight: list[bytes]) -> None:
+        with contextlib.suppress(ConnectionError):
+            for datagram in flight:
+                await self._send_raw(datagram)
+
+
+# --- installation --------------------------------------------------------------------------
+
+
+@dataclass
+class FastTransport:
+    """What :func:`install_fast_transport` installed on one peer connection."""
+
+    rtt: RttEstimator
+    connections: list[Connection] = field(default_factory=list)
+    dtls: list[_DtlsRetransmitter] = field(default_factory=list)
+    sctp: list[Any] = field(default_factory=list)
+
+    def path_known(self) -> None:
+        """DTLS is up: an SCTP association that has no RTT of its own starts from the path's."""
+        if self.rtt.srtt is None:
+            return
+        for sctp in self.sctp:
+            if sctp._srtt is None:
+                sctp._rto = max(SCTP_MIN_RTO, min(SCTP_INITIAL_RTO, 3 * self.rtt.srtt))
+
+
+def install_fast_transport(pc: RTCPeerConnection) -> FastTransport:
+    """Make one peer connection's ICE and DTLS set-up fast; call before ``setRemoteDescription``.
+
+    Every ICE connection and DTLS transport the peer connection has now or makes
+    later (aiortc makes them in ``setLocalDescription``/``setRemoteDescription``) is
+    patched: the hook wraps the peer connection's private ``__createDtlsTransport``.
+
+    Raises:
+        CallError: aiortc or aioice is not a pinned release.
+    """
+    check_pinned_versions()
+    existing: FastTransport | None = getattr(pc, _INSTALLED, None)
+    if existing is not None:
+        return existing
+    fast = FastTransport(RttEstimator())
+    setattr(pc, _INSTALLED, fast)
+    create = pc._RTCPeerConnection__createDtlsTransport  # type: ignore[attr-defined]
+
+    def create_dtls_transport() -> Any:
+        dtls = create()
+        _patch(fast, dtls)
+        return dtls
+
+    pc._RTCPeerConnection__createDtlsTransport = create_dtls_transport  # type: ignore[attr-defined]
+    create_sctp = pc._RTCPeerConnection__createSctpTransport  # type: ignore[attr-defined]
+
+    def create_sctp_transport() -> None:
+        create_sctp()
+        sctp = pc._RTCPeerConnection__sctp  # type: ignore[attr-defined]
+        sctp._rto = SCTP_INITIAL_RTO
+        sctp._update_rto = lambda r: _update_sctp_rto(sctp, r)
+        fast.sctp.append(sctp)
+
+    pc._RTCPeerConnection__createSctpTransport = create_sctp_transport  # type: ignore[attr-defined]
+    return fast
+
+
+def _update_sctp_rto(sctp: Any, r: float) -> None:
+    """``RTCSctpTransport._update_rto`` (RFC 4960 §6.3.1) with :data:`SCTP_MIN_RTO`."""
+    if sctp._srtt is None:
+        sctp._rttvar = r / 2
+        sctp._srtt = r
+    else:
+        sctp._rttvar = 0.75 * sctp._rttvar + 0.25 * abs(sctp._srtt - r)
+        sctp._srtt = 0.875 * sctp._srtt + 0.125 * r
+    sctp._rto = max(SCTP_MIN_RTO, min(sctp._srtt + 4 * sctp._rttvar, SCTP_MAX_RTO))
+
+
+def _patch(fast: FastTransport, dtls: Any) -> None:
+    connection: Connection = dtls.transport._connection
+    if any(c is connection for c in fast.connections):
+        return
+    fast.connections.append(connection)
+    connection.connect = lambda: _fast_connect(connection)  # type: ignore[method-assign]
+    gather = connection.gather_candidates
+
+    async def gather_candidates() -> None:
+        await gather()
+        for protocol in connection._protocols:
+            protocol.request = _timed_request(protocol, fast.rtt)  # type: ignore[method-assign]
+
+    connection.gather_candidates = gather_candidates  # type: ignore[method-assign]
+    retransmitter = _DtlsRetransmitter(dtls, fast.rtt)
+    retransmitter.on_connected = fast.path_known
+    fast.dtls.append(retransmitter)

@@ -1,0 +1,237 @@
+"""qcall.call.fast_transport: the pinned aiortc/aioice internals, the Sans-I/O timers, real
+peer connections on loopback with DTLS flights dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from aioice.ice import Connection
+from aiortc import RTCPeerConnection
+
+from qcall.call.fast_transport import (
+    DTLS_MIN_RTO,
+    INITIAL_RTO,
+    SCTP_MIN_RTO,
+    FlightTimer,
+    RttEstimator,
+    changed_internals,
+    check_pinned_versions,
+    install_fast_transport,
+)
+from qcall.exceptions import CallError
+
+# --- the pin ---------------------------------------------------------------------------
+
+
+def test_pinned_internals_unchanged() -> None:
+    """Fails when aiortc or aioice change any function the compat module relies on."""
+    assert changed_internals() == []
+    check_pinned_versions()
+
+
+def test_other_versions_refused() -> None:
+    with pytest.raises(CallError, match=r"aiortc 1\.17\.0 .*fast_transport=False"):
+        check_pinned_versions(aiortc_version="1.17.0")
+    with pytest.raises(CallError, match=r"aioice 0\.14\.1 .*>=0\.13,<0\.14"):
+        check_pinned_versions(aioice_version="0.14.1")
+
+
+# --- Sans-I/O cores ----------------------------------------------------------------------
+
+
+def test_rtt_estimator_follows_rfc6298() -> None:
+    rtt = RttEstimator()
+    assert rtt.rto() == INITIAL_RTO
+    rtt.sample(0.1)
+    assert rtt.srtt == pytest.approx(0.1) and rtt.rto() == pytest.approx(0.3)
+    rtt.sample(0.1)
+    assert rtt.rttvar == pytest.approx(0.0375) and rtt.rto() == pytest.approx(0.25)
+    rtt.sample(0.0)
+    assert rtt.rto() >= 0.03  # floor
+    assert RttEstimator(srtt=5.0).rto() == 1.0  # ceiling
+
+
+def test_flight_timer_resends_and_backs_off() -> None:
+    timer = FlightTimer(RttEstimator())
+    timer.sent(b"\x16hello", now=0.0)
+    timer.sent(b"\x16second", now=0.001)
+    assert timer.deadline() == pytest.approx(0.001 + DTLS_MIN_RTO)
+    assert timer.poll(0.02) == []
+    assert timer.poll(0.06) == [b"\x16hello", b"\x16second"]
+    assert timer.deadline() == pytest.approx(0.06 + 2 * DTLS_MIN_RTO)
+    assert timer.poll(0.161) == [b"\x16hello", b"\x16second"]
+    assert timer.deadline() == pytest.approx(0.161 + 4 * DTLS_MIN_RTO)
+    # the peer's flight ends the timer; after resends, no RTT sample (Karn)
+    assert timer.received(b"\x16reply", now=0.2) == []
+    assert timer.deadline() is None and timer.rtt.samples == 0
+    timer.sent(b"\x16next", now=0.2)  # a new flight replaces the old one
+    assert timer.flight == [b"\x16next"]
+    assert timer.received(b"\x16reply2", now=0.21) == []
+    assert timer.rtt.samples == 1 and timer.rtt.srtt == pytest.approx(0.01)
+
+
+def test_flight_timer_gives_up_after_max_resends() -> None:
+    timer = FlightTimer(RttEstimator(), max_resends=2)
+    timer.sent(b"\x16x", now=0.0)
+    assert timer.poll(1.0) and timer.poll(2.0)
+    assert timer.poll(3.0) == [] and timer.deadline() is None
+
+
+def test_final_flight_resent_when_the_peer_retransmits() -> None:
+    timer = FlightTimer(RttEstimator())
+    timer.received(b"\x16client flight", now=0.0)
+    timer.sent(b"\x14ccs+finished", now=0.001)
+    timer.handshake_done()
+    assert timer.deadline() is None  # no timer on a final flight
+    assert timer.received(b"\x17application data", now=0.01) == []
+    assert timer.received(b"\x16client flight again", now=0.06) == [b"\x14ccs+finished"]
+    assert timer.received(b"\x16and again", now=0.061) == []  # at most once per RTO/2
+    assert timer.received(b"\x16later", now=0.2) == [b"\x14ccs+finished"]
+
+
+def test_a_duplicate_from_the_peer_resends_ours_and_keeps_the_timer() -> None:
+    timer = FlightTimer(RttEstimator())
+    timer.received(b"\x16client hello", now=0.0)
+    timer.sent(b"\x16server hello", now=0.001)
+    due = timer.deadline()
+    # the client resent its hello: it lacks ours; the timer keeps running
+    assert timer.received(b"\x16client hello", now=0.04) == [b"\x16server hello"]
+    assert timer.deadline() == due
+
+
+# --- real peer connections on loopback --------------------------------------------------
+
+
+async def _connect(
+    fast: bool, drop: tuple[str, int] | None = None, drop_stun: bool = False
+) -> tuple[float, dict[str, Any]]:
+    """Connect two peer connections; optionally drop the n-th DTLS datagram of one side.
+
+    The offerer ``a`` is the DTLS server (aiortc answers ``a=setup:active``).
+    Returns the time (s) until both are connected, and counters.
+    """
+    a, b = RTCPeerConnection(), RTCPeerConnection()
+    counters: dict[str, Any] = {"checks": 0}
+    if fast:
+        install_fast_transport(a)
+        install_fast_transport(b)
+    a.addTransceiver("audio")
+    await a.setLocalDescription(await a.createOffer())
+    await b.setRemoteDescription(a.localDescription)
+    await b.setLocalDescription(await b.createAnswer())
+    sides = {"server": a, "client": b}
+    if drop_stun:
+        drop = ("server", 0)  # the offerer: the controlling side, which nominates
+    if drop is not None:  # below every wrapper: the sockets (like qcall.call.netem)
+        ice = sides[drop[0]].getTransceivers()[0].sender.transport.transport._connection
+        seen, lost = [0], set()
+        for protocol in ice._protocols:
+            sendto = protocol.transport.sendto
+
+            def dropping_sendto(data: bytes, addr: Any, sendto: Any = sendto) -> None:
+                if drop_stun and data[:2] == b"\x00\x01":  # a Binding request
+                    if addr not in lost:  # the first check of every pair
+                        lost.add(addr)
+                        counters["dropped"] = data[:2]
+                        return
+                elif not drop_stun and 19 < data[0] < 64:
+                    seen[0] += 1
+                    if seen[0] == drop[1]:
+                        counters["dropped"] = data[:1]
+                        return
+                sendto(data, addr)
+
+            protocol.transport.sendto = dropping_sendto  # type: ignore[method-assign]
+    connection: Connection = a.getTransceivers()[0].sender.transport.transport._connection
+    periodic = connection._check_periodic
+
+    def counting() -> bool:
+        counters["checks"] += 1
+        return periodic()
+
+    connection._check_periodic = counting  # type: ignore[method-assign]
+    connected = asyncio.Event()
+
+    def on_state() -> None:  # both sides: a lost final flight leaves only the client waiting
+        if a.connectionState == b.connectionState == "connected":
+            connected.set()
+
+    a.add_listener("connectionstatechange", on_state)
+    b.add_listener("connectionstatechange", on_state)
+
+    started = time.monotonic()
+    await a.setRemoteDescription(b.localDescription)
+    try:
+        await asyncio.wait_for(connected.wait(), 10)
+        elapsed = time.monotonic() - started
+    finally:
+        await a.close()
+        await b.close()
+    return elapsed, counters
+
+
+@pytest.mark.asyncio
+async def test_ice_completes_without_waiting_for_the_pacing_tick() -> None:
+    """Stock aioice looks at the check list only after a 20 ms sleep; fast_connect at once."""
+    elapsed, counters = await _connect(fast=False)
+    assert counters["checks"] >= 2 and elapsed >= 0.02  # the pinned stock behaviour
+    _elapsed, counters = await _connect(fast=True)
+    assert counters["checks"] == 1  # one check started, the result taken before the next tick
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("side,nth", [("client", 1), ("server", 1), ("client", 2), ("server", 2)])
+async def test_lost_dtls_flight_costs_an_rto_not_a_second(side: str, nth: int) -> None:
+    """Every DTLS 1.2 flight dropped once: resent after ~50 ms (OpenSSL alone: 1 s)."""
+    elapsed, counters = await _connect(fast=True, drop=(side, nth))
+    assert counters["dropped"] in (b"\x16", b"\x14")
+    assert elapsed < 0.7, f"set-up took {elapsed:.3f} s"
+
+
+@pytest.mark.asyncio
+async def test_lost_connectivity_check_resent_by_rtt() -> None:
+    """The controlling side's first check on every pair lost: resent after 100 ms, not 500."""
+    elapsed, counters = await _connect(fast=True, drop_stun=True)
+    assert counters["dropped"] == b"\x00\x01"
+    assert elapsed < 0.4, f"set-up took {elapsed:.3f} s"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("fast", [False, True])
+async def test_sctp_rto_follows_the_path(fast: bool) -> None:
+    """The control channel's SCTP: RTO from the path (≥ 0.2 s), not RFC 4960's ≥ 1 s."""
+    a, b = RTCPeerConnection(), RTCPeerConnection()
+    if fast:
+        install_fast_transport(a)
+        install_fast_transport(b)
+    channel = a.createDataChannel("control")
+    opened, got = asyncio.Event(), asyncio.Event()
+    channel.add_listener("open", opened.set)
+    b.add_listener("datachannel", lambda ch: ch.add_listener("message", lambda _m: got.set()))
+    await a.setLocalDescription(await a.createOffer())
+    await b.setRemoteDescription(a.localDescription)
+    await b.setLocalDescription(await b.createAnswer())
+    await a.setRemoteDescription(b.localDescription)
+    try:
+        await asyncio.wait_for(opened.wait(), 10)
+        channel.send("rekey")
+        await asyncio.wait_for(got.wait(), 10)
+        sctp = a.sctp
+        assert sctp is not None and sctp._srtt is not None  # measured on loopback
+        if fast:
+            assert sctp._rto == pytest.approx(SCTP_MIN_RTO)
+        else:
+            assert sctp._rto >= 1.0
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.asyncio
+async def test_stock_dtls_waits_a_second_for_a_lost_final_flight() -> None:
+    """The baseline the fast transport fixes: OpenSSL's first DTLS timer is 1 s."""
+    elapsed, _ = await _connect(fast=False, drop=("server", 2))
+    assert elapsed >= 0.9
