@@ -92,12 +92,19 @@ setup() {
   fi
 }
 
+test_services() {  # servers the scale-out tests start themselves (docs/signaling.md)
+  apt_install redis-server coturn tcpdump iptables iproute2 ||
+    say "continuing without some servers: their tests are skipped, saying why"
+  command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 ||
+    apt_install postgresql || true
+}
+
 cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
   setup) setup ;;
   demo)  setup; exec .venv/bin/qcall demo "$@" ;;
-  test)  setup; exec .venv/bin/python -m pytest "$@" ;;
+  test)  setup; test_services; exec .venv/bin/python -m pytest "$@" ;;
   qcall) setup; exec .venv/bin/qcall "$@" ;;
   *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
