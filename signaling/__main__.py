@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -55,6 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
             metavar=metavar,
             help=f"{text} (default {default:.10g})",
         )
+    scale = parser.add_argument_group('several instances (docs/signaling.md, "Several instances")')
+    scale.add_argument(
+        "--redis", metavar="URL", help="redis://HOST:PORT/N shared by the instances (presence, "
+        "routing, messages between instances)",
+    )  # fmt: skip
+    scale.add_argument(
+        "--database", metavar="URL", help="postgresql://... for the offline message store and "
+        "prekeys (default: the embedded SQLite store)",
+    )  # fmt: skip
+    scale.add_argument(
+        "--instance-id", help="unique name of this instance (default HOST:PORT:PID)"
+    )
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
     )
@@ -99,8 +112,22 @@ async def _serve(
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, _set_once, stop)
-    async with SignalingServer(config, manage_gc=True) as server:  # its own process
+    async with contextlib.AsyncExitStack() as stack:
+        server = await stack.enter_async_context(SignalingServer(config, manage_gc=True))
         await server.start(args.host, args.port, ssl=tls)
+        if args.database:
+            from signaling.pgstore import PostgresMessageStore  # needs qcall[scale]
+
+            store = await PostgresMessageStore.connect(args.database)
+            stack.push_async_callback(store.close)
+            server.message_store = store
+        if args.redis:
+            from signaling.cluster import Cluster  # needs qcall[scale]
+
+            instance = args.instance_id or f"{socket.gethostname()}:{server.port}:{os.getpid()}"
+            cluster = Cluster(args.redis, instance, pin_ttl=config.pin_ttl)
+            await cluster.start(server)
+            stack.push_async_callback(cluster.close)
         scheme = "wss" if tls else "ws"
         print(f"qcall-signaling listening on {scheme}://{args.host}:{server.port}", flush=True)
         await stop

@@ -38,7 +38,7 @@ import json
 import logging
 import ssl as ssl_module
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -55,8 +55,10 @@ from qcall.signaling.protocol import (
     SignalingProtocol,
     address_key,
 )
+from qcall.typing import PeerId
+from signaling.store import MessageStore
 
-__all__ = ["SignalingServer"]
+__all__ = ["ClusterHooks", "SignalingServer"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +89,17 @@ class _Ping:
 
 
 _PING = _Ping()
+
+
+class ClusterHooks(Protocol):
+    """What several instances sharing Redis add to the shell (``signaling/cluster.py``)."""
+
+    async def before(self, cid: ConnectionId, text: str | bytes) -> None: ...
+    async def after(
+        self, cid: ConnectionId, text: str | bytes, out: list[Output]
+    ) -> list[Output]: ...
+    async def left(self, name: PeerId) -> None: ...
+
 
 _Item = str | CloseConnection | _Ping
 
@@ -150,6 +163,10 @@ class SignalingServer(AsyncClosing):
         self._gc_task: asyncio.Task[None] | None = None
         self._closed_since_collect = 0
         self._frozen = False  # not gc.get_freeze_count(): it walks every frozen object
+        #: Set by :meth:`signaling.cluster.Cluster.start` (``--redis``); ``None``: one instance.
+        self.cluster: ClusterHooks | None = None
+        #: The offline message store of ``--database`` (``signaling/pgstore.py``), if any.
+        self.message_store: MessageStore | None = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -240,7 +257,15 @@ class SignalingServer(AsyncClosing):
         self._timer_changed.set()
         try:
             async for message in ws:
-                self._dispatch(self._receive(cid, message, loop.time()))
+                if (cluster := self.cluster) is not None:
+                    await cluster.before(cid, message)
+                    out = await cluster.after(
+                        cid, message, self._receive(cid, message, loop.time())
+                    )
+                    self._dispatch(out)
+                    del out
+                else:
+                    self._dispatch(self._receive(cid, message, loop.time()))
                 self._check_timer()  # an invitation or an accept set a call timer
                 if len(message) > RELEASE_SIZE and not outbox.pinging:
                     outbox.pinging = True  # see _Ping
@@ -252,7 +277,10 @@ class SignalingServer(AsyncClosing):
         finally:
             self._closed_since_collect += 1
             self._outboxes.pop(cid, None)
+            name = self.protocol.name_of(cid)
             self._dispatch(self.protocol.disconnect(cid, loop.time()))
+            if self.cluster is not None and name is not None:
+                self._spawn(self.cluster.left(name))
             self._timer_changed.set()
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):

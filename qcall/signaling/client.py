@@ -25,7 +25,7 @@ import logging
 import random
 import secrets
 import ssl as ssl_module
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -95,7 +95,10 @@ class SignalingClient(AsyncClosing):
     """Connect to a signaling server as ``name`` and exchange call messages.
 
     Args:
-        url: ``ws://host:port`` or ``wss://host:port``.
+        url: ``ws://host:port`` or ``wss://host:port``, or several such URLs (the
+            instances of one service, sharing a ``server_id``): the client uses
+            the first that answers and, when its connection drops, reconnects
+            to the next one at once (docs/signaling.md, "Several instances").
         identity_signing_key: the user's long-term ML-DSA-65 key (FIPS 204).
         name: the name to register (docs/signaling.md, "Names").
         ssl: TLS context for ``wss://`` (default: the system's trust store).
@@ -109,7 +112,7 @@ class SignalingClient(AsyncClosing):
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         identity_signing_key: pqc.SigningKey,
         name: str,
         ssl: ssl_module.SSLContext | None = None,
@@ -122,7 +125,10 @@ class SignalingClient(AsyncClosing):
     ) -> None:
         if identity_signing_key.algorithm is not pqc.SignatureScheme.ML_DSA_65:
             raise SignalingAuthError("the signaling server accepts ML-DSA-65 identities only")
-        self.url = url
+        self.urls = (url,) if isinstance(url, str) else tuple(url)
+        if not self.urls:
+            raise SignalingError("no signaling URL given")
+        self._url_index = 0
         self.name = name
         self.fingerprint = fingerprint(identity_signing_key.public_bytes())
         self._key = identity_signing_key
@@ -172,7 +178,14 @@ class SignalingClient(AsyncClosing):
         if self._finished:
             raise SignalingError("this client was closed: make a new one")
         self._closing = False
-        ws, registered = await self._open()
+        for attempt in range(len(self.urls)):
+            try:
+                ws, registered = await self._open()
+                break
+            except SignalingError as exc:
+                if exc.code in FATAL_CODES or attempt == len(self.urls) - 1:
+                    raise
+                self._next_url()
         self._run_task = asyncio.create_task(self._run(ws))
         return registered
 
@@ -353,9 +366,18 @@ class SignalingClient(AsyncClosing):
             self._events.put_nowait(Disconnected(reason, final=True))
             self._events.put_nowait(None)
 
+    @property
+    def url(self) -> str:
+        """The URL in use (or tried next)."""
+        return self.urls[self._url_index]
+
+    def _next_url(self) -> None:
+        self._url_index = (self._url_index + 1) % len(self.urls)
+
     async def _reconnect(self) -> ClientConnection | None:
         delay = self.backoff_min
         while not self._closing:
+            self._next_url()  # the instance we lost is tried last
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
             try:
                 ws, _ = await self._open()

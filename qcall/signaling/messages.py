@@ -160,6 +160,7 @@ ERROR_CODES: dict[str, tuple[type[SignalingError], str]] = {
     ),
     "too_many_watched": (SignalingLimitError, "the watch list is longer than the server allows"),
     "too_many_invites": (PeerUnavailableError, "the callee has too many unanswered invitations"),
+    "cluster_unavailable": (SignalingError, "the service's shared state is unreachable"),
     "server_error": (SignalingError, "internal server error"),
 }
 

@@ -145,6 +145,7 @@ class _Connection:
     name: PeerId | None = None
     closed: bool = False
     watch: tuple[PeerId, ...] | None = None  # presence subscriptions; None: everyone
+    remote: bool = False  # a stand-in for a user on another instance (attach_remote)
 
 
 @dataclass(slots=True)
@@ -344,6 +345,8 @@ class SignalingProtocol:
         if conn is None or conn.closed:
             return []
         # Token bucket: refill at `rate` per second up to `burst`, spend one per message.
+        if conn.remote:  # the other instance applied the limits already
+            conn.tokens = self.config.burst
         conn.tokens = min(self.config.burst, conn.tokens + (now - conn.last) * self.config.rate)
         conn.last = now
         if conn.tokens < 1.0:
@@ -428,6 +431,45 @@ class SignalingProtocol:
                     reason = _TIME_LIMIT if call.state is CallState.ACCEPTED else _RING_TIMEOUT
                     out += self._end_call(call, reason)
         return out
+
+    # --- cluster hooks (signaling/cluster.py, docs/signaling.md "Several instances") ----
+
+    def connection_of(self, name: PeerId) -> ConnectionId | None:
+        """The connection ``name`` is registered on here (a stand-in included), or ``None``."""
+        return self._online.get(name)
+
+    def is_remote(self, connection: ConnectionId) -> bool:
+        """Whether ``connection`` is a stand-in made by :meth:`attach_remote`."""
+        conn = self._connections.get(connection)
+        return conn is not None and conn.remote
+
+    def has_calls(self, name: PeerId) -> bool:
+        """Whether ``name`` is a party to a live call here."""
+        return bool(self._calls_of(name))
+
+    def attach_remote(
+        self, name: PeerId, fp: str, now: float
+    ) -> tuple[ConnectionId | None, list[Output]]:
+        """Register a stand-in for ``name``, authenticated by another instance.
+
+        Call messages to it are forwarded by the shell to that instance; frames
+        its user sent there are fed here with :meth:`receive`. It watches nobody
+        and is exempt from the rate limit (applied where the user is). Returns
+        ``(None, [])`` when ``name`` is registered here already, or pinned here
+        to another key.
+        """
+        if name in self._online or self._pins.fingerprint(name) not in (None, fp):
+            return None, []
+        self._next_id += 1
+        cid = ConnectionId(self._next_id)
+        conn = _Connection(cid, b"", self.config.burst, now, None, name=name, remote=True)
+        self._connections[cid] = conn
+        if self._pins.fingerprint(name) is None:
+            self._pins.pin(name, fp, None, now)
+        self._pins.in_use(name)
+        self._online[name] = cid
+        self._subscribe(conn, ())
+        return cid, self._presence(Presence(name, fp, True), exclude=cid)
 
     # --- registration (docs/signaling.md, "Registration") -------------------------------
 
