@@ -20,11 +20,15 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from qcall import __version__
 from qcall.exceptions import ConfigError, QCallError
 from qcall.signaling.config import LIMITS, ServerConfig
+from qcall.signaling.messages import TurnCredentials
+from qcall.signaling.protocol import SignalingProtocol
+from qcall.signaling.turn import turn_issuer
 from signaling.server import SignalingServer
 
 __all__ = ["main"]
@@ -65,8 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--database", metavar="URL", help="postgresql://... for the offline message store and "
         "prekeys (default: the embedded SQLite store)",
     )  # fmt: skip
-    scale.add_argument(
-        "--instance-id", help="unique name of this instance (default HOST:PORT:PID)"
+    scale.add_argument("--instance-id", help="unique name of this instance (default HOST:PORT:PID)")
+    turn = parser.add_argument_group("TURN (docs/two-machines.md, hosts behind NAT)")
+    turn.add_argument(
+        "--turn-url", action="append", default=[], metavar="URL",
+        help="turn:HOST:PORT given to every registered user (repeatable)",
+    )  # fmt: skip
+    turn.add_argument(
+        "--turn-secret-file", metavar="FILE",
+        help="file holding coturn's static-auth-secret (use-auth-secret REST scheme)",
+    )  # fmt: skip
+    turn.add_argument(
+        "--turn-ttl", type=int, default=3600, metavar="S", help="credential lifetime (3600)"
     )
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
@@ -99,6 +113,28 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
     return context
 
 
+def turn_from(args: argparse.Namespace) -> Callable[[str, float], TurnCredentials] | None:
+    """The TURN credential issuer of ``--turn-url``/``--turn-secret-file``, if given.
+
+    Raises:
+        ConfigError: the secret file is missing, empty, or readable by others.
+    """
+    if not args.turn_url and not args.turn_secret_file:
+        return None
+    if not (args.turn_url and args.turn_secret_file):
+        raise ConfigError("--turn-url and --turn-secret-file go together")
+    path = Path(args.turn_secret_file)
+    try:
+        if path.stat().st_mode & 0o077:
+            raise ConfigError(f"{path} is readable by others: chmod 600 {path}")
+        secret = path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read --turn-secret-file {path}: {exc.strerror}") from exc
+    if not secret:
+        raise ConfigError(f"{path} is empty")
+    return turn_issuer(secret, args.turn_url, args.turn_ttl)
+
+
 def _set_once(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -112,8 +148,9 @@ async def _serve(
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, _set_once, stop)
+    protocol = SignalingProtocol(config, turn=turn_from(args))
     async with contextlib.AsyncExitStack() as stack:
-        server = await stack.enter_async_context(SignalingServer(config, manage_gc=True))
+        server = await stack.enter_async_context(SignalingServer(protocol=protocol, manage_gc=True))
         await server.start(args.host, args.port, ssl=tls)
         if args.database:
             from signaling.pgstore import PostgresMessageStore  # needs qcall[scale]
@@ -146,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         tls = tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+        turn_from(args)  # errors before listening
         asyncio.run(_serve(config, args, tls))
     except QCallError as exc:
         print(f"qcall-signaling: error: {exc}", file=sys.stderr)

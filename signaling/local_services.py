@@ -343,11 +343,12 @@ class LocalTurn(LocalService):
         if program is None:
             raise ServiceError("turnserver not found: apt-get install coturn")
         args = [
-            program, "-n", "--no-cli", "--no-tls", "--no-dtls", "--fingerprint",
+            program, "-c", str(self._secret_file()),  # first: the secret stays off argv
+            "--no-cli", "--no-tls", "--no-dtls", "--fingerprint",
             "--listening-ip", self.host, "--listening-port", str(self.port),
             "--relay-ip", self.relay_ip, "--min-port", str(self.min_port),
             "--max-port", str(self.max_port), "--use-auth-secret",
-            "-c", str(self._secret_file()), "--realm", self.realm,
+            "--realm", self.realm,
             "--pidfile", str(self.dir / "turnserver.pid"), "--log-file", "stdout",
             "--simple-log", "--no-stun-backward-compatibility",
         ]  # fmt: skip

@@ -54,6 +54,7 @@ from qcall.signaling.messages import (
     Reject,
     Ringing,
     ServerMessage,
+    TurnCredentials,
     fingerprint,
     parse_server_message,
 )
@@ -141,6 +142,9 @@ class SignalingClient(AsyncClosing):
         #: Registered peers other than us (those watched, if ``watch`` was given):
         #: name -> identity fingerprint (server-asserted).
         self.online: dict[str, str] = {}
+        #: TURN credentials of the last registration (``None``: the server gives none);
+        #: ``client.turn.ice_server()`` goes into ``CallOptions.ice_servers``.
+        self.turn: TurnCredentials | None = None
         #: The ``server_id`` of the last challenge.
         self.server_id: str | None = None
         #: Number of successful registrations (1 after :meth:`connect`, +1 per reconnection).
@@ -338,6 +342,7 @@ class SignalingClient(AsyncClosing):
         self._registered.set()
         self.registrations += 1
         self.online = {peer.name: peer.fingerprint for peer in answer.online}
+        self.turn = answer.turn
         self._events.put_nowait(answer)
         logger.info("= registered as %s on %s", self.name, self.url)
         return ws, answer

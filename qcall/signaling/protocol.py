@@ -57,6 +57,7 @@ from qcall.signaling.messages import (
     Register,
     Registered,
     ServerMessage,
+    TurnCredentials,
     fingerprint,
     parse_client_message,
     registration_data,
@@ -212,6 +213,8 @@ class SignalingProtocol:
             (FIPS 204, Algorithm 3); default: :mod:`qcall.pqc`.
         random_bytes: source of challenge nonces (default :func:`os.urandom`).
         wall_clock: Unix time for the ``challenge`` ``time`` field.
+        turn: ``turn(name, unix_now)`` gives each registered user TURN
+            credentials (``registered.turn``, :mod:`qcall.signaling.turn`).
     """
 
     def __init__(
@@ -221,8 +224,10 @@ class SignalingProtocol:
         verify: Callable[[bytes, bytes, bytes], bool] = _default_verify,
         random_bytes: Callable[[int], bytes] = os.urandom,
         wall_clock: Callable[[], float] = time.time,
+        turn: Callable[[str, float], TurnCredentials] | None = None,
     ) -> None:
         self.config = config = config or ServerConfig()
+        self._turn = turn
         self._verify = verify
         self._random = random_bytes
         self._wall_clock = wall_clock
@@ -537,7 +542,8 @@ class SignalingProtocol:
             call = self._calls[call_id]
             if call.other(name) in self._online:
                 call.grace_deadline = None  # both parties are back in time
-        out.append((conn.id, Registered(name, fp, online, tuple(calls))))
+        turn = self._turn(name, self._wall_clock()) if self._turn is not None else None
+        out.append((conn.id, Registered(name, fp, online, tuple(calls), turn)))
         logger.info("= %s registered (fingerprint %s…)", name, fp[:16])
         return out
 
