@@ -202,3 +202,53 @@ async def test_redis_restart_instances_recover(pair, redis_server, keys):
             pytest.fail("no call across instances after the Redis restart")
         await bob.hangup(call_id)
         await next_of(alice, m.Hangup)
+
+
+async def test_a_hung_instance_blocks_nobody(redis_server, keys):
+    """B stopped with SIGSTOP (hung, sockets open): A's users are served as before."""
+    port_b = free_port()
+    a, cluster_a = await instance(redis_server, "A")
+    proc = await spawn_instance(redis_server, port_b, "B")
+    try:
+        async with (
+            SignalingClient(url(a), keys["a"], "alice", watch=[]) as alice,
+            SignalingClient(url(port_b), keys["b"], "bob", watch=[], reconnect=False) as bob,
+            SignalingClient(url(a), keys["c"], "carol", watch=[]) as carol,
+        ):
+            assert bob.connected
+            proc.send_signal(signal.SIGSTOP)
+            await asyncio.sleep(1.5)  # B's liveness key expires: bob counts as offline
+            start = time.monotonic()
+            await alice.invite("bob")
+            error = await next_of(alice, m.ErrorMessage)
+            assert (error.code, error.message) == ("unavailable", "bob is offline")
+            await place_call(carol, alice)  # between users of A: as fast as ever
+            assert time.monotonic() - start < 1.0 * TIMEOUT_FACTOR
+            proc.kill()  # before bob's client closes (a hung server never answers its close)
+            await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await cluster_a.close()
+        await a.close()
+
+
+async def test_without_redis_registration_is_refused_clearly(redis_server, keys):
+    """Redis down: new registrations get cluster_unavailable; registered users still call."""
+    a, cluster_a = await instance(redis_server, "A")
+    try:
+        async with (
+            SignalingClient(url(a), keys["a"], "alice", watch=[]) as alice,
+            SignalingClient(url(a), keys["b"], "bob", watch=[]) as bob,
+        ):
+            redis_server.kill()
+            with pytest.raises(SignalingError) as refused:
+                await SignalingClient(url(a), keys["c"], "carol", reconnect=False).connect()
+            assert refused.value.code == "cluster_unavailable"
+            call_id = await place_call(alice, bob)
+            await alice.hangup(call_id)
+            await next_of(bob, m.Hangup)
+    finally:
+        await cluster_a.close()
+        await a.close()
