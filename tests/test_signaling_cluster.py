@@ -141,42 +141,48 @@ async def spawn_instance(redis: LocalRedis, port: int, name: str) -> asyncio.sub
     return proc
 
 
-async def test_kill_9_an_instance_users_fail_over_and_calls_go_on(redis_server, keys):
-    """B is a real process killed with SIGKILL mid-call: bob is back on A within 2 s."""
+@pytest.fixture
+async def a_and_b_process(redis_server):
+    """Instance A in this process, instance B a real ``python -m signaling`` process."""
     port_b = free_port()
     a, cluster_a = await instance(redis_server, "A")
     proc = await spawn_instance(redis_server, port_b, "B")
-    try:
-        async with (
-            SignalingClient(url(a), keys["a"], "alice", watch=[]) as alice,
-            SignalingClient([url(port_b), url(a)], keys["b"], "bob", watch=[]) as bob,
-            SignalingClient(url(a), keys["c"], "carol", watch=[]) as carol,
-            SignalingClient(url(a), keys["d"], "dave", watch=[]) as dave,
-        ):
-            call_id = await place_call(alice, bob)
-            proc.send_signal(signal.SIGKILL)
-            killed = time.monotonic()
-            await proc.wait()
-            # A dead instance blocks nobody: carol and dave, both on A, still talk.
-            carol_call = await carol.invite("dave")
-            assert (await next_of(dave, m.Invite)).call_id == carol_call
-            await carol.cancel(carol_call)
-            await next_of(dave, m.Cancel)
-            # bob reconnects to A by himself; the accepted call is still listed.
-            registered = await next_of(bob, m.Registered)
-            recovered = time.monotonic() - killed
-            assert bob.url == url(a) and recovered <= 2.0 * TIMEOUT_FACTOR, recovered
-            assert call_id in registered.calls
-            await bob.send_ice(call_id, "after failover")  # relaying resumes
-            assert (await next_of(alice, m.ICECandidate)).payload == "after failover"
-            await alice.hangup(call_id)
-            await next_of(bob, m.Hangup)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        await cluster_a.close()
-        await a.close()
+    yield a, port_b, proc
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        await proc.wait()
+    await cluster_a.close()
+    await a.close()
+
+
+async def test_kill_9_an_instance_users_fail_over_and_calls_go_on(a_and_b_process, keys):
+    """B is a real process killed with SIGKILL mid-call: bob is back on A within 2 s."""
+    a, port_b, proc = a_and_b_process
+    async with (
+        SignalingClient(url(a), keys["a"], "alice", watch=[]) as alice,
+        SignalingClient([url(port_b), url(a)], keys["b"], "bob", watch=[]) as bob,
+        SignalingClient(url(a), keys["c"], "carol", watch=[]) as carol,
+        SignalingClient(url(a), keys["d"], "dave", watch=[]) as dave,
+    ):
+        call_id = await place_call(alice, bob)
+        proc.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        await proc.wait()
+        # A dead instance blocks nobody: carol and dave, both on A, still talk.
+        carol_call = await carol.invite("dave")
+        assert (await next_of(dave, m.Invite)).call_id == carol_call
+        await carol.cancel(carol_call)
+        await next_of(dave, m.Cancel)
+        # bob reconnects to A by himself; the accepted call is still listed.
+        registered = await next_of(bob, m.Registered)
+        recovered = time.monotonic() - killed
+        assert bob.url == url(a) and recovered <= 2.0 * TIMEOUT_FACTOR, recovered
+        assert call_id in registered.calls
+        await bob.send_ice(call_id, "after failover")  # relaying resumes
+        assert (await next_of(alice, m.ICECandidate)).payload == "after failover"
+        await alice.hangup(call_id)
+        await next_of(bob, m.Hangup)
 
 
 async def test_redis_restart_instances_recover(pair, redis_server, keys):
@@ -204,34 +210,25 @@ async def test_redis_restart_instances_recover(pair, redis_server, keys):
         await next_of(alice, m.Hangup)
 
 
-async def test_a_hung_instance_blocks_nobody(redis_server, keys):
+async def test_a_hung_instance_blocks_nobody(a_and_b_process, keys):
     """B stopped with SIGSTOP (hung, sockets open): A's users are served as before."""
-    port_b = free_port()
-    a, cluster_a = await instance(redis_server, "A")
-    proc = await spawn_instance(redis_server, port_b, "B")
-    try:
-        async with (
-            SignalingClient(url(a), keys["a"], "alice", watch=[]) as alice,
-            SignalingClient(url(port_b), keys["b"], "bob", watch=[], reconnect=False) as bob,
-            SignalingClient(url(a), keys["c"], "carol", watch=[]) as carol,
-        ):
-            assert bob.connected
-            proc.send_signal(signal.SIGSTOP)
-            await asyncio.sleep(1.5)  # B's liveness key expires: bob counts as offline
-            start = time.monotonic()
-            await alice.invite("bob")
-            error = await next_of(alice, m.ErrorMessage)
-            assert (error.code, error.message) == ("unavailable", "bob is offline")
-            await place_call(carol, alice)  # between users of A: as fast as ever
-            assert time.monotonic() - start < 1.0 * TIMEOUT_FACTOR
-            proc.kill()  # before bob's client closes (a hung server never answers its close)
-            await proc.wait()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        await cluster_a.close()
-        await a.close()
+    a, port_b, proc = a_and_b_process
+    async with (
+        SignalingClient(url(a), keys["a"], "alice", watch=[]) as alice,
+        SignalingClient(url(port_b), keys["b"], "bob", watch=[], reconnect=False) as bob,
+        SignalingClient(url(a), keys["c"], "carol", watch=[]) as carol,
+    ):
+        assert bob.connected
+        proc.send_signal(signal.SIGSTOP)
+        await asyncio.sleep(1.5)  # B's liveness key expires: bob counts as offline
+        start = time.monotonic()
+        await alice.invite("bob")
+        error = await next_of(alice, m.ErrorMessage)
+        assert (error.code, error.message) == ("unavailable", "bob is offline")
+        await place_call(carol, alice)  # between users of A: as fast as ever
+        assert time.monotonic() - start < 1.0 * TIMEOUT_FACTOR
+        proc.kill()  # before bob's client closes (a hung server never answers its close)
+        await proc.wait()
 
 
 async def test_without_redis_registration_is_refused_clearly(redis_server, keys):
