@@ -36,7 +36,7 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg.conninfo import conninfo_to_dict
 
-from qcall.exceptions import MailboxFullError, MessageStoreError, MessageTooLargeError
+from qcall.exceptions import MailboxFullError, MessageStoreError
 from signaling.store import ClaimedPrekeys, MessageStore, StoredEnvelope, StoreLimits
 
 __all__ = ["PG_SCHEMA_VERSION", "PostgresMessageStore"]
@@ -217,12 +217,7 @@ class PostgresMessageStore(MessageStore):
         self, items: Sequence[tuple[str, str, bytes, bytes | None]], now: float
     ) -> list[int]:
         """Store several envelopes in one transaction (all or, on a limit, none)."""
-        for recipient, _, data, _ in items:
-            if len(data) > self.limits.max_envelope_size:
-                raise MessageTooLargeError(
-                    f"an envelope of {len(data)} bytes for {recipient} is over the server's "
-                    f"limit of {self.limits.max_envelope_size} bytes"
-                )
+        self._check_envelopes(items)
         ms = int(now * 1000)
 
         async def write(db: _Conn) -> list[int]:
@@ -346,9 +341,7 @@ class PostgresMessageStore(MessageStore):
         one_time_prekeys: Sequence[tuple[int, bytes]],
         now: float,
     ) -> int:
-        limit = self.limits.max_prekey_size
-        if len(signed_prekey) > limit or any(len(d) > limit for _, d in one_time_prekeys):
-            raise MessageTooLargeError(f"a prekey of {owner} is over {limit} bytes")
+        self._check_prekeys(owner, signed_prekey, one_time_prekeys)
 
         async def write(db: _Conn) -> int:
             cur = await db.execute(
