@@ -249,3 +249,34 @@ async def test_without_redis_registration_is_refused_clearly(redis_server, keys)
     finally:
         await cluster_a.close()
         await a.close()
+
+
+async def run_main(*argv: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "signaling", "--port", "0", *argv,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 30 * TIMEOUT_FACTOR)
+    if b"listening" in line:
+        proc.send_signal(signal.SIGTERM)
+    await asyncio.wait_for(proc.wait(), 30 * TIMEOUT_FACTOR)
+    return proc.returncode or 0, (line + await proc.stderr.read()).decode()
+
+
+async def test_command_line_with_redis_postgres_and_turn(redis_server, pg_url, tmp_path):
+    secret = tmp_path / "turn.secret"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o600)
+    turn = ("--turn-url", "turn:127.0.0.1:3478", "--turn-secret-file", str(secret))
+    code, out = await run_main("--redis", redis_server.url, "--database", pg_url, *turn)
+    assert code == 0 and "listening" in out, out
+    secret.chmod(0o644)
+    code, out = await run_main(*turn)
+    assert code == 1 and "readable by others" in out
+    code, out = await run_main("--database", "postgresql://qcall@127.0.0.1:1/none")
+    assert code == 1 and "postgresql://127.0.0.1:1/none is unavailable" in out, out
+    redis_server.kill()
+    code, out = await run_main("--redis", redis_server.url)
+    assert code == 1 and "cannot reach Redis" in out, out
