@@ -93,7 +93,7 @@ setup() {
 }
 
 test_services() {  # servers the scale-out tests start themselves (docs/signaling.md)
-  apt_install redis-server coturn tcpdump iptables iproute2 ||
+  apt_install redis-server coturn tcpdump iptables iproute2 iputils-ping ||
     say "continuing without some servers: their tests are skipped, saying why"
   command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 ||
     apt_install postgresql || true
