@@ -15,7 +15,7 @@ docs/signaling.md, "Several instances", is the specification; in short:
   one instance. Two instances registering the same name at once: the later
   claim wins, the other connection gets ``replaced`` (never both online).
 * **Messages between instances** go over Redis pub/sub, one channel per
-  instance (``qcall:to:ID``) and one for departures (``qcall:gone``). A call
+  instance (``qcall:to:ID``) and one for presence (``qcall:presence:all``). A call
   between users of two instances runs the same state machine on both: each
   instance holds a *stand-in* connection for the remote party
   (:meth:`SignalingProtocol.attach_remote`), and every frame a user sends that
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 from typing import TYPE_CHECKING, Any
@@ -37,7 +38,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from qcall.exceptions import ClusterError
-from qcall.signaling.messages import ErrorMessage, Registered
+from qcall.signaling.messages import ErrorMessage, OnlinePeer, Registered
 from qcall.signaling.protocol import CloseConnection, ConnectionId, Output
 from qcall.typing import PeerId
 
@@ -105,6 +106,7 @@ class Cluster:
         self._server: SignalingServer | None = None
         self._local: dict[PeerId, str] = {}  # names registered here -> fingerprint
         self._standins: dict[PeerId, tuple[ConnectionId, str]] = {}  # -> (cid, instance)
+        self._remote_online: dict[PeerId, tuple[str, str]] = {}  # -> (fingerprint, instance)
         self._tasks: list[asyncio.Task[None]] = []
         self._subscribed = asyncio.Event()
         #: Times the heartbeat found Redis empty and claimed the names again.
@@ -215,11 +217,12 @@ class Cluster:
         server = self._server
         if server is not None and server.protocol.connection_of(name) is not None:
             return  # replaced by a newer connection here
-        self._local.pop(name, None)
+        fp = self._local.pop(name, None)
+        if fp is None:
+            return  # never claimed, or moved to another instance (kick)
         with contextlib.suppress(RedisError, OSError):
             await self._release(keys=[self._key("name", name)], args=[self.instance_id])
-            gone = {"name": name, "inst": self.instance_id}
-            await self.redis.publish(self._key("gone", "all"), json.dumps(gone))
+            await self._announce(name, fp, online=False)
 
     # --- internals --------------------------------------------------------------------------
 
@@ -240,6 +243,9 @@ class Cluster:
             verdict = "down"
         if verdict == "ok" or verdict.startswith("moved:"):
             self._local[name] = msg.fingerprint
+            with contextlib.suppress(RedisError, OSError):
+                await self._announce(name, msg.fingerprint, online=True)
+                out = await self._add_remote_online(cid, msg, out)
             if verdict != "ok":  # a second login: the older connection is replaced
                 kick = json.dumps({"kick": name, "inst": self.instance_id})
                 with contextlib.suppress(RedisError):
@@ -255,6 +261,55 @@ class Cluster:
             (cid, ErrorMessage(code, text, ref="register")),
             (cid, CloseConnection(close, text)),
         ]
+
+    async def _announce(self, name: PeerId, fp: str, *, online: bool) -> None:
+        news = {"name": name, "fp": fp, "online": online, "inst": self.instance_id}
+        await self.redis.publish(self._key("presence", "all"), json.dumps(news))
+
+    async def _add_remote_online(
+        self, cid: ConnectionId, msg: Registered, out: list[Output]
+    ) -> list[Output]:
+        """Add the watched names online on other instances to ``registered.online``."""
+        assert self._server is not None
+        protocol = self._server.protocol
+        watch = protocol.watch_of(cid)
+        if not watch:
+            return out  # everyone (None): this instance's users only (docs/signaling.md)
+        wanted = [n for n in watch if n != msg.name and protocol.connection_of(n) is None]
+        if not wanted:
+            return out
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for n in wanted:
+                pipe.hmget(self._key("name", n), ["inst", "fp"])
+            owners = await pipe.execute()
+        found = [(n, i.decode(), f.decode()) for n, (i, f) in zip(wanted, owners, strict=True) if i]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _, inst, _ in found:
+                pipe.exists(self._key("instance", inst))
+            alive = await pipe.execute()
+        extra = tuple(OnlinePeer(n, fp) for (n, _, fp), up in zip(found, alive, strict=True) if up)
+        if not extra:
+            return out
+        snapshot = dataclasses.replace(msg, online=msg.online + extra)
+        return [(t, snapshot if m is msg else m) for t, m in out]
+
+    def _on_presence(self, data: dict[str, Any]) -> None:
+        server = self._server
+        assert server is not None
+        name, fp, inst = PeerId(str(data["name"])), str(data["fp"]), str(data["inst"])
+        if inst == self.instance_id:
+            return
+        online = bool(data["online"])
+        if online:
+            self._remote_online[name] = (fp, inst)
+        else:
+            if self._remote_online.get(name, ("", ""))[1] != inst:
+                return  # an older departure: the name lives elsewhere now
+            del self._remote_online[name]
+            entry = self._standins.get(name)
+            if entry is not None and entry[1] == inst:
+                self._drop(name)
+        server._dispatch(server.protocol.remote_presence(name, fp, online))
 
     def _instance_of(self, target: ConnectionId) -> str | None:
         assert self._server is not None
@@ -322,15 +377,15 @@ class Cluster:
         while True:
             pubsub = self._sub_redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self._key("to", self.instance_id), self._key("gone", "all"))
+                await pubsub.subscribe(
+                    self._key("to", self.instance_id), self._key("presence", "all")
+                )
                 self._subscribed.set()
                 async for message in pubsub.listen():
                     try:
                         data = json.loads(message["data"])
-                        if message["channel"].decode().startswith(self._key("gone", "")):
-                            entry = self._standins.get(PeerId(str(data["name"])))
-                            if entry is not None and entry[1] == data["inst"]:
-                                self._drop(PeerId(str(data["name"])))
+                        if message["channel"].decode().startswith(self._key("presence", "")):
+                            self._on_presence(data)
                         elif "kick" in data:
                             self._on_kick(PeerId(str(data["kick"])))
                         else:
@@ -374,15 +429,22 @@ class Cluster:
             )
 
     async def _check_standins(self) -> None:
-        """Drop stand-ins of dead instances, and those no call needs any more."""
+        """Users of dead instances go offline; drop stand-ins no call needs any more."""
         server = self._server
-        if server is None or not self._standins:
+        if server is None or not (self._standins or self._remote_online):
             return
-        instances = sorted({inst for _, inst in self._standins.values()})
+        instances = sorted(
+            {inst for _, inst in self._standins.values()}
+            | {inst for _, inst in self._remote_online.values()}
+        )
         async with self.redis.pipeline(transaction=False) as pipe:
             for inst in instances:
                 pipe.exists(self._key("instance", inst))
             alive = dict(zip(instances, await pipe.execute(), strict=True))
+        for name, (fp, inst) in list(self._remote_online.items()):
+            if not alive[inst]:
+                del self._remote_online[name]
+                server._dispatch(server.protocol.remote_presence(name, fp, False))
         for name, (_, inst) in list(self._standins.items()):
             if not alive[inst] or not server.protocol.has_calls(name):
                 self._drop(name)

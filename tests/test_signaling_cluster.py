@@ -216,11 +216,12 @@ async def test_a_hung_instance_blocks_nobody(a_and_b_process, keys):
     async with (
         SignalingClient(url(a), keys["a"], "alice", watch=[]) as alice,
         SignalingClient(url(port_b), keys["b"], "bob", watch=[], reconnect=False) as bob,
-        SignalingClient(url(a), keys["c"], "carol", watch=[]) as carol,
+        SignalingClient(url(a), keys["c"], "carol", watch=["bob"]) as carol,
     ):
-        assert bob.connected
+        assert bob.connected and carol.online == {"bob": bob.fingerprint}
         proc.send_signal(signal.SIGSTOP)
         await asyncio.sleep(1.5)  # B's liveness key expires: bob counts as offline
+        assert carol.online == {}  # by itself: nobody told A that B died
         start = time.monotonic()
         await alice.invite("bob")
         error = await next_of(alice, m.ErrorMessage)
@@ -280,3 +281,21 @@ async def test_command_line_with_redis_postgres_and_turn(redis_server, pg_url, t
     redis_server.kill()
     code, out = await run_main("--redis", redis_server.url)
     assert code == 1 and "cannot reach Redis" in out, out
+
+
+async def test_presence_crosses_instances(pair, keys, redis_server):
+    (a, _), (b, _) = pair
+    async with SignalingClient(url(b), keys["b"], "bob", watch=[]) as bob:
+        await asyncio.sleep(0.1)
+        async with SignalingClient(url(a), keys["a"], "alice", watch=["bob", "carol"]) as alice:
+            assert alice.online == {"bob": bob.fingerprint}  # the snapshot covers B
+            async with SignalingClient(url(b), keys["c"], "carol", watch=[]) as carol:
+                news = await next_of(alice, m.Presence)
+                assert (news.name, news.fingerprint, news.online) == (
+                    "carol",
+                    carol.fingerprint,
+                    True,
+                )
+            news = await next_of(alice, m.Presence)
+            assert (news.name, news.online) == ("carol", False)
+            assert alice.online == {"bob": bob.fingerprint}

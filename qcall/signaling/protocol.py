@@ -392,7 +392,8 @@ class SignalingProtocol:
         if name is None or self._online.get(name) != connection:
             return []
         del self._online[name]
-        out = self._presence(Presence(name, self._fingerprint(name), False))
+        fp = self._fingerprint(name)
+        out = [] if conn.remote else self._presence(Presence(name, fp, False))
         for call_id in self._calls_of(name):
             call = self._calls[call_id]
             if call.state is not CallState.ACCEPTED:
@@ -448,6 +449,18 @@ class SignalingProtocol:
         conn = self._connections.get(connection)
         return conn is not None and conn.remote
 
+    def watch_of(self, connection: ConnectionId) -> tuple[PeerId, ...] | None:
+        """The names ``connection`` watches (``None``: everyone, or no such connection)."""
+        conn = self._connections.get(connection)
+        return conn.watch if conn is not None else None
+
+    def remote_presence(self, name: PeerId, fp: str, online: bool) -> list[Output]:
+        """``name`` came online or went offline on another instance: tell its watchers here."""
+        connection = self._online.get(name)
+        if connection is not None and not self._connections[connection].remote:
+            return []  # registered here: this instance speaks for it
+        return self._presence(Presence(name, fp, online))
+
     def has_calls(self, name: PeerId) -> bool:
         """Whether ``name`` is a party to a live call here."""
         return bool(self._calls_of(name))
@@ -459,7 +472,8 @@ class SignalingProtocol:
 
         Call messages to it are forwarded by the shell to that instance; frames
         its user sent there are fed here with :meth:`receive`. It watches nobody
-        and is exempt from the rate limit (applied where the user is). Returns
+        and is exempt from the rate limit (applied where the user is); it
+        sends no presence (:meth:`remote_presence` does). Returns
         ``(None, [])`` when ``name`` is registered here already, or pinned here
         to another key.
         """
@@ -474,7 +488,7 @@ class SignalingProtocol:
         self._pins.in_use(name)
         self._online[name] = cid
         self._subscribe(conn, ())
-        return cid, self._presence(Presence(name, fp, True), exclude=cid)
+        return cid, []  # presence of remote users: remote_presence()
 
     # --- registration (docs/signaling.md, "Registration") -------------------------------
 
