@@ -16,6 +16,7 @@ from qcall.signaling.protocol import ServerConfig, SignalingProtocol
 from qcall.signaling.turn import rest_credentials, turn_issuer
 from signaling.local_services import LocalTurn
 from signaling.server import SignalingServer
+from tests.test_call_session import lab  # noqa: F401 (the lab fixture)
 
 SECRET = b"turn-secret-for-tests-0123456789"
 
@@ -81,3 +82,38 @@ def test_turn_member_round_trips_and_is_checked():
             m.Registered.parse(
                 '{"type":"registered","name":"bob","fingerprint":"' + "A" * 20 + '",' + bad + "}"
             )
+
+
+@pytest.fixture
+def turn_issuing(monkeypatch, turn):
+    """Signaling servers made from now on issue TURN credentials for ``turn``.
+
+    Requested before ``lab`` (tests/test_call_session.py), it makes the lab's server do so.
+    """
+    import functools
+
+    import signaling.server
+
+    issuer = turn_issuer(SECRET, [turn.url], ttl=600)
+    monkeypatch.setattr(
+        signaling.server, "SignalingProtocol", functools.partial(SignalingProtocol, turn=issuer)
+    )
+    return turn
+
+
+@pytest.mark.slow
+async def test_a_hybrid_call_uses_the_issued_turn_server(turn_issuing, lab):  # noqa: F811
+    from qcall.call.session import CallOptions
+    from tests.test_call_session import connect
+
+    alice = await lab.phone("alice", tone=440, options=CallOptions(rekey_interval=None))
+    bob = await lab.phone("bob", options=CallOptions(rekey_interval=None))
+    assert alice.signaling.turn is not None and bob.signaling.turn is not None
+    caller, callee = await connect(alice, bob)
+    assert caller.status.policy == callee.status.policy == "hybrid"
+    for session in (caller, callee):
+        assert session.pc is not None
+        gatherer = session.pc.getTransceivers()[0].sender.transport.transport.iceGatherer
+        types = {c.type for c in gatherer.getLocalCandidates()}
+        assert "relay" in types, types  # an allocation on coturn with the issued credentials
+    await caller.hangup()
