@@ -101,6 +101,8 @@ class LocalService:
     """
 
     name = "service"
+    #: The signal of a clean stop.
+    stop_signal = signal.SIGTERM
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 20.0) -> None:
         self.host = host
@@ -168,7 +170,7 @@ class LocalService:
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(self.stop_signal)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -228,6 +230,7 @@ class LocalPostgres(LocalService):
 
     name = "postgres"
     user = "qcall"
+    stop_signal = signal.SIGINT  # "fast" shutdown: SIGTERM would wait for every client
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 30.0) -> None:
         super().__init__(host, port, start_timeout)
