@@ -97,12 +97,19 @@ setup() {
   fi
 }
 
+test_services() {  # servers the scale-out tests start themselves (docs/signaling.md)
+  apt_install redis-server coturn tcpdump iptables iproute2 iputils-ping ||
+    say "continuing without some servers: their tests are skipped, saying why"
+  command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 ||
+    apt_install postgresql || true
+}
+
 cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
   setup) setup ;;
   demo)  setup; exec .venv/bin/qcall demo "$@" ;;
-  test)  setup
+  test)  setup; test_services
          # the operations dashboard's browser test (tests/test_dashboard.py) drives Debian's chromium
          apt_install chromium chromium-driver || say "continuing without chromium: the browser test skips"
          exec .venv/bin/python -m pytest "$@" ;;

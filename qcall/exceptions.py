@@ -51,7 +51,8 @@ narrowest class that you can act on::
     │   ├── SignalingAuthError          registration challenge failed
     │   ├── SignalingRateLimitError     too many messages
     │   ├── SignalingLimitError         a server limit: connections, names, watch list
-    │   └── PeerUnavailableError        callee offline or busy
+    │   ├── PeerUnavailableError        callee offline or busy
+    │   └── ClusterError                a signaling cluster's Redis is unreachable or refused
     ├── CallError
     │   ├── CallRejectedError           the callee declined or was busy
     │   ├── MediaError                  audio device or file problem
@@ -69,6 +70,7 @@ narrowest class that you can act on::
     │   ├── LogError                    the transparency log refused or failed a request
     │   │   └── LogStorageError            the log database is corrupt or unwritable
     │   └── LogConsistencyError         audit alarm: fork, split view, rewritten history
+    ├── ServiceError                 a local Redis/PostgreSQL/coturn would not start (tests, demos)
     └── MessagingError               (``code`` names the failure; details stay local)
         ├── MessageFormatError          malformed message, bundle, state or field
         ├── MessageTooLargeError        a message or file over the limit (refused before upload)
@@ -98,6 +100,7 @@ __all__ = [
     "CertificateExpiredError",
     "CertificateRevokedError",
     "ChannelAuthenticationError",
+    "ClusterError",
     "ConfigError",
     "CryptoError",
     "DocumentChangedError",
@@ -152,6 +155,7 @@ __all__ = [
     "SealFormatError",
     "SealSignatureError",
     "SecurityPolicyError",
+    "ServiceError",
     "SignalingAuthError",
     "SignalingError",
     "SignalingLimitError",
@@ -476,6 +480,12 @@ class PeerUnavailableError(SignalingError):
     code = "unavailable"
 
 
+class ClusterError(SignalingError):
+    """A signaling instance cannot reach its cluster's Redis, or Redis refused a step."""
+
+    code = "cluster_error"
+
+
 # --- calls ----------------------------------------------------------------------------
 
 
@@ -677,3 +687,13 @@ class MessageStoreError(MessagingError):
     """
 
     code = "store_error"
+
+
+# --- local services -------------------------------------------------------------------
+
+
+class ServiceError(QCallError):
+    """A local server (Redis, PostgreSQL, coturn) for tests or demos would not start.
+
+    The message names the program and ends with its log's last lines.
+    """

@@ -448,11 +448,24 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="client processes 1..4 (default 2)")
     parser.add_argument("--idle-rounds", type=int, default=200, help="idle relay samples")
     parser.add_argument(
+        "--instances",
+        metavar="N,N,...",
+        help="several instances on one Redis instead (e.g. 1,2,4): scripts/load_cluster.py",
+    )
+    parser.add_argument("--rounds", type=int, default=10, help="--instances: routing rounds")
+    parser.add_argument("--concurrency", type=int, default=10, help="--instances: set-ups at once")
+    parser.add_argument(
         "--watch-all",
         action="store_true",
         help="register without a watch list (everyone's presence, O(N) per registration)",
     )
     args = parser.parse_args()
+    if args.instances:
+        from scripts.load_cluster import run as run_cluster
+
+        raise_nofile()
+        asyncio.run(run_cluster(args))
+        return
     if not 4 <= args.connections <= MAX_CONNECTIONS or not 1 <= args.workers <= 4:
         parser.error(f"bounds: 4 <= --connections <= {MAX_CONNECTIONS}, 1 <= --workers <= 4")
     if not 0 < args.duration <= 60 or args.rate <= 0 or not 1 <= args.runs <= 10:

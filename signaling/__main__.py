@@ -20,14 +20,17 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from qcall import __version__
 from qcall.exceptions import ConfigError, QCallError
 from qcall.signaling.config import LIMITS, ServerConfig
+from qcall.signaling.messages import TurnCredentials
+from qcall.signaling.protocol import SignalingProtocol
+from qcall.signaling.turn import turn_issuer
 from signaling.server import SignalingServer
-from signaling.store import SQLiteMessageStore
+from signaling.store import MessageStore, SQLiteMessageStore
 
 __all__ = ["main"]
 
@@ -66,6 +69,28 @@ def build_parser() -> argparse.ArgumentParser:
         "$XDG_STATE_HOME/qcall/signaling-messages.db, else ~/.local/state/qcall/…)",
     )
     mailbox.add_argument("--no-mailbox", action="store_true", help="store no messages (calls only)")
+    scale = parser.add_argument_group('several instances (docs/signaling.md, "Several instances")')
+    scale.add_argument(
+        "--redis", metavar="URL", help="redis://HOST:PORT/N shared by the instances (presence, "
+        "routing, messages between instances)",
+    )  # fmt: skip
+    scale.add_argument(
+        "--database", metavar="URL", help="postgresql://... for the offline message store and "
+        "prekeys (default: the embedded SQLite store)",
+    )  # fmt: skip
+    scale.add_argument("--instance-id", help="unique name of this instance (default HOST:PORT:PID)")
+    turn = parser.add_argument_group("TURN (docs/two-machines.md, hosts behind NAT)")
+    turn.add_argument(
+        "--turn-url", action="append", default=[], metavar="URL",
+        help="turn:HOST:PORT given to every registered user (repeatable)",
+    )  # fmt: skip
+    turn.add_argument(
+        "--turn-secret-file", metavar="FILE",
+        help="file holding coturn's static-auth-secret (use-auth-secret REST scheme)",
+    )  # fmt: skip
+    turn.add_argument(
+        "--turn-ttl", type=int, default=3600, metavar="S", help="credential lifetime (3600)"
+    )
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
     )
@@ -105,6 +130,28 @@ def _default_mailbox() -> Path:
     return make_private_dir(Path(state) / "qcall") / "signaling-messages.db"
 
 
+def turn_from(args: argparse.Namespace) -> Callable[[str, float], TurnCredentials] | None:
+    """The TURN credential issuer of ``--turn-url``/``--turn-secret-file``, if given.
+
+    Raises:
+        ConfigError: the secret file is missing, empty, or readable by others.
+    """
+    if not args.turn_url and not args.turn_secret_file:
+        return None
+    if not (args.turn_url and args.turn_secret_file):
+        raise ConfigError("--turn-url and --turn-secret-file go together")
+    path = Path(args.turn_secret_file)
+    try:
+        if path.stat().st_mode & 0o077:
+            raise ConfigError(f"{path} is readable by others: chmod 600 {path}")
+        secret = path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read --turn-secret-file {path}: {exc.strerror}") from exc
+    if not secret:
+        raise ConfigError(f"{path} is empty")
+    return turn_issuer(secret, args.turn_url, args.turn_ttl)
+
+
 def _set_once(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -118,9 +165,27 @@ async def _serve(
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, _set_once, stop)
-    store = None if args.no_mailbox else SQLiteMessageStore(args.mailbox or _default_mailbox())
-    async with SignalingServer(config, manage_gc=True, mailbox=store) as server:  # own process
+    protocol = SignalingProtocol(config, turn=turn_from(args))
+    if args.database:
+        from signaling.pgstore import PostgresMessageStore  # needs qcall[scale]
+
+        store: MessageStore | None = await PostgresMessageStore.connect(args.database)
+    elif args.no_mailbox:
+        store = None
+    else:
+        store = SQLiteMessageStore(args.mailbox or _default_mailbox())
+    async with contextlib.AsyncExitStack() as stack:
+        server = await stack.enter_async_context(  # closes the store with it
+            SignalingServer(protocol=protocol, manage_gc=True, mailbox=store)
+        )
         await server.start(args.host, args.port, ssl=tls)
+        if args.redis:
+            from signaling.cluster import Cluster  # needs qcall[scale]
+
+            instance = args.instance_id or f"{socket.gethostname()}:{server.port}:{os.getpid()}"
+            cluster = Cluster(args.redis, instance, pin_ttl=config.pin_ttl)
+            await cluster.start(server)
+            stack.push_async_callback(cluster.close)
         scheme = "wss" if tls else "ws"
         print(f"qcall-signaling listening on {scheme}://{args.host}:{server.port}", flush=True)
         await stop
@@ -139,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         tls = tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+        turn_from(args)  # errors before listening
         asyncio.run(_serve(config, args, tls))
     except QCallError as exc:
         print(f"qcall-signaling: error: {exc}", file=sys.stderr)

@@ -38,7 +38,7 @@ import json
 import logging
 import ssl as ssl_module
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -56,10 +56,11 @@ from qcall.signaling.protocol import (
     SignalingProtocol,
     address_key,
 )
+from qcall.typing import PeerId
 from signaling.mailbox import Mailbox
 from signaling.store import MessageStore
 
-__all__ = ["SignalingServer"]
+__all__ = ["ClusterHooks", "SignalingServer"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,17 @@ class _Ping:
 
 
 _PING = _Ping()
+
+
+class ClusterHooks(Protocol):
+    """What several instances sharing Redis add to the shell (``signaling/cluster.py``)."""
+
+    async def before(self, cid: ConnectionId, text: str | bytes) -> None: ...
+    async def after(
+        self, cid: ConnectionId, text: str | bytes, out: list[Output]
+    ) -> list[Output]: ...
+    async def left(self, name: PeerId) -> None: ...
+
 
 _Item = str | CloseConnection | _Ping
 
@@ -167,6 +179,8 @@ class SignalingServer(AsyncClosing):
             self.mailbox = Mailbox(
                 mailbox, self._send_text, self._push_text, self.protocol.fingerprint_of
             )
+        #: Set by :meth:`signaling.cluster.Cluster.start` (``--redis``); ``None``: one instance.
+        self.cluster: ClusterHooks | None = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -264,7 +278,15 @@ class SignalingServer(AsyncClosing):
                     assert isinstance(message, str)
                     await self.mailbox.receive(cid, self.protocol.name_of(cid), message)
                     continue
-                self._dispatch(self._receive(cid, message, loop.time()))
+                if (cluster := self.cluster) is not None:
+                    await cluster.before(cid, message)
+                    out = await cluster.after(
+                        cid, message, self._receive(cid, message, loop.time())
+                    )
+                    self._dispatch(out)
+                    del out
+                else:
+                    self._dispatch(self._receive(cid, message, loop.time()))
                 if self.mailbox is not None and self.protocol.name_of(cid) is not None:
                     ws.protocol.max_message_size = max(  # registered: envelopes may be big
                         self.config.max_message_size * HARD_LIMIT_FACTOR, MAX_MAILBOX_FRAME
@@ -282,7 +304,10 @@ class SignalingServer(AsyncClosing):
             self._outboxes.pop(cid, None)
             if self.mailbox is not None:
                 self.mailbox.disconnect(cid)
+            name = self.protocol.name_of(cid)
             self._dispatch(self.protocol.disconnect(cid, loop.time()))
+            if self.cluster is not None and name is not None:
+                self._spawn(self.cluster.left(name))
             self._timer_changed.set()
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):

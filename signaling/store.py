@@ -180,6 +180,24 @@ class MessageStore(abc.ABC):
     async def close(self) -> None:
         """Finish the queued writes and close. Safe to call twice."""
 
+    # Shared by the implementations: the checks made before anything is stored.
+    limits: StoreLimits
+
+    def _check_envelopes(self, items: Sequence[tuple[str, str, bytes, bytes | None]]) -> None:
+        for recipient, _, data, _ in items:
+            if len(data) > self.limits.max_envelope_size:
+                raise MessageTooLargeError(
+                    f"an envelope of {len(data)} bytes for {recipient} is over the server's "
+                    f"limit of {self.limits.max_envelope_size} bytes"
+                )
+
+    def _check_prekeys(
+        self, owner: str, signed_prekey: bytes, one_time_prekeys: Sequence[tuple[int, bytes]]
+    ) -> None:
+        limit = self.limits.max_prekey_size
+        if len(signed_prekey) > limit or any(len(d) > limit for _, d in one_time_prekeys):
+            raise MessageTooLargeError(f"a prekey of {owner} is over {limit} bytes")
+
 
 class SQLiteMessageStore(MessageStore):
     """:class:`MessageStore` in one SQLite file (see the module docstring).
@@ -321,12 +339,7 @@ class SQLiteMessageStore(MessageStore):
         self, items: Sequence[tuple[str, str, bytes, bytes | None]], now: float
     ) -> list[int]:
         """Store several envelopes in one transaction (all or, on a limit, none)."""
-        for recipient, _, data, _ in items:
-            if len(data) > self.limits.max_envelope_size:
-                raise MessageTooLargeError(
-                    f"an envelope of {len(data)} bytes for {recipient} is over the server's "
-                    f"limit of {self.limits.max_envelope_size} bytes"
-                )
+        self._check_envelopes(items)
         ms = int(now * 1000)
 
         def write(db: sqlite3.Connection) -> list[int]:
@@ -446,9 +459,7 @@ class SQLiteMessageStore(MessageStore):
         one_time_prekeys: Sequence[tuple[int, bytes]],
         now: float,
     ) -> int:
-        limit = self.limits.max_prekey_size
-        if len(signed_prekey) > limit or any(len(d) > limit for _, d in one_time_prekeys):
-            raise MessageTooLargeError(f"a prekey of {owner} is over {limit} bytes")
+        self._check_prekeys(owner, signed_prekey, one_time_prekeys)
 
         def write(db: sqlite3.Connection) -> int:
             row = db.execute(

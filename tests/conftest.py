@@ -9,7 +9,8 @@ import pytest
 
 #: Key hygiene over the whole run: secrets registered, logs/exceptions/reprs scanned.
 #: The ``oqs_standin`` fixture: the liboqs backend over a stand-in liboqs-python.
-pytest_plugins = ["tests.hygiene", "tests.oqs_standin"]
+#: Real Redis, PostgreSQL and coturn servers: tests/services.py.
+pytest_plugins = ["tests.hygiene", "tests.oqs_standin", "tests.services"]
 
 
 @pytest.fixture

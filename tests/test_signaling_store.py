@@ -12,18 +12,39 @@ from pathlib import Path
 import pytest
 
 from qcall.exceptions import MailboxFullError, MessageStoreError, MessageTooLargeError
-from signaling.store import SQLiteMessageStore, StoreLimits
+from signaling.store import MessageStore, SQLiteMessageStore, StoreLimits
 from tests.utils import TIMEOUT_FACTOR
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = 1_767_225_600.0
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def make_store(request, tmp_path):
+    """Open a store (both implementations run the same tests), always on the same data."""
+    opened: list[MessageStore] = []
+    if request.param == "postgresql":
+        from signaling.pgstore import PostgresMessageStore
+
+        url = request.getfixturevalue("pg_url")
+
+    async def make(limits: StoreLimits | None = None) -> MessageStore:
+        if request.param == "sqlite":
+            s: MessageStore = SQLiteMessageStore(tmp_path / "server.db", limits)
+        else:
+            s = await PostgresMessageStore.connect(url, limits)
+        opened.append(s)
+        return s
+
+    make.kind = request.param  # type: ignore[attr-defined]
+    yield make
+    for s in opened:
+        await s.close()
+
+
 @pytest.fixture
-async def store(tmp_path):
-    s = SQLiteMessageStore(tmp_path / "server.db")
-    yield s
-    await s.close()
+async def store(make_store):
+    return await make_store()
 
 
 async def test_put_fetch_ack_in_order(store):
@@ -50,9 +71,9 @@ async def test_resend_with_the_same_client_ref_is_idempotent(store):
     assert len(await store.fetch("bob")) == 1
 
 
-async def test_limits_are_refused_before_storing(tmp_path):
+async def test_limits_are_refused_before_storing(make_store):
     limits = StoreLimits(max_envelope_size=100, max_messages=3, max_bytes=250)
-    store = SQLiteMessageStore(tmp_path / "server.db", limits)
+    store = await make_store(limits)
     try:
         with pytest.raises(MessageTooLargeError, match="101 bytes for bob"):
             await store.put("bob", "alice", b"x" * 101, NOW)
@@ -71,7 +92,7 @@ async def test_limits_are_refused_before_storing(tmp_path):
             return_exceptions=True,
         )
         assert isinstance(results[1], MailboxFullError)
-        assert [e.data for e in await store.fetch("carol")] == [b"ok", b"ok too"]
+        assert sorted(e.data for e in await store.fetch("carol")) == [b"ok", b"ok too"]
     finally:
         await store.close()
 
@@ -79,24 +100,29 @@ async def test_limits_are_refused_before_storing(tmp_path):
 async def test_concurrent_puts_share_commits(store):
     ids = await asyncio.gather(*(store.put("bob", "alice", b"%d" % i, NOW) for i in range(200)))
     assert len(set(ids)) == 200 and store.writes == 200
-    assert store.commits < 200  # group commit
+    assert await store.mailbox("bob") == (200, sum(len(b"%d" % i) for i in range(200)))
+    if isinstance(store, SQLiteMessageStore):
+        assert store.commits < 200  # group commit
 
 
-async def test_data_survives_reopening_and_expires(tmp_path):
-    path = tmp_path / "server.db"
-    store = SQLiteMessageStore(path, StoreLimits(ttl=100.0))
+async def test_concurrent_resends_store_once(store):
+    """The same client_ref put concurrently (two instances, say) stores one envelope."""
+    ids = await asyncio.gather(*(store.put("bob", "alice", b"x", NOW, b"ref") for _ in range(20)))
+    assert len(set(ids)) == 1 and await store.mailbox("bob") == (1, 1)
+
+
+async def test_data_survives_reopening_and_expires(make_store):
+    store = await make_store(StoreLimits(ttl=100.0))
     await store.put("bob", "alice", b"old", NOW - 200, client_ref=b"r")
     await store.put("bob", "alice", b"new", NOW)
     await store.close()
     await store.close()
-    store = SQLiteMessageStore(path, StoreLimits(ttl=100.0))
-    try:
-        assert [e.data for e in await store.fetch("bob")] == [b"old", b"new"]
-        assert await store.expire(NOW) == 1
-        assert [e.data for e in await store.fetch("bob")] == [b"new"]
-        assert await store.mailbox("bob") == (1, 3)
-    finally:
-        await store.close()
+    store = await make_store(StoreLimits(ttl=100.0))
+    assert [e.data for e in await store.fetch("bob")] == [b"old", b"new"]
+    assert await store.expire(NOW) == 1
+    assert [e.data for e in await store.fetch("bob")] == [b"new"]
+    assert await store.mailbox("bob") == (1, 3)
+    await store.close()
     with pytest.raises(MessageStoreError, match="closed"):
         await store.fetch("bob")
 
@@ -118,16 +144,13 @@ async def test_prekeys_are_handed_out_once(store):
     assert claim is not None and claim.one_time_prekey == b"new"
 
 
-async def test_prekey_limits(tmp_path):
-    store = SQLiteMessageStore(tmp_path / "s.db", StoreLimits(max_one_time_prekeys=3))
-    try:
-        with pytest.raises(MailboxFullError, match="more than 3"):
-            await store.publish_prekeys("bob", b"I", b"S", [(i, b"o") for i in range(4)], NOW)
-        assert await store.claim_prekeys("bob") is None  # nothing of the refused publication
-        with pytest.raises(MessageTooLargeError):
-            await store.publish_prekeys("bob", b"I", b"S" * 9000, [], NOW)
-    finally:
-        await store.close()
+async def test_prekey_limits(make_store):
+    store = await make_store(StoreLimits(max_one_time_prekeys=3))
+    with pytest.raises(MailboxFullError, match="more than 3"):
+        await store.publish_prekeys("bob", b"I", b"S", [(i, b"o") for i in range(4)], NOW)
+    assert await store.claim_prekeys("bob") is None  # nothing of the refused publication
+    with pytest.raises(MessageTooLargeError):
+        await store.publish_prekeys("bob", b"I", b"S" * 9000, [], NOW)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "newer"])
@@ -149,7 +172,7 @@ async def test_corrupt_or_newer_file_is_named(tmp_path, damage):
         SQLiteMessageStore(path)
 
 
-async def _child(path: Path, count: int) -> asyncio.subprocess.Process:
+async def _child(path: Path | str, count: int) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -162,9 +185,10 @@ async def _child(path: Path, count: int) -> asyncio.subprocess.Process:
     )
 
 
-async def test_acknowledged_envelopes_survive_kill_9_and_arrive_exactly_once(tmp_path):
+async def test_acknowledged_envelopes_survive_kill_9_and_arrive_exactly_once(make_store, tmp_path):
     """A real process puts envelopes and is killed with SIGKILL mid-stream, twice."""
-    path, count = tmp_path / "server.db", 400
+    count = 400
+    path = tmp_path / "server.db" if make_store.kind == "sqlite" else (await make_store()).url
     acked: dict[int, int] = {}
     for kill_after in (60, 150, None):
         proc = await _child(path, count)
@@ -181,17 +205,35 @@ async def test_acknowledged_envelopes_survive_kill_9_and_arrive_exactly_once(tmp
                 proc.send_signal(signal.SIGKILL)
                 break
         assert await proc.wait() == (-signal.SIGKILL if kill_after else 0)
-        store = SQLiteMessageStore(path)  # what a restarted server finds
+        store = await make_store()  # what a restarted server finds
         stored = {e.id: e.data for e in await store.fetch("bob", limit=10_000)}
         await store.close()
         for i, envelope_id in acked.items():  # every acknowledged envelope is there
             assert stored[envelope_id] == b"envelope %d" % i
     assert len(acked) == count
-    store = SQLiteMessageStore(path)
+    store = await make_store()
+    delivered = await store.fetch("bob", limit=10_000)
+    assert sorted(e.data for e in delivered) == sorted(b"envelope %d" % i for i in range(count))
+    await store.ack("bob", [e.id for e in delivered])
+    assert await store.fetch("bob") == [] and await store.mailbox("bob") == (0, 0)
+
+
+async def test_postgres_unavailable_refuses_clearly_then_recovers(pg_url, postgres_server):
+    """PostgreSQL down: puts fail with the server named (never accepted), then work again."""
+    from signaling.pgstore import PostgresMessageStore
+
+    store = await PostgresMessageStore.connect(pg_url, pool_size=1)
     try:
-        delivered = await store.fetch("bob", limit=10_000)
-        assert sorted(e.data for e in delivered) == sorted(b"envelope %d" % i for i in range(count))
-        await store.ack("bob", [e.id for e in delivered])
-        assert await store.fetch("bob") == [] and await store.mailbox("bob") == (0, 0)
+        first = await store.put("bob", "alice", b"before", NOW, b"r0")
+        postgres_server.stop()
+        try:
+            with pytest.raises(MessageStoreError, match=r"postgresql://127\.0\.0\.1:\d+/test_"):
+                await store.put("bob", "alice", b"during", NOW, b"r1")
+            with pytest.raises(MessageStoreError, match="unavailable"):
+                await store.put("bob", "alice", b"during", NOW, b"r1")
+        finally:
+            postgres_server.start()
+        assert await store.put("bob", "alice", b"after", NOW, b"r2") > first
+        assert [e.data for e in await store.fetch("bob")] == [b"before", b"after"]
     finally:
         await store.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
@@ -107,6 +108,18 @@ class Phone(AsyncService):
         if self.key_source is not None:
             await self.key_source.close()
 
+    def _options_with_turn(self) -> CallOptions:
+        """The call options, plus the TURN server the signaling server gave us, if any.
+
+        Its credentials are short-lived (docs/signaling.md, "TURN credentials"): the
+        ones of the latest registration are used.
+        """
+        turn = self.signaling.turn
+        if turn is None:
+            return self.options
+        servers = [*self.options.ice_servers, turn.ice_server()]
+        return dataclasses.replace(self.options, ice_servers=servers)
+
     def _session(self, call_id: str, peer: str, role: str) -> CallSession:
         on_track = self.on_track
 
@@ -123,7 +136,7 @@ class Phone(AsyncService):
             role=role,
             check_peer=self.check_peer,
             key_source=self.key_source,
-            options=self.options,
+            options=self._options_with_turn(),
             source=self.make_source(),
             on_track=track_arrived,
             replay_cache=self.replay_cache,

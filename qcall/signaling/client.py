@@ -25,7 +25,7 @@ import logging
 import random
 import secrets
 import ssl as ssl_module
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -55,6 +55,7 @@ from qcall.signaling.messages import (
     Reject,
     Ringing,
     ServerMessage,
+    TurnCredentials,
     error_for,
     fingerprint,
     parse_server_message,
@@ -108,7 +109,10 @@ class SignalingClient(AsyncClosing):
     """Connect to a signaling server as ``name`` and exchange call messages.
 
     Args:
-        url: ``ws://host:port`` or ``wss://host:port``.
+        url: ``ws://host:port`` or ``wss://host:port``, or several such URLs (the
+            instances of one service, sharing a ``server_id``): the client uses
+            the first that answers and, when its connection drops, reconnects
+            to the next one at once (docs/signaling.md, "Several instances").
         identity_signing_key: the user's long-term ML-DSA-65 key (FIPS 204).
         name: the name to register (docs/signaling.md, "Names").
         ssl: TLS context for ``wss://`` (default: the system's trust store).
@@ -122,7 +126,7 @@ class SignalingClient(AsyncClosing):
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         identity_signing_key: pqc.SigningKey,
         name: str,
         ssl: ssl_module.SSLContext | None = None,
@@ -136,12 +140,14 @@ class SignalingClient(AsyncClosing):
     ) -> None:
         if identity_signing_key.algorithm is not pqc.SignatureScheme.ML_DSA_65:
             raise SignalingAuthError("the signaling server accepts ML-DSA-65 identities only")
-        self.url = url
+        self.urls = (url,) if isinstance(url, str) else tuple(url)
+        if not self.urls:
+            raise SignalingError("no signaling URL given")
+        self._url_index = 0
         self.name = name
         self.fingerprint = fingerprint(identity_signing_key.public_bytes())
         self._key = identity_signing_key
         self._ssl = ssl
-        self._secure = url.lower().startswith("wss://")
         self.reconnect = reconnect
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
@@ -152,6 +158,9 @@ class SignalingClient(AsyncClosing):
         #: Registered peers other than us (those watched, if ``watch`` was given):
         #: name -> identity fingerprint (server-asserted).
         self.online: dict[str, str] = {}
+        #: TURN credentials of the last registration (``None``: the server gives none);
+        #: ``client.turn.ice_server()`` goes into ``CallOptions.ice_servers``.
+        self.turn: TurnCredentials | None = None
         #: The ``server_id`` of the last challenge.
         self.server_id: str | None = None
         #: Number of successful registrations (1 after :meth:`connect`, +1 per reconnection).
@@ -190,7 +199,14 @@ class SignalingClient(AsyncClosing):
         if self._finished:
             raise SignalingError("this client was closed: make a new one")
         self._closing = False
-        ws, registered = await self._open()
+        for attempt in range(len(self.urls)):
+            try:
+                ws, registered = await self._open()
+                break
+            except SignalingError as exc:
+                if exc.code in FATAL_CODES or attempt == len(self.urls) - 1:
+                    raise
+                self._next_url()
         self._run_task = asyncio.create_task(self._run(ws))
         return registered
 
@@ -316,7 +332,11 @@ class SignalingClient(AsyncClosing):
             ws = await connect(
                 self.url,
                 # wss:// without a context: the system's trust store (websockets refuses None).
-                ssl=self._ssl if self._ssl is not None or not self._secure else True,
+                ssl=(
+                    self._ssl
+                    if self._ssl is not None or not self.url.lower().startswith("wss://")
+                    else True
+                ),
                 open_timeout=self.timeout,
                 max_size=MAX_SERVER_MESSAGE_SIZE,
                 compression=None,  # like the server: base64 keys/signatures do not compress
@@ -366,6 +386,7 @@ class SignalingClient(AsyncClosing):
         self._registered.set()
         self.registrations += 1
         self.online = {peer.name: peer.fingerprint for peer in answer.online}
+        self.turn = answer.turn
         self._events.put_nowait(answer)
         logger.info("= registered as %s on %s", self.name, self.url)
         return ws, answer
@@ -396,9 +417,18 @@ class SignalingClient(AsyncClosing):
             self._events.put_nowait(Disconnected(reason, final=True))
             self._events.put_nowait(None)
 
+    @property
+    def url(self) -> str:
+        """The URL in use (or tried next)."""
+        return self.urls[self._url_index]
+
+    def _next_url(self) -> None:
+        self._url_index = (self._url_index + 1) % len(self.urls)
+
     async def _reconnect(self) -> ClientConnection | None:
         delay = self.backoff_min
         while not self._closing:
+            self._next_url()  # the instance we lost is tried last
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
             try:
                 ws, _ = await self._open()

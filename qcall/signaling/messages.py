@@ -71,6 +71,7 @@ __all__ = [
     "Reject",
     "Ringing",
     "ServerMessage",
+    "TurnCredentials",
     "error_for",
     "fingerprint",
     "parse_client_message",
@@ -174,6 +175,7 @@ ERROR_CODES: dict[str, tuple[type[SignalingError], str]] = {
     ),
     "too_many_watched": (SignalingLimitError, "the watch list is longer than the server allows"),
     "too_many_invites": (PeerUnavailableError, "the callee has too many unanswered invitations"),
+    "cluster_unavailable": (SignalingError, "the service's shared state is unreachable"),
     "server_error": (SignalingError, "internal server error"),
 }
 
@@ -313,6 +315,8 @@ def _to_json(value: Any) -> Any:
         return [_to_json(v) for v in value]
     if isinstance(value, OnlinePeer):
         return {"name": value.name, "fingerprint": value.fingerprint}
+    if isinstance(value, TurnCredentials):
+        return {**value.ice_server(), "expires": value.expires}
     return value
 
 
@@ -334,6 +338,15 @@ def _from_json(cls: type[Message], name: str, value: Any) -> Any:
                 raise ValueError(f"field {name!r} entries need 'name' and 'fingerprint'")
             peers.append(OnlinePeer(item["name"], item["fingerprint"]))
         return tuple(peers)
+    if name == "turn" and cls is Registered and value is not None:
+        if not isinstance(value, dict) or not isinstance(value.get("urls"), list):
+            raise ValueError(f"field {name!r} must be an object with 'urls'")
+        missing = {"username", "credential", "expires"} - value.keys()
+        if missing:
+            raise ValueError(f"field {name!r} needs {sorted(missing)[0]!r}")
+        return TurnCredentials(
+            tuple(value["urls"]), value["username"], value["credential"], value["expires"]
+        )
     if name == "watch" and value is not None:
         if not isinstance(value, list) or len(value) > MAX_WATCH:
             raise ValueError(f"field {name!r} must be a list of at most {MAX_WATCH} names")
@@ -378,6 +391,44 @@ class OnlinePeer:
     def __post_init__(self) -> None:
         _check_name("online.name", self.name)
         _check_fingerprint("online.fingerprint", self.fingerprint)
+
+
+@dataclass(frozen=True)
+class TurnCredentials:
+    """A ``registered`` message's ``turn`` member: short-lived TURN credentials.
+
+    coturn's shared-secret REST scheme (``use-auth-secret``): ``username`` is
+    ``EXPIRY:NAME`` (Unix seconds), ``credential`` is base64(HMAC-SHA1(secret,
+    username)); the TURN server checks both and refuses them after ``EXPIRY``
+    (:mod:`qcall.signaling.turn`).
+    """
+
+    urls: tuple[str, ...]
+    username: str
+    credential: str
+    expires: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.urls, tuple) or not 1 <= len(self.urls) <= 8:
+            raise ValueError("field 'turn.urls' must be a list of 1-8 URLs")
+        for url in self.urls:
+            if not isinstance(url, str) or not url.startswith(("turn:", "turns:", "stun:")):
+                raise ValueError("field 'turn.urls' must hold turn:, turns: or stun: URLs")
+            _check_re("turn.urls", url, _PRINTABLE_RE, "printable ASCII")
+        for name in ("username", "credential"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not 1 <= len(value) <= 256:
+                raise ValueError(f"field 'turn.{name}' must be 1-256 characters")
+        if isinstance(self.expires, bool) or not isinstance(self.expires, int):
+            raise ValueError("field 'turn.expires' must be an integer")
+
+    def __repr__(self) -> str:  # the credential is a password: never in a log
+        urls, user = self.urls, self.username
+        return f"TurnCredentials(urls={urls!r}, username={user!r}, expires={self.expires})"
+
+    def ice_server(self) -> dict[str, Any]:
+        """The W3C ``RTCIceServer`` dictionary (``CallOptions.ice_servers`` entry)."""
+        return {"urls": list(self.urls), "username": self.username, "credential": self.credential}
 
 
 @dataclass(frozen=True)
@@ -507,8 +558,11 @@ class Registered(Message):
     fingerprint: str
     online: tuple[OnlinePeer, ...] = ()
     calls: tuple[str, ...] = ()
+    turn: TurnCredentials | None = None
 
     def __post_init__(self) -> None:
+        if self.turn is not None and not isinstance(self.turn, TurnCredentials):
+            raise ValueError("field 'turn' must be TURN credentials")
         _check_name("name", self.name)
         _check_fingerprint("fingerprint", self.fingerprint)
         if not isinstance(self.online, tuple) or len(self.online) > _MAX_ONLINE:

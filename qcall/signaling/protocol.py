@@ -57,6 +57,7 @@ from qcall.signaling.messages import (
     Register,
     Registered,
     ServerMessage,
+    TurnCredentials,
     fingerprint,
     move_data,
     parse_client_message,
@@ -146,6 +147,7 @@ class _Connection:
     name: PeerId | None = None
     closed: bool = False
     watch: tuple[PeerId, ...] | None = None  # presence subscriptions; None: everyone
+    remote: bool = False  # a stand-in for a user on another instance (attach_remote)
 
 
 @dataclass(slots=True)
@@ -212,6 +214,8 @@ class SignalingProtocol:
             (FIPS 204, Algorithm 3); default: :mod:`qcall.pqc`.
         random_bytes: source of challenge nonces (default :func:`os.urandom`).
         wall_clock: Unix time for the ``challenge`` ``time`` field.
+        turn: ``turn(name, unix_now)`` gives each registered user TURN
+            credentials (``registered.turn``, :mod:`qcall.signaling.turn`).
     """
 
     def __init__(
@@ -221,8 +225,10 @@ class SignalingProtocol:
         verify: Callable[[bytes, bytes, bytes], bool] = _default_verify,
         random_bytes: Callable[[int], bytes] = os.urandom,
         wall_clock: Callable[[], float] = time.time,
+        turn: Callable[[str, float], TurnCredentials] | None = None,
     ) -> None:
         self.config = config = config or ServerConfig()
+        self._turn = turn
         self._verify = verify
         self._random = random_bytes
         self._wall_clock = wall_clock
@@ -292,7 +298,8 @@ class SignalingProtocol:
         return conn.name if conn else None
 
     def connection_of(self, name: str) -> ConnectionId | None:
-        """Return the connection ``name`` is registered on, if online."""
+        """Return the connection ``name`` is registered on here (a cluster's stand-in for a
+        user of another instance included), if online."""
         return self._online.get(PeerId(name))
 
     def fingerprint_of(self, name: str) -> str | None:
@@ -353,6 +360,8 @@ class SignalingProtocol:
         if conn is None or conn.closed:
             return []
         # Token bucket: refill at `rate` per second up to `burst`, spend one per message.
+        if conn.remote:  # the other instance applied the limits already
+            conn.tokens = self.config.burst
         conn.tokens = min(self.config.burst, conn.tokens + (now - conn.last) * self.config.rate)
         conn.last = now
         if conn.tokens < 1.0:
@@ -393,7 +402,8 @@ class SignalingProtocol:
         if name is None or self._online.get(name) != connection:
             return []
         del self._online[name]
-        out = self._presence(Presence(name, self._fingerprint(name), False))
+        fp = self._fingerprint(name)
+        out = [] if conn.remote else self._presence(Presence(name, fp, False))
         for call_id in self._calls_of(name):
             call = self._calls[call_id]
             if call.state is not CallState.ACCEPTED:
@@ -437,6 +447,54 @@ class SignalingProtocol:
                     reason = _TIME_LIMIT if call.state is CallState.ACCEPTED else _RING_TIMEOUT
                     out += self._end_call(call, reason)
         return out
+
+    # --- cluster hooks (signaling/cluster.py, docs/signaling.md "Several instances") ----
+
+    def is_remote(self, connection: ConnectionId) -> bool:
+        """Whether ``connection`` is a stand-in made by :meth:`attach_remote`."""
+        conn = self._connections.get(connection)
+        return conn is not None and conn.remote
+
+    def watch_of(self, connection: ConnectionId) -> tuple[PeerId, ...] | None:
+        """The names ``connection`` watches (``None``: everyone, or no such connection)."""
+        conn = self._connections.get(connection)
+        return conn.watch if conn is not None else None
+
+    def remote_presence(self, name: PeerId, fp: str, online: bool) -> list[Output]:
+        """``name`` came online or went offline on another instance: tell its watchers here."""
+        connection = self._online.get(name)
+        if connection is not None and not self._connections[connection].remote:
+            return []  # registered here: this instance speaks for it
+        return self._presence(Presence(name, fp, online))
+
+    def has_calls(self, name: PeerId) -> bool:
+        """Whether ``name`` is a party to a live call here."""
+        return bool(self._calls_of(name))
+
+    def attach_remote(
+        self, name: PeerId, fp: str, now: float
+    ) -> tuple[ConnectionId | None, list[Output]]:
+        """Register a stand-in for ``name``, authenticated by another instance.
+
+        Call messages to it are forwarded by the shell to that instance; frames
+        its user sent there are fed here with :meth:`receive`. It watches nobody
+        and is exempt from the rate limit (applied where the user is); it
+        sends no presence (:meth:`remote_presence` does). Returns
+        ``(None, [])`` when ``name`` is registered here already, or pinned here
+        to another key.
+        """
+        if name in self._online or self._pins.fingerprint(name) not in (None, fp):
+            return None, []
+        self._next_id += 1
+        cid = ConnectionId(self._next_id)
+        conn = _Connection(cid, b"", self.config.burst, now, None, name=name, remote=True)
+        self._connections[cid] = conn
+        if self._pins.fingerprint(name) is None:
+            self._pins.pin(name, fp, None, now)
+        self._pins.in_use(name)
+        self._online[name] = cid
+        self._subscribe(conn, ())
+        return cid, []  # presence of remote users: remote_presence()
 
     # --- registration (docs/signaling.md, "Registration") -------------------------------
 
@@ -530,7 +588,8 @@ class SignalingProtocol:
             call = self._calls[call_id]
             if call.other(name) in self._online:
                 call.grace_deadline = None  # both parties are back in time
-        out.append((conn.id, Registered(name, fp, online, tuple(calls))))
+        turn = self._turn(name, self._wall_clock()) if self._turn is not None else None
+        out.append((conn.id, Registered(name, fp, online, tuple(calls), turn)))
         logger.info("= %s registered (fingerprint %s…)", name, fp[:16])
         return out
 

@@ -1,0 +1,267 @@
+#!/usr/bin/env python3
+"""Load test of several signaling instances on one Redis (``load_signaling.py --instances``).
+
+For each instance count in ``--instances`` (default ``1,2,4``), in one run:
+starts a ``redis-server`` (and, for the store figure, PostgreSQL) on loopback
+ports in temporary folders, then N ``python -m signaling --redis`` processes,
+and one client process side (this one) holding ``--connections`` registered
+users spread round-robin over the instances (each with the full URL list,
+its own instance first). It measures:
+
+* connections held (sum of the instances' ``/healthz`` ``registered``);
+* memory per connection (the instances' RSS delta / connections);
+* routing latency p50/p99 of an 8 KiB ``ice`` payload between the parties of
+  accepted calls, for pairs on the **same** instance and on **different**
+  instances (with N = 1 all pairs are same-instance), and their ratio;
+* call set-ups per second (invite → ringing → accept → 8 KiB offer → answer
+  → hangup, ``--concurrency`` at once, for ``--duration`` seconds), pairs
+  drawn across instances;
+* recovery: one instance is killed with SIGKILL; the time until every one of
+  its users is registered again on another instance (max over the users).
+
+Besides, once per run: envelopes per second through the shared PostgreSQL
+store (``signaling/pgstore.py``, 16 concurrent writers) against the embedded
+SQLite store measured in the same run (the baseline).
+
+Loopback only, bounded in size (``--connections`` <= 2000) and time.
+
+Usage::
+
+    python scripts/load_signaling.py --instances 1,2,4 --connections 400
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from qcall import pqc  # noqa: E402
+from qcall.signaling import messages as m  # noqa: E402
+from qcall.signaling.client import SignalingClient  # noqa: E402
+from signaling.local_services import LocalPostgres, LocalRedis, free_port  # noqa: E402
+
+PAYLOAD = "x" * 8192
+SERVER_ID = "load-cluster"
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def registered(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
+        return int(json.load(answer)["registered"])
+
+
+async def spawn(redis_url: str, port: int, name: str) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "signaling", "--port", str(port), "--server-id", SERVER_ID,
+        "--redis", redis_url, "--instance-id", name, "--rate", "1000", "--burst", "2000",
+        "--max-unauthenticated-per-address", "1000", "--max-new-names-per-address", "100000",
+        stdout=asyncio.subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 60)
+    if b"listening" not in line:
+        raise SystemExit(f"instance {name} did not start: {line!r}")
+    return proc
+
+
+async def next_of(client: SignalingClient, cls: type[Any], timeout: float = 10.0) -> Any:
+    while True:
+        event = await client.next_event(timeout)
+        if isinstance(event, cls):
+            return event
+
+
+async def setup_call(a: SignalingClient, b: SignalingClient) -> str:
+    call_id = await a.invite(b.name)
+    await next_of(b, m.Invite)
+    await b.ringing(call_id)
+    await next_of(a, m.Ringing)
+    await b.accept(call_id)
+    await next_of(a, m.Accept)
+    await a.send_offer(call_id, PAYLOAD)
+    await next_of(b, m.Offer)
+    await b.send_answer(call_id, PAYLOAD)
+    await next_of(a, m.Answer)
+    return call_id
+
+
+async def hangup(a: SignalingClient, b: SignalingClient, call_id: str) -> None:
+    await a.hangup(call_id)
+    await next_of(b, m.Hangup)
+
+
+async def routing(pairs: list[tuple[SignalingClient, SignalingClient]], rounds: int) -> list[float]:
+    """One-way latencies of an 8 KiB ice payload inside accepted calls (ms)."""
+    calls = [await setup_call(a, b) for a, b in pairs]
+    samples: list[float] = []
+    for _ in range(rounds):
+        for (a, b), call_id in zip(pairs, calls, strict=True):
+            start = time.perf_counter()
+            await a.send_ice(call_id, PAYLOAD)
+            await next_of(b, m.ICECandidate)
+            samples.append((time.perf_counter() - start) * 1e3)
+    for (a, b), call_id in zip(pairs, calls, strict=True):
+        await hangup(a, b, call_id)
+    return samples
+
+
+async def setups_per_second(
+    pairs: list[tuple[SignalingClient, SignalingClient]], duration: float
+) -> float:
+    done = 0
+    stop = time.perf_counter() + duration
+
+    async def loop(a: SignalingClient, b: SignalingClient) -> None:
+        nonlocal done
+        while time.perf_counter() < stop:
+            await hangup(a, b, await setup_call(a, b))
+            done += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(loop(a, b) for a, b in pairs))
+    return done / (time.perf_counter() - start)
+
+
+async def store_rates(writers: int = 16, per_writer: int = 100) -> dict[str, float]:
+    """Envelopes/s through PostgreSQL and (baseline) SQLite, ``writers`` at once."""
+    from signaling.pgstore import PostgresMessageStore
+    from signaling.store import MessageStore, SQLiteMessageStore
+
+    rates: dict[str, float] = {}
+    with LocalPostgres() as pg, tempfile.TemporaryDirectory() as tmp:
+        assert isinstance(pg, LocalPostgres)
+        pg_url = pg.create_database("load")
+        for kind in ("sqlite", "postgresql"):
+            store: MessageStore = (
+                SQLiteMessageStore(Path(tmp) / "s.db")
+                if kind == "sqlite"
+                else await PostgresMessageStore.connect(pg_url, pool_size=8)
+            )
+
+            async def writer(w: int, store: MessageStore = store) -> None:
+                for i in range(per_writer):
+                    await store.put(f"user{w}", "sender", PAYLOAD.encode()[:1024], time.time())
+
+            start = time.perf_counter()
+            await asyncio.gather(*(writer(w) for w in range(writers)))
+            rates[kind] = writers * per_writer / (time.perf_counter() - start)
+            await store.close()
+    return rates
+
+
+async def one_count(n: int, args: Any, keys: list[pqc.SigningKey]) -> dict[str, Any]:
+    with LocalRedis() as redis:
+        assert isinstance(redis, LocalRedis)
+        ports = [free_port() for _ in range(n)]
+        procs = [await spawn(redis.url, p, f"i{k}") for k, p in enumerate(ports)]
+        base_rss = sum(rss_kib(p.pid) for p in procs)
+        urls = [f"ws://127.0.0.1:{p}" for p in ports]
+        clients: list[SignalingClient] = []
+        try:
+            for i in range(args.connections):
+                home = i % n
+                order = urls[home:] + urls[:home]
+                client = SignalingClient(order, keys[i % len(keys)], f"u{i}", watch=[])
+                await client.connect()
+                clients.append(client)
+            await asyncio.sleep(0.5)
+            held = sum(registered(p) for p in ports)
+            per_conn = (sum(rss_kib(p.pid) for p in procs) - base_rss) / len(clients)
+            # Pairs: client i is on instance i % n. Same: (i, i + n); cross: (i, i + 1).
+            rounds, count = args.rounds, min(20, len(clients) // (2 * n + 2))
+            same = [(clients[2 * n * k], clients[2 * n * k + n]) for k in range(count)]
+            same_ms = await routing(same, rounds)
+            result: dict[str, Any] = {
+                "instances": n,
+                "connections_held": held,
+                "memory_per_connection_kib": round(per_conn, 1),
+                "routing_same_p50_ms": round(pct(same_ms, 0.5), 3),
+                "routing_same_p99_ms": round(pct(same_ms, 0.99), 3),
+            }
+            if n > 1:
+                cross = [(clients[2 * k * n + 1], clients[2 * k * n + 2]) for k in range(count)]
+                cross_ms = await routing(cross, rounds)
+                result |= {
+                    "routing_cross_p50_ms": round(pct(cross_ms, 0.5), 3),
+                    "routing_cross_p99_ms": round(pct(cross_ms, 0.99), 3),
+                    "cross_same_ratio_p50": round(pct(cross_ms, 0.5) / pct(same_ms, 0.5), 2),
+                }
+            last = min(len(clients) - 1, 2 * args.concurrency)
+            load_pairs = [(clients[i], clients[i + 1]) for i in range(0, last, 2)]
+            result["setups_per_s"] = round(await setups_per_second(load_pairs, args.duration), 1)
+            if n > 1:
+                victims = [c for i, c in enumerate(clients) if i % n == n - 1]
+                before = {id(c): c.registrations for c in victims}
+                procs[-1].send_signal(signal.SIGKILL)
+                killed = time.perf_counter()
+                await procs[-1].wait()
+                while any(c.registrations == before[id(c)] for c in victims):
+                    if time.perf_counter() - killed > 30:
+                        break
+                    await asyncio.sleep(0.01)
+                result["recovery_s"] = round(time.perf_counter() - killed, 3)
+                result["recovered"] = sum(c.registrations > before[id(c)] for c in victims)
+                result["victims"] = len(victims)
+            return result
+        finally:
+            for client in clients:
+                with contextlib.suppress(Exception):
+                    await client.close()
+            for proc in procs:
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGTERM)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(proc.wait(), 10)
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+
+
+async def run(args: Any) -> None:
+    counts = [int(x) for x in str(args.instances).split(",")]
+    if any(not 1 <= c <= 8 for c in counts) or not 8 <= args.connections <= 2000:
+        raise SystemExit("bounds: 1 <= instances <= 8, 8 <= --connections <= 2000")
+    backend = pqc.get_backend()
+    keys = [
+        backend.signing_generate(pqc.SignatureScheme.ML_DSA_65) for _ in range(args.connections)
+    ]  # one per user: a key may hold only max_names_per_key names
+    os.environ.setdefault("PYTHONPATH", str(ROOT))
+    results = [await one_count(n, args, keys) for n in counts]
+    for result in results:
+        print(json.dumps(result), flush=True)
+    rates = await store_rates()
+    print(json.dumps({
+        "store_envelopes_per_s_postgresql": round(rates["postgresql"]),
+        "store_envelopes_per_s_sqlite_baseline": round(rates["sqlite"]),
+    }), flush=True)  # fmt: skip
+    one = results[0]["setups_per_s"]
+    print(json.dumps({
+        "setups_scaling_vs_1": {r["instances"]: round(r["setups_per_s"] / one, 2) for r in results}
+    }), flush=True)  # fmt: skip
+    ratios = [r["cross_same_ratio_p50"] for r in results if "cross_same_ratio_p50" in r]
+    if ratios:
+        print(f"# cross/same routing p50 ratio, median over counts: {statistics.median(ratios)}")

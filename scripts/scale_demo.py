@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Scale-out demo: several signaling instances behind one URL list (docs/signaling.md).
+
+Starts a ``redis-server`` on a loopback port in a temporary folder and
+``--instances`` (default 3) ``python -m signaling --redis`` processes, puts
+alice, bob and carol on different instances (each client holding the whole URL
+list), then shows:
+
+1. a call set up between alice and bob across instances (invite, ringing,
+   accept, offer, answer), and ice messages crossing both ways;
+2. bob's instance killed with SIGKILL mid-call: bob is registered again on
+   another instance within a fraction of a second, his call is still listed,
+   and the messages of the call go on (his URL list names alice's instance
+   next: an instance that is party to neither end does not know the call —
+   docs/signaling.md, "Limits of this version");
+3. carol, on an instance that stayed up, calls nobody's dead instance: served
+   as before.
+
+Everything stops at the end (loopback only, a few seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from qcall import pqc  # noqa: E402
+from qcall.signaling import messages as m  # noqa: E402
+from qcall.signaling.client import SignalingClient  # noqa: E402
+from scripts.load_cluster import hangup, next_of, setup_call, spawn  # noqa: E402
+from signaling.local_services import LocalRedis, free_port  # noqa: E402
+
+
+def say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+async def demo(instances: int) -> None:
+    backend = pqc.get_backend()
+    with LocalRedis() as redis:
+        assert isinstance(redis, LocalRedis)
+        say(f"redis-server on {redis.url}")
+        ports = [free_port() for _ in range(instances)]
+        procs = [await spawn(redis.url, p, f"inst{k}") for k, p in enumerate(ports)]
+        urls = [f"ws://127.0.0.1:{p}" for p in ports]
+        say(f"{instances} instances: {' '.join(urls)}")
+        clients = {}
+        try:
+            for k, name in enumerate(["alice", "bob", "carol"]):
+                home = k % instances
+                order = urls[home:] + urls[:home]
+                if name == "bob":  # next: alice's instance, which knows the call (see below)
+                    order = [urls[home], urls[0]] + [
+                        u for u in urls if u not in (urls[home], urls[0])
+                    ]
+                key = backend.signing_generate(pqc.SignatureScheme.ML_DSA_65)
+                clients[name] = SignalingClient(order, key, name, watch=[])
+                await clients[name].connect()
+                say(f"{name} registered on {clients[name].url}")
+            alice, bob, carol = clients["alice"], clients["bob"], clients["carol"]
+            call_id = await setup_call(alice, bob)
+            say(f"call {call_id[:8]}… alice ({alice.url}) ↔ bob ({bob.url}): accepted")
+            await alice.send_ice(call_id, "hello bob")
+            say(f"bob got: {(await next_of(bob, m.ICECandidate)).payload!r} (across instances)")
+            victim = urls.index(bob.url)
+            say(f"kill -9 the instance of bob ({bob.url}) mid-call")
+            procs[victim].send_signal(signal.SIGKILL)
+            killed = time.perf_counter()
+            registered = await next_of(bob, m.Registered)
+            say(
+                f"bob registered again on {bob.url} after {time.perf_counter() - killed:.2f} s; "
+                f"his call is listed: {call_id in registered.calls}"
+            )
+            await bob.send_ice(call_id, "still here")
+            say(f"alice got: {(await next_of(alice, m.ICECandidate)).payload!r}")
+            await hangup(alice, bob, call_id)
+            say("alice hung up; bob was told")
+            if instances > 2:
+                carol_call = await setup_call(carol, alice)
+                say(f"carol ({carol.url}) called alice: accepted; the dead instance blocks nobody")
+                await hangup(carol, alice, carol_call)
+        finally:
+            for client in clients.values():
+                await client.close()
+            for proc in procs:
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGTERM)
+                    await proc.wait()
+    say("done: every server stopped")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--instances", type=int, default=3, help="2..6 (default 3)")
+    args = parser.parse_args()
+    if not 2 <= args.instances <= 6:
+        parser.error("--instances must be 2..6")
+    os.environ.setdefault("PYTHONPATH", str(ROOT))
+    asyncio.run(demo(args.instances))
+
+
+if __name__ == "__main__":
+    main()

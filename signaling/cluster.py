@@ -1,0 +1,450 @@
+"""Several interchangeable signaling instances sharing one Redis (``--redis``).
+
+docs/signaling.md, "Several instances", is the specification; in short:
+
+* **Liveness.** Each instance keeps ``qcall:instance:ID`` alive (``PX`` ``liveness``,
+  refreshed every ``heartbeat``). An instance that dies stops refreshing it, and
+  within ``liveness`` seconds every name it held counts as offline: nothing has
+  to clean up after a ``kill -9``.
+* **Names.** ``qcall:name:NAME`` is a hash ``{inst, fp}``: the instance the name
+  is registered on and its fingerprint; ``qcall:pin:NAME`` the pinned fingerprint
+  (``PX`` ``pin_ttl``). A registration is confirmed only after one Lua script
+  (atomic in Redis) claimed the name: a name pinned to another key is refused
+  (``name_taken``); a name held by another live instance moves here, and that
+  instance closes its connection with ``replaced``, as a second login does on
+  one instance. Two instances registering the same name at once: the later
+  claim wins, the other connection gets ``replaced`` (never both online).
+* **Messages between instances** go over Redis pub/sub, one channel per
+  instance (``qcall:to:ID``) and one for presence (``qcall:presence:all``). A call
+  between users of two instances runs the same state machine on both: each
+  instance holds a *stand-in* connection for the remote party
+  (:meth:`SignalingProtocol.attach_remote`), and every frame a user sends that
+  the protocol addresses to a stand-in is published, verbatim, to the stand-in's
+  instance, which feeds it to its own protocol as coming from that user.
+* **Redis restarted.** The heartbeat notices its instance key is gone and claims
+  its users' names again; the subscriber reconnects and subscribes again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from qcall.exceptions import ClusterError
+from qcall.signaling.messages import ErrorMessage, OnlinePeer, Registered
+from qcall.signaling.protocol import CloseConnection, ConnectionId, Output
+from qcall.typing import PeerId
+
+if TYPE_CHECKING:
+    from signaling.server import SignalingServer
+
+__all__ = ["Cluster"]
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "qcall:"
+
+# KEYS: name hash, pin key. ARGV: instance, fingerprint, pin ttl ms, instance key prefix.
+_CLAIM = """
+local pin = redis.call('GET', KEYS[2])
+if pin and pin ~= ARGV[2] then return 'pinned' end
+local owner = redis.call('HGET', KEYS[1], 'inst')
+redis.call('HSET', KEYS[1], 'inst', ARGV[1], 'fp', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+if owner and owner ~= ARGV[1] and redis.call('EXISTS', ARGV[4] .. owner) == 1 then
+  return 'moved:' .. owner
+end
+return 'ok'
+"""
+# KEYS: name hash. ARGV: instance.
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 'inst') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class Cluster:
+    """One instance's link to the others (see the module docstring).
+
+    Args:
+        url: ``redis://HOST:PORT/N``.
+        instance_id: unique among the instances (printable ASCII, no spaces).
+        liveness: seconds after its last heartbeat an instance counts as dead.
+        heartbeat: seconds between heartbeats.
+        pin_ttl: seconds a name's pinned fingerprint is kept in Redis.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        instance_id: str,
+        *,
+        liveness: float = 1.0,
+        heartbeat: float = 0.25,
+        pin_ttl: float = 30 * 86400.0,
+    ) -> None:
+        if not instance_id or not instance_id.isprintable() or " " in instance_id:
+            raise ValueError(f"bad instance id {instance_id!r}")
+        self.instance_id = instance_id
+        self.liveness, self.heartbeat, self.pin_ttl = liveness, heartbeat, pin_ttl
+        self.redis = aioredis.Redis.from_url(
+            url, socket_timeout=max(0.5, liveness), socket_connect_timeout=max(0.5, liveness)
+        )
+        # Subscriptions wait for long: no read timeout, a health check instead.
+        self._sub_redis = aioredis.Redis.from_url(
+            url, socket_connect_timeout=max(0.5, liveness), health_check_interval=1
+        )
+        self._claim = self.redis.register_script(_CLAIM)
+        self._release = self.redis.register_script(_RELEASE)
+        self._server: SignalingServer | None = None
+        self._local: dict[PeerId, str] = {}  # names registered here -> fingerprint
+        self._standins: dict[PeerId, tuple[ConnectionId, str]] = {}  # -> (cid, instance)
+        self._remote_online: dict[PeerId, tuple[str, str]] = {}  # -> (fingerprint, instance)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._subscribed = asyncio.Event()
+        #: Times the heartbeat found Redis empty and claimed the names again.
+        self.recoveries = 0
+
+    def __repr__(self) -> str:
+        return f"<Cluster instance {self.instance_id}>"
+
+    def _key(self, kind: str, name: str) -> str:
+        return f"{PREFIX}{kind}:{name}"
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self, server: SignalingServer) -> None:
+        """Join the cluster and hook into ``server``.
+
+        Raises:
+            ClusterError: Redis is unreachable.
+        """
+        self._server = server
+        try:
+            await self._beat()
+        except RedisError as exc:
+            raise ClusterError(f"cannot reach Redis: {exc}") from None
+        server.cluster = self
+        self._tasks = [
+            asyncio.create_task(self._run_heartbeat()),
+            asyncio.create_task(self._run_subscriber()),
+        ]
+        await asyncio.wait_for(self._subscribed.wait(), 5.0)
+
+    async def close(self) -> None:
+        """Leave the cluster: release the names held here, stop the tasks."""
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        with contextlib.suppress(RedisError, OSError):
+            for name in list(self._local):
+                await self._release(keys=[self._key("name", name)], args=[self.instance_id])
+            await self.redis.delete(self._key("instance", self.instance_id))
+        await self.redis.aclose()
+        await self._sub_redis.aclose()
+        if self._server is not None:
+            self._server.cluster = None
+
+    # --- hooks called by the server shell ---------------------------------------------------
+
+    async def before(self, cid: ConnectionId, text: str | bytes) -> None:
+        """Before ``text`` from ``cid`` is handled: make a stand-in for a remote callee."""
+        server = self._server
+        if server is None or not isinstance(text, str) or '"invite"' not in text:
+            return
+        if server.protocol.name_of(cid) is None:
+            return
+        try:
+            peer = json.loads(text).get("peer")
+        except (ValueError, AttributeError):
+            return  # the protocol answers bad_message
+        if not isinstance(peer, str) or server.protocol.connection_of(PeerId(peer)) is not None:
+            return
+        try:
+            reply = self.redis.hmget(self._key("name", peer), ["inst", "fp"])
+            inst, fp = await reply if not isinstance(reply, list) else reply
+            alive = inst is not None and await self.redis.exists(
+                self._key("instance", inst.decode())
+            )
+        except RedisError as exc:
+            logger.warning("! cannot look %s up in Redis: %s", peer, exc)
+            return  # the protocol answers unavailable
+        if alive and inst.decode() != self.instance_id:
+            self._attach(PeerId(peer), fp.decode(), inst.decode())
+
+    async def after(self, cid: ConnectionId, text: str | bytes, out: list[Output]) -> list[Output]:
+        """After ``text`` from ``cid``: confirm a registration, forward to other instances."""
+        server = self._server
+        if server is None:
+            return out
+        for target, msg in out:
+            if target == cid and isinstance(msg, Registered):
+                return await self._confirm(cid, msg, out)
+        name = server.protocol.name_of(cid)
+        if name is None or server.protocol.is_remote(cid):
+            return out
+        kept: list[Output] = []
+        instances: set[str] = set()
+        for target, msg in out:
+            standin = self._instance_of(target)
+            if standin is None:
+                kept.append((target, msg))
+            elif not isinstance(msg, CloseConnection):
+                instances.add(standin)
+        for inst in sorted(instances):
+            frame = text if isinstance(text, str) else text.decode(errors="replace")
+            envelope = {"from": name, "fp": self._local.get(name, ""), "inst": self.instance_id}
+            try:
+                await self.redis.publish(
+                    self._key("to", inst), json.dumps({**envelope, "frame": frame})
+                )
+            except RedisError as exc:
+                logger.warning("! cannot forward to instance %s: %s", inst, exc)
+                kept.append((cid, ErrorMessage("unavailable", "peer unreachable now")))
+        return kept
+
+    async def left(self, name: PeerId) -> None:
+        """``name``'s last connection here closed: release it and tell the others."""
+        server = self._server
+        if server is not None and server.protocol.connection_of(name) is not None:
+            return  # replaced by a newer connection here
+        fp = self._local.pop(name, None)
+        if fp is None:
+            return  # never claimed, or moved to another instance (kick)
+        with contextlib.suppress(RedisError, OSError):
+            await self._release(keys=[self._key("name", name)], args=[self.instance_id])
+            await self._announce(name, fp, online=False)
+
+    # --- internals --------------------------------------------------------------------------
+
+    async def _confirm(self, cid: ConnectionId, msg: Registered, out: list[Output]) -> list[Output]:
+        assert self._server is not None
+        name = PeerId(msg.name)
+        try:
+            result = await self._claim(
+                keys=[self._key("name", name), self._key("pin", name)],
+                args=[
+                    self.instance_id, msg.fingerprint, int(self.pin_ttl * 1000),
+                    self._key("instance", ""),
+                ],
+            )  # fmt: skip
+            verdict = result.decode() if isinstance(result, bytes) else str(result)
+        except RedisError as exc:
+            logger.warning("! cannot claim %s in Redis: %s", name, exc)
+            verdict = "down"
+        if verdict == "ok" or verdict.startswith("moved:"):
+            self._local[name] = msg.fingerprint
+            with contextlib.suppress(RedisError, OSError):
+                await self._announce(name, msg.fingerprint, online=True)
+                out = await self._add_remote_online(cid, msg, out)
+            if verdict != "ok":  # a second login: the older connection is replaced
+                kick = json.dumps({"kick": name, "inst": self.instance_id})
+                with contextlib.suppress(RedisError):
+                    await self.redis.publish(self._key("to", verdict[6:]), kick)
+            return out
+        code, text, close = {
+            "pinned": ("name_taken", "name registered with another key", 1008),
+        }.get(verdict, ("cluster_unavailable", "shared state unreachable, try again", 1013))
+        logger.info("! registration of %s refused: %s", name, verdict)
+        loop = asyncio.get_running_loop()
+        self._server.protocol.disconnect(cid, loop.time())  # nobody was told yet
+        return [
+            (cid, ErrorMessage(code, text, ref="register")),
+            (cid, CloseConnection(close, text)),
+        ]
+
+    async def _announce(self, name: PeerId, fp: str, *, online: bool) -> None:
+        news = {"name": name, "fp": fp, "online": online, "inst": self.instance_id}
+        await self.redis.publish(self._key("presence", "all"), json.dumps(news))
+
+    async def _add_remote_online(
+        self, cid: ConnectionId, msg: Registered, out: list[Output]
+    ) -> list[Output]:
+        """Add the watched names online on other instances to ``registered.online``."""
+        assert self._server is not None
+        protocol = self._server.protocol
+        watch = protocol.watch_of(cid)
+        if not watch:
+            return out  # everyone (None): this instance's users only (docs/signaling.md)
+        wanted = [n for n in watch if n != msg.name and protocol.connection_of(n) is None]
+        if not wanted:
+            return out
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for n in wanted:
+                pipe.hmget(self._key("name", n), ["inst", "fp"])
+            owners = await pipe.execute()
+        found = [(n, i.decode(), f.decode()) for n, (i, f) in zip(wanted, owners, strict=True) if i]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _, inst, _ in found:
+                pipe.exists(self._key("instance", inst))
+            alive = await pipe.execute()
+        extra = tuple(OnlinePeer(n, fp) for (n, _, fp), up in zip(found, alive, strict=True) if up)
+        if not extra:
+            return out
+        snapshot = dataclasses.replace(msg, online=msg.online + extra)
+        return [(t, snapshot if m is msg else m) for t, m in out]
+
+    def _on_presence(self, data: dict[str, Any]) -> None:
+        server = self._server
+        assert server is not None
+        name, fp, inst = PeerId(str(data["name"])), str(data["fp"]), str(data["inst"])
+        if inst == self.instance_id:
+            return
+        online = bool(data["online"])
+        if online:
+            self._remote_online[name] = (fp, inst)
+        else:
+            if self._remote_online.get(name, ("", ""))[1] != inst:
+                return  # an older departure: the name lives elsewhere now
+            del self._remote_online[name]
+            entry = self._standins.get(name)
+            if entry is not None and entry[1] == inst:
+                self._drop(name)
+        server._dispatch(server.protocol.remote_presence(name, fp, online))
+
+    def _instance_of(self, target: ConnectionId) -> str | None:
+        assert self._server is not None
+        if not self._server.protocol.is_remote(target):
+            return None
+        name = self._server.protocol.name_of(target)
+        entry = self._standins.get(name) if name is not None else None
+        return entry[1] if entry else None
+
+    def _attach(self, name: PeerId, fp: str, inst: str) -> ConnectionId | None:
+        server = self._server
+        assert server is not None
+        loop = asyncio.get_running_loop()
+        standin, out = server.protocol.attach_remote(name, fp, loop.time())
+        if standin is not None:
+            self._standins[name] = (standin, inst)
+            server._dispatch(out)
+        return standin
+
+    def _drop(self, name: PeerId) -> None:
+        server = self._server
+        entry = self._standins.pop(name, None)
+        if server is None or entry is None:
+            return
+        loop = asyncio.get_running_loop()
+        server._dispatch(server.protocol.disconnect(entry[0], loop.time()))
+        server._check_timer()
+
+    def _on_kick(self, name: PeerId) -> None:
+        """``name`` registered on another instance: close its connection here (``replaced``)."""
+        server = self._server
+        assert server is not None
+        cid = server.protocol.connection_of(name)
+        if cid is None or server.protocol.is_remote(cid):
+            return
+        self._local.pop(name, None)  # the other instance owns the name now
+        text = "registered again on another instance"
+        server._dispatch(
+            [(cid, ErrorMessage("replaced", text)), (cid, CloseConnection(1008, text))]
+        )
+
+    def _on_frame(self, data: dict[str, Any]) -> None:
+        server = self._server
+        assert server is not None
+        name, inst, frame = PeerId(str(data["from"])), str(data["inst"]), str(data["frame"])
+        current = server.protocol.connection_of(name)
+        entry = self._standins.get(name)
+        if entry is not None and (current != entry[0] or entry[1] != inst):
+            self._drop(name)  # the user moved
+            entry, current = None, server.protocol.connection_of(name)
+        if entry is None:
+            if current is not None:
+                return  # the user is here now: the other instance's view is stale
+            standin = self._attach(name, str(data["fp"]), inst)
+            if standin is None:
+                return
+        else:
+            standin = entry[0]
+        loop = asyncio.get_running_loop()
+        out = server.protocol.receive(standin, frame, loop.time())
+        server._dispatch([(t, m) for t, m in out if not server.protocol.is_remote(t)])
+        server._check_timer()
+
+    async def _run_subscriber(self) -> None:
+        while True:
+            pubsub = self._sub_redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(
+                    self._key("to", self.instance_id), self._key("presence", "all")
+                )
+                self._subscribed.set()
+                async for message in pubsub.listen():
+                    try:
+                        data = json.loads(message["data"])
+                        if message["channel"].decode().startswith(self._key("presence", "")):
+                            self._on_presence(data)
+                        elif "kick" in data:
+                            self._on_kick(PeerId(str(data["kick"])))
+                        else:
+                            self._on_frame(data)
+                    except (ValueError, KeyError, TypeError) as exc:
+                        logger.warning("! bad message from another instance: %s", exc)
+            except (RedisError, OSError) as exc:
+                logger.warning("! Redis subscription lost (%s); subscribing again", exc)
+                await asyncio.sleep(min(0.2, self.heartbeat))
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _beat(self) -> bool:
+        """Refresh this instance's key; True if Redis had lost it (restart)."""
+        key = self._key("instance", self.instance_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(key)
+            pipe.set(key, "1", px=int(self.liveness * 1000))
+            existed, _ = await pipe.execute()
+        return not existed
+
+    async def _run_heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            try:
+                if await self._beat() and self._local:
+                    await self._reclaim()
+                await self._check_standins()
+            except (RedisError, OSError) as exc:
+                logger.warning("! Redis heartbeat failed: %s", exc)
+
+    async def _reclaim(self) -> None:
+        """Redis lost our state (restarted): claim our users' names again."""
+        self.recoveries += 1
+        logger.warning("! Redis lost this instance's state: claiming %d names", len(self._local))
+        for name, fp in list(self._local.items()):
+            await self._claim(
+                keys=[self._key("name", name), self._key("pin", name)],
+                args=[self.instance_id, fp, int(self.pin_ttl * 1000), self._key("instance", "")],
+            )
+
+    async def _check_standins(self) -> None:
+        """Users of dead instances go offline; drop stand-ins no call needs any more."""
+        server = self._server
+        if server is None or not (self._standins or self._remote_online):
+            return
+        instances = sorted(
+            {inst for _, inst in self._standins.values()}
+            | {inst for _, inst in self._remote_online.values()}
+        )
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for inst in instances:
+                pipe.exists(self._key("instance", inst))
+            alive = dict(zip(instances, await pipe.execute(), strict=True))
+        for name, (fp, inst) in list(self._remote_online.items()):
+            if not alive[inst]:
+                del self._remote_online[name]
+                server._dispatch(server.protocol.remote_presence(name, fp, False))
+        for name, (_, inst) in list(self._standins.items()):
+            if not alive[inst] or not server.protocol.has_calls(name):
+                self._drop(name)
