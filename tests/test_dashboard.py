@@ -9,6 +9,7 @@ turns its link red within a second, and it saves the screenshot docs/dashboard.m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import time
@@ -21,7 +22,7 @@ import pytest
 
 from qcall.dashboard.server import DashboardServer, parse_listen
 from qcall.dashboard.view import DashboardView, layout
-from qcall.exceptions import ConfigError
+from qcall.exceptions import ConfigError, QCallError
 from qcall.qkd.client import open_key_source
 from qcall.qkd.topology import load_topology
 from tests.test_network import TIMEOUT, fast_network
@@ -171,10 +172,25 @@ async def test_dashboard_in_chromium(tmp_path: Path) -> None:
                 took = await until(lambda: colour("Jinan-Taian") == "red", 1.0)
                 assert took < 1.0
                 await until(lambda: "Jinan-Taian" in driver.find_element(By.ID, "alarms").text, 2)
-                # ... and the QBER alarm follows once the link's next block is checked.
-                await until(
-                    lambda: "above threshold" in driver.find_element(By.ID, "alarms").text, TIMEOUT
-                )
+                # ... and the QBER alarm follows once the link's next block is checked. A link
+                # whose buffers are full idles: keep drawing key so that it runs again.
+                async def draw() -> None:
+                    async with open_key_source(net.sae_credentials("alice").as_config()) as src:
+                        while True:
+                            with contextlib.suppress(QCallError):
+                                await src.get_key("bob")
+                            await asyncio.sleep(0.2)
+
+                drawing = asyncio.ensure_future(draw())
+                try:
+                    await until(
+                        lambda: "above threshold" in driver.find_element(By.ID, "alarms").text,
+                        TIMEOUT,
+                    )
+                finally:
+                    drawing.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await drawing
                 assert colour("Beijing-Langfang") == "green"
                 await asyncio.to_thread(driver.save_screenshot, str(tmp_path / "dashboard.png"))
                 assert (tmp_path / "dashboard.png").stat().st_size > 10_000
