@@ -410,3 +410,37 @@ async def test_messages_spend_qkd_key_counted_as_message_at_both_kmes(world, tmp
             usage = {row["application"]: row for row in kme.usage()}
             assert usage["message"]["keys"] == 1, kme.usage()
             assert set(usage) == {"message"}
+
+
+async def test_crash_in_the_middle_of_a_received_batch_loses_nothing(world, monkeypatch):
+    """deliver() commits a batch of envelopes in one transaction, acknowledged only after
+    it: a crash in the middle rolls back the whole batch (nothing acknowledged, no session
+    advanced), and the re-delivered batch is processed exactly once."""
+    alice, bob = await world.users("alice", "bob")
+    for i in range(5):
+        await alice.send_text("bob", f"m{i}")
+    envelopes = await bob.transport.fetch(0)
+    assert len(envelopes) == 5
+    real = bob.store.mark_processed
+    calls = []
+
+    def crash_on_third(envelope_id: int, now: float) -> None:
+        calls.append(envelope_id)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("kill in the middle of the batch")
+        real(envelope_id, now)
+
+    monkeypatch.setattr(bob.store, "mark_processed", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        await bob.deliver(envelopes)
+    bob.store.close()
+    monkeypatch.undo()
+    bob = world.client("bob")  # restarted on the same files
+    assert not any(bob.store.processed(e.id) for e in envelopes)  # one transaction
+    assert bob.history("bob") == [] and bob.history("alice") == []
+    events = await bob.receive()  # the server re-delivers: nothing was acknowledged
+    assert texts(events) == [f"m{i}" for i in range(5)] and rejected(events) == []
+    assert await bob.receive() == []
+    assert [c.text for _, c in bob.history("alice")] == [f"m{i}" for i in range(5)]
+    await alice.send_text("bob", "after")  # the sessions go on: no key reused or lost
+    assert texts(await bob.receive()) == ["after"]

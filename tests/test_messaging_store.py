@@ -145,6 +145,24 @@ def test_transaction_rolls_back_everything(tmp_path):
     assert store.outbox() == [] and not store.processed(7)
 
 
+def test_nested_transaction_that_fails_rolls_back_only_its_own_writes(tmp_path):
+    """A savepoint per nested transaction: one bad item of a batch loses nothing else."""
+    path = tmp_path / "messages.db"
+    store = open_store(path)
+    with store.transaction():
+        store.mark_processed(1, NOW)
+        with pytest.raises(RuntimeError), store.transaction():
+            store.add_outbox("bob", b"envelope", NOW)
+            store.mark_processed(2, NOW)
+            raise RuntimeError("bad envelope")
+        with store.transaction():
+            store.mark_processed(3, NOW)
+    store.close()
+    store = open_store(path)
+    assert store.processed(1) and store.processed(3)
+    assert not store.processed(2) and store.outbox() == []
+
+
 def test_groups_sender_chains_qkd_keys_pending(tmp_path):
     store = open_store(tmp_path / "messages.db")
     alice = identity("alice")

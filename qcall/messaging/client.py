@@ -23,8 +23,10 @@ Durability rules (why ``kill -9`` loses nothing and never reuses a key):
   one commit;
 * receiving: the session advances, and the message, the envelope id
   (``processed``) and any consumed one-time prekey or QKD key are written, in
-  one transaction; only then is the envelope acknowledged. An envelope id seen
-  again (the server re-delivers after our crash) is acknowledged silently;
+  one transaction; only then is the envelope acknowledged. A batch of envelopes
+  shares one transaction (a savepoint each), committed before any KME request
+  and before the batch is acknowledged. An envelope id seen again (the server
+  re-delivers after our crash) is acknowledged silently;
 * a QKD key fetched with ``dec_keys`` is stored before it is used (the KME
   hands it out once).
 
@@ -119,6 +121,17 @@ logger = logging.getLogger(__name__)
 _SENT_BATCH = 256
 
 
+class _BatchBreak(Exception):  # noqa: N818 (control flow, never seen outside deliver)
+    """A KME request is needed: commit the batch before it (deliver)."""
+
+
+def _is_chunk(envelope: Envelope) -> bool:
+    try:
+        return message_type(envelope.data) is MessageType.FILE_CHUNK
+    except MessageFormatError:
+        return False
+
+
 class MessagingClient:
     """One user's messaging endpoint (see the module docstring).
 
@@ -159,6 +172,8 @@ class MessagingClient:
         # Outbox entries the server acknowledged, deleted with the next transaction
         # (one commit per message instead of two; a resend is idempotent).
         self._sent: set[int] = set()
+        # Inside deliver()'s batch transaction (no KME request may wait in it).
+        self._batching = False
 
     def __repr__(self) -> str:
         return f"<MessagingClient {self.me.name}>"
@@ -345,6 +360,8 @@ class MessagingClient:
                 raise KeyNotFoundError(
                     f"QKD key {ref.key_id} needed, but no key source is configured"
                 )
+            if self._batching:
+                raise _BatchBreak
             key = await self.key_source.get_key_by_id(
                 ref.sae_id, ref.key_id, application="message"
             )
@@ -375,9 +392,32 @@ class MessagingClient:
         only acknowledged. With ``retry``, envelopes kept for later are retried too.
         """
         events: list[Event] = []
-        for envelope in envelopes:
-            if not self.store.processed(envelope.id):
-                events += await self.process(envelope)
+        todo = [e for e in envelopes if not self.store.processed(e.id)]
+        while todo:
+            # One commit for a batch of envelopes, each a savepoint inside it; acknowledged
+            # only after the commit. A KME request must not wait inside the transaction:
+            # the batch so far is committed first (_BatchBreak) and that envelope
+            # processed on its own; a file chunk (a file write) gets its own batch.
+            done, alone = 0, False
+            with self.store.transaction():
+                self._batching = True
+                try:
+                    for envelope in todo:
+                        chunk = _is_chunk(envelope)
+                        if chunk and done:
+                            break
+                        events += await self.process(envelope)
+                        done += 1
+                        if chunk:
+                            break
+                except _BatchBreak:
+                    alone = True
+                finally:
+                    self._batching = False
+            todo = todo[done:]
+            if alone:
+                events += await self.process(todo[0])
+                todo = todo[1:]
         if envelopes:
             await self.transport.ack([e.id for e in envelopes])
         if retry and events:

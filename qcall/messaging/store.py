@@ -219,14 +219,26 @@ class ClientStore:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
-        """One atomic transaction (nested calls join the outer one)."""
+        """One atomic transaction.
+
+        A nested call is a savepoint inside the outer transaction: if it raises, its
+        own writes are rolled back and the outer transaction goes on (so one bad
+        item of a batch committed together loses nothing else); if it returns, its
+        writes commit with the outer transaction.
+        """
         with self._lock:
             if self._depth:
+                name = f"nested{self._depth}"
+                self._db.execute(f"SAVEPOINT {name}")
                 self._depth += 1
                 try:
                     yield
+                except BaseException:
+                    self._db.execute(f"ROLLBACK TO {name}")
+                    raise
                 finally:
                     self._depth -= 1
+                    self._db.execute(f"RELEASE {name}")
                 return
             try:
                 self._db.execute("BEGIN IMMEDIATE")
