@@ -70,6 +70,7 @@ def test_report_ratios_and_checks() -> None:
     assert report["checks"]["hybrid_setup_within_1.10x_plain"] is True
     assert report["checks"]["loopback_one_way_p50_le_40ms"] is True
     text = markdown(report)
+    assert "callee: answer signed and sent | – | – | – |" in text  # no callee milestones
     assert "| hybrid | 3 |" in text and "hybrid_over_plain_setup = 1.050" in text
 
 
@@ -131,6 +132,13 @@ def test_harness_run(tmp_path: Path) -> None:
         assert m["netem"]["achieved_delay_ms"]["p50"] >= PROFILES["beijing-hefei"].delay_ms
         assert m["breakdown_ms"]["ice_connected"]["p50"] is not None
     assert report["modes"]["hybrid"]["qkd_fetch_ms"]["p50"] is not None
+    for mode in ("pqc", "hybrid"):  # where the signed offer's time goes, on each side
+        m = report["modes"][mode]
+        at = [m["milestones_ms"][k]["p50"] for k in ("offer_key_wait", "offer_signed")]
+        assert 0 < at[0] <= at[1] <= m["milestones_ms"]["offer_sent"]["p50"]
+        for key in ("offer_verified", "answer_sdp_ready", "answer_sent"):
+            assert m["callee_spans_ms"][key]["p50"] >= 0
+    assert report["modes"]["plain"]["callee_spans_ms"]["answer_sent"]["n"] == 0
     assert report["modes"]["hybrid"]["rekeys"] >= 1  # decrypt failures counted across rekeys
     assert report["modes"]["pqc"]["compute_ms"]["callee"]["p50"] > 0
     assert isinstance(report["ratio"]["hybrid_over_plain_setup"], float)

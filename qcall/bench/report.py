@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from qcall.bench.runner import OVERLAPPING, PHASES, BenchConfig, CallResult
+from qcall.bench.runner import CALLEE_SPANS, OVERLAPPING, PHASES, BenchConfig, CallResult
 
 __all__ = ["SCHEMA", "TARGETS", "build_report", "markdown", "summary", "write_report"]
 
@@ -80,6 +80,12 @@ def phase_durations(milestones: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def _span(milestones: dict[str, float], start: str, end: str) -> float | None:
+    if start not in milestones or end not in milestones:
+        return None
+    return round(float(milestones[end]) - float(milestones[start]), 3)
+
+
 def _ratio(a: float | int | None, b: float | int | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
@@ -108,6 +114,10 @@ def _mode_report(calls: Sequence[CallResult]) -> dict[str, Any]:
         "breakdown_ms": {key: summary(p.get(key) for p in phases) for key, _ in PHASES},
         "milestones_ms": {key: summary(c.caller_ms.get(key) for c in ok) for key, _ in OVERLAPPING},
         "qkd_fetch_ms": summary(c.caller_ms.get("qkd_fetch") for c in ok),
+        "callee_spans_ms": {
+            end: summary(_span(c.callee_ms, start, end) for c in ok)
+            for start, end, _ in CALLEE_SPANS
+        },
         "compute_ms": {
             "caller": summary(c.caller_ms.get("compute") for c in ok),
             "callee": summary(c.callee_ms.get("compute") for c in ok),
@@ -202,6 +212,7 @@ def build_report(
         },
         "phases": {key: label for key, label in PHASES},
         "overlapping": {key: label for key, label in OVERLAPPING},
+        "callee_spans": {end: label for _, end, label in CALLEE_SPANS},
         "modes": modes,
         "ratio": ratio,
         "targets": dict(TARGETS),
@@ -317,6 +328,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for key, label in (("qkd_fetch_ms", "QKD status + enc_keys (duration)"),):
         cells = [_fmt(report["modes"][m][key]["p50"]) for m in modes]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for key, label in report.get("callee_spans", {}).items():
+        cells = [_fmt(report["modes"][m]["callee_spans_ms"][key]["p50"]) for m in modes]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for side in ("caller", "callee"):
         cells = [_fmt(report["modes"][m]["compute_ms"][side]["p50"]) for m in modes]

@@ -80,8 +80,18 @@ PHASES = (
 #: Caller milestones off that critical path (ms since dial), shown beside it: the
 #: authenticated exchange runs during ICE (docs/calls.md, "SDP ahead").
 OVERLAPPING = (
+    ("offer_key_wait", "offer: SDP made, key + signature started, ms since dial"),
+    ("offer_key", "offer: QKD key in hand, ms since dial"),
+    ("offer_signed", "offer: ML-KEM keygen + ML-DSA sign done, ms since dial"),
     ("offer_sent", "signed offer sent (QKD key, ML-KEM keygen, ML-DSA sign), ms since dial"),
     ("confirmed", "peer's key confirmation received, ms since dial"),
+)
+
+#: Callee spans (its own clock): from one milestone to the next, in ms.
+CALLEE_SPANS = (
+    ("offer_received", "offer_verified", "callee: offer verified (ML-DSA verify, ML-KEM encaps)"),
+    ("offer_verified", "answer_sdp_ready", "callee: its SDP ready for the answer"),
+    ("answer_sdp_ready", "answer_sent", "callee: answer signed and sent"),
 )
 
 Progress = Callable[[str, int], None]

@@ -166,6 +166,7 @@ class Negotiation(HandshakePump):
                         await asyncio.wait_for(step.wait(), RING_HEADSTART)
                     if not self._picked_up.is_set():
                         break
+            self._mark("offer_key_wait")
             qkd_keys, policy = fetched or ([], self.options.policy)
             if key is not None:
                 qkd_keys, policy = await key
@@ -189,8 +190,10 @@ class Negotiation(HandshakePump):
             srtp_profiles=self._profiles(),
         )
         self.hs = hs
+        self._mark("offer_key")
         with self._computing():
             hs.send_offer(pc.localDescription.sdp, self.clock(), qkd_keys)
+        self._mark("offer_signed")
         return b64(b"".join(hs.data_to_send())), time.monotonic()
 
     async def _rebuild_offer(self) -> tuple[str, float]:
@@ -280,8 +283,10 @@ class Negotiation(HandshakePump):
             srtp_profiles=self._profiles(),
         )
         self.hs = hs
+        self._mark("offer_received")
         with self._computing():
             hs.receive_data(offer, self.clock())
+        self._mark("offer_verified")
         offer_event = None
         needed: list[QKDKeysNeeded] = []
         for event in self._drain():
@@ -305,6 +310,7 @@ class Negotiation(HandshakePump):
         if hs.error is not None:  # failed meanwhile
             raise hs.error
         assert self.pc is not None
+        self._mark("answer_sdp_ready")
         with self._computing():
             hs.send_answer(self.pc.localDescription.sdp, self.clock())
         await self.signaling.send_answer(self.call_id, b64(b"".join(hs.data_to_send())))
