@@ -141,7 +141,7 @@ async def test_otp_call_to_a_callee_without_otp_is_refused_at_once_on_both_sides
     bob = await lab.phone("bob")  # hybrid only, as `qcall listen` without --otp
     incoming = asyncio.ensure_future(bob.incoming())
     started = time.monotonic()
-    with pytest.raises(QCallError, match="otp_not_allowed.*bob does not accept one-time-pad"):
+    with pytest.raises(QCallError, match=r"otp_not_allowed.*bob does not accept one-time-pad"):
         await asyncio.wait_for(alice.call("bob"), 10 * T)
     with pytest.raises(OTPNotAllowedError, match="bob does not accept one-time-pad calls"):
         await asyncio.wait_for(incoming, 5 * T)
