@@ -23,6 +23,7 @@ narrowest class that you can act on::
     │   ├── BadSignatureError           ML-DSA signature does not verify
     │   ├── ReplayError                 nonce seen before or timestamp out of window
     │   ├── DowngradeError              policy differs from what was offered/allowed
+    │   │   └── OTPNotAllowedError      the callee does not accept one-time-pad calls
     │   ├── KeyConfirmationError        peers derived different keys
     │   ├── QKDKeyMismatchError         (a KeyConfirmationError) QKD key differs
     │   ├── TranscriptMismatchError     (a KeyConfirmationError) handshake altered in transit
@@ -140,6 +141,7 @@ __all__ = [
     "NotInLogError",
     "OTPError",
     "OTPKeyExhaustedError",
+    "OTPNotAllowedError",
     "OTPPacketError",
     "PeerUnavailableError",
     "PostProcessingError",
@@ -292,6 +294,12 @@ class DowngradeError(HandshakeError):
     """The security policy differs from what was offered or what is allowed."""
 
     code = "downgrade"
+
+
+class OTPNotAllowedError(DowngradeError):
+    """The offer asks for a one-time-pad call and the callee does not accept one (docs/otp.md)."""
+
+    code = "otp_not_allowed"
 
 
 class KeyConfirmationError(HandshakeError):

@@ -66,7 +66,7 @@ def make_pair(
     caller_args: dict[str, Any] = {
         "check_peer": Pins(bob=BOB.public_bytes()),
         "policy": policy,
-        "qkd_route": ROUTE if policy == "hybrid" else None,
+        "qkd_route": ROUTE if policy in ("hybrid", "otp") else None,
         **(caller_kwargs or {}),
     }
     callee_args: dict[str, Any] = {
@@ -124,7 +124,7 @@ def run_handshake(
 ) -> Pair:
     """Offer → answer → exporter → confirm, with the manual clock."""
     keys = []
-    if pair.caller.policy == "hybrid":
+    if pair.caller.policy in ("hybrid", "otp"):
         key = new_qkd_key(qkd_size)
         pair.qkd[key.key_id] = key.key
         keys.append(key)

@@ -18,7 +18,7 @@ import pytest
 from qcall.call.audio_analysis import peak_frequency
 from qcall.call.media import read_wav
 from qcall.call.session import CallOptions
-from qcall.exceptions import OTPKeyExhaustedError
+from qcall.exceptions import OTPKeyExhaustedError, OTPNotAllowedError, QCallError
 from qcall.otp.keystream import OTPPolicy
 from qcall.otp.packet import rtp_header_length
 from qcall.qkd.kme import random_keys
@@ -132,3 +132,17 @@ async def test_otp_across_rekeys_and_a_restarted_call_never_reuses_a_key_range(l
         await asyncio.wait_for(callee.wait(), 5 * T)
     # The pads' key_IDs still held at hang-up never repeat across the two calls.
     assert len(used_key_ids) == len(set(used_key_ids))
+
+
+async def test_otp_call_to_a_callee_without_otp_is_refused_at_once_on_both_sides(lab: Lab) -> None:
+    """Policy otp is in the signed offer: bob (no --otp) refuses it, both sides say why."""
+    supply_pads(lab, 4)
+    alice = await lab.phone("alice", tone=440, options=otp_options())
+    bob = await lab.phone("bob")  # hybrid only, as `qcall listen` without --otp
+    incoming = asyncio.ensure_future(bob.incoming())
+    started = time.monotonic()
+    with pytest.raises(QCallError, match=r"otp_not_allowed.*bob does not accept one-time-pad"):
+        await asyncio.wait_for(alice.call("bob"), 10 * T)
+    with pytest.raises(OTPNotAllowedError, match="bob does not accept one-time-pad calls"):
+        await asyncio.wait_for(incoming, 5 * T)
+    assert time.monotonic() - started < 5 * T  # at once, not after a media timeout

@@ -237,7 +237,7 @@ class QKDKeys:
         hs = s.hs
         assert isinstance(hs, CallerHandshake)
         keys: list[Any] = []
-        if hs.policy == "hybrid":
+        if hs.policy in ("hybrid", "otp"):
             try:
                 keys = [await self._source().get_key(s.peer_sae, application="rekey")]
             except QKDError as exc:

@@ -94,6 +94,10 @@ _REASONS = {
         "{peer}'s phone refused our identity key: it has another key pinned for us (after "
         "a new identity, {peer} checks its fingerprint and runs `qcall contacts forget`)"
     ),
+    "otp_not_allowed": (
+        "{peer} does not accept one-time-pad calls: {peer} must listen with `qcall listen "
+        "--otp end|hybrid`, or call without --otp"
+    ),
     "qkd_unavailable": (
         "{peer}'s side could not use the QKD keys: both KMEs must share keys (the same "
         "`qcall network`, or one KME), each side's SAE ID must be right (--sae), and both "

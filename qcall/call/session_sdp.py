@@ -177,6 +177,10 @@ class Negotiation(HandshakePump):
                 key.cancel()
         self._offer_inputs = (qkd_keys, policy)
         self.status.policy = policy
+        if self.options.otp is not None and policy == "hybrid":
+            # Stated in the signed offer (docs/handshake.md §3.2): a callee that does
+            # not accept one-time-pad calls refuses at once with otp_not_allowed.
+            policy = "otp"
         hs = CallerHandshake(
             self.signing_key,
             self.name,
@@ -184,7 +188,7 @@ class Negotiation(HandshakePump):
             check_peer=self.check_peer,
             policy=policy,
             qkd_route=QKDRoute(self.qkd_kme_id, self.own_sae, self.peer_sae)
-            if policy == "hybrid"
+            if policy in ("hybrid", "otp")
             else None,
             rekey_interval=self.options.rekey_interval,
             srtp_profiles=self._profiles(),
@@ -272,6 +276,8 @@ class Negotiation(HandshakePump):
     async def _start_callee(self, offer: bytes) -> None:
         self.status.state = CallState.CONNECTING
         accepted = ["hybrid", "pqc"] if self.options.allow_pqc_only else [self.options.policy]
+        if self.options.otp is not None:
+            accepted.append("otp")  # `qcall listen --otp`: one-time-pad calls are welcome
         hs = CalleeHandshake(
             self.signing_key,
             self.name,
@@ -296,9 +302,9 @@ class Negotiation(HandshakePump):
                 needed.append(event)
         if offer_event is None:
             raise self._failure("the offer was refused")
-        self.status.policy = offer_event.policy
+        self.status.policy = "hybrid" if offer_event.policy == "otp" else offer_event.policy
         self._peer_identified(offer_event.peer_fingerprint)
-        if offer_event.policy != "hybrid":
+        if offer_event.policy == "pqc":
             self.status.notice = "pqc only (no QKD key), as allowed"
         if self.pc is None:
             await self._prepare_answer_sdp(offer_event.sdp)

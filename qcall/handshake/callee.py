@@ -17,6 +17,7 @@ from qcall.exceptions import (
     IdentityError,
     InvalidKeyError,
     InvalidMessageError,
+    OTPNotAllowedError,
     QCallError,
     UnknownIdentityError,
 )
@@ -24,6 +25,7 @@ from qcall.handshake.events import OfferReceived, QKDKeysNeeded, RekeyPostponed
 from qcall.handshake.keyschedule import SRTPProfile, Transcript, rekey_nack_tag
 from qcall.handshake.messages import (
     KEM_ALGORITHMS,
+    QKD_POLICIES,
     Answer,
     Confirm,
     Message,
@@ -180,6 +182,8 @@ class CalleeHandshake(HandshakeProtocol):
             raise UnknownIdentityError(
                 f"the offer comes from {offer.sender!r}, not from {self.expected_peer!r}"
             )
+        if offer.policy == "otp" and "otp" not in self.accepted_policies:
+            raise OTPNotAllowedError(f"{self.name} does not accept one-time-pad calls")
         if offer.policy not in self.accepted_policies:
             raise DowngradeError(
                 f"the offer's policy {offer.policy!r} is not accepted "
@@ -209,7 +213,7 @@ class CalleeHandshake(HandshakeProtocol):
         self.qkd_key_ids = offer.qkd_key_ids
         self._qkd_key_size = offer.qkd_key_size
         self.qkd_route = QKDRoute(offer.kme_id, offer.master_sae_id, offer.slave_sae_id)
-        self._k_qkd = None if offer.policy == "hybrid" else b""
+        self._k_qkd = None if offer.policy in QKD_POLICIES else b""
         self._events.append(
             OfferReceived(
                 peer_name=offer.sender,
@@ -220,7 +224,7 @@ class CalleeHandshake(HandshakeProtocol):
                 qkd_key_ids=offer.qkd_key_ids,
             )
         )
-        if offer.policy == "hybrid":
+        if offer.policy in QKD_POLICIES:
             self._events.append(self._qkd_keys_needed(0, offer.qkd_key_ids, offer.qkd_key_size))
         self.state = State.CALLEE_EXPECT_ANSWER_SDP
         self._deadline = now + self.timeout
@@ -241,7 +245,7 @@ class CalleeHandshake(HandshakeProtocol):
     def _receive_rekey(self, message: Rekey, data: bytes, now: float) -> None:
         if self._rekey is not None or message.epoch != self.epoch + 1:
             raise HandshakeStateError(f"REKEY for epoch {message.epoch}, expected {self.epoch + 1}")
-        if self.policy == "hybrid" and not message.qkd_key_ids:
+        if self.policy in QKD_POLICIES and not message.qkd_key_ids:
             raise DowngradeError("a rekey under policy hybrid must bring a fresh QKD key")
         if self.policy == "pqc" and message.qkd_key_ids:
             raise DowngradeError("a rekey under policy pqc cannot carry QKD keys")

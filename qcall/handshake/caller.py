@@ -29,6 +29,7 @@ from qcall.handshake.keyschedule import (
 )
 from qcall.handshake.messages import (
     KEM_ALGORITHMS,
+    QKD_POLICIES,
     Answer,
     Confirm,
     Message,
@@ -103,7 +104,7 @@ class CallerHandshake(HandshakeProtocol):
         """
         if self.state is not State.CALLER_START:
             raise HandshakeStateError(f"send_offer() not valid in state {self.state.name}")
-        if self.policy == "hybrid" and (not qkd_keys or self.qkd_route is None):
+        if self.policy in QKD_POLICIES and (not qkd_keys or self.qkd_route is None):
             raise SecurityPolicyError("policy hybrid needs a QKD key and a qkd_route")
         if self.policy == "pqc" and qkd_keys:
             raise SecurityPolicyError("policy pqc carries no QKD key")
@@ -160,7 +161,7 @@ class CallerHandshake(HandshakeProtocol):
         """
         if self.state is not State.ESTABLISHED or self._rekey is not None:
             raise HandshakeStateError(f"rekey() not valid now ({self.state.name})")
-        if self.policy == "hybrid" and not qkd_keys:
+        if self.policy in QKD_POLICIES and not qkd_keys:
             raise SecurityPolicyError("policy hybrid needs a fresh QKD key for each rekey")
         if self.policy == "pqc" and qkd_keys:
             raise SecurityPolicyError("policy pqc carries no QKD key")

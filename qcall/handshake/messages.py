@@ -48,7 +48,10 @@ VERSION = 2
 MAX_MESSAGE_SIZE = 65_535
 _HEADER_LEN = len(MAGIC) + 2
 
-POLICIES = ("hybrid", "pqc")
+POLICIES = ("hybrid", "pqc", "otp")
+#: Policies whose offer carries QKD keys (``docs/handshake.md`` §3.2): ``otp`` is
+#: ``hybrid`` for the handshake keys, plus one-time-pad media (``docs/otp.md``).
+QKD_POLICIES = ("hybrid", "otp")
 SRTP_PROFILES = ("AEAD_AES_256_GCM", "AES128_CM_HMAC_SHA1_80")
 KEM_ALGORITHMS = {"ML-KEM-768": (1184, 1088), "ML-KEM-1024": (1568, 1568)}
 SIG_ALGORITHMS = {"ML-DSA-44": (1312, 2420), "ML-DSA-65": (1952, 3309), "ML-DSA-87": (2592, 4627)}
@@ -263,7 +266,7 @@ class Offer(Message):
         ek_len = KEM_ALGORITHMS[self.kem_alg][0]
         if len(self.kem_ek) != ek_len:
             raise InvalidMessageError(f"field 'kem_ek' must be {ek_len} bytes for {self.kem_alg}")
-        if self.policy == "hybrid":
+        if self.policy in QKD_POLICIES:
             if not self.qkd_key_ids:
                 raise InvalidMessageError("field 'qkd_key_ids' is empty in a hybrid offer")
             if not 16 <= self.qkd_key_size <= 1024:

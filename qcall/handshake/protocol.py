@@ -74,6 +74,8 @@ from qcall.handshake.keyschedule import (
     transcript_hash,
 )
 from qcall.handshake.messages import (
+    POLICIES,
+    QKD_POLICIES,
     Answer,
     Confirm,
     Error,
@@ -226,7 +228,8 @@ class HandshakeProtocol:
             :class:`~qcall.exceptions.UnknownIdentityError` or
             :class:`~qcall.exceptions.IdentityChangedError` (for example
             ``ContactStore.check_peer``). Called only after the signature verified.
-        policy: ``"hybrid"`` (QKD + ML-KEM + DTLS) or ``"pqc"`` (ML-KEM + DTLS).
+        policy: ``"hybrid"`` (QKD + ML-KEM + DTLS), ``"pqc"`` (ML-KEM + DTLS) or
+            ``"otp"`` (as hybrid, and the media is sealed with a one-time pad, docs/otp.md).
         backend: verifies ML-DSA signatures (default :func:`qcall.pqc.get_backend`).
         kem: the ML-KEM implementation (default ML-KEM-768 from ``backend``).
         srtp_profiles: acceptable SRTP profiles, most preferred first.
@@ -250,8 +253,8 @@ class HandshakeProtocol:
         ),
         timeout: float = 30.0,
     ) -> None:
-        if policy not in ("hybrid", "pqc"):
-            raise SecurityPolicyError(f"unknown security policy {policy!r}: use hybrid or pqc")
+        if policy not in POLICIES:
+            raise SecurityPolicyError(f"unknown security policy {policy!r}: use hybrid, pqc or otp")
         if not srtp_profiles:
             raise ValueError("srtp_profiles must not be empty")
         self.identity = identity
@@ -370,7 +373,7 @@ class HandshakeProtocol:
         pending_rekey = self._rekey is not None and self._rekey.k_qkd is None
         if not pending_rekey and not (
             self.role is Role.CALLEE
-            and self.policy == "hybrid"
+            and self.policy in QKD_POLICIES
             and self._k_qkd is None
             and self.state in (State.CALLEE_EXPECT_ANSWER_SDP, State.EXPECT_KEY_MATERIAL)
         ):
