@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from qcall.cli import main
-from qcall.cli.call import load_config
+from qcall.cli.settings import load_config
 from qcall.identity import Identity
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from qcall.cli.call import load_config
+from qcall.cli.settings import load_config
 from qcall.exceptions import ConfigError, TopologyError
 from qcall.qkd.topology import bundled_topologies, load_topology
 from tests.fuzz import RAW_FRAGMENTS, Mutator

@@ -17,7 +17,7 @@ import pytest
 from aioice import stun
 
 from qcall.call.session import CallOptions
-from qcall.cli.call import ice_servers_config
+from qcall.cli.settings import ice_servers_config
 from qcall.exceptions import ConfigError
 from tests.test_call_session import Lab, connect, lab  # noqa: F401 (the lab fixture)
 
@@ -108,7 +108,7 @@ def test_bad_ice_servers_name_the_entry(entries: list[Any], message: str) -> Non
 
 
 def test_config_file_accepts_ice_servers(tmp_path: Path) -> None:
-    from qcall.cli.call import load_config
+    from qcall.cli.settings import load_config
 
     path = tmp_path / "config.toml"
     path.write_text('[[ice_servers]]\nurls = "stun:stun.example.org:3478"\n', encoding="utf-8")

@@ -27,11 +27,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from qcall.cli.settings import DEFAULT_SIGNALING
 from qcall.exceptions import ConfigError
 
 __all__ = ["register", "render_config"]
 
-DEFAULT_SIGNALING = "ws://127.0.0.1:8765"
 _SOURCES = ("kme", "simulated", "none")
 
 
@@ -229,7 +229,7 @@ def render_config(answers: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``qcall init``."""
     from qcall import config
-    from qcall.cli.call import load_config
+    from qcall.cli.settings import load_config
     from qcall.identity import Identity
 
     home = config.qcall_home(args.home)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qcall.cli.settings import DEFAULT_SIGNALING
 from qcall.exceptions import ConfigError, QCallError, SignalingError
 
 if TYPE_CHECKING:
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Messenger", "open_messenger", "register"]
 
-DEFAULT_SIGNALING = "ws://127.0.0.1:8765"
 _MESSAGING_KEYS = {"max_file_size": int, "require_qkd": bool, "chunk_size": int}
 _STATUS = {0: "sent", 1: "delivered", 2: "read"}
 _RESUME_ATTEMPTS = 20
@@ -143,7 +143,7 @@ def _client_config(args: argparse.Namespace, conf: dict[str, Any]) -> Any:
 
 
 def _local(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
-    from qcall.cli.call import load_config
+    from qcall.cli.settings import load_config
     from qcall.config import qcall_home
     from qcall.contacts import ContactStore
     from qcall.identity import Identity
@@ -159,7 +159,7 @@ def _local(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
 @contextlib.asynccontextmanager
 async def open_messenger(args: argparse.Namespace) -> AsyncIterator[Messenger]:
     """Connect to the signaling server as the home's identity and publish prekeys."""
-    from qcall.cli.call import key_source_config, signaling_tls
+    from qcall.cli.settings import key_source_config, signaling_tls
     from qcall.messaging.client import MessagingClient
     from qcall.messaging.transport import SignalingTransport
     from qcall.qkd.client import open_key_source
@@ -206,7 +206,7 @@ def messenger_args(home: str | None, signaling: str | None) -> argparse.Namespac
 
 def configured_signaling(args: argparse.Namespace) -> str | None:
     """``--signaling``, else the config file's ``signaling``, else ``None``."""
-    from qcall.cli.call import load_config
+    from qcall.cli.settings import load_config
     from qcall.config import qcall_home
 
     if getattr(args, "signaling", None):

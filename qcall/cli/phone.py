@@ -86,8 +86,8 @@ async def _run(args: argparse.Namespace) -> int:
 def _messaging(args: argparse.Namespace, phone: Any, contacts: Any, controller: Any) -> Any:
     """Quantum Secret in the phone: a messaging client on the phone's own signaling
     connection and key source, its history in ``HOME/messages.db``; returns the store."""
-    from qcall.cli.call import load_config
     from qcall.cli.messaging import _client_config
+    from qcall.cli.settings import load_config
     from qcall.config import qcall_home
     from qcall.identity import Identity
     from qcall.messaging.client import MessagingClient
