@@ -30,16 +30,12 @@ most ``ring_timeout``, and an accepted call lasts at most ``max_call_duration``.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import heapq
-import ipaddress
 import logging
 import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import NewType
 
 from qcall import pqc
 from qcall.exceptions import InvalidKeyError, SignalingProtocolError
@@ -56,7 +52,6 @@ from qcall.signaling.messages import (
     Presence,
     Register,
     Registered,
-    ServerMessage,
     TurnCredentials,
     fingerprint,
     move_data,
@@ -64,6 +59,20 @@ from qcall.signaling.messages import (
     registration_data,
 )
 from qcall.signaling.pins import PinRegistry
+from qcall.signaling.state import (
+    CALL_RULES,
+    CLOSE_POLICY_VIOLATION,
+    CLOSE_TRY_AGAIN_LATER,
+    END,
+    Call,
+    CallState,
+    CloseConnection,
+    Connection,
+    ConnectionId,
+    Output,
+    Role,
+    address_key,
+)
 from qcall.typing import PeerId
 
 __all__ = [
@@ -80,93 +89,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Identifies one WebSocket connection inside a :class:`SignalingProtocol`.
-ConnectionId = NewType("ConnectionId", int)
-
-#: WebSocket close codes used by the server (RFC 6455, section 7.4.1).
-CLOSE_POLICY_VIOLATION = 1008
-CLOSE_TRY_AGAIN_LATER = 1013
-
-
-@dataclass(frozen=True)
-class CloseConnection:
-    """Output: close this connection (after sending what precedes it)."""
-
-    code: int
-    reason: str
-
-
-Output = tuple[ConnectionId, ServerMessage | CloseConnection]
-
-
-class CallState(enum.IntEnum):
-    """Server-side state of a call (docs/signaling.md, "Calls")."""
-
-    INVITED = 1
-    RINGING = 2
-    ACCEPTED = 3
-
-
-class Role(enum.Enum):
-    """Who sent a call message."""
-
-    CALLER = "caller"
-    CALLEE = "callee"
-
-
-_ANY = frozenset(CallState)
-_PRE = frozenset({CallState.INVITED, CallState.RINGING})
-_UP = frozenset({CallState.ACCEPTED})
-_BOTH = frozenset(Role)
-_END = "end"
-_RELAY = "relay"
-
-#: The state rules: message type -> (roles allowed, states allowed, what follows:
-#: the next state, ``"end"`` (the call ends) or ``"relay"`` (state unchanged)).
-#: Every accepted message is relayed to the other party; anything else is ``bad_state``.
-CALL_RULES: dict[str, tuple[frozenset[Role], frozenset[CallState], CallState | str]] = {
-    "ringing": (frozenset({Role.CALLEE}), frozenset({CallState.INVITED}), CallState.RINGING),
-    "accept": (frozenset({Role.CALLEE}), _PRE, CallState.ACCEPTED),
-    "reject": (frozenset({Role.CALLEE}), _PRE, _END),
-    "busy": (frozenset({Role.CALLEE}), _PRE, _END),
-    "cancel": (frozenset({Role.CALLER}), _PRE, _END),
-    "hangup": (_BOTH, _ANY, _END),
-    "offer": (_BOTH, _UP, _RELAY),
-    "answer": (_BOTH, _UP, _RELAY),
-    "ice": (_BOTH, _UP, _RELAY),
-}
-
-
-@dataclass(slots=True)
-class _Connection:
-    id: ConnectionId
-    nonce: bytes
-    tokens: float
-    last: float
-    address: str | None
-    name: PeerId | None = None
-    closed: bool = False
-    watch: tuple[PeerId, ...] | None = None  # presence subscriptions; None: everyone
-    remote: bool = False  # a stand-in for a user on another instance (attach_remote)
-
-
-@dataclass(slots=True)
-class _Call:
-    call_id: str
-    caller: PeerId
-    callee: PeerId
-    fingerprints: tuple[str, str]  # the caller's, the callee's: pins may expire meanwhile
-    state: CallState
-    deadline: float  # ring timeout, then (once accepted) the call time limit
-    grace_deadline: float | None = None
-
-    def other(self, name: PeerId) -> PeerId:
-        return self.callee if name == self.caller else self.caller
-
-    def fingerprint(self, name: PeerId) -> str:
-        return self.fingerprints[name != self.caller]
-
-
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
@@ -178,24 +100,6 @@ def _safe_text(text: str) -> str:
 def _default_verify(public_key: bytes, signature: bytes, data: bytes) -> bool:
     backend = pqc.get_backend()
     return backend.verify(pqc.SignatureScheme.ML_DSA_65, public_key, signature, data)
-
-
-def address_key(host: str) -> str:
-    """Return the key under which per-address limits count a client at ``host``.
-
-    IPv4 addresses count alone; IPv6 addresses by their /64 prefix (one
-    subscriber usually holds a whole /64); IPv4-mapped IPv6 as IPv4. Anything
-    else (a Unix socket path) is used as is.
-    """
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
 
 
 # Why the server ends a call by itself: the ``reason`` of its ``hangup``.
@@ -233,9 +137,9 @@ class SignalingProtocol:
         self._random = random_bytes
         self._wall_clock = wall_clock
         self._next_id = 0
-        self._connections: dict[ConnectionId, _Connection] = {}
+        self._connections: dict[ConnectionId, Connection] = {}
         # Connections waiting to register, oldest first (all, and per address).
-        self._pending: dict[ConnectionId, _Connection] = {}
+        self._pending: dict[ConnectionId, Connection] = {}
         self._pending_by_address: dict[str, dict[ConnectionId, None]] = {}
         self._online: dict[PeerId, ConnectionId] = {}
         self._pins = PinRegistry(
@@ -246,7 +150,7 @@ class SignalingProtocol:
             config.pin_ttl,
         )
         self._pin_timer: float | None = None
-        self._calls: dict[str, _Call] = {}
+        self._calls: dict[str, Call] = {}
         # Calls by party: the accepted one, the outgoing invitation, the incoming ones.
         self._active: dict[PeerId, str] = {}
         self._outgoing: dict[PeerId, str] = {}
@@ -342,7 +246,7 @@ class SignalingProtocol:
         if len(self._pending) >= self.config.max_unauthenticated:
             oldest = next(iter(self._pending.values()))
             out += self._evict(oldest, "too many connections waiting to register")
-        conn = _Connection(cid, self._random(NONCE_SIZE), self.config.burst, now, address)
+        conn = Connection(cid, self._random(NONCE_SIZE), self.config.burst, now, address)
         self._connections[cid] = self._pending[cid] = conn
         if address is not None:
             self._pending_by_address.setdefault(address, {})[cid] = None
@@ -487,7 +391,7 @@ class SignalingProtocol:
             return None, []
         self._next_id += 1
         cid = ConnectionId(self._next_id)
-        conn = _Connection(cid, b"", self.config.burst, now, None, name=name, remote=True)
+        conn = Connection(cid, b"", self.config.burst, now, None, name=name, remote=True)
         self._connections[cid] = conn
         if self._pins.fingerprint(name) is None:
             self._pins.pin(name, fp, None, now)
@@ -499,7 +403,7 @@ class SignalingProtocol:
     # --- registration (docs/signaling.md, "Registration") -------------------------------
 
     def _move_pin(
-        self, conn: _Connection, msg: Register, name: PeerId, pinned: str, fp: str
+        self, conn: Connection, msg: Register, name: PeerId, pinned: str, fp: str
     ) -> bool:
         """Hook: move ``name`` from its pinned key to ``fp`` if the pinned key signed it.
 
@@ -522,7 +426,7 @@ class SignalingProtocol:
             logger.info("= name %s moved to key %s (signed by its previous key)", name, fp[:19])
         return valid
 
-    def _register(self, conn: _Connection, msg: Register, now: float) -> list[Output]:
+    def _register(self, conn: Connection, msg: Register, now: float) -> list[Output]:
         name = PeerId(msg.name)
         ref = msg.TYPE
         if msg.watch is not None and len(msg.watch) > self.config.max_watch:
@@ -596,7 +500,7 @@ class SignalingProtocol:
     # --- calls (docs/signaling.md, "Calls") --------------------------------------------------
 
     def _call_message(
-        self, conn: _Connection, name: PeerId, msg: CallMessage, now: float
+        self, conn: Connection, name: PeerId, msg: CallMessage, now: float
     ) -> list[Output]:
         if isinstance(msg, Invite):
             return self._invite(conn, name, msg, now)
@@ -615,7 +519,7 @@ class SignalingProtocol:
         other = call.other(name)
         relayed = dataclasses.replace(msg, peer=name, fingerprint=call.fingerprint(name))
         target = self._online.get(other)
-        if next_state == _END:
+        if next_state == END:
             self._forget_call(call)
             return [(target, relayed)] if target is not None else []
         if target is None:
@@ -629,7 +533,7 @@ class SignalingProtocol:
             call.state = next_state
         return [(target, relayed)]
 
-    def _invite(self, conn: _Connection, name: PeerId, msg: Invite, now: float) -> list[Output]:
+    def _invite(self, conn: Connection, name: PeerId, msg: Invite, now: float) -> list[Output]:
         callee = PeerId(msg.peer or "")
         cid = msg.call_id
         if callee == name:
@@ -650,7 +554,7 @@ class SignalingProtocol:
             return [self._error(conn, "too_many_invites", text, cid, msg.TYPE)]
         caller_fp = self._fingerprint(name)
         deadline = now + self.config.ring_timeout
-        call = _Call(cid, name, callee, (caller_fp, callee_fp), CallState.INVITED, deadline)
+        call = Call(cid, name, callee, (caller_fp, callee_fp), CallState.INVITED, deadline)
         self._calls[cid] = call
         self._outgoing[name] = cid
         self._incoming.setdefault(callee, {})[cid] = None
@@ -662,7 +566,7 @@ class SignalingProtocol:
         calls = [self._active.get(name), self._outgoing.get(name)]
         return [c for c in calls if c is not None] + list(self._incoming.get(name, ()))
 
-    def _end_call(self, call: _Call, reason: str, gone: PeerId | None = None) -> list[Output]:
+    def _end_call(self, call: Call, reason: str, gone: PeerId | None = None) -> list[Output]:
         """End ``call``; tell each online party other than ``gone`` (``hangup``, ``reason``).
 
         Each party's ``hangup`` names the other party as the sender.
@@ -676,7 +580,7 @@ class SignalingProtocol:
                 out.append((target, Hangup(call.call_id, other, call.fingerprint(other), reason)))
         return out
 
-    def _forget_call(self, call: _Call) -> None:
+    def _forget_call(self, call: Call) -> None:
         cid = call.call_id
         del self._calls[cid]
         for party in (call.caller, call.callee):
@@ -684,7 +588,7 @@ class SignalingProtocol:
                 del self._active[party]
         self._unlist_invitation(call)
 
-    def _unlist_invitation(self, call: _Call) -> None:
+    def _unlist_invitation(self, call: Call) -> None:
         """Take ``call`` out of its parties' invitations (it was accepted or ended)."""
         cid = call.call_id
         if self._outgoing.get(call.caller) == cid:
@@ -707,7 +611,7 @@ class SignalingProtocol:
             out.append((watchers, msg))
         return out
 
-    def _subscribe(self, conn: _Connection, watch: tuple[str, ...] | None) -> None:
+    def _subscribe(self, conn: Connection, watch: tuple[str, ...] | None) -> None:
         """Record whose presence a newly registered connection receives.
 
         Memory (docs/signaling.md, "Limits"): the watch tuple and the index share
@@ -728,7 +632,7 @@ class SignalingProtocol:
             else:
                 self._watchers[name] = {watchers: None, conn.id: None}
 
-    def _unsubscribe(self, conn: _Connection) -> None:
+    def _unsubscribe(self, conn: Connection) -> None:
         self._watch_all.discard(conn.id)
         for name in conn.watch or ():
             watchers = self._watchers.get(name)
@@ -746,7 +650,7 @@ class SignalingProtocol:
         assert fp is not None, name
         return fp
 
-    def _leave_pending(self, conn: _Connection) -> None:
+    def _leave_pending(self, conn: Connection) -> None:
         """``conn`` no longer waits to register (registered, closed or gone)."""
         if self._pending.pop(conn.id, None) is not None and conn.address is not None:
             same = self._pending_by_address[conn.address]
@@ -754,7 +658,7 @@ class SignalingProtocol:
             if not same:
                 del self._pending_by_address[conn.address]
 
-    def _evict(self, conn: _Connection, text: str) -> list[Output]:
+    def _evict(self, conn: Connection, text: str) -> list[Output]:
         """Close an unregistered connection to make room for a new one."""
         return [
             self._error(conn, "too_many_connections", text),
@@ -763,7 +667,7 @@ class SignalingProtocol:
 
     def _error(
         self,
-        conn: _Connection,
+        conn: Connection,
         code: str,
         text: str,
         call_id: str | None = None,
@@ -773,7 +677,7 @@ class SignalingProtocol:
             logger.debug("! %d %s: %s", conn.id, code, text)
         return conn.id, ErrorMessage(code, _safe_text(text), call_id, ref)
 
-    def _close(self, conn: _Connection, reason: str, code: int = CLOSE_POLICY_VIOLATION) -> Output:
+    def _close(self, conn: Connection, reason: str, code: int = CLOSE_POLICY_VIOLATION) -> Output:
         conn.closed = True
         self._leave_pending(conn)  # its socket may linger while closing: not in the pool
         return conn.id, CloseConnection(code, reason)
