@@ -18,16 +18,14 @@ malformed into :class:`~qcall.exceptions.SignalingProtocolError`.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, TypeVar
 
-from qcall import identity
-from qcall.exceptions import ConfigError, SignalingProtocolError
+from qcall.exceptions import SignalingProtocolError
+from qcall.signaling.fields import b64, b64decode, check_int, check_name
 from qcall.signaling.messages import Message
 
 __all__ = [
@@ -98,19 +96,14 @@ def is_mailbox_frame(text: str | bytes) -> bool:
 
 
 def _int(name: str, value: object, low: int = 0, high: int = _MAX_ID) -> int:
-    if type(value) is not int or not low <= value <= high:
-        raise ValueError(f"field {name!r} must be an integer in {low}..{high}")
-    return value
+    return check_int(name, value, low, high)
 
 
 def _bytes(name: str, value: object, high: int = _MAX_BYTES) -> bytes:
     if isinstance(value, bytes):
         data = value
     elif isinstance(value, str):
-        try:
-            data = base64.b64decode(value.encode("ascii"), validate=True)
-        except (UnicodeEncodeError, binascii.Error):
-            raise ValueError(f"field {name!r} must be standard base64") from None
+        data = b64decode(name, value)
     else:
         raise ValueError(f"field {name!r} must be base64 text")
     if len(data) > high:
@@ -118,11 +111,6 @@ def _bytes(name: str, value: object, high: int = _MAX_BYTES) -> bytes:
     return data
 
 
-def _name(name: str, value: object) -> str:
-    try:
-        return identity.validate_name(value, f"field {name!r}")
-    except ConfigError as exc:
-        raise ValueError(str(exc)) from None
 
 
 def _text(name: str, value: object) -> str:
@@ -137,8 +125,6 @@ def _list(name: str, value: object, high: int) -> list[Any]:
     return list(value)
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 # --- frames -------------------------------------------------------------------------------
@@ -175,7 +161,7 @@ def _to_json(obj: object) -> dict[str, Any]:
     out = {}
     for f in fields(obj):  # type: ignore[arg-type]
         value = getattr(obj, f.name)
-        out[f.name] = _b64(value) if isinstance(value, bytes) else value
+        out[f.name] = b64(value) if isinstance(value, bytes) else value
     return out
 
 
@@ -194,7 +180,7 @@ class MailEnvelope:
 
     def __post_init__(self) -> None:
         _int("id", self.id, 1)
-        _name("sender", self.sender)
+        check_name("sender", self.sender)
         _int("time", self.time)
         _setattr(self, "data", _bytes("data", self.data))
 
@@ -278,7 +264,7 @@ class PrekeysClaim(MailFrame):
 
     def __post_init__(self) -> None:
         _int("id", self.id)
-        _name("owner", self.owner)
+        check_name("owner", self.owner)
 
 
 @dataclass(frozen=True, repr=False)
@@ -297,7 +283,7 @@ class MailPut(MailFrame):
 
     def __post_init__(self) -> None:
         _int("id", self.id)
-        _name("to", self.to)
+        check_name("to", self.to)
         _setattr(self, "data", _bytes("data", self.data))
         if self.ref is not None:
             _setattr(self, "ref", _bytes("ref", self.ref, 32))
@@ -367,7 +353,7 @@ class PrekeysBundle(MailFrame):
 
     def __post_init__(self) -> None:
         _int("id", self.id)
-        _name("owner", self.owner)
+        check_name("owner", self.owner)
         for name in ("identity_key", "signed_prekey", "one_time_prekey"):
             value = getattr(self, name)
             if value is not None:

@@ -18,8 +18,6 @@ the server. Names follow :func:`qcall.identity.validate_name`.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -28,13 +26,24 @@ from typing import Any, ClassVar, TypeVar
 
 from qcall import identity, pqc
 from qcall.exceptions import (
-    ConfigError,
     PeerUnavailableError,
     SignalingAuthError,
     SignalingError,
     SignalingLimitError,
     SignalingProtocolError,
     SignalingRateLimitError,
+)
+from qcall.signaling.fields import (
+    PRINTABLE_RE,
+    b64,
+    b64decode,
+    check_fingerprint,
+    check_int,
+    check_name,
+    check_optional,
+    check_printable,
+    check_re,
+    check_str,
 )
 
 __all__ = [
@@ -109,8 +118,6 @@ REGISTRATION_LABEL = b"qcall-signaling-register-v1"
 
 _CALL_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
 _CODE_RE = re.compile(r"[a-z][a-z_]{0,31}")
-_FINGERPRINT_RE = re.compile(r"[\x21-\x7e][\x20-\x7e]{14,126}[\x21-\x7e]")
-_PRINTABLE_RE = re.compile(r"[\x20-\x7e]*")
 _MAX_SERVER_ID = 128
 _MAX_REASON = 128
 _MAX_ERROR_TEXT = 256
@@ -188,63 +195,6 @@ def error_for(code: str, text: str) -> SignalingError:
     return exc
 
 
-def _check_str(name: str, value: object) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"field {name!r} must be a string")
-    return value
-
-
-def _check_re(name: str, value: object, pattern: re.Pattern[str], what: str) -> None:
-    if not pattern.fullmatch(_check_str(name, value)):
-        raise ValueError(f"field {name!r} must be {what}")
-
-
-def _check_name(name: str, value: object) -> None:
-    try:
-        identity.validate_name(value, f"field {name!r}")
-    except ConfigError as exc:
-        raise ValueError(str(exc)) from None
-
-
-def _check_fingerprint(name: str, value: object) -> None:
-    _check_re(name, value, _FINGERPRINT_RE, "16-128 printable ASCII characters")
-
-
-def _check_printable(name: str, value: object, limit: int, *, empty: bool = True) -> None:
-    text = _check_str(name, value)
-    if len(text) > limit or (not empty and not text):
-        raise ValueError(f"field {name!r} must be {0 if empty else 1}-{limit} characters")
-    if not _PRINTABLE_RE.fullmatch(text):
-        raise ValueError(f"field {name!r} must be printable ASCII")
-
-
-def _check_b64(name: str, value: object, size: int) -> None:
-    if len(_b64decode(name, value)) != size:
-        raise ValueError(f"field {name!r} must encode {size} bytes")
-
-
-def _b64decode(name: str, value: object) -> bytes:
-    text = _check_str(name, value)
-    try:
-        return base64.b64decode(text.encode("ascii"), validate=True)
-    except (UnicodeEncodeError, binascii.Error) as exc:
-        raise ValueError(f"field {name!r} must be standard base64") from exc
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _check_int(name: str, value: object, low: int, high: int) -> None:
-    if type(value) is not int or not low <= value <= high:
-        raise ValueError(f"field {name!r} must be an integer in {low}..{high}")
-
-
-def _check_optional(name: str, value: object, check: Any, *args: Any) -> None:
-    if value is not None:
-        check(name, value, *args)
-
-
 # --- base class ---------------------------------------------------------------------------
 
 M = TypeVar("M", bound="Message")
@@ -310,7 +260,7 @@ def _to_json(value: Any) -> Any:
     if hasattr(value, "to_json"):  # a nested object of another module's frames
         return value.to_json()
     if isinstance(value, bytes):
-        return _b64(value)
+        return b64(value)
     if isinstance(value, tuple):
         return [_to_json(v) for v in value]
     if isinstance(value, OnlinePeer):
@@ -326,7 +276,7 @@ _BYTES_FIELDS = {"nonce", "public_key", "signature", "previous_key", "previous_s
 
 def _from_json(cls: type[Message], name: str, value: Any) -> Any:
     if name in _BYTES_FIELDS:
-        return _b64decode(name, value)
+        return b64decode(name, value)
     if name == "online" and cls is Registered:
         if not isinstance(value, list) or len(value) > _MAX_ONLINE:
             raise ValueError(f"field {name!r} must be a list of at most {_MAX_ONLINE} peers")
@@ -389,8 +339,8 @@ class OnlinePeer:
     fingerprint: str
 
     def __post_init__(self) -> None:
-        _check_name("online.name", self.name)
-        _check_fingerprint("online.fingerprint", self.fingerprint)
+        check_name("online.name", self.name)
+        check_fingerprint("online.fingerprint", self.fingerprint)
 
 
 @dataclass(frozen=True)
@@ -414,7 +364,7 @@ class TurnCredentials:
         for url in self.urls:
             if not isinstance(url, str) or not url.startswith(("turn:", "turns:", "stun:")):
                 raise ValueError("field 'turn.urls' must hold turn:, turns: or stun: URLs")
-            _check_re("turn.urls", url, _PRINTABLE_RE, "printable ASCII")
+            check_re("turn.urls", url, PRINTABLE_RE, "printable ASCII")
         for name in ("username", "credential"):
             value = getattr(self, name)
             if not isinstance(value, str) or not 1 <= len(value) <= 256:
@@ -452,9 +402,9 @@ class Challenge(Message):
     def __post_init__(self) -> None:
         if not isinstance(self.nonce, bytes) or len(self.nonce) != NONCE_SIZE:
             raise ValueError(f"field 'nonce' must be {NONCE_SIZE} bytes")
-        _check_printable("server_id", self.server_id, _MAX_SERVER_ID, empty=False)
-        _check_int("time", self.time, 0, 2**53)
-        _check_int("version", self.version, 1, 2**16)
+        check_printable("server_id", self.server_id, _MAX_SERVER_ID, empty=False)
+        check_int("time", self.time, 0, 2**53)
+        check_int("version", self.version, 1, 2**16)
 
 
 @dataclass(frozen=True)
@@ -479,13 +429,13 @@ class Register(Message):
     previous_signature: bytes | None = None
 
     def __post_init__(self) -> None:
-        _check_name("name", self.name)
+        check_name("name", self.name)
         self._check_previous()
         if self.watch is not None:
             if not isinstance(self.watch, tuple) or len(self.watch) > MAX_WATCH:
                 raise ValueError(f"field 'watch' must be a list of at most {MAX_WATCH} names")
             for watched in self.watch:
-                _check_name("watch", watched)
+                check_name("watch", watched)
         if self.algorithm != ALGORITHM:
             raise ValueError(f"field 'algorithm' must be {ALGORITHM!r}")
         sizes = pqc.SignatureScheme.ML_DSA_65.sizes
@@ -563,8 +513,8 @@ class Registered(Message):
     def __post_init__(self) -> None:
         if self.turn is not None and not isinstance(self.turn, TurnCredentials):
             raise ValueError("field 'turn' must be TURN credentials")
-        _check_name("name", self.name)
-        _check_fingerprint("fingerprint", self.fingerprint)
+        check_name("name", self.name)
+        check_fingerprint("fingerprint", self.fingerprint)
         if not isinstance(self.online, tuple) or len(self.online) > _MAX_ONLINE:
             raise ValueError("field 'online' must be a list of peers")
         for peer in self.online:
@@ -573,7 +523,7 @@ class Registered(Message):
         if not isinstance(self.calls, tuple) or len(self.calls) > MAX_CALLS:
             raise ValueError("field 'calls' must be a list of call ids")
         for call_id in self.calls:
-            _check_re("calls", call_id, _CALL_ID_RE, "8-64 of A-Z a-z 0-9 _ -")
+            check_re("calls", call_id, _CALL_ID_RE, "8-64 of A-Z a-z 0-9 _ -")
 
 
 @dataclass(frozen=True)
@@ -587,8 +537,8 @@ class Presence(Message):
     online: bool
 
     def __post_init__(self) -> None:
-        _check_name("name", self.name)
-        _check_fingerprint("fingerprint", self.fingerprint)
+        check_name("name", self.name)
+        check_fingerprint("fingerprint", self.fingerprint)
         if not isinstance(self.online, bool):
             raise ValueError("field 'online' must be a boolean")
 
@@ -608,10 +558,10 @@ class ErrorMessage(Message):
     ref: str | None = None
 
     def __post_init__(self) -> None:
-        _check_re("code", self.code, _CODE_RE, "1-32 of a-z _")
-        _check_printable("message", self.message, _MAX_ERROR_TEXT)
-        _check_optional("call_id", self.call_id, _check_re, _CALL_ID_RE, "a call id")
-        _check_optional("ref", self.ref, _check_re, _CODE_RE, "a message type")
+        check_re("code", self.code, _CODE_RE, "1-32 of a-z _")
+        check_printable("message", self.message, _MAX_ERROR_TEXT)
+        check_optional("call_id", self.call_id, check_re, _CALL_ID_RE, "a call id")
+        check_optional("ref", self.ref, check_re, _CODE_RE, "a message type")
 
     def exception(self) -> SignalingError:
         """Return the matching :class:`~qcall.exceptions.SignalingError`."""
@@ -642,10 +592,10 @@ class CallMessage(Message):
     reason: str | None = None
 
     def __post_init__(self) -> None:
-        _check_re("call_id", self.call_id, _CALL_ID_RE, "8-64 of A-Z a-z 0-9 _ -")
-        _check_optional("peer", self.peer, _check_name)
-        _check_optional("fingerprint", self.fingerprint, _check_fingerprint)
-        _check_optional("reason", self.reason, _check_printable, _MAX_REASON)
+        check_re("call_id", self.call_id, _CALL_ID_RE, "8-64 of A-Z a-z 0-9 _ -")
+        check_optional("peer", self.peer, check_name)
+        check_optional("fingerprint", self.fingerprint, check_fingerprint)
+        check_optional("reason", self.reason, check_printable, _MAX_REASON)
 
 
 @dataclass(frozen=True)
@@ -709,7 +659,7 @@ class PayloadMessage(CallMessage):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        text = _check_str("payload", self.payload)
+        text = check_str("payload", self.payload)
         try:
             size = len(text.encode("utf-8"))
         except UnicodeEncodeError as exc:
