@@ -45,7 +45,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +72,9 @@ from qcall.qkd.sitelink import (
     PEER_TIMEOUT,
     PSK_BYTES,
     BlockEnd,
+    CrossPair,
     SiteConnection,
+    SplitLinkState,
     alice_block,
     bob_block,
     create_psk,
@@ -98,33 +99,6 @@ logger = logging.getLogger(__name__)
 
 #: Bytes of link key per relayed key beyond the key itself: the hop's HMAC key.
 MAC_KEY_BYTES = 32
-
-
-@dataclass(eq=False)
-class _CrossPair:
-    master: str
-    slave: str
-    master_node: str
-    slave_node: str
-    outgoing: bool  # the master SAE is on this site
-    delivered: int = 0
-    received: int = 0
-    error: str | None = None
-    last_route: tuple[str, ...] | None = None
-
-
-@dataclass
-class _SplitLinkState:
-    """What this end knows about the split link (for status; no key bytes)."""
-
-    blocks: int = 0
-    alarms: int = 0
-    failures: int = 0
-    qber: float | None = None
-    alarm: bool = False
-    connected: bool = False
-    connections: int = 0
-    error: str | None = None  # the last failure, until a block authenticates again
 
 
 class NetworkSite(SimulatedNetwork):
@@ -196,7 +170,7 @@ class NetworkSite(SimulatedNetwork):
             if p.master_node in self.local_nodes and p.slave_node in self.local_nodes
         ]
         self.cross_pairs = [
-            _CrossPair(
+            CrossPair(
                 p.master, p.slave, p.master_node, p.slave_node, p.master_node in self.local_nodes
             )
             for p in all_pairs
@@ -209,7 +183,7 @@ class NetworkSite(SimulatedNetwork):
         self.link_delay = link_delay
         self.pads = PadBook()
         self.params = LinkParams(length_km=self.split.length_km, **overrides)
-        self.cross = _SplitLinkState()
+        self.cross = SplitLinkState()
         self._conn: SiteConnection | None = None
         self._server: asyncio.Server | None = None
         self._sessions: set[asyncio.Task[Any]] = set()
@@ -653,7 +627,7 @@ class NetworkSite(SimulatedNetwork):
             self._changed.set()
             await asyncio.sleep(0 if moved else self.relay_interval)
 
-    async def _relay_across(self, cp: _CrossPair) -> bool:
+    async def _relay_across(self, cp: CrossPair) -> bool:
         """Relay one key for an outgoing pair if its pool wants one; return whether it did."""
         size = self.key_size // 8
         kme = self.kmes[cp.master_node]

@@ -53,7 +53,9 @@ __all__ = [
     "PEER_TIMEOUT",
     "PSK_BYTES",
     "BlockEnd",
+    "CrossPair",
     "SiteConnection",
+    "SplitLinkState",
     "alice_block",
     "bob_block",
     "create_psk",
@@ -251,3 +253,32 @@ async def bob_block(
     finish(end)
     conn.send(BlockTag(block, bob_tag))
     return end
+
+
+@dataclass(eq=False)
+class CrossPair:
+    """An SAE pair whose master and slave are on different sites (no key bytes)."""
+
+    master: str
+    slave: str
+    master_node: str
+    slave_node: str
+    outgoing: bool  # the master SAE is on this site
+    delivered: int = 0
+    received: int = 0
+    error: str | None = None
+    last_route: tuple[str, ...] | None = None
+
+
+@dataclass
+class SplitLinkState:
+    """What this end knows about the split link (for status; no key bytes)."""
+
+    blocks: int = 0
+    alarms: int = 0
+    failures: int = 0
+    qber: float | None = None
+    alarm: bool = False
+    connected: bool = False
+    connections: int = 0
+    error: str | None = None  # the last failure, until a block authenticates again
