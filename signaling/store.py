@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from qcall._sqlite import durable, migrate, schema_version
 from qcall.exceptions import MailboxFullError, MessageStoreError, MessageTooLargeError
 
 __all__ = [
@@ -241,22 +242,11 @@ class SQLiteMessageStore(MessageStore):
 
     def _migrate(self) -> None:
         db = self._db
-        db.execute("PRAGMA busy_timeout = 10000")
-        db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA synchronous = FULL")
-        version = int(db.execute("PRAGMA user_version").fetchone()[0])
-        if version > SCHEMA_VERSION:
-            raise MessageStoreError(
-                f"{self.path} has schema version {version}, from a newer qcall "
-                f"(this one knows up to {SCHEMA_VERSION})"
-            )
+        durable(db)
+        version = schema_version(db, self.path, SCHEMA_VERSION, MessageStoreError)
         db.execute("BEGIN IMMEDIATE")
         try:
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[target].split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute(f"PRAGMA user_version = {target}")
+            migrate(db, MIGRATIONS, version, SCHEMA_VERSION)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qcall import config, pqc
+from qcall._sqlite import durable, migrate, schema_version
 from qcall.exceptions import MessageFormatError, MessageStoreError, PrekeyError
 from qcall.messaging.group import GroupState, SenderChain
 from qcall.messaging.keyschedule import store_key
@@ -181,22 +182,11 @@ class ClientStore:
 
     def _setup(self, identity_seed: bytes, max_version: int) -> None:
         db = self._db
-        db.execute("PRAGMA busy_timeout = 10000")
-        db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA synchronous = FULL")
+        durable(db)
         db.execute("PRAGMA foreign_keys = ON")
-        version = int(db.execute("PRAGMA user_version").fetchone()[0])
-        if version > SCHEMA_VERSION:
-            raise MessageStoreError(
-                f"{self.path} has schema version {version}, written by a newer qcall "
-                f"(this one knows up to {SCHEMA_VERSION})"
-            )
+        version = schema_version(db, self.path, SCHEMA_VERSION, MessageStoreError)
         with self.transaction():
-            for target in range(version + 1, max_version + 1):
-                for statement in MIGRATIONS[target].split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute(f"PRAGMA user_version = {target}")
+            for target in migrate(db, MIGRATIONS, version, max_version):
                 logger.info("= %s: schema migrated to version %d", self.path, target)
             row = db.execute("SELECT value FROM meta WHERE key = 'salt'").fetchone()
             if row is None:
