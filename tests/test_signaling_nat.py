@@ -1,4 +1,4 @@
-"""Two peers behind separate NATs with no direct path: ICE succeeds only through coturn.
+"""Two peers behind separate NATs with no direct path: calls succeed only through coturn.
 
 Network namespaces (root), addresses only inside them::
 
@@ -9,10 +9,29 @@ Network namespaces (root), addresses only inside them::
 Each NAT drops new inbound connections, and ``inet`` forwards nothing, so the
 peers cannot reach each other directly (checked with ping). The TURN
 credentials are the ones the signaling server issues (``qcall.signaling.turn``).
-The ICE agents are aioice's (the library under aiortc), with relay candidates
-only on the remote side (as ``iceTransportPolicy: "relay"``); a capture on
-coturn's namespace (tcpdump) shows both NATs talking to the relay. Not yet a
-full hybrid call (issue 13): the datagrams here are test strings, not SRTP.
+
+``test_hybrid_call_between_nats_…`` is the call a user places (issue 13): in
+``inet`` run coturn (``use-auth-secret``), ``python -m signaling`` with
+``--turn-url``/``--turn-secret-file`` (it issues each user coturn credentials),
+and the simulated QKD network's KMEs (``qcall network --host 10.78.10.1``; each
+user's ``[key_source]`` names its KME by ``server_name``). Bob runs ``qcall
+listen`` (``ice_policy = "relay"`` in his config.toml) and alice ``qcall call
+bob --ice-policy relay --input sweep.wav --json``, each in its namespace. The
+call is hybrid (QKD + ML-KEM-768 + ML-DSA-65), rekeys every 2 s, has no decrypt
+failure, bob's recording correlates with alice's sweeps, and both reports name
+the selected pair (``ice.local_candidate_type``/``remote_candidate_type``:
+``relay``, addresses on coturn). tcpdump in ``inet`` (``-i any``: both NAT-side
+interfaces and ``lo``, where coturn relays between the two allocations)
+captures every UDP datagram; ``tests/turn_capture.py`` unwraps the TURN framing
+(ChannelData, Send/Data indications) and checks every relayed datagram is STUN,
+DTLS or RTP/RTCP (RFC 7983); each RTP/RTCP packet must open under exactly one of
+the call's SRTP keys (``QCALL_KEYLOG``) with the AES-256-GCM tag length, and no
+Opus frame the sender produced (the decrypted payloads) may appear anywhere in
+the capture.
+
+``test_peers_behind_separate_nats_connect_through_coturn`` is the lower layer
+alone: two bare aioice agents (the library under aiortc) exchanging test strings
+through the relay.
 """
 
 from __future__ import annotations
@@ -32,6 +51,7 @@ import pytest
 
 from qcall.signaling.turn import rest_credentials
 from signaling.local_services import LocalTurn
+from tests.utils import stop_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "nat-test-secret-0123456789"
@@ -92,6 +112,16 @@ def network():
             subprocess.run(["ip", "netns", "del", n], capture_output=True, check=False)
 
 
+def assert_no_direct_path(names: dict[str, str]) -> None:
+    """Alice cannot reach bob, nor bob's NAT, directly (ping)."""
+    for target in ("10.78.2.2", "10.78.20.2"):
+        blocked = subprocess.run(
+            ["ip", "netns", "exec", names["alice"], "ping", "-c1", "-W1", target],
+            capture_output=True, check=False,
+        )  # fmt: skip
+        assert blocked.returncode != 0, f"alice reaches {target} directly"
+
+
 async def peer(name: str, role: str, username: str, password: str) -> asyncio.subprocess.Process:
     proc = await asyncio.create_subprocess_exec(
         "ip", "netns", "exec", name, sys.executable, "-m", "tests.nat_peer", role,
@@ -116,12 +146,7 @@ async def test_peers_behind_separate_nats_connect_through_coturn(network, tmp_pa
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     turn.start()
-    for target in ("10.78.2.2", "10.78.20.2"):  # no direct path from alice to bob
-        blocked = subprocess.run(
-            ["ip", "netns", "exec", names["alice"], "ping", "-c1", "-W1", target],
-            capture_output=True, check=False,
-        )  # fmt: skip
-        assert blocked.returncode != 0, f"alice reaches {target} directly"
+    assert_no_direct_path(names)
     try:
         now = time.time()
         creds = {n: rest_credentials(SECRET.encode(), n, [turn.url], now) for n in ("alice", "bob")}
@@ -294,12 +319,7 @@ def test_hybrid_call_between_nats_goes_through_coturn_as_ciphertext_only(network
                                  "--port", str(SIGNALING_PORT), "--no-mailbox",
                                  "--turn-url", turn.url, "--turn-secret-file", str(secret)],
                         tmp_path / "signaling.log")  # fmt: skip
-        for target in ("10.78.2.2", "10.78.20.2"):  # no direct path from alice to bob
-            blocked = subprocess.run(
-                ["ip", "netns", "exec", names["alice"], "ping", "-c1", "-W1", target],
-                capture_output=True, check=False,
-            )  # fmt: skip
-            assert blocked.returncode != 0, f"alice reaches {target} directly"
+        assert_no_direct_path(names)
         wait_for_text(tmp_path / "network.log", "ready:", qnet, 60)
         wait_for_text(tmp_path / "signaling.log", "listening on", server, 30)
         saes = json.loads((tmp_path / "qnet" / "network.json").read_text())["saes"]
@@ -324,14 +344,7 @@ def test_hybrid_call_between_nats_goes_through_coturn_as_ciphertext_only(network
         assert alice.returncode == 0, alice.stderr[-3000:]
         assert bob.wait(30) == 0, (tmp_path / "bob.log").read_text()[-3000:]
     finally:
-        for proc in reversed(started):  # tcpdump flushes its file on SIGTERM
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        stop_processes(reversed(started))  # tcpdump flushes its file on SIGTERM
         turn.close()
 
     # --- the reports: a hybrid call, rekeyed, nothing failed, through the relay ----------
