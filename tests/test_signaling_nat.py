@@ -270,6 +270,10 @@ def user_config(home: Path, sae: dict[str, str], extra: str = "") -> None:
     )
 
 
+@pytest.mark.skipif(
+    not all(shutil.which(p) for p in ("tcpdump", "ping")),
+    reason="needs tcpdump and ping (./run.sh test installs them)",
+)
 def test_hybrid_call_between_nats_goes_through_coturn_as_ciphertext_only(network, tmp_path):
     """``qcall listen`` / ``qcall call`` behind two NATs: relayed, rekeyed, only ciphertext."""
     import numpy as np
