@@ -42,6 +42,7 @@ def test_hybrid_without_key_source(home: Path, capsys: pytest.CaptureFixture[str
         ("colour = 'blue'\n", "unknown setting 'colour'"),
         ("policy = [\n", "not valid TOML"),
         ("allow_pqc_only = 'yes'\n", "wrong type"),
+        ("ice_policy = 'sideways'\n", "ice_policy must be all or relay, not 'sideways'"),
     ],
 )
 def test_bad_config_is_named(
@@ -82,5 +83,6 @@ def test_help_lists_call_options(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["call", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--allow-pqc-only", "--rekey-interval", "--tone", "--output", "--network"):
+    for flag in ("--allow-pqc-only", "--rekey-interval", "--tone", "--output", "--network",
+                 "--ice-policy"):  # fmt: skip
         assert flag in out

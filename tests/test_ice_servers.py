@@ -18,7 +18,7 @@ from aioice import stun
 
 from qcall.call.session import CallOptions
 from qcall.cli.settings import ice_servers_config
-from qcall.exceptions import ConfigError
+from qcall.exceptions import CallError, ConfigError
 from tests.test_call_session import Lab, connect, lab  # noqa: F401 (the lab fixture)
 
 
@@ -69,9 +69,25 @@ async def test_call_uses_the_configured_stun_server(lab: Lab) -> None:  # noqa: 
         assert caller.status.qkd_key_ids == callee.status.qkd_key_ids
         # Both ICE agents asked the server (from their own sockets).
         assert len(set(server.requests)) >= 2
+        # A direct path (no TURN): the report names the pair, neither side relayed.
+        for session in (caller, callee):
+            await session.refresh_stats()
+            path = session.status.ice
+            assert path is not None and not path.relayed and path.policy == "all", path
+            assert session.status.as_dict()["ice"]["local_candidate_type"] in ("host", "srflx")
         await caller.hangup()
     finally:
         transport.close()
+
+
+async def test_relay_policy_without_a_turn_server_fails_clearly(lab: Lab) -> None:  # noqa: F811
+    # Without a TURN server aioice gathers nothing and the call would hang: it is refused.
+    options = CallOptions(rekey_interval=None, ice_policy="relay",
+                          ice_servers=[{"urls": "stun:127.0.0.1:3478"}])  # fmt: skip
+    alice = await lab.phone("alice", tone=440, options=options)
+    await lab.phone("bob", options=options)
+    with pytest.raises(CallError, match="ICE policy relay needs a TURN server"):
+        await asyncio.wait_for(alice.call("bob"), 15)
 
 
 def _args(*urls: str) -> argparse.Namespace:

@@ -20,6 +20,8 @@ import time
 import wave
 from pathlib import Path
 
+from tests.utils import stop_processes
+
 ROOT = Path(__file__).resolve().parent.parent
 
 #: What a background command prints when the next step can start.
@@ -82,13 +84,7 @@ def test_readme_two_users(tmp_path: Path) -> None:
         listener = next(proc for proc in background if "listen" in proc.args)
         assert listener.wait(30) == 0, logs[listener.pid].read_text()
     finally:
-        for proc in background:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        stop_processes(background)
     caller = outputs[-1]
     assert "connected to bob" in caller and "SAS" in caller and "policy hybrid" in caller
     with wave.open(str(tmp_path / "bob.wav")) as wav:

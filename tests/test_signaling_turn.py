@@ -117,3 +117,28 @@ async def test_a_hybrid_call_uses_the_issued_turn_server(turn_issuing, lab):  # 
         types = {c.type for c in gatherer.getLocalCandidates()}
         assert "relay" in types, types  # an allocation on coturn with the issued credentials
     await caller.hangup()
+
+
+@pytest.mark.slow
+async def test_relay_policy_sends_media_through_turn_and_the_report_says_so(
+    turn_issuing,
+    lab,  # noqa: F811
+):
+    from qcall.call.session import CallOptions
+    from tests.test_call_session import connect
+
+    options = CallOptions(rekey_interval=None, ice_policy="relay")
+    alice = await lab.phone("alice", tone=440, options=options)
+    bob = await lab.phone("bob", options=options)
+    caller, callee = await connect(alice, bob)
+    for session in (caller, callee):
+        await session.refresh_stats()
+        ice = session.status.as_dict()["ice"]
+        assert ice["local_candidate_type"] == ice["remote_candidate_type"] == "relay", ice
+        assert ice["policy"] == "relay" and session.status.ice.relayed
+        gatherer = session.pc.getTransceivers()[0].sender.transport.transport.iceGatherer
+        assert {c.type for c in gatherer.getLocalCandidates()} == {"relay"}  # nothing else
+    # Each side sends to the other's allocation on the TURN server.
+    assert caller.status.ice.remote_address == callee.status.ice.local_address
+    assert caller.status.ice.local_address == callee.status.ice.remote_address
+    await caller.hangup()

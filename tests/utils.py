@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,3 +21,15 @@ VECTORS = Path(__file__).parent / "vectors"
 def load_vectors(name: str) -> Any:
     """Load ``tests/vectors/NAME`` (JSON); each file names its source."""
     return json.loads((VECTORS / name).read_text())
+
+
+def stop_processes(procs: Iterable[subprocess.Popen[Any]], grace: float = 10.0) -> None:
+    """SIGTERM each process still running, wait ``grace`` s for it, else SIGKILL it."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

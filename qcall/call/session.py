@@ -268,9 +268,13 @@ class CallSession(Negotiation):
             await self._close()
 
     async def refresh_stats(self) -> None:
-        """Update RTT, jitter and loss in :attr:`status` from RTCP (RFC 3550 §6.4)."""
+        """Update RTT, jitter and loss in :attr:`status` from RTCP (RFC 3550 §6.4).
+
+        Also the selected ICE candidate pair (``status.ice``), should it change.
+        """
         if self.pc is None:
             return
+        self.note_ice_path()
         try:
             report = await self.pc.getStats()
         except Exception:  # aiortc raises on closed transports

@@ -42,6 +42,7 @@ from aiortc import (
     RTCPeerConnection,
     RTCSessionDescription,
 )
+from aiortc.rtcconfiguration import RTCIceTransportPolicy
 
 from qcall.call.fast_transport import install_fast_transport
 from qcall.call.jitter import apply_jitter_buffer_mode
@@ -49,7 +50,7 @@ from qcall.call.media import UnityGainTrack
 from qcall.call.netem import apply_profile
 from qcall.call.session_core import b64, unb64
 from qcall.call.session_pump import HandshakePump
-from qcall.call.status import CallState
+from qcall.call.status import CallState, IcePath
 from qcall.exceptions import CallError, DowngradeError, InvalidMessageError, SignalingError
 from qcall.handshake import (
     AnswerReceived,
@@ -91,7 +92,9 @@ class Negotiation(HandshakePump):
         # the remote description is set; the SRTP hook is installed then. (aiortc
         # 1.16 with max-bundle and a negotiated data channel never connects.)
         ice = [RTCIceServer(**server) for server in self.options.ice_servers]  # STUN/TURN
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=ice))
+        pc = RTCPeerConnection(
+            RTCConfiguration(iceServers=ice, iceTransportPolicy=self._ice_transport_policy())
+        )
         if self.options.fast_transport:  # before any transport exists
             install_fast_transport(pc)
         if self.options.network is not None:  # user-space netem (latency harness)
@@ -110,6 +113,7 @@ class Negotiation(HandshakePump):
         def on_ice_state() -> None:
             if pc.iceConnectionState in ("connected", "completed"):
                 self.status.timings_ms.setdefault("ice_connected", self._elapsed_ms())
+                self.note_ice_path()
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
@@ -131,6 +135,53 @@ class Negotiation(HandshakePump):
         apply_jitter_buffer_mode(pc, self.options.jitter_buffer)  # docs/jitter-buffer.md
         self.pc = pc
         return pc
+
+    def _ice_transport_policy(self) -> RTCIceTransportPolicy:
+        """The W3C policy of ``options.ice_policy``; ``relay`` needs a TURN server.
+
+        Raises:
+            CallError: ``relay`` without any ``turn:``/``turns:`` server (aioice
+                would gather no candidate and the call would hang).
+        """
+        policy = self.options.ice_policy
+        if policy == "all":
+            return RTCIceTransportPolicy.ALL
+        if policy != "relay":
+            raise CallError(f"ICE policy must be all or relay, not {policy!r}")
+        for server in self.options.ice_servers:
+            urls: Any = server.get("urls", "")
+            if any(url.startswith(("turn:", "turns:")) for url in _url_list(urls)):
+                return RTCIceTransportPolicy.RELAY
+        raise CallError(
+            "ICE policy relay needs a TURN server: give [[ice_servers]] with a turn: URL "
+            "in the config, or use a signaling server that issues TURN credentials "
+            "(--turn-url, docs/two-machines.md)"
+        )
+
+    def note_ice_path(self) -> None:
+        """Put the selected ICE candidate pair in ``status.ice`` (once ICE has one).
+
+        aiortc has no public API for it (``RTCIceTransport`` has no
+        ``getSelectedCandidatePair``): the nominated pair of component 1 is read
+        from aioice's ``Connection`` (aioice 0.13, as :mod:`qcall.call.fast_transport`).
+        """
+        if self.pc is None:
+            return
+        try:
+            ice = self.pc.getTransceivers()[0].sender.transport.transport
+            pair = ice._connection._nominated.get(1)
+        except (AttributeError, IndexError):
+            return
+        if pair is None:
+            return
+        local, remote = pair.local_candidate, pair.remote_candidate
+        self.status.ice = IcePath(
+            local_candidate_type=str(local.type),
+            remote_candidate_type=str(remote.type),
+            local_address=f"{local.host}:{local.port}",
+            remote_address=f"{remote.host}:{remote.port}",
+            policy=self.options.ice_policy,
+        )
 
     # --- caller ---------------------------------------------------------------------------
 
@@ -371,3 +422,10 @@ class Negotiation(HandshakePump):
     def _profiles(self) -> tuple[SRTPProfile, ...]:
         first = self.options.srtp_profile
         return (first, *[p for p in SRTPProfile if p is not first])
+
+
+def _url_list(urls: Any) -> list[str]:
+    """An ``RTCIceServer.urls`` value (one URL or a list) as a list of strings."""
+    if isinstance(urls, str):
+        return [urls]
+    return [url for url in urls if isinstance(url, str)] if isinstance(urls, list) else []

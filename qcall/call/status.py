@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from qcall.handshake import SRTPProfile
@@ -12,12 +12,16 @@ if TYPE_CHECKING:
     from qcall.call.netem import NetworkProfile
     from qcall.otp.keystream import OTPPolicy
 
-__all__ = ["POLICIES", "CallOptions", "CallState", "CallStatus"]
+__all__ = ["ICE_POLICIES", "POLICIES", "CallOptions", "CallState", "CallStatus", "IcePath"]
 
 #: Security policies. ``plain`` (stock DTLS-SRTP, no QKD, no ML-KEM) exists only as
 #: the latency harness's baseline: no CLI flag selects it, and a peer that is not
 #: itself in ``plain`` mode refuses such an offer (never a silent downgrade).
 POLICIES = ("hybrid", "pqc", "plain")
+
+#: ICE transport policies (W3C ``RTCIceTransportPolicy``): ``all`` candidates, or
+#: ``relay`` (TURN-relayed candidates only: media never goes to a peer directly).
+ICE_POLICIES = ("all", "relay")
 
 
 class CallState(enum.IntEnum):
@@ -60,6 +64,10 @@ class CallOptions:
         ice_servers: STUN/TURN servers for hosts behind NAT, as W3C
             ``RTCIceServer`` dictionaries (``urls``, optional ``username`` and
             ``credential``); empty: host candidates only (docs/two-machines.md).
+        ice_policy: ``all`` or ``relay`` (:data:`ICE_POLICIES`): with ``relay``
+            this side gathers and uses only TURN-relayed candidates, so its media
+            reaches the peer through the TURN server only and the peer never
+            learns its addresses; a call without a TURN server then fails clearly.
         otp: make (or accept) a one-time-pad call (docs/otp.md): the media is
             sealed with QKD pad used once under this :class:`~qcall.otp.keystream.OTPPolicy`;
             ``None``: an ordinary call.
@@ -84,8 +92,45 @@ class CallOptions:
     network_seed: int = 0
     jitter_buffer: str = "adaptive"
     ice_servers: list[dict[str, str]] = field(default_factory=list)
+    ice_policy: str = "all"
     otp: OTPPolicy | None = None
     fast_transport: bool = True
+
+
+@dataclass(frozen=True)
+class IcePath:
+    """The candidate pair ICE selected for the media (RFC 8445 §8.1.1, the nominated pair).
+
+    Attributes:
+        local_candidate_type: ``host``, ``srflx``, ``prflx`` or ``relay``
+            (RFC 8445 §5.1.1.1; ``relay``: this side sends through its TURN
+            allocation, RFC 8656).
+        remote_candidate_type: the same for the peer's candidate (``relay``:
+            the peer's TURN allocation receives what this side sends).
+        local_address: ``IP:PORT`` of the local candidate (for ``relay``, the
+            address the TURN server relays from).
+        remote_address: ``IP:PORT`` this side sends to.
+        policy: the ICE transport policy this side used (:data:`ICE_POLICIES`).
+    """
+
+    local_candidate_type: str
+    remote_candidate_type: str
+    local_address: str
+    remote_address: str
+    policy: str = "all"
+
+    @property
+    def relayed(self) -> bool:
+        """True when the media goes through a TURN server (either side's candidate)."""
+        return "relay" in (self.local_candidate_type, self.remote_candidate_type)
+
+    def describe(self) -> str:
+        """One line for the status: ``relay 10.0.0.1:49152 → relay 10.0.0.1:49153 (TURN)``."""
+        via = ", through TURN" if self.relayed else ", direct"
+        return (
+            f"{self.local_candidate_type} {self.local_address} → {self.remote_candidate_type} "
+            f"{self.remote_address}{via} (ICE policy {self.policy})"
+        )
 
 
 @dataclass
@@ -128,9 +173,13 @@ class CallStatus:
     #: the call fell behind, and times the speaker ran dry and played silence.
     mic_dropped_blocks: int | None = None
     speaker_underruns: int | None = None
+    #: The selected ICE candidate pair (``None`` until ICE connected): in the report
+    #: as ``ice.local_candidate_type`` &c. (docs/calls.md, "The call report").
+    ice: IcePath | None = None
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
         out["state"] = self.state.name
+        out["ice"] = None if self.ice is None else asdict(self.ice)
         return out

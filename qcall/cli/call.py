@@ -69,6 +69,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="STUN/TURN server for NAT, e.g. stun:stun.example.org:3478 (repeatable; "
         "TURN credentials: [[ice_servers]] in the config)",
     )
+    g.add_argument(
+        "--ice-policy",
+        choices=["all", "relay"],
+        help="ICE candidates to use: all (default), or relay: media only through a TURN "
+        "server (from the signaling server or [[ice_servers]]), never to the peer directly",
+    )
     s = p.add_argument_group("security")
     s.add_argument("--policy", choices=["hybrid", "pqc"], help="security policy (hybrid)")
     s.add_argument(
@@ -167,6 +173,7 @@ def build_phone(
         ),
         sae_id=sae,
         ice_servers=ice_servers_config(args, conf),
+        ice_policy=pick(args, conf, "ice_policy", "ice_policy", "all"),
     )
     if getattr(args, "otp", None):
         from qcall.otp.keystream import OTPPolicy
@@ -174,6 +181,8 @@ def build_phone(
         options.otp = OTPPolicy(on_exhausted=args.otp)
     if options.policy not in ("hybrid", "pqc"):
         raise ConfigError(f"policy must be hybrid or pqc, not {options.policy!r}")
+    if options.ice_policy not in ("all", "relay"):
+        raise ConfigError(f"ice_policy must be all or relay, not {options.ice_policy!r}")
     if options.rekey_interval is not None and options.rekey_interval <= 0:
         raise ConfigError("rekey interval must be positive")
     ks_conf = key_source_config(args, conf, sae)
@@ -285,6 +294,7 @@ def _status_table(session: Any) -> Any:
         f"RTT {fmt(st.rtt_ms, 'ms')}, jitter {fmt(st.jitter_ms, 'ms')}, "
         f"lost {fmt(st.packets_lost, 'packets')}",
     )
+    table.add_row("media path", st.ice.describe() if st.ice is not None else "—")
     if st.otp_budget:
         table.add_row("one-time pad", st.otp_budget)
     if st.playout_delay_ms is not None:
@@ -318,6 +328,7 @@ def _summary(session: Any) -> str:
         f"connected to {st.peer}, identity {_identity(st)}:\n  policy {st.policy}, "
         f"{st.kem} + {st.signature}, "
         f"{st.srtp_profile}, SAS {st.sas}, QKD key_IDs {', '.join(st.qkd_key_ids) or '—'}"
+        + (f"\n  media path: {st.ice.describe()}" if st.ice is not None else "")
         + (f"\n  NOTE: {st.notice}" if st.notice else "")
     )
 

@@ -10,6 +10,7 @@ Settings come from flags, else from a TOML config file (``--config``, default
     policy = "hybrid"             # or "pqc"
     allow_pqc_only = false
     rekey_interval = 30
+    ice_policy = "all"            # or "relay": media only through a TURN server
 
     [key_source]                  # any qcall key source (docs/key-sources.md)
     type = "etsi014"
@@ -56,6 +57,7 @@ _CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "key_source": dict,
     "network": str,
     "ice_servers": list,
+    "ice_policy": str,  # "all" or "relay" (--ice-policy)
     "messaging": dict,  # qcall send/inbox/chat (qcall/cli/messaging.py)
 }
 #: URL schemes of RTCIceServer ``urls`` (RFC 7064 STUN, RFC 7065 TURN).
