@@ -16,7 +16,7 @@ import pytest
 from qcall import pqc
 from qcall.call.audio_analysis import peak_frequency
 from qcall.call.media import ToneTrack, make_frame
-from qcall.call.status import CallState, CallStatus
+from qcall.call.status import CallState, CallStatus, IcePath
 from qcall.contacts import ContactStore
 from qcall.exceptions import ConfigError
 from qcall.identity import Identity, fingerprint
@@ -118,7 +118,10 @@ def test_panels_show_what_the_status_holds_and_no_key_bytes() -> None:
     status.policy = "pqc"
     assert "no QKD" in dict(security_lines(status, verification=Verification.UNKNOWN))["policy"]
     net = dict(network_lines(status))
-    assert net["RTT"] == "4.5 ms" and net["jitter"] == "—"
+    assert net["RTT"] == "4.5 ms" and net["jitter"] == "—" and net["media path"] == "—"
+    status.ice = IcePath("relay", "relay", "10.0.0.1:5000", "10.0.0.1:5002", policy="relay")
+    assert dict(network_lines(status))["media path"] == status.ice.describe()
+    assert "relay" in status.ice.describe()
     assert call_title(status, muted=True, held=True) == "call to bob — in call · on hold · muted"
 
 

@@ -247,8 +247,9 @@ def security_lines(
 
 
 def network_lines(status: CallStatus) -> list[tuple[str, str]]:
-    """The network panel: RTT, jitter, loss and the jitter buffer (RFC 3550 §6.4 figures)."""
+    """The network panel: the media path (ICE pair), RTT, jitter, loss, the jitter buffer."""
     return [
+        ("media path", status.ice.describe() if status.ice is not None else "—"),
         ("RTT", _or_dash(status.rtt_ms, " ms")),
         ("jitter", _or_dash(status.jitter_ms, " ms")),
         ("lost", _or_dash(status.packets_lost, " packets")),
