@@ -663,9 +663,11 @@ async def test_microphone_track_captures_device_audio(alsa_devices):
     frames = [await asyncio.wait_for(track.recv(), 5 * TIMEOUT_FACTOR) for _ in range(10)]
     track.stop()
     track.stop()  # idempotent
-    assert [f.pts for f in frames] == [960 * k for k in range(10)]
+    size = round(RATE * track.ptime)  # 10 ms frames: 10 ms Opus packets (qcall/call/opus.py)
+    assert size == 480
+    assert [f.pts for f in frames] == [size * k for k in range(10)]
     assert all(
-        (f.format.name, f.layout.name, f.sample_rate, f.samples) == ("s16", "mono", RATE, 960)
+        (f.format.name, f.layout.name, f.sample_rate, f.samples) == ("s16", "mono", RATE, size)
         for f in frames
     )
     captured = samples_of(frames)
