@@ -42,7 +42,6 @@ import threading
 import time
 from typing import Any
 
-import av
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamTrack
@@ -83,9 +82,9 @@ class ProbedSpeaker(SpeakerSink):
         super().__init__(device, api=api)
         self.written: list[tuple[float, np.ndarray]] = []
 
-    def _write(self, frame: av.AudioFrame, pts: int | None, arrival: float) -> None:
-        self.written.append((arrival, frame.to_ndarray().reshape(-1).copy()))
-        super()._write(frame, pts, arrival)
+    def _write(self, samples: np.ndarray, pts: int | None, arrival: float) -> None:
+        self.written.append((arrival, samples.copy()))
+        super()._write(samples, pts, arrival)
 
 
 def chirp_times(frames: list[tuple[float, np.ndarray]], template: np.ndarray) -> list[float]:

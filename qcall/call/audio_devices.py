@@ -789,8 +789,8 @@ class SpeakerSink(TrackSink):
         """Times the device ran out of audio and played silence."""
         return self._playback.underruns
 
-    def _write(self, frame: av.AudioFrame, pts: int | None, arrival: float) -> None:
-        self._playback.write(frame.to_ndarray().astype("<i2", copy=False).tobytes())
+    def _write(self, samples: np.ndarray, pts: int | None, arrival: float) -> None:
+        self._playback.write(samples.astype("<i2", copy=False).tobytes())
 
     async def _close(self) -> None:
         deadline = time.monotonic() + 0.25
