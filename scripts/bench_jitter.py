@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -213,13 +214,17 @@ def _baseline(rev: str, name: str) -> Any:
     return module
 
 
-async def cpu_per_recorded_frame(module: Any, frames: list[Any], out: Path) -> tuple[float, bytes]:
+def cpu_per_recorded_frame(module: Any, frames: list[Any], out: Path) -> tuple[float, bytes]:
     """Write decoded frames through ``module.WavRecorder``; µs of CPU a frame, and the file."""
     recorder = module.WavRecorder(out)
     start = time.process_time()
     for k, frame in enumerate(frames):
         recorder._handle(frame, 0.02 * k)
-    await recorder._close()
+    closing = recorder._close()  # awaits nothing: run it to the end here
+    try:
+        closing.send(None)
+    except StopIteration:
+        pass
     spent = time.process_time() - start
     return 1e6 * spent / len(frames), out.read_bytes()
 
@@ -237,7 +242,7 @@ def _decoded_frames(count: int) -> list[Any]:
     return frames
 
 
-async def cpu_main(runs: int, packets: int, rev: str) -> int:
+def cpu_main(runs: int, packets: int, rev: str) -> int:
     """Print the median µs per packet of the baseline and the current buffer, and the ratio."""
     from qcall.call import jitter, media
 
@@ -246,46 +251,49 @@ async def cpu_main(runs: int, packets: int, rev: str) -> int:
         f"bench_jitter --cpu: {runs} runs x {packets} packets (20 ms, 0-8 ms jitter, 2 % loss),"
         " simulated clock, interleaved; µs of CPU (process_time) per packet"
     )
-    figures: dict[str, list[float]] = {name: [] for name in modules}
-    for run in range(runs):
-        arrivals = _stream(packets, run)
-        outputs = []
-        for name, module in modules.items():
-            micros, frames = cpu_per_packet(module, arrivals)
-            figures[name].append(micros)
-            outputs.append(frames)
-            print(f"  run {run + 1} {name:18s} {micros:6.2f} µs/packet ({len(frames)} frames out)")
-        if any(out != outputs[0] for out in outputs):
-            print("  the implementations released different frames", file=sys.stderr)
-            return 1
-    medians = {name: statistics.median(values) for name, values in figures.items()}
-    for name, value in medians.items():
-        print(f"{name:20s} median {value:6.2f} µs/packet")
-    base, current = medians.values()
-    print(f"current / baseline: {current / base:.2f}  (the same frames released)")
+    if not _compare(
+        modules, runs, "µs/packet", lambda m, run: cpu_per_packet(m, _stream(packets, run))
+    ):
+        print("  the implementations released different frames", file=sys.stderr)
+        return 1
+    print("(the same frames released)")
 
     recorders = {f"baseline {rev}": _baseline(rev, "media"), "current": media}
     count = max(50, packets // 10)
     print(f"\nWavRecorder: {runs} runs x {count} decoded frames (s16 stereo 48 kHz, 20 ms)")
     frames = _decoded_frames(count)
-    figures = {name: [] for name in recorders}
     with tempfile.TemporaryDirectory() as tmp:
-        for run in range(runs):
-            files = []
-            for name, module in recorders.items():
-                micros, data = await cpu_per_recorded_frame(module, frames, Path(tmp) / "out.wav")
-                figures[name].append(micros)
-                files.append(data)
-                print(f"  run {run + 1} {name:18s} {micros:6.1f} µs/frame")
-            if any(data != files[0] for data in files):
-                print("  the recorders wrote different files", file=sys.stderr)
-                return 1
+        out = Path(tmp) / "out.wav"
+        if not _compare(
+            recorders, runs, "µs/frame", lambda m, run: cpu_per_recorded_frame(m, frames, out)
+        ):
+            print("  the recorders wrote different files", file=sys.stderr)
+            return 1
+    print("(byte-identical files)")
+    return 0
+
+
+def _compare(
+    modules: dict[str, Any], runs: int, unit: str, measure: Callable[[Any, int], tuple[float, Any]]
+) -> bool:
+    """Run ``measure(module, run)`` interleaved; print medians and the ratio; False if the
+    modules' outputs differ in a run."""
+    figures: dict[str, list[float]] = {name: [] for name in modules}
+    for run in range(runs):
+        outputs = []
+        for name, module in modules.items():
+            value, output = measure(module, run)
+            figures[name].append(value)
+            outputs.append(output)
+            print(f"  run {run + 1} {name:18s} {value:6.2f} {unit}")
+        if any(out != outputs[0] for out in outputs):
+            return False
     medians = {name: statistics.median(values) for name, values in figures.items()}
     for name, value in medians.items():
-        print(f"{name:20s} median {value:6.1f} µs/frame")
+        print(f"{name:20s} median {value:6.2f} {unit}")
     base, current = medians.values()
-    print(f"current / baseline: {current / base:.2f}  (byte-identical files)")
-    return 0
+    print(f"current / baseline: {current / base:.2f}")
+    return True
 
 
 async def main(argv: list[str] | None = None) -> int:
@@ -298,7 +306,7 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", default="46c6851", help="with --cpu: git revision")
     args = parser.parse_args(argv)
     if args.cpu:
-        return await cpu_main(args.runs, args.packets, args.baseline)
+        return cpu_main(args.runs, args.packets, args.baseline)
     print(
         f"bench_jitter: {args.runs} runs x {args.seconds:g} s per mode and profile "
         "(shared 2-core machine, loaded by other jobs: figures are indicative)"

@@ -11,13 +11,12 @@ import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.codecs.opus import OpusDecoder, OpusEncoder
 from aiortc.jitterbuffer import JitterFrame
-from aiortc.mediastreams import MediaStreamTrack
 
 from qcall.call.audio_analysis import find_chirps, peak_frequency
 from qcall.call.jitter import get_jitter_buffer, install_jitter_buffer
 from qcall.call.media import ToneTrack, UnityGainTrack, WavRecorder, read_wav, stereo_frame
 from qcall.call.opus import SourceFramedOpusEncoder, install_opus_encoder
-from tests.utils import TIMEOUT_FACTOR
+from tests.utils import TIMEOUT_FACTOR, connect_peers
 
 RATE = 48000
 
@@ -78,23 +77,11 @@ async def test_call_sends_the_microphones_frame_length(tmp_path: Path) -> None:
     tone = ToneTrack(1000, ptime=0.010, amplitude=0.3)
     recorder = WavRecorder(tmp_path / "heard.wav")
     install_jitter_buffer(callee)
-    received = asyncio.Event()
-
-    @callee.on("track")
-    def on_track(track: MediaStreamTrack) -> None:
-        recorder.addTrack(track)
-        received.set()
-
     try:
         caller.addTrack(UnityGainTrack(tone))
         install_opus_encoder(caller)
         install_opus_encoder(caller)  # harmless twice
-        await caller.setLocalDescription(await caller.createOffer())
-        await callee.setRemoteDescription(caller.localDescription)
-        await received.wait()
-        await recorder.start()
-        await callee.setLocalDescription(await callee.createAnswer())
-        await caller.setRemoteDescription(callee.localDescription)
+        await connect_peers(caller, callee, recorder)
         deadline = time.monotonic() + 10 * TIMEOUT_FACTOR
         while recorder.duration < 0.6:
             assert time.monotonic() < deadline, "audio did not flow"

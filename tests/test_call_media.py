@@ -50,7 +50,7 @@ from qcall.call.media import (
 from qcall.cli import main
 from qcall.exceptions import ConfigError, MediaError
 
-from .utils import TIMEOUT_FACTOR
+from .utils import TIMEOUT_FACTOR, connect_peers
 
 RATE = 48000
 try:
@@ -499,22 +499,10 @@ async def test_call_loop_tone_opus_recorder(tmp_path):
     amplitude = 10 ** (-10 / 20) * math.sqrt(2)  # −10 dBFS RMS (a sine's RMS is peak / √2)
     tone = ToneTrack(1000, chirp_at=chirp_times, amplitude=amplitude)
     recorder = WavRecorder(tmp_path / "call.wav")
-    received = asyncio.Event()
-
-    @callee.on("track")
-    def on_track(track: MediaStreamTrack) -> None:
-        recorder.addTrack(track)
-        received.set()
-
     try:
         caller.addTrack(UnityGainTrack(tone))  # as a call does (session_sdp.py)
-        await caller.setLocalDescription(await caller.createOffer())
+        await connect_peers(caller, callee, recorder)
         assert "opus/48000/2" in caller.localDescription.sdp
-        await callee.setRemoteDescription(caller.localDescription)
-        await received.wait()
-        await recorder.start()
-        await callee.setLocalDescription(await callee.createAnswer())
-        await caller.setRemoteDescription(callee.localDescription)
         deadline = time.monotonic() + 10 * TIMEOUT_FACTOR
         while len(tone.chirp_send_times) < len(chirp_times) or recorder.duration < 2.3:
             assert time.monotonic() < deadline, "audio did not flow"
