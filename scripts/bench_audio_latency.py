@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import os
 import statistics
 import sys
@@ -42,7 +43,6 @@ import threading
 import time
 from typing import Any
 
-import av
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamTrack
@@ -52,6 +52,7 @@ from qcall.call.audio_analysis import SAMPLE_RATE, chirp_template, find_chirps
 from qcall.call.audio_devices import MicrophoneTrack, SpeakerSink
 from qcall.call.jitter import get_jitter_buffer, install_jitter_buffer
 from qcall.call.media import UnityGainTrack
+from qcall.call.opus import install_opus_encoder
 from qcall.call.soundserver import MIC, MONITOR, MOUTH, SPEAKER, VirtualSoundServer
 
 CHIRP_SPACING = 0.5
@@ -82,9 +83,9 @@ class ProbedSpeaker(SpeakerSink):
         super().__init__(device, api=api)
         self.written: list[tuple[float, np.ndarray]] = []
 
-    def _write(self, frame: av.AudioFrame, pts: int | None, arrival: float) -> None:
-        self.written.append((arrival, frame.to_ndarray().reshape(-1).copy()))
-        super()._write(frame, pts, arrival)
+    def _write(self, samples: np.ndarray, pts: int | None, arrival: float) -> None:
+        self.written.append((arrival, samples.copy()))
+        super()._write(samples, pts, arrival)
 
 
 def chirp_times(frames: list[tuple[float, np.ndarray]], template: np.ndarray) -> list[float]:
@@ -159,13 +160,13 @@ class Monitor:
         return audio, zero
 
 
-async def measure(api: str, pace: bool, seconds: float) -> dict[str, Any]:
+async def measure(api: str, pace: bool, seconds: float, ptime: float) -> dict[str, Any]:
     """One call of ``seconds``; return its per-chirp medians."""
     mic_name = MIC if api == "pulse" else "pulse"
     spk_name = SPEAKER if api == "pulse" else "pulse"
     caller = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     callee = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    mic = MicrophoneTrack(mic_name, pace=pace, api=api)
+    mic = MicrophoneTrack(mic_name, pace=pace, api=api, ptime=ptime)
     probe = Probe(mic)
     speaker = ProbedSpeaker(spk_name, api)
     install_jitter_buffer(callee)
@@ -179,6 +180,7 @@ async def measure(api: str, pace: bool, seconds: float) -> dict[str, Any]:
 
     try:
         caller.addTrack(UnityGainTrack(probe))
+        install_opus_encoder(caller)  # as a call does: packets as long as the mic's frames
         await caller.setLocalDescription(await caller.createOffer())
         await callee.setRemoteDescription(caller.localDescription)
         await got.wait()
@@ -190,7 +192,10 @@ async def measure(api: str, pace: bool, seconds: float) -> dict[str, Any]:
         monitor.start()
         await asyncio.sleep(seconds)
         buffer = get_jitter_buffer(callee.getTransceivers()[0].receiver)
-        stats = buffer.stats if buffer is not None else None
+        # A copy: once the microphone stops, the far end conceals the missing
+        # frames until the call closes, which is not a gap anyone heard.
+        stats = copy.copy(buffer.stats) if buffer is not None else None
+        underruns = speaker.underruns
     finally:
         audio, zero = monitor.stop()
         await speaker.stop()
@@ -232,7 +237,7 @@ async def measure(api: str, pace: bool, seconds: float) -> dict[str, Any]:
     result["codec_network"] = result["transit"] - result["jitter_buffer"]
     result["chirps"] = f"{len(rows)}/{len(mouths)}"
     result["concealed"] = stats.concealed if stats is not None else None
-    result["underruns"] = speaker.underruns
+    result["underruns"] = underruns
     result["dropped_blocks"] = mic.dropped_blocks
     result["pacer_wait"] = mic.pacer.mean_wait * 1000 if mic.pacer else 0.0
     return result
@@ -245,6 +250,10 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--apis", nargs="+", default=["pulse", "pulse-unpaced", "portaudio"])
     parser.add_argument("--capture-ms", type=float, help="PulseAudio capture fragment")
     parser.add_argument("--playout-ms", type=float, help="PulseAudio playback target")
+    parser.add_argument(
+        "--ptime-ms", type=float, nargs="+", default=[audio_devices.MIC_PTIME * 1000],
+        help="microphone frame (= Opus packet) lengths to compare, in ms",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.capture_ms is not None:
         audio_devices.PULSE_CAPTURE_LATENCY = args.capture_ms / 1000
@@ -263,16 +272,20 @@ async def main(argv: list[str] | None = None) -> int:
     with VirtualSoundServer() as server:
         os.environ.update(server.env)
         for run in range(args.runs):
-            for name in args.apis:
+            configurations = [(a, p) for a in args.apis for p in args.ptime_ms]
+            for name, ptime in configurations:
                 api = name.split("-")[0]
+                label = name if len(args.ptime_ms) == 1 else f"{name} {ptime:g} ms"
                 try:
-                    figures = await measure(api, not name.endswith("unpaced"), args.seconds)
+                    figures = await measure(
+                        api, not name.endswith("unpaced"), args.seconds, ptime / 1000
+                    )
                 except Exception as exc:  # report and carry on with the others
-                    print(f"  run {run + 1} {name}: failed: {exc}", file=sys.stderr)
+                    print(f"  run {run + 1} {label}: failed: {exc}", file=sys.stderr)
                     continue
-                results.setdefault(name, []).append(figures)
+                results.setdefault(label, []).append(figures)
                 print(
-                    f"  run {run + 1} {name:14s} mouth-to-ear {figures['mouth_to_ear']:6.1f} ms "
+                    f"  run {run + 1} {label:14s} mouth-to-ear {figures['mouth_to_ear']:6.1f} ms "
                     f"(capture {figures['capture']:.1f}, codec+net {figures['codec_network']:.1f},"
                     f" jitter buffer {figures['jitter_buffer']:.1f}, playout"
                     f" {figures['playout']:.1f}; chirps {figures['chirps']}, concealed"
@@ -284,7 +297,7 @@ async def main(argv: list[str] | None = None) -> int:
         "\nmedian over runs, ms   mouth-to-ear  capture  codec+net  jitterbuf  playout"
         "  concealed  underruns  ratio"
     )
-    baseline = results.get("portaudio")
+    baseline = next((r for k, r in results.items() if k.split(" ")[0] == "portaudio"), None)
     base = statistics.median(r["mouth_to_ear"] for r in baseline) if baseline else None
     for name, runs in results.items():
         med = {k: statistics.median(r[k] for r in runs) for k in keys}

@@ -50,7 +50,7 @@ from qcall.call.media import (
 from qcall.cli import main
 from qcall.exceptions import ConfigError, MediaError
 
-from .utils import TIMEOUT_FACTOR
+from .utils import TIMEOUT_FACTOR, connect_peers
 
 RATE = 48000
 try:
@@ -499,22 +499,10 @@ async def test_call_loop_tone_opus_recorder(tmp_path):
     amplitude = 10 ** (-10 / 20) * math.sqrt(2)  # −10 dBFS RMS (a sine's RMS is peak / √2)
     tone = ToneTrack(1000, chirp_at=chirp_times, amplitude=amplitude)
     recorder = WavRecorder(tmp_path / "call.wav")
-    received = asyncio.Event()
-
-    @callee.on("track")
-    def on_track(track: MediaStreamTrack) -> None:
-        recorder.addTrack(track)
-        received.set()
-
     try:
         caller.addTrack(UnityGainTrack(tone))  # as a call does (session_sdp.py)
-        await caller.setLocalDescription(await caller.createOffer())
+        await connect_peers(caller, callee, recorder)
         assert "opus/48000/2" in caller.localDescription.sdp
-        await callee.setRemoteDescription(caller.localDescription)
-        await received.wait()
-        await recorder.start()
-        await callee.setLocalDescription(await callee.createAnswer())
-        await caller.setRemoteDescription(callee.localDescription)
         deadline = time.monotonic() + 10 * TIMEOUT_FACTOR
         while len(tone.chirp_send_times) < len(chirp_times) or recorder.duration < 2.3:
             assert time.monotonic() < deadline, "audio did not flow"
@@ -663,9 +651,11 @@ async def test_microphone_track_captures_device_audio(alsa_devices):
     frames = [await asyncio.wait_for(track.recv(), 5 * TIMEOUT_FACTOR) for _ in range(10)]
     track.stop()
     track.stop()  # idempotent
-    assert [f.pts for f in frames] == [960 * k for k in range(10)]
+    size = round(RATE * track.ptime)  # 10 ms frames: 10 ms Opus packets (qcall/call/opus.py)
+    assert size == 480
+    assert [f.pts for f in frames] == [size * k for k in range(10)]
     assert all(
-        (f.format.name, f.layout.name, f.sample_rate, f.samples) == ("s16", "mono", RATE, 960)
+        (f.format.name, f.layout.name, f.sample_rate, f.samples) == ("s16", "mono", RATE, size)
         for f in frames
     )
     captured = samples_of(frames)

@@ -33,3 +33,26 @@ def stop_processes(procs: Iterable[subprocess.Popen[Any]], grace: float = 10.0) 
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+async def connect_peers(caller: Any, callee: Any, sink: Any) -> None:
+    """Connect two in-process ``RTCPeerConnection`` s; ``sink`` takes the callee's track.
+
+    The caller's tracks and hooks must be in place; the sink is started as soon
+    as the remote track exists, before the answer (so no frame is missed).
+    """
+    import asyncio
+
+    received = asyncio.Event()
+
+    @callee.on("track")
+    def on_track(track: Any) -> None:
+        sink.addTrack(track)
+        received.set()
+
+    await caller.setLocalDescription(await caller.createOffer())
+    await callee.setRemoteDescription(caller.localDescription)
+    await received.wait()
+    await sink.start()
+    await callee.setLocalDescription(await callee.createAnswer())
+    await caller.setRemoteDescription(callee.localDescription)

@@ -42,7 +42,6 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from qcall.call.audio_analysis import SAMPLE_RATE
 from qcall.call.media import (
     PTIME,
-    SAMPLES_PER_FRAME,
     TIME_BASE,
     TrackSink,
     make_frame,
@@ -72,6 +71,8 @@ PULSE_CAPTURE_LATENCY = 0.002
 PULSE_PLAYBACK_LATENCY = 0.010
 #: Audio waiting for the PulseAudio writer beyond which the oldest is dropped.
 PULSE_MAX_QUEUED = 0.040
+#: The microphone's frame (and so Opus packet) length: 10 ms (docs/audio.md).
+MIC_PTIME = 0.010
 
 PYAUDIO_MISSING_MESSAGE = (
     "sound devices need pyaudio, which is not installed: run "
@@ -395,9 +396,9 @@ OnBlock = Callable[[bytes | None, float], bool]
 
 
 class _PortAudioCapture:
-    """PortAudio input: its callback thread hands over each 20 ms block."""
+    """PortAudio input: its callback thread hands over each block of ``ptime``."""
 
-    def __init__(self, spec: int | str | None) -> None:
+    def __init__(self, spec: int | str | None, ptime: float = PTIME) -> None:
         pyaudio, pa = _open_pyaudio()
         self._pa: Any = pa
         self._pa_continue, self._pa_complete = pyaudio.paContinue, pyaudio.paComplete
@@ -413,7 +414,7 @@ class _PortAudioCapture:
                     rate=self.rate,
                     input=True,
                     input_device_index=self.index,
-                    frames_per_buffer=round(self.rate * PTIME),
+                    frames_per_buffer=round(self.rate * ptime),
                     stream_callback=self._callback,
                     start=False,
                 )
@@ -448,11 +449,12 @@ class _PortAudioCapture:
 
 
 class _PulseCapture:
-    """A PulseAudio source read by a thread in 20 ms blocks (2 ms fragments)."""
+    """A PulseAudio source read by a thread in blocks of ``ptime`` (2 ms fragments)."""
 
-    def __init__(self, spec: int | str | None) -> None:
+    def __init__(self, spec: int | str | None, ptime: float = PTIME) -> None:
         device = find_device(_pulse_devices(), spec, "input")
         self.index, self.name, self.rate = device.index, device.name, SAMPLE_RATE
+        self.block = round(SAMPLE_RATE * ptime)
         self._stream: Any = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -473,7 +475,7 @@ class _PulseCapture:
     def _run(self, stream: Any, on_block: OnBlock) -> None:
         while not self._stopping.is_set():
             try:
-                data = stream.read(SAMPLES_PER_FRAME)
+                data = stream.read(self.block)
             except MediaError as exc:
                 logger.error("! microphone %s: %s", self.name, exc)
                 on_block(None, time.monotonic())
@@ -645,20 +647,22 @@ class _PulsePlayback:
 
 
 class MicrophoneTrack(MediaStreamTrack):
-    """Audio from an input device, as an aiortc track paced on a 20 ms clock.
+    """Audio from an input device, as an aiortc track of 10 ms frames on a steady clock.
 
-    The device's thread hands each 20 ms block to the event loop
+    The device's thread hands each ``ptime`` block to the event loop
     (``call_soon_threadsafe``) with its arrival time; blocks wait in a bounded
     queue (1 s; the oldest is dropped if the call falls behind:
     :attr:`dropped_blocks`). Devices that refuse 48 kHz are opened at their
     default rate and resampled. :meth:`recv` releases frames on the steady
     clock of a :class:`CapturePacer` (:attr:`pacer`), so the far end sees no
-    capture jitter.
+    capture jitter. 10 ms frames (10 ms packets, :mod:`qcall.call.opus`) halve the fill wait.
 
     Args:
         device: index or name (``None``: the default input); see :func:`find_device`.
         pace: pace frames (default) or hand them on as they arrive.
         api: ``pulse`` or ``portaudio`` (default: :func:`audio_api`).
+        ptime: the frame length in seconds (default :data:`MIC_PTIME`; an Opus
+            frame size: 0.0025, 0.005, 0.01 or 0.02).
 
     Raises:
         MediaError: the API is missing, there is no such input device, or it
@@ -666,21 +670,29 @@ class MicrophoneTrack(MediaStreamTrack):
     """
 
     kind = "audio"
-    _QUEUE_BLOCKS = 50
 
     def __init__(
-        self, device: int | str | None = None, *, pace: bool = True, api: str | None = None
+        self,
+        device: int | str | None = None,
+        *,
+        pace: bool = True,
+        api: str | None = None,
+        ptime: float = MIC_PTIME,
     ) -> None:
         super().__init__()
+        if round(SAMPLE_RATE * ptime) not in (120, 240, 480, 960):
+            raise MediaError(f"ptime {ptime!r} s: use 0.0025, 0.005, 0.01 or 0.02")
         self.api = api or audio_api()
-        capture = _PulseCapture(device) if self.api == "pulse" else _PortAudioCapture(device)
+        self.ptime = ptime
+        capture = (_PulseCapture if self.api == "pulse" else _PortAudioCapture)(device, ptime)
         self._capture: _PulseCapture | _PortAudioCapture = capture
         self.device_index, self.device_name = capture.index, capture.name
         self.capture_rate = capture.rate
-        self.pacer = CapturePacer() if pace else None
+        self.pacer = CapturePacer(ptime) if pace else None
+        self._queue_blocks = round(1 / ptime)  # 1 s
         self._queue: asyncio.Queue[tuple[bytes, float] | None] = asyncio.Queue()
         self._event_loop: asyncio.AbstractEventLoop | None = None
-        self._resampler = mono_resampler(SAMPLES_PER_FRAME)
+        self._resampler = mono_resampler(round(SAMPLE_RATE * ptime))
         self._pending: collections.deque[tuple[av.AudioFrame, float]] = collections.deque()
         self._pts = 0
         self._captured = 0  # samples at the capture rate
@@ -701,7 +713,7 @@ class MicrophoneTrack(MediaStreamTrack):
         if data is None:
             self._queue.put_nowait(None)
             return
-        if self._queue.qsize() >= self._QUEUE_BLOCKS:
+        if self._queue.qsize() >= self._queue_blocks:
             self._queue.get_nowait()
             self.dropped_blocks += 1
         self._queue.put_nowait((data, arrival))
@@ -777,8 +789,8 @@ class SpeakerSink(TrackSink):
         """Times the device ran out of audio and played silence."""
         return self._playback.underruns
 
-    def _write(self, frame: av.AudioFrame, pts: int | None, arrival: float) -> None:
-        self._playback.write(frame.to_ndarray().astype("<i2", copy=False).tobytes())
+    def _write(self, samples: np.ndarray, pts: int | None, arrival: float) -> None:
+        self._playback.write(samples.astype("<i2", copy=False).tobytes())
 
     async def _close(self) -> None:
         deadline = time.monotonic() + 0.25

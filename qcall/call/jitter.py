@@ -268,6 +268,7 @@ class AdaptiveJitterBuffer(Generic[PayloadT]):
         #: How long after its slot the last packet arrived (negative: early), in seconds.
         self.last_lateness = 0.0
         self._pts_offset = 0  # output pts of the current schedule's origin
+        self._max_conceal = max(1, round(self.config.max_conceal * self.config.clock_rate))
         self._reset_schedule()
 
     def _reset_schedule(self) -> None:
@@ -286,6 +287,7 @@ class AdaptiveJitterBuffer(Generic[PayloadT]):
         self._paused = False
         self._window: collections.deque[float] = collections.deque()
         self._sorted: list[float] = []
+        self._target = 0.0  # the playout offset the window asks for (_note_delay)
         self._offset: float | None = None  # the playout offset P (seconds)
         self._offset_time = 0.0
         self._transit: float | None = None  # for the RFC 3550 jitter
@@ -365,7 +367,7 @@ class AdaptiveJitterBuffer(Generic[PayloadT]):
         """Return when :meth:`handle_timer` should next be called (``None``: no need)."""
         if self._offset is None or self._cursor is None or self._paused:
             return None
-        if not self._heap and self._conceal_run >= self._max_conceal_ts():
+        if not self._heap and self._conceal_run >= self._max_conceal:
             return None
         slot = self._cursor
         if self._heap and self._heap[0].ts < slot:
@@ -448,23 +450,23 @@ class AdaptiveJitterBuffer(Generic[PayloadT]):
                 self.stats.jitter += (d - self.stats.jitter) / 16
         self._transit = relative
         self._window.append(relative)
-        bisect.insort(self._sorted, relative)
+        ordered = self._sorted
+        bisect.insort(ordered, relative)
         if len(self._window) > self.config.window:
-            old = self._window.popleft()
-            del self._sorted[bisect.bisect_left(self._sorted, old)]
-        self._update_offset(now)
-
-    def _target_offset(self) -> float:
+            del ordered[bisect.bisect_left(ordered, self._window.popleft())]
+        # The target changes only with the window: computed here, once a packet,
+        # not at every release (the sorted window gives min and quantile at once).
         cfg = self.config
-        fastest = self._sorted[0]
-        index = min(len(self._sorted) - 1, math.ceil(cfg.quantile * len(self._sorted)) - 1)
-        wanted = self._sorted[max(0, index)] + cfg.margin
-        return min(max(wanted, fastest + cfg.min_delay), fastest + cfg.max_delay)
+        count = len(ordered)
+        fastest = ordered[0]
+        wanted = ordered[max(0, min(count - 1, math.ceil(cfg.quantile * count) - 1))] + cfg.margin
+        self._target = min(max(wanted, fastest + cfg.min_delay), fastest + cfg.max_delay)
+        self._update_offset(now)
 
     def _update_offset(self, now: float) -> None:
         if self._offset is None or not self._sorted:
             return
-        target = self._target_offset()
+        target = self._target
         if target >= self._offset:
             self._offset = target  # grow at once: the audio pauses for the difference
         else:
@@ -474,16 +476,14 @@ class AdaptiveJitterBuffer(Generic[PayloadT]):
         self.stats.delay = self._offset - self._sorted[0]
         self.stats.max_delay_seen = max(self.stats.max_delay_seen, self.stats.delay)
 
-    def _max_conceal_ts(self) -> int:
-        return max(1, round(self.config.max_conceal * self.config.clock_rate))
-
     def _emit(self, ts: int, payload: PayloadT | None, wire_seq: int | None, due: float) -> None:
         self._output.append(PlayoutFrame(ts + self._pts_offset, payload, wire_seq, due))
 
     def _release(self, now: float) -> None:
         if self._offset is None or self._cursor is None:
             return
-        self._update_offset(now)
+        if now != self._offset_time:  # else _note_delay just did it
+            self._update_offset(now)
         rate = self.config.clock_rate
         while not self._paused:
             head = self._heap[0] if self._heap else None
@@ -503,7 +503,7 @@ class AdaptiveJitterBuffer(Generic[PayloadT]):
             due = self._cursor / rate + self._offset
             if now < due:
                 return
-            if self._conceal_run < self._max_conceal_ts():
+            if self._conceal_run < self._max_conceal:
                 self._emit(self._cursor, None, None, due)
                 self.stats.concealed += 1
                 self._cursor += self._frame_ts
@@ -574,6 +574,9 @@ class ReceiverJitterBuffer:
         except RuntimeError:
             self._loop = asyncio.get_event_loop()
         self._clock = clock or self._loop.time
+        # aiortc creates these with the receiver and never replaces them.
+        self._codecs: dict[int, Any] = getattr(receiver, "_RTCRtpReceiver__codecs")
+        self._decoder_queue: Any = getattr(receiver, "_RTCRtpReceiver__decoder_queue")
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._last: _Payload | None = None
@@ -588,8 +591,7 @@ class ReceiverJitterBuffer:
 
     def add(self, packet: Any) -> tuple[bool, None]:
         """aiortc's ``JitterBuffer.add``: take a packet, never return a frame itself."""
-        codecs: dict[int, Any] = getattr(self.receiver, "_RTCRtpReceiver__codecs")
-        codec = codecs.get(packet.payload_type)
+        codec = self._codecs.get(packet.payload_type)
         data = getattr(packet, "_data", b"")
         if codec is not None:
             now = self._clock()
@@ -634,7 +636,7 @@ class ReceiverJitterBuffer:
         if decoder is None:  # the receiver stopped: nothing decodes any more
             self.close()
             return
-        queue = getattr(self.receiver, "_RTCRtpReceiver__decoder_queue")
+        queue = self._decoder_queue
         for frame in frames:
             if frame.payload is not None:
                 self._last = frame.payload

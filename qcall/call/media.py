@@ -32,6 +32,7 @@ import contextlib
 import fractions
 import logging
 import os
+import struct
 import time
 import wave
 from collections.abc import Callable, Sequence
@@ -83,6 +84,12 @@ MAX_CONCEALED_GAP = 5 * SAMPLE_RATE
 #: Frames a sink still takes from its track on stop when they are ready at once.
 _MAX_DRAIN_FRAMES = 256
 
+#: The recorder rewrites its WAV header's two sizes after this much audio (and at the end).
+WAV_HEADER_EVERY = SAMPLE_RATE  # 1 s
+#: RIFF/WAVE header of 16-bit PCM (44 bytes): RIFF size, then the fmt and data chunks.
+_WAV_HEADER = struct.Struct("<4sI4s4sIHHIIHH4sI")
+_UINT32 = struct.Struct("<I")
+
 # --- frames -------------------------------------------------------------------------
 
 
@@ -98,6 +105,16 @@ def make_frame(samples: Int16Array, pts: int, rate: int = SAMPLE_RATE) -> av.Aud
 def mono_resampler(frame_size: int | None = None, rate: int = SAMPLE_RATE) -> av.AudioResampler:
     """Return a resampler to mono s16 at ``rate`` (in ``frame_size`` chunks if given)."""
     return av.AudioResampler(format="s16", layout="mono", rate=rate, frame_size=frame_size)
+
+
+def _samples(frame: av.AudioFrame) -> Int16Array:
+    """The samples of a packed s16 frame, interleaved, as one flat array (no copy).
+
+    Read straight from the frame's buffer (which may be padded at the end):
+    PyAV's ``to_ndarray`` stacks planes and costs more than the rest of a sink.
+    """
+    count = frame.samples * len(frame.layout.channels)
+    return np.frombuffer(memoryview(frame.planes[0]), dtype=np.int16, count=count)
 
 
 class _Pacer:
@@ -376,9 +393,11 @@ class FileTrack(MediaStreamTrack):
 class TrackSink:
     """Base of the sinks: consumes one audio track in a task.
 
-    Subclasses implement :meth:`_write` (called with each mono s16 frame at
-    ``output_rate``, 48 kHz unless a subclass changes it, in order) and
-    :meth:`_close`.
+    Subclasses implement :meth:`_write` (called with the samples of each frame
+    as mono s16 at ``output_rate``, 48 kHz unless a subclass changes it, in
+    order) and :meth:`_close`. Frames already s16 at that rate (what aiortc's
+    Opus decoder gives) are mixed to mono with numpy, bit-exact with the
+    resampler's (L + R + 1) >> 1; others go through a PyAV resampler.
 
     Args:
         clock: the clock for arrival times (``time.monotonic``).
@@ -434,8 +453,7 @@ class TrackSink:
                 if self._track is not None and self.error is None:
                     await self._drain(self._track)
             if self._resampler is not None and self.error is None:
-                for frame in self._resampler.resample(None):
-                    self._write(frame, None, self._clock())
+                self._flush_resampler(self._clock())
         finally:
             await self._close()
 
@@ -476,30 +494,55 @@ class TrackSink:
         self.frames_received += 1
         pts = frame.pts
         seconds = None
-        if pts is not None and frame.time_base is not None:
-            seconds = fractions.Fraction(pts) * fractions.Fraction(
-                frame.time_base.numerator, frame.time_base.denominator
-            )
+        time_base = frame.time_base
+        if pts is not None and time_base is not None:
+            if not isinstance(time_base, fractions.Fraction):  # PyAV gives a Fraction
+                time_base = fractions.Fraction(time_base.numerator, time_base.denominator)
+            seconds = pts * time_base
         # A resampler is bound to its first input's format (PyAV even passes
         # later frames through untouched when the first needed no work), so
         # a new input format gets a new resampler, after flushing the old one.
         shape = (frame.format.name, frame.layout.name, frame.sample_rate)
         if self._resampler is not None and shape != self._input_shape:
-            for out in self._resampler.resample(None):
-                self._write(out, None, arrival)
-            self._resampler = None
-        if self._resampler is None:
-            self._resampler = mono_resampler(rate=self.output_rate)
-            self._input_shape = shape
-        converted = self._resampler.resample(frame)
+            self._flush_resampler(arrival)
+        self._input_shape = shape
+        direct = self._direct(frame)
+        if direct is not None:
+            converted = [direct]
+        else:
+            if self._resampler is None:
+                self._resampler = mono_resampler(rate=self.output_rate)
+            converted = [_samples(out) for out in self._resampler.resample(frame)]
         self._timeline(seconds, fractions.Fraction(frame.samples, frame.sample_rate))
-        for out in converted:
-            self._write(out, pts, arrival)
+        for samples in converted:
+            self._write(samples, pts, arrival)
+
+    def _direct(self, frame: av.AudioFrame) -> Int16Array | None:
+        """The frame as mono s16 at ``output_rate`` without a resampler, when exact."""
+        if frame.format.name != "s16" or frame.sample_rate != self.output_rate:
+            return None
+        layout = frame.layout.name
+        if layout == "mono":
+            return _samples(frame)
+        if layout != "stereo":
+            return None
+        pairs = _samples(frame).reshape(-1, 2)
+        mixed = pairs[:, 0].astype(np.int32)
+        mixed += pairs[:, 1]
+        mixed += 1
+        mixed >>= 1
+        return mixed.astype(np.int16)
+
+    def _flush_resampler(self, arrival: float) -> None:
+        if self._resampler is not None:
+            for out in self._resampler.resample(None):
+                self._write(_samples(out), None, arrival)
+            self._resampler = None
 
     def _timeline(self, seconds: fractions.Fraction | None, duration: fractions.Fraction) -> None:
         """Hook: called with each frame's pts and duration in seconds before it is written."""
 
-    def _write(self, frame: av.AudioFrame, pts: int | None, arrival: float) -> None:
+    def _write(self, samples: Int16Array, pts: int | None, arrival: float) -> None:
         raise NotImplementedError
 
     async def _close(self) -> None:
@@ -510,8 +553,11 @@ class WavRecorder(TrackSink):
     """Write a received audio track to a WAV file (mono, 48 kHz, 16-bit).
 
     The file is created (mode 0600: it holds a private conversation) in the
-    constructor. Each frame is written when it arrives; the header is kept
-    valid as it goes, so even a crash leaves a playable file. When the
+    constructor. Each frame is written to the file (no buffer in this
+    process) when it arrives; the header's sizes are rewritten (``pwrite``,
+    no seek) after every :data:`WAV_HEADER_EVERY` samples and at the end, so
+    even a crash leaves a playable file, missing at most the last second
+    from its header. When the
     frame timestamps jump forward (packets lost), the gap is filled with
     silence, up to :data:`MAX_CONCEALED_GAP`, so the recording keeps the
     sender's timeline.
@@ -539,16 +585,17 @@ class WavRecorder(TrackSink):
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         except OSError as exc:
             raise MediaError(f"--output {self.path}: cannot create it ({exc.strerror})") from exc
-        self._file = os.fdopen(fd, "wb")
-        self._wav = wave.open(self._file, "wb")
-        self._wav.setnchannels(1)
-        self._wav.setsampwidth(2)
-        self._wav.setframerate(SAMPLE_RATE)
-        self._wav.writeframes(b"")  # header now, so the file is valid from the start
+        self._fd: int | None = fd
         self.arrivals: list[FrameArrival] = []
         self.samples_written = 0
         self.concealed_samples = 0
         self._next_seconds: fractions.Fraction | None = None
+        self._header_at = 0  # samples_written when the header was last written
+        try:  # the header now, so the file is valid from the start
+            self._write_all(self._header(0))
+        except MediaError as exc:  # kept like any write error: the track is still drained
+            self.error = exc
+            logger.error("! %s; discarding the call audio", exc)
 
     @property
     def duration(self) -> float:
@@ -566,31 +613,58 @@ class WavRecorder(TrackSink):
                 self.concealed_samples += gap
         self._next_seconds = seconds + duration
 
-    def _write_bytes(self, data: bytes) -> None:
+    @staticmethod
+    def _header(samples: int) -> bytes:
+        data = min(2 * samples, 0xFFFFFFFF - 36)  # a WAV holds at most 4 GiB
+        rate = SAMPLE_RATE
+        return _WAV_HEADER.pack(
+            b"RIFF", 36 + data, b"WAVE", b"fmt ", 16, 1, 1, rate, 2 * rate, 2, 16, b"data", data
+        )
+
+    def _write_all(self, data: bytes, at: int | None = None) -> None:
+        """Write ``data`` (at offset ``at``: ``pwrite``, the position unmoved)."""
+        if self._fd is None:
+            raise MediaError(f"--output {self.path}: already closed")
+        view = memoryview(data)
         try:
-            self._wav.writeframes(data)
+            while view:
+                done = os.write(self._fd, view) if at is None else os.pwrite(self._fd, view, at)
+                view = view[done:]
+                at = None if at is None else at + done
         except OSError as exc:
             raise MediaError(f"--output {self.path}: write failed ({exc.strerror})") from exc
 
-    def _write(self, frame: av.AudioFrame, pts: int | None, arrival: float) -> None:
-        data = frame.to_ndarray().astype("<i2", copy=False).tobytes()
-        samples = len(data) // 2
-        if samples == 0:
+    def _write_bytes(self, data: bytes) -> None:
+        self._write_all(data)
+        if self.samples_written + len(data) // 2 - self._header_at >= WAV_HEADER_EVERY:
+            self._patch_header(self.samples_written + len(data) // 2)
+
+    def _patch_header(self, samples: int) -> None:
+        header = self._header(samples)
+        self._write_all(header[4:8], 4)  # RIFF chunk size
+        self._write_all(header[40:44], 40)  # data chunk size
+        self._header_at = samples
+
+    def _write(self, samples: Int16Array, pts: int | None, arrival: float) -> None:
+        if samples.size == 0:
             return
-        self._write_bytes(data)
-        self.arrivals.append(FrameArrival(pts, self.samples_written, samples, arrival))
-        self.samples_written += samples
+        self._write_bytes(samples.astype("<i2", copy=False).tobytes())
+        self.arrivals.append(FrameArrival(pts, self.samples_written, samples.size, arrival))
+        self.samples_written += samples.size
 
     async def _close(self) -> None:
+        fd = self._fd
+        if fd is None:
+            return
         try:
-            try:
-                self._wav.close()
-            finally:
-                self._file.close()
-        except OSError as exc:
-            if self.error is None:
-                self.error = MediaError(f"--output {self.path}: write failed ({exc.strerror})")
-                logger.error("! %s", self.error)
+            if self.error is None and self._header_at != self.samples_written:
+                self._patch_header(self.samples_written)
+        except MediaError as exc:
+            self.error = exc
+            logger.error("! %s", exc)
+        finally:
+            self._fd = None
+            os.close(fd)
         logger.info(
             "= recorded %.2f s to %s (%d frames, %d samples concealed)",
             self.duration,

@@ -48,6 +48,7 @@ from qcall.call.fast_transport import install_fast_transport
 from qcall.call.jitter import apply_jitter_buffer_mode
 from qcall.call.media import UnityGainTrack
 from qcall.call.netem import apply_profile
+from qcall.call.opus import install_opus_encoder
 from qcall.call.session_core import b64, unb64
 from qcall.call.session_pump import HandshakePump
 from qcall.call.status import CallState, IcePath
@@ -130,6 +131,7 @@ class Negotiation(HandshakePump):
 
         if self.source is not None:
             pc.addTrack(UnityGainTrack(self.source))  # no −3 dB in Opus's upmix
+            install_opus_encoder(pc)  # 10 ms packets from a microphone (docs/audio.md)
         elif self.role == "caller":
             pc.addTransceiver("audio", direction="recvonly")
         apply_jitter_buffer_mode(pc, self.options.jitter_buffer)  # docs/jitter-buffer.md

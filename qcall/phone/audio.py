@@ -219,7 +219,7 @@ class RingTrack(MediaStreamTrack):
 class DiscardSink(TrackSink):
     """A sink that plays nothing: it keeps a track drained when there is no speaker."""
 
-    def _write(self, frame: av.AudioFrame, pts: int | None, arrival: float) -> None:
+    def _write(self, samples: Any, pts: int | None, arrival: float) -> None:
         pass
 
     async def _close(self) -> None:
