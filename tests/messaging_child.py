@@ -1,8 +1,10 @@
 """Child process for the kill -9 test of tests/test_messaging_client.py.
 
-``python -m tests.messaging_child DIR COUNT`` runs alice and bob (mode ``pqc``:
-see below) over the real SQLite server store in ``DIR``, until alice has sent
-``COUNT`` messages, bob has received them all and alice every reply. Every
+``python -m tests.messaging_child DIR COUNT [BURST]`` runs alice and bob (mode
+``pqc``: see below) over the real SQLite server store in ``DIR``, until alice has
+sent ``COUNT`` messages (in bursts of up to ``BURST`` with ``send_texts``: one
+commit, then the envelopes pipelined), bob has received them all and alice every
+reply. Every
 envelope that leaves a client is first appended to ``DIR/wire.log`` (``u32
 length ‖ bytes``, fsynced): what the network saw. Each text carries a random tag
 of this run, so a message key used
@@ -75,7 +77,7 @@ def count(c: MessagingClient, peer: str, outgoing: bool) -> int:
     return sum(1 for e, _ in c.history(peer) if e.outgoing == outgoing)
 
 
-async def main(directory: Path, total: int) -> None:
+async def main(directory: Path, total: int, burst: int = 1) -> None:
     log = directory / "wire.log"
     _, good = read_log(log)
     if log.exists():
@@ -90,7 +92,8 @@ async def main(directory: Path, total: int) -> None:
         await bob.flush_outbox()
         sent = count(alice, "bob", True)
         if sent < total:
-            await alice.send_text("bob", f"a{sent} {TAG}")
+            n = min(burst, total - sent, 1 + rounds % burst)
+            await alice.send_texts("bob", [f"a{i} {TAG}" for i in range(sent, sent + n)])
         rounds += 1
         if rounds % 3 == 0 or sent >= total:
             await bob.receive()
@@ -113,4 +116,4 @@ async def main(directory: Path, total: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(Path(sys.argv[1]), int(sys.argv[2])))
+    asyncio.run(main(Path(sys.argv[1]), *(int(a) for a in sys.argv[2:])))
