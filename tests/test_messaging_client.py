@@ -524,3 +524,17 @@ async def test_connection_lost_in_the_middle_of_a_burst_resends_exactly_once(wor
     wires = [RatchetMessage.parse(d) for d in inner]
     positions = {(m.session_id, m.epoch, m.generation, m.index): d for m, d in zip(wires, inner)}
     assert len(positions) == len(set(inner)) == 10  # one ciphertext per key: none reused
+
+
+async def test_process_batch_commits_but_leaves_the_acknowledgement_to_the_caller(world):
+    """process_batch: the messages are processed and committed (they can be shown) but
+    stay on the server until acknowledged; deliver acknowledges, opening nothing twice."""
+    alice, bob = await world.users("alice", "bob")
+    await alice.send_texts("bob", ["m0", "m1", "m2"])
+    envelopes = await bob.transport.fetch(0)
+    assert texts(await bob.process_batch(envelopes)) == ["m0", "m1", "m2"]
+    assert all(bob.store.processed(e.id) for e in envelopes)
+    assert [e.id for e in await bob.transport.fetch(0)] == [e.id for e in envelopes]
+    assert await bob.deliver(envelopes) == []  # only acknowledged now
+    assert await bob.transport.fetch(0) == []
+    assert [c.text for _, c in bob.history("alice")] == ["m0", "m1", "m2"]

@@ -438,6 +438,20 @@ class MessagingClient:
         Envelopes processed before (the server re-delivers after our crash) are
         only acknowledged. With ``retry``, envelopes kept for later are retried too.
         """
+        events = await self.process_batch(envelopes)
+        if envelopes:
+            await self.transport.ack([e.id for e in envelopes])
+        if retry and events:
+            events += await self.retry_pending()
+        return events
+
+    async def process_batch(self, envelopes: Sequence[Envelope]) -> list[Event]:
+        """Process envelopes and commit them, without acknowledging them.
+
+        Once this returns, every envelope is processed and committed (the events can be
+        shown) and may be acknowledged; :meth:`deliver` does it. Envelopes processed
+        before are skipped.
+        """
         events: list[Event] = []
         todo = [e for e in envelopes if not self.store.processed(e.id)]
         while todo:
@@ -465,10 +479,6 @@ class MessagingClient:
             if alone:
                 events += await self.process(todo[0])
                 todo = todo[1:]
-        if envelopes:
-            await self.transport.ack([e.id for e in envelopes])
-        if retry and events:
-            events += await self.retry_pending()
         return events
 
     async def process(self, envelope: Envelope) -> list[Event]:
