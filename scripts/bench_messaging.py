@@ -100,13 +100,15 @@ class CountingSource:
     def __init__(self, inner: KeySource) -> None:
         self.inner, self.keys, self.bytes = inner, 0, 0
 
-    async def get_key(self, peer_sae_id: str, size_bits: int | None = None) -> QKDKey:
-        key = await self.inner.get_key(peer_sae_id, size_bits)
+    async def get_key(
+        self, peer_sae_id: str, size_bits: int | None = None, **options: Any
+    ) -> QKDKey:
+        key = await self.inner.get_key(peer_sae_id, size_bits, **options)
         self.keys, self.bytes = self.keys + 1, self.bytes + len(key.key)
         return key
 
-    async def get_key_by_id(self, peer_sae_id: str, key_id: str) -> QKDKey:
-        return await self.inner.get_key_by_id(peer_sae_id, key_id)
+    async def get_key_by_id(self, peer_sae_id: str, key_id: str, **options: Any) -> QKDKey:
+        return await self.inner.get_key_by_id(peer_sae_id, key_id, **options)
 
     async def close(self) -> None:
         await self.inner.close()
