@@ -20,7 +20,8 @@ Durability rules (why ``kill -9`` loses nothing and never reuses a key):
   written, in one transaction; only then does the envelope leave (``client_ref``
   = a hash of it, so a resend after a crash is idempotent at the server). The
   entry is deleted with the next message's transaction, so one message costs
-  one commit;
+  one commit; a burst (``send_texts``) costs one commit for all its messages,
+  then its envelopes leave pipelined (``ClientConfig.send_window``);
 * receiving: the session advances, and the message, the envelope id
   (``processed``) and any consumed one-time prekey or QKD key are written, in
   one transaction; only then is the envelope acknowledged. A batch of envelopes
@@ -288,7 +289,7 @@ class MessagingClient:
         For a peer, the session advances once per content (any QKD key the policy
         calls for is taken before, outside the transaction) and the new state, the
         history rows and every outbox entry are committed in ONE transaction before
-        any envelope leaves (docs/messaging.md §13.1); then :meth:`flush_outbox`
+        any envelope leaves (docs/messaging.md §10.3); then :meth:`flush_outbox`
         sends them without waiting for each answer. A crash before the commit
         leaves nothing sent and nothing stored; after it, the same envelopes are
         resent (idempotent at the server). Returns the message ids.
