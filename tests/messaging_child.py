@@ -41,22 +41,26 @@ TAG = secrets.token_hex(4)
 @dataclass
 class LoggedTransport(ServerTransport):
     log: Path = Path("wire.log")
+    #: Print "send" for each envelope (the parent's kill then lands inside bursts).
+    announce: bool = False
 
     async def send(self, recipient: str, data: bytes, client_ref: bytes) -> int:
         with open(self.log, "ab") as f:
             f.write(len(data).to_bytes(4, "big") + data)
             f.flush()
             os.fsync(f.fileno())
+        if self.announce:
+            print("send", flush=True)
         return await super().send(recipient, data, client_ref)
 
 
-def client(directory: Path, server: Server, name: str) -> MessagingClient:
+def client(directory: Path, server: Server, name: str, announce: bool = False) -> MessagingClient:
     seed = hashlib.sha256(b"qcall test identity " + name.encode()).digest()
     ident = Identity.from_seed(name, pqc.SignatureScheme.ML_DSA_65, seed)
     home = directory / name
     home.mkdir(exist_ok=True)
     store = ClientStore(home / "messages.db", seed)
-    transport = LoggedTransport(server, name, log=directory / "wire.log")
+    transport = LoggedTransport(server, name, log=directory / "wire.log", announce=announce)
     return MessagingClient(ident, store, transport, ContactStore(home / "contacts.json"))
 
 
@@ -83,7 +87,7 @@ async def main(directory: Path, total: int, burst: int = 1) -> None:
     if log.exists():
         os.truncate(log, good)  # drop a record torn by the kill
     server = Server(directory / "server.db")
-    alice, bob = client(directory, server, "alice"), client(directory, server, "bob")
+    alice, bob = client(directory, server, "alice", burst > 1), client(directory, server, "bob")
     await bob.ensure_prekeys()
     await alice.ensure_prekeys()
     rounds = 0
@@ -95,7 +99,7 @@ async def main(directory: Path, total: int, burst: int = 1) -> None:
             n = min(burst, total - sent, 1 + rounds % burst)
             await alice.send_texts("bob", [f"a{i} {TAG}" for i in range(sent, sent + n)])
         rounds += 1
-        if rounds % 3 == 0 or sent >= total:
+        if rounds % 3 == 0 or sent >= total or burst > 1:  # bursts: fewer rounds
             await bob.receive()
             replies = count(bob, "alice", True)
             if replies < total // 3:

@@ -302,9 +302,11 @@ async def test_kill_9_mid_conversation_loses_nothing_and_never_reuses_a_key(tmp_
     """alice and bob in a real process, killed with SIGKILL at random moments, restarted.
 
     With ``burst`` > 1 alice sends with ``send_texts`` (one commit for the burst, then
-    the envelopes pipelined): a kill in the middle of a burst must lose nothing, reuse
-    no key, and each resent envelope must be delivered once."""
+    the envelopes pipelined; the child prints a line per envelope sent, so kills land
+    inside bursts too): a kill in the middle of a burst must lose nothing, reuse no
+    key, and each resent envelope must be delivered once."""
     total, rng = 24, random.Random(7 + burst)
+    inside = 0  # kills right after an envelope of a burst left, before the others' answers
     for attempt in range(12):
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -325,8 +327,12 @@ async def test_kill_9_mid_conversation_loses_nothing_and_never_reuses_a_key(tmp_
             if not line or line in (b"done\n", b"stuck\n"):
                 break
             lines -= 1
-            if kill and lines <= 0:
-                await asyncio.sleep(rng.random() * 0.02)
+            at_send = line == b"send\n"
+            if kill and lines <= 0 and (burst == 1 or attempt % 2 or at_send):
+                if at_send and not attempt % 2:
+                    inside += 1
+                else:
+                    await asyncio.sleep(rng.random() * 0.02)
                 proc.send_signal(signal.SIGKILL)
                 break
         code = await proc.wait()
@@ -334,6 +340,7 @@ async def test_kill_9_mid_conversation_loses_nothing_and_never_reuses_a_key(tmp_
         if code == 0:
             break
     assert code == 0, "the conversation got stuck: some messages never decrypted"
+    assert burst == 1 or inside >= 3
     alice, bob = (_reopen(tmp_path, n) for n in ("alice", "bob"))
     received = [c.text.split()[0] for e, c in bob.history("alice") if not e.outgoing]
     assert received == [f"a{i}" for i in range(total)]  # all, once each, in order
