@@ -1,8 +1,10 @@
 """Child process for the kill -9 test of tests/test_messaging_client.py.
 
-``python -m tests.messaging_child DIR COUNT`` runs alice and bob (mode ``pqc``:
-see below) over the real SQLite server store in ``DIR``, until alice has sent
-``COUNT`` messages, bob has received them all and alice every reply. Every
+``python -m tests.messaging_child DIR COUNT [BURST]`` runs alice and bob (mode
+``pqc``: see below) over the real SQLite server store in ``DIR``, until alice has
+sent ``COUNT`` messages (in bursts of up to ``BURST`` with ``send_texts``: one
+commit, then the envelopes pipelined), bob has received them all and alice every
+reply. Every
 envelope that leaves a client is first appended to ``DIR/wire.log`` (``u32
 length ‖ bytes``, fsynced): what the network saw. Each text carries a random tag
 of this run, so a message key used
@@ -39,22 +41,26 @@ TAG = secrets.token_hex(4)
 @dataclass
 class LoggedTransport(ServerTransport):
     log: Path = Path("wire.log")
+    #: Print "send" for each envelope (the parent's kill then lands inside bursts).
+    announce: bool = False
 
     async def send(self, recipient: str, data: bytes, client_ref: bytes) -> int:
         with open(self.log, "ab") as f:
             f.write(len(data).to_bytes(4, "big") + data)
             f.flush()
             os.fsync(f.fileno())
+        if self.announce:
+            print("send", flush=True)
         return await super().send(recipient, data, client_ref)
 
 
-def client(directory: Path, server: Server, name: str) -> MessagingClient:
+def client(directory: Path, server: Server, name: str, announce: bool = False) -> MessagingClient:
     seed = hashlib.sha256(b"qcall test identity " + name.encode()).digest()
     ident = Identity.from_seed(name, pqc.SignatureScheme.ML_DSA_65, seed)
     home = directory / name
     home.mkdir(exist_ok=True)
     store = ClientStore(home / "messages.db", seed)
-    transport = LoggedTransport(server, name, log=directory / "wire.log")
+    transport = LoggedTransport(server, name, log=directory / "wire.log", announce=announce)
     return MessagingClient(ident, store, transport, ContactStore(home / "contacts.json"))
 
 
@@ -75,13 +81,13 @@ def count(c: MessagingClient, peer: str, outgoing: bool) -> int:
     return sum(1 for e, _ in c.history(peer) if e.outgoing == outgoing)
 
 
-async def main(directory: Path, total: int) -> None:
+async def main(directory: Path, total: int, burst: int = 1) -> None:
     log = directory / "wire.log"
     _, good = read_log(log)
     if log.exists():
         os.truncate(log, good)  # drop a record torn by the kill
     server = Server(directory / "server.db")
-    alice, bob = client(directory, server, "alice"), client(directory, server, "bob")
+    alice, bob = client(directory, server, "alice", burst > 1), client(directory, server, "bob")
     await bob.ensure_prekeys()
     await alice.ensure_prekeys()
     rounds = 0
@@ -90,9 +96,10 @@ async def main(directory: Path, total: int) -> None:
         await bob.flush_outbox()
         sent = count(alice, "bob", True)
         if sent < total:
-            await alice.send_text("bob", f"a{sent} {TAG}")
+            n = min(burst, total - sent, 1 + rounds % burst)
+            await alice.send_texts("bob", [f"a{i} {TAG}" for i in range(sent, sent + n)])
         rounds += 1
-        if rounds % 3 == 0 or sent >= total:
+        if rounds % 3 == 0 or sent >= total or burst > 1:  # bursts: fewer rounds
             await bob.receive()
             replies = count(bob, "alice", True)
             if replies < total // 3:
@@ -113,4 +120,4 @@ async def main(directory: Path, total: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(Path(sys.argv[1]), int(sys.argv[2])))
+    asyncio.run(main(Path(sys.argv[1]), *(int(a) for a in sys.argv[2:])))

@@ -24,6 +24,7 @@ from qcall.exceptions import (
     MessageTooLargeError,
     PrekeyError,
     ReplayedMessageError,
+    SignalingError,
     UnknownSessionError,
 )
 from qcall.identity import Identity
@@ -296,9 +297,16 @@ async def test_member_inserted_by_the_server_is_detected(world):
     assert identity("mallory").public_key == mallory.me.public_key
 
 
-async def test_kill_9_mid_conversation_loses_nothing_and_never_reuses_a_key(tmp_path):
-    """alice and bob in a real process, killed with SIGKILL at random moments, restarted."""
-    total, rng = 24, random.Random(7)
+@pytest.mark.parametrize("burst", [1, 6])
+async def test_kill_9_mid_conversation_loses_nothing_and_never_reuses_a_key(tmp_path, burst):
+    """alice and bob in a real process, killed with SIGKILL at random moments, restarted.
+
+    With ``burst`` > 1 alice sends with ``send_texts`` (one commit for the burst, then
+    the envelopes pipelined; the child prints a line per envelope sent, so kills land
+    inside bursts too): a kill in the middle of a burst must lose nothing, reuse no
+    key, and each resent envelope must be delivered once."""
+    total, rng = 24, random.Random(7 + burst)
+    inside = 0  # kills right after an envelope of a burst left, before the others' answers
     for attempt in range(12):
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -306,6 +314,7 @@ async def test_kill_9_mid_conversation_loses_nothing_and_never_reuses_a_key(tmp_
             "tests.messaging_child",
             str(tmp_path),
             str(total),
+            str(burst),
             stdout=asyncio.subprocess.PIPE,
             cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -318,8 +327,12 @@ async def test_kill_9_mid_conversation_loses_nothing_and_never_reuses_a_key(tmp_
             if not line or line in (b"done\n", b"stuck\n"):
                 break
             lines -= 1
-            if kill and lines <= 0:
-                await asyncio.sleep(rng.random() * 0.02)
+            at_send = line == b"send\n"
+            if kill and lines <= 0 and (burst == 1 or attempt % 2 or at_send):
+                if at_send and not attempt % 2:
+                    inside += 1
+                else:
+                    await asyncio.sleep(rng.random() * 0.02)
                 proc.send_signal(signal.SIGKILL)
                 break
         code = await proc.wait()
@@ -327,6 +340,7 @@ async def test_kill_9_mid_conversation_loses_nothing_and_never_reuses_a_key(tmp_
         if code == 0:
             break
     assert code == 0, "the conversation got stuck: some messages never decrypted"
+    assert burst == 1 or inside >= 3
     alice, bob = (_reopen(tmp_path, n) for n in ("alice", "bob"))
     received = [c.text.split()[0] for e, c in bob.history("alice") if not e.outgoing]
     assert received == [f"a{i}" for i in range(total)]  # all, once each, in order
@@ -444,3 +458,90 @@ async def test_crash_in_the_middle_of_a_received_batch_loses_nothing(world, monk
     assert [c.text for _, c in bob.history("alice")] == [f"m{i}" for i in range(5)]
     await alice.send_text("bob", "after")  # the sessions go on: no key reused or lost
     assert texts(await bob.receive()) == ["after"]
+
+
+async def test_burst_is_one_commit_then_pipelined(world, monkeypatch):
+    """send_texts: the whole burst (session, history, outbox) in one transaction, then
+    up to send_window envelopes in flight at once, delivered in order."""
+    alice, bob = await world.users("alice", "bob")
+    alice = world.client("alice", send_window=4)
+    await alice.send_text("bob", "set-up")
+    commits = []
+    real_transaction = alice.store.transaction
+
+    def counting():
+        if not alice.store._depth:
+            commits.append(1)
+        return real_transaction()
+
+    monkeypatch.setattr(alice.store, "transaction", counting)
+    real_send = alice.transport.send
+    in_flight, most = 0, 0
+
+    async def slow_send(recipient: str, data: bytes, client_ref: bytes) -> int:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.01)  # the server's commit
+        in_flight -= 1
+        return await real_send(recipient, data, client_ref)
+
+    monkeypatch.setattr(alice.transport, "send", slow_send)
+    ids = await alice.send_texts("bob", [f"m{i}" for i in range(10)])
+    assert len(set(ids)) == 10 and len(commits) == 1
+    assert most == 4  # pipelined, within the window
+    assert texts(await bob.receive()) == ["set-up"] + [f"m{i}" for i in range(10)]
+    assert [c.text for e, c in alice.history("bob") if e.outgoing][1:] == [
+        f"m{i}" for i in range(10)
+    ]
+
+
+async def test_connection_lost_in_the_middle_of_a_burst_resends_exactly_once(world, monkeypatch):
+    """The burst is committed before any envelope leaves; the connection breaks after 3
+    of 8 reached the server. After a restart every envelope is sent again with the same
+    client_ref: the server keeps each once, bob gets each once, no key is reused."""
+    alice, bob = await world.users("alice", "bob")
+    await alice.send_text("bob", "set-up")
+    real_send = alice.transport.send
+    reached = []
+
+    async def breaking_send(recipient: str, data: bytes, client_ref: bytes) -> int:
+        if len(reached) >= 3:
+            raise SignalingError("the signaling connection was lost")
+        reached.append(data)
+        return await real_send(recipient, data, client_ref)
+
+    monkeypatch.setattr(alice.transport, "send", breaking_send)
+    with pytest.raises(SignalingError):
+        await alice.send_texts("bob", [f"m{i}" for i in range(8)])
+    alice.store.close()
+    before = alice.transport
+    alice = world.client("alice")  # restarted on the same files
+    assert len(alice.store.outbox()) == 8  # "set-up" was answered: deleted with the burst
+    assert await alice.flush_outbox() == 8
+    stored = await world.server.store.fetch("bob", 0, 100)
+    assert len(stored) == 9  # the resends were not stored twice
+    assert texts(await bob.receive()) == ["set-up"] + [f"m{i}" for i in range(8)]
+    assert await bob.receive() == []
+    await alice.send_text("bob", "after")  # the session goes on: no key reused or lost
+    assert texts(await bob.receive()) == ["after"]
+    sent = before.sent + alice.transport.sent
+    assert len(sent) == 1 + 3 + 8 + 1
+    inner = [PrekeyMessage.parse(d).inner if d[1] == 1 else d for _, d in sent]
+    wires = [RatchetMessage.parse(d) for d in inner]
+    positions = {(m.session_id, m.epoch, m.generation, m.index): d for m, d in zip(wires, inner)}
+    assert len(positions) == len(set(inner)) == 10  # one ciphertext per key: none reused
+
+
+async def test_process_batch_commits_but_leaves_the_acknowledgement_to_the_caller(world):
+    """process_batch: the messages are processed and committed (they can be shown) but
+    stay on the server until acknowledged; deliver acknowledges, opening nothing twice."""
+    alice, bob = await world.users("alice", "bob")
+    await alice.send_texts("bob", ["m0", "m1", "m2"])
+    envelopes = await bob.transport.fetch(0)
+    assert texts(await bob.process_batch(envelopes)) == ["m0", "m1", "m2"]
+    assert all(bob.store.processed(e.id) for e in envelopes)
+    assert [e.id for e in await bob.transport.fetch(0)] == [e.id for e in envelopes]
+    assert await bob.deliver(envelopes) == []  # only acknowledged now
+    assert await bob.transport.fetch(0) == []
+    assert [c.text for _, c in bob.history("alice")] == ["m0", "m1", "m2"]

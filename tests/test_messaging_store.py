@@ -13,6 +13,7 @@ from qcall.exceptions import MessageStoreError, PrekeyError
 from qcall.messaging.group import GroupAction, GroupChange, GroupMember, SenderChain, apply_change
 from qcall.messaging.messages import identity_hash
 from qcall.messaging.prekeys import PrekeyKind, make_prekey
+from qcall.messaging.ratchet import Session
 from qcall.messaging.store import SCHEMA_VERSION, ClientStore, Transfer
 from tests.messaging_utils import BACKEND, NOW, User, identity, start
 
@@ -201,3 +202,63 @@ def test_row_swapping_is_detected(tmp_path):
     )
     with pytest.raises(MessageStoreError, match="does not decrypt"):
         store.history("bob")
+
+
+def _advanced(store: ClientStore, session_id: bytes) -> tuple[Session, bytes]:
+    """Load a session from ``store``, send one message with it (advances it in place)."""
+    state = store.session(session_id)
+    assert state is not None
+    session = Session(state, backend=BACKEND)
+    return session, session.encrypt(b"m", NOW)
+
+
+def test_session_cache_never_serves_a_rolled_back_or_unsaved_state(tmp_path):
+    """The store keeps the parsed state it last wrote: a transaction or savepoint that
+    rolled back, or a state advanced and never saved, must not be served (the next
+    message would reuse a message key)."""
+    store = open_store(tmp_path / "messages.db")
+    a, _, _ = start(User.make("alice"), User.make("bob"))
+    sid = a.session_id
+    with store.transaction():
+        store.save_session(a.state, NOW)
+    committed = store.session(sid).serialize()
+    # saved in a transaction that rolls back
+    with pytest.raises(RuntimeError), store.transaction():
+        session, _ = _advanced(store, sid)
+        store.save_session(session.state, NOW)
+        assert store.session(sid).serialize() != committed  # read inside: the new state
+        raise RuntimeError("crash before the commit")
+    assert store.session(sid).serialize() == committed
+    assert store.active_session("bob").serialize() == committed
+    # saved in a savepoint that rolls back, inside a transaction that commits
+    with store.transaction():
+        with pytest.raises(RuntimeError), store.transaction():
+            session, _ = _advanced(store, sid)
+            store.save_session(session.state, NOW)
+            raise RuntimeError("bad envelope")
+    assert store.session(sid).serialize() == committed
+    # a committed save is what the file holds, and is served
+    session, _ = _advanced(store, sid)
+    with store.transaction():
+        store.save_session(session.state, NOW)
+    committed = session.state.serialize()
+    assert store.session(sid).serialize() == committed
+    # advanced in place by an operation that failed before saving it
+    _advanced(store, sid)
+    assert store.session(sid).serialize() == committed
+    store.close()
+    assert open_store(tmp_path / "messages.db").session(sid).serialize() == committed
+
+
+def test_session_cache_sees_another_process_write(tmp_path):
+    """Two stores on one file (two qcall processes): a state the other one wrote is read
+    from the file, not the one kept in memory."""
+    path = tmp_path / "messages.db"
+    one, two = open_store(path), open_store(path)
+    a, _, _ = start(User.make("alice"), User.make("bob"))
+    with one.transaction():
+        one.save_session(a.state, NOW)  # kept in one's memory
+    session, _ = _advanced(two, a.session_id)
+    with two.transaction():
+        two.save_session(session.state, NOW)
+    assert one.session(a.session_id).serialize() == session.state.serialize()

@@ -173,6 +173,9 @@ class ClientConfig:
         max_file_size: larger files are refused before upload.
         chunk_size: plaintext bytes per file chunk.
         downloads: where received files go (default: ``files/`` beside the store).
+        send_window: envelopes sent without waiting for the server's answer
+            (:meth:`~qcall.messaging.client.MessagingClient.flush_outbox`; the
+            server serves up to 64 requests of a connection at once).
     """
 
     policy: QKDPolicy = field(default_factory=QKDPolicy)
@@ -188,6 +191,7 @@ class ClientConfig:
     max_file_size: int = DEFAULT_MAX_FILE_SIZE
     chunk_size: int = DEFAULT_CHUNK_SIZE
     downloads: Path | None = None
+    send_window: int = 32
 
 
 class PendingError(Exception):

@@ -20,7 +20,8 @@ Durability rules (why ``kill -9`` loses nothing and never reuses a key):
   written, in one transaction; only then does the envelope leave (``client_ref``
   = a hash of it, so a resend after a crash is idempotent at the server). The
   entry is deleted with the next message's transaction, so one message costs
-  one commit;
+  one commit; a burst (``send_texts``) costs one commit for all its messages,
+  then its envelopes leave pipelined (``ClientConfig.send_window``);
 * receiving: the session advances, and the message, the envelope id
   (``processed``) and any consumed one-time prekey or QKD key are written, in
   one transaction; only then is the envelope acknowledged. A batch of envelopes
@@ -37,6 +38,7 @@ envelope is acknowledged; nothing else is lost.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -109,7 +111,7 @@ from qcall.messaging.session import (
     respond,
 )
 from qcall.messaging.state import SessionState
-from qcall.messaging.store import ClientStore, HistoryEntry
+from qcall.messaging.store import ClientStore, HistoryEntry, OutboxEntry
 from qcall.messaging.transfer import FileTransfers, Progress
 from qcall.qkd.client import KeySource
 
@@ -123,6 +125,11 @@ _SENT_BATCH = 256
 
 class _BatchBreak(Exception):  # noqa: N818 (control flow, never seen outside deliver)
     """A KME request is needed: commit the batch before it (deliver)."""
+
+
+def _client_ref(entry: OutboxEntry) -> bytes:
+    """The idempotency key of an outbox entry: the same envelope, the same ref (§12)."""
+    return hashlib.sha256(entry.recipient.encode() + b"\0" + entry.envelope).digest()[:16]
 
 
 def _is_chunk(envelope: Envelope) -> bool:
@@ -263,39 +270,80 @@ class MessagingClient:
 
     async def send_content(self, to: str, content: Content, *, history: bool = True) -> bytes:
         """Encrypt ``content`` for ``to``, commit, then hand it to the transport."""
+        return (await self.send_contents(to, [content], history=history))[0]
+
+    async def send_texts(self, to: str, texts: Sequence[str]) -> list[bytes]:
+        """Send a burst of texts to a peer or ``@group`` (:meth:`send_contents`).
+
+        Raises:
+            MessageTooLargeError: a text over the limit (before anything is sent).
+        """
+        now = self.clock()
+        return await self.send_contents(to, [Content.text_message(t, now) for t in texts])
+
+    async def send_contents(
+        self, to: str, contents: Sequence[Content], *, history: bool = True
+    ) -> list[bytes]:
+        """Send a burst: one commit for all of it, then the envelopes pipelined.
+
+        For a peer, the session advances once per content (any QKD key the policy
+        calls for is taken before, outside the transaction) and the new state, the
+        history rows and every outbox entry are committed in ONE transaction before
+        any envelope leaves (docs/messaging.md §10.3); then :meth:`flush_outbox`
+        sends them without waiting for each answer. A crash before the commit
+        leaves nothing sent and nothing stored; after it, the same envelopes are
+        resent (idempotent at the server). Returns the message ids.
+        """
         if to.startswith("@"):
-            await self._send_group(to[1:], content, history)
-        else:
+            for content in contents:
+                await self._send_group(to[1:], content, history)
+        elif contents:
             session = await self._session_for(to)
-            qkd = await self._qkd_for(session, to)
+            wires = []
+            for content in contents:
+                qkd = await self._qkd_for(session, to)
+                wires.append(session.encrypt(content.padded(), self.clock(), qkd))
             now = self.clock()
-            wire = session.encrypt(content.padded(), now, qkd)
             sent = list(self._sent)
             with self.store.transaction():
                 self.store.remove_outbox(sent)
                 self.store.save_session(session.state, now)
-                if history:
-                    self.store.add_history(
-                        to, content.message_id, outgoing=True, now=now, body=content.serialize()
-                    )
-                self.store.add_outbox(to, wire, now)
+                for content, wire in zip(contents, wires, strict=True):
+                    if history:
+                        self.store.add_history(
+                            to, content.message_id, outgoing=True, now=now, body=content.serialize()
+                        )
+                    self.store.add_outbox(to, wire, now)
             self._sent.difference_update(sent)
         await self.flush_outbox()
-        return content.message_id
+        return [c.message_id for c in contents]
 
     async def flush_outbox(self) -> int:
         """Send every committed envelope not yet acknowledged by the server.
 
-        An acknowledged entry is deleted from the store with the next message's
+        Up to :attr:`ClientConfig.send_window` envelopes are in flight at once, sent
+        in outbox order (the server answers each after its own commit). An
+        acknowledged entry is deleted from the store with the next message's
         transaction (or here, once :data:`_SENT_BATCH` are waiting): after a crash
         it is sent again with the same ``client_ref``, which the server answers
         with the same envelope id without storing it twice.
         """
         entries = [e for e in self.store.outbox() if e.id not in self._sent]
-        for entry in entries:
-            ref = hashlib.sha256(entry.recipient.encode() + b"\0" + entry.envelope).digest()[:16]
-            await self.transport.send(entry.recipient, entry.envelope, ref)
-            self._sent.add(entry.id)
+        window = max(1, self.config.send_window)
+        for start in range(0, len(entries), window):
+            part = entries[start : start + window]
+            results = await asyncio.gather(
+                *(self.transport.send(e.recipient, e.envelope, _client_ref(e)) for e in part),
+                return_exceptions=True,
+            )
+            failed = None
+            for entry, result in zip(part, results, strict=True):
+                if isinstance(result, BaseException):
+                    failed = failed or result
+                else:
+                    self._sent.add(entry.id)
+            if failed is not None:
+                raise failed
         if len(self._sent) >= _SENT_BATCH:
             sent = list(self._sent)
             with self.store.transaction():
@@ -391,6 +439,20 @@ class MessagingClient:
         Envelopes processed before (the server re-delivers after our crash) are
         only acknowledged. With ``retry``, envelopes kept for later are retried too.
         """
+        events = await self.process_batch(envelopes)
+        if envelopes:
+            await self.transport.ack([e.id for e in envelopes])
+        if retry and events:
+            events += await self.retry_pending()
+        return events
+
+    async def process_batch(self, envelopes: Sequence[Envelope]) -> list[Event]:
+        """Process envelopes and commit them, without acknowledging them.
+
+        Once this returns, every envelope is processed and committed (the events can be
+        shown) and may be acknowledged; :meth:`deliver` does it. Envelopes processed
+        before are skipped.
+        """
         events: list[Event] = []
         todo = [e for e in envelopes if not self.store.processed(e.id)]
         while todo:
@@ -418,10 +480,6 @@ class MessagingClient:
             if alone:
                 events += await self.process(todo[0])
                 todo = todo[1:]
-        if envelopes:
-            await self.transport.ack([e.id for e in envelopes])
-        if retry and events:
-            events += await self.retry_pending()
         return events
 
     async def process(self, envelope: Envelope) -> list[Event]:

@@ -102,6 +102,8 @@ MIGRATIONS: dict[int, str] = {1: _SCHEMA_1, 2: _SCHEMA_2}
 SCHEMA_VERSION = max(MIGRATIONS)
 
 _CHECK = b"qcall message store check v1"
+#: Parsed session states kept in memory (ClientStore._session).
+_PARSED_SESSIONS = 64
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,9 @@ class ClientStore:
         self.path = Path(path)
         self._lock = threading.RLock()
         self._depth = 0
+        # Parsed sessions by id, with the sealed row they were read from or written as
+        # (see _session): a hit only when the row in the file is still that one.
+        self._parsed: dict[bytes, tuple[bytes, SessionState]] = {}
         existed = self.path.exists()
         if not existed:
             try:
@@ -378,12 +383,33 @@ class ClientStore:
             "active = MAX(active, excluded.active)",
             (state.session_id, peer, blob, int(active), int(now * 1000)),
         )
+        self._cache(state.session_id, blob, state)
+
+    def _cache(self, session_id: bytes, blob: bytes, state: SessionState) -> None:
+        self._parsed.pop(session_id, None)
+        if len(self._parsed) >= _PARSED_SESSIONS:
+            del self._parsed[next(iter(self._parsed))]
+        self._parsed[session_id] = (blob, state)
 
     def _session(self, row: tuple[bytes, bytes] | None) -> SessionState | None:
+        """The state in ``row`` (session id, sealed state).
+
+        Opening and parsing a state costs more than the rest of a message, so the
+        state last written is kept in memory, with its sealed row (random nonce: every write
+        differs). It is used only when the row in the file is still that row: a
+        rolled-back transaction or savepoint, or another process's write, makes it
+        a miss. It is handed out once (the caller advances it in place and saves it,
+        which caches it again): a state advanced by an operation that then failed
+        and never saved it is never served.
+        """
         if row is None:
             return None
+        session_id, blob = bytes(row[0]), bytes(row[1])
+        cached = self._parsed.pop(session_id, None)
+        if cached is not None and cached[0] == blob:
+            return cached[1]
         try:
-            return SessionState.parse(self._open("sessions", bytes(row[0]), row[1]))
+            return SessionState.parse(self._open("sessions", session_id, blob))
         except MessageFormatError as exc:
             raise MessageStoreError(f"{self.path}: a stored session is corrupt: {exc}") from None
 
