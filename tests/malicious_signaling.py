@@ -14,8 +14,12 @@ the attacks of ``docs/threat-model.md``: swap one signed field and keep the
 signature, re-sign with the server's own ML-DSA identity, replay a recorded
 offer, send garbage.
 
-Each side also sends its SDP ahead of its signed message (an ``ice`` message,
-payload ``qcall-sdp:`` + SDP; docs/calls.md). While a rewrite is active the
+The signed offer rides the ``invite`` and the signed answer the ``accept``
+(docs/calls.md, "The offer in the invite"); in the earlier flow they ride
+``offer`` and ``answer`` messages. Both are rewritten alike.
+
+In the earlier flow each side also sends its SDP ahead of its signed message (an
+``ice`` message, payload ``qcall-sdp:`` + SDP; docs/calls.md). While a rewrite is active the
 server drops those, as a man in the middle that keeps its story consistent
 would: the callee then works from the signed offer's SDP, the caller from the
 signed answer's. ``rewrite_sdp_ahead`` tampers with them instead.
@@ -34,8 +38,10 @@ from qcall.handshake.keyschedule import Transcript
 from qcall.handshake.messages import Answer, Offer, parse_message
 from qcall.handshake.protocol import ANSWER_CONTEXT, OFFER_CONTEXT, TRANSCRIPT_DOMAIN
 from qcall.signaling.messages import (
+    Accept as AcceptMessage,
     Answer as AnswerMessage,
     ICECandidate as IceMessage,
+    Invite as InviteMessage,
     Offer as OfferMessage,
 )
 from qcall.signaling.protocol import ConnectionId, Output, SignalingProtocol
@@ -109,11 +115,12 @@ class MaliciousProtocol(SignalingProtocol):
             if self.rewrite_offer is not None or self.rewrite_answer is not None:
                 return None  # dropped: the peer falls back on the signed SDP
             return output
-        if not isinstance(msg, OfferMessage | AnswerMessage) or msg.payload.startswith("plain:"):
+        kinds = OfferMessage | AnswerMessage | InviteMessage | AcceptMessage
+        if not isinstance(msg, kinds) or msg.payload is None or msg.payload.startswith("plain"):
             return output
         relayed = self.relayed.setdefault(msg.call_id, Relayed(msg.call_id))
         data = base64.b64decode(msg.payload)
-        if isinstance(msg, OfferMessage):
+        if isinstance(msg, OfferMessage | InviteMessage):
             relayed.offer = data
             rewrite = self.rewrite_offer
         else:

@@ -30,6 +30,7 @@ from qcall.contacts import ContactStore
 from qcall.exceptions import (
     BadSignatureError,
     CallError,
+    CallRejectedError,
     DowngradeError,
     IdentityChangedError,
     KMEConnectionError,
@@ -49,6 +50,8 @@ from signaling.server import SignalingServer
 from tests.utils import TIMEOUT_FACTOR as T
 
 pytestmark = pytest.mark.slow
+
+Opt = str | None  # an optional payload (invite, accept)
 
 
 @dataclass
@@ -259,13 +262,16 @@ class SlowKeys:
 
 @pytest.mark.parametrize("slow", ["alice", "bob"])
 async def test_dtls_done_before_the_handshake_keys_wait_for_it(lab: Lab, slow: str) -> None:
-    # Each side's SDP goes ahead of its signed message, so ICE and DTLS may finish
-    # before the QKD key is in and the handshake verified: media then waits (no
-    # DTLS-SRTP keys, ever) and starts under the hybrid keys once they exist.
+    # ICE and DTLS may finish before the QKD key is in and the handshake verified:
+    # bob fetches his key after his answer left, and in the earlier flow (the offer
+    # after the accept, early_offer=False) alice's SDP goes ahead of her key. Media
+    # then waits (no DTLS-SRTP keys, ever) and starts under the hybrid keys once
+    # they exist. (With the offer in the invite, alice's key precedes the invite.)
     delay = 0.4
     alice = await lab.phone(
         "alice", tone=440, key_source=SlowKeys(lab.key_source("alice"), delay)
         if slow == "alice" else "default",
+        options=CallOptions(rekey_interval=None, early_offer=slow != "alice"),
     )
     bob = await lab.phone(
         "bob", record=True, key_source=SlowKeys(lab.key_source("bob"), delay)
@@ -379,25 +385,41 @@ async def test_changed_identity_ends_the_call(lab: Lab) -> None:
         await asyncio.wait_for(incoming, 5 * T)
 
 
-async def test_tampered_offer_is_refused(lab: Lab) -> None:
-    alice = await lab.phone("alice", tone=440)
+def _flip_sdp_bit(payload: str) -> str:
+    import base64
+
+    data = bytearray(base64.b64decode(payload))
+    index = data.find(b"a=fingerprint:sha-256 ") + 30  # inside the signed SDP
+    data[index] ^= 0x01
+    return base64.b64encode(bytes(data)).decode()
+
+
+@pytest.mark.parametrize("early", [True, False], ids=["in-invite", "offer-message"])
+async def test_tampered_offer_is_refused(lab: Lab, early: bool) -> None:
+    # The signed offer rides the invite (or, in the earlier flow, an offer message):
+    # one bit of its SDP (the DTLS fingerprint) changed on the way, and bob refuses it
+    # before he accepts, makes a peer connection or fetches a key.
+    alice = await lab.phone("alice", tone=440, options=CallOptions(early_offer=early))
     bob = await lab.phone("bob")
-    original = alice.signaling.send_offer
+    invite, send_offer = alice.signaling.invite, alice.signaling.send_offer
 
-    async def tamper(call_id: str, payload: str) -> None:
-        import base64
+    async def tamper_invite(peer: str, call_id: str | None = None, payload: Opt = None) -> str:
+        assert payload is not None
+        return await invite(peer, call_id, _flip_sdp_bit(payload))
 
-        data = bytearray(base64.b64decode(payload))
-        index = data.find(b"a=fingerprint:sha-256 ") + 30  # inside the signed SDP
-        data[index] ^= 0x01
-        await original(call_id, base64.b64encode(bytes(data)).decode())
+    async def tamper_offer(call_id: str, payload: str) -> None:
+        await send_offer(call_id, _flip_sdp_bit(payload))
 
-    alice.signaling.send_offer = tamper  # type: ignore[method-assign]
+    alice.signaling.invite = tamper_invite  # type: ignore[method-assign]
+    if not early:
+        alice.signaling.invite = invite  # type: ignore[method-assign]
+        alice.signaling.send_offer = tamper_offer  # type: ignore[method-assign]
     incoming = asyncio.ensure_future(bob.incoming())
     with pytest.raises(QCallError, match=r"bad_signature|refused"):
         await asyncio.wait_for(alice.call("bob"), 10 * T)
     with pytest.raises(BadSignatureError):
         await asyncio.wait_for(incoming, 5 * T)
+    assert not alice.calls and not bob.calls
 
 
 async def test_mismatched_qkd_key_fails_fast_without_audio(lab: Lab) -> None:
@@ -612,30 +634,47 @@ async def test_initial_confirm_rides_signaling_and_falls_back_to_the_channel(lab
     bob.signaling.send_ice = bob_send_ice  # type: ignore[method-assign]
     alice.signaling.send_ice = alice_send_ice  # type: ignore[method-assign]
     caller, callee = await connect(alice, bob)
-    # bob's SDP ahead of his signed answer, then his CONFIRM
-    assert [p.split(":")[0] for p in relayed["bob"]] == ["qcall-sdp", "qcall-hs"]
+    # bob's SDP rode his signed answer in the accept: only his CONFIRM went as `ice`
+    assert [p.split(":")[0] for p in relayed["bob"]] == ["qcall-hs"]
     confirms = [p for p in relayed["alice"] if p.startswith("qcall-hs:")]
     assert len(confirms) == 1  # alice's could not go: it took the control channel
     assert caller.status.timings_ms["confirmed"] > 0 and callee.status.timings_ms["confirmed"] > 0
     assert caller.status.sas == callee.status.sas is not None
 
 
+def _offer_key_ids(payload: str) -> tuple[str, ...]:
+    import base64
+
+    from qcall.handshake.messages import Offer, parse_message
+
+    offer = parse_message(base64.b64decode(payload))
+    assert isinstance(offer, Offer)
+    return offer.qkd_key_ids
+
+
+@pytest.mark.parametrize("early", [True, False], ids=["in-invite", "offer-message"])
 async def test_offer_built_while_ringing_is_restamped_after_long_ringing(
-    lab: Lab, monkeypatch: pytest.MonkeyPatch
+    lab: Lab, monkeypatch: pytest.MonkeyPatch, early: bool
 ) -> None:
     import qcall.call.session as session_module
 
     monkeypatch.setattr(session_module, "OFFER_MAX_AGE", 0.3)
-    alice = await lab.phone("alice", tone=440)
+    alice = await lab.phone("alice", tone=440, options=CallOptions(early_offer=early))
     bob = await lab.phone("bob")
     offers: list[str] = []
-    original = alice.signaling.send_offer
+    invites: list[str | None] = []
+    original, invite = alice.signaling.send_offer, alice.signaling.invite
 
     async def record(call_id: str, payload: str) -> None:
         offers.append(payload)
         await original(call_id, payload)
 
+    async def record_invite(peer: str, call_id: str | None = None, payload: Opt = None) -> str:
+        invites.append(payload)
+        return await invite(peer, call_id, payload)
+
     alice.signaling.send_offer = record  # type: ignore[method-assign]
+    alice.signaling.invite = record_invite  # type: ignore[method-assign]
 
     async def slow_pickup(_invite: Any) -> bool:
         await asyncio.sleep(0.6)  # the offer, built at once, is older than 0.3 s now
@@ -645,7 +684,7 @@ async def test_offer_built_while_ringing_is_restamped_after_long_ringing(
     dialled = time.time()
     caller = await asyncio.wait_for(alice.call("bob"), 15 * T)
     callee = await asyncio.wait_for(incoming, 15 * T)
-    assert len(offers) == 1  # only the fresh offer went out
+    assert len(offers) == 1  # only the fresh offer went out as an offer message
     import base64
 
     from qcall.handshake.messages import parse_message
@@ -653,7 +692,78 @@ async def test_offer_built_while_ringing_is_restamped_after_long_ringing(
     sent = parse_message(base64.b64decode(offers[0]))
     assert sent.timestamp_ms / 1000 >= dialled + 0.5  # stamped after the pickup
     assert caller.status.sas == callee.status.sas is not None
-    assert caller.status.qkd_key_ids == callee.status.qkd_key_ids  # same QKD key reused
+    assert caller.status.qkd_key_ids == callee.status.qkd_key_ids == list(_offer_key_ids(offers[0]))
+    if not early:  # that offer never left: its QKD key is the one used
+        assert invites == [None]
+        await caller.hangup()
+        return
+    # bob did not take the offer of the invite, 0.6 s old when he picked up: the
+    # fresh offer names a fresh key, and the first key was discarded — bob never
+    # fetched it (still at his KME: taken here by the test, it was never used).
+    stale = _offer_key_ids(invites[0] or "")
+    assert stale and not set(stale) & set(caller.status.all_key_ids)
+    await caller.hangup()
+    assert lab.kmes["bob"].dec_keys("bob", "alice", list(stale)).keys  # type: ignore[attr-defined]
+
+
+async def test_a_refused_call_consumes_no_key_twice(lab: Lab) -> None:
+    # The invite carries the signed offer, so the QKD key is fetched before bob's
+    # phone rings. He declines: that key is discarded — bob never fetched it, and
+    # alice's next call names a fresh one (her KME hands each key out once).
+    alice = await lab.phone("alice", tone=440)
+    bob = await lab.phone("bob")
+    invites: list[str] = []
+    invite = alice.signaling.invite
+
+    async def record_invite(peer: str, call_id: str | None = None, payload: Opt = None) -> str:
+        assert payload is not None  # the offer rides the invite
+        invites.append(payload)
+        return await invite(peer, call_id, payload)
+
+    alice.signaling.invite = record_invite  # type: ignore[method-assign]
+
+    async def decline(_invite: Any) -> bool:
+        return False
+
+    declining = asyncio.ensure_future(bob.incoming(decline))
+    with pytest.raises(CallRejectedError, match="declined"):
+        await asyncio.wait_for(alice.call("bob"), 10 * T)
+    declining.cancel()
+    refused = _offer_key_ids(invites[0])
+    assert refused
+    caller, callee = await connect(alice, bob)
+    used = _offer_key_ids(invites[1])
+    assert caller.status.qkd_key_ids == callee.status.qkd_key_ids == list(used)
+    assert not set(refused) & set(used) and not set(refused) & set(callee.status.all_key_ids)
+    await caller.hangup()
+    await asyncio.wait_for(callee.wait(), 5 * T)
+    container = lab.kmes["bob"].dec_keys("bob", "alice", list(refused))  # type: ignore[attr-defined]
+    assert [k.key_id for k in container.keys] == list(refused)  # still there: never used
+
+
+@pytest.mark.parametrize(
+    ("caller_early", "callee_early"), [(True, True), (True, False), (False, True)]
+)
+async def test_peers_of_either_flow_call_each_other(
+    lab: Lab, caller_early: bool, callee_early: bool
+) -> None:
+    # An older peer (or an older server, which drops the member it does not know)
+    # leaves the invite's offer unused: the accept comes without an answer, and the
+    # same signed offer follows in an offer message. Nothing else changes.
+    alice = await lab.phone(
+        "alice", tone=440, options=CallOptions(rekey_interval=None, early_offer=caller_early)
+    )
+    bob = await lab.phone("bob", options=CallOptions(rekey_interval=None, early_offer=callee_early))
+    caller, callee = await connect(alice, bob)
+    assert caller.status.policy == callee.status.policy == "hybrid"
+    assert caller.status.sas == callee.status.sas is not None
+    assert caller.status.qkd_key_ids == callee.status.qkd_key_ids != []
+    timings = caller.status.timings_ms
+    if caller_early and callee_early:  # the offer in the invite, the answer in the accept
+        assert timings["offer_sent"] < timings["accepted"] <= timings["answer_received"]
+        assert callee.status.timings_ms["offer_received"] <= callee.status.timings_ms["accepted"]
+    else:
+        assert timings["accepted"] < timings["offer_sent"]  # the offer after the accept
     await caller.hangup()
 
 

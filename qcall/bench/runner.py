@@ -69,11 +69,12 @@ CALLER, CALLEE = "alice", "bob"
 TONE_HZ = 440.0
 
 #: Caller-side milestones (``CallStatus.timings_ms``) in call order, and the
-#: phase each one ends. "first_audio" is the callee's first decoded frame.
+#: phase each one ends. "first_audio" is the callee's first decoded frame. The
+#: offer rides the invite and the answer the accept (docs/calls.md).
 PHASES = (
-    ("accepted", "invite → accept (signaling round trip)"),
-    ("sdp_sent", "our SDP out (peer connection, ICE gathering)"),
-    ("answer_received", "callee's SDP applied (signaling, its peer connection)"),
+    ("sdp_sent", "invite out with the signed offer (peer connection, QKD key, ML-KEM, ML-DSA)"),
+    ("accepted", "invite → accept with the answer (signaling round trip, callee's work)"),
+    ("answer_received", "callee's answer verified, its SDP applied"),
     ("ice_connected", "ICE connectivity checks"),
     ("dtls_done", "DTLS handshake"),
     ("media", "key schedule, outbound SRTP armed"),

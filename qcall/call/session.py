@@ -172,18 +172,63 @@ class CallSession(Negotiation):
             return  # no trickle ICE: aiortc gathers every candidate before the offer
         self._inbox.put_nowait(message)
 
-    async def dial(self) -> None:
-        """Caller: invite; meanwhile fetch a QKD key and build the signed offer; then offer.
+    def offered(self, payload: str, arrived: float | None = None) -> None:
+        """Callee: the offer the invite carried (docs/calls.md, "The offer in the invite").
 
-        The offer (SDP, ML-KEM key, QKD key_IDs, ML-DSA signature) is built while
-        the callee's phone rings, so it leaves the moment the call is accepted.
-        If the callee picks up before it is ready, its SDP goes first (ICE
-        starts) and the signed offer follows.
+        Kept for :meth:`answer`; nothing is verified or fetched before the pick-up.
+        ``arrived``: when the invite came (``time.monotonic()``; default now).
+        """
+        self._invite_offer = (payload, time.monotonic() if arrived is None else arrived)
+
+    async def dial(self) -> None:
+        """Caller: build the signed offer and send it in the invite; act on the accept.
+
+        The peer connection, its SDP and the QKD key (at once, side by side), then
+        the ML-KEM key and the ML-DSA signature: the invite carries the signed
+        offer, so a callee that picks up answers in its ``accept`` and ICE starts
+        one signaling round trip after the invite. A callee that does not
+        (older qcall, or it rang longer than :data:`OFFER_MAX_AGE`) accepts
+        without an answer; the offer then follows in an ``offer`` message —
+        the same one, or after long ringing a fresh one with a fresh QKD key.
+        With ``options.early_offer`` off, the earlier flow (:meth:`_dial_then_offer`).
 
         Raises:
             CallRejectedError: the callee declined or was busy.
             SecurityPolicyError: QKD unavailable and ``pqc`` not allowed.
             CallError, HandshakeError, QKDError: the call failed (message says why).
+        """
+        if not self.options.early_offer:
+            await self._dial_then_offer()
+            return
+        self.status.state = CallState.RINGING
+        try:
+            payload, built_at = await self._prepare_offer()
+            await self.signaling.invite(self.peer, self.call_id, payload)
+            self._mark("offer_sent")
+            self._mark("sdp_sent")
+            accept = await self._wait_message(Accept, self.options.ring_timeout, "answer")
+            self._picked_up.set()
+            self._mark("accepted")
+            self.status.state = CallState.CONNECTING
+            if accept.payload is not None:  # the answer came with the pick-up
+                self.note_keys([k.key_id for k in self._offer_inputs[0]])
+                await self._on_answer(accept.payload)
+            else:
+                if time.monotonic() - built_at > OFFER_MAX_AGE:  # rang long: a fresh one
+                    payload, built_at = await self._rebuild_offer()
+                await self._send_offer(payload)
+            await self._wait_active()
+        except BaseException as exc:
+            await self._abort(exc)
+            raise
+
+    async def _dial_then_offer(self) -> None:
+        """Caller, the earlier flow: invite; build the offer while it rings; offer on accept.
+
+        The offer (SDP, ML-KEM key, QKD key_IDs, ML-DSA signature) is built while
+        the callee's phone rings, so it leaves the moment the call is accepted.
+        If the callee picks up before it is ready, its SDP goes first (ICE
+        starts) and the signed offer follows.
         """
         self.status.state = CallState.RINGING
         offer: asyncio.Future[tuple[str, float]] | None = None
@@ -229,12 +274,23 @@ class CallSession(Negotiation):
     async def answer(self) -> None:
         """Callee: accept the call, verify the offer, fetch the QKD key, answer.
 
+        An offer that came in the invite (:meth:`offered`) at most
+        :data:`OFFER_MAX_AGE` ago is verified and answered in the ``accept``
+        itself. Otherwise (none, too old, ``options.early_offer`` off) the
+        ``accept`` goes bare and the offer is awaited as an ``offer`` message.
+
         Raises:
             HandshakeError, QKDError, CallError: the call failed (message says why).
         """
         self.status.state = CallState.RINGING
         try:
-            await self.signaling.accept(self.call_id)
+            early, self._invite_offer = self._invite_offer, None
+            fresh = early is not None and time.monotonic() - early[1] <= OFFER_MAX_AGE
+            if early is not None and fresh and self.options.early_offer:
+                await self._answer_in_accept(early[0])  # the answer rides the accept
+                await self._wait_active()
+                return
+            await self.signaling.accept(self.call_id)  # the offer follows (earlier flow)
             self._mark("accepted")
             offer = await self._wait_message(
                 (Offer, PeerSDP), self.options.setup_timeout, "offer"

@@ -146,6 +146,7 @@ class SessionCore:
         self._picked_up = asyncio.Event()  # caller: the callee accepted
         self._ice_started = asyncio.Event()  # the peer's SDP is applied
         self._answer_sdp: asyncio.Future[PeerSDP] = asyncio.get_running_loop().create_future()
+        self._invite_offer: tuple[str, float] | None = None  # callee: the invite's, when
         self._remote_track: MediaStreamTrack | None = None  # until the peer is verified
         self.emulation: Emulation | None = None
         self.otp: OTPMedia | None = None  # one-time-pad media (docs/otp.md)

@@ -151,13 +151,16 @@ class Negotiation(HandshakePump):
             pc = self._new_pc(control=False)
             await pc.setLocalDescription(await pc.createOffer())
             return PLAIN_PREFIX + pc.localDescription.sdp, time.monotonic()
+        early = self.options.early_offer  # the offer rides the invite: all of it now
         key: asyncio.Future[tuple[list[Any], str]] | None = None
-        if fetched is None and self.options.policy == "hybrid" and self.qkd.fetch_early():
-            key = asyncio.ensure_future(self.qkd.fetch_initial_key())  # a slow KME: at once
+        if fetched is None and self.options.policy == "hybrid" and (
+            early or self.qkd.fetch_early()
+        ):
+            key = asyncio.ensure_future(self.qkd.fetch_initial_key())  # beside the SDP
         try:
             pc = self._new_pc()
             await pc.setLocalDescription(await pc.createOffer())
-            if not self._sdp_ready.done():
+            if not early and not self._sdp_ready.done():
                 self._sdp_ready.set_result(pc.localDescription.sdp)
                 # The SDP first. Picked up at once: the key (from a fast KME) and
                 # the signature wait for the callee's SDP, made while ICE checks run.
@@ -201,12 +204,17 @@ class Negotiation(HandshakePump):
         return b64(b"".join(hs.data_to_send())), time.monotonic()
 
     async def _rebuild_offer(self) -> tuple[str, float]:
-        """The offer waited too long for the callee: a new one, freshly stamped and signed."""
+        """The offer waited too long for the callee: a new one, freshly stamped and signed.
+
+        An offer that already left in the invite named its QKD key: that key is
+        discarded with it and the new offer gets a fresh one (no key is offered
+        twice). An offer that never left keeps its key.
+        """
         if self.pc is not None:
             pc, self.pc = self.pc, None
             await pc.close()
         self.hs = None
-        return await self._prepare_offer(self._offer_inputs)
+        return await self._prepare_offer(None if self.options.early_offer else self._offer_inputs)
 
     async def _answer_sdp_ahead(self, other: asyncio.Future[Any]) -> None:
         """Caller: apply the callee's SDP sent ahead (ICE starts) unless ``other`` is first.
@@ -219,7 +227,7 @@ class Negotiation(HandshakePump):
             await self._set_answer_sdp(self._answer_sdp.result().sdp)
 
     async def _send_offer(self, payload: str) -> None:
-        """Send the prepared offer, wait for the answer, act on it."""
+        """Send the prepared offer (``offer`` message), wait for the answer, act on it."""
         qkd_keys, policy = self._offer_inputs
         self.note_keys([k.key_id for k in qkd_keys])
         await self.signaling.send_offer(self.call_id, payload)
@@ -230,20 +238,26 @@ class Negotiation(HandshakePump):
         )
         if policy != "plain":  # the callee's SDP ahead: ICE checks start while it signs
             await self._answer_sdp_ahead(answered)
-        answer = await answered
+        await self._on_answer((await answered).payload)
+
+    async def _on_answer(self, payload: str) -> None:
+        """Caller: act on the callee's answer (from an ``answer`` or from the ``accept``)."""
+        policy = self._offer_inputs[1]
         if policy == "plain":
-            if not answer.payload.startswith(PLAIN_PREFIX):
+            if not payload.startswith(PLAIN_PREFIX):
                 raise DowngradeError(f"{self.peer} answered a plain offer with a handshake")
             assert self.pc is not None
             await self.pc.setRemoteDescription(
-                RTCSessionDescription(answer.payload[len(PLAIN_PREFIX) :], "answer")
+                RTCSessionDescription(payload[len(PLAIN_PREFIX) :], "answer")
             )
             self._mark("answer_received")
             return
+        if payload.startswith(PLAIN_PREFIX):
+            raise DowngradeError(f"{self.peer} answered a signed offer with a plain SDP")
         hs = self.hs
         assert hs is not None
         with self._computing():
-            hs.receive_data(unb64(answer.payload), self.clock())
+            hs.receive_data(unb64(payload), self.clock())
         await self.apply_events()
         self._start_timer()
         if hs.error is None:
@@ -273,7 +287,19 @@ class Negotiation(HandshakePump):
 
     # --- callee ---------------------------------------------------------------------------
 
-    async def _start_callee(self, offer: bytes) -> None:
+    async def _answer_in_accept(self, payload: str) -> None:
+        """Callee: answer the offer the invite carried, in the ``accept`` (docs/calls.md)."""
+        if payload.startswith(PLAIN_PREFIX):
+            await self._start_plain_callee(payload[len(PLAIN_PREFIX) :], in_accept=True)
+        else:
+            await self._start_callee(unb64(payload), in_accept=True)
+
+    async def _start_callee(self, offer: bytes, *, in_accept: bool = False) -> None:
+        """Callee: verify the signed offer, make our SDP, sign and send the answer.
+
+        ``in_accept``: the offer came in the invite, the answer goes in the ``accept``
+        (our SDP is not sent ahead: it leaves with the signed answer).
+        """
         self.status.state = CallState.CONNECTING
         accepted = ["hybrid", "pqc"] if self.options.allow_pqc_only else [self.options.policy]
         if self.options.otp is not None:
@@ -307,7 +333,7 @@ class Negotiation(HandshakePump):
         if offer_event.policy == "pqc":
             self.status.notice = "pqc only (no QKD key), as allowed"
         if self.pc is None:
-            await self._prepare_answer_sdp(offer_event.sdp)
+            await self._prepare_answer_sdp(offer_event.sdp, ahead=not in_accept)
         elif offer_event.sdp != self._peer_sdp:
             # ICE (and soon DTLS) runs on the SDP that came ahead: it must be the signed one.
             raise InvalidMessageError(
@@ -319,16 +345,23 @@ class Negotiation(HandshakePump):
         self._mark("answer_sdp_ready")
         with self._computing():
             hs.send_answer(self.pc.localDescription.sdp, self.clock())
-        await self.signaling.send_answer(self.call_id, b64(b"".join(hs.data_to_send())))
-        self._mark("answer_sent")
+        await self._send_answer(b64(b"".join(hs.data_to_send())), in_accept)
         for event in needed:  # dec_keys during ICE/DTLS: the key is needed only after DTLS,
             self._spawn(self.qkd.fetch_keys_by_id(event))  # and the answer goes out sooner
         await self.apply_events()
         self._start_timer()
         self._exporter_due()
 
-    async def _prepare_answer_sdp(self, sdp: str) -> None:
-        """Callee: the peer connection for the offer's SDP; our SDP goes ahead.
+    async def _send_answer(self, payload: str, in_accept: bool) -> None:
+        if in_accept:
+            await self.signaling.accept(self.call_id, payload)
+            self._mark("accepted")
+        else:
+            await self.signaling.send_answer(self.call_id, payload)
+        self._mark("answer_sent")
+
+    async def _prepare_answer_sdp(self, sdp: str, *, ahead: bool = True) -> None:
+        """Callee: the peer connection for the offer's SDP; our SDP goes ahead (``ahead``).
 
         Run on the SDP sent ahead of the signed offer (or on the verified offer's).
         The caller starts ICE on our SDP while we verify, fetch the QKD key and
@@ -340,9 +373,10 @@ class Negotiation(HandshakePump):
         await pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
         self._install_hook(pc)  # before any await: DTLS has not started yet
         await pc.setLocalDescription(await pc.createAnswer())
-        await self._send_sdp_ahead(pc.localDescription.sdp)
+        if ahead:
+            await self._send_sdp_ahead(pc.localDescription.sdp)
 
-    async def _start_plain_callee(self, sdp: str) -> None:
+    async def _start_plain_callee(self, sdp: str, *, in_accept: bool = False) -> None:
         if self.options.policy != "plain":
             raise DowngradeError(
                 f"{self.peer} offered an unprotected plain DTLS-SRTP call (no QKD, no "
@@ -354,8 +388,7 @@ class Negotiation(HandshakePump):
         pc = self._new_pc(control=False)
         await pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
         await pc.setLocalDescription(await pc.createAnswer())
-        await self.signaling.send_answer(self.call_id, PLAIN_PREFIX + pc.localDescription.sdp)
-        self._mark("answer_sent")
+        await self._send_answer(PLAIN_PREFIX + pc.localDescription.sdp, in_accept)
 
     # --- both -----------------------------------------------------------------------------
 
