@@ -14,15 +14,14 @@ the attacks of ``docs/threat-model.md``: swap one signed field and keep the
 signature, re-sign with the server's own ML-DSA identity, replay a recorded
 offer, send garbage.
 
-The signed offer rides the ``invite`` and the signed answer the ``accept``
-(docs/calls.md, "The offer in the invite"); in the earlier flow they ride
-``offer`` and ``answer`` messages. Both are rewritten alike.
-
-In the earlier flow each side also sends its SDP ahead of its signed message (an
-``ice`` message, payload ``qcall-sdp:`` + SDP; docs/calls.md). While a rewrite is active the
+Each side also sends its SDP ahead of its signed message: the caller's rides the
+``invite`` and the callee's the ``accept`` (payload ``qcall-sdp:`` + SDP), or in
+the earlier flow an ``ice`` message (docs/calls.md). While a rewrite is active the
 server drops those, as a man in the middle that keeps its story consistent
-would: the callee then works from the signed offer's SDP, the caller from the
-signed answer's. ``rewrite_sdp_ahead`` tampers with them instead.
+would (an invite or accept loses its payload): the callee then works from the
+signed offer's SDP, the caller from the signed answer's. ``rewrite_sdp_ahead``
+tampers with them instead. (Payloads that are not base64 handshake messages —
+``plain-sdp:`` — pass untouched.)
 """
 
 from __future__ import annotations
@@ -107,13 +106,18 @@ class MaliciousProtocol(SignalingProtocol):
 
     def _tamper(self, output: Output) -> Output | None:
         target, msg = output
-        if isinstance(msg, IceMessage) and msg.payload.startswith(SDP_AHEAD):
+        ahead = IceMessage | InviteMessage | AcceptMessage
+        if isinstance(msg, ahead) and msg.payload is not None and msg.payload.startswith(SDP_AHEAD):
             if self.rewrite_sdp_ahead is not None:
                 self.rewritten += 1
                 sdp = self.rewrite_sdp_ahead(msg.payload[len(SDP_AHEAD) :])
                 return target, dataclasses.replace(msg, payload=SDP_AHEAD + sdp)
             if self.rewrite_offer is not None or self.rewrite_answer is not None:
-                return None  # dropped: the peer falls back on the signed SDP
+                # dropped (an invite or accept: its SDP only): the peer falls back on
+                # the signed SDP
+                if isinstance(msg, IceMessage):
+                    return None
+                return target, dataclasses.replace(msg, payload=None)
             return output
         kinds = OfferMessage | AnswerMessage | InviteMessage | AcceptMessage
         if not isinstance(msg, kinds) or msg.payload is None or msg.payload.startswith("plain"):

@@ -33,6 +33,7 @@ from qcall.exceptions import (
     CallRejectedError,
     DowngradeError,
     IdentityChangedError,
+    InvalidMessageError,
     KMEConnectionError,
     QCallError,
     QKDError,
@@ -262,16 +263,14 @@ class SlowKeys:
 
 @pytest.mark.parametrize("slow", ["alice", "bob"])
 async def test_dtls_done_before_the_handshake_keys_wait_for_it(lab: Lab, slow: str) -> None:
-    # ICE and DTLS may finish before the QKD key is in and the handshake verified:
-    # bob fetches his key after his answer left, and in the earlier flow (the offer
-    # after the accept, early_offer=False) alice's SDP goes ahead of her key. Media
-    # then waits (no DTLS-SRTP keys, ever) and starts under the hybrid keys once
-    # they exist. (With the offer in the invite, alice's key precedes the invite.)
+    # Each side's SDP goes ahead of its signed message (alice's in the invite, bob's
+    # in the accept), so ICE and DTLS may finish before the QKD key is in and the
+    # handshake verified: media then waits (no DTLS-SRTP keys, ever) and starts
+    # under the hybrid keys once they exist.
     delay = 0.4
     alice = await lab.phone(
         "alice", tone=440, key_source=SlowKeys(lab.key_source("alice"), delay)
         if slow == "alice" else "default",
-        options=CallOptions(rekey_interval=None, early_offer=slow != "alice"),
     )
     bob = await lab.phone(
         "bob", record=True, key_source=SlowKeys(lab.key_source("bob"), delay)
@@ -394,31 +393,42 @@ def _flip_sdp_bit(payload: str) -> str:
     return base64.b64encode(bytes(data)).decode()
 
 
-@pytest.mark.parametrize("early", [True, False], ids=["in-invite", "offer-message"])
-async def test_tampered_offer_is_refused(lab: Lab, early: bool) -> None:
-    # The signed offer rides the invite (or, in the earlier flow, an offer message):
-    # one bit of its SDP (the DTLS fingerprint) changed on the way, and bob refuses it
-    # before he accepts, makes a peer connection or fetches a key.
+def _other_fingerprint(payload: str) -> str:
+    index = payload.index("a=fingerprint:sha-256 ") + 30  # a hex digit of it
+    digit = "A" if payload[index] != "A" else "B"
+    return payload[:index] + digit + payload[index + 1 :]
+
+
+@pytest.mark.parametrize("where", ["offer", "offer-earlier-flow", "sdp-in-invite"])
+async def test_tampered_offer_is_refused(lab: Lab, where: str) -> None:
+    # One bit of the DTLS fingerprint changed on the way: inside the signed offer
+    # (bad signature), or in the SDP the invite carried ahead of it (bob made his
+    # peer connection on it: the signed SDP differs). Refused either way, before
+    # any key exists.
+    early = where != "offer-earlier-flow"
     alice = await lab.phone("alice", tone=440, options=CallOptions(early_offer=early))
     bob = await lab.phone("bob")
     invite, send_offer = alice.signaling.invite, alice.signaling.send_offer
 
     async def tamper_invite(peer: str, call_id: str | None = None, payload: Opt = None) -> str:
-        assert payload is not None
-        return await invite(peer, call_id, _flip_sdp_bit(payload))
+        assert payload is not None and payload.startswith("qcall-sdp:v=0")
+        return await invite(peer, call_id, _other_fingerprint(payload))
 
     async def tamper_offer(call_id: str, payload: str) -> None:
         await send_offer(call_id, _flip_sdp_bit(payload))
 
-    alice.signaling.invite = tamper_invite  # type: ignore[method-assign]
-    if not early:
-        alice.signaling.invite = invite  # type: ignore[method-assign]
+    if where == "sdp-in-invite":
+        alice.signaling.invite = tamper_invite  # type: ignore[method-assign]
+    else:
         alice.signaling.send_offer = tamper_offer  # type: ignore[method-assign]
     incoming = asyncio.ensure_future(bob.incoming())
-    with pytest.raises(QCallError, match=r"bad_signature|refused"):
+    with pytest.raises(QCallError, match=r"bad_signature|refused|invalid"):
         await asyncio.wait_for(alice.call("bob"), 10 * T)
-    with pytest.raises(BadSignatureError):
+    expected = InvalidMessageError if where == "sdp-in-invite" else BadSignatureError
+    with pytest.raises(expected) as refused:
         await asyncio.wait_for(incoming, 5 * T)
+    if where == "sdp-in-invite":
+        assert "differs from the SDP sent ahead" in str(refused.value)
     assert not alice.calls and not bob.calls
 
 
@@ -642,16 +652,6 @@ async def test_initial_confirm_rides_signaling_and_falls_back_to_the_channel(lab
     assert caller.status.sas == callee.status.sas is not None
 
 
-def _offer_key_ids(payload: str) -> tuple[str, ...]:
-    import base64
-
-    from qcall.handshake.messages import Offer, parse_message
-
-    offer = parse_message(base64.b64decode(payload))
-    assert isinstance(offer, Offer)
-    return offer.qkd_key_ids
-
-
 @pytest.mark.parametrize("early", [True, False], ids=["in-invite", "offer-message"])
 async def test_offer_built_while_ringing_is_restamped_after_long_ringing(
     lab: Lab, monkeypatch: pytest.MonkeyPatch, early: bool
@@ -684,61 +684,59 @@ async def test_offer_built_while_ringing_is_restamped_after_long_ringing(
     dialled = time.time()
     caller = await asyncio.wait_for(alice.call("bob"), 15 * T)
     callee = await asyncio.wait_for(incoming, 15 * T)
-    assert len(offers) == 1  # only the fresh offer went out as an offer message
+    assert len(offers) == 1  # only the fresh offer went out
     import base64
 
-    from qcall.handshake.messages import parse_message
+    from qcall.handshake.messages import Offer, parse_message
 
     sent = parse_message(base64.b64decode(offers[0]))
+    assert isinstance(sent, Offer)
     assert sent.timestamp_ms / 1000 >= dialled + 0.5  # stamped after the pickup
     assert caller.status.sas == callee.status.sas is not None
-    assert caller.status.qkd_key_ids == callee.status.qkd_key_ids == list(_offer_key_ids(offers[0]))
-    if not early:  # that offer never left: its QKD key is the one used
+    # the offer never left before: its QKD key is the one used, and in the invite
+    # flow its SDP is the one the invite carried
+    assert caller.status.qkd_key_ids == callee.status.qkd_key_ids == list(sent.qkd_key_ids)
+    if early:
+        assert invites == ["qcall-sdp:" + sent.sdp]
+    else:
         assert invites == [None]
-        await caller.hangup()
-        return
-    # bob did not take the offer of the invite, 0.6 s old when he picked up: the
-    # fresh offer names a fresh key, and the first key was discarded — bob never
-    # fetched it (still at his KME: taken here by the test, it was never used).
-    stale = _offer_key_ids(invites[0] or "")
-    assert stale and not set(stale) & set(caller.status.all_key_ids)
     await caller.hangup()
-    assert lab.kmes["bob"].dec_keys("bob", "alice", list(stale)).keys  # type: ignore[attr-defined]
 
 
 async def test_a_refused_call_consumes_no_key_twice(lab: Lab) -> None:
-    # The invite carries the signed offer, so the QKD key is fetched before bob's
-    # phone rings. He declines: that key is discarded — bob never fetched it, and
-    # alice's next call names a fresh one (her KME hands each key out once).
-    alice = await lab.phone("alice", tone=440)
+    # alice fetches her QKD key while bob's phone rings. He declines: that key is
+    # discarded — it never left alice (the invite carries only her SDP), bob never
+    # fetched it, and her next call gets a fresh one (her KME hands each key once).
+    source = lab.key_source("alice")
+    fetched: list[str] = []
+    get_key = source.get_key
+
+    async def recording(peer_sae: str, size_bits: int | None = None, **options: Any) -> Any:
+        key = await get_key(peer_sae, size_bits, **options)
+        fetched.append(key.key_id)
+        return key
+
+    source.get_key = recording  # type: ignore[method-assign]
+    alice = await lab.phone("alice", tone=440, key_source=source)
     bob = await lab.phone("bob")
-    invites: list[str] = []
-    invite = alice.signaling.invite
-
-    async def record_invite(peer: str, call_id: str | None = None, payload: Opt = None) -> str:
-        assert payload is not None  # the offer rides the invite
-        invites.append(payload)
-        return await invite(peer, call_id, payload)
-
-    alice.signaling.invite = record_invite  # type: ignore[method-assign]
 
     async def decline(_invite: Any) -> bool:
+        await asyncio.sleep(0.3)  # rings: alice's key and signed offer are ready meanwhile
         return False
 
     declining = asyncio.ensure_future(bob.incoming(decline))
     with pytest.raises(CallRejectedError, match="declined"):
         await asyncio.wait_for(alice.call("bob"), 10 * T)
     declining.cancel()
-    refused = _offer_key_ids(invites[0])
-    assert refused
+    refused = list(fetched)
+    assert len(refused) == 1
     caller, callee = await connect(alice, bob)
-    used = _offer_key_ids(invites[1])
-    assert caller.status.qkd_key_ids == callee.status.qkd_key_ids == list(used)
-    assert not set(refused) & set(used) and not set(refused) & set(callee.status.all_key_ids)
+    assert caller.status.qkd_key_ids == callee.status.qkd_key_ids == fetched[1:]
+    assert refused[0] not in caller.status.all_key_ids + callee.status.all_key_ids
     await caller.hangup()
     await asyncio.wait_for(callee.wait(), 5 * T)
-    container = lab.kmes["bob"].dec_keys("bob", "alice", list(refused))  # type: ignore[attr-defined]
-    assert [k.key_id for k in container.keys] == list(refused)  # still there: never used
+    container = lab.kmes["bob"].dec_keys("bob", "alice", refused)  # type: ignore[attr-defined]
+    assert [k.key_id for k in container.keys] == refused  # still there: never used
 
 
 @pytest.mark.parametrize(
@@ -748,8 +746,8 @@ async def test_peers_of_either_flow_call_each_other(
     lab: Lab, caller_early: bool, callee_early: bool
 ) -> None:
     # An older peer (or an older server, which drops the member it does not know)
-    # leaves the invite's offer unused: the accept comes without an answer, and the
-    # same signed offer follows in an offer message. Nothing else changes.
+    # leaves the invite's SDP unused: the accept comes bare, and the callee sends
+    # its SDP ahead once the signed offer came. Nothing else changes.
     alice = await lab.phone(
         "alice", tone=440, options=CallOptions(rekey_interval=None, early_offer=caller_early)
     )
@@ -759,11 +757,15 @@ async def test_peers_of_either_flow_call_each_other(
     assert caller.status.sas == callee.status.sas is not None
     assert caller.status.qkd_key_ids == callee.status.qkd_key_ids != []
     timings = caller.status.timings_ms
-    if caller_early and callee_early:  # the offer in the invite, the answer in the accept
-        assert timings["offer_sent"] < timings["accepted"] <= timings["answer_received"]
-        assert callee.status.timings_ms["offer_received"] <= callee.status.timings_ms["accepted"]
-    else:
-        assert timings["accepted"] < timings["offer_sent"]  # the offer after the accept
+    assert timings["accepted"] < timings["offer_sent"]  # the signed offer after the accept
+    if caller_early and callee_early:  # the SDPs in the invite and in the accept
+        assert timings["sdp_sent"] < timings["accepted"] <= timings["answer_received"]
+        assert timings["answer_received"] < timings["offer_sent"]  # ICE first
+        assert callee.status.timings_ms["accepted"] < callee.status.timings_ms["offer_received"]
+    elif caller_early:  # bob, like an older callee, sent his SDP once he had the offer
+        assert timings["offer_sent"] < timings["answer_received"]
+    else:  # alice, like an older caller, sent her SDP after the accept
+        assert timings["accepted"] < timings["sdp_sent"]
     await caller.hangup()
 
 

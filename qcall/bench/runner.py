@@ -69,12 +69,12 @@ CALLER, CALLEE = "alice", "bob"
 TONE_HZ = 440.0
 
 #: Caller-side milestones (``CallStatus.timings_ms``) in call order, and the
-#: phase each one ends. "first_audio" is the callee's first decoded frame. The
-#: offer rides the invite and the answer the accept (docs/calls.md).
+#: phase each one ends. "first_audio" is the callee's first decoded frame. Each
+#: side's SDP rides the invite and the accept (docs/calls.md).
 PHASES = (
-    ("sdp_sent", "invite out with the signed offer (peer connection, QKD key, ML-KEM, ML-DSA)"),
-    ("accepted", "invite → accept with the answer (signaling round trip, callee's work)"),
-    ("answer_received", "callee's answer verified, its SDP applied"),
+    ("sdp_sent", "invite out with our SDP (peer connection, ICE gathering)"),
+    ("accepted", "invite → accept with the callee's SDP (round trip, its peer connection)"),
+    ("answer_received", "callee's SDP applied"),
     ("ice_connected", "ICE connectivity checks"),
     ("dtls_done", "DTLS handshake"),
     ("media", "key schedule, outbound SRTP armed"),
@@ -82,7 +82,7 @@ PHASES = (
 )
 
 #: Caller milestones off that critical path (ms since dial), shown beside it: the
-#: authenticated exchange runs during ICE (docs/calls.md, "SDP ahead").
+#: authenticated exchange runs while the phone rings and during ICE (docs/calls.md).
 OVERLAPPING = (
     ("offer_key_wait", "offer: SDP made, key + signature started, ms since dial"),
     ("offer_key", "offer: QKD key in hand, ms since dial"),

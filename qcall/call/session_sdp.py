@@ -135,14 +135,16 @@ class Negotiation(HandshakePump):
     # --- caller ---------------------------------------------------------------------------
 
     async def _prepare_offer(
-        self, fetched: tuple[list[Any], str] | None = None
+        self,
+        fetched: tuple[list[Any], str] | None = None,
+        pc: RTCPeerConnection | None = None,
     ) -> tuple[str, float]:
-        """Build the offer payload (and the peer connection); return it and when.
+        """Build the offer payload (and the peer connection, unless ``pc``); return it and when.
 
-        The SDP first: it is what the call waits for once the callee picks up
-        (it goes ahead of the signed offer). Then, once picked up or after
-        :data:`RING_HEADSTART`, the QKD key (unless ``fetched`` already) and the
-        signature.
+        The SDP first: it rides the invite (``early_offer``), or else goes ahead
+        of the signed offer once the callee picks up. Then the QKD key (unless
+        ``fetched`` already) and the signature: once the invite left, or in the
+        earlier flow once picked up or after :data:`RING_HEADSTART`.
         """
         if self.options.policy == "plain":
             self._offer_inputs = ([], "plain")
@@ -151,16 +153,17 @@ class Negotiation(HandshakePump):
             pc = self._new_pc(control=False)
             await pc.setLocalDescription(await pc.createOffer())
             return PLAIN_PREFIX + pc.localDescription.sdp, time.monotonic()
-        early = self.options.early_offer  # the offer rides the invite: all of it now
         key: asyncio.Future[tuple[list[Any], str]] | None = None
-        if fetched is None and self.options.policy == "hybrid" and (
-            early or self.qkd.fetch_early()
-        ):
-            key = asyncio.ensure_future(self.qkd.fetch_initial_key())  # beside the SDP
+        if fetched is None and self.options.policy == "hybrid" and self.qkd.fetch_early():
+            key = asyncio.ensure_future(self.qkd.fetch_initial_key())  # a slow KME: at once
         try:
-            pc = self._new_pc()
-            await pc.setLocalDescription(await pc.createOffer())
-            if not early and not self._sdp_ready.done():
+            if pc is None:
+                pc = self._new_pc()
+                await pc.setLocalDescription(await pc.createOffer())
+            if self.options.early_offer and not self._sdp_ready.done():
+                self._sdp_ready.set_result(pc.localDescription.sdp)
+                await self._invite_sent.wait()  # it rides the invite: that leaves first
+            elif not self._sdp_ready.done():
                 self._sdp_ready.set_result(pc.localDescription.sdp)
                 # The SDP first. Picked up at once: the key (from a fast KME) and
                 # the signature wait for the callee's SDP, made while ICE checks run.
@@ -206,15 +209,22 @@ class Negotiation(HandshakePump):
     async def _rebuild_offer(self) -> tuple[str, float]:
         """The offer waited too long for the callee: a new one, freshly stamped and signed.
 
-        An offer that already left in the invite named its QKD key: that key is
-        discarded with it and the new offer gets a fresh one (no key is offered
-        twice). An offer that never left keeps its key.
+        It never left, so it keeps its QKD key. Its SDP too when that rode the
+        invite (the callee's peer connection is made on it); else a new one.
         """
+        self.hs = None
+        if self.options.early_offer:
+            return await self._prepare_offer(self._offer_inputs, pc=self.pc)
         if self.pc is not None:
             pc, self.pc = self.pc, None
             await pc.close()
-        self.hs = None
-        return await self._prepare_offer(None if self.options.early_offer else self._offer_inputs)
+        return await self._prepare_offer(self._offer_inputs)
+
+    async def _apply_accept_sdp(self, payload: str) -> None:
+        """Caller: the callee's SDP from its ``accept`` (its signed answer follows)."""
+        if not payload.startswith(SDP_PREFIX):
+            raise InvalidMessageError(f"{self.peer}'s accept carries no SDP (qcall-sdp:)")
+        await self._set_answer_sdp(payload[len(SDP_PREFIX) :])
 
     async def _answer_sdp_ahead(self, other: asyncio.Future[Any]) -> None:
         """Caller: apply the callee's SDP sent ahead (ICE starts) unless ``other`` is first.
@@ -259,6 +269,7 @@ class Negotiation(HandshakePump):
         with self._computing():
             hs.receive_data(unb64(payload), self.clock())
         await self.apply_events()
+        self._release_held()
         self._start_timer()
         if hs.error is None:
             self._exporter_due()
@@ -287,19 +298,26 @@ class Negotiation(HandshakePump):
 
     # --- callee ---------------------------------------------------------------------------
 
-    async def _answer_in_accept(self, payload: str) -> None:
-        """Callee: answer the offer the invite carried, in the ``accept`` (docs/calls.md)."""
+    async def _accept_early(self, payload: str) -> bool:
+        """Callee: accept with the answer to the invite's payload (docs/calls.md).
+
+        The caller's SDP (``qcall-sdp:``): our peer connection is made on it and
+        our SDP rides the ``accept``; the signed offer is still to come (returns
+        False). A ``plain`` SDP offer: our bare answer rides it (True; refused
+        unless we are ``plain`` too). Anything else: a bare ``accept`` (False).
+        """
         if payload.startswith(PLAIN_PREFIX):
             await self._start_plain_callee(payload[len(PLAIN_PREFIX) :], in_accept=True)
+            return True
+        if payload.startswith(SDP_PREFIX) and self.options.policy != "plain":
+            await self._prepare_answer_sdp(payload[len(SDP_PREFIX) :], in_accept=True)
         else:
-            await self._start_callee(unb64(payload), in_accept=True)
+            await self.signaling.accept(self.call_id)
+            self._mark("accepted")
+        return False
 
-    async def _start_callee(self, offer: bytes, *, in_accept: bool = False) -> None:
-        """Callee: verify the signed offer, make our SDP, sign and send the answer.
-
-        ``in_accept``: the offer came in the invite, the answer goes in the ``accept``
-        (our SDP is not sent ahead: it leaves with the signed answer).
-        """
+    async def _start_callee(self, offer: bytes) -> None:
+        """Callee: verify the signed offer, make our SDP (unless made), sign and answer."""
         self.status.state = CallState.CONNECTING
         accepted = ["hybrid", "pqc"] if self.options.allow_pqc_only else [self.options.policy]
         if self.options.otp is not None:
@@ -333,7 +351,7 @@ class Negotiation(HandshakePump):
         if offer_event.policy == "pqc":
             self.status.notice = "pqc only (no QKD key), as allowed"
         if self.pc is None:
-            await self._prepare_answer_sdp(offer_event.sdp, ahead=not in_accept)
+            await self._prepare_answer_sdp(offer_event.sdp)
         elif offer_event.sdp != self._peer_sdp:
             # ICE (and soon DTLS) runs on the SDP that came ahead: it must be the signed one.
             raise InvalidMessageError(
@@ -345,14 +363,14 @@ class Negotiation(HandshakePump):
         self._mark("answer_sdp_ready")
         with self._computing():
             hs.send_answer(self.pc.localDescription.sdp, self.clock())
-        await self._send_answer(b64(b"".join(hs.data_to_send())), in_accept)
+        await self._send_answer(b64(b"".join(hs.data_to_send())), in_accept=False)
         for event in needed:  # dec_keys during ICE/DTLS: the key is needed only after DTLS,
             self._spawn(self.qkd.fetch_keys_by_id(event))  # and the answer goes out sooner
         await self.apply_events()
         self._start_timer()
         self._exporter_due()
 
-    async def _send_answer(self, payload: str, in_accept: bool) -> None:
+    async def _send_answer(self, payload: str, *, in_accept: bool) -> None:
         if in_accept:
             await self.signaling.accept(self.call_id, payload)
             self._mark("accepted")
@@ -360,8 +378,10 @@ class Negotiation(HandshakePump):
             await self.signaling.send_answer(self.call_id, payload)
         self._mark("answer_sent")
 
-    async def _prepare_answer_sdp(self, sdp: str, *, ahead: bool = True) -> None:
-        """Callee: the peer connection for the offer's SDP; our SDP goes ahead (``ahead``).
+    async def _prepare_answer_sdp(self, sdp: str, *, in_accept: bool = False) -> None:
+        """Callee: the peer connection for the offer's SDP; our SDP goes ahead.
+
+        ``in_accept``: the caller's SDP came in the invite, ours rides the ``accept``.
 
         Run on the SDP sent ahead of the signed offer (or on the verified offer's).
         The caller starts ICE on our SDP while we verify, fetch the QKD key and
@@ -373,7 +393,11 @@ class Negotiation(HandshakePump):
         await pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
         self._install_hook(pc)  # before any await: DTLS has not started yet
         await pc.setLocalDescription(await pc.createAnswer())
-        if ahead:
+        if in_accept:
+            await self.signaling.accept(self.call_id, SDP_PREFIX + pc.localDescription.sdp)
+            self._mark("accepted")
+            self._mark("sdp_sent")
+        else:
             await self._send_sdp_ahead(pc.localDescription.sdp)
 
     async def _start_plain_callee(self, sdp: str, *, in_accept: bool = False) -> None:
@@ -388,7 +412,7 @@ class Negotiation(HandshakePump):
         pc = self._new_pc(control=False)
         await pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
         await pc.setLocalDescription(await pc.createAnswer())
-        await self._send_answer(PLAIN_PREFIX + pc.localDescription.sdp, in_accept)
+        await self._send_answer(PLAIN_PREFIX + pc.localDescription.sdp, in_accept=in_accept)
 
     # --- both -----------------------------------------------------------------------------
 
