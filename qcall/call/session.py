@@ -184,11 +184,11 @@ class CallSession(Negotiation):
         """Caller: our SDP in the invite; the callee's in its accept; then the signed offer.
 
         The peer connection and its SDP are made first and ride the invite. The
-        QKD key (at once from a slow or unknown KME, else once the invite left)
-        and the signed offer (ML-KEM key, ML-DSA signature) follow while the
-        callee's phone rings. A callee that picks up puts its own SDP in the
-        ``accept``: ICE starts one signaling round trip after the invite, and the
-        signed offer and answer cross while ICE and DTLS run (each side checks
+        QKD key and the signed offer (ML-KEM key, ML-DSA signature) follow, once
+        the invite left, while the callee's phone rings. A callee that picks up
+        puts its own SDP in the ``accept``: ICE starts one signaling round trip
+        after the invite, and the signed offer and answer cross while ICE and
+        DTLS run (each side checks
         that the signed SDP is the one it applied). A callee that does not (older
         qcall, or it rang longer than :data:`OFFER_MAX_AGE`) accepts bare and
         sends its SDP ahead of its answer, as in the earlier flow. An offer older

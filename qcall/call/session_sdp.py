@@ -153,14 +153,16 @@ class Negotiation(HandshakePump):
             pc = self._new_pc(control=False)
             await pc.setLocalDescription(await pc.createOffer())
             return PLAIN_PREFIX + pc.localDescription.sdp, time.monotonic()
+        early = self.options.early_offer  # our SDP rides the invite: it goes first
         key: asyncio.Future[tuple[list[Any], str]] | None = None
-        if fetched is None and self.options.policy == "hybrid" and self.qkd.fetch_early():
-            key = asyncio.ensure_future(self.qkd.fetch_initial_key())  # a slow KME: at once
+        if fetched is None and self.options.policy == "hybrid" and not early:
+            if self.qkd.fetch_early():  # earlier flow, a slow KME: at once
+                key = asyncio.ensure_future(self.qkd.fetch_initial_key())
         try:
             if pc is None:
                 pc = self._new_pc()
                 await pc.setLocalDescription(await pc.createOffer())
-            if self.options.early_offer and not self._sdp_ready.done():
+            if early and not self._sdp_ready.done():
                 self._sdp_ready.set_result(pc.localDescription.sdp)
                 await self._invite_sent.wait()  # it rides the invite: that leaves first
             elif not self._sdp_ready.done():
