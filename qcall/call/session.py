@@ -228,16 +228,23 @@ class CallSession(Negotiation):
             else:
                 if accept.payload is not None:
                     await self._apply_accept_sdp(accept.payload)  # ICE starts
-                payload, built_at = await offer
-                if time.monotonic() - built_at > OFFER_MAX_AGE:  # rang long: stamp it afresh
-                    payload, built_at = await self._rebuild_offer()
-                await self._send_offer(payload)
+                await self._send_ready_offer(offer)
             await self._wait_active()
         except BaseException as exc:
-            if offer is not None and not offer.done():
-                offer.cancel()
-            await self._abort(exc)
+            await self._dial_failed(offer, exc)
             raise
+
+    async def _dial_failed(self, offer: asyncio.Future[Any] | None, exc: BaseException) -> None:
+        if offer is not None and not offer.done():
+            offer.cancel()
+        await self._abort(exc)
+
+    async def _send_ready_offer(self, offer: asyncio.Future[tuple[str, float]]) -> None:
+        """Caller: send the signed offer once made (stamped afresh after long ringing)."""
+        payload, built_at = await offer
+        if time.monotonic() - built_at > OFFER_MAX_AGE:  # rang long: stamp it afresh
+            payload, built_at = await self._rebuild_offer()
+        await self._send_offer(payload)
 
     async def _accepted(self, offer: asyncio.Future[Any]) -> Accept:
         """Caller: wait for the pick-up; the offer's failure (e.g. no QKD key) ends the call."""
@@ -280,15 +287,10 @@ class CallSession(Negotiation):
                 if self._sdp_ready.done():  # (else the offer failed: raised below)
                     await self._send_sdp_ahead(self._sdp_ready.result())
                     await self._answer_sdp_ahead(offer)
-            payload, built_at = await offer
-            if time.monotonic() - built_at > OFFER_MAX_AGE:  # rang long: stamp it afresh
-                payload, built_at = await self._rebuild_offer()
-            await self._send_offer(payload)
+            await self._send_ready_offer(offer)
             await self._wait_active()
         except BaseException as exc:
-            if offer is not None and not offer.done():
-                offer.cancel()
-            await self._abort(exc)
+            await self._dial_failed(offer, exc)
             raise
 
     async def answer(self) -> None:
