@@ -597,6 +597,26 @@ async def test_plain_baseline_only_between_plain_peers(lab: Lab) -> None:
         await asyncio.wait_for(incoming, 5 * T)
 
 
+async def test_an_accept_with_a_plain_answer_is_refused_as_a_downgrade(lab: Lab) -> None:
+    # A signed call's accept must carry the callee's SDP ahead of its signed answer:
+    # a bare plain DTLS-SRTP answer there (a malicious server or callee) is refused.
+    alice = await lab.phone("alice", tone=440)
+    bob = await lab.phone("bob")
+    accept = bob.signaling.accept
+
+    async def plain_accept(call_id: str, payload: Opt = None) -> None:
+        assert payload is not None and payload.startswith("qcall-sdp:")
+        await accept(call_id, "plain-sdp:" + payload[len("qcall-sdp:") :])
+
+    bob.signaling.accept = plain_accept  # type: ignore[method-assign]
+    incoming = asyncio.ensure_future(bob.incoming())
+    with pytest.raises(DowngradeError, match="plain"):
+        await asyncio.wait_for(alice.call("bob"), 10 * T)
+    with pytest.raises(QCallError):
+        await asyncio.wait_for(incoming, 5 * T)
+    assert not alice.calls and not bob.calls
+
+
 async def test_kme_down_mid_call_grace_then_clean_end(lab: Lab) -> None:
     source = lab.key_source("alice")
     real_get_key = source.get_key

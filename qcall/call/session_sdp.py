@@ -224,6 +224,8 @@ class Negotiation(HandshakePump):
 
     async def _apply_accept_sdp(self, payload: str) -> None:
         """Caller: the callee's SDP from its ``accept`` (its signed answer follows)."""
+        if payload.startswith(PLAIN_PREFIX):
+            raise DowngradeError(f"{self.peer} answered a signed call with a plain SDP")
         if not payload.startswith(SDP_PREFIX):
             raise InvalidMessageError(f"{self.peer}'s accept carries no SDP (qcall-sdp:)")
         await self._set_answer_sdp(payload[len(SDP_PREFIX) :])
