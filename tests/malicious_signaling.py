@@ -14,11 +14,14 @@ the attacks of ``docs/threat-model.md``: swap one signed field and keep the
 signature, re-sign with the server's own ML-DSA identity, replay a recorded
 offer, send garbage.
 
-Each side also sends its SDP ahead of its signed message (an ``ice`` message,
-payload ``qcall-sdp:`` + SDP; docs/calls.md). While a rewrite is active the
+Each side also sends its SDP ahead of its signed message: the caller's rides the
+``invite`` and the callee's the ``accept`` (payload ``qcall-sdp:`` + SDP), or in
+the earlier flow an ``ice`` message (docs/calls.md). While a rewrite is active the
 server drops those, as a man in the middle that keeps its story consistent
-would: the callee then works from the signed offer's SDP, the caller from the
-signed answer's. ``rewrite_sdp_ahead`` tampers with them instead.
+would (an invite or accept loses its payload): the callee then works from the
+signed offer's SDP, the caller from the signed answer's. ``rewrite_sdp_ahead``
+tampers with them instead. (Payloads that are not base64 handshake messages —
+``plain-sdp:`` — pass untouched.)
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ from qcall.handshake.keyschedule import Transcript
 from qcall.handshake.messages import Answer, Offer, parse_message
 from qcall.handshake.protocol import ANSWER_CONTEXT, OFFER_CONTEXT, TRANSCRIPT_DOMAIN
 from qcall.signaling.messages import (
+    Accept as AcceptMessage,
     Answer as AnswerMessage,
     ICECandidate as IceMessage,
+    Invite as InviteMessage,
     Offer as OfferMessage,
 )
 from qcall.signaling.protocol import ConnectionId, Output, SignalingProtocol
@@ -101,19 +106,25 @@ class MaliciousProtocol(SignalingProtocol):
 
     def _tamper(self, output: Output) -> Output | None:
         target, msg = output
-        if isinstance(msg, IceMessage) and msg.payload.startswith(SDP_AHEAD):
+        ahead = IceMessage | InviteMessage | AcceptMessage
+        if isinstance(msg, ahead) and msg.payload is not None and msg.payload.startswith(SDP_AHEAD):
             if self.rewrite_sdp_ahead is not None:
                 self.rewritten += 1
                 sdp = self.rewrite_sdp_ahead(msg.payload[len(SDP_AHEAD) :])
                 return target, dataclasses.replace(msg, payload=SDP_AHEAD + sdp)
             if self.rewrite_offer is not None or self.rewrite_answer is not None:
-                return None  # dropped: the peer falls back on the signed SDP
+                # dropped (an invite or accept: its SDP only): the peer falls back on
+                # the signed SDP
+                if isinstance(msg, IceMessage):
+                    return None
+                return target, dataclasses.replace(msg, payload=None)
             return output
-        if not isinstance(msg, OfferMessage | AnswerMessage) or msg.payload.startswith("plain:"):
+        kinds = OfferMessage | AnswerMessage | InviteMessage | AcceptMessage
+        if not isinstance(msg, kinds) or msg.payload is None or msg.payload.startswith("plain"):
             return output
         relayed = self.relayed.setdefault(msg.call_id, Relayed(msg.call_id))
         data = base64.b64decode(msg.payload)
-        if isinstance(msg, OfferMessage):
+        if isinstance(msg, OfferMessage | InviteMessage):
             relayed.offer = data
             rewrite = self.rewrite_offer
         else:

@@ -118,9 +118,15 @@ async def refused(
     return at_caller.value, at_callee.value
 
 
-async def phones(lab: Lab, *, pin: bool = True, record: bool = True) -> tuple[Phone, Phone]:
-    """alice (tone) and bob (records one call), each with the other's identity pinned."""
-    alice = await lab.phone("alice", tone=440)
+async def phones(
+    lab: Lab, *, pin: bool = True, record: bool = True, early_offer: bool = True
+) -> tuple[Phone, Phone]:
+    """alice (tone) and bob (records one call), each with the other's identity pinned.
+
+    ``early_offer=False``: alice calls in the earlier flow (the offer after the accept).
+    """
+    options = CallOptions(rekey_interval=None, early_offer=early_offer)
+    alice = await lab.phone("alice", tone=440, options=options)
     bob = await lab.phone("bob", record=record)
     if pin:
         lab.contacts("alice").pin("bob", lab.identities["bob"].public_key, verified=True)
@@ -208,15 +214,17 @@ async def test_server_resigning_the_offer_with_its_own_identity(lab: Lab) -> Non
     assert "identity_rejected" in str(at_alice)
 
 
+@pytest.mark.parametrize("early", [True, False], ids=["invite-accept", "earlier-flow"])
 @pytest.mark.parametrize("direction", ["offer", "answer", "both"])
 async def test_server_tampering_with_the_sdp_sent_ahead_is_refused(
-    lab: Lab, direction: str
+    lab: Lab, direction: str, early: bool
 ) -> None:
-    # Each side sends its SDP ahead of its signed message, and ICE (then DTLS)
-    # starts on it. The server swaps in mallory's DTLS fingerprint there and
-    # relays the signed messages untouched: the side that receives a signed
-    # SDP unlike the one it applied refuses the call, before any key exists.
-    alice, bob = await phones(lab)
+    # Each side sends its SDP ahead of its signed message — in the invite and the
+    # accept, or (earlier flow: the offer after the accept) in ice messages — and
+    # ICE (then DTLS) starts on it. The server swaps in mallory's DTLS fingerprint
+    # there and relays the signed messages untouched: the side that receives a
+    # signed SDP unlike the one it applied refuses the call, before any key exists.
+    alice, bob = await phones(lab, early_offer=early)
 
     def tamper(sdp: str) -> str:
         kind = "answer" if re.search(r"a=setup:(active|passive)", sdp) else "offer"

@@ -38,7 +38,7 @@ def test_summary_matches_numpy() -> None:
 
 
 def test_phase_durations_follow_the_milestones() -> None:
-    milestones = {"accepted": 2.0, "sdp_sent": 2.5, "answer_received": 9.0,
+    milestones = {"sdp_sent": 2.0, "accepted": 2.5, "answer_received": 9.0,
                   "ice_connected": 30.0, "offer_sent": 12.0, "dtls_done": 41.0,
                   "confirmed": 44.0, "media": 41.5, "first_audio": 130.0,
                   "qkd_fetch": 3.0}  # fmt: skip

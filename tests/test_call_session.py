@@ -30,8 +30,10 @@ from qcall.contacts import ContactStore
 from qcall.exceptions import (
     BadSignatureError,
     CallError,
+    CallRejectedError,
     DowngradeError,
     IdentityChangedError,
+    InvalidMessageError,
     KMEConnectionError,
     QCallError,
     QKDError,
@@ -49,6 +51,8 @@ from signaling.server import SignalingServer
 from tests.utils import TIMEOUT_FACTOR as T
 
 pytestmark = pytest.mark.slow
+
+Opt = str | None  # an optional payload (invite, accept)
 
 
 @dataclass
@@ -259,9 +263,10 @@ class SlowKeys:
 
 @pytest.mark.parametrize("slow", ["alice", "bob"])
 async def test_dtls_done_before_the_handshake_keys_wait_for_it(lab: Lab, slow: str) -> None:
-    # Each side's SDP goes ahead of its signed message, so ICE and DTLS may finish
-    # before the QKD key is in and the handshake verified: media then waits (no
-    # DTLS-SRTP keys, ever) and starts under the hybrid keys once they exist.
+    # Each side's SDP goes ahead of its signed message (alice's in the invite, bob's
+    # in the accept), so ICE and DTLS may finish before the QKD key is in and the
+    # handshake verified: media then waits (no DTLS-SRTP keys, ever) and starts
+    # under the hybrid keys once they exist.
     delay = 0.4
     alice = await lab.phone(
         "alice", tone=440, key_source=SlowKeys(lab.key_source("alice"), delay)
@@ -379,25 +384,52 @@ async def test_changed_identity_ends_the_call(lab: Lab) -> None:
         await asyncio.wait_for(incoming, 5 * T)
 
 
-async def test_tampered_offer_is_refused(lab: Lab) -> None:
-    alice = await lab.phone("alice", tone=440)
+def _flip_sdp_bit(payload: str) -> str:
+    import base64
+
+    data = bytearray(base64.b64decode(payload))
+    index = data.find(b"a=fingerprint:sha-256 ") + 30  # inside the signed SDP
+    data[index] ^= 0x01
+    return base64.b64encode(bytes(data)).decode()
+
+
+def _other_fingerprint(payload: str) -> str:
+    index = payload.index("a=fingerprint:sha-256 ") + 30  # a hex digit of it
+    digit = "A" if payload[index] != "A" else "B"
+    return payload[:index] + digit + payload[index + 1 :]
+
+
+@pytest.mark.parametrize("where", ["offer", "offer-earlier-flow", "sdp-in-invite"])
+async def test_tampered_offer_is_refused(lab: Lab, where: str) -> None:
+    # One bit of the DTLS fingerprint changed on the way: inside the signed offer
+    # (bad signature), or in the SDP the invite carried ahead of it (bob made his
+    # peer connection on it: the signed SDP differs). Refused either way, before
+    # any key exists.
+    early = where != "offer-earlier-flow"
+    alice = await lab.phone("alice", tone=440, options=CallOptions(early_offer=early))
     bob = await lab.phone("bob")
-    original = alice.signaling.send_offer
+    invite, send_offer = alice.signaling.invite, alice.signaling.send_offer
 
-    async def tamper(call_id: str, payload: str) -> None:
-        import base64
+    async def tamper_invite(peer: str, call_id: str | None = None, payload: Opt = None) -> str:
+        assert payload is not None and payload.startswith("qcall-sdp:v=0")
+        return await invite(peer, call_id, _other_fingerprint(payload))
 
-        data = bytearray(base64.b64decode(payload))
-        index = data.find(b"a=fingerprint:sha-256 ") + 30  # inside the signed SDP
-        data[index] ^= 0x01
-        await original(call_id, base64.b64encode(bytes(data)).decode())
+    async def tamper_offer(call_id: str, payload: str) -> None:
+        await send_offer(call_id, _flip_sdp_bit(payload))
 
-    alice.signaling.send_offer = tamper  # type: ignore[method-assign]
+    if where == "sdp-in-invite":
+        alice.signaling.invite = tamper_invite  # type: ignore[method-assign]
+    else:
+        alice.signaling.send_offer = tamper_offer  # type: ignore[method-assign]
     incoming = asyncio.ensure_future(bob.incoming())
-    with pytest.raises(QCallError, match=r"bad_signature|refused"):
+    with pytest.raises(QCallError, match=r"bad_signature|refused|invalid"):
         await asyncio.wait_for(alice.call("bob"), 10 * T)
-    with pytest.raises(BadSignatureError):
+    expected = InvalidMessageError if where == "sdp-in-invite" else BadSignatureError
+    with pytest.raises(expected) as refused:
         await asyncio.wait_for(incoming, 5 * T)
+    if where == "sdp-in-invite":
+        assert "differs from the SDP sent ahead" in str(refused.value)
+    assert not alice.calls and not bob.calls
 
 
 async def test_mismatched_qkd_key_fails_fast_without_audio(lab: Lab) -> None:
@@ -565,6 +597,26 @@ async def test_plain_baseline_only_between_plain_peers(lab: Lab) -> None:
         await asyncio.wait_for(incoming, 5 * T)
 
 
+async def test_an_accept_with_a_plain_answer_is_refused_as_a_downgrade(lab: Lab) -> None:
+    # A signed call's accept must carry the callee's SDP ahead of its signed answer:
+    # a bare plain DTLS-SRTP answer there (a malicious server or callee) is refused.
+    alice = await lab.phone("alice", tone=440)
+    bob = await lab.phone("bob")
+    accept = bob.signaling.accept
+
+    async def plain_accept(call_id: str, payload: Opt = None) -> None:
+        assert payload is not None and payload.startswith("qcall-sdp:")
+        await accept(call_id, "plain-sdp:" + payload[len("qcall-sdp:") :])
+
+    bob.signaling.accept = plain_accept  # type: ignore[method-assign]
+    incoming = asyncio.ensure_future(bob.incoming())
+    with pytest.raises(DowngradeError, match="plain"):
+        await asyncio.wait_for(alice.call("bob"), 10 * T)
+    with pytest.raises(QCallError):
+        await asyncio.wait_for(incoming, 5 * T)
+    assert not alice.calls and not bob.calls
+
+
 async def test_kme_down_mid_call_grace_then_clean_end(lab: Lab) -> None:
     source = lab.key_source("alice")
     real_get_key = source.get_key
@@ -612,30 +664,37 @@ async def test_initial_confirm_rides_signaling_and_falls_back_to_the_channel(lab
     bob.signaling.send_ice = bob_send_ice  # type: ignore[method-assign]
     alice.signaling.send_ice = alice_send_ice  # type: ignore[method-assign]
     caller, callee = await connect(alice, bob)
-    # bob's SDP ahead of his signed answer, then his CONFIRM
-    assert [p.split(":")[0] for p in relayed["bob"]] == ["qcall-sdp", "qcall-hs"]
+    # bob's SDP rode his signed answer in the accept: only his CONFIRM went as `ice`
+    assert [p.split(":")[0] for p in relayed["bob"]] == ["qcall-hs"]
     confirms = [p for p in relayed["alice"] if p.startswith("qcall-hs:")]
     assert len(confirms) == 1  # alice's could not go: it took the control channel
     assert caller.status.timings_ms["confirmed"] > 0 and callee.status.timings_ms["confirmed"] > 0
     assert caller.status.sas == callee.status.sas is not None
 
 
+@pytest.mark.parametrize("early", [True, False], ids=["in-invite", "offer-message"])
 async def test_offer_built_while_ringing_is_restamped_after_long_ringing(
-    lab: Lab, monkeypatch: pytest.MonkeyPatch
+    lab: Lab, monkeypatch: pytest.MonkeyPatch, early: bool
 ) -> None:
     import qcall.call.session as session_module
 
     monkeypatch.setattr(session_module, "OFFER_MAX_AGE", 0.3)
-    alice = await lab.phone("alice", tone=440)
+    alice = await lab.phone("alice", tone=440, options=CallOptions(early_offer=early))
     bob = await lab.phone("bob")
     offers: list[str] = []
-    original = alice.signaling.send_offer
+    invites: list[str | None] = []
+    original, invite = alice.signaling.send_offer, alice.signaling.invite
 
     async def record(call_id: str, payload: str) -> None:
         offers.append(payload)
         await original(call_id, payload)
 
+    async def record_invite(peer: str, call_id: str | None = None, payload: Opt = None) -> str:
+        invites.append(payload)
+        return await invite(peer, call_id, payload)
+
     alice.signaling.send_offer = record  # type: ignore[method-assign]
+    alice.signaling.invite = record_invite  # type: ignore[method-assign]
 
     async def slow_pickup(_invite: Any) -> bool:
         await asyncio.sleep(0.6)  # the offer, built at once, is older than 0.3 s now
@@ -648,12 +707,85 @@ async def test_offer_built_while_ringing_is_restamped_after_long_ringing(
     assert len(offers) == 1  # only the fresh offer went out
     import base64
 
-    from qcall.handshake.messages import parse_message
+    from qcall.handshake.messages import Offer, parse_message
 
     sent = parse_message(base64.b64decode(offers[0]))
+    assert isinstance(sent, Offer)
     assert sent.timestamp_ms / 1000 >= dialled + 0.5  # stamped after the pickup
     assert caller.status.sas == callee.status.sas is not None
-    assert caller.status.qkd_key_ids == callee.status.qkd_key_ids  # same QKD key reused
+    # the offer never left before: its QKD key is the one used, and in the invite
+    # flow its SDP is the one the invite carried
+    assert caller.status.qkd_key_ids == callee.status.qkd_key_ids == list(sent.qkd_key_ids)
+    if early:
+        assert invites == ["qcall-sdp:" + sent.sdp]
+    else:
+        assert invites == [None]
+    await caller.hangup()
+
+
+async def test_a_refused_call_consumes_no_key_twice(lab: Lab) -> None:
+    # alice fetches her QKD key while bob's phone rings. He declines: that key is
+    # discarded — it never left alice (the invite carries only her SDP), bob never
+    # fetched it, and her next call gets a fresh one (her KME hands each key once).
+    source = lab.key_source("alice")
+    fetched: list[str] = []
+    get_key = source.get_key
+
+    async def recording(peer_sae: str, size_bits: int | None = None, **options: Any) -> Any:
+        key = await get_key(peer_sae, size_bits, **options)
+        fetched.append(key.key_id)
+        return key
+
+    source.get_key = recording  # type: ignore[method-assign]
+    alice = await lab.phone("alice", tone=440, key_source=source)
+    bob = await lab.phone("bob")
+
+    async def decline(_invite: Any) -> bool:
+        await asyncio.sleep(0.3)  # rings: alice's key and signed offer are ready meanwhile
+        return False
+
+    declining = asyncio.ensure_future(bob.incoming(decline))
+    with pytest.raises(CallRejectedError, match="declined"):
+        await asyncio.wait_for(alice.call("bob"), 10 * T)
+    declining.cancel()
+    refused = list(fetched)
+    assert len(refused) == 1
+    caller, callee = await connect(alice, bob)
+    assert caller.status.qkd_key_ids == callee.status.qkd_key_ids == fetched[1:]
+    assert refused[0] not in caller.status.all_key_ids + callee.status.all_key_ids
+    await caller.hangup()
+    await asyncio.wait_for(callee.wait(), 5 * T)
+    container = lab.kmes["bob"].dec_keys("bob", "alice", refused)  # type: ignore[attr-defined]
+    assert [k.key_id for k in container.keys] == refused  # still there: never used
+
+
+@pytest.mark.parametrize(
+    ("caller_early", "callee_early"), [(True, True), (True, False), (False, True)]
+)
+async def test_peers_of_either_flow_call_each_other(
+    lab: Lab, caller_early: bool, callee_early: bool
+) -> None:
+    # An older peer (or an older server, which drops the member it does not know)
+    # leaves the invite's SDP unused: the accept comes bare, and the callee sends
+    # its SDP ahead once the signed offer came. Nothing else changes.
+    alice = await lab.phone(
+        "alice", tone=440, options=CallOptions(rekey_interval=None, early_offer=caller_early)
+    )
+    bob = await lab.phone("bob", options=CallOptions(rekey_interval=None, early_offer=callee_early))
+    caller, callee = await connect(alice, bob)
+    assert caller.status.policy == callee.status.policy == "hybrid"
+    assert caller.status.sas == callee.status.sas is not None
+    assert caller.status.qkd_key_ids == callee.status.qkd_key_ids != []
+    timings = caller.status.timings_ms
+    assert timings["accepted"] < timings["offer_sent"]  # the signed offer after the accept
+    if caller_early and callee_early:  # the SDPs in the invite and in the accept
+        assert timings["sdp_sent"] < timings["accepted"] <= timings["answer_received"]
+        assert timings["answer_received"] < timings["offer_sent"]  # ICE first
+        assert callee.status.timings_ms["accepted"] < callee.status.timings_ms["offer_received"]
+    elif caller_early:  # bob, like an older callee, sent his SDP once he had the offer
+        assert timings["offer_sent"] < timings["answer_received"]
+    else:  # alice, like an older caller, sent her SDP after the accept
+        assert timings["accepted"] < timings["sdp_sent"]
     await caller.hangup()
 
 

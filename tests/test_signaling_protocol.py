@@ -253,6 +253,43 @@ def test_complete_call(server: Server, keys: dict[str, pqc.SigningKey]) -> None:
     assert error(server.send(b, m.Hangup(cid)), b).code == "unknown_call"
 
 
+def test_invite_and_accept_carry_a_payload_verbatim(
+    server: Server, keys: dict[str, pqc.SigningKey]
+) -> None:
+    # The SDP in the invite and the accept (docs/signaling.md): relayed unchanged,
+    # absent when not sent; at most MAX_PAYLOAD_SIZE bytes like any payload.
+    a, b = server.register("alice"), server.register("bob")
+    fa, fb = fp(keys["alice"]), fp(keys["bob"])
+    sdp = "qcall-sdp:v=0\r\n" + "a=x\r\n" * 4000  # ≈ 24 KiB, bigger than an SDP
+    out = server.send(a, m.Invite("call-0001", peer="bob", payload=sdp))
+    assert relayed(out, b) == m.Invite("call-0001", "alice", fa, payload=sdp)
+    out = server.send(b, m.Accept("call-0001", payload="qcall-sdp:answer"))
+    assert relayed(out, a) == m.Accept("call-0001", "bob", fb, payload="qcall-sdp:answer")
+    assert server.proto.call_state("call-0001") is CallState.ACCEPTED
+    bare = relayed(server.send(a, m.Hangup("call-0001")), b)
+    assert "payload" not in m.Invite("call-0002", peer="bob").to_dict()
+    assert bare.TYPE == "hangup"
+    big = {"type": "invite", "call_id": "call-0003", "peer": "bob",
+           "payload": "x" * (m.MAX_PAYLOAD_SIZE + 1)}  # fmt: skip
+    err = error(server.send(a, json.dumps(big)), a)
+    assert err.code == "bad_message" and "payload" in err.message
+    assert server.proto.calls == 0  # refused: no invitation held
+    assert "x" * 8 not in repr(m.Invite("call-0004", peer="bob", payload="x" * 64))
+
+
+def test_invitations_with_payloads_still_count_against_max_pending_invites(
+    keys: dict[str, pqc.SigningKey],
+) -> None:
+    server = Server(keys, max_pending_invites=1)
+    a, b, c = server.register("alice"), server.register("bob"), server.register("carol")
+    sdp = "qcall-sdp:" + "s" * 40_000
+    assert relayed(server.send(b, m.Invite("call-0001", peer="alice", payload=sdp)), a).TYPE == (
+        "invite"
+    )
+    err = error(server.send(c, m.Invite("call-0002", peer="alice", payload=sdp)), c)
+    assert err.code == "too_many_invites"
+
+
 @pytest.mark.parametrize(
     ("ender", "msg_type", "state"),
     [

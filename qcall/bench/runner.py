@@ -5,7 +5,10 @@ The lab (:class:`Lab`):
 * the simulated ``beijing-hefei`` QKD network with its ETSI GS QKD 014 KMEs,
   in a child process (:mod:`qcall.bench.kmes`), holding enough relayed keys
   for the whole run (:func:`qkd_keys_needed`), its links paused meanwhile;
-* a :class:`~signaling.server.SignalingServer` on loopback;
+* a :class:`~signaling.server.SignalingServer` on loopback in a child
+  process of its own (:mod:`qcall.bench.sigserver`), with the delay proxies of
+  the signaling legs: as on a host of its own, no caller's CPU work delays the
+  relaying of the callee's messages;
 * two :class:`~qcall.call.phone.Phone` objects: ``alice`` (SAE at the Beijing
   KME) in this process calls ``bob`` (SAE at the Hefei KME), who runs in his own
   process (:mod:`qcall.bench.callee`), as on two hosts: neither side's CPU work
@@ -39,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qcall.call.netem import NetworkProfile, TCPDelayProxy
+from qcall.call.netem import NetworkProfile
 from qcall.children import log_tail, module_argv
 from qcall.exceptions import CallError, QCallError
 
@@ -66,11 +69,12 @@ CALLER, CALLEE = "alice", "bob"
 TONE_HZ = 440.0
 
 #: Caller-side milestones (``CallStatus.timings_ms``) in call order, and the
-#: phase each one ends. "first_audio" is the callee's first decoded frame.
+#: phase each one ends. "first_audio" is the callee's first decoded frame. Each
+#: side's SDP rides the invite and the accept (docs/calls.md).
 PHASES = (
-    ("accepted", "invite → accept (signaling round trip)"),
-    ("sdp_sent", "our SDP out (peer connection, ICE gathering)"),
-    ("answer_received", "callee's SDP applied (signaling, its peer connection)"),
+    ("sdp_sent", "invite out with our SDP (peer connection, ICE gathering)"),
+    ("accepted", "invite → accept with the callee's SDP (round trip, its peer connection)"),
+    ("answer_received", "callee's SDP applied"),
     ("ice_connected", "ICE connectivity checks"),
     ("dtls_done", "DTLS handshake"),
     ("media", "key schedule, outbound SRTP armed"),
@@ -78,7 +82,7 @@ PHASES = (
 )
 
 #: Caller milestones off that critical path (ms since dial), shown beside it: the
-#: authenticated exchange runs during ICE (docs/calls.md, "SDP ahead").
+#: authenticated exchange runs while the phone rings and during ICE (docs/calls.md).
 OVERLAPPING = (
     ("offer_key_wait", "offer: SDP made, key + signature started, ms since dial"),
     ("offer_key", "offer: QKD key in hand, ms since dial"),
@@ -179,7 +183,7 @@ def schedule(modes: tuple[str, ...], calls: int, warmup: int) -> list[tuple[str,
 
 
 class Lab:
-    """The QKD network process, the signaling server and the two phones."""
+    """The QKD network and signaling server processes, and the two phones."""
 
     def __init__(self, work: Path) -> None:
         self.work = work
@@ -189,8 +193,7 @@ class Lab:
         self._kmes: asyncio.subprocess.Process | None = None
         self.callee: asyncio.subprocess.Process | None = None
         self._callee_args: tuple[str, Path, dict[str, Any] | None] = ("", work, None)
-        self._signaling: Any = None
-        self._proxies: list[TCPDelayProxy] = []
+        self._signaling: asyncio.subprocess.Process | None = None
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -204,7 +207,8 @@ class Lab:
             qkd_keys: > 0: start the QKD network holding that many keys.
             signaling_delay_ms: > 0: each phone reaches the signaling server
                 through its own :class:`~qcall.call.netem.TCPDelayProxy` adding
-                this one-way delay (the server sits half-way between the users).
+                this one-way delay (the server sits half-way between the users);
+                the proxies run in the signaling server's process.
         """
         lab = cls(work)
         try:
@@ -218,21 +222,12 @@ class Lab:
         from qcall.contacts import ContactStore
         from qcall.identity import Identity
         from qcall.qkd.client import open_key_source
-        from signaling.server import SignalingServer
 
         saes: dict[str, Any] = {}
         if qkd_keys > 0:
             saes = await self._start_kmes(qkd_keys)
-        self._signaling = SignalingServer()
-        await self._signaling.start("127.0.0.1", 0)
-        for name in (CALLER, CALLEE):
-            port = self._signaling.port
-            if signaling_delay_ms > 0:
-                proxy = TCPDelayProxy(("127.0.0.1", port), signaling_delay_ms)
-                await proxy.start()
-                self._proxies.append(proxy)
-                port = proxy.port
-            url = f"ws://127.0.0.1:{port}"
+        urls = await self._start_signaling(signaling_delay_ms)
+        for name, url in zip((CALLER, CALLEE), urls, strict=True):
             home = self.work / name
             home.mkdir(mode=0o700, parents=True, exist_ok=True)
             if name == CALLEE:
@@ -293,6 +288,24 @@ class Lab:
         answer: dict[str, Any] = json.loads(line)
         return answer
 
+    async def _start_signaling(self, delay_ms: float) -> list[str]:
+        """The signaling server's process; return each user's URL (alice's, bob's)."""
+        argv = module_argv("qcall.bench.sigserver", "--legs", "2", "--delay-ms", f"{delay_ms:g}")
+        with (self.work / "signaling.log").open("ab") as log:
+            self._signaling = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log
+            )
+        assert self._signaling.stdout is not None
+        try:
+            line = await asyncio.wait_for(self._signaling.stdout.readline(), 60)
+            urls: list[str] = json.loads(line)["urls"]
+        except (TimeoutError, ValueError, KeyError, TypeError) as exc:
+            raise CallError(
+                f"the signaling server did not start ({exc!r}); its stderr ends with:\n"
+                + log_tail(self.work / "signaling.log")
+            ) from None
+        return urls
+
     async def _start_kmes(self, pool: int) -> dict[str, Any]:
         state = self.work / "network"
         with (self.work / "kmes.log").open("ab") as log:
@@ -328,18 +341,16 @@ class Lab:
             except TimeoutError:
                 self.callee.kill()
                 await self.callee.wait()
-        for proxy in self._proxies:
-            await proxy.close()
-        if self._signaling is not None:
-            await self._signaling.close()
-        if self._kmes is not None:
-            if self._kmes.stdin is not None:
-                self._kmes.stdin.close()
+        for child in (self._signaling, self._kmes):
+            if child is None:
+                continue
+            if child.stdin is not None:
+                child.stdin.close()
             try:
-                await asyncio.wait_for(self._kmes.wait(), 10)
+                await asyncio.wait_for(child.wait(), 10)
             except TimeoutError:
-                self._kmes.kill()
-                await self._kmes.wait()
+                child.kill()
+                await child.wait()
 
     def _make_source(self) -> Any:
         return self.tone

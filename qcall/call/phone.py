@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from aiortc import MediaStreamTrack
@@ -226,6 +227,7 @@ class Phone(AsyncService):
             session.handle_signaling(event)
 
     async def _invited(self, invite: Invite) -> None:
+        arrived = time.monotonic()  # how old the offer it may carry is, at the pick-up
         peer = invite.peer or "?"
         if self.calls:
             with contextlib.suppress(SignalingError):
@@ -237,7 +239,10 @@ class Phone(AsyncService):
             with contextlib.suppress(SignalingError):
                 await self.signaling.reject(invite.call_id, "declined")
             return
-        self._incoming.put_nowait(self._session(invite.call_id, peer, "callee"))
+        session = self._session(invite.call_id, peer, "callee")
+        if invite.payload is not None:  # the caller's offer rode the invite
+            session.offered(invite.payload, arrived)
+        self._incoming.put_nowait(session)
 
     def active_call(self) -> CallSession:
         """The one call in progress.

@@ -172,41 +172,113 @@ class CallSession(Negotiation):
             return  # no trickle ICE: aiortc gathers every candidate before the offer
         self._inbox.put_nowait(message)
 
-    async def dial(self) -> None:
-        """Caller: invite; meanwhile fetch a QKD key and build the signed offer; then offer.
+    def offered(self, payload: str, arrived: float | None = None) -> None:
+        """Callee: the caller's SDP the invite carried (docs/calls.md, "SDP in the invite").
 
-        The offer (SDP, ML-KEM key, QKD key_IDs, ML-DSA signature) is built while
-        the callee's phone rings, so it leaves the moment the call is accepted.
-        If the callee picks up before it is ready, its SDP goes first (ICE
-        starts) and the signed offer follows.
+        Kept for :meth:`answer`; nothing is made or fetched before the pick-up.
+        ``arrived``: when the invite came (``time.monotonic()``; default now).
+        """
+        self._invite_offer = (payload, time.monotonic() if arrived is None else arrived)
+
+    async def dial(self) -> None:
+        """Caller: our SDP in the invite; the callee's in its accept; then the signed offer.
+
+        The peer connection and its SDP are made first and ride the invite. The
+        QKD key and the signed offer (ML-KEM key, ML-DSA signature) follow, once
+        the invite left, while the callee's phone rings. A callee that picks up
+        puts its own SDP in the ``accept``: ICE starts one signaling round trip
+        after the invite, and the signed offer and answer cross while ICE and
+        DTLS run (each side checks
+        that the signed SDP is the one it applied). A callee that does not (older
+        qcall, or it rang longer than :data:`OFFER_MAX_AGE`) accepts bare and
+        sends its SDP ahead of its answer, as in the earlier flow. An offer older
+        than :data:`OFFER_MAX_AGE` at the pick-up is stamped and signed afresh
+        over the same SDP and QKD key (neither was used). With
+        ``options.early_offer`` off: the earlier flow (:meth:`_dial_then_offer`).
 
         Raises:
             CallRejectedError: the callee declined or was busy.
             SecurityPolicyError: QKD unavailable and ``pqc`` not allowed.
             CallError, HandshakeError, QKDError: the call failed (message says why).
         """
+        if not self.options.early_offer:
+            await self._dial_then_offer()
+            return
+        self.status.state = CallState.RINGING
+        offer: asyncio.Future[tuple[str, float]] | None = None
+        try:
+            offer = asyncio.ensure_future(self._prepare_offer())
+            if self.options.policy == "plain":
+                invite_payload = (await offer)[0]  # the bare SDP offer (PLAIN_PREFIX)
+            else:
+                either: set[asyncio.Future[Any]] = {self._sdp_ready, offer}
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                if not self._sdp_ready.done():  # the offer failed first
+                    await offer
+                invite_payload = SDP_PREFIX + self._sdp_ready.result()
+            await self.signaling.invite(self.peer, self.call_id, invite_payload)
+            self._mark("sdp_sent")
+            self._invite_sent.set()  # the key and the signature may start
+            accept = await self._accepted(offer)
+            if self.options.policy == "plain":
+                if accept.payload is not None:  # the answer came with the pick-up
+                    await self._on_answer(accept.payload)
+                else:
+                    await self._send_offer(invite_payload)
+            else:
+                if accept.payload is not None:
+                    await self._apply_accept_sdp(accept.payload)  # ICE starts
+                await self._send_ready_offer(offer)
+            await self._wait_active()
+        except BaseException as exc:
+            await self._dial_failed(offer, exc)
+            raise
+
+    async def _dial_failed(self, offer: asyncio.Future[Any] | None, exc: BaseException) -> None:
+        if offer is not None and not offer.done():
+            offer.cancel()
+        await self._abort(exc)
+
+    async def _send_ready_offer(self, offer: asyncio.Future[tuple[str, float]]) -> None:
+        """Caller: send the signed offer once made (stamped afresh after long ringing)."""
+        payload, built_at = await offer
+        if time.monotonic() - built_at > OFFER_MAX_AGE:  # rang long: stamp it afresh
+            payload, built_at = await self._rebuild_offer()
+        await self._send_offer(payload)
+
+    async def _accepted(self, offer: asyncio.Future[Any]) -> Accept:
+        """Caller: wait for the pick-up; the offer's failure (e.g. no QKD key) ends the call."""
+        accepted = asyncio.ensure_future(
+            self._wait_message(Accept, self.options.ring_timeout, "answer")
+        )
+        pending: set[asyncio.Future[Any]] = {accepted, offer}
+        try:
+            while not accepted.done():
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if offer in done and offer.exception() is not None:
+                    raise offer.exception()  # type: ignore[misc]
+        finally:
+            accepted.cancel()
+        accept: Accept = accepted.result()
+        self._picked_up.set()
+        self._mark("accepted")
+        self.status.state = CallState.CONNECTING
+        return accept
+
+    async def _dial_then_offer(self) -> None:
+        """Caller, the earlier flow: invite; build the offer while it rings; offer on accept.
+
+        The offer (SDP, ML-KEM key, QKD key_IDs, ML-DSA signature) is built while
+        the callee's phone rings, so it leaves the moment the call is accepted.
+        If the callee picks up before it is ready, its SDP goes first (ICE
+        starts) and the signed offer follows.
+        """
         self.status.state = CallState.RINGING
         offer: asyncio.Future[tuple[str, float]] | None = None
         try:
             await self.signaling.invite(self.peer, self.call_id)
             offer = asyncio.ensure_future(self._prepare_offer())
-            accepted = asyncio.ensure_future(
-                self._wait_message(Accept, self.options.ring_timeout, "answer")
-            )
-            pending: set[asyncio.Future[Any]] = {accepted, offer}
-            try:
-                while not accepted.done():
-                    done, pending = await asyncio.wait(
-                        pending, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    if offer in done and offer.exception() is not None:
-                        raise offer.exception()  # type: ignore[misc]  # e.g. no QKD, no call
-            finally:
-                accepted.cancel()
-            accepted.result()
-            self._picked_up.set()
-            self._mark("accepted")
-            self.status.state = CallState.CONNECTING
+            await self._accepted(offer)
             if not offer.done() and self.options.policy != "plain":
                 # Picked up before the key came or the signature was made: the SDP
                 # goes ahead, so ICE checks run meanwhile.
@@ -215,27 +287,36 @@ class CallSession(Negotiation):
                 if self._sdp_ready.done():  # (else the offer failed: raised below)
                     await self._send_sdp_ahead(self._sdp_ready.result())
                     await self._answer_sdp_ahead(offer)
-            payload, built_at = await offer
-            if time.monotonic() - built_at > OFFER_MAX_AGE:  # rang long: stamp it afresh
-                payload, built_at = await self._rebuild_offer()
-            await self._send_offer(payload)
+            await self._send_ready_offer(offer)
             await self._wait_active()
         except BaseException as exc:
-            if offer is not None and not offer.done():
-                offer.cancel()
-            await self._abort(exc)
+            await self._dial_failed(offer, exc)
             raise
 
     async def answer(self) -> None:
         """Callee: accept the call, verify the offer, fetch the QKD key, answer.
+
+        When the invite carried the caller's SDP (:meth:`offered`) at most
+        :data:`OFFER_MAX_AGE` ago, our peer connection is made on it and our SDP
+        rides the ``accept`` (a ``plain`` offer: our bare answer); the signed
+        offer follows, and our signed answer over the same SDP. Otherwise (no
+        SDP, too old, ``options.early_offer`` off) the ``accept`` goes bare, as
+        in the earlier flow.
 
         Raises:
             HandshakeError, QKDError, CallError: the call failed (message says why).
         """
         self.status.state = CallState.RINGING
         try:
-            await self.signaling.accept(self.call_id)
-            self._mark("accepted")
+            early, self._invite_offer = self._invite_offer, None
+            fresh = early is not None and time.monotonic() - early[1] <= OFFER_MAX_AGE
+            if early is not None and fresh and self.options.early_offer:
+                if await self._accept_early(early[0]):  # our SDP (or plain answer) in it
+                    await self._wait_active()
+                    return
+            else:
+                await self.signaling.accept(self.call_id)  # the earlier flow
+                self._mark("accepted")
             offer = await self._wait_message(
                 (Offer, PeerSDP), self.options.setup_timeout, "offer"
             )

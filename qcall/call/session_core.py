@@ -144,8 +144,12 @@ class SessionCore:
         self._sdp_ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._exporter_wanted = False  # the handshake is ready for K_dtls
         self._picked_up = asyncio.Event()  # caller: the callee accepted
+        self._invite_sent = asyncio.Event()  # caller: our SDP left in the invite
+        #: Caller: in-call handshake messages received before the answer was processed.
+        self._held: list[bytes] | None = [] if role == "caller" else None
         self._ice_started = asyncio.Event()  # the peer's SDP is applied
         self._answer_sdp: asyncio.Future[PeerSDP] = asyncio.get_running_loop().create_future()
+        self._invite_offer: tuple[str, float] | None = None  # callee: invite payload, when
         self._remote_track: MediaStreamTrack | None = None  # until the peer is verified
         self.emulation: Emulation | None = None
         self.otp: OTPMedia | None = None  # one-time-pad media (docs/otp.md)

@@ -73,6 +73,9 @@ CONTROL_CHANNEL_ID = 0
 #: message type): during setup, before the control channel is open.
 HANDSHAKE_PREFIX = "qcall-hs:"
 
+#: In-call handshake messages a caller keeps while the answer is not processed yet.
+MAX_HELD = 8
+
 
 def _hook_profile(profile: SRTPProfile) -> HookProfile:
     return HookProfile[profile.name]
@@ -244,6 +247,14 @@ class HandshakePump(SessionCore):
                 return
 
     def _on_control_message(self, message: bytes | str) -> None:
+        if self._held is not None and isinstance(message, bytes):
+            # Caller, the answer not yet processed: the callee's CONFIRM can overtake
+            # it (its DTLS done before our offer came): kept, in order, until then.
+            if len(self._held) >= MAX_HELD:
+                self._finish(CallError(f"{self.peer} sent handshake messages before its answer"))
+                return
+            self._held.append(message)
+            return
         if self.hs is None or not isinstance(message, bytes):
             self._finish(CallError(f"{self.peer} sent a malformed control message"))
             return
@@ -255,6 +266,12 @@ class HandshakePump(SessionCore):
             return
         self.hs.receive_data(message, self.clock())
         self._spawn(self.apply_events())
+
+    def _release_held(self) -> None:
+        """Caller: the answer is processed; feed the handshake what came after it."""
+        held, self._held = self._held, None
+        for message in held or []:
+            self._on_control_message(message)
 
     # --- the handshake's timer ------------------------------------------------------------
 

@@ -188,14 +188,16 @@ class Negotiation(HandshakePump):
     # --- caller ---------------------------------------------------------------------------
 
     async def _prepare_offer(
-        self, fetched: tuple[list[Any], str] | None = None
+        self,
+        fetched: tuple[list[Any], str] | None = None,
+        pc: RTCPeerConnection | None = None,
     ) -> tuple[str, float]:
-        """Build the offer payload (and the peer connection); return it and when.
+        """Build the offer payload (and the peer connection, unless ``pc``); return it and when.
 
-        The SDP first: it is what the call waits for once the callee picks up
-        (it goes ahead of the signed offer). Then, once picked up or after
-        :data:`RING_HEADSTART`, the QKD key (unless ``fetched`` already) and the
-        signature.
+        The SDP first: it rides the invite (``early_offer``), or else goes ahead
+        of the signed offer once the callee picks up. Then the QKD key (unless
+        ``fetched`` already) and the signature: once the invite left, or in the
+        earlier flow once picked up or after :data:`RING_HEADSTART`.
         """
         if self.options.policy == "plain":
             self._offer_inputs = ([], "plain")
@@ -204,13 +206,19 @@ class Negotiation(HandshakePump):
             pc = self._new_pc(control=False)
             await pc.setLocalDescription(await pc.createOffer())
             return PLAIN_PREFIX + pc.localDescription.sdp, time.monotonic()
+        early = self.options.early_offer  # our SDP rides the invite: it goes first
         key: asyncio.Future[tuple[list[Any], str]] | None = None
-        if fetched is None and self.options.policy == "hybrid" and self.qkd.fetch_early():
-            key = asyncio.ensure_future(self.qkd.fetch_initial_key())  # a slow KME: at once
+        if fetched is None and self.options.policy == "hybrid" and not early:
+            if self.qkd.fetch_early():  # earlier flow, a slow KME: at once
+                key = asyncio.ensure_future(self.qkd.fetch_initial_key())
         try:
-            pc = self._new_pc()
-            await pc.setLocalDescription(await pc.createOffer())
-            if not self._sdp_ready.done():
+            if pc is None:
+                pc = self._new_pc()
+                await pc.setLocalDescription(await pc.createOffer())
+            if early and not self._sdp_ready.done():
+                self._sdp_ready.set_result(pc.localDescription.sdp)
+                await self._invite_sent.wait()  # it rides the invite: that leaves first
+            elif not self._sdp_ready.done():
                 self._sdp_ready.set_result(pc.localDescription.sdp)
                 # The SDP first. Picked up at once: the key (from a fast KME) and
                 # the signature wait for the callee's SDP, made while ICE checks run.
@@ -254,12 +262,26 @@ class Negotiation(HandshakePump):
         return b64(b"".join(hs.data_to_send())), time.monotonic()
 
     async def _rebuild_offer(self) -> tuple[str, float]:
-        """The offer waited too long for the callee: a new one, freshly stamped and signed."""
+        """The offer waited too long for the callee: a new one, freshly stamped and signed.
+
+        It never left, so it keeps its QKD key. Its SDP too when that rode the
+        invite (the callee's peer connection is made on it); else a new one.
+        """
+        self.hs = None
+        if self.options.early_offer:
+            return await self._prepare_offer(self._offer_inputs, pc=self.pc)
         if self.pc is not None:
             pc, self.pc = self.pc, None
             await pc.close()
-        self.hs = None
         return await self._prepare_offer(self._offer_inputs)
+
+    async def _apply_accept_sdp(self, payload: str) -> None:
+        """Caller: the callee's SDP from its ``accept`` (its signed answer follows)."""
+        if payload.startswith(PLAIN_PREFIX):
+            raise DowngradeError(f"{self.peer} answered a signed call with a plain SDP")
+        if not payload.startswith(SDP_PREFIX):
+            raise InvalidMessageError(f"{self.peer}'s accept carries no SDP (qcall-sdp:)")
+        await self._set_answer_sdp(payload[len(SDP_PREFIX) :])
 
     async def _answer_sdp_ahead(self, other: asyncio.Future[Any]) -> None:
         """Caller: apply the callee's SDP sent ahead (ICE starts) unless ``other`` is first.
@@ -272,7 +294,7 @@ class Negotiation(HandshakePump):
             await self._set_answer_sdp(self._answer_sdp.result().sdp)
 
     async def _send_offer(self, payload: str) -> None:
-        """Send the prepared offer, wait for the answer, act on it."""
+        """Send the prepared offer (``offer`` message), wait for the answer, act on it."""
         qkd_keys, policy = self._offer_inputs
         self.note_keys([k.key_id for k in qkd_keys])
         await self.signaling.send_offer(self.call_id, payload)
@@ -283,21 +305,28 @@ class Negotiation(HandshakePump):
         )
         if policy != "plain":  # the callee's SDP ahead: ICE checks start while it signs
             await self._answer_sdp_ahead(answered)
-        answer = await answered
+        await self._on_answer((await answered).payload)
+
+    async def _on_answer(self, payload: str) -> None:
+        """Caller: act on the callee's answer (from an ``answer`` or from the ``accept``)."""
+        policy = self._offer_inputs[1]
         if policy == "plain":
-            if not answer.payload.startswith(PLAIN_PREFIX):
+            if not payload.startswith(PLAIN_PREFIX):
                 raise DowngradeError(f"{self.peer} answered a plain offer with a handshake")
             assert self.pc is not None
             await self.pc.setRemoteDescription(
-                RTCSessionDescription(answer.payload[len(PLAIN_PREFIX) :], "answer")
+                RTCSessionDescription(payload[len(PLAIN_PREFIX) :], "answer")
             )
             self._mark("answer_received")
             return
+        if payload.startswith(PLAIN_PREFIX):
+            raise DowngradeError(f"{self.peer} answered a signed offer with a plain SDP")
         hs = self.hs
         assert hs is not None
         with self._computing():
-            hs.receive_data(unb64(answer.payload), self.clock())
+            hs.receive_data(unb64(payload), self.clock())
         await self.apply_events()
+        self._release_held()
         self._start_timer()
         if hs.error is None:
             self._exporter_due()
@@ -326,7 +355,26 @@ class Negotiation(HandshakePump):
 
     # --- callee ---------------------------------------------------------------------------
 
+    async def _accept_early(self, payload: str) -> bool:
+        """Callee: accept with the answer to the invite's payload (docs/calls.md).
+
+        The caller's SDP (``qcall-sdp:``): our peer connection is made on it and
+        our SDP rides the ``accept``; the signed offer is still to come (returns
+        False). A ``plain`` SDP offer: our bare answer rides it (True; refused
+        unless we are ``plain`` too). Anything else: a bare ``accept`` (False).
+        """
+        if payload.startswith(PLAIN_PREFIX):
+            await self._start_plain_callee(payload[len(PLAIN_PREFIX) :], in_accept=True)
+            return True
+        if payload.startswith(SDP_PREFIX) and self.options.policy != "plain":
+            await self._prepare_answer_sdp(payload[len(SDP_PREFIX) :], in_accept=True)
+        else:
+            await self.signaling.accept(self.call_id)
+            self._mark("accepted")
+        return False
+
     async def _start_callee(self, offer: bytes) -> None:
+        """Callee: verify the signed offer, make our SDP (unless made), sign and answer."""
         self.status.state = CallState.CONNECTING
         accepted = ["hybrid", "pqc"] if self.options.allow_pqc_only else [self.options.policy]
         if self.options.otp is not None:
@@ -372,16 +420,25 @@ class Negotiation(HandshakePump):
         self._mark("answer_sdp_ready")
         with self._computing():
             hs.send_answer(self.pc.localDescription.sdp, self.clock())
-        await self.signaling.send_answer(self.call_id, b64(b"".join(hs.data_to_send())))
-        self._mark("answer_sent")
+        await self._send_answer(b64(b"".join(hs.data_to_send())), in_accept=False)
         for event in needed:  # dec_keys during ICE/DTLS: the key is needed only after DTLS,
             self._spawn(self.qkd.fetch_keys_by_id(event))  # and the answer goes out sooner
         await self.apply_events()
         self._start_timer()
         self._exporter_due()
 
-    async def _prepare_answer_sdp(self, sdp: str) -> None:
+    async def _send_answer(self, payload: str, *, in_accept: bool) -> None:
+        if in_accept:
+            await self.signaling.accept(self.call_id, payload)
+            self._mark("accepted")
+        else:
+            await self.signaling.send_answer(self.call_id, payload)
+        self._mark("answer_sent")
+
+    async def _prepare_answer_sdp(self, sdp: str, *, in_accept: bool = False) -> None:
         """Callee: the peer connection for the offer's SDP; our SDP goes ahead.
+
+        ``in_accept``: the caller's SDP came in the invite, ours rides the ``accept``.
 
         Run on the SDP sent ahead of the signed offer (or on the verified offer's).
         The caller starts ICE on our SDP while we verify, fetch the QKD key and
@@ -393,9 +450,14 @@ class Negotiation(HandshakePump):
         await pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
         self._install_hook(pc)  # before any await: DTLS has not started yet
         await pc.setLocalDescription(await pc.createAnswer())
-        await self._send_sdp_ahead(pc.localDescription.sdp)
+        if in_accept:
+            await self.signaling.accept(self.call_id, SDP_PREFIX + pc.localDescription.sdp)
+            self._mark("accepted")
+            self._mark("sdp_sent")
+        else:
+            await self._send_sdp_ahead(pc.localDescription.sdp)
 
-    async def _start_plain_callee(self, sdp: str) -> None:
+    async def _start_plain_callee(self, sdp: str, *, in_accept: bool = False) -> None:
         if self.options.policy != "plain":
             raise DowngradeError(
                 f"{self.peer} offered an unprotected plain DTLS-SRTP call (no QKD, no "
@@ -407,8 +469,7 @@ class Negotiation(HandshakePump):
         pc = self._new_pc(control=False)
         await pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
         await pc.setLocalDescription(await pc.createAnswer())
-        await self.signaling.send_answer(self.call_id, PLAIN_PREFIX + pc.localDescription.sdp)
-        self._mark("answer_sent")
+        await self._send_answer(PLAIN_PREFIX + pc.localDescription.sdp, in_accept=in_accept)
 
     # --- both -----------------------------------------------------------------------------
 

@@ -75,6 +75,11 @@ class CallOptions:
             checks and completion without waiting for aioice's pacing tick,
             retransmissions sized by the path's RTT); False: stock aiortc timing
             (the harness's ``plain`` baseline).
+        early_offer: the signed offer rides the invite and the signed answer the
+            accept (docs/calls.md, "The offer in the invite"): ICE starts one
+            signaling round trip after the invite. False: the earlier flow (offer
+            and answer after the accept), as qcall before it; either side copes
+            with a peer of the other kind.
     """
 
     policy: str = "hybrid"
@@ -95,6 +100,7 @@ class CallOptions:
     ice_policy: str = "all"
     otp: OTPPolicy | None = None
     fast_transport: bool = True
+    early_offer: bool = True
 
 
 @dataclass(frozen=True)

@@ -268,19 +268,25 @@ class SignalingClient(AsyncClosing):
 
     # --- calls ------------------------------------------------------------------------------
 
-    async def invite(self, peer: str, call_id: str | None = None) -> str:
-        """Invite ``peer`` to a call; return the call id (fresh unless given)."""
+    async def invite(
+        self, peer: str, call_id: str | None = None, payload: str | None = None
+    ) -> str:
+        """Invite ``peer`` to a call; return the call id (fresh unless given).
+
+        ``payload``: the caller's offer, relayed verbatim in the invite
+        (docs/signaling.md, "The offer in the invite").
+        """
         call_id = call_id or new_call_id()
-        await self.send(Invite(call_id, peer=peer))
+        await self.send(Invite(call_id, peer=peer, payload=payload))
         return call_id
 
     async def ringing(self, call_id: str) -> None:
         """Tell the caller that the user is being alerted."""
         await self.send(Ringing(call_id))
 
-    async def accept(self, call_id: str) -> None:
-        """Accept an incoming call."""
-        await self.send(Accept(call_id))
+    async def accept(self, call_id: str, payload: str | None = None) -> None:
+        """Accept an incoming call; ``payload``: the answer to the invite's offer."""
+        await self.send(Accept(call_id, payload=payload))
 
     async def reject(self, call_id: str, reason: str | None = None) -> None:
         """Decline an incoming call."""

@@ -24,6 +24,7 @@ __all__ = [
     "check_int",
     "check_name",
     "check_optional",
+    "check_payload",
     "check_printable",
     "check_re",
     "check_str",
@@ -84,6 +85,17 @@ def check_int(name: str, value: object, low: int, high: int) -> int:
     if type(value) is not int or not low <= value <= high:
         raise ValueError(f"field {name!r} must be an integer in {low}..{high}")
     return value
+
+
+def check_payload(name: str, value: object, limit: int) -> None:
+    """A relayed payload: a string of at most ``limit`` UTF-8 bytes."""
+    text = check_str(name, value)
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"field {name!r} must be valid Unicode text") from exc
+    if size > limit:
+        raise ValueError(f"field {name!r} must be at most {limit} bytes")
 
 
 def check_optional(name: str, value: object, check: Any, *args: Any) -> None:

@@ -41,9 +41,9 @@ from qcall.signaling.fields import (
     check_int,
     check_name,
     check_optional,
+    check_payload,
     check_printable,
     check_re,
-    check_str,
 )
 
 __all__ = [
@@ -599,8 +599,30 @@ class CallMessage(Message):
 
 
 @dataclass(frozen=True)
-class Invite(CallMessage):
-    """Caller → callee: place a call. The server answers ``unavailable`` or relays it."""
+class EarlyPayloadMessage(CallMessage):
+    """``invite`` and ``accept``: an optional ``payload`` (the caller's offer, the callee's
+    answer: docs/signaling.md, "The offer in the invite"), relayed verbatim like
+    :class:`PayloadMessage`'s. Peers and servers that predate it ignore the member.
+    """
+
+    payload: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_optional("payload", self.payload, check_payload, MAX_PAYLOAD_SIZE)
+
+    def __repr__(self) -> str:  # no payload in logs
+        size = "none" if self.payload is None else f"<{len(self.payload)} chars>"
+        name = type(self).__name__
+        return f"{name}(call_id={self.call_id!r}, peer={self.peer!r}, payload={size})"
+
+
+@dataclass(frozen=True, repr=False)
+class Invite(EarlyPayloadMessage):
+    """Caller → callee: place a call. The server answers ``unavailable`` or relays it.
+
+    ``payload``, when present: the caller's offer (the callee may answer in its ``accept``).
+    """
 
     TYPE: ClassVar[str] = "invite"
 
@@ -612,9 +634,12 @@ class Ringing(CallMessage):
     TYPE: ClassVar[str] = "ringing"
 
 
-@dataclass(frozen=True)
-class Accept(CallMessage):
-    """Callee → caller: the callee picked up; offer/answer/ice may flow."""
+@dataclass(frozen=True, repr=False)
+class Accept(EarlyPayloadMessage):
+    """Callee → caller: the callee picked up; offer/answer/ice may flow.
+
+    ``payload``, when present: the callee's answer to the offer its ``invite`` carried.
+    """
 
     TYPE: ClassVar[str] = "accept"
 
@@ -659,13 +684,7 @@ class PayloadMessage(CallMessage):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        text = check_str("payload", self.payload)
-        try:
-            size = len(text.encode("utf-8"))
-        except UnicodeEncodeError as exc:
-            raise ValueError("field 'payload' must be valid Unicode text") from exc
-        if size > MAX_PAYLOAD_SIZE:
-            raise ValueError(f"field 'payload' must be at most {MAX_PAYLOAD_SIZE} bytes")
+        check_payload("payload", self.payload, MAX_PAYLOAD_SIZE)
 
     def __repr__(self) -> str:
         return (

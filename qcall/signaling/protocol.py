@@ -559,7 +559,7 @@ class SignalingProtocol:
         self._outgoing[name] = cid
         self._incoming.setdefault(callee, {})[cid] = None
         self._add_timer(deadline, "call", cid)
-        return [(target, Invite(cid, peer=name, fingerprint=caller_fp))]
+        return [(target, Invite(cid, peer=name, fingerprint=caller_fp, payload=msg.payload))]
 
     def _calls_of(self, name: PeerId) -> list[str]:
         """Ids of the live calls of ``name``: accepted, outgoing, then incoming."""
