@@ -168,23 +168,40 @@ class PostgresMessageStore(MessageStore):
             ) from None
 
     async def _run(self, fn: Callable[[_Conn], Awaitable[_T]], *, write: bool = False) -> _T:
-        """Run ``fn`` in one transaction on a pooled connection."""
+        """Run ``fn`` in one transaction on a pooled connection.
+
+        A pooled connection the server closed while it was idle (PostgreSQL
+        restarted) fails at ``BEGIN``, before anything ran: the transaction is
+        then run once more on a new connection.
+        """
         if self._closed:
             raise MessageStoreError(f"{self.where}: the store is closed")
         conn = await self._idle.get()
+        retried = False
         try:
-            if conn is None or conn.closed or conn.broken:
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await conn.close()
-                conn = None
-                conn = await self._open()
-            self._busy.add(conn)
-            async with conn.transaction():
-                value = await fn(conn)
-            if write:
-                self.writes += 1
-            return value
+            while True:
+                if conn is None or conn.closed or conn.broken:
+                    if conn is not None:
+                        with contextlib.suppress(Exception):
+                            await conn.close()
+                    conn = None
+                    conn = await self._open()
+                self._busy.add(conn)
+                began = False
+                try:
+                    async with conn.transaction():
+                        began = True
+                        value = await fn(conn)
+                except psycopg.OperationalError:
+                    if began or retried or not (conn.closed or conn.broken):
+                        raise
+                    retried = True
+                    logger.info("! %s closed an idle connection: opening another", self.where)
+                    self._busy.discard(conn)
+                    continue
+                if write:
+                    self.writes += 1
+                return value
         except psycopg.Error as exc:
             if conn is not None and (conn.closed or conn.broken):
                 await _quietly_close(conn)

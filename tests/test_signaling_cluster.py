@@ -21,6 +21,7 @@ from qcall.signaling.protocol import ServerConfig
 from signaling.cluster import Cluster
 from signaling.local_services import LocalRedis, free_port
 from signaling.server import SignalingServer
+from signaling.store import MessageStore
 from tests.utils import TIMEOUT_FACTOR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,8 +36,10 @@ def keys() -> dict[str, pqc.SigningKey]:
     return {n: backend.signing_generate(pqc.SignatureScheme.ML_DSA_65) for n in "abcdm"}
 
 
-async def instance(redis: LocalRedis, name: str) -> tuple[SignalingServer, Cluster]:
-    server = SignalingServer(ServerConfig(server_id=SERVER_ID))
+async def instance(
+    redis: LocalRedis, name: str, mailbox: MessageStore | None = None
+) -> tuple[SignalingServer, Cluster]:
+    server = SignalingServer(ServerConfig(server_id=SERVER_ID), mailbox=mailbox)
     await server.start("127.0.0.1", 0)
     cluster = Cluster(redis.url, name)
     await cluster.start(server)
@@ -129,10 +132,12 @@ async def test_same_name_on_two_instances_at_once_one_wins(pair, keys):
     assert refused.value.code == "name_taken"
 
 
-async def spawn_instance(redis: LocalRedis, port: int, name: str) -> asyncio.subprocess.Process:
+async def spawn_instance(
+    redis: LocalRedis, port: int, name: str, *more: str
+) -> asyncio.subprocess.Process:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "signaling", "--port", str(port), "--server-id", SERVER_ID,
-        "--redis", redis.url, "--instance-id", name,
+        "--redis", redis.url, "--instance-id", name, *more,
         stdout=asyncio.subprocess.PIPE, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     assert proc.stdout is not None
