@@ -74,12 +74,13 @@ def registered(port: int) -> int:
         return int(json.load(answer)["registered"])
 
 
-async def spawn(redis_url: str, port: int, name: str) -> asyncio.subprocess.Process:
+async def spawn(redis_url: str, port: int, name: str, *more: str) -> asyncio.subprocess.Process:
+    """Start ``python -m signaling --redis`` (``more``: further flags, e.g. ``--database``)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "signaling", "--port", str(port), "--server-id", SERVER_ID,
         "--redis", redis_url, "--instance-id", name, "--rate", "1000", "--burst", "2000",
         "--max-unauthenticated-per-address", "1000", "--max-new-names-per-address", "100000",
-        stdout=asyncio.subprocess.PIPE, cwd=ROOT,
+        *more, stdout=asyncio.subprocess.PIPE, cwd=ROOT,
     )  # fmt: skip
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), 60)
