@@ -101,8 +101,11 @@ async def test_concurrent_puts_share_commits(store):
     ids = await asyncio.gather(*(store.put("bob", "alice", b"%d" % i, NOW) for i in range(200)))
     assert len(set(ids)) == 200 and store.writes == 200
     assert await store.mailbox("bob") == (200, sum(len(b"%d" % i) for i in range(200)))
-    if isinstance(store, SQLiteMessageStore):
-        assert store.commits < 200  # group commit
+    assert store.commits < 200  # group commit (both stores)
+    delivered = await store.fetch("bob", limit=1000)  # in the order of the puts
+    assert [e.id for e in delivered] == ids and [e.data for e in delivered] == [
+        b"%d" % i for i in range(200)
+    ]
 
 
 async def test_concurrent_resends_store_once(store):
