@@ -21,9 +21,16 @@ its own instance first). It measures:
 * recovery: one instance is killed with SIGKILL; the time until every one of
   its users is registered again on another instance (max over the users).
 
+* messages per second: 8 senders, each with 4 ``mail_put`` of 1 KiB in flight,
+  to a recipient on another instance (N > 1), through the instances and the
+  shared PostgreSQL store (every instance runs with ``--database``), and the
+  fraction of them pushed to the recipients (1.0: all);
+
 Besides, once per run: envelopes per second through the shared PostgreSQL
 store (``signaling/pgstore.py``, 16 concurrent writers) against the embedded
-SQLite store measured in the same run (the baseline).
+SQLite store measured in the same run (the baseline). The test PostgreSQL runs
+with ``fsync=off``, SQLite with ``synchronous=FULL``: the store line compares
+the code paths, not the disks.
 
 Loopback only, bounded in size (``--connections`` <= 2000) and time.
 
@@ -51,6 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from qcall import pqc  # noqa: E402
+from qcall.messaging.transport import SignalingTransport  # noqa: E402
 from qcall.signaling import messages as m  # noqa: E402
 from qcall.signaling.client import SignalingClient  # noqa: E402
 from signaling.local_services import LocalPostgres, LocalRedis, free_port  # noqa: E402
@@ -200,6 +208,31 @@ async def setups_in_processes(urls: list[str], mode: str, args: Any) -> float:
     return total
 
 
+async def messages_per_second(
+    pairs: list[tuple[SignalingClient, SignalingClient]], duration: float
+) -> tuple[float, float]:
+    """1 KiB messages sender → recipient through the instances and the shared
+    store, 4 in flight per sender: (acknowledged/s, fraction pushed to recipients)."""
+    transports = [(SignalingTransport(a), SignalingTransport(b)) for a, b in pairs]
+    acked = 0
+    stop = time.perf_counter() + duration
+
+    async def loop(sender: SignalingTransport, recipient: str) -> None:
+        nonlocal acked
+        while time.perf_counter() < stop:
+            await sender.send(recipient, os.urandom(1024), os.urandom(16))
+            acked += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(
+        *(loop(a, b.client.name) for a, b in transports for _ in range(4))
+    )  # fmt: skip
+    rate = acked / (time.perf_counter() - start)
+    await asyncio.sleep(1.0)  # the last pushes arrive
+    pushed = sum(len(b.take_pushed()) for _, b in transports)
+    return rate, pushed / max(1, acked)
+
+
 async def store_rates(writers: int = 16, per_writer: int = 100) -> dict[str, float]:
     """Envelopes/s through PostgreSQL and (baseline) SQLite, ``writers`` at once."""
     from signaling.pgstore import PostgresMessageStore
@@ -227,11 +260,17 @@ async def store_rates(writers: int = 16, per_writer: int = 100) -> dict[str, flo
     return rates
 
 
-async def one_count(n: int, args: Any, keys: list[pqc.SigningKey]) -> dict[str, Any]:
+async def one_count(
+    n: int, args: Any, keys: list[pqc.SigningKey], pg: LocalPostgres
+) -> dict[str, Any]:
     with LocalRedis() as redis:
         assert isinstance(redis, LocalRedis)
         ports = [free_port() for _ in range(n)]
-        procs = [await spawn(redis.url, p, f"i{k}") for k, p in enumerate(ports)]
+        database = pg.create_database(f"count{n}")
+        procs = [
+            await spawn(redis.url, p, f"i{k}", "--database", database)
+            for k, p in enumerate(ports)
+        ]
         base_rss = sum(rss_kib(p.pid) for p in procs)
         urls = [f"ws://127.0.0.1:{p}" for p in ports]
         clients: list[SignalingClient] = []
@@ -268,6 +307,11 @@ async def one_count(n: int, args: Any, keys: list[pqc.SigningKey]) -> dict[str, 
                 result[f"setups_per_s_{mode}"] = round(
                     await setups_in_processes(urls, mode, args), 1
                 )
+            # Messages: client i sends to i + 1 (another instance when n > 1).
+            mail_pairs = [(clients[i], clients[i + 1]) for i in range(0, 16, 2)]
+            rate, pushed = await messages_per_second(mail_pairs, args.duration)
+            result["messages_per_s"] = round(rate)
+            result["messages_pushed_fraction"] = round(pushed, 3)
             if n > 1:
                 victims = [c for i, c in enumerate(clients) if i % n == n - 1]
                 before = {id(c): c.registrations for c in victims}
@@ -305,7 +349,9 @@ async def run(args: Any) -> None:
         backend.signing_generate(pqc.SignatureScheme.ML_DSA_65) for _ in range(args.connections)
     ]  # one per user: a key may hold only max_names_per_key names
     os.environ.setdefault("PYTHONPATH", str(ROOT))
-    results = [await one_count(n, args, keys) for n in counts]
+    with LocalPostgres() as pg:
+        assert isinstance(pg, LocalPostgres)
+        results = [await one_count(n, args, keys, pg) for n in counts]
     for result in results:
         print(json.dumps(result), flush=True)
     rates = await store_rates()
