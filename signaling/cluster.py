@@ -137,7 +137,8 @@ class Cluster:
         self._standins: dict[PeerId, tuple[ConnectionId, str]] = {}  # -> (cid, instance)
         self._remote_online: dict[PeerId, tuple[str, str]] = {}  # -> (fingerprint, instance)
         self._tasks: list[asyncio.Task[None]] = []
-        self._spawned: set[asyncio.Task[None]] = set()
+        self._spawned: set[asyncio.Task[Any]] = set()
+        self._closing = False
         self._subscribed = asyncio.Event()
         #: Times the heartbeat found Redis empty and claimed the names again.
         self.recoveries = 0
@@ -170,12 +171,21 @@ class Cluster:
         await asyncio.wait_for(self._subscribed.wait(), 5.0)
 
     async def close(self) -> None:
-        """Leave the cluster: release the names held here, stop the tasks."""
+        """Leave the cluster: release the names held here, stop the tasks.
+
+        The server calls no hook any more; departures in progress (:meth:`left`)
+        get a second to finish before the Redis clients close under them.
+        """
+        self._closing = True
+        if self._server is not None:
+            self._server.cluster = None
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        if self._spawned:
+            await asyncio.wait(list(self._spawned), timeout=1.0)
         for task in list(self._spawned):
             task.cancel()
         with contextlib.suppress(RedisError, OSError):
@@ -184,8 +194,6 @@ class Cluster:
             await self.redis.delete(self._key("instance", self.instance_id))
         await self.redis.aclose()
         await self._sub_redis.aclose()
-        if self._server is not None:
-            self._server.cluster = None
 
     # --- hooks called by the server shell ---------------------------------------------------
 
@@ -262,12 +270,21 @@ class Cluster:
         server = self._server
         if server is not None and server.protocol.connection_of(name) is not None:
             return  # replaced by a newer connection here
+        if self._closing:
+            return  # close() releases the names held here
         fp = self._local.pop(name, None)
         if fp is None:
             return  # never claimed, or moved to another instance (kick)
-        with contextlib.suppress(RedisError, OSError):
-            await self._release(keys=[self._key("name", name)], args=[self.instance_id])
-            await self._announce(name, fp, online=False)
+        task = asyncio.current_task()
+        if task is not None:
+            self._spawned.add(task)  # close() waits for it
+        try:
+            with contextlib.suppress(RedisError, OSError):
+                await self._release(keys=[self._key("name", name)], args=[self.instance_id])
+                await self._announce(name, fp, online=False)
+        finally:
+            if task is not None:
+                self._spawned.discard(task)
 
     # --- internals --------------------------------------------------------------------------
 

@@ -304,3 +304,25 @@ async def test_presence_crosses_instances(pair, keys, redis_server):
             news = await next_of(alice, m.Presence)
             assert (news.name, news.online) == ("carol", False)
             assert alice.online == {"bob": bob.fingerprint}
+
+
+async def test_closing_while_users_leave_releases_every_name(redis_server, keys):
+    """Users leaving while the instance shuts down: every name is released in Redis."""
+    import redis as sync_redis
+
+    a, cluster_a = await instance(redis_server, "A")
+    names = [f"user{i}" for i in range(20)]  # 4 names per key at most
+    clients = [
+        SignalingClient(url(a), keys["abcdm"[i // 4]], n, watch=[], reconnect=False)
+        for i, n in enumerate(names)
+    ]
+    for c in clients:
+        await c.connect()
+    closing = [asyncio.create_task(c.close()) for c in clients]
+    await asyncio.sleep(0.005)  # their departures are in progress when the instance stops
+    await cluster_a.close()
+    await asyncio.gather(*closing)
+    await a.close()
+    db = sync_redis.Redis.from_url(redis_server.url)
+    assert [n for n in names if db.exists(f"qcall:name:{n}")] == []
+    db.close()
