@@ -89,6 +89,8 @@ return redis.call('PUBLISH', ARGV[3] .. inst, ARGV[4])
 MAIL_INLINE = 64 * 1024
 _PUSH_ID = re.compile(r'\{"type":"mail","envelope":\{"id":(\d+),')
 _MAIL_WAITING = MailWaiting().serialize()
+#: Seconds :meth:`Cluster.close` waits for each step of its clean-up.
+CLOSE_TIMEOUT = 1.0
 # KEYS: name hash. ARGV: instance.
 _RELEASE = """
 if redis.call('HGET', KEYS[1], 'inst') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -181,19 +183,20 @@ class Cluster:
             self._server.cluster = None
         for task in self._tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:  # bounded: a Redis client stuck in its clean-up must not hang us
+            await asyncio.wait(self._tasks, timeout=CLOSE_TIMEOUT)
         self._tasks = []
         if self._spawned:
-            await asyncio.wait(list(self._spawned), timeout=1.0)
+            await asyncio.wait(list(self._spawned), timeout=CLOSE_TIMEOUT)
         for task in list(self._spawned):
             task.cancel()
         with contextlib.suppress(RedisError, OSError):
             for name in list(self._local):
                 await self._release(keys=[self._key("name", name)], args=[self.instance_id])
             await self.redis.delete(self._key("instance", self.instance_id))
-        await self.redis.aclose()
-        await self._sub_redis.aclose()
+        for client in (self.redis, self._sub_redis):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.aclose(), CLOSE_TIMEOUT)
 
     # --- hooks called by the server shell ---------------------------------------------------
 
@@ -533,7 +536,7 @@ class Cluster:
                 await asyncio.sleep(min(0.2, self.heartbeat))
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await asyncio.wait_for(pubsub.aclose(), CLOSE_TIMEOUT)  # type: ignore[no-untyped-call]
 
     async def _beat(self) -> bool:
         """Refresh this instance's key; True if Redis had lost it (restart)."""

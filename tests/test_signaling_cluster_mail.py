@@ -23,7 +23,7 @@ from qcall.messaging.transport import SignalingTransport
 from qcall.signaling import messages as m
 from qcall.signaling.client import SignalingClient
 from signaling.cluster import MAIL_INLINE, Cluster
-from signaling.local_services import LocalPostgres, LocalRedis, free_port, postgres_bin
+from signaling.local_services import LocalRedis, free_port
 from signaling.pgstore import PostgresMessageStore
 from signaling.server import SignalingServer
 from tests.test_signaling_cluster import T, instance, next_of, place_call, spawn_instance, url
@@ -214,19 +214,6 @@ async def test_kill_9_an_instance_under_message_load(redis_server, pg_url, keys)
             proc.kill()
             await proc.wait()
         await close_all(made)
-
-
-@pytest.fixture
-def own_postgres() -> AsyncIterator[LocalPostgres]:
-    """A PostgreSQL server of this test's own (it stops and restarts it)."""
-    try:
-        postgres_bin("initdb")
-    except Exception as exc:
-        pytest.skip(str(exc))
-    server = LocalPostgres()
-    server.start()
-    yield server
-    server.close()
 
 
 async def test_postgres_down_messages_refused_calls_go_on(redis_server, own_postgres, keys):
