@@ -268,8 +268,7 @@ async def one_count(
         ports = [free_port() for _ in range(n)]
         database = pg.create_database(f"count{n}")
         procs = [
-            await spawn(redis.url, p, f"i{k}", "--database", database)
-            for k, p in enumerate(ports)
+            await spawn(redis.url, p, f"i{k}", "--database", database) for k, p in enumerate(ports)
         ]
         base_rss = sum(rss_kib(p.pid) for p in procs)
         urls = [f"ws://127.0.0.1:{p}" for p in ports]
