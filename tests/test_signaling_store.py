@@ -240,3 +240,27 @@ async def test_postgres_unavailable_refuses_clearly_then_recovers(pg_url, postgr
         assert [e.data for e in await store.fetch("bob")] == [b"before", b"after"]
     finally:
         await store.close()
+
+
+async def test_postgres_schema_1_is_migrated_to_2(pg_url):
+    """A database of the previous version (five statements per put) gets qcall_put."""
+    import psycopg
+
+    from signaling.pgstore import PG_SCHEMA_VERSION, PostgresMessageStore
+
+    store = await PostgresMessageStore.connect(pg_url)
+    first = await store.put("bob", "alice", b"v1", NOW, b"r1")
+    await store.close()
+    with psycopg.connect(pg_url, autocommit=True) as db:  # back to version 1
+        db.execute("DROP FUNCTION qcall_put")
+        db.execute("DELETE FROM qcall_schema WHERE version > 1")
+    store = await PostgresMessageStore.connect(pg_url)
+    try:
+        assert await store.put("bob", "alice", b"v1", NOW, b"r1") == first  # the ref is kept
+        await store.put("bob", "alice", b"v2", NOW, b"r2")
+        assert [e.data for e in await store.fetch("bob")] == [b"v1", b"v2"]
+        with psycopg.connect(pg_url) as db:
+            row = db.execute("SELECT max(version) FROM qcall_schema").fetchone()
+        assert row is not None and row[0] == PG_SCHEMA_VERSION == 2
+    finally:
+        await store.close()
