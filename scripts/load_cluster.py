@@ -14,14 +14,23 @@ its own instance first). It measures:
   accepted calls, for pairs on the **same** instance and on **different**
   instances (with N = 1 all pairs are same-instance), and their ratio;
 * call set-ups per second (invite → ringing → accept → 8 KiB offer → answer
-  → hangup, ``--concurrency`` at once, for ``--duration`` seconds), pairs
-  drawn across instances;
+  → hangup, ``--concurrency`` at once, for ``--duration`` seconds) for pairs
+  on the same instance and (N > 1) pairs on different instances, placed by
+  ``--client-processes`` client processes of their own (started together, so
+  one Python client is not the bottleneck), and the scaling against N = 1;
 * recovery: one instance is killed with SIGKILL; the time until every one of
   its users is registered again on another instance (max over the users).
 
+* messages per second: 8 senders, each with 4 ``mail_put`` of 1 KiB in flight,
+  to a recipient on another instance (N > 1), through the instances and the
+  shared PostgreSQL store (every instance runs with ``--database``), and the
+  fraction of them pushed to the recipients (1.0: all);
+
 Besides, once per run: envelopes per second through the shared PostgreSQL
 store (``signaling/pgstore.py``, 16 concurrent writers) against the embedded
-SQLite store measured in the same run (the baseline).
+SQLite store measured in the same run (the baseline). The test PostgreSQL runs
+with ``fsync=off``, SQLite with ``synchronous=FULL``: the store line compares
+the code paths, not the disks.
 
 Loopback only, bounded in size (``--connections`` <= 2000) and time.
 
@@ -49,6 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from qcall import pqc  # noqa: E402
+from qcall.messaging.transport import SignalingTransport  # noqa: E402
 from qcall.signaling import messages as m  # noqa: E402
 from qcall.signaling.client import SignalingClient  # noqa: E402
 from signaling.local_services import LocalPostgres, LocalRedis, free_port  # noqa: E402
@@ -74,12 +84,13 @@ def registered(port: int) -> int:
         return int(json.load(answer)["registered"])
 
 
-async def spawn(redis_url: str, port: int, name: str) -> asyncio.subprocess.Process:
+async def spawn(redis_url: str, port: int, name: str, *more: str) -> asyncio.subprocess.Process:
+    """Start ``python -m signaling --redis`` (``more``: further flags, e.g. ``--database``)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "signaling", "--port", str(port), "--server-id", SERVER_ID,
         "--redis", redis_url, "--instance-id", name, "--rate", "1000", "--burst", "2000",
         "--max-unauthenticated-per-address", "1000", "--max-new-names-per-address", "100000",
-        stdout=asyncio.subprocess.PIPE, cwd=ROOT,
+        *more, stdout=asyncio.subprocess.PIPE, cwd=ROOT,
     )  # fmt: skip
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), 60)
@@ -146,6 +157,82 @@ async def setups_per_second(
     return done / (time.perf_counter() - start)
 
 
+async def setup_worker(urls: list[str], mode: str, pairs: int, duration: float, tag: str) -> None:
+    """``--setup-worker``: ``pairs`` pairs of new users place set-ups; prints the count."""
+    backend = pqc.get_backend()
+    n = len(urls)
+    clients = []
+    for i in range(2 * n * pairs + 1):
+        home = i % n
+        key = backend.signing_generate(pqc.SignatureScheme.ML_DSA_65)
+        client = SignalingClient(urls[home:] + urls[:home], key, f"{tag}x{i}", watch=[])
+        await client.connect()
+        clients.append(client)
+    # same: i and i + n share an instance; cross: i and i + 1 do not (n > 1).
+    step = n if mode == "same" else 1
+    chosen = [(clients[i], clients[i + step]) for i in range(0, 2 * n * pairs, 2 * n)][:pairs]
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # go
+    rate = await setups_per_second(chosen, duration)
+    print(json.dumps({"setups": rate}), flush=True)
+    for client in clients:
+        await client.close()
+
+
+async def setups_in_processes(urls: list[str], mode: str, args: Any) -> float:
+    """Set-ups/s of ``args.concurrency`` pairs split over ``args.client_processes``
+    client processes (so one Python client is not the bottleneck), started together."""
+    k = max(1, min(args.client_processes, args.concurrency))
+    shares = [args.concurrency // k + (i < args.concurrency % k) for i in range(k)]
+    procs = []
+    for i, share in enumerate(shares):
+        worker = ["--setup-worker", json.dumps(urls), mode, str(share), str(args.duration)]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, *worker, f"w{i}{mode[0]}{len(urls)}",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=ROOT,
+        )  # fmt: skip
+        procs.append(proc)
+    for proc in procs:
+        assert proc.stdout is not None
+        if b"ready" not in await asyncio.wait_for(proc.stdout.readline(), 120):
+            raise SystemExit("a set-up worker did not start")
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write(b"go\n")
+        await proc.stdin.drain()
+    total = 0.0
+    for proc in procs:
+        assert proc.stdout is not None
+        total += json.loads(await proc.stdout.readline())["setups"]
+        await proc.wait()
+    return total
+
+
+async def messages_per_second(
+    pairs: list[tuple[SignalingClient, SignalingClient]], duration: float
+) -> tuple[float, float]:
+    """1 KiB messages sender → recipient through the instances and the shared
+    store, 4 in flight per sender: (acknowledged/s, fraction pushed to recipients)."""
+    transports = [(SignalingTransport(a), SignalingTransport(b)) for a, b in pairs]
+    acked = 0
+    stop = time.perf_counter() + duration
+
+    async def loop(sender: SignalingTransport, recipient: str) -> None:
+        nonlocal acked
+        while time.perf_counter() < stop:
+            await sender.send(recipient, os.urandom(1024), os.urandom(16))
+            acked += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(
+        *(loop(a, b.client.name) for a, b in transports for _ in range(4))
+    )  # fmt: skip
+    rate = acked / (time.perf_counter() - start)
+    await asyncio.sleep(1.0)  # the last pushes arrive
+    pushed = sum(len(b.take_pushed()) for _, b in transports)
+    return rate, pushed / max(1, acked)
+
+
 async def store_rates(writers: int = 16, per_writer: int = 100) -> dict[str, float]:
     """Envelopes/s through PostgreSQL and (baseline) SQLite, ``writers`` at once."""
     from signaling.pgstore import PostgresMessageStore
@@ -173,11 +260,16 @@ async def store_rates(writers: int = 16, per_writer: int = 100) -> dict[str, flo
     return rates
 
 
-async def one_count(n: int, args: Any, keys: list[pqc.SigningKey]) -> dict[str, Any]:
+async def one_count(
+    n: int, args: Any, keys: list[pqc.SigningKey], pg: LocalPostgres
+) -> dict[str, Any]:
     with LocalRedis() as redis:
         assert isinstance(redis, LocalRedis)
         ports = [free_port() for _ in range(n)]
-        procs = [await spawn(redis.url, p, f"i{k}") for k, p in enumerate(ports)]
+        database = pg.create_database(f"count{n}")
+        procs = [
+            await spawn(redis.url, p, f"i{k}", "--database", database) for k, p in enumerate(ports)
+        ]
         base_rss = sum(rss_kib(p.pid) for p in procs)
         urls = [f"ws://127.0.0.1:{p}" for p in ports]
         clients: list[SignalingClient] = []
@@ -210,9 +302,15 @@ async def one_count(n: int, args: Any, keys: list[pqc.SigningKey]) -> dict[str, 
                     "routing_cross_p99_ms": round(pct(cross_ms, 0.99), 3),
                     "cross_same_ratio_p50": round(pct(cross_ms, 0.5) / pct(same_ms, 0.5), 2),
                 }
-            last = min(len(clients) - 1, 2 * args.concurrency)
-            load_pairs = [(clients[i], clients[i + 1]) for i in range(0, last, 2)]
-            result["setups_per_s"] = round(await setups_per_second(load_pairs, args.duration), 1)
+            for mode in ("same", "cross") if n > 1 else ("same",):
+                result[f"setups_per_s_{mode}"] = round(
+                    await setups_in_processes(urls, mode, args), 1
+                )
+            # Messages: client i sends to i + 1 (another instance when n > 1).
+            mail_pairs = [(clients[i], clients[i + 1]) for i in range(0, 16, 2)]
+            rate, pushed = await messages_per_second(mail_pairs, args.duration)
+            result["messages_per_s"] = round(rate)
+            result["messages_pushed_fraction"] = round(pushed, 3)
             if n > 1:
                 victims = [c for i, c in enumerate(clients) if i % n == n - 1]
                 before = {id(c): c.registrations for c in victims}
@@ -250,7 +348,9 @@ async def run(args: Any) -> None:
         backend.signing_generate(pqc.SignatureScheme.ML_DSA_65) for _ in range(args.connections)
     ]  # one per user: a key may hold only max_names_per_key names
     os.environ.setdefault("PYTHONPATH", str(ROOT))
-    results = [await one_count(n, args, keys) for n in counts]
+    with LocalPostgres() as pg:
+        assert isinstance(pg, LocalPostgres)
+        results = [await one_count(n, args, keys, pg) for n in counts]
     for result in results:
         print(json.dumps(result), flush=True)
     rates = await store_rates()
@@ -258,10 +358,20 @@ async def run(args: Any) -> None:
         "store_envelopes_per_s_postgresql": round(rates["postgresql"]),
         "store_envelopes_per_s_sqlite_baseline": round(rates["sqlite"]),
     }), flush=True)  # fmt: skip
-    one = results[0]["setups_per_s"]
+    one = results[0]["setups_per_s_same"]
     print(json.dumps({
-        "setups_scaling_vs_1": {r["instances"]: round(r["setups_per_s"] / one, 2) for r in results}
+        f"setups_{mode}_scaling_vs_1": {
+            r["instances"]: round(r[f"setups_per_s_{mode}"] / one, 2)
+            for r in results if f"setups_per_s_{mode}" in r
+        }
+        for mode in ("same", "cross")
     }), flush=True)  # fmt: skip
     ratios = [r["cross_same_ratio_p50"] for r in results if "cross_same_ratio_p50" in r]
     if ratios:
         print(f"# cross/same routing p50 ratio, median over counts: {statistics.median(ratios)}")
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--setup-worker"]:
+    urls_, mode_, pairs_, duration_, tag_ = sys.argv[2:7]
+    os.environ.setdefault("PYTHONPATH", str(ROOT))
+    asyncio.run(setup_worker(json.loads(urls_), mode_, int(pairs_), float(duration_), tag_))

@@ -455,6 +455,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="--instances: routing rounds")
     parser.add_argument("--concurrency", type=int, default=10, help="--instances: set-ups at once")
     parser.add_argument(
+        "--client-processes", type=int, default=2, help="--instances: set-up client processes"
+    )
+    parser.add_argument(
         "--watch-all",
         action="store_true",
         help="register without a watch list (everyone's presence, O(N) per registration)",

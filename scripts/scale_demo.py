@@ -1,20 +1,23 @@
 #!/usr/bin/env python3
 """Scale-out demo: several signaling instances behind one URL list (docs/signaling.md).
 
-Starts a ``redis-server`` on a loopback port in a temporary folder and
-``--instances`` (default 3) ``python -m signaling --redis`` processes, puts
-alice, bob and carol on different instances (each client holding the whole URL
-list), then shows:
+Starts a ``redis-server`` and a PostgreSQL server on loopback ports in
+temporary folders and ``--instances`` (default 3) ``python -m signaling --redis
+--database`` processes, puts alice, bob and carol on different instances (each
+client holding the whole URL list), then shows:
 
 1. a call set up between alice and bob across instances (invite, ringing,
    accept, offer, answer), and ice messages crossing both ways;
-2. bob's instance killed with SIGKILL mid-call: bob is registered again on
+2. messages across instances: alice's message, stored in the shared PostgreSQL
+   store by her instance, is pushed to bob by his instance at once (no fetch);
+3. bob's instance killed with SIGKILL mid-call: bob is registered again on
    another instance within a fraction of a second, his call is still listed,
-   and the messages of the call go on (his URL list names alice's instance
+   the messages of the call go on (his URL list names alice's instance
    next: an instance that is party to neither end does not know the call —
-   docs/signaling.md, "Limits of this version");
-3. carol, on an instance that stayed up, calls nobody's dead instance: served
-   as before.
+   docs/signaling.md, "Limits of this version"), and a message sent to him
+   now is pushed on his new instance;
+4. carol, on an instance that stayed up, calls alice: the dead instance blocks
+   nobody.
 
 Everything stops at the end (loopback only, a few seconds).
 """
@@ -33,10 +36,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from qcall import pqc  # noqa: E402
+from qcall.messaging.api import Envelope  # noqa: E402
+from qcall.messaging.transport import SignalingTransport  # noqa: E402
 from qcall.signaling import messages as m  # noqa: E402
 from qcall.signaling.client import SignalingClient  # noqa: E402
 from scripts.load_cluster import hangup, next_of, setup_call, spawn  # noqa: E402
-from signaling.local_services import LocalRedis, free_port  # noqa: E402
+from signaling.local_services import LocalPostgres, LocalRedis, free_port  # noqa: E402
 
 
 def say(text: str) -> None:
@@ -45,14 +50,17 @@ def say(text: str) -> None:
 
 async def demo(instances: int) -> None:
     backend = pqc.get_backend()
-    with LocalRedis() as redis:
-        assert isinstance(redis, LocalRedis)
-        say(f"redis-server on {redis.url}")
+    with LocalRedis() as redis, LocalPostgres() as pg:
+        assert isinstance(redis, LocalRedis) and isinstance(pg, LocalPostgres)
+        say(f"redis-server on {redis.url}, PostgreSQL on {pg.url}")
         ports = [free_port() for _ in range(instances)]
-        procs = [await spawn(redis.url, p, f"inst{k}") for k, p in enumerate(ports)]
+        procs = [
+            await spawn(redis.url, p, f"inst{k}", "--database", pg.url) for k, p in enumerate(ports)
+        ]
         urls = [f"ws://127.0.0.1:{p}" for p in ports]
         say(f"{instances} instances: {' '.join(urls)}")
-        clients = {}
+        clients: dict[str, SignalingClient] = {}
+        mail: dict[str, SignalingTransport] = {}
         try:
             for k, name in enumerate(["alice", "bob", "carol"]):
                 home = k % instances
@@ -63,6 +71,7 @@ async def demo(instances: int) -> None:
                     ]
                 key = backend.signing_generate(pqc.SignatureScheme.ML_DSA_65)
                 clients[name] = SignalingClient(order, key, name, watch=[])
+                mail[name] = SignalingTransport(clients[name], timeout=10)
                 await clients[name].connect()
                 say(f"{name} registered on {clients[name].url}")
             alice, bob, carol = clients["alice"], clients["bob"], clients["carol"]
@@ -70,6 +79,7 @@ async def demo(instances: int) -> None:
             say(f"call {call_id[:8]}… alice ({alice.url}) ↔ bob ({bob.url}): accepted")
             await alice.send_ice(call_id, "hello bob")
             say(f"bob got: {(await next_of(bob, m.ICECandidate)).payload!r} (across instances)")
+            await message(mail["alice"], mail["bob"], b"see you at nine", b"m1" * 8)
             victim = urls.index(bob.url)
             say(f"kill -9 the instance of bob ({bob.url}) mid-call")
             procs[victim].send_signal(signal.SIGKILL)
@@ -81,6 +91,7 @@ async def demo(instances: int) -> None:
             )
             await bob.send_ice(call_id, "still here")
             say(f"alice got: {(await next_of(alice, m.ICECandidate)).payload!r}")
+            await message(mail["carol"], mail["bob"], b"are you still there?", b"m2" * 8)
             await hangup(alice, bob, call_id)
             say("alice hung up; bob was told")
             if instances > 2:
@@ -97,8 +108,30 @@ async def demo(instances: int) -> None:
     say("done: every server stopped")
 
 
+async def message(
+    sender: SignalingTransport, recipient: SignalingTransport, text: bytes, ref: bytes
+) -> None:
+    """``sender`` stores a message for ``recipient``; its instance pushes it at once."""
+    start = time.perf_counter()
+    envelope_id = await sender.send(recipient.client.name, text, ref)
+    say(
+        f"{sender.client.name} ({sender.client.url}) sent envelope #{envelope_id} to "
+        f"{recipient.client.name}: stored in PostgreSQL, acknowledged"
+    )
+    got: list[Envelope] = []
+    while not got:  # (a reconnection wakes it too, with nothing pushed)
+        await asyncio.wait_for(recipient.wake.wait(), 10)
+        got = recipient.take_pushed()
+    say(
+        f"{recipient.client.name} ({recipient.client.url}) got it pushed after "
+        f"{(time.perf_counter() - start) * 1e3:.1f} ms without fetching: "
+        f"{[(e.id, e.sender, e.data.decode()) for e in got]}"
+    )
+    await recipient.ack([e.id for e in got])
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=3, help="2..6 (default 3)")
     args = parser.parse_args()
     if not 2 <= args.instances <= 6:

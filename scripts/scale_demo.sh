@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Several signaling instances behind one URL list, on one Redis: a call across
-# instances, an instance killed with SIGKILL mid-call (scripts/scale_demo.py).
+# Several signaling instances behind one URL list, on one Redis and one PostgreSQL: a call
+# and messages (pushed) across instances, an instance killed with SIGKILL mid-call
+# (scripts/scale_demo.py).
 #   scripts/scale_demo.sh [--instances N]
-# Needs redis-server (./run.sh test installs it; or apt-get install redis-server).
+# Needs redis-server and PostgreSQL (./run.sh test installs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || ./run.sh setup

@@ -21,8 +21,19 @@ docs/signaling.md, "Several instances", is the specification; in short:
   (:meth:`SignalingProtocol.attach_remote`), and every frame a user sends that
   the protocol addresses to a stand-in is published, verbatim, to the stand-in's
   instance, which feeds it to its own protocol as coming from that user.
+* **Mail between instances.** An envelope stored (in the shared PostgreSQL store)
+  for a user registered on another instance is announced to that instance
+  (:meth:`Cluster.mail`, one Lua script: look the name up, publish); it queues
+  the ``mail`` push for its user at once. Small pushes travel inline, bigger
+  ones are read back from the shared store by the receiving instance.
 * **Redis restarted.** The heartbeat notices its instance key is gone and claims
-  its users' names again; the subscriber reconnects and subscribes again.
+  its users' names again; the subscriber reconnects and subscribes again, and
+  tells its users ``mail_waiting`` (announcements may have been lost meanwhile).
+
+Messages on ``qcall:to:ID`` are one JSON header line, ``\n``, then a raw body
+(a forwarded frame or a ``mail`` push, never escaped into JSON):
+``{"from", "fp", "inst"}`` + frame, ``{"kick", "inst"}``, ``{"mail"}`` + push,
+``{"mail", "id"}`` (the receiving instance reads envelope ``id`` from the store).
 """
 
 from __future__ import annotations
@@ -32,12 +43,15 @@ import contextlib
 import dataclasses
 import json
 import logging
+import re
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from qcall.exceptions import ClusterError
+from qcall.exceptions import ClusterError, MessageStoreError
+from qcall.signaling.mailbox import MailEnvelope, MailPush, MailWaiting
 from qcall.signaling.messages import ErrorMessage, OnlinePeer, Registered
 from qcall.signaling.protocol import CloseConnection, ConnectionId, Output
 from qcall.typing import PeerId
@@ -63,6 +77,20 @@ if owner and owner ~= ARGV[1] and redis.call('EXISTS', ARGV[4] .. owner) == 1 th
 end
 return 'ok'
 """
+# KEYS: name hash. ARGV: this instance, instance key prefix, channel prefix, message.
+# Publishes the message to the instance holding the name, if it is another live one.
+_MAIL = """
+local inst = redis.call('HGET', KEYS[1], 'inst')
+if not inst or inst == ARGV[1] or redis.call('EXISTS', ARGV[2] .. inst) == 0 then return 0 end
+return redis.call('PUBLISH', ARGV[3] .. inst, ARGV[4])
+"""
+#: ``mail`` pushes up to this many characters travel inline through Redis; bigger
+#: ones by id (Redis closes a subscriber whose pub/sub buffer passes 32 MB).
+MAIL_INLINE = 64 * 1024
+_PUSH_ID = re.compile(r'\{"type":"mail","envelope":\{"id":(\d+),')
+_MAIL_WAITING = MailWaiting().serialize()
+#: Seconds :meth:`Cluster.close` waits for each step of its clean-up.
+CLOSE_TIMEOUT = 1.0
 # KEYS: name hash. ARGV: instance.
 _RELEASE = """
 if redis.call('HGET', KEYS[1], 'inst') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -103,11 +131,16 @@ class Cluster:
         )
         self._claim = self.redis.register_script(_CLAIM)
         self._release = self.redis.register_script(_RELEASE)
+        self._mail = self.redis.register_script(_MAIL)
+        self._mail_queue: list[tuple[PeerId, bytes]] = []  # announcements to publish, in order
+        self._mail_wake = asyncio.Event()
         self._server: SignalingServer | None = None
         self._local: dict[PeerId, str] = {}  # names registered here -> fingerprint
         self._standins: dict[PeerId, tuple[ConnectionId, str]] = {}  # -> (cid, instance)
         self._remote_online: dict[PeerId, tuple[str, str]] = {}  # -> (fingerprint, instance)
         self._tasks: list[asyncio.Task[None]] = []
+        self._spawned: set[asyncio.Task[Any]] = set()
+        self._closing = False
         self._subscribed = asyncio.Event()
         #: Times the heartbeat found Redis empty and claimed the names again.
         self.recoveries = 0
@@ -135,24 +168,35 @@ class Cluster:
         self._tasks = [
             asyncio.create_task(self._run_heartbeat()),
             asyncio.create_task(self._run_subscriber()),
+            asyncio.create_task(self._run_mail()),
         ]
         await asyncio.wait_for(self._subscribed.wait(), 5.0)
 
     async def close(self) -> None:
-        """Leave the cluster: release the names held here, stop the tasks."""
+        """Leave the cluster: release the names held here, stop the tasks.
+
+        The server calls no hook any more; departures in progress (:meth:`left`)
+        get a second to finish before the Redis clients close under them.
+        """
+        self._closing = True
+        if self._server is not None:
+            self._server.cluster = None
         for task in self._tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:  # bounded: a Redis client stuck in its clean-up must not hang us
+            await asyncio.wait(self._tasks, timeout=CLOSE_TIMEOUT)
         self._tasks = []
+        if self._spawned:
+            await asyncio.wait(list(self._spawned), timeout=CLOSE_TIMEOUT)
+        for task in list(self._spawned):
+            task.cancel()
         with contextlib.suppress(RedisError, OSError):
             for name in list(self._local):
                 await self._release(keys=[self._key("name", name)], args=[self.instance_id])
             await self.redis.delete(self._key("instance", self.instance_id))
-        await self.redis.aclose()
-        await self._sub_redis.aclose()
-        if self._server is not None:
-            self._server.cluster = None
+        for client in (self.redis, self._sub_redis):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.aclose(), CLOSE_TIMEOUT)
 
     # --- hooks called by the server shell ---------------------------------------------------
 
@@ -201,28 +245,49 @@ class Cluster:
             elif not isinstance(msg, CloseConnection):
                 instances.add(standin)
         for inst in sorted(instances):
-            frame = text if isinstance(text, str) else text.decode(errors="replace")
-            envelope = {"from": name, "fp": self._local.get(name, ""), "inst": self.instance_id}
+            frame = text.encode() if isinstance(text, str) else text
+            header = {"from": name, "fp": self._local.get(name, ""), "inst": self.instance_id}
             try:
                 await self.redis.publish(
-                    self._key("to", inst), json.dumps({**envelope, "frame": frame})
+                    self._key("to", inst), json.dumps(header).encode() + b"\n" + frame
                 )
             except RedisError as exc:
                 logger.warning("! cannot forward to instance %s: %s", inst, exc)
                 kept.append((cid, ErrorMessage("unavailable", "peer unreachable now")))
         return kept
 
+    def mail(self, name: PeerId, text: str) -> None:
+        """A ``mail`` push for ``name``, who is not registered here: announce it to
+        the instance ``name`` is registered on (if any; queued, published in order)."""
+        if len(text) <= MAIL_INLINE:
+            body = json.dumps({"mail": name}).encode() + b"\n" + text.encode()
+        else:
+            found = _PUSH_ID.match(text)
+            header = {"mail": name} if found is None else {"mail": name, "id": int(found[1])}
+            body = json.dumps(header).encode() + b"\n"  # no id: the user is told to fetch
+        self._mail_queue.append((name, body))
+        self._mail_wake.set()
+
     async def left(self, name: PeerId) -> None:
         """``name``'s last connection here closed: release it and tell the others."""
         server = self._server
         if server is not None and server.protocol.connection_of(name) is not None:
             return  # replaced by a newer connection here
+        if self._closing:
+            return  # close() releases the names held here
         fp = self._local.pop(name, None)
         if fp is None:
             return  # never claimed, or moved to another instance (kick)
-        with contextlib.suppress(RedisError, OSError):
-            await self._release(keys=[self._key("name", name)], args=[self.instance_id])
-            await self._announce(name, fp, online=False)
+        task = asyncio.current_task()
+        if task is not None:
+            self._spawned.add(task)  # close() waits for it
+        try:
+            with contextlib.suppress(RedisError, OSError):
+                await self._release(keys=[self._key("name", name)], args=[self.instance_id])
+                await self._announce(name, fp, online=False)
+        finally:
+            if task is not None:
+                self._spawned.discard(task)
 
     # --- internals --------------------------------------------------------------------------
 
@@ -247,7 +312,7 @@ class Cluster:
                 await self._announce(name, msg.fingerprint, online=True)
                 out = await self._add_remote_online(cid, msg, out)
             if verdict != "ok":  # a second login: the older connection is replaced
-                kick = json.dumps({"kick": name, "inst": self.instance_id})
+                kick = json.dumps({"kick": name, "inst": self.instance_id}) + "\n"
                 with contextlib.suppress(RedisError):
                     await self.redis.publish(self._key("to", verdict[6:]), kick)
             return out
@@ -351,10 +416,10 @@ class Cluster:
             [(cid, ErrorMessage("replaced", text)), (cid, CloseConnection(1008, text))]
         )
 
-    def _on_frame(self, data: dict[str, Any]) -> None:
+    def _on_frame(self, data: dict[str, Any], frame: str) -> None:
         server = self._server
         assert server is not None
-        name, inst, frame = PeerId(str(data["from"])), str(data["inst"]), str(data["frame"])
+        name, inst = PeerId(str(data["from"])), str(data["inst"])
         current = server.protocol.connection_of(name)
         entry = self._standins.get(name)
         if entry is not None and (current != entry[0] or entry[1] != inst):
@@ -373,31 +438,105 @@ class Cluster:
         server._dispatch([(t, m) for t, m in out if not server.protocol.is_remote(t)])
         server._check_timer()
 
+    async def _run_mail(self) -> None:
+        """Publish the queued mail announcements, all waiting ones in one pipeline."""
+        while True:
+            await self._mail_wake.wait()
+            self._mail_wake.clear()
+            batch, self._mail_queue = self._mail_queue, []
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for name, body in batch:
+                        await self._mail(
+                            keys=[self._key("name", name)],
+                            args=[
+                                self.instance_id, self._key("instance", ""), self._key("to", ""),
+                                body,
+                            ],
+                            client=pipe,
+                        )  # fmt: skip
+                    await pipe.execute()
+            except (RedisError, OSError) as exc:
+                # Stored all the same: the recipients fetch them when they (re)connect.
+                logger.warning("! cannot announce %d envelopes: %s", len(batch), exc)
+
+    def _on_mail(self, header: dict[str, Any], body: bytes) -> None:
+        """Another instance stored an envelope for a user registered here: push it."""
+        server = self._server
+        assert server is not None
+        name = PeerId(str(header["mail"]))
+        cid = server.protocol.connection_of(name)
+        if cid is None or server.protocol.is_remote(cid) or server.mailbox is None:
+            return  # gone meanwhile: it fetches when it registers again
+        if body:
+            server._push_text(name, body.decode())
+        elif isinstance(envelope_id := header.get("id"), int) and envelope_id > 0:
+            self._spawn(self._push_stored(name, envelope_id))
+        else:
+            server._send_text(cid, _MAIL_WAITING)
+
+    async def _push_stored(self, name: PeerId, envelope_id: int) -> None:
+        """Read envelope ``envelope_id`` of ``name`` from the shared store and push it."""
+        server = self._server
+        assert server is not None and server.mailbox is not None
+        try:
+            stored = await server.mailbox.store.fetch(name, envelope_id - 1, 1)
+        except MessageStoreError as exc:
+            logger.warning("! cannot read envelope #%d for %s: %s", envelope_id, name, exc)
+            stored = []
+            cid = server.protocol.connection_of(name)
+            if cid is not None:
+                server._send_text(cid, _MAIL_WAITING)  # it fetches later
+        if stored and stored[0].id == envelope_id:  # else acknowledged meanwhile
+            e = stored[0]
+            push = MailPush(MailEnvelope(e.id, e.sender, int(e.received_at * 1000), e.data))
+            server._push_text(name, push.serialize())
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._spawned.add(task)
+        task.add_done_callback(self._spawned.discard)
+
+    def _tell_mail_waiting(self) -> None:
+        """Announcements may have been lost (subscription lost): every local user fetches."""
+        server = self._server
+        if server is None or server.mailbox is None:
+            return
+        for name in self._local:
+            cid = server.protocol.connection_of(name)
+            if cid is not None and not server.protocol.is_remote(cid):
+                server._send_text(cid, _MAIL_WAITING)
+
     async def _run_subscriber(self) -> None:
+        presence = self._key("presence", "all").encode()
         while True:
             pubsub = self._sub_redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(
-                    self._key("to", self.instance_id), self._key("presence", "all")
-                )
+                await pubsub.subscribe(self._key("to", self.instance_id), presence)
+                if self._subscribed.is_set():
+                    self._tell_mail_waiting()  # announcements may have been lost meanwhile
                 self._subscribed.set()
                 async for message in pubsub.listen():
                     try:
-                        data = json.loads(message["data"])
-                        if message["channel"].decode().startswith(self._key("presence", "")):
-                            self._on_presence(data)
-                        elif "kick" in data:
+                        if message["channel"] == presence:
+                            self._on_presence(json.loads(message["data"]))
+                            continue
+                        head, _, body = message["data"].partition(b"\n")
+                        data = json.loads(head)
+                        if "kick" in data:
                             self._on_kick(PeerId(str(data["kick"])))
+                        elif "mail" in data:
+                            self._on_mail(data, body)
                         else:
-                            self._on_frame(data)
-                    except (ValueError, KeyError, TypeError) as exc:
+                            self._on_frame(data, body.decode())
+                    except (ValueError, KeyError, TypeError, AttributeError) as exc:
                         logger.warning("! bad message from another instance: %s", exc)
             except (RedisError, OSError) as exc:
                 logger.warning("! Redis subscription lost (%s); subscribing again", exc)
                 await asyncio.sleep(min(0.2, self.heartbeat))
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await asyncio.wait_for(pubsub.aclose(), CLOSE_TIMEOUT)  # type: ignore[no-untyped-call]
 
     async def _beat(self) -> bool:
         """Refresh this instance's key; True if Redis had lost it (restart)."""

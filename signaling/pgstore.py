@@ -30,6 +30,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import psycopg
@@ -63,8 +65,46 @@ CREATE TABLE one_time_prekeys (
     PRIMARY KEY (owner, prekey_id));
 """
 
-#: Schema migrations: version -> SQL bringing version-1 to it.
-PG_MIGRATIONS: dict[int, str] = {1: _SCHEMA_1}
+# Version 2: one envelope stored in one statement (one round trip instead of five);
+# the same steps as before, in the same order, under the same mailbox row lock.
+_PUT_FUNCTION = """
+CREATE OR REPLACE FUNCTION qcall_put(
+    p_recipient TEXT, p_sender TEXT, p_data BYTEA, p_ms BIGINT, p_ref BYTEA,
+    p_max_messages BIGINT, p_max_bytes BIGINT) RETURNS BIGINT LANGUAGE plpgsql AS $$
+DECLARE
+    box_messages BIGINT; box_bytes BIGINT; found_id BIGINT; new_id BIGINT;
+BEGIN
+    INSERT INTO mailboxes VALUES (p_recipient, 0, 0) ON CONFLICT (recipient) DO NOTHING;
+    SELECT messages, bytes INTO box_messages, box_bytes FROM mailboxes
+        WHERE recipient = p_recipient FOR UPDATE;
+    IF p_ref IS NOT NULL THEN
+        SELECT envelope_id INTO found_id FROM refs
+            WHERE sender = p_sender AND recipient = p_recipient AND ref = p_ref;
+        IF found_id IS NOT NULL THEN RETURN found_id; END IF;
+    END IF;
+    IF box_messages + 1 > p_max_messages OR box_bytes + length(p_data) > p_max_bytes THEN
+        RETURN -1;
+    END IF;
+    INSERT INTO envelopes (recipient, sender, received_ms, data)
+        VALUES (p_recipient, p_sender, p_ms, p_data) RETURNING id INTO new_id;
+    UPDATE mailboxes SET messages = messages + 1, bytes = bytes + length(p_data)
+        WHERE recipient = p_recipient;
+    IF p_ref IS NOT NULL THEN
+        INSERT INTO refs VALUES (p_sender, p_recipient, p_ref, new_id, p_ms);
+    END IF;
+    RETURN new_id;
+END $$
+"""
+
+
+def _statements(sql: str) -> list[str]:
+    return [statement for statement in sql.split(";") if statement.strip()]
+
+
+#: Schema migrations: version -> the statements bringing version-1 to it.
+PG_MIGRATIONS: dict[int, list[str]] = {1: _statements(_SCHEMA_1), 2: [_PUT_FUNCTION]}
+#: Envelopes stored in one transaction at most (group commit).
+MAX_GROUP = 256
 PG_SCHEMA_VERSION = max(PG_MIGRATIONS)
 #: ``pg_advisory_xact_lock`` key held while the schema is created or migrated.
 _MIGRATION_LOCK = 0x71CA11
@@ -112,7 +152,11 @@ class PostgresMessageStore(MessageStore):
             self._idle.put_nowait(None)  # a slot without a connection yet
         self._busy: set[_Conn] = set()
         self._closed = False
-        #: Committed write transactions (for benchmarks and tests).
+        self._pool_size = pool_size
+        self._waiting: list[_Put] = []  # puts not yet taken by a committer
+        self._committers = 0
+        #: Commits of write transactions, and writes committed (for benchmarks and tests).
+        self.commits = 0
         self.writes = 0
 
     def __repr__(self) -> str:
@@ -147,9 +191,8 @@ class PostgresMessageStore(MessageStore):
                 f"(this one knows up to {PG_SCHEMA_VERSION})"
             )
         for target in range(version + 1, PG_SCHEMA_VERSION + 1):
-            for statement in PG_MIGRATIONS[target].split(";"):
-                if statement.strip():
-                    await db.execute(statement)  # our constant SQL
+            for statement in PG_MIGRATIONS[target]:
+                await db.execute(statement)  # our constant SQL
             await db.execute("INSERT INTO qcall_schema VALUES (%s)", (target,))
 
     # --- connections ------------------------------------------------------------------------
@@ -167,24 +210,42 @@ class PostgresMessageStore(MessageStore):
                 f"{self.where} is unavailable: {_reason(exc)}; nothing was stored"
             ) from None
 
-    async def _run(self, fn: Callable[[_Conn], Awaitable[_T]], *, write: bool = False) -> _T:
-        """Run ``fn`` in one transaction on a pooled connection."""
+    async def _run(self, fn: Callable[[_Conn], Awaitable[_T]], *, write: bool | int = False) -> _T:
+        """Run ``fn`` in one transaction on a pooled connection.
+
+        A pooled connection the server closed while it was idle (PostgreSQL
+        restarted) fails at ``BEGIN``, before anything ran: the transaction is
+        then run once more on a new connection.
+        """
         if self._closed:
             raise MessageStoreError(f"{self.where}: the store is closed")
         conn = await self._idle.get()
+        retried = False
         try:
-            if conn is None or conn.closed or conn.broken:
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await conn.close()
-                conn = None
-                conn = await self._open()
-            self._busy.add(conn)
-            async with conn.transaction():
-                value = await fn(conn)
-            if write:
-                self.writes += 1
-            return value
+            while True:
+                if conn is None or conn.closed or conn.broken:
+                    if conn is not None:
+                        with contextlib.suppress(Exception):
+                            await conn.close()
+                    conn = None
+                    conn = await self._open()
+                self._busy.add(conn)
+                began = False
+                try:
+                    async with conn.transaction():
+                        began = True
+                        value = await fn(conn)
+                except psycopg.OperationalError:
+                    if began or retried or not (conn.closed or conn.broken):
+                        raise
+                    retried = True
+                    logger.info("! %s closed an idle connection: opening another", self.where)
+                    self._busy.discard(conn)
+                    continue
+                if write:
+                    self.commits += 1
+                    self.writes += 1 if write is True else write
+                return value
         except psycopg.Error as exc:
             if conn is not None and (conn.closed or conn.broken):
                 await _quietly_close(conn)
@@ -211,59 +272,81 @@ class PostgresMessageStore(MessageStore):
     async def put(
         self, recipient: str, sender: str, data: bytes, now: float, client_ref: bytes | None = None
     ) -> int:
-        return (await self.put_many([(recipient, sender, data, client_ref)], now))[0]
+        """Store one envelope; concurrent puts share transactions (group commit).
+
+        Waiting puts are taken by up to ``pool_size`` committers, each running up
+        to :data:`MAX_GROUP` of them in one transaction, all their statements
+        sent at once (pipeline mode), sorted by recipient so that two committers
+        lock mailboxes in the same order. A full mailbox refuses its envelope
+        only; a failed transaction refuses all of its envelopes (none stored).
+        """
+        self._check_envelopes([(recipient, sender, data, client_ref)])
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        put = _Put(recipient, sender, bytes(data), int(now * 1000), client_ref, future)
+        self._waiting.append(put)
+        if self._committers < self._pool_size:
+            self._committers += 1
+            task = asyncio.create_task(self._commit_waiting())
+            task.add_done_callback(_consume)
+        return await future
+
+    async def _commit_waiting(self) -> None:
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting[:MAX_GROUP], self._waiting[MAX_GROUP:]
+                batch.sort(key=lambda put: put.recipient)  # stable: per-recipient order kept
+                futures = [put.future for put in batch if put.future is not None]
+                try:
+                    ids = await self._run(partial(self._put_group, batch=batch), write=len(batch))
+                except Exception as exc:  # nothing of this transaction was stored
+                    if not isinstance(exc, MessageStoreError):
+                        logger.exception("! group commit failed")
+                        exc = MessageStoreError(f"{self.where}: {_reason(exc)}")
+                    for future in futures:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for put, future, envelope_id in zip(batch, futures, ids, strict=True):
+                    if future.done():
+                        continue  # the sender gave up waiting (it resends, same client_ref)
+                    if envelope_id < 0:
+                        future.set_exception(self._full(put.recipient))
+                    else:
+                        future.set_result(envelope_id)
+        finally:
+            self._committers -= 1
+
+    async def _put_group(self, db: _Conn, *, batch: list[_Put]) -> list[int]:
+        most = (self.limits.max_messages, self.limits.max_bytes)
+        sql = "SELECT qcall_put(%s, %s, %s, %s, %s, %s, %s)"
+        async with db.pipeline():
+            cursors = [
+                await db.execute(sql, (p.recipient, p.sender, p.data, p.ms, p.ref, *most))
+                for p in batch
+            ]
+        return [int((await cur.fetchone() or (0,))[0]) for cur in cursors]
+
+    def _full(self, recipient: str) -> MailboxFullError:
+        return MailboxFullError(
+            f"the mailbox of {recipient} is full (at most {self.limits.max_messages} messages, "
+            f"{self.limits.max_bytes} bytes waiting)"
+        )
 
     async def put_many(
         self, items: Sequence[tuple[str, str, bytes, bytes | None]], now: float
     ) -> list[int]:
         """Store several envelopes in one transaction (all or, on a limit, none)."""
         self._check_envelopes(items)
-        ms = int(now * 1000)
+        batch = [_Put(r, s, bytes(d), int(now * 1000), ref, None) for r, s, d, ref in items]
 
         async def write(db: _Conn) -> list[int]:
-            return [await self._put_one(db, r, s, bytes(d), ms, ref) for r, s, d, ref in items]
+            ids = await self._put_group(db, batch=batch)
+            for put, envelope_id in zip(batch, ids, strict=True):
+                if envelope_id < 0:
+                    raise self._full(put.recipient)  # rolls the transaction back
+            return ids
 
-        return await self._run(write, write=True)
-
-    async def _put_one(
-        self, db: _Conn, recipient: str, sender: str, data: bytes, ms: int, ref: bytes | None
-    ) -> int:
-        await db.execute(
-            "INSERT INTO mailboxes VALUES (%s, 0, 0) ON CONFLICT (recipient) DO NOTHING",
-            (recipient,),
-        )
-        cur = await db.execute(
-            "SELECT messages, bytes FROM mailboxes WHERE recipient = %s FOR UPDATE", (recipient,)
-        )
-        box = await cur.fetchone() or (0, 0)
-        if ref is not None:  # checked under the mailbox lock: a concurrent resend waits
-            cur = await db.execute(
-                "SELECT envelope_id FROM refs WHERE sender = %s AND recipient = %s AND ref = %s",
-                (sender, recipient, ref),
-            )
-            row = await cur.fetchone()
-            if row is not None:
-                return int(row[0])
-        if box[0] + 1 > self.limits.max_messages or box[1] + len(data) > self.limits.max_bytes:
-            raise MailboxFullError(
-                f"the mailbox of {recipient} is full ({box[0]} messages, {box[1]} bytes waiting)"
-            )
-        cur = await db.execute(
-            "INSERT INTO envelopes (recipient, sender, received_ms, data) VALUES (%s,%s,%s,%s) "
-            "RETURNING id",
-            (recipient, sender, ms, data),
-        )
-        envelope_id = int((await cur.fetchone() or (0,))[0])
-        await db.execute(
-            "UPDATE mailboxes SET messages = messages + 1, bytes = bytes + %s WHERE recipient = %s",
-            (len(data), recipient),
-        )
-        if ref is not None:
-            await db.execute(
-                "INSERT INTO refs VALUES (%s,%s,%s,%s,%s)",
-                (sender, recipient, ref, envelope_id, ms),
-            )
-        return envelope_id
+        return await self._run(write, write=len(batch))
 
     async def fetch(self, recipient: str, after: int = 0, limit: int = 100) -> list[StoredEnvelope]:
         async def read(db: _Conn) -> list[StoredEnvelope]:
@@ -400,6 +483,26 @@ class PostgresMessageStore(MessageStore):
 
     async def one_time_prekeys(self, owner: str) -> int:
         return await self._run(lambda db: self._count_prekeys(db, owner))
+
+
+@dataclass(slots=True)
+class _Put:
+    """One envelope waiting for a group commit (``future``: its id or error)."""
+
+    recipient: str
+    sender: str
+    data: bytes
+    ms: int
+    ref: bytes | None
+    future: asyncio.Future[int] | None
+
+    def __repr__(self) -> str:
+        return f"<_Put {self.sender}→{self.recipient} {len(self.data)} bytes>"
+
+
+def _consume(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("! group commit failed: %r", task.exception())
 
 
 def _reason(exc: BaseException) -> str:

@@ -101,6 +101,7 @@ class ClusterHooks(Protocol):
         self, cid: ConnectionId, text: str | bytes, out: list[Output]
     ) -> list[Output]: ...
     async def left(self, name: PeerId) -> None: ...
+    def mail(self, name: PeerId, text: str) -> None: ...
 
 
 _Item = str | CloseConnection | _Ping
@@ -363,6 +364,9 @@ class SignalingServer(AsyncClosing):
         cid = self.protocol.connection_of(name)
         outbox = self._outboxes.get(cid) if cid is not None else None
         if outbox is None:
+            if self.cluster is not None and (cid is None or self.protocol.is_remote(cid)):
+                self.cluster.mail(PeerId(name), text)  # registered on another instance?
+                return True
             return False
         if (outbox.size and outbox.size + len(text) > self.config.max_outbox_bytes) or (
             outbox.queue.qsize() >= outbox.queue.maxsize // 2

@@ -24,15 +24,28 @@ def _need(program: str, package: str) -> None:
         pytest.skip(f"{program} is not installed here (apt-get install {package})")
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[LocalPostgres]:
-    """A PostgreSQL server for the whole session (as ``nobody`` when we are root)."""
+def _postgres() -> LocalPostgres:
     try:
         postgres_bin("initdb")
     except Exception as exc:
         pytest.skip(str(exc))
     server = LocalPostgres()
     server.start()
+    return server
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[LocalPostgres]:
+    """A PostgreSQL server for the whole session (as ``nobody`` when we are root)."""
+    server = _postgres()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[LocalPostgres]:
+    """A PostgreSQL server of this test's own (it may stop and restart it)."""
+    server = _postgres()
     yield server
     server.close()
 

@@ -21,6 +21,7 @@ from qcall.signaling.protocol import ServerConfig
 from signaling.cluster import Cluster
 from signaling.local_services import LocalRedis, free_port
 from signaling.server import SignalingServer
+from signaling.store import MessageStore
 from tests.utils import TIMEOUT_FACTOR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,8 +36,10 @@ def keys() -> dict[str, pqc.SigningKey]:
     return {n: backend.signing_generate(pqc.SignatureScheme.ML_DSA_65) for n in "abcdm"}
 
 
-async def instance(redis: LocalRedis, name: str) -> tuple[SignalingServer, Cluster]:
-    server = SignalingServer(ServerConfig(server_id=SERVER_ID))
+async def instance(
+    redis: LocalRedis, name: str, mailbox: MessageStore | None = None
+) -> tuple[SignalingServer, Cluster]:
+    server = SignalingServer(ServerConfig(server_id=SERVER_ID), mailbox=mailbox)
     await server.start("127.0.0.1", 0)
     cluster = Cluster(redis.url, name)
     await cluster.start(server)
@@ -129,10 +132,12 @@ async def test_same_name_on_two_instances_at_once_one_wins(pair, keys):
     assert refused.value.code == "name_taken"
 
 
-async def spawn_instance(redis: LocalRedis, port: int, name: str) -> asyncio.subprocess.Process:
+async def spawn_instance(
+    redis: LocalRedis, port: int, name: str, *more: str
+) -> asyncio.subprocess.Process:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "signaling", "--port", str(port), "--server-id", SERVER_ID,
-        "--redis", redis.url, "--instance-id", name,
+        "--redis", redis.url, "--instance-id", name, *more,
         stdout=asyncio.subprocess.PIPE, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     assert proc.stdout is not None
@@ -299,3 +304,25 @@ async def test_presence_crosses_instances(pair, keys, redis_server):
             news = await next_of(alice, m.Presence)
             assert (news.name, news.online) == ("carol", False)
             assert alice.online == {"bob": bob.fingerprint}
+
+
+async def test_closing_while_users_leave_releases_every_name(redis_server, keys):
+    """Users leaving while the instance shuts down: every name is released in Redis."""
+    import redis as sync_redis
+
+    a, cluster_a = await instance(redis_server, "A")
+    names = [f"user{i}" for i in range(20)]  # 4 names per key at most
+    clients = [
+        SignalingClient(url(a), keys["abcdm"[i // 4]], n, watch=[], reconnect=False)
+        for i, n in enumerate(names)
+    ]
+    for c in clients:
+        await c.connect()
+    closing = [asyncio.create_task(c.close()) for c in clients]
+    await asyncio.sleep(0.005)  # their departures are in progress when the instance stops
+    await cluster_a.close()
+    await asyncio.gather(*closing)
+    await a.close()
+    db = sync_redis.Redis.from_url(redis_server.url)
+    assert [n for n in names if db.exists(f"qcall:name:{n}")] == []
+    db.close()

@@ -101,8 +101,11 @@ async def test_concurrent_puts_share_commits(store):
     ids = await asyncio.gather(*(store.put("bob", "alice", b"%d" % i, NOW) for i in range(200)))
     assert len(set(ids)) == 200 and store.writes == 200
     assert await store.mailbox("bob") == (200, sum(len(b"%d" % i) for i in range(200)))
-    if isinstance(store, SQLiteMessageStore):
-        assert store.commits < 200  # group commit
+    assert store.commits < 200  # group commit (both stores)
+    delivered = await store.fetch("bob", limit=1000)  # in the order of the puts
+    assert [e.id for e in delivered] == ids and [e.data for e in delivered] == [
+        b"%d" % i for i in range(200)
+    ]
 
 
 async def test_concurrent_resends_store_once(store):
@@ -235,5 +238,29 @@ async def test_postgres_unavailable_refuses_clearly_then_recovers(pg_url, postgr
             postgres_server.start()
         assert await store.put("bob", "alice", b"after", NOW, b"r2") > first
         assert [e.data for e in await store.fetch("bob")] == [b"before", b"after"]
+    finally:
+        await store.close()
+
+
+async def test_postgres_schema_1_is_migrated_to_2(pg_url):
+    """A database of the previous version (five statements per put) gets qcall_put."""
+    import psycopg
+
+    from signaling.pgstore import PG_SCHEMA_VERSION, PostgresMessageStore
+
+    store = await PostgresMessageStore.connect(pg_url)
+    first = await store.put("bob", "alice", b"v1", NOW, b"r1")
+    await store.close()
+    with psycopg.connect(pg_url, autocommit=True) as db:  # back to version 1
+        db.execute("DROP FUNCTION qcall_put")
+        db.execute("DELETE FROM qcall_schema WHERE version > 1")
+    store = await PostgresMessageStore.connect(pg_url)
+    try:
+        assert await store.put("bob", "alice", b"v1", NOW, b"r1") == first  # the ref is kept
+        await store.put("bob", "alice", b"v2", NOW, b"r2")
+        assert [e.data for e in await store.fetch("bob")] == [b"v1", b"v2"]
+        with psycopg.connect(pg_url) as db:
+            row = db.execute("SELECT max(version) FROM qcall_schema").fetchone()
+        assert row is not None and row[0] == PG_SCHEMA_VERSION == 2
     finally:
         await store.close()
