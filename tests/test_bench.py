@@ -151,3 +151,22 @@ def test_harness_run(tmp_path: Path) -> None:
         assert (out / name).stat().st_size > 1000
     assert (out / "setup_breakdown.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list((out / "audio").glob("*.wav"))  # recordings removed unless --keep-audio
+
+
+def test_a_restarted_callee_keeps_its_name(tmp_path: Path) -> None:
+    """After a failed call the harness starts a fresh callee process: it must come back
+    with the same identity, or the server (which pins bob's key) refuses the name and
+    the whole run stops (seen on the ``lossy`` profile)."""
+    import asyncio
+
+    from qcall.bench.runner import Lab
+    from qcall.identity import Identity
+
+    async def run() -> tuple[bytes, bytes]:
+        async with Lab.start(tmp_path) as lab:
+            first = Identity.load(tmp_path / "bob").public_key
+            await lab.restart_callee()  # raised CallError (name_taken) before the fix
+            return first, Identity.load(tmp_path / "bob").public_key
+
+    first, again = asyncio.run(run())
+    assert first == again

@@ -71,10 +71,17 @@ async def _serve(reader: asyncio.StreamReader) -> None:
             recorder[0].addTrack(track)
             recorder.append(asyncio.ensure_future(recorder[0].start()))
 
+    # The same identity across restarts of this process (after a failed call): the
+    # signaling server pins a name to its key, and the caller pins bob's key too.
+    if Identity.exists(home):
+        identity = Identity.load(home)
+    else:
+        identity = Identity.generate(CALLEE)
+        identity.save(home)
     source = open_key_source(config["key_source"]) if config.get("key_source") else None
     phone = Phone(
         config["url"],
-        Identity.generate(CALLEE).signing_key,
+        identity.signing_key,
         CALLEE,
         check_peer=ContactStore.in_home(home).check_peer,
         key_source=source,
