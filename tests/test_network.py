@@ -123,7 +123,18 @@ async def test_metro_reroutes_around_alarmed_core_link(tmp_path: Path) -> None:
         delivered = net.pair_status("alice", "bob")["delivered"]  # all later keys: new route
         async with open_key_source(net.sae_credentials("alice").as_config()) as kme:
             for _ in range(2):  # drain, so the relay must deliver over the new route
-                await kme.get_key("bob")
+                # The alarm withdrew the keys relayed over the tapped link: the KME may
+                # answer 503 (no key yet) until the new route delivers, as a client
+                # would see it, so retry for a while.
+                deadline = asyncio.get_running_loop().time() + TIMEOUT
+                while True:
+                    try:
+                        await kme.get_key("bob")
+                        break
+                    except KMEUnavailableError:
+                        if asyncio.get_running_loop().time() > deadline:
+                            raise
+                        await asyncio.sleep(0.05)
             await net.wait_for(
                 lambda: net.pair_status("alice", "bob")["delivered"] >= delivered + 2, TIMEOUT
             )
