@@ -85,6 +85,8 @@ def expand_label(secret: bytes, label: bytes, context: bytes, length: int) -> by
     if not 0 < length <= 255 * pqc.HASH_LEN:
         raise ValueError(f"HKDF-Expand length must be 1..{255 * pqc.HASH_LEN}")
     info = struct.pack(">HB", length, len(full)) + full + bytes([len(context)]) + context
+    if length <= pqc.HASH_LEN:  # one block, T(1) = HMAC(secret, info ‖ 0x01): the C path
+        return hmac.digest(secret, info + b"\x01", "sha384")[:length]
     mac = hmac.new(secret, digestmod=hashlib.sha384)
     out, block, i = b"", b"", 1
     while len(out) < length:
@@ -181,10 +183,27 @@ class MessageKey:
         return "<MessageKey>"
 
 
+def _one_block_info(label: bytes, length: int) -> bytes:
+    """``info ‖ 0x01`` of a one-block :func:`expand_label` with an empty context."""
+    full = LABEL_PREFIX + label
+    return struct.pack(">HB", length, len(full)) + full + b"\x00\x01"
+
+
+_MESSAGE_INFO = _one_block_info(b"message", MESSAGE_KEY_LEN)
+_NEXT_INFO = _one_block_info(b"next", CHAIN_KEY_LEN)
+_AEAD_KEY_LEN = pqc.AEAD_KEY_LEN
+
+
 def chain_step(chain_key: bytes) -> tuple[MessageKey, bytes]:
-    """``(MK_i, CK_i+1)`` from ``CK_i``: the symmetric ratchet (``docs/messaging.md`` §6)."""
-    mk = expand_label(chain_key, b"message", b"", MESSAGE_KEY_LEN)
-    return MessageKey.from_bytes(mk), expand_label(chain_key, b"next", b"", CHAIN_KEY_LEN)
+    """``(MK_i, CK_i+1)`` from ``CK_i``: the symmetric ratchet (``docs/messaging.md`` §6).
+
+    ``MK_i = Expand-Label(CK_i, "message", "", 44)`` and ``CK_i+1 = Expand-Label(CK_i,
+    "next", "", 48)``, each one HMAC-SHA-384 block (:func:`expand_label` gives the same
+    bytes; this is the per-message path, so it calls :func:`hmac.digest` directly).
+    """
+    mk = hmac.digest(chain_key, _MESSAGE_INFO, "sha384")
+    next_key = hmac.digest(chain_key, _NEXT_INFO, "sha384")
+    return MessageKey(mk[:_AEAD_KEY_LEN], mk[_AEAD_KEY_LEN:MESSAGE_KEY_LEN]), next_key
 
 
 # --- §10 the client store key --------------------------------------------------------------

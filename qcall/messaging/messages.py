@@ -187,16 +187,30 @@ class RatchetMessage:
             )
 
     def header(self) -> bytes:
-        """The authenticated header: the AEAD associated data."""
+        """The authenticated header: the AEAD associated data.
+
+        Computed once per object (a parsed message keeps the bytes it was parsed from:
+        the encoding is canonical, so they are the same bytes).
+        """
+        cached: bytes | None = self.__dict__.get("_header")
+        if cached is not None:
+            return cached
         w = Writer().u8(VERSION).u8(MessageType.RATCHET).raw(self.session_id)
         w.u32(self.epoch).u32(self.generation).u32(self.index)
         w.u32(self.prev_generation).u32(self.prev_length)
         w.var16(self.ratchet_key).var16(self.kem_ciphertext)
         w.raw(QKDRef.encode(self.epoch_qkd)).raw(QKDRef.encode(self.generation_qkd))
-        return w.bytes()
+        header = w.bytes()
+        object.__setattr__(self, "_header", header)  # a cache, not a field (frozen)
+        return header
 
     def serialize(self) -> bytes:
-        return self.header() + Writer().var32(self.ciphertext).bytes()
+        return self.encode(self.header(), self.ciphertext)
+
+    @staticmethod
+    def encode(header: bytes, ciphertext: bytes) -> bytes:
+        """``header ‖ var32 ciphertext``: the wire bytes of a message with this header."""
+        return header + Writer().var32(ciphertext).bytes()
 
     @classmethod
     def parse(cls, data: bytes) -> RatchetMessage:
@@ -219,6 +233,7 @@ class RatchetMessage:
             ciphertext=r.var32("ciphertext", MAX_CIPHERTEXT),
         )
         r.end()
+        object.__setattr__(out, "_header", bytes(data[: len(data) - 4 - len(out.ciphertext)]))
         return out
 
     @property

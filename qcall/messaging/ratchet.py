@@ -222,12 +222,11 @@ class Session:
         )
         header = message.header()
         sealed = pqc.AES256GCM(mk.key).seal(mk.nonce, plaintext, header)
-        message = dataclasses.replace(message, ciphertext=sealed)
         s.send_chain = Chain(next_key, chain.next_index + 1)
         s.sent_since_qkd += 1
         if self.debug:
-            logger.debug("> %r", message)
-        data = message.serialize()
+            logger.debug("> %r", dataclasses.replace(message, ciphertext=sealed))
+        data = RatchetMessage.encode(header, sealed)
         if s.pending_init:
             if self._init is None:
                 self._init = PrekeyMessage.parse(s.pending_init)
