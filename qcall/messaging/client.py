@@ -74,6 +74,8 @@ from qcall.messaging.content import (
     ContentKind,
     ReceiptStatus,
     new_message_id,
+    pad,
+    unpad,
 )
 from qcall.messaging.files import FileOffer
 from qcall.messaging.group_ops import GroupOps
@@ -165,6 +167,8 @@ class MessagingClient(GroupOps):
         self._sent: set[int] = set()
         # Inside deliver()'s batch transaction (no KME request may wait in it).
         self._batching = False
+        # The sessions a batch advanced, by id, written once at its end (process_batch).
+        self._batch: dict[bytes, Session] | None = None
 
     def __repr__(self) -> str:
         return f"<MessagingClient {self.me.name}>"
@@ -173,6 +177,13 @@ class MessagingClient(GroupOps):
         return Session(
             state, backend=self.backend, limits=self.config.limits, policy=self.config.policy
         )
+
+    def _stored_session(self, session_id: bytes) -> Session | None:
+        """A session by id: the one the current batch advanced, else the stored one."""
+        if self._batch is not None and session_id in self._batch:
+            return self._batch[session_id]
+        state = self.store.session(session_id)
+        return self._session(state) if state is not None else None
 
     # --- prekeys (docs/messaging.md §2.4) ---------------------------------------------------
 
@@ -283,19 +294,19 @@ class MessagingClient(GroupOps):
                 await self._send_group(to[1:], content, history)
         elif contents:
             session = await self._session_for(to)
-            wires = []
-            for content in contents:
+            wires, bodies = [], [content.serialize() for content in contents]
+            for body in bodies:
                 qkd = await self._qkd_for(session, to)
-                wires.append(session.encrypt(content.padded(), self.clock(), qkd))
+                wires.append(session.encrypt(pad(body), self.clock(), qkd))
             now = self.clock()
             sent = list(self._sent)
             with self.store.transaction():
                 self.store.remove_outbox(sent)
                 self.store.save_session(session.state, now)
-                for content, wire in zip(contents, wires, strict=True):
+                for content, body, wire in zip(contents, bodies, wires, strict=True):
                     if history:
                         self.store.add_history(
-                            to, content.message_id, outgoing=True, now=now, body=content.serialize()
+                            to, content.message_id, outgoing=True, now=now, body=body
                         )
                     self.store.add_outbox(to, wire, now)
             self._sent.difference_update(sent)
@@ -338,7 +349,9 @@ class MessagingClient(GroupOps):
     async def _session_for(self, peer: str) -> Session:
         state = self.store.active_session(peer)
         if state is not None:
-            return self._session(state)
+            # A batch being processed may hold this session advanced and not yet written:
+            # that object is the session (encrypting from the stored row would reuse keys).
+            return self._stored_session(state.session_id) or self._session(state)
         data = await self.transport.claim_prekeys(peer)
         if data is None:
             raise UnknownSessionError(f"{peer} has published no prekeys: not a messaging user yet")
@@ -438,15 +451,19 @@ class MessagingClient(GroupOps):
         before are skipped.
         """
         events: list[Event] = []
-        todo = [e for e in envelopes if not self.store.processed(e.id)]
+        seen = self.store.processed_ids([e.id for e in envelopes])
+        todo = [e for e in envelopes if e.id not in seen]
         while todo:
             # One commit for a batch of envelopes, each a savepoint inside it; acknowledged
             # only after the commit. A KME request must not wait inside the transaction:
             # the batch so far is committed first (_BatchBreak) and that envelope
             # processed on its own; a file chunk (a file write) gets its own batch.
+            # Each session the batch advances is written once, at its end, in the same
+            # transaction (docs/messaging.md §10.3): a crash before the commit loses the
+            # whole batch (redelivered, opened again), after it nothing.
             done, alone = 0, False
             with self.store.transaction():
-                self._batching = True
+                self._batching, self._batch = True, {}
                 try:
                     for envelope in todo:
                         chunk = _is_chunk(envelope)
@@ -460,6 +477,10 @@ class MessagingClient(GroupOps):
                     alone = True
                 finally:
                     self._batching = False
+                    advanced, self._batch = self._batch, None
+                now = self.clock()
+                for session in advanced.values():
+                    self.store.save_session(session.state, now)
             todo = todo[done:]
             if alone:
                 events += await self.process(todo[0])
@@ -504,13 +525,13 @@ class MessagingClient(GroupOps):
             message = RatchetMessage.parse(init.inner)
         else:
             message = RatchetMessage.parse(envelope.data)
-            state = self.store.session(message.session_id)
-            if state is None:
+            stored = self._stored_session(message.session_id)
+            if stored is None:
                 raise UnknownSessionError(
                     f"message from {envelope.sender} for an unknown session "
                     f"{message.session_id.hex()[:8]}"
                 )
-            session = self._session(state)
+            session = stored
         refs = session.qkd_refs_needed(message)
         try:
             keys = await self._qkd_keys(refs) if refs else {}
@@ -518,17 +539,29 @@ class MessagingClient(GroupOps):
             if isinstance(exc, KeyNotFoundError):
                 raise
             raise PendingError(f"QKD key not available yet: {exc}") from exc
-        content = Content.parse(session.decrypt(message, now, keys))
+        plaintext = session.decrypt(message, now, keys)
+        batch = self._batch
+        if batch is not None and init is None:
+            # In a batch the session is written once, at the batch's end, whatever happens
+            # to this envelope now: its message key is used (the ratchet moved past it).
+            batch.pop(session.session_id, None)
+            batch[session.session_id] = session
+        body = unpad(plaintext)
+        content = Content.decode(body)
         with self.store.transaction():
-            self.store.save_session(session.state, now)
+            if batch is None or init is not None:
+                self.store.save_session(session.state, now)
             if init is not None and th_init:
                 if self.store.init_session(th_init) is None:
                     self.store.record_init(th_init, session.session_id, now)
                 if opk_used:
                     self.store.consume_one_time_prekey(opk_used, now)
             self.store.delete_qkd_keys([r.key_id for r in refs])
-            events = self._apply_content(session, content, envelope.id, now)
+            events = self._apply_content(session, content, body, envelope.id, now)
             self.store.mark_processed(envelope.id, now)
+        if batch is not None and init is not None:  # written above with its set-up rows
+            batch.pop(session.session_id, None)
+            batch[session.session_id] = session
         return events
 
     async def _accept(self, init: PrekeyMessage, now: float) -> tuple[Session, bytes, int]:
@@ -542,10 +575,10 @@ class MessagingClient(GroupOps):
         th_init = init_transcript(init, spk, opk)
         known = self.store.init_session(th_init)
         if known is not None:  # a repeat prekey message of a session we have
-            state = self.store.session(known)
-            if state is None:
+            session = self._stored_session(known)
+            if session is None:
                 raise UnknownSessionError(f"session of {init.sender}'s prekey message is gone")
-            return self._session(state), th_init, 0
+            return session, th_init, 0
         check_prekey_message(
             self.me,
             init,
@@ -582,13 +615,16 @@ class MessagingClient(GroupOps):
         return session, th, init.one_time_prekey_id
 
     def _apply_content(
-        self, session: Session, content: Content, envelope_id: int, now: float
+        self, session: Session, content: Content, body: bytes, envelope_id: int, now: float
     ) -> list[Event]:
-        """Store and turn a 1:1 content into events (inside the receive transaction)."""
+        """Store and turn a 1:1 content into events (inside the receive transaction).
+
+        ``body`` is the content's encoding as received (canonical: ``content.serialize()``).
+        """
         peer, mode = session.peer, session.mode
         if content.kind in (ContentKind.TEXT, ContentKind.FILE):
             self.store.add_history(
-                peer, content.message_id, outgoing=False, now=now, body=content.serialize()
+                peer, content.message_id, outgoing=False, now=now, body=body
             )
             if content.kind is ContentKind.FILE:
                 self.files.offer_received(peer, peer, content, now)

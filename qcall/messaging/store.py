@@ -24,7 +24,6 @@ to a newer qcall is a :class:`~qcall.exceptions.MessageStoreError` naming it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import hmac
 import logging
 import os
@@ -104,6 +103,8 @@ SCHEMA_VERSION = max(MIGRATIONS)
 _CHECK = b"qcall message store check v1"
 #: Parsed session states kept in memory (ClientStore._session).
 _PARSED_SESSIONS = 64
+#: Names whose keyed hash is kept in memory (ClientStore.tag).
+_TAGS = 1024
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,7 @@ class ClientStore:
         # Parsed sessions by id, with the sealed row they were read from or written as
         # (see _session): a hit only when the row in the file is still that one.
         self._parsed: dict[bytes, tuple[bytes, SessionState]] = {}
+        self._tags: dict[str, bytes] = {}  # tag() of recent names
         existed = self.path.exists()
         if not existed:
             try:
@@ -280,7 +282,13 @@ class ClientStore:
 
     def tag(self, name: str) -> bytes:
         """The keyed hash under which ``name`` (a peer or conversation) is stored."""
-        return hmac.new(self._mac_key, name.encode("utf-8"), hashlib.sha256).digest()[:16]
+        tag = self._tags.get(name)
+        if tag is None:
+            tag = hmac.digest(self._mac_key, name.encode("utf-8"), "sha256")[:16]
+            if len(self._tags) >= _TAGS:
+                self._tags.clear()
+            self._tags[name] = tag
+        return tag
 
     def close(self) -> None:
         with self._lock:
@@ -487,6 +495,18 @@ class ClientStore:
         """Whether the server's envelope ``envelope_id`` was already processed."""
         row = self._exec("SELECT 1 FROM processed WHERE envelope_id = ?", (envelope_id,))
         return row.fetchone() is not None
+
+    def processed_ids(self, envelope_ids: list[int]) -> set[int]:
+        """The envelope ids among ``envelope_ids`` already processed (one query)."""
+        out: set[int] = set()
+        for start in range(0, len(envelope_ids), 500):
+            part = envelope_ids[start : start + 500]
+            marks = ",".join("?" * len(part))
+            rows = self._exec(
+                f"SELECT envelope_id FROM processed WHERE envelope_id IN ({marks})", tuple(part)
+            )
+            out.update(int(r[0]) for r in rows.fetchall())
+        return out
 
     def mark_processed(self, envelope_id: int, now: float) -> None:
         self._exec("INSERT OR IGNORE INTO processed VALUES (?,?)", (envelope_id, int(now * 1000)))

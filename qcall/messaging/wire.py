@@ -103,23 +103,37 @@ class Reader:
         return len(self._data) - self._pos
 
     def raw(self, n: int, field: str) -> bytes:
-        if n > self.remaining:
+        pos = self._pos
+        end = pos + n
+        if end > len(self._data):
             raise self.error(field, f"is truncated (needs {n} bytes, {self.remaining} left)")
-        out = self._data[self._pos : self._pos + n]
-        self._pos += n
-        return out
+        self._pos = end
+        return self._data[pos:end]
+
+    def _unpack(self, fmt: struct.Struct, field: str) -> int:
+        pos = self._pos
+        if pos + fmt.size > len(self._data):
+            raise self.error(
+                field, f"is truncated (needs {fmt.size} bytes, {self.remaining} left)"
+            )
+        self._pos = pos + fmt.size
+        return int(fmt.unpack_from(self._data, pos)[0])
 
     def u8(self, field: str) -> int:
-        return self.raw(1, field)[0]
+        pos = self._pos
+        if pos >= len(self._data):
+            raise self.error(field, "is truncated (needs 1 bytes, 0 left)")
+        self._pos = pos + 1
+        return self._data[pos]
 
     def u16(self, field: str) -> int:
-        return int(_U16.unpack(self.raw(2, field))[0])
+        return self._unpack(_U16, field)
 
     def u32(self, field: str) -> int:
-        return int(_U32.unpack(self.raw(4, field))[0])
+        return self._unpack(_U32, field)
 
     def u64(self, field: str) -> int:
-        return int(_U64.unpack(self.raw(8, field))[0])
+        return self._unpack(_U64, field)
 
     def var8(self, field: str) -> bytes:
         return self.raw(self.u8(field), field)
