@@ -79,6 +79,7 @@ narrowest class that you can act on::
         ├── ReplayedMessageError        a message (or its key) was used before: replay/duplicate
         ├── UnknownSessionError         no session (or no sender key) for this message
         ├── SkippedMessagesError        too many skipped messages, or the key has expired
+        ├── EpochNotOpenError           a short ratchet message came before its epoch's key
         ├── PrekeyError                 bad bundle: wrong identity, unknown or reused prekey
         ├── GroupError                  non-member sender, bad or conflicting membership change
         ├── FileTransferError           chunk out of order, truncated file, hash mismatch
@@ -106,6 +107,7 @@ __all__ = [
     "CryptoError",
     "DocumentChangedError",
     "DowngradeError",
+    "EpochNotOpenError",
     "FileTransferError",
     "GroupError",
     "HandshakeError",
@@ -657,6 +659,13 @@ class SkippedMessagesError(MessagingError):
     """Too many messages skipped at once, or the skipped message key has expired."""
 
     code = "too_many_skipped"
+
+
+class EpochNotOpenError(MessagingError):
+    """A short ratchet message (``docs/messaging.md`` §7.4) of an epoch not opened yet:
+    the message that carries the epoch's ratchet key has not arrived. Kept for later."""
+
+    code = "epoch_not_open"
 
 
 class PrekeyError(MessagingError):

@@ -38,7 +38,7 @@ from qcall.messaging.group import GroupAction, GroupChange, GroupMember, GroupSt
 from qcall.messaging.keyschedule import chain_step, expand_label, store_key
 from qcall.messaging.messages import PrekeyMessage, QKDRef, RatchetMessage, identity_hash
 from qcall.messaging.prekeys import PrekeyBundle, PrekeyKind, make_prekey
-from qcall.messaging.ratchet import QKDMaterial, Session
+from qcall.messaging.ratchet import QKDMaterial, RatchetLimits, Session
 from qcall.messaging.session import LocalIdentity, Responder, initiate, respond
 from qcall.messaging.wire import framed
 
@@ -187,12 +187,33 @@ SESSIONS = [
         False,
         [("alice", None), ("bob", None), ("bob", None), ("alice", None), ("bob", None)],
     ),
+    (  # short messages (type 5, §7.4): every message but the first of a chain
+        "short",
+        True,
+        False,
+        [
+            ("alice", None),
+            ("bob", None),
+            ("bob", None),
+            ("bob", "qkd"),
+            ("bob", None),
+            ("alice", None),
+            ("alice", None),
+        ],
+        1000,
+    ),
 ]
 
 
 def session_case(
-    case: str, hybrid: bool, with_opk: bool, script: list[tuple[str, str | None]]
+    case: str,
+    hybrid: bool,
+    with_opk: bool,
+    script: list[tuple[str, str | None]],
+    full_every: int = 1,
 ) -> dict[str, Any]:
+    """One session's messages; ``full_every`` > 1 makes short messages (§7.4) too."""
+    limits = RatchetLimits(full_every=full_every)
     backend = VectorBackend(case)
     alice, bob = identity("alice"), identity("bob")
     stream = Stream(f"{case} prekey seeds")
@@ -218,6 +239,7 @@ def session_case(
             qkd=setup_key,
             backend=backend,
             random=Stream(f"{case} alice ratchet"),
+            limits=limits,
         )
     sessions["alice"] = a
     (_, (rk0_args, rk0)), (_, (_, epoch1)) = log
@@ -298,6 +320,8 @@ def session_case(
             "header": message.header().hex(),
             "message": inner.hex(),
         }
+        if message.compact:
+            entry["compact"] = True
         if "root_key" in derived and message.epoch > 1:
             entry["ratchet_seed"] = sessions[sender].state.send_kem_seed.hex()
         backend.encapsulations.clear()
@@ -315,6 +339,7 @@ def session_case(
                 qkd_key=setup_key.key if setup_key else None,
                 backend=backend,
                 random=Stream(f"{case} bob ratchet"),
+                limits=limits,
             )
         got = sessions[receiver].decrypt(message, NOW, keys)
         assert got == content.padded(), "the vectors must decrypt"

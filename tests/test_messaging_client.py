@@ -40,7 +40,13 @@ from qcall.messaging.api import (
 from qcall.messaging.client import MessagingClient
 from qcall.messaging.content import ReceiptStatus
 from qcall.messaging.group import GroupMessage, SenderChain, encrypt_group
-from qcall.messaging.messages import Mode, PrekeyMessage, RatchetMessage
+from qcall.messaging.messages import (
+    MessageType,
+    Mode,
+    PrekeyMessage,
+    RatchetMessage,
+    message_type,
+)
 from qcall.messaging.prekeys import PrekeyBundle, PrekeyKind, make_prekey
 from qcall.messaging.store import ClientStore
 from qcall.qkd.keyfile import KeyFileSource, create_key_files
@@ -545,3 +551,92 @@ async def test_process_batch_commits_but_leaves_the_acknowledgement_to_the_calle
     assert await bob.deliver(envelopes) == []  # only acknowledged now
     assert await bob.transport.fetch(0) == []
     assert [c.text for _, c in bob.history("alice")] == ["m0", "m1", "m2"]
+
+
+async def _acknowledged(world) -> tuple[MessagingClient, MessagingClient]:
+    """alice and bob with a session both ways: alice's next message opens epoch 3."""
+    alice, bob = await world.users("alice", "bob")
+    await alice.send_text("bob", "hi")
+    assert texts(await bob.receive()) == ["hi"]
+    await bob.send_text("alice", "ack")
+    assert texts(await alice.receive()) == ["ack"]
+    return alice, bob
+
+
+async def test_a_received_batch_writes_each_session_once_and_a_crash_in_it_loses_nothing(
+    world, monkeypatch
+):
+    """process_batch writes the session a batch advanced once, at the batch's end, in the
+    batch's transaction: after a restart a replay of the batch opens nothing again, and a
+    crash in the middle of a batch rolls all of it back (redelivered, opened once)."""
+    alice, bob = await _acknowledged(world)
+    await alice.send_texts("bob", [f"m{i}" for i in range(6)])
+    envelopes = await bob.transport.fetch(0)
+    saves = []
+    real_save = bob.store.save_session
+    monkeypatch.setattr(
+        bob.store, "save_session", lambda *a, **k: (saves.append(1), real_save(*a, **k))
+    )
+    real_mark = bob.store.mark_processed
+    marks = []
+
+    def crash_on_fourth(envelope_id: int, now: float) -> None:
+        marks.append(envelope_id)
+        if len(marks) == 4:
+            raise KeyboardInterrupt("kill in the middle of the batch")
+        real_mark(envelope_id, now)
+
+    monkeypatch.setattr(bob.store, "mark_processed", crash_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        await bob.deliver(envelopes)
+    assert saves == []  # the session is written only at the end of the batch
+    bob.store.close()
+    monkeypatch.undo()
+    bob = world.client("bob")  # restarted on the same files
+    assert not any(bob.store.processed(e.id) for e in envelopes)
+    real_save = bob.store.save_session
+    monkeypatch.setattr(
+        bob.store, "save_session", lambda *a, **k: (saves.append(1), real_save(*a, **k))
+    )
+    assert texts(await bob.deliver(envelopes)) == [f"m{i}" for i in range(6)]
+    assert saves == [1]  # six messages, one session write
+    bob.store.close()
+    monkeypatch.undo()
+    bob = world.client("bob")  # the advanced session is in the file, not only in memory
+    replayed = [Envelope(e.id + (1 << 40), e.sender, e.data) for e in envelopes]
+    events = await bob.process_batch(replayed)
+    assert texts(events) == [] and rejected(events) == [ReplayedMessageError] * 6
+    await alice.send_text("bob", "after")  # no key reused or lost
+    assert texts(await bob.receive()) == ["after"]
+    history = [c.text for _, c in bob.history("alice")]
+    assert history == ["hi", "ack"] + [f"m{i}" for i in range(6)] + ["after"]
+
+
+async def test_short_messages_ahead_of_their_epoch_wait_then_arrive_once(world):
+    """Short messages (type 5) that arrive before their epoch's full message are kept
+    (MessagePending, never shown) and opened once it arrives; a batch in any order
+    opens them all (docs/messaging.md §7.4)."""
+    alice, bob = await _acknowledged(world)
+    await alice.send_texts("bob", [f"m{i}" for i in range(6)])
+    sent = [d for _, d in alice.transport.sent[-6:]]
+    assert [message_type(d) for d in sent] == [MessageType.RATCHET] + [
+        MessageType.RATCHET_SHORT
+    ] * 5
+    stored = await world.server.store.fetch("bob")
+    first = stored[0]
+    await world.server.store.ack("bob", [first.id])  # the server holds the full one back
+    events = await bob.receive()
+    assert texts(events) == [] and rejected(events) == []
+    assert [type(e) for e in events] == [MessagePending] * 5
+    await world.server.store.put("bob", "alice", first.data, 0)
+    assert texts(await bob.receive()) == [f"m{i}" for i in range(6)]
+    assert await bob.receive() == []
+    # One batch in reverse order: the pending ones are opened in the same call.
+    await alice.send_texts("bob", [f"n{i}" for i in range(3)])
+    await bob.send_text("alice", "new epoch")  # so that alice's next burst opens one
+    assert texts(await alice.receive()) == ["new epoch"]
+    await alice.send_texts("bob", [f"p{i}" for i in range(4)])
+    envelopes = await bob.transport.fetch(0)
+    got = texts(await bob.process_batch(list(reversed(envelopes))))
+    assert sorted(got) == sorted([f"n{i}" for i in range(3)] + [f"p{i}" for i in range(4)])
+    assert len(got) == 7

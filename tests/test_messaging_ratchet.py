@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from qcall.exceptions import (
+    EpochNotOpenError,
     KeyNotFoundError,
     MessageAuthError,
     MessageFormatError,
@@ -58,8 +59,12 @@ def test_conversation_ratchets_epochs_and_stops_prekey_messages():
     assert a.state.epoch == b.state.epoch == 11
 
 
+#: Every message in full (type 2): any one message of an epoch opens it.
+FULL = RatchetLimits(full_every=1)
+
+
 def test_out_of_order_and_lost_messages_across_epochs():
-    a, b = _pair()
+    a, b = _pair(limits=FULL)
     sent = [a.encrypt(f"a{i}".encode(), NOW) for i in range(5)]  # epoch 1
     assert b.decrypt(_msg(sent[4]), NOW) == b"a4"
     reply = b.encrypt(b"b0", NOW)  # epoch 2
@@ -76,7 +81,7 @@ def test_out_of_order_and_lost_messages_across_epochs():
 @pytest.mark.parametrize("seed", range(3))
 def test_random_order_of_a_long_conversation(seed):
     rng = random.Random(seed)
-    a, b = _pair()
+    a, b = _pair(limits=FULL)
     inbox: dict[Session, list[tuple[bytes, bytes]]] = {a: [], b: []}
     for i in range(60):
         sender = a if rng.random() < 0.5 else b
@@ -292,3 +297,42 @@ def test_random_bytes_never_escape_as_anything_but_format_errors(noise, at):
 _HEADER = RatchetMessage(
     bytes(16), 2, 0, 0, 0, 0, bytes(1184), bytes(1088), None, None, bytes(16)
 ).serialize()
+
+
+def test_short_messages_open_only_in_an_opened_epoch_and_change_nothing_before():
+    a, b = _pair(limits=RatchetLimits(full_every=4))
+    a.decrypt(_msg(b.encrypt(b"b0", NOW)), NOW)  # epoch 2
+    wires = [a.encrypt(f"c{i}".encode(), NOW) for i in range(9)]  # epoch 3
+    assert [message_type(w).name for w in wires] == [
+        "RATCHET" if i % 4 == 0 else "RATCHET_SHORT" for i in range(9)
+    ]
+    assert len(wires[1]) < len(wires[0]) - 2000  # no ek (1184 bytes), no ct (1088)
+    before = _snapshot(b)
+    for i in (1, 2, 3):  # before epoch 3's first full message: kept for later, no change
+        with pytest.raises(EpochNotOpenError):
+            b.decrypt(_msg(wires[i]), NOW)
+        assert _snapshot(b) == before
+    assert b.qkd_refs_needed(_msg(wires[1])) == []
+    assert b.decrypt(_msg(wires[4]), NOW) == b"c4"  # a later full message opens epoch 3
+    for i in (3, 1, 0, 2, 8, 6, 5, 7):
+        assert b.decrypt(_msg(wires[i]), NOW) == f"c{i}".encode()
+    with pytest.raises(ReplayedMessageError):
+        b.decrypt(_msg(wires[6]), NOW)
+
+
+def test_a_short_message_cannot_pass_for_a_full_one_or_carry_epoch_fields():
+    a, b = _pair(limits=RatchetLimits(full_every=8))
+    a.decrypt(_msg(b.encrypt(b"b0", NOW)), NOW)
+    full, short = a.encrypt(b"c0", NOW), a.encrypt(b"c1", NOW)
+    assert message_type(short).name == "RATCHET_SHORT"
+    assert b.decrypt(_msg(full), NOW) == b"c0"
+    parsed = _msg(short)
+    forged = dataclasses.replace(  # the same fields sent as a full message: another header
+        parsed, ratchet_key=_msg(full).ratchet_key, kem_ciphertext=_msg(full).kem_ciphertext,
+        compact=False,
+    )
+    with pytest.raises(MessageAuthError):
+        b.decrypt(forged, NOW)
+    with pytest.raises(MessageFormatError):
+        dataclasses.replace(parsed, ratchet_key=_msg(full).ratchet_key)
+    assert b.decrypt(parsed, NOW) == b"c1"

@@ -48,6 +48,7 @@ from collections.abc import Callable, Sequence
 
 from qcall import pqc
 from qcall.exceptions import (
+    EpochNotOpenError,
     KeyNotFoundError,
     MessageFormatError,
     MessagingError,
@@ -111,6 +112,10 @@ _SENT_BATCH = 256
 
 class _BatchBreak(Exception):  # noqa: N818 (control flow, never seen outside deliver)
     """A KME request is needed: commit the batch before it (deliver)."""
+
+
+#: Envelope types of 1:1 sessions.
+_DIRECT = (MessageType.PREKEY, MessageType.RATCHET, MessageType.RATCHET_SHORT)
 
 
 def _client_ref(entry: OutboxEntry) -> bytes:
@@ -485,6 +490,10 @@ class MessagingClient(GroupOps):
             if alone:
                 events += await self.process(todo[0])
                 todo = todo[1:]
+        if any(isinstance(e, MessagePending) for e in events) and any(
+            isinstance(e, MessageReceived) for e in events
+        ):  # e.g. a short message that came before its epoch's full one (§7.4)
+            events += await self.retry_pending()
         return events
 
     async def process(self, envelope: Envelope) -> list[Event]:
@@ -492,7 +501,7 @@ class MessagingClient(GroupOps):
         events: list[Event] = []
         try:
             kind = message_type(envelope.data)
-            if kind is MessageType.PREKEY or kind is MessageType.RATCHET:
+            if kind in _DIRECT:
                 events = await self._process_direct(envelope, kind)
             elif kind is MessageType.GROUP:
                 events = self._process_group(envelope)
@@ -523,6 +532,8 @@ class MessagingClient(GroupOps):
             init = PrekeyMessage.parse(envelope.data)
             session, th_init, opk_used = await self._accept(init, now)
             message = RatchetMessage.parse(init.inner)
+            if message.compact:
+                raise MessageFormatError("prekey message: its inner message must be full")
         else:
             message = RatchetMessage.parse(envelope.data)
             stored = self._stored_session(message.session_id)
@@ -539,7 +550,10 @@ class MessagingClient(GroupOps):
             if isinstance(exc, KeyNotFoundError):
                 raise
             raise PendingError(f"QKD key not available yet: {exc}") from exc
-        plaintext = session.decrypt(message, now, keys)
+        try:
+            plaintext = session.decrypt(message, now, keys)
+        except EpochNotOpenError as exc:  # its epoch's full message is still to come
+            raise PendingError(str(exc)) from exc
         batch = self._batch
         if batch is not None and init is None:
             # In a batch the session is written once, at the batch's end, whatever happens

@@ -9,6 +9,7 @@ starts with ``u8 version ‖ u8 type``::
     type 2  RatchetMessage  every later message
     type 3  GroupMessage    (qcall.messaging.group)
     type 4  FileChunk       (qcall.messaging.files)
+    type 5  RatchetMessage  short: without the epoch's ek/ct (``compact``, §7.4)
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class MessageType(enum.IntEnum):
     RATCHET = 2
     GROUP = 3
     FILE_CHUNK = 4
+    RATCHET_SHORT = 5
 
 
 class Mode(enum.Enum):
@@ -143,9 +145,12 @@ class QKDRef:
 
 @dataclass(frozen=True)
 class RatchetMessage:
-    """One message of an established session (``docs/messaging.md`` §7.2).
+    """One message of an established session (``docs/messaging.md`` §7.2, §7.4).
 
     The header (everything before ``ciphertext``) is the AEAD's associated data.
+    A ``compact`` message (type 5) leaves out the epoch's ``ratchet_key``,
+    ``kem_ciphertext`` and ``epoch_qkd`` (empty here): it opens only in an epoch the
+    receiver has already opened from a full message (type 2).
     """
 
     session_id: bytes
@@ -159,17 +164,24 @@ class RatchetMessage:
     epoch_qkd: QKDRef | None
     generation_qkd: QKDRef | None
     ciphertext: bytes
+    compact: bool = False
 
     def __post_init__(self) -> None:
         if len(self.session_id) != SESSION_ID_LEN:
             raise MessageFormatError("ratchet message: field 'session_id' must be 16 bytes")
         if self.epoch < 1:
             raise MessageFormatError("ratchet message: field 'epoch' must be at least 1")
-        if len(self.ratchet_key) != _EK_LEN:
+        if self.compact:
+            if self.ratchet_key or self.kem_ciphertext or self.epoch_qkd is not None:
+                raise MessageFormatError(
+                    "short ratchet message: it carries no ratchet_key, kem_ciphertext "
+                    "or epoch_qkd"
+                )
+        elif len(self.ratchet_key) != _EK_LEN:
             raise MessageFormatError(
                 f"ratchet message: field 'ratchet_key' must be {_EK_LEN} bytes"
             )
-        if len(self.kem_ciphertext) != (0 if self.epoch == 1 else _CT_LEN):
+        elif len(self.kem_ciphertext) != (0 if self.epoch == 1 else _CT_LEN):
             raise MessageFormatError(
                 "ratchet message: field 'kem_ciphertext' must be empty in epoch 1 and "
                 f"{_CT_LEN} bytes after"
@@ -195,11 +207,14 @@ class RatchetMessage:
         cached: bytes | None = self.__dict__.get("_header")
         if cached is not None:
             return cached
-        w = Writer().u8(VERSION).u8(MessageType.RATCHET).raw(self.session_id)
+        kind = MessageType.RATCHET_SHORT if self.compact else MessageType.RATCHET
+        w = Writer().u8(VERSION).u8(kind).raw(self.session_id)
         w.u32(self.epoch).u32(self.generation).u32(self.index)
         w.u32(self.prev_generation).u32(self.prev_length)
-        w.var16(self.ratchet_key).var16(self.kem_ciphertext)
-        w.raw(QKDRef.encode(self.epoch_qkd)).raw(QKDRef.encode(self.generation_qkd))
+        if not self.compact:
+            w.var16(self.ratchet_key).var16(self.kem_ciphertext)
+            w.raw(QKDRef.encode(self.epoch_qkd))
+        w.raw(QKDRef.encode(self.generation_qkd))
         header = w.bytes()
         object.__setattr__(self, "_header", header)  # a cache, not a field (frozen)
         return header
@@ -214,23 +229,35 @@ class RatchetMessage:
 
     @classmethod
     def parse(cls, data: bytes) -> RatchetMessage:
-        """Parse one ratchet message (hostile input: only MessageFormatError escapes)."""
-        if message_type(data) is not MessageType.RATCHET:
+        """Parse one ratchet message, full or short (hostile input: only
+        MessageFormatError escapes)."""
+        kind = message_type(data)
+        if kind is not MessageType.RATCHET and kind is not MessageType.RATCHET_SHORT:
             raise MessageFormatError("ratchet message: wrong type octet")
-        r = Reader(data, "ratchet message")
+        compact = kind is MessageType.RATCHET_SHORT
+        r = Reader(data, "short ratchet message" if compact else "ratchet message")
         r.raw(2, "version")
+        sid = r.raw(SESSION_ID_LEN, "session_id")
+        numbers = [r.u32(f) for f in ("epoch", "generation", "index", "prev_generation")]
+        prev_length = r.u32("prev_length")
+        ek = ct = b""
+        epoch_qkd = None
+        if not compact:
+            ek, ct = r.var16("ratchet_key", _EK_LEN), r.var16("kem_ciphertext", _CT_LEN)
+            epoch_qkd = QKDRef.read(r, "epoch_qkd")
         out = cls(
-            session_id=r.raw(SESSION_ID_LEN, "session_id"),
-            epoch=r.u32("epoch"),
-            generation=r.u32("generation"),
-            index=r.u32("index"),
-            prev_generation=r.u32("prev_generation"),
-            prev_length=r.u32("prev_length"),
-            ratchet_key=r.var16("ratchet_key", _EK_LEN),
-            kem_ciphertext=r.var16("kem_ciphertext", _CT_LEN),
-            epoch_qkd=QKDRef.read(r, "epoch_qkd"),
+            session_id=sid,
+            epoch=numbers[0],
+            generation=numbers[1],
+            index=numbers[2],
+            prev_generation=numbers[3],
+            prev_length=prev_length,
+            ratchet_key=ek,
+            kem_ciphertext=ct,
+            epoch_qkd=epoch_qkd,
             generation_qkd=QKDRef.read(r, "generation_qkd"),
             ciphertext=r.var32("ciphertext", MAX_CIPHERTEXT),
+            compact=compact,
         )
         r.end()
         object.__setattr__(out, "_header", bytes(data[: len(data) - 4 - len(out.ciphertext)]))
@@ -242,7 +269,8 @@ class RatchetMessage:
 
     def __repr__(self) -> str:
         return (
-            f"<RatchetMessage {self.session_id.hex()[:8]} epoch={self.epoch} "
+            f"<RatchetMessage{' short' if self.compact else ''} {self.session_id.hex()[:8]} "
+            f"epoch={self.epoch} "
             f"gen={self.generation} #{self.index} {len(self.ciphertext)} bytes>"
         )
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from qcall import pqc
 from qcall.exceptions import (
+    EpochNotOpenError,
     KeyNotFoundError,
     MessageAuthError,
     QKDKeyMismatchError,
@@ -90,6 +91,14 @@ class RatchetLimits:
     max_skipped_keys: int = 2000  # skipped keys kept in all (oldest dropped first)
     skipped_key_lifetime: float = 14 * 86400.0  # seconds a skipped key is kept
     max_open_generations: int = 8  # receiving chains kept open in one epoch
+    #: Sending: a message whose index in its chain is a multiple of this (and every
+    #: prekey message) carries the epoch's ek/ct in full (type 2); the others are short
+    #: (type 5, docs/messaging.md §7.4). 1: every message in full.
+    full_every: int = 16
+
+    def __post_init__(self) -> None:
+        if self.full_every < 1:
+            raise ValueError("ratchet limits: full_every must be at least 1")
 
 
 @dataclass(frozen=True, repr=False)
@@ -181,7 +190,7 @@ class Session:
         s = self.state
         n, g = message.chain
         refs: list[QKDRef | None] = []
-        if n > s.recv_epoch and n == s.epoch + 1:
+        if n > s.recv_epoch and n == s.epoch + 1 and not message.compact:
             refs = [message.epoch_qkd, message.generation_qkd]
         elif n == s.recv_epoch and g not in s.recv_generations_seen:
             refs = [message.generation_qkd]
@@ -207,6 +216,8 @@ class Session:
         chain = s.send_chain
         assert chain is not None
         mk, next_key = chain_step(chain.key)
+        # §7.4: the first message of a chain and every full_every-th carry ek/ct in full.
+        compact = not s.pending_init and chain.next_index % self.limits.full_every != 0
         message = RatchetMessage(
             session_id=s.session_id,
             epoch=s.send_epoch,
@@ -214,11 +225,12 @@ class Session:
             index=chain.next_index,
             prev_generation=s.send_prev_generation,
             prev_length=s.send_prev_length,
-            ratchet_key=s.send_ek,
-            kem_ciphertext=s.send_ct,
-            epoch_qkd=s.send_epoch_qkd,
+            ratchet_key=b"" if compact else s.send_ek,
+            kem_ciphertext=b"" if compact else s.send_ct,
+            epoch_qkd=None if compact else s.send_epoch_qkd,
             generation_qkd=s.send_generation_qkd,
             ciphertext=b"\0" * pqc.AEAD_TAG_LEN,  # placeholder: the header is the AD
+            compact=compact,
         )
         header = message.header()
         sealed = pqc.AES256GCM(mk.key).seal(mk.nonce, plaintext, header)
@@ -293,6 +305,8 @@ class Session:
             UnknownSessionError: the message belongs to another session.
             ReplayedMessageError: its key was used already (a replay or a duplicate).
             SkippedMessagesError: too far ahead, or its skipped key expired.
+            EpochNotOpenError: a short message of the peer's next epoch, which only a
+                full message opens (keep it and try again after the next message).
             MessageAuthError: tampered ciphertext or header, or a forged epoch.
             KeyNotFoundError: a needed QKD key was not passed in.
 
@@ -362,6 +376,11 @@ class Session:
             raise ReplayedMessageError(f"{what}: its epoch is over and its key is gone")
         if n != s.epoch + 1 or n % 2 != peer_parity:
             raise MessageAuthError(f"{what}: epoch {n} cannot follow epoch {s.epoch}")
+        if message.compact:
+            raise EpochNotOpenError(
+                f"{what} is a short message of epoch {n}, not opened yet: the message that "
+                "carries its ratchet key has not arrived"
+            )
         # 4.3 Opening the peer's next epoch.
         if n == 1:
             ss = b""
