@@ -63,6 +63,10 @@ class ReceiptStatus(enum.IntEnum):
     READ = 2
 
 
+_KINDS = frozenset(k.value for k in ContentKind)
+_STATUSES = frozenset(s.value for s in ReceiptStatus)
+
+
 def new_message_id() -> bytes:
     """A fresh random message id."""
     return secrets.token_bytes(MESSAGE_ID_LEN)
@@ -185,7 +189,7 @@ class Content:
     def decode(cls, data: bytes) -> Content:
         """Parse an unpadded content (as the history keeps it)."""
         r = Reader(data, "message content")
-        kind = ContentKind(r.choice("kind", [k.value for k in ContentKind]))
+        kind = ContentKind(r.choice("kind", _KINDS))
         message_id = r.raw(MESSAGE_ID_LEN, "message_id")
         sent_ms = r.u64("sent_ms")
         out: Content
@@ -195,7 +199,7 @@ class Content:
         elif kind in (ContentKind.FILE, ContentKind.GROUP_CHANGE):
             out = cls(kind, message_id, sent_ms, body=r.var32("body", MAX_BODY))
         elif kind is ContentKind.RECEIPT:
-            status = ReceiptStatus(r.choice("status", [s.value for s in ReceiptStatus]))
+            status = ReceiptStatus(r.choice("status", _STATUSES))
             count = r.u16("count")
             if count > _MAX_RECEIPTS:
                 raise r.error("count", f"exceeds {_MAX_RECEIPTS}")

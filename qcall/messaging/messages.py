@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import struct
 from dataclasses import dataclass
 
 from qcall import pqc
@@ -45,6 +46,8 @@ MAX_CIPHERTEXT = 128 * 1024
 MAX_QKD_KEY = 1024
 
 _KEM = pqc.KEM.ML_KEM_768
+#: version, type, session_id, epoch, generation, index, prev_generation, prev_length.
+_RATCHET_FIXED = struct.Struct(f">BB{SESSION_ID_LEN}s5I")
 _EK_LEN = _KEM.sizes.encapsulation_key
 _CT_LEN = _KEM.sizes.ciphertext
 _MAX_PK = max(s.sizes.public_key for s in pqc.SignatureScheme)
@@ -208,9 +211,18 @@ class RatchetMessage:
         if cached is not None:
             return cached
         kind = MessageType.RATCHET_SHORT if self.compact else MessageType.RATCHET
-        w = Writer().u8(VERSION).u8(kind).raw(self.session_id)
-        w.u32(self.epoch).u32(self.generation).u32(self.index)
-        w.u32(self.prev_generation).u32(self.prev_length)
+        w = Writer().raw(
+            _RATCHET_FIXED.pack(
+                VERSION,
+                kind,
+                self.session_id,
+                self.epoch,
+                self.generation,
+                self.index,
+                self.prev_generation,
+                self.prev_length,
+            )
+        )
         if not self.compact:
             w.var16(self.ratchet_key).var16(self.kem_ciphertext)
             w.raw(QKDRef.encode(self.epoch_qkd))
@@ -236,10 +248,7 @@ class RatchetMessage:
             raise MessageFormatError("ratchet message: wrong type octet")
         compact = kind is MessageType.RATCHET_SHORT
         r = Reader(data, "short ratchet message" if compact else "ratchet message")
-        r.raw(2, "version")
-        sid = r.raw(SESSION_ID_LEN, "session_id")
-        numbers = [r.u32(f) for f in ("epoch", "generation", "index", "prev_generation")]
-        prev_length = r.u32("prev_length")
+        _, _, sid, *numbers = r.unpack(_RATCHET_FIXED, "session_id…prev_length")
         ek = ct = b""
         epoch_qkd = None
         if not compact:
@@ -251,7 +260,7 @@ class RatchetMessage:
             generation=numbers[1],
             index=numbers[2],
             prev_generation=numbers[3],
-            prev_length=prev_length,
+            prev_length=numbers[4],
             ratchet_key=ek,
             kem_ciphertext=ct,
             epoch_qkd=epoch_qkd,

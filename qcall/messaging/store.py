@@ -263,6 +263,15 @@ class ClientStore:
         except sqlite3.DatabaseError as exc:
             raise MessageStoreError(f"{self.path}: {exc}") from exc
 
+    def _many(self, sql: str, rows: list[tuple[object, ...]]) -> None:
+        if not rows:
+            return
+        try:
+            with self._lock:
+                self._db.executemany(sql, rows)
+        except sqlite3.DatabaseError as exc:
+            raise MessageStoreError(f"{self.path}: {exc}") from exc
+
     def _seal(self, table: str, row: bytes, data: bytes) -> bytes:
         nonce = secrets.token_bytes(pqc.AEAD_NONCE_LEN)
         return nonce + self._key.seal(nonce, data, framed(table.encode(), row))
@@ -465,6 +474,22 @@ class ClientStore:
         )
         return int(cur.lastrowid or 0)
 
+    def add_histories(
+        self, conversation: str, messages: list[tuple[bytes, bytes]], *, outgoing: bool, now: float
+    ) -> None:
+        """:meth:`add_history` for a burst of ``(message_id, body)`` (one statement)."""
+        conv = self.tag(conversation)
+        flag = bytes([outgoing])
+        self._many(
+            "INSERT INTO history (conversation, message_id, outgoing, at_ms, status, body) "
+            "VALUES (?,?,?,?,?,?)",
+            [
+                (conv, mid, int(outgoing), int(now * 1000), 0,
+                 self._seal("history", conv + mid + flag, body))
+                for mid, body in messages
+            ],
+        )  # fmt: skip
+
     def history(self, conversation: str, *, limit: int = 1000) -> list[HistoryEntry]:
         """The last ``limit`` messages of a conversation, oldest first."""
         conv = self.tag(conversation)
@@ -522,9 +547,15 @@ class ClientStore:
         rows = self._exec("SELECT id, recipient, envelope, at_ms FROM outbox ORDER BY id")
         return [OutboxEntry(int(r[0]), r[1], bytes(r[2]), int(r[3])) for r in rows.fetchall()]
 
+    def add_outboxes(self, recipient: str, envelopes: list[bytes], now: float) -> None:
+        """:meth:`add_outbox` for a burst (one statement)."""
+        self._many(
+            "INSERT INTO outbox (recipient, envelope, at_ms) VALUES (?,?,?)",
+            [(recipient, e, int(now * 1000)) for e in envelopes],
+        )
+
     def remove_outbox(self, ids: list[int]) -> None:
-        for i in ids:
-            self._exec("DELETE FROM outbox WHERE id = ?", (i,))
+        self._many("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
 
     def add_pending(
         self, envelope_id: int, sender: str, envelope: bytes, reason: str, now: float

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
+from typing import Any
 
 from qcall.exceptions import MessageFormatError
 
@@ -118,6 +119,16 @@ class Reader:
             )
         self._pos = pos + fmt.size
         return int(fmt.unpack_from(self._data, pos)[0])
+
+    def unpack(self, fmt: struct.Struct, field: str) -> tuple[Any, ...]:
+        """Several fixed-size fields at once (``fmt``, big-endian)."""
+        pos = self._pos
+        if pos + fmt.size > len(self._data):
+            raise self.error(
+                field, f"is truncated (needs {fmt.size} bytes, {self.remaining} left)"
+            )
+        self._pos = pos + fmt.size
+        return fmt.unpack_from(self._data, pos)
 
     def u8(self, field: str) -> int:
         pos = self._pos
