@@ -577,16 +577,16 @@ async def test_a_received_batch_writes_each_session_once_and_a_crash_in_it_loses
     monkeypatch.setattr(
         bob.store, "save_session", lambda *a, **k: (saves.append(1), real_save(*a, **k))
     )
-    real_mark = bob.store.mark_processed
-    marks = []
+    real_add = bob.store.add_history
+    added = []
 
-    def crash_on_fourth(envelope_id: int, now: float) -> None:
-        marks.append(envelope_id)
-        if len(marks) == 4:
+    def crash_on_fourth(*args, **kwargs) -> int:
+        added.append(1)
+        if len(added) == 4:
             raise KeyboardInterrupt("kill in the middle of the batch")
-        real_mark(envelope_id, now)
+        return real_add(*args, **kwargs)
 
-    monkeypatch.setattr(bob.store, "mark_processed", crash_on_fourth)
+    monkeypatch.setattr(bob.store, "add_history", crash_on_fourth)
     with pytest.raises(KeyboardInterrupt):
         await bob.deliver(envelopes)
     assert saves == []  # the session is written only at the end of the batch

@@ -173,8 +173,10 @@ class MessagingClient(GroupOps):
         self._sent: set[int] = set()
         # Inside deliver()'s batch transaction (no KME request may wait in it).
         self._batching = False
-        # The sessions a batch advanced, by id, written once at its end (process_batch).
+        # The sessions a batch advanced, by id, written once at its end (process_batch),
+        # and the envelopes of the batch processed without a savepoint, marked there too.
         self._batch: dict[bytes, Session] | None = None
+        self._marks: list[int] = []
 
     def __repr__(self) -> str:
         return f"<MessagingClient {self.me.name}>"
@@ -483,9 +485,11 @@ class MessagingClient(GroupOps):
                 finally:
                     self._batching = False
                     advanced, self._batch = self._batch, None
+                    marks, self._marks = self._marks, []
                 now = self.clock()
                 for session in advanced.values():
                     self.store.save_session(session.state, now)
+                self.store.mark_processed_many(marks, now)
             todo = todo[done:]
             if alone:
                 events += await self.process(todo[0])
@@ -576,7 +580,10 @@ class MessagingClient(GroupOps):
                     self.store.consume_one_time_prekey(opk_used, now)
             self.store.delete_qkd_keys([r.key_id for r in refs])
             events = self._apply_content(session, content, body, envelope.id, now)
-            self.store.mark_processed(envelope.id, now)
+            if plain_text:
+                self._marks.append(envelope.id)  # with the batch's session (process_batch)
+            else:
+                self.store.mark_processed(envelope.id, now)
         if batch is not None and init is not None:  # written above with its set-up rows
             batch.pop(session.session_id, None)
             batch[session.session_id] = session

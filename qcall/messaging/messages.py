@@ -46,6 +46,7 @@ MAX_CIPHERTEXT = 128 * 1024
 MAX_QKD_KEY = 1024
 
 _KEM = pqc.KEM.ML_KEM_768
+_ABSENT = b"\0\0\0\0"  # an absent QKDRef
 #: version, type, session_id, epoch, generation, index, prev_generation, prev_length.
 _RATCHET_FIXED = struct.Struct(f">BB{SESSION_ID_LEN}s5I")
 _EK_LEN = _KEM.sizes.encapsulation_key
@@ -130,6 +131,8 @@ class QKDRef:
 
     @classmethod
     def read(cls, r: Reader, field: str) -> QKDRef | None:
+        if r.skip(_ABSENT):  # the common case: no reference
+            return None
         sae = r.var8(field + ".sae_id")
         key_id = r.var8(field + ".key_id")
         size = r.u16(field + ".size")

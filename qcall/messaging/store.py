@@ -107,6 +107,17 @@ _PARSED_SESSIONS = 64
 _TAGS = 1024
 
 
+_TABLES: dict[str, bytes] = {}  # framed table names
+
+
+def _framed_row(table: str, row: bytes) -> bytes:
+    """``framed(table, row)``: the associated data of a sealed value (§10.2)."""
+    prefix = _TABLES.get(table)
+    if prefix is None:
+        prefix = _TABLES[table] = framed(table.encode())
+    return prefix + len(row).to_bytes(4, "big") + row
+
+
 @dataclass(frozen=True)
 class HistoryEntry:
     """One message in the local history (the body is the decrypted content bytes)."""
@@ -274,11 +285,11 @@ class ClientStore:
 
     def _seal(self, table: str, row: bytes, data: bytes) -> bytes:
         nonce = secrets.token_bytes(pqc.AEAD_NONCE_LEN)
-        return nonce + self._key.seal(nonce, data, framed(table.encode(), row))
+        return nonce + self._key.seal(nonce, data, _framed_row(table, row))
 
     def _open_raw(self, table: str, row: bytes, blob: bytes) -> bytes | None:
         return self._key.open(
-            blob[: pqc.AEAD_NONCE_LEN], blob[pqc.AEAD_NONCE_LEN :], framed(table.encode(), row)
+            blob[: pqc.AEAD_NONCE_LEN], blob[pqc.AEAD_NONCE_LEN :], _framed_row(table, row)
         )
 
     def _open(self, table: str, row: bytes, blob: bytes) -> bytes:
@@ -532,6 +543,11 @@ class ClientStore:
             )
             out.update(int(r[0]) for r in rows.fetchall())
         return out
+
+    def mark_processed_many(self, envelope_ids: list[int], now: float) -> None:
+        """:meth:`mark_processed` for several envelopes (one statement)."""
+        at = int(now * 1000)
+        self._many("INSERT OR IGNORE INTO processed VALUES (?,?)", [(i, at) for i in envelope_ids])
 
     def mark_processed(self, envelope_id: int, now: float) -> None:
         self._exec("INSERT OR IGNORE INTO processed VALUES (?,?)", (envelope_id, int(now * 1000)))

@@ -120,6 +120,14 @@ class Reader:
         self._pos = pos + fmt.size
         return int(fmt.unpack_from(self._data, pos)[0])
 
+    def skip(self, expected: bytes) -> bool:
+        """Consume ``expected`` if the input continues with it; whether it did."""
+        end = self._pos + len(expected)
+        if self._data[self._pos : end] != expected:
+            return False
+        self._pos = end
+        return True
+
     def unpack(self, fmt: struct.Struct, field: str) -> tuple[Any, ...]:
         """Several fixed-size fields at once (``fmt``, big-endian)."""
         pos = self._pos
