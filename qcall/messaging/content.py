@@ -145,7 +145,8 @@ class Content:
     def __post_init__(self) -> None:
         if len(self.message_id) != MESSAGE_ID_LEN:
             raise MessageFormatError("message content: field 'message_id' must be 16 bytes")
-        if self.kind is ContentKind.TEXT:
+        if self.kind is ContentKind.TEXT and len(self.text) * 4 > MAX_TEXT_BYTES:
+            # (a character is at most 4 bytes of UTF-8: shorter texts need no count)
             size = len(self.text.encode("utf-8", "surrogatepass"))
             if size > MAX_TEXT_BYTES:
                 raise MessageTooLargeError(
