@@ -358,7 +358,9 @@ class MessagingClient(GroupOps):
         if state is not None:
             # A batch being processed may hold this session advanced and not yet written:
             # that object is the session (encrypting from the stored row would reuse keys).
-            return self._stored_session(state.session_id) or self._session(state)
+            if self._batch is not None and state.session_id in self._batch:
+                return self._batch[state.session_id]
+            return self._session(state)
         data = await self.transport.claim_prekeys(peer)
         if data is None:
             raise UnknownSessionError(f"{peer} has published no prekeys: not a messaging user yet")
