@@ -25,9 +25,11 @@ Durability rules (why ``kill -9`` loses nothing and never reuses a key):
 * receiving: the session advances, and the message, the envelope id
   (``processed``) and any consumed one-time prekey or QKD key are written, in
   one transaction; only then is the envelope acknowledged. A batch of envelopes
-  shares one transaction (a savepoint each), committed before any KME request
-  and before the batch is acknowledged. An envelope id seen again (the server
-  re-delivers after our crash) is acknowledged silently;
+  shares one transaction (a savepoint each; none for a text), committed before any
+  KME request and before the batch is acknowledged; each session the batch advanced
+  is written once, at its end, in that transaction (a crash before the commit loses
+  the whole batch, which the server re-delivers). An envelope id seen again (the
+  server re-delivers after our crash) is acknowledged silently;
 * a QKD key fetched with ``dec_keys`` is stored before it is used (the KME
   hands it out once).
 
