@@ -11,11 +11,14 @@ shell fetches QKD keys and passes them in), no storage (the shell persists
     opens epoch 2: Decaps(dk_1, ct_2)
     epoch 3: Encaps(ek_2), new ek_3      ── m3 ──▶  opens epoch 3: Decaps(dk_2, ct_3)
 
-Every message of an epoch repeats the epoch's ``ek`` and ``ct``, so any one of
-them opens it (loss and reordering are harmless). Within an epoch the sender
-may start a new *generation* carrying a fresh QKD key (policy: every N messages
-or T seconds, :class:`QKDPolicy`); generations derive from the epoch's seed,
-not from each other, so a receiver can open them in any order.
+A *full* message (the first of a chain, every ``full_every``-th after it, and
+every message until the peer answered) repeats the epoch's ``ek`` and ``ct``, so
+any one of them opens it; the others are *short* (§7.4: 2,272 bytes less) and
+open only once their epoch is open (:class:`EpochNotOpenError` before: the
+shell keeps them for later, so loss and reordering stay harmless). Within an
+epoch the sender may start a new *generation* carrying a fresh QKD key (policy:
+every N messages or T seconds, :class:`QKDPolicy`); generations derive from the
+epoch's seed, not from each other, so a receiver can open them in any order.
 
 Error policy: input from the peer never changes the state unless the message
 authenticates. :meth:`Session.decrypt` either returns the plaintext and advances
