@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import os
@@ -72,6 +73,7 @@ class _Link(asyncio.Protocol):
     """What both ends share: framing, the error frame, closing once."""
 
     peer = "?"
+    direction = "?"  # "from" (inbound) or "to" (outbound), for logs
 
     def __init__(self, links: Links) -> None:
         self.links = links
@@ -132,10 +134,6 @@ class _Link(asyncio.Protocol):
             self.fail(str(exc))
         self.received()
 
-    @property
-    def direction(self) -> str:
-        raise NotImplementedError
-
     def handle(self, kind: LinkKind, body: bytes) -> None:
         raise NotImplementedError
 
@@ -152,8 +150,6 @@ class _Link(asyncio.Protocol):
 
 
 def _equal(a: bytes, b: bytes) -> bool:
-    import hmac
-
     return hmac.compare_digest(a, b)
 
 
