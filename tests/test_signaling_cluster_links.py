@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +34,7 @@ from signaling.server import SignalingServer
 from tests.hygiene import STATE
 from tests.test_signaling_cluster import (
     SERVER_ID,
+    instance as cluster_instance,
     next_of,
     place_call,
     run_main,
@@ -55,11 +57,18 @@ async def instance(
     redis: LocalRedis, name: str, secret: bytes | None = SECRET, timeout: float = 1.0
 ) -> tuple[SignalingServer, Cluster]:
     # Streams of frames: no rate limit in the way.
-    server = SignalingServer(ServerConfig(server_id=SERVER_ID, rate=1e4, burst=1e4))
-    await server.start("127.0.0.1", 0)
-    cluster = Cluster(redis.url, name, link_secret=secret, link_timeout=timeout)
-    await cluster.start(server)
-    return server, cluster
+    config = ServerConfig(server_id=SERVER_ID, rate=1e4, burst=1e4)
+    return await cluster_instance(
+        redis, name, config=config, link_secret=secret, link_timeout=timeout
+    )
+
+
+def secret_flags(tmp_path: Path, mode: int = 0o600) -> list[str]:
+    """Command-line flags of an instance with :data:`SECRET` in a file of ``mode``."""
+    secret = tmp_path / "cluster.secret"
+    secret.write_bytes(SECRET)
+    secret.chmod(mode)
+    return ["--cluster-secret-file", str(secret), "--rate", "10000", "--burst", "10000"]
 
 
 @pytest.fixture
@@ -254,21 +263,8 @@ async def test_a_stalled_peer_instance_blocks_nobody(redis_server, keys, tmp_pat
     """B (a real process) stops with frames in flight on its link: A's link to it
     fails over by itself, A's and C's users call as fast as ever, and once B
     runs again bob has every frame alice sent, once, in order."""
-    secret = tmp_path / "cluster.secret"
-    secret.write_bytes(SECRET)
-    secret.chmod(0o600)
     port_b = free_port()
-    proc = await spawn_instance(
-        redis_server,
-        port_b,
-        "B",
-        "--cluster-secret-file",
-        str(secret),
-        "--rate",
-        "10000",
-        "--burst",
-        "10000",
-    )
+    proc = await spawn_instance(redis_server, port_b, "B", *secret_flags(tmp_path))
     a, ca = await instance(redis_server, "A", timeout=0.2)
     c, cc = await instance(redis_server, "C")
     try:
@@ -318,19 +314,8 @@ async def test_a_stalled_peer_instance_blocks_nobody(redis_server, keys, tmp_pat
 
 
 async def test_command_line_links(redis_server, tmp_path):
+    flags = ("--redis", redis_server.url, *secret_flags(tmp_path, 0o644))
     secret = tmp_path / "cluster.secret"
-    secret.write_bytes(SECRET)
-    secret.chmod(0o644)
-    flags = (
-        "--redis",
-        redis_server.url,
-        "--cluster-secret-file",
-        str(secret),
-        "--rate",
-        "10000",
-        "--burst",
-        "10000",
-    )
     code, out = await run_main(*flags)
     assert code == 1 and "readable by others" in out, out
     secret.chmod(0o600)
