@@ -187,6 +187,8 @@ def link_from(args: argparse.Namespace) -> tuple[bytes, str, int] | None:
     address = parse_endpoint(args.link if sep else "")
     if address is None and port != "0":
         raise ConfigError(f"--link {args.link}: not HOST:PORT")
+    if host.strip("[]") in ("", "0.0.0.0", "::"):
+        raise ConfigError(f"--link {args.link}: an address the other instances reach, please")
     return secret, host.strip("[]"), int(port)
 
 

@@ -495,6 +495,8 @@ class Cluster:
             self._on_frame(header, frame)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             logger.warning("! bad frame from instance %s: %s", inst, exc)
+        except Exception:  # a bug, never the peer's input: the link and everyone go on
+            logger.exception("! frame from instance %s failed", inst)
 
     async def _endpoint_of(self, inst: str) -> str | None:
         """The ``HOST:PORT`` instance ``inst`` advertises for links (``None``: none, dead)."""

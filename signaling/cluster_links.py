@@ -235,6 +235,12 @@ class _Inbound(_Link):
             loop = asyncio.get_running_loop()
             self._ack_timer = loop.call_later(ACK_DELAY, self._send_ack)
 
+    def flush_ack(self) -> None:
+        """Acknowledge now what waits for its acknowledgement."""
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+        self._send_ack()
+
     def _send_ack(self) -> None:
         self._ack_timer = None
         if self._ack > self._ack_sent:
@@ -357,6 +363,8 @@ class Links:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
+        for inbound in self._inbound.values():
+            inbound.flush_ack()  # the peers need not resend what was delivered here
         for link in [*self._outbound.values(), *self._inbound.values()]:
             link.close()
         if self._server is not None:
@@ -427,8 +435,8 @@ class Links:
             return
         resend = sender.on_down(asyncio.get_running_loop().time())
         self.failovers += 1
-        logger.warning("! link to %s down (%s): %d frames over Redis", link.peer, reason,
-                       len(resend))  # fmt: skip
+        log = logger.warning if resend else logger.info  # a peer stopping: nothing lost
+        log("! link to %s down (%s): %d frames over Redis", link.peer, reason, len(resend))
         if resend:
             self._republish(link.peer, resend)
 

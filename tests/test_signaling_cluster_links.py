@@ -321,6 +321,8 @@ async def test_command_line_links(redis_server, tmp_path):
     secret.chmod(0o600)
     code, out = await run_main(*flags, "--link", "localhost")
     assert code == 1 and "--link localhost: not HOST:PORT" in out, out
+    code, out = await run_main(*flags, "--link", "0.0.0.0:7000")
+    assert code == 1 and "an address the other instances reach" in out, out
     code, out = await run_main(
         "--cluster-secret-file", str(secret), "--rate", "10000", "--burst", "10000"
     )
