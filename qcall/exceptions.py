@@ -54,6 +54,7 @@ narrowest class that you can act on::
     │   ├── SignalingLimitError         a server limit: connections, names, watch list
     │   ├── PeerUnavailableError        callee offline or busy
     │   └── ClusterError                a signaling cluster's Redis is unreachable or refused
+    │       └── ClusterLinkError           a direct link between instances: bad frame or peer
     ├── CallError
     │   ├── CallRejectedError           the callee declined or was busy
     │   ├── MediaError                  audio device or file problem
@@ -103,6 +104,7 @@ __all__ = [
     "CertificateRevokedError",
     "ChannelAuthenticationError",
     "ClusterError",
+    "ClusterLinkError",
     "ConfigError",
     "CryptoError",
     "DocumentChangedError",
@@ -494,6 +496,13 @@ class ClusterError(SignalingError):
     """A signaling instance cannot reach its cluster's Redis, or Redis refused a step."""
 
     code = "cluster_error"
+
+
+class ClusterLinkError(ClusterError):
+    """A direct link between two signaling instances failed: a bad frame, a failed
+    authentication (wrong cluster secret), or a peer that is not the one expected."""
+
+    code = "cluster_link_error"
 
 
 # --- calls ----------------------------------------------------------------------------

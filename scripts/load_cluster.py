@@ -18,6 +18,9 @@ its own instance first). It measures:
   on the same instance and (N > 1) pairs on different instances, placed by
   ``--client-processes`` client processes of their own (started together, so
   one Python client is not the bottleneck), and the scaling against N = 1;
+* server CPU per set-up: CPU seconds of the instances and of ``redis-server``
+  (``/proc``) during the set-up phase, per 1000 set-ups, so that scaling can
+  be judged apart from the cores this machine has;
 * recovery: one instance is killed with SIGKILL; the time until every one of
   its users is registered again on another instance (max over the users).
 
@@ -31,6 +34,10 @@ store (``signaling/pgstore.py``, 16 concurrent writers) against the embedded
 SQLite store measured in the same run (the baseline). The test PostgreSQL runs
 with ``fsync=off``, SQLite with ``synchronous=FULL``: the store line compares
 the code paths, not the disks.
+
+The instances share a cluster secret and send call frames to each other
+over direct links (docs/signaling.md, "Direct links between instances");
+``--no-links`` runs them on Redis alone, as before the links.
 
 Loopback only, bounded in size (``--connections`` <= 2000) and time.
 
@@ -77,6 +84,12 @@ def rss_kib(pid: int) -> int:
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, seconds (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def registered(port: int) -> int:
@@ -142,7 +155,7 @@ async def routing(pairs: list[tuple[SignalingClient, SignalingClient]], rounds: 
 
 async def setups_per_second(
     pairs: list[tuple[SignalingClient, SignalingClient]], duration: float
-) -> float:
+) -> tuple[int, float]:
     done = 0
     stop = time.perf_counter() + duration
 
@@ -154,7 +167,7 @@ async def setups_per_second(
 
     start = time.perf_counter()
     await asyncio.gather(*(loop(a, b) for a, b in pairs))
-    return done / (time.perf_counter() - start)
+    return done, time.perf_counter() - start
 
 
 async def setup_worker(urls: list[str], mode: str, pairs: int, duration: float, tag: str) -> None:
@@ -173,15 +186,18 @@ async def setup_worker(urls: list[str], mode: str, pairs: int, duration: float, 
     chosen = [(clients[i], clients[i + step]) for i in range(0, 2 * n * pairs, 2 * n)][:pairs]
     print("ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # go
-    rate = await setups_per_second(chosen, duration)
-    print(json.dumps({"setups": rate}), flush=True)
+    done, elapsed = await setups_per_second(chosen, duration)
+    print(json.dumps({"setups": done / elapsed, "count": done}), flush=True)
     for client in clients:
         await client.close()
 
 
-async def setups_in_processes(urls: list[str], mode: str, args: Any) -> float:
+async def setups_in_processes(
+    urls: list[str], mode: str, args: Any, servers: list[int]
+) -> tuple[float, int, list[float]]:
     """Set-ups/s of ``args.concurrency`` pairs split over ``args.client_processes``
-    client processes (so one Python client is not the bottleneck), started together."""
+    client processes (so one Python client is not the bottleneck), started together;
+    the set-ups done, and the CPU seconds each of ``servers`` (pids) used meanwhile."""
     k = max(1, min(args.client_processes, args.concurrency))
     shares = [args.concurrency // k + (i < args.concurrency % k) for i in range(k)]
     procs = []
@@ -196,16 +212,20 @@ async def setups_in_processes(urls: list[str], mode: str, args: Any) -> float:
         assert proc.stdout is not None
         if b"ready" not in await asyncio.wait_for(proc.stdout.readline(), 120):
             raise SystemExit("a set-up worker did not start")
+    cpu0 = [cpu_seconds(pid) for pid in servers]
     for proc in procs:
         assert proc.stdin is not None
         proc.stdin.write(b"go\n")
         await proc.stdin.drain()
-    total = 0.0
+    total, count = 0.0, 0
     for proc in procs:
         assert proc.stdout is not None
-        total += json.loads(await proc.stdout.readline())["setups"]
+        answer = json.loads(await proc.stdout.readline())
+        total, count = total + answer["setups"], count + answer["count"]
+    cpu = [cpu_seconds(pid) - c for pid, c in zip(servers, cpu0, strict=True)]
+    for proc in procs:
         await proc.wait()
-    return total
+    return total, count, cpu
 
 
 async def messages_per_second(
@@ -263,13 +283,17 @@ async def store_rates(writers: int = 16, per_writer: int = 100) -> dict[str, flo
 async def one_count(
     n: int, args: Any, keys: list[pqc.SigningKey], pg: LocalPostgres
 ) -> dict[str, Any]:
-    with LocalRedis() as redis:
-        assert isinstance(redis, LocalRedis)
+    with LocalRedis() as redis, tempfile.TemporaryDirectory() as tmp:
+        assert isinstance(redis, LocalRedis) and redis.proc is not None
         ports = [free_port() for _ in range(n)]
         database = pg.create_database(f"count{n}")
-        procs = [
-            await spawn(redis.url, p, f"i{k}", "--database", database) for k, p in enumerate(ports)
-        ]
+        flags = ["--database", database]
+        if not args.no_links:
+            secret = Path(tmp) / "cluster.secret"
+            secret.write_bytes(os.urandom(32).hex().encode())
+            secret.chmod(0o600)
+            flags += ["--cluster-secret-file", str(secret)]
+        procs = [await spawn(redis.url, p, f"i{k}", *flags) for k, p in enumerate(ports)]
         base_rss = sum(rss_kib(p.pid) for p in procs)
         urls = [f"ws://127.0.0.1:{p}" for p in ports]
         clients: list[SignalingClient] = []
@@ -302,10 +326,14 @@ async def one_count(
                     "routing_cross_p99_ms": round(pct(cross_ms, 0.99), 3),
                     "cross_same_ratio_p50": round(pct(cross_ms, 0.5) / pct(same_ms, 0.5), 2),
                 }
+            servers = [p.pid for p in procs] + [redis.proc.pid]
             for mode in ("same", "cross") if n > 1 else ("same",):
-                result[f"setups_per_s_{mode}"] = round(
-                    await setups_in_processes(urls, mode, args), 1
-                )
+                rate, count, cpu = await setups_in_processes(urls, mode, args, servers)
+                result[f"setups_per_s_{mode}"] = round(rate, 1)
+                # CPU seconds per 1000 set-ups: all instances, and Redis apart.
+                per = 1000 / max(1, count)
+                result[f"cpu_s_per_1000_setups_{mode}"] = round(sum(cpu[:-1]) * per, 2)
+                result[f"redis_cpu_s_per_1000_setups_{mode}"] = round(cpu[-1] * per, 2)
             # Messages: client i sends to i + 1 (another instance when n > 1).
             mail_pairs = [(clients[i], clients[i + 1]) for i in range(0, 16, 2)]
             rate, pushed = await messages_per_second(mail_pairs, args.duration)
@@ -351,6 +379,7 @@ async def run(args: Any) -> None:
     with LocalPostgres() as pg:
         assert isinstance(pg, LocalPostgres)
         results = [await one_count(n, args, keys, pg) for n in counts]
+    print(f"# links between instances: {'off (--no-links)' if args.no_links else 'on'}")
     for result in results:
         print(json.dumps(result), flush=True)
     rates = await store_rates()

@@ -458,6 +458,11 @@ def main() -> None:
         "--client-processes", type=int, default=2, help="--instances: set-up client processes"
     )
     parser.add_argument(
+        "--no-links",
+        action="store_true",
+        help="--instances: call frames between instances over Redis only (no direct links)",
+    )
+    parser.add_argument(
         "--watch-all",
         action="store_true",
         help="register without a watch list (everyone's presence, O(N) per registration)",

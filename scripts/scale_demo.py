@@ -3,7 +3,8 @@
 
 Starts a ``redis-server`` and a PostgreSQL server on loopback ports in
 temporary folders and ``--instances`` (default 3) ``python -m signaling --redis
---database`` processes, puts alice, bob and carol on different instances (each
+--database --cluster-secret-file`` processes (call frames between instances over
+direct links), puts alice, bob and carol on different instances (each
 client holding the whole URL list), then shows:
 
 1. a call set up between alice and bob across instances (invite, ringing,
@@ -29,6 +30,7 @@ import asyncio
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,13 +52,15 @@ def say(text: str) -> None:
 
 async def demo(instances: int) -> None:
     backend = pqc.get_backend()
-    with LocalRedis() as redis, LocalPostgres() as pg:
+    with LocalRedis() as redis, LocalPostgres() as pg, tempfile.TemporaryDirectory() as tmp:
         assert isinstance(redis, LocalRedis) and isinstance(pg, LocalPostgres)
         say(f"redis-server on {redis.url}, PostgreSQL on {pg.url}")
         ports = [free_port() for _ in range(instances)]
-        procs = [
-            await spawn(redis.url, p, f"inst{k}", "--database", pg.url) for k, p in enumerate(ports)
-        ]
+        secret = Path(tmp) / "cluster.secret"  # call frames over direct links between instances
+        secret.write_bytes(os.urandom(32).hex().encode())
+        secret.chmod(0o600)
+        flags = ("--database", pg.url, "--cluster-secret-file", str(secret))
+        procs = [await spawn(redis.url, p, f"inst{k}", *flags) for k, p in enumerate(ports)]
         urls = [f"ws://127.0.0.1:{p}" for p in ports]
         say(f"{instances} instances: {' '.join(urls)}")
         clients: dict[str, SignalingClient] = {}

@@ -79,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
         "prekeys (default: the embedded SQLite store)",
     )  # fmt: skip
     scale.add_argument("--instance-id", help="unique name of this instance (default HOST:PORT:PID)")
+    scale.add_argument(
+        "--cluster-secret-file", metavar="FILE", help="file (mode 0600) holding the secret the "
+        "instances share (>= 16 bytes): call frames go over direct, authenticated links between "
+        "instances instead of Redis",
+    )  # fmt: skip
+    scale.add_argument(
+        "--link", metavar="HOST:PORT", default="127.0.0.1:0", help="address the links listen on "
+        "and that the other instances dial (default 127.0.0.1:0; a LAN address across hosts)",
+    )  # fmt: skip
     turn = parser.add_argument_group("TURN (docs/two-machines.md, hosts behind NAT)")
     turn.add_argument(
         "--turn-url", action="append", default=[], metavar="URL",
@@ -140,16 +149,47 @@ def turn_from(args: argparse.Namespace) -> Callable[[str, float], TurnCredential
         return None
     if not (args.turn_url and args.turn_secret_file):
         raise ConfigError("--turn-url and --turn-secret-file go together")
-    path = Path(args.turn_secret_file)
+    secret = _read_secret("--turn-secret-file", args.turn_secret_file)
+    return turn_issuer(secret, args.turn_url, args.turn_ttl)
+
+
+def _read_secret(flag: str, name: str) -> bytes:
+    """The stripped contents of a secret file (mode 0600, not empty)."""
+    path = Path(name)
     try:
         if path.stat().st_mode & 0o077:
             raise ConfigError(f"{path} is readable by others: chmod 600 {path}")
         secret = path.read_bytes().strip()
     except OSError as exc:
-        raise ConfigError(f"cannot read --turn-secret-file {path}: {exc.strerror}") from exc
+        raise ConfigError(f"cannot read {flag} {path}: {exc.strerror}") from exc
     if not secret:
         raise ConfigError(f"{path} is empty")
-    return turn_issuer(secret, args.turn_url, args.turn_ttl)
+    return secret
+
+
+def link_from(args: argparse.Namespace) -> tuple[bytes, str, int] | None:
+    """The cluster secret and link address of ``--cluster-secret-file``/``--link``, if given.
+
+    Raises:
+        ConfigError: no ``--redis``, a bad secret file (see :func:`_read_secret`), a
+            secret under 16 bytes, or a ``--link`` that is not ``HOST:PORT``.
+    """
+    if not args.cluster_secret_file:
+        return None
+    if not args.redis:
+        raise ConfigError("--cluster-secret-file needs --redis")
+    from signaling.cluster_links import parse_endpoint
+
+    secret = _read_secret("--cluster-secret-file", args.cluster_secret_file)
+    if len(secret) < 16:
+        raise ConfigError(f"{args.cluster_secret_file}: the cluster secret needs >= 16 bytes")
+    host, sep, port = args.link.rpartition(":")
+    address = parse_endpoint(args.link if sep else "")
+    if address is None and port != "0":
+        raise ConfigError(f"--link {args.link}: not HOST:PORT")
+    if host.strip("[]") in ("", "0.0.0.0", "::"):
+        raise ConfigError(f"--link {args.link}: an address the other instances reach, please")
+    return secret, host.strip("[]"), int(port)
 
 
 def _set_once(future: asyncio.Future[None]) -> None:
@@ -183,7 +223,12 @@ async def _serve(
             from signaling.cluster import Cluster  # needs qcall[scale]
 
             instance = args.instance_id or f"{socket.gethostname()}:{server.port}:{os.getpid()}"
-            cluster = Cluster(args.redis, instance, pin_ttl=config.pin_ttl)
+            link = link_from(args)
+            secret, link_host, link_port = link or (None, "127.0.0.1", 0)
+            cluster = Cluster(
+                args.redis, instance, pin_ttl=config.pin_ttl, link_secret=secret,
+                link_host=link_host, link_port=link_port,
+            )  # fmt: skip
             await cluster.start(server)
             stack.push_async_callback(cluster.close)
         scheme = "wss" if tls else "ws"
@@ -205,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         tls = tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
         turn_from(args)  # errors before listening
+        link_from(args)
         asyncio.run(_serve(config, args, tls))
     except QCallError as exc:
         print(f"qcall-signaling: error: {exc}", file=sys.stderr)

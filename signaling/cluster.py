@@ -30,9 +30,17 @@ docs/signaling.md, "Several instances", is the specification; in short:
   its users' names again; the subscriber reconnects and subscribes again, and
   tells its users ``mail_waiting`` (announcements may have been lost meanwhile).
 
+* **Direct links** (``link_secret``; :mod:`signaling.cluster_links`): with a
+  cluster secret, each instance listens for links and advertises ``HOST:PORT``
+  as the value of its ``qcall:instance:ID`` key; call frames for another
+  instance go over an authenticated TCP link to it, numbered per pair of
+  instances (``epoch``, ``seq`` in the header) so that the receiver delivers each
+  once and in order whichever path it took; Redis carries them while the link
+  is down or catching up (docs/signaling.md, "Direct links between instances").
+
 Messages on ``qcall:to:ID`` are one JSON header line, ``\n``, then a raw body
 (a forwarded frame or a ``mail`` push, never escaped into JSON):
-``{"from", "fp", "inst"}`` + frame, ``{"kick", "inst"}``, ``{"mail"}`` + push,
+``{"from", "fp", "inst"[, "epoch", "seq"]}`` + frame, ``{"kick", "inst"}``, ``{"mail"}`` + push,
 ``{"mail", "id"}`` (the receiving instance reads envelope ``id`` from the store).
 """
 
@@ -44,6 +52,7 @@ import dataclasses
 import json
 import logging
 import re
+import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +64,7 @@ from qcall.signaling.mailbox import MailEnvelope, MailPush, MailWaiting
 from qcall.signaling.messages import ErrorMessage, OnlinePeer, Registered
 from qcall.signaling.protocol import CloseConnection, ConnectionId, Output
 from qcall.typing import PeerId
+from signaling.cluster_links import Links
 
 if TYPE_CHECKING:
     from signaling.server import SignalingServer
@@ -91,6 +101,12 @@ _PUSH_ID = re.compile(r'\{"type":"mail","envelope":\{"id":(\d+),')
 _MAIL_WAITING = MailWaiting().serialize()
 #: Seconds :meth:`Cluster.close` waits for each step of its clean-up.
 CLOSE_TIMEOUT = 1.0
+# KEYS: name hash. ARGV: instance key prefix. The name's {instance, fingerprint} if online.
+_LOOKUP = """
+local v = redis.call('HMGET', KEYS[1], 'inst', 'fp')
+if not v[1] or redis.call('EXISTS', ARGV[1] .. v[1]) == 0 then return false end
+return v
+"""
 # KEYS: name hash. ARGV: instance.
 _RELEASE = """
 if redis.call('HGET', KEYS[1], 'inst') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -107,6 +123,11 @@ class Cluster:
         liveness: seconds after its last heartbeat an instance counts as dead.
         heartbeat: seconds between heartbeats.
         pin_ttl: seconds a name's pinned fingerprint is kept in Redis.
+        link_secret: the cluster's shared secret (≥ 16 bytes): call frames go over
+            direct links between instances; ``None``: over Redis only.
+        link_host: address to listen on for links, advertised to the others.
+        link_port: port for links (0: any free one).
+        link_timeout: seconds for a link to connect, authenticate, or acknowledge.
     """
 
     def __init__(
@@ -117,6 +138,10 @@ class Cluster:
         liveness: float = 1.0,
         heartbeat: float = 0.25,
         pin_ttl: float = 30 * 86400.0,
+        link_secret: bytes | None = None,
+        link_host: str = "127.0.0.1",
+        link_port: int = 0,
+        link_timeout: float = 1.0,
     ) -> None:
         if not instance_id or not instance_id.isprintable() or " " in instance_id:
             raise ValueError(f"bad instance id {instance_id!r}")
@@ -132,6 +157,19 @@ class Cluster:
         self._claim = self.redis.register_script(_CLAIM)
         self._release = self.redis.register_script(_RELEASE)
         self._mail = self.redis.register_script(_MAIL)
+        self._lookup = self.redis.register_script(_LOOKUP)
+        #: This run's number in frame headers (grows across restarts).
+        self.epoch = time.time_ns() // 1000
+        self.links: Links | None = None
+        if link_secret is not None:
+            self.links = Links(
+                instance_id, link_secret, deliver=self._on_link_frame, resolve=self._endpoint_of,
+                republish=self._queue_frames, epoch=self.epoch, timeout=link_timeout,
+            )  # fmt: skip
+        self._link_address = (link_host, link_port)
+        self._endpoint = "1"  # the value of our instance key: "HOST:PORT" with links
+        self._frame_queue: list[tuple[str, bytes, ConnectionId | None]] = []
+        self._frame_wake = asyncio.Event()
         self._mail_queue: list[tuple[PeerId, bytes]] = []  # announcements to publish, in order
         self._mail_wake = asyncio.Event()
         self._server: SignalingServer | None = None
@@ -160,6 +198,8 @@ class Cluster:
             ClusterError: Redis is unreachable.
         """
         self._server = server
+        if self.links is not None:
+            self._endpoint = await self.links.start(*self._link_address)
         try:
             await self._beat()
         except RedisError as exc:
@@ -169,6 +209,7 @@ class Cluster:
             asyncio.create_task(self._run_heartbeat()),
             asyncio.create_task(self._run_subscriber()),
             asyncio.create_task(self._run_mail()),
+            asyncio.create_task(self._run_frames()),
         ]
         await asyncio.wait_for(self._subscribed.wait(), 5.0)
 
@@ -181,6 +222,8 @@ class Cluster:
         self._closing = True
         if self._server is not None:
             self._server.cluster = None
+        if self.links is not None:
+            await self.links.close()
         for task in self._tasks:
             task.cancel()
         if self._tasks:  # bounded: a Redis client stuck in its clean-up must not hang us
@@ -213,17 +256,15 @@ class Cluster:
             return  # the protocol answers bad_message
         if not isinstance(peer, str) or server.protocol.connection_of(PeerId(peer)) is not None:
             return
-        try:
-            reply = self.redis.hmget(self._key("name", peer), ["inst", "fp"])
-            inst, fp = await reply if not isinstance(reply, list) else reply
-            alive = inst is not None and await self.redis.exists(
-                self._key("instance", inst.decode())
+        try:  # one round trip: the name's instance, if that one is alive
+            found = await self._lookup(
+                keys=[self._key("name", peer)], args=[self._key("instance", "")]
             )
         except RedisError as exc:
             logger.warning("! cannot look %s up in Redis: %s", peer, exc)
             return  # the protocol answers unavailable
-        if alive and inst.decode() != self.instance_id:
-            self._attach(PeerId(peer), fp.decode(), inst.decode())
+        if found and found[0].decode() != self.instance_id:
+            self._attach(PeerId(peer), found[1].decode(), found[0].decode())
 
     async def after(self, cid: ConnectionId, text: str | bytes, out: list[Output]) -> list[Output]:
         """After ``text`` from ``cid``: confirm a registration, forward to other instances."""
@@ -244,9 +285,16 @@ class Cluster:
                 kept.append((target, msg))
             elif not isinstance(msg, CloseConnection):
                 instances.add(standin)
+        frame = text.encode() if isinstance(text, str) else text
         for inst in sorted(instances):
-            frame = text.encode() if isinstance(text, str) else text
             header = {"from": name, "fp": self._local.get(name, ""), "inst": self.instance_id}
+            if self.links is not None:  # numbered; the link if it can, else Redis in order
+                seq = self.links.next_seq(inst)
+                message = json.dumps(header | {"epoch": self.epoch, "seq": seq}).encode()
+                message += b"\n" + frame
+                if not self.links.send(inst, seq, message):
+                    self._queue_frames(inst, [message], cid)
+                continue
             try:
                 await self.redis.publish(
                     self._key("to", inst), json.dumps(header).encode() + b"\n" + frame
@@ -420,6 +468,9 @@ class Cluster:
         server = self._server
         assert server is not None
         name, inst = PeerId(str(data["from"])), str(data["inst"])
+        if self.links is not None and "seq" in data:
+            if not self.links.fresh(inst, int(data["epoch"]), int(data["seq"])):
+                return  # delivered already (the other path), or older than one delivered
         current = server.protocol.connection_of(name)
         entry = self._standins.get(name)
         if entry is not None and (current != entry[0] or entry[1] != inst):
@@ -437,6 +488,46 @@ class Cluster:
         out = server.protocol.receive(standin, frame, loop.time())
         server._dispatch([(t, m) for t, m in out if not server.protocol.is_remote(t)])
         server._check_timer()
+
+    def _on_link_frame(self, inst: str, epoch: int, header: dict[str, Any], frame: str) -> None:
+        """A frame that came over the link from ``inst`` (authenticated, header checked)."""
+        try:
+            self._on_frame(header, frame)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            logger.warning("! bad frame from instance %s: %s", inst, exc)
+        except Exception:  # a bug, never the peer's input: the link and everyone go on
+            logger.exception("! frame from instance %s failed", inst)
+
+    async def _endpoint_of(self, inst: str) -> str | None:
+        """The ``HOST:PORT`` instance ``inst`` advertises for links (``None``: none, dead)."""
+        value = await self.redis.get(self._key("instance", inst))
+        return value.decode() if value else None
+
+    def _queue_frames(
+        self, inst: str, messages: list[bytes], cid: ConnectionId | None = None
+    ) -> None:
+        """Publish numbered frames to ``inst`` over Redis, after those queued before."""
+        self._frame_queue += [(inst, message, cid) for message in messages]
+        self._frame_wake.set()
+
+    async def _run_frames(self) -> None:
+        """Publish the queued frames, all waiting ones in one pipeline, in order."""
+        while True:
+            await self._frame_wake.wait()
+            self._frame_wake.clear()
+            batch, self._frame_queue = self._frame_queue, []
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for inst, message, _ in batch:
+                        pipe.publish(self._key("to", inst), message)
+                    await pipe.execute()
+            except (RedisError, OSError) as exc:
+                logger.warning("! cannot forward %d frames: %s", len(batch), exc)
+                server = self._server
+                for cid in {cid for _, _, cid in batch if cid is not None}:
+                    if server is not None:
+                        error = ErrorMessage("unavailable", "peer unreachable now")
+                        server._dispatch([(cid, error)])
 
     async def _run_mail(self) -> None:
         """Publish the queued mail announcements, all waiting ones in one pipeline."""
@@ -543,7 +634,7 @@ class Cluster:
         key = self._key("instance", self.instance_id)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.exists(key)
-            pipe.set(key, "1", px=int(self.liveness * 1000))
+            pipe.set(key, self._endpoint, px=int(self.liveness * 1000))
             existed, _ = await pipe.execute()
         return not existed
 
@@ -570,11 +661,13 @@ class Cluster:
     async def _check_standins(self) -> None:
         """Users of dead instances go offline; drop stand-ins no call needs any more."""
         server = self._server
-        if server is None or not (self._standins or self._remote_online):
+        peers = set(self.links.senders) if self.links is not None else set()
+        if server is None or not (self._standins or self._remote_online or peers):
             return
         instances = sorted(
             {inst for _, inst in self._standins.values()}
             | {inst for _, inst in self._remote_online.values()}
+            | peers
         )
         async with self.redis.pipeline(transaction=False) as pipe:
             for inst in instances:
@@ -587,3 +680,6 @@ class Cluster:
         for name, (_, inst) in list(self._standins.items()):
             if not alive[inst] or not server.protocol.has_calls(name):
                 self._drop(name)
+        for inst in peers:
+            if not alive[inst] and self.links is not None:
+                self.links.forget(inst)  # a restart under the same id starts afresh

@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -37,11 +37,16 @@ def keys() -> dict[str, pqc.SigningKey]:
 
 
 async def instance(
-    redis: LocalRedis, name: str, mailbox: MessageStore | None = None
+    redis: LocalRedis,
+    name: str,
+    mailbox: MessageStore | None = None,
+    config: ServerConfig | None = None,
+    **options: Any,
 ) -> tuple[SignalingServer, Cluster]:
-    server = SignalingServer(ServerConfig(server_id=SERVER_ID), mailbox=mailbox)
+    """A server in this process joined to the cluster (``options``: of :class:`Cluster`)."""
+    server = SignalingServer(config or ServerConfig(server_id=SERVER_ID), mailbox=mailbox)
     await server.start("127.0.0.1", 0)
-    cluster = Cluster(redis.url, name)
+    cluster = Cluster(redis.url, name, **options)
     await cluster.start(server)
     return server, cluster
 

@@ -1,0 +1,363 @@
+"""Direct links between signaling instances: wire format and stream state (pure, Sans-I/O).
+
+docs/signaling.md, "Direct links between instances", is the specification. In
+short: an instance sending call frames to another instance opens one TCP
+connection to it (the endpoint the receiver advertises in Redis) and, once
+both proved they hold the cluster's shared secret, writes each frame there
+instead of publishing it to Redis; Redis stays the fallback and the source
+of truth for names, presence and liveness.
+
+Frame on the link: ``kind (u8) | length (u32, big endian) | body``::
+
+    dialer                                     listener
+      HELLO   {v, from, to, epoch, nonce} ------->
+      <------- WELCOME {v, nonce, epoch, acked, mac}     mac  = HMAC(secret, "welcome" ‖ T)
+      AUTH    {mac} ------------------------------>      mac  = HMAC(secret, "auth" ‖ T)
+      FRAME   tag(16) ‖ message ----------------->       tag  = HMAC(session, kind ‖ message)[:16]
+      <------- ACK     tag(16) ‖ seq (u64)                session = HMAC(secret, "session" ‖ T)
+      ERROR   UTF-8 reason (either side, then close)
+
+``T`` (:func:`transcript`) binds both instance ids, both nonces, both epochs
+and ``acked``. ``message`` is exactly what the Redis path publishes: a JSON
+header line ``{"from", "fp", "inst", "epoch", "seq"}``, ``\\n``, the client's
+frame. Every frame one instance sends another — over the link or over Redis —
+takes the next number of one sequence (:class:`LinkSender`), so the receiver
+(:class:`LinkReceiver`) delivers each number once and in order whichever way it
+came, and the sender switches between the two paths without loss (it resends
+over Redis what the link did not acknowledge) or duplication.
+
+Error policy: parsers raise :class:`~qcall.exceptions.ClusterLinkError`
+naming the field; the shell sends it as ``ERROR`` and closes the link.
+Secret and session keys never appear in a repr, a log or an error.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import hashlib
+import hmac
+import json
+import struct
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from qcall.exceptions import ClusterLinkError
+
+__all__ = [
+    "MAX_BODY",
+    "VERSION",
+    "Auth",
+    "FrameReader",
+    "Hello",
+    "LinkKind",
+    "LinkReceiver",
+    "LinkSender",
+    "Welcome",
+    "encode",
+    "frame_tag",
+    "link_macs",
+    "transcript",
+]
+
+VERSION = 1
+#: Largest body accepted: a client frame (``2 × max_message_size`` at most, the
+#: server's hard limit) plus its header line.
+MAX_BODY = 4 << 20
+#: Bytes of an HMAC-SHA-256 tag kept on ``FRAME`` and ``ACK``.
+TAG_LEN = 16
+NONCE_LEN = 32
+#: Smallest cluster secret accepted, bytes.
+MIN_SECRET = 16
+_HEAD = struct.Struct(">BI")
+_U64 = struct.Struct(">Q")
+
+
+class LinkKind(enum.IntEnum):
+    """The ``kind`` byte of a link frame."""
+
+    HELLO = 1
+    WELCOME = 2
+    AUTH = 3
+    FRAME = 4
+    ACK = 5
+    ERROR = 6
+
+
+def encode(kind: LinkKind, body: bytes) -> bytes:
+    """One link frame."""
+    return _HEAD.pack(kind, len(body)) + body
+
+
+class FrameReader:
+    """Sans-I/O decoder: :meth:`feed` bytes, get whole ``(kind, body)`` frames."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[LinkKind, bytes]]:
+        """Add ``data``; return the frames now complete.
+
+        Raises:
+            ClusterLinkError: unknown kind or a body above :data:`MAX_BODY`.
+        """
+        buf = self._buffer
+        buf += data
+        out: list[tuple[LinkKind, bytes]] = []
+        at = 0
+        while len(buf) - at >= _HEAD.size:
+            kind, length = _HEAD.unpack_from(buf, at)
+            if kind not in LinkKind._value2member_map_:
+                raise ClusterLinkError(f"frame kind {kind} unknown")
+            if length > MAX_BODY:
+                raise ClusterLinkError(f"frame of {length} bytes is above {MAX_BODY}")
+            end = at + _HEAD.size + length
+            if len(buf) < end:
+                break
+            out.append((LinkKind(kind), bytes(buf[at + _HEAD.size : end])))
+            at = end
+        del buf[:at]
+        return out
+
+
+def _json(body: bytes, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(body.decode())
+    except (UnicodeDecodeError, ValueError):
+        raise ClusterLinkError(f"{what}: not JSON") from None
+    if not isinstance(data, dict):
+        raise ClusterLinkError(f"{what}: not an object")
+    return data
+
+
+def _field(data: dict[str, Any], name: str, kind: type, what: str) -> Any:
+    value: Any = data.get(name)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ClusterLinkError(f"{what}.{name}: missing or wrong type")
+    if isinstance(value, int) and not 0 <= value < 1 << 64:
+        raise ClusterLinkError(f"{what}.{name}: out of range")
+    if isinstance(value, str) and not 0 < len(value) <= 256:
+        raise ClusterLinkError(f"{what}.{name}: empty or longer than 256")
+    return value
+
+
+def _b64(data: dict[str, Any], name: str, size: int, what: str) -> bytes:
+    try:
+        raw = base64.b64decode(_field(data, name, str, what), validate=True)
+    except ValueError:
+        raise ClusterLinkError(f"{what}.{name}: not base64") from None
+    if len(raw) != size:
+        raise ClusterLinkError(f"{what}.{name}: {len(raw)} bytes, not {size}")
+    return raw
+
+
+def _dump(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def _version(data: dict[str, Any], what: str) -> int:
+    version = _field(data, "v", int, what)
+    if version != VERSION:
+        raise ClusterLinkError(f"{what}.v: version {version} not spoken (only {VERSION})")
+    return int(version)
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Dialer → listener: who dials whom; ``epoch`` numbers the dialer's run."""
+
+    sender: str
+    target: str
+    epoch: int
+    nonce: bytes = field(repr=False)
+
+    def body(self) -> bytes:
+        nonce = base64.b64encode(self.nonce).decode()
+        return _dump({"v": VERSION, "from": self.sender, "to": self.target,
+                      "epoch": self.epoch, "nonce": nonce})  # fmt: skip
+
+    @classmethod
+    def parse(cls, body: bytes) -> Hello:
+        d = _json(body, "hello")
+        _version(d, "hello")
+        return cls(
+            _field(d, "from", str, "hello"), _field(d, "to", str, "hello"),
+            _field(d, "epoch", int, "hello"), _b64(d, "nonce", NONCE_LEN, "hello"),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """Listener → dialer: its nonce and epoch, the last ``seq`` it delivered of the
+    dialer's epoch (``acked``, 0: none), and its proof of the secret."""
+
+    nonce: bytes = field(repr=False)
+    epoch: int
+    acked: int
+    mac: bytes = field(repr=False)
+
+    def body(self) -> bytes:
+        return _dump({
+            "v": VERSION, "nonce": base64.b64encode(self.nonce).decode(), "epoch": self.epoch,
+            "acked": self.acked, "mac": base64.b64encode(self.mac).decode(),
+        })  # fmt: skip
+
+    @classmethod
+    def parse(cls, body: bytes) -> Welcome:
+        d = _json(body, "welcome")
+        _version(d, "welcome")
+        return cls(
+            _b64(d, "nonce", NONCE_LEN, "welcome"), _field(d, "epoch", int, "welcome"),
+            _field(d, "acked", int, "welcome"), _b64(d, "mac", 32, "welcome"),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Auth:
+    """Dialer → listener: the dialer's proof of the secret."""
+
+    mac: bytes = field(repr=False)
+
+    def body(self) -> bytes:
+        return _dump({"mac": base64.b64encode(self.mac).decode()})
+
+    @classmethod
+    def parse(cls, body: bytes) -> Auth:
+        return cls(_b64(_json(body, "auth"), "mac", 32, "auth"))
+
+
+def _l(value: bytes) -> bytes:
+    return struct.pack(">H", len(value)) + value
+
+
+def transcript(hello: Hello, nonce: bytes, epoch: int, acked: int) -> bytes:
+    """``T`` = L(from) ‖ L(to) ‖ u64(dialer epoch) ‖ L(dialer nonce) ‖ L(listener nonce)
+    ‖ u64(listener epoch) ‖ u64(acked); ``L(x)`` = u16 length ‖ x (UTF-8 for ids)."""
+    return (
+        _l(hello.sender.encode()) + _l(hello.target.encode()) + _U64.pack(hello.epoch)
+        + _l(hello.nonce) + _l(nonce) + _U64.pack(epoch) + _U64.pack(acked)
+    )  # fmt: skip
+
+
+def link_macs(secret: bytes, t: bytes) -> tuple[bytes, bytes, bytes]:
+    """``(welcome mac, auth mac, session key)``: HMAC-SHA-256 of the secret over
+    ``b"qcall-link-v1 welcome" ‖ T``, ``… auth ‖ T``, ``… session ‖ T``."""
+    return tuple(  # type: ignore[return-value]
+        hmac.digest(secret, b"qcall-link-v1 " + label + t, hashlib.sha256)
+        for label in (b"welcome", b"auth", b"session")
+    )
+
+
+def frame_tag(session: bytes, kind: LinkKind, data: bytes) -> bytes:
+    """``HMAC-SHA-256(session, kind (u8) ‖ data)``, first :data:`TAG_LEN` bytes."""
+    return hmac.digest(session, bytes((kind,)) + data, hashlib.sha256)[:TAG_LEN]
+
+
+class LinkSender:
+    """One instance's stream of frames to one other instance (which path, what to resend).
+
+    Every frame gets the next ``seq``. :meth:`route` says whether it goes over
+    the link (kept until acknowledged) or over Redis. After frames went over
+    Redis the link is used again only once they are acknowledged (the listener
+    acknowledges what it delivered, whichever path), or ``catch_up`` seconds after
+    the last one (Redis lost it: the receiver then delivers what comes next):
+    so the two paths never overtake each other.
+
+    Args:
+        max_unacked: frames in flight on the link above which it counts as stuck.
+        max_unacked_bytes: the same in bytes.
+        catch_up: seconds after the last Redis frame after which the link is used
+            even if that frame was not acknowledged.
+    """
+
+    def __init__(
+        self, *, max_unacked: int = 4096, max_unacked_bytes: int = 16 << 20, catch_up: float = 1.0
+    ) -> None:
+        self.seq = 0
+        self.up = False
+        self.acked = 0
+        self.redis_high = 0  # highest seq sent over Redis
+        self._redis_at = float("-inf")
+        self._unacked: deque[tuple[int, bytes, float]] = deque()
+        self._unacked_bytes = 0
+        self.max_unacked, self.max_unacked_bytes = max_unacked, max_unacked_bytes
+        self.catch_up = catch_up
+
+    def __repr__(self) -> str:
+        return f"<LinkSender seq={self.seq} acked={self.acked} up={self.up}>"
+
+    def next_seq(self) -> int:
+        """Number the next frame (then call :meth:`route` with it)."""
+        self.seq += 1
+        return self.seq
+
+    def route(self, seq: int, message: bytes, now: float) -> bool:
+        """Whether frame ``seq`` goes over the link (True, now kept) or Redis (False)."""
+        if self.up and (self.acked >= self.redis_high or now - self._redis_at >= self.catch_up):
+            self._unacked.append((seq, message, now))
+            self._unacked_bytes += len(message)
+            return True
+        self.redis_high, self._redis_at = seq, now
+        return False
+
+    @property
+    def stuck(self) -> bool:
+        """Too much in flight on the link: the caller takes it down."""
+        return len(self._unacked) > self.max_unacked or self._unacked_bytes > self.max_unacked_bytes
+
+    def overdue(self, now: float, timeout: float) -> bool:
+        """Whether the oldest frame in flight waited more than ``timeout`` for its ack."""
+        return bool(self._unacked) and now - self._unacked[0][2] > timeout
+
+    def on_ack(self, seq: int) -> None:
+        """The listener delivered every frame up to ``seq``."""
+        if seq > self.seq:
+            raise ClusterLinkError(f"ack {seq} for a frame never sent (last {self.seq})")
+        self.acked = max(self.acked, seq)
+        while self._unacked and self._unacked[0][0] <= seq:
+            self._unacked_bytes -= len(self._unacked.popleft()[1])
+
+    def on_up(self, acked: int) -> None:
+        """The link is authenticated; the listener had delivered up to ``acked``."""
+        self.up = True
+        self.on_ack(min(acked, self.seq))
+
+    def on_down(self, now: float) -> list[bytes]:
+        """The link failed: return the frames to resend over Redis, in order."""
+        self.up = False
+        resend = [message for _, message, _ in self._unacked]
+        if self._unacked:
+            self.redis_high, self._redis_at = self._unacked[-1][0], now
+        self._unacked.clear()
+        self._unacked_bytes = 0
+        return resend
+
+
+class LinkReceiver:
+    """Which frames from other instances to deliver: each ``seq`` once, never an older one.
+
+    Per sending instance it keeps ``(epoch, last seq delivered)``; a frame of a
+    newer epoch (the sender restarted) starts afresh, one of an older epoch
+    is dropped. At most ``size`` instances are remembered (the oldest go).
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self._last: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self._size = size
+
+    def fresh(self, inst: str, epoch: int, seq: int) -> bool:
+        """Whether to deliver frame ``seq`` of ``inst``'s ``epoch`` (and remember it)."""
+        known = self._last.get(inst)
+        if known is not None and (epoch < known[0] or (epoch == known[0] and seq <= known[1])):
+            return False
+        self._last[inst] = (epoch, seq)
+        self._last.move_to_end(inst)
+        if len(self._last) > self._size:
+            self._last.popitem(last=False)
+        return True
+
+    def delivered(self, inst: str, epoch: int) -> int:
+        """The last ``seq`` delivered of ``inst``'s ``epoch`` (0: none)."""
+        known = self._last.get(inst)
+        return known[1] if known is not None and known[0] == epoch else 0
