@@ -46,6 +46,7 @@ from qcall.org import Authority, OrgTrust
 from qcall.qkd.client import open_key_source
 from qcall.qkd.kme import KME, random_keys
 from qcall.qkd.pki import create_pki, server_ssl_context
+from qcall.qkd.reservoir import ReservoirConfig
 from qcall.qkd.server import KMEServer
 from signaling.server import SignalingServer
 from tests.utils import TIMEOUT_FACTOR as T
@@ -53,6 +54,9 @@ from tests.utils import TIMEOUT_FACTOR as T
 pytestmark = pytest.mark.slow
 
 Opt = str | None  # an optional payload (invite, accept)
+
+#: For the tests of the key fetched at dial time (the reservoir: tests/test_qkd_reservoir.py).
+NO_PREFETCH = ReservoirConfig(keys_per_peer=0)
 
 
 @dataclass
@@ -93,6 +97,7 @@ class Lab:
         record: bool = False,
         check_peer: Callable[[str, bytes], None] | None = None,
         watch: list[str] | None = None,
+        prefetch: ReservoirConfig | None = None,
     ) -> Phone:
         identity = self.identities.setdefault(name, Identity.generate(name))
         recorder = WavRecorder(self.tmp / f"{name}.wav") if record else None
@@ -116,6 +121,7 @@ class Lab:
             make_source=(lambda: ToneTrack(tone)) if tone else (lambda: None),
             on_track=on_track,
             watch=watch,
+            prefetch=prefetch,
         )
         await phone.start()
         self.phones.append(phone)
@@ -298,7 +304,7 @@ async def test_caller_asks_a_slow_kme_for_the_key_as_it_dials(
     # Unknown KME (first call): asked at once. Afterwards a fast KME is asked only
     # once ICE checks run; one that took more than SLOW_KME_MS, still at once.
     source = SlowKeys(lab.key_source("alice"), delay)
-    alice = await lab.phone("alice", tone=440, key_source=source)
+    alice = await lab.phone("alice", tone=440, key_source=source, prefetch=NO_PREFETCH)
     bob = await lab.phone("bob")
     for _ in range(2):  # the first call also opens the mutual-TLS connection
         caller, callee = await connect(alice, bob)
@@ -328,10 +334,13 @@ async def test_many_rekeys_lose_no_packet(lab: Lab) -> None:
     assert callee.status.rekeys >= 10
     assert len(set(caller.status.all_key_ids)) == caller.status.rekeys + 1
     # Both KMEs counted the call's key by application (ETSI 014 qcall_application tag).
+    # alice's KME also issued the keys her reservoir holds for the next call.
     kmes = lab.kmes  # type: ignore[attr-defined]
-    for kme in (kmes["alice"], kmes["bob"]):
+    held = alice.reservoir.core.total() if alice.reservoir is not None else 0
+    for kme, issued in ((kmes["alice"], 1 + held), (kmes["bob"], 1)):
         usage = {row["application"]: row for row in kme.usage()}
-        assert usage["call-setup"]["keys"] == 1 and usage["call-setup"]["bits"] == 256
+        assert usage["call-setup"]["keys"] == issued
+        assert usage["call-setup"]["bits"] == 256 * issued
         assert usage["rekey"]["keys"] >= 10
         assert {row["master"] for row in kme.usage()} == {"alice"}
     await caller.refresh_stats()
@@ -737,7 +746,7 @@ async def test_a_refused_call_consumes_no_key_twice(lab: Lab) -> None:
         return key
 
     source.get_key = recording  # type: ignore[method-assign]
-    alice = await lab.phone("alice", tone=440, key_source=source)
+    alice = await lab.phone("alice", tone=440, key_source=source, prefetch=NO_PREFETCH)
     bob = await lab.phone("bob")
 
     async def decline(_invite: Any) -> bool:

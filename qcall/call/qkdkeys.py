@@ -18,13 +18,15 @@ import logging
 import re
 import time
 import weakref
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from qcall.exceptions import LinkAlarmError, QKDError, SecurityPolicyError
 from qcall.handshake import CalleeHandshake, CallerHandshake, QKDKeysNeeded, RekeyPostponed
+from qcall.handshake.kem import KEMPool
 from qcall.qkd.client import KeySource
 from qcall.qkd.etsi014 import KeyStatus, QKDKey
+from qcall.qkd.reservoir import KeyReservoir
 
 if TYPE_CHECKING:
     from qcall.call.session_pump import HandshakePump
@@ -63,6 +65,19 @@ async def _result(request: Awaitable[T]) -> T | QKDError:
         return error
 
 
+def _once(action: Callable[[], object]) -> Callable[[], None]:
+    """``action`` wrapped so that only its first call runs."""
+    done = False
+
+    def run() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            action()
+
+    return run
+
+
 def _ms_since(started: float) -> float:
     return round((time.monotonic() - started) * 1000, 2)
 
@@ -75,6 +90,10 @@ class QKDKeys:
         self.failing_since: float | None = None
         #: The caller's key came without a Status: :meth:`check_status` is due.
         self.status_due = False
+        #: The phone's prefetched QKD keys (docs/qkd-keys.md), or None: fetch at dial.
+        self.reservoir: KeyReservoir | None = None
+        #: The phone's pre-made ML-KEM key pairs, or None: made when the offer is signed.
+        self.kem_pool: KEMPool | None = None
 
     def fetch_early(self) -> bool:
         """Caller: ask for the key as we dial, rather than once ICE checks run?
@@ -132,6 +151,9 @@ class QKDKeys:
         try:
             source = self._source()
             kme_id = _KME_IDS.get(source)
+            held = self._take_prefetched(kme_id)
+            if held is not None:  # no KME round trip on the set-up path
+                return [held], "hybrid"
             if kme_id is None:  # the first call through this source: the offer needs the ID
                 status, key = await asyncio.gather(
                     source.status(s.peer_sae),
@@ -144,6 +166,7 @@ class QKDKeys:
                     s.qkd_kme_id = kme_id
                     self.status_due = True
                     s.status.timings_ms["qkd_fetch"] = _FETCH_MS[source] = _ms_since(started)
+                    self._refill_after_setup()
                     return [key], "hybrid"
                 status = await _result(source.status(s.peer_sae))  # why no key?
         except QKDError as error:
@@ -177,7 +200,43 @@ class QKDKeys:
         self._show_alarm(status)
         s.qkd_kme_id = status.source_kme_id
         s.status.timings_ms["qkd_fetch"] = _FETCH_MS[source] = _ms_since(started)
+        self._refill_after_setup()
         return [key], "hybrid"
+
+    def _take_prefetched(self, kme_id: str | None) -> QKDKey | None:
+        """Caller: a key from the phone's reservoir (used once), if it holds one.
+
+        Only once our KME's ID is known (the offer names it): the reservoir is
+        filled after a call's own fetch, which learnt it. The Status (for a link
+        alarm) then follows during ICE, as for any key fetched without one.
+        """
+        s = self.session
+        if self.reservoir is None or kme_id is None:
+            return None
+        key = self.reservoir.take(s.peer_sae)
+        if key is None:
+            return None
+        s.qkd_kme_id = kme_id
+        self.status_due = True
+        s.status.timings_ms["qkd_fetch"] = 0.0
+        s.status.timings_ms["qkd_prefetched"] = 1.0
+        self._refill_after_setup()
+        return key
+
+    def _refill_after_setup(self) -> None:
+        """Top the reservoir (and the ML-KEM pairs) up once this call is up or over.
+
+        Never during the set-up: the refill's KME request and key generation
+        would compete with ICE and DTLS for the event loop.
+        """
+        s = self.session
+        if self.reservoir is not None:
+            self.reservoir.refill_after(s.peer_sae, s._confirmed0, s._ended)
+        pool = self.kem_pool
+        if pool is not None and pool.size:
+            fill_once = _once(pool.fill)
+            for event in (s._confirmed0, s._ended):
+                event.add_done_callback(lambda _: fill_once())
 
     async def check_status(self) -> None:
         """Caller: the Status of a call whose key came without one (its alarm, if any).
@@ -197,6 +256,8 @@ class QKDKeys:
 
     def _show_alarm(self, status: KeyStatus) -> None:
         s = self.session
+        if status.alarm is not None and self.reservoir is not None:
+            self.reservoir.discard(s.peer_sae)  # keys held from before the alarm: not used
         if status.alarm is not None:
             if "rerouted" in status.alarm:
                 s.status.notice = f"QKD {status.alarm}: this call's key took the new route"

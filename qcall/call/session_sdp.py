@@ -253,6 +253,7 @@ class Negotiation(HandshakePump):
             else None,
             rekey_interval=self.options.rekey_interval,
             srtp_profiles=self._profiles(),
+            kem=self.qkd.kem_pool,  # pre-made ML-KEM pairs, each used once (or made now)
         )
         self.hs = hs
         self._mark("offer_key")
