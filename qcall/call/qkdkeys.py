@@ -238,11 +238,27 @@ class QKDKeys:
             for event in (s._confirmed0, s._ended):
                 event.add_done_callback(lambda _: fill_once())
 
+    def check_status_after_setup(self) -> None:
+        """Caller: :meth:`check_status` once the call is confirmed (not during ICE and DTLS).
+
+        Its KME request would share the event loop with the connectivity checks and
+        the DTLS handshake; only a notice (and the reservoir's alarm rule) wait for it.
+        """
+        s = self.session
+
+        async def later() -> None:
+            waiting: set[asyncio.Future[None]] = {s._confirmed0, s._ended}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if not s._ended.done():
+                await self.check_status()
+
+        s._spawn(later())
+
     async def check_status(self) -> None:
         """Caller: the Status of a call whose key came without one (its alarm, if any).
 
-        Run once the answer is in and ICE checks run: a key that was delivered is used whatever the
-        Status says (see :meth:`fetch_initial_key`), so only the notice waits for it.
+        A key that was delivered is used whatever the Status says (see
+        :meth:`fetch_initial_key`), so only the notice waits for it.
         """
         self.status_due = False
         s = self.session
@@ -256,8 +272,11 @@ class QKDKeys:
 
     def _show_alarm(self, status: KeyStatus) -> None:
         s = self.session
-        if status.alarm is not None and self.reservoir is not None:
-            self.reservoir.discard(s.peer_sae)  # keys held from before the alarm: not used
+        if self.reservoir is not None:  # keys held from before an alarm: never used
+            if status.alarm is not None:
+                self.reservoir.suspend(s.peer_sae)
+            else:
+                self.reservoir.resume(s.peer_sae)
         if status.alarm is not None:
             if "rerouted" in status.alarm:
                 s.status.notice = f"QKD {status.alarm}: this call's key took the new route"

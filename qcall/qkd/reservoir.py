@@ -241,6 +241,7 @@ class KeyReservoir:
         self._refills: dict[str, asyncio.Task[int]] = {}
         self._waiters: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
+        self._suspended: set[str] = set()
         self._closed = False
 
     def __repr__(self) -> str:
@@ -266,9 +267,18 @@ class KeyReservoir:
         if self.core.discard(peer):
             logger.info("= QKD reservoir: %s's held keys discarded", peer)
 
+    def suspend(self, peer: str) -> None:
+        """Wipe ``peer``'s held keys and refill none until :meth:`resume` (a link alarm)."""
+        self._suspended.add(peer)
+        self.discard(peer)
+
+    def resume(self, peer: str) -> None:
+        """Allow refills for ``peer`` again (its KME's Status shows no alarm)."""
+        self._suspended.discard(peer)
+
     def refill(self, peer: str) -> asyncio.Task[int] | None:
         """Top ``peer``'s keys up in the background (one refill per peer at a time)."""
-        if not self.enabled:
+        if not self.enabled or peer in self._suspended:
             return None
         running = self._refills.get(peer)
         if running is not None and not running.done():
@@ -318,7 +328,7 @@ class KeyReservoir:
             self.last_error[peer] = str(exc)
             logger.info("! QKD reservoir refill for %s failed: %s", peer, exc)
             return 0
-        if self._closed:  # closed meanwhile: never held
+        if self._closed or peer in self._suspended:  # meanwhile: never held
             return 0
         self.last_error.pop(peer, None)
         added = self.core.add(peer, keys, self.clock())
