@@ -1,9 +1,10 @@
 """How a call gets its QKD keys: ETSI GS QKD 014 ``enc_keys`` / ``dec_keys`` when needed.
 
 A part of :class:`~qcall.call.session.CallSession` (its ``qkd`` attribute), kept
-apart so each module stays small. The caller fetches a key for its offer — as
-it dials when its KME is slow or not yet known, else once ICE checks run
-(docs/calls.md) — and one per rekey; the callee fetches keys by
+apart so each module stays small. The caller takes the key for its offer from
+the phone's reservoir of prefetched keys (:mod:`qcall.qkd.reservoir`,
+docs/qkd-keys.md) or else fetches it once the invite left (docs/calls.md), and
+fetches one per rekey; the callee fetches keys by
 key_ID when the handshake asks (:class:`~qcall.handshake.QKDKeysNeeded`). Without
 a fresh key for a rekey, the call keeps its current keys for ``key_grace``
 seconds, says so, and then ends cleanly — on both sides: a callee whose KME
@@ -47,7 +48,7 @@ def _alarm_link(alarm: str) -> str | None:
 
 
 #: The source KME ID of each key source, from its last Status: the offer names it.
-#: Later calls take it from here and ask for the Status only once ICE checks run.
+#: Later calls take it from here and ask for the Status once the call is confirmed.
 _KME_IDS: weakref.WeakKeyDictionary[KeySource, str] = weakref.WeakKeyDictionary()
 
 #: How long each key source's last ``enc_keys`` took (ms).
@@ -119,8 +120,9 @@ class QKDKeys:
 
         The offer names our KME (``source_KME_ID`` of the Status). The first call
         through a key source asks for the Status and the key concurrently; later
-        calls reuse the ID and ask for the Status only once ICE checks run
-        (:meth:`check_status`), or at once when no key came (to say why).
+        calls reuse the ID (and may take a prefetched key) and ask for the Status
+        once the call is confirmed (:meth:`check_status_after_setup`), or at once
+        when no key came (to say why).
 
         A link alarm in the Status (``status_extension``, set by a trusted-node
         network, ``docs/relay.md``) is acted on here (``docs/threat-model.md``):
