@@ -266,3 +266,27 @@ async def test_prefetch_off_fetches_at_dial(lab: Lab) -> None:
         await caller.hangup()
         await asyncio.wait_for(callee.wait(), 5 * T)
     assert alice.reservoir is not None and alice.reservoir.core.total() == 0
+
+
+async def test_the_kme_status_waits_for_the_confirmation(lab: Lab) -> None:
+    # The first call asks for the Status at dial (its offer needs the KME's ID); later
+    # calls, whose key came without one, ask only once the call is confirmed: the
+    # request does not share the event loop with ICE and DTLS.
+    source = lab.key_source("alice")
+    status = source.status
+    confirmed_when_asked: list[bool] = []
+
+    async def recording(peer_sae: str) -> Any:
+        call = next(iter(alice.calls.values()), None)
+        confirmed_when_asked.append(call is not None and call._confirmed0.done())
+        return await status(peer_sae)
+
+    source.status = recording
+    alice = await lab.phone("alice", tone=440, key_source=source)
+    bob = await lab.phone("bob")
+    for _ in range(2):
+        caller, callee = await connect(alice, bob)
+        await asyncio.sleep(0.2)  # the Status request, if due, is answered meanwhile
+        await caller.hangup()
+        await asyncio.wait_for(callee.wait(), 5 * T)
+    assert confirmed_when_asked == [False, True]
