@@ -323,8 +323,14 @@ class QKDKeys:
             try:
                 keys = [await self._source().get_key(s.peer_sae, application="rekey")]
             except QKDError as exc:
-                self._key_missing(hs, epoch, exc)
-                return
+                # The keys held for our next call to this peer serve this call first:
+                # a prefetch never leaves a running call without its rekey.
+                held = self.reservoir.take(s.peer_sae) if self.reservoir is not None else None
+                if held is None:
+                    self._key_missing(hs, epoch, exc)
+                    return
+                logger.info("= rekey %d: %s; a prefetched key instead", epoch, exc)
+                keys = [held]
         hs.rekey(s.clock(), keys, fresh_kem=s.options.fresh_kem_on_rekey)
         await s.apply_events()
 
