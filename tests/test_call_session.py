@@ -628,17 +628,17 @@ async def test_an_accept_with_a_plain_answer_is_refused_as_a_downgrade(lab: Lab)
 
 async def test_kme_down_mid_call_grace_then_clean_end(lab: Lab) -> None:
     source = lab.key_source("alice")
-    real_get_key = source.get_key
+    real_get_keys = source.get_keys  # every enc_keys: the call's, the reservoir's refill
     calls = 0
 
-    async def flaky(peer_sae: str, size_bits: int | None = None, **options: Any) -> Any:
+    async def flaky(peer_sae: str, *args: Any, **options: Any) -> Any:
         nonlocal calls
         calls += 1
         if calls > 1:  # the KME "goes down" after the first key
             raise KMEConnectionError("cannot connect to KME (test: switched off)")
-        return await real_get_key(peer_sae, size_bits, **options)
+        return await real_get_keys(peer_sae, *args, **options)
 
-    source.get_key = flaky  # type: ignore[method-assign]
+    source.get_keys = flaky  # type: ignore[method-assign]
     options = CallOptions(rekey_interval=0.3, key_grace=1.0, rekey_retry=0.2)
     alice = await lab.phone("alice", tone=440, options=options, key_source=source)
     bob = await lab.phone("bob", options=options)
