@@ -46,6 +46,7 @@ from qcall.org import Authority, OrgTrust
 from qcall.qkd.client import open_key_source
 from qcall.qkd.kme import KME, random_keys
 from qcall.qkd.pki import create_pki, server_ssl_context
+from qcall.qkd.reservoir import ReservoirConfig
 from qcall.qkd.server import KMEServer
 from signaling.server import SignalingServer
 from tests.utils import TIMEOUT_FACTOR as T
@@ -53,6 +54,9 @@ from tests.utils import TIMEOUT_FACTOR as T
 pytestmark = pytest.mark.slow
 
 Opt = str | None  # an optional payload (invite, accept)
+
+#: For the tests of the key fetched at dial time (the reservoir: tests/test_qkd_reservoir.py).
+NO_PREFETCH = ReservoirConfig(keys_per_peer=0)
 
 
 @dataclass
@@ -93,6 +97,7 @@ class Lab:
         record: bool = False,
         check_peer: Callable[[str, bytes], None] | None = None,
         watch: list[str] | None = None,
+        prefetch: ReservoirConfig | None = None,
     ) -> Phone:
         identity = self.identities.setdefault(name, Identity.generate(name))
         recorder = WavRecorder(self.tmp / f"{name}.wav") if record else None
@@ -116,6 +121,7 @@ class Lab:
             make_source=(lambda: ToneTrack(tone)) if tone else (lambda: None),
             on_track=on_track,
             watch=watch,
+            prefetch=prefetch,
         )
         await phone.start()
         self.phones.append(phone)
@@ -298,7 +304,7 @@ async def test_caller_asks_a_slow_kme_for_the_key_as_it_dials(
     # Unknown KME (first call): asked at once. Afterwards a fast KME is asked only
     # once ICE checks run; one that took more than SLOW_KME_MS, still at once.
     source = SlowKeys(lab.key_source("alice"), delay)
-    alice = await lab.phone("alice", tone=440, key_source=source)
+    alice = await lab.phone("alice", tone=440, key_source=source, prefetch=NO_PREFETCH)
     bob = await lab.phone("bob")
     for _ in range(2):  # the first call also opens the mutual-TLS connection
         caller, callee = await connect(alice, bob)
@@ -328,10 +334,13 @@ async def test_many_rekeys_lose_no_packet(lab: Lab) -> None:
     assert callee.status.rekeys >= 10
     assert len(set(caller.status.all_key_ids)) == caller.status.rekeys + 1
     # Both KMEs counted the call's key by application (ETSI 014 qcall_application tag).
+    # alice's KME also issued the keys her reservoir holds for the next call.
     kmes = lab.kmes  # type: ignore[attr-defined]
-    for kme in (kmes["alice"], kmes["bob"]):
+    held = alice.reservoir.core.total() if alice.reservoir is not None else 0
+    for kme, issued in ((kmes["alice"], 1 + held), (kmes["bob"], 1)):
         usage = {row["application"]: row for row in kme.usage()}
-        assert usage["call-setup"]["keys"] == 1 and usage["call-setup"]["bits"] == 256
+        assert usage["call-setup"]["keys"] == issued
+        assert usage["call-setup"]["bits"] == 256 * issued
         assert usage["rekey"]["keys"] >= 10
         assert {row["master"] for row in kme.usage()} == {"alice"}
     await caller.refresh_stats()
@@ -619,17 +628,17 @@ async def test_an_accept_with_a_plain_answer_is_refused_as_a_downgrade(lab: Lab)
 
 async def test_kme_down_mid_call_grace_then_clean_end(lab: Lab) -> None:
     source = lab.key_source("alice")
-    real_get_key = source.get_key
+    real_get_keys = source.get_keys  # every enc_keys: the call's, the reservoir's refill
     calls = 0
 
-    async def flaky(peer_sae: str, size_bits: int | None = None, **options: Any) -> Any:
+    async def flaky(peer_sae: str, *args: Any, **options: Any) -> Any:
         nonlocal calls
         calls += 1
         if calls > 1:  # the KME "goes down" after the first key
             raise KMEConnectionError("cannot connect to KME (test: switched off)")
-        return await real_get_key(peer_sae, size_bits, **options)
+        return await real_get_keys(peer_sae, *args, **options)
 
-    source.get_key = flaky  # type: ignore[method-assign]
+    source.get_keys = flaky  # type: ignore[method-assign]
     options = CallOptions(rekey_interval=0.3, key_grace=1.0, rekey_retry=0.2)
     alice = await lab.phone("alice", tone=440, options=options, key_source=source)
     bob = await lab.phone("bob", options=options)
@@ -737,7 +746,7 @@ async def test_a_refused_call_consumes_no_key_twice(lab: Lab) -> None:
         return key
 
     source.get_key = recording  # type: ignore[method-assign]
-    alice = await lab.phone("alice", tone=440, key_source=source)
+    alice = await lab.phone("alice", tone=440, key_source=source, prefetch=NO_PREFETCH)
     bob = await lab.phone("bob")
 
     async def decline(_invite: Any) -> bool:

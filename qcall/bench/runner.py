@@ -45,6 +45,7 @@ from typing import Any
 from qcall.call.netem import NetworkProfile
 from qcall.children import log_tail, module_argv
 from qcall.exceptions import CallError, QCallError
+from qcall.qkd.reservoir import ReservoirConfig
 
 __all__ = [
     "MODES",
@@ -162,11 +163,15 @@ class CallResult:
 
 
 def qkd_keys_needed(config: BenchConfig) -> int:
-    """Keys the alice → bob pool must hold: 1 per hybrid call + its rekeys, with margin."""
+    """Keys the alice → bob pool must hold: 1 per hybrid call + its rekeys, with margin.
+
+    Plus the keys alice's reservoir holds after the last call (docs/qkd-keys.md).
+    """
     if "hybrid" not in config.modes:
         return 0
     per_call = 1 + math.ceil(config.seconds / config.rekey_interval)
-    return math.ceil(1.25 * per_call * (config.calls + config.warmup)) + 4
+    held = ReservoirConfig().keys_per_peer
+    return math.ceil(1.25 * per_call * (config.calls + config.warmup)) + 4 + held
 
 
 def schedule(modes: tuple[str, ...], calls: int, warmup: int) -> list[tuple[str, int, bool]]:

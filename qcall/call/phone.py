@@ -22,9 +22,11 @@ from qcall._aio import AsyncService
 from qcall.call.session import CallOptions, CallSession, CallState
 from qcall.exceptions import CallError, SignalingError
 from qcall.handshake import ReplayCache
+from qcall.handshake.kem import KEMPool
 from qcall.handshake.protocol import CheckPeer
 from qcall.pqc import SigningKey
 from qcall.qkd.client import KeySource
+from qcall.qkd.reservoir import KeyReservoir, ReservoirConfig
 from qcall.signaling.client import Disconnected, SignalingClient, new_call_id
 from qcall.signaling.messages import CallMessage, ErrorMessage, Invite
 
@@ -53,6 +55,9 @@ class Phone(AsyncService):
             follows everyone (docs/signaling.md, "Presence").
         previous_key: the user's previous identity key, to move the name to the new
             one on the server (docs/signaling.md, "Moving a name").
+        prefetch: QKD keys prefetched per peer for the calls we place
+            (docs/qkd-keys.md); ``ReservoirConfig(keys_per_peer=0)`` turns it off.
+        kem_pool: ML-KEM key pairs made ahead for our offers and rekeys (0: none).
     """
 
     def __init__(
@@ -70,6 +75,8 @@ class Phone(AsyncService):
         watch: Iterable[str] | None = None,
         peer_trust: Callable[[str], str | None] | None = None,
         previous_key: SigningKey | None = None,
+        prefetch: ReservoirConfig | None = None,
+        kem_pool: int = 2,
     ) -> None:
         self.name = name
         self.signing_key = signing_key
@@ -84,6 +91,11 @@ class Phone(AsyncService):
         )
         self.calls: dict[str, CallSession] = {}
         self.replay_cache = ReplayCache()
+        #: Prefetched QKD keys (None without a key source).
+        self.reservoir = (
+            KeyReservoir(key_source, prefetch or ReservoirConfig()) if key_source else None
+        )
+        self.kem_pool = KEMPool(size=kem_pool)
         self._incoming: asyncio.Queue[CallSession] = asyncio.Queue()
         self._router: asyncio.Task[None] | None = None
         self._decide: Decide | None = None
@@ -96,6 +108,7 @@ class Phone(AsyncService):
         """
         await self.signaling.connect()
         self._router = asyncio.ensure_future(self._route())
+        self.kem_pool.fill()
 
     async def close(self) -> None:
         """Hang up every call and disconnect."""
@@ -106,6 +119,9 @@ class Phone(AsyncService):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._router
         await self.signaling.close()
+        self.kem_pool.clear()
+        if self.reservoir is not None:
+            await self.reservoir.close()  # wipes the held keys
         if self.key_source is not None:
             await self.key_source.close()
 
@@ -143,6 +159,9 @@ class Phone(AsyncService):
             replay_cache=self.replay_cache,
             peer_trust=self.peer_trust,
         )
+        if role == "caller":  # the keys for the calls we place
+            session.qkd.reservoir = self.reservoir
+            session.qkd.kem_pool = self.kem_pool
         self.calls[call_id] = session
         session.ended.add_done_callback(lambda _: self.calls.pop(call_id, None))
         return session

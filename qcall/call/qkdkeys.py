@@ -1,9 +1,10 @@
 """How a call gets its QKD keys: ETSI GS QKD 014 ``enc_keys`` / ``dec_keys`` when needed.
 
 A part of :class:`~qcall.call.session.CallSession` (its ``qkd`` attribute), kept
-apart so each module stays small. The caller fetches a key for its offer — as
-it dials when its KME is slow or not yet known, else once ICE checks run
-(docs/calls.md) — and one per rekey; the callee fetches keys by
+apart so each module stays small. The caller takes the key for its offer from
+the phone's reservoir of prefetched keys (:mod:`qcall.qkd.reservoir`,
+docs/qkd-keys.md) or else fetches it once the invite left (docs/calls.md), and
+fetches one per rekey; the callee fetches keys by
 key_ID when the handshake asks (:class:`~qcall.handshake.QKDKeysNeeded`). Without
 a fresh key for a rekey, the call keeps its current keys for ``key_grace``
 seconds, says so, and then ends cleanly — on both sides: a callee whose KME
@@ -18,13 +19,15 @@ import logging
 import re
 import time
 import weakref
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from qcall.exceptions import LinkAlarmError, QKDError, SecurityPolicyError
 from qcall.handshake import CalleeHandshake, CallerHandshake, QKDKeysNeeded, RekeyPostponed
+from qcall.handshake.kem import KEMPool
 from qcall.qkd.client import KeySource
 from qcall.qkd.etsi014 import KeyStatus, QKDKey
+from qcall.qkd.reservoir import KeyReservoir
 
 if TYPE_CHECKING:
     from qcall.call.session_pump import HandshakePump
@@ -45,7 +48,7 @@ def _alarm_link(alarm: str) -> str | None:
 
 
 #: The source KME ID of each key source, from its last Status: the offer names it.
-#: Later calls take it from here and ask for the Status only once ICE checks run.
+#: Later calls take it from here and ask for the Status once the call is confirmed.
 _KME_IDS: weakref.WeakKeyDictionary[KeySource, str] = weakref.WeakKeyDictionary()
 
 #: How long each key source's last ``enc_keys`` took (ms).
@@ -63,6 +66,19 @@ async def _result(request: Awaitable[T]) -> T | QKDError:
         return error
 
 
+def _once(action: Callable[[], object]) -> Callable[[], None]:
+    """``action`` wrapped so that only its first call runs."""
+    done = False
+
+    def run() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            action()
+
+    return run
+
+
 def _ms_since(started: float) -> float:
     return round((time.monotonic() - started) * 1000, 2)
 
@@ -75,6 +91,10 @@ class QKDKeys:
         self.failing_since: float | None = None
         #: The caller's key came without a Status: :meth:`check_status` is due.
         self.status_due = False
+        #: The phone's prefetched QKD keys (docs/qkd-keys.md), or None: fetch at dial.
+        self.reservoir: KeyReservoir | None = None
+        #: The phone's pre-made ML-KEM key pairs, or None: made when the offer is signed.
+        self.kem_pool: KEMPool | None = None
 
     def fetch_early(self) -> bool:
         """Caller: ask for the key as we dial, rather than once ICE checks run?
@@ -100,8 +120,9 @@ class QKDKeys:
 
         The offer names our KME (``source_KME_ID`` of the Status). The first call
         through a key source asks for the Status and the key concurrently; later
-        calls reuse the ID and ask for the Status only once ICE checks run
-        (:meth:`check_status`), or at once when no key came (to say why).
+        calls reuse the ID (and may take a prefetched key) and ask for the Status
+        once the call is confirmed (:meth:`check_status_after_setup`), or at once
+        when no key came (to say why).
 
         A link alarm in the Status (``status_extension``, set by a trusted-node
         network, ``docs/relay.md``) is acted on here (``docs/threat-model.md``):
@@ -132,6 +153,9 @@ class QKDKeys:
         try:
             source = self._source()
             kme_id = _KME_IDS.get(source)
+            held = self._take_prefetched(kme_id)
+            if held is not None:  # no KME round trip on the set-up path
+                return [held], "hybrid"
             if kme_id is None:  # the first call through this source: the offer needs the ID
                 status, key = await asyncio.gather(
                     source.status(s.peer_sae),
@@ -144,6 +168,7 @@ class QKDKeys:
                     s.qkd_kme_id = kme_id
                     self.status_due = True
                     s.status.timings_ms["qkd_fetch"] = _FETCH_MS[source] = _ms_since(started)
+                    self._refill_after_setup()
                     return [key], "hybrid"
                 status = await _result(source.status(s.peer_sae))  # why no key?
         except QKDError as error:
@@ -177,13 +202,65 @@ class QKDKeys:
         self._show_alarm(status)
         s.qkd_kme_id = status.source_kme_id
         s.status.timings_ms["qkd_fetch"] = _FETCH_MS[source] = _ms_since(started)
+        self._refill_after_setup()
         return [key], "hybrid"
+
+    def _take_prefetched(self, kme_id: str | None) -> QKDKey | None:
+        """Caller: a key from the phone's reservoir (used once), if it holds one.
+
+        Only once our KME's ID is known (the offer names it): the reservoir is
+        filled after a call's own fetch, which learnt it. The Status (for a link
+        alarm) then follows during ICE, as for any key fetched without one.
+        """
+        s = self.session
+        if self.reservoir is None or kme_id is None:
+            return None
+        key = self.reservoir.take(s.peer_sae)
+        if key is None:
+            return None
+        s.qkd_kme_id = kme_id
+        self.status_due = True
+        s.status.timings_ms["qkd_fetch"] = 0.0
+        s.status.timings_ms["qkd_prefetched"] = 1.0
+        self._refill_after_setup()
+        return key
+
+    def _refill_after_setup(self) -> None:
+        """Top the reservoir (and the ML-KEM pairs) up once this call is up or over.
+
+        Never during the set-up: the refill's KME request and key generation
+        would compete with ICE and DTLS for the event loop.
+        """
+        s = self.session
+        if self.reservoir is not None:
+            self.reservoir.refill_after(s.peer_sae, s._confirmed0, s._ended)
+        pool = self.kem_pool
+        if pool is not None and pool.size:
+            fill_once = _once(pool.fill)
+            for event in (s._confirmed0, s._ended):
+                event.add_done_callback(lambda _: fill_once())
+
+    def check_status_after_setup(self) -> None:
+        """Caller: :meth:`check_status` once the call is confirmed (not during ICE and DTLS).
+
+        Its KME request would share the event loop with the connectivity checks and
+        the DTLS handshake; only a notice (and the reservoir's alarm rule) wait for it.
+        """
+        s = self.session
+
+        async def later() -> None:
+            waiting: set[asyncio.Future[None]] = {s._confirmed0, s._ended}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if not s._ended.done():
+                await self.check_status()
+
+        s._spawn(later())
 
     async def check_status(self) -> None:
         """Caller: the Status of a call whose key came without one (its alarm, if any).
 
-        Run once the answer is in and ICE checks run: a key that was delivered is used whatever the
-        Status says (see :meth:`fetch_initial_key`), so only the notice waits for it.
+        A key that was delivered is used whatever the Status says (see
+        :meth:`fetch_initial_key`), so only the notice waits for it.
         """
         self.status_due = False
         s = self.session
@@ -197,6 +274,11 @@ class QKDKeys:
 
     def _show_alarm(self, status: KeyStatus) -> None:
         s = self.session
+        if self.reservoir is not None:  # keys held from before an alarm: never used
+            if status.alarm is not None:
+                self.reservoir.suspend(s.peer_sae)
+            else:
+                self.reservoir.resume(s.peer_sae)
         if status.alarm is not None:
             if "rerouted" in status.alarm:
                 s.status.notice = f"QKD {status.alarm}: this call's key took the new route"
@@ -241,8 +323,14 @@ class QKDKeys:
             try:
                 keys = [await self._source().get_key(s.peer_sae, application="rekey")]
             except QKDError as exc:
-                self._key_missing(hs, epoch, exc)
-                return
+                # The keys held for our next call to this peer serve this call first:
+                # a prefetch never leaves a running call without its rekey.
+                held = self.reservoir.take(s.peer_sae) if self.reservoir is not None else None
+                if held is None:
+                    self._key_missing(hs, epoch, exc)
+                    return
+                logger.info("= rekey %d: %s; a prefetched key instead", epoch, exc)
+                keys = [held]
         hs.rekey(s.clock(), keys, fresh_kem=s.options.fresh_kem_on_rekey)
         await s.apply_events()
 

@@ -253,6 +253,7 @@ class Negotiation(HandshakePump):
             else None,
             rekey_interval=self.options.rekey_interval,
             srtp_profiles=self._profiles(),
+            kem=self.qkd.kem_pool,  # pre-made ML-KEM pairs, each used once (or made now)
         )
         self.hs = hs
         self._mark("offer_key")
@@ -330,8 +331,8 @@ class Negotiation(HandshakePump):
         self._start_timer()
         if hs.error is None:
             self._exporter_due()
-        if self.qkd.status_due:  # now that both sides wait for ICE checks
-            self._spawn(self.qkd.check_status())
+        if self.qkd.status_due:  # once the call is up: not during ICE and DTLS
+            self.qkd.check_status_after_setup()
 
     async def _answer_received(self, event: AnswerReceived) -> None:
         self._peer_identified(event.peer_fingerprint)
@@ -418,6 +419,11 @@ class Negotiation(HandshakePump):
             raise hs.error
         assert self.pc is not None
         self._mark("answer_sdp_ready")
+        # ICE checks and DTLS records that came in while we verified: answered before
+        # we sign (≈ 1 ms of ML-DSA that holds the event loop and the GIL).
+        await asyncio.sleep(0)
+        if hs.error is not None:
+            raise hs.error
         with self._computing():
             hs.send_answer(self.pc.localDescription.sdp, self.clock())
         await self._send_answer(b64(b"".join(hs.data_to_send())), in_accept=False)

@@ -214,6 +214,12 @@ def build_phone(
     watch = [contact.name for contact in contacts.list()][:1000] or None
     url = pick(args, conf, "signaling", "signaling", DEFAULT_SIGNALING)
     tls = signaling_tls(url, pick(args, conf, "signaling_ca", "signaling_ca", None))
+    from qcall.qkd.reservoir import ReservoirConfig
+
+    prefetch = ReservoirConfig(  # docs/qkd-keys.md; ConfigError if out of range
+        keys_per_peer=int(conf.get("qkd_prefetch", 2)),
+        max_age=float(conf.get("qkd_prefetch_max_age", 120.0)),
+    )
     phone = Phone(
         url,
         identity.signing_key,
@@ -226,6 +232,7 @@ def build_phone(
         watch=watch,
         ssl=tls,
         previous_key=previous_key,
+        prefetch=prefetch,
     )
     return phone, (first_source[0] if first_source else None)
 

@@ -53,6 +53,8 @@ _CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "allow_pqc_only": bool,
     "rekey_interval": (int, float),
     "fresh_kem": bool,
+    "qkd_prefetch": int,  # QKD keys held per peer for our calls (docs/qkd-keys.md); 0: off
+    "qkd_prefetch_max_age": (int, float),  # seconds a held key may wait before it is wiped
     "srtp_profile": str,
     "key_source": dict,
     "network": str,

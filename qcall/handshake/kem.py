@@ -10,7 +10,7 @@ from typing import Protocol
 
 from qcall import pqc
 
-__all__ = ["BackendKEM", "KEMDecapsulationKey", "KEMScheme"]
+__all__ = ["BackendKEM", "KEMDecapsulationKey", "KEMPool", "KEMScheme"]
 
 
 class KEMDecapsulationKey(Protocol):
@@ -60,3 +60,55 @@ class BackendKEM:
 
     def __repr__(self) -> str:
         return f"<BackendKEM {self.algorithm.value} ({self._backend.name})>"
+
+
+class KEMPool:
+    """A :class:`KEMScheme` that hands out ML-KEM key pairs made ahead of time, each once.
+
+    :meth:`generate` pops a pre-made pair (made by :meth:`fill`, e.g. after a
+    call is set up) or, when none is left, makes one on the spot; a pair
+    handed out is never kept. The repr gives the count only.
+
+    Args:
+        scheme: the KEM that makes the pairs (default ML-KEM-768, pyca/OpenSSL).
+        size: pairs :meth:`fill` keeps ready (0: none, every pair made on use).
+    """
+
+    def __init__(self, scheme: KEMScheme | None = None, size: int = 2) -> None:
+        self.scheme: KEMScheme = scheme or BackendKEM()
+        self.algorithm = self.scheme.algorithm
+        self.size = size
+        self._ready: list[KEMDecapsulationKey] = []
+        #: Pairs handed out pre-made / made on the spot (counts only).
+        self.hits = self.misses = 0
+
+    def generate(self) -> KEMDecapsulationKey:
+        if self._ready:
+            self.hits += 1
+            return self._ready.pop(0)
+        self.misses += 1
+        return self.scheme.generate()
+
+    def encapsulate(self, public_key: bytes) -> tuple[bytes, bytes]:
+        return self.scheme.encapsulate(public_key)
+
+    def fill(self) -> int:
+        """Make pairs until :attr:`size` are ready; return how many were made."""
+        made = 0
+        while len(self._ready) < self.size:
+            self._ready.append(self.scheme.generate())
+            made += 1
+        return made
+
+    def clear(self) -> None:
+        """Drop every pair made ahead (never handed out)."""
+        self._ready.clear()
+
+    def __len__(self) -> int:
+        return len(self._ready)
+
+    def __repr__(self) -> str:
+        return (
+            f"<KEMPool {self.algorithm.value} {len(self._ready)}/{self.size} ready "
+            f"(pre-made {self.hits}, on the spot {self.misses})>"
+        )
