@@ -27,8 +27,15 @@ from qcall.call.fast_transport import (
     RttEstimator,
     install_fast_transport,
 )
+from qcall.call.netem import NetworkProfile
 from qcall.call.phone import Phone
-from qcall.call.session import CallOptions
+from qcall.call.session import (
+    CONFIRM_TIMEOUT_MAX,
+    CONFIRM_TIMEOUT_ROUND_TRIPS,
+    CallOptions,
+    CallSession,
+    confirm_timeout,
+)
 from qcall.identity import Identity
 from signaling.server import SignalingServer
 from tests.utils import TIMEOUT_FACTOR as T
@@ -59,15 +66,23 @@ def test_application_data_during_the_handshake_resends_our_flight() -> None:
 # --- real peer connections on loopback ------------------------------------------------------
 
 
-def drop_final_flight(pc: RTCPeerConnection) -> list[bytes]:
-    """Drop the first datagram ``pc`` sends that starts with a change-cipher-spec record.
+def drop_final_flight(pc: RTCPeerConnection, burst: float = 0.0) -> list[bytes]:
+    """Drop the first datagram ``pc`` sends that starts with change cipher spec.
 
-    That is the DTLS server's final flight (RFC 6347: CCS + Finished). Hooked below every
-    wrapper, on the sockets, once ICE gathered them (as :func:`qcall.call.netem.apply_profile`).
-    Returns the list the dropped datagram goes to.
+    That is the DTLS server's final flight (RFC 6347: CCS + Finished). With ``burst``,
+    every datagram ``pc`` sends in the ``burst`` seconds after it is lost too (a burst
+    loss: a Wi-Fi hand-over). Hooked on the sockets once ICE gathered them, in front of
+    any network emulation (as :func:`qcall.call.netem.apply_profile`). Returns the list
+    the dropped datagrams go to.
     """
     dropped: list[bytes] = []
+    since: list[float] = []
     gather = pc._RTCPeerConnection__gather  # type: ignore[attr-defined]
+
+    def lost(data: bytes) -> bool:
+        if not since and data[:1] == b"\x14":
+            since.append(time.monotonic())
+        return bool(since) and (not dropped or time.monotonic() - since[0] < burst)
 
     async def gather_then_hook() -> None:
         await gather()
@@ -76,7 +91,7 @@ def drop_final_flight(pc: RTCPeerConnection) -> list[bytes]:
             sendto = protocol.transport.sendto
 
             def dropping(data: bytes, addr: Any, sendto: Any = sendto) -> None:
-                if data[:1] == b"\x14" and not dropped:
+                if lost(data):
                     dropped.append(data)
                     return
                 sendto(data, addr)
@@ -142,8 +157,18 @@ async def test_lost_final_flight_with_a_data_channel_costs_a_round_trip() -> Non
 # --- a call --------------------------------------------------------------------------------
 
 
+def test_confirm_timeout_follows_the_path() -> None:
+    assert confirm_timeout(1.0, None) == 1.0  # no round trip known
+    assert confirm_timeout(1.0, 0.1) == 1.0  # loopback, lossy: the floor
+    assert confirm_timeout(1.0, 0.4) == pytest.approx(0.4 * CONFIRM_TIMEOUT_ROUND_TRIPS)
+    assert confirm_timeout(1.0, 5.0) == CONFIRM_TIMEOUT_MAX
+    assert confirm_timeout(20.0, 5.0) == 20.0  # never below what the user asked
+
+
 @contextlib.asynccontextmanager
-async def _two_phones() -> AsyncIterator[tuple[Phone, Phone]]:
+async def _two_phones(
+    network: NetworkProfile | None = None,
+) -> AsyncIterator[tuple[Phone, Phone]]:
     """alice and bob on a signaling server on loopback, ``pqc`` (no KME needed)."""
     server = SignalingServer()
     await server.start("127.0.0.1", 0)
@@ -157,7 +182,9 @@ async def _two_phones() -> AsyncIterator[tuple[Phone, Phone]]:
                 name,
                 check_peer=lambda _name, _key: None,
                 key_source=None,
-                options=CallOptions(policy="pqc", allow_pqc_only=True, rekey_interval=None),
+                options=CallOptions(
+                    policy="pqc", allow_pqc_only=True, rekey_interval=None, network=network
+                ),
                 make_source=lambda: None,
             )
             await phone.start()
@@ -169,6 +196,36 @@ async def _two_phones() -> AsyncIterator[tuple[Phone, Phone]]:
         await server.close()
 
 
+async def _call_losing_final_flight(
+    alice: Phone, bob: Phone, burst: float = 0.0
+) -> tuple[CallSession, CallSession]:
+    """alice calls bob; her final DTLS flight is lost (and all she sends for ``burst`` s)."""
+    caller = alice.new_call("bob")
+    dropped: list[list[bytes]] = []
+    make_pc = caller._new_pc
+
+    def new_pc(*, control: bool = True) -> RTCPeerConnection:
+        pc = make_pc(control=control)
+        dropped.append(drop_final_flight(pc, burst))
+        return pc
+
+    caller._new_pc = new_pc  # type: ignore[method-assign]
+    incoming = asyncio.ensure_future(bob.incoming())
+    try:
+        await asyncio.wait_for(caller.dial(), 10 * T)
+        callee = await asyncio.wait_for(incoming, 5 * T)
+    finally:
+        incoming.cancel()
+    assert dropped and dropped[0], "the caller's final flight was not dropped"
+    return caller, callee
+
+
+async def _hang_up(caller: CallSession, callee: CallSession) -> None:
+    await caller.hangup()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(callee.wait(), 5 * T)
+
+
 @pytest.mark.asyncio
 async def test_call_whose_final_dtls_flight_is_lost_confirms_in_a_round_trip() -> None:
     """The caller's final DTLS flight lost once: the callee's CONFIRM still comes at once.
@@ -177,27 +234,25 @@ async def test_call_whose_final_dtls_flight_is_lost_confirms_in_a_round_trip() -
     caller's key confirmation (1 s after its media) ran out: the call failed.
     """
     async with _two_phones() as (alice, bob):
-        caller = alice.new_call("bob")
-        dropped: list[list[bytes]] = []
-        make_pc = caller._new_pc
-
-        def new_pc(*, control: bool = True) -> RTCPeerConnection:
-            pc = make_pc(control=control)
-            dropped.append(drop_final_flight(pc))
-            return pc
-
-        caller._new_pc = new_pc  # type: ignore[method-assign]
-        incoming = asyncio.ensure_future(bob.incoming())
-        try:
-            await asyncio.wait_for(caller.dial(), 10 * T)
-            callee = await asyncio.wait_for(incoming, 5 * T)
-        finally:
-            incoming.cancel()
-        assert dropped and dropped[0], "the caller's final flight was not dropped"
+        caller, callee = await _call_losing_final_flight(alice, bob)
         timings = caller.status.timings_ms
         wait_ms = timings["confirmed"] - timings["media"]
         assert wait_ms < 300 * T, f"the callee's confirmation came {wait_ms:.0f} ms after media"
         assert caller.status.sas == callee.status.sas is not None
-        await caller.hangup()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(callee.wait(), 5 * T)
+        await _hang_up(caller, callee)
+
+
+@pytest.mark.asyncio
+async def test_key_confirmation_waits_longer_on_a_slow_path() -> None:
+    """150 ms one way, and 1 s of burst loss from the caller's final DTLS flight on.
+
+    The callee finishes DTLS over a second after the caller: a fixed 1 s confirmation
+    timeout failed that call; one sized to the path's round trip lets it through.
+    """
+    slow = NetworkProfile("slow", delay_ms=150.0)
+    async with _two_phones(slow) as (alice, bob):
+        caller, callee = await _call_losing_final_flight(alice, bob, burst=1.0)
+        timings = caller.status.timings_ms
+        assert timings["confirmed"] - timings["media"] > 1000  # longer than the old 1 s
+        assert caller.status.sas == callee.status.sas is not None
+        await _hang_up(caller, callee)
