@@ -63,6 +63,21 @@ def test_application_data_during_the_handshake_resends_our_flight() -> None:
     assert timer.deadline() is None
 
 
+def test_a_flight_is_resent_after_two_round_trips() -> None:
+    """After ICE's samples the first DTLS resend comes at 2 × srtt (WebRTC), not ≈ 3 × RTT."""
+    rtt = RttEstimator()
+    rtt.sample(0.06)  # one connectivity check on the lossy profile's ≈ 60 ms path
+    assert rtt.rto() == pytest.approx(0.18)  # RFC 6298 after one sample: 3 × RTT
+    timer = FlightTimer(rtt)
+    timer.sent(b"\x16client hello", now=0.0)
+    assert timer.deadline() == pytest.approx(0.12)
+    assert timer.poll(0.12) == [b"\x16client hello"]
+    assert timer.deadline() == pytest.approx(0.12 + 0.24)  # then doubling
+    fast = RttEstimator()
+    fast.sample(0.001)  # loopback: never below the DTLS floor
+    assert FlightTimer(fast).rtt.flight_rto() == DTLS_MIN_RTO
+
+
 # --- real peer connections on loopback ------------------------------------------------------
 
 

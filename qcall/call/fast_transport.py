@@ -19,7 +19,8 @@ speed"):
 * **A lost DTLS flight waits 1 s** (OpenSSL's initial DTLS timer; pyOpenSSL exposes
   neither ``DTLS_set_timer_cb`` nor a way to shorten it). A Python timer
   (:class:`FlightTimer`, Sans-I/O) resends the last flight's datagrams byte for byte
-  after the RTO (≥ :data:`DTLS_MIN_RTO`, ≈ 50 ms before the path's RTT is known),
+  after 2 × the path's smoothed RTT, as WebRTC's DTLS (≥ :data:`DTLS_MIN_RTO`,
+  ≈ 50 ms before the path's RTT is known; :meth:`RttEstimator.flight_rto`),
   doubling each time, until the peer's next flight arrives. A byte-identical copy
   of a record the peer already has fails its DTLS replay check (RFC 6347 §4.1.2.6)
   and is dropped, so a spurious resend costs one datagram. A copy cannot make the
@@ -193,6 +194,17 @@ class RttEstimator:
             self.srtt = 0.875 * self.srtt + 0.125 * rtt
         self.samples += 1
 
+    def flight_rto(self) -> float:
+        """A DTLS flight's first timeout (s): 2 × srtt within bounds, as WebRTC's DTLS.
+
+        RFC 6298's ``srtt + 4·rttvar`` is ≈ 3 × RTT after the few samples ICE gives
+        before DTLS starts; a flight is a few datagrams, and a spurious resend is
+        dropped by the peer's replay check. Before any sample: :meth:`rto`.
+        """
+        if self.srtt is None:
+            return self.rto(DTLS_MIN_RTO)
+        return min(MAX_RTO, max(DTLS_MIN_RTO, 2 * self.srtt))
+
     def rto(self, floor: float = MIN_RTO) -> float:
         """The retransmission timeout (s): ``srtt + 4·rttvar`` within bounds, or ``initial``."""
         if self.srtt is None:
@@ -227,7 +239,7 @@ class FlightTimer:
             self._new_flight = False
             self.resends = 0
             self._sent_at = now
-            self._rto = self.rtt.rto(DTLS_MIN_RTO)
+            self._rto = self.rtt.flight_rto()
         self.flight.append(datagram)
         self._due = None if self.done else now + self._rto
 
