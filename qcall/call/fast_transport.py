@@ -19,13 +19,18 @@ speed"):
 * **A lost DTLS flight waits 1 s** (OpenSSL's initial DTLS timer; pyOpenSSL exposes
   neither ``DTLS_set_timer_cb`` nor a way to shorten it). A Python timer
   (:class:`FlightTimer`, Sans-I/O) resends the last flight's datagrams byte for byte
-  after the RTO (≥ :data:`DTLS_MIN_RTO`, ≈ 50 ms before the path's RTT is known),
+  after 2 × the path's smoothed RTT, as WebRTC's DTLS (≥ :data:`DTLS_MIN_RTO`,
+  ≈ 50 ms before the path's RTT is known; :meth:`RttEstimator.flight_rto`),
   doubling each time, until the peer's next flight arrives. A byte-identical copy
   of a record the peer already has fails its DTLS replay check (RFC 6347 §4.1.2.6)
   and is dropped, so a spurious resend costs one datagram. A copy cannot make the
   peer retransmit its own flight (OpenSSL drops it before the handshake layer), so
   the side that sends the *final* flight resends it when the peer's handshake
   records keep arriving after the handshake completed (the peer did not get it).
+  The side still waiting for that final flight resends its own flight at once when
+  application data arrives instead (the peer's first SCTP packet: the peer is done,
+  so its final flight was lost); such data is not the peer's next flight and leaves
+  the timer running (docs/performance.md, "Failed calls on lossy").
   OpenSSL's own 1 s timer still runs underneath, as a last resort.
 * **A lost SCTP packet waits ≥ 1 s** (RFC 4960's RTO.Min, 3 s RTO.Initial). The
   control channel (rekeys) gets :data:`SCTP_MIN_RTO` and an initial RTO from the
@@ -189,6 +194,17 @@ class RttEstimator:
             self.srtt = 0.875 * self.srtt + 0.125 * rtt
         self.samples += 1
 
+    def flight_rto(self) -> float:
+        """A DTLS flight's first timeout (s): 2 × srtt within bounds, as WebRTC's DTLS.
+
+        RFC 6298's ``srtt + 4·rttvar`` is ≈ 3 × RTT after the few samples ICE gives
+        before DTLS starts; a flight is a few datagrams, and a spurious resend is
+        dropped by the peer's replay check. Before any sample: :meth:`rto`.
+        """
+        if self.srtt is None:
+            return self.rto(DTLS_MIN_RTO)
+        return min(MAX_RTO, max(DTLS_MIN_RTO, 2 * self.srtt))
+
     def rto(self, floor: float = MIN_RTO) -> float:
         """The retransmission timeout (s): ``srtt + 4·rttvar`` within bounds, or ``initial``."""
         if self.srtt is None:
@@ -223,7 +239,7 @@ class FlightTimer:
             self._new_flight = False
             self.resends = 0
             self._sent_at = now
-            self._rto = self.rtt.rto(DTLS_MIN_RTO)
+            self._rto = self.rtt.flight_rto()
         self.flight.append(datagram)
         self._due = None if self.done else now + self._rto
 
@@ -232,20 +248,29 @@ class FlightTimer:
 
         A datagram identical to one received before is the peer resending its
         flight: it did not get ours, so ours goes again at once (RFC 6347 §4.2.4),
-        at most once per half RTO, and our timer keeps running. A new datagram
-        during the handshake is the peer's next flight: it ends our timer (an RTT
-        sample if we never resent, Karn's rule). After the handshake, a handshake
+        at most once per half RTO, and our timer keeps running. Application data
+        while our handshake is not done (the DTLS server's first SCTP packet) means
+        the peer finished and its final flight was lost: ours goes again the same
+        way, so that the peer resends its final flight. A new handshake or
+        change-cipher-spec datagram during the handshake is the peer's next flight:
+        it ends our timer (an RTT sample if we never resent, Karn's rule); other
+        records (alerts) leave the timer alone. After the handshake, a handshake
         or change-cipher-spec record means the peer lacks our final flight.
         """
         duplicate = datagram in self._seen
         if not duplicate and len(self._seen) < 64:
             self._seen.add(datagram)
-        if duplicate or (self.done and datagram[:1] in (b"\x14", b"\x16")):
+        handshake = datagram[:1] in (b"\x14", b"\x16")
+        # Application data before our handshake is done: the peer is done (its SCTP
+        # INIT, say), so its final flight was lost. Not its next flight (that would
+        # stop our timer until OpenSSL's 1 s one): ours goes again, as for a duplicate.
+        lacking = not self.done and datagram[:1] == b"\x17"
+        if duplicate or lacking or (self.done and handshake):
             if self.flight and now - self._last_reactive >= self.rtt.rto(DTLS_MIN_RTO) / 2:
                 self._last_reactive = now
                 return list(self.flight)
             return []
-        if self.done:
+        if self.done or not handshake:  # e.g. an alert: not the peer's next flight
             return []
         if self._sent_at is not None and self.resends == 0 and not self._new_flight:
             self.rtt.sample(now - self._sent_at)  # Karn: only unambiguous round trips

@@ -78,9 +78,41 @@ from qcall.signaling.messages import (
     Reject,
 )
 
-__all__ = ["CallOptions", "CallSession", "CallState", "CallStatus"]  # re-exported
+__all__ = [
+    "CONFIRM_TIMEOUT_MAX",
+    "CONFIRM_TIMEOUT_ROUND_TRIPS",
+    "CallOptions",  # re-exported
+    "CallSession",
+    "CallState",  # re-exported
+    "CallStatus",  # re-exported
+    "confirm_timeout",
+]
 
 logger = logging.getLogger(__name__)
+
+#: Key confirmation may take this many round trips of the media path after our media
+#: started (at least ``CallOptions.confirm_timeout``, at most
+#: :data:`CONFIRM_TIMEOUT_MAX`): the peer finishes DTLS half a round trip after us,
+#: and each loss of our final flight costs it about a round trip more (its
+#: retransmission timer, or our SCTP INIT that tells it the flight is missing);
+#: then its CONFIRM crosses signaling.
+CONFIRM_TIMEOUT_ROUND_TRIPS = 8.0
+#: Ceiling (s) of that wait, whatever the path (``options.confirm_timeout`` is the floor).
+CONFIRM_TIMEOUT_MAX = 10.0
+
+
+def confirm_timeout(floor: float, round_trip: float | None) -> float:
+    """Seconds allowed for the peer's epoch-0 CONFIRM after our media started.
+
+    :data:`CONFIRM_TIMEOUT_ROUND_TRIPS` × ``round_trip`` (s, the media path's round
+    trip or a bound above it), at least ``floor`` (``CallOptions.confirm_timeout``)
+    and at most :data:`CONFIRM_TIMEOUT_MAX` (but never below ``floor``); ``floor``
+    alone when the round trip is unknown. docs/calls.md, "Key confirmation".
+    """
+    if round_trip is None:
+        return floor
+    return max(floor, min(CONFIRM_TIMEOUT_MAX, CONFIRM_TIMEOUT_ROUND_TRIPS * round_trip))
+
 
 #: Seconds a prepared offer may wait for the callee to pick up before it is stamped
 #: and signed afresh (callees accept offer timestamps within ±60 s: docs/handshake.md).
@@ -406,10 +438,23 @@ class CallSession(Negotiation):
         enabled = self.hook.active_at if self.hook is not None else self._connected_at
         self._mark("media", at=enabled)
         if self.hook is not None:
-            await self._until(
-                asyncio.shield(self._confirmed0), self.options.confirm_timeout, "key confirmation"
-            )
+            waited = confirm_timeout(self.options.confirm_timeout, self._dtls_round_trip())
+            await self._until(asyncio.shield(self._confirmed0), waited, "key confirmation")
         self.status.state = CallState.ACTIVE
         logger.info(
             "= call %s active: %s, SAS %s", self.call_id, self.status.policy, self.status.sas
         )
+
+    def _dtls_round_trip(self) -> float | None:
+        """A bound (s) above the media path's round trip: our DTLS handshake's duration.
+
+        From ICE connected to DTLS done is at least one round trip on either side
+        (the server waits for the client's second flight after sending its own,
+        the client for the server's two flights), plus whatever losses cost. On
+        long paths the fast transport's RTT estimator may have no sample (every
+        first check retransmitted, Karn's rule); this bound always exists.
+        """
+        timings = self.status.timings_ms
+        if "ice_connected" not in timings or "dtls_done" not in timings:
+            return None
+        return max(0.0, timings["dtls_done"] - timings["ice_connected"]) / 1000

@@ -308,7 +308,8 @@ class HandshakePump(SessionCore):
         ML-KEM, QKD and the DTLS exporter, so no one else can read that media,
         and if the peer derived different keys its packets fail SRTP
         authentication — nothing plays. Key confirmation still gates the call:
-        without a matching CONFIRM within ``confirm_timeout`` it ends with a
+        without a matching CONFIRM in time (at least ``confirm_timeout``, more on
+        a slow path: :func:`~qcall.call.session.confirm_timeout`) it ends with a
         clear error (:meth:`~qcall.call.session.CallSession._wait_active`), never as
         silent audio.
 

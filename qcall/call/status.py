@@ -50,7 +50,9 @@ class CallOptions:
             ``pqc`` call's rekeys a pure hash ratchet.
         srtp_profile: preferred SRTP profile.
         sae_id: this user's SAE ID at its KME (default: the user name).
-        confirm_timeout: seconds allowed for key confirmation after DTLS.
+        confirm_timeout: seconds allowed for key confirmation after our media
+            started, at least: on a slow path the wait grows with the path's
+            round trip (:func:`qcall.call.session.confirm_timeout`).
         key_grace: when no fresh QKD key can be had for a rekey (KME down, pool
             empty), the call keeps its current keys this many seconds, says so in
             :attr:`CallStatus.notice`, and then ends cleanly (docs/calls.md).
