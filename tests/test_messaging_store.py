@@ -279,15 +279,21 @@ def _parts(path: Path, sid: bytes) -> tuple[bytes, bytes, bytes]:
     return bytes(row[0]), bytes(row[1]), bytes(row[2])
 
 
-def test_a_message_rewrites_only_the_chain_part_of_its_session(tmp_path):
-    """§10.4: a message in the same epoch rewrites the small chain part only; a new epoch
-    (the peer's reply carries a new ML-KEM key) rewrites both; a fresh store reads both."""
+def _saved(tmp_path: Path) -> tuple[Path, ClientStore, Session, Session]:
+    """A store holding alice's new session with bob (and both sessions)."""
     path = tmp_path / "messages.db"
     store = open_store(path)
     a, b, _ = start(User.make("alice"), User.make("bob"))
-    sid = a.session_id
     with store.transaction():
         store.save_session(a.state, NOW)
+    return path, store, a, b
+
+
+def test_a_message_rewrites_only_the_chain_part_of_its_session(tmp_path):
+    """§10.4: a message in the same epoch rewrites the small chain part only; a new epoch
+    (the peer's reply carries a new ML-KEM key) rewrites both; a fresh store reads both."""
+    path, store, a, b = _saved(tmp_path)
+    sid = a.session_id
     epoch, chain, tag = _parts(path, sid)
     assert len(epoch) > 4000 > 1000 > len(chain)  # the ML-KEM keys are in the epoch part
     wire = a.encrypt(b"one more", NOW)
@@ -310,12 +316,8 @@ def test_a_rolled_back_epoch_write_is_never_paired_with_a_later_chain_part(tmp_p
     later save of a state with that epoch (here: the same state saved again, as a retry
     would) must write both parts again, never a chain part alone under the rolled-back
     tag (the file would keep the old state)."""
-    path = tmp_path / "messages.db"
-    store = open_store(path)
-    a, b, _ = start(User.make("alice"), User.make("bob"))
+    path, store, a, b = _saved(tmp_path)
     sid = a.session_id
-    with store.transaction():
-        store.save_session(a.state, NOW)
     b.decrypt(_msg(a.encrypt(b"m", NOW)), NOW)
     a.decrypt(_msg(b.encrypt(b"reply", NOW)), NOW)  # a new epoch
     with pytest.raises(RuntimeError), store.transaction():
@@ -329,12 +331,8 @@ def test_a_rolled_back_epoch_write_is_never_paired_with_a_later_chain_part(tmp_p
 def test_a_session_written_before_schema_3_is_read_and_rewritten_in_two_parts(tmp_path):
     """A row from schema version 2 holds the whole state (tag NULL): it opens as before, and
     its next save writes the two parts."""
-    path = tmp_path / "messages.db"
-    store = open_store(path)
-    a, _, _ = start(User.make("alice"), User.make("bob"))
+    path, store, a, _ = _saved(tmp_path)
     sid = a.session_id
-    with store.transaction():
-        store.save_session(a.state, NOW)
     whole = store._seal("sessions", sid, a.state.serialize())  # the version-2 row
     store._exec("DELETE FROM session_epochs")
     store._exec("UPDATE sessions SET state = ?, tag = NULL", (whole,))

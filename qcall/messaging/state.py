@@ -118,18 +118,8 @@ class SessionState:
 
     def serialize(self) -> bytes:
         """The encoding kept (encrypted) by the client store (``docs/messaging.md`` §10)."""
-        w = Writer().u8(STATE_VERSION).raw(self.session_id).u8(self.role).u8(self.mode.octet)
-        w.text8(self.own_name).text8(self.peer_name).var16(self.peer_identity)
-        w.u64(self.created_ms).raw(self.root_key).u32(self.epoch)
-        w.u32(self.send_epoch).var8(self.send_kem_seed).var16(self.send_ek).var16(self.send_ct)
-        w.raw(QKDRef.encode(self.send_epoch_qkd)).u32(self.send_generation)
-        w.raw(QKDRef.encode(self.send_generation_qkd))
-        if self.send_chain is None:
-            w.u8(0)
-        else:
-            w.u8(1).raw(self.send_chain.key).u32(self.send_chain.next_index)
-        w.var8(self.send_generation_seed).u32(self.send_prev_generation)
-        w.u32(self.send_prev_length)
+        w = _write_head(STATE_VERSION, self)
+        _write_send_chain(w, self)
         w.u32(self.recv_epoch).var16(self.peer_ek).var8(self.recv_generation_seed)
         _write_chains(w, self)
         w.var32(self.pending_init).u32(self.sent_since_qkd).u64(self.last_qkd_ms)
@@ -148,24 +138,15 @@ class SessionState:
 
     def serialize_epoch(self) -> bytes:
         """The epoch part: identities, root key and the ML-KEM ratchet state (§10.4)."""
-        w = Writer().u8(PARTS_VERSION).raw(self.session_id).u8(self.role).u8(self.mode.octet)
-        w.text8(self.own_name).text8(self.peer_name).var16(self.peer_identity)
-        w.u64(self.created_ms).raw(self.root_key).u32(self.epoch)
-        w.u32(self.send_epoch).var8(self.send_kem_seed).var16(self.send_ek).var16(self.send_ct)
-        w.raw(QKDRef.encode(self.send_epoch_qkd))
+        w = _write_head(PARTS_VERSION, self)
         w.u32(self.recv_epoch).var16(self.peer_ek).var32(self.pending_init)
         return w.bytes()
 
     def serialize_chains(self) -> bytes:
         """The chain part: symmetric chains, skipped keys and counters (§10.4)."""
-        w = Writer().u8(PARTS_VERSION).u32(self.send_generation)
-        w.raw(QKDRef.encode(self.send_generation_qkd))
-        if self.send_chain is None:
-            w.u8(0)
-        else:
-            w.u8(1).raw(self.send_chain.key).u32(self.send_chain.next_index)
-        w.var8(self.send_generation_seed).u32(self.send_prev_generation)
-        w.u32(self.send_prev_length).var8(self.recv_generation_seed)
+        w = Writer().u8(PARTS_VERSION)
+        _write_send_chain(w, self)
+        w.var8(self.recv_generation_seed)
         _write_chains(w, self)
         w.u32(self.sent_since_qkd).u64(self.last_qkd_ms)
         return w.bytes()
@@ -176,25 +157,14 @@ class SessionState:
         r = Reader(epoch, "session state (epoch part)")
         r.choice("version", [PARTS_VERSION])
         state = _read_head(cls, r)
-        state.send_epoch = r.u32("send_epoch")
-        state.send_kem_seed = _sized(r, r.var8("send_kem_seed"), "send_kem_seed", _SEED)
-        state.send_ek = _sized(r, r.var16("send_ek", _EK), "send_ek", _EK)
-        state.send_ct = _sized(r, r.var16("send_ct", _CT), "send_ct", _CT)
-        state.send_epoch_qkd = QKDRef.read(r, "send_epoch_qkd")
+        _read_send_keys(r, state)
         state.recv_epoch = r.u32("recv_epoch")
         state.peer_ek = _sized(r, r.var16("peer_ek", _EK), "peer_ek", _EK)
         state.pending_init = r.var32("pending_init", _MAX_INIT)
         r.end()
         r = Reader(chains, "session state (chain part)")
         r.choice("version", [PARTS_VERSION])
-        state.send_generation = r.u32("send_generation")
-        state.send_generation_qkd = QKDRef.read(r, "send_generation_qkd")
-        if r.flag("send_chain"):
-            state.send_chain = Chain(r.raw(CHAIN_KEY_LEN, "send_chain"), r.u32("send_chain"))
-        seed = r.var8("send_generation_seed")
-        state.send_generation_seed = _sized(r, seed, "send_generation_seed", CHAIN_KEY_LEN)
-        state.send_prev_generation = r.u32("send_prev_generation")
-        state.send_prev_length = r.u32("send_prev_length")
+        _read_send_chain(r, state)
         seed = r.var8("recv_generation_seed")
         state.recv_generation_seed = _sized(r, seed, "recv_generation_seed", CHAIN_KEY_LEN)
         _read_chains(r, state)
@@ -209,19 +179,8 @@ class SessionState:
         r = Reader(data, "session state")
         r.choice("version", [STATE_VERSION])
         state = _read_head(cls, r)
-        state.send_epoch = r.u32("send_epoch")
-        state.send_kem_seed = _sized(r, r.var8("send_kem_seed"), "send_kem_seed", _SEED)
-        state.send_ek = _sized(r, r.var16("send_ek", _EK), "send_ek", _EK)
-        state.send_ct = _sized(r, r.var16("send_ct", _CT), "send_ct", _CT)
-        state.send_epoch_qkd = QKDRef.read(r, "send_epoch_qkd")
-        state.send_generation = r.u32("send_generation")
-        state.send_generation_qkd = QKDRef.read(r, "send_generation_qkd")
-        if r.flag("send_chain"):
-            state.send_chain = Chain(r.raw(CHAIN_KEY_LEN, "send_chain"), r.u32("send_chain"))
-        seed = r.var8("send_generation_seed")
-        state.send_generation_seed = _sized(r, seed, "send_generation_seed", CHAIN_KEY_LEN)
-        state.send_prev_generation = r.u32("send_prev_generation")
-        state.send_prev_length = r.u32("send_prev_length")
+        _read_send_keys(r, state)
+        _read_send_chain(r, state)
         state.recv_epoch = r.u32("recv_epoch")
         state.peer_ek = _sized(r, r.var16("peer_ek", _EK), "peer_ek", _EK)
         seed = r.var8("recv_generation_seed")
@@ -253,6 +212,44 @@ def _read_head(cls: type[SessionState], r: Reader) -> SessionState:
         r.raw(CHAIN_KEY_LEN, "root_key"),
         r.u32("epoch"),
     )
+
+
+def _write_head(version: int, s: SessionState) -> Writer:
+    """Version, identities, root key and our epoch's keys (both encodings)."""
+    w = Writer().u8(version).raw(s.session_id).u8(s.role).u8(s.mode.octet)
+    w.text8(s.own_name).text8(s.peer_name).var16(s.peer_identity)
+    w.u64(s.created_ms).raw(s.root_key).u32(s.epoch)
+    w.u32(s.send_epoch).var8(s.send_kem_seed).var16(s.send_ek).var16(s.send_ct)
+    return w.raw(QKDRef.encode(s.send_epoch_qkd))
+
+
+def _read_send_keys(r: Reader, state: SessionState) -> None:
+    state.send_epoch = r.u32("send_epoch")
+    state.send_kem_seed = _sized(r, r.var8("send_kem_seed"), "send_kem_seed", _SEED)
+    state.send_ek = _sized(r, r.var16("send_ek", _EK), "send_ek", _EK)
+    state.send_ct = _sized(r, r.var16("send_ct", _CT), "send_ct", _CT)
+    state.send_epoch_qkd = QKDRef.read(r, "send_epoch_qkd")
+
+
+def _write_send_chain(w: Writer, s: SessionState) -> None:
+    """The sending generation and chain (both encodings)."""
+    w.u32(s.send_generation).raw(QKDRef.encode(s.send_generation_qkd))
+    if s.send_chain is None:
+        w.u8(0)
+    else:
+        w.u8(1).raw(s.send_chain.key).u32(s.send_chain.next_index)
+    w.var8(s.send_generation_seed).u32(s.send_prev_generation).u32(s.send_prev_length)
+
+
+def _read_send_chain(r: Reader, state: SessionState) -> None:
+    state.send_generation = r.u32("send_generation")
+    state.send_generation_qkd = QKDRef.read(r, "send_generation_qkd")
+    if r.flag("send_chain"):
+        state.send_chain = Chain(r.raw(CHAIN_KEY_LEN, "send_chain"), r.u32("send_chain"))
+    seed = r.var8("send_generation_seed")
+    state.send_generation_seed = _sized(r, seed, "send_generation_seed", CHAIN_KEY_LEN)
+    state.send_prev_generation = r.u32("send_prev_generation")
+    state.send_prev_length = r.u32("send_prev_length")
 
 
 def _write_chains(w: Writer, state: SessionState) -> None:
