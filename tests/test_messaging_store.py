@@ -11,7 +11,7 @@ import pytest
 
 from qcall.exceptions import MessageStoreError, PrekeyError
 from qcall.messaging.group import GroupAction, GroupChange, GroupMember, SenderChain, apply_change
-from qcall.messaging.messages import identity_hash
+from qcall.messaging.messages import PrekeyMessage, RatchetMessage, identity_hash
 from qcall.messaging.prekeys import PrekeyKind, make_prekey
 from qcall.messaging.ratchet import Session
 from qcall.messaging.store import SCHEMA_VERSION, ClientStore, Transfer
@@ -262,3 +262,85 @@ def test_session_cache_sees_another_process_write(tmp_path):
     with two.transaction():
         two.save_session(session.state, NOW)
     assert one.session(a.session_id).serialize() == session.state.serialize()
+
+
+def _msg(wire: bytes) -> RatchetMessage:
+    return RatchetMessage.parse(PrekeyMessage.parse(wire).inner if wire[1] == 1 else wire)
+
+
+def _parts(path: Path, sid: bytes) -> tuple[bytes, bytes, bytes]:
+    """(epoch part, chain part, tag) of a session as the file holds them."""
+    with sqlite3.connect(path) as db:
+        row = db.execute(
+            "SELECT e.state, s.state, s.tag FROM sessions s "
+            "JOIN session_epochs e ON e.session_id = s.session_id WHERE s.session_id = ?",
+            (sid,),
+        ).fetchone()
+    return bytes(row[0]), bytes(row[1]), bytes(row[2])
+
+
+def _saved(tmp_path: Path) -> tuple[Path, ClientStore, Session, Session]:
+    """A store holding alice's new session with bob (and both sessions)."""
+    path = tmp_path / "messages.db"
+    store = open_store(path)
+    a, b, _ = start(User.make("alice"), User.make("bob"))
+    with store.transaction():
+        store.save_session(a.state, NOW)
+    return path, store, a, b
+
+
+def test_a_message_rewrites_only_the_chain_part_of_its_session(tmp_path):
+    """§10.4: a message in the same epoch rewrites the small chain part only; a new epoch
+    (the peer's reply carries a new ML-KEM key) rewrites both; a fresh store reads both."""
+    path, store, a, b = _saved(tmp_path)
+    sid = a.session_id
+    epoch, chain, tag = _parts(path, sid)
+    assert len(epoch) > 4000 > 1000 > len(chain)  # the ML-KEM keys are in the epoch part
+    wire = a.encrypt(b"one more", NOW)
+    with store.transaction():
+        store.save_session(a.state, NOW)
+    epoch2, chain2, tag2 = _parts(path, sid)
+    assert (epoch2, tag2) == (epoch, tag) and chain2 != chain
+    assert open_store(path).session(sid).serialize() == a.state.serialize()
+    b.decrypt(_msg(wire), NOW)
+    a.decrypt(_msg(b.encrypt(b"reply", NOW)), NOW)  # a new epoch
+    with store.transaction():
+        store.save_session(a.state, NOW)
+    epoch3, _, tag3 = _parts(path, sid)
+    assert epoch3 != epoch and tag3 != tag
+    assert open_store(path).session(sid).serialize() == a.state.serialize()
+
+
+def test_a_rolled_back_epoch_write_is_never_paired_with_a_later_chain_part(tmp_path):
+    """A new epoch part written in a transaction that rolled back is not in the file: a
+    later save of a state with that epoch (here: the same state saved again, as a retry
+    would) must write both parts again, never a chain part alone under the rolled-back
+    tag (the file would keep the old state)."""
+    path, store, a, b = _saved(tmp_path)
+    sid = a.session_id
+    b.decrypt(_msg(a.encrypt(b"m", NOW)), NOW)
+    a.decrypt(_msg(b.encrypt(b"reply", NOW)), NOW)  # a new epoch
+    with pytest.raises(RuntimeError), store.transaction():
+        store.save_session(a.state, NOW)
+        raise RuntimeError("crash before the commit")
+    with store.transaction():
+        store.save_session(a.state, NOW)
+    assert open_store(path).session(sid).serialize() == a.state.serialize()
+
+
+def test_a_session_written_before_schema_3_is_read_and_rewritten_in_two_parts(tmp_path):
+    """A row from schema version 2 holds the whole state (tag NULL): it opens as before, and
+    its next save writes the two parts."""
+    path, store, a, _ = _saved(tmp_path)
+    sid = a.session_id
+    whole = store._seal("sessions", sid, a.state.serialize())  # the version-2 row
+    store._exec("DELETE FROM session_epochs")
+    store._exec("UPDATE sessions SET state = ?, tag = NULL", (whole,))
+    store.close()
+    store = open_store(path)
+    state = store.session(sid)
+    assert state is not None and state.serialize() == a.state.serialize()
+    with store.transaction():
+        store.save_session(state, NOW)
+    assert _parts(path, sid)[2]
+    assert open_store(path).session(sid).serialize() == a.state.serialize()

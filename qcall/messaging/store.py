@@ -95,14 +95,25 @@ CREATE TABLE transfers (
     updated_ms INTEGER NOT NULL);
 """
 
+# A session kept in two parts (§10.4): sessions.state holds the small chain part (rewritten
+# per message), session_epochs the big epoch part (rewritten when it changes); ``tag`` pairs
+# them. A row written before version 3 has tag NULL and its whole state in sessions.state.
+_SCHEMA_3 = """
+ALTER TABLE sessions ADD COLUMN tag BLOB;
+CREATE TABLE session_epochs (
+    session_id BLOB PRIMARY KEY, tag BLOB NOT NULL, state BLOB NOT NULL);
+"""
+
 #: Schema migrations: version -> SQL that brings version-1 to it (docs/messaging.md §10.1).
-MIGRATIONS: dict[int, str] = {1: _SCHEMA_1, 2: _SCHEMA_2}
+MIGRATIONS: dict[int, str] = {1: _SCHEMA_1, 2: _SCHEMA_2, 3: _SCHEMA_3}
 #: The schema version this code writes.
 SCHEMA_VERSION = max(MIGRATIONS)
 
 _CHECK = b"qcall message store check v1"
 #: Parsed session states kept in memory (ClientStore._session).
 _PARSED_SESSIONS = 64
+#: Length of the random tag pairing a session's two parts (§10.4).
+_PART_TAG_LEN = 16
 #: Names whose keyed hash is kept in memory (ClientStore.tag).
 _TAGS = 1024
 
@@ -169,6 +180,10 @@ class ClientStore:
         # Parsed sessions by id, with the sealed row they were read from or written as
         # (see _session): a hit only when the row in the file is still that one.
         self._parsed: dict[bytes, tuple[bytes, SessionState]] = {}
+        # Epoch parts by session id: (tag, SessionState.epoch_fields()) of one written or
+        # read. A tag is random per write, so the pair stays true even if that write rolled
+        # back; save_session checks that the file still holds the tag (§10.4).
+        self._epochs: dict[bytes, tuple[bytes, tuple[object, ...]]] = {}
         self._tags: dict[str, bytes] = {}  # tag() of recent names
         existed = self.path.exists()
         if not existed:
@@ -397,21 +412,53 @@ class ClientStore:
     # --- sessions and prekey-message replay detection -----------------------------------------
 
     def save_session(self, state: SessionState, now: float, *, active: bool = True) -> None:
-        """Insert or replace a session's state (the active one for its peer if ``active``)."""
+        """Insert or replace a session's state (the active one for its peer if ``active``).
+
+        In two parts (``docs/messaging.md`` §10.4): the small chain part every time, the big
+        epoch part only when it changed or the file no longer holds the one last seen.
+        """
+        sid = state.session_id
         peer = self.tag(state.peer_name)
         if active:
             self._exec(
                 "UPDATE sessions SET active = 0 WHERE peer = ? AND session_id != ?",
-                (peer, state.session_id),
+                (peer, sid),
             )
-        blob = self._seal("sessions", state.session_id, state.serialize())
+        chains = state.serialize_chains()
+        known = self._epochs.get(sid)
+        if known is not None and known[1] == state.epoch_fields():
+            tag = known[0]
+            blob = self._seal("sessions", sid + tag, chains)
+            cur = self._exec(
+                "UPDATE sessions SET state = ?, updated_ms = ?, active = MAX(active, ?) "
+                "WHERE session_id = ? AND tag = ?",
+                (blob, int(now * 1000), int(active), sid, tag),
+            )
+            if cur.rowcount == 1:
+                self._cache(sid, blob, state)
+                return
+        tag = secrets.token_bytes(_PART_TAG_LEN)
         self._exec(
-            "INSERT INTO sessions VALUES (?,?,?,?,?) ON CONFLICT (session_id) DO UPDATE SET "
-            "state = excluded.state, updated_ms = excluded.updated_ms, "
-            "active = MAX(active, excluded.active)",
-            (state.session_id, peer, blob, int(active), int(now * 1000)),
+            "INSERT INTO session_epochs VALUES (?,?,?) ON CONFLICT (session_id) DO UPDATE SET "
+            "tag = excluded.tag, state = excluded.state",
+            (sid, tag, self._seal("session_epochs", sid + tag, state.serialize_epoch())),
         )
-        self._cache(state.session_id, blob, state)
+        blob = self._seal("sessions", sid + tag, chains)
+        self._exec(
+            "INSERT INTO sessions (session_id, peer, state, active, updated_ms, tag) "
+            "VALUES (?,?,?,?,?,?) ON CONFLICT (session_id) DO UPDATE SET "
+            "state = excluded.state, updated_ms = excluded.updated_ms, "
+            "active = MAX(active, excluded.active), tag = excluded.tag",
+            (sid, peer, blob, int(active), int(now * 1000), tag),
+        )
+        self._known_epoch(sid, tag, state)
+        self._cache(sid, blob, state)
+
+    def _known_epoch(self, session_id: bytes, tag: bytes, state: SessionState) -> None:
+        self._epochs.pop(session_id, None)
+        if len(self._epochs) >= 4 * _PARSED_SESSIONS:
+            del self._epochs[next(iter(self._epochs))]
+        self._epochs[session_id] = (tag, state.epoch_fields())
 
     def _cache(self, session_id: bytes, blob: bytes, state: SessionState) -> None:
         self._parsed.pop(session_id, None)
@@ -419,16 +466,13 @@ class ClientStore:
             del self._parsed[next(iter(self._parsed))]
         self._parsed[session_id] = (blob, state)
 
-    def _session(self, row: tuple[bytes, bytes] | None) -> SessionState | None:
-        """The state in ``row`` (session id, sealed state).
+    def _session(self, row: tuple[bytes, bytes, bytes | None] | None) -> SessionState | None:
+        """The state in ``row`` (session id, sealed state or chain part, tag or NULL).
 
-        Opening and parsing a state costs more than the rest of a message, so the
-        state last written is kept in memory, with its sealed row (random nonce: every write
-        differs). It is used only when the row in the file is still that row: a
-        rolled-back transaction or savepoint, or another process's write, makes it
-        a miss. It is handed out once (the caller advances it in place and saves it,
-        which caches it again): a state advanced by an operation that then failed
-        and never saved it is never served.
+        The state last written is kept in memory with its sealed row (random nonce) and
+        used only while the file still holds that row (a rolled-back transaction or
+        savepoint, or another process's write, is a miss); it is handed out once (saving
+        caches it again), so a state advanced and never saved is never served.
         """
         if row is None:
             return None
@@ -437,19 +481,35 @@ class ClientStore:
         if cached is not None and cached[0] == blob:
             return cached[1]
         try:
-            return SessionState.parse(self._open("sessions", session_id, blob))
+            if row[2] is None:  # written before schema version 3: the whole state
+                return SessionState.parse(self._open("sessions", session_id, blob))
+            tag = bytes(row[2])
+            epoch = self._exec(
+                "SELECT state FROM session_epochs WHERE session_id = ? AND tag = ?",
+                (session_id, tag),
+            ).fetchone()
+            if epoch is None:
+                raise MessageStoreError(
+                    f"{self.path}: a stored session is corrupt: its epoch part is missing"
+                )
+            state = SessionState.parse_parts(
+                self._open("session_epochs", session_id + tag, epoch[0]),
+                self._open("sessions", session_id + tag, blob),
+            )
         except MessageFormatError as exc:
             raise MessageStoreError(f"{self.path}: a stored session is corrupt: {exc}") from None
+        self._known_epoch(session_id, tag, state)
+        return state
 
     def session(self, session_id: bytes) -> SessionState | None:
         row = self._exec(
-            "SELECT session_id, state FROM sessions WHERE session_id = ?", (session_id,)
+            "SELECT session_id, state, tag FROM sessions WHERE session_id = ?", (session_id,)
         ).fetchone()
         return self._session(row)
 
     def active_session(self, peer: str) -> SessionState | None:
         row = self._exec(
-            "SELECT session_id, state FROM sessions WHERE peer = ? "
+            "SELECT session_id, state, tag FROM sessions WHERE peer = ? "
             "ORDER BY active DESC, updated_ms DESC LIMIT 1",
             (self.tag(peer),),
         ).fetchone()
@@ -684,19 +744,14 @@ class ClientStore:
         The conversation, the peer and the offer (with the file key) are sealed;
         the path is the local file (sent, or being received).
         """
-        value = framed(transfer.conversation.encode(), transfer.peer.encode(), transfer.offer)
+        t = transfer
+        value = framed(t.conversation.encode(), t.peer.encode(), t.offer)
+        sealed = self._seal("transfers", t.file_id, value)
         self._exec(
             "INSERT OR REPLACE INTO transfers VALUES (?,?,?,?,?,?,?)",
-            (
-                transfer.file_id,
-                self.tag(transfer.conversation),
-                int(transfer.outgoing),
-                self._seal("transfers", transfer.file_id, value),
-                transfer.next_chunk,
-                transfer.path,
-                int(now * 1000),
-            ),
-        )
+            (t.file_id, self.tag(t.conversation), int(t.outgoing), sealed, t.next_chunk, t.path,
+             int(now * 1000)),
+        )  # fmt: skip
 
     def transfer(self, file_id: bytes) -> Transfer | None:
         """The transfer of ``file_id``, or ``None``."""
