@@ -48,7 +48,8 @@ speed"):
 *instance* (never to the classes, so a stock ``plain`` call in the same process is
 untouched). It refuses versions other than the pinned ones: the private members it
 touches (``Connection._check_periodic``, ``_check_list_state``, ``_check_list_done``,
-``_query_consent_task``, ``StunProtocol.transactions``, the name-mangled
+``_query_consent_task``, ``_nominated``, ``_check_list``, ``check_incoming``,
+``StunProtocol.transactions``, the name-mangled
 ``Transaction.__timeout_delay``, ``RTCDtlsTransport._write_ssl`` and
 ``RTCIceTransport._recv``) were read on those versions, and
 ``tests/test_fast_transport.py`` fails when any of them changes (:data:`PINNED_SOURCES`).
@@ -126,6 +127,14 @@ PINNED_SOURCES: Final = {
     "aioice.ice.Connection.connect": "da51be46190141ee",
     "aioice.ice.Connection._check_periodic": "ce421a512904f981",
     "aioice.ice.Connection.gather_candidates": "d33db28d4d1e49ff",
+    # DTLS on a tentative pair: checks authenticated before check_incoming, data sent
+    # and received on _nominated, completion as soon as _nominated is full, consent.
+    "aioice.ice.Connection.request_received": "dcdc9a3862c1a0b4",
+    "aioice.ice.Connection.check_incoming": "cb3e32bd47e5fa82",
+    "aioice.ice.Connection._check_list_maybe_complete": "b190e289adad3622",
+    "aioice.ice.Connection.sendto": "bf162ec03bdce2cc",
+    "aioice.ice.Connection.recvfrom": "676acc01e4a9a9da",
+    "aioice.ice.Connection.query_consent": "fe49173a650a378a",
     "aioice.ice.StunProtocol.request": "97991c38f65ea939",
     "aioice.stun.Transaction.__init__": "be1622dc921927d6",
     "aioice.stun.Transaction._Transaction__retry": "493a0eca2ecdf19b",
