@@ -240,7 +240,9 @@ async def test_stock_dtls_waits_a_second_for_a_lost_final_flight() -> None:
 # --- DTLS on a tentative pair (issue 16, round 4) -----------------------------------------
 
 
-async def _setup_over_a_slow_path(early_dtls: bool, one_way: float) -> float:
+async def _setup_over_a_slow_path(
+    early_dtls: bool, one_way: float, callee_early: bool | None = None
+) -> float:
     """Caller's set-up (s) from applying the callee's SDP to DTLS connected on both sides.
 
     The callee's SDP reaches the caller ``one_way`` after the callee applied it (its
@@ -251,7 +253,7 @@ async def _setup_over_a_slow_path(early_dtls: bool, one_way: float) -> float:
     profile = NetworkProfile("slow", delay_ms=one_way * 1000)
     a, b = RTCPeerConnection(), RTCPeerConnection()
     install_fast_transport(a, early_dtls=early_dtls)
-    install_fast_transport(b, early_dtls=early_dtls)
+    install_fast_transport(b, early_dtls=early_dtls if callee_early is None else callee_early)
     apply_profile(a, profile, 0)
     apply_profile(b, profile, 1)
     a.addTransceiver("audio")
@@ -289,3 +291,11 @@ async def test_dtls_starts_on_the_callees_first_check_not_after_ice() -> None:
     early = await _setup_over_a_slow_path(early_dtls=True, one_way=one_way)
     assert waited >= 5 * one_way, f"stock order took {waited:.3f} s"
     assert early < 4.3 * one_way, f"early DTLS took {early:.3f} s (waiting for ICE: {waited:.3f})"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("caller_early", [True, False])
+async def test_early_dtls_on_one_side_only_still_connects(caller_early: bool) -> None:
+    """A peer that waits for ICE (an older qcall, stock aioice) still connects."""
+    elapsed = await _setup_over_a_slow_path(caller_early, 0.01, callee_early=not caller_early)
+    assert elapsed < 0.5
