@@ -673,8 +673,10 @@ async def test_initial_confirm_rides_signaling_and_falls_back_to_the_channel(lab
     bob.signaling.send_ice = bob_send_ice  # type: ignore[method-assign]
     alice.signaling.send_ice = alice_send_ice  # type: ignore[method-assign]
     caller, callee = await connect(alice, bob)
-    # bob's SDP rode his signed answer in the accept: only his CONFIRM went as `ice`
-    assert [p.split(":")[0] for p in relayed["bob"]] == ["qcall-hs"]
+    # bob's SDP rode his signed answer in the accept: at most his CONFIRM went as `ice`
+    # (with DTLS on the first check, docs/performance.md round 4, his control channel
+    # can be open before his CONFIRM is ready, which then takes the channel)
+    assert [p.split(":")[0] for p in relayed["bob"]] in (["qcall-hs"], [])
     confirms = [p for p in relayed["alice"] if p.startswith("qcall-hs:")]
     assert len(confirms) == 1  # alice's could not go: it took the control channel
     assert caller.status.timings_ms["confirmed"] > 0 and callee.status.timings_ms["confirmed"] > 0

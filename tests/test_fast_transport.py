@@ -235,3 +235,67 @@ async def test_stock_dtls_waits_a_second_for_a_lost_final_flight() -> None:
     """The baseline the fast transport fixes: OpenSSL's first DTLS timer is 1 s."""
     elapsed, _ = await _connect(fast=False, drop=("server", 2))
     assert elapsed >= 0.9
+
+
+# --- DTLS on a tentative pair (issue 16, round 4) -----------------------------------------
+
+
+async def _setup_over_a_slow_path(
+    early_dtls: bool, one_way: float, callee_early: bool | None = None
+) -> float:
+    """Caller's set-up (s) from applying the callee's SDP to DTLS connected on both sides.
+
+    The callee's SDP reaches the caller ``one_way`` after the callee applied it (its
+    first check travels as long), like the ``accept`` of the SDP-in-invite exchange.
+    """
+    from qcall.call.netem import NetworkProfile, apply_profile
+
+    profile = NetworkProfile("slow", delay_ms=one_way * 1000)
+    a, b = RTCPeerConnection(), RTCPeerConnection()
+    install_fast_transport(a, early_dtls=early_dtls)
+    install_fast_transport(b, early_dtls=early_dtls if callee_early is None else callee_early)
+    apply_profile(a, profile, 0)
+    apply_profile(b, profile, 1)
+    a.addTransceiver("audio")
+    connected = asyncio.Event()
+
+    def on_state() -> None:
+        if a.connectionState == b.connectionState == "connected":
+            connected.set()
+
+    a.add_listener("connectionstatechange", on_state)
+    b.add_listener("connectionstatechange", on_state)
+    try:
+        await a.setLocalDescription(await a.createOffer())
+        await b.setRemoteDescription(a.localDescription)
+        await b.setLocalDescription(await b.createAnswer())
+        await asyncio.sleep(one_way)
+        started = time.monotonic()
+        await a.setRemoteDescription(b.localDescription)
+        await asyncio.wait_for(connected.wait(), 10)
+        return time.monotonic() - started
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.asyncio
+async def test_dtls_starts_on_the_callees_first_check_not_after_ice() -> None:
+    """The ClientHello follows the callee's first check; the caller answers it at once.
+
+    Caller's DTLS done ≈ 1 RTT after the callee's SDP (waiting for ICE: ≈ 2 RTT, its own
+    check's round trip first); the callee's ≈ 0.5 RTT later in both cases.
+    """
+    one_way = 0.03
+    waited = await _setup_over_a_slow_path(early_dtls=False, one_way=one_way)
+    early = await _setup_over_a_slow_path(early_dtls=True, one_way=one_way)
+    assert waited >= 5 * one_way, f"stock order took {waited:.3f} s"
+    assert early < 4.3 * one_way, f"early DTLS took {early:.3f} s (waiting for ICE: {waited:.3f})"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("caller_early", [True, False])
+async def test_early_dtls_on_one_side_only_still_connects(caller_early: bool) -> None:
+    """A peer that waits for ICE (an older qcall, stock aioice) still connects."""
+    elapsed = await _setup_over_a_slow_path(caller_early, 0.01, callee_early=not caller_early)
+    assert elapsed < 0.5

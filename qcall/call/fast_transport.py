@@ -36,11 +36,25 @@ speed"):
   control channel (rekeys) gets :data:`SCTP_MIN_RTO` and an initial RTO from the
   path's RTT once DTLS is up (:meth:`FastTransport.path_known`).
 
-:func:`install_fast_transport` applies all four to one ``RTCPeerConnection``
+* **DTLS waited for ICE to complete on both sides** (one path round trip on each
+  side's own check). With the caller's SDP in the invite, the callee (controlled,
+  DTLS client: aiortc answers ``a=setup:active``) starts DTLS on the pair of its first
+  check, so its ClientHello follows that check; the caller (controlling, DTLS server)
+  starts DTLS on the pair of the callee's first *authenticated* check (RFC 8445
+  §7.3: MESSAGE-INTEGRITY with the caller's ICE password, which only the holder of
+  the invite's SDP knows) and answers the ClientHello already queued, while its
+  own checks (aggressive nomination) finish in the background. ICE still completes
+  as before and replaces the tentative pair with the nominated one (a flight lost on
+  a wrong tentative pair is resent by the flight timer); an ICE failure afterwards
+  closes the connection. The DTLS handshake itself authenticates the peer
+  (the fingerprints of the SDP, which the signed handshake checks).
+
+:func:`install_fast_transport` applies all five to one ``RTCPeerConnection``
 *instance* (never to the classes, so a stock ``plain`` call in the same process is
 untouched). It refuses versions other than the pinned ones: the private members it
 touches (``Connection._check_periodic``, ``_check_list_state``, ``_check_list_done``,
-``_query_consent_task``, ``StunProtocol.transactions``, the name-mangled
+``_query_consent_task``, ``_nominated``, ``_check_list``, ``check_incoming``,
+``StunProtocol.transactions``, the name-mangled
 ``Transaction.__timeout_delay``, ``RTCDtlsTransport._write_ssl`` and
 ``RTCIceTransport._recv``) were read on those versions, and
 ``tests/test_fast_transport.py`` fails when any of them changes (:data:`PINNED_SOURCES`).
@@ -61,7 +75,7 @@ from typing import Any, Final
 
 import aioice
 from aioice import stun
-from aioice.ice import ICE_COMPLETED, ICE_FAILED, Connection, StunProtocol
+from aioice.ice import ICE_COMPLETED, ICE_FAILED, CandidatePair, Connection, StunProtocol
 from aiortc import RTCPeerConnection
 
 from qcall.call.aiortc_compat import require_aiortc, require_version
@@ -118,6 +132,14 @@ PINNED_SOURCES: Final = {
     "aioice.ice.Connection.connect": "da51be46190141ee",
     "aioice.ice.Connection._check_periodic": "ce421a512904f981",
     "aioice.ice.Connection.gather_candidates": "d33db28d4d1e49ff",
+    # DTLS on a tentative pair: checks authenticated before check_incoming, data sent
+    # and received on _nominated, completion as soon as _nominated is full, consent.
+    "aioice.ice.Connection.request_received": "dcdc9a3862c1a0b4",
+    "aioice.ice.Connection.check_incoming": "cb3e32bd47e5fa82",
+    "aioice.ice.Connection._check_list_maybe_complete": "b190e289adad3622",
+    "aioice.ice.Connection.sendto": "bf162ec03bdce2cc",
+    "aioice.ice.Connection.recvfrom": "676acc01e4a9a9da",
+    "aioice.ice.Connection.query_consent": "fe49173a650a378a",
     "aioice.ice.StunProtocol.request": "97991c38f65ea939",
     "aioice.stun.Transaction.__init__": "be1622dc921927d6",
     "aioice.stun.Transaction._Transaction__retry": "493a0eca2ecdf19b",
@@ -310,12 +332,21 @@ async def _pace(connection: Connection) -> None:
         await asyncio.sleep(TA)
 
 
-async def _fast_connect(connection: Connection) -> None:
-    """``Connection.connect`` (aioice 0.13) returning as soon as the check list completes."""
+async def _fast_connect(connection: Connection, early: bool) -> None:
+    """``Connection.connect`` (aioice 0.13) returning as soon as the check list completes.
+
+    ``early``: return sooner, on a *tentative* pair (:func:`_tentative_pair`), so that
+    DTLS starts while the checks finish in the background (:func:`_finish_checks`).
+    """
     if not connection._local_candidates_end:
         raise ConnectionError("Local candidates gathering was not performed")
     if connection.remote_username is None or connection.remote_password is None:
         raise ConnectionError("Remote username or password is missing")
+    first_check: asyncio.Future[tuple[tuple[str, int], StunProtocol]] = (
+        asyncio.get_running_loop().create_future()
+    )
+    if early:
+        _watch_incoming_checks(connection, first_check)
     for remote_candidate in connection._remote_candidates:
         connection._pair_remote_candidate(remote_candidate)
     connection.sort_check_list()
@@ -327,6 +358,79 @@ async def _fast_connect(connection: Connection) -> None:
 
     pacer = asyncio.ensure_future(_pace(connection))
     result = asyncio.ensure_future(connection._check_list_state.get())
+    if early:
+        pair = await _tentative_pair(connection, first_check, {pacer, result})
+        if pair is not None and not result.done():
+            logger.debug("< ICE tentative pair %s: DTLS starts while the checks finish", pair)
+            connection._nominated.setdefault(pair.component, pair)
+            task = asyncio.ensure_future(_finish_checks(connection, pacer, result))
+            _BACKGROUND.add(task)
+            task.add_done_callback(_BACKGROUND.discard)
+            connection._query_consent_task = asyncio.create_task(connection.query_consent())
+            return
+    await _finish_checks(connection, pacer, result)
+    connection._query_consent_task = asyncio.create_task(connection.query_consent())
+
+
+#: Background tasks of :func:`_fast_connect` (a reference keeps them from being collected).
+_BACKGROUND: Final[set[asyncio.Future[None]]] = set()
+
+
+def _watch_incoming_checks(
+    connection: Connection, first: asyncio.Future[tuple[tuple[str, int], StunProtocol]]
+) -> None:
+    """Resolve ``first`` with the address and socket of the first authenticated check."""
+    incoming = connection.check_incoming
+
+    def check_incoming(
+        message: stun.Message, addr: tuple[str, int], protocol: StunProtocol
+    ) -> None:
+        incoming(message, addr, protocol)
+        if not first.done():
+            first.set_result((addr, protocol))
+
+    connection.check_incoming = check_incoming  # type: ignore[method-assign]
+
+
+async def _tentative_pair(
+    connection: Connection,
+    first_check: asyncio.Future[tuple[tuple[str, int], StunProtocol]],
+    running: set[asyncio.Future[Any]],
+) -> CandidatePair | None:
+    """The pair DTLS may use before ICE completes, or None (wait for ICE as usual).
+
+    Controlled side (the callee, DTLS client): the pair of its first check, the
+    highest-priority Waiting one, so that its ClientHello follows that check.
+    Controlling side (the caller, DTLS server): the pair of the peer's first
+    authenticated check (MESSAGE-INTEGRITY with our password: the peer holds our
+    SDP and is at that address), so that it answers the ClientHello already
+    queued instead of waiting for its own check's response.
+    """
+    if not connection.ice_controlling:
+        for pair in connection._check_list:
+            if pair.state in (CandidatePair.State.WAITING, CandidatePair.State.IN_PROGRESS):
+                await asyncio.sleep(0)  # the pacer's first check leaves before the ClientHello
+                return pair
+        return None
+    await asyncio.wait({first_check, *running}, return_when=asyncio.FIRST_COMPLETED)
+    if not first_check.done():
+        return None
+    addr, protocol = first_check.result()
+    for pair in connection._check_list:
+        if pair.protocol is protocol and pair.remote_addr == addr:
+            return pair
+    return None
+
+
+async def _finish_checks(
+    connection: Connection, pacer: asyncio.Future[None], result: asyncio.Future[Any]
+) -> None:
+    """Wait for the check list's result; cancel the checks left (aioice's ``connect`` tail).
+
+    Raises:
+        ConnectionError: ICE failed (when it runs in the background, after a tentative
+            pair: the connection is closed instead, so DTLS and the call fail).
+    """
     try:
         await asyncio.wait({pacer, result}, return_when=asyncio.FIRST_COMPLETED)
         if not result.done() and not connection._check_list:
@@ -340,8 +444,11 @@ async def _fast_connect(connection: Connection) -> None:
         if check.task:
             check.task.cancel()
     if res != ICE_COMPLETED:
+        if connection._query_consent_task is not None:  # we returned on a tentative pair
+            logger.debug("< ICE failed after a tentative pair: closing")
+            await connection.close()
+            return
         raise ConnectionError("ICE negotiation failed")
-    connection._query_consent_task = asyncio.create_task(connection.query_consent())
 
 
 def _timed_request(protocol: StunProtocol, rtt: RttEstimator) -> Callable[..., Any]:
@@ -465,6 +572,7 @@ class FastTransport:
     """What :func:`install_fast_transport` installed on one peer connection."""
 
     rtt: RttEstimator
+    early_dtls: bool = True
     connections: list[Connection] = field(default_factory=list)
     dtls: list[_DtlsRetransmitter] = field(default_factory=list)
     sctp: list[Any] = field(default_factory=list)
@@ -478,12 +586,14 @@ class FastTransport:
                 sctp._rto = max(SCTP_MIN_RTO, min(SCTP_INITIAL_RTO, 3 * self.rtt.srtt))
 
 
-def install_fast_transport(pc: RTCPeerConnection) -> FastTransport:
+def install_fast_transport(pc: RTCPeerConnection, *, early_dtls: bool = True) -> FastTransport:
     """Make one peer connection's ICE and DTLS set-up fast; call before ``setRemoteDescription``.
 
     Every ICE connection and DTLS transport the peer connection has now or makes
     later (aiortc makes them in ``setLocalDescription``/``setRemoteDescription``) is
     patched: the hook wraps the peer connection's private ``__createDtlsTransport``.
+    ``early_dtls``: DTLS starts on a tentative pair while the checks finish
+    (:func:`_tentative_pair`); False waits for ICE to complete, as aiortc does.
 
     Raises:
         CallError: aiortc or aioice is not a pinned release.
@@ -492,7 +602,7 @@ def install_fast_transport(pc: RTCPeerConnection) -> FastTransport:
     existing: FastTransport | None = getattr(pc, _INSTALLED, None)
     if existing is not None:
         return existing
-    fast = FastTransport(RttEstimator())
+    fast = FastTransport(RttEstimator(), early_dtls)
     setattr(pc, _INSTALLED, fast)
     create = pc._RTCPeerConnection__createDtlsTransport  # type: ignore[attr-defined]
 
@@ -531,7 +641,9 @@ def _patch(fast: FastTransport, dtls: Any) -> None:
     if any(c is connection for c in fast.connections):
         return
     fast.connections.append(connection)
-    connection.connect = lambda: _fast_connect(connection)  # type: ignore[method-assign]
+    connection.connect = lambda: _fast_connect(  # type: ignore[method-assign]
+        connection, fast.early_dtls
+    )
     gather = connection.gather_candidates
 
     async def gather_candidates() -> None:
