@@ -280,6 +280,7 @@ class LinkSender:
         self.redis_high = 0  # highest seq sent over Redis
         self._redis_at = float("-inf")
         self._unacked: deque[tuple[int, bytes, float]] = deque()
+        self._held: list[tuple[int, bytes, float]] = []  # for the link, after Redis
         self._unacked_bytes = 0
         self.max_unacked, self.max_unacked_bytes = max_unacked, max_unacked_bytes
         self.catch_up = catch_up
@@ -292,19 +293,47 @@ class LinkSender:
         self.seq += 1
         return self.seq
 
-    def route(self, seq: int, message: bytes, now: float) -> bool:
-        """Whether frame ``seq`` goes over the link (True, now kept) or Redis (False)."""
-        if self.up and (self.acked >= self.redis_high or now - self._redis_at >= self.catch_up):
-            self._unacked.append((seq, message, now))
-            self._unacked_bytes += len(message)
-            return True
-        self.redis_high, self._redis_at = seq, now
-        return False
+    def route(self, seq: int, message: bytes, now: float) -> bool | None:
+        """Where frame ``seq`` goes: True over the link now (kept until acknowledged);
+        None held, for the link, until the frames sent over Redis before it are
+        delivered (:meth:`release`); False over Redis (no link up)."""
+        if not self.up:
+            self.over_redis(seq, now)
+            return False
+        if self._held or not self._caught_up(now):
+            self._held.append((seq, message, now))
+            return None
+        self._keep(seq, message, now)
+        return True
+
+    def release(self, now: float) -> list[bytes]:
+        """The held frames whose turn came (after an ack, or ``catch_up`` seconds
+        after the last Redis frame: Redis lost it), in order; now kept as sent."""
+        if not self._held or not self.up or not self._caught_up(now):
+            return []
+        out = [message for _, message, _ in self._held]
+        for seq, message, _ in self._held:
+            self._keep(seq, message, now)
+        self._held.clear()
+        return out
+
+    def over_redis(self, seq: int, now: float) -> None:
+        """Frame ``seq`` went over Redis (also while no link is up): a link frame
+        must not overtake it, so the link waits for its acknowledgement."""
+        self.redis_high, self._redis_at = max(self.redis_high, seq), now
+
+    def _caught_up(self, now: float) -> bool:
+        return self.acked >= self.redis_high or now - self._redis_at >= self.catch_up
+
+    def _keep(self, seq: int, message: bytes, now: float) -> None:
+        self._unacked.append((seq, message, now))
+        self._unacked_bytes += len(message)
 
     @property
     def stuck(self) -> bool:
         """Too much in flight on the link: the caller takes it down."""
-        return len(self._unacked) > self.max_unacked or self._unacked_bytes > self.max_unacked_bytes
+        in_flight = len(self._held) + len(self._unacked)
+        return in_flight > self.max_unacked or self._unacked_bytes > self.max_unacked_bytes
 
     def overdue(self, now: float, timeout: float) -> bool:
         """Whether the oldest frame in flight waited more than ``timeout`` for its ack."""
@@ -326,10 +355,12 @@ class LinkSender:
     def on_down(self, now: float) -> list[bytes]:
         """The link failed: return the frames to resend over Redis, in order."""
         self.up = False
-        resend = [message for _, message, _ in self._unacked]
-        if self._unacked:
-            self.redis_high, self._redis_at = self._unacked[-1][0], now
+        frames = [*self._unacked, *self._held]
+        resend = [message for _, message, _ in frames]
+        if frames:
+            self.redis_high, self._redis_at = frames[-1][0], now
         self._unacked.clear()
+        self._held.clear()
         self._unacked_bytes = 0
         return resend
 

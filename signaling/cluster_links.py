@@ -293,6 +293,7 @@ class _Outbound(_Link):
             if len(data) != _U64.size:
                 raise ClusterLinkError("ack: not 8 bytes")
             self.links.senders[self.peer].on_ack(_U64.unpack(data)[0])
+            self.links.release(self)
         else:
             raise ClusterLinkError(f"{kind.name.lower()} unexpected from the listener")
 
@@ -393,13 +394,28 @@ class Links:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         sender = self.senders[inst]
-        if link is None or not link.up or not sender.route(seq, message, now):
+        if link is None or not link.up:
+            sender.over_redis(seq, now)  # a link coming up later waits for it
             return False
-        link.write(LinkKind.FRAME, frame_tag(link.session, LinkKind.FRAME, message) + message)
-        self.sent += 1
+        routed = sender.route(seq, message, now)
+        if routed is False:
+            return False
+        if routed:
+            self._write(link, message)
         if sender.stuck:
             link.fail("too many frames unacknowledged")
         return True
+
+    def _write(self, link: _Outbound, message: bytes) -> None:
+        link.write(LinkKind.FRAME, frame_tag(link.session, LinkKind.FRAME, message) + message)
+        self.sent += 1
+
+    def release(self, link: _Outbound) -> None:
+        """Write what ``link``'s sender held until the Redis frames before it arrived."""
+        sender = self.senders.get(link.peer)
+        if sender is not None and link.up and not link.closed:
+            for message in sender.release(asyncio.get_running_loop().time()):
+                self._write(link, message)
 
     async def _connect(self, inst: str) -> None:
         try:
@@ -464,6 +480,8 @@ class Links:
                 sender = self.senders.get(inst)
                 if link.up and sender is not None and sender.overdue(now, self.timeout):
                     link.fail(f"no acknowledgement within {self.timeout:g} s")
+                else:
+                    self.release(link)  # held frames whose Redis frames were lost
 
     # --- receiving ------------------------------------------------------------------
 
@@ -472,6 +490,9 @@ class Links:
         self._inbound[link.peer] = link
         if old is not None and old is not link:
             old.close()
+        # Frames delivered over Redis since the WELCOME named what we had: the
+        # sender keeps to Redis until they are acknowledged here.
+        link.ack(self.receiver.delivered(link.peer, link.epoch))
         logger.info("= link from %s up", link.peer)
 
     def _inbound_down(self, link: _Inbound) -> None:

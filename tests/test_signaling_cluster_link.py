@@ -97,16 +97,27 @@ def test_sender_switches_paths_without_overtaking() -> None:
     now = 0.0
     assert [sender.route(sender.next_seq(), b"m", now) for _ in range(2)] == [False, False]
     sender.on_up(acked=1)  # frame 2 is still on its way over Redis
-    assert sender.route(sender.next_seq(), b"m", now) is False  # 3 follows it there
-    sender.on_ack(3)
+    assert sender.route(sender.next_seq(), b"3", now) is None  # 3 waits for it
+    assert sender.release(now) == []
+    sender.on_ack(2)
+    assert sender.release(now) == [b"3"]  # now over the link, in order
     assert sender.route(sender.next_seq(), b"4", now) is True
     assert sender.route(sender.next_seq(), b"5", now) is True
     sender.on_ack(4)
     assert sender.on_down(now) == [b"5"]  # what the link did not acknowledge
     assert sender.route(sender.next_seq(), b"6", now) is False
-    sender.on_up(acked=4)  # 5 and 6 not delivered yet: Redis until they are, or 1 s
-    assert sender.route(sender.next_seq(), b"7", now + 0.5) is False
-    assert sender.route(sender.next_seq(), b"8", now + 1.6) is True  # Redis lost 7
+    sender.on_up(acked=4)  # 5 and 6 not delivered yet: held until they are, or 1 s
+    assert sender.route(sender.next_seq(), b"7", now + 0.5) is None
+    assert sender.route(sender.next_seq(), b"8", now + 0.6) is None  # behind 7
+    assert sender.release(now + 0.5) == []
+    assert sender.release(now + 1.6) == [b"7", b"8"]  # Redis lost 5 or 6
+    assert sender.route(sender.next_seq(), b"9", now + 1.6) is True
+    assert sender.on_down(now + 1.7) == [b"7", b"8", b"9"]  # none acknowledged
+    held = LinkSender(catch_up=1.0)
+    assert held.route(held.next_seq(), b"1", now) is False
+    held.on_up(acked=0)
+    assert held.route(held.next_seq(), b"2", now) is None
+    assert held.on_down(now) == [b"2"]  # a held frame goes over Redis with the rest
     with pytest.raises(ClusterLinkError, match="ack 99 for a frame never sent"):
         sender.on_ack(99)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -28,7 +29,7 @@ from signaling.cluster_link import (
     link_macs,
     transcript,
 )
-from signaling.cluster_links import parse_endpoint
+from signaling.cluster_links import Links, parse_endpoint
 from signaling.local_services import LocalRedis, free_port
 from signaling.server import SignalingServer
 from tests.hygiene import STATE
@@ -334,3 +335,55 @@ async def test_command_line_links(redis_server, tmp_path):
     assert code == 1 and "needs >= 16 bytes" in out, out
     code, out = await run_main(*flags, "--link", "127.0.0.1:0")
     assert code == 0 and "listening" in out, out
+
+
+async def test_frames_sent_over_redis_before_the_link_was_up_are_not_overtaken() -> None:
+    """Frames that went over Redis while the link was still connecting hold the
+    link back until they are delivered: a link frame that overtook one would make
+    the receiver drop it as older (a call's ``accept`` was lost this way under
+    ``scripts/load_signaling.py --instances 2,4``)."""
+    secret = os.urandom(32)
+    b = Links("B", secret, deliver=lambda *_: None, resolve=_never, republish=_none, epoch=1)
+    endpoint = await b.start("127.0.0.1", 0)
+    go = asyncio.Event()
+
+    async def resolve(inst: str) -> str:
+        await go.wait()
+        return endpoint
+
+    a = Links("A", secret, deliver=lambda *_: None, resolve=resolve, republish=_none, epoch=1)
+    await a.start("127.0.0.1", 0)
+    try:
+        for _ in range(2):  # the link is connecting: both go over Redis
+            assert _send(a) is False
+        assert b.fresh("A", 1, 1)  # Redis delivered 1; 2 is still on its way
+        go.set()
+        deadline = time.monotonic() + 5 * TIMEOUT_FACTOR
+        while not a.senders["B"].up:
+            assert time.monotonic() < deadline, "the link did not come up"
+            await asyncio.sleep(0.01)
+        assert _send(a) is True  # 3: for the link, but...
+        assert a.sent == 0  # ...held, not written ahead of 2 (still on its way over Redis)
+        assert b.fresh("A", 1, 2)  # 2 arrives over Redis and is acknowledged on the link
+        while a.sent < 1:  # then 3 goes
+            assert time.monotonic() < deadline, "the held frame was not released"
+            await asyncio.sleep(0.01)
+        assert _send(a) is True
+        assert a.sent == 2  # 4 straight over the link
+    finally:
+        await a.close()
+        await b.close()
+
+
+def _send(a: Links) -> bool:
+    seq = a.next_seq("B")
+    header = json.dumps({"inst": "A", "epoch": 1, "seq": seq, "from": "alice", "fp": ""})
+    return a.send("B", seq, header.encode() + b"\n{}")
+
+
+async def _never(inst: str) -> str | None:
+    return None
+
+
+def _none(inst: str, frames: list[bytes]) -> None:
+    return None
