@@ -82,6 +82,10 @@ PLAIN_PREFIX = "plain-sdp:"
 #: the same SDP (``ice`` message type): ICE starts while the QKD key is fetched and
 #: the handshake is signed and verified (docs/calls.md, "SDP ahead of the handshake").
 SDP_PREFIX = "qcall-sdp:"
+#: Seconds a failed media connection waits for the peer's signed message when it
+#: is still to come: DTLS starts on the SDP sent ahead, so a fingerprint swapped
+#: there fails DTLS first, and the signed message then names the real cause.
+SIGNED_GRACE = 1.0
 
 
 class Negotiation(HandshakePump):
@@ -122,7 +126,7 @@ class Negotiation(HandshakePump):
                 self._connected_at = time.monotonic()
                 self._connected.set()
             elif pc.connectionState == "failed":
-                self._finish(CallError("the media connection failed (ICE/DTLS)"))
+                await self._media_failed()
             elif pc.connectionState == "closed" and self.status.state is CallState.ACTIVE:
                 # The peer closed DTLS (close_notify): its hangup, even when the
                 # signaling server lost the call (restart; docs/faults.md).
@@ -307,6 +311,21 @@ class Negotiation(HandshakePump):
         if policy != "plain":  # the callee's SDP ahead: ICE checks start while it signs
             await self._answer_sdp_ahead(answered)
         await self._on_answer((await answered).payload)
+
+    async def _media_failed(self) -> None:
+        """ICE or DTLS failed: end the call, naming the signed message's finding if any.
+
+        With DTLS on the SDP sent ahead (docs/calls.md), a server that swapped the
+        peer's fingerprint there makes DTLS fail before the signed offer or answer
+        arrives; that message then shows the tampering ("differs from the SDP sent
+        ahead"). So while it is still to come, the failure waits for it (at most
+        :data:`SIGNED_GRACE`): either it ends the call with that error, or the
+        transport's error stands. No key exists either way."""
+        if self.options.policy != "plain" and not self._ended.done():
+            pending = self._held is not None if self.role == "caller" else self.hs is None
+            if pending:
+                await asyncio.wait({self._ended}, timeout=SIGNED_GRACE)
+        self._finish(CallError("the media connection failed (ICE/DTLS)"))
 
     async def _on_answer(self, payload: str) -> None:
         """Caller: act on the callee's answer (from an ``answer`` or from the ``accept``)."""
