@@ -258,11 +258,13 @@ class LinkSender:
     """One instance's stream of frames to one other instance (which path, what to resend).
 
     Every frame gets the next ``seq``. :meth:`route` says whether it goes over
-    the link (kept until acknowledged) or over Redis. After frames went over
-    Redis the link is used again only once they are acknowledged (the listener
-    acknowledges what it delivered, whichever path), or ``catch_up`` seconds after
-    the last one (Redis lost it: the receiver then delivers what comes next):
-    so the two paths never overtake each other.
+    the link (kept until acknowledged), is held for the link, or goes over Redis
+    (no link up; :meth:`over_redis` for frames sent there while no link existed).
+    After frames went over Redis the link carries frames again only once they are
+    acknowledged (the listener acknowledges what it delivered, whichever path), or
+    ``catch_up`` seconds after the last one (Redis lost it: the receiver then
+    delivers what comes next); until then frames for the link are held, in order,
+    and :meth:`release` hands them out. So the two paths never overtake each other.
 
     Args:
         max_unacked: frames in flight on the link above which it counts as stuck.

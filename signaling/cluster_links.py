@@ -383,7 +383,8 @@ class Links:
         return sender.next_seq()
 
     def send(self, inst: str, seq: int, message: bytes) -> bool:
-        """Send frame ``seq`` to ``inst`` over its link if it can; False: use Redis."""
+        """Send frame ``seq`` to ``inst`` over its link if it can (True: written, or
+        held for the link until earlier Redis frames are delivered); False: use Redis."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         link = self._outbound.get(inst)
@@ -491,7 +492,7 @@ class Links:
         if old is not None and old is not link:
             old.close()
         # Frames delivered over Redis since the WELCOME named what we had: the
-        # sender keeps to Redis until they are acknowledged here.
+        # sender holds its link frames until they are acknowledged here.
         link.ack(self.receiver.delivered(link.peer, link.epoch))
         logger.info("= link from %s up", link.peer)
 
