@@ -4,15 +4,20 @@
 (the audio receiver's jitter buffer) and :mod:`qcall.call.fast_transport` (ICE, DTLS
 and SCTP timers) replace private aiortc/aioice methods on single instances; each was
 read against a range of releases and refuses others.
+
+:func:`close_peer_connection` works around a race in aiortc 1.16's
+``RTCPeerConnection.close()`` (see its docstring); every qcall peer connection is
+closed through it.
 """
 
 from __future__ import annotations
 
 import aiortc
+from aiortc import RTCPeerConnection
 
 from qcall.exceptions import CallError
 
-__all__ = ["require_aiortc", "require_version"]
+__all__ = ["close_peer_connection", "require_aiortc", "require_version"]
 
 Version = tuple[int, int]
 
@@ -53,3 +58,22 @@ def require_version(
             f"{package} {version} is not supported by qcall's {what} (needs >="
             f"{low[0]}.{low[1]},<{high[0]}.{high[1]}); {hint}"
         )
+
+
+async def close_peer_connection(pc: RTCPeerConnection) -> None:
+    """Close ``pc``, and stop any receiver or sender that started while it closed.
+
+    aiortc 1.16's ``close()`` stops the transceivers first and then awaits the
+    transports' shutdown (the DTLS close_notify). A connection task that was waiting
+    for the DTLS handshake can resume in that window, see the DTLS transport still
+    ``connected`` and start the receiver: the receiver's non-daemon decoder thread
+    then waits forever and the process cannot exit (``qcall listen`` hung on SIGTERM
+    after a call failed during its DTLS handshake). Stopping each receiver and sender
+    again once ``close()`` returned ends what started in the window; both calls are
+    no-ops otherwise. ``tests/test_aiortc_close.py`` shows the race on the pinned
+    version.
+    """
+    await pc.close()
+    for transceiver in pc.getTransceivers():
+        await transceiver.receiver.stop()
+        await transceiver.sender.stop()

@@ -33,6 +33,7 @@ from typing import Any
 
 from aiortc import MediaStreamTrack, RTCDataChannel, RTCPeerConnection
 
+from qcall.call.aiortc_compat import close_peer_connection
 from qcall.call.netem import Emulation
 from qcall.call.srtp import HybridSRTP, SRTPKeys
 from qcall.call.status import CallOptions, CallState, CallStatus
@@ -319,7 +320,7 @@ class SessionCore:
             if self.otp is not None:
                 self.status.otp_budget = self.otp.describe()
                 self.otp.close()
-            await pc.close()
+            await close_peer_connection(pc)
         if self.source is not None:
             # A microphone would otherwise keep capturing (and its device stay
             # open) after the call; every call gets a fresh source (Phone.make_source).

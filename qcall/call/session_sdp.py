@@ -44,6 +44,7 @@ from aiortc import (
 )
 from aiortc.rtcconfiguration import RTCIceTransportPolicy
 
+from qcall.call.aiortc_compat import close_peer_connection
 from qcall.call.fast_transport import install_fast_transport
 from qcall.call.jitter import apply_jitter_buffer_mode
 from qcall.call.media import UnityGainTrack
@@ -277,7 +278,7 @@ class Negotiation(HandshakePump):
             return await self._prepare_offer(self._offer_inputs, pc=self.pc)
         if self.pc is not None:
             pc, self.pc = self.pc, None
-            await pc.close()
+            await close_peer_connection(pc)
         return await self._prepare_offer(self._offer_inputs)
 
     async def _apply_accept_sdp(self, payload: str) -> None:
