@@ -8,8 +8,9 @@ over Redis pub/sub, the baseline), and three pairs of users in accepted calls:
 both on one instance (``same``), across the linked pair (``link``), across the
 Redis-only pair (``redis``). Then, ``--rounds`` times, each pair relays one
 8 KiB ``ice`` payload (client send → other client receive), the three pairs
-taking turns so that all see the same machine load. Prints the p50 of each,
-the ratios against ``same``, and the instances' CPU microseconds per frame
+taking turns (the one going first rotating) so that all see the same machine
+load. Prints the p50 of each, the ratios against ``same`` (link/same also for
+five consecutive slices of the samples), and the instances' CPU microseconds per frame
 (``/proc``, 500 frames per pair, one pair at a time).
 
 Usage::
@@ -35,7 +36,15 @@ sys.path.insert(0, str(ROOT))
 from qcall import pqc  # noqa: E402
 from qcall.signaling import messages as m  # noqa: E402
 from qcall.signaling.client import SignalingClient  # noqa: E402
-from scripts.load_cluster import PAYLOAD, cpu_seconds, next_of, setup_call, spawn  # noqa: E402
+from scripts.load_cluster import (  # noqa: E402
+    PAYLOAD,
+    cpu_seconds,
+    next_of,
+    schedule,
+    setup_call,
+    spawn,
+    spread,
+)
 from signaling.local_services import LocalRedis, free_port  # noqa: E402
 
 
@@ -82,9 +91,8 @@ async def run(rounds: int) -> None:
                 for _ in range(20):
                     await relay(k)
             samples: dict[str, list[float]] = {k: [] for k in pairs}
-            for _ in range(rounds):
-                for k in pairs:
-                    samples[k].append(await relay(k))
+            for _, k, _ in schedule(list(pairs), 1, rounds):  # the first kind rotates
+                samples[k].append(await relay(k))
             cpu: dict[str, list[int]] = {}
             for k in pairs:
                 before = [cpu_seconds(p.pid) for p in servers[k]]
@@ -99,6 +107,8 @@ async def run(rounds: int) -> None:
                 "p50_ms": {k: round(v, 3) for k, v in p50.items()},
                 "ratio_link_same": round(p50["link"] / p50["same"], 2),
                 "ratio_redis_same": round(p50["redis"] / p50["same"], 2),
+                "samples_per_kind": rounds,
+                "ratio_link_same_blocks": spread(samples["same"], samples["link"])["ratio_blocks"],
                 "server_cpu_us_per_frame": cpu,
                 "load_average": os.getloadavg()[0],
             }), flush=True)  # fmt: skip

@@ -174,6 +174,7 @@ class Cluster:
         self._mail_wake = asyncio.Event()
         self._server: SignalingServer | None = None
         self._local: dict[PeerId, str] = {}  # names registered here -> fingerprint
+        self._headers: dict[PeerId, tuple[str, bytes]] = {}  # see _link_header
         self._standins: dict[PeerId, tuple[ConnectionId, str]] = {}  # -> (cid, instance)
         self._remote_online: dict[PeerId, tuple[str, str]] = {}  # -> (fingerprint, instance)
         self._tasks: list[asyncio.Task[None]] = []
@@ -287,14 +288,13 @@ class Cluster:
                 instances.add(standin)
         frame = text.encode() if isinstance(text, str) else text
         for inst in sorted(instances):
-            header = {"from": name, "fp": self._local.get(name, ""), "inst": self.instance_id}
             if self.links is not None:  # numbered; the link if it can, else Redis in order
                 seq = self.links.next_seq(inst)
-                message = json.dumps(header | {"epoch": self.epoch, "seq": seq}).encode()
-                message += b"\n" + frame
+                message = b'%s, "seq": %d}\n%s' % (self._link_header(name), seq, frame)
                 if not self.links.send(inst, seq, message):
                     self._queue_frames(inst, [message], cid)
                 continue
+            header = {"from": name, "fp": self._local.get(name, ""), "inst": self.instance_id}
             try:
                 await self.redis.publish(
                     self._key("to", inst), json.dumps(header).encode() + b"\n" + frame
@@ -303,6 +303,18 @@ class Cluster:
                 logger.warning("! cannot forward to instance %s: %s", inst, exc)
                 kept.append((cid, ErrorMessage("unavailable", "peer unreachable now")))
         return kept
+
+    def _link_header(self, name: PeerId) -> bytes:
+        """``{"from", "fp", "inst", "epoch"`` of ``name``'s numbered frames, without
+        the closing brace (``seq`` follows); made once per name and fingerprint."""
+        fp = self._local.get(name, "")
+        cached = self._headers.get(name)
+        if cached is None or cached[0] != fp:
+            if len(self._headers) >= 4096:
+                self._headers.clear()
+            header = {"from": name, "fp": fp, "inst": self.instance_id, "epoch": self.epoch}
+            cached = self._headers[name] = (fp, json.dumps(header)[:-1].encode())
+        return cached[1]
 
     def mail(self, name: PeerId, text: str) -> None:
         """A ``mail`` push for ``name``, who is not registered here: announce it to

@@ -387,3 +387,51 @@ async def _never(inst: str) -> str | None:
 
 def _none(inst: str, frames: list[bytes]) -> None:
     return None
+
+
+async def test_frames_written_in_one_loop_tick_leave_in_one_write() -> None:
+    """The first frame of a tick is written at once; the others of the same tick
+    are joined into one write at its end; all arrive whole, in order."""
+    secret = os.urandom(32)
+    got: list[int] = []
+    b = Links(
+        "B", secret, deliver=lambda _i, _e, header, _f: got.append(header["seq"]),
+        resolve=_never, republish=_none, epoch=1,
+    )  # fmt: skip
+    endpoint = await b.start("127.0.0.1", 0)
+
+    async def resolve(inst: str) -> str:
+        return endpoint
+
+    a = Links("A", secret, deliver=lambda *_: None, resolve=resolve, republish=_none, epoch=1)
+    await a.start("127.0.0.1", 0)
+    try:
+        assert _send(a) is False  # 1: over Redis while the link connects
+        assert b.fresh("A", 1, 1)
+        deadline = time.monotonic() + 5 * TIMEOUT_FACTOR
+        while not (a.senders["B"].up and a.senders["B"].acked == 1):
+            assert time.monotonic() < deadline, "the link did not come up"
+            await asyncio.sleep(0.01)
+        link = a._outbound["B"]
+        assert link.transport is not None
+        writes: list[int] = []
+        write = link.transport.write
+
+        def spy(data: bytes) -> None:
+            writes.append(len(data))
+            write(data)
+
+        link.transport.write = spy  # type: ignore[method-assign]
+        assert [_send(a) for _ in range(3)] == [True] * 3  # 2, 3, 4 in one tick
+        assert len(writes) == 1  # 2 went at once
+        await asyncio.sleep(0)
+        assert len(writes) == 2 and writes[1] == 2 * writes[0]  # 3 and 4 together
+        while len(got) < 3:
+            assert time.monotonic() < deadline, f"delivered {got}"
+            await asyncio.sleep(0.01)
+        assert got == [2, 3, 4]
+        assert _send(a) is True  # a later tick: at once again
+        assert len(writes) == 3
+    finally:
+        await a.close()
+        await b.close()
