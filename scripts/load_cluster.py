@@ -355,13 +355,14 @@ async def one_count(
             await asyncio.sleep(0.5)
             held = sum(registered(p) for p in ports)
             per_conn = (sum(rss_kib(p.pid) for p in procs) - base_rss) / len(clients)
-            # Pairs: client i is on instance i % n. Same: (i, i + n); cross: (i, i + 1).
-            count = min(20, len(clients) // (2 * n + 2))
-            kinds = {"same": [(clients[2 * n * k], clients[2 * n * k + n]) for k in range(count)]}
+            # Pairs: client i is on instance i % n; disjoint blocks of 4n clients, each
+            # with a same pair (4nk, 4nk + n: instance 0) and a cross pair
+            # (4nk + 2n + 1, 4nk + 2n + 2: instances 1 and 2, or 1 and 0 when n = 2).
+            count = min(20, len(clients) // (4 * n + 2))
+            blocks = [4 * n * k for k in range(count)]
+            kinds = {"same": [(clients[b], clients[b + n]) for b in blocks]}
             if n > 1:
-                kinds["cross"] = [
-                    (clients[2 * k * n + 1], clients[2 * k * n + 2]) for k in range(count)
-                ]
+                kinds["cross"] = [(clients[b + 2 * n + 1], clients[b + 2 * n + 2]) for b in blocks]
             rounds = max(args.rounds, -(-MIN_SAMPLES // count))
             lat = await routing(kinds, rounds)
             same_ms = lat["same"]
@@ -371,7 +372,7 @@ async def one_count(
                 "memory_per_connection_kib": round(per_conn, 1),
                 "routing_same_p50_ms": round(statistics.median(same_ms), 3),
                 "routing_same_p99_ms": round(pct(same_ms, 0.99), 3),
-                "routing_samples_per_kind": len(same_ms),
+                "samples_per_kind": len(same_ms),
                 "routing_load_average": round(os.getloadavg()[0], 2),
             }
             if n > 1:

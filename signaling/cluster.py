@@ -52,6 +52,7 @@ import dataclasses
 import json
 import logging
 import re
+import ssl
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
@@ -128,6 +129,8 @@ class Cluster:
         link_host: address to listen on for links, advertised to the others.
         link_port: port for links (0: any free one).
         link_timeout: seconds for a link to connect, authenticate, or acknowledge.
+        link_tls: ``(server, client)`` TLS contexts: links run over mutual TLS
+            (:class:`~signaling.cluster_links.Links`); ``None``: plain TCP.
     """
 
     def __init__(
@@ -142,6 +145,7 @@ class Cluster:
         link_host: str = "127.0.0.1",
         link_port: int = 0,
         link_timeout: float = 1.0,
+        link_tls: tuple[ssl.SSLContext, ssl.SSLContext] | None = None,
     ) -> None:
         if not instance_id or not instance_id.isprintable() or " " in instance_id:
             raise ValueError(f"bad instance id {instance_id!r}")
@@ -165,6 +169,7 @@ class Cluster:
             self.links = Links(
                 instance_id, link_secret, deliver=self._on_link_frame, resolve=self._endpoint_of,
                 republish=self._queue_frames, epoch=self.epoch, timeout=link_timeout,
+                tls=link_tls,
             )  # fmt: skip
         self._link_address = (link_host, link_port)
         self._endpoint = "1"  # the value of our instance key: "HOST:PORT" with links

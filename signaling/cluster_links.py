@@ -20,6 +20,7 @@ import hmac
 import json
 import logging
 import os
+import ssl
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -351,6 +352,10 @@ class Links:
             fails: they go over Redis, ahead of anything sent after.
         timeout: seconds for connecting, for the handshake, and for an ack.
         epoch: this run's number (grows across restarts: microseconds since 1970).
+        tls: ``(server context, client context)``: every link runs over mutually
+            authenticated TLS (both ends' certificates checked against the cluster's
+            CA, the dialed address against the listener's certificate), inside which
+            the handshake and tags above run unchanged; ``None``: plain TCP.
     """
 
     def __init__(
@@ -363,12 +368,14 @@ class Links:
         republish: Callable[[str, list[bytes]], None],
         epoch: int,
         timeout: float = 1.0,
+        tls: tuple[ssl.SSLContext, ssl.SSLContext] | None = None,
     ) -> None:
         if len(secret) < MIN_SECRET:
             raise ClusterLinkError(f"the cluster secret must have at least {MIN_SECRET} bytes")
         self.instance_id, self.secret, self.epoch = instance_id, secret, epoch
         self.deliver, self._resolve, self._republish = deliver, resolve, republish
         self.timeout = timeout
+        self.tls = tls
         self.receiver = LinkReceiver()
         self.senders: dict[str, LinkSender] = {}
         self._outbound: dict[str, _Outbound] = {}
@@ -389,12 +396,14 @@ class Links:
     async def start(self, host: str, port: int) -> str:
         """Listen on ``host:port``; return the ``HOST:PORT`` to advertise."""
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: _Inbound(self), host, port
-        )
+            lambda: _Inbound(self), host, port,
+            ssl=self.tls[0] if self.tls else None,
+            ssl_handshake_timeout=self.timeout if self.tls else None,
+        )  # fmt: skip
         bound = self._server.sockets[0].getsockname()
         self._tasks.add(asyncio.create_task(self._run_checks()))
         endpoint = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
-        logger.info("= links: listening on %s", endpoint)
+        logger.info("= links: listening on %s%s", endpoint, " (TLS)" if self.tls else "")
         return endpoint
 
     async def close(self) -> None:
@@ -461,12 +470,18 @@ class Links:
             if address is None:
                 return  # an instance without links (older version, or no secret): Redis
             loop = asyncio.get_running_loop()
+            tls: dict[str, Any] = {}
+            if self.tls is not None:  # the certificate must name the advertised host
+                tls = {"ssl": self.tls[1], "server_hostname": address[0]}
             _, link = await asyncio.wait_for(
-                loop.create_connection(lambda: _Outbound(self, inst), *address), self.timeout
+                loop.create_connection(lambda: _Outbound(self, inst), *address, **tls),
+                self.timeout,
             )
             self._outbound[inst] = link
             if link.closed:
                 self._outbound.pop(inst, None)
+        except ssl.SSLError as exc:  # a certificate not of this cluster: loud
+            logger.warning("! no link to %s: TLS: %s", inst, exc)
         except (OSError, TimeoutError, ClusterLinkError) as exc:
             logger.info("! no link to %s: %s", inst, exc or type(exc).__name__)
         except Exception:  # Redis errors: the caller's fallback carries the frames
