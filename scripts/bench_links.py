@@ -13,9 +13,12 @@ load. Prints the p50 of each, the ratios against ``same`` (link/same also for
 five consecutive slices of the samples), and the instances' CPU microseconds per frame
 (``/proc``, 500 frames per pair, one pair at a time).
 
+``--link-tls`` runs the linked pair's link inside mutual TLS (a test CA made
+for the run, docs/signaling.md "TLS (optional)").
+
 Usage::
 
-    python scripts/bench_links.py --rounds 400
+    python scripts/bench_links.py --rounds 400 [--link-tls]
 """
 
 from __future__ import annotations
@@ -48,18 +51,28 @@ from scripts.load_cluster import (  # noqa: E402
 from signaling.local_services import LocalRedis, free_port  # noqa: E402
 
 
-async def run(rounds: int) -> None:
+async def run(rounds: int, link_tls: bool = False) -> None:
     os.environ.setdefault("PYTHONPATH", str(ROOT))
     with LocalRedis() as redis, tempfile.TemporaryDirectory() as tmp:
         assert isinstance(redis, LocalRedis)
         secret = Path(tmp) / "cluster.secret"
         secret.write_bytes(os.urandom(32).hex().encode())
         secret.chmod(0o600)
-        link = ("--cluster-secret-file", str(secret))
+        link: tuple[str, ...] = ("--cluster-secret-file", str(secret))
+        tls: list[tuple[str, ...]] = [(), ()]
+        if link_tls:  # each linked instance with its own certificate of one test CA
+            from qcall.qkd.pki import create_pki
+
+            pki = create_pki(Path(tmp) / "pki", ["link-0", "link-1"], [])
+            tls = [
+                ("--cluster-tls-cert", str(pki.kmes[n].cert), "--cluster-tls-key",
+                 str(pki.kmes[n].key), "--cluster-ca", str(pki.ca_cert))
+                for n in ("link-0", "link-1")
+            ]  # fmt: skip
         ports = [free_port() for _ in range(4)]
         procs = [
-            await spawn(redis.url, ports[0], "L0", *link),
-            await spawn(redis.url, ports[1], "L1", *link),
+            await spawn(redis.url, ports[0], "L0", *link, *tls[0]),
+            await spawn(redis.url, ports[1], "L1", *link, *tls[1]),
             await spawn(redis.url, ports[2], "R0"),
             await spawn(redis.url, ports[3], "R1"),
         ]
@@ -110,6 +123,7 @@ async def run(rounds: int) -> None:
                 "samples_per_kind": rounds,
                 "ratio_link_same_blocks": spread(samples["same"], samples["link"])["ratio_blocks"],
                 "server_cpu_us_per_frame": cpu,
+                "link_tls": link_tls,
                 "load_average": os.getloadavg()[0],
             }), flush=True)  # fmt: skip
         finally:
@@ -121,10 +135,13 @@ async def run(rounds: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=400, help="samples per pair (default 400)")
+    parser.add_argument(
+        "--link-tls", action="store_true", help="the linked pair's link runs over mutual TLS"
+    )
     args = parser.parse_args()
     if not 10 <= args.rounds <= 10_000:
         parser.error("bounds: 10 <= --rounds <= 10000")
-    asyncio.run(run(args.rounds))
+    asyncio.run(run(args.rounds, args.link_tls))
 
 
 if __name__ == "__main__":

@@ -364,6 +364,12 @@ async def one_count(
             if n > 1:
                 kinds["cross"] = [(clients[b + 2 * n + 1], clients[b + 2 * n + 2]) for b in blocks]
             rounds = max(args.rounds, -(-MIN_SAMPLES // count))
+            if rounds > args.rounds:
+                print(
+                    f"# {n} instances: --rounds {args.rounds} x {count} pairs raised to {rounds} "
+                    f"rounds ({rounds * count} samples per kind, at least {MIN_SAMPLES})",
+                    flush=True,
+                )
             lat = await routing(kinds, rounds)
             same_ms = lat["same"]
             result: dict[str, Any] = {
