@@ -458,7 +458,7 @@ async def run(args: Any) -> None:
     }), flush=True)  # fmt: skip
     ratios = [r["cross_same_ratio_p50"] for r in results if "cross_same_ratio_p50" in r]
     if ratios:
-        print(f"# cross/same routing p50 ratio, median over counts: {statistics.median(ratios)}")
+        print(f"# cross/same routing p50 ratio, median over counts: {statistics.median(ratios):g}")
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--setup-worker"]:
