@@ -97,7 +97,10 @@ async def run(rounds: int, link_tls: bool = False) -> None:
                 a, b = pairs[k]
                 start = time.perf_counter()
                 await a.send_ice(calls[k], PAYLOAD)
-                await next_of(b, m.ICECandidate)
+                try:
+                    await next_of(b, m.ICECandidate)
+                except TimeoutError:
+                    raise SystemExit(f"a {k!r} frame did not arrive within 10 s") from None
                 return (time.perf_counter() - start) * 1e3
 
             for k in pairs:  # warm up (the link opens on first use)

@@ -192,7 +192,10 @@ async def routing(
         (a, b), call_id = kinds[kind][i], calls[kind][i]
         start = time.perf_counter()
         await a.send_ice(call_id, PAYLOAD)
-        await next_of(b, m.ICECandidate)
+        try:
+            await next_of(b, m.ICECandidate)
+        except TimeoutError:
+            raise SystemExit(f"routing: a {kind} frame (round {r}) did not arrive") from None
         if r >= warmup:
             samples[kind].append((time.perf_counter() - start) * 1e3)
     for kind, pairs in kinds.items():
