@@ -11,8 +11,13 @@ its own instance first). It measures:
 * connections held (sum of the instances' ``/healthz`` ``registered``);
 * memory per connection (the instances' RSS delta / connections);
 * routing latency p50/p99 of an 8 KiB ``ice`` payload between the parties of
-  accepted calls, for pairs on the **same** instance and on **different**
-  instances (with N = 1 all pairs are same-instance), and their ratio;
+  accepted calls (client send → other client receive), for pairs on the
+  **same** instance and on **different** instances (with N = 1 all pairs are
+  same-instance), and their ratio. The two kinds are measured in turns, pair by
+  pair, in the same time window (:func:`schedule`), at least
+  :data:`MIN_SAMPLES` samples each after two rounds of warm-up; the ratio is
+  also given for five consecutive slices of the samples, and each kind's
+  quartiles, so that its spread shows;
 * call set-ups per second (invite → ringing → accept → 8 KiB offer → answer
   → hangup, ``--concurrency`` at once, for ``--duration`` seconds) for pairs
   on the same instance and (N > 1) pairs on different instances, placed by
@@ -50,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -72,6 +78,9 @@ from signaling.local_services import LocalPostgres, LocalRedis, free_port  # noq
 
 PAYLOAD = "x" * 8192
 SERVER_ID = "load-cluster"
+#: Routing samples per kind of pair at least (``--rounds`` is raised to reach it):
+#: with 200, the p50 ratio moved by ±0.35 from run to run on the shared machine.
+MIN_SAMPLES = 600
 
 
 def rss_kib(pid: int) -> int:
@@ -138,18 +147,60 @@ async def hangup(a: SignalingClient, b: SignalingClient, call_id: str) -> None:
     await next_of(b, m.Hangup)
 
 
-async def routing(pairs: list[tuple[SignalingClient, SignalingClient]], rounds: int) -> list[float]:
-    """One-way latencies of an 8 KiB ice payload inside accepted calls (ms)."""
-    calls = [await setup_call(a, b) for a, b in pairs]
-    samples: list[float] = []
-    for _ in range(rounds):
-        for (a, b), call_id in zip(pairs, calls, strict=True):
-            start = time.perf_counter()
-            await a.send_ice(call_id, PAYLOAD)
+def schedule(kinds: list[str], pairs: int, rounds: int) -> list[tuple[int, str, int]]:
+    """``(round, kind, pair)`` in measuring order: in every round each pair of each
+    kind relays once, the kinds taking turns pair by pair (same, cross, same,
+    cross, ...) and the kind that goes first rotating from round to round, so
+    that every kind sees the same machine load at the same moments."""
+    order = []
+    for r in range(rounds):
+        turn = kinds[r % len(kinds) :] + kinds[: r % len(kinds)]
+        order += [(r, kind, i) for i in range(pairs) for kind in turn]
+    return order
+
+
+def spread(same: list[float], cross: list[float], blocks: int = 5) -> dict[str, Any]:
+    """The cross/same p50 ratio and how much it moves: the samples (taken in
+    turns, so ``same[j]`` and ``cross[j]`` are close in time) are cut into
+    ``blocks`` consecutive slices, and the ratio of each slice is given too."""
+    n = min(len(same), len(cross))
+    cuts = [n * b // blocks for b in range(blocks + 1)]
+    per_block = [
+        statistics.median(cross[lo:hi]) / statistics.median(same[lo:hi])
+        for lo, hi in itertools.pairwise(cuts)
+        if hi > lo
+    ]
+    return {
+        "samples_per_kind": n,
+        "cross_same_ratio_p50": round(statistics.median(cross) / statistics.median(same), 2),
+        "ratio_blocks": [round(r, 2) for r in per_block],
+        "same_p25_p50_p75_ms": [round(pct(same, q), 3) for q in (0.25, 0.5, 0.75)],
+        "cross_p25_p50_p75_ms": [round(pct(cross, q), 3) for q in (0.25, 0.5, 0.75)],
+    }
+
+
+async def routing(
+    kinds: dict[str, list[tuple[SignalingClient, SignalingClient]]], rounds: int, warmup: int = 2
+) -> dict[str, list[float]]:
+    """One-way latencies (ms) of an 8 KiB ice payload inside accepted calls, for
+    each kind of pair, measured in turns (:func:`schedule`); ``warmup`` rounds
+    first, not counted (the links open on first use)."""
+    calls = {k: [await setup_call(a, b) for a, b in pairs] for k, pairs in kinds.items()}
+    count = min(len(pairs) for pairs in kinds.values())
+    samples: dict[str, list[float]] = {k: [] for k in kinds}
+    for r, kind, i in schedule(list(kinds), count, warmup + rounds):
+        (a, b), call_id = kinds[kind][i], calls[kind][i]
+        start = time.perf_counter()
+        await a.send_ice(call_id, PAYLOAD)
+        try:
             await next_of(b, m.ICECandidate)
-            samples.append((time.perf_counter() - start) * 1e3)
-    for (a, b), call_id in zip(pairs, calls, strict=True):
-        await hangup(a, b, call_id)
+        except TimeoutError:
+            raise SystemExit(f"routing: a {kind} frame (round {r}) did not arrive") from None
+        if r >= warmup:
+            samples[kind].append((time.perf_counter() - start) * 1e3)
+    for kind, pairs in kinds.items():
+        for (a, b), call_id in zip(pairs, calls[kind], strict=True):
+            await hangup(a, b, call_id)
     return samples
 
 
@@ -307,25 +358,38 @@ async def one_count(
             await asyncio.sleep(0.5)
             held = sum(registered(p) for p in ports)
             per_conn = (sum(rss_kib(p.pid) for p in procs) - base_rss) / len(clients)
-            # Pairs: client i is on instance i % n. Same: (i, i + n); cross: (i, i + 1).
-            rounds, count = args.rounds, min(20, len(clients) // (2 * n + 2))
-            same = [(clients[2 * n * k], clients[2 * n * k + n]) for k in range(count)]
-            same_ms = await routing(same, rounds)
+            # Pairs: client i is on instance i % n; disjoint blocks of 4n clients, each
+            # with a same pair (4nk, 4nk + n: instance 0) and a cross pair
+            # (4nk + 2n + 1, 4nk + 2n + 2: instances 1 and 2, or 1 and 0 when n = 2).
+            count = min(20, len(clients) // (4 * n + 2))
+            blocks = [4 * n * k for k in range(count)]
+            kinds = {"same": [(clients[b], clients[b + n]) for b in blocks]}
+            if n > 1:
+                kinds["cross"] = [(clients[b + 2 * n + 1], clients[b + 2 * n + 2]) for b in blocks]
+            rounds = max(args.rounds, -(-MIN_SAMPLES // count))
+            if rounds > args.rounds:
+                print(
+                    f"# {n} instances: --rounds {args.rounds} x {count} pairs raised to {rounds} "
+                    f"rounds ({rounds * count} samples per kind, at least {MIN_SAMPLES})",
+                    flush=True,
+                )
+            lat = await routing(kinds, rounds)
+            same_ms = lat["same"]
             result: dict[str, Any] = {
                 "instances": n,
                 "connections_held": held,
                 "memory_per_connection_kib": round(per_conn, 1),
-                "routing_same_p50_ms": round(pct(same_ms, 0.5), 3),
+                "routing_same_p50_ms": round(statistics.median(same_ms), 3),
                 "routing_same_p99_ms": round(pct(same_ms, 0.99), 3),
+                "samples_per_kind": len(same_ms),
+                "routing_load_average": round(os.getloadavg()[0], 2),
             }
             if n > 1:
-                cross = [(clients[2 * k * n + 1], clients[2 * k * n + 2]) for k in range(count)]
-                cross_ms = await routing(cross, rounds)
+                cross_ms = lat["cross"]
                 result |= {
-                    "routing_cross_p50_ms": round(pct(cross_ms, 0.5), 3),
+                    "routing_cross_p50_ms": round(statistics.median(cross_ms), 3),
                     "routing_cross_p99_ms": round(pct(cross_ms, 0.99), 3),
-                    "cross_same_ratio_p50": round(pct(cross_ms, 0.5) / pct(same_ms, 0.5), 2),
-                }
+                } | spread(same_ms, cross_ms)
             servers = [p.pid for p in procs] + [redis.proc.pid]
             for mode in ("same", "cross") if n > 1 else ("same",):
                 rate, count, cpu = await setups_in_processes(urls, mode, args, servers)
@@ -397,7 +461,7 @@ async def run(args: Any) -> None:
     }), flush=True)  # fmt: skip
     ratios = [r["cross_same_ratio_p50"] for r in results if "cross_same_ratio_p50" in r]
     if ratios:
-        print(f"# cross/same routing p50 ratio, median over counts: {statistics.median(ratios)}")
+        print(f"# cross/same routing p50 ratio, median over counts: {statistics.median(ratios):g}")
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--setup-worker"]:

@@ -452,7 +452,12 @@ def main() -> None:
         metavar="N,N,...",
         help="several instances on one Redis instead (e.g. 1,2,4): scripts/load_cluster.py",
     )
-    parser.add_argument("--rounds", type=int, default=10, help="--instances: routing rounds")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=30,
+        help="--instances: routing rounds over 20 pairs of each kind (raised to 600 samples)",
+    )
     parser.add_argument("--concurrency", type=int, default=10, help="--instances: set-ups at once")
     parser.add_argument(
         "--client-processes", type=int, default=2, help="--instances: set-up client processes"

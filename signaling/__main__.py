@@ -88,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--link", metavar="HOST:PORT", default="127.0.0.1:0", help="address the links listen on "
         "and that the other instances dial (default 127.0.0.1:0; a LAN address across hosts)",
     )  # fmt: skip
+    scale.add_argument(
+        "--cluster-tls-cert", metavar="PEM", help="this instance's certificate for its links "
+        "(server and client use; it must name the --link address): links run over mutual TLS",
+    )  # fmt: skip
+    scale.add_argument("--cluster-tls-key", metavar="PEM", help="private key of --cluster-tls-cert")
+    scale.add_argument(
+        "--cluster-ca", metavar="PEM", help="CA that signed every instance's --cluster-tls-cert"
+    )
     turn = parser.add_argument_group("TURN (docs/two-machines.md, hosts behind NAT)")
     turn.add_argument(
         "--turn-url", action="append", default=[], metavar="URL",
@@ -192,6 +200,29 @@ def link_from(args: argparse.Namespace) -> tuple[bytes, str, int] | None:
     return secret, host.strip("[]"), int(port)
 
 
+def link_tls_from(args: argparse.Namespace) -> tuple[ssl.SSLContext, ssl.SSLContext] | None:
+    """The links' ``(server, client)`` TLS contexts of ``--cluster-tls-cert/-key/--cluster-ca``.
+
+    Raises:
+        ConfigError: not all three given, no ``--cluster-secret-file``, or a file
+            missing or unreadable (named).
+    """
+    files = (args.cluster_tls_cert, args.cluster_tls_key, args.cluster_ca)
+    if not any(files):
+        return None
+    if not all(files):
+        raise ConfigError("--cluster-tls-cert, --cluster-tls-key and --cluster-ca go together")
+    if not args.cluster_secret_file:
+        raise ConfigError("--cluster-tls-cert needs --cluster-secret-file (links)")
+    from qcall.qkd.pki import client_ssl_context, server_ssl_context
+
+    server = server_ssl_context(*files)
+    client = client_ssl_context(*files)
+    for context in (server, client):
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+    return server, client
+
+
 def _set_once(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -227,7 +258,7 @@ async def _serve(
             secret, link_host, link_port = link or (None, "127.0.0.1", 0)
             cluster = Cluster(
                 args.redis, instance, pin_ttl=config.pin_ttl, link_secret=secret,
-                link_host=link_host, link_port=link_port,
+                link_host=link_host, link_port=link_port, link_tls=link_tls_from(args),
             )  # fmt: skip
             await cluster.start(server)
             stack.push_async_callback(cluster.close)
@@ -251,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tls = tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
         turn_from(args)  # errors before listening
         link_from(args)
+        link_tls_from(args)
         asyncio.run(_serve(config, args, tls))
     except QCallError as exc:
         print(f"qcall-signaling: error: {exc}", file=sys.stderr)

@@ -52,6 +52,7 @@ import dataclasses
 import json
 import logging
 import re
+import ssl
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
@@ -128,6 +129,8 @@ class Cluster:
         link_host: address to listen on for links, advertised to the others.
         link_port: port for links (0: any free one).
         link_timeout: seconds for a link to connect, authenticate, or acknowledge.
+        link_tls: ``(server, client)`` TLS contexts: links run over mutual TLS
+            (:class:`~signaling.cluster_links.Links`); ``None``: plain TCP.
     """
 
     def __init__(
@@ -142,6 +145,7 @@ class Cluster:
         link_host: str = "127.0.0.1",
         link_port: int = 0,
         link_timeout: float = 1.0,
+        link_tls: tuple[ssl.SSLContext, ssl.SSLContext] | None = None,
     ) -> None:
         if not instance_id or not instance_id.isprintable() or " " in instance_id:
             raise ValueError(f"bad instance id {instance_id!r}")
@@ -165,6 +169,7 @@ class Cluster:
             self.links = Links(
                 instance_id, link_secret, deliver=self._on_link_frame, resolve=self._endpoint_of,
                 republish=self._queue_frames, epoch=self.epoch, timeout=link_timeout,
+                tls=link_tls,
             )  # fmt: skip
         self._link_address = (link_host, link_port)
         self._endpoint = "1"  # the value of our instance key: "HOST:PORT" with links
@@ -174,6 +179,7 @@ class Cluster:
         self._mail_wake = asyncio.Event()
         self._server: SignalingServer | None = None
         self._local: dict[PeerId, str] = {}  # names registered here -> fingerprint
+        self._headers: dict[PeerId, tuple[str, bytes]] = {}  # see _link_header
         self._standins: dict[PeerId, tuple[ConnectionId, str]] = {}  # -> (cid, instance)
         self._remote_online: dict[PeerId, tuple[str, str]] = {}  # -> (fingerprint, instance)
         self._tasks: list[asyncio.Task[None]] = []
@@ -287,14 +293,13 @@ class Cluster:
                 instances.add(standin)
         frame = text.encode() if isinstance(text, str) else text
         for inst in sorted(instances):
-            header = {"from": name, "fp": self._local.get(name, ""), "inst": self.instance_id}
             if self.links is not None:  # numbered; the link if it can, else Redis in order
                 seq = self.links.next_seq(inst)
-                message = json.dumps(header | {"epoch": self.epoch, "seq": seq}).encode()
-                message += b"\n" + frame
+                message = b'%s, "seq": %d}\n%s' % (self._link_header(name), seq, frame)
                 if not self.links.send(inst, seq, message):
                     self._queue_frames(inst, [message], cid)
                 continue
+            header = {"from": name, "fp": self._local.get(name, ""), "inst": self.instance_id}
             try:
                 await self.redis.publish(
                     self._key("to", inst), json.dumps(header).encode() + b"\n" + frame
@@ -303,6 +308,18 @@ class Cluster:
                 logger.warning("! cannot forward to instance %s: %s", inst, exc)
                 kept.append((cid, ErrorMessage("unavailable", "peer unreachable now")))
         return kept
+
+    def _link_header(self, name: PeerId) -> bytes:
+        """``{"from", "fp", "inst", "epoch"`` of ``name``'s numbered frames, without
+        the closing brace (``seq`` follows); made once per name and fingerprint."""
+        fp = self._local.get(name, "")
+        cached = self._headers.get(name)
+        if cached is None or cached[0] != fp:
+            if len(self._headers) >= 4096:
+                self._headers.clear()
+            header = {"from": name, "fp": fp, "inst": self.instance_id, "epoch": self.epoch}
+            cached = self._headers[name] = (fp, json.dumps(header)[:-1].encode())
+        return cached[1]
 
     def mail(self, name: PeerId, text: str) -> None:
         """A ``mail`` push for ``name``, who is not registered here: announce it to

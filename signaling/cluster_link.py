@@ -54,6 +54,7 @@ __all__ = [
     "LinkKind",
     "LinkReceiver",
     "LinkSender",
+    "Tagger",
     "Welcome",
     "encode",
     "frame_tag",
@@ -85,6 +86,9 @@ class LinkKind(enum.IntEnum):
     ERROR = 6
 
 
+_KINDS = {int(kind): kind for kind in LinkKind}
+
+
 def encode(kind: LinkKind, body: bytes) -> bytes:
     """One link frame."""
     return _HEAD.pack(kind, len(body)) + body
@@ -99,25 +103,39 @@ class FrameReader:
     def feed(self, data: bytes) -> list[tuple[LinkKind, bytes]]:
         """Add ``data``; return the frames now complete.
 
+        Whole frames are cut straight out of ``data`` (one copy each); only an
+        incomplete tail waits in the buffer.
+
         Raises:
             ClusterLinkError: unknown kind or a body above :data:`MAX_BODY`.
         """
         buf = self._buffer
-        buf += data
+        buffered = bool(buf)
+        if buffered:
+            buf += data
+            view = memoryview(buf)
+        else:
+            view = memoryview(data)
         out: list[tuple[LinkKind, bytes]] = []
         at = 0
-        while len(buf) - at >= _HEAD.size:
-            kind, length = _HEAD.unpack_from(buf, at)
-            if kind not in LinkKind._value2member_map_:
-                raise ClusterLinkError(f"frame kind {kind} unknown")
-            if length > MAX_BODY:
-                raise ClusterLinkError(f"frame of {length} bytes is above {MAX_BODY}")
-            end = at + _HEAD.size + length
-            if len(buf) < end:
-                break
-            out.append((LinkKind(kind), bytes(buf[at + _HEAD.size : end])))
-            at = end
-        del buf[:at]
+        try:
+            while len(view) - at >= _HEAD.size:
+                kind, length = _HEAD.unpack_from(view, at)
+                if kind not in _KINDS:
+                    raise ClusterLinkError(f"frame kind {kind} unknown")
+                if length > MAX_BODY:
+                    raise ClusterLinkError(f"frame of {length} bytes is above {MAX_BODY}")
+                end = at + _HEAD.size + length
+                if len(view) < end:
+                    break
+                out.append((_KINDS[kind], bytes(view[at + _HEAD.size : end])))
+                at = end
+            if not buffered:
+                buf += view[at:]  # the incomplete tail, if any
+        finally:
+            view.release()
+        if buffered:
+            del buf[:at]
         return out
 
 
@@ -252,6 +270,48 @@ def link_macs(secret: bytes, t: bytes) -> tuple[bytes, bytes, bytes]:
 def frame_tag(session: bytes, kind: LinkKind, data: bytes) -> bytes:
     """``HMAC-SHA-256(session, kind (u8) ‖ data)``, first :data:`TAG_LEN` bytes."""
     return hmac.digest(session, bytes((kind,)) + data, hashlib.sha256)[:TAG_LEN]
+
+
+class Tagger:
+    """:func:`frame_tag` for one link's session key, keyed once (per frame: one
+    copy of the keyed HMAC state, no copy of the data).
+
+    The key stays inside the HMAC objects; nothing here prints it.
+    """
+
+    __slots__ = ("_keyed",)
+
+    def __init__(self, session: bytes) -> None:
+        self._keyed = {
+            kind: hmac.new(session, bytes((kind,)), hashlib.sha256)
+            for kind in (LinkKind.FRAME, LinkKind.ACK)
+        }
+
+    def __repr__(self) -> str:
+        return "<Tagger>"
+
+    def tag(self, kind: LinkKind, data: bytes | memoryview) -> bytes:
+        """``frame_tag(session, kind, data)``."""
+        mac = self._keyed[kind].copy()
+        mac.update(data)
+        return mac.digest()[:TAG_LEN]
+
+    def frame(self, kind: LinkKind, data: bytes) -> bytes:
+        """The whole link frame ``encode(kind, tag ‖ data)``, ``data`` copied once."""
+        return b"".join((_HEAD.pack(kind, TAG_LEN + len(data)), self.tag(kind, data), data))
+
+    def check(self, kind: LinkKind, body: bytes) -> memoryview:
+        """``body`` = tag ‖ data: ``data`` (a view, no copy) if the tag is right.
+
+        Raises:
+            ClusterLinkError: shorter than a tag, or a wrong tag.
+        """
+        if len(body) < TAG_LEN:
+            raise ClusterLinkError(f"{kind.name.lower()}: shorter than its tag")
+        data = memoryview(body)[TAG_LEN:]
+        if not hmac.compare_digest(self.tag(kind, data), body[:TAG_LEN]):
+            raise ClusterLinkError(f"{kind.name.lower()}: bad tag")
+        return data
 
 
 class LinkSender:

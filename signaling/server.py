@@ -75,8 +75,13 @@ GC_MIN_CONNECTIONS = 1000
 GC_INTERVAL = 1.0
 
 #: A received frame above this many characters is followed by a ping (see
-#: :data:`_PING`).
+#: :data:`_PING`) once the connection has been quiet for :data:`RELEASE_DELAY`.
 RELEASE_SIZE = 4096
+#: Seconds without a new frame after a big one before the release ping goes out:
+#: a frame arriving meanwhile frees the big one itself, and the ping stays off
+#: the relaying (it used to compete with it, e.g. with the next instance's work
+#: on a frame crossing instances: docs/performance.md, "round 3").
+RELEASE_DELAY = 0.02
 
 
 class _Ping:
@@ -85,8 +90,10 @@ class _Ping:
     websockets keeps the last frame it parsed until the next one arrives: after
     a 64 KiB ``register``, an idle client would make the server hold 64 KiB
     more for as long as it stays silent. The client's pong is a frame, so it
-    releases the big one after one round trip. A client that does not answer
-    pings is closed by the keepalive (20 s ping interval, 20 s timeout).
+    releases the big one after one round trip. Sent only once the client has
+    been quiet for :data:`RELEASE_DELAY` (any frame releases the one before).
+    A client that does not answer pings is closed by the keepalive (20 s ping
+    interval, 20 s timeout).
     """
 
 
@@ -126,6 +133,14 @@ class _Outbox:
 
     def pong(self, _: object) -> None:
         self.pinging = False
+
+
+def _release(outbox: _Outbox) -> None:
+    """Queue the release ping (:class:`_Ping`) unless one is on its way."""
+    if not outbox.pinging:
+        outbox.pinging = True
+        with contextlib.suppress(asyncio.QueueFull):
+            outbox.queue.put_nowait(_PING)
 
 
 class SignalingServer(AsyncClosing):
@@ -272,8 +287,12 @@ class SignalingServer(AsyncClosing):
         self._dispatch(out)
         del out  # outputs can be O(peers) big: keep no reference while idle
         self._timer_changed.set()
+        release: asyncio.TimerHandle | None = None  # the release ping, armed
         try:
             async for message in ws:
+                if release is not None:  # this frame frees the big one before it
+                    release.cancel()
+                    release = None
                 if self.mailbox is not None and is_mailbox_frame(message):
                     # Mailbox frames (docs/messaging.md §12): async, their own limits.
                     assert isinstance(message, str)
@@ -293,14 +312,14 @@ class SignalingServer(AsyncClosing):
                         self.config.max_message_size * HARD_LIMIT_FACTOR, MAX_MAILBOX_FRAME
                     )
                 self._check_timer()  # an invitation or an accept set a call timer
-                if len(message) > RELEASE_SIZE and not outbox.pinging:
-                    outbox.pinging = True  # see _Ping
-                    with contextlib.suppress(asyncio.QueueFull):
-                        outbox.queue.put_nowait(_PING)
+                if len(message) > RELEASE_SIZE and not outbox.pinging:  # see _Ping
+                    release = loop.call_later(RELEASE_DELAY, _release, outbox)
                 del message  # a 7 KiB register frame need not outlive its handling
         except ConnectionClosed:
             pass
         finally:
+            if release is not None:
+                release.cancel()
             self._closed_since_collect += 1
             self._outboxes.pop(cid, None)
             if self.mailbox is not None:

@@ -16,6 +16,7 @@ from signaling.cluster_link import (
     LinkKind,
     LinkReceiver,
     LinkSender,
+    Tagger,
     Welcome,
     encode,
     frame_tag,
@@ -164,3 +165,33 @@ def test_receiver_epochs() -> None:
     assert receiver.fresh("A", 6, 1)  # A restarted
     assert receiver.fresh("B", 1, 1) and receiver.fresh("C", 1, 1)
     assert receiver.delivered("A", 6) == 0  # forgotten: at most 2 instances
+
+
+def test_tagger_is_frame_tag_and_checks() -> None:
+    session = b"k" * 32
+    tagger = Tagger(session)
+    for kind in (LinkKind.FRAME, LinkKind.ACK):
+        data = bytes(range(256)) * 40
+        assert tagger.tag(kind, data) == frame_tag(session, kind, data)
+        assert tagger.tag(kind, data) == tagger.tag(kind, data)  # the keyed state is not used up
+        body = tagger.frame(kind, data)
+        assert body == encode(kind, frame_tag(session, kind, data) + data)
+        ((got_kind, got_body),) = FrameReader().feed(body)
+        assert got_kind is kind and bytes(tagger.check(kind, got_body)) == data
+    good = tagger.frame(LinkKind.FRAME, b"hello")[5:]
+    with pytest.raises(ClusterLinkError, match="frame: bad tag"):
+        tagger.check(LinkKind.FRAME, good[:-1] + b"j")
+    with pytest.raises(ClusterLinkError, match="ack: bad tag"):
+        tagger.check(LinkKind.ACK, good)  # a frame's tag is not an ack's
+    with pytest.raises(ClusterLinkError, match="shorter than its tag"):
+        tagger.check(LinkKind.FRAME, b"x" * 15)
+    assert "k" * 8 not in repr(tagger)
+
+
+def test_whole_frames_are_cut_from_the_data_and_a_tail_waits() -> None:
+    reader = FrameReader()
+    one, two = encode(LinkKind.FRAME, b"a" * 100), encode(LinkKind.ACK, b"b" * 8)
+    assert reader.feed(one + two[:3]) == [(LinkKind.FRAME, b"a" * 100)]
+    assert reader.feed(two[3:] + one[:1]) == [(LinkKind.ACK, b"b" * 8)]
+    assert reader.feed(one[1:]) == [(LinkKind.FRAME, b"a" * 100)]
+    assert reader.feed(b"") == []

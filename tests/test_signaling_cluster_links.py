@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import ssl
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from qcall import pqc
+from qcall.qkd.pki import PKIPaths, client_ssl_context, create_pki, server_ssl_context
 from qcall.signaling import messages as m
 from qcall.signaling.client import SignalingClient
 from qcall.signaling.protocol import ServerConfig
@@ -55,12 +57,16 @@ def keys() -> dict[str, pqc.SigningKey]:
 
 
 async def instance(
-    redis: LocalRedis, name: str, secret: bytes | None = SECRET, timeout: float = 1.0
+    redis: LocalRedis,
+    name: str,
+    secret: bytes | None = SECRET,
+    timeout: float = 1.0,
+    tls: tuple[ssl.SSLContext, ssl.SSLContext] | None = None,
 ) -> tuple[SignalingServer, Cluster]:
     # Streams of frames: no rate limit in the way.
     config = ServerConfig(server_id=SERVER_ID, rate=1e4, burst=1e4)
     return await cluster_instance(
-        redis, name, config=config, link_secret=secret, link_timeout=timeout
+        redis, name, config=config, link_secret=secret, link_timeout=timeout, link_tls=tls
     )
 
 
@@ -387,3 +393,132 @@ async def _never(inst: str) -> str | None:
 
 def _none(inst: str, frames: list[bytes]) -> None:
     return None
+
+
+async def test_frames_written_in_one_loop_tick_leave_in_one_write() -> None:
+    """The first frame of a tick is written at once; the others of the same tick
+    are joined into one write at its end; all arrive whole, in order."""
+    secret = os.urandom(32)
+    got: list[int] = []
+    b = Links(
+        "B", secret, deliver=lambda _i, _e, header, _f: got.append(header["seq"]),
+        resolve=_never, republish=_none, epoch=1,
+    )  # fmt: skip
+    endpoint = await b.start("127.0.0.1", 0)
+
+    async def resolve(inst: str) -> str:
+        return endpoint
+
+    a = Links("A", secret, deliver=lambda *_: None, resolve=resolve, republish=_none, epoch=1)
+    await a.start("127.0.0.1", 0)
+    try:
+        assert _send(a) is False  # 1: over Redis while the link connects
+        assert b.fresh("A", 1, 1)
+        deadline = time.monotonic() + 5 * TIMEOUT_FACTOR
+        while not (a.senders["B"].up and a.senders["B"].acked == 1):
+            assert time.monotonic() < deadline, "the link did not come up"
+            await asyncio.sleep(0.01)
+        link = a._outbound["B"]
+        assert link.transport is not None
+        writes: list[int] = []
+        write = link.transport.write
+
+        def spy(data: bytes) -> None:
+            writes.append(len(data))
+            write(data)
+
+        link.transport.write = spy  # type: ignore[method-assign]
+        assert [_send(a) for _ in range(3)] == [True] * 3  # 2, 3, 4 in one tick
+        assert len(writes) == 1  # 2 went at once
+        await asyncio.sleep(0)
+        assert len(writes) == 2 and writes[1] == 2 * writes[0]  # 3 and 4 together
+        while len(got) < 3:
+            assert time.monotonic() < deadline, f"delivered {got}"
+            await asyncio.sleep(0.01)
+        assert got == [2, 3, 4]
+        assert _send(a) is True  # a later tick: at once again
+        assert len(writes) == 3
+    finally:
+        await a.close()
+        await b.close()
+
+
+def link_tls(pki: PKIPaths, name: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """An instance's (server, client) link contexts from a test PKI (its KME certificate:
+    server and client use, naming 127.0.0.1)."""
+    paths = pki.kmes[name]
+    return (
+        server_ssl_context(paths.cert, paths.key, pki.ca_cert),
+        client_ssl_context(paths.cert, paths.key, pki.ca_cert),
+    )
+
+
+async def test_links_over_mutual_tls(redis_server, keys, tmp_path, caplog):
+    """With TLS, links run inside TLS 1.2+ checked against the cluster's CA both
+    ways: calls cross over them; plain TCP gets no WELCOME; an instance whose
+    certificate another CA signed gets no link (its calls go over Redis)."""
+    pki = create_pki(tmp_path / "pki", ["link-a", "link-b"], [])
+    stranger = create_pki(tmp_path / "stranger", ["link-c"], [])
+    a, ca = await instance(redis_server, "A", tls=link_tls(pki, "link-a"))
+    b, cb = await instance(redis_server, "B", tls=link_tls(pki, "link-b"))
+    c, cc = await instance(redis_server, "C", tls=link_tls(stranger, "link-c"))
+    try:
+        assert ca.links is not None and cb.links is not None and cc.links is not None
+        async with (
+            SignalingClient(url(a), keys["a"], "alice", watch=[]) as alice,
+            SignalingClient(url(b), keys["b"], "bob", watch=[]) as bob,
+            SignalingClient(url(c), keys["c"], "carol", watch=[]) as carol,
+        ):
+            call_id = await place_call(alice, bob)  # opens the links
+            await alice.hangup(call_id)
+            await next_of(bob, m.Hangup)
+            await wait_for(lambda: "B" in ca.links._outbound and ca.links._outbound["B"].up, "B")
+            sent = ca.links.sent
+            call_id = await place_call(alice, bob)
+            assert ca.links.sent > sent  # over the link
+            got = await ice_stream(alice, bob, call_id, 20)
+            assert got == [f"{i:04d}" for i in range(20)]
+            transport = ca.links._outbound["B"].transport
+            assert transport is not None
+            tls = transport.get_extra_info("ssl_object")
+            assert tls is not None and tls.version() in ("TLSv1.2", "TLSv1.3")
+            assert tls.getpeercert()["subject"] == ((("commonName", "link-b"),),)
+            await alice.hangup(call_id)
+            await next_of(bob, m.Hangup)
+            for _ in range(2):  # carol's CA is not the cluster's: Redis only, both ways
+                call_id = await place_call(carol, bob)
+                await carol.hangup(call_id)
+                await next_of(bob, m.Hangup)
+                await asyncio.sleep(0.1)
+            assert cc.links.sent == 0 and "C" not in cb.links._inbound
+            assert "C" not in cb.links._outbound or not cb.links._outbound["C"].up
+        # Plain TCP to a TLS link listener: no WELCOME, whatever it sends.
+        address = parse_endpoint(cb._endpoint)
+        assert address is not None
+        reader, writer = await asyncio.open_connection(*address)
+        hello = Hello("X", "B", 1, os.urandom(NONCE_LEN))
+        writer.write(encode(LinkKind.HELLO, hello.body()))
+        data = await asyncio.wait_for(reader.read(65536), T)
+        assert not data.startswith(bytes([LinkKind.WELCOME])), data
+        writer.close()
+        register_link_keys(ca, cb, cc)
+    finally:
+        for server, cluster in ((a, ca), (b, cb), (c, cc)):
+            await cluster.close()
+            await server.close()
+    assert any("TLS" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
+async def test_command_line_link_tls(redis_server, tmp_path):
+    pki = create_pki(tmp_path / "pki", ["link-a"], [])
+    paths = pki.kmes["link-a"]
+    tls = ["--cluster-tls-cert", str(paths.cert), "--cluster-tls-key", str(paths.key)]
+    flags = ("--redis", redis_server.url, *secret_flags(tmp_path))
+    code, out = await run_main(*flags, *tls)
+    assert code == 1 and "go together" in out, out
+    code, out = await run_main("--redis", redis_server.url, *tls, "--cluster-ca", str(pki.ca_cert))
+    assert code == 1 and "needs --cluster-secret-file" in out, out
+    code, out = await run_main(*flags, *tls, "--cluster-ca", str(tmp_path / "missing.pem"))
+    assert code == 1 and "missing.pem" in out, out
+    code, out = await run_main(*flags, *tls, "--cluster-ca", str(pki.ca_cert))
+    assert code == 0 and "listening" in out, out

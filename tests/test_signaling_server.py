@@ -469,3 +469,47 @@ async def test_slow_reader_is_dropped(keys: dict[str, pqc.SigningKey]) -> None:
         await bob.close()
     finally:
         await server.close()
+
+
+async def test_release_ping_waits_until_the_client_is_quiet(
+    keys: dict[str, pqc.SigningKey], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a frame above 4 KiB the server pings (so that the pong frees the frame
+    websockets keeps) only once the client has been quiet for RELEASE_DELAY: not
+    while frames keep coming, each freeing the one before, and not in the middle
+    of relaying."""
+    from websockets.asyncio.server import ServerConnection
+
+    import signaling.server as shell
+
+    monkeypatch.setattr(shell, "RELEASE_DELAY", 0.5)
+    loop = asyncio.get_running_loop()
+    pings: list[float] = []
+    ping = ServerConnection.ping
+
+    async def spy(self: ServerConnection, data: Any = None) -> Any:
+        pings.append(loop.time())
+        return await ping(self, data)
+
+    monkeypatch.setattr(ServerConnection, "ping", spy)
+    srv = await start()
+    try:
+        ws = await raw_register(srv, keys["alice"], "alice")
+        big = m.ICECandidate("no-such-call", payload="x" * 5000).serialize()
+        for _ in range(4):  # 0.1 s apart: the delay never runs out
+            await ws.send(big)
+            assert (await recv_error(ws)).code == "unknown_call"
+            await asyncio.sleep(0.1)
+        last = loop.time()
+        assert pings == []  # the server used to ping right after the first
+        while not pings:
+            assert loop.time() - last < T, "no release ping"
+            await asyncio.sleep(0.02)
+        assert pings[0] - last > 0.3  # 0.5 s after the last big frame was handled
+        await ws.send(m.ICECandidate("no-such-call", payload="small").serialize())
+        await recv_error(ws)
+        await asyncio.sleep(0.7)
+        assert len(pings) == 1  # small frames arm nothing
+        await ws.close()
+    finally:
+        await srv.close()
