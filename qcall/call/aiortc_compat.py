@@ -8,11 +8,13 @@ read against a range of releases and refuses others.
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiortc
 
 from qcall.exceptions import CallError
 
-__all__ = ["require_aiortc", "require_version"]
+__all__ = ["GATHER_SUPPORTED", "gather_now", "require_aiortc", "require_version"]
 
 Version = tuple[int, int]
 
@@ -53,3 +55,21 @@ def require_version(
             f"{package} {version} is not supported by qcall's {what} (needs >="
             f"{low[0]}.{low[1]},<{high[0]}.{high[1]}); {hint}"
         )
+
+
+#: aiortc releases whose ``RTCPeerConnection.__gather`` (gather every ICE transport's
+#: candidates; ``setLocalDescription`` calls it, and each gatherer gathers once) was read.
+GATHER_SUPPORTED = ((1, 16), (1, 17))
+
+
+async def gather_now(pc: Any) -> None:
+    """Gather the ICE candidates of every transport ``pc`` has, before any description.
+
+    ``setLocalDescription`` then finds them gathered (an ``RTCIceGatherer`` gathers
+    once: :mod:`qcall.call.prepared` prepares an answering connection this way).
+
+    Raises:
+        CallError: an aiortc release this was not checked on.
+    """
+    require_aiortc(GATHER_SUPPORTED, "prepared connections", "use aiortc 1.16")
+    await pc._RTCPeerConnection__gather()
