@@ -19,10 +19,10 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 
 from qcall.call.netem import (
     PROFILES,
+    TIMERS_ENV,
     LinkEmulator,
     NetworkProfile,
     TCPDelayProxy,
-    TIMERS_ENV,
     _EmulatedTransport,
     apply_profile,
     get_profile,
