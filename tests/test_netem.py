@@ -279,7 +279,7 @@ async def test_apply_to_session_options() -> None:
     )
     assert apply_profile(session, PROFILES["lossy"], seed=4) is None
     assert session.options.network is PROFILES["lossy"] and session.options.network_seed == 4
-    pc = session._new_pc(control=False)
+    pc = await session._new_pc(control=False)
     try:
         assert session.emulation is not None and session.emulation.profile is PROFILES["lossy"]
         assert (

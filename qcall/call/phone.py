@@ -190,8 +190,9 @@ class Phone(AsyncService):
         options = self._options_with_turn()
         if options.ice_policy != "all":  # relay: made per call (TURN credentials change)
             return
+        control = options.policy != "plain"  # plain: the harness's baseline, no channel
         for role in ("caller", "callee"):
-            spec = PrepareSpec.for_call(role, options, self._sends_audio)
+            spec = PrepareSpec.for_call(role, options, self._sends_audio, control=control)
             self.prepared.keep(spec, options)
 
     async def call(self, peer: str) -> CallSession:

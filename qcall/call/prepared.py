@@ -6,7 +6,9 @@ the audio transceiver, the offer and ICE gathering: UDP sockets bound on every
 interface) and ≈ 2 ms on the callee before its ``accept`` can (the same, and its
 answer). On a long path both are on the set-up's critical path
 (docs/performance.md, "Set-up speed: round 5"). A :class:`Phone
-<qcall.call.phone.Phone>` therefore keeps one of each made ahead, between calls:
+<qcall.call.phone.Phone>` therefore keeps one of each made ahead, between calls
+(one per :class:`PrepareSpec`: the harness's ``plain`` baselines get theirs too,
+without the control channel):
 
 * **to place a call** (``caller``): everything up to the local offer — the
   certificate, the ICE credentials and candidates, the negotiated control
@@ -22,16 +24,19 @@ What a prepared connection holds, and the rules (docs/threat-model.md,
 certificate, fresh ICE credentials and bound sockets — no key of any call and
 nothing of the peer. Each is used for **one call only** (:meth:`PreparedConnections.take`
 hands it out once; the call closes it when it ends), and one not taken within
-:data:`PREPARED_MAX_AGE` seconds is closed and replaced. A new one is made only
-once the call that took the previous one has ended (:meth:`PreparedConnections.keep`),
-so its ≈ 2.5 ms of CPU never competes with a call's set-up. The call attaches
+:data:`PREPARED_MAX_AGE` seconds is closed and replaced (at most
+:data:`PREPARED_MAX_REFRESHES` times in a row; then none is held until a call).
+A new one is made only once the call that took the previous one has ended
+(:meth:`PreparedConnections.keep`); a call that starts while one is being made
+for it waits for it (:meth:`PreparedConnections.take_soon`, at most
+:data:`PREPARE_WAIT`) instead of making a second one beside it. The call attaches
 everything of its own when it adopts it: its handlers, its audio source
 (``replaceTrack``), the Opus encoder, the jitter buffer mode, the network
 emulation and the SRTP hook.
 
 A prepared connection is only adopted by a call whose options it was made for
-(:class:`PrepareSpec`: ICE servers and policy, the fast transport, whether audio
-is sent); otherwise it is closed and the call makes its own, as before.
+(:class:`PrepareSpec`: role, ICE servers and policy, the fast transport, whether
+audio is sent, the control channel); otherwise the call makes its own, as before.
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ __all__ = [
     "CONTROL_CHANNEL_ID",
     "CONTROL_CHANNEL_LABEL",
     "PREPARED_MAX_AGE",
+    "PREPARED_MAX_REFRESHES",
+    "PREPARE_WAIT",
     "PrepareSpec",
     "PreparedConnection",
     "PreparedConnections",
@@ -74,8 +81,10 @@ CONTROL_CHANNEL_ID = 0
 
 #: Seconds a prepared connection may wait for a call before it is closed and replaced.
 PREPARED_MAX_AGE = 60.0
-
-ROLES = ("caller", "callee")
+#: Times in a row an unused prepared connection is replaced (then: none until a call).
+PREPARED_MAX_REFRESHES = 10
+#: Seconds a call waits for the connection being made for it (≈ 2.5 ms of CPU).
+PREPARE_WAIT = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +98,7 @@ class PrepareSpec:
         fast_transport: :func:`~qcall.call.fast_transport.install_fast_transport` on it.
         send_audio: a sending audio transceiver (the call has a source); else the
             caller's is receive-only and the callee's is made by the offer.
+        control: the negotiated control channel (every call but ``plain``).
     """
 
     role: str
@@ -96,9 +106,12 @@ class PrepareSpec:
     ice_policy: str
     fast_transport: bool
     send_audio: bool
+    control: bool = True
 
     @classmethod
-    def for_call(cls, role: str, options: CallOptions, send_audio: bool) -> PrepareSpec:
+    def for_call(
+        cls, role: str, options: CallOptions, send_audio: bool, *, control: bool = True
+    ) -> PrepareSpec:
         """The spec a call of ``role`` with ``options`` needs."""
         return cls(
             role=role,
@@ -106,6 +119,7 @@ class PrepareSpec:
             ice_policy=options.ice_policy,
             fast_transport=options.fast_transport,
             send_audio=send_audio,
+            control=control,
         )
 
     def configuration(self, options: CallOptions) -> RTCConfiguration:
@@ -122,7 +136,7 @@ class PreparedConnection:
 
     spec: PrepareSpec
     pc: RTCPeerConnection
-    channel: RTCDataChannel
+    channel: RTCDataChannel | None
     audio: RTCRtpTransceiver | None
     made_at: float
 
@@ -145,9 +159,11 @@ async def prepare(spec: PrepareSpec, options: CallOptions) -> PreparedConnection
     try:
         if spec.fast_transport:  # before any transport exists
             install_fast_transport(pc)
-        channel = pc.createDataChannel(
-            CONTROL_CHANNEL_LABEL, negotiated=True, id=CONTROL_CHANNEL_ID, ordered=True
-        )
+        channel = None
+        if spec.control:
+            channel = pc.createDataChannel(
+                CONTROL_CHANNEL_LABEL, negotiated=True, id=CONTROL_CHANNEL_ID, ordered=True
+            )
         audio: RTCRtpTransceiver | None = None
         if spec.send_audio:
             audio = pc.addTransceiver("audio", direction="sendrecv")  # its track: on adoption
@@ -164,50 +180,72 @@ async def prepare(spec: PrepareSpec, options: CallOptions) -> PreparedConnection
 
 
 class PreparedConnections:
-    """A phone's prepared connections: at most one per role, each handed out once.
+    """A phone's prepared connections: at most one per :class:`PrepareSpec`, each handed out once.
 
     Args:
         max_age: seconds an unused one lives before it is closed and replaced.
+        max_refreshes: how many times in a row an unused one is replaced; then
+            none is held for that spec until :meth:`keep` is called again.
     """
 
-    def __init__(self, max_age: float = PREPARED_MAX_AGE) -> None:
+    def __init__(
+        self, max_age: float = PREPARED_MAX_AGE, max_refreshes: int = PREPARED_MAX_REFRESHES
+    ) -> None:
         self.max_age = max_age
-        self._ready: dict[str, PreparedConnection] = {}
-        self._keepers: dict[str, asyncio.Task[None]] = {}
-        self._specs: dict[str, PrepareSpec] = {}
+        self.max_refreshes = max_refreshes
+        self._ready: dict[PrepareSpec, PreparedConnection] = {}
+        self._keepers: dict[PrepareSpec, asyncio.Task[None]] = {}
+        self._taken: dict[PrepareSpec, asyncio.Event] = {}
+        self._made: dict[PrepareSpec, asyncio.Event] = {}
         self._closing: set[asyncio.Task[None]] = set()
-        self._taken: dict[str, asyncio.Event] = {role: asyncio.Event() for role in ROLES}
         self._closed = False
 
     def keep(self, spec: PrepareSpec, options: CallOptions) -> None:
         """Hold one connection for ``spec`` ready from now on (made in the background).
 
-        Replaces one held for another spec of the same role. Does nothing while
-        one for ``spec`` is held or being made, or once :meth:`close` ran.
+        ``options``: the call options ``spec`` was taken from (their ICE servers).
+        Does nothing while one for ``spec`` is held or being made, or once
+        :meth:`close` ran.
         """
         if self._closed:
             return
-        role = spec.role
-        keeper = self._keepers.get(role)
+        keeper = self._keepers.get(spec)
         if keeper is not None and not keeper.done():
-            if self._specs.get(role) == spec:
-                return  # held, or being made
-            keeper.cancel()
-        self._specs[role] = spec
-        self._keepers[role] = asyncio.ensure_future(self._keeper(spec, options))
+            return
+        self._taken[spec] = asyncio.Event()
+        self._made[spec] = asyncio.Event()
+        self._keepers[spec] = asyncio.ensure_future(self._keeper(spec, options))
+
+    async def take_soon(
+        self, spec: PrepareSpec, wait: float = PREPARE_WAIT
+    ) -> PreparedConnection | None:
+        """:meth:`take`, after waiting (at most ``wait`` s) for one being made for ``spec``.
+
+        A call placed or answered while its connection is being made (just after
+        the phone started, or right after the previous call) waits for it rather
+        than making a second one beside it: the two would share the CPU.
+        """
+        keeper = self._keepers.get(spec)
+        made = self._made.get(spec)
+        if spec not in self._ready and keeper is not None and not keeper.done() and made:
+            waiter = asyncio.ensure_future(made.wait())
+            await asyncio.wait({waiter, keeper}, timeout=wait)
+            waiter.cancel()
+        return self.take(spec)
 
     def take(self, spec: PrepareSpec) -> PreparedConnection | None:
-        """The connection held for ``spec``'s role, once; ``None`` if none fits.
+        """The connection held for ``spec``, once; ``None`` if there is none.
 
-        One made for other options, or older than ``max_age``, is closed, not
-        returned. Nothing is made to replace it until :meth:`keep` is called
-        again (once the call has ended).
+        One older than ``max_age`` is closed, not returned. Nothing is made to
+        replace it until :meth:`keep` is called again (once the call has ended).
         """
-        held = self._ready.pop(spec.role, None)
-        self._taken[spec.role].set()
+        taken = self._taken.get(spec)
+        if taken is not None:
+            taken.set()
+        held = self._ready.pop(spec, None)
         if held is None:
             return None
-        if held.spec != spec or not held.fresh(max_age=self.max_age):
+        if not held.fresh(max_age=self.max_age):
             self._discard(held)
             return None
         return held
@@ -233,29 +271,26 @@ class PreparedConnections:
                 await task
 
     async def _keeper(self, spec: PrepareSpec, options: CallOptions) -> None:
-        role = spec.role
-        taken = self._taken[role]
-        stale = self._ready.pop(role, None)  # made for other options
-        if stale is not None:
-            await stale.close()
+        taken = self._taken[spec]
         prepared: PreparedConnection | None = None
         try:
-            while True:
+            for _ in range(self.max_refreshes + 1):
                 try:
                     prepared = await prepare(spec, options)
                 except Exception as exc:  # the call will make its own
-                    logger.debug("! no %s connection prepared: %r", role, exc)
+                    logger.debug("! no %s connection prepared: %r", spec.role, exc)
                     return
-                self._ready[role] = prepared
+                self._ready[spec] = prepared
+                self._made[spec].set()
                 taken.clear()  # (a call that came meanwhile made its own)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(taken.wait(), self.max_age)
                     return  # taken: the next one once that call has ended (keep())
-                if self._ready.get(role) is prepared:  # unused for max_age: replaced
-                    del self._ready[role]
+                if self._ready.get(spec) is prepared:  # unused for max_age: replaced
+                    del self._ready[spec]
                     await prepared.close()
         except asyncio.CancelledError:
-            if prepared is not None and self._ready.get(role) is prepared:
-                del self._ready[role]
+            if prepared is not None and self._ready.get(spec) is prepared:
+                del self._ready[spec]
                 await prepared.close()
             raise

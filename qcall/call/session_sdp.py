@@ -92,13 +92,17 @@ SIGNED_GRACE = 1.0
 class Negotiation(HandshakePump):
     """The peer connection and the offer/answer of one call, with each SDP sent ahead."""
 
-    def _new_pc(self, *, control: bool = True) -> RTCPeerConnection:
+    async def _new_pc(self, *, control: bool = True) -> RTCPeerConnection:
         """The call's peer connection (:attr:`pc`): the control channel, handlers, audio."""
         # Audio and the control channel end up BUNDLEd on one DTLS transport once
         # the remote description is set; the SRTP hook is installed then. (aiortc
         # 1.16 with max-bundle and a negotiated data channel never connects.)
         policy = self._ice_transport_policy()  # refuses relay without TURN
-        prepared = self._take_prepared() if control else None
+        prepared = await self._take_prepared(control)
+        if self._ended.done():  # hung up while it waited for the connection being made
+            if prepared is not None:
+                await prepared.close()
+            raise self._ended.exception() or CallError("the call ended during setup")
         if prepared is not None:  # made ahead for one call: this one (qcall.call.prepared)
             pc = prepared.pc
         else:
@@ -109,9 +113,9 @@ class Negotiation(HandshakePump):
         if self.options.network is not None:  # user-space netem (latency harness)
             seed = 2 * self.options.network_seed + (self.role == "callee")
             self.emulation = apply_profile(pc, self.options.network, seed)
-        if prepared is not None:
+        if prepared is not None and prepared.channel is not None:
             self._attach_channel(prepared.channel)
-        elif control:
+        elif control and prepared is None:
             self._open_control_channel(pc)
 
         @pc.on("track")
@@ -152,12 +156,14 @@ class Negotiation(HandshakePump):
         self.pc = pc
         return pc
 
-    def _take_prepared(self) -> PreparedConnection | None:
+    async def _take_prepared(self, control: bool) -> PreparedConnection | None:
         """The phone's connection prepared for a call like this one, if any (used once)."""
         if self.prepared is None:
             return None
-        spec = PrepareSpec.for_call(self.role, self.options, self.source is not None)
-        prepared = self.prepared.take(spec)
+        spec = PrepareSpec.for_call(
+            self.role, self.options, self.source is not None, control=control
+        )
+        prepared = await self.prepared.take_soon(spec)
         if prepared is not None:
             self.status.timings_ms["pc_prepared_age"] = round(
                 (time.monotonic() - prepared.made_at) * 1000, 1
@@ -229,8 +235,9 @@ class Negotiation(HandshakePump):
             self._offer_inputs = ([], "plain")
             self.status.policy = "plain"
             self.status.notice = "plain DTLS-SRTP baseline: no QKD, no ML-KEM (harness only)"
-            pc = self._new_pc(control=False)
-            await pc.setLocalDescription(await pc.createOffer())
+            pc = await self._new_pc(control=False)
+            if pc.localDescription is None:  # (a prepared connection has its offer)
+                await pc.setLocalDescription(await pc.createOffer())
             return PLAIN_PREFIX + pc.localDescription.sdp, time.monotonic()
         early = self.options.early_offer  # our SDP rides the invite: it goes first
         key: asyncio.Future[tuple[list[Any], str]] | None = None
@@ -239,7 +246,7 @@ class Negotiation(HandshakePump):
                 key = asyncio.ensure_future(self.qkd.fetch_initial_key())
         try:
             if pc is None:
-                pc = self._new_pc()
+                pc = await self._new_pc()
                 if pc.localDescription is None:  # (a prepared connection has its offer)
                     await pc.setLocalDescription(await pc.createOffer())
             if early and not self._sdp_ready.done():
@@ -509,7 +516,7 @@ class Negotiation(HandshakePump):
         both (each side checks that the signed SDP is the one it applied).
         """
         self._peer_sdp = sdp
-        pc = self._new_pc()
+        pc = await self._new_pc()
         await pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
         self._install_hook(pc)  # before any await: DTLS has not started yet
         await pc.setLocalDescription(await pc.createAnswer())
@@ -529,7 +536,7 @@ class Negotiation(HandshakePump):
         self.status.state = CallState.CONNECTING
         self.status.policy = "plain"
         self.status.notice = "plain DTLS-SRTP baseline: no QKD, no ML-KEM (harness only)"
-        pc = self._new_pc(control=False)
+        pc = await self._new_pc(control=False)
         await pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
         await pc.setLocalDescription(await pc.createAnswer())
         await self._send_answer(PLAIN_PREFIX + pc.localDescription.sdp, in_accept=in_accept)
