@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from qcall.call.netem import PROFILES, LinkEmulator, NetworkProfile, _EmulatedTransport
+from qcall.call.netem import PROFILES, LinkEmulator, NetworkProfile, _EmulatedTransport, run
 
 
 class _Receiver(asyncio.DatagramProtocol):
@@ -91,12 +91,17 @@ async def run_once(
     }
 
 
-async def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=400)
     parser.add_argument("--interval", type=float, default=0.02)
     parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
+    parser.add_argument("--timers", choices=("precise", "epoll"), default="precise",
+                        help="the event loop (qcall.call.netem.run; precise)")  # fmt: skip
+    return parser.parse_args()
+
+
+async def main(args: argparse.Namespace) -> None:
     profiles = [PROFILES["loopback"], PROFILES["beijing-hefei"], PROFILES["lossy"],
                 NetworkProfile("lossy-reorder", 30.0, 20.0, 0.05, reorder=True)]  # fmt: skip
     print(f"{args.count} datagrams every {args.interval * 1000:g} ms, median of {args.repeat} runs")
@@ -115,4 +120,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    arguments = parse_args()
+    run(main(arguments), arguments.timers)

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from qcall import pqc
+from qcall.call import session_sdp
 from qcall.call.phone import Phone
 from qcall.call.session import CallOptions
 from qcall.exceptions import (
@@ -217,13 +218,17 @@ async def test_server_resigning_the_offer_with_its_own_identity(lab: Lab) -> Non
 @pytest.mark.parametrize("early", [True, False], ids=["invite-accept", "earlier-flow"])
 @pytest.mark.parametrize("direction", ["offer", "answer", "both"])
 async def test_server_tampering_with_the_sdp_sent_ahead_is_refused(
-    lab: Lab, direction: str, early: bool
+    lab: Lab, direction: str, early: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Each side sends its SDP ahead of its signed message — in the invite and the
     # accept, or (earlier flow: the offer after the accept) in ice messages — and
     # ICE (then DTLS) starts on it. The server swaps in mallory's DTLS fingerprint
     # there and relays the signed messages untouched: the side that receives a
     # signed SDP unlike the one it applied refuses the call, before any key exists.
+    # (Earlier flow: an offer signed before the pick-up — after RING_HEADSTART of
+    # ringing — goes without an SDP ahead; on a loaded machine bob's accept can
+    # take longer than that, so the head start is made long here.)
+    monkeypatch.setattr(session_sdp, "RING_HEADSTART", 5.0)
     alice, bob = await phones(lab, early_offer=early)
 
     def tamper(sdp: str) -> str:

@@ -99,8 +99,7 @@ def drop_final_flight(pc: RTCPeerConnection, burst: float = 0.0) -> list[bytes]:
             since.append(time.monotonic())
         return bool(since) and (not dropped or time.monotonic() - since[0] < burst)
 
-    async def gather_then_hook() -> None:
-        await gather()
+    def hook() -> None:
         connection = pc.getTransceivers()[0].sender.transport.transport._connection
         for protocol in connection._protocols:
             sendto = protocol.transport.sendto
@@ -113,7 +112,14 @@ def drop_final_flight(pc: RTCPeerConnection, burst: float = 0.0) -> list[bytes]:
 
             protocol.transport.sendto = dropping
 
-    pc._RTCPeerConnection__gather = gather_then_hook  # type: ignore[attr-defined]
+    async def gather_then_hook() -> None:
+        await gather()
+        hook()
+
+    if pc.iceGatheringState == "complete":  # a prepared connection (qcall.call.prepared)
+        hook()
+    else:
+        pc._RTCPeerConnection__gather = gather_then_hook  # type: ignore[attr-defined]
     return dropped
 
 
@@ -219,8 +225,8 @@ async def _call_losing_final_flight(
     dropped: list[list[bytes]] = []
     make_pc = caller._new_pc
 
-    def new_pc(*, control: bool = True) -> RTCPeerConnection:
-        pc = make_pc(control=control)
+    async def new_pc(*, control: bool = True) -> RTCPeerConnection:
+        pc = await make_pc(control=control)
         dropped.append(drop_final_flight(pc, burst))
         return pc
 

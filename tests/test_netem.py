@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import selectors
 import statistics
 import time
 from typing import Any
@@ -18,12 +19,14 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 
 from qcall.call.netem import (
     PROFILES,
+    TIMERS_ENV,
     LinkEmulator,
     NetworkProfile,
     TCPDelayProxy,
     _EmulatedTransport,
     apply_profile,
     get_profile,
+    run,
 )
 from qcall.call.session import CallSession
 from qcall.call.status import CallOptions
@@ -276,7 +279,7 @@ async def test_apply_to_session_options() -> None:
     )
     assert apply_profile(session, PROFILES["lossy"], seed=4) is None
     assert session.options.network is PROFILES["lossy"] and session.options.network_seed == 4
-    pc = session._new_pc(control=False)
+    pc = await session._new_pc(control=False)
     try:
         assert session.emulation is not None and session.emulation.profile is PROFILES["lossy"]
         assert (
@@ -319,3 +322,24 @@ async def test_tcp_delay_proxy_delays_each_direction_and_keeps_bytes() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+# --- the event loop of emulating processes ----------------------------------------------
+
+
+async def _selector_kind() -> type:
+    loop = asyncio.get_running_loop()
+    return type(loop._selector)  # type: ignore[attr-defined]
+
+
+def test_run_picks_the_loop_with_microsecond_timers(monkeypatch: pytest.MonkeyPatch) -> None:
+    # epoll waits whole milliseconds, rounded up (≈ 0.5 ms per emulated trip);
+    # select(2) takes microseconds: the harness's processes run on it by default.
+    monkeypatch.delenv(TIMERS_ENV, raising=False)
+    assert run(_selector_kind()) is selectors.SelectSelector
+    assert run(_selector_kind(), "epoll") is not selectors.SelectSelector
+    monkeypatch.setenv(TIMERS_ENV, "epoll")
+    assert run(_selector_kind()) is not selectors.SelectSelector
+    assert run(_selector_kind(), "precise") is selectors.SelectSelector
+    with pytest.raises(ValueError, match="precise or epoll"):
+        run(_selector_kind(), "fast")

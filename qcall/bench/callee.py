@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from qcall.bench.runner import _cpu_s
+from qcall.call.netem import run as run_loop
 
 __all__ = ["main"]
 
@@ -156,14 +157,14 @@ def main() -> None:
     """
     path = os.environ.get("QCALL_BENCH_PROFILE")
     if not path:
-        asyncio.run(_main())
+        run_loop(_main())
         return
     import cProfile
     import time
 
     profiler = cProfile.Profile(time.process_time)
     try:
-        profiler.runcall(asyncio.run, _main())
+        profiler.runcall(run_loop, _main())
     finally:
         profiler.dump_stats(path)
 

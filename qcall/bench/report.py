@@ -208,6 +208,7 @@ def build_report(
             "signaling_delay_ms_per_leg": config.profile.delay_ms / 2
             if config.signaling_delay
             else 0.0,
+            "timers": config.timers,
             "wall_s": None if wall_s is None else round(wall_s, 1),
         },
         "phases": {key: label for key, label in PHASES},
@@ -297,7 +298,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{cfg['seconds_per_call']} s of audio per call, rekey every "
         f"{cfg['rekey_interval_s']} s. {prof.get('description') or ''}",
         f"Machine: {report['machine']['cpus']} CPUs, load average "
-        f"{report['machine']['loadavg']} (shared; figures are noisy). Times in ms.",
+        f"{report['machine']['loadavg']} (shared; figures are noisy). Times in ms. "
+        f"Event loop timers: {cfg.get('timers', 'epoll')} (docs/performance.md).",
         "",
         "| mode | calls | setup p50 | setup p90 | setup max | first audio p50 "
         "| one-way p50 | one-way p90 | one-way max | jitter p50 | loss | decrypt failures "

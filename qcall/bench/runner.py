@@ -119,6 +119,8 @@ class BenchConfig:
         keep_audio: keep each call's WAV recording.
         signaling_delay: delay the signaling path too: half the profile's
             one-way delay on each user's leg to the server.
+        timers: the processes' event loop (:func:`qcall.call.netem.run`):
+            ``precise`` or ``epoll``.
     """
 
     calls: int = 10
@@ -132,6 +134,7 @@ class BenchConfig:
     out: Path = field(default_factory=lambda: Path("bench-out"))
     keep_audio: bool = False
     signaling_delay: bool = True
+    timers: str = "precise"
 
 
 @dataclass

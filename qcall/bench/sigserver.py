@@ -24,7 +24,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from qcall.call.netem import TCPDelayProxy
+from qcall.call.netem import TCPDelayProxy, run as run_loop
 
 __all__ = ["main", "serve"]
 
@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.legs < 1 or args.delay_ms < 0:
         parser.error("--legs must be >= 1 and --delay-ms >= 0")
-    return asyncio.run(serve(legs=args.legs, delay_ms=args.delay_ms))
+    return run_loop(serve(legs=args.legs, delay_ms=args.delay_ms))
 
 
 if __name__ == "__main__":

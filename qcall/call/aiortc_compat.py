@@ -12,12 +12,20 @@ closed through it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiortc
 from aiortc import RTCPeerConnection
 
 from qcall.exceptions import CallError
 
-__all__ = ["close_peer_connection", "require_aiortc", "require_version"]
+__all__ = [
+    "GATHER_SUPPORTED",
+    "close_peer_connection",
+    "gather_now",
+    "require_aiortc",
+    "require_version",
+]
 
 Version = tuple[int, int]
 
@@ -77,3 +85,21 @@ async def close_peer_connection(pc: RTCPeerConnection) -> None:
     for transceiver in pc.getTransceivers():
         await transceiver.receiver.stop()
         await transceiver.sender.stop()
+
+
+#: aiortc releases whose ``RTCPeerConnection.__gather`` (gather every ICE transport's
+#: candidates; ``setLocalDescription`` calls it, and each gatherer gathers once) was read.
+GATHER_SUPPORTED = ((1, 16), (1, 17))
+
+
+async def gather_now(pc: Any) -> None:
+    """Gather the ICE candidates of every transport ``pc`` has, before any description.
+
+    ``setLocalDescription`` then finds them gathered (an ``RTCIceGatherer`` gathers
+    once: :mod:`qcall.call.prepared` prepares an answering connection this way).
+
+    Raises:
+        CallError: an aiortc release this was not checked on.
+    """
+    require_aiortc(GATHER_SUPPORTED, "prepared connections", "use aiortc 1.16")
+    await pc._RTCPeerConnection__gather()

@@ -27,11 +27,15 @@ The model (close to netem's defaults, ``man 8 tc-netem``):
 * **rate** (optional): a serialization queue at ``rate_kbps``; a datagram
   starts transmitting when the previous one is done, then propagates.
 
-Datagrams are released with ``loop.call_later`` — the send path never sleeps.
+Datagrams are released with ``loop.call_at`` — the send path never sleeps.
 The achieved delay is therefore the requested one plus the event loop's timer
-slack (epoll has millisecond resolution; a loaded loop adds more). The
-emulator's accuracy (requested vs achieved delay, jitter, loss) is measured in
-``tests/test_netem.py`` and reported in docs/performance.md.
+slack. asyncio's default loop on Linux waits in ``epoll_wait``, whose timeout is
+whole milliseconds rounded *up*: a 5.53 ms timer fires after ≈ 6.1 ms. Processes
+that emulate a path should run on :func:`precise_loop` (``select(2)``, whose
+timeout has microseconds: ≈ 0.1 ms late), as the latency harness does
+(:func:`run`, ``QCALL_TIMERS``). The emulator's accuracy (requested vs achieved
+delay, jitter, loss) is measured in ``tests/test_netem.py`` and
+``scripts/netem_accuracy.py`` and reported in docs/performance.md.
 
 The signaling path (a websocket over TCP) can be delayed too, with a
 :class:`TCPDelayProxy` in front of the signaling server: each chunk of bytes is
@@ -51,10 +55,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import random
-from collections.abc import Awaitable, Callable
+import selectors
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from qcall._aio import AsyncService
 from qcall.exceptions import CallError
@@ -66,6 +72,7 @@ __all__ = [
     "FIBRE_US_PER_KM",
     "PROFILES",
     "RELAY_PROCESSING_US",
+    "TIMERS_ENV",
     "Emulation",
     "LinkEmulator",
     "LinkStats",
@@ -73,7 +80,49 @@ __all__ = [
     "TCPDelayProxy",
     "apply_profile",
     "get_profile",
+    "precise_loop",
+    "run",
 ]
+
+T = TypeVar("T")
+
+#: Environment variable naming the event loop of the processes that emulate a
+#: path (:func:`run`): ``precise`` (the default: :func:`precise_loop`) or ``epoll``
+#: (asyncio's default loop, millisecond timers).
+TIMERS_ENV = "QCALL_TIMERS"
+
+
+def precise_loop() -> asyncio.AbstractEventLoop:
+    """An event loop whose timers fire ≈ 0.1 ms late instead of up to 1 ms.
+
+    asyncio's default selector on Linux (epoll) waits whole milliseconds, rounded
+    up, so every emulated one-way trip (a ``call_at``) came ≈ 0.5 ms late on
+    average: ≈ 1 ms per round trip of a path that does not exist in the real
+    network. ``select(2)`` takes a ``timeval`` (µs); its cost grows with the
+    number of file descriptors (at most 1024), which is fine for the harness's
+    processes (a phone, the signaling server and its proxies), not for a server
+    with many connections.
+    """
+    return asyncio.SelectorEventLoop(selectors.SelectSelector())
+
+
+def run(main: Coroutine[Any, Any, T], timers: str | None = None) -> T:
+    """``asyncio.run(main)`` on the loop ``timers`` names (default: ``$QCALL_TIMERS``).
+
+    ``precise`` (the default) runs on :func:`precise_loop`; ``epoll``, asyncio's
+    default loop.
+
+    Raises:
+        ValueError: ``timers`` is neither.
+    """
+    timers = timers or os.environ.get(TIMERS_ENV) or "precise"
+    if timers == "epoll":
+        return asyncio.run(main)
+    if timers != "precise":
+        main.close()
+        raise ValueError(f"{TIMERS_ENV} must be precise or epoll, not {timers!r}")
+    with asyncio.Runner(loop_factory=precise_loop) as runner:
+        return runner.run(main)
 
 #: One-way propagation in standard single-mode fibre: group index ≈ 1.468, so
 #: light covers 1 km in 1.468 / c ≈ 4.9 µs ("about 5 µs per km").

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from aiortc import MediaStreamTrack
 
 from qcall._aio import AsyncService
+from qcall.call.prepared import PreparedConnections, PrepareSpec
 from qcall.call.session import CallOptions, CallSession, CallState
 from qcall.exceptions import CallError, SignalingError
 from qcall.handshake import ReplayCache
@@ -58,6 +59,8 @@ class Phone(AsyncService):
         prefetch: QKD keys prefetched per peer for the calls we place
             (docs/qkd-keys.md); ``ReservoirConfig(keys_per_peer=0)`` turns it off.
         kem_pool: ML-KEM key pairs made ahead for our offers and rekeys (0: none).
+        prepare: keep a peer connection made ahead to place and one to answer the
+            next call (:mod:`qcall.call.prepared`; each used for one call only).
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class Phone(AsyncService):
         previous_key: SigningKey | None = None,
         prefetch: ReservoirConfig | None = None,
         kem_pool: int = 2,
+        prepare: bool = True,
     ) -> None:
         self.name = name
         self.signing_key = signing_key
@@ -96,6 +100,9 @@ class Phone(AsyncService):
             KeyReservoir(key_source, prefetch or ReservoirConfig()) if key_source else None
         )
         self.kem_pool = KEMPool(size=kem_pool)
+        #: Peer connections made ahead, one per role (None: each call makes its own).
+        self.prepared = PreparedConnections() if prepare else None
+        self._sends_audio = True  # learnt from the last call: its source, or none
         self._incoming: asyncio.Queue[CallSession] = asyncio.Queue()
         self._router: asyncio.Task[None] | None = None
         self._decide: Decide | None = None
@@ -109,6 +116,7 @@ class Phone(AsyncService):
         await self.signaling.connect()
         self._router = asyncio.ensure_future(self._route())
         self.kem_pool.fill()
+        self._keep_prepared()
 
     async def close(self) -> None:
         """Hang up every call and disconnect."""
@@ -120,6 +128,8 @@ class Phone(AsyncService):
                 await self._router
         await self.signaling.close()
         self.kem_pool.clear()
+        if self.prepared is not None:
+            await self.prepared.close()
         if self.reservoir is not None:
             await self.reservoir.close()  # wipes the held keys
         if self.key_source is not None:
@@ -162,9 +172,28 @@ class Phone(AsyncService):
         if role == "caller":  # the keys for the calls we place
             session.qkd.reservoir = self.reservoir
             session.qkd.kem_pool = self.kem_pool
+        session.prepared = self.prepared
+        self._sends_audio = session.source is not None
         self.calls[call_id] = session
-        session.ended.add_done_callback(lambda _: self.calls.pop(call_id, None))
+
+        def ended(_: object) -> None:
+            self.calls.pop(call_id, None)
+            self._keep_prepared()  # the next ones, once this call no longer sets up
+
+        session.ended.add_done_callback(ended)
         return session
+
+    def _keep_prepared(self) -> None:
+        """Have a peer connection made ahead for the next call of each role, if none is."""
+        if self.prepared is None:
+            return
+        options = self._options_with_turn()
+        if options.ice_policy != "all":  # relay: made per call (TURN credentials change)
+            return
+        control = options.policy != "plain"  # plain: the harness's baseline, no channel
+        for role in ("caller", "callee"):
+            spec = PrepareSpec.for_call(role, options, self._sends_audio, control=control)
+            self.prepared.keep(spec, options)
 
     async def call(self, peer: str) -> CallSession:
         """Place a call to ``peer`` and return it once media flows.

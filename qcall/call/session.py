@@ -138,6 +138,14 @@ _REASONS = {
 }
 
 
+def _fresh_offer(offer: asyncio.Future[tuple[str, float]]) -> str | None:
+    """The signed offer's payload if it is made and at most :data:`OFFER_MAX_AGE` old."""
+    if not offer.done() or offer.cancelled() or offer.exception() is not None:
+        return None
+    payload, built_at = offer.result()
+    return payload if time.monotonic() - built_at <= OFFER_MAX_AGE else None
+
+
 def explain_reason(reason: str, peer: str) -> str:
     """``" (…)"`` saying what a peer's hangup ``reason`` means, or ``""``."""
     text = _REASONS.get(reason)
@@ -258,9 +266,16 @@ class CallSession(Negotiation):
                 else:
                     await self._send_offer(invite_payload)
             else:
-                if accept.payload is not None:
-                    await self._apply_accept_sdp(accept.payload)  # ICE starts
-                await self._send_ready_offer(offer)
+                ready = _fresh_offer(offer)
+                if accept.payload is not None and ready is not None:
+                    # The signed offer leaves before the callee's SDP is applied (≈ 1 ms):
+                    # the callee's verification and signature take longer than DTLS.
+                    sdp = self._accept_sdp(accept.payload)  # refused before the offer leaves
+                    await self._send_offer(ready, accept_sdp=sdp)
+                else:
+                    if accept.payload is not None:
+                        await self._apply_accept_sdp(accept.payload)  # ICE starts
+                    await self._send_ready_offer(offer)
             await self._wait_active()
         except BaseException as exc:
             await self._dial_failed(offer, exc)

@@ -35,6 +35,7 @@ from aiortc import MediaStreamTrack, RTCDataChannel, RTCPeerConnection
 
 from qcall.call.aiortc_compat import close_peer_connection
 from qcall.call.netem import Emulation
+from qcall.call.prepared import PreparedConnections
 from qcall.call.srtp import HybridSRTP, SRTPKeys
 from qcall.call.status import CallOptions, CallState, CallStatus
 from qcall.exceptions import (
@@ -154,6 +155,8 @@ class SessionCore:
         self._remote_track: MediaStreamTrack | None = None  # until the peer is verified
         self.emulation: Emulation | None = None
         self.otp: OTPMedia | None = None  # one-time-pad media (docs/otp.md)
+        #: The phone's prepared peer connections (:mod:`qcall.call.prepared`), or None.
+        self.prepared: PreparedConnections | None = None
 
     @property
     def peer_sae(self) -> str:

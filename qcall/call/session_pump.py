@@ -38,9 +38,13 @@ import functools
 import logging
 from typing import Any
 
-from aiortc import RTCPeerConnection
+from aiortc import RTCDataChannel, RTCPeerConnection
 
 from qcall.call.keylog import keylog_write
+from qcall.call.prepared import (  # the control channel: also importable from here
+    CONTROL_CHANNEL_ID as CONTROL_CHANNEL_ID,
+    CONTROL_CHANNEL_LABEL as CONTROL_CHANNEL_LABEL,
+)
 from qcall.call.qkdkeys import QKDKeys
 from qcall.call.session_core import SessionCore, b64
 from qcall.call.srtp import SRTPKeys, SRTPProfile as HookProfile, install_srtp_hook
@@ -65,9 +69,6 @@ __all__ = ["CONTROL_CHANNEL_ID", "CONTROL_CHANNEL_LABEL", "HANDSHAKE_PREFIX", "H
 
 logger = logging.getLogger("qcall.call.session")  # one logger for the whole session
 
-#: Label of the negotiated data channel that carries in-call handshake messages.
-CONTROL_CHANNEL_LABEL = "qcall-control"
-CONTROL_CHANNEL_ID = 0
 
 #: Payload prefix of an in-call handshake message relayed by signaling (``ice``
 #: message type): during setup, before the control channel is open.
@@ -214,6 +215,10 @@ class HandshakePump(SessionCore):
         channel = pc.createDataChannel(
             CONTROL_CHANNEL_LABEL, negotiated=True, id=CONTROL_CHANNEL_ID, ordered=True
         )
+        self._attach_channel(channel)
+
+    def _attach_channel(self, channel: RTCDataChannel) -> None:
+        """Make ``channel`` (ours, or a prepared connection's) this call's control channel."""
         self._channel = channel
         channel.on("open", self._flush_outbox)
         channel.on("message", self._on_control_message)

@@ -50,6 +50,7 @@ from qcall.call.jitter import apply_jitter_buffer_mode
 from qcall.call.media import UnityGainTrack
 from qcall.call.netem import apply_profile
 from qcall.call.opus import install_opus_encoder
+from qcall.call.prepared import PreparedConnection, PrepareSpec
 from qcall.call.session_core import b64, unb64
 from qcall.call.session_pump import HandshakePump
 from qcall.call.status import CallState, IcePath
@@ -92,21 +93,30 @@ SIGNED_GRACE = 1.0
 class Negotiation(HandshakePump):
     """The peer connection and the offer/answer of one call, with each SDP sent ahead."""
 
-    def _new_pc(self, *, control: bool = True) -> RTCPeerConnection:
+    async def _new_pc(self, *, control: bool = True) -> RTCPeerConnection:
         """The call's peer connection (:attr:`pc`): the control channel, handlers, audio."""
         # Audio and the control channel end up BUNDLEd on one DTLS transport once
         # the remote description is set; the SRTP hook is installed then. (aiortc
         # 1.16 with max-bundle and a negotiated data channel never connects.)
-        ice = [RTCIceServer(**server) for server in self.options.ice_servers]  # STUN/TURN
-        pc = RTCPeerConnection(
-            RTCConfiguration(iceServers=ice, iceTransportPolicy=self._ice_transport_policy())
-        )
-        if self.options.fast_transport:  # before any transport exists
-            install_fast_transport(pc)
+        policy = self._ice_transport_policy()  # refuses relay without TURN
+        prepared = await self._take_prepared(control)
+        if self._ended.done():  # hung up while it waited for the connection being made
+            if prepared is not None:
+                await prepared.close()
+            raise self._ended.exception() or CallError("the call ended during setup")
+        if prepared is not None:  # made ahead for one call: this one (qcall.call.prepared)
+            pc = prepared.pc
+        else:
+            ice = [RTCIceServer(**server) for server in self.options.ice_servers]  # STUN/TURN
+            pc = RTCPeerConnection(RTCConfiguration(iceServers=ice, iceTransportPolicy=policy))
+            if self.options.fast_transport:  # before any transport exists
+                install_fast_transport(pc)
         if self.options.network is not None:  # user-space netem (latency harness)
             seed = 2 * self.options.network_seed + (self.role == "callee")
             self.emulation = apply_profile(pc, self.options.network, seed)
-        if control:
+        if prepared is not None and prepared.channel is not None:
+            self._attach_channel(prepared.channel)
+        elif control and prepared is None:
             self._open_control_channel(pc)
 
         @pc.on("track")
@@ -135,13 +145,31 @@ class Negotiation(HandshakePump):
                 self._finish(None)
 
         if self.source is not None:
-            pc.addTrack(UnityGainTrack(self.source))  # no −3 dB in Opus's upmix
+            track = UnityGainTrack(self.source)  # no −3 dB in Opus's upmix
+            if prepared is not None and prepared.audio is not None:
+                prepared.audio.sender.replaceTrack(track)  # made sendrecv, without a track
+            else:
+                pc.addTrack(track)
             install_opus_encoder(pc)  # 10 ms packets from a microphone (docs/audio.md)
-        elif self.role == "caller":
+        elif self.role == "caller" and prepared is None:
             pc.addTransceiver("audio", direction="recvonly")
         apply_jitter_buffer_mode(pc, self.options.jitter_buffer)  # docs/jitter-buffer.md
         self.pc = pc
         return pc
+
+    async def _take_prepared(self, control: bool) -> PreparedConnection | None:
+        """The phone's connection prepared for a call like this one, if any (used once)."""
+        if self.prepared is None:
+            return None
+        spec = PrepareSpec.for_call(
+            self.role, self.options, self.source is not None, control=control
+        )
+        prepared = await self.prepared.take_soon(spec)
+        if prepared is not None:
+            self.status.timings_ms["pc_prepared_age"] = round(
+                (time.monotonic() - prepared.made_at) * 1000, 1
+            )
+        return prepared
 
     def _ice_transport_policy(self) -> RTCIceTransportPolicy:
         """The W3C policy of ``options.ice_policy``; ``relay`` needs a TURN server.
@@ -208,8 +236,9 @@ class Negotiation(HandshakePump):
             self._offer_inputs = ([], "plain")
             self.status.policy = "plain"
             self.status.notice = "plain DTLS-SRTP baseline: no QKD, no ML-KEM (harness only)"
-            pc = self._new_pc(control=False)
-            await pc.setLocalDescription(await pc.createOffer())
+            pc = await self._new_pc(control=False)
+            if pc.localDescription is None:  # (a prepared connection has its offer)
+                await pc.setLocalDescription(await pc.createOffer())
             return PLAIN_PREFIX + pc.localDescription.sdp, time.monotonic()
         early = self.options.early_offer  # our SDP rides the invite: it goes first
         key: asyncio.Future[tuple[list[Any], str]] | None = None
@@ -218,8 +247,9 @@ class Negotiation(HandshakePump):
                 key = asyncio.ensure_future(self.qkd.fetch_initial_key())
         try:
             if pc is None:
-                pc = self._new_pc()
-                await pc.setLocalDescription(await pc.createOffer())
+                pc = await self._new_pc()
+                if pc.localDescription is None:  # (a prepared connection has its offer)
+                    await pc.setLocalDescription(await pc.createOffer())
             if early and not self._sdp_ready.done():
                 self._sdp_ready.set_result(pc.localDescription.sdp)
                 await self._invite_sent.wait()  # it rides the invite: that leaves first
@@ -283,11 +313,20 @@ class Negotiation(HandshakePump):
 
     async def _apply_accept_sdp(self, payload: str) -> None:
         """Caller: the callee's SDP from its ``accept`` (its signed answer follows)."""
+        await self._set_answer_sdp(self._accept_sdp(payload))
+
+    def _accept_sdp(self, payload: str) -> str:
+        """Caller: the SDP of the callee's ``accept``.
+
+        Raises:
+            DowngradeError: a plain SDP answered our signed call.
+            InvalidMessageError: the accept carries no SDP.
+        """
         if payload.startswith(PLAIN_PREFIX):
             raise DowngradeError(f"{self.peer} answered a signed call with a plain SDP")
         if not payload.startswith(SDP_PREFIX):
             raise InvalidMessageError(f"{self.peer}'s accept carries no SDP (qcall-sdp:)")
-        await self._set_answer_sdp(payload[len(SDP_PREFIX) :])
+        return payload[len(SDP_PREFIX) :]
 
     async def _answer_sdp_ahead(self, other: asyncio.Future[Any]) -> None:
         """Caller: apply the callee's SDP sent ahead (ICE starts) unless ``other`` is first.
@@ -299,13 +338,19 @@ class Negotiation(HandshakePump):
         if self._answer_sdp.done() and self.hook is None:
             await self._set_answer_sdp(self._answer_sdp.result().sdp)
 
-    async def _send_offer(self, payload: str) -> None:
-        """Send the prepared offer (``offer`` message), wait for the answer, act on it."""
+    async def _send_offer(self, payload: str, *, accept_sdp: str | None = None) -> None:
+        """Send the prepared offer (``offer`` message), wait for the answer, act on it.
+
+        ``accept_sdp``: the callee's SDP from its ``accept`` (checked by
+        :meth:`_accept_sdp`), applied once the offer left.
+        """
         qkd_keys, policy = self._offer_inputs
         self.note_keys([k.key_id for k in qkd_keys])
         await self.signaling.send_offer(self.call_id, payload)
         self._mark("offer_sent")
         self.status.timings_ms.setdefault("sdp_sent", self.status.timings_ms["offer_sent"])
+        if accept_sdp is not None:
+            await self._set_answer_sdp(accept_sdp)  # ICE starts
         answered = asyncio.ensure_future(
             self._wait_message(Answer, self.options.setup_timeout, "answer")
         )
@@ -472,7 +517,7 @@ class Negotiation(HandshakePump):
         both (each side checks that the signed SDP is the one it applied).
         """
         self._peer_sdp = sdp
-        pc = self._new_pc()
+        pc = await self._new_pc()
         await pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
         self._install_hook(pc)  # before any await: DTLS has not started yet
         await pc.setLocalDescription(await pc.createAnswer())
@@ -492,7 +537,7 @@ class Negotiation(HandshakePump):
         self.status.state = CallState.CONNECTING
         self.status.policy = "plain"
         self.status.notice = "plain DTLS-SRTP baseline: no QKD, no ML-KEM (harness only)"
-        pc = self._new_pc(control=False)
+        pc = await self._new_pc(control=False)
         await pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
         await pc.setLocalDescription(await pc.createAnswer())
         await self._send_answer(PLAIN_PREFIX + pc.localDescription.sdp, in_accept=in_accept)
