@@ -31,7 +31,6 @@ import secrets
 import sqlite3
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from qcall import config, pqc
@@ -40,6 +39,7 @@ from qcall.exceptions import MessageFormatError, MessageStoreError, PrekeyError
 from qcall.messaging.group import GroupState, SenderChain
 from qcall.messaging.keyschedule import store_key
 from qcall.messaging.prekeys import PrekeyKind, PrekeyRecord, SignedPrekey
+from qcall.messaging.records import HistoryEntry, OutboxEntry, Transfer
 from qcall.messaging.state import SessionState
 from qcall.messaging.wire import Reader, framed
 
@@ -127,31 +127,6 @@ def _framed_row(table: str, row: bytes) -> bytes:
     if prefix is None:
         prefix = _TABLES[table] = framed(table.encode())
     return prefix + len(row).to_bytes(4, "big") + row
-
-
-@dataclass(frozen=True)
-class HistoryEntry:
-    """One message in the local history (the body is the decrypted content bytes)."""
-
-    id: int
-    message_id: bytes
-    outgoing: bool
-    at_ms: int
-    status: int
-    body: bytes
-
-    def __repr__(self) -> str:
-        return f"<HistoryEntry #{self.id} {'out' if self.outgoing else 'in'} status={self.status}>"
-
-
-@dataclass(frozen=True)
-class OutboxEntry:
-    """A message encrypted and committed, not yet acknowledged by the server."""
-
-    id: int
-    recipient: str
-    envelope: bytes
-    at_ms: int
 
 
 class ClientStore:
@@ -781,19 +756,3 @@ class ClientStore:
     def delete_transfer(self, file_id: bytes) -> None:
         self._exec("DELETE FROM transfers WHERE file_id = ?", (file_id,))
 
-
-@dataclass(frozen=True, repr=False)
-class Transfer:
-    """A file being sent or received (``offer`` holds the file key: secret)."""
-
-    file_id: bytes
-    conversation: str  # the peer, or "@group"
-    peer: str  # who sends the chunks (us for an upload)
-    outgoing: bool
-    offer: bytes  # the FileOffer encoding
-    next_chunk: int
-    path: str
-
-    def __repr__(self) -> str:
-        way = "up" if self.outgoing else "down"
-        return f"<Transfer {self.file_id.hex()[:8]} {way} next={self.next_chunk}>"
