@@ -475,10 +475,10 @@ async def test_burst_is_one_commit_then_pipelined(world, monkeypatch):
     commits = []
     real_transaction = alice.store.transaction
 
-    def counting():
+    def counting(**options):  # (transaction_async defers the COMMIT through an option)
         if not alice.store._depth:
             commits.append(1)
-        return real_transaction()
+        return real_transaction(**options)
 
     monkeypatch.setattr(alice.store, "transaction", counting)
     real_send = alice.transport.send
