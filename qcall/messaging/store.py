@@ -324,7 +324,7 @@ class ClientStore(GroupAndTransferTables):
             raise MessageStoreError(f"{self.path}: {exc}") from exc
 
     def _seal(self, table: str, row: bytes, data: bytes) -> bytes:
-        nonce = secrets.token_bytes(pqc.AEAD_NONCE_LEN)
+        nonce = os.urandom(pqc.AEAD_NONCE_LEN)  # (= secrets.token_bytes)
         return nonce + self._key.seal(nonce, data, _framed_row(table, row))
 
     def _open_raw(self, table: str, row: bytes, blob: bytes) -> bytes | None:
