@@ -300,8 +300,8 @@ class MessagingClient(GroupOps):
         resent (idempotent at the server). Returns the message ids.
         """
         if to.startswith("@"):
-            for content in contents:
-                await self._send_group(to[1:], content, history)
+            if contents:
+                await self._send_group(to[1:], contents, history)
         elif contents:
             session = await self._session_for(to)
             wires, bodies = [], [content.serialize() for content in contents]
