@@ -140,3 +140,33 @@ async def test_inside_a_transaction_it_is_a_savepoint(tmp_path):
     assert store.processed(1) and not store.processed(2)
     assert [sql for sql, _ in slow.log].count("COMMIT") == 1
     store.close()
+
+
+async def test_a_forked_child_gets_a_commit_thread_of_its_own(tmp_path):
+    """A child forked after the parent's first async commit has no commit thread: it
+    must not queue its commit to the parent's (it would wait forever)."""
+    import multiprocessing
+
+    store = ClientStore(tmp_path / "m.db", SEED)
+    async with store.transaction_async():
+        store.mark_processed(1, NOW)
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    child = ctx.Process(target=_inherited_commit, args=(store, results))
+    child.start()
+    assert results.get(timeout=30) == "committed"
+    child.join(10)
+    assert store.processed(9)
+    store.close()
+
+
+def _inherited_commit(store: ClientStore, results: Any) -> None:
+    async def run() -> None:
+        async with store.transaction_async():
+            store.mark_processed(9, NOW)
+
+    try:
+        asyncio.run(asyncio.wait_for(run(), 10))
+        results.put("committed")
+    except BaseException as exc:  # (reported to the parent)
+        results.put(repr(exc))

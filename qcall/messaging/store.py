@@ -156,7 +156,7 @@ class ClientStore(GroupAndTransferTables):
         self._depth = 0
         # Set while transaction_async's COMMIT runs in a worker thread (see _settle).
         self._committing: threading.Event | None = None
-        self._committer: ThreadPoolExecutor | None = None
+        self._committer: tuple[int, ThreadPoolExecutor] | None = None  # (pid, executor)
         # Parsed sessions by id, with the sealed row they were read from or written as
         # (see _session): a hit only when the row in the file is still that one.
         self._parsed: dict[bytes, tuple[bytes, SessionState]] = {}
@@ -278,11 +278,12 @@ class ClientStore(GroupAndTransferTables):
         pending: list[threading.Event] = []
         with self.transaction(_defer=pending):
             yield
-        if self._committer is None:  # a thread of its own: never queued behind other work
-            self._committer = ThreadPoolExecutor(1, thread_name_prefix="qcall-store-commit")
+        if self._committer is None or self._committer[0] != os.getpid():  # (none after a fork)
+            # A thread of its own: a commit never waits behind other work.
+            self._committer = os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="qcall-commit")
         try:
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._committer, self._commit, pending[0])
+            await loop.run_in_executor(self._committer[1], self._commit, pending[0])
         finally:  # (if this task is cancelled, the commit goes on and is still waited for)
             if self._committing is pending[0] and pending[0].is_set():
                 self._committing = None
@@ -352,8 +353,8 @@ class ClientStore(GroupAndTransferTables):
 
     def close(self) -> None:
         self._settle()
-        if self._committer is not None:
-            self._committer.shutdown()
+        if self._committer is not None and self._committer[0] == os.getpid():
+            self._committer[1].shutdown()
         with self._lock:
             self._db.close()
 
