@@ -84,3 +84,19 @@ def test_a_text_content_that_is_not_utf8_or_too_long_is_refused():
     too_long = long[:25] + struct.pack(">I", MAX_TEXT_BYTES + 1) + long[29:] + b"a"
     with pytest.raises((MessageFormatError, MessageTooLargeError)):
         Content.decode(too_long)
+
+
+def test_message_ids_sort_by_time_and_stay_unique():
+    """§8.1: u48 ms ‖ 10 random bytes, so the sender's index of sent ids is appended to."""
+    import time
+
+    from qcall.messaging.content import MESSAGE_ID_LEN, new_message_id
+
+    before = time.time_ns() // 1_000_000
+    first = new_message_id()
+    time.sleep(0.003)
+    ids = [new_message_id() for _ in range(1000)]
+    after = time.time_ns() // 1_000_000
+    assert all(len(i) == MESSAGE_ID_LEN for i in ids) and len(set(ids)) == 1000
+    assert before <= int.from_bytes(first[:6], "big") <= after
+    assert all(first < i for i in ids)  # a later millisecond sorts after

@@ -19,6 +19,7 @@ import contextlib
 import enum
 import os
 import struct
+import time
 from dataclasses import dataclass
 
 from qcall.exceptions import MessageFormatError, MessageTooLargeError
@@ -73,8 +74,13 @@ _STATUSES = frozenset(s.value for s in ReceiptStatus)
 
 
 def new_message_id() -> bytes:
-    """A fresh random message id."""
-    return os.urandom(MESSAGE_ID_LEN)  # (what secrets.token_bytes returns, two calls less)
+    """A fresh message id: ``u48 milliseconds since the epoch ‖ 10 random bytes`` (§8.1).
+
+    Ids sort by time, so the sender's store inserts them at the end of its index of sent
+    messages (a random id dirtied one index page per message); the time is in the
+    content's ``sent_ms`` already, next to it under the same encryption.
+    """
+    return (time.time_ns() // 1_000_000).to_bytes(6, "big") + os.urandom(MESSAGE_ID_LEN - 6)
 
 
 def pad(content: bytes) -> bytes:
