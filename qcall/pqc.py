@@ -32,7 +32,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast
 
 from cryptography import x509
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from qcall.exceptions import (
     ConfigError,
@@ -572,10 +574,8 @@ class AES256GCM:
     __slots__ = ("_aead",)
 
     def __init__(self, key: bytes) -> None:
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
         _check_length("AES-256-GCM key", key, AEAD_KEY_LEN)
-        self._aead = AESGCM(bytes(key))
+        self._aead = AESGCM(bytes(key))  # (imported once: this runs for every message)
 
     def seal(self, nonce: bytes, plaintext: bytes, associated_data: bytes) -> bytes:
         """Encrypt and authenticate: returns ``ciphertext ‖ tag`` (16 bytes longer)."""
@@ -585,8 +585,6 @@ class AES256GCM:
 
     def open(self, nonce: bytes, ciphertext: bytes, associated_data: bytes) -> bytes | None:
         """Decrypt ``ciphertext ‖ tag``; ``None`` if the tag does not verify (never raises)."""
-        from cryptography.exceptions import InvalidTag
-
         if len(nonce) != AEAD_NONCE_LEN or len(ciphertext) < AEAD_TAG_LEN:
             return None
         try:

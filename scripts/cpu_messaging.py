@@ -13,7 +13,9 @@ signaling`` process (its utime + stime from ``/proc``), and each round sends
 ``--messages`` messages in bursts of ``--window`` the way the throughput phase of
 ``bench_messaging.py`` does (same helpers): plain, then encrypted. It prints the
 median over ``--rounds`` of µs of CPU per message in the clients (sender and
-recipient together) and in the server, and the ratio of the totals. With
+recipient together) and in the server, and the ratio of the totals; and the wall time
+per message of that one pair (it moves with the load, but shows what the clients wait
+for, e.g. their store's fsync, which costs little CPU). With
 ``--profile FILE`` the clients' encrypted rounds run under cProfile (CPU time) and
 the stats are written to FILE (read them with ``python -m pstats FILE``).
 """
@@ -42,8 +44,8 @@ def server_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def measure(args: argparse.Namespace) -> dict[str, list[tuple[float, float]]]:
-    out: dict[str, list[tuple[float, float]]] = {"plain": [], "encrypted": []}
+async def measure(args: argparse.Namespace) -> dict[str, list[tuple[float, float, float]]]:
+    out: dict[str, list[tuple[float, float, float]]] = {"plain": [], "encrypted": []}
     profiler = cProfile.Profile(time.process_time) if args.profile else None
     with tempfile.TemporaryDirectory(prefix="cpu-messaging-") as tmp:
         directory = Path(tmp)
@@ -54,15 +56,16 @@ async def measure(args: argparse.Namespace) -> dict[str, list[tuple[float, float
                 for _ in range(args.rounds):
                     for kind in ("plain", "encrypted"):
                         encrypted = kind == "encrypted"
-                        c0, s0 = time.process_time(), server_cpu(pid)
+                        c0, s0, w0 = time.process_time(), server_cpu(pid), time.perf_counter()
                         if profiler is not None and encrypted:
                             profiler.enable()
                         await bench.throughput(pair, encrypted, args.messages, args.window)
                         if profiler is not None and encrypted:
                             profiler.disable()
-                        c1, s1 = time.process_time(), server_cpu(pid)
+                        c1, s1, w1 = time.process_time(), server_cpu(pid), time.perf_counter()
                         n = args.messages
-                        out[kind].append(((c1 - c0) / n * 1e6, (s1 - s0) / n * 1e6))
+                        out[kind].append(((c1 - c0) / n * 1e6, (s1 - s0) / n * 1e6,
+                                          (w1 - w0) / n * 1e6))  # fmt: skip
     if profiler is not None:
         profiler.dump_stats(args.profile)
     return out
@@ -92,14 +95,15 @@ def main() -> int:
     result = asyncio.run(measure(args))
     print(f"CPU per message, 1 pair, {args.messages} messages, window {args.window}, "
           f"medians of {args.rounds} rounds (load average {os.getloadavg()[0]:.2f})")  # fmt: skip
-    totals = {}
+    totals, walls = {}, {}
     for kind, rounds in result.items():
-        client = statistics.median(c for c, _ in rounds)
-        server = statistics.median(s for _, s in rounds)
-        totals[kind] = client + server
+        client = statistics.median(c for c, _, _ in rounds)
+        server = statistics.median(s for _, s, _ in rounds)
+        totals[kind], walls[kind] = client + server, statistics.median(w for _, _, w in rounds)
         print(f"  {kind:9} clients {client:5.0f} µs  server {server:5.0f} µs  "
-              f"total {client + server:5.0f} µs")  # fmt: skip
-    print(f"  encrypted/plain CPU: {totals['encrypted'] / totals['plain']:.2f}")
+              f"total {client + server:5.0f} µs  wall {walls[kind]:5.0f} µs")  # fmt: skip
+    print(f"  encrypted/plain CPU: {totals['encrypted'] / totals['plain']:.2f}, "
+          f"wall: {walls['encrypted'] / walls['plain']:.2f}")  # fmt: skip
     return 0
 
 

@@ -475,10 +475,10 @@ async def test_burst_is_one_commit_then_pipelined(world, monkeypatch):
     commits = []
     real_transaction = alice.store.transaction
 
-    def counting():
+    def counting(**options):  # (transaction_async defers the COMMIT through an option)
         if not alice.store._depth:
             commits.append(1)
-        return real_transaction()
+        return real_transaction(**options)
 
     monkeypatch.setattr(alice.store, "transaction", counting)
     real_send = alice.transport.send
@@ -499,6 +499,32 @@ async def test_burst_is_one_commit_then_pipelined(world, monkeypatch):
     assert texts(await bob.receive()) == ["set-up"] + [f"m{i}" for i in range(10)]
     assert [c.text for e, c in alice.history("bob") if e.outgoing][1:] == [
         f"m{i}" for i in range(10)
+    ]
+
+
+async def test_a_group_burst_is_one_commit_then_delivered_in_order_to_every_member(
+    world, monkeypatch
+):
+    """send_texts to @group: the sender chain, the history rows and every member's outbox
+    entries in one transaction (it used to be one per message), then sent."""
+    alice, bob, carol = await world.users("alice", "bob", "carol")
+    await alice.create_group("team", ["bob", "carol"])
+    await alice.send_text("@team", "set-up")  # (the sender keys go out with it)
+    commits = []
+    real_transaction = alice.store.transaction
+
+    def counting(**options):
+        if not alice.store._depth:
+            commits.append(1)
+        return real_transaction(**options)
+
+    monkeypatch.setattr(alice.store, "transaction", counting)
+    await alice.send_texts("@team", [f"g{i}" for i in range(6)])
+    assert len(commits) == 1
+    for member in (bob, carol):
+        assert texts(await member.receive()) == ["set-up"] + [f"g{i}" for i in range(6)]
+    assert [c.text for _, c in alice.history("@team")] == ["set-up"] + [
+        f"g{i}" for i in range(6)
     ]
 
 

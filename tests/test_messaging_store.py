@@ -344,3 +344,33 @@ def test_a_session_written_before_schema_3_is_read_and_rewritten_in_two_parts(tm
         store.save_session(state, NOW)
     assert _parts(path, sid)[2]
     assert open_store(path).session(sid).serialize() == a.state.serialize()
+
+
+def test_schema_4_indexes_only_sent_messages_by_message_id(tmp_path):
+    """Receipts look up sent messages by id; received ones are not indexed by their random
+    id any more (one dirty index page per received message). A version-3 store migrates."""
+    path = tmp_path / "messages.db"
+    store = ClientStore(path, SEED, max_version=3)
+    store.add_history("bob", b"\1" * 16, outgoing=True, now=NOW, body=b"sent")
+    store.add_history("bob", b"\2" * 16, outgoing=False, now=NOW, body=b"received")
+    store.close()
+    store = open_store(path)
+    indexes = {
+        name: sql
+        for name, sql in store._db.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'history'"
+        )
+    }
+    assert set(indexes) == {"history_conversation", "history_sent"}
+    assert "WHERE outgoing = 1" in indexes["history_sent"]
+    plan = store._db.execute(
+        "EXPLAIN QUERY PLAN UPDATE history SET status = 2 WHERE conversation = ? "
+        "AND message_id = ? AND outgoing = 1 AND status < 2",
+        (store.tag("bob"), b"\1" * 16),
+    ).fetchall()
+    assert "history_sent" in str(plan)  # set_status's query still uses an index
+    assert store.set_status("bob", b"\1" * 16, 2) and not store.set_status("bob", b"\2" * 16, 2)
+    assert [(e.body, e.status) for e in store.history("bob")] == [(b"sent", 2), (b"received", 0)]
+    with pytest.raises(MessageStoreError):  # a sent message id stays unique
+        store.add_history("bob", b"\1" * 16, outgoing=True, now=NOW, body=b"again")
+    store.close()

@@ -300,8 +300,8 @@ class MessagingClient(GroupOps):
         resent (idempotent at the server). Returns the message ids.
         """
         if to.startswith("@"):
-            for content in contents:
-                await self._send_group(to[1:], content, history)
+            if contents:
+                await self._send_group(to[1:], contents, history)
         elif contents:
             session = await self._session_for(to)
             wires, bodies = [], [content.serialize() for content in contents]
@@ -310,7 +310,7 @@ class MessagingClient(GroupOps):
                 wires.append(session.encrypt(pad(body), self.clock(), qkd))
             now = self.clock()
             sent = list(self._sent)
-            with self.store.transaction():
+            async with self.store.transaction_async():  # the event loop runs during the fsync
                 self.store.remove_outbox(sent)
                 self.store.save_session(session.state, now)
                 if history:
@@ -473,7 +473,7 @@ class MessagingClient(GroupOps):
             # transaction (docs/messaging.md §10.3): a crash before the commit loses the
             # whole batch (redelivered, opened again), after it nothing.
             done, alone = 0, False
-            with self.store.transaction():
+            async with self.store.transaction_async():
                 self._batching, self._batch = True, {}
                 try:
                     for envelope in todo:

@@ -15,8 +15,11 @@ so that the ciphertext length reveals the size only to 64 bytes::
 
 from __future__ import annotations
 
+import contextlib
 import enum
-import secrets
+import os
+import struct
+import time
 from dataclasses import dataclass
 
 from qcall.exceptions import MessageFormatError, MessageTooLargeError
@@ -64,12 +67,20 @@ class ReceiptStatus(enum.IntEnum):
 
 
 _KINDS = frozenset(k.value for k in ContentKind)
+_TEXT = bytes([ContentKind.TEXT])
+_TEXT_HEAD = struct.Struct(f">B{MESSAGE_ID_LEN}sQI")  # kind, message_id, sent_ms, text length
+_TEXT_AT = _TEXT_HEAD.size
 _STATUSES = frozenset(s.value for s in ReceiptStatus)
 
 
 def new_message_id() -> bytes:
-    """A fresh random message id."""
-    return secrets.token_bytes(MESSAGE_ID_LEN)
+    """A fresh message id: ``u48 milliseconds since the epoch ‖ 10 random bytes`` (§8.1).
+
+    Ids sort by time, so the sender's store inserts them at the end of its index of sent
+    messages (a random id dirtied one index page per message); the time is in the
+    content's ``sent_ms`` already, next to it under the same encryption.
+    """
+    return (time.time_ns() // 1_000_000).to_bytes(6, "big") + os.urandom(MESSAGE_ID_LEN - 6)
 
 
 def pad(content: bytes) -> bytes:
@@ -189,6 +200,12 @@ class Content:
     @classmethod
     def decode(cls, data: bytes) -> Content:
         """Parse an unpadded content (as the history keeps it)."""
+        if data[:1] == _TEXT and len(data) >= _TEXT_AT:  # the common case, in one step
+            _, message_id, sent_ms, n = _TEXT_HEAD.unpack_from(data)
+            if n <= MAX_TEXT_BYTES and len(data) == _TEXT_AT + n:
+                with contextlib.suppress(UnicodeDecodeError):  # (the general path says so)
+                    text = data[_TEXT_AT:].decode("utf-8")
+                    return cls(ContentKind.TEXT, message_id, sent_ms, text=text)
         r = Reader(data, "message content")
         kind = ContentKind(r.choice("kind", _KINDS))
         message_id = r.raw(MESSAGE_ID_LEN, "message_id")

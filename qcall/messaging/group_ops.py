@@ -25,7 +25,7 @@ from qcall.messaging.api import (
     MessageReceived,
     PendingError,
 )
-from qcall.messaging.content import Content, ContentKind, SenderKeyBody, new_message_id
+from qcall.messaging.content import Content, ContentKind, SenderKeyBody, new_message_id, pad
 from qcall.messaging.group import (
     GroupAction,
     GroupChange,
@@ -164,7 +164,10 @@ class GroupOps:
         self.store.save_sender_chain(body.group_id, body.epoch, peer, chain)
         return []
 
-    async def _send_group(self, name: str, content: Content, history: bool) -> None:
+    async def _send_group(self, name: str, contents: Sequence[Content], history: bool) -> None:
+        """A burst to a group: the chain advances once per content, and the chain, the
+        history rows and every member's outbox entries are committed in ONE transaction
+        before any envelope leaves (docs/messaging.md §10.3); the caller flushes them."""
         state = self._group(name)
         chain = self.store.sender_chain(state.group_id, state.epoch, self.me.name)
         others = [m.name for m in state.members if m.name != self.me.name]
@@ -178,19 +181,16 @@ class GroupOps:
             for other in others:
                 await self.send_content(other, key_content, history=False)
         now = self.clock()
-        wire = encrypt_group(state, self.me, chain, content.padded())
-        with self.store.transaction():
+        bodies = [content.serialize() for content in contents]
+        wires = [encrypt_group(state, self.me, chain, pad(body)) for body in bodies]
+        async with self.store.transaction_async():
             self.store.save_sender_chain(state.group_id, state.epoch, self.me.name, chain)
             if history:
-                self.store.add_history(
-                    "@" + state.name,
-                    content.message_id,
-                    outgoing=True,
-                    now=now,
-                    body=content.serialize(),
-                )
+                ids = [content.message_id for content in contents]
+                rows = list(zip(ids, bodies, strict=True))
+                self.store.add_histories("@" + state.name, rows, outgoing=True, now=now)
             for other in others:
-                self.store.add_outbox(other, wire, now)
+                self.store.add_outboxes(other, wires, now)
 
     def _process_group(self, envelope: Envelope) -> list[Event]:
         message = GroupMessage.parse(envelope.data)

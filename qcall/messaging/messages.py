@@ -36,6 +36,7 @@ __all__ = [
     "RatchetMessage",
     "identity_hash",
     "message_type",
+    "ratchet_header",
 ]
 
 #: Protocol version octet of every message.
@@ -49,6 +50,9 @@ _KEM = pqc.KEM.ML_KEM_768
 _ABSENT = b"\0\0\0\0"  # an absent QKDRef
 #: version, type, session_id, epoch, generation, index, prev_generation, prev_length.
 _RATCHET_FIXED = struct.Struct(f">BB{SESSION_ID_LEN}s5I")
+_U32 = struct.Struct(">I")
+_SHORT_QKD = _RATCHET_FIXED.size  # where a short message's generation_qkd starts
+_SHORT_CT = _SHORT_QKD + len(_ABSENT)  # its var32 ciphertext, when generation_qkd is absent
 _EK_LEN = _KEM.sizes.encapsulation_key
 _CT_LEN = _KEM.sizes.ciphertext
 _MAX_PK = max(s.sizes.public_key for s in pqc.SignatureScheme)
@@ -149,6 +153,29 @@ class QKDRef:
         return f"{self.key_id} ({self.size} bytes from {self.sae_id})"
 
 
+def ratchet_header(
+    session_id: bytes,
+    epoch: int,
+    generation: int,
+    index: int,
+    prev_generation: int,
+    prev_length: int,
+    generation_qkd: QKDRef | None,
+    full: tuple[bytes, bytes, QKDRef | None] | None,
+) -> bytes:
+    """The header (AEAD associated data) of a ratchet message: short (type 5) if ``full``
+    is ``None``, else full (type 2) with ``(ratchet_key, kem_ciphertext, epoch_qkd)``."""
+    kind = MessageType.RATCHET_SHORT if full is None else MessageType.RATCHET
+    fixed = _RATCHET_FIXED.pack(
+        VERSION, kind, session_id, epoch, generation, index, prev_generation, prev_length
+    )
+    if full is None:
+        return fixed + QKDRef.encode(generation_qkd)
+    ek, ct, epoch_qkd = full
+    w = Writer().raw(fixed).var16(ek).var16(ct).raw(QKDRef.encode(epoch_qkd))
+    return w.raw(QKDRef.encode(generation_qkd)).bytes()
+
+
 @dataclass(frozen=True)
 class RatchetMessage:
     """One message of an established session (``docs/messaging.md`` §7.2, §7.4).
@@ -213,24 +240,11 @@ class RatchetMessage:
         cached: bytes | None = self.__dict__.get("_header")
         if cached is not None:
             return cached
-        kind = MessageType.RATCHET_SHORT if self.compact else MessageType.RATCHET
-        w = Writer().raw(
-            _RATCHET_FIXED.pack(
-                VERSION,
-                kind,
-                self.session_id,
-                self.epoch,
-                self.generation,
-                self.index,
-                self.prev_generation,
-                self.prev_length,
-            )
-        )
-        if not self.compact:
-            w.var16(self.ratchet_key).var16(self.kem_ciphertext)
-            w.raw(QKDRef.encode(self.epoch_qkd))
-        w.raw(QKDRef.encode(self.generation_qkd))
-        header = w.bytes()
+        numbers = (self.epoch, self.generation, self.index, self.prev_generation)
+        header = ratchet_header(
+            self.session_id, *numbers, self.prev_length, self.generation_qkd,
+            None if self.compact else (self.ratchet_key, self.kem_ciphertext, self.epoch_qkd),
+        )  # fmt: skip
         object.__setattr__(self, "_header", header)  # a cache, not a field (frozen)
         return header
 
@@ -240,7 +254,7 @@ class RatchetMessage:
     @staticmethod
     def encode(header: bytes, ciphertext: bytes) -> bytes:
         """``header ‖ var32 ciphertext``: the wire bytes of a message with this header."""
-        return header + Writer().var32(ciphertext).bytes()
+        return header + _U32.pack(len(ciphertext)) + ciphertext
 
     @classmethod
     def parse(cls, data: bytes) -> RatchetMessage:
@@ -250,6 +264,16 @@ class RatchetMessage:
         if kind is not MessageType.RATCHET and kind is not MessageType.RATCHET_SHORT:
             raise MessageFormatError("ratchet message: wrong type octet")
         compact = kind is MessageType.RATCHET_SHORT
+        if compact and data[_SHORT_QKD:_SHORT_CT] == _ABSENT and len(data) >= _SHORT_CT + 4:
+            # The common short message (no generation_qkd), in one step: the same checks
+            # and result as the general path below, which handles everything else.
+            (n,) = _U32.unpack_from(data, _SHORT_CT)
+            if n <= MAX_CIPHERTEXT and len(data) == _SHORT_CT + 4 + n:
+                _, _, sid, n_, g, i, pg, pl = _RATCHET_FIXED.unpack_from(data)
+                ct = bytes(data[_SHORT_CT + 4 :])
+                out = cls(sid, n_, g, i, pg, pl, b"", b"", None, None, ct, compact=True)
+                object.__setattr__(out, "_header", bytes(data[:_SHORT_CT]))
+                return out
         r = Reader(data, "short ratchet message" if compact else "ratchet message")
         _, _, sid, *numbers = r.unpack(_RATCHET_FIXED, "session_id…prev_length")
         ek = ct = b""

@@ -56,7 +56,13 @@ from qcall.messaging.keyschedule import (
     generation_chain,
     generation_hash,
 )
-from qcall.messaging.messages import Mode, PrekeyMessage, QKDRef, RatchetMessage
+from qcall.messaging.messages import (
+    Mode,
+    PrekeyMessage,
+    QKDRef,
+    RatchetMessage,
+    ratchet_header,
+)
 from qcall.messaging.state import Chain, Role, SessionState, SkippedKey
 
 __all__ = ["QKDMaterial", "QKDPolicy", "RatchetLimits", "Session"]
@@ -221,27 +227,17 @@ class Session:
         mk, next_key = chain_step(chain.key)
         # §7.4: the first message of a chain and every full_every-th carry ek/ct in full.
         compact = not s.pending_init and chain.next_index % self.limits.full_every != 0
-        message = RatchetMessage(
-            session_id=s.session_id,
-            epoch=s.send_epoch,
-            generation=s.send_generation,
-            index=chain.next_index,
-            prev_generation=s.send_prev_generation,
-            prev_length=s.send_prev_length,
-            ratchet_key=b"" if compact else s.send_ek,
-            kem_ciphertext=b"" if compact else s.send_ct,
-            epoch_qkd=None if compact else s.send_epoch_qkd,
-            generation_qkd=s.send_generation_qkd,
-            ciphertext=b"\0" * pqc.AEAD_TAG_LEN,  # placeholder: the header is the AD
-            compact=compact,
-        )
-        header = message.header()
+        header = ratchet_header(
+            s.session_id, s.send_epoch, s.send_generation, chain.next_index,
+            s.send_prev_generation, s.send_prev_length, s.send_generation_qkd,
+            None if compact else (s.send_ek, s.send_ct, s.send_epoch_qkd),
+        )  # fmt: skip
         sealed = pqc.AES256GCM(mk.key).seal(mk.nonce, plaintext, header)
         s.send_chain = Chain(next_key, chain.next_index + 1)
         s.sent_since_qkd += 1
-        if self.debug:
-            logger.debug("> %r", dataclasses.replace(message, ciphertext=sealed))
         data = RatchetMessage.encode(header, sealed)
+        if self.debug:
+            logger.debug("> %r", RatchetMessage.parse(data))
         if s.pending_init:
             if self._init is None:
                 self._init = PrekeyMessage.parse(s.pending_init)

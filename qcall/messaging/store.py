@@ -23,6 +23,7 @@ to a newer qcall is a :class:`~qcall.exceptions.MessageStoreError` naming it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -30,18 +31,19 @@ import os
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from qcall import config, pqc
 from qcall._sqlite import durable, migrate, schema_version
 from qcall.exceptions import MessageFormatError, MessageStoreError, PrekeyError
-from qcall.messaging.group import GroupState, SenderChain
 from qcall.messaging.keyschedule import store_key
 from qcall.messaging.prekeys import PrekeyKind, PrekeyRecord, SignedPrekey
+from qcall.messaging.records import HistoryEntry, OutboxEntry, Transfer
 from qcall.messaging.state import SessionState
-from qcall.messaging.wire import Reader, framed
+from qcall.messaging.store_tables import GroupAndTransferTables
+from qcall.messaging.wire import framed
 
 __all__ = [
     "MESSAGES_FILE",
@@ -104,8 +106,16 @@ CREATE TABLE session_epochs (
     session_id BLOB PRIMARY KEY, tag BLOB NOT NULL, state BLOB NOT NULL);
 """
 
+# Only sent messages are looked up by message id (receipts: set_status), so only they are
+# indexed by it (§10.1): a received message no longer inserts into an index on a random key
+# (one page of it dirtied, written and fsync'd per message of a batch).
+_SCHEMA_4 = """
+DROP INDEX history_message;
+CREATE UNIQUE INDEX history_sent ON history (conversation, message_id) WHERE outgoing = 1;
+"""
+
 #: Schema migrations: version -> SQL that brings version-1 to it (docs/messaging.md §10.1).
-MIGRATIONS: dict[int, str] = {1: _SCHEMA_1, 2: _SCHEMA_2, 3: _SCHEMA_3}
+MIGRATIONS: dict[int, str] = {1: _SCHEMA_1, 2: _SCHEMA_2, 3: _SCHEMA_3, 4: _SCHEMA_4}
 #: The schema version this code writes.
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -129,32 +139,7 @@ def _framed_row(table: str, row: bytes) -> bytes:
     return prefix + len(row).to_bytes(4, "big") + row
 
 
-@dataclass(frozen=True)
-class HistoryEntry:
-    """One message in the local history (the body is the decrypted content bytes)."""
-
-    id: int
-    message_id: bytes
-    outgoing: bool
-    at_ms: int
-    status: int
-    body: bytes
-
-    def __repr__(self) -> str:
-        return f"<HistoryEntry #{self.id} {'out' if self.outgoing else 'in'} status={self.status}>"
-
-
-@dataclass(frozen=True)
-class OutboxEntry:
-    """A message encrypted and committed, not yet acknowledged by the server."""
-
-    id: int
-    recipient: str
-    envelope: bytes
-    at_ms: int
-
-
-class ClientStore:
+class ClientStore(GroupAndTransferTables):
     """One user's message store (see the module docstring).
 
     Args:
@@ -177,6 +162,9 @@ class ClientStore:
         self.path = Path(path)
         self._lock = threading.RLock()
         self._depth = 0
+        # Set while transaction_async's COMMIT runs in a worker thread (see _settle).
+        self._committing: threading.Event | None = None
+        self._committer: tuple[int, ThreadPoolExecutor] | None = None  # (pid, executor)
         # Parsed sessions by id, with the sealed row they were read from or written as
         # (see _session): a hit only when the row in the file is still that one.
         self._parsed: dict[bytes, tuple[bytes, SessionState]] = {}
@@ -241,7 +229,7 @@ class ClientStore:
         self._mac_key = store_key(identity_seed, salt, b"store names")
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self, *, _defer: list[threading.Event] | None = None) -> Iterator[None]:
         """One atomic transaction.
 
         A nested call is a savepoint inside the outer transaction: if it raises, its
@@ -249,6 +237,7 @@ class ClientStore:
         item of a batch committed together loses nothing else); if it returns, its
         writes commit with the outer transaction.
         """
+        self._settle()
         with self._lock:
             if self._depth:
                 name = f"nested{self._depth}"
@@ -275,14 +264,58 @@ class ClientStore:
                 self._db.execute("ROLLBACK")
                 raise
             self._depth = 0
-            try:
+            if _defer is not None:  # transaction_async commits it in a worker thread
+                self._committing = threading.Event()
+                _defer.append(self._committing)
+                return
+            self._commit()
+
+    @contextlib.asynccontextmanager
+    async def transaction_async(self) -> AsyncIterator[None]:
+        """:meth:`transaction` whose ``COMMIT`` (the fsync) runs in a worker thread.
+
+        The event loop goes on meanwhile; the caller resumes once the commit is on disk
+        (or gets :class:`MessageStoreError`). Until then any other use of the store waits
+        for it: nothing reads the writes before they are durable or joins them (§10.3).
+        Inside another transaction it is a savepoint, as :meth:`transaction`.
+        """
+        if self._depth:
+            with self.transaction():
+                yield
+            return
+        pending: list[threading.Event] = []
+        with self.transaction(_defer=pending):
+            yield
+        if self._committer is None or self._committer[0] != os.getpid():  # (none after a fork)
+            # A thread of its own: a commit never waits behind other work.
+            self._committer = os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="qcall-commit")
+        try:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._committer[1], self._commit, pending[0])
+        finally:  # (if this task is cancelled, the commit goes on and is still waited for)
+            if self._committing is pending[0] and pending[0].is_set():
+                self._committing = None
+
+    def _commit(self, done: threading.Event | None = None) -> None:
+        """``COMMIT`` the open transaction (rolled back if that fails); sets ``done``."""
+        try:
+            with self._lock:
                 self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    self._db.execute("ROLLBACK")
-                raise MessageStoreError(f"{self.path}: cannot commit: {exc}") from exc
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error), self._lock:
+                self._db.execute("ROLLBACK")
+            raise MessageStoreError(f"{self.path}: cannot commit: {exc}") from exc
+        finally:
+            if done is not None:
+                done.set()
+
+    def _settle(self) -> None:
+        """Wait for a commit :meth:`transaction_async` has in a worker thread."""
+        if (pending := self._committing) is not None:
+            pending.wait()
 
     def _exec(self, sql: str, args: tuple[object, ...] = ()) -> sqlite3.Cursor:
+        self._settle()
         try:
             with self._lock:
                 return self._db.execute(sql, args)
@@ -292,6 +325,7 @@ class ClientStore:
     def _many(self, sql: str, rows: list[tuple[object, ...]]) -> None:
         if not rows:
             return
+        self._settle()
         try:
             with self._lock:
                 self._db.executemany(sql, rows)
@@ -299,7 +333,7 @@ class ClientStore:
             raise MessageStoreError(f"{self.path}: {exc}") from exc
 
     def _seal(self, table: str, row: bytes, data: bytes) -> bytes:
-        nonce = secrets.token_bytes(pqc.AEAD_NONCE_LEN)
+        nonce = os.urandom(pqc.AEAD_NONCE_LEN)  # (= secrets.token_bytes)
         return nonce + self._key.seal(nonce, data, _framed_row(table, row))
 
     def _open_raw(self, table: str, row: bytes, blob: bytes) -> bytes | None:
@@ -326,6 +360,9 @@ class ClientStore:
         return tag
 
     def close(self) -> None:
+        self._settle()
+        if self._committer is not None and self._committer[0] == os.getpid():
+            self._committer[1].shutdown()
         with self._lock:
             self._db.close()
 
@@ -670,130 +707,3 @@ class ClientStore:
     def delete_qkd_keys(self, key_ids: list[str]) -> None:
         for key_id in key_ids:
             self._exec("DELETE FROM qkd_keys WHERE key_id = ?", (key_id,))
-
-    # --- groups ----------------------------------------------------------------------------------
-
-    def save_group(self, state: GroupState) -> None:
-        sealed = self._seal("groups", state.group_id, state.serialize())
-        self._exec(
-            "INSERT OR REPLACE INTO groups VALUES (?,?,?)",
-            (state.group_id, self.tag("@" + state.name), sealed),
-        )
-
-    def _group(self, row: tuple[bytes, bytes] | None) -> GroupState | None:
-        if row is None:
-            return None
-        try:
-            return GroupState.parse(self._open("groups", bytes(row[0]), row[1]))
-        except MessageFormatError as exc:
-            raise MessageStoreError(f"{self.path}: a stored group is corrupt: {exc}") from None
-
-    def group(self, group_id: bytes) -> GroupState | None:
-        row = self._exec("SELECT group_id, state FROM groups WHERE group_id = ?", (group_id,))
-        return self._group(row.fetchone())
-
-    def group_by_name(self, name: str) -> GroupState | None:
-        row = self._exec(
-            "SELECT group_id, state FROM groups WHERE name = ?", (self.tag("@" + name),)
-        )
-        return self._group(row.fetchone())
-
-    def groups(self) -> list[GroupState]:
-        rows = self._exec("SELECT group_id, state FROM groups").fetchall()
-        return sorted((g for g in map(self._group, rows) if g), key=lambda g: g.name)
-
-    def save_sender_chain(
-        self, group_id: bytes, epoch: int, sender: str, chain: SenderChain
-    ) -> None:
-        row = group_id + epoch.to_bytes(4, "big") + self.tag(sender)
-        self._exec(
-            "INSERT OR REPLACE INTO sender_chains VALUES (?,?,?,?)",
-            (
-                group_id,
-                epoch,
-                self.tag(sender),
-                self._seal("sender_chains", row, chain.serialize()),
-            ),
-        )
-
-    def sender_chain(self, group_id: bytes, epoch: int, sender: str) -> SenderChain | None:
-        tag = self.tag(sender)
-        row = self._exec(
-            "SELECT chain FROM sender_chains WHERE group_id = ? AND epoch = ? AND sender = ?",
-            (group_id, epoch, tag),
-        ).fetchone()
-        if row is None:
-            return None
-        data = self._open("sender_chains", group_id + epoch.to_bytes(4, "big") + tag, row[0])
-        try:
-            return SenderChain.parse(data)
-        except MessageFormatError as exc:
-            raise MessageStoreError(
-                f"{self.path}: a stored sender chain is corrupt: {exc}"
-            ) from None
-
-    def delete_sender_chains_before(self, group_id: bytes, epoch: int) -> None:
-        """Forget the chains of epochs before ``epoch`` (forward secrecy after a change)."""
-        self._exec("DELETE FROM sender_chains WHERE group_id = ? AND epoch < ?", (group_id, epoch))
-
-    # --- file transfers (resume) -------------------------------------------------------------
-
-    def save_transfer(self, transfer: Transfer, now: float) -> None:
-        """Record a transfer and its progress: the next chunk to send or receive.
-
-        The conversation, the peer and the offer (with the file key) are sealed;
-        the path is the local file (sent, or being received).
-        """
-        t = transfer
-        value = framed(t.conversation.encode(), t.peer.encode(), t.offer)
-        sealed = self._seal("transfers", t.file_id, value)
-        self._exec(
-            "INSERT OR REPLACE INTO transfers VALUES (?,?,?,?,?,?,?)",
-            (t.file_id, self.tag(t.conversation), int(t.outgoing), sealed, t.next_chunk, t.path,
-             int(now * 1000)),
-        )  # fmt: skip
-
-    def transfer(self, file_id: bytes) -> Transfer | None:
-        """The transfer of ``file_id``, or ``None``."""
-        row = self._exec(
-            "SELECT offer, next_chunk, path, outgoing FROM transfers WHERE file_id = ?", (file_id,)
-        ).fetchone()
-        if row is None:
-            return None
-        r = Reader(self._open("transfers", file_id, row[0]), f"{self.path}: a stored transfer")
-        try:
-            conversation, peer = r.text(r.var32("conversation", 1024), "c"), r.var32("peer", 1024)
-            offer = r.var32("offer", 1 << 20)
-            r.end()
-        except MessageFormatError as exc:
-            raise MessageStoreError(str(exc)) from None
-        return Transfer(
-            file_id, conversation, peer.decode(), bool(row[3]), offer, int(row[1]), row[2]
-        )
-
-    def transfers(self, *, outgoing: bool) -> list[bytes]:
-        """The file ids of the transfers in one direction, oldest first."""
-        rows = self._exec(
-            "SELECT file_id FROM transfers WHERE outgoing = ? ORDER BY updated_ms", (int(outgoing),)
-        ).fetchall()
-        return [bytes(r[0]) for r in rows]
-
-    def delete_transfer(self, file_id: bytes) -> None:
-        self._exec("DELETE FROM transfers WHERE file_id = ?", (file_id,))
-
-
-@dataclass(frozen=True, repr=False)
-class Transfer:
-    """A file being sent or received (``offer`` holds the file key: secret)."""
-
-    file_id: bytes
-    conversation: str  # the peer, or "@group"
-    peer: str  # who sends the chunks (us for an upload)
-    outgoing: bool
-    offer: bytes  # the FileOffer encoding
-    next_chunk: int
-    path: str
-
-    def __repr__(self) -> str:
-        way = "up" if self.outgoing else "down"
-        return f"<Transfer {self.file_id.hex()[:8]} {way} next={self.next_chunk}>"
