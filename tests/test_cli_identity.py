@@ -245,6 +245,25 @@ def test_contacts_pin_bad_key_file(tmp_path: Path, capsys: pytest.CaptureFixture
     assert code == 1 and "public_key" in err
 
 
+def test_contacts_pin_raw_key_starting_with_a_brace(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A raw key whose first byte is ``{`` (1 in 256) is a key, not broken identity JSON."""
+    for _ in range(5000):
+        identity = Identity.generate("dave")
+        if identity.public_key.startswith(b"{"):
+            break
+    else:  # pragma: no cover - (255/256)**5000 < 1e-8
+        raise AssertionError("no key starting with '{' in 5000")
+    raw = tmp_path / "dave.raw"
+    raw.write_bytes(identity.public_key)
+    code, out, err = run(
+        capsys, "--home", str(tmp_path / "alice"), "contacts", "pin", "dave", "--key", str(raw)
+    )
+    assert code == 0, err
+    assert identity.fingerprint in out
+
+
 def test_contacts_corrupt_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "contacts.json").write_text("[]")
     code, _, err = run(capsys, "--home", str(tmp_path), "contacts", "list")

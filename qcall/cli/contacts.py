@@ -158,6 +158,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def read_public_key_file(path: str) -> bytes:
     """Read an ML-DSA public key from ``path`` (identity JSON, raw bytes or base64).
 
@@ -175,7 +183,7 @@ def read_public_key_file(path: str) -> bytes:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
     if len(data) > _MAX_KEY_FILE:
         raise InvalidKeyError(f"{path}: larger than {_MAX_KEY_FILE} bytes")
-    if data.lstrip().startswith(b"{"):
+    if data.lstrip().startswith(b"{") and _is_utf8(data):  # a raw key may start with "{"
         try:
             return identity_from_json(data)[2]
         except (InvalidKeyError, ConfigError) as exc:
