@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from aiortc import MediaStreamTrack
 
 from qcall._aio import AsyncService
+from qcall.call.crypto_worker import SigningWorker
 from qcall.call.session import CallOptions, CallSession, CallState
 from qcall.exceptions import CallError, SignalingError
 from qcall.handshake import ReplayCache
@@ -58,6 +59,8 @@ class Phone(AsyncService):
         prefetch: QKD keys prefetched per peer for the calls we place
             (docs/qkd-keys.md); ``ReservoirConfig(keys_per_peer=0)`` turns it off.
         kem_pool: ML-KEM key pairs made ahead for our offers and rekeys (0: none).
+        crypto_worker: sign our handshake answers in a child process started with the
+            phone (:mod:`qcall.call.crypto_worker`), not in the event loop.
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class Phone(AsyncService):
         previous_key: SigningKey | None = None,
         prefetch: ReservoirConfig | None = None,
         kem_pool: int = 2,
+        crypto_worker: bool = True,
     ) -> None:
         self.name = name
         self.signing_key = signing_key
@@ -96,6 +100,8 @@ class Phone(AsyncService):
             KeyReservoir(key_source, prefetch or ReservoirConfig()) if key_source else None
         )
         self.kem_pool = KEMPool(size=kem_pool)
+        #: Our ML-DSA signer process; None when ``crypto_worker`` is off.
+        self.signer = SigningWorker(signing_key) if crypto_worker else None
         self._incoming: asyncio.Queue[CallSession] = asyncio.Queue()
         self._router: asyncio.Task[None] | None = None
         self._decide: Decide | None = None
@@ -106,6 +112,8 @@ class Phone(AsyncService):
         Raises:
             SignalingError: the server is unreachable or refused the registration.
         """
+        if self.signer is not None:
+            self.signer.launch()  # ready within ≈ 0.2 s; calls before that sign here
         await self.signaling.connect()
         self._router = asyncio.ensure_future(self._route())
         self.kem_pool.fill()
@@ -120,6 +128,8 @@ class Phone(AsyncService):
                 await self._router
         await self.signaling.close()
         self.kem_pool.clear()
+        if self.signer is not None:
+            await self.signer.close()
         if self.reservoir is not None:
             await self.reservoir.close()  # wipes the held keys
         if self.key_source is not None:
@@ -162,6 +172,7 @@ class Phone(AsyncService):
         if role == "caller":  # the keys for the calls we place
             session.qkd.reservoir = self.reservoir
             session.qkd.kem_pool = self.kem_pool
+        session.signer = self.signer
         self.calls[call_id] = session
         session.ended.add_done_callback(lambda _: self.calls.pop(call_id, None))
         return session

@@ -33,6 +33,7 @@ from typing import Any
 
 from aiortc import MediaStreamTrack, RTCDataChannel, RTCPeerConnection
 
+from qcall.call.crypto_worker import SigningWorker
 from qcall.call.netem import Emulation
 from qcall.call.srtp import HybridSRTP, SRTPKeys
 from qcall.call.status import CallOptions, CallState, CallStatus
@@ -152,6 +153,8 @@ class SessionCore:
         self._invite_offer: tuple[str, float] | None = None  # callee: invite payload, when
         self._remote_track: MediaStreamTrack | None = None  # until the peer is verified
         self.emulation: Emulation | None = None
+        #: The phone's ML-DSA signer process (:mod:`qcall.call.crypto_worker`), if any.
+        self.signer: SigningWorker | None = None
         self.otp: OTPMedia | None = None  # one-time-pad media (docs/otp.md)
 
     @property

@@ -44,6 +44,7 @@ from aiortc import (
 )
 from aiortc.rtcconfiguration import RTCIceTransportPolicy
 
+from qcall.call.crypto_worker import send_answer
 from qcall.call.fast_transport import install_fast_transport
 from qcall.call.jitter import apply_jitter_buffer_mode
 from qcall.call.media import UnityGainTrack
@@ -443,8 +444,10 @@ class Negotiation(HandshakePump):
         await asyncio.sleep(0)
         if hs.error is not None:
             raise hs.error
-        with self._computing():
-            hs.send_answer(self.pc.localDescription.sdp, self.clock())
+        # Signed in the phone's crypto worker when it runs (the loop keeps serving
+        # ICE and DTLS meanwhile), else here: qcall.call.crypto_worker.
+        sdp = self.pc.localDescription.sdp
+        await send_answer(hs, sdp, self.clock(), self.signer, self._computing)
         await self._send_answer(b64(b"".join(hs.data_to_send())), in_accept=False)
         for event in needed:  # dec_keys during ICE/DTLS: the key is needed only after DTLS,
             self._spawn(self.qkd.fetch_keys_by_id(event))  # and the answer goes out sooner
