@@ -37,6 +37,7 @@ from typing import Any
 
 from aiortc import (
     MediaStreamTrack,
+    RTCBundlePolicy,
     RTCConfiguration,
     RTCIceServer,
     RTCPeerConnection,
@@ -94,20 +95,25 @@ class Negotiation(HandshakePump):
 
     def _new_pc(self, *, control: bool = True) -> RTCPeerConnection:
         """The call's peer connection (:attr:`pc`): the control channel, handlers, audio."""
-        # Audio and the control channel end up BUNDLEd on one DTLS transport once
-        # the remote description is set; the SRTP hook is installed then. (aiortc
-        # 1.16 with max-bundle and a negotiated data channel never connects.)
+        # Audio and the control channel share one ICE and DTLS transport from the
+        # start (max-bundle): the channel is made after the audio transceiver (here
+        # for the caller, after the offer is applied for the callee: see
+        # _open_control_channel_bundled), so it never gathers candidates of its own
+        # (docs/performance.md, "round 5"). The SRTP hook is installed on that one
+        # DTLS transport once the remote description is set.
         ice = [RTCIceServer(**server) for server in self.options.ice_servers]  # STUN/TURN
         pc = RTCPeerConnection(
-            RTCConfiguration(iceServers=ice, iceTransportPolicy=self._ice_transport_policy())
+            RTCConfiguration(
+                iceServers=ice,
+                iceTransportPolicy=self._ice_transport_policy(),
+                bundlePolicy=RTCBundlePolicy.MAX_BUNDLE if control else RTCBundlePolicy.BALANCED,
+            )
         )
         if self.options.fast_transport:  # before any transport exists
             install_fast_transport(pc)
         if self.options.network is not None:  # user-space netem (latency harness)
             seed = 2 * self.options.network_seed + (self.role == "callee")
             self.emulation = apply_profile(pc, self.options.network, seed)
-        if control:
-            self._open_control_channel(pc)
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
@@ -140,8 +146,22 @@ class Negotiation(HandshakePump):
         elif self.role == "caller":
             pc.addTransceiver("audio", direction="recvonly")
         apply_jitter_buffer_mode(pc, self.options.jitter_buffer)  # docs/jitter-buffer.md
+        if control and self.role == "caller":  # after the audio transceiver: bundled on it
+            self._open_control_channel_bundled(pc)
         self.pc = pc
         return pc
+
+    def _open_control_channel_bundled(self, pc: RTCPeerConnection) -> None:
+        """The control channel on the audio's transport (max-bundle), gathering nothing.
+
+        Only once the peer connection has its audio transceiver: the caller's is
+        made with it, the callee's by its ``setRemoteDescription`` of the offer
+        when it sends no audio. (aiortc 1.16 with max-bundle and a data channel made
+        *before* any transceiver gives the channel a transport of its own, which
+        never connects.)
+        """
+        if self._channel is None and pc.getTransceivers():
+            self._open_control_channel(pc)
 
     def _ice_transport_policy(self) -> RTCIceTransportPolicy:
         """The W3C policy of ``options.ice_policy``; ``relay`` needs a TURN server.
@@ -477,6 +497,7 @@ class Negotiation(HandshakePump):
         pc = self._new_pc()
         await pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
         self._install_hook(pc)  # before any await: DTLS has not started yet
+        self._open_control_channel_bundled(pc)
         await pc.setLocalDescription(await pc.createAnswer())
         if in_accept:
             await self.signaling.accept(self.call_id, SDP_PREFIX + pc.localDescription.sdp)
