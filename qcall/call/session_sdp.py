@@ -460,10 +460,12 @@ class Negotiation(HandshakePump):
         assert self.pc is not None
         self._mark("answer_sdp_ready")
         # ICE checks and DTLS records that came in while we verified: answered before
-        # we sign (≈ 1 ms of ML-DSA that holds the event loop and the GIL).
-        await asyncio.sleep(0)
-        if hs.error is not None:
-            raise hs.error
+        # we sign (≈ 1 ms of ML-DSA that holds the event loop and the GIL) — unless
+        # the crypto worker signs, which should start at once, the loop then free.
+        if self.signer is None or not self.signer.ready:
+            await asyncio.sleep(0)
+            if hs.error is not None:
+                raise hs.error
         # Signed in the phone's crypto worker when it runs (the loop keeps serving
         # ICE and DTLS meanwhile), else here: qcall.call.crypto_worker.
         sdp = self.pc.localDescription.sdp
