@@ -21,8 +21,14 @@ import time
 import pytest
 
 from qcall.call.crypto_worker import SigningWorker, send_answer
+from qcall.call.phone import Phone
 from qcall.call.session import CallOptions
-from qcall.exceptions import BadSignatureError, HandshakeStateError, InvalidKeyError
+from qcall.exceptions import (
+    BadSignatureError,
+    HandshakeStateError,
+    InvalidKeyError,
+    SignalingError,
+)
 from qcall.handshake import AnswerReceived, HandshakeFailed
 from qcall.handshake.protocol import ANSWER_CONTEXT
 from tests.test_call_session import Lab, connect, lab  # noqa: F401  (the lab fixture)
@@ -236,3 +242,13 @@ async def test_the_phone_ends_its_worker(lab: Lab) -> None:  # noqa: F811 (the f
     await bob.close()
     assert not _alive(pid)
     lab.phones.remove(bob)
+
+
+async def test_a_phone_that_cannot_start_ends_its_worker() -> None:
+    """No close() follows a failed start (``async with`` never entered): start ends it."""
+    phone = Phone("ws://127.0.0.1:9", BOB, "bob", check_peer=lambda *_: None, key_source=None)
+    with pytest.raises(SignalingError):
+        await phone.start()
+    assert phone.signer is not None and phone.signer.failed == "the crypto worker was closed"
+    pid = phone.signer.pid
+    assert pid is None or not _alive(pid)

@@ -51,6 +51,8 @@ __all__ = ["SIGN_TIMEOUT", "SigningWorker", "send_answer"]
 
 logger = logging.getLogger(__name__)
 
+#: Seconds a closed worker may take to exit before it is killed.
+CLOSE_GRACE = 0.5
 #: Seconds a signature may take in the worker before it counts as failed (a signature
 #: takes milliseconds; this only catches a stuck or starved process).
 SIGN_TIMEOUT = 2.0
@@ -74,6 +76,7 @@ class SigningWorker:
         self.failed: str | None = None
         #: Signatures the worker made.
         self.signed = 0
+        self._settled = asyncio.Event()  # ready, or failed
 
     def __repr__(self) -> str:
         state = "ready" if self.ready else (self.failed or "starting")
@@ -95,16 +98,15 @@ class SigningWorker:
             self._starting = asyncio.ensure_future(self._start())
 
     async def wait_ready(self, timeout: float = 10.0) -> bool:
-        """Wait until the worker is ready or failed; return :attr:`ready`."""
+        """Wait (at most ``timeout`` s) until the worker is ready or failed; :attr:`ready`."""
         self.launch()
-        deadline = asyncio.get_running_loop().time() + timeout
-        while not self.ready and self.failed is None:
-            if asyncio.get_running_loop().time() > deadline:
-                return False
-            await asyncio.sleep(0.01)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._settled.wait(), timeout)
         return self.ready
 
     async def _start(self) -> None:
+        if self.failed is not None:  # closed before it got to start
+            return
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *module_argv("qcall.call.crypto_child"),
@@ -138,6 +140,7 @@ class SigningWorker:
             if payload != self._key.public_bytes():
                 raise ValueError("the worker holds another key")
             self._ready = True
+            self._settled.set()
             logger.debug("= crypto worker %s ready", self._proc.pid if self._proc else "?")
         elif kind == b"e" and not self._ready:  # it could not load the key
             name = payload.decode("ascii", "replace")[:64]
@@ -183,6 +186,7 @@ class SigningWorker:
         if self.failed is None:
             self.failed = why
             logger.warning("! %s", why)
+        self._settled.set()
         while self._waiting:
             future = self._waiting.popleft()
             if not future.done():
@@ -193,19 +197,24 @@ class SigningWorker:
                 self._proc.kill()
 
     async def close(self) -> None:
-        """End the worker (idempotent): close its input, kill it if it lingers."""
+        """End the worker (idempotent): close its input and wait; kill it if it lingers.
+
+        A worker still starting (importing its backend) is killed at once: it holds
+        nothing worth waiting for.
+        """
         closed = self.failed or "the crypto worker was closed"
-        self.failed = closed
-        if self._starting is not None and not self._starting.done():
-            self._starting.cancel()
+        was_ready, self.failed = self.ready, closed
+        if self._starting is not None:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._starting
+                await self._starting  # a spawn is not cancelled half-way (no orphan)
         proc = self._proc
         if proc is not None and proc.returncode is None:
             if proc.stdin is not None:
-                proc.stdin.close()
+                proc.stdin.close()  # its end of input: it exits
             try:
-                await asyncio.wait_for(proc.wait(), 1.0)
+                if not was_ready:
+                    raise TimeoutError
+                await asyncio.wait_for(proc.wait(), CLOSE_GRACE)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()

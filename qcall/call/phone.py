@@ -35,6 +35,9 @@ __all__ = ["Phone"]
 
 logger = logging.getLogger(__name__)
 
+#: Seconds :meth:`Phone.start` waits for its crypto worker to be ready.
+WORKER_START_WAIT = 2.0
+
 #: ``decide(invite) -> bool``: pick up (True) or reject (False).
 Decide = Callable[[Invite], Awaitable[bool]]
 
@@ -113,10 +116,20 @@ class Phone(AsyncService):
             SignalingError: the server is unreachable or refused the registration.
         """
         if self.signer is not None:
-            self.signer.launch()  # ready within ≈ 0.2 s; calls before that sign here
-        await self.signaling.connect()
+            self.signer.launch()  # starts while we connect
+        try:
+            await self.signaling.connect()
+        except BaseException:
+            if self.signer is not None:  # no close() follows a failed start
+                await self.signer.close()
+            raise
         self._router = asyncio.ensure_future(self._route())
         self.kem_pool.fill()
+        if self.signer is not None:
+            # Ready in ≈ 0.1–0.3 s (a Python process importing its backend): its start
+            # should not compete with a first call for the CPU. Not ready in time (or
+            # failed, logged): answers are signed in the event loop until it is.
+            await self.signer.wait_ready(WORKER_START_WAIT)
 
     async def close(self) -> None:
         """Hang up every call and disconnect."""
