@@ -98,6 +98,7 @@ class Lab:
         check_peer: Callable[[str, bytes], None] | None = None,
         watch: list[str] | None = None,
         prefetch: ReservoirConfig | None = None,
+        crypto_worker: bool = True,
     ) -> Phone:
         identity = self.identities.setdefault(name, Identity.generate(name))
         recorder = WavRecorder(self.tmp / f"{name}.wav") if record else None
@@ -122,6 +123,7 @@ class Lab:
             on_track=on_track,
             watch=watch,
             prefetch=prefetch,
+            crypto_worker=crypto_worker,
         )
         await phone.start()
         self.phones.append(phone)
@@ -659,7 +661,10 @@ async def test_initial_confirm_rides_signaling_and_falls_back_to_the_channel(lab
     # Epoch 0: CONFIRM goes through signaling (the SCTP association is not up yet).
     relayed: dict[str, list[str]] = {"alice": [], "bob": []}
     alice = await lab.phone("alice", tone=440)
-    bob = await lab.phone("bob", record=True)
+    # bob signs in his event loop: with his crypto worker (both phones in this one
+    # process) his answer reaches alice after her control channel opened, and her
+    # CONFIRM then takes the channel at once: the fallback below would not be tried.
+    bob = await lab.phone("bob", record=True, crypto_worker=False)
     original = bob.signaling.send_ice
 
     async def bob_send_ice(call_id: str, payload: str) -> None:
