@@ -208,8 +208,8 @@ async def test_a_call_signs_the_answer_in_the_worker_and_bundles_the_control_cha
     lab: Lab,  # noqa: F811 (the fixture)
 ) -> None:
     options = CallOptions(rekey_interval=0.3)
-    alice = await lab.phone("alice", tone=440, options=options)
-    bob = await lab.phone("bob", record=True, options=options)
+    alice = await lab.phone("alice", tone=440, options=options, crypto_worker=True)
+    bob = await lab.phone("bob", record=True, options=options, crypto_worker=True)
     assert bob.signer is not None and await bob.signer.wait_ready(10 * T), bob.signer
     caller, callee = await connect(alice, bob)
     assert bob.signer.signed == 1  # bob's answer; alice answered nothing
@@ -235,7 +235,7 @@ async def test_a_call_signs_the_answer_in_the_worker_and_bundles_the_control_cha
 
 @pytest.mark.slow
 async def test_the_phone_ends_its_worker(lab: Lab) -> None:  # noqa: F811 (the fixture)
-    bob = await lab.phone("bob")
+    bob = await lab.phone("bob", crypto_worker=True)
     assert bob.signer is not None and await bob.signer.wait_ready(10 * T)
     pid = bob.signer.pid
     assert pid is not None and _alive(pid)
@@ -246,9 +246,25 @@ async def test_the_phone_ends_its_worker(lab: Lab) -> None:  # noqa: F811 (the f
 
 async def test_a_phone_that_cannot_start_ends_its_worker() -> None:
     """No close() follows a failed start (``async with`` never entered): start ends it."""
-    phone = Phone("ws://127.0.0.1:9", BOB, "bob", check_peer=lambda *_: None, key_source=None)
+    phone = Phone(
+        "ws://127.0.0.1:9", BOB, "bob", check_peer=lambda *_: None, key_source=None,
+        crypto_worker=True,
+    )  # fmt: skip
     with pytest.raises(SignalingError):
         await phone.start()
     assert phone.signer is not None and phone.signer.failed == "the crypto worker was closed"
     pid = phone.signer.pid
     assert pid is None or not _alive(pid)
+
+
+@pytest.mark.slow
+async def test_without_the_worker_the_answer_is_signed_in_the_loop(
+    lab: Lab,  # noqa: F811 (the fixture)
+) -> None:
+    """The default (docs/performance.md, round 5): no worker process, calls as before."""
+    alice = await lab.phone("alice", tone=440)
+    bob = await lab.phone("bob")
+    assert alice.signer is None and bob.signer is None
+    caller, callee = await connect(alice, bob)
+    assert callee.status.sas == caller.status.sas is not None
+    await caller.hangup()

@@ -63,7 +63,9 @@ class Phone(AsyncService):
             (docs/qkd-keys.md); ``ReservoirConfig(keys_per_peer=0)`` turns it off.
         kem_pool: ML-KEM key pairs made ahead for our offers and rekeys (0: none).
         crypto_worker: sign our handshake answers in a child process started with the
-            phone (:mod:`qcall.call.crypto_worker`), not in the event loop.
+            phone (:mod:`qcall.call.crypto_worker`), not in the event loop. Off by
+            default: on the loaded 2-core test machine it made set-up slower
+            (docs/performance.md, "round 5 (loopback)").
     """
 
     def __init__(
@@ -83,7 +85,7 @@ class Phone(AsyncService):
         previous_key: SigningKey | None = None,
         prefetch: ReservoirConfig | None = None,
         kem_pool: int = 2,
-        crypto_worker: bool = True,
+        crypto_worker: bool = False,
     ) -> None:
         self.name = name
         self.signing_key = signing_key
