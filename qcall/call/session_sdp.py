@@ -99,8 +99,8 @@ class Negotiation(HandshakePump):
         # start (max-bundle): the channel is made after the audio transceiver (here
         # for the caller, after the offer is applied for the callee: see
         # _open_control_channel_bundled), so it never gathers candidates of its own
-        # (docs/performance.md, "round 5"). The SRTP hook is installed on that one
-        # DTLS transport once the remote description is set.
+        # (docs/performance.md, "round 5 (loopback)"). The SRTP hook is installed on the
+        # one DTLS transport once the remote description is set.
         ice = [RTCIceServer(**server) for server in self.options.ice_servers]  # STUN/TURN
         pc = RTCPeerConnection(
             RTCConfiguration(
