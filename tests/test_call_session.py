@@ -98,6 +98,7 @@ class Lab:
         check_peer: Callable[[str, bytes], None] | None = None,
         watch: list[str] | None = None,
         prefetch: ReservoirConfig | None = None,
+        crypto_worker: bool = False,
     ) -> Phone:
         identity = self.identities.setdefault(name, Identity.generate(name))
         recorder = WavRecorder(self.tmp / f"{name}.wav") if record else None
@@ -122,6 +123,7 @@ class Lab:
             on_track=on_track,
             watch=watch,
             prefetch=prefetch,
+            crypto_worker=crypto_worker,
         )
         await phone.start()
         self.phones.append(phone)
@@ -659,6 +661,9 @@ async def test_initial_confirm_rides_signaling_and_falls_back_to_the_channel(lab
     # Epoch 0: CONFIRM goes through signaling (the SCTP association is not up yet).
     relayed: dict[str, list[str]] = {"alice": [], "bob": []}
     alice = await lab.phone("alice", tone=440)
+    # (bob signs in his event loop, the default: with a crypto worker, both phones in
+    # this one process, his answer reaches alice after her control channel opened and
+    # her CONFIRM takes the channel at once, so the fallback below is not tried.)
     bob = await lab.phone("bob", record=True)
     original = bob.signaling.send_ice
 

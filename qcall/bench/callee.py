@@ -87,6 +87,9 @@ async def _serve(reader: asyncio.StreamReader) -> None:
         check_peer=ContactStore.in_home(home).check_peer,
         key_source=source,
         on_track=on_track,
+        # QCALL_BENCH_CRYPTO_WORKER=1: bob signs his answers in a crypto worker
+        # process, to measure what it changes (docs/performance.md, round 5).
+        crypto_worker=os.environ.get("QCALL_BENCH_CRYPTO_WORKER", "0") == "1",
     )
     await phone.start()
     _say({"ready": True})
@@ -153,7 +156,8 @@ def main() -> None:
 
     With ``QCALL_BENCH_PROFILE=PATH`` in the environment, the worker runs under
     cProfile (CPU time, ``time.process_time``) and writes its stats to ``PATH``
-    (docs/performance.md, "CPU per call").
+    (docs/performance.md, "CPU per call"). ``QCALL_BENCH_CRYPTO_WORKER=1``: the
+    phone signs its answers in a crypto worker process (:mod:`qcall.call.crypto_worker`).
     """
     path = os.environ.get("QCALL_BENCH_PROFILE")
     if not path:

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from aiortc import MediaStreamTrack
 
 from qcall._aio import AsyncService
+from qcall.call.crypto_worker import SigningWorker
 from qcall.call.prepared import PreparedConnections, PrepareSpec
 from qcall.call.session import CallOptions, CallSession, CallState
 from qcall.exceptions import CallError, SignalingError
@@ -34,6 +35,9 @@ from qcall.signaling.messages import CallMessage, ErrorMessage, Invite
 __all__ = ["Phone"]
 
 logger = logging.getLogger(__name__)
+
+#: Seconds :meth:`Phone.start` waits for its crypto worker to be ready.
+WORKER_START_WAIT = 2.0
 
 #: ``decide(invite) -> bool``: pick up (True) or reject (False).
 Decide = Callable[[Invite], Awaitable[bool]]
@@ -61,6 +65,10 @@ class Phone(AsyncService):
         kem_pool: ML-KEM key pairs made ahead for our offers and rekeys (0: none).
         prepare: keep a peer connection made ahead to place and one to answer the
             next call (:mod:`qcall.call.prepared`; each used for one call only).
+        crypto_worker: sign our handshake answers in a child process started with the
+            phone (:mod:`qcall.call.crypto_worker`), not in the event loop. Off by
+            default: on the loaded 2-core test machine it made set-up slower
+            (docs/performance.md, "round 5 (loopback)").
     """
 
     def __init__(
@@ -81,6 +89,7 @@ class Phone(AsyncService):
         prefetch: ReservoirConfig | None = None,
         kem_pool: int = 2,
         prepare: bool = True,
+        crypto_worker: bool = False,
     ) -> None:
         self.name = name
         self.signing_key = signing_key
@@ -103,6 +112,8 @@ class Phone(AsyncService):
         #: Peer connections made ahead, one per role (None: each call makes its own).
         self.prepared = PreparedConnections() if prepare else None
         self._sends_audio = True  # learnt from the last call: its source, or none
+        #: Our ML-DSA signer process; None when ``crypto_worker`` is off.
+        self.signer = SigningWorker(signing_key) if crypto_worker else None
         self._incoming: asyncio.Queue[CallSession] = asyncio.Queue()
         self._router: asyncio.Task[None] | None = None
         self._decide: Decide | None = None
@@ -113,10 +124,22 @@ class Phone(AsyncService):
         Raises:
             SignalingError: the server is unreachable or refused the registration.
         """
-        await self.signaling.connect()
+        if self.signer is not None:
+            self.signer.launch()  # starts while we connect
+        try:
+            await self.signaling.connect()
+        except BaseException:
+            if self.signer is not None:  # no close() follows a failed start
+                await self.signer.close()
+            raise
         self._router = asyncio.ensure_future(self._route())
         self.kem_pool.fill()
         self._keep_prepared()
+        if self.signer is not None:
+            # Ready in ≈ 0.1–0.3 s (a Python process importing its backend): its start
+            # should not compete with a first call for the CPU. Not ready in time (or
+            # failed, logged): answers are signed in the event loop until it is.
+            await self.signer.wait_ready(WORKER_START_WAIT)
 
     async def close(self) -> None:
         """Hang up every call and disconnect."""
@@ -130,6 +153,8 @@ class Phone(AsyncService):
         self.kem_pool.clear()
         if self.prepared is not None:
             await self.prepared.close()
+        if self.signer is not None:
+            await self.signer.close()
         if self.reservoir is not None:
             await self.reservoir.close()  # wipes the held keys
         if self.key_source is not None:
@@ -174,6 +199,7 @@ class Phone(AsyncService):
             session.qkd.kem_pool = self.kem_pool
         session.prepared = self.prepared
         self._sends_audio = session.source is not None
+        session.signer = self.signer
         self.calls[call_id] = session
 
         def ended(_: object) -> None:

@@ -15,9 +15,13 @@ without the control channel):
   channel, the audio transceiver (sending, or receive-only without a source)
   and ``setLocalDescription(offer)``. The call adopts it and its offer rides
   the invite at once;
-* **to answer a call** (``callee``): the certificate, the control channel, the
-  audio transceiver and the ICE candidates of its transports, gathered; the
-  caller's SDP is applied and the answer made when a call is answered.
+* **to answer a call** (``callee``): the certificate, the audio transceiver and
+  the ICE candidates of its transport, gathered; the caller's SDP is applied,
+  the control channel made and the answer made when a call is answered.
+
+Both are ``max-bundle`` when they carry the control channel, which is made after
+the audio transceiver (:func:`bundle_policy`): the channel rides the audio's ICE
+and DTLS transport and gathers nothing of its own.
 
 What a prepared connection holds, and the rules (docs/threat-model.md,
 "Prepared peer connections"): a fresh DTLS key pair and self-signed
@@ -48,6 +52,7 @@ import time
 from dataclasses import dataclass
 
 from aiortc import (
+    RTCBundlePolicy,
     RTCConfiguration,
     RTCDataChannel,
     RTCIceServer,
@@ -69,6 +74,7 @@ __all__ = [
     "PrepareSpec",
     "PreparedConnection",
     "PreparedConnections",
+    "bundle_policy",
     "prepare",
 ]
 
@@ -85,6 +91,16 @@ PREPARED_MAX_AGE = 60.0
 PREPARED_MAX_REFRESHES = 10
 #: Seconds a call waits for the connection being made for it (≈ 2.5 ms of CPU).
 PREPARE_WAIT = 0.05
+
+
+def bundle_policy(control: bool) -> RTCBundlePolicy:
+    """``max-bundle`` for a call with the control channel (made after the audio
+    transceiver, it then shares the audio's transport); else aiortc's default.
+
+    aiortc 1.16 gives a data channel made *before* any transceiver a transport of
+    its own under max-bundle, which never connects: the order matters.
+    """
+    return RTCBundlePolicy.MAX_BUNDLE if control else RTCBundlePolicy.BALANCED
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +143,9 @@ class PrepareSpec:
         ice = [RTCIceServer(**server) for server in options.ice_servers]
         relay = self.ice_policy == "relay"
         policy = RTCIceTransportPolicy.RELAY if relay else RTCIceTransportPolicy.ALL
-        return RTCConfiguration(iceServers=ice, iceTransportPolicy=policy)
+        return RTCConfiguration(
+            iceServers=ice, iceTransportPolicy=policy, bundlePolicy=bundle_policy(self.control)
+        )
 
 
 @dataclass(slots=True)
@@ -159,16 +177,16 @@ async def prepare(spec: PrepareSpec, options: CallOptions) -> PreparedConnection
     try:
         if spec.fast_transport:  # before any transport exists
             install_fast_transport(pc)
-        channel = None
-        if spec.control:
-            channel = pc.createDataChannel(
-                CONTROL_CHANNEL_LABEL, negotiated=True, id=CONTROL_CHANNEL_ID, ordered=True
-            )
         audio: RTCRtpTransceiver | None = None
         if spec.send_audio:
             audio = pc.addTransceiver("audio", direction="sendrecv")  # its track: on adoption
         elif spec.role == "caller":
             audio = pc.addTransceiver("audio", direction="recvonly")
+        channel = None
+        if spec.control and spec.role == "caller":  # after the audio: bundled on it
+            channel = pc.createDataChannel(
+                CONTROL_CHANNEL_LABEL, negotiated=True, id=CONTROL_CHANNEL_ID, ordered=True
+            )
         if spec.role == "caller":
             await pc.setLocalDescription(await pc.createOffer())
         else:

@@ -34,6 +34,7 @@ from typing import Any
 from aiortc import MediaStreamTrack, RTCDataChannel, RTCPeerConnection
 
 from qcall.call.aiortc_compat import close_peer_connection
+from qcall.call.crypto_worker import SigningWorker
 from qcall.call.netem import Emulation
 from qcall.call.prepared import PreparedConnections
 from qcall.call.srtp import HybridSRTP, SRTPKeys
@@ -154,6 +155,8 @@ class SessionCore:
         self._invite_offer: tuple[str, float] | None = None  # callee: invite payload, when
         self._remote_track: MediaStreamTrack | None = None  # until the peer is verified
         self.emulation: Emulation | None = None
+        #: The phone's ML-DSA signer process (:mod:`qcall.call.crypto_worker`), if any.
+        self.signer: SigningWorker | None = None
         self.otp: OTPMedia | None = None  # one-time-pad media (docs/otp.md)
         #: The phone's prepared peer connections (:mod:`qcall.call.prepared`), or None.
         self.prepared: PreparedConnections | None = None

@@ -45,12 +45,13 @@ from aiortc import (
 from aiortc.rtcconfiguration import RTCIceTransportPolicy
 
 from qcall.call.aiortc_compat import close_peer_connection
+from qcall.call.crypto_worker import send_answer
 from qcall.call.fast_transport import install_fast_transport
 from qcall.call.jitter import apply_jitter_buffer_mode
 from qcall.call.media import UnityGainTrack
 from qcall.call.netem import apply_profile
 from qcall.call.opus import install_opus_encoder
-from qcall.call.prepared import PreparedConnection, PrepareSpec
+from qcall.call.prepared import PreparedConnection, PrepareSpec, bundle_policy
 from qcall.call.session_core import b64, unb64
 from qcall.call.session_pump import HandshakePump
 from qcall.call.status import CallState, IcePath
@@ -95,9 +96,12 @@ class Negotiation(HandshakePump):
 
     async def _new_pc(self, *, control: bool = True) -> RTCPeerConnection:
         """The call's peer connection (:attr:`pc`): the control channel, handlers, audio."""
-        # Audio and the control channel end up BUNDLEd on one DTLS transport once
-        # the remote description is set; the SRTP hook is installed then. (aiortc
-        # 1.16 with max-bundle and a negotiated data channel never connects.)
+        # Audio and the control channel share one ICE and DTLS transport from the
+        # start (max-bundle): the channel is made after the audio transceiver (here
+        # for the caller, after the offer is applied for the callee: see
+        # _open_control_channel_bundled), so it never gathers candidates of its own
+        # (docs/performance.md, "round 5 (loopback)"). The SRTP hook is installed on the
+        # one DTLS transport once the remote description is set.
         policy = self._ice_transport_policy()  # refuses relay without TURN
         prepared = await self._take_prepared(control)
         if self._ended.done():  # hung up while it waited for the connection being made
@@ -108,7 +112,10 @@ class Negotiation(HandshakePump):
             pc = prepared.pc
         else:
             ice = [RTCIceServer(**server) for server in self.options.ice_servers]  # STUN/TURN
-            pc = RTCPeerConnection(RTCConfiguration(iceServers=ice, iceTransportPolicy=policy))
+            config = RTCConfiguration(
+                iceServers=ice, iceTransportPolicy=policy, bundlePolicy=bundle_policy(control)
+            )
+            pc = RTCPeerConnection(config)
             if self.options.fast_transport:  # before any transport exists
                 install_fast_transport(pc)
         if self.options.network is not None:  # user-space netem (latency harness)
@@ -116,8 +123,6 @@ class Negotiation(HandshakePump):
             self.emulation = apply_profile(pc, self.options.network, seed)
         if prepared is not None and prepared.channel is not None:
             self._attach_channel(prepared.channel)
-        elif control and prepared is None:
-            self._open_control_channel(pc)
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
@@ -154,6 +159,8 @@ class Negotiation(HandshakePump):
         elif self.role == "caller" and prepared is None:
             pc.addTransceiver("audio", direction="recvonly")
         apply_jitter_buffer_mode(pc, self.options.jitter_buffer)  # docs/jitter-buffer.md
+        if control and self.role == "caller":  # after the audio transceiver: bundled on it
+            self._open_control_channel_bundled(pc)
         self.pc = pc
         return pc
 
@@ -170,6 +177,18 @@ class Negotiation(HandshakePump):
                 (time.monotonic() - prepared.made_at) * 1000, 1
             )
         return prepared
+
+    def _open_control_channel_bundled(self, pc: RTCPeerConnection) -> None:
+        """The control channel on the audio's transport (max-bundle), gathering nothing.
+
+        Only once the peer connection has its audio transceiver: the caller's is
+        made with it, the callee's by its ``setRemoteDescription`` of the offer
+        when it sends no audio. (aiortc 1.16 with max-bundle and a data channel made
+        *before* any transceiver gives the channel a transport of its own, which
+        never connects.)
+        """
+        if self._channel is None and pc.getTransceivers():
+            self._open_control_channel(pc)
 
     def _ice_transport_policy(self) -> RTCIceTransportPolicy:
         """The W3C policy of ``options.ice_policy``; ``relay`` needs a TURN server.
@@ -485,12 +504,16 @@ class Negotiation(HandshakePump):
         assert self.pc is not None
         self._mark("answer_sdp_ready")
         # ICE checks and DTLS records that came in while we verified: answered before
-        # we sign (≈ 1 ms of ML-DSA that holds the event loop and the GIL).
-        await asyncio.sleep(0)
-        if hs.error is not None:
-            raise hs.error
-        with self._computing():
-            hs.send_answer(self.pc.localDescription.sdp, self.clock())
+        # we sign (≈ 1 ms of ML-DSA that holds the event loop and the GIL) — unless
+        # the crypto worker signs, which should start at once, the loop then free.
+        if self.signer is None or not self.signer.ready:
+            await asyncio.sleep(0)
+            if hs.error is not None:
+                raise hs.error
+        # Signed in the phone's crypto worker when it runs (the loop keeps serving
+        # ICE and DTLS meanwhile), else here: qcall.call.crypto_worker.
+        sdp = self.pc.localDescription.sdp
+        await send_answer(hs, sdp, self.clock(), self.signer, self._computing)
         await self._send_answer(b64(b"".join(hs.data_to_send())), in_accept=False)
         for event in needed:  # dec_keys during ICE/DTLS: the key is needed only after DTLS,
             self._spawn(self.qkd.fetch_keys_by_id(event))  # and the answer goes out sooner
@@ -520,6 +543,7 @@ class Negotiation(HandshakePump):
         pc = await self._new_pc()
         await pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
         self._install_hook(pc)  # before any await: DTLS has not started yet
+        self._open_control_channel_bundled(pc)
         await pc.setLocalDescription(await pc.createAnswer())
         if in_accept:
             await self.signaling.accept(self.call_id, SDP_PREFIX + pc.localDescription.sdp)

@@ -88,14 +88,34 @@ class CalleeHandshake(HandshakeProtocol):
         self.expected_peer = expected_peer
         self._offer: Offer | None = None
         self._kem_ct = b""
+        #: The answer :meth:`prepare_answer` built, and its signed part, until signed.
+        self._prepared_answer: tuple[Answer, bytes] | None = None
 
     def send_answer(self, sdp: str, now: float) -> None:
         """Build, sign and queue the ANSWER (``docs/handshake.md`` §3.3).
+
+        The same as :meth:`prepare_answer` then :meth:`send_signed_answer` with our
+        own signature over what it returned.
 
         Raises:
             HandshakeStateError: no accepted offer is waiting for an answer.
 
         After calling this method: call :meth:`data_to_send` and :meth:`events_received`.
+        """
+        digest = self.prepare_answer(sdp, now)
+        self.send_signed_answer(self.identity.sign(digest, ANSWER_CONTEXT))
+
+    def prepare_answer(self, sdp: str, now: float) -> bytes:
+        """Build the ANSWER unsigned; return the bytes its signature must cover.
+
+        For a signer outside this object (the phone's crypto worker,
+        :mod:`qcall.call.crypto_worker`): it signs the returned transcript hash
+        with this side's identity key and context ``ANSWER_CONTEXT``, and
+        :meth:`send_signed_answer` completes the answer. Nothing is queued until
+        then; calling this again replaces the prepared answer (new nonce).
+
+        Raises:
+            HandshakeStateError: no accepted offer is waiting for an answer.
         """
         if self.state is not State.CALLEE_EXPECT_ANSWER_SDP:
             raise HandshakeStateError(f"send_answer() not valid in state {self.state.name}")
@@ -114,7 +134,31 @@ class CalleeHandshake(HandshakeProtocol):
             sdp=sdp,
             signature=b"",
         )
-        self._answer_bytes = self._sign(answer, ANSWER_CONTEXT, self._offer_transcript)
+        body = answer.signed_part()
+        self._prepared_answer = (answer, body)
+        return self._offer_transcript.hash_with(body)
+
+    def send_signed_answer(self, signature: bytes) -> None:
+        """Queue the answer :meth:`prepare_answer` built, with ``signature`` over its hash.
+
+        Raises:
+            HandshakeStateError: no answer is prepared (or it was sent already).
+            InvalidKeyError: ``signature`` is not the length of this side's
+                signature scheme.
+
+        After calling this method: call :meth:`data_to_send` and :meth:`events_received`.
+        """
+        prepared, self._prepared_answer = self._prepared_answer, None
+        if prepared is None or self.state is not State.CALLEE_EXPECT_ANSWER_SDP:
+            raise HandshakeStateError("send_signed_answer() without a prepared answer")
+        answer, body = prepared
+        assert self.profile is not None
+        expected = self.identity.algorithm.sizes.signature
+        if len(signature) != expected:
+            raise InvalidKeyError(
+                f"an answer signature must be {expected} bytes, got {len(signature)}"
+            )
+        self._answer_bytes = answer.with_signature(body, bytes(signature))
         self._transcript = self._offer_transcript.hash_with(self._answer_bytes)
         self._send(self._answer_bytes, f"ANSWER {self.policy} {self.profile.value}")
         self.state = State.EXPECT_KEY_MATERIAL
