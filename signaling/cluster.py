@@ -40,7 +40,9 @@ docs/signaling.md, "Several instances", is the specification; in short:
 
 Messages on ``qcall:to:ID`` are one JSON header line, ``\n``, then a raw body
 (a forwarded frame or a ``mail`` push, never escaped into JSON):
-``{"from", "fp", "inst"[, "epoch", "seq"]}`` + frame, ``{"kick", "inst"}``, ``{"mail"}`` + push,
+``{"from", "fp", "inst"[, "epoch", "seq"]}`` + frame, ``{"relay", "fp", "inst", "epoch",
+"call", "type", "seq"}`` + relayed message (the relay fast path: a link's frame
+resent), ``{"kick", "inst"}``, ``{"mail"}`` + push,
 ``{"mail", "id"}`` (the receiving instance reads envelope ``id`` from the store).
 """
 

@@ -18,9 +18,12 @@ Frame on the link: ``kind (u8) | length (u32, big endian) | body``::
       ERROR   UTF-8 reason (either side, then close)
 
 ``T`` (:func:`transcript`) binds both instance ids, both nonces, both epochs
-and ``acked``. ``message`` is exactly what the Redis path publishes: a JSON
-header line ``{"from", "fp", "inst", "epoch", "seq"}``, ``\\n``, the client's
-frame. Every frame one instance sends another — over the link or over Redis —
+and ``acked`` (and ``relay`` when both offered relay frames). ``message`` is
+exactly what the Redis path publishes: a JSON header line ``{"from", "fp",
+"inst", "epoch", "seq"}``, ``\\n``, the client's frame; or, on a link that agreed
+on ``relay``, a relay frame: ``{"relay", "fp", "inst", "epoch", "call", "type",
+"seq"}``, ``\\n``, the relayed message as its recipient gets it (docs/signaling.md,
+"Relay fast path"). Every frame one instance sends another — over the link or over Redis —
 takes the next number of one sequence (:class:`LinkSender`), so the receiver
 (:class:`LinkReceiver`) delivers each number once and in order whichever way it
 came, and the sender switches between the two paths without loss (it resends
