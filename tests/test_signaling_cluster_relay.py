@@ -23,7 +23,8 @@ from qcall.signaling.client import SignalingClient
 from qcall.signaling.protocol import RELAYED_HEADROOM, ConnectionId, ServerConfig
 from qcall.typing import PeerId
 from signaling.cluster import Cluster
-from signaling.cluster_link import NONCE_LEN, Hello, Welcome, link_macs, transcript
+from signaling.cluster_link import NONCE_LEN, Hello, LinkKind, Welcome, link_macs, transcript
+from signaling.cluster_links import Links, _Outbound
 from signaling.local_services import LocalRedis
 from signaling.server import SignalingServer, _Outbox
 from tests.test_signaling_cluster import next_of, place_call, url
@@ -249,3 +250,20 @@ async def test_relay_frames_respect_the_recipient_outbox_limits():
     assert ConnectionId(1) not in server._outboxes and slow.closed == (1008, "too slow")
     assert server._outboxes[ConnectionId(2)].queue.qsize() == 1 and other.closed is None
     server.queue_text(ConnectionId(1), frame)  # gone: nothing queued, no error
+
+
+async def _nowhere(inst: str) -> str | None:
+    return None
+
+
+def test_a_welcome_may_not_add_relay_frames_the_hello_did_not_offer():
+    links = Links(
+        "A", b"s" * 32, deliver=lambda *_: None, resolve=_nowhere,
+        republish=lambda *_: None, epoch=1, relay=False,
+    )  # fmt: skip
+    link = _Outbound(links, "B")
+    assert not link._hello.relay and "relay" not in json.loads(link._hello.body())
+    welcome = Welcome(b"w" * NONCE_LEN, 2, 0, b"m" * 32, relay=True)
+    with pytest.raises(ClusterLinkError, match=r"welcome\.relay: not offered"):
+        link.handle(LinkKind.WELCOME, welcome.body())
+    assert not link.up and not link.relay
