@@ -40,7 +40,9 @@ docs/signaling.md, "Several instances", is the specification; in short:
 
 Messages on ``qcall:to:ID`` are one JSON header line, ``\n``, then a raw body
 (a forwarded frame or a ``mail`` push, never escaped into JSON):
-``{"from", "fp", "inst"[, "epoch", "seq"]}`` + frame, ``{"kick", "inst"}``, ``{"mail"}`` + push,
+``{"from", "fp", "inst"[, "epoch", "seq"]}`` + frame, ``{"relay", "fp", "inst", "epoch",
+"call", "type", "seq"}`` + relayed message (the relay fast path: a link's frame
+resent), ``{"kick", "inst"}``, ``{"mail"}`` + push,
 ``{"mail", "id"}`` (the receiving instance reads envelope ``id`` from the store).
 """
 
@@ -62,8 +64,9 @@ from redis.exceptions import RedisError
 
 from qcall.exceptions import ClusterError, MessageStoreError
 from qcall.signaling.mailbox import MailEnvelope, MailPush, MailWaiting
-from qcall.signaling.messages import ErrorMessage, OnlinePeer, Registered
-from qcall.signaling.protocol import CloseConnection, ConnectionId, Output
+from qcall.signaling.messages import CallMessage, ErrorMessage, OnlinePeer, Registered
+from qcall.signaling.protocol import CALL_RULES, CloseConnection, ConnectionId, Output
+from qcall.signaling.state import RELAY
 from qcall.typing import PeerId
 from signaling.cluster_links import Links
 
@@ -179,7 +182,9 @@ class Cluster:
         self._mail_wake = asyncio.Event()
         self._server: SignalingServer | None = None
         self._local: dict[PeerId, str] = {}  # names registered here -> fingerprint
-        self._headers: dict[PeerId, tuple[str, bytes]] = {}  # see _link_header
+        self._headers: dict[tuple[PeerId, bool], tuple[str, bytes]] = {}  # see _link_header
+        #: Relay frames delivered here by the fast path (tests, figures).
+        self.relayed = 0
         self._standins: dict[PeerId, tuple[ConnectionId, str]] = {}  # -> (cid, instance)
         self._remote_online: dict[PeerId, tuple[str, str]] = {}  # -> (fingerprint, instance)
         self._tasks: list[asyncio.Task[None]] = []
@@ -284,18 +289,30 @@ class Cluster:
         if name is None or server.protocol.is_remote(cid):
             return out
         kept: list[Output] = []
-        instances: set[str] = set()
+        instances: dict[str, CallMessage | None] = {}  # instance -> its one relay message
         for target, msg in out:
             standin = self._instance_of(target)
             if standin is None:
                 kept.append((target, msg))
             elif not isinstance(msg, CloseConnection):
-                instances.add(standin)
+                relayed: CallMessage | None = None
+                rule = CALL_RULES.get(msg.TYPE)
+                if isinstance(msg, CallMessage) and rule is not None and rule[2] == RELAY:
+                    relayed = msg if standin not in instances else None
+                instances[standin] = relayed
         frame = text.encode() if isinstance(text, str) else text
         for inst in sorted(instances):
             if self.links is not None:  # numbered; the link if it can, else Redis in order
                 seq = self.links.next_seq(inst)
-                message = b'%s, "seq": %d}\n%s' % (self._link_header(name), seq, frame)
+                one = instances[inst]
+                if one is not None and self.links.relays(inst):  # the relay fast path
+                    head = self._link_header(name, relay=True)
+                    message = b'%s, "call": "%s", "type": "%s", "seq": %d}\n%s' % (
+                        head, one.call_id.encode(), one.TYPE.encode(), seq,
+                        one.serialize().encode(),
+                    )  # fmt: skip
+                else:
+                    message = b'%s, "seq": %d}\n%s' % (self._link_header(name), seq, frame)
                 if not self.links.send(inst, seq, message):
                     self._queue_frames(inst, [message], cid)
                 continue
@@ -309,16 +326,18 @@ class Cluster:
                 kept.append((cid, ErrorMessage("unavailable", "peer unreachable now")))
         return kept
 
-    def _link_header(self, name: PeerId) -> bytes:
+    def _link_header(self, name: PeerId, *, relay: bool = False) -> bytes:
         """``{"from", "fp", "inst", "epoch"`` of ``name``'s numbered frames, without
-        the closing brace (``seq`` follows); made once per name and fingerprint."""
+        the closing brace (``seq`` follows); made once per name and fingerprint.
+        ``relay``: ``"relay"`` instead of ``"from"`` (a relay frame)."""
         fp = self._local.get(name, "")
-        cached = self._headers.get(name)
+        cached = self._headers.get((name, relay))
         if cached is None or cached[0] != fp:
             if len(self._headers) >= 4096:
                 self._headers.clear()
-            header = {"from": name, "fp": fp, "inst": self.instance_id, "epoch": self.epoch}
-            cached = self._headers[name] = (fp, json.dumps(header)[:-1].encode())
+            header = {"relay" if relay else "from": name, "fp": fp,
+                      "inst": self.instance_id, "epoch": self.epoch}  # fmt: skip
+            cached = self._headers[name, relay] = (fp, json.dumps(header)[:-1].encode())
         return cached[1]
 
     def mail(self, name: PeerId, text: str) -> None:
@@ -482,9 +501,12 @@ class Cluster:
         )
 
     def _on_frame(self, data: dict[str, Any], frame: str) -> None:
+        """A frame from another instance: a client's frame (``from``), or a relay frame
+        (``relay``: a relayed message that instance validated and serialized)."""
         server = self._server
         assert server is not None
-        name, inst = PeerId(str(data["from"])), str(data["inst"])
+        relay = data.get("relay")
+        name, inst = PeerId(str(data["from"] if relay is None else relay)), str(data["inst"])
         if self.links is not None and "seq" in data:
             if not self.links.fresh(inst, int(data["epoch"]), int(data["seq"])):
                 return  # delivered already (the other path), or older than one delivered
@@ -501,6 +523,16 @@ class Cluster:
                 return
         else:
             standin = entry[0]
+        if relay is not None:  # the relay fast path: checked here, not parsed again
+            target = server.protocol.forwarded_relay(
+                standin, str(data["call"]), str(data["type"]), frame
+            )
+            if target is not None:
+                self.relayed += 1
+                server.queue_text(target, frame)
+            else:
+                logger.debug("relay frame of %s from %s not deliverable here", name, inst)
+            return
         loop = asyncio.get_running_loop()
         out = server.protocol.receive(standin, frame, loop.time())
         server._dispatch([(t, m) for t, m in out if not server.protocol.is_remote(t)])

@@ -18,9 +18,12 @@ Frame on the link: ``kind (u8) | length (u32, big endian) | body``::
       ERROR   UTF-8 reason (either side, then close)
 
 ``T`` (:func:`transcript`) binds both instance ids, both nonces, both epochs
-and ``acked``. ``message`` is exactly what the Redis path publishes: a JSON
-header line ``{"from", "fp", "inst", "epoch", "seq"}``, ``\\n``, the client's
-frame. Every frame one instance sends another — over the link or over Redis —
+and ``acked`` (and ``relay`` when both offered relay frames). ``message`` is
+exactly what the Redis path publishes: a JSON header line ``{"from", "fp",
+"inst", "epoch", "seq"}``, ``\\n``, the client's frame; or, on a link that agreed
+on ``relay``, a relay frame: ``{"relay", "fp", "inst", "epoch", "call", "type",
+"seq"}``, ``\\n``, the relayed message as its recipient gets it (docs/signaling.md,
+"Relay fast path"). Every frame one instance sends another — over the link or over Redis —
 takes the next number of one sequence (:class:`LinkSender`), so the receiver
 (:class:`LinkReceiver`) delivers each number once and in order whichever way it
 came, and the sender switches between the two paths without loss (it resends
@@ -189,11 +192,13 @@ class Hello:
     target: str
     epoch: int
     nonce: bytes = field(repr=False)
+    relay: bool = False  # the dialer sends relay frames if the listener takes them
 
     def body(self) -> bytes:
         nonce = base64.b64encode(self.nonce).decode()
-        return _dump({"v": VERSION, "from": self.sender, "to": self.target,
-                      "epoch": self.epoch, "nonce": nonce})  # fmt: skip
+        data = {"v": VERSION, "from": self.sender, "to": self.target,
+                "epoch": self.epoch, "nonce": nonce}  # fmt: skip
+        return _dump({**data, "relay": 1} if self.relay else data)
 
     @classmethod
     def parse(cls, body: bytes) -> Hello:
@@ -202,7 +207,16 @@ class Hello:
         return cls(
             _field(d, "from", str, "hello"), _field(d, "to", str, "hello"),
             _field(d, "epoch", int, "hello"), _b64(d, "nonce", NONCE_LEN, "hello"),
+            _relay(d, "hello"),
         )  # fmt: skip
+
+
+def _relay(data: dict[str, Any], what: str) -> bool:
+    """The optional ``relay`` member (1: relay frames; absent: an older instance)."""
+    value = data.get("relay")
+    if value is not None and (value != 1 or isinstance(value, bool)):
+        raise ClusterLinkError(f"{what}.relay: not 1")
+    return value == 1
 
 
 @dataclass(frozen=True)
@@ -214,12 +228,14 @@ class Welcome:
     epoch: int
     acked: int
     mac: bytes = field(repr=False)
+    relay: bool = False  # relay frames accepted (only in answer to a hello offering them)
 
     def body(self) -> bytes:
-        return _dump({
+        data = {
             "v": VERSION, "nonce": base64.b64encode(self.nonce).decode(), "epoch": self.epoch,
             "acked": self.acked, "mac": base64.b64encode(self.mac).decode(),
-        })  # fmt: skip
+        }  # fmt: skip
+        return _dump({**data, "relay": 1} if self.relay else data)
 
     @classmethod
     def parse(cls, body: bytes) -> Welcome:
@@ -228,6 +244,7 @@ class Welcome:
         return cls(
             _b64(d, "nonce", NONCE_LEN, "welcome"), _field(d, "epoch", int, "welcome"),
             _field(d, "acked", int, "welcome"), _b64(d, "mac", 32, "welcome"),
+            _relay(d, "welcome"),
         )  # fmt: skip
 
 
@@ -249,12 +266,14 @@ def _l(value: bytes) -> bytes:
     return struct.pack(">H", len(value)) + value
 
 
-def transcript(hello: Hello, nonce: bytes, epoch: int, acked: int) -> bytes:
+def transcript(hello: Hello, nonce: bytes, epoch: int, acked: int, relay: bool = False) -> bytes:
     """``T`` = L(from) ‖ L(to) ‖ u64(dialer epoch) ‖ L(dialer nonce) ‖ L(listener nonce)
-    ‖ u64(listener epoch) ‖ u64(acked); ``L(x)`` = u16 length ‖ x (UTF-8 for ids)."""
+    ‖ u64(listener epoch) ‖ u64(acked) [‖ ``"relay"`` if both offered relay frames];
+    ``L(x)`` = u16 length ‖ x (UTF-8 for ids)."""
     return (
         _l(hello.sender.encode()) + _l(hello.target.encode()) + _U64.pack(hello.epoch)
         + _l(hello.nonce) + _l(nonce) + _U64.pack(epoch) + _U64.pack(acked)
+        + (b"relay" if relay else b"")
     )  # fmt: skip
 
 

@@ -245,11 +245,13 @@ class _Inbound(_Link):
         self.hello, self.epoch = hello, hello.epoch
         nonce = os.urandom(NONCE_LEN)
         acked = self.links.receiver.delivered(hello.sender, hello.epoch)
-        t = transcript(hello, nonce, self.links.epoch, acked)
+        relay = hello.relay and self.links.relay  # both: relay frames on this link
+        t = transcript(hello, nonce, self.links.epoch, acked, relay)
         mac, self._auth_mac, session = link_macs(self.links.secret, t)
         self.keyed(session)
         self._ack = self._ack_sent = self._seq = acked
-        self.write(LinkKind.WELCOME, Welcome(nonce, self.links.epoch, acked, mac).body())
+        welcome = Welcome(nonce, self.links.epoch, acked, mac, relay)
+        self.write(LinkKind.WELCOME, welcome.body())
 
     def _frame(self, body: bytes) -> None:
         """``body`` = tag (checked) ‖ header line ‖ ``\\n`` ‖ the client's frame."""
@@ -312,7 +314,10 @@ class _Outbound(_Link):
         super().__init__(links)
         self.peer = peer
         self.up = False
-        self._hello = Hello(links.instance_id, peer, links.epoch, os.urandom(NONCE_LEN))
+        self.relay = False  # the listener takes relay frames (negotiated, authenticated)
+        self._hello = Hello(
+            links.instance_id, peer, links.epoch, os.urandom(NONCE_LEN), links.relay
+        )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -323,13 +328,15 @@ class _Outbound(_Link):
             if kind is not LinkKind.WELCOME:
                 raise ClusterLinkError(f"welcome expected, got {kind.name.lower()}")
             welcome = Welcome.parse(body)
-            t = transcript(self._hello, welcome.nonce, welcome.epoch, welcome.acked)
+            if welcome.relay and not self._hello.relay:
+                raise ClusterLinkError("welcome.relay: not offered")
+            t = transcript(self._hello, welcome.nonce, welcome.epoch, welcome.acked, welcome.relay)
             mac, auth, session = link_macs(self.links.secret, t)
             self.keyed(session)
             if not _equal(welcome.mac, mac):
                 raise ClusterLinkError("peer failed authentication (another cluster secret?)")
             self.write(LinkKind.AUTH, Auth(auth).body())
-            self.up = True
+            self.up, self.relay = True, welcome.relay
             self.authenticated()
             self.links._outbound_up(self, welcome.acked)
         elif kind is LinkKind.ACK:
@@ -363,6 +370,8 @@ class Links:
             authenticated TLS (both ends' certificates checked against the cluster's
             CA, the dialed address against the listener's certificate), inside which
             the handshake and tags above run unchanged; ``None``: plain TCP.
+        relay: offer relay frames in the handshake (docs/signaling.md, "Relay fast
+            path"); ``False`` behaves as an instance of the version before them.
     """
 
     def __init__(
@@ -376,6 +385,7 @@ class Links:
         epoch: int,
         timeout: float = 1.0,
         tls: tuple[ssl.SSLContext, ssl.SSLContext] | None = None,
+        relay: bool = True,
     ) -> None:
         if len(secret) < MIN_SECRET:
             raise ClusterLinkError(f"the cluster secret must have at least {MIN_SECRET} bytes")
@@ -383,6 +393,7 @@ class Links:
         self.deliver, self._resolve, self._republish = deliver, resolve, republish
         self.timeout = timeout
         self.tls = tls
+        self.relay = relay
         self.receiver = LinkReceiver()
         self.senders: dict[str, LinkSender] = {}
         self._outbound: dict[str, _Outbound] = {}
@@ -433,6 +444,12 @@ class Links:
         if sender is None:
             sender = self.senders[inst] = LinkSender(catch_up=self.timeout)
         return sender.next_seq()
+
+    def relays(self, inst: str) -> bool:
+        """Whether ``inst`` takes relay frames: its link is up and both ends offered them
+        (an instance of a version before them is sent client frames)."""
+        link = self._outbound.get(inst)
+        return link is not None and link.up and link.relay
 
     def send(self, inst: str, seq: int, message: bytes) -> bool:
         """Send frame ``seq`` to ``inst`` over its link if it can (True: written, or

@@ -357,13 +357,31 @@ class SignalingServer(AsyncClosing):
                     text = texts[id(msg)] = msg.serialize()
                 item, size = text, len(text)
             if (outbox.size and outbox.size + size > limit) or outbox.queue.full():
-                # Drop it once: nothing more is queued for it; its handler cleans up.
-                logger.warning("! connection %d does not read its messages: closing it", cid)
-                del self._outboxes[cid]
-                self._spawn(outbox.ws.close(1008, "too slow"))
+                self._too_slow(cid, outbox)
                 continue
             outbox.size += size
             outbox.queue.put_nowait(item)
+
+    def queue_text(self, cid: ConnectionId, text: str) -> None:
+        """Queue an already serialized message on a connection, under the limits of
+        :meth:`_dispatch` (a relayed frame from another instance: the relay fast path)."""
+        outbox = self._outboxes.get(cid)
+        if outbox is None:
+            return  # gone meanwhile
+        size = len(text)
+        if (outbox.size and outbox.size + size > self.config.max_outbox_bytes) or (
+            outbox.queue.full()
+        ):
+            self._too_slow(cid, outbox)
+            return
+        outbox.size += size
+        outbox.queue.put_nowait(text)
+
+    def _too_slow(self, cid: ConnectionId, outbox: _Outbox) -> None:
+        """Drop ``cid``'s outbox once: nothing more is queued for it; its handler cleans up."""
+        logger.warning("! connection %d does not read its messages: closing it", cid)
+        del self._outboxes[cid]
+        self._spawn(outbox.ws.close(1008, "too slow"))
 
     def _send_text(self, cid: int, text: str) -> None:
         """Queue a mailbox answer on a connection (closed as too slow if it does not read)."""

@@ -36,6 +36,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from json.encoder import encode_basestring_ascii as _quote
 
 from qcall import pqc
 from qcall.exceptions import InvalidKeyError, SignalingProtocolError
@@ -64,6 +65,7 @@ from qcall.signaling.state import (
     CLOSE_POLICY_VIOLATION,
     CLOSE_TRY_AGAIN_LATER,
     END,
+    RELAY,
     Call,
     CallState,
     CloseConnection,
@@ -77,6 +79,7 @@ from qcall.typing import PeerId
 
 __all__ = [
     "CALL_RULES",
+    "RELAYED_HEADROOM",
     "CallState",
     "CloseConnection",
     "ConnectionId",
@@ -88,6 +91,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Characters a relayed message may exceed ``max_message_size`` by: the ``peer`` and
+#: ``fingerprint`` the server adds (:meth:`SignalingProtocol.forwarded_relay`).
+RELAYED_HEADROOM = 512
 
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
@@ -399,6 +406,49 @@ class SignalingProtocol:
         self._online[name] = cid
         self._subscribe(conn, ())
         return cid, []  # presence of remote users: remote_presence()
+
+    def forwarded_relay(
+        self, connection: ConnectionId, call_id: str, kind: str, text: str
+    ) -> ConnectionId | None:
+        """The recipient here of ``text``, a relayed ``offer``/``answer``/``ice`` that
+        stand-in ``connection``'s instance validated and serialized (the relay fast
+        path, docs/signaling.md "Relay fast path"); ``None``: not deliverable (dropped).
+
+        Runs the checks :meth:`receive` runs on a relay message, against this
+        instance's own state: a call ``call_id`` of this user, the role and state
+        :data:`CALL_RULES` allow for ``kind``, a recipient connected here; and that
+        ``text`` is that message, from that user, with the fingerprint this instance
+        holds for the call (its first members, compared as serialized). The rest of
+        ``text`` (``payload``, ``reason``) is the sending instance's validation.
+        """
+        conn = self._connections.get(connection)
+        if conn is None or conn.closed or not conn.remote or conn.name is None:
+            return None
+        rule = CALL_RULES.get(kind)
+        call = self._calls.get(call_id)
+        name = conn.name
+        if rule is None or rule[2] != RELAY or call is None:
+            return None
+        if name == call.caller:
+            role = Role.CALLER
+        elif name == call.callee:
+            role = Role.CALLEE
+        else:
+            return None
+        if role not in rule[0] or call.state not in rule[1]:
+            return None
+        if len(text) > self.config.max_message_size + RELAYED_HEADROOM:
+            return None
+        head = (  # as Message.serialize writes them (json.dumps escapes the same way)
+            f'{{"type":{_quote(kind)},"call_id":{_quote(call_id)},"peer":{_quote(name)},'
+            f'"fingerprint":{_quote(call.fingerprint(name))},'
+        )
+        if not text.startswith(head) or not text.endswith("}"):
+            return None
+        target = self._online.get(call.other(name))
+        if target is None or self._connections[target].remote:
+            return None
+        return target
 
     # --- registration (docs/signaling.md, "Registration") -------------------------------
 
