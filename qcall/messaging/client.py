@@ -310,7 +310,7 @@ class MessagingClient(GroupOps):
                 wires.append(session.encrypt(pad(body), self.clock(), qkd))
             now = self.clock()
             sent = list(self._sent)
-            async with self.store.transaction_async():  # the event loop runs during the fsync
+            with self.store.transaction():  # blocking: see docs/messaging.md §10.3
                 self.store.remove_outbox(sent)
                 self.store.save_session(session.state, now)
                 if history:
@@ -473,7 +473,7 @@ class MessagingClient(GroupOps):
             # transaction (docs/messaging.md §10.3): a crash before the commit loses the
             # whole batch (redelivered, opened again), after it nothing.
             done, alone = 0, False
-            async with self.store.transaction_async():
+            with self.store.transaction():
                 self._batching, self._batch = True, {}
                 try:
                     for envelope in todo:

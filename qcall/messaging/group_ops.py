@@ -183,7 +183,7 @@ class GroupOps:
         now = self.clock()
         bodies = [content.serialize() for content in contents]
         wires = [encrypt_group(state, self.me, chain, pad(body)) for body in bodies]
-        async with self.store.transaction_async():
+        with self.store.transaction():
             self.store.save_sender_chain(state.group_id, state.epoch, self.me.name, chain)
             if history:
                 ids = [content.message_id for content in contents]
