@@ -36,6 +36,13 @@ speed"):
   control channel (rekeys) gets :data:`SCTP_MIN_RTO` and an initial RTO from the
   path's RTT once DTLS is up (:meth:`FastTransport.path_known`).
 
+* **The DTLS context was built on the set-up path.** ``RTCDtlsTransport.start``
+  builds its ``SSL.Context`` (``RTCCertificate._create_ssl_context``: the
+  certificate, the key, the ciphers, the SRTP profiles; ≈ 0.2 ms) when DTLS starts,
+  after the invite or the answer. :func:`prebuild_dtls_contexts` (separate from
+  :func:`install_fast_transport`; :mod:`qcall.call.prepared` calls it) builds it
+  ahead, once per transport, with the same call; ``start`` takes it once.
+
 * **DTLS waited for ICE to complete on both sides** (one path round trip on each
   side's own check). With the caller's SDP in the invite, the callee (controlled,
   DTLS client: aiortc answers ``a=setup:active``) starts DTLS on the pair of its first
@@ -49,7 +56,7 @@ speed"):
   closes the connection. The DTLS handshake itself authenticates the peer
   (the fingerprints of the SDP, which the signed handshake checks).
 
-:func:`install_fast_transport` applies all five to one ``RTCPeerConnection``
+:func:`install_fast_transport` applies the other five to one ``RTCPeerConnection``
 *instance* (never to the classes, so a stock ``plain`` call in the same process is
 untouched). It refuses versions other than the pinned ones: the private members it
 touches (``Connection._check_periodic``, ``_check_list_state``, ``_check_list_done``,
@@ -64,6 +71,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import importlib
 import inspect
@@ -77,6 +85,8 @@ import aioice
 from aioice import stun
 from aioice.ice import ICE_COMPLETED, ICE_FAILED, CandidatePair, Connection, StunProtocol
 from aiortc import RTCPeerConnection
+from aiortc.rtcdtlstransport import RTCCertificate, RTCDtlsTransport
+from OpenSSL import SSL
 
 from qcall.call.aiortc_compat import require_aiortc, require_version
 
@@ -94,6 +104,7 @@ __all__ = [
     "changed_internals",
     "check_pinned_versions",
     "install_fast_transport",
+    "prebuild_dtls_contexts",
 ]
 
 logger = logging.getLogger(__name__)
@@ -155,6 +166,13 @@ PINNED_SOURCES: Final = {
     ),
     "aiortc.rtcsctptransport.RTCSctpTransport.__init__": "294b0e5108438509",
     "aiortc.rtcsctptransport.RTCSctpTransport._update_rto": "a1e7afb18886a101",
+    # The DTLS context made ahead (prebuild_dtls_contexts): what start() builds, with
+    # what, from which per-transport certificate attribute.
+    "aiortc.rtcdtlstransport.RTCCertificate.__init__": "6b93f0a813ce17e5",
+    "aiortc.rtcdtlstransport.RTCCertificate._create_ssl_context": "aac625bdc264f0a6",
+    "aiortc.rtcdtlstransport.RTCDtlsTransport.__init__": "3bffce6c2b56b5dc",
+    "aiortc.rtcdtlstransport.RTCDtlsTransport.start": "3b3522667fe0a3da",
+    "aiortc.rtcdtlstransport.RTCDtlsTransport.getLocalParameters": "63b60c064e9ad56d",
 }
 
 
@@ -655,3 +673,77 @@ def _patch(fast: FastTransport, dtls: Any) -> None:
     retransmitter = _DtlsRetransmitter(dtls, fast.rtt)
     retransmitter.on_connected = fast.path_known
     fast.dtls.append(retransmitter)
+
+
+# --- the DTLS context made ahead --------------------------------------------------------------
+
+
+class _PrebuiltCertificate(RTCCertificate):
+    """One DTLS transport's certificate, with its ``SSL.Context`` already built.
+
+    The same key and X.509 certificate as the peer connection's (so the same
+    fingerprints); :meth:`_create_ssl_context` hands the context built ahead out
+    once, for the SRTP profiles it was built with, and builds any later one (or one
+    for other profiles) as aiortc does.
+    """
+
+    def __init__(self, certificate: RTCCertificate, srtp_profiles: list[Any]) -> None:
+        super().__init__(key=certificate._key, cert=certificate._cert)
+        self.prebuilt_profiles = list(srtp_profiles)
+        self.prebuilt: SSL.Context | None = certificate._create_ssl_context(
+            srtp_profiles=self.prebuilt_profiles
+        )
+        self.handed_out = 0
+
+    def _create_ssl_context(self, srtp_profiles: list[Any]) -> SSL.Context:
+        ctx, self.prebuilt = self.prebuilt, None
+        if ctx is None or list(srtp_profiles) != self.prebuilt_profiles:
+            return super()._create_ssl_context(srtp_profiles)
+        self.handed_out += 1
+        return ctx
+
+
+@functools.cache
+def _dtls_internals_pinned() -> bool:
+    """The pinned releases, with the DTLS internals used here unchanged (read once)."""
+    try:
+        check_pinned_versions()
+    except Exception:  # unsupported release: aiortc builds its context as before
+        return False
+    return not any(".rtcdtlstransport.RTC" in name for name in changed_internals())
+
+
+def prebuild_dtls_contexts(pc: RTCPeerConnection) -> int:
+    """Build the ``SSL.Context`` of each DTLS transport ``pc`` has now, ahead of ``start``.
+
+    Each is what ``RTCDtlsTransport.start`` would build (``_create_ssl_context`` of
+    the transport's own certificate with its SRTP profiles: same certificate and
+    key, verification settings, ciphers and profiles); ``start`` takes it once, and
+    the peer's fingerprint is checked after the handshake as before. A transport
+    made later, or one already started, is left as it is. Returns how many were
+    built; 0 (nothing changed) on an aiortc/aioice release other than the pinned
+    ones or when :func:`changed_internals` names any of the DTLS internals used.
+
+    Call it on a peer connection made ahead (:mod:`qcall.call.prepared`), never on
+    one whose DTLS may be starting.
+    """
+    if not _dtls_internals_pinned():
+        return 0
+    found: dict[int, RTCDtlsTransport] = {}
+    for transceiver in pc.getTransceivers():
+        found[id(transceiver.receiver.transport)] = transceiver.receiver.transport
+    sctp = pc.sctp
+    if sctp is not None:
+        found[id(sctp.transport)] = sctp.transport
+    built = 0
+    for dtls in found.values():
+        if not isinstance(dtls, RTCDtlsTransport) or dtls.state != "new":
+            continue
+        certificate = dtls._RTCDtlsTransport__local_certificate  # type: ignore[attr-defined]
+        if isinstance(certificate, _PrebuiltCertificate):
+            continue
+        dtls._RTCDtlsTransport__local_certificate = _PrebuiltCertificate(  # type: ignore[attr-defined]
+            certificate, dtls._srtp_profiles
+        )
+        built += 1
+    return built
