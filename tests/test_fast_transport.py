@@ -53,7 +53,7 @@ async def test_prebuilt_dtls_context_is_aiortcs_and_handed_out_once() -> None:
     original = dtls._RTCDtlsTransport__local_certificate
     fingerprints = dtls.getLocalParameters().fingerprints
     assert prebuild_dtls_contexts(pc) == 1
-    assert prebuild_dtls_contexts(pc) == 0  # once per transport
+    assert prebuild_dtls_contexts(pc) == 0  # once per peer connection
     certificate = dtls._RTCDtlsTransport__local_certificate
     assert isinstance(certificate, _PrebuiltCertificate) and isinstance(certificate, RTCCertificate)
     # Same key and certificate: the SDP's fingerprints (checked by the peer) unchanged.
@@ -71,6 +71,26 @@ async def test_prebuilt_dtls_context_is_aiortcs_and_handed_out_once() -> None:
     connection = SSL.Connection(prebuilt)
     assert connection.get_certificate().to_cryptography() == original._cert
     await pc.close()
+
+
+async def test_a_transport_made_later_takes_the_prebuilt_context() -> None:
+    # A callee prepared without audio: its transport comes with the caller's offer.
+    caller, callee = RTCPeerConnection(), RTCPeerConnection()
+    caller.addTransceiver("audio")
+    await caller.setLocalDescription(await caller.createOffer())
+    fingerprint = callee._RTCPeerConnection__certificates[0].getFingerprints()
+    assert prebuild_dtls_contexts(callee) == 1  # no transport yet
+    certificate = callee._RTCPeerConnection__certificates[0]
+    assert isinstance(certificate, _PrebuiltCertificate) and certificate.prebuilt is not None
+    await callee.setRemoteDescription(caller.localDescription)
+    (dtls,) = {t.receiver.transport for t in callee.getTransceivers()}
+    assert dtls._RTCDtlsTransport__local_certificate is certificate
+    assert dtls.getLocalParameters().fingerprints == fingerprint
+    prebuilt = certificate.prebuilt
+    assert certificate._create_ssl_context(dtls._srtp_profiles) is prebuilt  # what start does
+    assert certificate.prebuilt is None and certificate.handed_out == 1
+    await caller.close()
+    await callee.close()
 
 
 async def test_prebuild_leaves_unpinned_or_started_transports_alone(

@@ -184,12 +184,15 @@ async def test_a_call_waits_for_the_connection_being_made_for_it() -> None:
     await pool.close()
 
 
+@pytest.mark.parametrize("bob_tone", [440.0, None], ids=["callee-audio", "callee-no-audio"])
 async def test_prepared_connections_dtls_contexts_are_built_ahead_and_used_once(
     lab: Lab,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
+    bob_tone: float | None,
 ) -> None:
     # Each side's DTLS start takes the SSL.Context built with the prepared connection:
-    # none is built for the call's certificates on the set-up path.
+    # none is built for the call's certificates on the set-up path. A callee without
+    # a source (the harness's) has no transport until the offer: it gets it then.
     assert _dtls_internals_pinned()  # read (and cached) before the spy changes the source
     built_for: list[object] = []
     create = RTCCertificate._create_ssl_context
@@ -200,15 +203,24 @@ async def test_prepared_connections_dtls_contexts_are_built_ahead_and_used_once(
 
     monkeypatch.setattr(RTCCertificate, "_create_ssl_context", spy)
     alice = await lab.phone("alice", tone=440)
-    bob = await lab.phone("bob", tone=440)
+    bob = await lab.phone("bob", tone=bob_tone)
+    if bob_tone is None:  # bob's phone learns it has no source from a first call
+        caller, callee = await connect(alice, bob)
+        await caller.hangup()
+        await asyncio.wait_for(callee.wait(), 10 * T)
     held = {
         "alice": await _held(alice, "caller", True),
-        "bob": await _held(bob, "callee", True),
+        "bob": await _held(bob, "callee", bob_tone is not None),
     }
+    if bob_tone is None:
+        assert held["bob"].getTransceivers() == []  # no DTLS transport yet
     for pc in held.values():  # built when prepared, not yet handed out
-        (dtls,) = {t.receiver.transport for t in pc.getTransceivers()}
-        certificate = dtls._RTCDtlsTransport__local_certificate
+        certificate = pc._RTCPeerConnection__certificates[0]
         assert isinstance(certificate, _PrebuiltCertificate)
+        for transceiver in pc.getTransceivers():
+            assert transceiver.receiver.transport._RTCDtlsTransport__local_certificate is (
+                certificate
+            )
         assert certificate.prebuilt is not None and certificate.handed_out == 0
         assert certificate._cert in built_for
     built_for.clear()

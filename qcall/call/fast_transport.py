@@ -41,7 +41,7 @@ speed"):
   certificate, the key, the ciphers, the SRTP profiles; ≈ 0.2 ms) when DTLS starts,
   after the invite or the answer. :func:`prebuild_dtls_contexts` (separate from
   :func:`install_fast_transport`; :mod:`qcall.call.prepared` calls it) builds it
-  ahead, once per transport, with the same call; ``start`` takes it once.
+  ahead, once per peer connection, with the same call; the first ``start`` takes it.
 
 * **DTLS waited for ICE to complete on both sides** (one path round trip on each
   side's own check). With the caller's SDP in the invite, the callee (controlled,
@@ -85,7 +85,7 @@ import aioice
 from aioice import stun
 from aioice.ice import ICE_COMPLETED, ICE_FAILED, CandidatePair, Connection, StunProtocol
 from aiortc import RTCPeerConnection
-from aiortc.rtcdtlstransport import RTCCertificate, RTCDtlsTransport
+from aiortc.rtcdtlstransport import SRTP_PROFILES, RTCCertificate, RTCDtlsTransport
 from OpenSSL import SSL
 
 from qcall.call.aiortc_compat import require_aiortc, require_version
@@ -173,6 +173,7 @@ PINNED_SOURCES: Final = {
     "aiortc.rtcdtlstransport.RTCDtlsTransport.__init__": "3bffce6c2b56b5dc",
     "aiortc.rtcdtlstransport.RTCDtlsTransport.start": "3b3522667fe0a3da",
     "aiortc.rtcdtlstransport.RTCDtlsTransport.getLocalParameters": "63b60c064e9ad56d",
+    "aiortc.rtcpeerconnection.RTCPeerConnection.__init__": "f5388aea637f0f21",
 }
 
 
@@ -679,7 +680,7 @@ def _patch(fast: FastTransport, dtls: Any) -> None:
 
 
 class _PrebuiltCertificate(RTCCertificate):
-    """One DTLS transport's certificate, with its ``SSL.Context`` already built.
+    """A peer connection's certificate, with one ``SSL.Context`` already built.
 
     The same key and X.509 certificate as the peer connection's (so the same
     fingerprints); :meth:`_create_ssl_context` hands the context built ahead out
@@ -710,40 +711,46 @@ def _dtls_internals_pinned() -> bool:
         check_pinned_versions()
     except Exception:  # unsupported release: aiortc builds its context as before
         return False
-    return not any(".rtcdtlstransport.RTC" in name for name in changed_internals())
+    used = (".rtcdtlstransport.RTC", "RTCPeerConnection.__init__", "__createDtlsTransport")
+    return not any(part in name for name in changed_internals() for part in used)
 
 
 def prebuild_dtls_contexts(pc: RTCPeerConnection) -> int:
-    """Build the ``SSL.Context`` of each DTLS transport ``pc`` has now, ahead of ``start``.
+    """Build ``pc``'s DTLS ``SSL.Context`` ahead of ``RTCDtlsTransport.start``; return 1 if built.
 
-    Each is what ``RTCDtlsTransport.start`` would build (``_create_ssl_context`` of
-    the transport's own certificate with its SRTP profiles: same certificate and
-    key, verification settings, ciphers and profiles); ``start`` takes it once, and
-    the peer's fingerprint is checked after the handshake as before. A transport
-    made later, or one already started, is left as it is. Returns how many were
-    built; 0 (nothing changed) on an aiortc/aioice release other than the pinned
-    ones or when :func:`changed_internals` names any of the DTLS internals used.
+    The context is what ``start`` would build (``_create_ssl_context`` of the peer
+    connection's certificate with aiortc's SRTP profiles: the same certificate and
+    key, verification settings, ciphers and profiles); the peer's fingerprint is
+    checked after the handshake as before. The certificate is replaced by a
+    :class:`_PrebuiltCertificate` (same key and certificate) in the peer
+    connection's list and in each DTLS transport it has now, so the first DTLS
+    transport to start — one that exists now, or one ``setRemoteDescription``
+    makes later (a callee prepared without audio) — takes the context, once; any
+    other builds its own, as aiortc does.
 
-    Call it on a peer connection made ahead (:mod:`qcall.call.prepared`), never on
-    one whose DTLS may be starting.
+    Returns 0 (nothing changed) when done already, when a DTLS transport has
+    started, on an aiortc/aioice release other than the pinned ones or when
+    :func:`changed_internals` names any of the DTLS internals used. Call it on a
+    peer connection made ahead (:mod:`qcall.call.prepared`).
     """
     if not _dtls_internals_pinned():
         return 0
-    found: dict[int, RTCDtlsTransport] = {}
+    certificates = pc._RTCPeerConnection__certificates  # type: ignore[attr-defined]
+    original = certificates[0]
+    if isinstance(original, _PrebuiltCertificate):
+        return 0
+    found: dict[int, Any] = {}
     for transceiver in pc.getTransceivers():
         found[id(transceiver.receiver.transport)] = transceiver.receiver.transport
-    sctp = pc.sctp
-    if sctp is not None:
-        found[id(sctp.transport)] = sctp.transport
-    built = 0
-    for dtls in found.values():
-        if not isinstance(dtls, RTCDtlsTransport) or dtls.state != "new":
-            continue
-        certificate = dtls._RTCDtlsTransport__local_certificate  # type: ignore[attr-defined]
-        if isinstance(certificate, _PrebuiltCertificate):
-            continue
-        dtls._RTCDtlsTransport__local_certificate = _PrebuiltCertificate(  # type: ignore[attr-defined]
-            certificate, dtls._srtp_profiles
-        )
-        built += 1
-    return built
+    if pc.sctp is not None:
+        found[id(pc.sctp.transport)] = pc.sctp.transport
+    transports = list(found.values())
+    if any(not isinstance(t, RTCDtlsTransport) or t.state != "new" for t in transports):
+        return 0
+    profiles = transports[0]._srtp_profiles if transports else SRTP_PROFILES
+    prebuilt = _PrebuiltCertificate(original, profiles)
+    certificates[0] = prebuilt  # what __createDtlsTransport hands new transports
+    for dtls in transports:
+        if dtls._RTCDtlsTransport__local_certificate is original:
+            dtls._RTCDtlsTransport__local_certificate = prebuilt
+    return 1

@@ -19,11 +19,10 @@ without the control channel):
   the ICE candidates of its transport, gathered; the caller's SDP is applied,
   the control channel made and the answer made when a call is answered.
 
-Each DTLS transport either holds also gets its ``SSL.Context`` built ahead
+Each also holds its DTLS ``SSL.Context``, built ahead
 (:func:`~qcall.call.fast_transport.prebuild_dtls_contexts`, ≈ 0.2 ms each side),
-which its DTLS start takes once instead of building it after the invite or the
-answer; a callee made without a sending audio transceiver has no transport yet
-and builds its context on the path, as before.
+which its DTLS transport's start takes once instead of building it after the
+invite or the answer (a callee's transport made by the caller's offer too).
 
 Both are ``max-bundle`` when they carry the control channel, which is made after
 the audio transceiver (:func:`bundle_policy`): the channel rides the audio's ICE
