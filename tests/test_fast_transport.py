@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 from aioice.ice import Connection
 from aiortc import RTCPeerConnection
+from aiortc.rtcdtlstransport import SRTP_PROFILES, RTCCertificate
+from OpenSSL import SSL
 
 from qcall.call.fast_transport import (
     DTLS_MIN_RTO,
@@ -17,9 +19,11 @@ from qcall.call.fast_transport import (
     SCTP_MIN_RTO,
     FlightTimer,
     RttEstimator,
+    _PrebuiltCertificate,
     changed_internals,
     check_pinned_versions,
     install_fast_transport,
+    prebuild_dtls_contexts,
 )
 from qcall.exceptions import CallError
 
@@ -37,6 +41,75 @@ def test_other_versions_refused() -> None:
         check_pinned_versions(aiortc_version="1.17.0")
     with pytest.raises(CallError, match=r"aioice 0\.14\.1 .*>=0\.13,<0\.14"):
         check_pinned_versions(aioice_version="0.14.1")
+
+
+# --- the DTLS context made ahead -------------------------------------------------------
+
+
+async def test_prebuilt_dtls_context_is_aiortcs_and_handed_out_once() -> None:
+    pc = RTCPeerConnection()
+    pc.addTransceiver("audio")
+    (dtls,) = {t.receiver.transport for t in pc.getTransceivers()}
+    original = dtls._RTCDtlsTransport__local_certificate
+    fingerprints = dtls.getLocalParameters().fingerprints
+    assert prebuild_dtls_contexts(pc) == 1
+    assert prebuild_dtls_contexts(pc) == 0  # once per peer connection
+    certificate = dtls._RTCDtlsTransport__local_certificate
+    assert isinstance(certificate, _PrebuiltCertificate) and isinstance(certificate, RTCCertificate)
+    # Same key and certificate: the SDP's fingerprints (checked by the peer) unchanged.
+    assert certificate._cert is original._cert and certificate._key is original._key
+    assert dtls.getLocalParameters().fingerprints == fingerprints
+    prebuilt = certificate.prebuilt
+    assert prebuilt is not None and prebuilt.get_verify_mode() == (
+        SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+    )
+    assert certificate._create_ssl_context([SRTP_PROFILES[-1]]) is not prebuilt  # other profiles
+    certificate.prebuilt = prebuilt  # (put back for the rest of the test)
+    assert certificate._create_ssl_context(dtls._srtp_profiles) is prebuilt
+    again = certificate._create_ssl_context(dtls._srtp_profiles)
+    assert again is not prebuilt and certificate.handed_out == 1  # never twice
+    connection = SSL.Connection(prebuilt)
+    assert connection.get_certificate().to_cryptography() == original._cert
+    await pc.close()
+
+
+async def test_a_transport_made_later_takes_the_prebuilt_context() -> None:
+    # A callee prepared without audio: its transport comes with the caller's offer.
+    caller, callee = RTCPeerConnection(), RTCPeerConnection()
+    caller.addTransceiver("audio")
+    await caller.setLocalDescription(await caller.createOffer())
+    fingerprint = callee._RTCPeerConnection__certificates[0].getFingerprints()
+    assert prebuild_dtls_contexts(callee) == 1  # no transport yet
+    certificate = callee._RTCPeerConnection__certificates[0]
+    assert isinstance(certificate, _PrebuiltCertificate) and certificate.prebuilt is not None
+    await callee.setRemoteDescription(caller.localDescription)
+    (dtls,) = {t.receiver.transport for t in callee.getTransceivers()}
+    assert dtls._RTCDtlsTransport__local_certificate is certificate
+    assert dtls.getLocalParameters().fingerprints == fingerprint
+    prebuilt = certificate.prebuilt
+    assert certificate._create_ssl_context(dtls._srtp_profiles) is prebuilt  # what start does
+    assert certificate.prebuilt is None and certificate.handed_out == 1
+    await caller.close()
+    await callee.close()
+
+
+async def test_prebuild_leaves_unpinned_or_started_transports_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from qcall.call import fast_transport
+
+    pc = RTCPeerConnection()
+    pc.addTransceiver("audio")
+    (dtls,) = {t.receiver.transport for t in pc.getTransceivers()}
+    original = dtls._RTCDtlsTransport__local_certificate
+    monkeypatch.setattr(fast_transport, "_dtls_internals_pinned", lambda: False)
+    assert prebuild_dtls_contexts(pc) == 0
+    monkeypatch.undo()
+    monkeypatch.setattr(type(dtls), "state", property(lambda self: "connecting"))
+    assert prebuild_dtls_contexts(pc) == 0
+    assert dtls._RTCDtlsTransport__local_certificate is original
+    monkeypatch.undo()
+    await pc.close()
 
 
 # --- Sans-I/O cores ----------------------------------------------------------------------

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+from typing import Any
 
 import pytest
 from aiortc import RTCPeerConnection
+from aiortc.rtcdtlstransport import RTCCertificate
+from OpenSSL import SSL
 
+from qcall.call.fast_transport import _dtls_internals_pinned, _PrebuiltCertificate
 from qcall.call.phone import Phone
 from qcall.call.prepared import PreparedConnections, PrepareSpec, prepare
 from qcall.call.session import CallState
@@ -178,3 +182,64 @@ async def test_a_call_waits_for_the_connection_being_made_for_it() -> None:
     assert await pool.take_soon(spec, wait=0.01) is None  # nothing being made now
     await taken.close()
     await pool.close()
+
+
+@pytest.mark.parametrize("bob_tone", [440.0, None], ids=["callee-audio", "callee-no-audio"])
+async def test_prepared_connections_dtls_contexts_are_built_ahead_and_used_once(
+    lab: Lab,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    bob_tone: float | None,
+) -> None:
+    # Each side's DTLS start takes the SSL.Context built with the prepared connection:
+    # none is built for the call's certificates on the set-up path. A callee without
+    # a source (the harness's) has no transport until the offer: it gets it then.
+    assert _dtls_internals_pinned()  # read (and cached) before the spy changes the source
+    built_for: list[object] = []
+    create = RTCCertificate._create_ssl_context
+
+    def spy(self: RTCCertificate, srtp_profiles: list[Any]) -> Any:
+        built_for.append(self._cert)
+        return create(self, srtp_profiles)
+
+    monkeypatch.setattr(RTCCertificate, "_create_ssl_context", spy)
+    alice = await lab.phone("alice", tone=440)
+    bob = await lab.phone("bob", tone=bob_tone)
+    if bob_tone is None:  # bob's phone learns it has no source from a first call
+        caller, callee = await connect(alice, bob)
+        await caller.hangup()
+        await asyncio.wait_for(callee.wait(), 10 * T)
+    held = {
+        "alice": await _held(alice, "caller", True),
+        "bob": await _held(bob, "callee", bob_tone is not None),
+    }
+    if bob_tone is None:
+        assert held["bob"].getTransceivers() == []  # no DTLS transport yet
+    for pc in held.values():  # built when prepared, not yet handed out
+        certificate = pc._RTCPeerConnection__certificates[0]
+        assert isinstance(certificate, _PrebuiltCertificate)
+        for transceiver in pc.getTransceivers():
+            assert transceiver.receiver.transport._RTCDtlsTransport__local_certificate is (
+                certificate
+            )
+        assert certificate.prebuilt is not None and certificate.handed_out == 0
+        assert certificate._cert in built_for
+    built_for.clear()
+    caller, callee = await connect(alice, bob)
+    assert caller.status.state is CallState.ACTIVE and caller.status.sas == callee.status.sas
+    for session, name in ((caller, "alice"), (callee, "bob")):
+        assert session.pc is held[name]
+        dtls = session.pc.sctp.transport  # bundled: the one DTLS transport
+        certificate = dtls._RTCDtlsTransport__local_certificate
+        assert isinstance(certificate, _PrebuiltCertificate)
+        assert certificate.handed_out == 1 and certificate.prebuilt is None  # used once
+        assert certificate._cert not in built_for  # not rebuilt on the path
+        assert dtls._ssl is not None
+        assert dtls._ssl.get_certificate().to_cryptography() == certificate._cert
+        assert dtls._ssl.get_context().get_verify_mode() == (
+            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+        )
+        # The certificate in the SDP (whose fingerprint the peer checks) is this one.
+        fingerprint = certificate.getFingerprints()[-1].value
+        assert fingerprint in session.pc.localDescription.sdp
+    await caller.hangup()
+    await asyncio.wait_for(callee.wait(), 10 * T)

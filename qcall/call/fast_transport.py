@@ -36,6 +36,13 @@ speed"):
   control channel (rekeys) gets :data:`SCTP_MIN_RTO` and an initial RTO from the
   path's RTT once DTLS is up (:meth:`FastTransport.path_known`).
 
+* **The DTLS context was built on the set-up path.** ``RTCDtlsTransport.start``
+  builds its ``SSL.Context`` (``RTCCertificate._create_ssl_context``: the
+  certificate, the key, the ciphers, the SRTP profiles; ≈ 0.2 ms) when DTLS starts,
+  after the invite or the answer. :func:`prebuild_dtls_contexts` (separate from
+  :func:`install_fast_transport`; :mod:`qcall.call.prepared` calls it) builds it
+  ahead, once per peer connection, with the same call; the first ``start`` takes it.
+
 * **DTLS waited for ICE to complete on both sides** (one path round trip on each
   side's own check). With the caller's SDP in the invite, the callee (controlled,
   DTLS client: aiortc answers ``a=setup:active``) starts DTLS on the pair of its first
@@ -49,7 +56,7 @@ speed"):
   closes the connection. The DTLS handshake itself authenticates the peer
   (the fingerprints of the SDP, which the signed handshake checks).
 
-:func:`install_fast_transport` applies all five to one ``RTCPeerConnection``
+:func:`install_fast_transport` applies the other five to one ``RTCPeerConnection``
 *instance* (never to the classes, so a stock ``plain`` call in the same process is
 untouched). It refuses versions other than the pinned ones: the private members it
 touches (``Connection._check_periodic``, ``_check_list_state``, ``_check_list_done``,
@@ -64,6 +71,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import importlib
 import inspect
@@ -77,6 +85,8 @@ import aioice
 from aioice import stun
 from aioice.ice import ICE_COMPLETED, ICE_FAILED, CandidatePair, Connection, StunProtocol
 from aiortc import RTCPeerConnection
+from aiortc.rtcdtlstransport import SRTP_PROFILES, RTCCertificate, RTCDtlsTransport
+from OpenSSL import SSL
 
 from qcall.call.aiortc_compat import require_aiortc, require_version
 
@@ -94,6 +104,7 @@ __all__ = [
     "changed_internals",
     "check_pinned_versions",
     "install_fast_transport",
+    "prebuild_dtls_contexts",
 ]
 
 logger = logging.getLogger(__name__)
@@ -155,6 +166,14 @@ PINNED_SOURCES: Final = {
     ),
     "aiortc.rtcsctptransport.RTCSctpTransport.__init__": "294b0e5108438509",
     "aiortc.rtcsctptransport.RTCSctpTransport._update_rto": "a1e7afb18886a101",
+    # The DTLS context made ahead (prebuild_dtls_contexts): what start() builds, with
+    # what, from which per-transport certificate attribute.
+    "aiortc.rtcdtlstransport.RTCCertificate.__init__": "6b93f0a813ce17e5",
+    "aiortc.rtcdtlstransport.RTCCertificate._create_ssl_context": "aac625bdc264f0a6",
+    "aiortc.rtcdtlstransport.RTCDtlsTransport.__init__": "3bffce6c2b56b5dc",
+    "aiortc.rtcdtlstransport.RTCDtlsTransport.start": "3b3522667fe0a3da",
+    "aiortc.rtcdtlstransport.RTCDtlsTransport.getLocalParameters": "63b60c064e9ad56d",
+    "aiortc.rtcpeerconnection.RTCPeerConnection.__init__": "f5388aea637f0f21",
 }
 
 
@@ -655,3 +674,83 @@ def _patch(fast: FastTransport, dtls: Any) -> None:
     retransmitter = _DtlsRetransmitter(dtls, fast.rtt)
     retransmitter.on_connected = fast.path_known
     fast.dtls.append(retransmitter)
+
+
+# --- the DTLS context made ahead --------------------------------------------------------------
+
+
+class _PrebuiltCertificate(RTCCertificate):
+    """A peer connection's certificate, with one ``SSL.Context`` already built.
+
+    The same key and X.509 certificate as the peer connection's (so the same
+    fingerprints); :meth:`_create_ssl_context` hands the context built ahead out
+    once, for the SRTP profiles it was built with, and builds any later one (or one
+    for other profiles) as aiortc does.
+    """
+
+    def __init__(self, certificate: RTCCertificate, srtp_profiles: list[Any]) -> None:
+        super().__init__(key=certificate._key, cert=certificate._cert)
+        self.prebuilt_profiles = list(srtp_profiles)
+        self.prebuilt: SSL.Context | None = certificate._create_ssl_context(
+            srtp_profiles=self.prebuilt_profiles
+        )
+        self.handed_out = 0
+
+    def _create_ssl_context(self, srtp_profiles: list[Any]) -> SSL.Context:
+        ctx, self.prebuilt = self.prebuilt, None
+        if ctx is None or list(srtp_profiles) != self.prebuilt_profiles:
+            return super()._create_ssl_context(srtp_profiles)
+        self.handed_out += 1
+        return ctx
+
+
+@functools.cache
+def _dtls_internals_pinned() -> bool:
+    """The pinned releases, with the DTLS internals used here unchanged (read once)."""
+    try:
+        check_pinned_versions()
+    except Exception:  # unsupported release: aiortc builds its context as before
+        return False
+    used = (".rtcdtlstransport.RTC", "RTCPeerConnection.__init__", "__createDtlsTransport")
+    return not any(part in name for name in changed_internals() for part in used)
+
+
+def prebuild_dtls_contexts(pc: RTCPeerConnection) -> int:
+    """Build ``pc``'s DTLS ``SSL.Context`` ahead of ``RTCDtlsTransport.start``; return 1 if built.
+
+    The context is what ``start`` would build (``_create_ssl_context`` of the peer
+    connection's certificate with aiortc's SRTP profiles: the same certificate and
+    key, verification settings, ciphers and profiles); the peer's fingerprint is
+    checked after the handshake as before. The certificate is replaced by a
+    :class:`_PrebuiltCertificate` (same key and certificate) in the peer
+    connection's list and in each DTLS transport it has now, so the first DTLS
+    transport to start — one that exists now, or one ``setRemoteDescription``
+    makes later (a callee prepared without audio) — takes the context, once; any
+    other builds its own, as aiortc does.
+
+    Returns 0 (nothing changed) when done already, when a DTLS transport has
+    started, on an aiortc/aioice release other than the pinned ones or when
+    :func:`changed_internals` names any of the DTLS internals used. Call it on a
+    peer connection made ahead (:mod:`qcall.call.prepared`).
+    """
+    if not _dtls_internals_pinned():
+        return 0
+    certificates = pc._RTCPeerConnection__certificates  # type: ignore[attr-defined]
+    original = certificates[0]
+    if isinstance(original, _PrebuiltCertificate):
+        return 0
+    found: dict[int, Any] = {}
+    for transceiver in pc.getTransceivers():
+        found[id(transceiver.receiver.transport)] = transceiver.receiver.transport
+    if pc.sctp is not None:
+        found[id(pc.sctp.transport)] = pc.sctp.transport
+    transports = list(found.values())
+    if any(not isinstance(t, RTCDtlsTransport) or t.state != "new" for t in transports):
+        return 0
+    profiles = transports[0]._srtp_profiles if transports else SRTP_PROFILES
+    prebuilt = _PrebuiltCertificate(original, profiles)
+    certificates[0] = prebuilt  # what __createDtlsTransport hands new transports
+    for dtls in transports:
+        if dtls._RTCDtlsTransport__local_certificate is original:
+            dtls._RTCDtlsTransport__local_certificate = prebuilt
+    return 1
