@@ -80,6 +80,7 @@ __all__ = [
     "PreparedConnection",
     "PreparedConnections",
     "bundle_policy",
+    "new_peer_connection",
     "prepare",
 ]
 
@@ -173,15 +174,25 @@ class PreparedConnection:
             await close_peer_connection(self.pc)
 
 
+def new_peer_connection(spec: PrepareSpec, options: CallOptions) -> RTCPeerConnection:
+    """A bare peer connection for ``spec``: its configuration and, if the spec asks for
+    it, the fast transport (installed before any transport exists).
+
+    Both a prepared connection and one a call makes itself start here.
+    """
+    pc = RTCPeerConnection(spec.configuration(options))
+    if spec.fast_transport:
+        install_fast_transport(pc)
+    return pc
+
+
 async def prepare(spec: PrepareSpec, options: CallOptions) -> PreparedConnection:
     """Make a peer connection for ``spec`` (see the module's docstring for what it holds).
 
     ``options``: the call options the spec was taken from (their ICE servers).
     """
-    pc = RTCPeerConnection(spec.configuration(options))
+    pc = new_peer_connection(spec, options)
     try:
-        if spec.fast_transport:  # before any transport exists
-            install_fast_transport(pc)
         audio: RTCRtpTransceiver | None = None
         if spec.send_audio:
             audio = pc.addTransceiver("audio", direction="sendrecv")  # its track: on adoption

@@ -37,8 +37,6 @@ from typing import Any
 
 from aiortc import (
     MediaStreamTrack,
-    RTCConfiguration,
-    RTCIceServer,
     RTCPeerConnection,
     RTCSessionDescription,
 )
@@ -46,12 +44,11 @@ from aiortc.rtcconfiguration import RTCIceTransportPolicy
 
 from qcall.call.aiortc_compat import close_peer_connection
 from qcall.call.crypto_worker import send_answer
-from qcall.call.fast_transport import install_fast_transport
 from qcall.call.jitter import apply_jitter_buffer_mode
 from qcall.call.media import UnityGainTrack
 from qcall.call.netem import apply_profile
 from qcall.call.opus import install_opus_encoder
-from qcall.call.prepared import PreparedConnection, PrepareSpec, bundle_policy
+from qcall.call.prepared import PreparedConnection, PrepareSpec, new_peer_connection
 from qcall.call.session_core import b64, unb64
 from qcall.call.session_pump import HandshakePump
 from qcall.call.status import CallState, IcePath
@@ -102,22 +99,19 @@ class Negotiation(HandshakePump):
         # _open_control_channel_bundled), so it never gathers candidates of its own
         # (docs/performance.md, "round 5 (loopback)"). The SRTP hook is installed on the
         # one DTLS transport once the remote description is set.
-        policy = self._ice_transport_policy()  # refuses relay without TURN
-        prepared = await self._take_prepared(control)
+        self._ice_transport_policy()  # refuses relay without TURN
+        spec = PrepareSpec.for_call(
+            self.role, self.options, self.source is not None, control=control
+        )
+        prepared = await self._take_prepared(spec)
         if self._ended.done():  # hung up while it waited for the connection being made
             if prepared is not None:
                 await prepared.close()
             raise self._ended.exception() or CallError("the call ended during setup")
         if prepared is not None:  # made ahead for one call: this one (qcall.call.prepared)
             pc = prepared.pc
-        else:
-            ice = [RTCIceServer(**server) for server in self.options.ice_servers]  # STUN/TURN
-            config = RTCConfiguration(
-                iceServers=ice, iceTransportPolicy=policy, bundlePolicy=bundle_policy(control)
-            )
-            pc = RTCPeerConnection(config)
-            if self.options.fast_transport:  # before any transport exists
-                install_fast_transport(pc)
+        else:  # made now, exactly as a prepared one is made
+            pc = new_peer_connection(spec, self.options)
         if self.options.network is not None:  # user-space netem (latency harness)
             seed = 2 * self.options.network_seed + (self.role == "callee")
             self.emulation = apply_profile(pc, self.options.network, seed)
@@ -164,13 +158,10 @@ class Negotiation(HandshakePump):
         self.pc = pc
         return pc
 
-    async def _take_prepared(self, control: bool) -> PreparedConnection | None:
+    async def _take_prepared(self, spec: PrepareSpec) -> PreparedConnection | None:
         """The phone's connection prepared for a call like this one, if any (used once)."""
         if self.prepared is None:
             return None
-        spec = PrepareSpec.for_call(
-            self.role, self.options, self.source is not None, control=control
-        )
         prepared = await self.prepared.take_soon(spec)
         if prepared is not None:
             self.status.timings_ms["pc_prepared_age"] = round(
