@@ -475,7 +475,7 @@ async def test_burst_is_one_commit_then_pipelined(world, monkeypatch):
     commits = []
     real_transaction = alice.store.transaction
 
-    def counting(**options):  # (transaction_async defers the COMMIT through an option)
+    def counting(**options):
         if not alice.store._depth:
             commits.append(1)
         return real_transaction(**options)

@@ -23,7 +23,6 @@ to a newer qcall is a :class:`~qcall.exceptions.MessageStoreError` naming it.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
 import logging
@@ -31,8 +30,7 @@ import os
 import secrets
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from pathlib import Path
 
 from qcall import config, pqc
@@ -162,9 +160,6 @@ class ClientStore(GroupAndTransferTables):
         self.path = Path(path)
         self._lock = threading.RLock()
         self._depth = 0
-        # Set while transaction_async's COMMIT runs in a worker thread (see _settle).
-        self._committing: threading.Event | None = None
-        self._committer: tuple[int, ThreadPoolExecutor] | None = None  # (pid, executor)
         # Parsed sessions by id, with the sealed row they were read from or written as
         # (see _session): a hit only when the row in the file is still that one.
         self._parsed: dict[bytes, tuple[bytes, SessionState]] = {}
@@ -229,7 +224,7 @@ class ClientStore(GroupAndTransferTables):
         self._mac_key = store_key(identity_seed, salt, b"store names")
 
     @contextlib.contextmanager
-    def transaction(self, *, _defer: list[threading.Event] | None = None) -> Iterator[None]:
+    def transaction(self) -> Iterator[None]:
         """One atomic transaction.
 
         A nested call is a savepoint inside the outer transaction: if it raises, its
@@ -237,7 +232,6 @@ class ClientStore(GroupAndTransferTables):
         item of a batch committed together loses nothing else); if it returns, its
         writes commit with the outer transaction.
         """
-        self._settle()
         with self._lock:
             if self._depth:
                 name = f"nested{self._depth}"
@@ -264,58 +258,14 @@ class ClientStore(GroupAndTransferTables):
                 self._db.execute("ROLLBACK")
                 raise
             self._depth = 0
-            if _defer is not None:  # transaction_async commits it in a worker thread
-                self._committing = threading.Event()
-                _defer.append(self._committing)
-                return
-            self._commit()
-
-    @contextlib.asynccontextmanager
-    async def transaction_async(self) -> AsyncIterator[None]:
-        """:meth:`transaction` whose ``COMMIT`` (the fsync) runs in a worker thread.
-
-        The event loop goes on meanwhile; the caller resumes once the commit is on disk
-        (or gets :class:`MessageStoreError`). Until then any other use of the store waits
-        for it: nothing reads the writes before they are durable or joins them (§10.3).
-        Inside another transaction it is a savepoint, as :meth:`transaction`.
-        """
-        if self._depth:
-            with self.transaction():
-                yield
-            return
-        pending: list[threading.Event] = []
-        with self.transaction(_defer=pending):
-            yield
-        if self._committer is None or self._committer[0] != os.getpid():  # (none after a fork)
-            # A thread of its own: a commit never waits behind other work.
-            self._committer = os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="qcall-commit")
-        try:
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._committer[1], self._commit, pending[0])
-        finally:  # (if this task is cancelled, the commit goes on and is still waited for)
-            if self._committing is pending[0] and pending[0].is_set():
-                self._committing = None
-
-    def _commit(self, done: threading.Event | None = None) -> None:
-        """``COMMIT`` the open transaction (rolled back if that fails); sets ``done``."""
-        try:
-            with self._lock:
+            try:
                 self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error), self._lock:
-                self._db.execute("ROLLBACK")
-            raise MessageStoreError(f"{self.path}: cannot commit: {exc}") from exc
-        finally:
-            if done is not None:
-                done.set()
-
-    def _settle(self) -> None:
-        """Wait for a commit :meth:`transaction_async` has in a worker thread."""
-        if (pending := self._committing) is not None:
-            pending.wait()
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise MessageStoreError(f"{self.path}: cannot commit: {exc}") from exc
 
     def _exec(self, sql: str, args: tuple[object, ...] = ()) -> sqlite3.Cursor:
-        self._settle()
         try:
             with self._lock:
                 return self._db.execute(sql, args)
@@ -325,7 +275,6 @@ class ClientStore(GroupAndTransferTables):
     def _many(self, sql: str, rows: list[tuple[object, ...]]) -> None:
         if not rows:
             return
-        self._settle()
         try:
             with self._lock:
                 self._db.executemany(sql, rows)
@@ -360,9 +309,6 @@ class ClientStore(GroupAndTransferTables):
         return tag
 
     def close(self) -> None:
-        self._settle()
-        if self._committer is not None and self._committer[0] == os.getpid():
-            self._committer[1].shutdown()
         with self._lock:
             self._db.close()
 
