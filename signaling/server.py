@@ -356,26 +356,25 @@ class SignalingServer(AsyncClosing):
                 if text is None:
                     text = texts[id(msg)] = msg.serialize()
                 item, size = text, len(text)
-            if (outbox.size and outbox.size + size > limit) or outbox.queue.full():
-                self._too_slow(cid, outbox)
-                continue
-            outbox.size += size
-            outbox.queue.put_nowait(item)
+            self._enqueue(cid, outbox, item, size, limit)
 
     def queue_text(self, cid: ConnectionId, text: str) -> None:
         """Queue an already serialized message on a connection, under the limits of
         :meth:`_dispatch` (a relayed frame from another instance: the relay fast path)."""
         outbox = self._outboxes.get(cid)
-        if outbox is None:
-            return  # gone meanwhile
-        size = len(text)
-        if (outbox.size and outbox.size + size > self.config.max_outbox_bytes) or (
-            outbox.queue.full()
-        ):
+        if outbox is not None:  # (else gone meanwhile)
+            self._enqueue(cid, outbox, text, len(text), self.config.max_outbox_bytes)
+
+    def _enqueue(
+        self, cid: ConnectionId, outbox: _Outbox, item: _Item, size: int, limit: int
+    ) -> None:
+        """Queue ``item`` unless the outbox already holds something and would pass
+        ``limit`` bytes, or is full: then the connection is closed as too slow."""
+        if (outbox.size and outbox.size + size > limit) or outbox.queue.full():
             self._too_slow(cid, outbox)
             return
         outbox.size += size
-        outbox.queue.put_nowait(text)
+        outbox.queue.put_nowait(item)
 
     def _too_slow(self, cid: ConnectionId, outbox: _Outbox) -> None:
         """Drop ``cid``'s outbox once: nothing more is queued for it; its handler cleans up."""
@@ -389,9 +388,7 @@ class SignalingServer(AsyncClosing):
         if outbox is None:
             return
         if outbox.size + len(text) > MAILBOX_OUTBOX_BYTES or outbox.queue.full():
-            logger.warning("! connection %d does not read its messages: closing it", cid)
-            del self._outboxes[ConnectionId(cid)]
-            self._spawn(outbox.ws.close(1008, "too slow"))
+            self._too_slow(ConnectionId(cid), outbox)
             return
         outbox.size += len(text)
         outbox.queue.put_nowait(text)
