@@ -223,7 +223,7 @@ async def test_a_call_signs_the_answer_in_the_worker_and_bundles_the_control_cha
         assert len(session.pc._RTCPeerConnection__iceTransports) == 1  # type: ignore[attr-defined]
     # ... and carries the rekeys; no packet fails to decrypt.
     deadline = time.monotonic() + 10 * T
-    while caller.status.rekeys < 2 and time.monotonic() < deadline:
+    while min(caller.status.rekeys, callee.status.rekeys) < 2 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert caller._channel is not None and caller._channel.readyState == "open"
     assert caller.status.rekeys >= 2 and callee.status.rekeys >= 2

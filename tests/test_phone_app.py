@@ -164,7 +164,10 @@ async def ring(app: PhoneApp, caller: PhoneController) -> None:
     await until(lambda: app.controller.phone.signaling.connected, "the app's phone registered")
     await caller.start()
     caller.dial(app.controller.phone.name)
-    await until(lambda: isinstance(app.screen, IncomingScreen), "the incoming prompt")
+    await until(  # the screen, and its prompt mounted (textual composes it after the push)
+        lambda: isinstance(app.screen, IncomingScreen) and len(app.screen.query("#incoming")) > 0,
+        "the incoming prompt",
+    )
 
 
 async def test_answer_confirm_sas_mute_hold_volume_hang_up(lab: Lab) -> None:
