@@ -11,11 +11,14 @@ Frame on the link: ``kind (u8) | length (u32, big endian) | body``::
 
     dialer                                     listener
       HELLO   {v, from, to, epoch, nonce} ------->
-      <------- WELCOME {v, nonce, epoch, acked, mac}     mac  = HMAC(secret, "welcome" ‖ T)
-      AUTH    {mac} ------------------------------>      mac  = HMAC(secret, "auth" ‖ T)
-      FRAME   tag(16) ‖ message ----------------->       tag  = HMAC(session, kind ‖ message)[:16]
-      <------- ACK     tag(16) ‖ seq (u64)                session = HMAC(secret, "session" ‖ T)
+      <------- WELCOME {v, nonce, epoch, acked, mac}     mac = HMAC(S, "qcall-link-v1 welcome" ‖ T)
+      AUTH    {mac} ------------------------------>      mac = HMAC(S, "qcall-link-v1 auth" ‖ T)
+      FRAME   tag(16) ‖ message ----------------->       tag = HMAC(K, kind ‖ message)[:16]
+      <------- ACK     tag(16) ‖ seq (u64)                K   = HMAC(S, "qcall-link-v1 session" ‖ T)
       ERROR   UTF-8 reason (either side, then close)
+
+(``S`` the cluster secret, ``K`` the session key; tests/vectors/cluster_link.json
+holds handshakes, frames and refused inputs made by scripts/gen_link_vectors.py.)
 
 ``T`` (:func:`transcript`) binds both instance ids, both nonces, both epochs
 and ``acked`` (and ``relay`` when both offered relay frames). ``message`` is
