@@ -395,6 +395,8 @@ def invalid_inputs() -> list[tuple[str, str, str, bytes]]:
         ("kind 0", c0.name, "listener, new", b"\x00\x00\x00\x00\x00"),
         ("a body above 4 MiB: refused on its 5-byte head", c0.name, "listener, new",
          bytes([LinkKind.FRAME]) + struct.pack(">I", MAX_BODY + 1)),
+        ("a head announcing exactly 4 MiB: accepted, waits for the body", c0.name,
+         "listener, new", bytes([LinkKind.HELLO]) + struct.pack(">I", MAX_BODY)),
         ("a FRAME before the HELLO", c0.name, "listener, new", good),
         ("an AUTH before the HELLO", c0.name, "listener, new", encode(LinkKind.AUTH, b"{}")),
         ("a HELLO to another instance", c0.name, "listener, new", hello_with(to="hf-9")),
