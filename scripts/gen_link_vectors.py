@@ -416,6 +416,10 @@ def invalid_inputs() -> list[tuple[str, str, str, bytes]]:
         ("a HELLO whose from is a lone surrogate (no UTF-8)", c0.name, "listener, new",
          encode(LinkKind.HELLO, _json_body(hello).replace(b'"bj-1"', b'"\\ud800"'))),
         ("a HELLO that is not JSON", c0.name, "listener, new", encode(LinkKind.HELLO, b"{")),
+        ("a HELLO with NaN in an unknown member (not JSON)", c0.name, "listener, new",
+         encode(LinkKind.HELLO, _json_body(hello)[:-1] + b',"x":NaN}')),
+        ("a HELLO with an unknown member: accepted", c0.name, "listener, new",
+         encode(LinkKind.HELLO, _json_body(hello)[:-1] + b',"x":[1,{"y":null}]}')),
         ("a HELLO that is a JSON array", c0.name, "listener, new", encode(LinkKind.HELLO, b"[]")),
         ("a HELLO that is not UTF-8", c0.name, "listener, new", encode(LinkKind.HELLO, b"\xff")),
         ("an AUTH with the mac of another secret", c0.name, "listener, welcomed",
@@ -511,7 +515,8 @@ async def invalid_vector(note: str, case_name: str, stage: str, data: bytes) -> 
         reason = str(exc)
     link, wire = await at_stage(case, stage)  # again, through data_received: the ERROR frame
     wire.take()
-    link.data_received(data)
+    with nonce(case.listener_nonce):  # a HELLO accepted is answered with the listed WELCOME
+        link.data_received(data)
     answer = wire.take()
     if reason is not None:
         assert answer == encode(LinkKind.ERROR, reason.encode()[:512]) and link.closed

@@ -148,9 +148,13 @@ class FrameReader:
         return out
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _json(body: bytes, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(body.decode())
+    try:  # NaN, Infinity: not JSON (RFC 8259), refused like any other non-JSON
+        data = json.loads(body.decode(), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError):
         raise ClusterLinkError(f"{what}: not JSON") from None
     if not isinstance(data, dict):

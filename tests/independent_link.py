@@ -147,9 +147,13 @@ def auth_body(mac_: bytes) -> bytes:
     return compact([("mac", b64(mac_))])
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _object(body: bytes) -> dict[str, Any]:
     try:
-        data = json.loads(body.decode("utf-8"))
+        data = json.loads(body.decode("utf-8"), parse_constant=_not_json)
     except (UnicodeDecodeError, ValueError) as exc:
         raise LinkRefusedError("not UTF-8 JSON") from exc
     if not isinstance(data, dict):
