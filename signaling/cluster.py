@@ -68,6 +68,7 @@ from qcall.signaling.messages import CallMessage, ErrorMessage, OnlinePeer, Regi
 from qcall.signaling.protocol import CALL_RULES, CloseConnection, ConnectionId, Output
 from qcall.signaling.state import RELAY
 from qcall.typing import PeerId
+from signaling.cluster_link import client_message, header_start, relay_message
 from signaling.cluster_links import Links
 
 if TYPE_CHECKING:
@@ -306,13 +307,11 @@ class Cluster:
                 seq = self.links.next_seq(inst)
                 one = instances[inst]
                 if one is not None and self.links.relays(inst):  # the relay fast path
-                    head = self._link_header(name, relay=True)
-                    message = b'%s, "call": "%s", "type": "%s", "seq": %d}\n%s' % (
-                        head, one.call_id.encode(), one.TYPE.encode(), seq,
-                        one.serialize().encode(),
-                    )  # fmt: skip
+                    start = self._link_header(name, relay=True)
+                    body = one.serialize().encode()
+                    message = relay_message(start, one.call_id, one.TYPE, seq, body)
                 else:
-                    message = b'%s, "seq": %d}\n%s' % (self._link_header(name), seq, frame)
+                    message = client_message(self._link_header(name), seq, frame)
                 if not self.links.send(inst, seq, message):
                     self._queue_frames(inst, [message], cid)
                 continue
@@ -335,9 +334,8 @@ class Cluster:
         if cached is None or cached[0] != fp:
             if len(self._headers) >= 4096:
                 self._headers.clear()
-            header = {"relay" if relay else "from": name, "fp": fp,
-                      "inst": self.instance_id, "epoch": self.epoch}  # fmt: skip
-            cached = self._headers[name, relay] = (fp, json.dumps(header)[:-1].encode())
+            start = header_start(name, fp, self.instance_id, self.epoch, relay=relay)
+            cached = self._headers[name, relay] = (fp, start)
         return cached[1]
 
     def mail(self, name: PeerId, text: str) -> None:

@@ -11,11 +11,14 @@ Frame on the link: ``kind (u8) | length (u32, big endian) | body``::
 
     dialer                                     listener
       HELLO   {v, from, to, epoch, nonce} ------->
-      <------- WELCOME {v, nonce, epoch, acked, mac}     mac  = HMAC(secret, "welcome" ‖ T)
-      AUTH    {mac} ------------------------------>      mac  = HMAC(secret, "auth" ‖ T)
-      FRAME   tag(16) ‖ message ----------------->       tag  = HMAC(session, kind ‖ message)[:16]
-      <------- ACK     tag(16) ‖ seq (u64)                session = HMAC(secret, "session" ‖ T)
+      <------- WELCOME {v, nonce, epoch, acked, mac}     mac = HMAC(S, "qcall-link-v1 welcome" ‖ T)
+      AUTH    {mac} ------------------------------>      mac = HMAC(S, "qcall-link-v1 auth" ‖ T)
+      FRAME   tag(16) ‖ message ----------------->       tag = HMAC(K, kind ‖ message)[:16]
+      <------- ACK     tag(16) ‖ seq (u64)                K   = HMAC(S, "qcall-link-v1 session" ‖ T)
       ERROR   UTF-8 reason (either side, then close)
+
+(``S`` the cluster secret, ``K`` the session key; tests/vectors/cluster_link.json
+holds handshakes, frames and refused inputs made by scripts/gen_link_vectors.py.)
 
 ``T`` (:func:`transcript`) binds both instance ids, both nonces, both epochs
 and ``acked`` (and ``relay`` when both offered relay frames). ``message`` is
@@ -59,9 +62,12 @@ __all__ = [
     "LinkSender",
     "Tagger",
     "Welcome",
+    "client_message",
     "encode",
     "frame_tag",
+    "header_start",
     "link_macs",
+    "relay_message",
     "transcript",
 ]
 
@@ -142,9 +148,13 @@ class FrameReader:
         return out
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _json(body: bytes, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(body.decode())
+    try:  # NaN, Infinity: not JSON (RFC 8259), refused like any other non-JSON
+        data = json.loads(body.decode(), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError):
         raise ClusterLinkError(f"{what}: not JSON") from None
     if not isinstance(data, dict):
@@ -158,8 +168,14 @@ def _field(data: dict[str, Any], name: str, kind: type, what: str) -> Any:
         raise ClusterLinkError(f"{what}.{name}: missing or wrong type")
     if isinstance(value, int) and not 0 <= value < 1 << 64:
         raise ClusterLinkError(f"{what}.{name}: out of range")
-    if isinstance(value, str) and not 0 < len(value) <= 256:
-        raise ClusterLinkError(f"{what}.{name}: empty or longer than 256")
+    if isinstance(value, str):
+        if not 0 < len(value) <= 256:
+            raise ClusterLinkError(f"{what}.{name}: empty or longer than 256")
+        if not value.isascii():
+            try:  # a lone surrogate (``"\\ud800"``) decodes from JSON but has no UTF-8
+                value.encode()
+            except UnicodeEncodeError:
+                raise ClusterLinkError(f"{what}.{name}: not UTF-8") from None
     return value
 
 
@@ -214,7 +230,7 @@ class Hello:
 def _relay(data: dict[str, Any], what: str) -> bool:
     """The optional ``relay`` member (1: relay frames; absent: an older instance)."""
     value = data.get("relay")
-    if value is not None and (value != 1 or isinstance(value, bool)):
+    if value is not None and (type(value) is not int or value != 1):  # not true, not 1.0
         raise ClusterLinkError(f"{what}.relay: not 1")
     return value == 1
 
@@ -331,6 +347,31 @@ class Tagger:
         if not hmac.compare_digest(self.tag(kind, data), body[:TAG_LEN]):
             raise ClusterLinkError(f"{kind.name.lower()}: bad tag")
         return data
+
+
+def header_start(name: str, fp: str, inst: str, epoch: int, *, relay: bool = False) -> bytes:
+    """The header line of ``name``'s numbered frames up to its ``epoch`` member, without
+    the closing brace: ``{"from": NAME, "fp": FP, "inst": INST, "epoch": EPOCH``
+    (``"relay"`` for ``"from"`` with ``relay``), as :func:`json.dumps` writes it
+    (``", "`` and ``": "`` separators, non-ASCII escaped). :func:`client_message`
+    and :func:`relay_message` add the rest; a sender makes it once per name."""
+    header = {"relay" if relay else "from": name, "fp": fp, "inst": inst, "epoch": epoch}
+    return json.dumps(header)[:-1].encode()
+
+
+def client_message(start: bytes, seq: int, frame: bytes) -> bytes:
+    """A numbered client frame: ``start`` (:func:`header_start`), ``, "seq": SEQ}``,
+    ``\\n``, the client's frame as it came."""
+    return b'%s, "seq": %d}\n%s' % (start, seq, frame)
+
+
+def relay_message(start: bytes, call_id: str, kind: str, seq: int, body: bytes) -> bytes:
+    """A relay frame: ``start`` (:func:`header_start` with ``relay``), ``, "call": CALL,
+    "type": TYPE, "seq": SEQ}``, ``\\n``, the relayed message ``body``. ``call_id``
+    (``A-Z a-z 0-9 _ -``) and ``kind`` (``offer``, ``answer``, ``ice``) need no escaping."""
+    return b'%s, "call": "%s", "type": "%s", "seq": %d}\n%s' % (
+        start, call_id.encode(), kind.encode(), seq, body
+    )  # fmt: skip
 
 
 class LinkSender:

@@ -263,9 +263,9 @@ class _Inbound(_Link):
             seq, epoch, inst = header["seq"], header["epoch"], header["inst"]
         except (ValueError, KeyError, TypeError):
             raise ClusterLinkError("frame: header is not {inst, epoch, seq, ...}") from None
-        if inst != self.peer or epoch != self.epoch:
+        if inst != self.peer or type(epoch) is not int or epoch != self.epoch:
             raise ClusterLinkError(f"frame: from {inst!r} epoch {epoch!r} on {self.peer}'s link")
-        if not isinstance(seq, int) or seq <= self._seq:
+        if type(seq) is not int or seq <= self._seq:  # not true, not 2.0
             raise ClusterLinkError(f"frame: seq {seq!r} not after {self._seq}")
         self._seq = seq
         try:
