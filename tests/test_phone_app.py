@@ -106,6 +106,16 @@ async def until(check: Callable[[], Any], what: str, timeout: float = 10.0) -> N
         await asyncio.sleep(0.02)
 
 
+async def mounted(app: Any, selector: str, what: str) -> Any:
+    """The widget ``selector`` on the current screen, once the screen has mounted it.
+
+    A screen pushed by a key or an event mounts its widgets on a later tick, so a
+    ``query_one`` right after the push can miss them on a loaded machine.
+    """
+    await until(lambda: bool(app.screen.query(selector)), what)
+    return app.screen.query_one(selector)
+
+
 _CHARS = {"minus": "-", "plus": "+", "enter": "\r"}
 
 
@@ -304,7 +314,7 @@ async def test_dial_from_the_app_and_decline_and_presence(lab: Lab) -> None:
 
         await press(pilot, "n", *"bob", "enter")
         await until(lambda: isinstance(app.screen, CallScreen), "the call screen")
-        timer = app.screen.query_one("#call-timer")
+        timer = await mounted(app, "#call-timer", "the call screen's timer")
         await until(lambda: "ringing" in str(timer.render()), "ringing on the call screen")
         await until(lambda: bob.ringing is not None, "bob's phone rings")
         await bob.decline()
@@ -335,7 +345,7 @@ async def test_conversations_screen_reads_and_sends(lab: Lab) -> None:
             await until(lambda: alice.phone.signaling.connected, "alice registered")
             await bob_side.send("m-alice", "lunch at noon?")
             await press(pilot, "t")
-            table = app.screen.query_one("#conversation-list", DataTable)
+            table = await mounted(app, "#conversation-list", "the conversation list")
             await until(
                 lambda: table.row_count == 1
                 and [str(c) for c in table.get_row("m-bob")] == ["m-bob", "lunch at noon?", "1"],
@@ -343,7 +353,7 @@ async def test_conversations_screen_reads_and_sends(lab: Lab) -> None:
             )
             await until(lambda: app.focused is table, "the list focused")
             await press(pilot, "enter")
-            view = app.screen.query_one("#conversation")
+            view = await mounted(app, "#conversation", "the conversation view")
             await until(lambda: "m-bob: lunch at noon?" in str(view.render()), "the history")
             await press(pilot, *"yes", "enter")
             await until(lambda: "me: yes" in str(view.render()), "my message shown")
