@@ -596,3 +596,38 @@ class AES256GCM:
 
     def __repr__(self) -> str:
         return "<AES256GCM>"
+
+
+def aead_seal_once(key: bytes, nonce: bytes, plaintext: bytes, associated_data: bytes) -> bytes:
+    """``AES256GCM(key).seal(nonce, plaintext, associated_data)`` for a key used once.
+
+    The per-message path of the messaging ratchets: the same checks and bytes, without
+    the object's set-up. ``key``, ``nonce`` and ``associated_data`` must be ``bytes``.
+
+    Raises:
+        InvalidKeyError: the key is not 32 bytes.
+        ValueError: the nonce is not 12 bytes.
+    """
+    if len(key) != AEAD_KEY_LEN:
+        _check_length("AES-256-GCM key", key, AEAD_KEY_LEN)
+    if len(nonce) != AEAD_NONCE_LEN:
+        raise ValueError(f"AES-GCM nonce must be {AEAD_NONCE_LEN} bytes")
+    return AESGCM(key).encrypt(nonce, plaintext, associated_data)
+
+
+def aead_open_once(
+    key: bytes, nonce: bytes, ciphertext: bytes, associated_data: bytes
+) -> bytes | None:
+    """``AES256GCM(key).open(...)`` for a key used once; ``None`` if it does not verify.
+
+    Raises:
+        InvalidKeyError: the key is not 32 bytes.
+    """
+    if len(key) != AEAD_KEY_LEN:
+        _check_length("AES-256-GCM key", key, AEAD_KEY_LEN)
+    if len(nonce) != AEAD_NONCE_LEN or len(ciphertext) < AEAD_TAG_LEN:
+        return None
+    try:
+        return AESGCM(key).decrypt(nonce, ciphertext, associated_data)
+    except InvalidTag:
+        return None

@@ -3,8 +3,9 @@
 
 Usage::
 
-    python scripts/bench_messaging.py [--runs 3] [--messages 4000] [--pairs 8]
-                                      [--rate 500] [--seconds 4] [--file-mb 100] [--json]
+    python scripts/bench_messaging.py [--runs 3] [--rounds 5] [--warmup 1]
+                                      [--messages 4000] [--pairs 8] [--rate 500]
+                                      [--seconds 4] [--file-mb 100] [--json]
 
 The server is a real ``python -m signaling`` process with its SQLite mailbox in a
 temporary directory (``synchronous=FULL``: every acknowledged envelope is on
@@ -31,6 +32,23 @@ recipient's acknowledgement to the server. Files: one ``--file-mb`` MB file, enc
 checked) vs the same chunks sent plain. QKD: keys taken from a counting key
 source under the default policy, and the messages/s one Beijing–Hefei route of
 the simulated network sustains from its modelled key rate.
+
+Paired rounds (the encrypted ÷ plain time). Each run starts its own server and pair
+processes, sets up the sessions, then does ``--warmup`` unrecorded rounds and ``--rounds``
+recorded ones. A round is one plain and one encrypted throughput measurement back to back
+over the same server and clients, the order alternating from round to round (recorded
+round 1: plain first, round 2: encrypted first, ...), so that a swing of the machine's
+load hits both halves of a pair alike and favours neither kind on average. Each round
+gives its own ratio, encrypted time ÷ plain time; the headline figure is the **median
+of the paired ratios** of all runs' recorded rounds, printed with their quartiles (25 %
+and 75 %) and their count. The figure printed before this method, the **ratio of
+medians** (median over the runs of plain msg/s ÷ median of encrypted msg/s; a run's
+throughput being the median of its rounds), is still printed, labelled: on a shared
+machine its two medians are taken up to minutes apart and load swings move it. The
+latency phase (both kinds) runs once per run, in the first recorded round, right after
+each kind's throughput measurement; ``--rounds 1 --warmup 0`` is exactly the previous
+method (per run: plain throughput, plain latency, encrypted throughput, encrypted
+latency), its one paired ratio per run being that run's own ratio.
 
 Medians of ``--runs`` runs are printed, with the ratios encrypted/plain.
 """
@@ -278,19 +296,39 @@ def pair_worker(url: str, directory: str, index: int, args: argparse.Namespace,
     async def run() -> dict[str, Any]:
         async with peers(url, Path(directory), 1, f"w{index}") as pair:
             await warm_up(pair)
-            out: dict[str, Any] = {}
+            out: dict[str, Any] = {"span_plain": [], "span_encrypted": []}
             per = args.messages // args.pairs
             lat_per = int(args.rate * args.seconds / args.pairs)
-            for encrypted in (False, True):
-                kind = "encrypted" if encrypted else "plain"
-                await asyncio.to_thread(barrier.wait)
-                out[f"span_{kind}"] = await throughput(pair, encrypted, per, args.window)
-                await asyncio.to_thread(barrier.wait)
-                await asyncio.sleep(index / args.rate)  # spread the pairs' sends
-                out[f"lat_{kind}"] = await latency(pair, encrypted, args.rate / args.pairs, lat_per)
+            for r in range(args.warmup + args.rounds):
+                recorded = r - args.warmup  # < 0: a warm-up round
+                for encrypted in round_order(recorded):
+                    kind = "encrypted" if encrypted else "plain"
+                    await asyncio.to_thread(barrier.wait)
+                    span = await throughput(pair, encrypted, per, args.window)
+                    if recorded >= 0:
+                        out[f"span_{kind}"].append(span)
+                    if recorded == 0:  # latency: once per run, as before
+                        await asyncio.to_thread(barrier.wait)
+                        await asyncio.sleep(index / args.rate)  # spread the pairs' sends
+                        out[f"lat_{kind}"] = await latency(
+                            pair, encrypted, args.rate / args.pairs, lat_per
+                        )
             return out
 
     results.put((index, asyncio.run(run())))
+
+
+def round_order(recorded: int) -> tuple[bool, bool]:
+    """The kinds of round ``recorded`` in order (False: plain): plain first in even rounds."""
+    return (False, True) if recorded % 2 == 0 else (True, False)
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(25 %, median, 75 %) of ``values`` (one value: itself three times)."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -422,27 +460,38 @@ async def one_run(args: argparse.Namespace, directory: Path, run: int) -> dict[s
         for w in workers:
             w.join()
         per = args.messages // args.pairs * args.pairs
+        seconds: dict[str, list[float]] = {}
         for kind in ("plain", "encrypted"):
-            spans = [g[f"span_{kind}"] for g in got]
-            out[f"throughput_{kind}"] = per / (max(e for _, e in spans) - min(b for b, _ in spans))
+            # round i's time: from the first pair's first send to the last pair's last message
+            seconds[kind] = [
+                max(g[f"span_{kind}"][i][1] for g in got)
+                - min(g[f"span_{kind}"][i][0] for g in got)
+                for i in range(args.rounds)
+            ]
+            out[f"throughput_{kind}"] = statistics.median(per / t for t in seconds[kind])
             lat = [x for g in got for x in g[f"lat_{kind}"]]
             out[f"p50_ms_{kind}"] = percentile(lat, 0.50)
             out[f"p99_ms_{kind}"] = percentile(lat, 0.99)
         if args.file_mb:
             out.update(await file_transfer(url, directory, args.file_mb, f"f{run}"))
-    return out
+    paired = [e / p for e, p in zip(seconds["encrypted"], seconds["plain"], strict=True)]
+    return {**out, "paired_ratios": paired}
 
 
 async def amain(args: argparse.Namespace) -> dict[str, Any]:
-    runs = []
+    runs: list[dict[str, Any]] = []
+    paired: list[float] = []
     with tempfile.TemporaryDirectory(prefix="bench-messaging-") as tmp:
         for run in range(args.runs):
             directory = Path(tmp) / f"run{run}"
             directory.mkdir()
             result = await one_run(args, directory, run)
+            paired.extend(result.pop("paired_ratios"))
             runs.append(result)
             shown = ", ".join(f"{k} {v:.3g}" for k, v in result.items())
-            print(f"run {run + 1}/{args.runs}: {shown}", file=sys.stderr, flush=True)
+            pairs_shown = " ".join(f"{x:.2f}" for x in paired[-args.rounds :])
+            print(f"run {run + 1}/{args.runs}: {shown}, paired ratios {pairs_shown}",
+                  file=sys.stderr, flush=True)  # fmt: skip
         directory = Path(tmp) / "qkd"
         directory.mkdir()
         with server_process(directory) as url:
@@ -451,15 +500,26 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     median["time_ratio_encrypted_plain"] = (
         median["throughput_plain"] / median["throughput_encrypted"]
     )
-    return {"runs": args.runs, "messages": args.messages, "pairs": args.pairs,
+    q1, q2, q3 = quartiles(paired)
+    return {"runs": args.runs, "rounds": args.rounds, "warmup": args.warmup,
+            "messages": args.messages, "pairs": args.pairs,
             "window": args.window, "rate": args.rate, "file_mb": args.file_mb,
-            "median": median, "qkd": qkd,
-            "route": route_capacity(qkd["bytes_per_message"])}  # fmt: skip
+            "median": median,
+            "paired": {"ratios": paired, "median": q2, "q1": q1, "q3": q3},
+            "qkd": qkd, "route": route_capacity(qkd["bytes_per_message"])}  # fmt: skip
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=3)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=3, help="runs (each: its own server)")
+    parser.add_argument(
+        "--rounds", type=int, default=5,
+        help="recorded paired rounds per run: plain and encrypted throughput back to back, "
+        "the order alternating (--rounds 1 --warmup 0: the previous method)",
+    )  # fmt: skip
+    parser.add_argument("--warmup", type=int, default=1, help="unrecorded rounds per run")
     parser.add_argument("--messages", type=int, default=4000, help="per throughput run")
     parser.add_argument("--pairs", type=int, default=8, help="sender/recipient pairs")
     parser.add_argument(
@@ -471,18 +531,25 @@ def main() -> int:
     parser.add_argument("--file-mb", type=int, default=100, help="file size (0: no file run)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.runs < 1 or args.rounds < 1 or args.warmup < 0:
+        parser.error("--runs and --rounds must be at least 1, --warmup at least 0")
     logging.disable(logging.WARNING)  # "pinned new contact" for every bench user
     report = asyncio.run(amain(args))
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    m, q, r = report["median"], report["qkd"], report["route"]
-    print(f"messaging through one signaling server, loopback, medians of {args.runs} runs")
+    m, q, r, pr = report["median"], report["qkd"], report["route"], report["paired"]
+    print(f"messaging through one signaling server, loopback, medians of {args.runs} runs "
+          f"({args.rounds} paired rounds each after {args.warmup} warm-up)")  # fmt: skip
     print(
         f"  throughput: encrypted {m['throughput_encrypted']:.0f} msg/s, plain "
         f"{m['throughput_plain']:.0f} msg/s; time encrypted/plain "
-        f"{m['time_ratio_encrypted_plain']:.2f} ({args.pairs} pairs, {args.messages} msgs, "
-        f"window {args.window})"
+        f"{m['time_ratio_encrypted_plain']:.2f} (ratio of medians) ({args.pairs} pairs, "
+        f"{args.messages} msgs, window {args.window})"
+    )
+    print(
+        f"  time encrypted/plain, paired rounds: median {pr['median']:.2f} "
+        f"(quartiles {pr['q1']:.2f}–{pr['q3']:.2f}, {len(pr['ratios'])} rounds)"
     )
     print(
         f"  latency at {args.rate:g} msg/s: encrypted p50 {m['p50_ms_encrypted']:.1f} ms, "

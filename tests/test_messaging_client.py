@@ -21,6 +21,7 @@ from qcall.exceptions import (
     IdentityChangedError,
     MessageAuthError,
     MessageFormatError,
+    MessageStoreError,
     MessageTooLargeError,
     PrekeyError,
     ReplayedMessageError,
@@ -603,19 +604,20 @@ async def test_a_received_batch_writes_each_session_once_and_a_crash_in_it_loses
     monkeypatch.setattr(
         bob.store, "save_session", lambda *a, **k: (saves.append(1), real_save(*a, **k))
     )
-    real_add = bob.store.add_history
-    added = []
+    real_apply = bob._apply_content
+    applied = []
 
-    def crash_on_fourth(*args, **kwargs) -> int:
-        added.append(1)
-        if len(added) == 4:
+    def crash_on_fourth(*args, **kwargs) -> list[object]:
+        applied.append(1)
+        if len(applied) == 4:
             raise KeyboardInterrupt("kill in the middle of the batch")
-        return real_add(*args, **kwargs)
+        return real_apply(*args, **kwargs)
 
-    monkeypatch.setattr(bob.store, "add_history", crash_on_fourth)
+    monkeypatch.setattr(bob, "_apply_content", crash_on_fourth)
     with pytest.raises(KeyboardInterrupt):
         await bob.deliver(envelopes)
     assert saves == []  # the session is written only at the end of the batch
+    assert bob._received == []  # the rolled-back texts' rows are never written later
     bob.store.close()
     monkeypatch.undo()
     bob = world.client("bob")  # restarted on the same files
@@ -636,6 +638,45 @@ async def test_a_received_batch_writes_each_session_once_and_a_crash_in_it_loses
     assert texts(await bob.receive()) == ["after"]
     history = [c.text for _, c in bob.history("alice")]
     assert history == ["hi", "ack"] + [f"m{i}" for i in range(6)] + ["after"]
+
+
+async def test_a_batch_writes_its_texts_history_in_one_statement_in_order(world, monkeypatch):
+    """The history rows of a received batch's texts are written together at its end (one
+    statement), before any other history row of the batch (order kept); a failure of that
+    write rolls the whole batch back: nothing processed, all of it opened again later."""
+    alice, bob = await _acknowledged(world)
+    await alice.send_texts("bob", [f"m{i}" for i in range(5)])
+    envelopes = await bob.transport.fetch(0)
+    calls: list[int] = []
+    real_received, real_add = bob.store.add_received, bob.store.add_history
+
+    def fail_once(rows, now):  # type: ignore[no-untyped-def]
+        calls.append(len(rows))
+        if len(calls) == 1:
+            raise MessageStoreError("disk full")
+        return real_received(rows, now)
+
+    monkeypatch.setattr(bob.store, "add_received", fail_once)
+    monkeypatch.setattr(
+        bob.store, "add_history", lambda *a, **k: pytest.fail("a batch text written alone")
+    )
+    with pytest.raises(MessageStoreError):
+        await bob.process_batch(envelopes)
+    assert not any(bob.store.processed(e.id) for e in envelopes)
+    assert [c.text for _, c in bob.history("alice")] == ["hi", "ack"]
+    assert texts(await bob.deliver(envelopes)) == [f"m{i}" for i in range(5)]
+    assert calls == [5, 5]  # one statement for the batch's five texts
+    monkeypatch.setattr(bob.store, "add_history", real_add)
+    # a text, then a file offer (written on its own, in its savepoint), then a text:
+    # the first text's row is written before the offer's, so history keeps their order
+    path = world.tmp / "f.bin"
+    path.write_bytes(b"x" * 1000)
+    await alice.send_text("bob", "before")
+    await alice.send_file("bob", path)
+    await alice.send_text("bob", "after")
+    await bob.receive()
+    shown = [c.text or c.kind.name for _, c in bob.history("alice")]
+    assert shown[-3:] == ["before", "FILE", "after"]
 
 
 async def test_short_messages_ahead_of_their_epoch_wait_then_arrive_once(world):

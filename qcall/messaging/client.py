@@ -179,6 +179,10 @@ class MessagingClient(GroupOps):
         # and the envelopes of the batch processed without a savepoint, marked there too.
         self._batch: dict[bytes, Session] | None = None
         self._marks: list[int] = []
+        # The history rows of the batch's texts, written in one statement (_write_received).
+        self._received: list[tuple[str, bytes, bytes]] = []
+        # Every outbox entry up to this id was sent and is in _sent (flush_outbox).
+        self._flushed = 0
 
     def __repr__(self) -> str:
         return f"<MessagingClient {self.me.name}>"
@@ -306,7 +310,8 @@ class MessagingClient(GroupOps):
             session = await self._session_for(to)
             wires, bodies = [], [content.serialize() for content in contents]
             for body in bodies:
-                qkd = await self._qkd_for(session, to)
+                # No key source: no QKD policy to check (and no coroutine per message).
+                qkd = None if self.key_source is None else await self._qkd_for(session, to)
                 wires.append(session.encrypt(pad(body), self.clock(), qkd))
             now = self.clock()
             sent = list(self._sent)
@@ -332,7 +337,8 @@ class MessagingClient(GroupOps):
         it is sent again with the same ``client_ref``, which the server answers
         with the same envelope id without storing it twice.
         """
-        entries = [e for e in self.store.outbox() if e.id not in self._sent]
+        # Only the entries above _flushed are read: those below were all sent (ids only grow).
+        entries = [e for e in self.store.outbox(self._flushed) if e.id not in self._sent]
         window = max(1, self.config.send_window)
         for start in range(0, len(entries), window):
             part = entries[start : start + window]
@@ -348,6 +354,8 @@ class MessagingClient(GroupOps):
                     self._sent.add(entry.id)
             if failed is not None:
                 raise failed
+        if entries:
+            self._flushed = max(self._flushed, entries[-1].id)
         if len(self._sent) >= _SENT_BATCH:
             sent = list(self._sent)
             with self.store.transaction():
@@ -486,11 +494,15 @@ class MessagingClient(GroupOps):
                             break
                 except _BatchBreak:
                     alone = True
+                except BaseException:
+                    self._received = []  # rolled back with the batch: never written later
+                    raise
                 finally:
                     self._batching = False
                     advanced, self._batch = self._batch, None
                     marks, self._marks = self._marks, []
                 now = self.clock()
+                self._write_received()
                 for session in advanced.values():
                     self.store.save_session(session.state, now)
                 self.store.mark_processed_many(marks, now)
@@ -570,10 +582,14 @@ class MessagingClient(GroupOps):
             batch[session.session_id] = session
         body = unpad(plaintext)
         content = Content.decode(body)
-        # A text of a batch needs no savepoint of its own: its first write, the history
-        # row, is the only one that can fail, and then nothing of it was written.
+        # A text of a batch needs no savepoint of its own: its only write, the history
+        # row, joins the batch's others, written in one statement at its end (or before
+        # any other history row, to keep their order); if that fails, the whole batch
+        # rolls back and nothing of it is acknowledged.
         plain_text = batch is not None and init is None and not refs
         plain_text = plain_text and content.kind is ContentKind.TEXT
+        if not plain_text:
+            self._write_received()
         with contextlib.nullcontext() if plain_text else self.store.transaction():
             if batch is None or init is not None:
                 self.store.save_session(session.state, now)
@@ -583,7 +599,7 @@ class MessagingClient(GroupOps):
                 if opk_used:
                     self.store.consume_one_time_prekey(opk_used, now)
             self.store.delete_qkd_keys([r.key_id for r in refs])
-            events = self._apply_content(session, content, body, envelope.id, now)
+            events = self._apply_content(session, content, body, envelope.id, now, plain_text)
             if plain_text:
                 self._marks.append(envelope.id)  # with the batch's session (process_batch)
             else:
@@ -644,13 +660,23 @@ class MessagingClient(GroupOps):
         return session, th, init.one_time_prekey_id
 
     def _apply_content(
-        self, session: Session, content: Content, body: bytes, envelope_id: int, now: float
+        self,
+        session: Session,
+        content: Content,
+        body: bytes,
+        envelope_id: int,
+        now: float,
+        defer: bool = False,
     ) -> list[Event]:
         """Store and turn a 1:1 content into events (inside the receive transaction).
 
         ``body`` is the content's encoding as received (canonical: ``content.serialize()``).
+        With ``defer`` (a text of a batch) its history row waits for :meth:`_write_received`.
         """
         peer, mode = session.peer, session.mode
+        if defer:
+            self._received.append((peer, content.message_id, body))
+            return [MessageReceived(peer, peer, content, mode, envelope_id)]
         if content.kind in (ContentKind.TEXT, ContentKind.FILE):
             self.store.add_history(
                 peer, content.message_id, outgoing=False, now=now, body=body
@@ -666,6 +692,12 @@ class MessagingClient(GroupOps):
         if content.kind is ContentKind.GROUP_CHANGE:
             return [self._apply_group_change(peer, session.state.peer_identity, content.body)]
         return self._accept_sender_key(peer, content)
+
+    def _write_received(self) -> None:
+        """Write the history rows of the batch's texts so far (one statement)."""
+        if self._received:
+            rows, self._received = self._received, []
+            self.store.add_received(rows, self.clock())
 
     async def retry_pending(self) -> list[Event]:
         """Retry envelopes kept for later (after a sender key or QKD key arrived)."""

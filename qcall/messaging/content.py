@@ -174,10 +174,11 @@ class Content:
         return cls(ContentKind.TEXT, new_message_id(), int(now * 1000), text=text)
 
     def serialize(self) -> bytes:
+        if self.kind is ContentKind.TEXT:  # the common case, in one step (same bytes)
+            text = self.text.encode("utf-8")
+            return _TEXT_HEAD.pack(self.kind, self.message_id, self.sent_ms, len(text)) + text
         w = Writer().u8(self.kind).raw(self.message_id).u64(self.sent_ms)
-        if self.kind is ContentKind.TEXT:
-            w.var32(self.text.encode("utf-8"))
-        elif self.kind in (ContentKind.FILE, ContentKind.GROUP_CHANGE):
+        if self.kind in (ContentKind.FILE, ContentKind.GROUP_CHANGE):
             w.var32(self.body)
         elif self.kind is ContentKind.RECEIPT:
             assert self.status is not None

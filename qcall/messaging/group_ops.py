@@ -65,6 +65,8 @@ class GroupOps:
 
         async def _session_for(self, peer: str) -> Session: ...
 
+        def _write_received(self) -> None: ...
+
         async def send_content(
             self, to: str, content: Content, *, history: bool = True
         ) -> bytes: ...
@@ -218,6 +220,7 @@ class GroupOps:
         content = Content.parse(plain)
         conversation = "@" + state.name
         assert chain is not None
+        self._write_received()  # a batch's earlier texts first: history keeps their order
         with self.store.transaction():
             self.store.save_sender_chain(state.group_id, message.epoch, message.sender, chain)
             self.store.add_history(

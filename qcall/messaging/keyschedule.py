@@ -192,6 +192,11 @@ def _one_block_info(label: bytes, length: int) -> bytes:
 _MESSAGE_INFO = _one_block_info(b"message", MESSAGE_KEY_LEN)
 _NEXT_INFO = _one_block_info(b"next", CHAIN_KEY_LEN)
 _AEAD_KEY_LEN = pqc.AEAD_KEY_LEN
+# HMAC (RFC 2104) by hand for the chain step: SHA-384's block is 128 bytes.
+_BLOCK = 128
+_IPAD = bytes(x ^ 0x36 for x in range(256))  # translate tables: key XOR ipad / opad
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+_sha384 = hashlib.sha384
 
 
 def chain_step(chain_key: bytes) -> tuple[MessageKey, bytes]:
@@ -199,11 +204,20 @@ def chain_step(chain_key: bytes) -> tuple[MessageKey, bytes]:
 
     ``MK_i = Expand-Label(CK_i, "message", "", 44)`` and ``CK_i+1 = Expand-Label(CK_i,
     "next", "", 48)``, each one HMAC-SHA-384 block (:func:`expand_label` gives the same
-    bytes; this is the per-message path, so it calls :func:`hmac.digest` directly).
+    bytes). This is the per-message path: both HMACs share one keying, the inner and
+    outer hashes of ``CK_i`` computed once and copied (RFC 2104, byte for byte what
+    :func:`hmac.digest` returns; the vectors check it).
     """
-    mk = hmac.digest(chain_key, _MESSAGE_INFO, "sha384")
-    next_key = hmac.digest(chain_key, _NEXT_INFO, "sha384")
-    return MessageKey(mk[:_AEAD_KEY_LEN], mk[_AEAD_KEY_LEN:MESSAGE_KEY_LEN]), next_key
+    key = chain_key if len(chain_key) <= _BLOCK else _sha384(chain_key).digest()
+    key = key.ljust(_BLOCK, b"\0")
+    inner, outer = _sha384(key.translate(_IPAD)), _sha384(key.translate(_OPAD))
+    inner_next, outer_next = inner.copy(), outer.copy()
+    inner.update(_MESSAGE_INFO)
+    inner_next.update(_NEXT_INFO)
+    outer.update(inner.digest())
+    outer_next.update(inner_next.digest())
+    mk = outer.digest()
+    return MessageKey(mk[:_AEAD_KEY_LEN], mk[_AEAD_KEY_LEN:MESSAGE_KEY_LEN]), outer_next.digest()
 
 
 # --- §10 the client store key --------------------------------------------------------------

@@ -69,6 +69,9 @@ class MessageType(enum.IntEnum):
     RATCHET_SHORT = 5
 
 
+_TYPES: dict[int, MessageType] = {t.value: t for t in MessageType}
+
+
 class Mode(enum.Enum):
     """How a session's root key was made, recorded and shown (never silent)."""
 
@@ -90,10 +93,10 @@ def message_type(data: bytes) -> MessageType:
         raise MessageFormatError("message: shorter than its 2-byte header")
     if data[0] != VERSION:
         raise MessageFormatError(f"message: unsupported version {data[0]}")
-    try:
-        return MessageType(data[1])
-    except ValueError:
-        raise MessageFormatError(f"message: unknown type {data[1]}") from None
+    kind = _TYPES.get(data[1])  # (a dict, not MessageType(): this runs 3 times a message)
+    if kind is None:
+        raise MessageFormatError(f"message: unknown type {data[1]}")
+    return kind
 
 
 def identity_hash(public_key: bytes) -> bytes:

@@ -232,7 +232,7 @@ class Session:
             s.send_prev_generation, s.send_prev_length, s.send_generation_qkd,
             None if compact else (s.send_ek, s.send_ct, s.send_epoch_qkd),
         )  # fmt: skip
-        sealed = pqc.AES256GCM(mk.key).seal(mk.nonce, plaintext, header)
+        sealed = pqc.aead_seal_once(mk.key, mk.nonce, plaintext, header)
         s.send_chain = Chain(next_key, chain.next_index + 1)
         s.sent_since_qkd += 1
         data = RatchetMessage.encode(header, sealed)
@@ -323,7 +323,7 @@ class Session:
         if mk is None:
             chain = self._receiving_chain(message, plan, qkd_keys or {})
             mk = self._advance(chain, (n, g), i, plan)
-        plaintext = pqc.AES256GCM(mk.key).open(mk.nonce, message.ciphertext, message.header())
+        plaintext = pqc.aead_open_once(mk.key, mk.nonce, message.ciphertext, message.header())
         if plaintext is None:
             raise MessageAuthError(
                 f"message #{i} (epoch {n}, generation {g}) from {s.peer_name} does not "

@@ -544,6 +544,19 @@ class ClientStore(GroupAndTransferTables):
             ],
         )  # fmt: skip
 
+    def add_received(self, messages: list[tuple[str, bytes, bytes]], now: float) -> None:
+        """Received messages ``(conversation, message_id, body)`` in one statement."""
+        at, tag, seal = int(now * 1000), self.tag, self._seal
+        rows: list[tuple[object, ...]] = []
+        for conversation, mid, body in messages:
+            conv = tag(conversation)
+            rows.append((conv, mid, 0, at, 0, seal("history", conv + mid + b"\x00", body)))
+        self._many(
+            "INSERT INTO history (conversation, message_id, outgoing, at_ms, status, body) "
+            "VALUES (?,?,?,?,?,?)",
+            rows,
+        )
+
     def history(self, conversation: str, *, limit: int = 1000) -> list[HistoryEntry]:
         """The last ``limit`` messages of a conversation, oldest first."""
         conv = self.tag(conversation)
@@ -602,8 +615,11 @@ class ClientStore(GroupAndTransferTables):
         )
         return int(cur.lastrowid or 0)
 
-    def outbox(self) -> list[OutboxEntry]:
-        rows = self._exec("SELECT id, recipient, envelope, at_ms FROM outbox ORDER BY id")
+    def outbox(self, after: int = 0) -> list[OutboxEntry]:
+        """The outbox entries with an id above ``after``, oldest first."""
+        rows = self._exec(
+            "SELECT id, recipient, envelope, at_ms FROM outbox WHERE id > ? ORDER BY id", (after,)
+        )
         return [OutboxEntry(int(r[0]), r[1], bytes(r[2]), int(r[3])) for r in rows.fetchall()]
 
     def add_outboxes(self, recipient: str, envelopes: list[bytes], now: float) -> None:
