@@ -100,10 +100,10 @@ class Phone(AsyncService):
         self.make_source = make_source
         self.on_track = on_track
         self.signaling = SignalingClient(
-            url,  # type: ignore[arg-type]
+            url,
             signing_key,
             name,
-            ssl,
+            ssl,  # type: ignore[arg-type]
             watch=watch,
             previous_key=previous_key,
             # the caller's signed offer while ringing: verified before the pick-up

@@ -263,9 +263,11 @@ class CallSession(Negotiation):
         except QCallError as exc:
             self.refused = exc
             if not self._ended.done():  # (a refused offer ended the call already)
-                code = exc.code if isinstance(getattr(exc, "code", None), str) else None
-                tagged = isinstance(exc, IdentityError | QKDError)
-                self.end_with_error(exc, code or (wire_code(exc) if tagged else "error"))
+                reason = getattr(exc, "code", None)  # as _abort() names it to the peer
+                if not isinstance(reason, str):
+                    tagged = isinstance(exc, IdentityError | QKDError)
+                    reason = wire_code(exc) if tagged else "error"
+                self.end_with_error(exc, reason)
             return
         self._ringing_offer = (*verified, arrived)
 
@@ -317,7 +319,7 @@ class CallSession(Negotiation):
             await self.signaling.invite(self.peer, self.call_id, invite_payload)
             self._mark("sdp_sent")
             self._invite_sent.set()  # the key and the signature may start
-            features = getattr(self.signaling, "server_features", frozenset())
+            features: frozenset[str] = getattr(self.signaling, "server_features", frozenset())
             if self.options.policy != "plain" and EARLY_OFFER in features:
                 early = asyncio.ensure_future(self._send_early_offer(offer))
             accept = await self._accepted(offer)
