@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
             metavar=metavar,
             help=f"{text} (default {default:.10g})",
         )
+    parser.add_argument(
+        "--no-early-offer",
+        action="store_true",
+        help="do not offer the early_offer feature (a caller's signed offer relayed while "
+        'the call rings: docs/signaling.md, "The offer while ringing")',
+    )
     mailbox = parser.add_argument_group("messages (docs/messaging.md §12)")
     mailbox.add_argument(
         "--mailbox",
@@ -118,7 +124,9 @@ def config_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Se
     """Return the :class:`ServerConfig` of the parsed flags (usage error if invalid)."""
     try:
         return ServerConfig(
-            server_id=args.server_id, **{name: getattr(args, name) for name in LIMITS}
+            server_id=args.server_id,
+            early_offer=not getattr(args, "no_early_offer", False),
+            **{name: getattr(args, name) for name in LIMITS},
         )
     except ValueError as exc:
         parser.error(str(exc).replace("field '", "--").replace("_", "-").replace("'", ""))

@@ -523,7 +523,11 @@ class Cluster:
             standin = entry[0]
         if relay is not None:  # the relay fast path: checked here, not parsed again
             target = server.protocol.forwarded_relay(
-                standin, str(data["call"]), str(data["type"]), frame
+                standin,
+                str(data["call"]),
+                str(data["type"]),
+                frame,
+                asyncio.get_running_loop().time(),
             )
             if target is not None:
                 self.relayed += 1

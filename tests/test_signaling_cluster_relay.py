@@ -267,3 +267,42 @@ def test_a_welcome_may_not_add_relay_frames_the_hello_did_not_offer():
     with pytest.raises(ClusterLinkError, match=r"welcome\.relay: not offered"):
         link.handle(LinkKind.WELCOME, welcome.body())
     assert not link.up and not link.relay
+
+
+@pytest.mark.parametrize("asked", [True, False], ids=["callee-asked", "older-callee"])
+async def test_the_offer_while_ringing_crosses_instances(linked, keys, asked):
+    """early_offer across instances: A relays alice's offer (sent while ringing) to
+    bob's stand-in at once, on the relay link; B, where bob is, applies bob's own
+    choice: delivered now if he asked for it, else held and delivered right behind
+    his accept. A second one before the accept is refused at A."""
+    (a, ca), (b, cb) = linked
+    features = (m.EARLY_OFFER,) if asked else ()
+    async with (
+        SignalingClient(url(a), keys["a"], "alice", watch=[]) as alice,
+        SignalingClient(url(b), keys["b"], "bob", watch=[], features=features) as bob,
+    ):
+        assert m.EARLY_OFFER in alice.server_features
+        call_id = await place_call(alice, bob)  # brings the relay link up
+        await wait_for(lambda: ca.links is not None and ca.links.relays("B"), "no relay link")
+        await alice.hangup(call_id)
+        await next_of(bob, m.Hangup)
+        relayed = cb.relayed
+        call_id = await alice.invite("bob")
+        await next_of(bob, m.Invite)
+        await alice.send_offer(call_id, "early offer", reason="sent while ringing")
+        await alice.send_offer(call_id, "second")
+        assert (await next_of(alice, m.ErrorMessage)).code == "bad_state"
+        if asked:
+            offer = await next_of(bob, m.Offer)
+            assert (offer.peer, offer.fingerprint, offer.payload) == (
+                "alice", alice.fingerprint, "early offer"
+            )
+            assert cb.relayed == relayed + 1  # delivered on the relay fast path
+        await bob.accept(call_id, "qcall-sdp:x")
+        assert (await next_of(alice, m.Accept)).reason is None
+        if not asked:
+            offer = await next_of(bob, m.Offer)  # right behind his accept
+            assert (offer.peer, offer.payload) == ("alice", "early offer")
+        await bob.send_answer(call_id, "answer")
+        assert (await next_of(alice, m.Answer)).payload == "answer"
+        await alice.hangup(call_id)

@@ -323,7 +323,8 @@ def test_call_endings(
         ("caller", m.Accept("call-0001")),
         ("caller", m.Ringing("call-0001")),
         ("callee", m.Cancel("call-0001")),
-        ("caller", m.Offer("call-0001", payload="too early")),
+        ("callee", m.Offer("call-0001", payload="too early")),  # the caller's: early_offer
+        ("caller", m.Answer("call-0001", payload="too early")),
         ("callee", m.ICECandidate("call-0001", payload="too early")),
     ],
 )

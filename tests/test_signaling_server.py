@@ -425,7 +425,8 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
 def test_cli_has_a_flag_for_every_limit(capsys: pytest.CaptureFixture[str]) -> None:
     from signaling.__main__ import LIMITS, build_parser, config_from
 
-    assert set(LIMITS) == {f.name for f in dataclasses.fields(ServerConfig)} - {"server_id"}
+    flags = {"server_id", "early_offer"}  # --server-id, --no-early-offer
+    assert set(LIMITS) == {f.name for f in dataclasses.fields(ServerConfig)} - flags
     parser = build_parser()
     args = parser.parse_args(
         ["--max-watch", "10", "--ring-timeout", "5.5", "--max-unauthenticated-per-address", "3"]
@@ -434,6 +435,8 @@ def test_cli_has_a_flag_for_every_limit(capsys: pytest.CaptureFixture[str]) -> N
     assert (config.max_watch, config.ring_timeout) == (10, 5.5)
     assert config.max_unauthenticated_per_address == 3
     assert config.pin_ttl == ServerConfig().pin_ttl  # the others keep their defaults
+    assert config.early_offer
+    assert not config_from(parser, parser.parse_args(["--no-early-offer"])).early_offer
     with pytest.raises(SystemExit):
         config_from(parser, parser.parse_args(["--max-watch", "1001"]))
     assert "--max-watch must be at most 1000" in capsys.readouterr().err

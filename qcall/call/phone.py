@@ -30,7 +30,7 @@ from qcall.pqc import SigningKey
 from qcall.qkd.client import KeySource
 from qcall.qkd.reservoir import KeyReservoir, ReservoirConfig
 from qcall.signaling.client import Disconnected, SignalingClient, new_call_id
-from qcall.signaling.messages import CallMessage, ErrorMessage, Invite
+from qcall.signaling.messages import EARLY_OFFER, CallMessage, ErrorMessage, Invite
 
 __all__ = ["Phone"]
 
@@ -100,7 +100,14 @@ class Phone(AsyncService):
         self.make_source = make_source
         self.on_track = on_track
         self.signaling = SignalingClient(
-            url, signing_key, name, ssl, watch=watch, previous_key=previous_key  # type: ignore[arg-type]
+            url,
+            signing_key,
+            name,
+            ssl,  # type: ignore[arg-type]
+            watch=watch,
+            previous_key=previous_key,
+            # the caller's signed offer while ringing: verified before the pick-up
+            features=(EARLY_OFFER,) if self.options.early_offer else (),
         )
         self.calls: dict[str, CallSession] = {}
         self.replay_cache = ReplayCache()
@@ -117,6 +124,7 @@ class Phone(AsyncService):
         self._incoming: asyncio.Queue[CallSession] = asyncio.Queue()
         self._router: asyncio.Task[None] | None = None
         self._decide: Decide | None = None
+        self._auto_answer = False  # incoming(): calls are answered as they come
 
     async def start(self) -> None:
         """Connect and register.
@@ -246,6 +254,7 @@ class Phone(AsyncService):
         may already be done when this returns). Do not mix with :meth:`incoming`.
         """
         self._decide = None
+        self._auto_answer = False
         return await self._incoming.get()
 
     async def decline(self, session: CallSession, reason: str = "declined") -> None:
@@ -266,8 +275,11 @@ class Phone(AsyncService):
             listening; call again for the next one).
         """
         self._decide = decide
+        self._auto_answer = True
         while True:
             session = await self._incoming.get()
+            if session.refused is not None:  # its signed offer was refused while queued
+                raise session.refused
             if not session.ended.done():  # skip calls the caller gave up on meanwhile
                 break
         await session.answer()
@@ -314,6 +326,9 @@ class Phone(AsyncService):
                 await self.signaling.reject(invite.call_id, "declined")
             return
         session = self._session(invite.call_id, peer, "callee")
+        # Answered at once: the signed offer is verified right after the accept; else
+        # (ringing()) as soon as it comes, while the phone rings.
+        session.auto_answer = self._auto_answer
         if invite.payload is not None:  # the caller's offer rode the invite
             session.offered(invite.payload, arrived)
         self._incoming.put_nowait(session)

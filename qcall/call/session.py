@@ -66,8 +66,18 @@ from qcall.call.session_sdp import (
     Negotiation,
 )
 from qcall.call.status import CallOptions, CallState, CallStatus
-from qcall.exceptions import CallError, CallRejectedError, SignalingError
+from qcall.exceptions import (
+    CallError,
+    CallRejectedError,
+    IdentityError,
+    InvalidMessageError,
+    QCallError,
+    QKDError,
+    SignalingError,
+)
+from qcall.handshake.protocol import wire_code
 from qcall.signaling.messages import (
+    EARLY_OFFER,
     Accept,
     Busy,
     Cancel,
@@ -77,6 +87,7 @@ from qcall.signaling.messages import (
     Offer,
     Reject,
 )
+from qcall.signaling.state import EARLY_OFFER_EXPIRED, EARLY_OFFER_SENT
 
 __all__ = [
     "CONFIRM_TIMEOUT_MAX",
@@ -210,7 +221,55 @@ class CallSession(Negotiation):
                     return
                 self._on_control_message(data)
             return  # no trickle ICE: aiortc gathers every candidate before the offer
+        if isinstance(message, Offer) and self._before_pickup(message):
+            if self.auto_answer:  # verified right after our accept (answer())
+                self._pending_offer = (message, time.monotonic())
+            else:
+                self._verify_ringing(message)
+            return
         self._inbox.put_nowait(message)
+
+    def _before_pickup(self, message: Offer) -> bool:
+        """Callee: whether ``message`` is the signed offer, come before the pick-up."""
+        return (
+            self.role == "callee"
+            and not self._answering
+            and self.hs is None
+            and self._pending_offer is None
+            and not self._ended.done()
+            and self.options.early_offer
+            and self.options.policy != "plain"
+            and not message.payload.startswith(PLAIN_PREFIX)
+        )
+
+    def _verify_ringing(self, message: Offer) -> None:
+        """Callee: verify the caller's signed offer while the phone rings (docs/calls.md).
+
+        Its SDP must be the one the invite carried (our peer connection is made on
+        that one at the pick-up): else the call is refused at once, before any
+        accept. A call declined or cancelled meanwhile drops the verified offer's
+        secret (:meth:`_finish`).
+        """
+        arrived = time.monotonic()
+        try:
+            verified = self._verify_offer(unb64(message.payload))
+            invite = self._invite_offer
+            if invite is not None and invite[0].startswith(SDP_PREFIX):
+                if verified[0].sdp != invite[0][len(SDP_PREFIX) :]:
+                    raise InvalidMessageError(
+                        f"the SDP in {self.peer}'s signed offer differs from the SDP in its "
+                        "invite: call refused"
+                    )
+        except QCallError as exc:
+            self.refused = exc
+            if not self._ended.done():  # (a refused offer ended the call already)
+                reason = getattr(exc, "code", None)  # as _abort() names it to the peer
+                if not isinstance(reason, str):
+                    tagged = isinstance(exc, IdentityError | QKDError)
+                    reason = wire_code(exc) if tagged else "error"
+                self.end_with_error(exc, reason)
+            return
+        self._ringing_offer = (*verified, arrived)
 
     def offered(self, payload: str, arrived: float | None = None) -> None:
         """Callee: the caller's SDP the invite carried (docs/calls.md, "SDP in the invite").
@@ -246,6 +305,7 @@ class CallSession(Negotiation):
             return
         self.status.state = CallState.RINGING
         offer: asyncio.Future[tuple[str, float]] | None = None
+        early: asyncio.Future[None] | None = None
         try:
             offer = asyncio.ensure_future(self._prepare_offer())
             if self.options.policy == "plain":
@@ -259,8 +319,13 @@ class CallSession(Negotiation):
             await self.signaling.invite(self.peer, self.call_id, invite_payload)
             self._mark("sdp_sent")
             self._invite_sent.set()  # the key and the signature may start
+            features: frozenset[str] = getattr(self.signaling, "server_features", frozenset())
+            if self.options.policy != "plain" and EARLY_OFFER in features:
+                early = asyncio.ensure_future(self._send_early_offer(offer))
             accept = await self._accepted(offer)
-            if self.options.policy == "plain":
+            if early is not None:
+                await self._after_early_offer(accept, early)
+            elif self.options.policy == "plain":
                 if accept.payload is not None:  # the answer came with the pick-up
                     await self._on_answer(accept.payload)
                 else:
@@ -278,8 +343,34 @@ class CallSession(Negotiation):
                     await self._send_ready_offer(offer)
             await self._wait_active()
         except BaseException as exc:
+            if early is not None and not early.done():
+                early.cancel()
             await self._dial_failed(offer, exc)
             raise
+
+    async def _send_early_offer(self, offer: asyncio.Future[tuple[str, float]]) -> None:
+        """Caller: the signed offer leaves as soon as it is signed, while the callee rings
+        (the server offers ``early_offer``: docs/signaling.md, "The offer while ringing")."""
+        payload, _ = await asyncio.shield(offer)
+        await self._offer_out(payload, ringing=True)
+
+    async def _after_early_offer(self, accept: Accept, early: asyncio.Future[None]) -> None:
+        """Caller, the signed offer sent while ringing: the callee's answer follows its accept.
+
+        Unless the accept says the offer is too old (the callee's phone rang longer than
+        :data:`OFFER_MAX_AGE`, or the server held it that long for an older callee):
+        then one stamped and signed afresh follows, over the same SDP and QKD key.
+        """
+        sdp = self._accept_sdp(accept.payload) if accept.payload is not None else None
+        if sdp is not None and not early.done():  # the key or signature is late: ICE first
+            await self._set_answer_sdp(sdp)
+            sdp = None
+        await early  # (its failure ends the call)
+        if accept.reason == EARLY_OFFER_EXPIRED:
+            payload, _ = await self._rebuild_offer()
+            await self._send_offer(payload, accept_sdp=sdp)
+        else:
+            await self._await_answer(sdp)
 
     async def _dial_failed(self, offer: asyncio.Future[Any] | None, exc: BaseException) -> None:
         if offer is not None and not offer.done():
@@ -348,25 +439,48 @@ class CallSession(Negotiation):
         rides the ``accept`` (a ``plain`` offer: our bare answer); the signed
         offer follows, and our signed answer over the same SDP. Otherwise (no
         SDP, too old, ``options.early_offer`` off) the ``accept`` goes bare, as
-        in the earlier flow.
+        in the earlier flow. A signed offer that came while the phone rang was
+        verified then (:meth:`_verify_ringing`): our signed answer follows the
+        ``accept`` at once; one older than :data:`OFFER_MAX_AGE` is dropped and
+        the ``accept`` asks for a fresh one (reason ``early offer expired``).
 
         Raises:
             HandshakeError, QKDError, CallError: the call failed (message says why).
         """
         self.status.state = CallState.RINGING
+        self._answering = True
         try:
             early, self._invite_offer = self._invite_offer, None
+            verified, self._ringing_offer = self._ringing_offer, None
+            pending, self._pending_offer = self._pending_offer, None
             fresh = early is not None and time.monotonic() - early[1] <= OFFER_MAX_AGE
-            if early is not None and fresh and self.options.early_offer:
+            came = verified[2] if verified else pending[1] if pending else None
+            expired = came is not None and time.monotonic() - came > OFFER_MAX_AGE
+            if expired or (early is not None and not fresh and self.options.early_offer):
+                # Rang long: a freshly stamped offer follows the accept (one signed while
+                # we rang, if the caller sent it and it comes now, is skipped).
+                verified = pending = None
+                expired = True
+                await self._accept_expired()
+            elif early is not None and fresh and self.options.early_offer:
                 if await self._accept_early(early[0]):  # our SDP (or plain answer) in it
                     await self._wait_active()
                     return
             else:
                 await self.signaling.accept(self.call_id)  # the earlier flow
                 self._mark("accepted")
+            if verified is not None or pending is not None:  # it came while ringing:
+                offer_bytes = unb64(pending[0].payload) if pending else b""  # checked now,
+                await self._start_callee(offer_bytes, verified[:2] if verified else None)
+                await self._wait_active()  # or then: our answer follows the accept at once
+                return
             offer = await self._wait_message(
                 (Offer, PeerSDP), self.options.setup_timeout, "offer"
             )
+            while expired and isinstance(offer, Offer) and offer.reason == EARLY_OFFER_SENT:
+                offer = await self._wait_message(
+                    (Offer, PeerSDP), self.options.setup_timeout, "offer"
+                )
             if isinstance(offer, PeerSDP):  # the SDP ahead of the signed offer
                 if self.options.policy != "plain":
                     await self._prepare_answer_sdp(offer.sdp)
@@ -379,6 +493,14 @@ class CallSession(Negotiation):
         except BaseException as exc:
             await self._abort(exc)
             raise
+
+    async def _accept_expired(self) -> None:
+        """Callee: the offer verified while ringing is too old: drop it, ask for a fresh one."""
+        if self.hs is not None:
+            self.hs.discard()
+            self.hs = None
+        await self.signaling.accept(self.call_id, reason=EARLY_OFFER_EXPIRED)
+        self._mark("accepted")
 
     async def hangup(self, reason: str = "hangup") -> None:
         """End the call (idempotent)."""

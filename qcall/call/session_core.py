@@ -47,16 +47,27 @@ from qcall.exceptions import (
     QKDError,
     SignalingError,
 )
-from qcall.handshake import HandshakeFailed, HandshakeProtocol, ReplayCache
-from qcall.handshake.protocol import CheckPeer, wire_code
+from qcall.handshake import (
+    HandshakeFailed,
+    HandshakeProtocol,
+    OfferReceived,
+    QKDKeysNeeded,
+    ReplayCache,
+)
+from qcall.handshake.protocol import CheckPeer, State, wire_code
 from qcall.otp.media import OTPMedia
 from qcall.pqc import SigningKey
 from qcall.qkd.client import KeySource
 from qcall.signaling.client import SignalingClient
+from qcall.signaling.messages import Offer
 
 __all__ = ["PeerSDP", "SessionCore", "b64", "unb64"]
 
 logger = logging.getLogger("qcall.call.session")  # one logger for the whole session
+
+#: Handshake states whose secrets a call ended before the answer drops (the caller's
+#: ML-KEM key, the callee's ML-KEM shared secret of an offer verified while ringing).
+_UNANSWERED = frozenset({State.CALLER_EXPECT_ANSWER, State.CALLEE_EXPECT_ANSWER_SDP})
 
 
 class PeerSDP:
@@ -153,6 +164,15 @@ class SessionCore:
         self._ice_started = asyncio.Event()  # the peer's SDP is applied
         self._answer_sdp: asyncio.Future[PeerSDP] = asyncio.get_running_loop().create_future()
         self._invite_offer: tuple[str, float] | None = None  # callee: invite payload, when
+        #: Callee: the signed offer verified while the phone rang (its events, when it came).
+        self._ringing_offer: tuple[OfferReceived, list[QKDKeysNeeded], float] | None = None
+        self._answering = False  # callee: answer() was called
+        #: Callee (auto-answer): the signed offer that came before answer(), and when.
+        self._pending_offer: tuple[Offer, float] | None = None
+        #: Callee: answer() follows at once (the signed offer is verified after the accept).
+        self.auto_answer = False
+        #: Callee: why the signed offer that came while ringing was refused, if it was.
+        self.refused: QCallError | None = None
         self._remote_track: MediaStreamTrack | None = None  # until the peer is verified
         self.emulation: Emulation | None = None
         #: The phone's ML-DSA signer process (:mod:`qcall.call.crypto_worker`), if any.
@@ -287,6 +307,8 @@ class SessionCore:
     def _finish(self, error: BaseException | None) -> None:
         if self._ended.done():
             return
+        if self.hs is not None and self.hs.state in _UNANSWERED:
+            self.hs.discard()  # declined or ended before the answer: no secret kept
         if error is None:
             self.status.state = CallState.ENDED
             self._ended.set_result(None)

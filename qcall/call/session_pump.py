@@ -248,7 +248,10 @@ class HandshakePump(SessionCore):
             try:
                 await self.signaling.send_ice(self.call_id, HANDSHAKE_PREFIX + b64(data))
             except SignalingError:  # signaling lost meanwhile: the control channel
-                self._outbox[:0] = messages[index:]  # takes them when it opens
+                self._outbox[:0] = messages[index:]  # takes them when it opens,
+                channel = self._channel  # or now if it opened while this one was sent
+                if channel is not None and channel.readyState == "open":
+                    self._flush_outbox()
                 return
 
     def _on_control_message(self, message: bytes | str) -> None:

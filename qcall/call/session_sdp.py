@@ -63,6 +63,7 @@ from qcall.handshake import (
     SRTPProfile,
 )
 from qcall.signaling.messages import Answer
+from qcall.signaling.state import EARLY_OFFER_SENT
 
 __all__ = ["PLAIN_PREFIX", "RING_HEADSTART", "SDP_PREFIX", "Negotiation"]
 
@@ -354,11 +355,23 @@ class Negotiation(HandshakePump):
         ``accept_sdp``: the callee's SDP from its ``accept`` (checked by
         :meth:`_accept_sdp`), applied once the offer left.
         """
-        qkd_keys, policy = self._offer_inputs
+        await self._offer_out(payload)
+        await self._await_answer(accept_sdp)
+
+    async def _offer_out(self, payload: str, *, ringing: bool = False) -> None:
+        """Caller: send the signed offer (after the accept, or while ``ringing``)."""
+        qkd_keys, _ = self._offer_inputs
         self.note_keys([k.key_id for k in qkd_keys])
-        await self.signaling.send_offer(self.call_id, payload)
+        if ringing:  # (tagged: a callee that asked for a fresh one skips it)
+            await self.signaling.send_offer(self.call_id, payload, reason=EARLY_OFFER_SENT)
+        else:
+            await self.signaling.send_offer(self.call_id, payload)
         self._mark("offer_sent")
         self.status.timings_ms.setdefault("sdp_sent", self.status.timings_ms["offer_sent"])
+
+    async def _await_answer(self, accept_sdp: str | None) -> None:
+        """Caller, our signed offer sent: apply ``accept_sdp``, wait for the answer, act on it."""
+        policy = self._offer_inputs[1]
         if accept_sdp is not None:
             await self._set_answer_sdp(accept_sdp)  # ICE starts
         answered = asyncio.ensure_future(
@@ -449,9 +462,12 @@ class Negotiation(HandshakePump):
             self._mark("accepted")
         return False
 
-    async def _start_callee(self, offer: bytes) -> None:
-        """Callee: verify the signed offer, make our SDP (unless made), sign and answer."""
-        self.status.state = CallState.CONNECTING
+    def _verify_offer(self, offer: bytes) -> tuple[OfferReceived, list[QKDKeysNeeded]]:
+        """Callee: verify the signed offer (a new handshake); its event and key requests.
+
+        Run at once when the offer comes while the phone rings
+        (:meth:`~qcall.call.session.CallSession.handle_signaling`), else once picked up.
+        """
         accepted = ["hybrid", "pqc"] if self.options.allow_pqc_only else [self.options.policy]
         if self.options.otp is not None:
             accepted.append("otp")  # `qcall listen --otp`: one-time-pad calls are welcome
@@ -483,6 +499,19 @@ class Negotiation(HandshakePump):
         self._peer_identified(offer_event.peer_fingerprint)
         if offer_event.policy == "pqc":
             self.status.notice = "pqc only (no QKD key), as allowed"
+        return offer_event, needed
+
+    async def _start_callee(
+        self,
+        offer: bytes,
+        verified: tuple[OfferReceived, list[QKDKeysNeeded]] | None = None,
+    ) -> None:
+        """Callee: verify the signed offer (unless ``verified`` while ringing), make our
+        SDP (unless made), sign and answer."""
+        self.status.state = CallState.CONNECTING
+        offer_event, needed = verified or self._verify_offer(offer)
+        hs = self.hs
+        assert isinstance(hs, CalleeHandshake)
         if self.pc is None:
             await self._prepare_answer_sdp(offer_event.sdp)
         elif offer_event.sdp != self._peer_sdp:

@@ -121,6 +121,9 @@ class CalleeHandshake(HandshakeProtocol):
             raise HandshakeStateError(f"send_answer() not valid in state {self.state.name}")
         assert self._offer is not None and self.profile is not None
         self._now = now
+        # The offer may have been verified while the phone rang: the handshake's time
+        # runs from the answer (docs/handshake.md, "The offer while ringing").
+        self._deadline = now + self.timeout
         answer = Answer(
             policy=self._offer.policy,
             timestamp_ms=int(now * 1000),

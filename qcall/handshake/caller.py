@@ -87,6 +87,11 @@ class CallerHandshake(HandshakeProtocol):
         self._kem_key: KEMDecapsulationKey | None = None
         self._offer: Offer | None = None
 
+    def discard(self) -> None:
+        """As :meth:`HandshakeProtocol.discard`; also drops the ML-KEM decapsulation key."""
+        self._kem_key = None
+        super().discard()
+
     def send_offer(self, sdp: str, now: float, qkd_keys: Sequence[QKDKeyLike] = ()) -> None:
         """Build, sign and queue the OFFER (``docs/handshake.md`` §3.2).
 

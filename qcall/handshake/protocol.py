@@ -452,6 +452,21 @@ class HandshakeProtocol:
         if self.state is not State.FAILED:
             self._fail(error)
 
+    def discard(self) -> None:
+        """Drop the secrets of a handshake that goes no further, without telling the peer.
+
+        For a call declined or ended before it was set up (an offer verified while
+        the phone rang: its ML-KEM shared secret). Nothing is sent or emitted;
+        the state becomes ``FAILED``.
+        """
+        if self.state is not State.FAILED:
+            self.state = State.FAILED
+            self.error = self.error or HandshakeError("discarded before the call was set up")
+            self._deadline = self._next_rekey = None
+            self._k_qkd = self._k_kem = self._k_dtls = None
+            self._schedule = None
+            self._rekey = None
+
     # --- internals -------------------------------------------------------------
 
     def _dispatch(self, message: Message, data: bytes, now: float) -> None:

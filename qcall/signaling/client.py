@@ -122,6 +122,9 @@ class SignalingClient(AsyncClosing):
         timeout: seconds allowed for opening the connection and registering.
         watch: names whose presence to follow (for example the contacts, at most
             1000); default: everyone's, which costs O(users) per registration.
+        features: optional features to ask for, when the server offers them
+            (``register.features``; e.g. ``early_offer``: a caller's signed offer
+            while the call rings, docs/signaling.md "The offer while ringing").
     """
 
     def __init__(
@@ -137,6 +140,7 @@ class SignalingClient(AsyncClosing):
         timeout: float = 10.0,
         watch: Iterable[str] | None = None,
         previous_key: pqc.SigningKey | None = None,
+        features: Iterable[str] = (),
     ) -> None:
         if identity_signing_key.algorithm is not pqc.SignatureScheme.ML_DSA_65:
             raise SignalingAuthError("the signaling server accepts ML-DSA-65 identities only")
@@ -163,6 +167,9 @@ class SignalingClient(AsyncClosing):
         self.turn: TurnCredentials | None = None
         #: The ``server_id`` of the last challenge.
         self.server_id: str | None = None
+        #: Features to ask for; and those the last ``challenge`` offered.
+        self.features = tuple(features)
+        self.server_features: frozenset[str] = frozenset()
         #: Number of successful registrations (1 after :meth:`connect`, +1 per reconnection).
         self.registrations = 0
         self._ws: ClientConnection | None = None
@@ -284,9 +291,12 @@ class SignalingClient(AsyncClosing):
         """Tell the caller that the user is being alerted."""
         await self.send(Ringing(call_id))
 
-    async def accept(self, call_id: str, payload: str | None = None) -> None:
-        """Accept an incoming call; ``payload``: the answer to the invite's offer."""
-        await self.send(Accept(call_id, payload=payload))
+    async def accept(
+        self, call_id: str, payload: str | None = None, reason: str | None = None
+    ) -> None:
+        """Accept an incoming call; ``payload``: the answer to the invite's offer;
+        ``reason``: ``early offer expired`` asks for a freshly stamped offer."""
+        await self.send(Accept(call_id, payload=payload, reason=reason))
 
     async def reject(self, call_id: str, reason: str | None = None) -> None:
         """Decline an incoming call."""
@@ -304,9 +314,9 @@ class SignalingClient(AsyncClosing):
         """End a call, in any state."""
         await self.send(Hangup(call_id, reason=reason))
 
-    async def send_offer(self, call_id: str, payload: str) -> None:
+    async def send_offer(self, call_id: str, payload: str, reason: str | None = None) -> None:
         """Send an offer (opaque payload, relayed verbatim) to the other party."""
-        await self.send(Offer(call_id, payload=payload))
+        await self.send(Offer(call_id, payload=payload, reason=reason))
 
     async def send_answer(self, call_id: str, payload: str) -> None:
         """Send an answer (opaque payload, relayed verbatim) to the other party."""
@@ -362,8 +372,14 @@ class SignalingClient(AsyncClosing):
                 if not isinstance(challenge, Challenge):
                     raise SignalingProtocolError(f"expected a challenge, got {challenge.TYPE!r}")
                 self.server_id = challenge.server_id
+                self.server_features = frozenset(challenge.features)
                 register = Register.create(
-                    self._key, self.name, challenge, self.watch, previous=self._previous
+                    self._key,
+                    self.name,
+                    challenge,
+                    self.watch,
+                    previous=self._previous,
+                    features=self.features,
                 )
                 await ws.send(register.serialize())
                 answer = parse_server_message(await ws.recv())

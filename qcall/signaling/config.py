@@ -51,6 +51,8 @@ class ServerConfig:
             reason ``call time limit``, to both parties).
         max_outbox_bytes: bytes queued for a client that does not read; above,
             it is closed (1008 ``too slow``). A single message is always queued.
+        early_offer: offer the ``early_offer`` feature (the caller's signed offer
+            relayed while the call rings; docs/signaling.md, "The offer while ringing").
     """
 
     server_id: str = "qcall-signaling"
@@ -72,6 +74,7 @@ class ServerConfig:
     max_pending_invites: int = 8
     max_call_duration: float = DAY
     max_outbox_bytes: int = 256 * 1024
+    early_offer: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < len(self.server_id) <= 128 or not self.server_id.isprintable():

@@ -25,14 +25,8 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
 from qcall import identity, pqc
-from qcall.exceptions import (
-    PeerUnavailableError,
-    SignalingAuthError,
-    SignalingError,
-    SignalingLimitError,
-    SignalingProtocolError,
-    SignalingRateLimitError,
-)
+from qcall.exceptions import SignalingError, SignalingProtocolError
+from qcall.signaling.errors import ERROR_CODES, error_for
 from qcall.signaling.fields import (
     PRINTABLE_RE,
     b64,
@@ -50,8 +44,10 @@ __all__ = [
     "ALGORITHM",
     "CALL_MESSAGES",
     "CLIENT_MESSAGES",
+    "EARLY_OFFER",
     "ERROR_CODES",
     "MAX_CALLS",
+    "MAX_FEATURES",
     "MAX_MESSAGE_SIZE",
     "MAX_PAYLOAD_SIZE",
     "MAX_SERVER_MESSAGE_SIZE",
@@ -107,6 +103,14 @@ MAX_CALLS = 64
 #: Most names in a ``register`` message's ``watch`` list (a server may allow fewer).
 MAX_WATCH = 1000
 
+#: Optional protocol features (``challenge.features``, ``register.features``): the
+#: server relays a caller's signed ``offer`` while the call rings (docs/signaling.md,
+#: "The offer while ringing").
+EARLY_OFFER = "early_offer"
+
+#: Most names in a ``features`` list (each 1-32 of ``a-z _``; unknown ones are ignored).
+MAX_FEATURES = 16
+
 #: Size of the registration challenge nonce in bytes.
 NONCE_SIZE = 32
 
@@ -155,44 +159,6 @@ def move_data(nonce: bytes, name: str, server_id: str, new_fingerprint: str) -> 
     """
     parts = [MOVE_LABEL, nonce, name.encode(), server_id.encode(), new_fingerprint.encode()]
     return b"".join(len(p).to_bytes(2, "big") + p for p in parts)
-
-
-#: Wire error codes: code -> (exception class raised by the client, meaning).
-ERROR_CODES: dict[str, tuple[type[SignalingError], str]] = {
-    "bad_message": (SignalingProtocolError, "malformed JSON, unknown type, bad or missing field"),
-    "too_big": (SignalingProtocolError, "message larger than the server's maximum size"),
-    "bad_state": (SignalingProtocolError, "message not valid in the current call/session state"),
-    "unknown_call": (SignalingProtocolError, "no such call, or you are not a party to it"),
-    "auth_required": (SignalingAuthError, "register first"),
-    "auth_failed": (SignalingAuthError, "registration signature, nonce or key invalid"),
-    "auth_timeout": (SignalingAuthError, "no valid registration in time; connection closed"),
-    "name_taken": (SignalingAuthError, "this name is pinned to another public key"),
-    "replaced": (SignalingAuthError, "the same identity registered on another connection"),
-    "rate_limited": (SignalingRateLimitError, "too many messages; this one was dropped"),
-    "unavailable": (PeerUnavailableError, "the peer is offline"),
-    "server_full": (SignalingLimitError, "the server holds too many connections or identities"),
-    "too_many_connections": (
-        SignalingLimitError,
-        "too many connections waiting to register (from this address); the oldest was closed",
-    ),
-    "too_many_names": (SignalingLimitError, "this identity key has as many names as allowed"),
-    "too_many_identities": (
-        SignalingLimitError,
-        "too many new names registered from this address lately; try again later",
-    ),
-    "too_many_watched": (SignalingLimitError, "the watch list is longer than the server allows"),
-    "too_many_invites": (PeerUnavailableError, "the callee has too many unanswered invitations"),
-    "cluster_unavailable": (SignalingError, "the service's shared state is unreachable"),
-    "server_error": (SignalingError, "internal server error"),
-}
-
-
-def error_for(code: str, text: str) -> SignalingError:
-    """Return the exception matching a wire error ``code`` (its ``code`` set to it)."""
-    cls = ERROR_CODES.get(code, (SignalingError, ""))[0]
-    exc = cls(f"signaling server: {text} ({code})")
-    exc.code = code
-    return exc
 
 
 # --- base class ---------------------------------------------------------------------------
@@ -301,6 +267,10 @@ def _from_json(cls: type[Message], name: str, value: Any) -> Any:
         if not isinstance(value, list) or len(value) > MAX_WATCH:
             raise ValueError(f"field {name!r} must be a list of at most {MAX_WATCH} names")
         return tuple(value)
+    if name == "features" and value is not None:
+        if not isinstance(value, list) or len(value) > MAX_FEATURES:
+            raise ValueError(f"field {name!r} must be a list of at most {MAX_FEATURES} names")
+        return tuple(value)
     if name == "calls":
         if not isinstance(value, list) or len(value) > MAX_CALLS:
             raise ValueError(f"field {name!r} must be a list of at most {MAX_CALLS} call ids")
@@ -381,6 +351,13 @@ class TurnCredentials:
         return {"urls": list(self.urls), "username": self.username, "credential": self.credential}
 
 
+def _check_features(features: object) -> None:
+    if not isinstance(features, tuple) or len(features) > MAX_FEATURES:
+        raise ValueError(f"field 'features' must be a list of at most {MAX_FEATURES} names")
+    for feature in features:
+        check_re("features", feature, _CODE_RE, "1-32 of a-z _")
+
+
 @dataclass(frozen=True)
 class Challenge(Message):
     """Server → client, first message on every connection.
@@ -390,6 +367,7 @@ class Challenge(Message):
         server_id: the server's identity, bound into the signature.
         time: server wall-clock time, Unix seconds (informational).
         version: :data:`PROTOCOL_VERSION`.
+        features: optional features this server offers (e.g. :data:`EARLY_OFFER`).
     """
 
     TYPE: ClassVar[str] = "challenge"
@@ -398,6 +376,7 @@ class Challenge(Message):
     server_id: str
     time: int
     version: int = PROTOCOL_VERSION
+    features: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.nonce, bytes) or len(self.nonce) != NONCE_SIZE:
@@ -405,6 +384,7 @@ class Challenge(Message):
         check_printable("server_id", self.server_id, _MAX_SERVER_ID, empty=False)
         check_int("time", self.time, 0, 2**53)
         check_int("version", self.version, 1, 2**16)
+        _check_features(self.features)
 
 
 @dataclass(frozen=True)
@@ -414,7 +394,8 @@ class Register(Message):
     ``signature`` is ML-DSA-65 over :func:`registration_data` (nonce, name, server_id).
     ``watch`` (optional, not signed) limits presence to these names (at most
     1000, for example the contacts); absent, the client gets everyone's presence
-    (docs/signaling.md, "Presence").
+    (docs/signaling.md, "Presence"). ``features`` (optional, not signed): the
+    ``challenge`` features the client wants (e.g. :data:`EARLY_OFFER`).
     """
 
     TYPE: ClassVar[str] = "register"
@@ -427,10 +408,13 @@ class Register(Message):
     #: Optional, to move a name pinned to the previous key (see :func:`move_data`).
     previous_key: bytes | None = None
     previous_signature: bytes | None = None
+    features: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         check_name("name", self.name)
         self._check_previous()
+        if self.features is not None:
+            _check_features(self.features)
         if self.watch is not None:
             if not isinstance(self.watch, tuple) or len(self.watch) > MAX_WATCH:
                 raise ValueError(f"field 'watch' must be a list of at most {MAX_WATCH} names")
@@ -467,6 +451,7 @@ class Register(Message):
         challenge: Challenge,
         watch: Iterable[str] | None = None,
         previous: pqc.SigningKey | None = None,
+        features: Iterable[str] | None = None,
     ) -> Register:
         """Sign ``challenge`` with ``key`` and return the ``register`` message.
 
@@ -474,11 +459,13 @@ class Register(Message):
             watch: names whose presence to receive (default: everyone's).
             previous: the user's previous identity key: it signs :func:`move_data`,
                 so a server that has ``name`` pinned to it moves the name to ``key``.
+            features: the features wanted, of those ``challenge`` offers (others dropped).
         """
         data = registration_data(challenge.nonce, name, challenge.server_id)
         watched = None if watch is None else tuple(watch)
+        wanted = tuple(f for f in features or () if f in challenge.features) or None
         if previous is None or previous.public_bytes() == key.public_bytes():
-            return cls(name, key.public_bytes(), key.sign(data), watch=watched)
+            return cls(name, key.public_bytes(), key.sign(data), watch=watched, features=wanted)
         new_fp = fingerprint(key.public_bytes())
         proof = move_data(challenge.nonce, name, challenge.server_id, new_fp)
         return cls(
@@ -488,6 +475,7 @@ class Register(Message):
             watch=watched,
             previous_key=previous.public_bytes(),
             previous_signature=previous.sign(proof),
+            features=wanted,
         )
 
 

@@ -33,7 +33,6 @@ import dataclasses
 import heapq
 import logging
 import os
-import re
 import time
 from collections.abc import Callable
 from json.encoder import encode_basestring_ascii as _quote
@@ -42,6 +41,7 @@ from qcall import pqc
 from qcall.exceptions import InvalidKeyError, SignalingProtocolError
 from qcall.signaling.config import ServerConfig
 from qcall.signaling.messages import (
+    EARLY_OFFER,
     NONCE_SIZE,
     Busy,
     CallMessage,
@@ -57,6 +57,7 @@ from qcall.signaling.messages import (
     fingerprint,
     move_data,
     parse_client_message,
+    parse_server_message,
     registration_data,
 )
 from qcall.signaling.pins import PinRegistry
@@ -64,7 +65,11 @@ from qcall.signaling.state import (
     CALL_RULES,
     CLOSE_POLICY_VIOLATION,
     CLOSE_TRY_AGAIN_LATER,
+    EARLY_OFFER_EXPIRED,
+    EARLY_OFFER_MAX_HOLD,
+    EARLY_RULES,
     END,
+    PIN_REFUSALS,
     RELAY,
     Call,
     CallState,
@@ -74,11 +79,14 @@ from qcall.signaling.state import (
     Output,
     Role,
     address_key,
+    safe_text,
+    utf8_len,
 )
 from qcall.typing import PeerId
 
 __all__ = [
     "CALL_RULES",
+    "EARLY_RULES",
     "RELAYED_HEADROOM",
     "CallState",
     "CloseConnection",
@@ -95,13 +103,6 @@ logger = logging.getLogger(__name__)
 #: Characters a relayed message may exceed ``max_message_size`` by: the ``peer`` and
 #: ``fingerprint`` the server adds (:meth:`SignalingProtocol.forwarded_relay`).
 RELAYED_HEADROOM = 512
-
-_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
-
-
-def _safe_text(text: str) -> str:
-    """Make an exception message fit an ``error`` message (printable ASCII, ≤ 256)."""
-    return _UNPRINTABLE.sub("?", text)[:256]
 
 
 def _default_verify(public_key: bytes, signature: bytes, data: bytes) -> bool:
@@ -258,7 +259,9 @@ class SignalingProtocol:
         if address is not None:
             self._pending_by_address.setdefault(address, {})[cid] = None
         self._add_timer(now + self.config.auth_timeout, "auth", cid)
-        out.append((cid, Challenge(conn.nonce, self.config.server_id, int(self._wall_clock()))))
+        features = (EARLY_OFFER,) if self.config.early_offer else ()
+        now_s = int(self._wall_clock())
+        out.append((cid, Challenge(conn.nonce, self.config.server_id, now_s, features=features)))
         return cid, out
 
     def receive(self, connection: ConnectionId, text: str | bytes, now: float) -> list[Output]:
@@ -278,7 +281,7 @@ class SignalingProtocol:
         if conn.tokens < 1.0:
             return [self._error(conn, "rate_limited", "too many messages, slow down")]
         conn.tokens -= 1.0
-        size = len(text) if isinstance(text, bytes) or text.isascii() else _utf8_len(text)
+        size = len(text) if isinstance(text, bytes) or text.isascii() else utf8_len(text)
         if size > self.config.max_message_size:
             return [
                 self._error(conn, "too_big", f"message over {self.config.max_message_size} bytes")
@@ -286,7 +289,7 @@ class SignalingProtocol:
         try:
             msg = parse_client_message(text)
         except SignalingProtocolError as exc:
-            return [self._error(conn, "bad_message", _safe_text(str(exc)))]
+            return [self._error(conn, "bad_message", safe_text(str(exc)))]
         if self.debug:
             logger.debug("< %d %r", connection, msg)
         if conn.name is None:
@@ -408,7 +411,7 @@ class SignalingProtocol:
         return cid, []  # presence of remote users: remote_presence()
 
     def forwarded_relay(
-        self, connection: ConnectionId, call_id: str, kind: str, text: str
+        self, connection: ConnectionId, call_id: str, kind: str, text: str, now: float = 0.0
     ) -> ConnectionId | None:
         """The recipient here of ``text``, a relayed ``offer``/``answer``/``ice`` that
         stand-in ``connection``'s instance validated and serialized (the relay fast
@@ -419,7 +422,9 @@ class SignalingProtocol:
         :data:`CALL_RULES` allow for ``kind``, a recipient connected here; and that
         ``text`` is that message, from that user, with the fingerprint this instance
         holds for the call (its first members, compared as serialized). The rest of
-        ``text`` (``payload``, ``reason``) is the sending instance's validation.
+        ``text`` (``payload``, ``reason``) is the sending instance's validation. The
+        caller's ``offer`` while the call rings (:data:`EARLY_RULES`) is delivered, or
+        held for a callee that did not ask for it (``now``: the time it came).
         """
         conn = self._connections.get(connection)
         if conn is None or conn.closed or not conn.remote or conn.name is None:
@@ -435,8 +440,11 @@ class SignalingProtocol:
             role = Role.CALLEE
         else:
             return None
+        early = False
         if role not in rule[0] or call.state not in rule[1]:
-            return None
+            if not self._early_allowed(call, role, kind):
+                return None
+            early = True  # the offer while ringing: relayed now or held (as receive())
         if len(text) > self.config.max_message_size + RELAYED_HEADROOM:
             return None
         head = (  # as Message.serialize writes them (json.dumps escapes the same way)
@@ -448,6 +456,14 @@ class SignalingProtocol:
         target = self._online.get(call.other(name))
         if target is None or self._connections[target].remote:
             return None
+        if early:
+            call.early_offer, call.early_at = True, now
+            if not self._connections[target].early_offer:
+                try:  # held for a callee that did not ask: relayed behind its accept
+                    call.held = parse_server_message(text)
+                except SignalingProtocolError:
+                    return None
+                return None
         return target
 
     # --- registration (docs/signaling.md, "Registration") -------------------------------
@@ -507,7 +523,7 @@ class SignalingProtocol:
         elif pinned is None:
             code = self._pins.refusal(fp, conn.address, now)
             if code is not None:
-                refusal = code, _PIN_REFUSALS[code].format(config=self.config)
+                refusal = code, PIN_REFUSALS[code].format(config=self.config)
         if refusal is not None:
             code, text = refusal
             close = CLOSE_POLICY_VIOLATION if code == "too_many_names" else CLOSE_TRY_AGAIN_LATER
@@ -518,6 +534,7 @@ class SignalingProtocol:
         self._leave_pending(conn)
         conn.name = name
         conn.nonce = b""  # single use
+        conn.early_offer = self.config.early_offer and EARLY_OFFER in (msg.features or ())
         out: list[Output] = []
         old_id = self._online.get(name)
         old = self._connections.get(old_id) if old_id is not None else None
@@ -558,6 +575,8 @@ class SignalingProtocol:
         if call is None or name not in (call.caller, call.callee):
             return [self._error(conn, "unknown_call", "no such call", msg.call_id, msg.TYPE)]
         role = Role.CALLER if name == call.caller else Role.CALLEE
+        if self._early_allowed(call, role, msg.TYPE):
+            return self._early(conn, call, name, msg, now)
         roles, states, next_state = CALL_RULES[msg.TYPE]
         if role not in roles or call.state not in states:
             text = f"{msg.TYPE} not allowed for the {role.value} in state {call.state.name}"
@@ -574,14 +593,44 @@ class SignalingProtocol:
             return [(target, relayed)] if target is not None else []
         if target is None:
             return [self._error(conn, "unavailable", "peer is offline", msg.call_id, msg.TYPE)]
+        out: list[Output] = [(target, relayed)]
         if next_state is CallState.ACCEPTED:
             self._unlist_invitation(call)
             self._active[call.caller] = self._active[call.callee] = call.call_id
             call.deadline = now + self.config.max_call_duration
             self._add_timer(call.deadline, "call", call.call_id)
+            if call.held is not None:  # the early offer, for a callee that did not ask
+                held, call.held = call.held, None
+                caller_remote = self._connections[target].remote  # its instance: no expiry
+                if now - call.early_at <= EARLY_OFFER_MAX_HOLD or caller_remote:
+                    out.append((conn.id, held))
+                else:  # too old for its clock window: the caller signs a fresh one
+                    out[0] = (target, dataclasses.replace(relayed, reason=EARLY_OFFER_EXPIRED))
         if isinstance(next_state, CallState):
             call.state = next_state
-        return [(target, relayed)]
+        return out
+
+    def _early_allowed(self, call: Call, role: Role, kind: str) -> bool:
+        """Whether ``kind`` from ``role`` is the one offer :data:`EARLY_RULES` allows now."""
+        rule = EARLY_RULES.get(kind)
+        if rule is None or not self.config.early_offer or call.early_offer:
+            return False
+        return role in rule[0] and call.state in rule[1]
+
+    def _early(
+        self, conn: Connection, call: Call, name: PeerId, msg: CallMessage, now: float
+    ) -> list[Output]:
+        """The caller's offer while the call rings: relayed now, or held for the accept."""
+        target = self._online.get(call.callee)
+        if target is None:
+            return [self._error(conn, "unavailable", "peer is offline", msg.call_id, msg.TYPE)]
+        call.early_offer, call.early_at = True, now
+        relayed = dataclasses.replace(msg, peer=name, fingerprint=call.fingerprint(name))
+        callee = self._connections[target]
+        if callee.early_offer or callee.remote:  # another instance: its callee decides
+            return [(target, relayed)]
+        call.held = relayed
+        return []
 
     def _invite(self, conn: Connection, name: PeerId, msg: Invite, now: float) -> list[Output]:
         callee = PeerId(msg.peer or "")
@@ -725,7 +774,7 @@ class SignalingProtocol:
     ) -> Output:
         if self.debug:
             logger.debug("! %d %s: %s", conn.id, code, text)
-        return conn.id, ErrorMessage(code, _safe_text(text), call_id, ref)
+        return conn.id, ErrorMessage(code, safe_text(text), call_id, ref)
 
     def _close(self, conn: Connection, reason: str, code: int = CLOSE_POLICY_VIOLATION) -> Output:
         conn.closed = True
@@ -743,18 +792,3 @@ class SignalingProtocol:
     def _add_timer(self, deadline: float, kind: str, key: object) -> None:
         self._timer_seq += 1
         heapq.heappush(self._timers, (deadline, self._timer_seq, kind, key))
-
-
-#: Texts of the registration refusals of :meth:`PinRegistry.refusal`.
-_PIN_REFUSALS = {
-    "server_full": "too many identities",
-    "too_many_names": "this key has {config.max_names_per_key} names already",
-    "too_many_identities": (
-        "more than {config.max_new_names_per_address} new names from your address "
-        "in {config.new_names_window:g} s: try again later"
-    ),
-}
-
-
-def _utf8_len(text: str) -> int:
-    return len(text.encode("utf-8", "surrogatepass"))

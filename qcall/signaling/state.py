@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 from dataclasses import dataclass
 from typing import NewType
 
@@ -18,6 +19,10 @@ __all__ = [
     "CALL_RULES",
     "CLOSE_POLICY_VIOLATION",
     "CLOSE_TRY_AGAIN_LATER",
+    "EARLY_OFFER_EXPIRED",
+    "EARLY_OFFER_MAX_HOLD",
+    "EARLY_OFFER_SENT",
+    "EARLY_RULES",
     "END",
     "RELAY",
     "Call",
@@ -88,6 +93,28 @@ CALL_RULES: dict[str, tuple[frozenset[Role], frozenset[CallState], CallState | s
     "ice": (_BOTH, _UP, RELAY),
 }
 
+#: Messages also allowed before the call is accepted, for a server that offers the
+#: ``early_offer`` feature (docs/signaling.md, "The offer while ringing"): the
+#: caller's one ``offer`` while the call is INVITED or RINGING. It is relayed at once
+#: to a callee that asked for the feature (or to another instance, whose callee's
+#: own choice applies there), else held and relayed right behind the callee's
+#: ``accept``; a second one before the accept is ``bad_state``.
+EARLY_RULES: dict[str, tuple[frozenset[Role], frozenset[CallState], CallState | str]] = {
+    "offer": (frozenset({Role.CALLER}), _PRE, RELAY),
+}
+
+
+#: Seconds a held early offer may wait for the callee's ``accept``: older, it is
+#: dropped and the relayed ``accept`` carries :data:`EARLY_OFFER_EXPIRED` as its
+#: ``reason`` (the caller signs a fresh offer; a callee's clock window is ±60 s).
+EARLY_OFFER_MAX_HOLD = 20.0
+#: The ``reason`` of an ``accept`` (the callee's, or the server's for a held offer):
+#: the early offer is too old, send a freshly stamped one.
+EARLY_OFFER_EXPIRED = "early offer expired"
+#: The ``reason`` of the caller's ``offer`` sent while the call rings: a callee that
+#: asked for a fresh one (:data:`EARLY_OFFER_EXPIRED`) skips it if it comes after.
+EARLY_OFFER_SENT = "sent while ringing"
+
 
 @dataclass(slots=True)
 class Connection:
@@ -102,6 +129,7 @@ class Connection:
     closed: bool = False
     watch: tuple[PeerId, ...] | None = None  # presence subscriptions; None: everyone
     remote: bool = False  # a stand-in for a user on another instance (attach_remote)
+    early_offer: bool = False  # asked for the early_offer feature (register.features)
 
 
 @dataclass(slots=True)
@@ -115,6 +143,11 @@ class Call:
     state: CallState
     deadline: float  # ring timeout, then (once accepted) the call time limit
     grace_deadline: float | None = None
+    #: The caller's offer came before the accept (only one may); ``held``: kept for a
+    #: callee that did not ask for it, relayed right behind its ``accept``.
+    early_offer: bool = False
+    early_at: float = 0.0
+    held: ServerMessage | None = None
 
     def other(self, name: PeerId) -> PeerId:
         return self.callee if name == self.caller else self.caller
@@ -139,3 +172,26 @@ def address_key(host: str) -> str:
             return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
+
+
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+def safe_text(text: str) -> str:
+    """Make an exception message fit an ``error`` message (printable ASCII, ≤ 256)."""
+    return _UNPRINTABLE.sub("?", text)[:256]
+
+
+#: Texts of the registration refusals of :meth:`PinRegistry.refusal`.
+PIN_REFUSALS = {
+    "server_full": "too many identities",
+    "too_many_names": "this key has {config.max_names_per_key} names already",
+    "too_many_identities": (
+        "more than {config.max_new_names_per_address} new names from your address "
+        "in {config.new_names_window:g} s: try again later"
+    ),
+}
+
+
+def utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
