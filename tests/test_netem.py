@@ -625,3 +625,28 @@ def test_run_picks_the_loop_with_microsecond_timers(monkeypatch: pytest.MonkeyPa
     assert run(_selector_kind(), "precise") is selectors.SelectSelector
     with pytest.raises(ValueError, match="precise or epoll"):
         run(_selector_kind(), "fast")
+
+
+# --- the latency report: set-up in round trips of the path as achieved -------------------
+
+
+def test_report_counts_round_trips_of_the_achieved_rtt_too() -> None:
+    from qcall.bench.report import build_report
+    from qcall.bench.runner import BenchConfig, CallResult
+
+    profile = PROFILES["beijing-hefei"]
+    calls = [
+        CallResult(
+            "hybrid", i, False, ok=True, setup_ms=setup,
+            caller_ms={"compute": 5.0}, callee_ms={"compute": 4.0},
+            netem={"datagrams": 90, "dropped": 0, "achieved_delay_ms_median": achieved},
+        )
+        for i, (setup, achieved) in enumerate([(60.0, 5.75), (62.0, 5.70), (58.0, 5.80)])
+    ]  # fmt: skip
+    config = BenchConfig(calls=3, profile=profile, modes=("hybrid",))
+    hybrid = build_report(config, calls)["modes"]["hybrid"]
+    # Unchanged: set-up minus compute over the configured RTT (2 x 5.53 ms).
+    assert hybrid["round_trips"] == round((60.0 - 9.0) / (2 * profile.delay_ms), 2)
+    # Next to it: over twice the median call's achieved one-way delay.
+    assert hybrid["round_trips_of_achieved_rtt"] == round((60.0 - 9.0) / (2 * 5.75), 2)
+    assert hybrid["round_trips_of_achieved_rtt"] < hybrid["round_trips"]

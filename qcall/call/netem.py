@@ -61,6 +61,7 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import heapq
 import itertools
 import os
@@ -299,6 +300,17 @@ _PR_SET_TIMERSLACK = 29
 _PR_GET_TIMERSLACK = 30
 
 
+@functools.cache
+def _prctl() -> Any:
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.restype = ctypes.c_int
+    prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+    return prctl
+
+
 def set_timer_slack(ns: int = 1) -> int | None:
     """Set the calling thread's timer slack to ``ns`` nanoseconds (Linux; a no-op elsewhere).
 
@@ -315,32 +327,32 @@ def set_timer_slack(ns: int = 1) -> int | None:
     """
     if ns < 1:  # 0 would mean "back to the default"
         raise ValueError("ns must be >= 1")
-    if not sys.platform.startswith("linux"):
+    prctl = _prctl() if sys.platform.startswith("linux") else None
+    if prctl is None:
         return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    prctl.restype = ctypes.c_int
-    prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
     previous = int(prctl(_PR_GET_TIMERSLACK, 0, 0, 0, 0))
     if previous < 0 or prctl(_PR_SET_TIMERSLACK, ns, 0, 0, 0) != 0:
         return None
     return previous
 
 
-#: Never arm a timer more than this ahead of its due time (the longest busy-wait).
-_MAX_LEAD = 0.002
+#: Never arm a timer more than this ahead of its due time (the longest busy-wait);
+#: a wake-up later than this is a stall (load, a long callback), not latency.
+_MAX_LEAD = 0.001
 _EWMA_GAIN = 1 / 8
 
 
 class _WakeLatency:
     """How late the loop's timers fire: EWMA of the lateness and of its deviation.
 
-    Like RFC 6298's SRTT / RTTVAR: ``lead`` (mean + 2 deviations, at most
+    Like RFC 6298's SRTT / RTTVAR: ``lead`` (mean + 1 deviation, at most
     :data:`_MAX_LEAD`) is how early a release is armed so that the wake-up
     usually comes just before the due time; the rest is a short busy-wait.
-    One per event loop, shared by its queues.
+    Lateness is skewed (most wake-ups quick, a few stalls), so the mean alone
+    already lands most wake-ups early; one deviation more bought a tighter p75
+    and two deviations doubled the busy-wait for no better median
+    (docs/performance.md, "The emulated path's precision"). One per event
+    loop, shared by its queues.
     """
 
     def __init__(self) -> None:
@@ -354,14 +366,14 @@ class _WakeLatency:
         self.releases = 0
 
     def observe(self, late: float) -> None:
-        late = min(max(late, 0.0), 4 * _MAX_LEAD)  # one stall must not set the lead
+        late = min(max(late, 0.0), _MAX_LEAD)  # stalls must not set the lead
         self.dev += (abs(late - self.mean) - self.dev) * _EWMA_GAIN
         self.mean += (late - self.mean) * _EWMA_GAIN
         self.samples += 1
 
     @property
     def lead(self) -> float:
-        return min(_MAX_LEAD, self.mean + 2 * self.dev)
+        return min(_MAX_LEAD, self.mean + self.dev)
 
 
 _WAKE: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _WakeLatency] = (
