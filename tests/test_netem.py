@@ -8,9 +8,14 @@ loaded 2-core machine (docs/performance.md gives the measured figures).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import itertools
+import os
 import selectors
 import statistics
+import sys
+import threading
 import time
 from typing import Any
 
@@ -19,14 +24,17 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 
 from qcall.call.netem import (
     PROFILES,
+    PROXY_IN_FLIGHT_MAX,
     TIMERS_ENV,
     LinkEmulator,
     NetworkProfile,
     TCPDelayProxy,
     _EmulatedTransport,
+    _PreciseQueue,
     apply_profile,
     get_profile,
     run,
+    set_timer_slack,
 )
 from qcall.call.session import CallSession
 from qcall.call.status import CallOptions
@@ -191,6 +199,125 @@ async def test_shell_loss_and_jitter_accuracy() -> None:
     assert statistics.median(excess) <= 3.0 * T
 
 
+class _Stamped:
+    """A datagram transport noting when each datagram really left (``loop.time()``)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.left: dict[int, float] = {}
+        self.loop = asyncio.get_running_loop()
+
+    def sendto(self, data: bytes, addr: Any = None) -> None:
+        self.left[int.from_bytes(data[:4], "big")] = self.loop.time()
+        self.inner.sendto(data, addr)
+
+    def is_closing(self) -> bool:
+        return bool(self.inner.is_closing())
+
+
+@pytest.mark.parametrize(
+    "profile",
+    [
+        PROFILES["beijing-hefei"],
+        NetworkProfile("j", delay_ms=4.0, jitter_ms=3.0, loss=0.1),
+        NetworkProfile("jr", delay_ms=4.0, jitter_ms=3.0, reorder=True),
+    ],
+    ids=["beijing-hefei", "jitter-in-order", "jitter-reorder"],
+)
+async def test_released_datagrams_are_never_early(profile: NetworkProfile) -> None:
+    loop = asyncio.get_running_loop()
+    rx, receiver = await loop.create_datagram_endpoint(_Receiver, local_addr=("127.0.0.1", 0))
+    tx, _ = await loop.create_datagram_endpoint(
+        asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0)
+    )
+    stamped = _Stamped(tx)
+    link = LinkEmulator(profile, seed=5)
+    emulated = _EmulatedTransport(stamped, link)  # type: ignore[arg-type]
+    sent: dict[int, float] = {}
+    planned: dict[int, float] = {}
+    try:
+        for i in range(400):  # one every ~1.5 ms: releases and sends interleave
+            sent[i] = loop.time()
+            before = len(link.stats.delays_ms)
+            emulated.sendto(i.to_bytes(4, "big") + bytes(60), rx.get_extra_info("sockname"))
+            if len(link.stats.delays_ms) > before:
+                planned[i] = link.stats.delays_ms[-1] / 1000
+            if i % 3 == 0:
+                await asyncio.sleep(0.004)
+        await asyncio.sleep(0.1 + (profile.delay_ms + profile.jitter_ms) / 1000)
+    finally:
+        tx.close()
+        rx.close()
+    assert set(stamped.left) == set(planned) and len(planned) > 300
+    # The emulator's clock read comes after ``sent``: leaving at or after
+    # sent + planned is leaving at or after the release time it decided.
+    early = [i for i in planned if stamped.left[i] < sent[i] + planned[i] - 1e-9]
+    assert early == []
+    achieved, wanted = sorted(link.stats.achieved_ms), sorted(link.stats.delays_ms)
+    assert all(a >= p - 1e-6 for a, p in zip(achieved, wanted, strict=True))
+    lowest = profile.delay_ms - profile.jitter_ms
+    one_way = [(receiver.arrivals[i] - sent[i]) * 1000 for i in receiver.arrivals]
+    assert len(one_way) == len(planned) and min(one_way) >= lowest
+    if not profile.reorder:  # order kept, even for equal release times
+        assert list(receiver.arrivals) == sorted(receiver.arrivals)
+    # Late by little: the median datagram leaves within a millisecond of its time.
+    lateness = sorted(stamped.left[i] - sent[i] - planned[i] for i in planned)
+    assert statistics.median(lateness) <= 0.001 * T
+
+
+async def test_precise_queue_releases_in_order_and_never_early() -> None:
+    loop = asyncio.get_running_loop()
+    released: list[tuple[float, int, float]] = []
+    queue: _PreciseQueue[tuple[float, int]] = _PreciseQueue(
+        loop, lambda batch: released.extend((due, n, loop.time()) for due, n in batch)
+    )
+    base = loop.time() + 0.002
+    dues = [base + (n % 7) * 0.0013 for n in range(200)]  # equal due times, out of order
+    for n, due in enumerate(dues):
+        queue.push(due, (due, n))
+    await asyncio.sleep(0.05)
+    assert len(released) == 200 and len(queue) == 0
+    assert all(at >= due for due, _, at in released)
+    assert [(d, n) for d, n, _ in released] == sorted((d, n) for n, d in enumerate(dues))
+    queue.push(loop.time() + 0.001, (0.0, -1))
+    queue.cancel()
+    await asyncio.sleep(0.01)
+    assert len(released) == 200
+
+
+def _timer_slack() -> int:
+    prctl = ctypes.CDLL(None).prctl
+    prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+    return int(prctl(30, 0, 0, 0, 0))  # PR_GET_TIMERSLACK
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+def test_timer_slack_is_set_per_thread_by_the_emulation() -> None:
+    seen: dict[str, Any] = {}
+
+    def thread() -> None:  # a fresh thread: the test's own thread keeps its slack
+        seen["before"] = _timer_slack()
+        seen["previous"] = set_timer_slack()
+        seen["after"] = _timer_slack()
+        seen["in_run"] = run(_slack_in_loop())
+
+    worker = threading.Thread(target=thread)
+    worker.start()
+    worker.join()
+    assert seen["previous"] == seen["before"] and seen["after"] == 1 and seen["in_run"] == 1
+    with pytest.raises(ValueError, match="ns"):
+        set_timer_slack(0)
+
+
+async def _slack_in_loop() -> int:
+    return _timer_slack()
+
+
+def test_timer_slack_is_a_no_op_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert set_timer_slack() is None
+
+
 # --- real peers ----------------------------------------------------------------------
 
 
@@ -324,6 +451,161 @@ async def test_tcp_delay_proxy_delays_each_direction_and_keeps_bytes() -> None:
         await server.wait_closed()
 
 
+@contextlib.asynccontextmanager
+async def _server(handler: Any) -> Any:
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[:2]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_tcp_delay_proxy_is_never_early_either_way() -> None:
+    loop = asyncio.get_running_loop()
+    arrived: dict[int, float] = {}
+    replied: dict[int, float] = {}
+
+    async def stamp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, asyncio.CancelledError):
+            while True:
+                n = int.from_bytes(await reader.readexactly(4), "big")
+                arrived[n] = replied[n] = loop.time()
+                writer.write(n.to_bytes(4, "big"))
+        writer.close()
+
+    delay = PROFILES["beijing-hefei"].delay_ms / 2  # one leg of the harness
+    async with _server(stamp) as target, TCPDelayProxy(target, delay) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        sent: dict[int, float] = {}
+        back: dict[int, float] = {}
+
+        async def receive() -> None:
+            for _ in range(150):
+                n = int.from_bytes(await reader.readexactly(4), "big")
+                back[n] = loop.time()
+
+        receiving = asyncio.ensure_future(receive())
+        for n in range(150):
+            sent[n] = loop.time()
+            writer.write(n.to_bytes(4, "big"))
+            if n % 2:
+                await asyncio.sleep(0.002)
+        await asyncio.wait_for(receiving, 5 * T)
+        writer.close()
+    up = [(arrived[n] - sent[n]) * 1000 for n in sent]
+    down = [(back[n] - replied[n]) * 1000 for n in sent]
+    assert min(up) >= delay and min(down) >= delay
+    assert statistics.median(up) <= delay + 1.0 * T and statistics.median(down) <= delay + 1.0 * T
+
+
+async def test_tcp_delay_proxy_keeps_order_and_bytes_both_ways_and_half_closes() -> None:
+    to_server = os.urandom(3_000_000)
+    to_client = os.urandom(2_000_000)
+    server_got: list[bytes] = []
+    server_done = asyncio.Event()
+
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def send() -> None:
+            for i in range(0, len(to_client), 70_000):  # while the client is sending too
+                writer.write(to_client[i : i + 70_000])
+                await writer.drain()
+
+        sending = asyncio.ensure_future(send())
+        server_got.append(await reader.read())  # up to the client's EOF
+        await sending
+        writer.write(b"after your EOF")  # half-closed: this way still works
+        await writer.drain()
+        writer.close()
+        server_done.set()
+
+    async with _server(peer) as target, TCPDelayProxy(target, 3.0) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        for i in range(0, len(to_server), 100_000):
+            writer.write(to_server[i : i + 100_000])
+        await writer.drain()
+        writer.write_eof()
+        got = await asyncio.wait_for(reader.read(), 20 * T)  # up to the server's close
+        await asyncio.wait_for(server_done.wait(), 5 * T)
+        assert server_got == [to_server]
+        assert got == to_client + b"after your EOF"
+        writer.close()
+        await writer.wait_closed()
+        for _ in range(100):  # both legs close behind the last bytes
+            if not proxy._legs:
+                break
+            await asyncio.sleep(0.01)
+        assert not proxy._legs
+
+
+async def test_tcp_delay_proxy_passes_a_close_from_the_server() -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"bye")
+        writer.close()
+
+    async with _server(hang_up) as target, TCPDelayProxy(target, 5.0) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        start = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 5 * T) == b"bye"
+        assert time.monotonic() - start >= 0.005
+        writer.close()
+
+
+async def test_tcp_delay_proxy_closes_the_client_when_the_server_refuses() -> None:
+    async with _server(lambda r, w: w.close()) as target:
+        pass  # the port is closed now
+    async with TCPDelayProxy(target, 5.0) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        with contextlib.suppress(ConnectionError):
+            assert await asyncio.wait_for(reader.read(), 5 * T) == b""
+        writer.close()
+        assert not proxy._tasks
+
+
+async def test_tcp_delay_proxy_back_pressure() -> None:
+    blob = os.urandom(24 << 20)
+    wrote = asyncio.Event()
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(blob)
+        await writer.drain()
+        wrote.set()
+        writer.close()
+
+    async with _server(flood) as target, TCPDelayProxy(target, 2.0) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port, limit=1 << 16)
+        await asyncio.sleep(0.5)  # the client reads nothing yet
+        # The proxy stopped reading the server: it holds little, the server waits.
+        assert not wrote.is_set()
+        held = sum(leg.in_flight for leg in proxy._legs) + sum(
+            leg.transport.get_write_buffer_size() for leg in proxy._legs if leg.transport
+        )
+        assert held <= 2 * PROXY_IN_FLIGHT_MAX + (1 << 20)
+        got = await asyncio.wait_for(reader.readexactly(len(blob)), 30 * T)
+        assert got == blob
+        await asyncio.wait_for(wrote.wait(), 5 * T)
+        writer.close()
+
+
+async def test_tcp_delay_proxy_close_cuts_connections() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    async with _server(silent) as target:
+        proxy = TCPDelayProxy(target, 5.0)
+        await proxy.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"in flight")
+        await asyncio.sleep(0.02)
+        await proxy.close()
+        with contextlib.suppress(ConnectionError):
+            assert await asyncio.wait_for(reader.read(), 5 * T) == b""
+        assert not proxy._tasks and not proxy._legs
+        writer.close()
+        await proxy.close()  # twice is fine
+
+
 # --- the event loop of emulating processes ----------------------------------------------
 
 
@@ -343,3 +625,28 @@ def test_run_picks_the_loop_with_microsecond_timers(monkeypatch: pytest.MonkeyPa
     assert run(_selector_kind(), "precise") is selectors.SelectSelector
     with pytest.raises(ValueError, match="precise or epoll"):
         run(_selector_kind(), "fast")
+
+
+# --- the latency report: set-up in round trips of the path as achieved -------------------
+
+
+def test_report_counts_round_trips_of_the_achieved_rtt_too() -> None:
+    from qcall.bench.report import build_report
+    from qcall.bench.runner import BenchConfig, CallResult
+
+    profile = PROFILES["beijing-hefei"]
+    calls = [
+        CallResult(
+            "hybrid", i, False, ok=True, setup_ms=setup,
+            caller_ms={"compute": 5.0}, callee_ms={"compute": 4.0},
+            netem={"datagrams": 90, "dropped": 0, "achieved_delay_ms_median": achieved},
+        )
+        for i, (setup, achieved) in enumerate([(60.0, 5.75), (62.0, 5.70), (58.0, 5.80)])
+    ]  # fmt: skip
+    config = BenchConfig(calls=3, profile=profile, modes=("hybrid",))
+    hybrid = build_report(config, calls)["modes"]["hybrid"]
+    # Unchanged: set-up minus compute over the configured RTT (2 x 5.53 ms).
+    assert hybrid["round_trips"] == round((60.0 - 9.0) / (2 * profile.delay_ms), 2)
+    # Next to it: over twice the median call's achieved one-way delay.
+    assert hybrid["round_trips_of_achieved_rtt"] == round((60.0 - 9.0) / (2 * 5.75), 2)
+    assert hybrid["round_trips_of_achieved_rtt"] < hybrid["round_trips"]

@@ -27,21 +27,26 @@ The model (close to netem's defaults, ``man 8 tc-netem``):
 * **rate** (optional): a serialization queue at ``rate_kbps``; a datagram
   starts transmitting when the previous one is done, then propagates.
 
-Datagrams are released with ``loop.call_at`` — the send path never sleeps.
-The achieved delay is therefore the requested one plus the event loop's timer
-slack. asyncio's default loop on Linux waits in ``epoll_wait``, whose timeout is
-whole milliseconds rounded *up*: a 5.53 ms timer fires after ≈ 6.1 ms. Processes
-that emulate a path should run on :func:`precise_loop` (``select(2)``, whose
-timeout has microseconds: ≈ 0.1 ms late), as the latency harness does
-(:func:`run`, ``QCALL_TIMERS``). The emulator's accuracy (requested vs achieved
-delay, jitter, loss) is measured in ``tests/test_netem.py`` and
-``scripts/netem_accuracy.py`` and reported in docs/performance.md.
+Datagrams are released by loop timers — the send path never sleeps — through a
+:class:`_PreciseQueue`: **never before** their release time, and late by as
+little as the loop allows. A timer fires late by the kernel's timer slack (50 µs
+by default; :func:`set_timer_slack` makes it 1 ns on the emulating thread) plus
+the loop's wake-up latency; so the queue arms its one timer early by a measured
+estimate of that lateness (:class:`_WakeLatency`, an EWMA of past wake-ups) and
+busy-waits the remaining µs. asyncio's default loop on Linux waits in
+``epoll_wait``, whose timeout is whole milliseconds rounded *up*: processes that
+emulate a path should run on :func:`precise_loop` (``select(2)``, µs timeouts),
+as the latency harness does (:func:`run`, ``QCALL_TIMERS``). The emulator's
+accuracy (requested vs achieved delay, jitter, loss) is measured in
+``tests/test_netem.py`` and ``scripts/netem_accuracy.py`` and reported in
+docs/performance.md.
 
 The signaling path (a websocket over TCP) can be delayed too, with a
 :class:`TCPDelayProxy` in front of the signaling server: each chunk of bytes is
-forwarded ``delay_ms`` after it was read, in order, in each direction. Only
-delay is emulated there — TCP turns loss into retransmission delay, which the
-proxy does not model. The KMEs stay on loopback: in the Beijing–Hefei scenario
+forwarded ``delay_ms`` after it was read (never earlier), in order, in each
+direction, with EOFs and closes behind the bytes and back-pressure both ways.
+Only delay is emulated there — TCP turns loss into retransmission delay, which
+the proxy does not model. The KMEs stay on loopback: in the Beijing–Hefei scenario
 each user's KME is at its own site.
 
 This reaches into aiortc 1.16 / aioice 0.10+ internals
@@ -54,13 +59,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
+import functools
+import heapq
+import itertools
 import os
 import random
 import selectors
+import sys
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from qcall._aio import AsyncService
 from qcall.exceptions import CallError
@@ -71,6 +82,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FIBRE_US_PER_KM",
     "PROFILES",
+    "PROXY_IN_FLIGHT_MAX",
     "RELAY_PROCESSING_US",
     "TIMERS_ENV",
     "Emulation",
@@ -82,6 +94,7 @@ __all__ = [
     "get_profile",
     "precise_loop",
     "run",
+    "set_timer_slack",
 ]
 
 T = TypeVar("T")
@@ -110,12 +123,14 @@ def run(main: Coroutine[Any, Any, T], timers: str | None = None) -> T:
     """``asyncio.run(main)`` on the loop ``timers`` names (default: ``$QCALL_TIMERS``).
 
     ``precise`` (the default) runs on :func:`precise_loop`; ``epoll``, asyncio's
-    default loop.
+    default loop. Either way the thread's timer slack is set to 1 ns first
+    (:func:`set_timer_slack`).
 
     Raises:
         ValueError: ``timers`` is neither.
     """
     timers = timers or os.environ.get(TIMERS_ENV) or "precise"
+    set_timer_slack()  # the loop runs on this thread
     if timers == "epoll":
         return asyncio.run(main)
     if timers != "precise":
@@ -123,6 +138,7 @@ def run(main: Coroutine[Any, Any, T], timers: str | None = None) -> T:
         raise ValueError(f"{TIMERS_ENV} must be precise or epoll, not {timers!r}")
     with asyncio.Runner(loop_factory=precise_loop) as runner:
         return runner.run(main)
+
 
 #: One-way propagation in standard single-mode fibre: group index ≈ 1.468, so
 #: light covers 1 km in 1.468 / c ≈ 4.9 µs ("about 5 µs per km").
@@ -279,29 +295,199 @@ class LinkEmulator:
         return release
 
 
+#: PR_GET_TIMERSLACK / PR_SET_TIMERSLACK of ``prctl(2)`` (linux/prctl.h).
+_PR_SET_TIMERSLACK = 29
+_PR_GET_TIMERSLACK = 30
+
+
+@functools.cache
+def _prctl() -> Any:
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.restype = ctypes.c_int
+    prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+    return prctl
+
+
+def set_timer_slack(ns: int = 1) -> int | None:
+    """Set the calling thread's timer slack to ``ns`` nanoseconds (Linux; a no-op elsewhere).
+
+    The kernel may fire a thread's timers up to its *timer slack* late (50 µs by
+    default) to batch wake-ups; ``select(2)`` uses the larger of that and 0.1 %
+    of the timeout. The emulating processes want their timers on time, so
+    :func:`run`, :class:`_EmulatedTransport` and :class:`TCPDelayProxy` set 1 ns
+    on the thread that runs their loop — not on import: a process that only
+    imports this module keeps its slack.
+
+    Returns:
+        The previous slack in ns, or ``None`` where it cannot be set (not Linux,
+        no libc ``prctl``, or the call failed).
+    """
+    if ns < 1:  # 0 would mean "back to the default"
+        raise ValueError("ns must be >= 1")
+    prctl = _prctl() if sys.platform.startswith("linux") else None
+    if prctl is None:
+        return None
+    previous = int(prctl(_PR_GET_TIMERSLACK, 0, 0, 0, 0))
+    if previous < 0 or prctl(_PR_SET_TIMERSLACK, ns, 0, 0, 0) != 0:
+        return None
+    return previous
+
+
+#: Never arm a timer more than this ahead of its due time (the longest busy-wait);
+#: a wake-up later than this is a stall (load, a long callback), not latency.
+_MAX_LEAD = 0.001
+_EWMA_GAIN = 1 / 8
+
+
+class _WakeLatency:
+    """How late the loop's timers fire: EWMA of the lateness and of its deviation.
+
+    Like RFC 6298's SRTT / RTTVAR: ``lead`` (mean + 1 deviation, at most
+    :data:`_MAX_LEAD`) is how early a release is armed so that the wake-up
+    usually comes just before the due time; the rest is a short busy-wait.
+    Lateness is skewed (most wake-ups quick, a few stalls), so the mean alone
+    already lands most wake-ups early; one deviation more bought a tighter p75
+    and two deviations doubled the busy-wait for no better median
+    (docs/performance.md, "The emulated path's precision"). One per event
+    loop, shared by its queues.
+    """
+
+    def __init__(self) -> None:
+        # A first guess (select(2) on this project's 2-core VM: ≈ 0.1 ms); the
+        # EWMA takes over from the first wake-up.
+        self.mean = 100e-6
+        self.dev = 50e-6
+        self.samples = 0
+        #: Time spent busy-waiting (s) over ``releases`` timer firings (the CPU cost).
+        self.spun = 0.0
+        self.releases = 0
+
+    def observe(self, late: float) -> None:
+        late = min(max(late, 0.0), _MAX_LEAD)  # stalls must not set the lead
+        self.dev += (abs(late - self.mean) - self.dev) * _EWMA_GAIN
+        self.mean += (late - self.mean) * _EWMA_GAIN
+        self.samples += 1
+
+    @property
+    def lead(self) -> float:
+        return min(_MAX_LEAD, self.mean + self.dev)
+
+
+_WAKE: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _WakeLatency] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class _PreciseQueue(Generic[T]):
+    """Items released at their due times on ``loop``: never early, late as little as possible.
+
+    One timer is armed, for the earliest item, ``lead`` seconds early (the
+    loop's measured wake-up latency, :class:`_WakeLatency`); when it fires
+    before the due time the loop busy-waits the rest (at most
+    :data:`_MAX_LEAD`). Every item due by then is handed to ``release`` in one
+    batch, in order of due time, then of pushing (equal due times keep FIFO
+    order, which ``loop.call_at``'s heap does not promise).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, release: Callable[[list[T]], None]) -> None:
+        self._loop = loop
+        self._release = release
+        self._wake = _WAKE.setdefault(loop, _WakeLatency())
+        self._heap: list[tuple[float, int, T]] = []
+        self._seq = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._armed_at = 0.0
+        self._armed_ahead = False
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def push(self, due: float, item: T) -> None:
+        seq = next(self._seq)
+        heapq.heappush(self._heap, (due, seq, item))
+        if self._timer is None or self._heap[0][1] == seq:
+            self._arm()
+
+    def cancel(self) -> None:
+        """Forget every pending item and the timer."""
+        self._heap.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _arm(self) -> None:
+        at = self._heap[0][0] - self._wake.lead
+        if self._timer is not None:
+            if self._armed_at == at:
+                return
+            self._timer.cancel()
+        self._armed_at = at
+        self._armed_ahead = at > self._loop.time()
+        self._timer = self._loop.call_at(at, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        loop = self._loop
+        now = loop.time()
+        if self._armed_ahead:
+            self._wake.observe(now - self._armed_at)
+        if not self._heap:
+            return
+        due = self._heap[0][0]
+        if due - now > _MAX_LEAD:  # cannot happen with asyncio's timers; stay correct
+            self._arm()
+            return
+        woke = now
+        while now < due:  # the rest: a wake-up would come too late
+            now = loop.time()
+        self._wake.spun += now - woke
+        self._wake.releases += 1
+        batch = []
+        while self._heap and self._heap[0][0] <= now:
+            batch.append(heapq.heappop(self._heap)[2])
+        if self._heap:
+            self._arm()
+        self._release(batch)
+
+
 class _EmulatedTransport:
-    """Wraps an ``asyncio.DatagramTransport``: ``sendto`` goes through the emulator."""
+    """Wraps an ``asyncio.DatagramTransport``: ``sendto`` goes through the emulator.
+
+    Released datagrams leave through a :class:`_PreciseQueue`: never before
+    the emulator's release time, and in order of release time (equal times in
+    order of sending).
+    """
 
     def __init__(self, inner: asyncio.DatagramTransport, link: LinkEmulator) -> None:
         self._inner = inner
         self._link = link
         self._loop = asyncio.get_running_loop()
+        self._queue: _PreciseQueue[tuple[bytes, Any, float]] = _PreciseQueue(
+            self._loop, self._release
+        )
+        set_timer_slack()
 
     def sendto(self, data: bytes, addr: Any = None) -> None:
         now = self._loop.time()
         release = self._link.decide(now, len(data))
         if release is None:
             return
-        if release <= now:
-            self._release(data, addr, now)
+        if release <= now and not self._queue:
+            self._release([(data, addr, now)])
         else:
-            self._loop.call_at(release, self._release, data, addr, now)
+            self._queue.push(release, (data, addr, now))
 
-    def _release(self, data: bytes, addr: Any, sent: float) -> None:
+    def _release(self, batch: list[tuple[bytes, Any, float]]) -> None:
         if self._inner.is_closing():
+            self._queue.cancel()
             return
-        self._link.stats.achieved_ms.append((self._loop.time() - sent) * 1000.0)
-        self._inner.sendto(data, addr)
+        now = self._loop.time()
+        for data, addr, sent in batch:
+            self._link.stats.achieved_ms.append((now - sent) * 1000.0)
+            self._inner.sendto(data, addr)
 
     def __getattr__(self, name: str) -> Any:  # close, get_extra_info, is_closing, …
         return getattr(self._inner, name)
@@ -384,8 +570,116 @@ def apply_profile(target: Any, profile: NetworkProfile, seed: int = 0) -> Emulat
     return emulation
 
 
+#: Back-pressure of :class:`TCPDelayProxy`: a side is no longer read while this
+#: many of the bytes read from it are still in flight (delayed), and again once
+#: they are under a quarter of it; also while the other side's socket buffer is
+#: full (``pause_writing``).
+PROXY_IN_FLIGHT_MAX = 1 << 20
+
+_EOF = "eof"  # markers on a delay line, behind the bytes read before them
+_CLOSE = "close"
+
+
+class _Leg(asyncio.Protocol):
+    """One connection of a proxied pair: what it reads reaches the other ``delay`` later."""
+
+    def __init__(self, proxy: TCPDelayProxy, peer: _Leg | None = None) -> None:
+        self.proxy = proxy
+        self.peer = peer
+        self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_running_loop()
+        self.line: _PreciseQueue[bytes | str] = _PreciseQueue(self.loop, self._deliver)
+        self.in_flight = 0
+        self.eof_in = self.eof_out = self.lost = False
+        self._paused: set[str] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.proxy._legs.add(self)
+        if self.peer is None:  # the client's side: read once the server's is there
+            self.pause("connect")
+            self.proxy._connect(self)
+        else:  # the server's side
+            self.peer.peer = self
+            self.peer.resume("connect")
+
+    def data_received(self, data: bytes) -> None:
+        self.in_flight += len(data)
+        self.line.push(self.loop.time() + self.proxy.delay, data)
+        if self.in_flight > PROXY_IN_FLIGHT_MAX:
+            self.pause("in flight")
+
+    def eof_received(self) -> bool:
+        self.eof_in = True
+        self.line.push(self.loop.time() + self.proxy.delay, _EOF)
+        if self.eof_out and self.transport is not None:
+            self.transport.close()  # both ways done
+        return True  # half-closed: the other way goes on
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.proxy._legs.discard(self)
+        # The other side is closed once what was read before reaches it (a
+        # no-op when both ways were already closed by EOFs).
+        self.line.push(self.loop.time() + self.proxy.delay, _CLOSE)
+
+    def pause_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.pause("writing")
+
+    def resume_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.resume("writing")
+
+    def pause(self, why: str) -> None:
+        if not self._paused and self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self._paused.add(why)
+
+    def resume(self, why: str) -> None:
+        if why not in self._paused:
+            return
+        self._paused.discard(why)
+        if not self._paused and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def _deliver(self, batch: list[bytes | str]) -> None:
+        self.in_flight -= sum(len(item) for item in batch if isinstance(item, bytes))
+        if self.in_flight <= PROXY_IN_FLIGHT_MAX // 4:
+            self.resume("in flight")
+        peer = self.peer
+        out = peer.transport if peer is not None else None
+        if peer is None or out is None or out.is_closing():
+            return  # the other side is gone: what was in flight to it is lost
+        chunks: list[bytes] = []
+        for item in batch:
+            if isinstance(item, bytes):
+                chunks.append(item)
+                continue
+            if chunks:
+                out.write(b"".join(chunks))
+                chunks = []
+            if item == _EOF and out.can_write_eof() and not peer.eof_in:
+                out.write_eof()
+                peer.eof_out = True
+            else:  # close, or the last way of a pair: close once written
+                out.close()
+                return
+        if chunks:
+            out.write(b"".join(chunks))
+
+
 class TCPDelayProxy(AsyncService):
     """A TCP proxy that delays each direction by ``delay_ms`` (order kept, no loss).
+
+    Built on protocol callbacks: each side's bytes go on a delay line (a
+    :class:`_PreciseQueue`: released by one timer, never before ``delay_ms``
+    after they were read, late by as little as the loop allows). An EOF (a
+    half-close) reaches the other side after the bytes read before it, and so
+    does a close or reset; back-pressure stops reading a side while the other
+    side's socket buffer is full or :data:`PROXY_IN_FLIGHT_MAX` of its bytes
+    are in flight.
 
     Args:
         target: ``(host, port)`` of the real server.
@@ -403,14 +697,17 @@ class TCPDelayProxy(AsyncService):
         self.port = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._legs: set[_Leg] = set()
 
     async def start(self, host: str = "127.0.0.1") -> None:
         """Listen on an ephemeral port of ``host`` (then read :attr:`port`)."""
-        self._server = await asyncio.start_server(self._handle, host, 0)
+        set_timer_slack()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Leg(self), host, 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
-        """Stop listening and cut every proxied connection."""
+        """Stop listening and cut every proxied connection (what is in flight is dropped)."""
         if self._server is not None:
             self._server.close()
         for task in list(self._tasks):
@@ -418,52 +715,27 @@ class TCPDelayProxy(AsyncService):
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        for leg in list(self._legs):
+            leg.line.cancel()
+            if leg.transport is not None:
+                leg.transport.close()
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
+        await asyncio.sleep(0)  # let the transports report connection_lost
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+    def _connect(self, client: _Leg) -> None:
+        task = asyncio.ensure_future(self._open(client))
         self._tasks.add(task)
-        upstream_writer: asyncio.StreamWriter | None = None
-        try:
-            up_reader, upstream_writer = await asyncio.open_connection(*self.target)
-            await asyncio.gather(self._pump(reader, upstream_writer), self._pump(up_reader, writer))
-        except (OSError, asyncio.IncompleteReadError):
-            pass
-        except asyncio.CancelledError:  # close(): end quietly (asyncio reports cancelled
-            pass  # start_server handlers as errors)
-        finally:
-            self._tasks.discard(task)
-            for w in (writer, upstream_writer):
-                if w is not None:
-                    w.close()
+        task.add_done_callback(self._tasks.discard)
 
-    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    async def _open(self, client: _Leg) -> None:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
-
-        async def deliver() -> None:
-            while True:
-                due, data = await queue.get()
-                wait = due - loop.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                if not data:
-                    if dst.can_write_eof():
-                        dst.write_eof()
-                    return
-                dst.write(data)
-                await dst.drain()
-
-        delivering = asyncio.ensure_future(deliver())
         try:
-            while True:
-                data = await src.read(65536)
-                queue.put_nowait((loop.time() + self.delay, data))
-                if not data:
-                    break
-            await delivering
-        finally:
-            delivering.cancel()
+            upstream, _ = await loop.create_connection(lambda: _Leg(self, client), *self.target)
+        except OSError:
+            if client.transport is not None:
+                client.transport.close()
+            return
+        if client.lost:
+            upstream.close()
