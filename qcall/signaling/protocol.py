@@ -456,14 +456,12 @@ class SignalingProtocol:
         target = self._online.get(call.other(name))
         if target is None or self._connections[target].remote:
             return None
-        if early:
-            call.early_offer, call.early_at = True, now
-            if not self._connections[target].early_offer:
-                try:  # held for a callee that did not ask: relayed behind its accept
-                    call.held = parse_server_message(text)
-                except SignalingProtocolError:
-                    return None
+        if early and not self._early_now(call, self._connections[target], now):
+            try:  # held for a callee that did not ask: relayed behind its accept
+                call.held = parse_server_message(text)
+            except SignalingProtocolError:
                 return None
+            return None
         return target
 
     # --- registration (docs/signaling.md, "Registration") -------------------------------
@@ -624,13 +622,21 @@ class SignalingProtocol:
         target = self._online.get(call.callee)
         if target is None:
             return [self._error(conn, "unavailable", "peer is offline", msg.call_id, msg.TYPE)]
-        call.early_offer, call.early_at = True, now
         relayed = dataclasses.replace(msg, peer=name, fingerprint=call.fingerprint(name))
-        callee = self._connections[target]
-        if callee.early_offer or callee.remote:  # another instance: its callee decides
+        if self._early_now(call, self._connections[target], now):
             return [(target, relayed)]
         call.held = relayed
         return []
+
+    @staticmethod
+    def _early_now(call: Call, callee: Connection, now: float) -> bool:
+        """Take the call's one early offer (came at ``now``); whether ``callee`` gets it now.
+
+        Delivered now to a callee that asked for it, or to another instance (its
+        callee decides); otherwise the server holds it (``call.held``) until the accept.
+        """
+        call.early_offer, call.early_at = True, now
+        return callee.early_offer or callee.remote
 
     def _invite(self, conn: Connection, name: PeerId, msg: Invite, now: float) -> list[Output]:
         callee = PeerId(msg.peer or "")
