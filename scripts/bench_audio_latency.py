@@ -43,6 +43,7 @@ import threading
 import time
 from typing import Any
 
+import av
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamTrack
@@ -72,6 +73,7 @@ class Probe(MediaStreamTrack):
 
     async def recv(self) -> Any:
         frame = await self.source.recv()
+        assert isinstance(frame, av.AudioFrame)  # a microphone track gives audio frames
         self.frames.append((time.monotonic(), frame.to_ndarray().reshape(-1).copy()))
         return frame
 

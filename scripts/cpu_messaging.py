@@ -33,9 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository
 
-import bench_messaging as bench
+from scripts import bench_messaging as bench
 
 
 def server_cpu(pid: int) -> float:

@@ -23,7 +23,7 @@ import hmac
 import json
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -160,10 +160,25 @@ def text(label: str, body: str) -> Content:
     return Content(ContentKind.TEXT, material(label + " id", 16), NOW_MS, text=body)
 
 
+def _fixed(seed: bytes) -> Callable[[int], bytes]:
+    """A random source that always gives ``seed`` (one prekey's seed)."""
+
+    def random(n: int) -> bytes:
+        del n
+        return seed
+
+    return random
+
+
 # --- sessions ---------------------------------------------------------------------------
 
-# (case, mode, one-time prekey?, script of (sender, qkd: None / "qkd" at this message))
-SESSIONS = [
+# (case, mode, one-time prekey?, script of (sender, qkd: None / "qkd" at this message)
+#  [, full_every])
+SessionCase = (
+    tuple[str, bool, bool, Sequence[tuple[str, str | None]]]
+    | tuple[str, bool, bool, Sequence[tuple[str, str | None]], int]
+)
+SESSIONS: list[SessionCase] = [
     (
         "hybrid",
         True,
@@ -209,7 +224,7 @@ def session_case(
     case: str,
     hybrid: bool,
     with_opk: bool,
-    script: list[tuple[str, str | None]],
+    script: Sequence[tuple[str, str | None]],
     full_every: int = 1,
 ) -> dict[str, Any]:
     """One session's messages; ``full_every`` > 1 makes short messages (§7.4) too."""
@@ -249,7 +264,7 @@ def session_case(
         "bob_identity": bob.public_key.hex(),
         "signed_prekey": {"seed": spk_seed.hex(), "record": spk.record.serialize().hex()},
         "one_time_prekey": {"seed": opk_seed.hex(), "record": opk.record.serialize().hex()}
-        if opk
+        if opk and opk_seed
         else None,
         "encapsulations": backend.encapsulations[:],
         "qkd": ref_json(init.qkd, keys),
@@ -417,7 +432,7 @@ def formats() -> dict[str, Any]:
     for kind, pid in ((PrekeyKind.SIGNED, 7), (PrekeyKind.ONE_TIME, 8)):
         seed = material(f"format prekey {pid}", 64)
         signed, _ = make_prekey(
-            bob.signing_key, "bob", kind, pid, NOW_MS, backend=PYCA, random=lambda n, s=seed: s
+            bob.signing_key, "bob", kind, pid, NOW_MS, backend=PYCA, random=_fixed(seed)
         )
         record = signed.record
         prekeys.append(

@@ -262,9 +262,10 @@ def generate() -> str:
 
 
 def main() -> int:
-    from gen_hefei_metro import write_or_check  # this script's folder is on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository
+    from scripts.gen_hefei_metro import write_or_check
 
-    return write_or_check(generate(), OUT, __doc__.splitlines()[0])
+    return write_or_check(generate(), OUT, (__doc__ or "").splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -74,6 +74,8 @@ def build_report(
     work: Path, tone_hz: float, delay_ms: float | None, ready_s: float | None = None
 ) -> dict[str, Any]:
     """Assemble the report from the files under ``work`` (see scripts/two_hosts.sh)."""
+    import numpy as np
+
     from qcall.call.audio_analysis import FrameArrival, received_audio_summary
     from qcall.call.media import read_wav
 
@@ -82,7 +84,7 @@ def build_report(
     try:
         samples, rate = read_wav(work / "b" / "bob.wav")
     except Exception:  # no recording: reported below as 0 s
-        samples, rate = [], 48000
+        samples, rate = np.zeros(0, dtype=np.int16), 48000
     arrivals = [FrameArrival(*row) for row in bob.get("arrivals", [])]
     audio = received_audio_summary(
         samples, rate, arrivals, alice.get("chirp_send_times", []), tone_hz,
