@@ -108,7 +108,7 @@ class World:
         return out
 
 
-def transport(client: MessagingClient) -> ServerTransport:
+def connection(client: MessagingClient) -> ServerTransport:
     """The test server's connection of ``client`` (what :meth:`World.client` gives it)."""
     assert isinstance(client.transport, ServerTransport)
     return client.transport
@@ -169,7 +169,7 @@ async def test_oversized_message_is_refused_before_upload(world: World) -> None:
     alice, _ = await world.users("alice", "bob")
     with pytest.raises(MessageTooLargeError, match="over the limit"):
         await alice.send_text("bob", "x" * (64 * 1024 + 1))
-    assert transport(alice).sent == []
+    assert connection(alice).sent == []
 
 
 @pytest.mark.parametrize("mode", ["reorder", "drop", "duplicate"])
@@ -210,7 +210,7 @@ async def test_replayed_and_tampered_envelopes_are_refused(world: World) -> None
     genuine = await world.server.store.fetch("bob")
     data = bytearray(genuine[0].data)
     data[-5] ^= 1
-    message = RatchetMessage.parse(transport(alice).sent[-1][1])
+    message = RatchetMessage.parse(connection(alice).sent[-1][1])
     world.server.injected = [
         Envelope(1 << 41, "alice", bytes(data)),
         Envelope(
@@ -223,14 +223,14 @@ async def test_replayed_and_tampered_envelopes_are_refused(world: World) -> None
     assert texts(events) == []
     assert rejected(events) == [MessageAuthError, UnknownSessionError, MessageFormatError]
     world.server.mode = "honest"
-    await transport(bob).server.store.put("bob", "alice", genuine[0].data, 0)
+    await connection(bob).server.store.put("bob", "alice", genuine[0].data, 0)
     assert texts(await bob.receive()) == ["three"]
 
 
 async def test_swapped_bundles_are_refused(world: World) -> None:
     alice, bob, carol = await world.users("alice", "bob", "carol")
     world.server.mode = "swap"
-    carols = await transport(carol).claim_prekeys("carol")
+    carols = await connection(carol).claim_prekeys("carol")
     world.server.swap_bundle = lambda peer, data: carols
     with pytest.raises(PrekeyError, match="asked for 'bob'"):
         await alice.send_text("bob", "hi")
@@ -255,12 +255,12 @@ async def test_swapped_bundles_are_refused(world: World) -> None:
     world.server.swap_bundle = lambda peer, data: fake_bundle
     with pytest.raises(IdentityChangedError, match="HAS CHANGED"):
         await dave.send_text("bob", "hi")
-    assert transport(dave).sent == []
+    assert connection(dave).sent == []
 
 
 async def test_one_time_prekey_handed_out_twice_is_refused(world: World) -> None:
     alice, bob, carol = await world.users("alice", "bob", "carol")
-    bundle = await transport(alice).claim_prekeys("bob")  # the server keeps a copy...
+    bundle = await connection(alice).claim_prekeys("bob")  # the server keeps a copy...
     world.server.mode = "swap"
     world.server.swap_bundle = lambda peer, data: bundle  # ...and hands it out twice
     await alice.send_text("bob", "first")
@@ -291,7 +291,7 @@ async def test_group_lifecycle_and_removed_member(world: World) -> None:
     assert changed and changed[0].left
     assert any(isinstance(e, GroupChanged) for e in await alice.receive())
     await alice.send_text("@team", "carol cannot read this")
-    wire = transport(alice).sent[-1][1]
+    wire = connection(alice).sent[-1][1]
     assert texts(await bob.receive()) == ["carol cannot read this"]
     # The server slips the group message to carol anyway: she has no key for it.
     world.server.mode = "inject"
@@ -580,7 +580,7 @@ async def test_connection_lost_in_the_middle_of_a_burst_resends_exactly_once(
     with pytest.raises(SignalingError):
         await alice.send_texts("bob", [f"m{i}" for i in range(8)])
     alice.store.close()
-    before = transport(alice)
+    before = connection(alice)
     alice = world.client("alice")  # restarted on the same files
     assert len(alice.store.outbox()) == 8  # "set-up" was answered: deleted with the burst
     assert await alice.flush_outbox() == 8
@@ -590,7 +590,7 @@ async def test_connection_lost_in_the_middle_of_a_burst_resends_exactly_once(
     assert await bob.receive() == []
     await alice.send_text("bob", "after")  # the session goes on: no key reused or lost
     assert texts(await bob.receive()) == ["after"]
-    sent = before.sent + transport(alice).sent
+    sent = before.sent + connection(alice).sent
     assert len(sent) == 1 + 3 + 8 + 1
     inner = [PrekeyMessage.parse(d).inner if d[1] == 1 else d for _, d in sent]
     wires = [RatchetMessage.parse(d) for d in inner]
@@ -722,7 +722,7 @@ async def test_short_messages_ahead_of_their_epoch_wait_then_arrive_once(world: 
     opens them all (docs/messaging.md §7.4)."""
     alice, bob = await _acknowledged(world)
     await alice.send_texts("bob", [f"m{i}" for i in range(6)])
-    sent = [d for _, d in transport(alice).sent[-6:]]
+    sent = [d for _, d in connection(alice).sent[-6:]]
     assert [message_type(d) for d in sent] == [MessageType.RATCHET] + [
         MessageType.RATCHET_SHORT
     ] * 5
