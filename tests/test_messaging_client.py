@@ -10,7 +10,10 @@ import random
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
@@ -32,6 +35,7 @@ from qcall.identity import Identity
 from qcall.messaging.api import (
     ClientConfig,
     Envelope,
+    Event,
     GroupChanged,
     MessagePending,
     MessageReceived,
@@ -50,14 +54,16 @@ from qcall.messaging.messages import (
 )
 from qcall.messaging.prekeys import PrekeyBundle, PrekeyKind, make_prekey
 from qcall.messaging.store import ClientStore
+from qcall.qkd.client import KeySource
 from qcall.qkd.keyfile import KeyFileSource, create_key_files
 from tests.messaging_child import read_log
-from tests.messaging_transport import MaliciousServer, Server
+from tests.messaging_transport import MaliciousServer, ServerTransport
 from tests.messaging_utils import identity
 from tests.utils import TIMEOUT_FACTOR
 
 BACKEND = pqc.get_backend("cryptography")
 ROOT = Path(__file__).resolve().parent.parent
+E = TypeVar("E")
 
 
 def make_identity(name: str) -> Identity:
@@ -66,10 +72,13 @@ def make_identity(name: str) -> Identity:
 
 
 class World:
-    def __init__(self, tmp_path, server: Server) -> None:
-        self.tmp, self.server, self.clients = tmp_path, server, {}
+    def __init__(self, tmp_path: Path, server: MaliciousServer) -> None:
+        self.tmp, self.server = tmp_path, server
+        self.clients: dict[str, MessagingClient] = {}
 
-    def client(self, name: str, key_source=None, **config) -> MessagingClient:
+    def client(
+        self, name: str, key_source: KeySource | None = None, **config: Any
+    ) -> MessagingClient:
         ident = make_identity(name)
         home = self.tmp / name
         home.mkdir(exist_ok=True)
@@ -88,7 +97,7 @@ class World:
         return c
 
     async def users(self, *names: str, qkd: bool = False) -> list[MessagingClient]:
-        sources = {}
+        sources: dict[str, KeySource] = {}
         if qkd:
             a, b = names[0], names[1]
             create_key_files(a, self.tmp / f"{a}.keys", b, self.tmp / f"{b}.keys", 20)
@@ -99,28 +108,40 @@ class World:
         return out
 
 
+def connection(client: MessagingClient) -> ServerTransport:
+    """The test server's connection of ``client`` (what :meth:`World.client` gives it)."""
+    assert isinstance(client.transport, ServerTransport)
+    return client.transport
+
+
 @pytest.fixture
-async def world(tmp_path):
+async def world(tmp_path: Path) -> AsyncIterator[World]:
     server = MaliciousServer(tmp_path / "server.db")
     yield World(tmp_path, server)
     await server.close()
 
 
-def texts(events) -> list[str]:
+def texts(events: Sequence[Event]) -> list[str]:
     return [e.content.text for e in events if isinstance(e, MessageReceived)]
 
 
-def rejected(events) -> list[type]:
+def rejected(events: Sequence[Event]) -> list[type[Exception]]:
     return [type(e.error) for e in events if isinstance(e, MessageRejected)]
 
 
-async def test_offline_exchange_in_hybrid_mode_with_receipts_and_history(world):
+def event(e: Event, kind: type[E]) -> E:
+    """``e``, which the test expects to be a ``kind`` (narrows the Event union for mypy)."""
+    assert isinstance(e, kind), e
+    return e
+
+
+async def test_offline_exchange_in_hybrid_mode_with_receipts_and_history(world: World) -> None:
     alice, bob = await world.users("alice", "bob", qkd=True)
     first = await alice.send_text("bob", "hello bob")  # bob is offline: the server keeps it
     await alice.send_text("bob", "are you there?")
     events = await bob.receive()
     assert texts(events) == ["hello bob", "are you there?"]
-    assert {e.mode for e in events} == {Mode.HYBRID}
+    assert {event(e, MessageReceived).mode for e in events} == {Mode.HYBRID}
     await bob.send_text("alice", "yes")
     await bob.send_receipt("alice", [first], ReceiptStatus.READ)
     events = await alice.receive()
@@ -134,25 +155,25 @@ async def test_offline_exchange_in_hybrid_mode_with_receipts_and_history(world):
     assert await world.server.store.mailbox("bob") == (0, 0)
 
 
-async def test_pqc_mode_is_shown_and_prekeys_are_replenished(world):
+async def test_pqc_mode_is_shown_and_prekeys_are_replenished(world: World) -> None:
     alice, bob = await world.users("alice", "bob")
     await alice.send_text("bob", "hi")
-    assert [e.mode for e in await bob.receive()] == [Mode.PQC]
+    assert [event(e, MessageReceived).mode for e in await bob.receive()] == [Mode.PQC]
     assert await world.server.store.one_time_prekeys("bob") == 49
     bob.config = dataclasses.replace(bob.config, low_water=50)
     assert await bob.ensure_prekeys() == 1
     assert await bob.ensure_prekeys() == 0
 
 
-async def test_oversized_message_is_refused_before_upload(world):
+async def test_oversized_message_is_refused_before_upload(world: World) -> None:
     alice, _ = await world.users("alice", "bob")
     with pytest.raises(MessageTooLargeError, match="over the limit"):
         await alice.send_text("bob", "x" * (64 * 1024 + 1))
-    assert alice.transport.sent == []
+    assert connection(alice).sent == []
 
 
 @pytest.mark.parametrize("mode", ["reorder", "drop", "duplicate"])
-async def test_malicious_delivery_order_loss_and_duplicates(world, mode):
+async def test_malicious_delivery_order_loss_and_duplicates(world: World, mode: str) -> None:
     alice, bob = await world.users("alice", "bob")
     for i in range(12):
         await alice.send_text("bob", f"m{i}")
@@ -173,7 +194,7 @@ async def test_malicious_delivery_order_loss_and_duplicates(world, mode):
     assert texts(await alice.receive()) == ["still fine"]
 
 
-async def test_replayed_and_tampered_envelopes_are_refused(world):
+async def test_replayed_and_tampered_envelopes_are_refused(world: World) -> None:
     alice, bob = await world.users("alice", "bob")
     await alice.send_text("bob", "one")
     assert texts(await bob.receive()) == ["one"]
@@ -189,7 +210,7 @@ async def test_replayed_and_tampered_envelopes_are_refused(world):
     genuine = await world.server.store.fetch("bob")
     data = bytearray(genuine[0].data)
     data[-5] ^= 1
-    message = RatchetMessage.parse(alice.transport.sent[-1][1])
+    message = RatchetMessage.parse(connection(alice).sent[-1][1])
     world.server.injected = [
         Envelope(1 << 41, "alice", bytes(data)),
         Envelope(
@@ -202,14 +223,14 @@ async def test_replayed_and_tampered_envelopes_are_refused(world):
     assert texts(events) == []
     assert rejected(events) == [MessageAuthError, UnknownSessionError, MessageFormatError]
     world.server.mode = "honest"
-    await bob.transport.server.store.put("bob", "alice", genuine[0].data, 0)
+    await connection(bob).server.store.put("bob", "alice", genuine[0].data, 0)
     assert texts(await bob.receive()) == ["three"]
 
 
-async def test_swapped_bundles_are_refused(world):
+async def test_swapped_bundles_are_refused(world: World) -> None:
     alice, bob, carol = await world.users("alice", "bob", "carol")
     world.server.mode = "swap"
-    carols = await carol.transport.claim_prekeys("carol")
+    carols = await connection(carol).claim_prekeys("carol")
     world.server.swap_bundle = lambda peer, data: carols
     with pytest.raises(PrekeyError, match="asked for 'bob'"):
         await alice.send_text("bob", "hi")
@@ -228,17 +249,18 @@ async def test_swapped_bundles_are_refused(world):
     )
     fake_bundle = PrekeyBundle("bob", impostor.public_key, spk).serialize()
     dave = world.client("dave")
+    assert isinstance(dave.contacts, ContactStore)
     dave.contacts.pin("bob", bob.me.public_key)
     world.server.mode = "swap"
     world.server.swap_bundle = lambda peer, data: fake_bundle
     with pytest.raises(IdentityChangedError, match="HAS CHANGED"):
         await dave.send_text("bob", "hi")
-    assert dave.transport.sent == []
+    assert connection(dave).sent == []
 
 
-async def test_one_time_prekey_handed_out_twice_is_refused(world):
+async def test_one_time_prekey_handed_out_twice_is_refused(world: World) -> None:
     alice, bob, carol = await world.users("alice", "bob", "carol")
-    bundle = await alice.transport.claim_prekeys("bob")  # the server keeps a copy...
+    bundle = await connection(alice).claim_prekeys("bob")  # the server keeps a copy...
     world.server.mode = "swap"
     world.server.swap_bundle = lambda peer, data: bundle  # ...and hands it out twice
     await alice.send_text("bob", "first")
@@ -246,10 +268,10 @@ async def test_one_time_prekey_handed_out_twice_is_refused(world):
     events = await bob.receive()
     assert texts(events) == ["first"]
     assert rejected(events) == [PrekeyError]
-    assert "used twice" in str(events[1].error)
+    assert "used twice" in str(event(events[1], MessageRejected).error)
 
 
-async def test_group_lifecycle_and_removed_member(world):
+async def test_group_lifecycle_and_removed_member(world: World) -> None:
     alice, bob, carol = await world.users("alice", "bob", "carol")
     team = await alice.create_group("team", ["bob", "carol"])
     assert team.names == ["alice", "bob", "carol"]
@@ -258,7 +280,8 @@ async def test_group_lifecycle_and_removed_member(world):
         events = await member.receive()
         assert isinstance(events[0], GroupChanged) and not events[0].left
         assert texts(events) == ["hello team"]
-        assert events[-1].conversation == "@team" and events[-1].sender == "alice"
+        last = event(events[-1], MessageReceived)
+        assert last.conversation == "@team" and last.sender == "alice"
     await bob.send_text("@team", "hi from bob")
     assert texts(await alice.receive()) == ["hi from bob"]
     assert texts(await carol.receive()) == ["hi from bob"]
@@ -268,7 +291,7 @@ async def test_group_lifecycle_and_removed_member(world):
     assert changed and changed[0].left
     assert any(isinstance(e, GroupChanged) for e in await alice.receive())
     await alice.send_text("@team", "carol cannot read this")
-    wire = alice.transport.sent[-1][1]
+    wire = connection(alice).sent[-1][1]
     assert texts(await bob.receive()) == ["carol cannot read this"]
     # The server slips the group message to carol anyway: she has no key for it.
     world.server.mode = "inject"
@@ -284,7 +307,7 @@ async def test_group_lifecycle_and_removed_member(world):
     ]
 
 
-async def test_member_inserted_by_the_server_is_detected(world):
+async def test_member_inserted_by_the_server_is_detected(world: World) -> None:
     alice, bob, mallory = await world.users("alice", "bob", "mallory")
     team = await alice.create_group("team", ["bob"])
     await bob.receive()
@@ -298,14 +321,16 @@ async def test_member_inserted_by_the_server_is_detected(world):
     world.server.injected = [Envelope(1 << 43, "mallory", wire)]
     events = await bob.receive()
     assert rejected(events) == [GroupError]
-    assert "not a member" in str(events[0].error)
+    assert "not a member" in str(event(events[0], MessageRejected).error)
     assert bob.groups()[0].names == ["alice", "bob"]
     assert GroupMessage.parse(wire).sender == "mallory"
     assert identity("mallory").public_key == mallory.me.public_key
 
 
 @pytest.mark.parametrize("burst", [1, 6])
-async def test_kill_9_mid_conversation_loses_nothing_and_never_reuses_a_key(tmp_path, burst):
+async def test_kill_9_mid_conversation_loses_nothing_and_never_reuses_a_key(
+    tmp_path: Path, burst: int
+) -> None:
     """alice and bob in a real process, killed with SIGKILL at random moments, restarted.
 
     With ``burst`` > 1 alice sends with ``send_texts`` (one commit for the burst, then
@@ -366,13 +391,13 @@ async def test_kill_9_mid_conversation_loses_nothing_and_never_reuses_a_key(tmp_
     assert max(m[1] for m in positions) > 2  # ML-KEM epochs were exercised
 
 
-def _reopen(directory, name: str) -> MessagingClient:
+def _reopen(directory: Path, name: str) -> MessagingClient:
     ident = make_identity(name)
     store = ClientStore(directory / name / "messages.db", ident.signing_key.seed_bytes())
     return MessagingClient(ident, store, None, None)  # type: ignore[arg-type]
 
 
-async def test_forged_set_up_cannot_spend_the_qkd_key_it_names(world):
+async def test_forged_set_up_cannot_spend_the_qkd_key_it_names(world: World) -> None:
     alice, bob = await world.users("alice", "bob", qkd=True)
     await alice.send_text("bob", "hello")
     [genuine] = await world.server.store.fetch("bob")
@@ -383,14 +408,17 @@ async def test_forged_set_up_cannot_spend_the_qkd_key_it_names(world):
     world.server.injected = [Envelope(1 << 44, "alice", forged.serialize())]
     events = await bob.receive()
     assert rejected(events) == [MessageAuthError]
+    assert forged.qkd is not None
     assert list(bob.store.qkd_keys([forged.qkd.key_id])) == []  # the KME was not asked
     world.server.mode = "honest"
     await world.server.store.put("bob", "alice", genuine.data, 0)
     events = await bob.receive()  # the key named in the set-up was not spent
-    assert texts(events) == ["hello"] and events[0].mode is Mode.HYBRID
+    assert texts(events) == ["hello"] and event(events[0], MessageReceived).mode is Mode.HYBRID
 
 
-async def test_messages_spend_qkd_key_counted_as_message_at_both_kmes(world, tmp_path) -> None:
+async def test_messages_spend_qkd_key_counted_as_message_at_both_kmes(
+    world: World, tmp_path: Path
+) -> None:
     """Key accounting (issue 14): the KMEs count a messaging session's QKD key as
     ``message`` (the ETSI 014 ``qcall_application`` tag), at enc_keys and at dec_keys."""
     import contextlib
@@ -433,7 +461,9 @@ async def test_messages_spend_qkd_key_counted_as_message_at_both_kmes(world, tmp
             assert set(usage) == {"message"}
 
 
-async def test_crash_in_the_middle_of_a_received_batch_loses_nothing(world, monkeypatch):
+async def test_crash_in_the_middle_of_a_received_batch_loses_nothing(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """deliver() commits a batch of envelopes in one transaction, acknowledged only after
     it: a crash in the middle rolls back the whole batch (nothing acknowledged, no session
     advanced), and the re-delivered batch is processed exactly once."""
@@ -467,7 +497,9 @@ async def test_crash_in_the_middle_of_a_received_batch_loses_nothing(world, monk
     assert texts(await bob.receive()) == ["after"]
 
 
-async def test_burst_is_one_commit_then_pipelined(world, monkeypatch):
+async def test_burst_is_one_commit_then_pipelined(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """send_texts: the whole burst (session, history, outbox) in one transaction, then
     up to send_window envelopes in flight at once, delivered in order."""
     alice, bob = await world.users("alice", "bob")
@@ -476,7 +508,7 @@ async def test_burst_is_one_commit_then_pipelined(world, monkeypatch):
     commits = []
     real_transaction = alice.store.transaction
 
-    def counting(**options):
+    def counting(**options: Any) -> AbstractContextManager[None]:
         if not alice.store._depth:
             commits.append(1)
         return real_transaction(**options)
@@ -504,8 +536,8 @@ async def test_burst_is_one_commit_then_pipelined(world, monkeypatch):
 
 
 async def test_a_group_burst_is_one_commit_then_delivered_in_order_to_every_member(
-    world, monkeypatch
-):
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """send_texts to @group: the sender chain, the history rows and every member's outbox
     entries in one transaction (it used to be one per message), then sent."""
     alice, bob, carol = await world.users("alice", "bob", "carol")
@@ -514,7 +546,7 @@ async def test_a_group_burst_is_one_commit_then_delivered_in_order_to_every_memb
     commits = []
     real_transaction = alice.store.transaction
 
-    def counting(**options):
+    def counting(**options: Any) -> AbstractContextManager[None]:
         if not alice.store._depth:
             commits.append(1)
         return real_transaction(**options)
@@ -524,19 +556,19 @@ async def test_a_group_burst_is_one_commit_then_delivered_in_order_to_every_memb
     assert len(commits) == 1
     for member in (bob, carol):
         assert texts(await member.receive()) == ["set-up"] + [f"g{i}" for i in range(6)]
-    assert [c.text for _, c in alice.history("@team")] == ["set-up"] + [
-        f"g{i}" for i in range(6)
-    ]
+    assert [c.text for _, c in alice.history("@team")] == ["set-up"] + [f"g{i}" for i in range(6)]
 
 
-async def test_connection_lost_in_the_middle_of_a_burst_resends_exactly_once(world, monkeypatch):
+async def test_connection_lost_in_the_middle_of_a_burst_resends_exactly_once(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The burst is committed before any envelope leaves; the connection breaks after 3
     of 8 reached the server. After a restart every envelope is sent again with the same
     client_ref: the server keeps each once, bob gets each once, no key is reused."""
     alice, bob = await world.users("alice", "bob")
     await alice.send_text("bob", "set-up")
     real_send = alice.transport.send
-    reached = []
+    reached: list[bytes] = []
 
     async def breaking_send(recipient: str, data: bytes, client_ref: bytes) -> int:
         if len(reached) >= 3:
@@ -548,7 +580,7 @@ async def test_connection_lost_in_the_middle_of_a_burst_resends_exactly_once(wor
     with pytest.raises(SignalingError):
         await alice.send_texts("bob", [f"m{i}" for i in range(8)])
     alice.store.close()
-    before = alice.transport
+    before = connection(alice)
     alice = world.client("alice")  # restarted on the same files
     assert len(alice.store.outbox()) == 8  # "set-up" was answered: deleted with the burst
     assert await alice.flush_outbox() == 8
@@ -558,7 +590,7 @@ async def test_connection_lost_in_the_middle_of_a_burst_resends_exactly_once(wor
     assert await bob.receive() == []
     await alice.send_text("bob", "after")  # the session goes on: no key reused or lost
     assert texts(await bob.receive()) == ["after"]
-    sent = before.sent + alice.transport.sent
+    sent = before.sent + connection(alice).sent
     assert len(sent) == 1 + 3 + 8 + 1
     inner = [PrekeyMessage.parse(d).inner if d[1] == 1 else d for _, d in sent]
     wires = [RatchetMessage.parse(d) for d in inner]
@@ -566,7 +598,9 @@ async def test_connection_lost_in_the_middle_of_a_burst_resends_exactly_once(wor
     assert len(positions) == len(set(inner)) == 10  # one ciphertext per key: none reused
 
 
-async def test_process_batch_commits_but_leaves_the_acknowledgement_to_the_caller(world):
+async def test_process_batch_commits_but_leaves_the_acknowledgement_to_the_caller(
+    world: World,
+) -> None:
     """process_batch: the messages are processed and committed (they can be shown) but
     stay on the server until acknowledged; deliver acknowledges, opening nothing twice."""
     alice, bob = await world.users("alice", "bob")
@@ -580,7 +614,7 @@ async def test_process_batch_commits_but_leaves_the_acknowledgement_to_the_calle
     assert [c.text for _, c in bob.history("alice")] == ["m0", "m1", "m2"]
 
 
-async def _acknowledged(world) -> tuple[MessagingClient, MessagingClient]:
+async def _acknowledged(world: World) -> tuple[MessagingClient, MessagingClient]:
     """alice and bob with a session both ways: alice's next message opens epoch 3."""
     alice, bob = await world.users("alice", "bob")
     await alice.send_text("bob", "hi")
@@ -591,8 +625,8 @@ async def _acknowledged(world) -> tuple[MessagingClient, MessagingClient]:
 
 
 async def test_a_received_batch_writes_each_session_once_and_a_crash_in_it_loses_nothing(
-    world, monkeypatch
-):
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """process_batch writes the session a batch advanced once, at the batch's end, in the
     batch's transaction: after a restart a replay of the batch opens nothing again, and a
     crash in the middle of a batch rolls all of it back (redelivered, opened once)."""
@@ -601,13 +635,16 @@ async def test_a_received_batch_writes_each_session_once_and_a_crash_in_it_loses
     envelopes = await bob.transport.fetch(0)
     saves = []
     real_save = bob.store.save_session
-    monkeypatch.setattr(
-        bob.store, "save_session", lambda *a, **k: (saves.append(1), real_save(*a, **k))
-    )
+
+    def counted_save(*a: Any, **k: Any) -> None:
+        saves.append(1)
+        real_save(*a, **k)
+
+    monkeypatch.setattr(bob.store, "save_session", counted_save)
     real_apply = bob._apply_content
     applied = []
 
-    def crash_on_fourth(*args, **kwargs) -> list[object]:
+    def crash_on_fourth(*args: Any, **kwargs: Any) -> list[Event]:
         applied.append(1)
         if len(applied) == 4:
             raise KeyboardInterrupt("kill in the middle of the batch")
@@ -623,9 +660,7 @@ async def test_a_received_batch_writes_each_session_once_and_a_crash_in_it_loses
     bob = world.client("bob")  # restarted on the same files
     assert not any(bob.store.processed(e.id) for e in envelopes)
     real_save = bob.store.save_session
-    monkeypatch.setattr(
-        bob.store, "save_session", lambda *a, **k: (saves.append(1), real_save(*a, **k))
-    )
+    monkeypatch.setattr(bob.store, "save_session", counted_save)
     assert texts(await bob.deliver(envelopes)) == [f"m{i}" for i in range(6)]
     assert saves == [1]  # six messages, one session write
     bob.store.close()
@@ -640,7 +675,9 @@ async def test_a_received_batch_writes_each_session_once_and_a_crash_in_it_loses
     assert history == ["hi", "ack"] + [f"m{i}" for i in range(6)] + ["after"]
 
 
-async def test_a_batch_writes_its_texts_history_in_one_statement_in_order(world, monkeypatch):
+async def test_a_batch_writes_its_texts_history_in_one_statement_in_order(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The history rows of a received batch's texts are written together at its end (one
     statement), before any other history row of the batch (order kept); a failure of that
     write rolls the whole batch back: nothing processed, all of it opened again later."""
@@ -650,7 +687,7 @@ async def test_a_batch_writes_its_texts_history_in_one_statement_in_order(world,
     calls: list[int] = []
     real_received, real_add = bob.store.add_received, bob.store.add_history
 
-    def fail_once(rows, now):  # type: ignore[no-untyped-def]
+    def fail_once(rows: list[tuple[str, bytes, bytes]], now: float) -> None:
         calls.append(len(rows))
         if len(calls) == 1:
             raise MessageStoreError("disk full")
@@ -679,13 +716,13 @@ async def test_a_batch_writes_its_texts_history_in_one_statement_in_order(world,
     assert shown[-3:] == ["before", "FILE", "after"]
 
 
-async def test_short_messages_ahead_of_their_epoch_wait_then_arrive_once(world):
+async def test_short_messages_ahead_of_their_epoch_wait_then_arrive_once(world: World) -> None:
     """Short messages (type 5) that arrive before their epoch's full message are kept
     (MessagePending, never shown) and opened once it arrives; a batch in any order
     opens them all (docs/messaging.md §7.4)."""
     alice, bob = await _acknowledged(world)
     await alice.send_texts("bob", [f"m{i}" for i in range(6)])
-    sent = [d for _, d in alice.transport.sent[-6:]]
+    sent = [d for _, d in connection(alice).sent[-6:]]
     assert [message_type(d) for d in sent] == [MessageType.RATCHET] + [
         MessageType.RATCHET_SHORT
     ] * 5

@@ -31,7 +31,7 @@ def chunks_of(offer: FileOffer, data: bytes) -> list[bytes]:
 
 
 @pytest.mark.parametrize("size", [0, 1, CHUNK, CHUNK + 1, 5 * CHUNK - 3])
-def test_round_trip(size):
+def test_round_trip(size: int) -> None:
     data = os.urandom(size)
     offer = FileOffer.parse(offer_for(data).serialize())
     dec = FileDecryptor(offer)
@@ -39,7 +39,7 @@ def test_round_trip(size):
     assert out == data and dec.complete
 
 
-def test_resume_from_the_last_good_chunk():
+def test_resume_from_the_last_good_chunk() -> None:
     data = os.urandom(4 * CHUNK + 10)
     offer = offer_for(data)
     wires = chunks_of(offer, data)
@@ -51,7 +51,7 @@ def test_resume_from_the_last_good_chunk():
     assert part + rest == data
 
 
-def test_bad_chunks_are_refused():
+def test_bad_chunks_are_refused() -> None:
     data = os.urandom(3 * CHUNK)
     offer = offer_for(data)
     wires = chunks_of(offer, data)
@@ -79,7 +79,7 @@ def test_bad_chunks_are_refused():
         dec.receive(FileChunk(last.file_id, 2, False, last.ciphertext).serialize())
 
 
-def test_hash_mismatch_is_reported():
+def test_hash_mismatch_is_reported() -> None:
     data = os.urandom(2 * CHUNK)
     honest = offer_for(data)
     lying = FileOffer(honest.file_id, honest.name, honest.size, bytes(32), honest.key, CHUNK)
@@ -89,7 +89,7 @@ def test_hash_mismatch_is_reported():
         dec.receive(chunks_of(honest, data)[1])
 
 
-def test_size_limits_are_checked_before_upload():
+def test_size_limits_are_checked_before_upload() -> None:
     check_file_size(10, "a.txt", limit=10)
     with pytest.raises(MessageTooLargeError, match=r"a\.txt is 11 bytes"):
         check_file_size(11, "a.txt", limit=10)
@@ -98,7 +98,7 @@ def test_size_limits_are_checked_before_upload():
     Content.text_message("é" * (MAX_TEXT_BYTES // 2), NOW)
 
 
-def test_offer_validation():
+def test_offer_validation() -> None:
     good = offer_for(b"abc")
     for name in ("", "../etc/passwd", "a/b", "..", "x\0y"):
         with pytest.raises(MessageFormatError):
@@ -108,7 +108,7 @@ def test_offer_validation():
     assert "report.pdf" in repr(good) and good.key.hex() not in repr(good)
 
 
-def test_content_kinds_and_padding():
+def test_content_kinds_and_padding() -> None:
     receipt = Content(
         ContentKind.RECEIPT,
         b"\1" * 16,

@@ -39,7 +39,7 @@ def members(*names: str) -> list[GroupMember]:
     return [member(n) for n in names]
 
 
-def apply(state, change, me):
+def apply(state: GroupState | None, change: GroupChange, me: str) -> GroupState:
     return apply_change(state, change, USERS[change.author].public_key, me, BACKEND)
 
 
@@ -50,11 +50,11 @@ def created(*names: str) -> tuple[GroupChange, dict[str, GroupState]]:
     return change, {n: apply(None, change, n) for n in names}
 
 
-def send(state, sender, chain, text):
+def send(state: GroupState, sender: str, chain: SenderChain, text: str) -> bytes:
     return encrypt_group(state, USERS[sender], chain, Content.text_message(text, NOW).padded())
 
 
-def receive(state, wire, chain):
+def receive(state: GroupState, wire: bytes, chain: SenderChain) -> str:
     message = GroupMessage.parse(wire)
     plain = decrypt_group(state, message, chain, USERS[message.sender].public_key, BACKEND)
     return Content.parse(plain).text
@@ -64,7 +64,7 @@ def copy(chain: SenderChain) -> SenderChain:
     return SenderChain.parse(chain.serialize())  # what a SENDER_KEY content carries
 
 
-def test_create_send_and_receive():
+def test_create_send_and_receive() -> None:
     change, states = created("alice", "bob", "carol")
     assert GroupChange.parse(change.serialize()) == change
     assert len({s.state_hash for s in states.values()}) == 1
@@ -79,7 +79,7 @@ def test_create_send_and_receive():
         receive(states["bob"], wires[0], at_bob)
 
 
-def test_removed_member_cannot_read_new_messages():
+def test_removed_member_cannot_read_new_messages() -> None:
     _, states = created("alice", "bob", "carol")
     removal = GroupChange.make(
         USERS["bob"], states["bob"], GroupAction.REMOVE, members("alice", "bob"), NOW
@@ -102,7 +102,7 @@ def test_removed_member_cannot_read_new_messages():
         send(new["carol"], "carol", SenderChain.new(), "still here?")
 
 
-def test_member_inserted_by_the_server_is_detected():
+def test_member_inserted_by_the_server_is_detected() -> None:
     _, states = created("alice", "bob")
     # 1. A change signed by a non-member (the server's own identity "mallory").
     insert = GroupChange.make(
@@ -126,7 +126,7 @@ def test_member_inserted_by_the_server_is_detected():
     assert states["alice"].names == ["alice", "bob"]
 
 
-def test_membership_rules():
+def test_membership_rules() -> None:
     _, states = created("alice", "bob", "carol")
     s = states["alice"]
     cases = [
@@ -152,7 +152,7 @@ def test_membership_rules():
         apply(s, change, "bob")
 
 
-def test_add_leave_and_a_conflicting_change():
+def test_add_leave_and_a_conflicting_change() -> None:
     _, states = created("alice", "bob")
     add = GroupChange.make(
         USERS["alice"], states["alice"], GroupAction.ADD, members("alice", "bob", "dave"), NOW
@@ -171,7 +171,7 @@ def test_add_leave_and_a_conflicting_change():
         apply(None, leave, "carol")
 
 
-def test_group_message_tampering_and_limits():
+def test_group_message_tampering_and_limits() -> None:
     _, states = created("alice", "bob")
     chain = SenderChain.new()
     at_bob = copy(chain)

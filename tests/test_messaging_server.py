@@ -209,8 +209,8 @@ async def test_a_flood_from_one_client_does_not_block_others(server: SignalingSe
             await flooder.send(text)
         done = 0
         while done < n:
-            text = await asyncio.wait_for(flooder.recv(), T)
-            done += isinstance(text, str) and '"mail_stored"' in text
+            reply = await asyncio.wait_for(flooder.recv(), T)  # str | bytes, unlike text
+            done += isinstance(reply, str) and '"mail_stored"' in reply
         return done
 
     task = asyncio.create_task(flood())

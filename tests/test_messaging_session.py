@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+from typing import Any
 
 import pytest
 
@@ -23,17 +24,18 @@ from qcall.messaging.prekeys import (
     SignedPrekey,
     make_prekey,
 )
+from qcall.messaging.ratchet import Session
 from qcall.messaging.session import initiate, respond
 from tests.messaging_utils import BACKEND, NOW, User, qkd_key, start
 
 DAY = 86400.0
 
 
-def _inner(session, wire: bytes) -> bytes:
+def _inner(session: Session, wire: bytes) -> bytes:
     return session.decrypt(RatchetMessage.parse(PrekeyMessage.parse(wire).inner), NOW)
 
 
-def test_hybrid_session_sets_up_with_no_round_trip():
+def test_hybrid_session_sets_up_with_no_round_trip() -> None:
     alice, bob = User.make("alice"), User.make("bob")
     key = qkd_key()
     a, b, wire = start(alice, bob, key)
@@ -46,7 +48,7 @@ def test_hybrid_session_sets_up_with_no_round_trip():
     assert PrekeyMessage.parse(a.encrypt(b"again", NOW)).qkd == key.ref
 
 
-def test_pqc_session_is_marked_and_can_be_refused():
+def test_pqc_session_is_marked_and_can_be_refused() -> None:
     alice, bob = User.make("alice"), User.make("bob")
     a, b, wire = start(alice, bob, None)
     assert a.mode is b.mode is Mode.PQC
@@ -63,7 +65,7 @@ def test_pqc_session_is_marked_and_can_be_refused():
         )
 
 
-def test_mode_cannot_be_downgraded_by_the_server():
+def test_mode_cannot_be_downgraded_by_the_server() -> None:
     """Stripping the QKD reference (hybrid → pqc) breaks alice's signature."""
     alice, bob = User.make("alice"), User.make("bob")
     _, _, wire = start(alice, bob, qkd_key())
@@ -75,14 +77,14 @@ def test_mode_cannot_be_downgraded_by_the_server():
         )
 
 
-def test_session_without_one_time_prekey():
+def test_session_without_one_time_prekey() -> None:
     alice, bob = User.make("alice"), User.make("bob", one_time=0)
     _, b, wire = start(alice, bob)
     assert PrekeyMessage.parse(wire).one_time_prekey_id == 0
     assert _inner(b, wire) == b"hello"
 
 
-def test_bundle_round_trip_and_hostile_parse():
+def test_bundle_round_trip_and_hostile_parse() -> None:
     bob = User.make("bob", one_time=3)
     bundle = PrekeyBundle("bob", bob.me.public_key, bob.spk, tuple(p for p, _ in bob.opks.values()))
     data = bundle.serialize()
@@ -97,7 +99,7 @@ def test_bundle_round_trip_and_hostile_parse():
         PrekeyBundle.parse(data, max_one_time=2)
 
 
-def test_bundle_signed_by_the_wrong_identity_is_refused():
+def test_bundle_signed_by_the_wrong_identity_is_refused() -> None:
     """A signed prekey made by carol, presented in a bundle with bob's identity key."""
     alice, bob, carol = User.make("alice"), User.make("bob"), User.make("carol")
     forged_spk, _ = make_prekey(
@@ -114,7 +116,7 @@ def test_bundle_signed_by_the_wrong_identity_is_refused():
         initiate(alice.me, "bob", bundle, now=NOW, check_peer=alice.check_peer, backend=BACKEND)
 
 
-def test_tampered_prekey_is_refused():
+def test_tampered_prekey_is_refused() -> None:
     alice, bob = User.make("alice"), User.make("bob")
     bundle = bob.bundle()
     opk = bundle.one_time_prekeys[0]
@@ -126,7 +128,7 @@ def test_tampered_prekey_is_refused():
         initiate(alice.me, "bob", bundle, now=NOW, check_peer=alice.check_peer, backend=BACKEND)
 
 
-def test_swapped_bundle_is_refused():
+def test_swapped_bundle_is_refused() -> None:
     """The server answers alice's request for bob with carol's genuine bundle, or a fake bob."""
     alice, bob, carol = User.make("alice"), User.make("bob"), User.make("carol")
     with pytest.raises(PrekeyError, match="asked for 'bob'"):
@@ -153,7 +155,7 @@ def _resign(user: User, owner: str) -> tuple[SignedPrekey]:
     return (spk,)
 
 
-def test_stale_signed_prekey_and_future_prekey_are_refused():
+def test_stale_signed_prekey_and_future_prekey_are_refused() -> None:
     alice, bob = User.make("alice"), User.make("bob", now=NOW - 60 * DAY)
     with pytest.raises(PrekeyError, match="days old"):
         initiate(
@@ -166,7 +168,7 @@ def test_stale_signed_prekey_and_future_prekey_are_refused():
         )
 
 
-def test_bundle_kind_confusion_is_refused():
+def test_bundle_kind_confusion_is_refused() -> None:
     bob = User.make("bob")
     opk = bob.bundle().one_time_prekeys[0]
     bundle = PrekeyBundle("bob", bob.me.public_key, opk)
@@ -186,7 +188,7 @@ def test_bundle_kind_confusion_is_refused():
         ("signed_prekey_id", 2, PrekeyError),
     ],
 )
-def test_tampered_prekey_message_is_refused(field, value, error):
+def test_tampered_prekey_message_is_refused(field: str, value: Any, error: type[Exception]) -> None:
     alice, bob = User.make("alice"), User.make("bob")
     _, _, wire = start(alice, bob, None)
     message = dataclasses.replace(PrekeyMessage.parse(wire), **{field: value})
@@ -195,7 +197,7 @@ def test_tampered_prekey_message_is_refused(field, value, error):
         respond(keys, message, now=NOW, check_peer=bob.check_peer, backend=BACKEND)
 
 
-def test_prekey_message_from_an_impostor_of_a_pinned_contact():
+def test_prekey_message_from_an_impostor_of_a_pinned_contact() -> None:
     alice, bob = User.make("alice"), User.make("bob")
     start(alice, bob)  # bob pins alice
     mallory = User.make("alice")  # same name, a key made from the same seed...
@@ -210,7 +212,7 @@ def test_prekey_message_from_an_impostor_of_a_pinned_contact():
         )
 
 
-def test_wrong_or_missing_qkd_key():
+def test_wrong_or_missing_qkd_key() -> None:
     alice, bob = User.make("alice"), User.make("bob")
     key = qkd_key()
     a = initiate(
@@ -240,7 +242,7 @@ def test_wrong_or_missing_qkd_key():
         b.decrypt(RatchetMessage.parse(message.inner), NOW)
 
 
-def test_prekey_message_hostile_parse():
+def test_prekey_message_hostile_parse() -> None:
     alice, bob = User.make("alice"), User.make("bob")
     _, _, wire = start(alice, bob, qkd_key())
     for cut in range(0, len(wire), 211):

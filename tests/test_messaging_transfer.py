@@ -5,27 +5,30 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from qcall.exceptions import FileTransferError, MessageTooLargeError
-from qcall.messaging.api import Envelope, FileReceived, MessageReceived
+from qcall.messaging.api import Envelope, Event, FileReceived, MessageReceived
 from qcall.messaging.client import MessagingClient
 from qcall.messaging.content import ContentKind
 from tests.messaging_transport import MaliciousServer
-from tests.test_messaging_client import World, make_identity, rejected
+from tests.test_messaging_client import World, connection, make_identity, rejected
 
 CHUNK = 4096
 
 
 @pytest.fixture
-async def world(tmp_path):
+async def world(tmp_path: Path) -> AsyncIterator[World]:
     server = MaliciousServer(tmp_path / "server.db")
     yield World(tmp_path, server)
     await server.close()
 
 
-async def users(world, *names, **config):
+async def users(world: World, *names: str, **config: Any) -> list[MessagingClient]:
     out = []
     for name in names:
         client = world.client(name, chunk_size=CHUNK, **config)
@@ -34,11 +37,11 @@ async def users(world, *names, **config):
     return out
 
 
-def files(events) -> list[FileReceived]:
+def files(events: Sequence[Event]) -> list[FileReceived]:
     return [e for e in events if isinstance(e, FileReceived)]
 
 
-async def test_file_arrives_whole_with_progress(world, tmp_path):
+async def test_file_arrives_whole_with_progress(world: World, tmp_path: Path) -> None:
     alice, bob = await users(world, "alice", "bob")
     data = os.urandom(10 * CHUNK + 123)
     (tmp_path / "report.pdf").write_bytes(data)
@@ -60,24 +63,24 @@ async def test_file_arrives_whole_with_progress(world, tmp_path):
     assert alice.store.transfers(outgoing=True) == [] and bob.store.transfers(outgoing=False) == []
 
 
-async def test_file_over_the_limit_is_refused_before_upload(world, tmp_path):
+async def test_file_over_the_limit_is_refused_before_upload(world: World, tmp_path: Path) -> None:
     alice, _ = await users(world, "alice", "bob", max_file_size=CHUNK)
     (tmp_path / "big.bin").write_bytes(bytes(CHUNK + 1))
     with pytest.raises(MessageTooLargeError, match=r"big\.bin is 4097 bytes"):
         await alice.send_file("bob", tmp_path / "big.bin")
-    assert alice.transport.sent == [] and alice.store.transfers(outgoing=True) == []
+    assert connection(alice).sent == [] and alice.store.transfers(outgoing=True) == []
     with pytest.raises(FileTransferError, match="cannot read"):
         await alice.send_file("bob", tmp_path / "missing.bin")
 
 
-async def test_upload_and_download_resume_after_a_break(world, tmp_path):
+async def test_upload_and_download_resume_after_a_break(world: World, tmp_path: Path) -> None:
     alice, bob = await users(world, "alice", "bob")
     data = os.urandom(8 * CHUNK)
     (tmp_path / "data.bin").write_bytes(data)
     transport, sent = alice.transport, 0
     original = transport.send
 
-    async def breaking(recipient, envelope, ref):
+    async def breaking(recipient: str, envelope: bytes, ref: bytes) -> int:
         nonlocal sent
         if envelope[1] == 4:
             sent += 1
@@ -85,7 +88,7 @@ async def test_upload_and_download_resume_after_a_break(world, tmp_path):
                 raise ConnectionError("connection lost")
         return await original(recipient, envelope, ref)
 
-    transport.send = breaking
+    setattr(transport, "send", breaking)  # (mypy refuses assigning to a method)
     with pytest.raises(ConnectionError):
         await alice.send_file("bob", tmp_path / "data.bin")
     # bob takes what is there (the offer and 3 chunks), then "crashes" after writing a
@@ -104,7 +107,7 @@ async def test_upload_and_download_resume_after_a_break(world, tmp_path):
     assert bob.store.transfer(file_id) is None
 
 
-async def test_tampered_and_foreign_chunks_are_refused(world, tmp_path):
+async def test_tampered_and_foreign_chunks_are_refused(world: World, tmp_path: Path) -> None:
     alice, bob, _ = await users(world, "alice", "bob", "carol")
     data = os.urandom(3 * CHUNK)
     (tmp_path / "x.bin").write_bytes(data)
@@ -129,7 +132,7 @@ async def test_tampered_and_foreign_chunks_are_refused(world, tmp_path):
     assert received.path.read_bytes() == data
 
 
-async def test_file_to_a_group(world, tmp_path):
+async def test_file_to_a_group(world: World, tmp_path: Path) -> None:
     alice, bob, carol = await users(world, "alice", "bob", "carol")
     await alice.create_group("team", ["bob", "carol"])
     data = os.urandom(2 * CHUNK + 5)

@@ -107,12 +107,12 @@ def pad(content: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("case", KDF["expand_label"], ids=lambda c: c["label"])
-def test_expand_label(case):
+def test_expand_label(case: dict[str, Any]) -> None:
     out = label(h(case["secret"]), case["label"], h(case["context"]), case["length"])
     assert out.hex() == case["output"]
 
 
-def test_chain_steps():
+def test_chain_steps() -> None:
     for step in KDF["chain_steps"]:
         key, nonce, nxt = chain_step(h(step["chain_key"]))
         assert (key.hex(), nonce.hex(), nxt.hex()) == (
@@ -122,7 +122,7 @@ def test_chain_steps():
         )
 
 
-def test_store_keys_and_a_sealed_row():
+def test_store_keys_and_a_sealed_row() -> None:
     s = KDF["store"]
     prk = extract(h(s["salt"]), framed(h(s["identity_seed"])))
     sk, nk = label(prk, "store key", b"", 32), label(prk, "store names", b"", 32)
@@ -157,7 +157,7 @@ def _signed_part(setup: dict[str, Any]) -> bytes:
 
 
 @pytest.mark.parametrize("case", KDF["sessions"], ids=lambda c: c["name"])
-def test_session_independently(case):
+def test_session_independently(case: dict[str, Any]) -> None:
     setup = case["setup"]
     signed_part = _signed_part(setup)
     assert signed_part.hex() == setup["signed_part"]
@@ -245,7 +245,7 @@ def test_session_independently(case):
         assert (header + var32(ciphertext)).hex() == m["message"]
 
 
-def test_prekey_records_and_signed_data():
+def test_prekey_records_and_signed_data() -> None:
     for p in FORMATS["prekeys"]:
         record = (
             u8(p["kind"])
@@ -259,7 +259,7 @@ def test_prekey_records_and_signed_data():
         assert signed.hex() == p["signed_data"]
 
 
-def test_qkd_refs_and_contents():
+def test_qkd_refs_and_contents() -> None:
     for ref in FORMATS["qkd_refs"]:
         if "absent" in ref:
             assert ref["absent"] == qkd_ref(None).hex()
@@ -272,7 +272,7 @@ def test_qkd_refs_and_contents():
         assert pad(encoding).hex() == c["padded"] and len(h(c["padded"])) % 64 == 0
 
 
-def test_file_offer_and_chunks():
+def test_file_offer_and_chunks() -> None:
     f = FORMATS["file"]
     offer = (
         h(f["file_id"])
@@ -300,7 +300,7 @@ def test_file_offer_and_chunks():
     assert hashlib.sha256(data).hexdigest() == f["sha256"]
 
 
-def test_group_changes_states_and_messages():
+def test_group_changes_states_and_messages() -> None:
     g = FORMATS["group"]
     gid = h(g["group_id"])
     hashes = {m["name"]: h(m["identity_hash"]) for m in g["members"]}
@@ -357,7 +357,7 @@ def test_group_changes_states_and_messages():
 # --- the same vectors against qcall's code --------------------------------------------------
 
 
-def test_ml_kem_secrets_decapsulate_with_cryptography():
+def test_ml_kem_secrets_decapsulate_with_cryptography() -> None:
     from qcall import pqc
 
     backend = pqc.get_backend("cryptography")
@@ -382,10 +382,11 @@ def test_ml_kem_secrets_decapsulate_with_cryptography():
 
 
 def _ek_of(case: dict[str, Any], epoch: int) -> str:
-    return next(m["ratchet_key"] for m in case["messages"] if m["epoch"] == epoch)
+    key: str = next(m["ratchet_key"] for m in case["messages"] if m["epoch"] == epoch)
+    return key
 
 
-def test_messages_parse_and_serialize_with_the_code():
+def test_messages_parse_and_serialize_with_the_code() -> None:
     from qcall.messaging.content import Content
     from qcall.messaging.files import FileChunk, FileOffer
     from qcall.messaging.group import GroupMessage
@@ -410,7 +411,7 @@ def test_messages_parse_and_serialize_with_the_code():
     assert message.signed_data().hex() == m["signed_data"]
 
 
-def test_vector_files_are_up_to_date():
+def test_vector_files_are_up_to_date() -> None:
     """The generator reproduces both files byte for byte (needs kyber-py, a test dependency)."""
     pytest.importorskip("kyber_py.ml_kem", reason="kyber-py is a test dependency")
     spec = importlib.util.spec_from_file_location(
