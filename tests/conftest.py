@@ -5,6 +5,8 @@ Timeouts in tests scale with ``QCALL_TESTS_TIMEOUT_FACTOR`` (see :mod:`tests.uti
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 #: Key hygiene over the whole run: secrets registered, logs/exceptions/reprs scanned.
@@ -14,7 +16,7 @@ pytest_plugins = ["tests.hygiene", "tests.oqs_standin", "tests.services"]
 
 
 @pytest.fixture
-def qcall_home(tmp_path, monkeypatch):
+def qcall_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty qcall home directory, also exported as ``QCALL_HOME``."""
     home = tmp_path / "home"
     monkeypatch.setenv("QCALL_HOME", str(home))

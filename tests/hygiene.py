@@ -50,6 +50,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import pytest
@@ -376,7 +377,7 @@ def _install_wrappers() -> None:
     @functools.wraps(original_chmod)
     def chmod(path: Any, mode: int, *args: Any, **kwargs: Any) -> None:
         original_chmod(path, mode, *args, **kwargs)
-        frame = sys._getframe(1)
+        frame: FrameType | None = sys._getframe(1)
         for _ in range(3):  # the test itself, or pathlib.Path.chmod called by it
             if frame is None:
                 break

@@ -169,7 +169,7 @@ def replace_fields(**changes: Any) -> Rewrite:
 
 
 def _signer(key: pqc.SigningKey) -> dict[str, Any]:
-    return {"sig_alg": key.algorithm.value, "public_key": key.public_bytes()}  # type: ignore[attr-defined]
+    return {"sig_alg": key.algorithm.value, "public_key": key.public_bytes()}
 
 
 def resign_offer(key: pqc.SigningKey, **changes: Any) -> Rewrite:

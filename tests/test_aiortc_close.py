@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import pytest
-from aiortc import RTCPeerConnection
+from aiortc import RTCDtlsParameters, RTCPeerConnection
 
 from qcall.call.aiortc_compat import close_peer_connection
 
@@ -35,8 +34,9 @@ async def _close_during_connect(close: Callable[[RTCPeerConnection], Awaitable[N
     handshake = dtls.start
     closing: list[asyncio.Future[None]] = []
 
-    async def start(parameters: Any) -> None:  # the call fails as DTLS completes
-        await handshake(parameters)
+    # the call fails as DTLS completes
+    async def start(remoteParameters: RTCDtlsParameters) -> None:  # noqa: N803 (aiortc's name)
+        await handshake(remoteParameters)
         closing.append(asyncio.ensure_future(close(b)))
         await asyncio.sleep(0)  # close() stops the transceivers, then awaits the DTLS stop
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.codecs.opus import OpusDecoder, OpusEncoder
 from aiortc.jitterbuffer import JitterFrame
+from av import AudioFrame
 
 from qcall.call.audio_analysis import find_chirps, peak_frequency
 from qcall.call.jitter import get_jitter_buffer, install_jitter_buffer
@@ -36,7 +38,7 @@ def code(encoder: OpusEncoder, ptime: float, seconds: float = 0.5) -> tuple[list
 def decode(packets: list[bytes], stamps: list[int]) -> np.ndarray:
     decoder = OpusDecoder()
     out = [
-        f.to_ndarray().reshape(-1, 2)[:, 0]
+        cast(AudioFrame, f).to_ndarray().reshape(-1, 2)[:, 0]  # an Opus decoder's frames
         for data, ts in zip(packets, stamps, strict=True)
         for f in decoder.decode(JitterFrame(data=data, timestamp=ts))
     ]

@@ -64,9 +64,9 @@ async def test_an_accept_with_a_plain_answer_is_refused_as_a_downgrade(lab: Lab)
     bob = await lab.phone("bob")
     accept = bob.signaling.accept
 
-    async def plain_accept(call_id: str, payload: Opt = None) -> None:
+    async def plain_accept(call_id: str, payload: Opt = None, reason: Opt = None) -> None:
         assert payload is not None and payload.startswith("qcall-sdp:")
-        await accept(call_id, "plain-sdp:" + payload[len("qcall-sdp:") :])
+        await accept(call_id, "plain-sdp:" + payload[len("qcall-sdp:") :], reason)
 
     bob.signaling.accept = plain_accept  # type: ignore[method-assign]
     incoming = asyncio.ensure_future(bob.incoming())
@@ -89,7 +89,7 @@ async def test_kme_down_mid_call_grace_then_clean_end(lab: Lab) -> None:
             raise KMEConnectionError("cannot connect to KME (test: switched off)")
         return await real_get_keys(peer_sae, *args, **options)
 
-    source.get_keys = flaky  # type: ignore[method-assign]
+    source.get_keys = flaky
     options = CallOptions(rekey_interval=0.3, key_grace=1.0, rekey_retry=0.2)
     alice = await lab.phone("alice", tone=440, options=options, key_source=source)
     bob = await lab.phone("bob", options=options)
@@ -150,9 +150,9 @@ async def test_offer_built_while_ringing_is_restamped_after_long_ringing(
     invites: list[str | None] = []
     original, invite = alice.signaling.send_offer, alice.signaling.invite
 
-    async def record(call_id: str, payload: str, **kw: Any) -> None:
+    async def record(call_id: str, payload: str, reason: str | None = None) -> None:
         offers.append(payload)
-        await original(call_id, payload, **kw)
+        await original(call_id, payload, reason)
 
     async def record_invite(peer: str, call_id: str | None = None, payload: Opt = None) -> str:
         invites.append(payload)
@@ -203,7 +203,7 @@ async def test_a_refused_call_consumes_no_key_twice(lab: Lab) -> None:
         fetched.append(key.key_id)
         return key
 
-    source.get_key = recording  # type: ignore[method-assign]
+    source.get_key = recording
     alice = await lab.phone("alice", tone=440, key_source=source, prefetch=NO_PREFETCH)
     bob = await lab.phone("bob")
 

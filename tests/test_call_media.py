@@ -32,6 +32,7 @@ from qcall.call.audio_analysis import (
 )
 from qcall.call.audio_devices import (
     NO_DEVICE_MESSAGE,
+    AudioDevice,
     MicrophoneTrack,
     SpeakerSink,
     list_devices,
@@ -87,6 +88,7 @@ def encode_with_av(path: Path, codec: str, freq: float, seconds: float) -> None:
     samples = sine(freq, seconds, rate)
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=rate, layout="mono")
+        assert isinstance(stream, av.AudioStream)  # for mypy
         size = 960
         for start in range(0, samples.size - size + 1, size):
             frame = av.AudioFrame.from_ndarray(
@@ -105,7 +107,9 @@ async def read_all(track: MediaStreamTrack, limit: int = 10_000) -> list[av.Audi
     frames = []
     for _ in range(limit):
         try:
-            frames.append(await track.recv())
+            frame = await track.recv()
+            assert isinstance(frame, av.AudioFrame)  # for mypy: audio tracks only here
+            frames.append(frame)
         except MediaStreamError:
             break
     return frames
@@ -144,12 +148,12 @@ def make_frame(samples: np.ndarray, pts: int, rate: int = RATE) -> av.AudioFrame
 
 
 @pytest.mark.parametrize("freq", [440.0, 1000.0, 1234.5, 3150.7])
-def test_peak_frequency_is_accurate_between_bins(freq):
+def test_peak_frequency_is_accurate_between_bins(freq: float) -> None:
     x = sine(freq, 0.25, RATE)  # 4 Hz bins
     assert peak_frequency(x, RATE) == pytest.approx(freq, abs=0.5)
 
 
-def test_peak_frequency_and_levels_reject_bad_input():
+def test_peak_frequency_and_levels_reject_bad_input() -> None:
     with pytest.raises(ValueError, match="rate"):
         peak_frequency(np.zeros(100), 0)
     with pytest.raises(ValueError, match="samples"):
@@ -158,7 +162,7 @@ def test_peak_frequency_and_levels_reject_bad_input():
         peak_frequency(np.zeros(2), RATE)
 
 
-def test_is_silent_and_rms():
+def test_is_silent_and_rms() -> None:
     assert is_silent(np.zeros(960, np.int16))
     assert rms_dbfs(np.zeros(10, np.int16)) == -math.inf
     assert not is_silent(sine(440, 0.02, RATE, amplitude=0.01))  # -43 dBFS
@@ -168,7 +172,7 @@ def test_is_silent_and_rms():
     assert is_silent(hiss)
 
 
-def test_chirp_template_shape_and_validation():
+def test_chirp_template_shape_and_validation() -> None:
     chirp = chirp_template(RATE)
     assert chirp.size == 480
     assert chirp[0] == 0.0 and abs(chirp[-1]) < 1e-3
@@ -179,7 +183,7 @@ def test_chirp_template_shape_and_validation():
         chirp_template(RATE, duration=0.0001)
 
 
-def test_find_chirps_in_noise_within_one_ms():
+def test_find_chirps_in_noise_within_one_ms() -> None:
     rng = np.random.default_rng(7)
     template = chirp_template(RATE)
     x = rng.normal(0, 0.1, 3 * RATE)  # -20 dBFS noise
@@ -194,7 +198,7 @@ def test_find_chirps_in_noise_within_one_ms():
         assert abs(got - want) <= 1  # in fact, to the sample
 
 
-def test_overlap_save_correlation_matches_direct():
+def test_overlap_save_correlation_matches_direct() -> None:
     from qcall.call.audio_analysis import _correlate_valid
 
     rng = np.random.default_rng(11)
@@ -205,7 +209,7 @@ def test_overlap_save_correlation_matches_direct():
         assert np.allclose(_correlate_valid(x, t, block), direct)
 
 
-def test_find_chirps_no_false_positives():
+def test_find_chirps_no_false_positives() -> None:
     rng = np.random.default_rng(3)
     template = chirp_template(RATE)
     noise = rng.normal(0, 0.2, 2 * RATE)
@@ -217,7 +221,7 @@ def test_find_chirps_no_false_positives():
         find_chirps(noise, RATE, template, threshold=0)
 
 
-def test_tone_generator_is_phase_continuous_and_places_chirps():
+def test_tone_generator_is_phase_continuous_and_places_chirps() -> None:
     gen = ToneGenerator(440, amplitude=0.5, chirp_offsets=[1000, 5000])
     whole = gen.render(0, 6000)
     parts = np.concatenate([gen.render(s, 960) for s in range(0, 6000, 960)])[:6000]
@@ -234,7 +238,7 @@ def test_tone_generator_is_phase_continuous_and_places_chirps():
         ToneGenerator(30000)
 
 
-def test_latency_from_synthetic_delays():
+def test_latency_from_synthetic_delays() -> None:
     rng = np.random.default_rng(5)
     delay = 0.0734
     t0 = 1000.0
@@ -260,7 +264,7 @@ def test_latency_from_synthetic_delays():
     assert one_way_latencies(sends, early, [10], RATE) == []
 
 
-def test_receive_time_uses_frame_arrival_and_position():
+def test_receive_time_uses_frame_arrival_and_position() -> None:
     arrivals = [FrameArrival(0, 0, 960, 10.0), FrameArrival(1920, 1920, 960, 10.5)]
     assert receive_time(arrivals, 480, RATE) == pytest.approx(10.01)
     assert receive_time(arrivals, 1920, RATE) == 10.5
@@ -272,7 +276,7 @@ def test_receive_time_uses_frame_arrival_and_position():
 # --- sources -------------------------------------------------------------------------
 
 
-async def test_tone_track_frames_format_and_pts():
+async def test_tone_track_frames_format_and_pts() -> None:
     track = ToneTrack(440, duration=0.05, realtime=False)
     assert track.kind == "audio"
     frames = await read_all(track)
@@ -287,7 +291,7 @@ async def test_tone_track_frames_format_and_pts():
     assert peak_frequency(samples_of(frames), RATE) == pytest.approx(440, abs=2)
 
 
-async def test_tone_track_keeps_real_time_pace():
+async def test_tone_track_keeps_real_time_pace() -> None:
     track = ToneTrack(440)
     start = time.monotonic()
     frames = [await track.recv() for _ in range(11)]
@@ -301,7 +305,7 @@ async def test_tone_track_keeps_real_time_pace():
         await track.recv()
 
 
-async def test_tone_track_records_chirp_send_times():
+async def test_tone_track_records_chirp_send_times() -> None:
     now = [100.0]
     track = ToneTrack(0, chirp_at=[0.025, 0.05], realtime=False, clock=lambda: now[0])
     assert track.chirp_offsets == [1200, 2400]
@@ -314,7 +318,7 @@ async def test_tone_track_records_chirp_send_times():
     assert find_chirps(samples_of(frames), RATE, track.chirp) == [1200, 2400]
 
 
-def test_tone_track_rejects_bad_parameters():
+def test_tone_track_rejects_bad_parameters() -> None:
     with pytest.raises(ValueError, match="ptime"):
         ToneTrack(440, ptime=0.0201)
     with pytest.raises(ValueError, match="duration"):
@@ -323,7 +327,7 @@ def test_tone_track_rejects_bad_parameters():
         ToneTrack(440, chirp_at=[-1])
 
 
-async def test_file_track_reads_resampled_wav(tmp_path):
+async def test_file_track_reads_resampled_wav(tmp_path: Path) -> None:
     path = tmp_path / "in.wav"
     stereo = np.repeat(sine(600, 0.5, 44100), 2)  # 44.1 kHz stereo
     write_wav(path, stereo, 44100, channels=2)
@@ -339,7 +343,7 @@ async def test_file_track_reads_resampled_wav(tmp_path):
 
 
 @pytest.mark.parametrize(("name", "codec"), [("in.ogg", "libopus"), ("in.mp3", "libmp3lame")])
-async def test_file_track_reads_compressed_audio(tmp_path, name, codec):
+async def test_file_track_reads_compressed_audio(tmp_path: Path, name: str, codec: str) -> None:
     path = tmp_path / name
     encode_with_av(path, codec, 880, 0.6)
     frames = await read_all(FileTrack(path, realtime=False))
@@ -348,7 +352,7 @@ async def test_file_track_reads_compressed_audio(tmp_path, name, codec):
     assert peak_frequency(total[4800:-4800], RATE) == pytest.approx(880, abs=3)
 
 
-async def test_file_track_loops_and_keeps_pts(tmp_path):
+async def test_file_track_loops_and_keeps_pts(tmp_path: Path) -> None:
     path = tmp_path / "short.wav"
     write_wav(path, sine(500, 0.1, RATE), RATE)  # 5 frames
     track = FileTrack(path, loop=True, realtime=False)
@@ -358,7 +362,7 @@ async def test_file_track_loops_and_keeps_pts(tmp_path):
     assert not is_silent(samples_of(frames[5:10]))
 
 
-def test_file_track_rejects_bad_files(tmp_path):
+def test_file_track_rejects_bad_files(tmp_path: Path) -> None:
     with pytest.raises(MediaError, match="no such file"):
         FileTrack(tmp_path / "missing.wav")
     with pytest.raises(MediaError, match="directory"):
@@ -376,7 +380,7 @@ def test_file_track_rejects_bad_files(tmp_path):
 # --- sinks ---------------------------------------------------------------------------
 
 
-async def test_wav_recorder_writes_tone(tmp_path):
+async def test_wav_recorder_writes_tone(tmp_path: Path) -> None:
     path = tmp_path / "out.wav"
     recorder = WavRecorder(path)
     recorder.addTrack(ToneTrack(440, duration=0.5, realtime=False))
@@ -392,7 +396,7 @@ async def test_wav_recorder_writes_tone(tmp_path):
     assert recorder.arrivals[3].sample_offset == 3 * 960 and recorder.arrivals[3].pts == 2880
 
 
-async def test_wav_recorder_stop_keeps_queued_frames(tmp_path):
+async def test_wav_recorder_stop_keeps_queued_frames(tmp_path: Path) -> None:
     frames = [make_frame(sine(1000, 0.02, RATE), k * 960) for k in range(7)]
     track = QueuedTrack(frames)
     recorder = WavRecorder(tmp_path / "out.wav")
@@ -404,7 +408,7 @@ async def test_wav_recorder_stop_keeps_queued_frames(tmp_path):
     assert recorder.frames_received == 7
 
 
-async def test_wav_recorder_conceals_lost_frames_and_resamples(tmp_path):
+async def test_wav_recorder_conceals_lost_frames_and_resamples(tmp_path: Path) -> None:
     one = sine(1000, 0.02, RATE)
     frames = [make_frame(one, 0), make_frame(one, 960), make_frame(one, 4 * 960)]
     frames.append(make_frame(sine(1000, 0.02, 16000), 5 * 320, 16000))  # format change
@@ -420,7 +424,7 @@ async def test_wav_recorder_conceals_lost_frames_and_resamples(tmp_path):
     assert [a.sample_offset for a in recorder.arrivals[:3]] == [0, 960, 4 * 960]
 
 
-def test_wav_recorder_and_read_wav_errors(tmp_path):
+def test_wav_recorder_and_read_wav_errors(tmp_path: Path) -> None:
     with pytest.raises(MediaError, match="cannot create"):
         WavRecorder(tmp_path / "no" / "such" / "dir.wav")
     with pytest.raises(MediaError, match="not a readable WAV"):
@@ -434,7 +438,7 @@ def test_wav_recorder_and_read_wav_errors(tmp_path):
     class VideoTrack(MediaStreamTrack):
         kind = "video"
 
-        async def recv(self):  # pragma: no cover - never consumed
+        async def recv(self) -> av.AudioFrame:  # pragma: no cover - never consumed
             raise MediaStreamError
 
     with pytest.raises(MediaError, match="video"):
@@ -456,6 +460,7 @@ class DelayLine(MediaStreamTrack):
     async def _pump(self) -> None:
         while True:
             frame = await self.source.recv()
+            assert isinstance(frame, av.AudioFrame)  # for mypy: an audio source
             self.line.put_nowait((time.monotonic() + self.delay, frame))
 
     async def recv(self) -> av.AudioFrame:
@@ -469,7 +474,7 @@ class DelayLine(MediaStreamTrack):
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.050])
-async def test_latency_method_measures_a_known_delay(tmp_path, delay):
+async def test_latency_method_measures_a_known_delay(tmp_path: Path, delay: float) -> None:
     tone = ToneTrack(800, chirp_at=[0.05, 0.15, 0.25])
     line = DelayLine(tone, delay)
     recorder = WavRecorder(tmp_path / "d.wav")
@@ -492,7 +497,7 @@ async def test_latency_method_measures_a_known_delay(tmp_path, delay):
 # --- end to end through aiortc: ToneTrack → Opus → SRTP → WavRecorder -------------------
 
 
-async def test_call_loop_tone_opus_recorder(tmp_path):
+async def test_call_loop_tone_opus_recorder(tmp_path: Path) -> None:
     caller = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     callee = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     chirp_times = [0.5, 1.0, 1.5, 2.0]
@@ -529,7 +534,7 @@ async def test_call_loop_tone_opus_recorder(tmp_path):
 # --- device selection and the CLI (this machine has no sound devices) -----------------------
 
 
-def test_open_source_and_sink_from_args(tmp_path):
+def test_open_source_and_sink_from_args(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     add_media_arguments(parser)
     args = parser.parse_args(["--tone", "440", "--output", str(tmp_path / "o.wav")])
@@ -557,7 +562,7 @@ def test_open_source_and_sink_from_args(tmp_path):
 
 
 @needs_no_devices
-def test_no_devices_gives_clear_errors():
+def test_no_devices_gives_clear_errors() -> None:
     for opener in (open_source, open_sink, MicrophoneTrack, SpeakerSink):
         with pytest.raises(MediaError, match="no sound devices") as info:
             opener()
@@ -567,7 +572,7 @@ def test_no_devices_gives_clear_errors():
 
 
 @needs_no_devices
-def test_cli_devices_says_no_devices(capsys):
+def test_cli_devices_says_no_devices(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["devices"]) == 0
     out = capsys.readouterr().out
     assert "no sound devices" in out and "--tone HZ" in out
@@ -578,7 +583,9 @@ def test_cli_devices_says_no_devices(capsys):
     }
 
 
-def test_cli_devices_without_pyaudio(monkeypatch, capsys):
+def test_cli_devices_without_pyaudio(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setitem(sys.modules, "pyaudio", None)  # import pyaudio → ImportError
     assert main(["devices"]) == 1
     err = capsys.readouterr().err
@@ -592,10 +599,12 @@ def test_cli_devices_without_pyaudio(monkeypatch, capsys):
 # --- real PortAudio I/O on ALSA plugins (no sound card needed) ---------------------------
 
 ALSA_CONF = Path("/usr/share/alsa/alsa.conf")
+#: The ALSA plugin devices by name, and the file playback is written to.
+AlsaDevices = tuple[dict[str, AudioDevice], Path]
 
 
 @pytest.fixture
-def alsa_devices(tmp_path, monkeypatch):
+def alsa_devices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AlsaDevices:
     """Make PortAudio see two ALSA plugin devices instead of sound cards.
 
     ``qcallnull`` (the default) is a ``null`` PCM: output is discarded, input is
@@ -624,7 +633,9 @@ def alsa_devices(tmp_path, monkeypatch):
     return devices, played
 
 
-def test_cli_devices_lists_devices_with_indexes(alsa_devices, capsys):
+def test_cli_devices_lists_devices_with_indexes(
+    alsa_devices: AlsaDevices, capsys: pytest.CaptureFixture[str]
+) -> None:
     devices, _ = alsa_devices
     assert main(["devices"]) == 0
     out = capsys.readouterr().out
@@ -640,7 +651,7 @@ def test_cli_devices_lists_devices_with_indexes(alsa_devices, capsys):
     assert defaults == ["qcallnull"]
 
 
-async def test_microphone_track_captures_device_audio(alsa_devices):
+async def test_microphone_track_captures_device_audio(alsa_devices: AlsaDevices) -> None:
     devices, _ = alsa_devices
     default = open_source()
     assert isinstance(default, MicrophoneTrack) and default.device_name == "qcallnull"
@@ -666,7 +677,7 @@ async def test_microphone_track_captures_device_audio(alsa_devices):
         MicrophoneTrack(7)
 
 
-async def test_speaker_sink_plays_to_device(alsa_devices):
+async def test_speaker_sink_plays_to_device(alsa_devices: AlsaDevices) -> None:
     devices, played = alsa_devices
     sink = open_sink(output_device=devices["qcallfile"].index)
     assert isinstance(sink, SpeakerSink) and sink.device_name == "qcallfile"
@@ -693,7 +704,7 @@ async def test_speaker_sink_plays_to_device(alsa_devices):
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
-async def test_wav_recorder_full_disk_is_reported_and_track_drained():
+async def test_wav_recorder_full_disk_is_reported_and_track_drained() -> None:
     recorder = WavRecorder("/dev/full")  # every write fails with ENOSPC
     source = ToneTrack(440, duration=1.0, realtime=False)
     recorder.addTrack(source)

@@ -313,7 +313,8 @@ async def test_caller_asks_a_slow_kme_for_the_key_as_it_dials(
     later = CallSession(
         signaling=alice.signaling, signing_key=alice.signing_key, name="alice",
         call_id="x" * 22, peer="bob", role="caller", check_peer=alice.check_peer,
-        key_source=source, options=CallOptions(), source=None,
+        key_source=source,  # type: ignore[arg-type]  # SlowKeys: a KeySource by duck typing
+        options=CallOptions(), source=None,
     )  # fmt: skip
     assert later.qkd.fetch_early() is (last > SLOW_KME_MS)
 
@@ -420,8 +421,8 @@ async def test_tampered_offer_is_refused(lab: Lab, where: str) -> None:
         assert payload is not None and payload.startswith("qcall-sdp:v=0")
         return await invite(peer, call_id, _other_fingerprint(payload))
 
-    async def tamper_offer(call_id: str, payload: str, **kw: Any) -> None:
-        await send_offer(call_id, _flip_sdp_bit(payload), **kw)
+    async def tamper_offer(call_id: str, payload: str, reason: str | None = None) -> None:
+        await send_offer(call_id, _flip_sdp_bit(payload), reason)
 
     if where == "sdp-in-invite":
         alice.signaling.invite = tamper_invite  # type: ignore[method-assign]
@@ -449,7 +450,7 @@ async def test_mismatched_qkd_key_fails_fast_without_audio(lab: Lab) -> None:
         keys = await real(peer_sae, key_ids, **options)
         return [QKDKey(k.key_id, bytes(b ^ 0x01 for b in k.key)) for k in keys]
 
-    wrong.get_keys_by_id = corrupted  # type: ignore[method-assign]
+    wrong.get_keys_by_id = corrupted
     alice = await lab.phone("alice", tone=440)
     bob = await lab.phone("bob", record=True, key_source=wrong)
     incoming = asyncio.ensure_future(bob.incoming())

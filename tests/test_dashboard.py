@@ -15,6 +15,7 @@ import shutil
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,10 @@ def _request(url: str, data: bytes | None = None) -> tuple[int, bytes]:
 async def test_http_api_and_bad_requests(tmp_path: Path) -> None:
     async with fast_network("beijing-hefei", tmp_path / "s") as net:
         async with DashboardServer(net, "127.0.0.1", 0) as board:
-            get = lambda path, data=None: asyncio.to_thread(_request, board.url + path, data)  # noqa: E731
+
+            def get(path: str, data: bytes | None = None) -> Awaitable[tuple[int, bytes]]:
+                return asyncio.to_thread(_request, board.url + path, data)
+
             status, body = await get("api/topology")
             assert status == 200 and len(json.loads(body)["links"]) == len(net.topology.links)
             status, body = await get("")

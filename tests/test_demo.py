@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +20,7 @@ from tests.utils import TIMEOUT_FACTOR as T
 pytestmark = pytest.mark.slow
 
 
-def test_demo_json_report(tmp_path) -> None:
+def test_demo_json_report(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "qcall", "demo", "--json", "--seconds", "4",
          "--rekey-interval", "1", "--tone", "600", "--state", str(tmp_path)],

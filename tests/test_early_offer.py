@@ -26,7 +26,7 @@ from qcall.exceptions import (
 )
 from qcall.handshake.protocol import State
 from qcall.signaling import messages as m
-from qcall.signaling.protocol import CallState, ServerConfig
+from qcall.signaling.protocol import CallState, ConnectionId, Output, ServerConfig
 from qcall.signaling.state import EARLY_OFFER_EXPIRED, EARLY_OFFER_MAX_HOLD, EARLY_OFFER_SENT
 from qcall.typing import PeerId
 from tests.test_call_session import (
@@ -37,6 +37,16 @@ from tests.test_call_session import (
 )
 from tests.test_signaling_protocol import Server, error, fp
 from tests.utils import TIMEOUT_FACTOR as T
+
+
+def types_of(out: list[Output]) -> list[tuple[ConnectionId, str]]:
+    """Each output's target and message type (every one a message here)."""
+    result = []
+    for to, msg in out:
+        assert isinstance(msg, m.Message)  # for mypy: not a CloseConnection
+        result.append((to, msg.TYPE))
+    return result
+
 
 CALL = "call-0001"
 OFFER = m.Offer(CALL, payload="signed offer", reason=EARLY_OFFER_SENT)
@@ -102,7 +112,7 @@ def test_offer_relayed_while_ringing_once_to_a_callee_that_asked(
     assert (err.code, err.ref) == ("bad_state", "offer")
     assert server.proto.call_state(CALL) is CallState.RINGING
     out = server.send(b, m.Accept(CALL, payload="qcall-sdp:x"))
-    assert [(to, msg.TYPE) for to, msg in out] == [(a, "accept")]  # nothing held
+    assert types_of(out) == [(a, "accept")]  # nothing held
     # After the accept, offers flow as before (a fresh one, when asked for).
     assert [to for to, _ in server.send(a, m.Offer(CALL, payload="fresh"))] == [b]
 
@@ -116,7 +126,8 @@ def test_offer_held_for_a_callee_that_did_not_ask_and_relayed_behind_its_accept(
     assert server.send(a, OFFER) == []  # held
     assert error(server.send(a, OFFER), a).code == "bad_state"  # still only one
     out = server.send(b, m.Accept(CALL, payload="qcall-sdp:x"))
-    assert [(to, msg.TYPE) for to, msg in out] == [(a, "accept"), (b, "offer")]
+    assert types_of(out) == [(a, "accept"), (b, "offer")]
+    assert isinstance(out[0][1], m.CallMessage)  # for mypy: the accept
     assert out[0][1].reason is None
     assert out[1][1] == m.Offer(CALL, "alice", fp(keys["alice"]), EARLY_OFFER_SENT, "signed offer")
 
@@ -138,7 +149,7 @@ def test_decline_drops_a_held_offer(keys: dict[str, pqc.SigningKey]) -> None:
     a, b = register(server, "alice"), register(server, "bob")
     server.send(a, m.Invite(CALL, peer="bob"))
     server.send(a, OFFER)
-    assert [(to, msg.TYPE) for to, msg in server.send(b, m.Reject(CALL))] == [(a, "reject")]
+    assert types_of(server.send(b, m.Reject(CALL))) == [(a, "reject")]
     assert server.proto.calls == 0
 
 
@@ -168,7 +179,7 @@ def test_relay_fast_path_delivers_or_holds_the_early_offer(
         assert target == (b if asked else None)
         assert server.proto.forwarded_relay(alice, CALL, "offer", text, server.now) is None
         out = server.send(b, m.Accept(CALL))
-        assert [(to, msg.TYPE) for to, msg in out] == (
+        assert types_of(out) == (
             [(alice, "accept")] if asked else [(alice, "accept"), (b, "offer")]
         )
 
@@ -300,7 +311,7 @@ async def test_a_signaling_error_on_the_early_offer_ends_the_call_clearly(lab: L
     alice = await lab.phone("alice", tone=440)
     bob = await lab.phone("bob")
 
-    async def refused(call_id: str, payload: str, **kw: Any) -> None:
+    async def refused(call_id: str, payload: str, reason: str | None = None) -> None:
         raise CallError("signaling refused the offer")
 
     alice.signaling.send_offer = refused  # type: ignore[method-assign]

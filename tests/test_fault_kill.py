@@ -297,7 +297,7 @@ async def test_killed_caller_keys_are_never_handed_out_again(tmp_path: Path) -> 
         assert len(rest) + len(callee.status.all_key_ids) <= 40
         # And Hefei's copies of them were consumed by bob's dec_keys: gone there too.
         for key_id in used:
-            assert key_id not in kmes["bob"]._pools[("alice", "bob")].dec
+            assert key_id not in kmes["bob"]._pools[(SAEId("alice"), SAEId("bob"))].dec
     finally:
         if proc.returncode is None:
             await kill(proc)

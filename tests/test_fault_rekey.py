@@ -7,6 +7,7 @@ replayed or misplaced NACKs fail the session instead.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 import pytest
@@ -114,7 +115,7 @@ def test_several_declines_in_a_row_then_success() -> None:
     assert len(events_of(pair.caller_events, RekeyPostponed)) == 3
 
 
-def failure(events: list[object]) -> HandshakeFailed:
+def failure(events: Sequence[object]) -> HandshakeFailed:
     (ev,) = [e for e in events if isinstance(e, HandshakeFailed)]
     return ev
 

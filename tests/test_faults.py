@@ -31,6 +31,7 @@ from qcall.exceptions import QCallError
 from qcall.qkd.kme import KME, random_keys
 from qcall.qkd.pki import create_pki, server_ssl_context
 from qcall.qkd.server import KMEServer
+from qcall.typing import SAEId
 from signaling.server import SignalingServer
 from tests.test_call_session import Lab, connect
 from tests.utils import TIMEOUT_FACTOR as T
@@ -173,7 +174,7 @@ async def test_callee_kme_down_mid_call_keeps_keys_then_rekeys_resume(lab: Fault
     held = alice.reservoir.core.total() if alice.reservoir is not None else 0
     assert (64 - at_alice - held) - (64 - at_bob) in (refused, refused + 1)  # +1: in flight
     for key_id in used:
-        assert key_id not in lab.kmes["bob"]._pools[("alice", "bob")].dec
+        assert key_id not in lab.kmes["bob"]._pools[(SAEId("alice"), SAEId("bob"))].dec
 
 
 async def test_callee_kme_down_beyond_grace_ends_both_sides_cleanly(lab: FaultLab) -> None:

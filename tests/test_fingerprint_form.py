@@ -19,6 +19,8 @@ def test_one_fingerprint_form(tmp_path: Path) -> None:
     assert FORM.match(shown)
     store = ContactStore.in_home(tmp_path)
     store.check_peer("bob", public)
-    assert store.get("bob").fingerprint == shown  # `qcall contacts`
+    contact = store.get("bob")
+    assert contact is not None
+    assert contact.fingerprint == shown  # `qcall contacts`
     # The handshake events fill the call report's peer_fingerprint with this function.
     assert key_fingerprint(public) == shown == fingerprint(public)

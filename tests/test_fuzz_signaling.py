@@ -22,6 +22,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
@@ -35,6 +36,8 @@ from qcall.signaling.protocol import ServerConfig
 from signaling.server import SignalingServer
 from tests.fuzz import Mutator
 from tests.utils import TIMEOUT_FACTOR
+
+CallMessageT = TypeVar("CallMessageT", bound=m.CallMessage)
 
 T = 10.0 * TIMEOUT_FACTOR
 FRAMES = int(os.environ.get("QCALL_FUZZ_FRAMES", "100000"))
@@ -209,8 +212,8 @@ async def real_calls(
     async with alice, bob:
 
         async def expect(
-            client: SignalingClient, cls: type[m.CallMessage], call_id: str
-        ) -> m.CallMessage:
+            client: SignalingClient, cls: type[CallMessageT], call_id: str
+        ) -> CallMessageT:
             while True:
                 event = await client.next_event(T)
                 if isinstance(event, cls) and event.call_id == call_id:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import replace
 
 import pytest
@@ -31,6 +32,7 @@ from qcall.handshake import (
     BackendKEM,
     CalleeHandshake,
     HandshakeFailed,
+    HandshakeProtocol,
     KeyConfirmed,
     KeysDerived,
     OfferReceived,
@@ -42,6 +44,7 @@ from qcall.handshake import (
     SRTPProfile,
     State,
 )
+from qcall.handshake.events import Event
 from qcall.handshake.messages import Offer, parse_message
 from qcall.handshake.protocol import ANSWER_CONTEXT, OFFER_CONTEXT, wire_code
 from tests.test_handshake_support import (
@@ -66,12 +69,12 @@ from tests.test_handshake_support import (
 EVE = BACKEND.signing_from_seed(pqc.SignatureScheme.ML_DSA_65, bytes(32))
 
 
-def keys_of(events: list[object], epoch: int) -> KeysDerived:
+def keys_of(events: Sequence[object], epoch: int) -> KeysDerived:
     (ev,) = [e for e in events if isinstance(e, KeysDerived) and e.epoch == epoch]
     return ev
 
 
-def confirmed_of(events: list[object], epoch: int) -> KeyConfirmed:
+def confirmed_of(events: Sequence[object], epoch: int) -> KeyConfirmed:
     (ev,) = [e for e in events if isinstance(e, KeyConfirmed) and e.epoch == epoch]
     return ev
 
@@ -85,8 +88,13 @@ def assert_agree(pair: Pair, epoch: int = 0) -> None:
     assert sas_a == confirmed_of(pair.callee_events, epoch).sas == pair.caller.sas
 
 
-def failure(events: list[object]) -> HandshakeFailed:
-    (ev,) = events_of(events, HandshakeFailed)  # type: ignore[arg-type]
+def state_of(side: HandshakeProtocol) -> State:
+    """The side's state, unnarrowed (for mypy: a later method call may change it)."""
+    return side.state
+
+
+def failure(events: Sequence[Event]) -> HandshakeFailed:
+    (ev,) = events_of(events, HandshakeFailed)
     return ev
 
 
@@ -139,7 +147,7 @@ def test_qkd_keys_may_arrive_after_answer_and_exporter() -> None:
     pair.caller.receive_dtls_exporter(exporter)
     transfer(pair.caller, pair.callee, NOW)  # caller's CONFIRM arrives early: buffered
     pair.callee.receive_dtls_exporter(exporter)
-    assert pair.callee.state is State.EXPECT_KEY_MATERIAL
+    assert state_of(pair.callee) is State.EXPECT_KEY_MATERIAL
     pair.callee.receive_qkd_keys([QKDKey(key.key_id.upper(), key.key)])
     transfer(pair.callee, pair.caller, NOW)
     drain(pair)

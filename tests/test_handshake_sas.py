@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from qcall import pqc
-from qcall.exceptions import SASCommitmentError
-from qcall.handshake import CalleeHandshake, CallerHandshake, KeyConfirmed
+from qcall.exceptions import HandshakeError, SASCommitmentError
+from qcall.handshake import CalleeHandshake, CallerHandshake, HandshakeFailed, KeyConfirmed
 from qcall.handshake.keyschedule import KeySchedule, SRTPProfile, sas_commitment
 from qcall.handshake.messages import Confirm, parse_message
 from qcall.handshake.replay import ReplayCache
@@ -42,7 +43,7 @@ MALLORY = BACKEND.signing_from_seed(pqc.SignatureScheme.ML_DSA_65, b"m" * 32)
 TRIES = 2000  # enough to hit a 2-digit target (1 in 100) with certainty if SAS can be computed
 
 
-def confirmed_sas(events: list[object]) -> str:
+def confirmed_sas(events: Sequence[object]) -> str:
     (event,) = [e for e in events if isinstance(e, KeyConfirmed) and e.epoch == 0]
     return event.sas
 
@@ -149,12 +150,15 @@ def test_the_caller_cannot_change_its_nonce_after_the_answer() -> None:
     pair.callee.receive_data(forged, NOW)
     drain(pair)
     (failed,) = [e for e in pair.callee_events if type(e).__name__ == "HandshakeFailed"]
+    assert isinstance(failed, HandshakeFailed)  # for mypy
     assert isinstance(failed.error, SASCommitmentError)
     assert "commitment" in str(failed.error) and pair.callee.sas is None
     transfer(pair.callee, pair.caller, NOW)
     drain(pair)
     remote = [e for e in pair.caller_events if type(e).__name__ == "HandshakeFailed"]
-    assert remote and remote[0].error.code == "sas_commitment"
+    assert remote and isinstance(remote[0], HandshakeFailed)  # for mypy
+    assert isinstance(remote[0].error, HandshakeError)  # a peer's error always is one
+    assert remote[0].error.code == "sas_commitment"
 
 
 def test_the_offer_commits_to_the_revealed_nonce() -> None:

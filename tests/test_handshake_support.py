@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from qcall import pqc
 from qcall.exceptions import IdentityChangedError, UnknownIdentityError
@@ -18,6 +19,10 @@ from qcall.handshake import (
     QKDRoute,
 )
 from qcall.handshake.events import Event
+from qcall.handshake.messages import Message
+
+E = TypeVar("E", bound=Event)
+M = TypeVar("M", bound=Message)
 
 BACKEND = pqc.get_backend("cryptography")
 ALICE_SEED = bytes(range(32))
@@ -145,20 +150,24 @@ def run_handshake(
     return pair
 
 
-def events_of(events: list[Event], cls: type) -> list[Any]:
+def events_of(events: Sequence[Event], cls: type[E]) -> list[E]:
     return [e for e in events if isinstance(e, cls)]
+
+
+def replace_message(msg: M, **changes: Any) -> M:
+    """``dataclasses.replace`` for a message (each concrete message class is a dataclass)."""
+    assert dataclasses.is_dataclass(msg)
+    return dataclasses.replace(msg, **changes)
 
 
 def resign(
     data: bytes, key: pqc.SigningKey, context: bytes, *prefix: bytes, **changes: Any
 ) -> bytes:
     """Re-sign a (modified) offer/answer with `key`: a misbehaving but authentic peer."""
-    from dataclasses import replace
-
     from qcall.handshake.keyschedule import transcript_hash
     from qcall.handshake.messages import parse_message
     from qcall.handshake.protocol import TRANSCRIPT_DOMAIN
 
-    msg = replace(parse_message(data), signature=b"", **changes)  # type: ignore[type-var]
+    msg = replace_message(parse_message(data), signature=b"", **changes)
     running = transcript_hash(TRANSCRIPT_DOMAIN, *prefix, msg.signed_part())
-    return replace(msg, signature=key.sign(running, context)).serialize()
+    return replace_message(msg, signature=key.sign(running, context)).serialize()

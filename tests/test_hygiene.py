@@ -107,7 +107,8 @@ def test_the_plugin_registers_the_secrets_of_every_backend(oqs_standin: None) ->
             secrets["ML-DSA seed"] = sig_seed
         except UnsupportedAlgorithmError:  # liboqs-python: no ML-DSA keys from ξ
             assert name == "oqs"
-        for key in [*kem_keys, *sig_keys]:
+        all_keys: list[pqc.KEMPrivateKey | pqc.SigningKey] = [*kem_keys, *sig_keys]
+        for key in all_keys:
             parts = key.secret_parts()
             assert parts, f"{name}: {key!r} has no secret parts"
             secrets.update({f"{key!r} part {i}": part for i, part in enumerate(parts)})

@@ -10,7 +10,7 @@ import random
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import av
 import numpy as np
@@ -119,7 +119,7 @@ def check_timeline(released: list[Released]) -> None:
 # --- the Sans-I/O core ------------------------------------------------------------------
 
 
-def test_calm_network_gives_small_constant_delay():
+def test_calm_network_gives_small_constant_delay() -> None:
     buffer: AdaptiveJitterBuffer[int] = AdaptiveJitterBuffer()
     arrivals = stream(200)
     released = simulate(buffer, arrivals, until=5.0, keep_tail=True)
@@ -138,7 +138,7 @@ def test_calm_network_gives_small_constant_delay():
     assert buffer.stats.played == 200 and buffer.stats.late == 0
 
 
-def test_jitter_grows_the_delay_to_cover_it():
+def test_jitter_grows_the_delay_to_cover_it() -> None:
     rng = random.Random(7)
     jitter = {k: rng.uniform(0, 0.030) for k in range(500)}
     buffer: AdaptiveJitterBuffer[int] = AdaptiveJitterBuffer()
@@ -153,7 +153,7 @@ def test_jitter_grows_the_delay_to_cover_it():
     assert buffer.stats.jitter > 0.005
 
 
-def test_delay_shrinks_again_when_the_network_calms_down():
+def test_delay_shrinks_again_when_the_network_calms_down() -> None:
     rng = random.Random(3)
     buffer: AdaptiveJitterBuffer[int] = AdaptiveJitterBuffer(JitterBufferConfig(window=100))
     # 4 s of 0-60 ms jitter, then 8 s calm.
@@ -169,7 +169,7 @@ def test_delay_shrinks_again_when_the_network_calms_down():
     assert min(b - a for a, b in itertools.pairwise(times)) >= 0.018 - 1e-9
 
 
-def test_lost_packet_is_concealed_on_time_without_stalling():
+def test_lost_packet_is_concealed_on_time_without_stalling() -> None:
     buffer: AdaptiveJitterBuffer[int] = AdaptiveJitterBuffer()
     arrivals = stream(100, lose={50, 70, 71})
     released = simulate(buffer, arrivals, until=3.0)
@@ -182,7 +182,7 @@ def test_lost_packet_is_concealed_on_time_without_stalling():
     assert max(b - a for a, b in itertools.pairwise(times)) == pytest.approx(0.020)
 
 
-def test_packet_arriving_after_its_slot_is_dropped_as_late():
+def test_packet_arriving_after_its_slot_is_dropped_as_late() -> None:
     buffer: AdaptiveJitterBuffer[int] = AdaptiveJitterBuffer()
     arrivals = stream(100)
     t, seq, ts = arrivals[60]
@@ -195,7 +195,7 @@ def test_packet_arriving_after_its_slot_is_dropped_as_late():
     assert buffer.stats.max_delay_seen == pytest.approx(0.020)
 
 
-def test_repeated_late_packets_grow_the_delay_until_they_are_on_time():
+def test_repeated_late_packets_grow_the_delay_until_they_are_on_time() -> None:
     buffer: AdaptiveJitterBuffer[int] = AdaptiveJitterBuffer()
     arrivals = stream(400, jitter=lambda k: 0.060 if k % 10 == 5 else 0.0)
     released = simulate(buffer, arrivals, until=9.0)
@@ -211,7 +211,7 @@ def test_repeated_late_packets_grow_the_delay_until_they_are_on_time():
 REORDER_CONFIG = JitterBufferConfig(initial_delay=0.030)
 
 
-def test_reordered_packets_play_in_order():
+def test_reordered_packets_play_in_order() -> None:
     buffer: AdaptiveJitterBuffer[int] = AdaptiveJitterBuffer(REORDER_CONFIG)
     arrivals = stream(100, jitter=lambda k: 0.012 if k % 10 == 5 else 0.0)  # 5 after 6
     released = simulate(buffer, arrivals, until=3.0)
@@ -220,7 +220,7 @@ def test_reordered_packets_play_in_order():
     assert buffer.stats.late == 0
 
 
-def test_duplicates_are_dropped():
+def test_duplicates_are_dropped() -> None:
     buffer: AdaptiveJitterBuffer[int] = AdaptiveJitterBuffer()
     arrivals = stream(50)
     arrivals += [(t + 0.001, seq, ts) for t, seq, ts in arrivals[10:20]]  # held copies
@@ -231,7 +231,7 @@ def test_duplicates_are_dropped():
     assert buffer.stats.duplicates == 12
 
 
-def test_sequence_and_timestamp_wrap_are_seamless():
+def test_sequence_and_timestamp_wrap_are_seamless() -> None:
     buffer: AdaptiveJitterBuffer[int] = AdaptiveJitterBuffer(REORDER_CONFIG)
     # Sequence numbers wrap after packet 35, timestamps after 39; 35 comes after 36.
     arrivals = stream(
@@ -248,7 +248,7 @@ def test_sequence_and_timestamp_wrap_are_seamless():
     assert buffer.stats.late == 0 and buffer.stats.resyncs == 0
 
 
-def test_timestamp_jump_starts_a_new_schedule_with_continuous_pts():
+def test_timestamp_jump_starts_a_new_schedule_with_continuous_pts() -> None:
     buffer: AdaptiveJitterBuffer[int] = AdaptiveJitterBuffer()
     arrivals = stream(50) + stream(50, seq0=1050, ts0=123456 + 10**7, start=1.0)
     released = simulate(buffer, arrivals, until=3.0)
@@ -259,7 +259,7 @@ def test_timestamp_jump_starts_a_new_schedule_with_continuous_pts():
     assert buffer.delay == pytest.approx(0.004)
 
 
-def test_sequence_restart_starts_a_new_schedule():
+def test_sequence_restart_starts_a_new_schedule() -> None:
     buffer: AdaptiveJitterBuffer[int] = AdaptiveJitterBuffer()
     arrivals = stream(50) + stream(50, seq0=5, ts0=123456 + 50 * FRAME, start=1.0)
     released = simulate(buffer, arrivals, until=3.0)
@@ -267,7 +267,7 @@ def test_sequence_restart_starts_a_new_schedule():
     assert [f.payload for _, f in released] == list(range(100))
 
 
-def test_pause_conceals_a_little_then_waits_and_resumes():
+def test_pause_conceals_a_little_then_waits_and_resumes() -> None:
     config = JitterBufferConfig(max_conceal=0.1)
     buffer: AdaptiveJitterBuffer[int] = AdaptiveJitterBuffer(config)
     # DTX-like: 1 s without packets, timestamps and sequence numbers go on where
@@ -283,7 +283,7 @@ def test_pause_conceals_a_little_then_waits_and_resumes():
     assert pts == [*range(55), *range(100, 150)]
 
 
-def test_frame_length_is_learnt_and_survives_timestamp_jumps():
+def test_frame_length_is_learnt_and_survives_timestamp_jumps() -> None:
     buffer: AdaptiveJitterBuffer[int] = AdaptiveJitterBuffer()
     assert buffer.frame_length == FRAME  # 20 ms until packets show otherwise
     # 10 ms frames; packet 30 lost; a DTX-like jump of 1 s before packet 40.
@@ -299,7 +299,7 @@ def test_frame_length_is_learnt_and_survives_timestamp_jumps():
     assert buffer.stats.played == 59 and buffer.stats.late == 0
 
 
-def test_delay_is_bounded():
+def test_delay_is_bounded() -> None:
     buffer: AdaptiveJitterBuffer[int] = AdaptiveJitterBuffer()
     arrivals = stream(100, jitter=lambda k: 0.8 if k % 7 == 0 else 0.0)  # huge spikes
     simulate(buffer, arrivals, until=4.0)
@@ -307,14 +307,14 @@ def test_delay_is_bounded():
     assert buffer.stats.resyncs == 0
 
 
-def test_bad_input_names_the_field():
+def test_bad_input_names_the_field() -> None:
     buffer: AdaptiveJitterBuffer[int] = AdaptiveJitterBuffer()
     with pytest.raises(ValueError, match="sequence_number"):
         buffer.receive_packet(70000, 0, 0, 0.0)
     with pytest.raises(ValueError, match="timestamp"):
         buffer.receive_packet(1, -1, 0, 0.0)
     assert buffer.stats.received == 0 and buffer.get_timer() is None
-    for field, kwargs in [
+    cases: list[tuple[str, dict[str, Any]]] = [
         ("clock_rate", {"clock_rate": 0}),
         ("frame_duration", {"frame_duration": 0.5}),
         ("min_delay", {"min_delay": 0.5}),
@@ -322,7 +322,8 @@ def test_bad_input_names_the_field():
         ("quantile", {"quantile": 0.0}),
         ("window", {"window": 0}),
         ("resync_threshold", {"resync_threshold": 0.1}),
-    ]:
+    ]
+    for field, kwargs in cases:
         with pytest.raises(ValueError, match=field):
             JitterBufferConfig(**kwargs)
 
@@ -330,28 +331,30 @@ def test_bad_input_names_the_field():
 # --- concealment through the real decoders ----------------------------------------------------
 
 
-def test_opus_concealment_payload_decodes_to_a_frame_of_plc():
+def test_opus_concealment_payload_decodes_to_a_frame_of_plc() -> None:
     encoder, decoder = OpusEncoder(), OpusDecoder()
     codec = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000, channels=2)
-    packets = []
+    packets: list[bytes] = []
     for k in range(6):
         x = np.sin(2 * np.pi * 440 * np.arange(k * FRAME, (k + 1) * FRAME) / RATE) * 8000
         frame = av.AudioFrame.from_ndarray(x.astype(np.int16).reshape(1, -1), layout="mono")
         frame.sample_rate, frame.pts = RATE, k * FRAME
         packets += encoder.encode(frame)[0]
-    out = []
+    out: list[av.AudioFrame] = []
     for k, data in enumerate(packets):
         if k == 3:
-            data = conceal_payload(codec, packets[2], FRAME)
-            assert data is not None and len(data) == 1 and data[0] & 0x03 == 0
-        out += decoder.decode(JitterFrame(data, k * FRAME))
+            concealed = conceal_payload(codec, packets[2], FRAME)
+            assert concealed is not None and len(concealed) == 1 and concealed[0] & 0x03 == 0
+            data = concealed
+        # An Opus decoder's frames are audio frames.
+        out += cast("list[av.AudioFrame]", decoder.decode(JitterFrame(data, k * FRAME)))
     assert [f.samples for f in out] == [FRAME] * len(packets)
     assert [f.pts for f in out] == [k * FRAME for k in range(len(packets))]
     plc = out[3].to_ndarray()
     assert np.abs(plc).max() > 1000  # PLC continues the tone, not silence
 
 
-def test_g711_and_unknown_concealment_payloads():
+def test_g711_and_unknown_concealment_payloads() -> None:
     pcmu = RTCRtpCodecParameters(mimeType="audio/PCMU", clockRate=8000)
     pcma = RTCRtpCodecParameters(mimeType="audio/PCMA", clockRate=8000)
     other = RTCRtpCodecParameters(mimeType="audio/G722", clockRate=8000)
@@ -365,14 +368,14 @@ def test_g711_and_unknown_concealment_payloads():
 # --- the aiortc glue ----------------------------------------------------------------------
 
 
-def test_version_check():
+def test_version_check() -> None:
     check_aiortc_version("1.16.2")
     for version in ("1.15.0", "1.17.0", "2.0", "x"):
         with pytest.raises(CallError, match="jitter_buffer='stock'"):
             check_aiortc_version(version)
 
 
-async def test_install_is_per_instance_and_idempotent():
+async def test_install_is_per_instance_and_idempotent() -> None:
     adaptive = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     stock = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     try:
@@ -384,11 +387,11 @@ async def test_install_is_per_instance_and_idempotent():
         assert install_jitter_buffer(adaptive) == installed
         audio, video = (t.receiver for t in adaptive.getTransceivers())
         assert get_jitter_buffer(audio) is installed[0]
-        assert audio._RTCRtpReceiver__jitter_buffer is installed[0]
-        assert isinstance(video._RTCRtpReceiver__jitter_buffer, JitterBuffer)
+        assert getattr(audio, "_RTCRtpReceiver__jitter_buffer") is installed[0]
+        assert isinstance(getattr(video, "_RTCRtpReceiver__jitter_buffer"), JitterBuffer)
         other = stock.getTransceivers()[0].receiver
         assert get_jitter_buffer(other) is None
-        assert isinstance(other._RTCRtpReceiver__jitter_buffer, JitterBuffer)
+        assert isinstance(getattr(other, "_RTCRtpReceiver__jitter_buffer"), JitterBuffer)
         with pytest.raises(CallError, match="audio"):
             install_jitter_buffer(video)
         with pytest.raises(CallError, match="target"):
@@ -398,7 +401,7 @@ async def test_install_is_per_instance_and_idempotent():
         await stock.close()
 
 
-async def test_call_options_modes():
+async def test_call_options_modes() -> None:
     pcs = [RTCPeerConnection(RTCConfiguration(iceServers=[])) for _ in range(3)]
     try:
         for pc in pcs:
@@ -486,7 +489,7 @@ async def run_call(
 
 
 @pytest.mark.slow
-async def test_loopback_latency_adaptive_vs_stock(tmp_path):
+async def test_loopback_latency_adaptive_vs_stock(tmp_path: Path) -> None:
     # A run during which this machine stalled (the application saw a pause of more
     # than 100 ms: other jobs on a small CI machine) says nothing about steady-state
     # latency; up to three runs are made and the first undisturbed one is checked.
@@ -512,7 +515,7 @@ async def test_loopback_latency_adaptive_vs_stock(tmp_path):
 
 
 @pytest.mark.slow
-async def test_blocked_event_loop_is_not_mistaken_for_network_jitter(tmp_path):
+async def test_blocked_event_loop_is_not_mistaken_for_network_jitter(tmp_path: Path) -> None:
     result = await run_call(tmp_path, "adaptive", "loopback", 4.0, stall_every=0.5)
     buffer = result["buffer"]
     print(
@@ -527,7 +530,7 @@ async def test_blocked_event_loop_is_not_mistaken_for_network_jitter(tmp_path):
 
 
 @pytest.mark.slow
-async def test_lossy_audio_keeps_flowing_with_concealment(tmp_path):
+async def test_lossy_audio_keeps_flowing_with_concealment(tmp_path: Path) -> None:
     result = await run_call(tmp_path, "adaptive", "lossy", 5.0)
     stock = await run_call(tmp_path, "stock", "lossy", 3.0)
     stats = result["buffer"].stats

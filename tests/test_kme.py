@@ -21,7 +21,7 @@ ALICE, BOB, EVE = SAEId("alice"), SAEId("bob"), SAEId("eve")
 
 
 def local_kme(n: int = 10, **kwargs: int) -> tuple[KME, list[tuple[KeyId, bytes]]]:
-    kme = KME("KME_A", **kwargs)  # type: ignore[arg-type]
+    kme = KME("KME_A", **kwargs)
     keys = random_keys(n, kme.key_size)
     assert kme.supply(ALICE, BOB, keys, role="local") == n
     return kme, keys
@@ -199,7 +199,7 @@ def test_supply_checks_and_capacity() -> None:
 
 
 def test_status_fields_and_alarm() -> None:
-    kme, _ = local_kme(7, key_size=512)  # type: ignore[arg-type]
+    kme, _ = local_kme(7, key_size=512)
     status = kme.status(ALICE, BOB)
     assert status.to_json() == {
         "source_KME_ID": "KME_A",
@@ -242,7 +242,7 @@ def test_expire_erases_old_keys() -> None:
 def test_constructor_checks() -> None:
     for kwargs in ({"key_size": 0}, {"key_size": 12}, {"max_key_count": 0}):
         with pytest.raises(ValueError):
-            KME("K", **kwargs)  # type: ignore[arg-type]
+            KME("K", **kwargs)
     with pytest.raises(ValueError):
         KME("bad id")
     with pytest.raises(ValueError):

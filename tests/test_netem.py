@@ -148,7 +148,7 @@ async def _measure(profile: NetworkProfile, count: int, interval: float) -> dict
         asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0)
     )
     link = LinkEmulator(profile, seed=3)
-    emulated = _EmulatedTransport(tx_transport, link)  # type: ignore[arg-type]
+    emulated = _EmulatedTransport(tx_transport, link)
     sent: dict[int, float] = {}
     planned: dict[int, float] = {}
     try:

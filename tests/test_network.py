@@ -25,7 +25,7 @@ from qcall.qkd.topology import load_topology, parse_topology
 from .utils import TIMEOUT_FACTOR
 
 #: Small BB84 blocks: a few thousand sifted bits, tens of ms of CPU each.
-FAST = {"block_sifted_bits": 1 << 13}
+FAST: dict[str, Any] = {"block_sifted_bits": 1 << 13}
 TIMEOUT = 30 * TIMEOUT_FACTOR
 KEY_BITS = 256
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import datetime
 import subprocess
+from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import mldsa
 
 from qcall import pqc
 from qcall.contacts import ContactStore
@@ -35,23 +37,23 @@ DAY = datetime.timedelta(days=1)
 
 
 @pytest.fixture
-def org(tmp_path):
+def org(tmp_path: Path) -> Authority:
     return Authority.create(tmp_path / "ca", "Hefei Municipal", now=T0)
 
 
 @pytest.fixture
-def alice():
+def alice() -> Identity:
     return Identity.generate("alice")
 
 
-def trust_of(tmp_path, org: Authority, name: str = "home") -> OrgTrust:
+def trust_of(tmp_path: Path, org: Authority, name: str = "home") -> OrgTrust:
     trust = OrgTrust(tmp_path / name / "org")
     trust.trust((org.directory / "authority.pem").read_bytes())
     trust.update_crl((org.directory / "crl.pem").read_bytes())
     return trust
 
 
-def test_authority_certificate_follows_the_profile(org) -> None:
+def test_authority_certificate_follows_the_profile(org: Authority) -> None:
     cert = org.certificate
     check_authority(cert)
     assert cert.signature_algorithm_oid.dotted_string == "2.16.840.1.101.3.4.3.19"  # ML-DSA-87
@@ -65,7 +67,7 @@ def test_authority_certificate_follows_the_profile(org) -> None:
     assert (org.directory / "authority.key").stat().st_mode & 0o777 == 0o600
 
 
-def test_member_certificate_follows_the_profile(org, alice) -> None:
+def test_member_certificate_follows_the_profile(org: Authority, alice: Identity) -> None:
     member = org.issue("alice", alice.public_key, department="Finance", role="auditor", now=T0)
     cert = member.certificate
     assert member.describe() == "alice (Finance, auditor) of Hefei Municipal"
@@ -76,7 +78,9 @@ def test_member_certificate_follows_the_profile(org, alice) -> None:
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert OID_DOCUMENT_SIGNING in eku
     # Plain FIPS 204: the certificate signature verifies with the CA's raw key, empty context.
-    ca_key = org.certificate.public_key().public_bytes_raw()  # type: ignore[union-attr]
+    ca_public = org.certificate.public_key()
+    assert isinstance(ca_public, mldsa.MLDSA87PublicKey)  # for mypy
+    ca_key = ca_public.public_bytes_raw()
     backend = pqc.get_backend("cryptography")
     assert backend.verify(
         pqc.SignatureScheme.ML_DSA_87, ca_key, cert.signature, cert.tbs_certificate_bytes
@@ -86,7 +90,7 @@ def test_member_certificate_follows_the_profile(org, alice) -> None:
     assert org.issued()[member.serial_hex]["name"] == "alice"
 
 
-def test_standard_tools_read_the_certificate(org, alice) -> None:
+def test_standard_tools_read_the_certificate(org: Authority, alice: Identity) -> None:
     member = org.issue("alice", alice.public_key, now=T0)
     out = subprocess.run(
         ["openssl", "x509", "-noout", "-subject", "-serial", "-in", org.issued_path(member.serial)],
@@ -97,7 +101,7 @@ def test_standard_tools_read_the_certificate(org, alice) -> None:
     assert "CN = alice" in out and member.serial_hex in out.upper()
 
 
-def test_profile_violations_are_named(org, alice, tmp_path) -> None:
+def test_profile_violations_are_named(org: Authority, alice: Identity, tmp_path: Path) -> None:
     member = org.issue("alice", alice.public_key, now=T0)
     other = Authority.create(tmp_path / "other", "Hefei Municipal", now=T0)  # same name!
     with pytest.raises(UntrustedCertificateError, match="was not issued by"):
@@ -117,7 +121,7 @@ def test_profile_violations_are_named(org, alice, tmp_path) -> None:
     assert parse_serial("5e:c0") == 0x5EC0
 
 
-def test_validate_times_and_revocation(org, alice, tmp_path) -> None:
+def test_validate_times_and_revocation(org: Authority, alice: Identity, tmp_path: Path) -> None:
     member = org.issue("alice", alice.public_key, days=10, now=T0)
     trust = trust_of(tmp_path, org)
     assert trust.validate(member.certificate, T0 + DAY).name == "alice"
@@ -140,7 +144,9 @@ def test_validate_times_and_revocation(org, alice, tmp_path) -> None:
         org.revoke(member.serial, "bored")
 
 
-def test_crl_rollback_and_foreign_crl_refused(org, alice, tmp_path) -> None:
+def test_crl_rollback_and_foreign_crl_refused(
+    org: Authority, alice: Identity, tmp_path: Path
+) -> None:
     member = org.issue("alice", alice.public_key, now=T0)
     trust = trust_of(tmp_path, org)
     old = (org.directory / "crl.pem").read_bytes()
@@ -158,7 +164,9 @@ def test_crl_rollback_and_foreign_crl_refused(org, alice, tmp_path) -> None:
         trust.validate(member.certificate, T0 + 2 * DAY)
 
 
-def test_untrusted_authority_and_missing_crl(org, alice, tmp_path) -> None:
+def test_untrusted_authority_and_missing_crl(
+    org: Authority, alice: Identity, tmp_path: Path
+) -> None:
     member = org.issue("alice", alice.public_key, now=T0)
     trust = OrgTrust(tmp_path / "h" / "org")
     with pytest.raises(UntrustedCertificateError, match="which you do not trust"):
@@ -168,7 +176,7 @@ def test_untrusted_authority_and_missing_crl(org, alice, tmp_path) -> None:
         trust.validate(member.certificate, T0 + DAY)
 
 
-def test_install_checks_the_key(org, alice, tmp_path) -> None:
+def test_install_checks_the_key(org: Authority, alice: Identity, tmp_path: Path) -> None:
     member = org.issue("alice", alice.public_key, now=T0)
     trust = trust_of(tmp_path, org)
     data = org.issued_path(member.serial).read_bytes()
@@ -181,7 +189,9 @@ def test_install_checks_the_key(org, alice, tmp_path) -> None:
 # --- calls and messages: ContactStore.check_peer with an organisation -------------------------
 
 
-def test_certified_peer_is_verified_without_tofu(org, alice, tmp_path) -> None:
+def test_certified_peer_is_verified_without_tofu(
+    org: Authority, alice: Identity, tmp_path: Path
+) -> None:
     bob_home = tmp_path / "bob"
     trust_of(tmp_path, org, "bob")
     member = org.issue("alice", alice.public_key, department="Finance", now=T0)
@@ -199,7 +209,9 @@ def test_certified_peer_is_verified_without_tofu(org, alice, tmp_path) -> None:
     ContactStore.in_home(bob_home).check_peer("carol", Identity.generate("carol").public_key)
 
 
-def test_revoked_or_expired_peer_is_refused(org, alice, tmp_path) -> None:
+def test_revoked_or_expired_peer_is_refused(
+    org: Authority, alice: Identity, tmp_path: Path
+) -> None:
     bob_home = tmp_path / "bob"
     trust = trust_of(tmp_path, org, "bob")
     now = datetime.datetime.now(datetime.UTC)

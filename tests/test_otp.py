@@ -124,7 +124,7 @@ def test_out_of_order_blocks_and_retired_blocks() -> None:
     late = PadSender()
     for i in range(4):
         late.add_block(i, f"k{i}", block(i))
-    packets = []
+    packets: list[bytes] = []
     while (p := late.protect(rtp(len(packets)))) is not None:
         packets.append(p)
     receiver.unprotect(packets[-1])  # a packet of block 3 retires blocks 0 and 1
@@ -327,5 +327,6 @@ def test_a_restarted_key_stream_gets_fresh_blocks_from_the_kme() -> None:
         seen += [k.key for k in got]
         # "crash": both protocol objects are dropped without a goodbye
     assert len(seen) == len(set(seen)) == 2 * 19
+    assert isinstance(needed, PeerKeysNeeded)  # for mypy: the last call's
     with pytest.raises(QKDError):  # the first call's blocks are gone from the KME
         kme_b.dec_keys(SAEId("bob"), "alice", [KeyId(k) for k in needed.key_ids])

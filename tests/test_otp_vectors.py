@@ -48,7 +48,7 @@ def _ref_seal(rtp: bytes, index: int, offset: int, pad: bytes) -> bytes:
 
 def _ref_control(case: dict[str, Any]) -> bytes:
     types = {"BLOCKS": 1, "ACK": 2, "NACK": 3, "END": 4, "FALLBACK": 5}
-    head = b"QOTP" + bytes([1, types[case["type"]]]) + case["first"].to_bytes(4, "big")
+    head: bytes = b"QOTP" + bytes([1, types[case["type"]]]) + case["first"].to_bytes(4, "big")
     head += bytes([case["count"]])
     if case["type"] == "BLOCKS":
         return head + b"".join(bytes([len(k)]) + k.encode() for k in case["key_ids"])

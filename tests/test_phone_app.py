@@ -215,7 +215,8 @@ async def test_answer_confirm_sas_mute_hold_volume_hang_up(lab: Lab) -> None:
         assert bob.call.route == "bob @ keyfile:bob.keys.json → keyfile:bob.keys.json @ alice"
 
         # Audio flows both ways, and the meters see it.
-        await until(lambda: alice.call.playback is not None and alice.call.playback.level > 0.05,
+        await until(lambda: alice.call is not None and alice.call.playback is not None
+                    and alice.call.playback.level > 0.05,
                     "bob's tone at alice")
         await until(lambda: bob.call is not None and bob.call.source is not None
                     and bob.call.source.level > 0.05, "bob's microphone meter")

@@ -199,9 +199,16 @@ def test_cadences_sound_and_pause_as_specified() -> None:
         cadence(((( 440.0,), 0.0),), 0, 10)
 
 
+async def recv_audio(track: ControlledSource | ControlledPlayback) -> av.AudioFrame:
+    """The track's next frame: audio here (``recv`` is typed for any media)."""
+    frame = await track.recv()
+    assert isinstance(frame, av.AudioFrame)
+    return frame
+
+
 async def test_source_mutes_and_holds_but_meters_the_microphone() -> None:
     source = ControlledSource(ToneTrack(1000.0))
-    frame = await source.recv()
+    frame = await recv_audio(source)
     assert frame_rms(frame) == pytest.approx(0.3 / np.sqrt(2), rel=0.02)
     source.muted = True
     muted = await source.recv()
@@ -209,14 +216,14 @@ async def test_source_mutes_and_holds_but_meters_the_microphone() -> None:
     assert source.level == pytest.approx(0.3 / np.sqrt(2), rel=0.02)  # the meter still moves
     assert muted.pts == 960 and muted.sample_rate == 48_000
     source.muted, source.held = False, True
-    assert frame_rms(await source.recv()) == 0.0
+    assert frame_rms(await recv_audio(source)) == 0.0
     source.stop()
 
 
 class _Frames:
     kind = "audio"
 
-    def __init__(self, samples: np.ndarray) -> None:  # type: ignore[type-arg]
+    def __init__(self, samples: np.ndarray) -> None:
         self.samples = samples
 
     async def recv(self) -> av.AudioFrame:
@@ -233,11 +240,11 @@ async def test_playback_volume_clips_and_hold_silences() -> None:
     frame = await playback.recv()
     assert isinstance(frame, av.AudioFrame) and int(frame.to_ndarray().max()) == 10000
     playback.volume = 2.0
-    frame = await playback.recv()
+    frame = await recv_audio(playback)
     assert int(frame.to_ndarray().max()) == 32767  # clipped, never wrapped around
     assert playback.level == pytest.approx(32767 / 32768, rel=1e-3)
     playback.held = True
-    assert frame_rms(await playback.recv()) == 0.0 and playback.level == 0.0
+    assert frame_rms(await recv_audio(playback)) == 0.0 and playback.level == 0.0
 
 
 async def test_ring_track_is_paced_in_real_time() -> None:

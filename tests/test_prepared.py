@@ -215,12 +215,11 @@ async def test_prepared_connections_dtls_contexts_are_built_ahead_and_used_once(
     if bob_tone is None:
         assert held["bob"].getTransceivers() == []  # no DTLS transport yet
     for pc in held.values():  # built when prepared, not yet handed out
-        certificate = pc._RTCPeerConnection__certificates[0]
+        certificate = getattr(pc, "_RTCPeerConnection__certificates")[0]  # aiortc's private
         assert isinstance(certificate, _PrebuiltCertificate)
         for transceiver in pc.getTransceivers():
-            assert transceiver.receiver.transport._RTCDtlsTransport__local_certificate is (
-                certificate
-            )
+            dtls_transport = transceiver.receiver.transport
+            assert getattr(dtls_transport, "_RTCDtlsTransport__local_certificate") is certificate
         assert certificate.prebuilt is not None and certificate.handed_out == 0
         assert certificate._cert in built_for
     built_for.clear()
@@ -228,13 +227,16 @@ async def test_prepared_connections_dtls_contexts_are_built_ahead_and_used_once(
     assert caller.status.state is CallState.ACTIVE and caller.status.sas == callee.status.sas
     for session, name in ((caller, "alice"), (callee, "bob")):
         assert session.pc is held[name]
+        assert session.pc.sctp is not None  # for mypy: the data channel's
         dtls = session.pc.sctp.transport  # bundled: the one DTLS transport
-        certificate = dtls._RTCDtlsTransport__local_certificate
+        certificate = getattr(dtls, "_RTCDtlsTransport__local_certificate")
         assert isinstance(certificate, _PrebuiltCertificate)
         assert certificate.handed_out == 1 and certificate.prebuilt is None  # used once
         assert certificate._cert not in built_for  # not rebuilt on the path
         assert dtls._ssl is not None
-        assert dtls._ssl.get_certificate().to_cryptography() == certificate._cert
+        own = dtls._ssl.get_certificate()
+        assert own is not None  # for mypy
+        assert own.to_cryptography() == certificate._cert
         assert dtls._ssl.get_context().get_verify_mode() == (
             SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
         )

@@ -25,6 +25,7 @@ from qcall.qkd.kme import KME, random_keys
 from qcall.qkd.pki import create_pki, server_ssl_context
 from qcall.qkd.reservoir import KeyReservoir, ReservoirConfig, ReservoirCore
 from qcall.qkd.server import KMEServer
+from qcall.typing import KeyId, SAEId
 from tests.test_call_session import (
     Lab,
     connect,
@@ -34,7 +35,7 @@ from tests.utils import TIMEOUT_FACTOR as T
 
 
 def key(fill: int) -> QKDKey:
-    return QKDKey(str(uuid.uuid4()), bytes([fill]) * 32)
+    return QKDKey(KeyId(str(uuid.uuid4())), bytes([fill]) * 32)
 
 
 # --- the core: exactly once, bounded, expiring, wiped -------------------------------------
@@ -93,7 +94,7 @@ def test_bounded_per_peer_and_in_peers() -> None:
 def test_repr_and_logs_give_no_key_bytes(caplog: pytest.LogCaptureFixture) -> None:
     secret = bytes(range(32))
     core = ReservoirCore(ReservoirConfig())
-    core.add("bob", [QKDKey(str(uuid.uuid4()), secret)], now=0.0)
+    core.add("bob", [QKDKey(KeyId(str(uuid.uuid4())), secret)], now=0.0)
     for text in (repr(core), str(core), repr(core._held["bob"][0].key), caplog.text):
         assert secret.hex() not in text and "\\x00\\x01\\x02" not in text
     assert "1 keys for 1 peers" in repr(core)
@@ -151,7 +152,7 @@ async def test_refill_fetches_what_is_missing_and_expiry_wipes(
     held = reservoir.take("bob")
     assert held is not None
     # The peer fetches exactly that key by its ID, once (the KME hands it out once).
-    (delivered,) = kme.dec_keys("bob", "alice", [held.key_id]).keys
+    (delivered,) = kme.dec_keys(SAEId("bob"), "alice", [held.key_id]).keys
     assert delivered.key == held.key
     now[0] = 5.0  # the other key was held 5 s: expired, wiped, never used
     assert reservoir.take("bob") is None

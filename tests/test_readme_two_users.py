@@ -53,6 +53,12 @@ def wait_for(log: Path, text: str, proc: subprocess.Popen[bytes], timeout: float
     raise AssertionError(f"{proc.args!r} did not print {text!r}:\n{log.read_text()}")
 
 
+def argv_of(proc: subprocess.Popen[bytes]) -> list[str]:
+    """The argument list ``proc`` was started with (this test always passes one)."""
+    assert isinstance(proc.args, list)
+    return proc.args
+
+
 def test_readme_two_users(tmp_path: Path) -> None:
     commands = readme_commands()
     assert commands[0].startswith(". .venv/bin/activate")
@@ -81,7 +87,7 @@ def test_readme_two_users(tmp_path: Path) -> None:
             output = (done.stdout + done.stderr).decode(errors="replace")
             assert done.returncode == 0, f"{line}\n{output}"
             outputs.append(output)
-        listener = next(proc for proc in background if "listen" in proc.args)
+        listener = next(proc for proc in background if "listen" in argv_of(proc))
         assert listener.wait(30) == 0, logs[listener.pid].read_text()
     finally:
         stop_processes(background)

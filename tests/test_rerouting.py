@@ -128,6 +128,7 @@ async def test_next_rekey_is_rerouted_after_a_cut_and_an_alarm(tmp_path: Path) -
         await net.wait_ready(TIMEOUT)
         await net.wait_for(lambda: net.pair_status("a", "d")["stored_keys"] >= 4, TIMEOUT)
         _, first = await fetch(net, "call-setup")
+        assert first is not None  # for mypy: a relayed key's route is remembered
         assert first in ({"A-B", "B-D"}, {"A-C", "C-D"})  # either route, by key levels
         cut = sorted(first)[1]  # B-D or C-D
         other = {"A-B", "B-D", "A-C", "C-D"} - first
@@ -139,6 +140,7 @@ async def test_next_rekey_is_rerouted_after_a_cut_and_an_alarm(tmp_path: Path) -
             assert net.pair_status("a", "d")["alarm"] == "fibre cut on link B-D; rerouted (2 hops)"
         await net.wait_for(lambda: net.pair_status("a", "d")["stored_keys"] >= 1, TIMEOUT)
         _, links = await fetch(net, "rekey")
+        assert links is not None  # for mypy
         assert links == other  # the next rekey came over the other route
 
         net.cut_link(cut, cut=False)

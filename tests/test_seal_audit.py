@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qcall.seal.audit import AuditStore, Monitor, own_key_id
+from qcall.seal.audit import AuditResult, AuditStore, Monitor, own_key_id
 from qcall.seal.log import Submission, TransparencyLog
 from qcall.seal.logclient import LogClient
 from qcall.seal.logserver import LogServer
@@ -51,7 +51,9 @@ def monitor(world: World, who: str = "alice") -> Monitor:
     )
 
 
-async def audit(mon: Monitor, log: TransparencyLog, server_cls: type[LogServer] = LogServer):
+async def audit(
+    mon: Monitor, log: TransparencyLog, server_cls: type[LogServer] = LogServer
+) -> AuditResult:
     async with server_cls(log) as server, LogClient(server.url, log.log_key) as client:
         return await mon.audit(client)
 

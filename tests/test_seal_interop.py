@@ -11,6 +11,8 @@ import base64
 import hashlib
 import json
 import struct
+from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -23,7 +25,10 @@ from tests.utils import load_vectors
 V = load_vectors("seal_statements.json")
 RFC = load_vectors("seal_merkle_rfc6962.json")
 BUNDLE = load_vectors("seal_bundle.json")
-PUBLIC = {
+MLDSAPublicKeyType = (
+    type[mldsa.MLDSA44PublicKey] | type[mldsa.MLDSA65PublicKey] | type[mldsa.MLDSA87PublicKey]
+)
+PUBLIC: dict[str, MLDSAPublicKeyType] = {
     "ML-DSA-44": mldsa.MLDSA44PublicKey,
     "ML-DSA-65": mldsa.MLDSA65PublicKey,
     "ML-DSA-87": mldsa.MLDSA87PublicKey,
@@ -37,7 +42,7 @@ def vec(width: int, data: bytes) -> bytes:
     return len(data).to_bytes(width, "big") + data
 
 
-def encode_statement(j: dict) -> bytes:
+def encode_statement(j: dict[str, Any]) -> bytes:
     kind = {"seal": 1, "approve": 2, "reject": 3}[j["kind"]]
     out = bytes([1, kind]) + bytes.fromhex(j["document_sha384"])
     out += vec(1, j["document_name"].encode()) + struct.pack(">Q", j["signing_time"])
@@ -128,7 +133,7 @@ def hexes(items: list[str]) -> list[bytes]:
 
 
 @pytest.mark.parametrize("case", V["statements"], ids=lambda c: c["description"][:30])
-def test_statement_bytes_and_signature(case: dict) -> None:
+def test_statement_bytes_and_signature(case: dict[str, Any]) -> None:
     data = encode_statement(case["json"])
     assert data.hex() == case["canonical"]
     assert hashlib.sha384(data).hexdigest() == case["digest"]
@@ -139,7 +144,7 @@ def test_statement_bytes_and_signature(case: dict) -> None:
 
 
 @pytest.mark.parametrize("case", V["invalid"], ids=lambda c: c["why"])
-def test_invalid_statements_fail(case: dict) -> None:
+def test_invalid_statements_fail(case: dict[str, Any]) -> None:
     pk = bytes.fromhex(V["signer"]["public_key"])
     data = encode_statement(case["json"])
     assert not mldsa_ok(
@@ -206,7 +211,9 @@ def test_a_whole_bundle_per_section_8() -> None:
         der = base64.b64decode(c)
         certs[hashlib.sha256(der).hexdigest()] = x509.load_der_x509_certificate(der)
     authority = x509.load_pem_x509_certificate(BUNDLE["authority_certificate"].encode())
-    ca_pk = PUBLIC["ML-DSA-87"].from_public_bytes(authority.public_key().public_bytes_raw())
+    authority_key = authority.public_key()
+    assert isinstance(authority_key, mldsa.MLDSA87PublicKey)  # for mypy
+    ca_pk = PUBLIC["ML-DSA-87"].from_public_bytes(authority_key.public_bytes_raw())
     log_pk = bytes.fromhex(BUNDLE["log_public_key"])
     log_id = hashlib.sha256(log_pk).digest()
     records = [b["seal"], *b["decisions"]]
@@ -219,7 +226,9 @@ def test_a_whole_bundle_per_section_8() -> None:
         cert = certs[st["chain"][0]]  # 1. the certificate
         ca_pk.verify(cert.signature, cert.tbs_certificate_bytes)  # 3. the authority (RFC 9881)
         assert st["chain"][-1] == hashlib.sha256(authority.public_bytes(Encoding.DER)).hexdigest()
-        pk = cert.public_key().public_bytes_raw()
+        cert_key = cert.public_key()
+        assert isinstance(cert_key, mldsa.MLDSA65PublicKey)  # for mypy
+        pk = cert_key.public_bytes_raw()
         assert mldsa_ok("ML-DSA-65", pk, sig, data, b"qcall-seal-v1 statement")  # 2.
         r = record["receipt"]  # 4. the log
         head = r["tree_head"]
@@ -244,7 +253,7 @@ def test_a_whole_bundle_per_section_8() -> None:
             assert st["seal_digest"] == st["previous_digest"] == seal_digest
 
 
-def test_qcall_verifies_the_bundle_too(tmp_path) -> None:
+def test_qcall_verifies_the_bundle_too(tmp_path: Path) -> None:
     from qcall.org import OrgTrust
     from qcall.seal.bundle import SealBundle
     from qcall.seal.logformat import LogKey

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import signal
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -74,11 +75,11 @@ async def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(world:
     async with LogServer(world.log) as server, aiohttp.ClientSession() as http:
         base = server.url + API
 
-        async def post(path: str, **kw: object) -> tuple[int, dict]:
+        async def post(path: str, **kw: object) -> tuple[int, dict[str, Any]]:
             async with http.post(base + path, **kw) as resp:  # type: ignore[arg-type]
                 return resp.status, await resp.json()
 
-        async def get(path: str) -> tuple[int, dict]:
+        async def get(path: str) -> tuple[int, dict[str, Any]]:
             async with http.get(base + path) as resp:
                 return resp.status, await resp.json()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from typing import Any
 
 import pytest
 
@@ -45,7 +46,7 @@ def test_roots_match_the_reference_vectors() -> None:
 
 
 @pytest.mark.parametrize("case", V["inclusion"], ids=lambda c: f"{c['index']}of{c['tree_size']}")
-def test_inclusion_vectors(case: dict) -> None:
+def test_inclusion_vectors(case: dict[str, Any]) -> None:
     tree = MerkleTree(leaf_hash(x) for x in LEAVES)
     index, size = case["index"], case["tree_size"]
     proof = [bytes.fromhex(h) for h in case["proof"]]
@@ -81,7 +82,7 @@ def test_inclusion_vectors(case: dict) -> None:
 
 
 @pytest.mark.parametrize("case", V["consistency"], ids=lambda c: f"{c['first']}to{c['second']}")
-def test_consistency_vectors(case: dict) -> None:
+def test_consistency_vectors(case: dict[str, Any]) -> None:
     tree = MerkleTree(leaf_hash(x) for x in LEAVES)
     m, n = case["first"], case["second"]
     proof = [bytes.fromhex(h) for h in case["proof"]]

@@ -39,9 +39,9 @@ async def test_store_notify_and_resolve(world: World, tmp_path: Path) -> None:
     workflow = Workflow(bundle.seal.statement, "alice", alice.member.issuer_fingerprint)
     for notice in workflow.start():
         notifier.notify(notice, bundle, str(doc))
-    (notice,) = notifier.inbox("bob")
-    assert notice["workflow"] == wid and notice["what"] == "review"
-    assert notice["document"] == "c.txt" and notice["document_path"] == str(doc)
+    (received,) = notifier.inbox("bob")
+    assert received["workflow"] == wid and received["what"] == "review"
+    assert received["document"] == "c.txt" and received["document_path"] == str(doc)
     assert notifier.inbox("alice") == []
     notifier.clear("bob", wid)
     notifier.clear("bob", wid)  # twice is fine

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -61,7 +63,7 @@ def test_canonical_encoding_layout() -> None:
 
 
 @pytest.mark.parametrize("make", [seal, approval, lambda: seal(policy=None)])
-def test_round_trips(make) -> None:
+def test_round_trips(make: Callable[[], Statement]) -> None:
     s = make()
     assert Statement.parse(s.encode()) == s
     assert Statement.from_json(s.to_json()) == s
@@ -104,7 +106,7 @@ def test_random_mutations_raise_only_format_errors() -> None:
         ({"seal_digest": b"\x22" * 48}, "names no seal"),
     ],
 )
-def test_field_limits(change: dict, match: str) -> None:
+def test_field_limits(change: dict[str, Any], match: str) -> None:
     with pytest.raises(SealFormatError, match=match):
         seal(**change)
 

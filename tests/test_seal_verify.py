@@ -6,6 +6,7 @@ import datetime
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +60,13 @@ def causes(world: World, bundle: SealBundle, document_hash: bytes | None = None)
     return [f.cause for f in report.failures]
 
 
-def edit(bundle: SealBundle, change) -> SealBundle:
+def edit(bundle: SealBundle, change: Callable[[dict[str, Any]], None]) -> SealBundle:
     obj = json.loads(bundle.serialize())
     change(obj)
     return SealBundle.parse(json.dumps(obj).encode())
 
 
-async def test_a_seal_verifies_and_says_who_when_why(world: World, doc) -> None:
+async def test_a_seal_verifies_and_says_who_when_why(world: World, doc: tuple[Path, bytes]) -> None:
     bundle = await sealed(world, doc)
     bundle = SealBundle.parse(bundle.serialize())
     report = verify_bundle(bundle, world.trust(), world.logs, document_hash=doc[1])
@@ -77,7 +78,7 @@ async def test_a_seal_verifies_and_says_who_when_why(world: World, doc) -> None:
     assert report.tree_heads()[0].tree_size == 1
 
 
-async def test_tampered_document(world: World, doc) -> None:
+async def test_tampered_document(world: World, doc: tuple[Path, bytes]) -> None:
     bundle = await sealed(world, doc)
     doc[0].write_text("contract: 9000 yuan")
     assert causes(world, bundle, hashlib.sha384(doc[0].read_bytes()).digest()) == [
@@ -96,24 +97,28 @@ async def test_tampered_document(world: World, doc) -> None:
     ],
     ids=lambda c: c[0],
 )
-async def test_tampered_bundle_field(world: World, doc, field_change) -> None:
+async def test_tampered_bundle_field(
+    world: World, doc: tuple[Path, bytes], field_change: tuple[str, Any]
+) -> None:
     name, value = field_change
     bundle = edit(await sealed(world, doc), lambda o: o["seal"]["statement"].update({name: value}))
     got = causes(world, bundle)
     assert "signature_invalid" in got
 
 
-async def test_tampered_signature_receipt_and_garbage(world: World, doc) -> None:
+async def test_tampered_signature_receipt_and_garbage(
+    world: World, doc: tuple[Path, bytes]
+) -> None:
     bundle = await sealed(world, doc)
 
-    def flip_signature(o: dict) -> None:
+    def flip_signature(o: dict[str, Any]) -> None:
         sig = bytearray(__import__("base64").b64decode(o["seal"]["signature"]))
         sig[100] ^= 1
         o["seal"]["signature"] = __import__("base64").b64encode(bytes(sig)).decode()
 
     assert causes(world, edit(bundle, flip_signature)) == ["signature_invalid", "log_proof_invalid"]
 
-    def flip_proof_time(o: dict) -> None:
+    def flip_proof_time(o: dict[str, Any]) -> None:
         o["seal"]["receipt"]["timestamp"] += 1
 
     assert causes(world, edit(bundle, flip_proof_time)) == ["log_proof_invalid"]
@@ -122,7 +127,7 @@ async def test_tampered_signature_receipt_and_garbage(world: World, doc) -> None
             SealBundle.parse(garbage)
 
 
-async def test_signature_from_a_non_certified_key(world: World, doc) -> None:
+async def test_signature_from_a_non_certified_key(world: World, doc: tuple[Path, bytes]) -> None:
     alice = world.signers["alice"]
     mallory = Signer(Identity.generate("alice"), alice.member, alice.authority)  # alice's cert
     bundle = await sealed(world, doc)
@@ -134,7 +139,9 @@ async def test_signature_from_a_non_certified_key(world: World, doc) -> None:
         await world.sink.add(Submission(forged, alice.chain_ders))
 
 
-async def test_certificate_from_another_authority(world: World, doc, tmp_path) -> None:
+async def test_certificate_from_another_authority(
+    world: World, doc: tuple[Path, bytes], tmp_path: Path
+) -> None:
     evil = Authority.create(tmp_path / "evil", "Hefei Municipal")  # same name, other key
     identity = Identity.generate("alice")
     member = evil.issue("alice", identity.public_key)
@@ -151,7 +158,7 @@ async def test_certificate_from_another_authority(world: World, doc, tmp_path) -
         await world.sink.add(mallory.submission(bundle.seal.signed))
 
 
-async def test_revoked_signer(world: World, doc) -> None:
+async def test_revoked_signer(world: World, doc: tuple[Path, bytes]) -> None:
     bundle = await sealed(world, doc)
     # Revoked after sealing: the seal stays valid, the verdict says so. (CRL times have
     # 1 s resolution: a revocation in the seal's own second counts as before it.)
@@ -172,7 +179,9 @@ async def test_revoked_signer(world: World, doc) -> None:
         await seal_document(world2.signers["alice"], doc[0], world2.sink, world2.logs)
 
 
-async def test_certificate_expired_at_signing_time(world: World, doc, tmp_path) -> None:
+async def test_certificate_expired_at_signing_time(
+    world: World, doc: tuple[Path, bytes], tmp_path: Path
+) -> None:
     identity = Identity.generate("erin")
     now = datetime.datetime.now(datetime.UTC)
     member = world.org.issue(
@@ -188,7 +197,7 @@ async def test_certificate_expired_at_signing_time(world: World, doc, tmp_path) 
     assert "expired on" in report.failures[0].message
 
 
-async def test_not_in_the_log(world: World, doc) -> None:
+async def test_not_in_the_log(world: World, doc: tuple[Path, bytes]) -> None:
     bundle = await sealed(world, doc)
     unlogged = SealBundle(Record(bundle.seal.signed, None), (), bundle.certificates)
     assert causes(world, unlogged) == ["not_in_log"]
@@ -198,7 +207,7 @@ async def test_not_in_the_log(world: World, doc) -> None:
     assert "unknown log" in report.failures[0].message
 
 
-async def test_receipt_for_a_different_tree(world: World, doc) -> None:
+async def test_receipt_for_a_different_tree(world: World, doc: tuple[Path, bytes]) -> None:
     bundle = await sealed(world, doc)
     # The log grows; a genuine, signed head of another tree is put into the receipt.
     for _ in range(3):
@@ -222,7 +231,7 @@ async def test_receipt_for_a_different_tree(world: World, doc) -> None:
 # --- approval workflows ----------------------------------------------------------------------
 
 
-async def test_ordered_approvals_chain(world: World, doc) -> None:
+async def test_ordered_approvals_chain(world: World, doc: tuple[Path, bytes]) -> None:
     policy = Policy(Mode.ORDERED, 2, ("bob", "carol"))
     bundle = await sealed(world, doc, policy)
     report = verify_bundle(bundle, world.trust(), world.logs, document_hash=doc[1])
@@ -259,7 +268,9 @@ async def test_ordered_approvals_chain(world: World, doc) -> None:
     assert report.inclusion_verified
 
 
-async def test_replayed_and_out_of_order_approvals_in_a_bundle(world: World, doc) -> None:
+async def test_replayed_and_out_of_order_approvals_in_a_bundle(
+    world: World, doc: tuple[Path, bytes]
+) -> None:
     policy = Policy(Mode.ORDERED, 2, ("bob", "carol"))
     bundle = await sealed(world, doc, policy)
     approved, _, _ = await decide_as(world, "bob", bundle, approve=True)
@@ -293,7 +304,7 @@ async def test_replayed_and_out_of_order_approvals_in_a_bundle(world: World, doc
     assert "asks for no approvals" in report.failures[0].message
 
 
-async def test_threshold_and_rejection(world: World, doc) -> None:
+async def test_threshold_and_rejection(world: World, doc: tuple[Path, bytes]) -> None:
     policy = Policy(Mode.THRESHOLD, 1, ("bob", "carol"))
     bundle = await sealed(world, doc, policy)
     bundle, report, _ = await decide_as(

@@ -90,7 +90,9 @@ async def place_call(caller: SignalingClient, callee: SignalingClient) -> str:
     return call_id
 
 
-async def test_a_call_crosses_instances_like_a_local_one(pair, keys):
+async def test_a_call_crosses_instances_like_a_local_one(
+    pair: list[tuple[SignalingServer, Cluster]], keys: dict[str, pqc.SigningKey]
+) -> None:
     (a, _), (b, _) = pair
     async with (
         SignalingClient(url(a), keys["a"], "alice", watch=[]) as alice,
@@ -111,7 +113,9 @@ async def test_a_call_crosses_instances_like_a_local_one(pair, keys):
         assert (error.code, error.message) == ("unavailable", "nobody is offline")
 
 
-async def test_same_name_on_two_instances_at_once_one_wins(pair, keys):
+async def test_same_name_on_two_instances_at_once_one_wins(
+    pair: list[tuple[SignalingServer, Cluster]], keys: dict[str, pqc.SigningKey]
+) -> None:
     (a, _), (b, _) = pair
     for _ in range(3):
         clients = [
@@ -152,7 +156,9 @@ async def spawn_instance(
 
 
 @pytest.fixture
-async def a_and_b_process(redis_server):
+async def a_and_b_process(
+    redis_server: LocalRedis,
+) -> AsyncIterator[tuple[SignalingServer, int, asyncio.subprocess.Process]]:
     """Instance A in this process, instance B a real ``python -m signaling`` process."""
     port_b = free_port()
     a, cluster_a = await instance(redis_server, "A")
@@ -166,7 +172,10 @@ async def a_and_b_process(redis_server):
     await a.close()
 
 
-async def test_kill_9_an_instance_users_fail_over_and_calls_go_on(a_and_b_process, keys):
+async def test_kill_9_an_instance_users_fail_over_and_calls_go_on(
+    a_and_b_process: tuple[SignalingServer, int, asyncio.subprocess.Process],
+    keys: dict[str, pqc.SigningKey],
+) -> None:
     """B is a real process killed with SIGKILL mid-call: bob is back on A within 2 s."""
     a, port_b, proc = a_and_b_process
     async with (
@@ -195,7 +204,11 @@ async def test_kill_9_an_instance_users_fail_over_and_calls_go_on(a_and_b_proces
         await next_of(bob, m.Hangup)
 
 
-async def test_redis_restart_instances_recover(pair, redis_server, keys):
+async def test_redis_restart_instances_recover(
+    pair: list[tuple[SignalingServer, Cluster]],
+    redis_server: LocalRedis,
+    keys: dict[str, pqc.SigningKey],
+) -> None:
     (a, cluster_a), (b, cluster_b) = pair
     async with (
         SignalingClient(url(a), keys["a"], "alice", watch=[]) as alice,
@@ -220,7 +233,10 @@ async def test_redis_restart_instances_recover(pair, redis_server, keys):
         await next_of(alice, m.Hangup)
 
 
-async def test_a_hung_instance_blocks_nobody(a_and_b_process, keys):
+async def test_a_hung_instance_blocks_nobody(
+    a_and_b_process: tuple[SignalingServer, int, asyncio.subprocess.Process],
+    keys: dict[str, pqc.SigningKey],
+) -> None:
     """B stopped with SIGSTOP (hung, sockets open): A's users are served as before."""
     a, port_b, proc = a_and_b_process
     async with (
@@ -242,7 +258,9 @@ async def test_a_hung_instance_blocks_nobody(a_and_b_process, keys):
         await proc.wait()
 
 
-async def test_without_redis_registration_is_refused_clearly(redis_server, keys):
+async def test_without_redis_registration_is_refused_clearly(
+    redis_server: LocalRedis, keys: dict[str, pqc.SigningKey]
+) -> None:
     """Redis down: new registrations get cluster_unavailable; registered users still call."""
     a, cluster_a = await instance(redis_server, "A")
     try:
@@ -276,7 +294,9 @@ async def run_main(*argv: str) -> tuple[int, str]:
     return proc.returncode or 0, (line + await proc.stderr.read()).decode()
 
 
-async def test_command_line_with_redis_postgres_and_turn(redis_server, pg_url, tmp_path):
+async def test_command_line_with_redis_postgres_and_turn(
+    redis_server: LocalRedis, pg_url: str, tmp_path: Path
+) -> None:
     secret = tmp_path / "turn.secret"
     secret.write_text("s3cret\n")
     secret.chmod(0o600)
@@ -293,7 +313,11 @@ async def test_command_line_with_redis_postgres_and_turn(redis_server, pg_url, t
     assert code == 1 and "cannot reach Redis" in out, out
 
 
-async def test_presence_crosses_instances(pair, keys, redis_server):
+async def test_presence_crosses_instances(
+    pair: list[tuple[SignalingServer, Cluster]],
+    keys: dict[str, pqc.SigningKey],
+    redis_server: LocalRedis,
+) -> None:
     (a, _), (b, _) = pair
     async with SignalingClient(url(b), keys["b"], "bob", watch=[]) as bob:
         await asyncio.sleep(0.1)
@@ -311,7 +335,9 @@ async def test_presence_crosses_instances(pair, keys, redis_server):
             assert alice.online == {"bob": bob.fingerprint}
 
 
-async def test_closing_while_users_leave_releases_every_name(redis_server, keys):
+async def test_closing_while_users_leave_releases_every_name(
+    redis_server: LocalRedis, keys: dict[str, pqc.SigningKey]
+) -> None:
     """Users leaving while the instance shuts down: every name is released in Redis."""
     import redis as sync_redis
 

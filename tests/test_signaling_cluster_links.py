@@ -8,7 +8,7 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -99,7 +99,13 @@ def register_link_keys(*clusters: Cluster) -> None:
             STATE.register("a cluster link session key", link.session)
 
 
-async def wait_for(condition, what: str) -> None:  # type: ignore[no-untyped-def]
+def link_up(cluster: Cluster, peer: str) -> bool:
+    """Whether ``cluster``'s link to ``peer`` is up (a cluster with links)."""
+    assert cluster.links is not None
+    return peer in cluster.links._outbound and cluster.links._outbound[peer].up
+
+
+async def wait_for(condition: Callable[[], object], what: str) -> None:
     deadline = time.monotonic() + T
     while not condition():
         assert time.monotonic() < deadline, what
@@ -107,8 +113,13 @@ async def wait_for(condition, what: str) -> None:  # type: ignore[no-untyped-def
 
 
 async def ice_stream(
-    alice: SignalingClient, bob: SignalingClient, call_id: str, count: int, *, during=None
-) -> list[str]:  # type: ignore[no-untyped-def]
+    alice: SignalingClient,
+    bob: SignalingClient,
+    call_id: str,
+    count: int,
+    *,
+    during: Callable[[int], Awaitable[object]] | None = None,
+) -> list[str]:
     """alice sends ``count`` numbered ice frames (``during(i)`` before each); bob's payloads."""
     got: list[str] = []
 
@@ -134,7 +145,11 @@ async def no_more_ice(bob: SignalingClient) -> None:
             assert not isinstance(event, m.ICECandidate), f"duplicate {event.payload}"
 
 
-async def test_a_call_crosses_instances_over_the_link(linked, keys, redis_server):
+async def test_a_call_crosses_instances_over_the_link(
+    linked: list[tuple[SignalingServer, Cluster]],
+    keys: dict[str, pqc.SigningKey],
+    redis_server: LocalRedis,
+) -> None:
     """Set-up and relaying between instances go over the link once it is up, both ways."""
     (a, ca), (b, cb) = linked
     assert ca.links is not None and cb.links is not None
@@ -143,6 +158,7 @@ async def test_a_call_crosses_instances_over_the_link(linked, keys, redis_server
     db = sync_redis.Redis.from_url(redis_server.url)
     endpoint = db.get("qcall:instance:B")
     db.close()
+    assert isinstance(endpoint, bytes)  # for mypy (redis-py's stubs: an awaitable or Any)
     assert endpoint is not None and parse_endpoint(endpoint.decode()) is not None
     async with (
         SignalingClient(url(a), keys["a"], "alice", watch=[]) as alice,
@@ -162,7 +178,9 @@ async def test_a_call_crosses_instances_over_the_link(linked, keys, redis_server
 
 
 @pytest.mark.parametrize("side", ["sender", "receiver"])
-async def test_link_killed_mid_stream_falls_back_without_loss_or_duplicates(linked, keys, side):
+async def test_link_killed_mid_stream_falls_back_without_loss_or_duplicates(
+    linked: list[tuple[SignalingServer, Cluster]], keys: dict[str, pqc.SigningKey], side: str
+) -> None:
     """The link is reset while frames are in flight: the unacknowledged ones go over
     Redis; bob gets every frame once, in order; later the link is used again."""
     (a, ca), (b, cb) = linked
@@ -172,7 +190,7 @@ async def test_link_killed_mid_stream_falls_back_without_loss_or_duplicates(link
         SignalingClient(url(b), keys["b"], "bob", watch=[]) as bob,
     ):
         call_id = await place_call(alice, bob)
-        await wait_for(lambda: "B" in ca.links._outbound and ca.links._outbound["B"].up, "no link")
+        await wait_for(lambda: link_up(ca, "B"), "no link")
 
         async def cut(i: int) -> None:
             if i == 150:
@@ -188,7 +206,7 @@ async def test_link_killed_mid_stream_falls_back_without_loss_or_duplicates(link
         await asyncio.sleep(1.2)
         await alice.send_ice(call_id, "wake")  # starts the new link
         assert (await next_of(bob, m.ICECandidate)).payload == "wake"
-        await wait_for(lambda: "B" in ca.links._outbound and ca.links._outbound["B"].up, "back")
+        await wait_for(lambda: link_up(ca, "B"), "back")
         sent = ca.links.sent
         got = await ice_stream(alice, bob, call_id, 20)
         assert got == [f"{i:04d}" for i in range(20)]
@@ -208,7 +226,12 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[LinkKind, bytes] | N
     return None
 
 
-async def test_unauthenticated_links_are_refused(linked, keys, redis_server, caplog):
+async def test_unauthenticated_links_are_refused(
+    linked: list[tuple[SignalingServer, Cluster]],
+    keys: dict[str, pqc.SigningKey],
+    redis_server: LocalRedis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """Garbage, a wrong target, a wrong secret, a forged frame: each gets an ERROR
     naming the cause and the link is closed; the instance serves on."""
     _, (b, cb) = linked
@@ -266,7 +289,9 @@ async def test_unauthenticated_links_are_refused(linked, keys, redis_server, cap
     assert any("authentication failed" in r.getMessage() for r in caplog.records)
 
 
-async def test_a_stalled_peer_instance_blocks_nobody(redis_server, keys, tmp_path):
+async def test_a_stalled_peer_instance_blocks_nobody(
+    redis_server: LocalRedis, keys: dict[str, pqc.SigningKey], tmp_path: Path
+) -> None:
     """B (a real process) stops with frames in flight on its link: A's link to it
     fails over by itself, A's and C's users call as fast as ever, and once B
     runs again bob has every frame alice sent, once, in order."""
@@ -284,7 +309,7 @@ async def test_a_stalled_peer_instance_blocks_nobody(redis_server, keys, tmp_pat
             call_id = await place_call(alice, bob)
             call_cd = await place_call(carol, dave)  # A ↔ C over their link too
             assert ca.links is not None
-            await wait_for(lambda: "B" in ca.links._outbound and ca.links._outbound["B"].up, "B")
+            await wait_for(lambda: link_up(ca, "B"), "B")
             got: list[str] = []
 
             async def receive() -> None:
@@ -320,7 +345,7 @@ async def test_a_stalled_peer_instance_blocks_nobody(redis_server, keys, tmp_pat
             await server.close()
 
 
-async def test_command_line_links(redis_server, tmp_path):
+async def test_command_line_links(redis_server: LocalRedis, tmp_path: Path) -> None:
     flags = ("--redis", redis_server.url, *secret_flags(tmp_path, 0o644))
     secret = tmp_path / "cluster.secret"
     code, out = await run_main(*flags)
@@ -423,7 +448,7 @@ async def test_frames_written_in_one_loop_tick_leave_in_one_write() -> None:
         writes: list[int] = []
         write = link.transport.write
 
-        def spy(data: bytes) -> None:
+        def spy(data: bytes | bytearray | memoryview) -> None:
             writes.append(len(data))
             write(data)
 
@@ -453,7 +478,12 @@ def link_tls(pki: PKIPaths, name: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     )
 
 
-async def test_links_over_mutual_tls(redis_server, keys, tmp_path, caplog):
+async def test_links_over_mutual_tls(
+    redis_server: LocalRedis,
+    keys: dict[str, pqc.SigningKey],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """With TLS, links run inside TLS 1.2+ checked against the cluster's CA both
     ways: calls cross over them; plain TCP gets no WELCOME; an instance whose
     certificate another CA signed gets no link (its calls go over Redis)."""
@@ -472,7 +502,7 @@ async def test_links_over_mutual_tls(redis_server, keys, tmp_path, caplog):
             call_id = await place_call(alice, bob)  # opens the links
             await alice.hangup(call_id)
             await next_of(bob, m.Hangup)
-            await wait_for(lambda: "B" in ca.links._outbound and ca.links._outbound["B"].up, "B")
+            await wait_for(lambda: link_up(ca, "B"), "B")
             sent = ca.links.sent
             call_id = await place_call(alice, bob)
             assert ca.links.sent > sent  # over the link
@@ -509,7 +539,7 @@ async def test_links_over_mutual_tls(redis_server, keys, tmp_path, caplog):
     assert any("TLS" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
 
 
-async def test_command_line_link_tls(redis_server, tmp_path):
+async def test_command_line_link_tls(redis_server: LocalRedis, tmp_path: Path) -> None:
     pki = create_pki(tmp_path / "pki", ["link-a"], [])
     paths = pki.kmes["link-a"]
     tls = ["--cluster-tls-cert", str(paths.cert), "--cluster-tls-key", str(paths.key)]

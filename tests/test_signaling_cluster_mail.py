@@ -23,7 +23,7 @@ from qcall.messaging.transport import SignalingTransport
 from qcall.signaling import messages as m
 from qcall.signaling.client import SignalingClient
 from signaling.cluster import MAIL_INLINE, Cluster
-from signaling.local_services import LocalRedis, free_port
+from signaling.local_services import LocalPostgres, LocalRedis, free_port
 from signaling.pgstore import PostgresMessageStore
 from signaling.server import SignalingServer
 from tests.test_signaling_cluster import T, instance, next_of, place_call, spawn_instance, url
@@ -79,7 +79,9 @@ class User:
         return got + self.mail.take_pushed()
 
 
-async def test_mail_for_a_user_on_another_instance_is_pushed_at_once(mail_pair, keys):
+async def test_mail_for_a_user_on_another_instance_is_pushed_at_once(
+    mail_pair: Instances, keys: list[pqc.SigningKey]
+) -> None:
     """alice on A sends, bob on B gets the push without fetching, exactly once."""
     (a, _), (b, _) = mail_pair
     async with User(url(a), keys[0], "alice") as alice, User(url(b), keys[1], "bob") as bob:
@@ -158,7 +160,9 @@ async def receive_all(user: User, got: dict[int, list[bytes]], stop: asyncio.Eve
             await asyncio.sleep(0.05)
 
 
-async def test_kill_9_an_instance_under_message_load(redis_server, pg_url, keys):
+async def test_kill_9_an_instance_under_message_load(
+    redis_server: LocalRedis, pg_url: str, keys: list[pqc.SigningKey]
+) -> None:
     """C dies mid-load: every acknowledged message arrives once; none is stored twice."""
     made = await instances(redis_server, pg_url, "AB")
     port_c = free_port()
@@ -216,7 +220,9 @@ async def test_kill_9_an_instance_under_message_load(redis_server, pg_url, keys)
         await close_all(made)
 
 
-async def test_postgres_down_messages_refused_calls_go_on(redis_server, own_postgres, keys):
+async def test_postgres_down_messages_refused_calls_go_on(
+    redis_server: LocalRedis, own_postgres: LocalPostgres, keys: list[pqc.SigningKey]
+) -> None:
     made = await instances(redis_server, own_postgres.url, "AB")
     (a, _), (b, _) = made
     try:

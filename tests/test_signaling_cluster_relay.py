@@ -31,6 +31,7 @@ from tests.test_signaling_cluster import next_of, place_call, url
 from tests.test_signaling_cluster_links import (
     ice_stream,
     instance,
+    link_up,
     register_link_keys,
     wait_for,
 )
@@ -64,10 +65,13 @@ def accepted_call(pkeys: dict[str, pqc.SigningKey]) -> tuple[Server, ConnectionI
 def relayed_text(server: Server, alice: ConnectionId, msg: m.CallMessage) -> tuple[Any, str]:
     """What the full protocol pass makes of ``msg`` from stand-in ``alice``: (target, text)."""
     [(target, relayed)] = server.proto.receive(alice, msg.serialize(), server.now)
+    assert isinstance(relayed, m.Message)  # for mypy: not a CloseConnection
     return target, relayed.serialize()
 
 
-def test_a_relay_frame_goes_where_the_full_pass_would_send_it(pkeys):
+def test_a_relay_frame_goes_where_the_full_pass_would_send_it(
+    pkeys: dict[str, pqc.SigningKey]
+) -> None:
     server, alice, bob = accepted_call(pkeys)
     for msg in (m.ICECandidate(CALL, payload="c" * 8192), m.Offer(CALL, payload="o"),
                 m.Answer(CALL, payload="a")):  # fmt: skip
@@ -77,7 +81,9 @@ def test_a_relay_frame_goes_where_the_full_pass_would_send_it(pkeys):
     assert server.proto.call_state(CALL) is not None  # nothing changed: still up
 
 
-def test_a_relay_frame_is_checked_against_this_instance_state(pkeys):
+def test_a_relay_frame_is_checked_against_this_instance_state(
+    pkeys: dict[str, pqc.SigningKey]
+) -> None:
     server, alice, bob = accepted_call(pkeys)
     _, text = relayed_text(server, alice, m.ICECandidate(CALL, payload="x"))
     check = server.proto.forwarded_relay
@@ -101,7 +107,9 @@ def test_a_relay_frame_is_checked_against_this_instance_state(pkeys):
     assert server.proto.call_state(CALL) is not None
 
 
-def test_a_relay_frame_needs_an_accepted_call_and_the_recipient_here(pkeys):
+def test_a_relay_frame_needs_an_accepted_call_and_the_recipient_here(
+    pkeys: dict[str, pqc.SigningKey]
+) -> None:
     server = Server(pkeys)
     bob = server.register("bob")
     alice, _ = server.proto.attach_remote(PeerId("alice"), fp(pkeys["alice"]), server.now)
@@ -122,7 +130,7 @@ def test_a_relay_frame_needs_an_accepted_call_and_the_recipient_here(pkeys):
 # --- the handshake: negotiated, bound to the transcript ------------------------------------
 
 
-def test_relay_is_offered_in_the_handshake_and_bound_to_it():
+def test_relay_is_offered_in_the_handshake_and_bound_to_it() -> None:
     hello = Hello("A", "B", 1, b"n" * NONCE_LEN, relay=True)
     assert Hello.parse(hello.body()).relay
     old = Hello("A", "B", 1, b"n" * NONCE_LEN)
@@ -162,7 +170,9 @@ async def linked(redis_server: LocalRedis) -> AsyncIterator[list[tuple[Signaling
         await server.close()
 
 
-async def test_relay_frames_cross_the_link_and_arrive_as_on_one_instance(linked, keys):
+async def test_relay_frames_cross_the_link_and_arrive_as_on_one_instance(
+    linked: list[tuple[SignalingServer, Cluster]], keys: dict[str, pqc.SigningKey]
+) -> None:
     """offer, answer and ice go as relay frames once the link is up; bob gets them
     with alice's name and fingerprint, in order, once each; the state-changing
     messages still go as client frames (both instances run the call's state)."""
@@ -197,7 +207,9 @@ async def test_relay_frames_cross_the_link_and_arrive_as_on_one_instance(linked,
         assert ca.links.failovers == cb.links.failovers == 0
 
 
-async def test_an_instance_that_does_not_offer_relay_frames_gets_client_frames(linked, keys):
+async def test_an_instance_that_does_not_offer_relay_frames_gets_client_frames(
+    linked: list[tuple[SignalingServer, Cluster]], keys: dict[str, pqc.SigningKey]
+) -> None:
     """Mixed versions: B offers no relay frames (as an instance before them): both
     ways the links carry client frames, re-validated by the receiver, and all arrive."""
     (a, ca), (b, cb) = linked
@@ -208,8 +220,8 @@ async def test_an_instance_that_does_not_offer_relay_frames_gets_client_frames(l
         SignalingClient(url(b), keys["b"], "bob", watch=[]) as bob,
     ):
         call_id = await place_call(alice, bob)
-        await wait_for(lambda: "B" in ca.links._outbound and ca.links._outbound["B"].up, "A→B")
-        await wait_for(lambda: "A" in cb.links._outbound and cb.links._outbound["A"].up, "B→A")
+        await wait_for(lambda: link_up(ca, "B"), "A→B")
+        await wait_for(lambda: link_up(cb, "A"), "B→A")
         assert not ca.links.relays("B") and not cb.links.relays("A")
         sent = ca.links.sent
         got = await ice_stream(alice, bob, call_id, 20)
@@ -233,7 +245,7 @@ class _Socket:
         self.closed = (code, reason)
 
 
-async def test_relay_frames_respect_the_recipient_outbox_limits():
+async def test_relay_frames_respect_the_recipient_outbox_limits() -> None:
     """A recipient that does not read is closed as too slow, as for any message;
     the others' outboxes are not touched."""
     server = SignalingServer(ServerConfig(server_id="s", max_outbox_bytes=20_000))
@@ -256,7 +268,7 @@ async def _nowhere(inst: str) -> str | None:
     return None
 
 
-def test_a_welcome_may_not_add_relay_frames_the_hello_did_not_offer():
+def test_a_welcome_may_not_add_relay_frames_the_hello_did_not_offer() -> None:
     links = Links(
         "A", b"s" * 32, deliver=lambda *_: None, resolve=_nowhere,
         republish=lambda *_: None, epoch=1, relay=False,
@@ -270,7 +282,9 @@ def test_a_welcome_may_not_add_relay_frames_the_hello_did_not_offer():
 
 
 @pytest.mark.parametrize("asked", [True, False], ids=["callee-asked", "older-callee"])
-async def test_the_offer_while_ringing_crosses_instances(linked, keys, asked):
+async def test_the_offer_while_ringing_crosses_instances(
+    linked: list[tuple[SignalingServer, Cluster]], keys: dict[str, pqc.SigningKey], asked: bool
+) -> None:
     """early_offer across instances: A relays alice's offer (sent while ringing) to
     bob's stand-in at once, on the relay link; B, where bob is, applies bob's own
     choice: delivered now if he asked for it, else held and delivered right behind

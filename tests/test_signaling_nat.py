@@ -44,6 +44,7 @@ import subprocess
 import sys
 import time
 import wave
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,7 @@ def ns(name: str, *args: str) -> None:
 
 
 @pytest.fixture
-def network():
+def network() -> Iterator[dict[str, str]]:
     tag = str(os.getpid() % 100000)
     names = {k: f"q{k}{tag}" for k in ("alice", "bob", "nat1", "nat2", "inet")}
     try:
@@ -135,7 +136,9 @@ async def peer(name: str, role: str, username: str, password: str) -> asyncio.su
     return proc
 
 
-async def test_peers_behind_separate_nats_connect_through_coturn(network, tmp_path):
+async def test_peers_behind_separate_nats_connect_through_coturn(
+    network: dict[str, str], tmp_path: Path
+) -> None:
     names = network
     turn = LocalTurn(SECRET, "10.78.10.1", 3478, allow_loopback=True)
     turn.preexec = lambda: ["ip", "netns", "exec", names["inet"]]  # type: ignore[method-assign]
@@ -274,7 +277,9 @@ def user_config(home: Path, sae: dict[str, str], extra: str = "") -> None:
     not all(shutil.which(p) for p in ("tcpdump", "ping")),
     reason="needs tcpdump and ping (./run.sh test installs them)",
 )
-def test_hybrid_call_between_nats_goes_through_coturn_as_ciphertext_only(network, tmp_path):
+def test_hybrid_call_between_nats_goes_through_coturn_as_ciphertext_only(
+    network: dict[str, str], tmp_path: Path
+) -> None:
     """``qcall listen`` / ``qcall call`` behind two NATs: relayed, rekeyed, only ciphertext."""
     import numpy as np
     import pylibsrtp

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 
 import pytest
 from websockets.asyncio.client import connect
@@ -102,7 +103,7 @@ def test_bad_watch_lists_are_named(
     obj = m.Register.create(keys["alice"], "alice", challenge).to_dict()
     obj["watch"] = watch
     with pytest.raises(SignalingProtocolError, match=f"'{field}'"):
-        m.parse_client_message(m.json.dumps(obj))
+        m.parse_client_message(json.dumps(obj))
 
 
 async def test_clients_with_watch_lists(keys: dict[str, pqc.SigningKey]) -> None:

@@ -423,7 +423,8 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_cli_has_a_flag_for_every_limit(capsys: pytest.CaptureFixture[str]) -> None:
-    from signaling.__main__ import LIMITS, build_parser, config_from
+    from qcall.signaling.config import LIMITS
+    from signaling.__main__ import build_parser, config_from
 
     flags = {"server_id", "early_offer"}  # --server-id, --no-early-offer
     assert set(LIMITS) == {f.name for f in dataclasses.fields(ServerConfig)} - flags

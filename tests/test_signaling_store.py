@@ -7,47 +7,65 @@ import os
 import signal
 import sqlite3
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, cast
 
 import pytest
 
 from qcall.exceptions import MailboxFullError, MessageStoreError, MessageTooLargeError
-from signaling.store import MessageStore, SQLiteMessageStore, StoreLimits
+from signaling.local_services import LocalPostgres
+from signaling.store import SQLiteMessageStore, StoreLimits
 from tests.utils import TIMEOUT_FACTOR
+
+if TYPE_CHECKING:
+    from signaling.pgstore import PostgresMessageStore
+
+    #: Both implementations (the tests read their commit counters).
+    AnyStore = SQLiteMessageStore | PostgresMessageStore
+
+
+class MakeStore(Protocol):
+    """The ``make_store`` fixture: opens a store of its ``kind``."""
+
+    kind: str
+
+    async def __call__(self, limits: StoreLimits | None = None) -> AnyStore: ...
+
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = 1_767_225_600.0
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-async def make_store(request, tmp_path):
+async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MakeStore]:
     """Open a store (both implementations run the same tests), always on the same data."""
-    opened: list[MessageStore] = []
+    opened: list[AnyStore] = []
     if request.param == "postgresql":
         from signaling.pgstore import PostgresMessageStore
 
         url = request.getfixturevalue("pg_url")
 
-    async def make(limits: StoreLimits | None = None) -> MessageStore:
+    async def make(limits: StoreLimits | None = None) -> AnyStore:
         if request.param == "sqlite":
-            s: MessageStore = SQLiteMessageStore(tmp_path / "server.db", limits)
+            s: AnyStore = SQLiteMessageStore(tmp_path / "server.db", limits)
         else:
             s = await PostgresMessageStore.connect(url, limits)
         opened.append(s)
         return s
 
     make.kind = request.param  # type: ignore[attr-defined]
-    yield make
+    yield cast(MakeStore, make)  # its kind is set just above
     for s in opened:
         await s.close()
 
 
 @pytest.fixture
-async def store(make_store):
+async def store(make_store: MakeStore) -> AnyStore:
     return await make_store()
 
 
-async def test_put_fetch_ack_in_order(store):
+async def test_put_fetch_ack_in_order(store: AnyStore) -> None:
     ids = [await store.put("bob", "alice", b"m%d" % i, NOW) for i in range(5)]
     await store.put("carol", "alice", b"other", NOW)
     got = await store.fetch("bob")
@@ -62,7 +80,7 @@ async def test_put_fetch_ack_in_order(store):
     assert await store.mailbox("bob") == (2, 4)
 
 
-async def test_resend_with_the_same_client_ref_is_idempotent(store):
+async def test_resend_with_the_same_client_ref_is_idempotent(store: AnyStore) -> None:
     first = await store.put("bob", "alice", b"x", NOW, client_ref=b"r1")
     assert await store.put("bob", "alice", b"x", NOW, client_ref=b"r1") == first
     assert await store.put("bob", "carol", b"x", NOW, client_ref=b"r1") != first
@@ -71,7 +89,7 @@ async def test_resend_with_the_same_client_ref_is_idempotent(store):
     assert len(await store.fetch("bob")) == 1
 
 
-async def test_limits_are_refused_before_storing(make_store):
+async def test_limits_are_refused_before_storing(make_store: MakeStore) -> None:
     limits = StoreLimits(max_envelope_size=100, max_messages=3, max_bytes=250)
     store = await make_store(limits)
     try:
@@ -97,7 +115,7 @@ async def test_limits_are_refused_before_storing(make_store):
         await store.close()
 
 
-async def test_concurrent_puts_share_commits(store):
+async def test_concurrent_puts_share_commits(store: AnyStore) -> None:
     ids = await asyncio.gather(*(store.put("bob", "alice", b"%d" % i, NOW) for i in range(200)))
     assert len(set(ids)) == 200 and store.writes == 200
     assert await store.mailbox("bob") == (200, sum(len(b"%d" % i) for i in range(200)))
@@ -108,13 +126,13 @@ async def test_concurrent_puts_share_commits(store):
     ]
 
 
-async def test_concurrent_resends_store_once(store):
+async def test_concurrent_resends_store_once(store: AnyStore) -> None:
     """The same client_ref put concurrently (two instances, say) stores one envelope."""
     ids = await asyncio.gather(*(store.put("bob", "alice", b"x", NOW, b"ref") for _ in range(20)))
     assert len(set(ids)) == 1 and await store.mailbox("bob") == (1, 1)
 
 
-async def test_data_survives_reopening_and_expires(make_store):
+async def test_data_survives_reopening_and_expires(make_store: MakeStore) -> None:
     store = await make_store(StoreLimits(ttl=100.0))
     await store.put("bob", "alice", b"old", NOW - 200, client_ref=b"r")
     await store.put("bob", "alice", b"new", NOW)
@@ -130,7 +148,7 @@ async def test_data_survives_reopening_and_expires(make_store):
         await store.fetch("bob")
 
 
-async def test_prekeys_are_handed_out_once(store):
+async def test_prekeys_are_handed_out_once(store: AnyStore) -> None:
     ik, spk = b"I" * 1952, b"S" * 4000
     opks = [(i, b"O%d" % i) for i in range(1, 11)]
     assert await store.publish_prekeys("bob", ik, spk, opks, NOW) == 10
@@ -147,7 +165,7 @@ async def test_prekeys_are_handed_out_once(store):
     assert claim is not None and claim.one_time_prekey == b"new"
 
 
-async def test_prekey_limits(make_store):
+async def test_prekey_limits(make_store: MakeStore) -> None:
     store = await make_store(StoreLimits(max_one_time_prekeys=3))
     with pytest.raises(MailboxFullError, match="more than 3"):
         await store.publish_prekeys("bob", b"I", b"S", [(i, b"o") for i in range(4)], NOW)
@@ -157,7 +175,7 @@ async def test_prekey_limits(make_store):
 
 
 @pytest.mark.parametrize("damage", ["garbage", "newer"])
-async def test_corrupt_or_newer_file_is_named(tmp_path, damage):
+async def test_corrupt_or_newer_file_is_named(tmp_path: Path, damage: str) -> None:
     path = tmp_path / "server.db"
     store = SQLiteMessageStore(path)
     for i in range(100):
@@ -188,10 +206,16 @@ async def _child(path: Path | str, count: int) -> asyncio.subprocess.Process:
     )
 
 
-async def test_acknowledged_envelopes_survive_kill_9_and_arrive_exactly_once(make_store, tmp_path):
+async def test_acknowledged_envelopes_survive_kill_9_and_arrive_exactly_once(
+    make_store: MakeStore, tmp_path: Path
+) -> None:
     """A real process puts envelopes and is killed with SIGKILL mid-stream, twice."""
     count = 400
-    path = tmp_path / "server.db" if make_store.kind == "sqlite" else (await make_store()).url
+    path = (
+        tmp_path / "server.db"
+        if make_store.kind == "sqlite"
+        else cast("PostgresMessageStore", await make_store()).url
+    )
     acked: dict[int, int] = {}
     for kill_after in (60, 150, None):
         proc = await _child(path, count)
@@ -221,7 +245,9 @@ async def test_acknowledged_envelopes_survive_kill_9_and_arrive_exactly_once(mak
     assert await store.fetch("bob") == [] and await store.mailbox("bob") == (0, 0)
 
 
-async def test_postgres_unavailable_refuses_clearly_then_recovers(pg_url, postgres_server):
+async def test_postgres_unavailable_refuses_clearly_then_recovers(
+    pg_url: str, postgres_server: LocalPostgres
+) -> None:
     """PostgreSQL down: puts fail with the server named (never accepted), then work again."""
     from signaling.pgstore import PostgresMessageStore
 
@@ -242,7 +268,7 @@ async def test_postgres_unavailable_refuses_clearly_then_recovers(pg_url, postgr
         await store.close()
 
 
-async def test_postgres_schema_1_is_migrated_to_2(pg_url):
+async def test_postgres_schema_1_is_migrated_to_2(pg_url: str) -> None:
     """A database of the previous version (five statements per put) gets qcall_put."""
     import psycopg
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterator
 
 import aioice
 import pytest
@@ -16,16 +17,17 @@ from qcall.signaling.protocol import ServerConfig, SignalingProtocol
 from qcall.signaling.turn import rest_credentials, turn_issuer
 from signaling.local_services import LocalTurn
 from signaling.server import SignalingServer
-from tests.test_call_session import lab  # noqa: F401 (the lab fixture)
+from tests.test_call_session import Lab, lab  # noqa: F401 (the lab fixture)
 
 SECRET = b"turn-secret-for-tests-0123456789"
 
 
 @pytest.fixture
-def turn():
+def turn() -> Iterator[LocalTurn]:
     if shutil.which("turnserver") is None:
         pytest.skip("turnserver is not installed here (apt-get install coturn)")
     with LocalTurn(SECRET.decode()) as server:
+        assert isinstance(server, LocalTurn)  # for mypy: __enter__ is typed as the base's
         yield server
 
 
@@ -45,7 +47,7 @@ async def relay_candidates(turn: LocalTurn, username: str, password: str) -> lis
         await conn.close()
 
 
-async def test_registered_users_get_credentials_that_coturn_accepts(turn):
+async def test_registered_users_get_credentials_that_coturn_accepts(turn: LocalTurn) -> None:
     key = pqc.get_backend().signing_generate(pqc.SignatureScheme.ML_DSA_65)
     protocol = SignalingProtocol(
         ServerConfig(server_id="turn-test"), turn=turn_issuer(SECRET, [turn.url], ttl=600)
@@ -67,7 +69,7 @@ async def test_registered_users_get_credentials_that_coturn_accepts(turn):
             assert await relay_candidates(turn, expired.username, expired.credential) == []
 
 
-def test_turn_member_round_trips_and_is_checked():
+def test_turn_member_round_trips_and_is_checked() -> None:
     creds = rest_credentials(SECRET, "bob", ["turn:192.0.2.1:3478"], 1_767_225_600, ttl=60)
     assert creds.username == "1767225660:bob"
     msg = m.Registered("bob", "A" * 20, turn=creds)
@@ -85,7 +87,7 @@ def test_turn_member_round_trips_and_is_checked():
 
 
 @pytest.fixture
-def turn_issuing(monkeypatch, turn):
+def turn_issuing(monkeypatch: pytest.MonkeyPatch, turn: LocalTurn) -> LocalTurn:
     """Signaling servers made from now on issue TURN credentials for ``turn``.
 
     Requested before ``lab`` (tests/test_call_session.py), it makes the lab's server do so.
@@ -102,7 +104,7 @@ def turn_issuing(monkeypatch, turn):
 
 
 @pytest.mark.slow
-async def test_a_hybrid_call_uses_the_issued_turn_server(turn_issuing, lab):  # noqa: F811
+async def test_a_hybrid_call_uses_the_issued_turn_server(turn_issuing: LocalTurn, lab: Lab) -> None:  # noqa: F811
     from qcall.call.session import CallOptions
     from tests.test_call_session import connect
 
@@ -121,9 +123,9 @@ async def test_a_hybrid_call_uses_the_issued_turn_server(turn_issuing, lab):  # 
 
 @pytest.mark.slow
 async def test_relay_policy_sends_media_through_turn_and_the_report_says_so(
-    turn_issuing,
-    lab,  # noqa: F811
-):
+    turn_issuing: LocalTurn,
+    lab: Lab,  # noqa: F811
+) -> None:
     from qcall.call.session import CallOptions
     from tests.test_call_session import connect
 
@@ -135,10 +137,12 @@ async def test_relay_policy_sends_media_through_turn_and_the_report_says_so(
         await session.refresh_stats()
         ice = session.status.as_dict()["ice"]
         assert ice["local_candidate_type"] == ice["remote_candidate_type"] == "relay", ice
+        assert session.status.ice is not None and session.pc is not None  # for mypy
         assert ice["policy"] == "relay" and session.status.ice.relayed
         gatherer = session.pc.getTransceivers()[0].sender.transport.transport.iceGatherer
         assert {c.type for c in gatherer.getLocalCandidates()} == {"relay"}  # nothing else
     # Each side sends to the other's allocation on the TURN server.
+    assert caller.status.ice is not None and callee.status.ice is not None  # for mypy
     assert caller.status.ice.remote_address == callee.status.ice.local_address
     assert caller.status.ice.local_address == callee.status.ice.remote_address
     await caller.hangup()

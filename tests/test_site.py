@@ -196,9 +196,11 @@ async def test_hostile_peer_bytes_and_a_wrong_hello_leave_the_site_serving(
             await writer.drain()
             assert await asyncio.wait_for(reader.read(), TIMEOUT)  # its Hello, then EOF
             writer.close()
-            await a.wait_for(
-                lambda r=reason: r in (a.status()["split_link"]["error"] or ""), TIMEOUT
-            )
+
+            def refused(r: str = reason) -> bool:
+                return r in (a.status()["split_link"]["error"] or "")
+
+            await a.wait_for(refused, TIMEOUT)
         assert not a.status()["split_link"]["connected"]
         # The real other site still gets through.
         async with NetworkSite.start(
@@ -239,7 +241,7 @@ async def test_the_other_site_must_present_its_kme_certificate(
 
 
 def test_constructor_checks(bundle: Path, tmp_path: Path) -> None:
-    files = {"pki_dir": bundle / "pki", "psk_file": bundle / "split.psk"}
+    files: dict[str, Any] = {"pki_dir": bundle / "pki", "psk_file": bundle / "split.psk"}
     site = NetworkSite("beijing-hefei", SPLIT, "Hefei", tmp_path / "b",
                        connect=("127.0.0.1", 1), **files)  # fmt: skip
     assert site.peer_kme == "KME-Beijing" and site.identity_kme == "KME-Hefei"

@@ -7,7 +7,12 @@ import os
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aiortc import MediaStreamTrack, RTCPeerConnection
+
+    from qcall.call.media import TrackSink
 
 #: Multiply every timeout by this on slow machines.
 TIMEOUT_FACTOR = float(os.environ.get("QCALL_TESTS_TIMEOUT_FACTOR", "1"))
@@ -35,7 +40,9 @@ def stop_processes(procs: Iterable[subprocess.Popen[Any]], grace: float = 10.0) 
                 proc.wait()
 
 
-async def connect_peers(caller: Any, callee: Any, sink: Any) -> None:
+async def connect_peers(
+    caller: RTCPeerConnection, callee: RTCPeerConnection, sink: TrackSink
+) -> None:
     """Connect two in-process ``RTCPeerConnection`` s; ``sink`` takes the callee's track.
 
     The caller's tracks and hooks must be in place; the sink is started as soon
@@ -46,7 +53,7 @@ async def connect_peers(caller: Any, callee: Any, sink: Any) -> None:
     received = asyncio.Event()
 
     @callee.on("track")
-    def on_track(track: Any) -> None:
+    def on_track(track: MediaStreamTrack) -> None:
         sink.addTrack(track)
         received.set()
 
