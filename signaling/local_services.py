@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from qcall.exceptions import ServiceError
 
@@ -189,7 +190,7 @@ class LocalService:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> LocalService:
+    def __enter__(self) -> Self:
         self.start()
         return self
 

@@ -49,7 +49,6 @@ def test_turnserver_answers_stun_and_hides_its_secret() -> None:
     if shutil.which("turnserver") is None:
         pytest.skip("turnserver is not installed here (apt-get install coturn)")
     with LocalTurn("s3cret-for-test") as turn:
-        assert isinstance(turn, LocalTurn)
         assert turn.proc is not None and isinstance(turn.proc.args, list)  # an argv
         assert "s3cret-for-test" not in " ".join(map(str, turn.proc.args))
         txid = os.urandom(12)
