@@ -84,7 +84,8 @@ from qcall.messaging.client import MessagingClient  # noqa: E402
 from qcall.messaging.ratchet import QKDPolicy  # noqa: E402
 from qcall.messaging.store import ClientStore  # noqa: E402
 from qcall.messaging.transport import SignalingTransport  # noqa: E402
-from qcall.qkd.client import KeySource, QKDKey  # noqa: E402
+from qcall.qkd.client import KeySource  # noqa: E402
+from qcall.qkd.etsi014 import QKDKey  # noqa: E402
 from qcall.qkd.keyfile import KeyFileSource, create_key_files  # noqa: E402
 from qcall.signaling.client import SignalingClient  # noqa: E402
 
@@ -205,10 +206,10 @@ async def receive_loop(
         else:
             if transport.fetch_needed:
                 pushed += await transport.fetch(0, 500)
-            fresh = {e.id: e for e in pushed if e.id not in ids}
+            fresh = {env.id: env for env in pushed if env.id not in ids}
             ids.update(fresh)
-            for e in fresh.values():
-                seen(e.data)
+            for env in fresh.values():
+                seen(env.data)
             got += len(fresh)
             if fresh:
                 await transport.ack(list(fresh))
@@ -339,9 +340,9 @@ def percentile(values: list[float], q: float) -> float:
 async def file_transfer(url: str, directory: Path, size_mb: int, tag: str) -> dict[str, float]:
     """MB/s for one file: encrypted (send_file → FileReceived) vs plain chunks."""
     path = directory / f"{tag}.bin"
-    with path.open("wb") as f:
+    with path.open("wb") as out:
         for _ in range(size_mb):
-            f.write(os.urandom(1 << 20))
+            out.write(os.urandom(1 << 20))
     max_size = size_mb << 21
     alice = await make_peer(url, directory, f"{tag}fa", max_file_size=max_size)
     bob = await make_peer(url, directory, f"{tag}fb", max_file_size=max_size)

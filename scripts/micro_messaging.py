@@ -115,7 +115,7 @@ def make_client(mailbox: Mailbox, directory: Path, name: str) -> MessagingClient
     return MessagingClient(
         identity,
         ClientStore(home / "messages.db", identity.signing_key.seed_bytes()),
-        MemoryTransport(mailbox, name),  # type: ignore[arg-type]
+        MemoryTransport(mailbox, name),
         ContactStore(home / "contacts.json"),
         config=ClientConfig(one_time_prekeys=5, low_water=1),
     )
