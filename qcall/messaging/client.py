@@ -41,7 +41,6 @@ envelope is acknowledged; nothing else is lost.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import os
@@ -101,7 +100,7 @@ from qcall.messaging.session import (
     respond,
 )
 from qcall.messaging.state import SessionState
-from qcall.messaging.store import ClientStore, HistoryEntry, OutboxEntry
+from qcall.messaging.store import ClientStore, HistoryEntry
 from qcall.messaging.transfer import FileTransfers, Progress
 from qcall.qkd.client import KeySource
 
@@ -121,9 +120,9 @@ class _BatchBreak(Exception):  # noqa: N818 (control flow, never seen outside de
 _DIRECT = (MessageType.PREKEY, MessageType.RATCHET, MessageType.RATCHET_SHORT)
 
 
-def _client_ref(entry: OutboxEntry) -> bytes:
+def _client_ref(recipient: str, envelope: bytes) -> bytes:
     """The idempotency key of an outbox entry: the same envelope, the same ref (§12)."""
-    return hashlib.sha256(entry.recipient.encode() + b"\0" + entry.envelope).digest()[:16]
+    return hashlib.sha256(recipient.encode() + b"\0" + envelope).digest()[:16]
 
 
 def _is_chunk(envelope: Envelope) -> bool:
@@ -338,24 +337,25 @@ class MessagingClient(GroupOps):
         with the same envelope id without storing it twice.
         """
         # Only the entries above _flushed are read: those below were all sent (ids only grow).
-        entries = [e for e in self.store.outbox(self._flushed) if e.id not in self._sent]
-        window = max(1, self.config.send_window)
+        acked = self._sent
+        entries = [e for e in self.store.outbox_rows(self._flushed) if e[0] not in acked]
+        window, send = max(1, self.config.send_window), self.transport.send
         for start in range(0, len(entries), window):
             part = entries[start : start + window]
             results = await asyncio.gather(
-                *(self.transport.send(e.recipient, e.envelope, _client_ref(e)) for e in part),
+                *(send(to, data, _client_ref(to, data)) for _, to, data in part),
                 return_exceptions=True,
             )
             failed = None
-            for entry, result in zip(part, results, strict=True):
+            for (entry_id, _, _), result in zip(part, results, strict=True):
                 if isinstance(result, BaseException):
                     failed = failed or result
                 else:
-                    self._sent.add(entry.id)
+                    acked.add(entry_id)
             if failed is not None:
                 raise failed
         if entries:
-            self._flushed = max(self._flushed, entries[-1].id)
+            self._flushed = max(self._flushed, entries[-1][0])
         if len(self._sent) >= _SENT_BATCH:
             sent = list(self._sent)
             with self.store.transaction():
@@ -586,11 +586,12 @@ class MessagingClient(GroupOps):
         # row, joins the batch's others, written in one statement at its end (or before
         # any other history row, to keep their order); if that fails, the whole batch
         # rolls back and nothing of it is acknowledged.
-        plain_text = batch is not None and init is None and not refs
-        plain_text = plain_text and content.kind is ContentKind.TEXT
-        if not plain_text:
-            self._write_received()
-        with contextlib.nullcontext() if plain_text else self.store.transaction():
+        if batch is not None and init is None and not refs and content.kind is ContentKind.TEXT:
+            events = self._apply_content(session, content, body, envelope.id, now, defer=True)
+            self._marks.append(envelope.id)  # with the batch's session (process_batch)
+            return events
+        self._write_received()
+        with self.store.transaction():
             if batch is None or init is not None:
                 self.store.save_session(session.state, now)
             if init is not None and th_init:
@@ -599,11 +600,8 @@ class MessagingClient(GroupOps):
                 if opk_used:
                     self.store.consume_one_time_prekey(opk_used, now)
             self.store.delete_qkd_keys([r.key_id for r in refs])
-            events = self._apply_content(session, content, body, envelope.id, now, plain_text)
-            if plain_text:
-                self._marks.append(envelope.id)  # with the batch's session (process_batch)
-            else:
-                self.store.mark_processed(envelope.id, now)
+            events = self._apply_content(session, content, body, envelope.id, now)
+            self.store.mark_processed(envelope.id, now)
         if batch is not None and init is not None:  # written above with its set-up rows
             batch.pop(session.session_id, None)
             batch[session.session_id] = session

@@ -197,12 +197,15 @@ class Session:
         :meth:`decrypt` then says why).
         """
         s = self.state
-        n, g = message.chain
-        refs: list[QKDRef | None] = []
-        if n > s.recv_epoch and n == s.epoch + 1 and not message.compact:
-            refs = [message.epoch_qkd, message.generation_qkd]
-        elif n == s.recv_epoch and g not in s.recv_generations_seen:
+        n = message.epoch
+        if n == s.recv_epoch:
+            if message.generation in s.recv_generations_seen:
+                return []  # the common case: its chain is open (or closed: decrypt says so)
             refs = [message.generation_qkd]
+        elif n > s.recv_epoch and n == s.epoch + 1 and not message.compact:
+            refs = [message.epoch_qkd, message.generation_qkd]
+        else:
+            return []
         return [ref for ref in refs if ref is not None]
 
     # --- sending ------------------------------------------------------------------------

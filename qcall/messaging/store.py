@@ -632,6 +632,13 @@ class ClientStore(GroupAndTransferTables):
         )
         return [OutboxEntry(int(r[0]), r[1], bytes(r[2]), int(r[3])) for r in rows.fetchall()]
 
+    def outbox_rows(self, after: int = 0) -> list[tuple[int, str, bytes]]:
+        """:meth:`outbox` as ``(id, recipient, envelope)`` tuples (what a flush needs)."""
+        rows = self._exec(
+            "SELECT id, recipient, envelope FROM outbox WHERE id > ? ORDER BY id", (after,)
+        )
+        return rows.fetchall()  # (INTEGER, TEXT and BLOB columns: int, str and bytes)
+
     def add_outboxes(self, recipient: str, envelopes: list[bytes], now: float) -> None:
         """:meth:`add_outbox` for a burst (one statement)."""
         self._many(
