@@ -125,11 +125,12 @@ def _client_ref(recipient: str, envelope: bytes) -> bytes:
     return hashlib.sha256(recipient.encode() + b"\0" + envelope).digest()[:16]
 
 
-def _is_chunk(envelope: Envelope) -> bool:
+def _type_of(envelope: Envelope) -> MessageType | None:
+    """The envelope's type, ``None`` if it has none (:meth:`MessagingClient.process` says so)."""
     try:
-        return message_type(envelope.data) is MessageType.FILE_CHUNK
+        return message_type(envelope.data)
     except MessageFormatError:
-        return False
+        return None
 
 
 class MessagingClient(GroupOps):
@@ -485,10 +486,14 @@ class MessagingClient(GroupOps):
                 self._batching, self._batch = True, {}
                 try:
                     for envelope in todo:
-                        chunk = _is_chunk(envelope)
+                        kind = _type_of(envelope)
+                        chunk = kind is MessageType.FILE_CHUNK
                         if chunk and done:
                             break
-                        events += await self.process(envelope)
+                        out = None
+                        if kind is MessageType.RATCHET_SHORT or kind is MessageType.RATCHET:
+                            out = self._process_ratchet(envelope)  # (None: it needs a KME)
+                        events += await self.process(envelope) if out is None else out
                         done += 1
                         if chunk:
                             break
@@ -530,18 +535,52 @@ class MessagingClient(GroupOps):
             else:
                 raise MessageFormatError(f"envelope of type {kind.name} not handled here")
         except PendingError as pending:
-            with self.store.transaction():
-                self.store.add_pending(
-                    envelope.id, envelope.sender, envelope.data, str(pending.args[0]), self.clock()
-                )
-                self.store.mark_processed(envelope.id, self.clock())
-            return [MessagePending(envelope.sender, envelope.id, str(pending.args[0]))]
+            return self._kept(envelope, pending)
         except (MessagingError, QCallError) as exc:
-            logger.warning("! envelope %d from %s rejected: %s", envelope.id, envelope.sender, exc)
-            with self.store.transaction():
-                self.store.mark_processed(envelope.id, self.clock())
-            return [MessageRejected(envelope.sender, envelope.id, exc)]
+            return self._rejected(envelope, exc)
         return events
+
+    def _process_ratchet(self, envelope: Envelope) -> list[Event] | None:
+        """:meth:`process` of a ratchet message (type 2 or 5) of a batch, without awaiting
+        anything: the same steps, results and errors. ``None`` (nothing done): it needs a
+        QKD key, so it goes through :meth:`process`."""
+        try:
+            now = self.clock()
+            message, session = self._ratchet_session(envelope)
+            if session.qkd_refs_needed(message):
+                return None
+            return self._open_direct(envelope, now, message, session)
+        except PendingError as pending:
+            return self._kept(envelope, pending)
+        except (MessagingError, QCallError) as exc:
+            return self._rejected(envelope, exc)
+
+    def _kept(self, envelope: Envelope, pending: PendingError) -> list[Event]:
+        """Keep an envelope for later (:meth:`retry_pending`), in its own savepoint."""
+        with self.store.transaction():
+            self.store.add_pending(
+                envelope.id, envelope.sender, envelope.data, str(pending.args[0]), self.clock()
+            )
+            self.store.mark_processed(envelope.id, self.clock())
+        return [MessagePending(envelope.sender, envelope.id, str(pending.args[0]))]
+
+    def _rejected(self, envelope: Envelope, exc: MessagingError | QCallError) -> list[Event]:
+        """Bad input: shown as rejected, recorded as processed (its own savepoint)."""
+        logger.warning("! envelope %d from %s rejected: %s", envelope.id, envelope.sender, exc)
+        with self.store.transaction():
+            self.store.mark_processed(envelope.id, self.clock())
+        return [MessageRejected(envelope.sender, envelope.id, exc)]
+
+    def _ratchet_session(self, envelope: Envelope) -> tuple[RatchetMessage, Session]:
+        """A ratchet message (type 2 or 5) parsed, and its session."""
+        message = RatchetMessage.parse(envelope.data)
+        session = self._stored_session(message.session_id)
+        if session is None:
+            raise UnknownSessionError(
+                f"message from {envelope.sender} for an unknown session "
+                f"{message.session_id.hex()[:8]}"
+            )
+        return message, session
 
     async def _process_direct(self, envelope: Envelope, kind: MessageType) -> list[Event]:
         now = self.clock()
@@ -555,14 +594,7 @@ class MessagingClient(GroupOps):
             if message.compact:
                 raise MessageFormatError("prekey message: its inner message must be full")
         else:
-            message = RatchetMessage.parse(envelope.data)
-            stored = self._stored_session(message.session_id)
-            if stored is None:
-                raise UnknownSessionError(
-                    f"message from {envelope.sender} for an unknown session "
-                    f"{message.session_id.hex()[:8]}"
-                )
-            session = stored
+            message, session = self._ratchet_session(envelope)
         refs = session.qkd_refs_needed(message)
         try:
             keys = await self._qkd_keys(refs) if refs else {}
@@ -570,6 +602,23 @@ class MessagingClient(GroupOps):
             if isinstance(exc, KeyNotFoundError):
                 raise
             raise PendingError(f"QKD key not available yet: {exc}") from exc
+        return self._open_direct(
+            envelope, now, message, session, keys, refs, init, th_init, opk_used
+        )
+
+    def _open_direct(
+        self,
+        envelope: Envelope,
+        now: float,
+        message: RatchetMessage,
+        session: Session,
+        keys: dict[str, bytes] | None = None,
+        refs: Sequence[QKDRef] = (),
+        init: PrekeyMessage | None = None,
+        th_init: bytes = b"",
+        opk_used: int = 0,
+    ) -> list[Event]:
+        """The rest of :meth:`_process_direct`, once any QKD key it needs is here."""
         try:
             plaintext = session.decrypt(message, now, keys)
         except EpochNotOpenError as exc:  # its epoch's full message is still to come
