@@ -64,7 +64,7 @@ def test_the_one_step_parse_gives_the_general_result():
             RatchetMessage.parse(bad)
 
 
-def test_the_objects_built_without_init_are_the_constructors():
+def test_the_objects_built_without_init_are_the_constructors() -> None:
     """The one-step parsers and Content.text_message skip the frozen __init__: the object
     is the one the constructor builds (fields, equality, hash, repr)."""
     built = RatchetMessage(

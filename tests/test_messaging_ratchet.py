@@ -338,7 +338,7 @@ def test_a_short_message_cannot_pass_for_a_full_one_or_carry_epoch_fields():
     assert b.decrypt(parsed, NOW) == b"c1"
 
 
-def test_the_next_message_fast_path_gives_the_general_result():
+def test_the_next_message_fast_path_gives_the_general_result() -> None:
     """decrypt's one-step case (the next message of an open chain) changes the state exactly
     as the general path does: the same messages opened in order (mostly one-step) and in a
     shuffled order (skipped keys, the general path) end in the very same state bytes."""
