@@ -583,6 +583,13 @@ class AES256GCM:
             raise ValueError(f"AES-GCM nonce must be {AEAD_NONCE_LEN} bytes")
         return bytes(self._aead.encrypt(bytes(nonce), bytes(plaintext), bytes(associated_data)))
 
+    def seal_prefixed(self, nonce: bytes, plaintext: bytes, associated_data: bytes) -> bytes:
+        """``nonce ‖ seal(nonce, plaintext, associated_data)``: the same checks and bytes,
+        for arguments that are ``bytes`` already (a store's rows: no copies)."""
+        if len(nonce) != AEAD_NONCE_LEN:
+            raise ValueError(f"AES-GCM nonce must be {AEAD_NONCE_LEN} bytes")
+        return nonce + self._aead.encrypt(nonce, plaintext, associated_data)
+
     def open(self, nonce: bytes, ciphertext: bytes, associated_data: bytes) -> bytes | None:
         """Decrypt ``ciphertext ‖ tag``; ``None`` if the tag does not verify (never raises)."""
         if len(nonce) != AEAD_NONCE_LEN or len(ciphertext) < AEAD_TAG_LEN:

@@ -4,6 +4,7 @@ result: whatever parses re-encodes to the very same bytes, anything else is a ty
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import pytest
@@ -61,6 +62,25 @@ def test_the_one_step_parse_gives_the_general_result():
     ]:
         with pytest.raises(MessageFormatError, match=what):
             RatchetMessage.parse(bad)
+
+
+def test_the_objects_built_without_init_are_the_constructors() -> None:
+    """The one-step parsers and Content.text_message skip the frozen __init__: the object
+    is the one the constructor builds (fields, equality, hash, repr)."""
+    built = RatchetMessage(
+        bytes(range(16)), 3, 0, 7, 0, 0, b"", b"", None, None, b"\x5a" * 80, compact=True
+    )
+    parsed = RatchetMessage.parse(SHORT)
+    assert parsed == built and hash(parsed) == hash(built) and repr(parsed) == repr(built)
+    assert dataclasses.asdict(parsed) == dataclasses.asdict(built)
+    content = Content(ContentKind.TEXT, bytes(range(16)), 1_767_225_600_000, text="héllo")
+    decoded = Content.decode(TEXT)
+    assert decoded == content and hash(decoded) == hash(content) and repr(decoded) == repr(content)
+    assert dataclasses.asdict(decoded) == dataclasses.asdict(content)
+    new = Content.text_message("hi", 1.5)
+    assert new == Content(ContentKind.TEXT, new.message_id, 1500, text="hi")
+    with pytest.raises(MessageTooLargeError):
+        Content.text_message("é" * (MAX_TEXT_BYTES // 2 + 1), 1.5)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -41,7 +41,6 @@ envelope is acknowledged; nothing else is lost.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import os
@@ -101,7 +100,7 @@ from qcall.messaging.session import (
     respond,
 )
 from qcall.messaging.state import SessionState
-from qcall.messaging.store import ClientStore, HistoryEntry, OutboxEntry
+from qcall.messaging.store import ClientStore, HistoryEntry
 from qcall.messaging.transfer import FileTransfers, Progress
 from qcall.qkd.client import KeySource
 
@@ -121,16 +120,17 @@ class _BatchBreak(Exception):  # noqa: N818 (control flow, never seen outside de
 _DIRECT = (MessageType.PREKEY, MessageType.RATCHET, MessageType.RATCHET_SHORT)
 
 
-def _client_ref(entry: OutboxEntry) -> bytes:
+def _client_ref(recipient: str, envelope: bytes) -> bytes:
     """The idempotency key of an outbox entry: the same envelope, the same ref (§12)."""
-    return hashlib.sha256(entry.recipient.encode() + b"\0" + entry.envelope).digest()[:16]
+    return hashlib.sha256(recipient.encode() + b"\0" + envelope).digest()[:16]
 
 
-def _is_chunk(envelope: Envelope) -> bool:
+def _type_of(envelope: Envelope) -> MessageType | None:
+    """The envelope's type, ``None`` if it has none (:meth:`MessagingClient.process` says so)."""
     try:
-        return message_type(envelope.data) is MessageType.FILE_CHUNK
+        return message_type(envelope.data)
     except MessageFormatError:
-        return False
+        return None
 
 
 class MessagingClient(GroupOps):
@@ -338,24 +338,25 @@ class MessagingClient(GroupOps):
         with the same envelope id without storing it twice.
         """
         # Only the entries above _flushed are read: those below were all sent (ids only grow).
-        entries = [e for e in self.store.outbox(self._flushed) if e.id not in self._sent]
-        window = max(1, self.config.send_window)
+        acked = self._sent
+        entries = [e for e in self.store.outbox_rows(self._flushed) if e[0] not in acked]
+        window, send = max(1, self.config.send_window), self.transport.send
         for start in range(0, len(entries), window):
             part = entries[start : start + window]
             results = await asyncio.gather(
-                *(self.transport.send(e.recipient, e.envelope, _client_ref(e)) for e in part),
+                *(send(to, data, _client_ref(to, data)) for _, to, data in part),
                 return_exceptions=True,
             )
             failed = None
-            for entry, result in zip(part, results, strict=True):
+            for (entry_id, _, _), result in zip(part, results, strict=True):
                 if isinstance(result, BaseException):
                     failed = failed or result
                 else:
-                    self._sent.add(entry.id)
+                    acked.add(entry_id)
             if failed is not None:
                 raise failed
         if entries:
-            self._flushed = max(self._flushed, entries[-1].id)
+            self._flushed = max(self._flushed, entries[-1][0])
         if len(self._sent) >= _SENT_BATCH:
             sent = list(self._sent)
             with self.store.transaction():
@@ -485,10 +486,14 @@ class MessagingClient(GroupOps):
                 self._batching, self._batch = True, {}
                 try:
                     for envelope in todo:
-                        chunk = _is_chunk(envelope)
+                        kind = _type_of(envelope)
+                        chunk = kind is MessageType.FILE_CHUNK
                         if chunk and done:
                             break
-                        events += await self.process(envelope)
+                        out = None
+                        if kind is MessageType.RATCHET_SHORT or kind is MessageType.RATCHET:
+                            out = self._process_ratchet(envelope)  # (None: it needs a KME)
+                        events += await self.process(envelope) if out is None else out
                         done += 1
                         if chunk:
                             break
@@ -530,18 +535,52 @@ class MessagingClient(GroupOps):
             else:
                 raise MessageFormatError(f"envelope of type {kind.name} not handled here")
         except PendingError as pending:
-            with self.store.transaction():
-                self.store.add_pending(
-                    envelope.id, envelope.sender, envelope.data, str(pending.args[0]), self.clock()
-                )
-                self.store.mark_processed(envelope.id, self.clock())
-            return [MessagePending(envelope.sender, envelope.id, str(pending.args[0]))]
+            return self._kept(envelope, pending)
         except (MessagingError, QCallError) as exc:
-            logger.warning("! envelope %d from %s rejected: %s", envelope.id, envelope.sender, exc)
-            with self.store.transaction():
-                self.store.mark_processed(envelope.id, self.clock())
-            return [MessageRejected(envelope.sender, envelope.id, exc)]
+            return self._rejected(envelope, exc)
         return events
+
+    def _process_ratchet(self, envelope: Envelope) -> list[Event] | None:
+        """:meth:`process` of a ratchet message (type 2 or 5) of a batch, without awaiting
+        anything: the same steps, results and errors. ``None`` (nothing done): it needs a
+        QKD key, so it goes through :meth:`process`."""
+        try:
+            now = self.clock()
+            message, session = self._ratchet_session(envelope)
+            if session.qkd_refs_needed(message):
+                return None
+            return self._open_direct(envelope, now, message, session)
+        except PendingError as pending:
+            return self._kept(envelope, pending)
+        except (MessagingError, QCallError) as exc:
+            return self._rejected(envelope, exc)
+
+    def _kept(self, envelope: Envelope, pending: PendingError) -> list[Event]:
+        """Keep an envelope for later (:meth:`retry_pending`), in its own savepoint."""
+        with self.store.transaction():
+            self.store.add_pending(
+                envelope.id, envelope.sender, envelope.data, str(pending.args[0]), self.clock()
+            )
+            self.store.mark_processed(envelope.id, self.clock())
+        return [MessagePending(envelope.sender, envelope.id, str(pending.args[0]))]
+
+    def _rejected(self, envelope: Envelope, exc: MessagingError | QCallError) -> list[Event]:
+        """Bad input: shown as rejected, recorded as processed (its own savepoint)."""
+        logger.warning("! envelope %d from %s rejected: %s", envelope.id, envelope.sender, exc)
+        with self.store.transaction():
+            self.store.mark_processed(envelope.id, self.clock())
+        return [MessageRejected(envelope.sender, envelope.id, exc)]
+
+    def _ratchet_session(self, envelope: Envelope) -> tuple[RatchetMessage, Session]:
+        """A ratchet message (type 2 or 5) parsed, and its session."""
+        message = RatchetMessage.parse(envelope.data)
+        session = self._stored_session(message.session_id)
+        if session is None:
+            raise UnknownSessionError(
+                f"message from {envelope.sender} for an unknown session "
+                f"{message.session_id.hex()[:8]}"
+            )
+        return message, session
 
     async def _process_direct(self, envelope: Envelope, kind: MessageType) -> list[Event]:
         now = self.clock()
@@ -555,14 +594,7 @@ class MessagingClient(GroupOps):
             if message.compact:
                 raise MessageFormatError("prekey message: its inner message must be full")
         else:
-            message = RatchetMessage.parse(envelope.data)
-            stored = self._stored_session(message.session_id)
-            if stored is None:
-                raise UnknownSessionError(
-                    f"message from {envelope.sender} for an unknown session "
-                    f"{message.session_id.hex()[:8]}"
-                )
-            session = stored
+            message, session = self._ratchet_session(envelope)
         refs = session.qkd_refs_needed(message)
         try:
             keys = await self._qkd_keys(refs) if refs else {}
@@ -570,6 +602,23 @@ class MessagingClient(GroupOps):
             if isinstance(exc, KeyNotFoundError):
                 raise
             raise PendingError(f"QKD key not available yet: {exc}") from exc
+        return self._open_direct(
+            envelope, now, message, session, keys, refs, init, th_init, opk_used
+        )
+
+    def _open_direct(
+        self,
+        envelope: Envelope,
+        now: float,
+        message: RatchetMessage,
+        session: Session,
+        keys: dict[str, bytes] | None = None,
+        refs: Sequence[QKDRef] = (),
+        init: PrekeyMessage | None = None,
+        th_init: bytes = b"",
+        opk_used: int = 0,
+    ) -> list[Event]:
+        """The rest of :meth:`_process_direct`, once any QKD key it needs is here."""
         try:
             plaintext = session.decrypt(message, now, keys)
         except EpochNotOpenError as exc:  # its epoch's full message is still to come
@@ -586,11 +635,12 @@ class MessagingClient(GroupOps):
         # row, joins the batch's others, written in one statement at its end (or before
         # any other history row, to keep their order); if that fails, the whole batch
         # rolls back and nothing of it is acknowledged.
-        plain_text = batch is not None and init is None and not refs
-        plain_text = plain_text and content.kind is ContentKind.TEXT
-        if not plain_text:
-            self._write_received()
-        with contextlib.nullcontext() if plain_text else self.store.transaction():
+        if batch is not None and init is None and not refs and content.kind is ContentKind.TEXT:
+            events = self._apply_content(session, content, body, envelope.id, now, defer=True)
+            self._marks.append(envelope.id)  # with the batch's session (process_batch)
+            return events
+        self._write_received()
+        with self.store.transaction():
             if batch is None or init is not None:
                 self.store.save_session(session.state, now)
             if init is not None and th_init:
@@ -599,11 +649,8 @@ class MessagingClient(GroupOps):
                 if opk_used:
                     self.store.consume_one_time_prekey(opk_used, now)
             self.store.delete_qkd_keys([r.key_id for r in refs])
-            events = self._apply_content(session, content, body, envelope.id, now, plain_text)
-            if plain_text:
-                self._marks.append(envelope.id)  # with the batch's session (process_batch)
-            else:
-                self.store.mark_processed(envelope.id, now)
+            events = self._apply_content(session, content, body, envelope.id, now)
+            self.store.mark_processed(envelope.id, now)
         if batch is not None and init is not None:  # written above with its set-up rows
             batch.pop(session.session_id, None)
             batch[session.session_id] = session

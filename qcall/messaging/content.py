@@ -171,7 +171,9 @@ class Content:
     @classmethod
     def text_message(cls, text: str, now: float) -> Content:
         """A new text message (raises :class:`MessageTooLargeError` over the limit)."""
-        return cls(ContentKind.TEXT, new_message_id(), int(now * 1000), text=text)
+        if len(text) * 4 > MAX_TEXT_BYTES:  # __post_init__ checks the size
+            return cls(ContentKind.TEXT, new_message_id(), int(now * 1000), text=text)
+        return _text_content(cls, new_message_id(), int(now * 1000), text)
 
     def serialize(self) -> bytes:
         if self.kind is ContentKind.TEXT:  # the common case, in one step (same bytes)
@@ -206,7 +208,9 @@ class Content:
             if n <= MAX_TEXT_BYTES and len(data) == _TEXT_AT + n:
                 with contextlib.suppress(UnicodeDecodeError):  # (the general path says so)
                     text = data[_TEXT_AT:].decode("utf-8")
-                    return cls(ContentKind.TEXT, message_id, sent_ms, text=text)
+                    # Nothing for __post_init__ to refuse: a 16-byte id, a text of n <=
+                    # MAX_TEXT_BYTES bytes, no body or receipts; so no frozen __init__.
+                    return _text_content(cls, message_id, sent_ms, text)
         r = Reader(data, "message content")
         kind = ContentKind(r.choice("kind", _KINDS))
         message_id = r.raw(MESSAGE_ID_LEN, "message_id")
@@ -231,3 +235,16 @@ class Content:
 
     def __repr__(self) -> str:
         return f"<Content {self.kind.name} {self.message_id.hex()[:8]}>"
+
+
+def _text_content(cls: type[Content], message_id: bytes, sent_ms: int, text: str) -> Content:
+    """``cls(TEXT, message_id, sent_ms, text=text)`` for arguments its checks accept:
+    a 16-byte ``message_id`` and a text of at most ``MAX_TEXT_BYTES // 4`` characters
+    or ``MAX_TEXT_BYTES`` UTF-8 bytes. The same object, without the frozen dataclass's
+    ``__init__`` (a text of every message goes through here twice)."""
+    out = object.__new__(cls)
+    out.__dict__.update(
+        kind=ContentKind.TEXT, message_id=message_id, sent_ms=sent_ms, text=text, body=b"",
+        status=None, receipts=(), sender_key=None,
+    )  # fmt: skip
+    return out

@@ -197,6 +197,7 @@ _BLOCK = 128
 _IPAD = bytes(x ^ 0x36 for x in range(256))  # translate tables: key XOR ipad / opad
 _OPAD = bytes(x ^ 0x5C for x in range(256))
 _sha384 = hashlib.sha384
+_new_key = object.__new__
 
 
 def chain_step(chain_key: bytes) -> tuple[MessageKey, bytes]:
@@ -217,7 +218,9 @@ def chain_step(chain_key: bytes) -> tuple[MessageKey, bytes]:
     outer.update(inner.digest())
     outer_next.update(inner_next.digest())
     mk = outer.digest()
-    return MessageKey(mk[:_AEAD_KEY_LEN], mk[_AEAD_KEY_LEN:MESSAGE_KEY_LEN]), outer_next.digest()
+    out = _new_key(MessageKey)  # MessageKey(key, nonce), without the frozen __init__
+    out.__dict__.update(key=mk[:_AEAD_KEY_LEN], nonce=mk[_AEAD_KEY_LEN:MESSAGE_KEY_LEN])
+    return out, outer_next.digest()
 
 
 # --- §10 the client store key --------------------------------------------------------------

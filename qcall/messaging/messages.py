@@ -274,8 +274,21 @@ class RatchetMessage:
             if n <= MAX_CIPHERTEXT and len(data) == _SHORT_CT + 4 + n:
                 _, _, sid, n_, g, i, pg, pl = _RATCHET_FIXED.unpack_from(data)
                 ct = bytes(data[_SHORT_CT + 4 :])
+                header = bytes(data[:_SHORT_CT])
+                if n_ >= 1 and g == 0 and n >= pqc.AEAD_TAG_LEN:
+                    # What __post_init__ checks and this layout does not already ensure
+                    # (a 16-byte session_id, no ek/ct/epoch_qkd, n <= MAX_CIPHERTEXT), so
+                    # the object is built without the frozen dataclass's __init__ (same
+                    # fields; otherwise the constructor below raises its error).
+                    out = object.__new__(cls)
+                    out.__dict__.update(
+                        session_id=sid, epoch=n_, generation=g, index=i, prev_generation=pg,
+                        prev_length=pl, ratchet_key=b"", kem_ciphertext=b"", epoch_qkd=None,
+                        generation_qkd=None, ciphertext=ct, compact=True, _header=header,
+                    )  # fmt: skip
+                    return out
                 out = cls(sid, n_, g, i, pg, pl, b"", b"", None, None, ct, compact=True)
-                object.__setattr__(out, "_header", bytes(data[:_SHORT_CT]))
+                object.__setattr__(out, "_header", header)
                 return out
         r = Reader(data, "short ratchet message" if compact else "ratchet message")
         _, _, sid, *numbers = r.unpack(_RATCHET_FIXED, "session_id…prev_length")

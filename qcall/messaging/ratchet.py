@@ -197,12 +197,15 @@ class Session:
         :meth:`decrypt` then says why).
         """
         s = self.state
-        n, g = message.chain
-        refs: list[QKDRef | None] = []
-        if n > s.recv_epoch and n == s.epoch + 1 and not message.compact:
-            refs = [message.epoch_qkd, message.generation_qkd]
-        elif n == s.recv_epoch and g not in s.recv_generations_seen:
+        n = message.epoch
+        if n == s.recv_epoch:
+            if message.generation in s.recv_generations_seen:
+                return []  # the common case: its chain is open (or closed: decrypt says so)
             refs = [message.generation_qkd]
+        elif n > s.recv_epoch and n == s.epoch + 1 and not message.compact:
+            refs = [message.epoch_qkd, message.generation_qkd]
+        else:
+            return []
         return [ref for ref in refs if ref is not None]
 
     # --- sending ------------------------------------------------------------------------
@@ -318,6 +321,30 @@ class Session:
                 f"message for another session ({message.session_id.hex()[:8]})"
             )
         n, g, i = message.epoch, message.generation, message.index
+        chain = s.recv_chains.get(g) if n == s.recv_epoch and n > 0 else None
+        if (
+            chain is not None
+            and i == chain.next_index
+            and (n, g, i) not in s.skipped
+            and self.limits.max_skip >= 0
+        ):
+            # The common case: the next message of an open chain. The same steps and
+            # result as the general path below (no skipped key, no chain opened or closed,
+            # no key kept), without building its plan.
+            key_i, key = chain_step(chain.key)
+            plaintext = pqc.aead_open_once(
+                key_i.key, key_i.nonce, message.ciphertext, message.header()
+            )
+            if plaintext is None:
+                raise MessageAuthError(
+                    f"message #{i} (epoch {n}, generation {g}) from {s.peer_name} does not "
+                    "authenticate: tampered ciphertext or header, or a forged message"
+                )
+            s.recv_chains[g] = Chain(key, i + 1)
+            self._prune()
+            if self.debug:
+                logger.debug("< %r", message)
+            return plaintext
         plan = _Plan(_ms(now))
         mk = self._skipped_key(message, plan)
         if mk is None:
@@ -461,10 +488,15 @@ class Session:
         if plan.chain is not None:
             (_, generation), chain = plan.chain
             s.recv_chains[generation] = chain
-        while len(s.recv_chains) > self.limits.max_open_generations:
-            del s.recv_chains[min(s.recv_chains)]
         for key, material in plan.skipped.items():
             s.skipped[key] = SkippedKey(material, plan.now_ms)
+        self._prune()
+
+    def _prune(self) -> None:
+        """Keep the open chains and skipped keys within the limits (§6.2)."""
+        s = self.state
+        while len(s.recv_chains) > self.limits.max_open_generations:
+            del s.recv_chains[min(s.recv_chains)]
         while len(s.skipped) > self.limits.max_skipped_keys:
             del s.skipped[next(iter(s.skipped))]  # oldest first (insertion order)
 

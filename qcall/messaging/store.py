@@ -127,6 +127,7 @@ _TAGS = 1024
 
 
 _TABLES: dict[str, bytes] = {}  # framed table names
+_NONCE = pqc.AEAD_NONCE_LEN
 
 
 def _framed_row(table: str, row: bytes) -> bytes:
@@ -283,7 +284,17 @@ class ClientStore(GroupAndTransferTables):
 
     def _seal(self, table: str, row: bytes, data: bytes) -> bytes:
         nonce = os.urandom(pqc.AEAD_NONCE_LEN)  # (= secrets.token_bytes)
-        return nonce + self._key.seal(nonce, data, _framed_row(table, row))
+        return self._key.seal_prefixed(nonce, data, _framed_row(table, row))
+
+    def _seal_many(self, table: str, items: list[tuple[bytes, bytes]]) -> list[bytes]:
+        """:meth:`_seal` of several ``(row, data)``: the same sealed values, their random
+        nonces read from the OS in one call (each as random as one read alone)."""
+        size = _NONCE
+        nonces = os.urandom(size * len(items))
+        seal, out = self._key.seal_prefixed, []
+        for k, (row, data) in enumerate(items):
+            out.append(seal(nonces[k * size : (k + 1) * size], data, _framed_row(table, row)))
+        return out
 
     def _open_raw(self, table: str, row: bytes, blob: bytes) -> bytes | None:
         return self._key.open(
@@ -533,24 +544,23 @@ class ClientStore(GroupAndTransferTables):
     ) -> None:
         """:meth:`add_history` for a burst of ``(message_id, body)`` (one statement)."""
         conv = self.tag(conversation)
-        flag = bytes([outgoing])
+        flag, out, at = bytes([outgoing]), int(outgoing), int(now * 1000)
+        sealed = self._seal_many("history", [(conv + mid + flag, body) for mid, body in messages])
         self._many(
             "INSERT INTO history (conversation, message_id, outgoing, at_ms, status, body) "
             "VALUES (?,?,?,?,?,?)",
-            [
-                (conv, mid, int(outgoing), int(now * 1000), 0,
-                 self._seal("history", conv + mid + flag, body))
-                for mid, body in messages
-            ],
-        )  # fmt: skip
+            [(conv, m[0], out, at, 0, blob) for m, blob in zip(messages, sealed, strict=True)],
+        )
 
     def add_received(self, messages: list[tuple[str, bytes, bytes]], now: float) -> None:
         """Received messages ``(conversation, message_id, body)`` in one statement."""
-        at, tag, seal = int(now * 1000), self.tag, self._seal
+        at, tag, seal, size = int(now * 1000), self.tag, self._key.seal_prefixed, _NONCE
+        nonces = os.urandom(size * len(messages))  # (one read: see _seal_many)
         rows: list[tuple[object, ...]] = []
-        for conversation, mid, body in messages:
+        for k, (conversation, mid, body) in enumerate(messages):
             conv = tag(conversation)
-            rows.append((conv, mid, 0, at, 0, seal("history", conv + mid + b"\x00", body)))
+            row = _framed_row("history", conv + mid + b"\x00")
+            rows.append((conv, mid, 0, at, 0, seal(nonces[k * size : (k + 1) * size], body, row)))
         self._many(
             "INSERT INTO history (conversation, message_id, outgoing, at_ms, status, body) "
             "VALUES (?,?,?,?,?,?)",
@@ -621,6 +631,13 @@ class ClientStore(GroupAndTransferTables):
             "SELECT id, recipient, envelope, at_ms FROM outbox WHERE id > ? ORDER BY id", (after,)
         )
         return [OutboxEntry(int(r[0]), r[1], bytes(r[2]), int(r[3])) for r in rows.fetchall()]
+
+    def outbox_rows(self, after: int = 0) -> list[tuple[int, str, bytes]]:
+        """:meth:`outbox` as ``(id, recipient, envelope)`` tuples (what a flush needs)."""
+        rows = self._exec(
+            "SELECT id, recipient, envelope FROM outbox WHERE id > ? ORDER BY id", (after,)
+        )
+        return rows.fetchall()  # (INTEGER, TEXT and BLOB columns: int, str and bytes)
 
     def add_outboxes(self, recipient: str, envelopes: list[bytes], now: float) -> None:
         """:meth:`add_outbox` for a burst (one statement)."""
