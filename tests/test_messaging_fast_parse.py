@@ -32,7 +32,9 @@ def _mutations(data: bytes, at: int, chunk: bytes) -> list[bytes]:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, 200), st.binary(min_size=1, max_size=12))
-def test_a_short_message_parses_to_what_it_encodes_or_is_a_format_error(at, chunk):
+def test_a_short_message_parses_to_what_it_encodes_or_is_a_format_error(
+    at: int, chunk: bytes
+) -> None:
     for data in [SHORT, *_mutations(SHORT, at, chunk)]:
         try:
             message = RatchetMessage.parse(data)
@@ -43,7 +45,7 @@ def test_a_short_message_parses_to_what_it_encodes_or_is_a_format_error(at, chun
         assert message.compact == (data[1] == 5)
 
 
-def test_the_one_step_parse_gives_the_general_result():
+def test_the_one_step_parse_gives_the_general_result() -> None:
     message = RatchetMessage.parse(SHORT)
     assert (message.session_id, message.chain, message.index) == (bytes(range(16)), (3, 0), 7)
     assert message.compact and message.ciphertext == b"\x5a" * 80
@@ -85,7 +87,9 @@ def test_the_objects_built_without_init_are_the_constructors() -> None:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.text(max_size=40), st.integers(0, 80), st.binary(min_size=1, max_size=8))
-def test_a_text_content_decodes_to_what_it_encodes_or_is_a_format_error(text, at, chunk):
+def test_a_text_content_decodes_to_what_it_encodes_or_is_a_format_error(
+    text: str, at: int, chunk: bytes
+) -> None:
     data = Content(ContentKind.TEXT, bytes(16), 5, text=text).serialize()
     assert Content.decode(data).text == text
     for bad in _mutations(data, at, chunk):
@@ -96,7 +100,7 @@ def test_a_text_content_decodes_to_what_it_encodes_or_is_a_format_error(text, at
         assert content.serialize() == bad
 
 
-def test_a_text_content_that_is_not_utf8_or_too_long_is_refused():
+def test_a_text_content_that_is_not_utf8_or_too_long_is_refused() -> None:
     with pytest.raises(MessageFormatError, match="UTF-8"):
         Content.decode(TEXT[:-2] + b"\xff\xfe")
     long = Content(ContentKind.TEXT, bytes(16), 5, text="a" * MAX_TEXT_BYTES).serialize()
@@ -106,7 +110,7 @@ def test_a_text_content_that_is_not_utf8_or_too_long_is_refused():
         Content.decode(too_long)
 
 
-def test_message_ids_sort_by_time_and_stay_unique():
+def test_message_ids_sort_by_time_and_stay_unique() -> None:
     """§8.1: u48 ms ‖ 10 random bytes, so the sender's index of sent ids is appended to."""
     import time
 

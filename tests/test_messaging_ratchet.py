@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -30,7 +31,7 @@ def _msg(wire: bytes) -> RatchetMessage:
     return RatchetMessage.parse(wire)
 
 
-def _pair(qkd: bool = True, **options):
+def _pair(qkd: bool = True, **options: object) -> tuple[Session, Session]:
     a, b, wire = start(User.make("alice"), User.make("bob"), qkd_key() if qkd else None)
     for s in (a, b):
         for k, v in options.items():
@@ -43,7 +44,7 @@ def _snapshot(session: Session) -> bytes:
     return session.state.serialize()
 
 
-def test_conversation_ratchets_epochs_and_stops_prekey_messages():
+def test_conversation_ratchets_epochs_and_stops_prekey_messages() -> None:
     a, b = _pair()
     assert not a.acknowledged
     reply = b.encrypt(b"hi alice", NOW)
@@ -63,7 +64,7 @@ def test_conversation_ratchets_epochs_and_stops_prekey_messages():
 FULL = RatchetLimits(full_every=1)
 
 
-def test_out_of_order_and_lost_messages_across_epochs():
+def test_out_of_order_and_lost_messages_across_epochs() -> None:
     a, b = _pair(limits=FULL)
     sent = [a.encrypt(f"a{i}".encode(), NOW) for i in range(5)]  # epoch 1
     assert b.decrypt(_msg(sent[4]), NOW) == b"a4"
@@ -79,7 +80,7 @@ def test_out_of_order_and_lost_messages_across_epochs():
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_random_order_of_a_long_conversation(seed):
+def test_random_order_of_a_long_conversation(seed: int) -> None:
     rng = random.Random(seed)
     a, b = _pair(limits=FULL)
     inbox: dict[Session, list[tuple[bytes, bytes]]] = {a: [], b: []}
@@ -100,7 +101,7 @@ def test_random_order_of_a_long_conversation(seed):
             assert receiver.decrypt(_msg(wire), NOW) == text
 
 
-def test_replay_and_duplicate_are_refused_and_change_nothing():
+def test_replay_and_duplicate_are_refused_and_change_nothing() -> None:
     a, b = _pair()
     wire = a.encrypt(b"once", NOW)
     assert b.decrypt(_msg(wire), NOW) == b"once"
@@ -131,7 +132,9 @@ def test_replay_and_duplicate_are_refused_and_change_nothing():
         {"ratchet_key": "flip"},
     ],
 )
-def test_tampered_message_is_refused_and_the_genuine_one_still_decrypts(change):
+def test_tampered_message_is_refused_and_the_genuine_one_still_decrypts(
+    change: dict[str, Any]  # a field of RatchetMessage and its new value (or "flip")
+) -> None:
     a, b = _pair()
     wire = a.encrypt(b"secret", NOW)
     message = _msg(wire)
@@ -148,7 +151,7 @@ def test_tampered_message_is_refused_and_the_genuine_one_still_decrypts(change):
     assert b.decrypt(message, NOW) == b"secret"
 
 
-def test_tampered_kem_ciphertext_of_a_new_epoch():
+def test_tampered_kem_ciphertext_of_a_new_epoch() -> None:
     a, b = _pair()
     reply = _msg(b.encrypt(b"epoch 2", NOW))
     raw = bytearray(reply.kem_ciphertext)
@@ -158,7 +161,7 @@ def test_tampered_kem_ciphertext_of_a_new_epoch():
     assert a.decrypt(reply, NOW) == b"epoch 2"
 
 
-def test_forged_future_epoch_and_unknown_session():
+def test_forged_future_epoch_and_unknown_session() -> None:
     a, b = _pair()
     message = _msg(a.encrypt(b"x", NOW))
     with pytest.raises(MessageAuthError, match="cannot follow"):
@@ -170,7 +173,7 @@ def test_forged_future_epoch_and_unknown_session():
         other_b.decrypt(message, NOW)
 
 
-def test_skipped_keys_are_bounded():
+def test_skipped_keys_are_bounded() -> None:
     a, b = _pair(limits=RatchetLimits(max_skip=10, max_skipped_keys=15))
     wires = [a.encrypt(b"%d" % i, NOW) for i in range(40)]
     with pytest.raises(SkippedMessagesError, match="ahead"):
@@ -183,7 +186,7 @@ def test_skipped_keys_are_bounded():
     assert b.decrypt(_msg(wires[19]), NOW) == b"19"
 
 
-def test_skipped_keys_expire():
+def test_skipped_keys_expire() -> None:
     a, b = _pair(limits=RatchetLimits(skipped_key_lifetime=60.0))
     w0, w1 = a.encrypt(b"0", NOW), a.encrypt(b"1", NOW)
     b.decrypt(_msg(w1), NOW)
@@ -192,7 +195,7 @@ def test_skipped_keys_expire():
     assert b.expire(NOW + 61) == 1 and not b.state.skipped
 
 
-def test_qkd_policy_and_generations():
+def test_qkd_policy_and_generations() -> None:
     policy = QKDPolicy(every_messages=3, every_seconds=600)
     a, b = _pair(policy=policy)
     assert not a.qkd_due(NOW)
@@ -218,7 +221,7 @@ def test_qkd_policy_and_generations():
     assert b.qkd_refs_needed(_msg(g1[0])) == []
 
 
-def test_qkd_key_at_an_epoch_start():
+def test_qkd_key_at_an_epoch_start() -> None:
     a, b = _pair()
     key = qkd_key("bob-sae")
     reply = _msg(b.encrypt(b"with qkd", NOW, key))
@@ -227,7 +230,7 @@ def test_qkd_key_at_an_epoch_start():
     assert a.decrypt(reply, NOW, {key.ref.key_id: key.key}) == b"with qkd"
 
 
-def test_post_compromise_security_after_one_round_trip():
+def test_post_compromise_security_after_one_round_trip() -> None:
     a, b = _pair()
     stolen = Session(SessionState.parse(_snapshot(b)), backend=BACKEND)
     # The thief reads what is sent right now (same epoch)...
@@ -240,7 +243,7 @@ def test_post_compromise_security_after_one_round_trip():
         stolen.decrypt(later, NOW)
 
 
-def test_forward_secrecy_of_received_messages():
+def test_forward_secrecy_of_received_messages() -> None:
     a, b = _pair()
     wire = a.encrypt(b"past", NOW)
     b.decrypt(_msg(wire), NOW)
@@ -249,7 +252,7 @@ def test_forward_secrecy_of_received_messages():
         stolen.decrypt(_msg(wire), NOW)
 
 
-def test_state_round_trip_and_corrupt_state():
+def test_state_round_trip_and_corrupt_state() -> None:
     a, b = _pair()
     b.decrypt(_msg(a.encrypt(b"1", NOW)), NOW)
     a.decrypt(_msg(b.encrypt(b"2", NOW)), NOW)
@@ -267,7 +270,7 @@ def test_state_round_trip_and_corrupt_state():
         SessionState.parse(b"\x09" + data[1:])
 
 
-def test_message_hostile_parse():
+def test_message_hostile_parse() -> None:
     a, _ = _pair()
     wire = a.encrypt(b"x", NOW)
     inner = PrekeyMessage.parse(wire).inner
@@ -281,7 +284,7 @@ def test_message_hostile_parse():
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=3000), st.integers(0, 2500))
-def test_random_bytes_never_escape_as_anything_but_format_errors(noise, at):
+def test_random_bytes_never_escape_as_anything_but_format_errors(noise: bytes, at: int) -> None:
     # Random bytes, and a valid header followed by garbage.
     for data in (noise, _HEADER[:at] + noise):
         try:
@@ -299,7 +302,7 @@ _HEADER = RatchetMessage(
 ).serialize()
 
 
-def test_short_messages_open_only_in_an_opened_epoch_and_change_nothing_before():
+def test_short_messages_open_only_in_an_opened_epoch_and_change_nothing_before() -> None:
     a, b = _pair(limits=RatchetLimits(full_every=4))
     a.decrypt(_msg(b.encrypt(b"b0", NOW)), NOW)  # epoch 2
     wires = [a.encrypt(f"c{i}".encode(), NOW) for i in range(9)]  # epoch 3
@@ -320,7 +323,7 @@ def test_short_messages_open_only_in_an_opened_epoch_and_change_nothing_before()
         b.decrypt(_msg(wires[6]), NOW)
 
 
-def test_a_short_message_cannot_pass_for_a_full_one_or_carry_epoch_fields():
+def test_a_short_message_cannot_pass_for_a_full_one_or_carry_epoch_fields() -> None:
     a, b = _pair(limits=RatchetLimits(full_every=8))
     a.decrypt(_msg(b.encrypt(b"b0", NOW)), NOW)
     full, short = a.encrypt(b"c0", NOW), a.encrypt(b"c1", NOW)
