@@ -182,10 +182,16 @@ async def test_kill_9_an_instance_under_message_load(
         senders = [
             asyncio.create_task(send_all(u, names[6:], 24, acked, resent, stop)) for u in users[:6]
         ]
+        # C is stopped as soon as it acknowledged one message of its senders (s2, s5:
+        # 20 or more of theirs still to send, whatever the machine's speed), killed once
+        # one of them waits for C's answer: messages in flight to and from C's users.
+        on_c = (tag("s2", 0)[:4], tag("s5", 0)[:4])
         deadline = time.monotonic() + 3 * T
-        while len(acked) < 30 and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)  # messages in flight to and from C's users
+        while not any(d.startswith(on_c) for d in acked) and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        proc.send_signal(signal.SIGSTOP)
+        await asyncio.sleep(0.05)  # C's senders send their next ones and wait
+        proc.send_signal(signal.SIGKILL)
         await proc.wait()
         await asyncio.wait_for(asyncio.gather(*senders), 30 * T)
         assert len(acked) == 6 * 24 and resent  # some were in flight through C
