@@ -5,7 +5,10 @@ docs/signaling.md, "Several instances", is the specification; in short:
 * **Liveness.** Each instance keeps ``qcall:instance:ID`` alive (``PX`` ``liveness``,
   refreshed every ``heartbeat``). An instance that dies stops refreshing it, and
   within ``liveness`` seconds every name it held counts as offline: nothing has
-  to clean up after a ``kill -9``.
+  to clean up after a ``kill -9``. Beside it, ``qcall:features:ID`` (same
+  expiry) lists the protocol features the instance takes from others
+  (``early_offer``); an instance without one (older, or ``--no-early-offer``)
+  gets the caller's early offer from the caller's instance behind the accept.
 * **Names.** ``qcall:name:NAME`` is a hash ``{inst, fp}``: the instance the name
   is registered on and its fingerprint; ``qcall:pin:NAME`` the pinned fingerprint
   (``PX`` ``pin_ttl``). A registration is confirmed only after one Lua script
@@ -64,7 +67,14 @@ from redis.exceptions import RedisError
 
 from qcall.exceptions import ClusterError, MessageStoreError
 from qcall.signaling.mailbox import MailEnvelope, MailPush, MailWaiting
-from qcall.signaling.messages import CallMessage, ErrorMessage, OnlinePeer, Registered
+from qcall.signaling.messages import (
+    EARLY_OFFER,
+    CallMessage,
+    ErrorMessage,
+    Offer,
+    OnlinePeer,
+    Registered,
+)
 from qcall.signaling.protocol import CALL_RULES, CloseConnection, ConnectionId, Output
 from qcall.signaling.state import RELAY
 from qcall.typing import PeerId
@@ -106,10 +116,12 @@ _PUSH_ID = re.compile(r'\{"type":"mail","envelope":\{"id":(\d+),')
 _MAIL_WAITING = MailWaiting().serialize()
 #: Seconds :meth:`Cluster.close` waits for each step of its clean-up.
 CLOSE_TIMEOUT = 1.0
-# KEYS: name hash. ARGV: instance key prefix. The name's {instance, fingerprint} if online.
+# KEYS: name hash. ARGV: instance key prefix, features key prefix. The name's
+# {instance, fingerprint, that instance's features ("" if it advertises none)} if online.
 _LOOKUP = """
 local v = redis.call('HMGET', KEYS[1], 'inst', 'fp')
 if not v[1] or redis.call('EXISTS', ARGV[1] .. v[1]) == 0 then return false end
+v[3] = redis.call('GET', ARGV[2] .. v[1]) or ''
 return v
 """
 # KEYS: name hash. ARGV: instance.
@@ -187,6 +199,11 @@ class Cluster:
         #: Relay frames delivered here by the fast path (tests, figures).
         self.relayed = 0
         self._standins: dict[PeerId, tuple[ConnectionId, str]] = {}  # -> (cid, instance)
+        #: The protocol features this instance takes from other instances (its
+        #: ``features`` key in Redis, refreshed with its instance key), and what the
+        #: others advertise, as last looked up (an unknown one: none).
+        self.features: frozenset[str] = frozenset()
+        self._features_of: dict[str, frozenset[str]] = {}
         self._remote_online: dict[PeerId, tuple[str, str]] = {}  # -> (fingerprint, instance)
         self._tasks: list[asyncio.Task[None]] = []
         self._spawned: set[asyncio.Task[Any]] = set()
@@ -210,6 +227,8 @@ class Cluster:
             ClusterError: Redis is unreachable.
         """
         self._server = server
+        if server.protocol.config.early_offer:
+            self.features = frozenset({EARLY_OFFER})
         if self.links is not None:
             self._endpoint = await self.links.start(*self._link_address)
         try:
@@ -248,7 +267,9 @@ class Cluster:
         with contextlib.suppress(RedisError, OSError):
             for name in list(self._local):
                 await self._release(keys=[self._key("name", name)], args=[self.instance_id])
-            await self.redis.delete(self._key("instance", self.instance_id))
+            await self.redis.delete(
+                self._key("instance", self.instance_id), self._key("features", self.instance_id)
+            )
         for client in (self.redis, self._sub_redis):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.aclose(), CLOSE_TIMEOUT)
@@ -268,15 +289,18 @@ class Cluster:
             return  # the protocol answers bad_message
         if not isinstance(peer, str) or server.protocol.connection_of(PeerId(peer)) is not None:
             return
-        try:  # one round trip: the name's instance, if that one is alive
+        try:  # one round trip: the name's instance (if alive) and its features
             found = await self._lookup(
-                keys=[self._key("name", peer)], args=[self._key("instance", "")]
+                keys=[self._key("name", peer)],
+                args=[self._key("instance", ""), self._key("features", "")],
             )
         except RedisError as exc:
             logger.warning("! cannot look %s up in Redis: %s", peer, exc)
             return  # the protocol answers unavailable
         if found and found[0].decode() != self.instance_id:
-            self._attach(PeerId(peer), found[1].decode(), found[0].decode())
+            inst = found[0].decode()
+            self._features_of[inst] = frozenset(found[2].decode().split(",")) - {""}
+            self._attach(PeerId(peer), found[1].decode(), inst)
 
     async def after(self, cid: ConnectionId, text: str | bytes, out: list[Output]) -> list[Output]:
         """After ``text`` from ``cid``: confirm a registration, forward to other instances."""
@@ -470,7 +494,10 @@ class Cluster:
         server = self._server
         assert server is not None
         loop = asyncio.get_running_loop()
-        standin, out = server.protocol.attach_remote(name, fp, loop.time())
+        # An instance not known to take early offers (an older one, or run with
+        # --no-early-offer) gets the caller's offer behind the callee's accept.
+        early = EARLY_OFFER in self._features_of.get(inst, frozenset())
+        standin, out = server.protocol.attach_remote(name, fp, loop.time(), early)
         if standin is not None:
             self._standins[name] = (standin, inst)
             server._dispatch(out)
@@ -538,7 +565,25 @@ class Cluster:
         loop = asyncio.get_running_loop()
         out = server.protocol.receive(standin, frame, loop.time())
         server._dispatch([(t, m) for t, m in out if not server.protocol.is_remote(t)])
+        for target, msg in out:
+            if target == standin and isinstance(msg, Offer) and msg.peer in self._local:
+                # Our caller's early offer, held for that instance (it does not take
+                # early offers), right behind the accept it just sent: as if sent now.
+                held = Offer(msg.call_id, payload=msg.payload, reason=msg.reason)
+                self._forward(inst, PeerId(msg.peer), held.serialize().encode())
         server._check_timer()
+
+    def _forward(self, inst: str, name: PeerId, frame: bytes) -> None:
+        """Forward a frame of ``name`` (registered here) to instance ``inst``, queued in
+        order: numbered on the link if there are links, else on Redis."""
+        if self.links is not None:
+            seq = self.links.next_seq(inst)
+            message = client_message(self._link_header(name), seq, frame)
+            if not self.links.send(inst, seq, message):
+                self._queue_frames(inst, [message])
+            return
+        header = {"from": name, "fp": self._local.get(name, ""), "inst": self.instance_id}
+        self._queue_frames(inst, [json.dumps(header).encode() + b"\n" + frame])
 
     def _on_link_frame(self, inst: str, epoch: int, header: dict[str, Any], frame: str) -> None:
         """A frame that came over the link from ``inst`` (authenticated, header checked)."""
@@ -683,10 +728,13 @@ class Cluster:
     async def _beat(self) -> bool:
         """Refresh this instance's key; True if Redis had lost it (restart)."""
         key = self._key("instance", self.instance_id)
+        ttl = int(self.liveness * 1000)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.exists(key)
-            pipe.set(key, self._endpoint, px=int(self.liveness * 1000))
-            existed, _ = await pipe.execute()
+            pipe.set(key, self._endpoint, px=ttl)
+            if self.features:  # (before the instance key's expiry, like it)
+                pipe.set(self._key("features", self.instance_id), ",".join(self.features), px=ttl)
+            existed = (await pipe.execute())[0]
         return not existed
 
     async def _run_heartbeat(self) -> None:

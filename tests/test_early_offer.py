@@ -184,14 +184,21 @@ def test_relay_fast_path_delivers_or_holds_the_early_offer(
         )
 
 
+@pytest.mark.parametrize("takes", [True, False], ids=["instance-takes-it", "older-instance"])
 def test_the_instance_of_the_caller_relays_the_early_offer_to_a_stand_in(
-    keys: dict[str, pqc.SigningKey],
+    keys: dict[str, pqc.SigningKey], takes: bool
 ) -> None:
+    # bob's instance takes early offers: relayed at once (bob's instance decides for
+    # him); it does not (older, or --no-early-offer): held here, behind his accept.
     server = Server(keys)
     a = register(server, "alice")
-    bob, _ = server.proto.attach_remote(PeerId("bob"), fp(keys["bob"]), server.now)
+    bob, _ = server.proto.attach_remote(PeerId("bob"), fp(keys["bob"]), server.now, takes)
+    assert bob is not None
     server.send(a, m.Invite(CALL, peer="bob"))
-    assert [to for to, _ in server.send(a, OFFER)] == [bob]  # bob's instance decides
+    assert [to for to, _ in server.send(a, OFFER)] == ([bob] if takes else [])
+    if not takes:
+        out = server.send(bob, m.Accept(CALL))
+        assert [(to, type(msg)) for to, msg in out] == [(a, m.Accept), (bob, m.Offer)]
 
 
 # --- calls ----------------------------------------------------------------------------------

@@ -386,23 +386,23 @@ class SignalingProtocol:
         return bool(self._calls_of(name))
 
     def attach_remote(
-        self, name: PeerId, fp: str, now: float
+        self, name: PeerId, fp: str, now: float, early_offer: bool = False
     ) -> tuple[ConnectionId | None, list[Output]]:
         """Register a stand-in for ``name``, authenticated by another instance.
 
         Call messages to it are forwarded by the shell to that instance; frames
         its user sent there are fed here with :meth:`receive`. It watches nobody
-        and is exempt from the rate limit (applied where the user is); it
-        sends no presence (:meth:`remote_presence` does). Returns
-        ``(None, [])`` when ``name`` is registered here already, or pinned here
-        to another key.
+        and is exempt from the rate limit (applied where the user is); it sends
+        no presence (:meth:`remote_presence` does). ``early_offer``: that instance
+        takes early offers. Returns ``(None, [])`` when ``name`` is registered
+        here already, or pinned here to another key.
         """
         if name in self._online or self._pins.fingerprint(name) not in (None, fp):
             return None, []
         self._next_id += 1
         cid = ConnectionId(self._next_id)
         conn = Connection(cid, b"", self.config.burst, now, None, name=name, remote=True)
-        self._connections[cid] = conn
+        conn.early_offer, self._connections[cid] = early_offer, conn
         if self._pins.fingerprint(name) is None:
             self._pins.pin(name, fp, None, now)
         self._pins.in_use(name)
@@ -632,11 +632,11 @@ class SignalingProtocol:
     def _early_now(call: Call, callee: Connection, now: float) -> bool:
         """Take the call's one early offer (came at ``now``); whether ``callee`` gets it now.
 
-        Delivered now to a callee that asked for it, or to another instance (its
-        callee decides); otherwise the server holds it (``call.held``) until the accept.
-        """
+        Delivered now to a callee that asked for it, or to another instance that takes
+        early offers (its callee decides there); otherwise the server holds it
+        (``call.held``) until the accept."""
         call.early_offer, call.early_at = True, now
-        return callee.early_offer or callee.remote
+        return callee.early_offer
 
     def _invite(self, conn: Connection, name: PeerId, msg: Invite, now: float) -> list[Output]:
         callee = PeerId(msg.peer or "")

@@ -129,7 +129,8 @@ class Connection:
     closed: bool = False
     watch: tuple[PeerId, ...] | None = None  # presence subscriptions; None: everyone
     remote: bool = False  # a stand-in for a user on another instance (attach_remote)
-    early_offer: bool = False  # asked for the early_offer feature (register.features)
+    early_offer: bool = False  # asked for early_offer (register.features); a stand-in:
+    #                            its instance takes early offers (Cluster.features)
 
 
 @dataclass(slots=True)
