@@ -128,6 +128,10 @@ _TAGS = 1024
 
 _TABLES: dict[str, bytes] = {}  # framed table names
 _NONCE = pqc.AEAD_NONCE_LEN
+_INSERT_HISTORY = (
+    "INSERT INTO history (conversation, message_id, outgoing, at_ms, status, body) "
+    "VALUES (?,?,?,?,?,?)"
+)
 
 
 def _framed_row(table: str, row: bytes) -> bytes:
@@ -533,9 +537,7 @@ class ClientStore(GroupAndTransferTables):
         conv = self.tag(conversation)
         sealed = self._seal("history", conv + message_id + bytes([outgoing]), body)
         cur = self._exec(
-            "INSERT INTO history (conversation, message_id, outgoing, at_ms, status, body) "
-            "VALUES (?,?,?,?,?,?)",
-            (conv, message_id, int(outgoing), int(now * 1000), status, sealed),
+            _INSERT_HISTORY, (conv, message_id, int(outgoing), int(now * 1000), status, sealed)
         )
         return int(cur.lastrowid or 0)
 
@@ -547,25 +549,23 @@ class ClientStore(GroupAndTransferTables):
         flag, out, at = bytes([outgoing]), int(outgoing), int(now * 1000)
         sealed = self._seal_many("history", [(conv + mid + flag, body) for mid, body in messages])
         self._many(
-            "INSERT INTO history (conversation, message_id, outgoing, at_ms, status, body) "
-            "VALUES (?,?,?,?,?,?)",
+            _INSERT_HISTORY,
             [(conv, m[0], out, at, 0, blob) for m, blob in zip(messages, sealed, strict=True)],
         )
 
     def add_received(self, messages: list[tuple[str, bytes, bytes]], now: float) -> None:
         """Received messages ``(conversation, message_id, body)`` in one statement."""
-        at, tag, seal, size = int(now * 1000), self.tag, self._key.seal_prefixed, _NONCE
-        nonces = os.urandom(size * len(messages))  # (one read: see _seal_many)
-        rows: list[tuple[object, ...]] = []
-        for k, (conversation, mid, body) in enumerate(messages):
-            conv = tag(conversation)
-            row = _framed_row("history", conv + mid + b"\x00")
-            rows.append((conv, mid, 0, at, 0, seal(nonces[k * size : (k + 1) * size], body, row)))
-        self._many(
-            "INSERT INTO history (conversation, message_id, outgoing, at_ms, status, body) "
-            "VALUES (?,?,?,?,?,?)",
-            rows,
+        at, tag = int(now * 1000), self.tag
+        convs = [tag(conversation) for conversation, _, _ in messages]
+        sealed = self._seal_many(
+            "history",
+            [(conv + mid + b"\x00", body) for conv, (_, mid, body) in zip(convs, messages)],
         )
+        rows: list[tuple[object, ...]] = [
+            (conv, mid, 0, at, 0, blob)
+            for conv, (_, mid, _), blob in zip(convs, messages, sealed, strict=True)
+        ]
+        self._many(_INSERT_HISTORY, rows)
 
     def history(self, conversation: str, *, limit: int = 1000) -> list[HistoryEntry]:
         """The last ``limit`` messages of a conversation, oldest first."""
@@ -625,11 +625,9 @@ class ClientStore(GroupAndTransferTables):
         )
         return int(cur.lastrowid or 0)
 
-    def outbox(self, after: int = 0) -> list[OutboxEntry]:
-        """The outbox entries with an id above ``after``, oldest first."""
-        rows = self._exec(
-            "SELECT id, recipient, envelope, at_ms FROM outbox WHERE id > ? ORDER BY id", (after,)
-        )
+    def outbox(self) -> list[OutboxEntry]:
+        """Every outbox entry, oldest first (:meth:`outbox_rows` is what a flush reads)."""
+        rows = self._exec("SELECT id, recipient, envelope, at_ms FROM outbox ORDER BY id")
         return [OutboxEntry(int(r[0]), r[1], bytes(r[2]), int(r[3])) for r in rows.fetchall()]
 
     def outbox_rows(self, after: int = 0) -> list[tuple[int, str, bytes]]:
