@@ -328,16 +328,16 @@ class Cluster:
         frame = text.encode() if isinstance(text, str) else text
         for inst in sorted(instances):
             if self.links is not None:  # numbered; the link if it can, else Redis in order
-                seq = self.links.next_seq(inst)
                 one = instances[inst]
                 if one is not None and self.links.relays(inst):  # the relay fast path
+                    seq = self.links.next_seq(inst)
                     start = self._link_header(name, relay=True)
                     body = one.serialize().encode()
                     message = relay_message(start, one.call_id, one.TYPE, seq, body)
+                    if not self.links.send(inst, seq, message):
+                        self._queue_frames(inst, [message], cid)
                 else:
-                    message = client_message(self._link_header(name), seq, frame)
-                if not self.links.send(inst, seq, message):
-                    self._queue_frames(inst, [message], cid)
+                    self._forward(inst, name, frame, cid)
                 continue
             header = {"from": name, "fp": self._local.get(name, ""), "inst": self.instance_id}
             try:
@@ -573,14 +573,17 @@ class Cluster:
                 self._forward(inst, PeerId(msg.peer), held.serialize().encode())
         server._check_timer()
 
-    def _forward(self, inst: str, name: PeerId, frame: bytes) -> None:
-        """Forward a frame of ``name`` (registered here) to instance ``inst``, queued in
-        order: numbered on the link if there are links, else on Redis."""
+    def _forward(
+        self, inst: str, name: PeerId, frame: bytes, cid: ConnectionId | None = None
+    ) -> None:
+        """Forward a frame of ``name`` (registered here) to instance ``inst``, in order:
+        numbered, on the link if it can, else queued on Redis (``cid``: told if that
+        fails); without links, queued on Redis."""
         if self.links is not None:
             seq = self.links.next_seq(inst)
             message = client_message(self._link_header(name), seq, frame)
             if not self.links.send(inst, seq, message):
-                self._queue_frames(inst, [message])
+                self._queue_frames(inst, [message], cid)
             return
         header = {"from": name, "fp": self._local.get(name, ""), "inst": self.instance_id}
         self._queue_frames(inst, [json.dumps(header).encode() + b"\n" + frame])
