@@ -344,7 +344,7 @@ def markdown(report: dict[str, Any]) -> str:
     for side in ("caller", "callee"):
         cells = [_fmt(report["modes"][m]["compute_ms"][side]["p50"]) for m in modes]
         lines.append(
-            f"| handshake compute, {side} (ML-KEM, ML-DSA, HKDF) | " + " | ".join(cells) + " |"
+            f"| handshake CPU time, {side} (ML-KEM, ML-DSA, HKDF) | " + " | ".join(cells) + " |"
         )
     lines += ["", "CPU per call (each process's own getrusage, dial → hang-up, medians):", ""]
     lines.append("| side | " + " | ".join(modes) + " |")
