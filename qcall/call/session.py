@@ -53,7 +53,7 @@ import time
 from typing import Any
 
 from qcall.call.jitter import get_jitter_buffer
-from qcall.call.session_core import PeerSDP, unb64
+from qcall.call.session_core import PeerSDP, hangup_reason, unb64
 from qcall.call.session_pump import (  # the constants: also importable from here
     CONTROL_CHANNEL_ID as CONTROL_CHANNEL_ID,
     CONTROL_CHANNEL_LABEL as CONTROL_CHANNEL_LABEL,
@@ -69,13 +69,10 @@ from qcall.call.status import CallOptions, CallState, CallStatus
 from qcall.exceptions import (
     CallError,
     CallRejectedError,
-    IdentityError,
     InvalidMessageError,
     QCallError,
-    QKDError,
     SignalingError,
 )
-from qcall.handshake.protocol import wire_code
 from qcall.signaling.messages import (
     EARLY_OFFER,
     Accept,
@@ -263,11 +260,7 @@ class CallSession(Negotiation):
         except QCallError as exc:
             self.refused = exc
             if not self._ended.done():  # (a refused offer ended the call already)
-                reason = getattr(exc, "code", None)  # as _abort() names it to the peer
-                if not isinstance(reason, str):
-                    tagged = isinstance(exc, IdentityError | QKDError)
-                    reason = wire_code(exc) if tagged else "error"
-                self.end_with_error(exc, reason)
+                self.end_with_error(exc, hangup_reason(exc))
             return
         self._ringing_offer = (*verified, arrived)
 

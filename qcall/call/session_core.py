@@ -61,13 +61,22 @@ from qcall.qkd.client import KeySource
 from qcall.signaling.client import SignalingClient
 from qcall.signaling.messages import Offer
 
-__all__ = ["PeerSDP", "SessionCore", "b64", "unb64"]
+__all__ = ["PeerSDP", "SessionCore", "b64", "hangup_reason", "unb64"]
 
 logger = logging.getLogger("qcall.call.session")  # one logger for the whole session
 
 #: Handshake states whose secrets a call ended before the answer drops (the caller's
 #: ML-KEM key, the callee's ML-KEM shared secret of an offer verified while ringing).
 _UNANSWERED = frozenset({State.CALLER_EXPECT_ANSWER, State.CALLEE_EXPECT_ANSWER_SDP})
+
+
+def hangup_reason(exc: QCallError) -> str:
+    """The reason a hang-up names to the peer for ``exc``: its wire ``code``, else the
+    handshake code of an identity or QKD error, else ``error`` (never details)."""
+    reason = getattr(exc, "code", None)
+    if isinstance(reason, str):
+        return reason
+    return wire_code(exc) if isinstance(exc, IdentityError | QKDError) else "error"
 
 
 class PeerSDP:
@@ -335,10 +344,7 @@ class SessionCore:
     async def _abort(self, exc: BaseException) -> None:
         if isinstance(exc, QCallError):
             self._finish(exc)
-            reason = getattr(exc, "code", None)
-            if not isinstance(reason, str):  # identity and QKD errors: their handshake code
-                reason = wire_code(exc) if isinstance(exc, IdentityError | QKDError) else "error"
-            await self._send_hangup(reason)
+            await self._send_hangup(hangup_reason(exc))
         else:
             self._finish(CallError(f"call aborted ({type(exc).__name__})"))
         await self._close()

@@ -362,10 +362,9 @@ class Negotiation(HandshakePump):
         """Caller: send the signed offer (after the accept, or while ``ringing``)."""
         qkd_keys, _ = self._offer_inputs
         self.note_keys([k.key_id for k in qkd_keys])
-        if ringing:  # (tagged: a callee that asked for a fresh one skips it)
-            await self.signaling.send_offer(self.call_id, payload, reason=EARLY_OFFER_SENT)
-        else:
-            await self.signaling.send_offer(self.call_id, payload)
+        # (Tagged while ringing: a callee that asked for a fresh one skips it.)
+        reason = EARLY_OFFER_SENT if ringing else None
+        await self.signaling.send_offer(self.call_id, payload, reason=reason)
         self._mark("offer_sent")
         self.status.timings_ms.setdefault("sdp_sent", self.status.timings_ms["offer_sent"])
 

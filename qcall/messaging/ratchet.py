@@ -127,6 +127,14 @@ class QKDMaterial:
         return f"<QKDMaterial {self.ref}>"
 
 
+def _not_authentic(epoch: int, generation: int, index: int, peer: str) -> MessageAuthError:
+    """The error of a message whose AEAD tag does not verify (both decrypt paths)."""
+    return MessageAuthError(
+        f"message #{index} (epoch {epoch}, generation {generation}) from {peer} does not "
+        "authenticate: tampered ciphertext or header, or a forged message"
+    )
+
+
 def _ms(now: float) -> int:
     return max(0, int(now * 1000))
 
@@ -336,10 +344,7 @@ class Session:
                 key_i.key, key_i.nonce, message.ciphertext, message.header()
             )
             if plaintext is None:
-                raise MessageAuthError(
-                    f"message #{i} (epoch {n}, generation {g}) from {s.peer_name} does not "
-                    "authenticate: tampered ciphertext or header, or a forged message"
-                )
+                raise _not_authentic(n, g, i, s.peer_name)
             s.recv_chains[g] = Chain(key, i + 1)
             self._prune()
             if self.debug:
@@ -352,10 +357,7 @@ class Session:
             mk = self._advance(chain, (n, g), i, plan)
         plaintext = pqc.aead_open_once(mk.key, mk.nonce, message.ciphertext, message.header())
         if plaintext is None:
-            raise MessageAuthError(
-                f"message #{i} (epoch {n}, generation {g}) from {s.peer_name} does not "
-                "authenticate: tampered ciphertext or header, or a forged message"
-            )
+            raise _not_authentic(n, g, i, s.peer_name)
         self._commit(plan)
         if self.debug:
             logger.debug("< %r", message)
