@@ -334,16 +334,12 @@ class Cluster:
                     start = self._link_header(name, relay=True)
                     body = one.serialize().encode()
                     message = relay_message(start, one.call_id, one.TYPE, seq, body)
-                    if not self.links.send(inst, seq, message):
-                        self._queue_frames(inst, [message], cid)
+                    self._send_numbered(inst, seq, message, cid)
                 else:
                     self._forward(inst, name, frame, cid)
                 continue
-            header = {"from": name, "fp": self._local.get(name, ""), "inst": self.instance_id}
             try:
-                await self.redis.publish(
-                    self._key("to", inst), json.dumps(header).encode() + b"\n" + frame
-                )
+                await self.redis.publish(self._key("to", inst), self._redis_frame(name, frame))
             except RedisError as exc:
                 logger.warning("! cannot forward to instance %s: %s", inst, exc)
                 kept.append((cid, ErrorMessage("unavailable", "peer unreachable now")))
@@ -581,12 +577,23 @@ class Cluster:
         fails); without links, queued on Redis."""
         if self.links is not None:
             seq = self.links.next_seq(inst)
-            message = client_message(self._link_header(name), seq, frame)
-            if not self.links.send(inst, seq, message):
-                self._queue_frames(inst, [message], cid)
+            self._send_numbered(inst, seq, client_message(self._link_header(name), seq, frame), cid)
             return
+        self._queue_frames(inst, [self._redis_frame(name, frame)])
+
+    def _send_numbered(
+        self, inst: str, seq: int, message: bytes, cid: ConnectionId | None
+    ) -> None:
+        """A numbered frame to ``inst``: on the link if it can, else queued on Redis."""
+        assert self.links is not None
+        if not self.links.send(inst, seq, message):
+            self._queue_frames(inst, [message], cid)
+
+    def _redis_frame(self, name: PeerId, frame: bytes) -> bytes:
+        """A frame of ``name`` (registered here) as published on Redis: its JSON header
+        ``{"from", "fp", "inst"}``, a newline, the frame."""
         header = {"from": name, "fp": self._local.get(name, ""), "inst": self.instance_id}
-        self._queue_frames(inst, [json.dumps(header).encode() + b"\n" + frame])
+        return json.dumps(header).encode() + b"\n" + frame
 
     def _on_link_frame(self, inst: str, epoch: int, header: dict[str, Any], frame: str) -> None:
         """A frame that came over the link from ``inst`` (authenticated, header checked)."""
